@@ -1,0 +1,288 @@
+# MCUboot image verifier for MicroPython (format: docs/FORMAT.md).
+#
+# verify(reader, keys, slot_size) streams the image through one fixed buffer: every size
+# from the header is bounded against the slot before anything is read, the TLV areas are
+# walked with every length bounded, and nothing is trusted until the SHA-256 over
+# header + payload + protected TLVs matches and an RSA signature by an embedded key
+# verifies. Failures raise ImageError with a numeric code (one per cause).
+import hashlib
+import struct
+from micropython import const
+
+from mpboot import rsa
+
+# Format constants are private consts: compiled in, costing no module-dict RAM.
+_IMAGE_MAGIC = const(0x96F3B83D)
+HEADER_SIZE = const(32)
+_TLV_INFO_MAGIC = const(0x6907)
+_TLV_PROT_INFO_MAGIC = const(0x6908)
+
+_TLV_KEYHASH = const(0x01)
+_TLV_PUBKEY = const(0x02)
+_TLV_SHA256 = const(0x10)
+_TLV_RSA2048_PSS = const(0x20)
+_TLV_ECDSA_SIG = const(0x22)
+_TLV_RSA3072_PSS = const(0x23)
+_TLV_ED25519 = const(0x24)
+_TLV_DEPENDENCY = const(0x40)
+_TLV_SEC_CNT = const(0x50)
+_TLV_BOOT_RECORD = const(0x60)
+_TLV_DECOMP_SIZE = const(0x70)
+_TLV_DECOMP_SHA = const(0x71)
+_TLV_DECOMP_SIGNATURE = const(0x72)
+_TLV_UUID_VID = const(0x74)
+_TLV_UUID_CID = const(0x75)
+# Vendor TLV (MCUboot reserves 0xa0-0xfe for vendors): RSASSA-PKCS1-v1_5 / SHA-256 over
+# the image digest, for signing keys held in HSMs that cannot do PSS. Length = key size.
+_TLV_MPBOOT_RSA_PKCS1V15 = const(0xA0)
+
+# Header flags we accept: PIC, NON_BOOTABLE, RAM_LOAD, ROM_FIXED. Encrypted or compressed
+# images (and any flag we do not know) are refused: we could not boot them as verified.
+_FLAGS_ALLOWED = const(0x0131)
+
+BUF_SIZE = const(4096)
+
+# Error codes (ImageError.code); the host maps them to names once (ImageErrorCode).
+E_MAGIC = const(1)  # header magic is not 0x96f3b83d
+E_HEADER = const(2)  # header field out of range (hdr_size, flags)
+E_SIZE = const(3)  # header/payload/TLV sizes do not fit in the slot
+E_TRUNCATED = const(4)  # the medium ended before the image did
+E_TLV = const(5)  # malformed TLV area: magic, total, entry length, duplicate entry
+E_TLV_PROTECTED_ONLY = const(6)  # protected-only TLV type in the unprotected area
+E_TLV_UNKNOWN = const(7)  # unknown TLV type in the unprotected area
+E_HASH_MISSING = const(8)  # no SHA256 TLV
+E_HASH_DUPLICATE = const(9)  # more than one SHA256 TLV
+E_HASH_MISMATCH = const(10)  # SHA256 TLV differs from the computed digest
+E_SIG_NO_KEYHASH = const(11)  # signature TLV not preceded by KEYHASH/PUBKEY
+E_KEY_UNKNOWN = const(12)  # key hash matches no embedded key
+E_KEY_SIZE = const(13)  # signature type or length does not match the key size
+E_SIG_INVALID = const(14)  # signature by an embedded key does not verify
+E_SIG_MISSING = const(15)  # no signature by an embedded key
+
+
+
+class ImageError(Exception):
+    # args[0] is the code. Names live on the host (mpboot.errors.ImageErrorCode) rather
+    # than in device RAM.
+    @property
+    def code(self):
+        return self.args[0]
+
+
+class ImageInfo:
+    # What a verified image says about itself.
+    def __init__(self):
+        self.version = None  # (major, minor, revision, build)
+        self.security_counter = None  # int, or None when the image has no SEC_CNT TLV
+        self.vendor_id = None  # 16-byte UUID or None
+        self.class_id = None
+        self.flags = 0
+        self.load_addr = 0
+        self.hdr_size = 0  # payload offset
+        self.img_size = 0  # payload size
+        self.total_size = 0  # header + payload + both TLV areas
+        self.digest = None  # SHA-256 image digest
+        self.key_index = -1  # which embedded key signed it
+
+
+def _read(reader, offset, buf):
+    if reader.readinto(offset, buf) != len(buf):
+        raise ImageError(E_TRUNCATED)
+
+
+def parse_header(hdr, slot_size, info):
+    # Checks the 32-byte header against the slot; fills info. Used alone by an updater to
+    # refuse an image before any payload arrives.
+    magic, load_addr, hdr_size, prot_size, img_size, flags = struct.unpack_from("<IIHHII", hdr, 0)
+    if magic != _IMAGE_MAGIC:
+        raise ImageError(E_MAGIC)
+    if hdr_size < HEADER_SIZE or flags & ~_FLAGS_ALLOWED:
+        raise ImageError(E_HEADER)
+    if prot_size and (prot_size < 4 or prot_size > BUF_SIZE):
+        raise ImageError(E_TLV)
+    # The smallest unprotected TLV area is its 4-byte info header.
+    if hdr_size + img_size + prot_size + 4 > slot_size:
+        raise ImageError(E_SIZE)
+    info.version = struct.unpack_from("<BBHI", hdr, 20)
+    info.flags = flags
+    info.load_addr = load_addr
+    info.hdr_size = hdr_size
+    info.img_size = img_size
+    return prot_size
+
+
+def _walk_protected(area, info):
+    # area: the whole protected TLV area, already hashed. Every entry must lie inside it.
+    magic, total = struct.unpack_from("<HH", area, 0)
+    if magic != _TLV_PROT_INFO_MAGIC or total != len(area):
+        raise ImageError(E_TLV)
+    off = 4
+    while off < total:
+        if off + 4 > total:
+            raise ImageError(E_TLV)
+        kind, length = struct.unpack_from("<HH", area, off)
+        off += 4
+        if off + length > total:
+            raise ImageError(E_TLV)
+        if kind == _TLV_SEC_CNT:
+            if length != 4 or info.security_counter is not None:
+                raise ImageError(E_TLV)
+            info.security_counter = struct.unpack_from("<I", area, off)[0]
+        elif kind == _TLV_UUID_VID or kind == _TLV_UUID_CID:
+            if length != 16:
+                raise ImageError(E_TLV)
+            value = bytes(area[off : off + 16])
+            if kind == _TLV_UUID_VID:
+                if info.vendor_id is not None:
+                    raise ImageError(E_TLV)
+                info.vendor_id = value
+            else:
+                if info.class_id is not None:
+                    raise ImageError(E_TLV)
+                info.class_id = value
+        # Other protected types (dependencies, boot record, custom) are covered by the
+        # hash and carry nothing this verifier acts on.
+        off += length
+
+
+def _is_protected_only(kind):
+    return kind in (
+        _TLV_SEC_CNT,
+        _TLV_UUID_VID,
+        _TLV_UUID_CID,
+        _TLV_DEPENDENCY,
+        _TLV_BOOT_RECORD,
+        _TLV_DECOMP_SIZE,
+        _TLV_DECOMP_SHA,
+        _TLV_DECOMP_SIGNATURE,
+    )
+
+
+def _find_key(keys, keyhash):
+    for i in range(len(keys)):
+        if keys[i][0] == keyhash:
+            return i
+    return -1
+
+
+def _check_signature(kind, key, sig, digest):
+    bits = key[1]
+    k = bits // 8
+    if len(sig) != k:
+        raise ImageError(E_KEY_SIZE)
+    if kind == _TLV_RSA2048_PSS and bits != 2048 or kind == _TLV_RSA3072_PSS and bits != 3072:
+        raise ImageError(E_KEY_SIZE)
+    n = int.from_bytes(key[2], "big")
+    if kind == _TLV_MPBOOT_RSA_PKCS1V15:
+        ok = rsa.verify_pkcs1v15(n, bits, sig, digest)
+    else:
+        ok = rsa.verify_pss(n, bits, sig, digest)
+    if not ok:
+        raise ImageError(E_SIG_INVALID)
+
+
+def verify(reader, keys, slot_size, buf=None):
+    # reader: see mpboot.reader. keys: sequence of (key hash, modulus bits, modulus bytes)
+    # as written by `mpboot pubkey --format micropython`. slot_size: bytes the image may
+    # occupy. buf: optional preallocated bytearray of at least BUF_SIZE bytes.
+    # Returns ImageInfo; raises ImageError.
+    if buf is None:
+        buf = bytearray(BUF_SIZE)
+    mv = memoryview(buf)[:BUF_SIZE]
+    info = ImageInfo()
+
+    hdr = mv[:HEADER_SIZE]
+    _read(reader, 0, hdr)
+    prot_size = parse_header(hdr, slot_size, info)
+
+    # Hash the header exactly as parsed, then the rest of [0, hdr_size + img_size).
+    h = hashlib.sha256(hdr)
+    off = HEADER_SIZE
+    end = info.hdr_size + info.img_size
+    while off < end:
+        n = end - off
+        chunk = mv if n >= BUF_SIZE else mv[:n]
+        _read(reader, off, chunk)
+        h.update(chunk)
+        off += len(chunk)
+
+    if prot_size:
+        area = mv[:prot_size]
+        _read(reader, off, area)
+        h.update(area)
+        _walk_protected(area, info)
+        off += prot_size
+    digest = h.digest()
+    info.digest = digest
+
+    # Unprotected TLV area: not covered by the hash, so only types that are checked
+    # against the digest or an embedded key may appear in it.
+    _read(reader, off, mv[:4])
+    magic, total = struct.unpack_from("<HH", mv, 0)
+    if magic != _TLV_INFO_MAGIC or total < 4:
+        raise ImageError(E_TLV)
+    if off + total > slot_size:
+        raise ImageError(E_SIZE)
+    info.total_size = off + total
+    end = off + total
+    off += 4
+    hash_seen = False
+    key_index = -1  # embedded key named by the last KEYHASH/PUBKEY (-1: none we hold)
+    key_pending = False  # a KEYHASH/PUBKEY waits for its signature TLV
+    unknown_key = False
+    while off < end:
+        if off + 4 > end:
+            raise ImageError(E_TLV)
+        _read(reader, off, mv[:4])
+        kind, length = struct.unpack_from("<HH", mv, 0)
+        off += 4
+        if off + length > end:
+            raise ImageError(E_TLV)
+        if kind == _TLV_SHA256:
+            if length != 32:
+                raise ImageError(E_TLV)
+            if hash_seen:
+                raise ImageError(E_HASH_DUPLICATE)
+            hash_seen = True
+            _read(reader, off, mv[:32])
+            if bytes(mv[:32]) != digest:
+                raise ImageError(E_HASH_MISMATCH)
+        elif kind == _TLV_KEYHASH or kind == _TLV_PUBKEY:
+            if kind == _TLV_KEYHASH and length != 32 or length > BUF_SIZE:
+                raise ImageError(E_TLV)
+            value = mv[:length]
+            _read(reader, off, value)
+            value = hashlib.sha256(value).digest() if kind == _TLV_PUBKEY else bytes(value)
+            key_index = _find_key(keys, value)
+            key_pending = True
+        elif kind in (_TLV_RSA2048_PSS, _TLV_RSA3072_PSS, _TLV_MPBOOT_RSA_PKCS1V15):
+            if not key_pending:
+                raise ImageError(E_SIG_NO_KEYHASH)
+            key_pending = False
+            if key_index < 0:
+                # Signed by a key this device does not hold: not a reason to fail while
+                # another signature may be by a key it does.
+                unknown_key = True
+            else:
+                if length > 384:
+                    raise ImageError(E_KEY_SIZE)
+                sig = mv[:length]
+                _read(reader, off, sig)
+                _check_signature(kind, keys[key_index], sig, digest)
+                info.key_index = key_index
+        elif kind == _TLV_ECDSA_SIG or kind == _TLV_ED25519:
+            # Other algorithms' signatures (multi-signed images): not ours to check.
+            if not key_pending:
+                raise ImageError(E_SIG_NO_KEYHASH)
+            key_pending = False
+        elif _is_protected_only(kind):
+            raise ImageError(E_TLV_PROTECTED_ONLY)
+        else:
+            raise ImageError(E_TLV_UNKNOWN)
+        off += length
+
+    if not hash_seen:
+        raise ImageError(E_HASH_MISSING)
+    if info.key_index < 0:
+        raise ImageError(E_KEY_UNKNOWN if unknown_key else E_SIG_MISSING)
+    return info

@@ -1,0 +1,106 @@
+# RSA public-key signature verification (RFC 8017) for MicroPython.
+#
+# Only what a bootloader needs: e = 65537, SHA-256, 2048- or 3072-bit moduli,
+# RSASSA-PSS (MGF1-SHA-256, salt exactly 32 bytes) and RSASSA-PKCS1-v1_5.
+# Both functions return True/False and never raise on bad signatures; the modulus
+# comes from an embedded (trusted) key and is not validated here beyond its size.
+import hashlib
+from micropython import const
+
+_E = const(65537)
+_HLEN = const(32)
+_SALT_LEN = const(32)
+
+# DER DigestInfo prefix for SHA-256 (RFC 8017 section 9.2, note 1).
+_SHA256_DIGEST_INFO = b"\x30\x31\x30\x0d\x06\x09\x60\x86\x48\x01\x65\x03\x04\x02\x01\x05\x00\x04\x20"
+
+
+def _public_op(n, bits, sig):
+    # RSAVP1. Returns the integer representative m, or -1 when the signature is malformed.
+    if len(sig) != (bits + 7) // 8:
+        return -1
+    s = int.from_bytes(sig, "big")
+    if s >= n:
+        return -1
+    return pow(s, _E, n)
+
+
+def _mgf1_xor(buf, seed, length):
+    # buf[:length] ^= MGF1-SHA-256(seed, length), in place.
+    counter = 0
+    done = 0
+    c = bytearray(4)
+    while done < length:
+        c[3] = counter & 0xFF
+        c[2] = (counter >> 8) & 0xFF
+        h = hashlib.sha256(seed)
+        h.update(c)
+        block = h.digest()
+        i = 0
+        while i < _HLEN and done < length:
+            buf[done] ^= block[i]
+            i += 1
+            done += 1
+        counter += 1
+
+
+def verify_pss(n, bits, sig, mhash):
+    # RFC 8017 9.1.2 EMSA-PSS-VERIFY with sLen = 32. n: modulus (int) of exactly `bits`
+    # bits (MicroPython ints have no bit_length(): the trusted key states it), mhash: the
+    # 32-byte message hash (for MCUboot images, the image digest).
+    if len(mhash) != _HLEN:
+        return False
+    m = _public_op(n, bits, sig)
+    if m < 0:
+        return False
+    em_bits = bits - 1
+    em_len = (em_bits + 7) // 8
+    try:
+        em = bytearray(m.to_bytes(em_len, "big"))
+    except OverflowError:
+        return False
+    if em_len < _HLEN + _SALT_LEN + 2 or em[-1] != 0xBC:
+        return False
+    db_len = em_len - _HLEN - 1
+    top_mask = 0xFF >> (8 * em_len - em_bits)
+    if em[0] & ~top_mask & 0xFF:
+        return False
+    h = bytes(em[db_len : db_len + _HLEN])
+    _mgf1_xor(em, h, db_len)
+    em[0] &= top_mask
+    ps_len = db_len - _SALT_LEN - 1
+    for i in range(ps_len):
+        if em[i]:
+            return False
+    if em[ps_len] != 0x01:
+        return False
+    hp = hashlib.sha256(b"\x00\x00\x00\x00\x00\x00\x00\x00")
+    hp.update(mhash)
+    hp.update(em[db_len - _SALT_LEN : db_len])
+    return hp.digest() == h
+
+
+def verify_pkcs1v15(n, bits, sig, mhash):
+    # RFC 8017 8.2.2 with EMSA-PKCS1-v1_5 and SHA-256: build the one valid encoding and
+    # compare the whole block (no ASN.1 parsing, so no room for lenient-parser forgeries).
+    if len(mhash) != _HLEN:
+        return False
+    k = (bits + 7) // 8
+    m = _public_op(n, bits, sig)
+    if m < 0:
+        return False
+    t_len = len(_SHA256_DIGEST_INFO) + _HLEN
+    if k < t_len + 11:
+        return False
+    try:
+        em = m.to_bytes(k, "big")
+    except OverflowError:
+        return False
+    ps_end = k - t_len - 1
+    expected = bytearray(k)
+    expected[1] = 0x01
+    for i in range(2, ps_end):
+        expected[i] = 0xFF
+    expected[ps_end + 1 : ps_end + 1 + len(_SHA256_DIGEST_INFO)] = _SHA256_DIGEST_INFO
+    expected[k - _HLEN :] = mhash
+    return em == expected

@@ -1,0 +1,63 @@
+"""The device verifier run on the MicroPython unix port (`mpboot verify --device`)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from mpboot import upy
+from mpboot.errors import DeviceRunError, ImageErrorCode
+from mpboot.firmware import firmware_root
+from mpboot.upy import compile_tree
+from mpboot.keys import PublicKey
+from mpboot.pubkey import KEYS_MODULE, micropython_module
+
+DEFAULT_HEAPSIZE = "24k"
+
+
+@dataclass(frozen=True)
+class DeviceVerdict:
+    accepted: bool
+    code: ImageErrorCode | None = None  # why it was rejected
+    version: str = ""
+    security_counter: int | None = None
+    key_index: int = -1
+
+
+def _script(name: str) -> Path:
+    return Path(str(resources.files("mpboot.upy_scripts") / name))
+
+
+def write_keys_module(folder: Path, keys: Sequence[PublicKey]) -> Path:
+    path = Path(folder) / f"{KEYS_MODULE}.py"
+    path.write_text(micropython_module(keys))
+    return path
+
+
+def verify_on_device(image: bytes, keys: Sequence[PublicKey], slot_size: int,
+                     heapsize: str = DEFAULT_HEAPSIZE) -> DeviceVerdict:
+    """Run firmware/mpboot/image.verify with `keys` embedded over `image`, which it reads
+    from a file through one 4 KiB buffer, in a MicroPython heap of `heapsize`."""
+    with tempfile.TemporaryDirectory(prefix="mpboot-dev-") as tmp:
+        lib = Path(tmp) / "lib"
+        compile_tree(firmware_root() / "mpboot", lib / "mpboot")
+        source = Path(tmp) / "src"
+        source.mkdir()
+        write_keys_module(source, keys)
+        shutil.copyfile(_script("verify_image.py"), source / "verify_image.py")
+        compile_tree(source, lib)
+        image_path = Path(tmp) / "image.bin"
+        image_path.write_bytes(image)
+        proc = upy.run(["-m", "verify_image", image_path, slot_size], path=[lib], heapsize=heapsize)
+    words = proc.stdout.split()
+    if proc.returncode != 0 or not words:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise DeviceRunError(f"device verifier failed: {lines[-1] if lines else 'no output'}")
+    if words[0] == "REJECT":
+        return DeviceVerdict(False, ImageErrorCode(int(words[1])))
+    counter = int(words[2])
+    return DeviceVerdict(True, None, words[1], None if counter < 0 else counter, int(words[3]))

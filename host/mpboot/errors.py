@@ -1,0 +1,78 @@
+"""Error types. Every message is one line fit to show a user as it is."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class MpbootError(Exception):
+    """Base class of every error mpboot raises on purpose."""
+
+    exit_code = 2
+
+
+class UsageError(MpbootError):
+    """The user asked for something that cannot be done as asked (exit 2)."""
+
+
+class InputFileError(UsageError):
+    """An input file is missing, unreadable, or not of the kind expected."""
+
+
+class KeyFileError(UsageError):
+    """A key file cannot be loaded, or holds a key of the wrong type or size."""
+
+
+class DeviceRunError(MpbootError):
+    """The MicroPython unix port could not be run, or did not answer as expected."""
+
+
+class ImageErrorCode(IntEnum):
+    """Why an image was rejected. Same numbers and names as the device's ImageError codes
+    (firmware/mpboot/image.py); the golden vectors check that both sides agree."""
+
+    BAD_MAGIC = 1
+    BAD_HEADER = 2
+    TOO_LARGE = 3
+    TRUNCATED = 4
+    BAD_TLV = 5
+    UNPROTECTED_TLV = 6
+    UNKNOWN_TLV = 7
+    NO_HASH = 8
+    DUPLICATE_HASH = 9
+    HASH_MISMATCH = 10
+    SIG_WITHOUT_KEYHASH = 11
+    UNKNOWN_KEY = 12
+    KEY_SIZE = 13
+    BAD_SIGNATURE = 14
+    NO_SIGNATURE = 15
+
+
+_DESCRIPTIONS = {
+    ImageErrorCode.BAD_MAGIC: "not an MCUboot image (bad header magic)",
+    ImageErrorCode.BAD_HEADER: "image header field out of range",
+    ImageErrorCode.TOO_LARGE: "image does not fit in the slot",
+    ImageErrorCode.TRUNCATED: "image is truncated",
+    ImageErrorCode.BAD_TLV: "malformed TLV area",
+    ImageErrorCode.UNPROTECTED_TLV: "protected-only TLV found in the unprotected area",
+    ImageErrorCode.UNKNOWN_TLV: "unknown TLV type in the unprotected area",
+    ImageErrorCode.NO_HASH: "image has no SHA256 TLV",
+    ImageErrorCode.DUPLICATE_HASH: "image has more than one SHA256 TLV",
+    ImageErrorCode.HASH_MISMATCH: "image hash does not match its SHA256 TLV",
+    ImageErrorCode.SIG_WITHOUT_KEYHASH: "signature TLV without a KEYHASH before it",
+    ImageErrorCode.UNKNOWN_KEY: "image is signed by a key that is not trusted",
+    ImageErrorCode.KEY_SIZE: "signature does not match the key size",
+    ImageErrorCode.BAD_SIGNATURE: "signature does not verify",
+    ImageErrorCode.NO_SIGNATURE: "image has no signature by a trusted key",
+}
+
+
+class ImageRejected(MpbootError):
+    """An image failed verification or is malformed (exit 1)."""
+
+    exit_code = 1
+
+    def __init__(self, code: ImageErrorCode, detail: str = "") -> None:
+        self.code = ImageErrorCode(code)
+        message = _DESCRIPTIONS[self.code]
+        super().__init__(f"{message} ({detail})" if detail else message)
