@@ -40,7 +40,14 @@ _TLV_MPBOOT_RSA_PKCS1V15 = const(0xA0)
 # images (and any flag we do not know) are refused: we could not boot them as verified.
 _FLAGS_ALLOWED = const(0x0131)
 
-BUF_SIZE = const(4096)
+# Default read buffer. Any size from _MIN_BUF to 4 KiB works: a larger one hashes in fewer
+# reads, a smaller one leaves more heap (2 KiB keeps a whole verify under a 24 KiB heap
+# with the modules loaded as .mpy; frozen modules cost no heap at all).
+BUF_SIZE = const(2048)
+_MIN_BUF = const(1024)
+# Bounds on TLV areas read whole into the buffer (MCUboot's are far smaller).
+_MAX_PROT_SIZE = const(1024)
+_MAX_PUBKEY_SIZE = const(1024)
 
 # Error codes (ImageError.code); the host maps them to names once (ImageErrorCode).
 E_MAGIC = const(1)  # header magic is not 0x96f3b83d
@@ -62,52 +69,43 @@ E_SIG_MISSING = const(15)  # no signature by an embedded key
 
 
 class ImageError(Exception):
-    # args[0] is the code. Names live on the host (mpboot.errors.ImageErrorCode) rather
-    # than in device RAM.
-    @property
-    def code(self):
-        return self.args[0]
+    # raise ImageError(code): e.args[0] is the code. Names live on the host
+    # (mpboot.errors.ImageErrorCode), not in device RAM; no methods either: each class
+    # member costs a MicroPython heap hundreds of bytes at import.
+    pass
 
 
-class ImageInfo:
-    # What a verified image says about itself.
-    def __init__(self):
-        self.version = None  # (major, minor, revision, build)
-        self.security_counter = None  # int, or None when the image has no SEC_CNT TLV
-        self.vendor_id = None  # 16-byte UUID or None
-        self.class_id = None
-        self.flags = 0
-        self.load_addr = 0
-        self.hdr_size = 0  # payload offset
-        self.img_size = 0  # payload size
-        self.total_size = 0  # header + payload + both TLV areas
-        self.digest = None  # SHA-256 image digest
-        self.key_index = -1  # which embedded key signed it
+# verify() returns a dict (allocated per call rather than a class costing RAM at import):
+#   "version": (major, minor, revision, build)   "security_counter": int or None
+#   "vendor_id", "class_id": 16-byte UUIDs or None   "flags", "load_addr": header fields
+#   "hdr_size": payload offset   "img_size": payload size
+#   "total_size": header + payload + both TLV areas   "digest": SHA-256 image digest
+#   "key_index": which embedded key signed it
 
 
-def _read(reader, offset, buf):
-    if reader.readinto(offset, buf) != len(buf):
+def _read(read, offset, buf):
+    if read(offset, buf) != len(buf):
         raise ImageError(E_TRUNCATED)
 
 
 def parse_header(hdr, slot_size, info):
-    # Checks the 32-byte header against the slot; fills info. Used alone by an updater to
-    # refuse an image before any payload arrives.
+    # Checks the 32-byte header against the slot; fills the info dict. Used alone by an
+    # updater to refuse an image before any payload arrives. Returns the protected TLV size.
     magic, load_addr, hdr_size, prot_size, img_size, flags = struct.unpack_from("<IIHHII", hdr, 0)
     if magic != _IMAGE_MAGIC:
         raise ImageError(E_MAGIC)
     if hdr_size < HEADER_SIZE or flags & ~_FLAGS_ALLOWED:
         raise ImageError(E_HEADER)
-    if prot_size and (prot_size < 4 or prot_size > BUF_SIZE):
+    if prot_size and (prot_size < 4 or prot_size > _MAX_PROT_SIZE):
         raise ImageError(E_TLV)
     # The smallest unprotected TLV area is its 4-byte info header.
     if hdr_size + img_size + prot_size + 4 > slot_size:
         raise ImageError(E_SIZE)
-    info.version = struct.unpack_from("<BBHI", hdr, 20)
-    info.flags = flags
-    info.load_addr = load_addr
-    info.hdr_size = hdr_size
-    info.img_size = img_size
+    info["version"] = struct.unpack_from("<BBHI", hdr, 20)
+    info["flags"] = flags
+    info["load_addr"] = load_addr
+    info["hdr_size"] = hdr_size
+    info["img_size"] = img_size
     return prot_size
 
 
@@ -124,22 +122,20 @@ def _walk_protected(area, info):
         off += 4
         if off + length > total:
             raise ImageError(E_TLV)
-        if kind == _TLV_SEC_CNT:
-            if length != 4 or info.security_counter is not None:
-                raise ImageError(E_TLV)
-            info.security_counter = struct.unpack_from("<I", area, off)[0]
-        elif kind == _TLV_UUID_VID or kind == _TLV_UUID_CID:
-            if length != 16:
-                raise ImageError(E_TLV)
-            value = bytes(area[off : off + 16])
-            if kind == _TLV_UUID_VID:
-                if info.vendor_id is not None:
-                    raise ImageError(E_TLV)
-                info.vendor_id = value
-            else:
-                if info.class_id is not None:
-                    raise ImageError(E_TLV)
-                info.class_id = value
+        name = None
+        if kind == _TLV_SEC_CNT and length == 4:
+            name = "security_counter"
+            value = struct.unpack_from("<I", area, off)[0]
+        elif kind == _TLV_UUID_VID and length == 16:
+            name = "vendor_id"
+        elif kind == _TLV_UUID_CID and length == 16:
+            name = "class_id"
+        elif kind == _TLV_SEC_CNT or kind == _TLV_UUID_VID or kind == _TLV_UUID_CID:
+            raise ImageError(E_TLV)  # wrong length
+        if name:
+            if info[name] is not None:
+                raise ImageError(E_TLV)  # repeated
+            info[name] = value if kind == _TLV_SEC_CNT else bytes(area[off : off + 16])
         # Other protected types (dependencies, boot record, custom) are covered by the
         # hash and carry nothing this verifier acts on.
         off += length
@@ -181,49 +177,59 @@ def _check_signature(kind, key, sig, digest):
         raise ImageError(E_SIG_INVALID)
 
 
-def verify(reader, keys, slot_size, buf=None):
-    # reader: see mpboot.reader. keys: sequence of (key hash, modulus bits, modulus bytes)
+def verify(read, keys, slot_size, buf=None):
+    # read: a reader (see mpboot.reader). keys: sequence of (key hash, modulus bits, modulus bytes)
     # as written by `mpboot pubkey --format micropython`. slot_size: bytes the image may
-    # occupy. buf: optional preallocated bytearray of at least BUF_SIZE bytes.
-    # Returns ImageInfo; raises ImageError.
+    # occupy. buf: optional preallocated bytearray of 1-4 KiB (default: BUF_SIZE).
+    # Returns the info dict described above; raises ImageError.
     if buf is None:
         buf = bytearray(BUF_SIZE)
-    mv = memoryview(buf)[:BUF_SIZE]
-    info = ImageInfo()
+    size = len(buf)
+    if size < _MIN_BUF:
+        raise ValueError("buffer")
+    mv = memoryview(buf)
+    info = {
+        "security_counter": None,
+        "vendor_id": None,
+        "class_id": None,
+        "total_size": 0,
+        "digest": None,
+        "key_index": -1,
+    }
 
     hdr = mv[:HEADER_SIZE]
-    _read(reader, 0, hdr)
+    _read(read, 0, hdr)
     prot_size = parse_header(hdr, slot_size, info)
 
     # Hash the header exactly as parsed, then the rest of [0, hdr_size + img_size).
     h = hashlib.sha256(hdr)
     off = HEADER_SIZE
-    end = info.hdr_size + info.img_size
+    end = info["hdr_size"] + info["img_size"]
     while off < end:
         n = end - off
-        chunk = mv if n >= BUF_SIZE else mv[:n]
-        _read(reader, off, chunk)
+        chunk = mv if n >= size else mv[:n]
+        _read(read, off, chunk)
         h.update(chunk)
         off += len(chunk)
 
     if prot_size:
         area = mv[:prot_size]
-        _read(reader, off, area)
+        _read(read, off, area)
         h.update(area)
         _walk_protected(area, info)
         off += prot_size
     digest = h.digest()
-    info.digest = digest
+    info["digest"] = digest
 
     # Unprotected TLV area: not covered by the hash, so only types that are checked
     # against the digest or an embedded key may appear in it.
-    _read(reader, off, mv[:4])
+    _read(read, off, mv[:4])
     magic, total = struct.unpack_from("<HH", mv, 0)
     if magic != _TLV_INFO_MAGIC or total < 4:
         raise ImageError(E_TLV)
     if off + total > slot_size:
         raise ImageError(E_SIZE)
-    info.total_size = off + total
+    info["total_size"] = off + total
     end = off + total
     off += 4
     hash_seen = False
@@ -233,7 +239,7 @@ def verify(reader, keys, slot_size, buf=None):
     while off < end:
         if off + 4 > end:
             raise ImageError(E_TLV)
-        _read(reader, off, mv[:4])
+        _read(read, off, mv[:4])
         kind, length = struct.unpack_from("<HH", mv, 0)
         off += 4
         if off + length > end:
@@ -244,14 +250,14 @@ def verify(reader, keys, slot_size, buf=None):
             if hash_seen:
                 raise ImageError(E_HASH_DUPLICATE)
             hash_seen = True
-            _read(reader, off, mv[:32])
+            _read(read, off, mv[:32])
             if bytes(mv[:32]) != digest:
                 raise ImageError(E_HASH_MISMATCH)
         elif kind == _TLV_KEYHASH or kind == _TLV_PUBKEY:
-            if kind == _TLV_KEYHASH and length != 32 or length > BUF_SIZE:
+            if kind == _TLV_KEYHASH and length != 32 or length > _MAX_PUBKEY_SIZE:
                 raise ImageError(E_TLV)
             value = mv[:length]
-            _read(reader, off, value)
+            _read(read, off, value)
             value = hashlib.sha256(value).digest() if kind == _TLV_PUBKEY else bytes(value)
             key_index = _find_key(keys, value)
             key_pending = True
@@ -267,9 +273,9 @@ def verify(reader, keys, slot_size, buf=None):
                 if length > 384:
                     raise ImageError(E_KEY_SIZE)
                 sig = mv[:length]
-                _read(reader, off, sig)
+                _read(read, off, sig)
                 _check_signature(kind, keys[key_index], sig, digest)
-                info.key_index = key_index
+                info["key_index"] = key_index
         elif kind == _TLV_ECDSA_SIG or kind == _TLV_ED25519:
             # Other algorithms' signatures (multi-signed images): not ours to check.
             if not key_pending:
@@ -283,6 +289,6 @@ def verify(reader, keys, slot_size, buf=None):
 
     if not hash_seen:
         raise ImageError(E_HASH_MISSING)
-    if info.key_index < 0:
+    if info["key_index"] < 0:
         raise ImageError(E_KEY_UNKNOWN if unknown_key else E_SIG_MISSING)
     return info

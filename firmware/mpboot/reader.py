@@ -1,60 +1,57 @@
 # Random-access readers the image verifier reads through.
 #
-# A reader has one method, readinto(offset, buf) -> number of bytes read, which fills buf
-# from the given byte offset and returns fewer bytes only at the end of the medium. The
-# verifier never asks for more than it has bounded against the slot size first.
+# A reader is a callable read(offset, buf) -> number of bytes read: it fills buf from the
+# given byte offset and returns fewer bytes only at the end of the medium. Any bound method
+# with that shape works too (a flash area's readinto). These are closures rather than
+# classes because a class costs a MicroPython heap several times what a closure does.
 
 
-class FileReader:
-    # An open binary file or any stream with seek() and readinto() (io.BytesIO too).
-    def __init__(self, f):
-        self._f = f
-
-    def readinto(self, offset, buf):
-        f = self._f
+def file_reader(f):
+    # An open binary file, or any stream with seek() and readinto() (io.BytesIO too).
+    def read(offset, buf):
         f.seek(offset)
-        got = 0
+        got = f.readinto(buf) or 0
         want = len(buf)
-        mv = memoryview(buf)
-        while got < want:
-            n = f.readinto(mv[got:]) if got else f.readinto(buf)
-            if not n:
-                break
-            got += n
+        if got < want:
+            mv = memoryview(buf)
+            while got < want:
+                n = f.readinto(mv[got:])
+                if not n:
+                    break
+                got += n
         return got
 
+    return read
 
-class BlockReader:
-    # A MicroPython block device with the extended interface: readblocks(n, buf, off)
-    # reads len(buf) bytes starting at byte `off` of block `n` (esp32.Partition,
-    # rp2.Flash, pyb.Flash, and the NOR simulator).
-    def __init__(self, bdev, block_size=None):
-        self._bdev = bdev
-        bs = block_size or bdev.ioctl(5, 0) or 512
-        self._bs = bs
-        self.size = bdev.ioctl(4, 0) * bs
 
-    def readinto(self, offset, buf):
+def block_reader(bdev, block_size=0):
+    # A MicroPython block device with the extended interface: readblocks(n, buf, off) reads
+    # len(buf) bytes from byte `off` of block `n` (esp32.Partition, rp2.Flash, pyb.Flash).
+    bs = block_size or bdev.ioctl(5, 0) or 512
+    size = bdev.ioctl(4, 0) * bs
+
+    def read(offset, buf):
         n = len(buf)
-        if offset >= self.size:
+        if offset >= size:
             return 0
-        if offset + n > self.size:
-            n = self.size - offset
+        if offset + n > size:
+            n = size - offset
             buf = memoryview(buf)[:n]
-        bs = self._bs
-        self._bdev.readblocks(offset // bs, buf, offset % bs)
+        bdev.readblocks(offset // bs, buf, offset % bs)
         return n
 
+    return read
 
-class BytesReader:
+
+def bytes_reader(data):
     # An image already in memory (bytes, bytearray, memoryview): tests and RAM buffers.
-    def __init__(self, data):
-        self._mv = memoryview(data)
+    mv = memoryview(data)
 
-    def readinto(self, offset, buf):
-        mv = self._mv
+    def read(offset, buf):
         if offset >= len(mv):
             return 0
         n = min(len(buf), len(mv) - offset)
         buf[:n] = mv[offset : offset + n]
         return n
+
+    return read

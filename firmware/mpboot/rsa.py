@@ -1,7 +1,8 @@
 # RSA public-key signature verification (RFC 8017) for MicroPython.
 #
-# Only what a bootloader needs: e = 65537, SHA-256, 2048- or 3072-bit moduli,
-# RSASSA-PSS (MGF1-SHA-256, salt exactly 32 bytes) and RSASSA-PKCS1-v1_5.
+# Only what a bootloader needs: SHA-256, RSASSA-PSS (MGF1-SHA-256, salt exactly 32 bytes)
+# and RSASSA-PKCS1-v1_5. Embedded keys always use e = 65537 (the default); `e` is a
+# parameter only so that test suites with other exponents (Wycheproof) run unchanged.
 # Both functions return True/False and never raise on bad signatures; the modulus
 # comes from an embedded (trusted) key and is not validated here beyond its size.
 import hashlib
@@ -15,14 +16,14 @@ _SALT_LEN = const(32)
 _SHA256_DIGEST_INFO = b"\x30\x31\x30\x0d\x06\x09\x60\x86\x48\x01\x65\x03\x04\x02\x01\x05\x00\x04\x20"
 
 
-def _public_op(n, bits, sig):
+def _public_op(n, bits, sig, e):
     # RSAVP1. Returns the integer representative m, or -1 when the signature is malformed.
     if len(sig) != (bits + 7) // 8:
         return -1
     s = int.from_bytes(sig, "big")
     if s >= n:
         return -1
-    return pow(s, _E, n)
+    return pow(s, e, n)
 
 
 def _mgf1_xor(buf, seed, length):
@@ -44,13 +45,13 @@ def _mgf1_xor(buf, seed, length):
         counter += 1
 
 
-def verify_pss(n, bits, sig, mhash):
+def verify_pss(n, bits, sig, mhash, e=_E):
     # RFC 8017 9.1.2 EMSA-PSS-VERIFY with sLen = 32. n: modulus (int) of exactly `bits`
     # bits (MicroPython ints have no bit_length(): the trusted key states it), mhash: the
     # 32-byte message hash (for MCUboot images, the image digest).
     if len(mhash) != _HLEN:
         return False
-    m = _public_op(n, bits, sig)
+    m = _public_op(n, bits, sig, e)
     if m < 0:
         return False
     em_bits = bits - 1
@@ -80,13 +81,13 @@ def verify_pss(n, bits, sig, mhash):
     return hp.digest() == h
 
 
-def verify_pkcs1v15(n, bits, sig, mhash):
+def verify_pkcs1v15(n, bits, sig, mhash, e=_E):
     # RFC 8017 8.2.2 with EMSA-PKCS1-v1_5 and SHA-256: build the one valid encoding and
     # compare the whole block (no ASN.1 parsing, so no room for lenient-parser forgeries).
     if len(mhash) != _HLEN:
         return False
     k = (bits + 7) // 8
-    m = _public_op(n, bits, sig)
+    m = _public_op(n, bits, sig, e)
     if m < 0:
         return False
     t_len = len(_SHA256_DIGEST_INFO) + _HLEN

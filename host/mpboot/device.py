@@ -28,7 +28,8 @@ class DeviceVerdict:
     key_index: int = -1
 
 
-def _script(name: str) -> Path:
+def script_path(name: str) -> Path:
+    """A MicroPython script the host runs on the unix port (mpboot/upy_scripts)."""
     return Path(str(resources.files("mpboot.upy_scripts") / name))
 
 
@@ -41,18 +42,20 @@ def write_keys_module(folder: Path, keys: Sequence[PublicKey]) -> Path:
 def verify_on_device(image: bytes, keys: Sequence[PublicKey], slot_size: int,
                      heapsize: str = DEFAULT_HEAPSIZE) -> DeviceVerdict:
     """Run firmware/mpboot/image.verify with `keys` embedded over `image`, which it reads
-    from a file through one 4 KiB buffer, in a MicroPython heap of `heapsize`."""
+    from a file through its default 2 KiB buffer, in a MicroPython heap of `heapsize`."""
     with tempfile.TemporaryDirectory(prefix="mpboot-dev-") as tmp:
         lib = Path(tmp) / "lib"
         compile_tree(firmware_root() / "mpboot", lib / "mpboot")
         source = Path(tmp) / "src"
         source.mkdir()
         write_keys_module(source, keys)
-        shutil.copyfile(_script("verify_image.py"), source / "verify_image.py")
+        shutil.copyfile(script_path("verify_images.py"), source / "verify_images.py")
         compile_tree(source, lib)
         image_path = Path(tmp) / "image.bin"
         image_path.write_bytes(image)
-        proc = upy.run(["-m", "verify_image", image_path, slot_size], path=[lib], heapsize=heapsize)
+        listing = Path(tmp) / "images.txt"
+        listing.write_text(f"{image_path} {slot_size}\n")
+        proc = upy.run(["-m", "verify_images", listing], path=[lib], heapsize=heapsize)
     words = proc.stdout.split()
     if proc.returncode != 0 or not words:
         lines = (proc.stderr or proc.stdout).strip().splitlines()

@@ -11,7 +11,7 @@ import hashlib
 import re
 import struct
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 
@@ -25,9 +25,9 @@ TLV_PROT_INFO_MAGIC = 0x6908
 TLV_INFO_SIZE = 4
 TLV_ENTRY_HEADER_SIZE = 4
 DEFAULT_HEADER_SIZE = 0x200
-# The device reads the protected TLV area in one go into its 4 KiB buffer.
-MAX_PROTECTED_TLV_SIZE = 4096
-MAX_PUBKEY_TLV_SIZE = 4096
+# The device reads these TLVs whole into its read buffer (at least 1 KiB).
+MAX_PROTECTED_TLV_SIZE = 1024
+MAX_PUBKEY_TLV_SIZE = 1024
 MAX_SIGNATURE_SIZE = 384
 
 
@@ -231,6 +231,17 @@ class SignOptions:
     slot_size: int | None = None
 
 
+def assemble_image(header: ImageHeader, body: bytes, protected: Sequence[Tlv],
+                   unprotected: Callable[[bytes], Sequence[Tlv]]) -> bytes:
+    """Lay out an image exactly as given: header over body[:32], body, the protected TLV
+    area (omitted when empty), then the unprotected TLVs that `unprotected(digest)` returns.
+    Checks nothing: build_image is the safe way in; tests use this to craft bad images."""
+    prot_area = encode_tlv_area(TLV_PROT_INFO_MAGIC, protected) if protected else b""
+    hashed = header.pack() + body[HEADER_SIZE:] + prot_area
+    digest = hashlib.sha256(hashed).digest()
+    return hashed + encode_tlv_area(TLV_INFO_MAGIC, unprotected(digest))
+
+
 def build_image(body: bytes, key: SigningKey, options: SignOptions) -> bytes:
     """Sign `body`, which already starts with header_size bytes of room for the header
     (zeros or padding: see mpboot.pack), into an MCUboot v1 image."""
@@ -246,14 +257,14 @@ def build_image(body: bytes, key: SigningKey, options: SignOptions) -> bytes:
     if counter is not None and not 0 <= counter <= 0xFFFFFFFF:
         raise UsageError(f"security counter {counter} is not a 32-bit unsigned number")
     prot = protected_tlvs(counter, options.vendor_id, options.class_id)
-    prot_area = encode_tlv_area(TLV_PROT_INFO_MAGIC, prot) if prot else b""
+    prot_size = len(encode_tlv_area(TLV_PROT_INFO_MAGIC, prot)) if prot else 0
     flags = ImageFlag.RAM_LOAD if options.load_addr else 0
-    header = ImageHeader(options.load_addr, hdr_size, len(prot_area), img_size, int(flags),
-                         options.version)
-    hashed = header.pack() + body[HEADER_SIZE:] + prot_area
-    digest = hashlib.sha256(hashed).digest()
-    unprot = [Tlv(TlvType.SHA256, digest), *signature_tlvs(digest, key, options.scheme)]
-    image = hashed + encode_tlv_area(TLV_INFO_MAGIC, unprot)
+    header = ImageHeader(options.load_addr, hdr_size, prot_size, img_size, int(flags), options.version)
+
+    def unprotected(digest: bytes) -> list[Tlv]:
+        return [Tlv(TlvType.SHA256, digest), *signature_tlvs(digest, key, options.scheme)]
+
+    image = assemble_image(header, body, prot, unprotected)
     if options.slot_size is not None and len(image) > options.slot_size:
         raise UsageError(
             f"signed image is {len(image)} bytes, over the slot size {options.slot_size}"

@@ -1,0 +1,127 @@
+"""Shared fixtures: paths, the test-only keys, and a runner for device code on the
+MicroPython unix port (firmware compiled to .mpy with mpy-cross, as a device holds it)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mpboot import upy
+from mpboot.device import script_path, write_keys_module
+from mpboot.keys import PublicKey, SigningKey, load_public_key, load_signing_key
+from mpboot.upy import compile_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
+KEYS_DIR = TESTS / "keys"
+VECTORS = TESTS / "vectors"
+DEVICE_SCRIPTS = TESTS / "device"
+FIRMWARE = ROOT / "firmware"
+
+# Keys the test device trusts, in mpboot_keys.KEYS order (index 0, 1).
+TRUSTED_KEY_FILES = ("TEST-ONLY-rsa2048.pem", "TEST-ONLY-rsa3072.pem")
+UNTRUSTED_KEY_FILE = "TEST-ONLY-rsa2048-untrusted.pem"
+
+
+def signing_key(name: str) -> SigningKey:
+    return load_signing_key(KEYS_DIR / name)
+
+
+def trusted_public_keys() -> list[PublicKey]:
+    return [load_public_key(KEYS_DIR / name) for name in TRUSTED_KEY_FILES]
+
+
+@pytest.fixture(scope="session")
+def rsa2048() -> SigningKey:
+    return signing_key("TEST-ONLY-rsa2048.pem")
+
+
+@pytest.fixture(scope="session")
+def rsa3072() -> SigningKey:
+    return signing_key("TEST-ONLY-rsa3072.pem")
+
+
+@pytest.fixture(scope="session")
+def untrusted() -> SigningKey:
+    return signing_key(UNTRUSTED_KEY_FILE)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    code: int = 0
+    version: str = ""
+    security_counter: int | None = None
+    key_index: int = -1
+    total_size: int = 0
+
+    @classmethod
+    def parse(cls, line: str) -> Verdict:
+        words = line.split()
+        if words[0] == "REJECT":
+            return cls(False, int(words[1]))
+        assert words[0] == "OK", line
+        counter = int(words[2])
+        return cls(True, 0, words[1], None if counter < 0 else counter, int(words[3]), int(words[4]))
+
+
+class Device:
+    """Runs device scripts (tests/device/dev_*.py) on MicroPython against the firmware."""
+
+    def __init__(self, lib: Path, workdir: Path) -> None:
+        self.lib = lib
+        self.workdir = workdir
+
+    def run(self, module: str, *args: object, heapsize: str = "512k") -> str:
+        proc = upy.run(["-m", module, *map(str, args)], path=[self.lib], heapsize=heapsize)
+        if proc.returncode != 0:
+            raise AssertionError(f"{module} failed on MicroPython:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        return proc.stdout
+
+    def verify_files(self, items: list[tuple[Path, int]], heapsize: str = "512k") -> list[Verdict]:
+        listing = self.workdir / f"list-{len(items)}-{id(items)}.txt"
+        listing.write_text("".join(f"{path} {slot}\n" for path, slot in items))
+        lines = self.run("verify_images", listing, heapsize=heapsize).splitlines()
+        assert len(lines) == len(items), lines
+        return [Verdict.parse(line) for line in lines]
+
+    def verify_bytes(self, image: bytes, slot_size: int | None = None, heapsize: str = "512k") -> Verdict:
+        path = self.workdir / f"image-{abs(hash(image))}.bin"
+        path.write_bytes(image)
+        return self.verify_files([(path, slot_size or len(image))], heapsize)[0]
+
+
+@pytest.fixture(scope="session")
+def device(tmp_path_factory: pytest.TempPathFactory) -> Device:
+    """The firmware as .mpy, the test-only trusted keys as mpboot_keys, and the device scripts."""
+    base = tmp_path_factory.mktemp("device")
+    lib = base / "lib"
+    compile_tree(FIRMWARE / "mpboot", lib / "mpboot")
+    src = base / "src"
+    shutil.copytree(DEVICE_SCRIPTS, src)
+    shutil.copyfile(script_path("verify_images.py"), src / "verify_images.py")
+    write_keys_module(src, trusted_public_keys())
+    compile_tree(src, lib)
+    work = base / "work"
+    work.mkdir()
+    return Device(lib, work)
+
+
+# Summary lines (`record_property("summary", line)`) are printed at the end of the run, also
+# under pytest-xdist, where the controller receives each report's user_properties.
+_summaries: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        _summaries.extend(str(v) for k, v in report.user_properties if k == "summary")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    if _summaries:
+        terminalreporter.section("summaries")
+        for line in sorted(_summaries):
+            terminalreporter.write_line(line)
