@@ -3,6 +3,7 @@ MicroPython unix port (firmware compiled to .mpy with mpy-cross, as a device hol
 
 from __future__ import annotations
 
+import functools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from mpboot import upy
 from mpboot.device import script_path, write_keys_module
-from mpboot.keys import PublicKey, SigningKey, load_public_key, load_signing_key
+from mpboot.keys import PublicKey, SigningKey, load_signing_key
 from mpboot.upy import compile_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,12 +27,14 @@ TRUSTED_KEY_FILES = ("TEST-ONLY-rsa2048.pem", "TEST-ONLY-rsa3072.pem")
 UNTRUSTED_KEY_FILE = "TEST-ONLY-rsa2048-untrusted.pem"
 
 
+@functools.cache
 def signing_key(name: str) -> SigningKey:
+    # Cached: loading an RSA private key checks it, which costs tens of milliseconds.
     return load_signing_key(KEYS_DIR / name)
 
 
 def trusted_public_keys() -> list[PublicKey]:
-    return [load_public_key(KEYS_DIR / name) for name in TRUSTED_KEY_FILES]
+    return [signing_key(name).public() for name in TRUSTED_KEY_FILES]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from intelhex import IntelHex
+from intelhex import IntelHex, IntelHexError
 
 from mpboot import __version__, device, firmware, keys, pack, pubkey
 from mpboot.errors import ImageRejected, InputFileError, MpbootError, UsageError
@@ -73,7 +73,7 @@ def _read_image(path: Path) -> bytes:
     if path.suffix.lower() == ".hex":
         try:
             return bytes(IntelHex(str(path)).tobinarray())
-        except ValueError as err:
+        except (IntelHexError, ValueError) as err:
             raise InputFileError(f"{path}: not a valid Intel hex file ({err})") from None
     return path.read_bytes()
 
@@ -116,10 +116,7 @@ def pubkey_cmd(key_files: tuple[Path, ...], fmt: str, output: Path | None, passw
     password = _password(password_env)
     data = pubkey.export([keys.load_public_key(p, password) for p in key_files], fmt)
     if output is None:
-        if fmt in ("der", "raw"):
-            click.get_binary_stream("stdout").write(data)
-        else:
-            click.echo(data.decode(), nl=False)
+        click.echo(data if fmt in ("der", "raw") else data.decode(), nl=False)
     else:
         output.write_bytes(data)
 

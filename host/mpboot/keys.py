@@ -147,6 +147,11 @@ def load_signing_key(path: Path, password: bytes | None = None) -> SigningKey:
     return SigningKey(key)
 
 
+def _looks_like_der_private_key(data: bytes) -> bool:
+    # A DER SEQUENCE: let the private key loader say precisely what is wrong with it.
+    return data[:1] == b"\x30"
+
+
 def load_public_key(path: Path, password: bytes | None = None) -> PublicKey:
     """Load a public key from a public key file (PEM/DER, SPKI or PKCS#1) or a private key."""
     data = _read(path)
@@ -162,10 +167,9 @@ def load_public_key(path: Path, password: bytes | None = None) -> PublicKey:
         except (ValueError, UnsupportedAlgorithm):
             continue
     if key is None:
-        try:
-            key = load_signing_key(path, password).key.public_key()
-        except KeyFileError:
-            raise KeyFileError(f"{path}: not a public or private key (PEM or DER)") from None
+        if b"PRIVATE KEY" not in data and not _looks_like_der_private_key(data):
+            raise KeyFileError(f"{path}: not a public or private key (PEM or DER)")
+        return load_signing_key(path, password).public()
     _check_rsa(key, path)
     assert isinstance(key, rsa.RSAPublicKey)
     return PublicKey(key)

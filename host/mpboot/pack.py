@@ -10,7 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from intelhex import HexRecordError, IntelHex
+from intelhex import IntelHex, IntelHexError
 
 from mpboot.errors import InputFileError, UsageError
 from mpboot.upy import mpy_cross_compile
@@ -42,7 +42,11 @@ def pack_app(directory: Path) -> bytes:
         staging = Path(tmp) / "app"
         shutil.copytree(directory, staging, ignore=shutil.ignore_patterns("__pycache__", ".*"))
         for src in sorted(staging.rglob("*.py")):
-            mpy_cross_compile(src, src.with_suffix(".mpy"))
+            try:
+                mpy_cross_compile(src, src.with_suffix(".mpy"))
+            except InputFileError as err:
+                # Name the user's file, not the staging copy.
+                raise InputFileError(str(err).replace(str(src), str(directory / src.relative_to(staging)), 1)) from None
             src.unlink()
         # make_romfs prints a tree to stdout; the CLI speaks for itself.
         with contextlib.redirect_stdout(io.StringIO()):
@@ -59,7 +63,7 @@ def load_input(path: Path) -> SignInput:
     if suffix == ".hex":
         try:
             ih = IntelHex(str(path))
-        except (HexRecordError, ValueError) as err:
+        except (IntelHexError, ValueError) as err:
             raise InputFileError(f"{path}: not a valid Intel hex file ({err})") from None
         if ih.minaddr() is None:
             raise InputFileError(f"{path}: Intel hex file holds no data")
