@@ -162,6 +162,12 @@ def vectors() -> list[Vector]:
        "a signature by an unknown key, then one by a trusted key", version="1.0.0+0",
        security_counter=1, key_index=0)
 
+    ok("ok-ecdsa-then-rsa",
+       craft(k2048, lambda d, s: [Tlv(TlvType.SHA256, d), Tlv(TlvType.KEYHASH, bytes(32)),
+                                  Tlv(TlvType.ECDSA_SIG, bytes(72)), *signature_tlvs(d, s, SignatureScheme.PSS)]),
+       "an ECDSA signature (not checked: other algorithm), then RSA by a trusted key",
+       version="1.0.0+0", security_counter=1, key_index=0)
+
     good = craft(k2048, standard)
     h = ImageHeader.unpack(good)
     bad("bad-magic", craft(k2048, standard, fields={"magic": 0x96F3B83C}), "BAD_MAGIC", "header magic off by one bit")
@@ -220,6 +226,10 @@ def vectors() -> list[Vector]:
     bad_sig = bytearray(good)
     bad_sig[-1] ^= 0x80
     bad("bad-signature", bytes(bad_sig), "BAD_SIGNATURE", "last signature byte flipped")
+    bad("too-many-signatures",
+        craft(k2048, lambda d, s: [Tlv(TlvType.SHA256, d)] + 5 * signature_tlvs(d, s, SignatureScheme.PSS)),
+        "BAD_TLV", "five valid signatures: more than the 4 an image may carry (bounds RSA work)")
+    bad("slot-smaller-than-header", good, "TOO_LARGE", "a 16-byte slot cannot hold a header", slot_size=16)
     bad("no-signature", craft(k2048, lambda d, s: [Tlv(TlvType.SHA256, d)]), "NO_SIGNATURE",
         "hash only, no signature")
     bad("pkcs1v15-trailing-garbage",

@@ -40,7 +40,7 @@ _TLV_MPBOOT_RSA_PKCS1V15 = const(0xA0)
 # images (and any flag we do not know) are refused: we could not boot them as verified.
 _FLAGS_ALLOWED = const(0x0131)
 
-# Default read buffer. Any size from _MIN_BUF to 4 KiB works: a larger one hashes in fewer
+# Default read buffer. Any size of at least _MIN_BUF works: a larger one hashes in fewer
 # reads, a smaller one leaves more heap (2 KiB keeps a whole verify under a 24 KiB heap
 # with the modules loaded as .mpy; frozen modules cost no heap at all).
 BUF_SIZE = const(2048)
@@ -48,13 +48,15 @@ _MIN_BUF = const(1024)
 # Bounds on TLV areas read whole into the buffer (MCUboot's are far smaller).
 _MAX_PROT_SIZE = const(1024)
 _MAX_PUBKEY_SIZE = const(1024)
+# Signature TLVs an image may carry (of any algorithm): bounds the RSA work one image costs.
+_MAX_SIGNATURES = const(4)
 
 # Error codes (ImageError.code); the host maps them to names once (ImageErrorCode).
 E_MAGIC = const(1)  # header magic is not 0x96f3b83d
 E_HEADER = const(2)  # header field out of range (hdr_size, flags)
 E_SIZE = const(3)  # header/payload/TLV sizes do not fit in the slot
 E_TRUNCATED = const(4)  # the medium ended before the image did
-E_TLV = const(5)  # malformed TLV area: magic, total, entry length, duplicate entry
+E_TLV = const(5)  # malformed TLV area: magic, sizes, entry length, repeated entry, too many signatures
 E_TLV_PROTECTED_ONLY = const(6)  # protected-only TLV type in the unprotected area
 E_TLV_UNKNOWN = const(7)  # unknown TLV type in the unprotected area
 E_HASH_MISSING = const(8)  # no SHA256 TLV
@@ -164,7 +166,7 @@ def _find_key(keys, keyhash):
 def _check_signature(kind, key, sig, digest):
     bits = key[1]
     k = bits // 8
-    if len(sig) != k:
+    if len(sig) != k or len(key[2]) != k:
         raise ImageError(E_KEY_SIZE)
     if kind == _TLV_RSA2048_PSS and bits != 2048 or kind == _TLV_RSA3072_PSS and bits != 3072:
         raise ImageError(E_KEY_SIZE)
@@ -180,7 +182,7 @@ def _check_signature(kind, key, sig, digest):
 def verify(read, keys, slot_size, buf=None):
     # read: a reader (see mpboot.reader). keys: sequence of (key hash, modulus bits, modulus bytes)
     # as written by `mpboot pubkey --format micropython`. slot_size: bytes the image may
-    # occupy. buf: optional preallocated bytearray of 1-4 KiB (default: BUF_SIZE).
+    # occupy. buf: optional preallocated bytearray of at least 1 KiB (default: BUF_SIZE).
     # Returns the info dict described above; raises ImageError.
     if buf is None:
         buf = bytearray(BUF_SIZE)
@@ -197,6 +199,8 @@ def verify(read, keys, slot_size, buf=None):
         "key_index": -1,
     }
 
+    if slot_size < HEADER_SIZE:
+        raise ImageError(E_SIZE)
     hdr = mv[:HEADER_SIZE]
     _read(read, 0, hdr)
     prot_size = parse_header(hdr, slot_size, info)
@@ -236,6 +240,7 @@ def verify(read, keys, slot_size, buf=None):
     key_index = -1  # embedded key named by the last KEYHASH/PUBKEY (-1: none we hold)
     key_pending = False  # a KEYHASH/PUBKEY waits for its signature TLV
     unknown_key = False
+    signatures = 0
     while off < end:
         if off + 4 > end:
             raise ImageError(E_TLV)
@@ -261,11 +266,17 @@ def verify(read, keys, slot_size, buf=None):
             value = hashlib.sha256(value).digest() if kind == _TLV_PUBKEY else bytes(value)
             key_index = _find_key(keys, value)
             key_pending = True
-        elif kind in (_TLV_RSA2048_PSS, _TLV_RSA3072_PSS, _TLV_MPBOOT_RSA_PKCS1V15):
+        elif kind in (_TLV_RSA2048_PSS, _TLV_RSA3072_PSS, _TLV_MPBOOT_RSA_PKCS1V15, _TLV_ECDSA_SIG, _TLV_ED25519):
             if not key_pending:
                 raise ImageError(E_SIG_NO_KEYHASH)
             key_pending = False
-            if key_index < 0:
+            signatures += 1
+            if signatures > _MAX_SIGNATURES:
+                raise ImageError(E_TLV)
+            if kind == _TLV_ECDSA_SIG or kind == _TLV_ED25519:
+                # Other algorithms' signatures (multi-signed images): not ours to check.
+                pass
+            elif key_index < 0:
                 # Signed by a key this device does not hold: not a reason to fail while
                 # another signature may be by a key it does.
                 unknown_key = True
@@ -275,12 +286,8 @@ def verify(read, keys, slot_size, buf=None):
                 sig = mv[:length]
                 _read(read, off, sig)
                 _check_signature(kind, keys[key_index], sig, digest)
-                info["key_index"] = key_index
-        elif kind == _TLV_ECDSA_SIG or kind == _TLV_ED25519:
-            # Other algorithms' signatures (multi-signed images): not ours to check.
-            if not key_pending:
-                raise ImageError(E_SIG_NO_KEYHASH)
-            key_pending = False
+                if info["key_index"] < 0:
+                    info["key_index"] = key_index  # the first good signature's key
         elif _is_protected_only(kind):
             raise ImageError(E_TLV_PROTECTED_ONLY)
         else:

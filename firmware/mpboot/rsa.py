@@ -3,8 +3,9 @@
 # Only what a bootloader needs: SHA-256, RSASSA-PSS (MGF1-SHA-256, salt exactly 32 bytes)
 # and RSASSA-PKCS1-v1_5. Embedded keys always use e = 65537 (the default); `e` is a
 # parameter only so that test suites with other exponents (Wycheproof) run unchanged.
-# Both functions return True/False and never raise on bad signatures; the modulus
-# comes from an embedded (trusted) key and is not validated here beyond its size.
+# Both functions return True/False and never raise on bad signatures. The modulus and
+# its bit size come from an embedded (trusted) key; the image verifier checks that the
+# modulus length matches the stated size before calling in.
 import hashlib
 from micropython import const
 

@@ -29,6 +29,8 @@ DEFAULT_HEADER_SIZE = 0x200
 MAX_PROTECTED_TLV_SIZE = 1024
 MAX_PUBKEY_TLV_SIZE = 1024
 MAX_SIGNATURE_SIZE = 384
+# Signature TLVs (any algorithm) an image may carry: bounds the RSA work one image costs.
+MAX_SIGNATURES = 4
 
 
 class TlvType(IntEnum):
@@ -246,6 +248,8 @@ def build_image(body: bytes, key: SigningKey, options: SignOptions) -> bytes:
     """Sign `body`, which already starts with header_size bytes of room for the header
     (zeros or padding: see mpboot.pack), into an MCUboot v1 image."""
     hdr_size = options.header_size
+    if not 0 <= options.load_addr <= 0xFFFFFFFF:
+        raise UsageError(f"load address {options.load_addr:#x} is not a 32-bit address")
     if not HEADER_SIZE <= hdr_size <= 0xFFFF:
         raise UsageError(f"header size {hdr_size:#x} must be between 0x20 and 0xffff")
     if len(body) < hdr_size:
@@ -323,6 +327,8 @@ def _need(data: bytes, end: int) -> None:
 
 def parse_header(data: bytes, slot_size: int | None = None) -> ImageHeader:
     """Check the 32-byte header on its own, as the device does before accepting a payload."""
+    if slot_size is not None and slot_size < HEADER_SIZE:
+        raise ImageRejected(ImageErrorCode.TOO_LARGE, f"slot of {slot_size} bytes cannot hold a header")
     _need(data, HEADER_SIZE)
     header = ImageHeader.unpack(data)
     if header.magic != IMAGE_MAGIC:
@@ -416,6 +422,7 @@ def verify_image(data: bytes, keys: Sequence[PublicKey], slot_size: int | None =
     hash_seen = False
     pending: int | None = None  # key index named by the last KEYHASH/PUBKEY (-1: unknown)
     unknown_key = False
+    signatures = 0
     verified: VerifiedImage | None = None
     for kind, off, length in _iter_entries(data, start, end):
         image.unprotected.append(Tlv(kind, data[off : off + length], off - TLV_ENTRY_HEADER_SIZE))
@@ -438,12 +445,16 @@ def verify_image(data: bytes, keys: Sequence[PublicKey], slot_size: int | None =
             if pending is None:
                 raise ImageRejected(ImageErrorCode.SIG_WITHOUT_KEYHASH)
             index, pending = pending, None
+            signatures += 1
+            if signatures > MAX_SIGNATURES:
+                raise ImageRejected(ImageErrorCode.BAD_TLV, f"more than {MAX_SIGNATURES} signatures")
             if kind in OTHER_SIGNATURE_TYPES:
                 continue
             if index < 0:
                 unknown_key = True
                 continue
-            verified = _check_signature(image, kind, data, off, length, keys, index)
+            checked = _check_signature(image, kind, data, off, length, keys, index)
+            verified = verified or checked  # the first good signature's key is reported
         elif kind in PROTECTED_ONLY_TYPES:
             raise ImageRejected(ImageErrorCode.UNPROTECTED_TLV, TlvType(kind).name)
         else:

