@@ -552,6 +552,13 @@ def test_sign_load_addr_sets_ram_load(tmp_path: Path) -> None:
     assert_ok(run("verify", out, "-k", KEY2048))
 
 
+def test_sign_load_addr_over_32_bits(tmp_path: Path) -> None:
+    out = tmp_path / "image.bin"
+    assert_error(sign(write_bin(tmp_path / "app.bin"), out, "--pad-header", "--load-addr", "0x100000000"),
+                 2, "load address")
+    assert not out.exists()
+
+
 def test_sign_with_an_ec_key(tmp_path: Path) -> None:
     ec_key = _write_ec_key(tmp_path / "ec.pem")
     out = tmp_path / "image.bin"
