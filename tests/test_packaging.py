@@ -129,20 +129,6 @@ def test_installed_layout_finds_and_exports_the_device_files(wheel: Path, tmp_pa
                               if "__pycache__" not in p.parts)
 
 
-def test_build_requirement_can_build_this_pyproject() -> None:
-    """`license = "MIT"` (an SPDX string, PEP 639) is an error to setuptools before 77, so
-    [build-system] must ask for at least that; ">=68" lets pip --no-build-isolation use a
-    setuptools that fails with "`project.license` must be valid exactly by one definition"."""
-    if not isinstance(PYPROJECT["project"].get("license"), str):
-        pytest.skip("license is a table: any setuptools >= 61 reads it")
-    requires = PYPROJECT["build-system"]["requires"]
-    floors = [Version(m.group(1)) for r in requires if (m := re.fullmatch(r"setuptools\s*>=\s*([\d.]+)", r))]
-    assert floors, requires
-    assert floors[0] >= SETUPTOOLS_PEP639, (
-        f"pyproject.toml requires {requires}, but its string project.license needs setuptools>=77"
-    )
-
-
 # --------------------------------------------------------------------------- the freeze manifest
 
 
