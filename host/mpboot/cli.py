@@ -20,6 +20,7 @@ from mpboot.image import (
     ParsedImage,
     SignOptions,
     Tlv,
+    TlvType,
     build_image,
     class_uuid,
     parse_image,
@@ -233,8 +234,8 @@ def _tlv_dict(t: Tlv) -> dict[str, Any]:
 
 def image_summary(img: ParsedImage) -> dict[str, Any]:
     h = img.header
-    sha = next((t.value for t in img.unprotected if t.type == 0x10), None)
-    keyhash = next((t.value for t in img.unprotected if t.type == 0x01), None)
+    sha = next((t.value for t in img.unprotected if t.type == TlvType.SHA256), None)
+    keyhash = next((t.value for t in img.unprotected if t.type == TlvType.KEYHASH), None)
     return {
         "header": {
             "magic": f"{h.magic:#010x}", "load_addr": h.load_addr, "hdr_size": h.hdr_size,
