@@ -111,7 +111,7 @@ def parse_header(hdr, slot_size, info):
     return prot_size
 
 
-def _walk_protected(area, info):
+def walk_protected(area, info):
     # area: the whole protected TLV area, already hashed. Every entry must lie inside it.
     magic, total = struct.unpack_from("<HH", area, 0)
     if magic != _TLV_PROT_INFO_MAGIC or total != len(area):
@@ -220,7 +220,7 @@ def verify(read, keys, slot_size, buf=None):
         area = mv[:prot_size]
         _read(read, off, area)
         h.update(area)
-        _walk_protected(area, info)
+        walk_protected(area, info)
         off += prot_size
     digest = h.digest()
     info["digest"] = digest

@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mpboot.errors import DeviceRunError, InputFileError
@@ -26,14 +26,15 @@ def micropython_command() -> str:
 
 
 def run(args: Sequence[str], *, path: Sequence[Path] = (), heapsize: str | None = None,
-        timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        timeout: float = 300, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run `micropython [-X heapsize=H] ARGS...` (a script path or `-m module`, then its
-    arguments) with `path` (then .frozen) as its sys.path; capture text output."""
+    arguments) with `path` (then .frozen) as its sys.path and `env` added to the
+    environment; capture text output."""
     cmd = [micropython_command()]
     if heapsize:
         cmd += ["-X", f"heapsize={heapsize}"]
     cmd += [str(a) for a in args]
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     # MICROPYPATH replaces the default sys.path; keep .frozen so frozen modules still import.
     env["MICROPYPATH"] = ":".join([*(str(p) for p in path), ".frozen"])
     try:

@@ -1,0 +1,62 @@
+# The boot entry: choose the slot, verify the exact bytes the app will run from, mount the
+# image's ROMFS payload at /app, put it first on sys.path and run the app's entry module.
+#
+#   # boot.py (or a frozen _boot) on a board:
+#   from mpboot import boot
+#   from mpboot.ports import rp2 as port
+#   import mpboot_keys
+#   boot.start(port, port.areas(0x100000, 0x80000, 0x200000), mpboot_keys.KEYS)
+import sys
+import vfs
+from micropython import const
+
+import mpboot
+from mpboot import image
+from mpboot.reader import bytes_reader
+from mpboot.slots import Slots
+
+WDT_MS = const(60000)  # watchdog timeout armed for a test boot
+
+
+def run(slots, port, slot, info, trial, entry="main", mount="/app", wdt_ms=WDT_MS):
+    # Mounts and runs the image `slots.decide()` chose.
+    area = slots.areas[slot]
+    mem = port.mapped(area)
+    if mem is None:
+        # The port cannot map flash (or is the simulator): copy the image to RAM and verify
+        # that copy, so the bytes that run are the bytes that verified.
+        mem = bytearray(info["total_size"])
+        area.read(0, mem)
+        again = slots.check(slot, bytes_reader(mem))
+        if again["digest"] != info["digest"]:
+            raise image.ImageError(image.E_HASH_MISMATCH)
+    start = info["hdr_size"]
+    vfs.mount(vfs.VfsRom(memoryview(mem)[start : start + info["img_size"]]), mount)
+    sys.path.insert(0, mount)
+    wdt = port.watchdog(wdt_ms) if trial and wdt_ms else None
+    mpboot._booted = (slots, slot, info, wdt)
+    v = info["version"]
+    print("mpboot: slot %d version %d.%d.%d+%d%s%s" % (
+        slot, v[0], v[1], v[2], v[3], " test boot" if trial else "",
+        " watchdog %d ms" % wdt_ms if wdt else ""))
+    __import__(entry)
+
+
+def recovery(slots):
+    # Nothing bootable: say why, per slot, and return to whoever waits for an update (the
+    # update service, or the REPL where `mpboot.update` can be driven by hand).
+    mpboot._booted = (slots, -1, None, None)
+    print("mpboot: recovery: no bootable image (slot 0: error %d, slot 1: error %d)" % (
+        slots.errors[0], slots.errors[1]))
+    return False
+
+
+def start(port, areas, keys, entry="main", mount="/app", wdt_ms=WDT_MS, **policy):
+    # areas: (slot0, slot1, state) from port.areas(). policy: vendor_id, class_id, downgrade.
+    # Returns False in recovery; otherwise runs the app (its import) and returns True.
+    slots = Slots(areas[0], areas[1], areas[2], keys, mapped=port.mapped, **policy)
+    slot, info, trial = slots.decide()
+    if slot < 0:
+        return recovery(slots)
+    run(slots, port, slot, info, trial, entry, mount, wdt_ms)
+    return True

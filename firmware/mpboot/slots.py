@@ -1,0 +1,144 @@
+# Two image slots and the boot state: which image boots, test boots, confirm, revert and the
+# anti-rollback floor (MCUboot direct-XIP-with-revert semantics; state machine: docs/BOOT.md).
+#
+# Images run in place from either slot; nothing is copied. A slot counts only when its exact
+# bytes verify (image.verify with the embedded keys) and pass this device's policy: vendor
+# and class id, security counter at or above the floor. A slot is "confirmed" when the state
+# holds the first 16 bytes of its image digest, so rewriting a slot un-confirms it without
+# a state write.
+import struct
+from micropython import const
+
+from mpboot import image
+from mpboot.image import ImageError
+from mpboot.reader import bytes_reader
+from mpboot.state import ACTIVE, FLOOR, NONE, OK0, TEST, TRIAL, VERSION, Store
+
+# Policy error codes, after the image verifier's (mpboot.errors.ImageErrorCode on the host).
+E_VENDOR = const(16)  # vendor id missing or not this device's
+E_CLASS = const(17)  # class id missing or not this device's
+E_COUNTER = const(18)  # security counter below the anti-rollback floor
+E_DOWNGRADE = const(19)  # version below the confirmed image's (downgrades refused)
+
+
+def _ver3(v):
+    # Versions compare as MCUboot does by default: major, minor, revision (not build).
+    return (v[0], v[1], v[2])
+
+
+class Slots:
+    def __init__(self, slot0, slot1, state_area, keys, vendor_id=None, class_id=None,
+                 downgrade=True, mapped=None):
+        # slot0, slot1, state_area: mpboot.flash.Area. keys: mpboot_keys.KEYS.
+        # vendor_id, class_id: 16-byte UUIDs images must carry (None: not checked).
+        # downgrade: False refuses updates older than the confirmed image.
+        # mapped: a port's mapped(area) (verify the bytes the app will run from) or None.
+        self.areas = (slot0, slot1)
+        self.store = Store(state_area)
+        self.state = self.store.load()
+        self.keys = keys
+        self.vendor_id = vendor_id
+        self.class_id = class_id
+        self.downgrade = downgrade
+        self.mapped = mapped
+        self.buf = bytearray(image.BUF_SIZE)
+        self.errors = [0, 0]  # why each slot was last refused (image/policy code)
+
+    def policy(self, info, update=False):
+        # Raises ImageError unless this device may run the image described by info. With
+        # only a header (an update's begin, no protected TLVs yet) the TLV checks wait.
+        st = self.state
+        if "security_counter" in info:
+            if self.vendor_id is not None and info["vendor_id"] != self.vendor_id:
+                raise ImageError(E_VENDOR)
+            if self.class_id is not None and info["class_id"] != self.class_id:
+                raise ImageError(E_CLASS)
+            if (info["security_counter"] or 0) < st[FLOOR]:
+                raise ImageError(E_COUNTER)
+        if update and not self.downgrade and st[ACTIVE] != NONE:
+            if _ver3(info["version"]) < _ver3(struct.unpack("<BBHI", st[VERSION])):
+                raise ImageError(E_DOWNGRADE)
+
+    def check(self, slot, read=None, update=False):
+        # Verifies the slot's exact bytes (through `read`, else the port's memory map, else
+        # flash reads) and the policy; returns the image info, raises ImageError.
+        area = self.areas[slot]
+        if read is None:
+            m = self.mapped(area) if self.mapped else None
+            read = bytes_reader(m) if m is not None else area.read
+        info = image.verify(read, self.keys, area.size, self.buf)
+        self.policy(info, update)
+        return info
+
+    def _try(self, slot):
+        try:
+            info = self.check(slot)
+            self.errors[slot] = 0
+            return info
+        except ImageError as e:
+            self.errors[slot] = e.args[0]
+            return None
+
+    def confirmed(self, slot, info):
+        return info["digest"][:16] == self.state[OK0 + slot]
+
+    def decide(self):
+        # The boot decision. Returns (slot, info, trial): the slot to run (-1: none is
+        # bootable), its verified info, and whether this is its one test boot. State
+        # changes are written before the image they concern runs.
+        st = self.state
+        if st[TRIAL] != NONE:
+            # Started for its test boot and reset without a confirm: revert.
+            st[TRIAL] = NONE
+            self.store.save(st)
+        elif st[TEST] != NONE:
+            t = st[TEST]
+            st[TEST] = NONE
+            info = self._try(t)
+            if info:
+                st[TRIAL] = t  # the one test boot is used up now, whatever happens next
+            self.store.save(st)
+            if info:
+                return t, info, True
+        a = st[ACTIVE]
+        for s in ((a, a ^ 1) if a != NONE else (0, 1)):
+            info = self._try(s)
+            if info and self.confirmed(s, info):
+                return s, info, False
+        if not self.store.found:
+            # A factory-fresh state area: boot the newest valid image and confirm it (a board
+            # flashed in the factory with esptool/picotool before any state was written).
+            best = -1
+            for s in (0, 1):
+                i = self._try(s)
+                if i and (best < 0 or _ver3(i["version"]) > _ver3(info["version"])):
+                    best = s
+                    info = i
+            if best >= 0:
+                self.confirm(best, info)
+                return best, info, False
+        return -1, None, False
+
+    def mark_test(self, slot):
+        # The image in `slot` (verified by the caller) boots once at the next reset.
+        st = self.state
+        if st[TEST] != slot:
+            st[TEST] = slot
+            self.store.save(st)
+
+    def confirm(self, slot, info):
+        # Keep the image in `slot` (info: its verified info) from now on and raise the floor
+        # to its security counter. Returns False when it already was the confirmed image.
+        st = self.state
+        d = info["digest"][:16]
+        if st[ACTIVE] == slot and st[OK0 + slot] == d and st[TRIAL] == NONE and st[TEST] != slot:
+            return False
+        st[ACTIVE] = slot
+        st[OK0 + slot] = d
+        st[TRIAL] = NONE
+        if st[TEST] == slot:
+            st[TEST] = NONE
+        st[FLOOR] = max(st[FLOOR], info["security_counter"] or 0)
+        st[VERSION] = struct.pack("<BBHI", *info["version"])
+        self.store.save(st)
+        return True

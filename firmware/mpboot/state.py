@@ -1,0 +1,123 @@
+# Boot state store: a log of fixed-size records in two alternating erase sectors
+# (format and power-safety argument: docs/BOOT.md).
+#
+# Every change appends one whole record with a higher sequence number and a CRC-32; loading
+# takes the valid record with the highest sequence number. A power cut at any byte of an
+# append leaves a record whose CRC fails, so the previous record is read; a sector is
+# erased only to switch to it when the other is full, and the other still holds the newest
+# record until the first record in the fresh sector is complete.
+import struct
+from binascii import crc32
+from micropython import const
+
+_MAGIC = const(0x5342504D)  # "MPBS"
+_REC = const(64)  # record size before rounding up to the write unit
+_FMT = "<IIBBBBI8s16s16sI"  # magic seq active test trial flags floor version ok0 ok1 reserved
+NONE = const(0xFF)  # "no slot" in active/test/trial
+
+# Record fields, in a list (cheaper than a class):
+SEQ = const(0)
+ACTIVE = const(1)  # slot of the last confirmed image, or NONE
+TEST = const(2)  # slot marked for one test boot, or NONE
+TRIAL = const(3)  # slot that was started for its test boot and not yet confirmed, or NONE
+FLAGS = const(4)  # reserved (0)
+FLOOR = const(5)  # anti-rollback: lowest security counter accepted
+VERSION = const(6)  # 8-byte version (header layout) of the confirmed image in ACTIVE
+OK0 = const(7)  # first 16 bytes of the digest of the confirmed image in slot 0 (or zeros)
+OK1 = const(8)  # ... in slot 1
+
+
+def blank():
+    # The state of a device that has never written one (factory-fresh state area).
+    return [0, NONE, NONE, NONE, 0, 0, bytes(8), bytes(16), bytes(16)]
+
+
+class Store:
+    def __init__(self, area):
+        # area: an mpboot.flash.Area of exactly two erase sectors.
+        ws = area.write_size
+        self.rec = (_REC + ws - 1) // ws * ws
+        self.per = area.erase_size // self.rec
+        if area.size != 2 * area.erase_size or self.per < 1:
+            raise ValueError("state area")
+        self.area = area
+        self.buf = bytearray(self.rec)
+        self.pos = -1  # byte offset of the next append; -1: switch sectors first
+        self.found = False  # a valid record was read or written
+        self._last = 0  # offset of the newest record
+
+    def _valid(self, off):
+        buf = self.buf
+        self.area.read(off, buf)
+        if struct.unpack_from("<I", buf, 0)[0] != _MAGIC:
+            return -1
+        if crc32(memoryview(buf)[:60]) != struct.unpack_from("<I", buf, 60)[0]:
+            return -1
+        return struct.unpack_from("<I", buf, 4)[0]
+
+    def _blank(self, off):
+        return self.area.is_erased(off, self.rec)
+
+    def load(self):
+        # Returns the newest record (blank() if none) and finds where the next one goes.
+        best = -1
+        best_off = -1
+        end_of = [0, 0]  # per sector: offset just past its last non-blank record slot
+        es = self.area.erase_size
+        for s in range(2):
+            base = s * es
+            # Appends are sequential, so a sector's used record slots come first: find the
+            # first blank one by bisection, then walk back to the newest valid record.
+            lo, hi = 0, self.per
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self._blank(base + mid * self.rec):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            end_of[s] = lo
+            i = lo - 1
+            while i >= 0:
+                seq = self._valid(base + i * self.rec)
+                if seq >= 0:
+                    if seq >= best:
+                        best = seq
+                        best_off = base + i * self.rec
+                    break
+                i -= 1
+        if best_off < 0:
+            self.found = False
+            self.pos = -1
+            return blank()
+        self.found = True
+        self._last = best_off
+        s = best_off // es
+        nxt = end_of[s]
+        self.pos = s * es + nxt * self.rec if nxt < self.per else -1
+        self._valid(best_off)
+        f = struct.unpack_from(_FMT, self.buf, 0)
+        return [f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9]]
+
+    def save(self, rec):
+        # Appends rec with the next sequence number (rec[SEQ] is updated).
+        rec[SEQ] += 1
+        buf = self.buf
+        for i in range(len(buf)):
+            buf[i] = 0xFF
+        struct.pack_into(
+            _FMT, buf, 0, _MAGIC, rec[SEQ], rec[ACTIVE], rec[TEST], rec[TRIAL], rec[FLAGS],
+            rec[FLOOR], rec[VERSION], rec[OK0], rec[OK1], 0xFFFFFFFF,
+        )
+        struct.pack_into("<I", buf, 60, crc32(memoryview(buf)[:60]))
+        es = self.area.erase_size
+        if self.pos < 0:
+            # Current sector full (or nothing written yet): erase the other one and start it.
+            cur = (self._last // es) ^ 1 if self.found else 0
+            self.area.erase(cur * es, es)
+            self.pos = cur * es
+        self.area.write(self.pos, buf)
+        self.found = True
+        self._last = self.pos
+        self.pos += self.rec
+        if self.pos % es == 0:
+            self.pos = -1

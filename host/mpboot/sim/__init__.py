@@ -1,0 +1,184 @@
+"""The simulated device: the firmware on the MicroPython unix port over a NOR flash file.
+
+Each call is one power-on: a new `micropython` process runs `mpboot/upy_scripts/sim_device.py`
+against the flash file, so state survives exactly as much as flash would. Faults
+(`MPBOOT_NOR_FAULT`, see firmware/mpboot/ports/nor_sim.py) cut the power mid-operation.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mpboot import upy
+from mpboot.device import script_path, write_keys_module
+from mpboot.errors import DeviceRunError
+from mpboot.firmware import firmware_root
+from mpboot.keys import PublicKey
+from mpboot.upy import compile_tree
+
+CUT_EXIT = 75  # nor_sim.CUT_EXIT: the process lost power
+DEFAULT_HEAPSIZE = "4m"
+
+
+def build_lib(dest: Path, keys: Sequence[PublicKey]) -> Path:
+    """Compile the firmware, the simulated device's main and `keys` (as mpboot_keys) into
+    .mpy files under `dest`, the simulated device's sys.path."""
+    dest = Path(dest)
+    compile_tree(firmware_root() / "mpboot", dest / "mpboot")
+    src = dest.parent / (dest.name + "-src")
+    src.mkdir(parents=True, exist_ok=True)
+    write_keys_module(src, keys)
+    shutil.copyfile(script_path("sim_device.py"), src / "sim_device.py")
+    compile_tree(src, dest)
+    shutil.rmtree(src)
+    return dest
+
+
+@dataclass(frozen=True)
+class Geometry:
+    size: int = 64 * 1024  # whole chip: slot 0 | slot 1 | state (2 sectors)
+    sector: int = 4096
+    align: int = 1
+
+    @property
+    def slot_size(self) -> int:
+        return (self.size // self.sector - 2) // 2 * self.sector
+
+
+@dataclass
+class Run:
+    """One power-on: its output, and whether the power was cut during it."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def cut(self) -> bool:
+        return self.returncode == CUT_EXIT
+
+    def line(self, prefix: str) -> str | None:
+        for line in self.stdout.splitlines():
+            if line.startswith(prefix):
+                return line
+        return None
+
+
+@dataclass
+class SlotStatus:
+    ok: bool
+    version: str = ""
+    counter: int = 0
+    confirmed: bool = False
+    error: int = 0
+
+
+@dataclass
+class Status:
+    seq: int
+    active: int
+    test: int
+    trial: int
+    floor: int
+    found: bool
+    slots: list[SlotStatus] = field(default_factory=list)
+
+
+def _fields(line: str) -> dict[str, str]:
+    return dict(re.findall(r"(\w+)=(\S+)", line))
+
+
+class SimDevice:
+    """A simulated board in `workdir`: flash file, config, and the compiled firmware."""
+
+    def __init__(self, workdir: Path, lib: Path, geometry: Geometry = Geometry(), *,
+                 vendor_id: bytes | None = None, class_id: bytes | None = None,
+                 downgrade: bool = True, heapsize: str = DEFAULT_HEAPSIZE) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.lib = Path(lib)
+        self.geometry = geometry
+        self.heapsize = heapsize
+        self.flash = self.workdir / "flash.bin"
+        words = [f"flash={self.flash}", f"size={geometry.size}", f"sector={geometry.sector}",
+                 f"align={geometry.align}"]
+        if vendor_id is not None:
+            words.append(f"vendor={vendor_id.hex()}")
+        if class_id is not None:
+            words.append(f"class={class_id.hex()}")
+        if not downgrade:
+            words.append("downgrade=0")
+        self.config = self.workdir / "device.cfg"
+        self.config.write_text(" ".join(words) + "\n")
+
+    # Flash files (the chip and its wear counters) as a power-off snapshot.
+    def flash_files(self) -> list[Path]:
+        return [self.flash, self.flash.with_name(self.flash.name + ".wear")]
+
+    def snapshot(self, dest: Path) -> None:
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in self.flash_files():
+            if f.exists():
+                shutil.copyfile(f, dest / f.name)
+
+    def restore(self, src: Path) -> None:
+        for f in self.flash_files():
+            saved = src / f.name
+            if saved.exists():
+                shutil.copyfile(saved, f)
+            else:
+                f.unlink(missing_ok=True)
+
+    def wear(self) -> list[int]:
+        data = self.flash_files()[1].read_bytes()
+        return [int.from_bytes(data[i:i + 4], "little") for i in range(0, len(data), 4)]
+
+    def run(self, *args: object, fault: str | None = None, trace: Path | None = None,
+            heapsize: str | None = None) -> Run:
+        env = {}
+        if fault:
+            env["MPBOOT_NOR_FAULT"] = fault
+        if trace:
+            env["MPBOOT_NOR_TRACE"] = str(trace)
+        proc = upy.run(["-m", "sim_device", self.config, *map(str, args)], path=[self.lib],
+                       heapsize=heapsize or self.heapsize, env=env)
+        run = Run(proc.returncode, proc.stdout, proc.stderr)
+        if proc.returncode not in (0, CUT_EXIT):
+            tail = (proc.stderr or proc.stdout).strip().splitlines()
+            raise DeviceRunError(f"simulated device failed: {tail[-1] if tail else proc.returncode}\n"
+                                 f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+        return run
+
+    def boot(self, **kw: object) -> Run:
+        return self.run("boot", **kw)  # type: ignore[arg-type]
+
+    def install(self, image: Path, mode: str = "test", chunk: int = 512, manifest: bool = False,
+                **kw: object) -> Run:
+        args: list[object] = ["install", image, mode, chunk]
+        if manifest:
+            args.append("manifest")
+        return self.run(*args, **kw)  # type: ignore[arg-type]
+
+    def age(self, records: int) -> Run:
+        return self.run("age", records)
+
+    def status(self) -> Status:
+        run = self.run("status")
+        state = _fields(run.line("STATE") or "")
+        st = Status(int(state["seq"]), int(state["active"]), int(state["test"]),
+                    int(state["trial"]), int(state["floor"]), state["found"] == "1")
+        for line in run.stdout.splitlines():
+            if line.startswith("SLOT "):
+                f = _fields(line)
+                if "error" in f:
+                    st.slots.append(SlotStatus(False, error=int(f["error"])))
+                else:
+                    st.slots.append(SlotStatus(True, f["version"], int(f["counter"]),
+                                               f["confirmed"] == "1"))
+        return st
+
+

@@ -1,0 +1,110 @@
+# The simulated device, one power-on per process: micropython -m sim_device CONFIG COMMAND...
+#
+# CONFIG is a text file: "flash=PATH size=N sector=N align=N [vendor=HEX] [class=HEX]
+# [downgrade=0] [heap=...]"; the keys come from the mpboot_keys module on sys.path.
+# Commands (one output line each that the host parses):
+#   boot                      boot: run the app, or say RECOVERY
+#   install IMAGE MODE CHUNK [manifest]
+#                             boot without running the app, then take IMAGE through the
+#                             updater in CHUNK-byte writes; MODE: none | test | permanent;
+#                             "manifest": send the protected TLVs with begin()
+#   status                    the state record and each slot's verdict
+#   age N                     rewrite the state record N times (moves the state log on)
+import struct
+import sys
+from binascii import unhexlify
+
+import mpboot
+import mpboot_keys
+from mpboot import boot
+from mpboot.image import ImageError
+from mpboot.ports import unix as port
+from mpboot.slots import Slots
+from mpboot.update import UpdateError, Updater
+
+
+def config(path):
+    cfg = {}
+    with open(path) as f:
+        for word in f.read().split():
+            k, _, v = word.partition("=")
+            cfg[k] = v
+    return cfg
+
+
+def main():
+    cfg = config(sys.argv[1])
+    cmd = sys.argv[2]
+    chip = port.flash(cfg["flash"], int(cfg["size"]), int(cfg["sector"]), int(cfg["align"]))
+    areas = port.areas(chip)
+    policy = {
+        "vendor_id": unhexlify(cfg["vendor"]) if "vendor" in cfg else None,
+        "class_id": unhexlify(cfg["class"]) if "class" in cfg else None,
+        "downgrade": cfg.get("downgrade", "1") == "1",
+    }
+    slots = Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS, mapped=port.mapped, **policy)
+    if cmd == "status":
+        st = slots.state
+        print("STATE seq=%d active=%d test=%d trial=%d floor=%d found=%d" % (
+            st[0], st[1], st[2], st[3], st[5], slots.store.found))
+        for s in (0, 1):
+            info = slots._try(s)
+            if info:
+                v = info["version"]
+                print("SLOT %d ok version=%d.%d.%d+%d counter=%d confirmed=%d" % (
+                    s, v[0], v[1], v[2], v[3], info["security_counter"] or 0,
+                    slots.confirmed(s, info)))
+            else:
+                print("SLOT %d error=%d" % (s, slots.errors[s]))
+        return
+    if cmd == "age":
+        for _ in range(int(sys.argv[3])):
+            slots.store.save(slots.state)
+        print("AGED seq=%d" % slots.state[0])
+        return
+    slot, info, trial = slots.decide()
+    if cmd == "boot":
+        if slot < 0:
+            boot.recovery(slots)
+            print("RECOVERY %d %d" % (slots.errors[0], slots.errors[1]))
+            return
+        boot.run(slots, port, slot, info, trial)
+        return
+    if cmd == "install":
+        mode = {"none": 0, "test": 1, "permanent": 2}[sys.argv[4]]
+        chunk = int(sys.argv[5])
+        up = Updater(slots, slot)
+        try:
+            with open(sys.argv[3], "rb") as f:
+                f.seek(0, 2)
+                total = f.tell()
+                f.seek(0)
+                buf = bytearray(chunk)
+                n = f.readinto(buf)
+                manifest = None
+                if len(sys.argv) > 6 and sys.argv[6] == "manifest":
+                    # Send the protected TLV area ahead, as the mpboot host client does.
+                    hdr_size, prot = struct.unpack_from("<HH", buf, 8)
+                    manifest = bytearray(prot)
+                    f.seek(hdr_size + struct.unpack_from("<I", buf, 12)[0])
+                    f.readinto(manifest)
+                    f.seek(n)
+                up.begin(total, memoryview(buf)[:n], manifest)
+                off = 0
+                while n:
+                    off = up.write(off, memoryview(buf)[:n])
+                    n = f.readinto(buf)
+                target, info = up.finish(mode)
+        except ImageError as e:
+            print("REFUSED image %d" % e.args[0])
+            return
+        except UpdateError as e:
+            print("REFUSED update %d" % e.args[0])
+            return
+        v = info["version"]
+        print("INSTALLED slot=%d version=%d.%d.%d+%d" % (target, v[0], v[1], v[2], v[3]))
+        return
+    raise SystemExit("unknown command " + cmd)
+
+
+main()
