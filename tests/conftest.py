@@ -128,3 +128,11 @@ def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untype
         terminalreporter.section("summaries")
         for line in sorted(_summaries):
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def sim_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The firmware, the simulated device's main and the test-only trusted keys, as .mpy."""
+    from mpboot.sim import build_lib
+
+    return build_lib(tmp_path_factory.mktemp("sim") / "lib", trusted_public_keys())

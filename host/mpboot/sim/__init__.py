@@ -85,6 +85,8 @@ class Status:
     trial: int
     floor: int
     found: bool
+    pos: int  # state area offset of the next record (-1: the next one switches sectors)
+    record: int  # state record size
     slots: list[SlotStatus] = field(default_factory=list)
 
 
@@ -166,11 +168,22 @@ class SimDevice:
     def age(self, records: int) -> Run:
         return self.run("age", records)
 
+    def age_to(self, free: int) -> None:
+        """Write state records until the current state sector has `free` record slots left
+        (0: the next state change erases the other sector and switches to it)."""
+        st = self.status()
+        per = self.geometry.sector // st.record
+        now = 0 if st.pos < 0 else (self.geometry.sector - st.pos % self.geometry.sector) // st.record
+        n = (now - free) % per
+        if n:
+            self.age(n)
+
     def status(self) -> Status:
         run = self.run("status")
         state = _fields(run.line("STATE") or "")
         st = Status(int(state["seq"]), int(state["active"]), int(state["test"]),
-                    int(state["trial"]), int(state["floor"]), state["found"] == "1")
+                    int(state["trial"]), int(state["floor"]), state["found"] == "1",
+                    int(state["pos"]), int(state["record"]))
         for line in run.stdout.splitlines():
             if line.startswith("SLOT "):
                 f = _fields(line)

@@ -45,8 +45,9 @@ def main():
     slots = Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS, mapped=port.mapped, **policy)
     if cmd == "status":
         st = slots.state
-        print("STATE seq=%d active=%d test=%d trial=%d floor=%d found=%d" % (
-            st[0], st[1], st[2], st[3], st[5], slots.store.found))
+        store = slots.store
+        print("STATE seq=%d active=%d test=%d trial=%d floor=%d found=%d pos=%d record=%d" % (
+            st[0], st[1], st[2], st[3], st[5], store.found, store.pos, store.rec))
         for s in (0, 1):
             info = slots._try(s)
             if info:

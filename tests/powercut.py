@@ -1,0 +1,153 @@
+"""The power-cut matrix: run a scenario on the simulated device, count its flash operations,
+then repeat it cutting the power at every operation (and tearing writes and erases), reboot
+after each cut and check the device boots the old or the new image, that its state is
+consistent, and that the scenario then completes."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from mpboot.sim import Geometry, Run, SimDevice
+from simkit import Booted, boot, installed
+
+# Torn variants per operation kind ("" = the operation does not happen at all).
+TEARS = {"W": ("", "half", "word"), "E": ("", "erase-half")}
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # "install" or "boot"
+    image: Path | None = None
+    mode: str = "test"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    steps: tuple[Step, ...]
+    old: str  # version running before the scenario
+    new: str  # version the scenario installs
+
+
+@dataclass(frozen=True)
+class Point:
+    step: int
+    op: int
+    kind: str
+    tear: str
+
+    def fault(self) -> str:
+        return f"cut={self.op}" + (f",tear={self.tear}" if self.tear else "")
+
+
+def run_step(dev: SimDevice, step: Step, **kw: object) -> Run:
+    if step.kind == "install":
+        assert step.image is not None
+        return dev.install(step.image, step.mode, chunk=512, **kw)
+    return dev.boot(**kw)  # type: ignore[arg-type]
+
+
+def outcome(step: Step, run: Run) -> tuple[object, ...]:
+    """What a step did, independent of which slot it used."""
+    if step.kind == "install":
+        line = run.line("INSTALLED") or run.line("REFUSED") or run.stdout
+        return ("install", line.split("version=")[-1] if "INSTALLED" in line else line)
+    b = Booted.parse(run)
+    return ("boot", b.version, b.trial, b.app)
+
+
+class Matrix:
+    def __init__(self, dev: SimDevice, scenario: Scenario, work: Path) -> None:
+        self.dev = dev
+        self.scenario = scenario
+        self.work = work
+        self.snaps: list[Path] = []
+        self.ops: list[list[str]] = []  # per step: the kind of each flash operation
+        self.expected: list[tuple[object, ...]] = []
+
+    def trace(self) -> None:
+        """The reference run: snapshots before each step, its operations, its outcomes."""
+        for i, step in enumerate(self.scenario.steps):
+            snap = self.work / f"{self.scenario.name}-before-{i}"
+            self.dev.snapshot(snap)
+            self.snaps.append(snap)
+            trace = self.work / f"{self.scenario.name}-trace-{i}.txt"
+            trace.unlink(missing_ok=True)
+            run = run_step(self.dev, step, trace=trace)
+            assert run.returncode == 0, run.stderr
+            self.expected.append(outcome(step, run))
+            self.ops.append([line.split()[0] for line in trace.read_text().splitlines()] if trace.exists() else [])
+
+    def points(self) -> list[Point]:
+        return [Point(i, j, kind, tear)
+                for i, kinds in enumerate(self.ops) for j, kind in enumerate(kinds)
+                for tear in TEARS[kind]]
+
+    def op_count(self) -> int:
+        return sum(map(len, self.ops))
+
+    def check(self, point: Point, dev: SimDevice) -> str:
+        """'safe', 'bricked' or 'unsafe: why' for one cut, on `dev` (a device of its own)."""
+        sc = self.scenario
+        dev.restore(self.snaps[point.step])
+        run = run_step(dev, sc.steps[point.step], fault=point.fault())
+        if not run.cut:
+            return f"unsafe: {point} did not cut the power"
+        after = boot(dev)
+        if after.slot < 0:
+            return "bricked"
+        if after.version not in (sc.old, sc.new) or after.app != after.version:
+            return f"unsafe: booted {after}"
+        st = dev.status()
+        if not st.found or st.active not in (0, 1):
+            return f"unsafe: state {st}"
+        active = st.slots[st.active]
+        if not (active.ok and active.confirmed and active.version.split("+")[0] in (sc.old, sc.new)):
+            return f"unsafe: active slot {active}"
+        if after.trial != (st.trial == after.slot) and not after.confirmed:
+            return f"unsafe: trial flag {after} vs {st}"
+        # The scenario completes from here, with the same outcomes as the reference run.
+        for step, want in zip(sc.steps, self.expected):
+            got = outcome(step, run_step(dev, step))
+            if got != want:
+                return f"unsafe: after the cut, {step.kind} gave {got}, expected {want}"
+        return "safe"
+
+    def run_points(self, points: Iterable[Point], base: SimDevice, workers: int = 2) -> Counter[str]:
+        points = list(points)
+
+        def one(args: tuple[int, Point]) -> str:
+            n, point = args
+            d = SimDevice(self.work / f"{self.scenario.name}-p{n}", base.lib, base.geometry,
+                          heapsize=base.heapsize)
+            try:
+                return self.check(point, d)
+            finally:
+                shutil.rmtree(d.workdir, ignore_errors=True)
+
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(one, enumerate(points)))
+        self.failures = [f"{p}: {r}" for p, r in zip(points, results) if r != "safe"]
+        return Counter("unsafe" if r.startswith("unsafe") else r for r in results)
+
+
+def sample(points: list[Point], k: int, seed: int) -> list[Point]:
+    return points if len(points) <= k else random.Random(seed).sample(points, k)
+
+
+def summary(label: str, counts: Counter[str]) -> str:
+    n = sum(counts.values())
+    line = f"power-cut{label}: {n} points, {counts['safe']} safe, {counts['bricked']} bricked"
+    if counts["unsafe"]:
+        line += f", {counts['unsafe']} unsafe"
+    return line
+
+
+def layout_device(work: Path, lib: Path, geometry: Geometry) -> SimDevice:
+    return SimDevice(work / "device", lib, geometry)

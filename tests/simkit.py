@@ -1,0 +1,78 @@
+"""Helpers for tests on the simulated device (mpboot.sim): signed app images and scenarios."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from mpboot.image import ImageVersion, SignOptions, build_image
+from mpboot.keys import SigningKey
+from mpboot.pack import pack_app
+from mpboot.sim import Run, SimDevice
+
+HEADER_ROOM = 0x200
+
+
+def make_app(folder: Path, name: str, *, confirm: bool, filler: int = 0) -> bytes:
+    """A ROMFS app whose main prints `APP name` and, if `confirm`, confirms itself.
+    `filler` bytes of incompressible data make the image span several sectors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    main = f"import mpboot\nprint('APP {name}')\n"
+    if confirm:
+        main += "print('CONFIRM', mpboot.confirm())\n"
+    (folder / "main.py").write_text(main)
+    if filler:
+        import random
+
+        (folder / "filler.bin").write_bytes(random.Random(name).randbytes(filler))
+    return pack_app(folder)
+
+
+def sign_app(romfs: bytes, key: SigningKey, version: str, *, counter: int | None = 1,
+             vendor_id: bytes | None = None, class_id: bytes | None = None) -> bytes:
+    opts = SignOptions(ImageVersion.parse(version), security_counter=counter,
+                       vendor_id=vendor_id, class_id=class_id)
+    return build_image(bytes(HEADER_ROOM) + romfs, key, opts)
+
+
+_BOOT = re.compile(r"^mpboot: slot (\d) version (\S+?)(\+\d+)?( test boot)?( watchdog \d+ ms)?$", re.M)
+
+
+@dataclass(frozen=True)
+class Booted:
+    slot: int  # -1: recovery
+    version: str = ""
+    trial: bool = False
+    watchdog: bool = False
+    app: str = ""  # what the app printed (APP name)
+    confirmed: bool | None = None  # the app's mpboot.confirm() result, if it called it
+
+    @classmethod
+    def parse(cls, run: Run) -> Booted:
+        m = _BOOT.search(run.stdout)
+        if not m:
+            assert "RECOVERY" in run.stdout, run.stdout + run.stderr
+            return cls(-1)
+        app = re.search(r"^APP (\S+)$", run.stdout, re.M)
+        conf = re.search(r"^CONFIRM (True|False)$", run.stdout, re.M)
+        return cls(int(m.group(1)), m.group(2), bool(m.group(4)), bool(m.group(5)),
+                   app.group(1) if app else "", None if not conf else conf.group(1) == "True")
+
+
+def boot(dev: SimDevice, **kw: object) -> Booted:
+    return Booted.parse(dev.boot(**kw))
+
+
+def installed(run: Run) -> int:
+    """The slot an install went to; fails the test with the device's words otherwise."""
+    line = run.line("INSTALLED")
+    assert line, run.stdout + run.stderr
+    return int(re.search(r"slot=(\d)", line).group(1))  # type: ignore[union-attr]
+
+
+def refused(run: Run) -> tuple[str, int]:
+    line = run.line("REFUSED")
+    assert line, run.stdout + run.stderr
+    kind, code = line.split()[1:]
+    return kind, int(code)
