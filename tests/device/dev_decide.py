@@ -1,0 +1,28 @@
+# The boot decision as a device makes it, for heap measurements:
+#   micropython -m dev_decide FLASH SIZE SECTOR ALIGN [WORK]
+# Verifies through flash reads (no memory map, no mount) and writes any state change, then
+# prints "DECIDE slot trial version free".
+#
+# WORK (bytes): the heap left for the decision itself. On a device the firmware modules are
+# frozen (firmware/manifest.py) and cost no heap; here they load from .mpy into the heap.
+# So the modules and the flash driver (C code on a device) are loaded first, then a ballast
+# takes all but WORK bytes of the free heap: what follows must fit in WORK.
+import gc
+import sys
+
+import mpboot_keys
+from mpboot import image, rsa, state  # noqa: F401 (loaded before the ballast, as if frozen)
+from mpboot.ports import unix as port
+from mpboot.slots import Slots
+
+chip = port.flash(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+a = port.areas(chip)
+ballast = None
+if len(sys.argv) > 5:
+    gc.collect()
+    ballast = bytearray(gc.mem_free() - int(sys.argv[5]))
+    gc.collect()
+    print("WORK", gc.mem_free())
+slots = Slots(a[0], a[1], a[2], mpboot_keys.KEYS)
+slot, info, trial = slots.decide()
+print("DECIDE", slot, int(trial), "%d.%d.%d" % info["version"][:3] if info else "-")

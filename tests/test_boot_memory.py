@@ -1,0 +1,70 @@
+"""The boot decision (verify the slot's exact bytes through flash reads + state changes) in a
+bounded heap, on MicroPython, with 1 MiB images signed by RSA-2048 and RSA-3072.
+
+On a device the firmware modules are frozen (firmware/manifest.py) and execute from flash;
+on the unix port they load from .mpy into the heap (about 24 KiB on this 64-bit build). So
+dev_decide loads them first and a ballast leaves exactly WORK bytes of heap for the decision.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mpboot import upy
+from mpboot.keys import SigningKey
+from mpboot.sim import Geometry, SimDevice
+from simkit import installed, make_app, sign_app
+
+WORK = 24 * 1024
+MIB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def flash(tmp_path_factory: pytest.TempPathFactory, sim_lib: Path, rsa2048: SigningKey,
+          rsa3072: SigningKey) -> tuple[SimDevice, Path, Path]:
+    """A device with a confirmed 1 MiB RSA-2048 image in slot 0 (snapshot `normal`) and
+    then a 1 MiB RSA-3072 image marked for a test boot in slot 1 (snapshot `test`)."""
+    work = tmp_path_factory.mktemp("memory")
+    dev = SimDevice(work / "device", sim_lib, Geometry(2 * MIB + 3 * 4096, 4096, 4))
+    for version, key, mode in (("1.0.0", rsa2048, "permanent"), ("2.0.0", rsa3072, "test")):
+        image = sign_app(make_app(work / f"app-{version}", version, confirm=True, filler=MIB - 4096),
+                         key, version)
+        assert len(image) > MIB - 4096
+        path = work / f"{version}.bin"
+        path.write_bytes(image)
+        installed(dev.install(path, mode, chunk=4096))
+        dev.snapshot(work / ("normal" if mode == "permanent" else "test"))
+    return dev, work / "normal", work / "test"
+
+
+def decide(device, dev: SimDevice, snapshot: Path, work: int | None):  # type: ignore[no-untyped-def]
+    dev.restore(snapshot)
+    g = dev.geometry
+    args = ["-m", "dev_decide", dev.flash, g.size, g.sector, g.align]
+    if work is not None:
+        args.append(work)
+    return upy.run(args, path=[device.lib], heapsize="256k")
+
+
+@pytest.mark.parametrize(("which", "expected"), [("normal", "DECIDE 0 0 1.0.0"), ("test", "DECIDE 1 1 2.0.0")])
+def test_boot_decision_fits_in_24k(device, flash, which: str, expected: str, record_property) -> None:  # type: ignore[no-untyped-def]
+    dev, normal, test = flash
+    proc = decide(device, dev, normal if which == "normal" else test, WORK)
+    assert proc.returncode == 0, proc.stderr
+    free = int(proc.stdout.split("WORK ")[1].split()[0])
+    assert WORK - 64 <= free <= WORK, free  # the ballast left what it says
+    assert expected in proc.stdout
+    if which == "test":
+        # The decision wrote the state change (test -> trial) inside that heap too.
+        assert dev.status().trial == 1
+        record_property("summary", f"boot decision: 1 MiB RSA-2048 / RSA-3072 image verified and state "
+                        f"written in {WORK // 1024} KiB of heap (firmware modules excluded, frozen on devices)")
+
+
+def test_boot_decision_heap_bound_is_real(device, flash) -> None:  # type: ignore[no-untyped-def]
+    dev, normal, _ = flash
+    proc = decide(device, dev, normal, 8 * 1024)
+    assert proc.returncode != 0
+    assert "MemoryError" in proc.stderr
