@@ -46,6 +46,20 @@ class ImageErrorCode(IntEnum):
     KEY_SIZE = 13
     BAD_SIGNATURE = 14
     NO_SIGNATURE = 15
+    # Device policy (firmware/mpboot/slots.py): the image is valid but not for this device.
+    VENDOR_MISMATCH = 16
+    CLASS_MISMATCH = 17
+    COUNTER_BELOW_FLOOR = 18
+    DOWNGRADE = 19
+
+
+class UpdateErrorCode(IntEnum):
+    """Why the device's updater refused an update step (firmware/mpboot/update.py)."""
+
+    BUSY = 1  # the running image is on its unconfirmed test boot
+    STATE = 2  # write/finish without a begin, or finish before every byte arrived
+    RANGE = 3  # data beyond the announced length
+    LENGTH = 4  # the announced length cannot hold the image or does not fit the slot
 
 
 _DESCRIPTIONS = {
@@ -64,6 +78,10 @@ _DESCRIPTIONS = {
     ImageErrorCode.KEY_SIZE: "signature does not match the key size",
     ImageErrorCode.BAD_SIGNATURE: "signature does not verify",
     ImageErrorCode.NO_SIGNATURE: "image has no signature by a trusted key",
+    ImageErrorCode.VENDOR_MISMATCH: "image is for another vendor (vendor id)",
+    ImageErrorCode.CLASS_MISMATCH: "image is for another device class (class id)",
+    ImageErrorCode.COUNTER_BELOW_FLOOR: "image security counter is below the device's anti-rollback floor",
+    ImageErrorCode.DOWNGRADE: "image version is older than the confirmed image (downgrades refused)",
 }
 
 

@@ -1,0 +1,213 @@
+"""Slots and state on the simulated device, one power-on per process: test boot, confirm,
+revert, anti-rollback floor, downgrade refusal, vendor/class ids, corrupted slots, factory
+images, recovery and the watchdog of test boots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mpboot.errors import ImageErrorCode
+from mpboot.image import class_uuid, parse_image, vendor_uuid
+from mpboot.keys import SigningKey
+from mpboot.sim import Geometry, SimDevice
+from simkit import boot, installed, make_app, refused, sign_app
+
+VENDOR = vendor_uuid("example.com")
+CLASS = class_uuid("hello-board", VENDOR)
+OTHER_VENDOR = vendor_uuid("example.org")
+
+
+@pytest.fixture(scope="module")
+def romfs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("apps")
+    return {
+        "confirming": make_app(out / "c", "confirming", confirm=True),
+        "silent": make_app(out / "s", "silent", confirm=False),
+    }
+
+
+@pytest.fixture
+def image(tmp_path: Path, romfs: dict[str, bytes], rsa2048: SigningKey):  # type: ignore[no-untyped-def]
+    def make(version: str, *, confirm: bool = True, counter: int | None = 1, **kw: object) -> Path:
+        data = sign_app(romfs["confirming" if confirm else "silent"], rsa2048, version, counter=counter, **kw)  # type: ignore[arg-type]
+        path = tmp_path / f"img-{version}-{confirm}-{counter}-{len(list(tmp_path.iterdir()))}.bin"
+        path.write_bytes(data)
+        return path
+    return make
+
+
+@pytest.fixture
+def dev(tmp_path: Path, sim_lib: Path) -> SimDevice:
+    return SimDevice(tmp_path / "device", sim_lib)
+
+
+def test_blank_device_is_in_recovery(dev: SimDevice) -> None:
+    b = boot(dev)
+    assert b.slot == -1
+    assert dev.status().found is False
+
+
+def test_permanent_install_boots_and_stays(dev: SimDevice, image) -> None:  # type: ignore[no-untyped-def]
+    assert installed(dev.install(image("1.0.0"), "permanent")) == 0
+    for _ in range(2):
+        b = boot(dev)
+        assert (b.slot, b.version, b.trial, b.watchdog) == (0, "1.0.0", False, False)
+        assert b.confirmed is False  # already confirmed: confirm() changes nothing
+
+
+def test_test_boot_confirm_then_stays(dev: SimDevice, image) -> None:  # type: ignore[no-untyped-def]
+    installed(dev.install(image("1.0.0"), "permanent"))
+    assert installed(dev.install(image("2.0.0", counter=5), "test")) == 1
+    assert dev.status().floor == 1  # a test mark does not raise the floor
+    b = boot(dev)
+    assert (b.slot, b.version, b.trial, b.watchdog, b.confirmed) == (1, "2.0.0", True, True, True)
+    st = dev.status()
+    assert (st.active, st.trial, st.test, st.floor) == (1, 255, 255, 5)  # confirm raised it
+    b = boot(dev)
+    assert (b.slot, b.version, b.trial) == (1, "2.0.0", False)
+
+
+def test_unconfirmed_test_image_is_reverted(dev: SimDevice, image) -> None:  # type: ignore[no-untyped-def]
+    installed(dev.install(image("1.0.0"), "permanent"))
+    installed(dev.install(image("2.0.0", confirm=False, counter=7), "test"))
+    b = boot(dev)
+    assert (b.slot, b.version, b.trial, b.confirmed) == (1, "2.0.0", True, None)
+    assert dev.status().trial == 1
+    b = boot(dev)  # reset without a confirm
+    assert (b.slot, b.version, b.trial) == (0, "1.0.0", False)
+    st = dev.status()
+    assert (st.active, st.trial, st.test, st.floor) == (0, 255, 255, 1)  # the floor never moved
+    assert st.slots[1].ok and not st.slots[1].confirmed
+    assert boot(dev).version == "1.0.0"  # and it is not tried again
+
+
+def test_unmarked_install_does_not_boot(dev: SimDevice, image) -> None:  # type: ignore[no-untyped-def]
+    installed(dev.install(image("1.0.0"), "permanent"))
+    installed(dev.install(image("2.0.0"), "none"))
+    assert boot(dev).version == "1.0.0"
+
+
+def test_counter_below_floor_is_refused(dev: SimDevice, image) -> None:  # type: ignore[no-untyped-def]
+    installed(dev.install(image("2.0.0", counter=5), "permanent"))
+    assert refused(dev.install(image("2.1.0", counter=4), "test", manifest=True)) == ("image", ImageErrorCode.COUNTER_BELOW_FLOOR)
+    # Without the manifest the image is written but refused at finish, never marked.
+    assert refused(dev.install(image("2.1.0", counter=4), "test")) == ("image", ImageErrorCode.COUNTER_BELOW_FLOOR)
+    st = dev.status()
+    assert st.test == 255 and st.floor == 5
+    assert boot(dev).version == "2.0.0"
+    assert installed(dev.install(image("2.2.0", counter=5), "test")) == 1  # equal is fine
+
+
+def test_early_refusal_writes_nothing(dev: SimDevice, image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    installed(dev.install(image("2.0.0", counter=5), "permanent"))
+    before = dev.flash.read_bytes()
+    trace = tmp_path / "trace.txt"
+    assert refused(dev.install(image("3.0.0", counter=2), "test", manifest=True, trace=trace))[1] == 18
+    bad = tmp_path / "bad-magic.bin"
+    bad.write_bytes(b"\0" * 4 + image("3.0.0").read_bytes()[4:])
+    assert refused(dev.install(bad, "test", trace=trace)) == ("image", ImageErrorCode.BAD_MAGIC)
+    assert not trace.exists() or trace.read_text() == ""
+    assert dev.flash.read_bytes() == before
+
+
+def test_downgrade_refused_when_configured(tmp_path: Path, sim_lib: Path, image) -> None:  # type: ignore[no-untyped-def]
+    dev = SimDevice(tmp_path / "strict", sim_lib, downgrade=False)
+    installed(dev.install(image("2.1.0"), "permanent"))
+    assert refused(dev.install(image("2.0.9"), "test")) == ("image", ImageErrorCode.DOWNGRADE)
+    installed(dev.install(image("2.1.0"), "test"))  # same version: not a downgrade
+    lenient = SimDevice(tmp_path / "lenient", sim_lib)
+    installed(lenient.install(image("2.1.0"), "permanent"))
+    installed(lenient.install(image("2.0.9"), "test"))
+
+
+def test_vendor_and_class_ids(tmp_path: Path, sim_lib: Path, image) -> None:  # type: ignore[no-untyped-def]
+    dev = SimDevice(tmp_path / "d", sim_lib, vendor_id=VENDOR, class_id=CLASS)
+    ok = image("1.0.0", vendor_id=VENDOR, class_id=CLASS)
+    assert parse_image(ok.read_bytes()).vendor_id == VENDOR
+    installed(dev.install(ok, "permanent"))
+    for kw, code in (({"vendor_id": OTHER_VENDOR, "class_id": CLASS}, ImageErrorCode.VENDOR_MISMATCH),
+                     ({"class_id": CLASS}, ImageErrorCode.VENDOR_MISMATCH),
+                     ({"vendor_id": VENDOR, "class_id": class_uuid("other-board", VENDOR)}, ImageErrorCode.CLASS_MISMATCH),
+                     ({"vendor_id": VENDOR}, ImageErrorCode.CLASS_MISMATCH)):
+        for manifest in (True, False):
+            assert refused(dev.install(image("1.1.0", **kw), "test", manifest=manifest)) == ("image", code), kw
+    assert boot(dev).version == "1.0.0"
+
+
+def test_update_while_on_test_boot_is_refused(dev: SimDevice, image) -> None:  # type: ignore[no-untyped-def]
+    installed(dev.install(image("1.0.0"), "permanent"))
+    installed(dev.install(image("2.0.0"), "test"))
+    # This power-on takes the test boot (update service running inside the unconfirmed image).
+    assert refused(dev.install(image("3.0.0"), "test")) == ("update", 1)
+    assert boot(dev).version == "1.0.0"  # the test boot was used up without a confirm
+
+
+def flip_payload_bit(dev: SimDevice, slot: int) -> None:
+    data = bytearray(dev.flash.read_bytes())
+    data[slot * dev.geometry.slot_size + 0x200 + 40] ^= 0x10
+    dev.flash.write_bytes(data)
+
+
+def test_corrupted_slot_falls_back_to_the_other_confirmed_image(dev: SimDevice, image) -> None:  # type: ignore[no-untyped-def]
+    installed(dev.install(image("1.0.0"), "permanent"))
+    installed(dev.install(image("2.0.0"), "test"))
+    assert boot(dev).confirmed is True
+    flip_payload_bit(dev, 1)
+    b = boot(dev)
+    assert (b.slot, b.version) == (0, "1.0.0")
+    st = dev.status()
+    assert st.slots[1].error == ImageErrorCode.HASH_MISMATCH
+    flip_payload_bit(dev, 0)
+    assert boot(dev).slot == -1  # nothing valid left: recovery, with both reasons
+    assert "error 10" in dev.boot().stdout
+
+
+def test_fallback_respects_the_rollback_floor(dev: SimDevice, image) -> None:  # type: ignore[no-untyped-def]
+    installed(dev.install(image("1.0.0", counter=1), "permanent"))
+    installed(dev.install(image("2.0.0", counter=2), "test"))
+    assert boot(dev).confirmed is True
+    flip_payload_bit(dev, 1)
+    assert boot(dev).slot == -1  # v1 is confirmed in slot 0 but below the floor now
+    assert dev.status().slots[0].error == ImageErrorCode.COUNTER_BELOW_FLOOR
+
+
+def test_factory_image_without_state_is_confirmed_at_first_boot(dev: SimDevice, image) -> None:  # type: ignore[no-untyped-def]
+    # As esptool/picotool would flash it: raw image bytes into slot 1, state area erased.
+    data = bytearray(b"\xff" * dev.geometry.size)
+    img = image("1.2.0", counter=3).read_bytes()
+    base = dev.geometry.slot_size
+    data[base:base + len(img)] = img
+    dev.flash.write_bytes(data)
+    dev.flash.with_name("flash.bin.wear").write_bytes(bytes(4 * (dev.geometry.size // dev.geometry.sector)))
+    b = boot(dev)
+    assert (b.slot, b.version, b.trial) == (1, "1.2.0", False)
+    st = dev.status()
+    assert (st.found, st.active, st.floor) == (True, 1, 3)
+
+
+def test_geometry_slot_size_matches_the_device(dev: SimDevice) -> None:
+    g: Geometry = dev.geometry
+    assert 2 * g.slot_size + 2 * g.sector <= g.size
+
+
+def _device_codes(module: str, prefix: str) -> dict[str, int]:
+    import re
+
+    from conftest import FIRMWARE
+
+    text = (FIRMWARE / "mpboot" / module).read_text()
+    return {name: int(value) for name, value in re.findall(rf"^{prefix}(\w+) = const\((\d+)\)", text, re.M)}
+
+
+def test_host_knows_every_device_policy_and_update_code() -> None:
+    from mpboot.errors import UpdateErrorCode
+
+    policy = _device_codes("slots.py", "E_")
+    assert sorted(policy.values()) == [16, 17, 18, 19]
+    assert {ImageErrorCode(v).value for v in policy.values()} == set(policy.values())
+    assert {"VENDOR": ImageErrorCode.VENDOR_MISMATCH, "CLASS": ImageErrorCode.CLASS_MISMATCH,
+            "COUNTER": ImageErrorCode.COUNTER_BELOW_FLOOR, "DOWNGRADE": ImageErrorCode.DOWNGRADE} == policy
+    update = _device_codes("update.py", "U_")
+    assert update == {code.name: code.value for code in UpdateErrorCode}
