@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import click
 from intelhex import IntelHex, IntelHexError
 
 from mpboot import __version__, device, firmware, keys, pack, pubkey
-from mpboot.errors import ImageRejected, InputFileError, MpbootError, UsageError
+from mpboot.errors import ImageErrorCode, ImageRejected, InputFileError, MpbootError, UsageError
 from mpboot.image import (
     DEFAULT_HEADER_SIZE,
     ImageVersion,
@@ -292,6 +293,109 @@ def firmware_export(destination: Path) -> None:
     """Copy the device files (and manifest.py to freeze them) into DESTINATION."""
     files = firmware.export(destination)
     click.echo(f"exported {len(files)} files to {destination} (freeze with {destination / 'manifest.py'})")
+
+
+@cli.group("sim")
+def sim_group() -> None:
+    """A simulated device: the firmware on the MicroPython unix port over a NOR flash file.
+
+    Every command is one power-on of the device in DIR; its flash file keeps what it wrote."""
+
+
+@sim_group.command("init")
+@click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-k", "--key", "key_files", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Key the device trusts (public or private key file; repeatable).")
+@click.option("--flash-size", default="256k", show_default=True, metavar="SIZE",
+              help="Whole flash: slot 0, slot 1 and a two-sector state area.")
+@click.option("--sector", default="4k", show_default=True, metavar="SIZE", help="Erase sector size.")
+@click.option("--align", type=click.Choice(["1", "4", "8", "16"]), default="4", show_default=True,
+              help="Flash write unit in bytes.")
+@click.option("--vendor-id", metavar="UUID|NAME", help="Vendor id images must carry.")
+@click.option("--class-id", metavar="UUID|NAME", help="Class id images must carry.")
+@click.option("--no-downgrade", is_flag=True, help="Refuse updates older than the confirmed image.")
+@password_env_option
+def sim_init(directory: Path, key_files: tuple[Path, ...], flash_size: str, sector: str, align: str,
+             vendor_id: str | None, class_id: str | None, no_downgrade: bool, password_env: str | None) -> None:
+    """Create a simulated device in DIR with blank flash, trusting the given keys."""
+    from mpboot.sim import Geometry, SimDevice
+
+    trusted = [keys.load_public_key(path, _password(password_env)) for path in key_files]
+    size, sec = parse_size(flash_size, "flash size"), parse_size(sector, "sector size")
+    if sec < 1024 or sec & (sec - 1) or size % sec:
+        raise UsageError(f"sector size {sec} must be a power of two of at least 1k dividing the flash size")
+    vid = vendor_uuid(vendor_id) if vendor_id else None
+    dev = SimDevice.create(directory, trusted, Geometry(size, sec, int(align)), vendor_id=vid,
+                           class_id=class_uuid(class_id, vid) if class_id else None,
+                           downgrade=not no_downgrade)
+    g = dev.geometry
+    click.echo(f"simulated device in {directory}: {g.size} bytes of flash, two {g.slot_size}-byte slots, "
+               f"{g.sector}-byte sectors, {g.align}-byte writes, {len(trusted)} trusted key(s)")
+
+
+def _echo_device(text: str) -> None:
+    for line in text.splitlines():
+        if not line.startswith("RECOVERY "):  # the machine-readable twin of the line before
+            click.echo(f"device: {line}")
+
+
+@sim_group.command("boot")
+@click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+def sim_boot(directory: Path) -> None:
+    """Power on: verify and run the chosen image's app (exit 3 in recovery)."""
+    from mpboot.sim import SimDevice
+
+    run = SimDevice.open(directory).boot()
+    _echo_device(run.stdout)
+    if run.line("RECOVERY"):
+        raise click.exceptions.Exit(3)
+
+
+@sim_group.command("install")
+@click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("image_path", metavar="IMAGE", type=click.Path(path_type=Path))
+@click.option("--test", "mark", flag_value="test", default=True, help="Boot it once at the next reset (default).")
+@click.option("--permanent", "mark", flag_value="permanent", help="Boot it from now on (confirmed).")
+@click.option("--no-mark", "mark", flag_value="none", help="Write and verify it only.")
+@click.option("--chunk", default=512, show_default=True, type=click.IntRange(1, 65536),
+              help="Bytes per write to the device's updater.")
+def sim_install(directory: Path, image_path: Path, mark: str, chunk: int) -> None:
+    """Power on into the update service and take IMAGE into the slot not running."""
+    from mpboot.sim import SimDevice, install_result
+
+    data = _read_image(image_path)
+    dev = SimDevice.open(directory)
+    with tempfile.TemporaryDirectory(prefix="mpboot-sim-") as tmp:
+        raw = Path(tmp) / "image.bin"
+        raw.write_bytes(data)
+        done = install_result(dev.install(raw, mark, chunk=chunk, manifest=True))
+    how = {"test": "marked for a test boot", "permanent": "confirmed", "none": "not marked"}[mark]
+    click.echo(f"installed {image_path} (version {done.version}) in slot {done.slot}, {how}")
+
+
+@sim_group.command("status")
+@click.argument("directory", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+def sim_status(directory: Path) -> None:
+    """Show the boot state and what each slot holds (without booting)."""
+    from mpboot.sim import SimDevice
+
+    st = SimDevice.open(directory).status()
+
+    def slot_name(n: int) -> str:
+        return "-" if n == 255 else str(n)
+
+    click.echo(f"state: record {st.seq}, active slot {slot_name(st.active)}, test {slot_name(st.test)}, "
+               f"trial {slot_name(st.trial)}, security counter floor {st.floor}")
+    for n, slot in enumerate(st.slots):
+        if slot.ok:
+            click.echo(f"slot {n}: version {slot.version}, security counter {slot.counter}"
+                       f"{', confirmed' if slot.confirmed else ''}")
+        else:
+            try:
+                why = str(ImageRejected(ImageErrorCode(slot.error)))
+            except ValueError:
+                why = f"error {slot.error}"
+            click.echo(f"slot {n}: no bootable image ({why})")
 
 
 def main() -> None:

@@ -85,6 +85,24 @@ _DESCRIPTIONS = {
 }
 
 
+_UPDATE_DESCRIPTIONS = {
+    UpdateErrorCode.BUSY: "the device runs an unconfirmed test image: confirm it or reset before updating",
+    UpdateErrorCode.STATE: "update steps out of order (no begin, or finished before all data)",
+    UpdateErrorCode.RANGE: "update data beyond the announced length",
+    UpdateErrorCode.LENGTH: "announced image length does not hold the image or does not fit the slot",
+}
+
+
+class UpdateRefused(MpbootError):
+    """The device's updater refused an update step (exit 1)."""
+
+    exit_code = 1
+
+    def __init__(self, code: UpdateErrorCode) -> None:
+        self.code = UpdateErrorCode(code)
+        super().__init__(f"update refused: {_UPDATE_DESCRIPTIONS[self.code]}")
+
+
 class ImageRejected(MpbootError):
     """An image failed verification or is malformed (exit 1)."""
 

@@ -15,7 +15,14 @@ from pathlib import Path
 
 from mpboot import upy
 from mpboot.device import script_path, write_keys_module
-from mpboot.errors import DeviceRunError
+from mpboot.errors import (
+    DeviceRunError,
+    ImageErrorCode,
+    ImageRejected,
+    UpdateErrorCode,
+    UpdateRefused,
+    UsageError,
+)
 from mpboot.firmware import firmware_root
 from mpboot.keys import PublicKey
 from mpboot.upy import compile_tree
@@ -94,6 +101,28 @@ def _fields(line: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S+)", line))
 
 
+@dataclass(frozen=True)
+class Installed:
+    slot: int
+    version: str
+
+
+def install_result(run: Run) -> Installed:
+    """What an install power-on did: the slot and version, or the device's refusal raised as
+    ImageRejected (image or policy code) or UpdateRefused (updater code)."""
+    line = run.line("INSTALLED")
+    if line:
+        f = _fields(line)
+        return Installed(int(f["slot"]), f["version"])
+    line = run.line("REFUSED")
+    if line:
+        _, kind, code = line.split()
+        if kind == "image":
+            raise ImageRejected(ImageErrorCode(int(code)), "refused by the device")
+        raise UpdateRefused(UpdateErrorCode(int(code)))
+    raise DeviceRunError(f"simulated device gave no install result: {run.stdout.strip()[-200:]!r}")
+
+
 class SimDevice:
     """A simulated board in `workdir`: flash file, config, and the compiled firmware."""
 
@@ -116,6 +145,34 @@ class SimDevice:
             words.append("downgrade=0")
         self.config = self.workdir / "device.cfg"
         self.config.write_text(" ".join(words) + "\n")
+
+    @classmethod
+    def create(cls, workdir: Path, keys: Sequence[PublicKey], geometry: Geometry = Geometry(), *,
+               vendor_id: bytes | None = None, class_id: bytes | None = None,
+               downgrade: bool = True) -> SimDevice:
+        """A new simulated board in `workdir` trusting `keys`, its flash blank."""
+        workdir = Path(workdir)
+        if (workdir / "device.cfg").exists():
+            raise UsageError(f"{workdir}: there is a simulated device here already")
+        if geometry.slot_size < geometry.sector:
+            raise UsageError(f"a {geometry.size}-byte flash with {geometry.sector}-byte sectors has no room "
+                             "for two slots and the state area")
+        lib = build_lib(workdir / "lib", keys)
+        return cls(workdir, lib, geometry, vendor_id=vendor_id, class_id=class_id, downgrade=downgrade)
+
+    @classmethod
+    def open(cls, workdir: Path) -> SimDevice:
+        """The simulated board `create` made in `workdir`."""
+        workdir = Path(workdir)
+        try:
+            cfg = _fields((workdir / "device.cfg").read_text())
+        except FileNotFoundError:
+            raise UsageError(f"{workdir}: no simulated device here (mpboot sim init)") from None
+        geometry = Geometry(int(cfg["size"]), int(cfg["sector"]), int(cfg["align"]))
+        return cls(workdir, workdir / "lib", geometry,
+                   vendor_id=bytes.fromhex(cfg["vendor"]) if "vendor" in cfg else None,
+                   class_id=bytes.fromhex(cfg["class"]) if "class" in cfg else None,
+                   downgrade=cfg.get("downgrade", "1") == "1")
 
     # Flash files (the chip and its wear counters) as a power-off snapshot.
     def flash_files(self) -> list[Path]:
@@ -151,8 +208,9 @@ class SimDevice:
         run = Run(proc.returncode, proc.stdout, proc.stderr)
         if proc.returncode not in (0, CUT_EXIT):
             tail = (proc.stderr or proc.stdout).strip().splitlines()
-            raise DeviceRunError(f"simulated device failed: {tail[-1] if tail else proc.returncode}\n"
-                                 f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+            err = DeviceRunError(f"simulated device failed: {tail[-1] if tail else proc.returncode}")
+            err.add_note(proc.stdout[-2000:] + proc.stderr[-3000:])
+            raise err
         return run
 
     def boot(self, **kw: object) -> Run:
