@@ -1,0 +1,71 @@
+"""`mpboot sim`: a simulated device driven from the command line, one power-on per command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import KEYS_DIR
+from test_cli import assert_error, run
+
+KEY = KEYS_DIR / "TEST-ONLY-rsa2048.pem"
+OTHER_KEY = KEYS_DIR / "TEST-ONLY-rsa2048-untrusted.pem"
+
+
+@pytest.fixture(scope="module")
+def apps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("cli-sim")
+    made = {}
+    for v, confirm in (("1", True), ("2", False)):
+        src = out / f"app{v}"
+        src.mkdir()
+        (src / "main.py").write_text("import mpboot\nprint('app %s')\n%s" % (v, "mpboot.confirm()\n" if confirm else ""))
+        made[v] = out / f"v{v}.bin"
+        result = run("sign", src, "-k", KEY, "--version", f"{v}.0.0", "--security-counter", v,
+                     "--vendor-id", "example.com", "-o", made[v])
+        assert result.exit_code == 0, result.output
+    return made
+
+
+def test_sim_lifecycle(tmp_path: Path, apps: dict[str, Path]) -> None:
+    dev = tmp_path / "dev"
+    r = run("sim", "init", dev, "-k", KEY, "--flash-size", "128k", "--align", "16", "--vendor-id", "example.com")
+    assert r.exit_code == 0, r.output
+    assert "two 61440-byte slots" in r.stdout and "16-byte writes" in r.stdout
+    r = run("sim", "boot", dev)
+    assert r.exit_code == 3 and "recovery" in r.stdout and "RECOVERY" not in r.stdout
+    r = run("sim", "install", dev, apps["1"], "--permanent")
+    assert r.exit_code == 0, r.output
+    assert "version 1.0.0+0) in slot 0, confirmed" in r.stdout
+    r = run("sim", "boot", dev)
+    assert r.exit_code == 0 and "device: app 1" in r.stdout
+    r = run("sim", "install", dev, apps["2"])
+    assert "in slot 1, marked for a test boot" in r.stdout
+    assert "test boot" in run("sim", "boot", dev).stdout
+    assert "device: app 1" in run("sim", "boot", dev).stdout  # v2 never confirmed: reverted
+    r = run("sim", "status", dev)
+    assert r.exit_code == 0
+    assert "active slot 0" in r.stdout and "security counter floor 1" in r.stdout
+    assert "slot 0: version 1.0.0+0, security counter 1, confirmed" in r.stdout
+    assert "slot 1: version 2.0.0+0, security counter 2\n" in r.stdout
+
+
+def test_sim_install_refusals_are_one_line(tmp_path: Path, apps: dict[str, Path]) -> None:
+    dev = tmp_path / "dev"
+    assert run("sim", "init", dev, "-k", KEY, "--vendor-id", "example.org").exit_code == 0
+    assert_error(run("sim", "install", dev, apps["1"]), 1, "another vendor")
+    assert_error(run("sim", "install", dev, KEY), 1, "bad header magic")
+    assert_error(run("sim", "install", dev, tmp_path / "missing.bin"), 2, "no such file")
+    other = tmp_path / "other"
+    assert run("sim", "init", other, "-k", OTHER_KEY).exit_code == 0
+    assert_error(run("sim", "install", other, apps["1"]), 1, "not trusted")
+    assert "no bootable image" in run("sim", "status", other).stdout
+
+
+def test_sim_usage_errors(tmp_path: Path) -> None:
+    assert_error(run("sim", "boot", tmp_path / "nowhere"), 2, "no simulated device here")
+    assert_error(run("sim", "init", tmp_path / "d", "-k", KEY, "--sector", "3000"), 2, "sector size")
+    assert_error(run("sim", "init", tmp_path / "d", "-k", KEY, "--flash-size", "8k"), 2, "no room")
+    assert run("sim", "init", tmp_path / "e", "-k", KEY).exit_code == 0
+    assert_error(run("sim", "init", tmp_path / "e", "-k", KEY), 2, "already")
