@@ -1,8 +1,30 @@
 # Freeze the mpboot device package into firmware:
-#   include("path/to/exported/firmware/manifest.py") in your board manifest.
+#   include("path/to/exported/firmware/manifest.py", port="rp2")  in your board manifest
+# port: the adapter for your board (esp32, rp2 or stm32; mpboot/ports/). The unix simulator
+# files (unix, nor_sim) are for the MicroPython unix port and are frozen only with port="unix".
 # Public keys are not part of this package: generate them with
 #   mpboot pubkey KEY.pem --format micropython -o mpboot_keys.py
 # and freeze that module beside it (module("mpboot_keys.py")).
-metadata(description="mpboot secure bootloader: MCUboot image verifier", version="0.1.0")
+metadata(description="mpboot secure bootloader: verified MCUboot images, two slots, power-safe updates", version="0.1.0")
 
-package("mpboot")
+options.defaults(port="")
+
+package(
+    "mpboot",
+    files=(
+        "__init__.py",
+        "boot.py",
+        "flash.py",
+        "image.py",
+        "reader.py",
+        "rsa.py",
+        "slots.py",
+        "state.py",
+        "update.py",
+        "ports/__init__.py",
+    ),
+)
+if options.port == "unix":
+    package("mpboot", files=("ports/unix.py", "ports/nor_sim.py"))
+elif options.port:
+    package("mpboot", files=("ports/%s.py" % options.port,))

@@ -36,7 +36,17 @@ REQUIRED_WHEEL_FILES = (
     "mpboot/_firmware/mpboot/image.py",
     "mpboot/_firmware/mpboot/rsa.py",
     "mpboot/_firmware/mpboot/reader.py",
+    "mpboot/_firmware/mpboot/boot.py",
+    "mpboot/_firmware/mpboot/slots.py",
+    "mpboot/_firmware/mpboot/state.py",
+    "mpboot/_firmware/mpboot/update.py",
+    "mpboot/_firmware/mpboot/flash.py",
+    "mpboot/_firmware/mpboot/ports/__init__.py",
+    "mpboot/_firmware/mpboot/ports/unix.py",
+    "mpboot/_firmware/mpboot/ports/nor_sim.py",
+    "mpboot/sim/__init__.py",
     "mpboot/upy_scripts/verify_images.py",
+    "mpboot/upy_scripts/sim_device.py",
 )
 # Not copied into the throwaway source tree the wheel is built from.
 _COPY_IGNORE = shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info", "__pycache__",
@@ -132,11 +142,23 @@ def test_installed_layout_finds_and_exports_the_device_files(wheel: Path, tmp_pa
 # --------------------------------------------------------------------------- the freeze manifest
 
 
+class _Options:
+    """MicroPython's manifest `options`: keyword arguments of include(), with defaults."""
+
+    def __init__(self, **given: Any) -> None:
+        self.__dict__.update(given)
+
+    def defaults(self, **kw: Any) -> None:
+        for k, v in kw.items():
+            self.__dict__.setdefault(k, v)
+
+
 class _ManifestRecorder:
     """Stand-ins for the functions MicroPython's manifest files call."""
 
-    def __init__(self) -> None:
+    def __init__(self, **options: Any) -> None:
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self.options = _Options(**options)
 
     def _record(self, name: str) -> Any:
         def call(*args: Any, **kwargs: Any) -> None:
@@ -145,22 +167,37 @@ class _ManifestRecorder:
         return call
 
     def namespace(self) -> dict[str, Any]:
-        names = ("metadata", "package", "module", "include", "require", "freeze", "options")
-        return {name: self._record(name) for name in names}
+        names = ("metadata", "package", "module", "include", "require", "freeze")
+        return {"options": self.options, **{name: self._record(name) for name in names}}
 
     def named(self, name: str) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
         return [(a, k) for n, a, k in self.calls if n == name]
 
+    def frozen_files(self) -> list[str]:
+        out = []
+        for args, kw in self.named("package"):
+            assert args[0] == "mpboot", self.calls
+            out += [f"mpboot/{f}" for f in kw["files"]]
+        return sorted(out)
+
+
+def _run_manifest(**options: Any) -> _ManifestRecorder:
+    manifest = FIRMWARE / "manifest.py"
+    recorder = _ManifestRecorder(**options)
+    exec(compile(manifest.read_text(), str(manifest), "exec"), recorder.namespace())  # noqa: S102
+    return recorder
+
+
+CORE = sorted(f"mpboot/{p.relative_to(FIRMWARE / 'mpboot')}" for p in (FIRMWARE / "mpboot").rglob("*.py")
+              if "__pycache__" not in p.parts and p.parent.name != "ports") + ["mpboot/ports/__init__.py"]
+
 
 def test_manifest_freezes_the_mpboot_package() -> None:
-    manifest = FIRMWARE / "manifest.py"
-    recorder = _ManifestRecorder()
-    exec(compile(manifest.read_text(), str(manifest), "exec"), recorder.namespace())  # noqa: S102
-
-    packages = recorder.named("package")
-    assert [args[0] for args, _ in packages] == ["mpboot"], recorder.calls
-    assert (FIRMWARE / "mpboot").is_dir()
-    assert (FIRMWARE / "mpboot" / "__init__.py").is_file()
+    recorder = _run_manifest()
+    # Every device module but the port adapters, each of which exists.
+    assert recorder.frozen_files() == sorted(CORE)
+    for rel in recorder.frozen_files():
+        assert (FIRMWARE / rel).is_file(), rel
     # Keys are the user's to generate and freeze, never part of this manifest.
     assert not recorder.named("module") and not recorder.named("include"), recorder.calls
 
@@ -169,6 +206,15 @@ def test_manifest_freezes_the_mpboot_package() -> None:
     assert meta.get("version") == version
     firmware_init = (FIRMWARE / "mpboot" / "__init__.py").read_text()
     assert re.search(rf'^__version__ = "{re.escape(version)}"$', firmware_init, re.M)
+
+
+@pytest.mark.parametrize("port", ["esp32", "rp2", "stm32", "unix"])
+def test_manifest_adds_only_the_chosen_port(port: str) -> None:
+    extra = sorted(set(_run_manifest(port=port).frozen_files()) - set(CORE))
+    expected = ["mpboot/ports/nor_sim.py", "mpboot/ports/unix.py"] if port == "unix" else [f"mpboot/ports/{port}.py"]
+    assert extra == expected
+    for rel in extra:
+        assert (FIRMWARE / rel).is_file(), rel
 
 
 # --------------------------------------------------------------------------- no shipped keys
