@@ -211,3 +211,46 @@ def test_host_knows_every_device_policy_and_update_code() -> None:
             "COUNTER": ImageErrorCode.COUNTER_BELOW_FLOOR, "DOWNGRADE": ImageErrorCode.DOWNGRADE} == policy
     update = _device_codes("update.py", "U_")
     assert update == {code.name: code.value for code in UpdateErrorCode}
+
+
+def test_old_image_confirm_does_not_undo_a_permanent_update(device, dev: SimDevice, image) -> None:  # type: ignore[no-untyped-def]
+    from mpboot import upy
+
+    installed(dev.install(image("1.0.0"), "permanent"))
+    g = dev.geometry
+    proc = upy.run(["-m", "dev_confirm", "confirm-after-permanent", dev.flash, g.size, g.sector, g.align,
+                    image("2.0.0")], path=[device.lib])
+    assert proc.returncode == 0, proc.stderr
+    assert "BOOTED 0 0" in proc.stdout
+    assert "PERMANENT 1 1" in proc.stdout
+    assert "CONFIRM False 1 1" in proc.stdout  # the old app's confirm() left slot 1 active
+    assert boot(dev).version == "2.0.0"
+
+
+def test_fallback_image_confirm_makes_it_active(device, dev: SimDevice, image) -> None:  # type: ignore[no-untyped-def]
+    from mpboot import upy
+
+    installed(dev.install(image("1.0.0"), "permanent"))
+    installed(dev.install(image("2.0.0"), "test"))
+    assert boot(dev).confirmed is True
+    flip_payload_bit(dev, 1)
+    g = dev.geometry
+    proc = upy.run(["-m", "dev_confirm", "confirm-fallback", dev.flash, g.size, g.sector, g.align],
+                   path=[device.lib])
+    assert proc.returncode == 0, proc.stderr
+    assert "BOOTED 0 0" in proc.stdout
+    assert "CONFIRM True 0 False" in proc.stdout
+    assert dev.status().active == 0
+
+
+def test_state_log_with_a_sector_not_a_multiple_of_the_record(device, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from mpboot import upy
+
+    # 1000-byte sectors hold 15 records of 64 bytes (40 bytes left over): the 16th switches.
+    proc = upy.run(["-m", "dev_confirm", "odd-sector", tmp_path / "flash.bin", 4000, 1000, 8], path=[device.lib])
+    assert proc.returncode == 0, proc.stderr
+    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("SAVE")]
+    assert len(lines) == 17
+    for i, (_, _, seq, floor, erases) in enumerate(lines):
+        assert (int(seq), int(floor)) == (i + 1, i + 1)  # every save loads back, newest wins
+        assert int(erases) == (1 if i < 15 else 2)  # first use, then one switch after 15

@@ -14,12 +14,14 @@ import mpboot
 from mpboot import image
 from mpboot.reader import bytes_reader
 from mpboot.slots import Slots
+from mpboot.state import ACTIVE
 
 WDT_MS = const(60000)  # watchdog timeout armed for a test boot
 
 
 def run(slots, port, slot, info, trial, entry="main", mount="/app", wdt_ms=WDT_MS):
-    # Mounts and runs the image `slots.decide()` chose.
+    # Mounts and runs the image `slots.decide()` chose. Returns True once the app's entry
+    # module returns, False (recovery) if the image holds no ROMFS.
     area = slots.areas[slot]
     mem = port.mapped(area)
     if mem is None:
@@ -31,15 +33,24 @@ def run(slots, port, slot, info, trial, entry="main", mount="/app", wdt_ms=WDT_M
         if again["digest"] != info["digest"]:
             raise image.ImageError(image.E_HASH_MISMATCH)
     start = info["hdr_size"]
-    vfs.mount(vfs.VfsRom(memoryview(mem)[start : start + info["img_size"]]), mount)
+    try:
+        vfs.mount(vfs.VfsRom(memoryview(mem)[start : start + info["img_size"]]), mount)
+    except OSError:
+        # Signed, but its payload is not a ROMFS: nothing this boot can run.
+        slots.errors[slot] = -19
+        return recovery(slots)
     sys.path.insert(0, mount)
     wdt = port.watchdog(wdt_ms) if trial and wdt_ms else None
-    mpboot._booted = (slots, slot, info, wdt)
+    # How it booted decides what mpboot.confirm() may do: 1 its test boot, 2 a fallback
+    # because the confirmed active image failed, 0 the confirmed active image itself.
+    how = 1 if trial else 2 if slot != slots.state[ACTIVE] else 0
+    mpboot._booted = [slots, slot, info, wdt, how]
     v = info["version"]
     print("mpboot: slot %d version %d.%d.%d+%d%s%s" % (
         slot, v[0], v[1], v[2], v[3], " test boot" if trial else "",
         " watchdog %d ms" % wdt_ms if wdt else ""))
     __import__(entry)
+    return True
 
 
 def feed():
@@ -53,7 +64,7 @@ def feed():
 def recovery(slots):
     # Nothing bootable: say why, per slot, and return to whoever waits for an update (the
     # update service, or the REPL where `mpboot.update` can be driven by hand).
-    mpboot._booted = (slots, -1, None, None)
+    mpboot._booted = [slots, -1, None, None, 0]
     print("mpboot: recovery: no bootable image (slot 0: error %d, slot 1: error %d)" % (
         slots.errors[0], slots.errors[1]))
     return False
@@ -66,5 +77,4 @@ def start(port, areas, keys, entry="main", mount="/app", wdt_ms=WDT_MS, **policy
     slot, info, trial = slots.decide()
     if slot < 0:
         return recovery(slots)
-    run(slots, port, slot, info, trial, entry, mount, wdt_ms)
-    return True
+    return run(slots, port, slot, info, trial, entry, mount, wdt_ms)

@@ -70,6 +70,14 @@ class Slots:
         self.policy(info, update)
         return info
 
+    def _save(self, st):
+        # A failed write leaves flash as it was: re-read it so RAM never runs ahead of it.
+        try:
+            self.store.save(st)
+        except Exception:
+            self.state = self.store.load()
+            raise
+
     def _try(self, slot):
         try:
             info = self.check(slot)
@@ -90,14 +98,14 @@ class Slots:
         if st[TRIAL] != NONE:
             # Started for its test boot and reset without a confirm: revert.
             st[TRIAL] = NONE
-            self.store.save(st)
+            self._save(st)
         elif st[TEST] != NONE:
             t = st[TEST]
             st[TEST] = NONE
             info = self._try(t)
             if info:
                 st[TRIAL] = t  # the one test boot is used up now, whatever happens next
-            self.store.save(st)
+            self._save(st)
             if info:
                 return t, info, True
         a = st[ACTIVE]
@@ -124,7 +132,7 @@ class Slots:
         st = self.state
         if st[TEST] != slot:
             st[TEST] = slot
-            self.store.save(st)
+            self._save(st)
 
     def confirm(self, slot, info):
         # Keep the image in `slot` (info: its verified info) from now on and raise the floor
@@ -140,5 +148,5 @@ class Slots:
             st[TEST] = NONE
         st[FLOOR] = max(st[FLOOR], info["security_counter"] or 0)
         st[VERSION] = struct.pack("<BBHI", *info["version"])
-        self.store.save(st)
+        self._save(st)
         return True

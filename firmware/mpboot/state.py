@@ -119,5 +119,6 @@ class Store:
         self.found = True
         self._last = self.pos
         self.pos += self.rec
-        if self.pos % es == 0:
-            self.pos = -1
+        at = self.pos % es
+        if at == 0 or at // self.rec >= self.per:
+            self.pos = -1  # that was the sector's last record slot

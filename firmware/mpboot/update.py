@@ -133,6 +133,9 @@ class Updater:
         self.total = -1
         sl = self.slots
         info = sl.check(self.slot, None, True)
+        if info["total_size"] > self.pos:
+            # It verified only with bytes that were in the slot before (not sent now).
+            raise ImageError(image.E_SIZE)
         if mark == MARK_TEST:
             sl.mark_test(self.slot)
         elif mark == MARK_PERMANENT:

@@ -69,7 +69,8 @@ def main():
             boot.recovery(slots)
             print("RECOVERY %d %d" % (slots.errors[0], slots.errors[1]))
             return
-        boot.run(slots, port, slot, info, trial)
+        if not boot.run(slots, port, slot, info, trial):
+            print("RECOVERY %d %d" % (slots.errors[0], slots.errors[1]))
         return
     if cmd == "install":
         mode = {"none": 0, "test": 1, "permanent": 2}[sys.argv[4]]

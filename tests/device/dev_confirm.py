@@ -1,0 +1,52 @@
+# mpboot.confirm() semantics and state-log edge cases, on MicroPython:
+#   micropython -m dev_confirm CASE FLASH SIZE SECTOR ALIGN [IMAGE]
+# confirm-after-permanent: slot 0 runs its confirmed image; an update installs IMAGE
+#   permanently into slot 1; the old app's confirm() must not take "active" back.
+# confirm-fallback: runs slot 0 as a fallback (how=2); confirm() makes it active.
+# odd-sector: a state log whose sector is not a multiple of the record size.
+import sys
+
+import mpboot
+import mpboot_keys
+from mpboot.ports import unix as port
+from mpboot.slots import Slots
+from mpboot.state import ACTIVE, Store
+from mpboot.update import MARK_PERMANENT, Updater
+
+case = sys.argv[1]
+chip = port.flash(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+
+
+def slots():
+    a = port.areas(chip)
+    return Slots(a[0], a[1], a[2], mpboot_keys.KEYS)
+
+
+if case == "odd-sector":
+    from mpboot.flash import Area
+
+    store = Store(Area(chip, 0, 2 * chip.sector, chip.align))
+    rec = store.load()
+    for i in range(store.per + 2):
+        rec[5] = i + 1  # floor
+        store.save(rec)
+        again = Store(Area(chip, 0, 2 * chip.sector, chip.align)).load()
+        print("SAVE", i, again[0], again[5], chip.erases)
+    sys.exit(0)
+
+sl = slots()
+slot, info, trial = sl.decide()
+print("BOOTED", slot, int(trial))
+if case == "confirm-after-permanent":
+    mpboot._booted = [sl, slot, info, None, 0]
+    up = Updater(sl, slot)
+    with open(sys.argv[6], "rb") as f:
+        data = f.read()
+    up.begin(len(data), data[:64])
+    up.write(0, data)
+    target, _ = up.finish(MARK_PERMANENT)
+    print("PERMANENT", target, sl.state[ACTIVE])
+    print("CONFIRM", mpboot.confirm(), sl.state[ACTIVE], slots().state[ACTIVE])
+elif case == "confirm-fallback":
+    mpboot._booted = [sl, slot, info, None, 2]
+    print("CONFIRM", mpboot.confirm(), slots().state[ACTIVE], mpboot.confirm())
