@@ -79,20 +79,26 @@ class Device:
         self.workdir = workdir
 
     def run(self, module: str, *args: object, heapsize: str = "512k") -> str:
-        proc = upy.run(["-m", module, *map(str, args)], path=[self.lib], heapsize=heapsize)
+        # Run in the work folder: file names passed relative to it keep strings (and so the
+        # heap a run needs) independent of where pytest put its temporary folders.
+        proc = upy.run(["-m", module, *map(str, args)], path=[self.lib], heapsize=heapsize, cwd=self.workdir)
         if proc.returncode != 0:
             raise AssertionError(f"{module} failed on MicroPython:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
         return proc.stdout
 
     def verify_files(self, items: list[tuple[Path, int]], heapsize: str = "512k") -> list[Verdict]:
         listing = self.workdir / f"list-{len(items)}-{id(items)}.txt"
-        listing.write_text("".join(f"{path} {slot}\n" for path, slot in items))
-        lines = self.run("verify_images", listing, heapsize=heapsize).splitlines()
+        listing.write_text("".join(f"{self._short(path)} {slot}\n" for path, slot in items))
+        lines = self.run("verify_images", listing.name, heapsize=heapsize).splitlines()
         assert len(lines) == len(items), lines
         return [Verdict.parse(line) for line in lines]
 
+    def _short(self, path: Path) -> str:
+        path = Path(path)
+        return path.name if path.parent == self.workdir else str(path)
+
     def verify_bytes(self, image: bytes, slot_size: int | None = None, heapsize: str = "512k") -> Verdict:
-        path = self.workdir / f"image-{abs(hash(image))}.bin"
+        path = self.workdir / f"image-{abs(hash(image)) % 10**8:08d}.bin"
         path.write_bytes(image)
         return self.verify_files([(path, slot_size or len(image))], heapsize)[0]
 

@@ -45,12 +45,28 @@ def run(slots, port, slot, info, trial, entry="main", mount="/app", wdt_ms=WDT_M
     # because the confirmed active image failed, 0 the confirmed active image itself.
     how = 1 if trial else 2 if slot != slots.state[ACTIVE] else 0
     mpboot._booted = [slots, slot, info, wdt, how]
+    mpboot.confirm = confirm
     v = info["version"]
     print("mpboot: slot %d version %d.%d.%d+%d%s%s" % (
         slot, v[0], v[1], v[2], v[3], " test boot" if trial else "",
-        " watchdog %d ms" % wdt_ms if wdt else ""))
+        " watchdog %d ms" % getattr(wdt, "timeout_ms", wdt_ms) if wdt else ""))
     __import__(entry)
     return True
+
+
+def confirm():
+    # mpboot.confirm(): keep the running image after the next reset (a test image is
+    # otherwise reverted) and raise the anti-rollback floor to its counter. Also makes a
+    # fallback image (run because the confirmed one failed) the confirmed one. Returns True
+    # if this changed the state, False if there was nothing to confirm: the image already
+    # was the confirmed one (and a permanent update it took since stays so).
+    b = mpboot._booted
+    if b is None or b[1] < 0:
+        raise OSError(19)  # ENODEV: not started by mpboot.boot
+    if not b[4]:
+        return False
+    b[4] = 0
+    return b[0].confirm(b[1], b[2])
 
 
 def feed():
@@ -65,6 +81,7 @@ def recovery(slots):
     # Nothing bootable: say why, per slot, and return to whoever waits for an update (the
     # update service, or the REPL where `mpboot.update` can be driven by hand).
     mpboot._booted = [slots, -1, None, None, 0]
+    mpboot.confirm = confirm
     print("mpboot: recovery: no bootable image (slot 0: error %d, slot 1: error %d)" % (
         slots.errors[0], slots.errors[1]))
     return False

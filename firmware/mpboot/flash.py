@@ -21,7 +21,7 @@ class Area:
         total = bdev.ioctl(4, 0) * bs
         if not size:
             size = total - start
-        if start % bs or size % bs or size <= 0 or start + size > total:
+        if start < 0 or start % bs or size % bs or size <= 0 or start + size > total:
             raise ValueError("area")
         if write_size < 1 or bs % write_size:
             raise ValueError("write size")
@@ -42,7 +42,8 @@ class Area:
             buf = memoryview(buf)[:n]
         if n:
             a = self.start + off
-            self.bdev.readblocks(a // self.erase_size, buf, a % self.erase_size)
+            if self.bdev.readblocks(a // self.erase_size, buf, a % self.erase_size):
+                raise OSError(5)  # some ports (pyb.Flash) return an error number
         return n
 
     def is_erased(self, off, n):
@@ -72,7 +73,12 @@ class Area:
         if not self.is_erased(off, n):
             raise OSError(5)  # EIO: would program over unerased bytes
         a = self.start + off
-        self.bdev.writeblocks(a // self.erase_size, data, a % self.erase_size)
+        if self.bdev.writeblocks(a // self.erase_size, data, a % self.erase_size):
+            raise OSError(5)
+
+    def sync(self):
+        # Make what was written durable (ioctl 3): ports that cache writes flush them here.
+        self.bdev.ioctl(3, 0)
 
     def erase(self, off, n):
         # Erase [off, off + n), which must be whole erase blocks of this area.
@@ -81,4 +87,5 @@ class Area:
             raise ValueError("erase")
         b = (self.start + off) // es
         for i in range(n // es):
-            self.bdev.ioctl(6, b + i)
+            if self.bdev.ioctl(6, b + i):
+                raise OSError(5)

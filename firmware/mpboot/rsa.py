@@ -27,25 +27,6 @@ def _public_op(n, bits, sig, e):
     return pow(s, e, n)
 
 
-def _mgf1_xor(buf, seed, length):
-    # buf[:length] ^= MGF1-SHA-256(seed, length), in place.
-    counter = 0
-    done = 0
-    c = bytearray(4)
-    while done < length:
-        c[3] = counter & 0xFF
-        c[2] = (counter >> 8) & 0xFF
-        h = hashlib.sha256(seed)
-        h.update(c)
-        block = h.digest()
-        i = 0
-        while i < _HLEN and done < length:
-            buf[done] ^= block[i]
-            i += 1
-            done += 1
-        counter += 1
-
-
 def verify_pss(n, bits, sig, mhash, e=_E):
     # RFC 8017 9.1.2 EMSA-PSS-VERIFY with sLen = 32. n: modulus (int) of exactly `bits`
     # bits (MicroPython ints have no bit_length(): the trusted key states it), mhash: the
@@ -58,27 +39,46 @@ def verify_pss(n, bits, sig, mhash, e=_E):
     em_bits = bits - 1
     em_len = (em_bits + 7) // 8
     try:
-        em = bytearray(m.to_bytes(em_len, "big"))
+        em = m.to_bytes(em_len, "big")
     except OverflowError:
         return False
+    m = None
     if em_len < _HLEN + _SALT_LEN + 2 or em[-1] != 0xBC:
         return False
     db_len = em_len - _HLEN - 1
     top_mask = 0xFF >> (8 * em_len - em_bits)
     if em[0] & ~top_mask & 0xFF:
         return False
-    h = bytes(em[db_len : db_len + _HLEN])
-    _mgf1_xor(em, h, db_len)
-    em[0] &= top_mask
+    h = em[db_len : db_len + _HLEN]
+    # DB = maskedDB ^ MGF1-SHA-256(H), unmasked one 32-byte block at a time and checked as
+    # it goes (PS zeros, then 0x01, then the salt): no second em-sized buffer.
     ps_len = db_len - _SALT_LEN - 1
-    for i in range(ps_len):
-        if em[i]:
-            return False
-    if em[ps_len] != 0x01:
-        return False
+    salt = bytearray(_SALT_LEN)
+    c = bytearray(4)
+    done = 0
+    while done < db_len:
+        c[2] = (done // _HLEN >> 8) & 0xFF
+        c[3] = (done // _HLEN) & 0xFF
+        g = hashlib.sha256(h)
+        g.update(c)
+        block = g.digest()
+        for i in range(min(_HLEN, db_len - done)):
+            j = done + i
+            b = em[j] ^ block[i]
+            if j == 0:
+                b &= top_mask
+            if j < ps_len:
+                if b:
+                    return False
+            elif j == ps_len:
+                if b != 0x01:
+                    return False
+            else:
+                salt[j - ps_len - 1] = b
+        done += _HLEN
     hp = hashlib.sha256(b"\x00\x00\x00\x00\x00\x00\x00\x00")
     hp.update(mhash)
-    hp.update(em[db_len - _SALT_LEN : db_len])
+    hp.update(salt)
     return hp.digest() == h
 
 

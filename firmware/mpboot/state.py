@@ -116,6 +116,7 @@ class Store:
             self.area.erase(cur * es, es)
             self.pos = cur * es
         self.area.write(self.pos, buf)
+        self.area.sync()
         self.found = True
         self._last = self.pos
         self.pos += self.rec

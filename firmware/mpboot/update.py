@@ -69,7 +69,7 @@ class Updater:
             # Its old content was marked for a test boot: unmark before erasing, or a cut
             # later could test-boot a half-sent image that happens to verify.
             st[TEST] = NONE
-            sl.store.save(st)
+            sl._save(st)
         self.slot = slot
         self.area = area
         self.total = total
@@ -130,6 +130,7 @@ class Updater:
             for i in range(t, len(tail)):
                 tail[i] = 0xFF
             self._program(tail)
+        self.area.sync()
         self.total = -1
         sl = self.slots
         info = sl.check(self.slot, None, True)

@@ -26,7 +26,8 @@ def micropython_command() -> str:
 
 
 def run(args: Sequence[str], *, path: Sequence[Path] = (), heapsize: str | None = None,
-        timeout: float = 300, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        timeout: float = 300, env: Mapping[str, str] | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run `micropython [-X heapsize=H] ARGS...` (a script path or `-m module`, then its
     arguments) with `path` (then .frozen) as its sys.path and `env` added to the
     environment; capture text output."""
@@ -38,7 +39,7 @@ def run(args: Sequence[str], *, path: Sequence[Path] = (), heapsize: str | None 
     # MICROPYPATH replaces the default sys.path; keep .frozen so frozen modules still import.
     env["MICROPYPATH"] = ":".join([*(str(p) for p in path), ".frozen"])
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
     except subprocess.TimeoutExpired:
         raise DeviceRunError(f"MicroPython did not finish {' '.join(cmd[1:])} in {timeout:.0f} s") from None
 

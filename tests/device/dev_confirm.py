@@ -1,4 +1,4 @@
-# mpboot.confirm() semantics and state-log edge cases, on MicroPython:
+# mpboot.confirm() (mpboot.boot.confirm) semantics and state-log edge cases, on MicroPython:
 #   micropython -m dev_confirm CASE FLASH SIZE SECTOR ALIGN [IMAGE]
 # confirm-after-permanent: slot 0 runs its confirmed image; an update installs IMAGE
 #   permanently into slot 1; the old app's confirm() must not take "active" back.
@@ -8,6 +8,7 @@ import sys
 
 import mpboot
 import mpboot_keys
+from mpboot import boot
 from mpboot.ports import unix as port
 from mpboot.slots import Slots
 from mpboot.state import ACTIVE, Store
@@ -46,7 +47,7 @@ if case == "confirm-after-permanent":
     up.write(0, data)
     target, _ = up.finish(MARK_PERMANENT)
     print("PERMANENT", target, sl.state[ACTIVE])
-    print("CONFIRM", mpboot.confirm(), sl.state[ACTIVE], slots().state[ACTIVE])
+    print("CONFIRM", boot.confirm(), sl.state[ACTIVE], slots().state[ACTIVE])
 elif case == "confirm-fallback":
     mpboot._booted = [sl, slot, info, None, 2]
-    print("CONFIRM", mpboot.confirm(), slots().state[ACTIVE], mpboot.confirm())
+    print("CONFIRM", boot.confirm(), slots().state[ACTIVE], boot.confirm())

@@ -131,15 +131,17 @@ class NorFlash:
             raise OSError(22)
         addr = block * self.sector
         cut = self._op("E", addr, self.sector)
-        self.erases += 1
-        self.wear.seek(4 * block)
-        count = int.from_bytes(self.wear.read(4), "little") + 1
-        self.wear.seek(4 * block)
-        self.wear.write(count.to_bytes(4, "little"))
         n = self.sector
         if cut:
             t = self.tear
             n = n // 2 if t == "erase-half" else min(int(t[6:]), n - 1) if t[:6] == "erase:" else 0
+        if n:
+            # Wear: an erase that started counts (a torn one too); one cut before it did not.
+            self.erases += 1
+            self.wear.seek(4 * block)
+            count = int.from_bytes(self.wear.read(4), "little") + 1
+            self.wear.seek(4 * block)
+            self.wear.write(count.to_bytes(4, "little"))
         self._fill(addr, n)
         if cut:
             self._power_cut()
@@ -155,8 +157,11 @@ class NorFlash:
 
     def writeblocks(self, block, buf, off=None):
         if off is None:
-            # Basic protocol (filesystems): erase the blocks, then program them.
-            for i in range((len(buf) + self.sector - 1) // self.sector):
+            # Basic protocol (filesystems): erase the blocks, then program them (whole
+            # blocks only: checked before anything is erased).
+            if len(buf) % self.sector or block < 0 or (block * self.sector + len(buf)) > self.size:
+                raise OSError(22)
+            for i in range(len(buf) // self.sector):
                 self._erase(block + i)
             off = 0
         self._program(block * self.sector + off, buf)

@@ -1,0 +1,72 @@
+# Port adapter for the esp32 port: the slots and the state are partitions (esp32.Partition).
+#
+# What the port gives (MicroPython ports/esp32/esp32_partition.c and mphalport.c, ESP-IDF
+# components/esp_partition/partition_target.c):
+# - esp32.Partition(label) looks the label up among app partitions, then data partitions;
+#   OSError(ENOENT) if none. Partition(Partition.RUNNING) is the running app. info() is
+#   (type, subtype, address, size, label, encrypted); TYPE_APP = 0, TYPE_DATA = 1.
+# - ioctl(5) is 4096 (NATIVE_BLOCK_SIZE_BYTES, the SPI flash sector) unless the object was
+#   made with a block_size argument; ioctl(6, n) erases exactly 4096 bytes at n * 4096
+#   (esp_partition_erase_range) and returns -EINVAL for any other block size. So with the
+#   default block size the block is the erase unit.
+# - readblocks/writeblocks(n, buf, off) take any byte offset and length (esp_flash_read and
+#   esp_flash_write); with off, writeblocks only programs. Out of range raises OSError(-258)
+#   (ESP_ERR_INVALID_ARG, offset past the end) or OSError(-260) (ESP_ERR_INVALID_SIZE).
+# - Encrypted partitions program 16-byte units (esp_flash_write_encrypted) and read erased
+#   flash back as decrypted noise, not 0xFF, so the erased checks of Area cannot work: refused.
+# - There is no Python-level mmap of a partition: only the "romfs" partition vfs.rom_ioctl
+#   hands out has the buffer protocol (esp_partition_mmap). mapped() is None, so the boot
+#   copies the image to RAM.
+# - machine.WDT(timeout=ms) is the ESP-IDF task watchdog; older firmware passes whole seconds
+#   (timeout // 1000, ValueError below 1000 ms), so the timeout is rounded up to seconds.
+#   machine.unique_id() is the 6-byte base MAC; machine.reset() is esp_restart().
+import esp32
+import machine
+from micropython import const
+
+from mpboot.flash import Area
+
+_SECTOR = const(4096)  # erase unit and block size (ioctl 5) of a partition
+_TYPE_DATA = const(1)
+
+
+def _part(label):
+    p = esp32.Partition(label)
+    if p.info()[5]:
+        raise ValueError("encrypted")
+    if p.ioctl(5, 0) != _SECTOR:
+        raise ValueError("block size")
+    return p
+
+
+def areas(slot0="ota_0", slot1="ota_1", state="mpboot"):
+    # Slots are whole partitions (app or data); the state is the first two sectors of a data
+    # partition. Refuses the partition MicroPython runs from and partitions used twice.
+    run = esp32.Partition(esp32.Partition.RUNNING).info()[2]
+    p0 = _part(slot0)
+    p1 = _part(slot1)
+    ps = _part(state)
+    if ps.info()[0] != _TYPE_DATA:
+        raise ValueError("state not a data partition")
+    a0, a1, a2 = p0.info()[2], p1.info()[2], ps.info()[2]
+    if run in (a0, a1, a2):
+        raise ValueError("running partition")
+    if a0 == a1 or a0 == a2 or a1 == a2:
+        raise ValueError("same partition")
+    return Area(p0), Area(p1), Area(ps, 0, 2 * _SECTOR)
+
+
+def mapped(area):
+    return None
+
+
+def watchdog(timeout_ms):
+    return machine.WDT(timeout=(timeout_ms + 999) // 1000 * 1000)
+
+
+def reset():
+    machine.reset()
+
+
+def unique_id():
+    return bytes(machine.unique_id())

@@ -1,0 +1,67 @@
+# Port adapter for the rp2 port (RP2040, RP2350): areas are rp2.Flash(start=, len=) regions.
+#
+# What the port gives (MicroPython ports/rp2/rp2_flash.c and machine_wdt.c, pico-sdk
+# src/rp2_common/hardware_flash/flash.c):
+# - rp2.Flash(start=, len=) (keyword-only) is a region of the flash *storage* area, not of
+#   the whole chip: byte 0 is MICROPY_HW_FLASH_STORAGE_BASE (the end of flash minus the
+#   storage size), so the offsets below are storage offsets. start and len must be multiples
+#   of 4096 inside the storage area, else ValueError.
+# - ioctl(5) is 4096 (FLASH_SECTOR_SIZE) and ioctl(6, n) erases exactly that sector
+#   (flash_range_erase): the block is the erase unit.
+# - writeblocks(n, buf, off) calls flash_range_program, which needs a 256-byte aligned
+#   offset and a length that is a multiple of 256 (FLASH_PAGE_SIZE). Nothing checks it at
+#   run time (pico-sdk parameter asserts are off by default): a misaligned program corrupts
+#   flash silently, so the areas' write unit is 256. Reads and writes are not range checked.
+# - Flash is memory-mapped (XIP at 0x10000000) and rp2.Flash has the buffer protocol (read
+#   only; added with ROMFS support): memoryview(rp2.Flash(...)) is the region in place. On
+#   firmware without it memoryview() raises TypeError and mapped() returns None. The program
+#   and erase functions flush the XIP cache, so the view shows what was written.
+# - machine.WDT(timeout=ms): at most 8388 ms on RP2040 (16777 on RP2350), else ValueError;
+#   the timeout is clamped to 8388. machine.unique_id() is 8 bytes; machine.reset() resets.
+import machine
+import rp2
+from micropython import const
+
+from mpboot.flash import Area
+
+_SECTOR = const(4096)  # erase unit = block size
+_PAGE = const(256)  # program unit
+_WDT_MAX = const(8388)  # ms, RP2040 (24-bit counter at 2 ticks per us)
+
+
+def _area(start, size):
+    return Area(rp2.Flash(start=start, len=size), 0, 0, _PAGE)
+
+
+def areas(slot0_start, slot_size, state_start):
+    # Slot 0 at slot0_start, slot 1 right after it, the state (two sectors) at state_start:
+    # byte offsets in the rp2.Flash() storage area, multiples of 4096.
+    end = slot0_start + 2 * slot_size
+    if state_start < end and slot0_start < state_start + 2 * _SECTOR:
+        raise ValueError("overlap")
+    return (_area(slot0_start, slot_size), _area(slot0_start + slot_size, slot_size),
+            _area(state_start, 2 * _SECTOR))
+
+
+def _map(dev):
+    return memoryview(dev)
+
+
+def mapped(area):
+    try:
+        m = _map(area.bdev)
+    except TypeError:
+        return None
+    return m[area.start : area.start + area.size]
+
+
+def watchdog(timeout_ms):
+    return machine.WDT(timeout=min(timeout_ms, _WDT_MAX))
+
+
+def reset():
+    machine.reset()
+
+
+def unique_id():
+    return bytes(machine.unique_id())
