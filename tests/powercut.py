@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpboot.sim import Geometry, Run, SimDevice
-from simkit import Booted, boot, installed
+from mpboot.sim import Run, SimDevice
+from simkit import Booted, boot
 
 # Torn variants per operation kind ("" = the operation does not happen at all).
 TEARS = {"W": ("", "half", "word"), "E": ("", "erase-half")}
@@ -149,5 +149,3 @@ def summary(label: str, counts: Counter[str]) -> str:
     return line
 
 
-def layout_device(work: Path, lib: Path, geometry: Geometry) -> SimDevice:
-    return SimDevice(work / "device", lib, geometry)

@@ -98,3 +98,21 @@ def test_power_cut_sampled(sim_lib: Path, images: dict[str, Path], tmp_path: Pat
     record_property("summary", summary(f" (sampled, align {align}, sector {sector // 1024}K)", counts))
     assert not failures, "\n".join(failures)
     assert counts["safe"] == sum(counts.values()) == 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("align", "sector"), LAYOUTS, ids=[f"align{a}-sector{s // 1024}k" for a, s in LAYOUTS])
+def test_power_cut_exhaustive_every_layout(sim_lib: Path, images: dict[str, Path], tmp_path: Path, record_property,  # type: ignore[no-untyped-def]
+                                           align: int, sector: int) -> None:
+    """The soak version (make test-slow): every cut point, every layout, with the state log
+    switching sectors during each scenario."""
+    geometry = Geometry(4 * sector if sector > 4096 else 64 * 1024, sector, align)
+    dev, m_update, m_revert = prepared(tmp_path, sim_lib, geometry, images, (1, 2))
+    counts: Counter[str] = Counter()
+    failures = []
+    for m in (m_update, m_revert):
+        counts += m.run_points(m.points(), dev)
+        failures += m.failures
+    record_property("summary", summary(f" (exhaustive, align {align}, sector {sector // 1024}K)", counts))
+    assert not failures, "\n".join(failures[:20])
+    assert counts["safe"] == sum(counts.values())

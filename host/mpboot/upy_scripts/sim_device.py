@@ -14,7 +14,6 @@ import struct
 import sys
 from binascii import unhexlify
 
-import mpboot
 import mpboot_keys
 from mpboot import boot
 from mpboot.image import ImageError
