@@ -254,3 +254,11 @@ def test_state_log_with_a_sector_not_a_multiple_of_the_record(device, tmp_path: 
     for i, (_, _, seq, floor, erases) in enumerate(lines):
         assert (int(seq), int(floor)) == (i + 1, i + 1)  # every save loads back, newest wins
         assert int(erases) == (1 if i < 15 else 2)  # first use, then one switch after 15
+
+
+def test_signed_image_without_a_romfs_goes_to_recovery(dev: SimDevice, rsa2048: SigningKey, tmp_path: Path) -> None:
+    path = tmp_path / "not-romfs.bin"
+    path.write_bytes(sign_app(b"this is not a ROMFS image" * 40, rsa2048, "1.0.0"))
+    installed(dev.install(path, "permanent"))  # valid and signed: the updater takes it
+    run = dev.boot()
+    assert "RECOVERY" in run.stdout and "slot 0: error -19" in run.stdout
