@@ -262,3 +262,68 @@ def test_signed_image_without_a_romfs_goes_to_recovery(dev: SimDevice, rsa2048: 
     installed(dev.install(path, "permanent"))  # valid and signed: the updater takes it
     run = dev.boot()
     assert "RECOVERY" in run.stdout and "slot 0: error -19" in run.stdout
+
+
+def test_active_image_that_cannot_run_falls_back_to_the_confirmed_one(dev: SimDevice, image, rsa2048: SigningKey,
+                                                                       tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    installed(dev.install(image("1.0.0"), "permanent"))
+    bad = tmp_path / "not-romfs-2.bin"
+    bad.write_bytes(sign_app(b"signed but not a ROMFS" * 40, rsa2048, "2.0.0"))
+    assert installed(dev.install(bad, "permanent")) == 1
+    run = dev.boot()
+    assert "slot 1 cannot run (error -19)" in run.stdout
+    assert "mpboot: slot 0 version 1.0.0" in run.stdout and "APP confirming" in run.stdout
+    # The app's confirm() on that fallback makes slot 0 the confirmed image again.
+    assert dev.status().active == 0
+    # And a repair goes to the broken slot, never over the image that runs.
+    assert installed(dev.install(image("2.0.1"), "test")) == 1
+
+
+def test_test_boot_that_cannot_run_resets_and_reverts(dev: SimDevice, image, rsa2048: SigningKey, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    installed(dev.install(image("1.0.0"), "permanent"))
+    bad = tmp_path / "not-romfs-2.bin"
+    bad.write_bytes(sign_app(b"signed but not a ROMFS" * 40, rsa2048, "2.0.0"))
+    installed(dev.install(bad, "test"))
+    run = dev.boot()
+    assert "slot 1 cannot run (error -19)" in run.stdout and "APP" not in run.stdout  # reset at once
+    b = boot(dev)
+    assert (b.slot, b.version, b.trial) == (0, "1.0.0", False)
+    # A new test install of that slot is not swallowed by the stale test boot.
+    installed(dev.install(image("2.0.1"), "test"))
+    assert boot(dev).version == "2.0.1"
+
+
+def test_romfs_without_entry_module_never_imports_one_from_elsewhere(tmp_path: Path, sim_lib: Path, rsa2048: SigningKey,
+                                                                     image) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    lib = tmp_path / "lib"
+    shutil.copytree(sim_lib, lib)
+    (lib / "main.py").write_text("print('UNVERIFIED main ran')\n")  # e.g. the board's writable filesystem
+    dev = SimDevice(tmp_path / "d", lib)
+    app = tmp_path / "app-nomain"
+    app.mkdir()
+    (app / "other.py").write_text("x = 1\n")
+    from mpboot.pack import pack_app
+
+    nomain = tmp_path / "nomain.bin"
+    nomain.write_bytes(sign_app(pack_app(app), rsa2048, "1.0.0"))
+    installed(dev.install(nomain, "permanent"))
+    run = dev.boot()
+    assert "UNVERIFIED" not in run.stdout
+    assert "slot 0 cannot run (error -2)" in run.stdout and "RECOVERY" in run.stdout
+
+
+def test_fallback_confirm_does_not_undo_a_permanent_update(device, dev: SimDevice, image) -> None:  # type: ignore[no-untyped-def]
+    from mpboot import upy
+
+    installed(dev.install(image("1.0.0"), "permanent"))
+    installed(dev.install(image("2.0.0"), "test"))
+    assert boot(dev).confirmed is True
+    flip_payload_bit(dev, 1)  # slot 1 (active) broken: slot 0 runs as a fallback
+    g = dev.geometry
+    proc = upy.run(["-m", "dev_confirm", "fallback-then-permanent", dev.flash, g.size, g.sector, g.align,
+                    image("3.0.0")], path=[device.lib])
+    assert proc.returncode == 0, proc.stderr
+    assert "BOOTED 0 0" in proc.stdout and "CONFIRM False 1" in proc.stdout
+    assert boot(dev).version == "3.0.0"

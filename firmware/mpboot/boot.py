@@ -6,6 +6,7 @@
 #   from mpboot.ports import rp2 as port
 #   import mpboot_keys
 #   boot.start(port, port.areas(0x100000, 0x80000, 0x200000), mpboot_keys.KEYS)
+import os
 import sys
 import vfs
 from micropython import const
@@ -14,14 +15,49 @@ import mpboot
 from mpboot import image
 from mpboot.reader import bytes_reader
 from mpboot.slots import Slots
-from mpboot.state import ACTIVE
+from mpboot.state import ACTIVE, NONE, OK0
+
+# Slot errors (Slots.errors) of images that verify but cannot run; image codes are positive.
+E_NO_ROMFS = const(-19)  # the payload does not mount as a ROMFS
+E_NO_ENTRY = const(-2)  # the ROMFS has no entry module (main.py / main.mpy)
+
+
+def _confirmed_now(slots):
+    # Which image is the confirmed one: its slot and digest prefix. A permanent install
+    # changes it (even into the same slot); a test mark does not.
+    a = slots.state[ACTIVE]
+    return (a, None if a == NONE else slots.state[OK0 + a])
+
+
+def _has(path):
+    try:
+        os.stat(path)
+        return True
+    except OSError:
+        return False
 
 WDT_MS = const(60000)  # watchdog timeout armed for a test boot
 
 
+def _cannot_run(slots, port, slot, trial, code, entry, mount, wdt_ms):
+    # The chosen image verified but cannot run here (no ROMFS, no entry module, its RAM copy
+    # differs). A test boot resets at once: the next boot reverts it. Otherwise the other
+    # slot's earlier-confirmed image runs if it verifies; else recovery.
+    slots.errors[slot] = code
+    print("mpboot: slot %d cannot run (error %d)" % (slot, code))
+    if trial:
+        port.reset()
+    o = slot ^ 1
+    if slots.errors[o] == 0:
+        info = slots._try(o)
+        if info and slots.confirmed(o, info):
+            return run(slots, port, o, info, False, entry, mount, wdt_ms)
+    return recovery(slots)
+
+
 def run(slots, port, slot, info, trial, entry="main", mount="/app", wdt_ms=WDT_MS):
     # Mounts and runs the image `slots.decide()` chose. Returns True once the app's entry
-    # module returns, False (recovery) if the image holds no ROMFS or its RAM copy differs.
+    # module returns, False in recovery.
     area = slots.areas[slot]
     mem = port.mapped(area)
     if mem is None:
@@ -35,22 +71,24 @@ def run(slots, port, slot, info, trial, entry="main", mount="/app", wdt_ms=WDT_M
         except image.ImageError:
             ok = False
         if not ok:
-            # The flash read back differently from a moment ago: run nothing.
-            slots.errors[slot] = image.E_HASH_MISMATCH
-            return recovery(slots)
+            # The flash read back differently from a moment ago.
+            return _cannot_run(slots, port, slot, trial, image.E_HASH_MISMATCH, entry, mount, wdt_ms)
     start = info["hdr_size"]
     try:
         vfs.mount(vfs.VfsRom(memoryview(mem)[start : start + info["img_size"]]), mount)
     except OSError:
-        # Signed, but its payload is not a ROMFS: nothing this boot can run.
-        slots.errors[slot] = -19
-        return recovery(slots)
+        # Signed, but its payload is not a ROMFS.
+        return _cannot_run(slots, port, slot, trial, E_NO_ROMFS, entry, mount, wdt_ms)
+    if not _has(mount + "/" + entry + ".mpy") and not _has(mount + "/" + entry + ".py"):
+        # Importing it anyway would find an unverified module elsewhere on sys.path.
+        vfs.umount(mount)
+        return _cannot_run(slots, port, slot, trial, E_NO_ENTRY, entry, mount, wdt_ms)
     sys.path.insert(0, mount)
     wdt = port.watchdog(wdt_ms) if trial and wdt_ms else None
     # How it booted decides what mpboot.confirm() may do: 1 its test boot, 2 a fallback
     # because the confirmed active image failed, 0 the confirmed active image itself.
     how = 1 if trial else 2 if slot != slots.state[ACTIVE] else 0
-    mpboot._booted = [slots, slot, info, wdt, how]
+    mpboot._booted = [slots, slot, info, wdt, how, _confirmed_now(slots)]
     mpboot.confirm = confirm
     v = info["version"]
     print("mpboot: slot %d version %d.%d.%d+%d%s%s" % (
@@ -69,10 +107,13 @@ def confirm():
     b = mpboot._booted
     if b is None or b[1] < 0:
         raise OSError(19)  # ENODEV: not started by mpboot.boot
-    if not b[4]:
+    if not b[4] or _confirmed_now(b[0]) != b[5]:
+        # The confirmed image itself, or an update made another image the confirmed one
+        # since this boot (permanent install): keep it.
         return False
+    changed = b[0].confirm(b[1], b[2])  # raises if the state write fails: retry is possible
     b[4] = 0
-    return b[0].confirm(b[1], b[2])
+    return changed
 
 
 def feed():
@@ -86,7 +127,7 @@ def feed():
 def recovery(slots):
     # Nothing bootable: say why, per slot, and return to whoever waits for an update (the
     # update service, or the REPL where `mpboot.update` can be driven by hand).
-    mpboot._booted = [slots, -1, None, None, 0]
+    mpboot._booted = [slots, -1, None, None, 0, None]
     mpboot.confirm = confirm
     print("mpboot: recovery: no bootable image (slot 0: error %d, slot 1: error %d)" % (
         slots.errors[0], slots.errors[1]))

@@ -130,8 +130,10 @@ class Slots:
     def mark_test(self, slot):
         # The image in `slot` (verified by the caller) boots once at the next reset.
         st = self.state
-        if st[TEST] != slot:
+        if st[TEST] != slot or st[TRIAL] == slot:
             st[TEST] = slot
+            if st[TRIAL] == slot:
+                st[TRIAL] = NONE  # an earlier test boot of that slot that never ran its app
             self._save(st)
 
     def confirm(self, slot, info):

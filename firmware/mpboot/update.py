@@ -39,6 +39,12 @@ class Updater:
         # The slot an update goes to: never the running image's.
         if self.running >= 0:
             return self.running ^ 1
+        # Recovery: rewrite a slot that failed at this boot, keeping one that did not.
+        e = self.slots.errors
+        if e[0] and not e[1]:
+            return 0
+        if e[1] and not e[0]:
+            return 1
         a = self.slots.state[ACTIVE]
         return a ^ 1 if a != NONE else 0
 
@@ -83,10 +89,14 @@ class Updater:
         area = self.area
         end = self.flushed + len(data)
         es = area.erase_size
-        while self.erased < end:
-            area.erase(self.erased, es)
-            self.erased += es
-        area.write(self.flushed, data)
+        try:
+            while self.erased < end:
+                area.erase(self.erased, es)
+                self.erased += es
+            area.write(self.flushed, data)
+        except Exception:
+            self.total = -1  # a flash error closes the update: begin() again
+            raise
         self.flushed = end
 
     def write(self, off, data):

@@ -39,7 +39,7 @@ sl = slots()
 slot, info, trial = sl.decide()
 print("BOOTED", slot, int(trial))
 if case == "confirm-after-permanent":
-    mpboot._booted = [sl, slot, info, None, 0]
+    mpboot._booted = [sl, slot, info, None, 0, boot._confirmed_now(sl)]
     up = Updater(sl, slot)
     with open(sys.argv[6], "rb") as f:
         data = f.read()
@@ -48,6 +48,17 @@ if case == "confirm-after-permanent":
     target, _ = up.finish(MARK_PERMANENT)
     print("PERMANENT", target, sl.state[ACTIVE])
     print("CONFIRM", boot.confirm(), sl.state[ACTIVE], slots().state[ACTIVE])
+elif case == "fallback-then-permanent":
+    # Running slot 0 as a fallback; the app takes IMAGE permanently into slot 1, then calls
+    # confirm(): the permanent install must stay the confirmed image.
+    mpboot._booted = [sl, slot, info, None, 2, boot._confirmed_now(sl)]
+    up = Updater(sl, slot)
+    with open(sys.argv[6], "rb") as f:
+        data = f.read()
+    up.begin(len(data), data[:64])
+    up.write(0, data)
+    target, _ = up.finish(MARK_PERMANENT)
+    print("CONFIRM", boot.confirm(), slots().state[ACTIVE])
 elif case == "confirm-fallback":
-    mpboot._booted = [sl, slot, info, None, 2]
+    mpboot._booted = [sl, slot, info, None, 2, boot._confirmed_now(sl)]
     print("CONFIRM", boot.confirm(), slots().state[ACTIVE], boot.confirm())
