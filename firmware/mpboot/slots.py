@@ -109,20 +109,20 @@ class Slots:
             if info:
                 return t, info, True
         a = st[ACTIVE]
+        tried = [None, None]
         for s in ((a, a ^ 1) if a != NONE else (0, 1)):
-            info = self._try(s)
+            info = tried[s] = self._try(s)
             if info and self.confirmed(s, info):
                 return s, info, False
         if not self.store.found:
-            # A factory-fresh state area: boot the newest valid image and confirm it (a board
-            # flashed in the factory with esptool/picotool before any state was written).
-            best = -1
-            for s in (0, 1):
-                i = self._try(s)
-                if i and (best < 0 or _ver3(i["version"]) > _ver3(info["version"])):
-                    best = s
-                    info = i
-            if best >= 0:
+            # A factory-fresh state area (so no active slot: both were tried above): boot the
+            # newest valid image and confirm it (a board flashed in the factory with
+            # esptool/picotool before any state was written).
+            best = 0 if tried[0] else 1
+            if tried[0] and tried[1] and _ver3(tried[1]["version"]) > _ver3(tried[0]["version"]):
+                best = 1
+            info = tried[best]
+            if info:
                 self.confirm(best, info)
                 return best, info, False
         return -1, None, False
