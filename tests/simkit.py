@@ -9,7 +9,8 @@ from pathlib import Path
 from mpboot.image import ImageVersion, SignOptions, build_image
 from mpboot.keys import SigningKey
 from mpboot.pack import pack_app
-from mpboot.sim import Run, SimDevice
+from mpboot.errors import ImageRejected, UpdateRefused
+from mpboot.sim import Run, SimDevice, install_result
 
 HEADER_ROOM = 0x200
 
@@ -65,14 +66,16 @@ def boot(dev: SimDevice, **kw: object) -> Booted:
 
 
 def installed(run: Run) -> int:
-    """The slot an install went to; fails the test with the device's words otherwise."""
-    line = run.line("INSTALLED")
-    assert line, run.stdout + run.stderr
-    return int(re.search(r"slot=(\d)", line).group(1))  # type: ignore[union-attr]
+    """The slot an install went to; a refusal raises (mpboot.sim.install_result)."""
+    return install_result(run).slot
 
 
 def refused(run: Run) -> tuple[str, int]:
-    line = run.line("REFUSED")
-    assert line, run.stdout + run.stderr
-    kind, code = line.split()[1:]
-    return kind, int(code)
+    """("image", code) or ("update", code) of a refused install; fails if it was taken."""
+    try:
+        done = install_result(run)
+    except ImageRejected as err:
+        return "image", err.code
+    except UpdateRefused as err:
+        return "update", err.code
+    raise AssertionError(f"the device took the image: {done}")

@@ -68,11 +68,7 @@ def test_reference_scenarios_do_what_they_say(sim_lib: Path, images: dict[str, P
 def test_power_cut_exhaustive(sim_lib: Path, images: dict[str, Path], tmp_path: Path, record_property) -> None:  # type: ignore[no-untyped-def]
     geometry = Geometry(64 * 1024, 4096, 16)
     dev, m_update, m_revert = prepared(tmp_path, sim_lib, geometry, images, (1, 2))
-    counts: Counter[str] = Counter()
-    failures = []
-    for m in (m_update, m_revert):
-        counts += m.run_points(m.points(), dev)
-        failures += m.failures
+    counts, failures = run_matrices(dev, (m_update, m_revert))
     line = summary("", counts)
     record_property("summary", line + f" (exhaustive: update + revert, {m_update.op_count() + m_revert.op_count()} "
                     f"flash operations, align {geometry.align}, sector {geometry.sector})")
@@ -80,21 +76,34 @@ def test_power_cut_exhaustive(sim_lib: Path, images: dict[str, Path], tmp_path: 
     assert counts["safe"] == sum(counts.values()) > 100
 
 
+def run_matrices(dev: SimDevice, matrices: tuple[Matrix, ...], sample_size: int | None = None,
+                 seed: int = 0) -> tuple[Counter[str], list[str]]:
+    """Every cut point of each matrix (or `sample_size` of them): outcome counts, failures."""
+    counts: Counter[str] = Counter()
+    failures: list[str] = []
+    for m in matrices:
+        points = m.points() if sample_size is None else sample(m.points(), sample_size, seed)
+        counts += m.run_points(points, dev)
+        failures += m.failures
+    return counts, failures
+
+
 LAYOUTS = [(align, sector) for sector in (4096, 128 * 1024) for align in (1, 4, 8, 16)]
+
+
+def layout(align: int, sector: int) -> Geometry:
+    """The chip for a sampled layout: 64 KiB, or two one-sector slots for big sectors."""
+    return Geometry(4 * sector if sector > 4096 else 64 * 1024, sector, align)
 
 
 @pytest.mark.parametrize(("align", "sector"), LAYOUTS, ids=[f"align{a}-sector{s // 1024}k" for a, s in LAYOUTS])
 def test_power_cut_sampled(sim_lib: Path, images: dict[str, Path], tmp_path: Path, record_property,  # type: ignore[no-untyped-def]
                            align: int, sector: int) -> None:
-    geometry = Geometry(4 * sector if sector > 4096 else 64 * 1024, sector, align)
+    geometry = layout(align, sector)
     seed = align * 1000 + sector
     free = (seed % 3, (seed // 3) % 3)
     dev, m_update, m_revert = prepared(tmp_path, sim_lib, geometry, images, free)
-    counts: Counter[str] = Counter()
-    failures = []
-    for m in (m_update, m_revert):
-        counts += m.run_points(sample(m.points(), 6, seed), dev)
-        failures += m.failures
+    counts, failures = run_matrices(dev, (m_update, m_revert), sample_size=6, seed=seed)
     record_property("summary", summary(f" (sampled, align {align}, sector {sector // 1024}K)", counts))
     assert not failures, "\n".join(failures)
     assert counts["safe"] == sum(counts.values()) == 12
@@ -106,13 +115,9 @@ def test_power_cut_exhaustive_every_layout(sim_lib: Path, images: dict[str, Path
                                            align: int, sector: int) -> None:
     """The soak version (make test-slow): every cut point, every layout, with the state log
     switching sectors during each scenario."""
-    geometry = Geometry(4 * sector if sector > 4096 else 64 * 1024, sector, align)
+    geometry = layout(align, sector)
     dev, m_update, m_revert = prepared(tmp_path, sim_lib, geometry, images, (1, 2))
-    counts: Counter[str] = Counter()
-    failures = []
-    for m in (m_update, m_revert):
-        counts += m.run_points(m.points(), dev)
-        failures += m.failures
+    counts, failures = run_matrices(dev, (m_update, m_revert))
     record_property("summary", summary(f" (exhaustive, align {align}, sector {sector // 1024}K)", counts))
     assert not failures, "\n".join(failures[:20])
     assert counts["safe"] == sum(counts.values())

@@ -35,29 +35,29 @@ if case == "odd-sector":
         print("SAVE", i, again[0], again[5], chip.erases)
     sys.exit(0)
 
+def install_permanent(sl, running, path):
+    # The running app takes the image at `path` through the updater, marked permanent.
+    up = Updater(sl, running)
+    with open(path, "rb") as f:
+        data = f.read()
+    up.begin(len(data), data[:64])
+    up.write(0, data)
+    return up.finish(MARK_PERMANENT)[0]
+
+
 sl = slots()
 slot, info, trial = sl.decide()
 print("BOOTED", slot, int(trial))
 if case == "confirm-after-permanent":
     mpboot._booted = [sl, slot, info, None, 0, boot._confirmed_now(sl)]
-    up = Updater(sl, slot)
-    with open(sys.argv[6], "rb") as f:
-        data = f.read()
-    up.begin(len(data), data[:64])
-    up.write(0, data)
-    target, _ = up.finish(MARK_PERMANENT)
+    target = install_permanent(sl, slot, sys.argv[6])
     print("PERMANENT", target, sl.state[ACTIVE])
     print("CONFIRM", boot.confirm(), sl.state[ACTIVE], slots().state[ACTIVE])
 elif case == "fallback-then-permanent":
     # Running slot 0 as a fallback; the app takes IMAGE permanently into slot 1, then calls
     # confirm(): the permanent install must stay the confirmed image.
     mpboot._booted = [sl, slot, info, None, 2, boot._confirmed_now(sl)]
-    up = Updater(sl, slot)
-    with open(sys.argv[6], "rb") as f:
-        data = f.read()
-    up.begin(len(data), data[:64])
-    up.write(0, data)
-    target, _ = up.finish(MARK_PERMANENT)
+    install_permanent(sl, slot, sys.argv[6])
     print("CONFIRM", boot.confirm(), slots().state[ACTIVE])
 elif case == "confirm-fallback":
     mpboot._booted = [sl, slot, info, None, 2, boot._confirmed_now(sl)]
