@@ -49,7 +49,9 @@ class Point:
 def run_step(dev: SimDevice, step: Step, **kw: object) -> Run:
     if step.kind == "install":
         assert step.image is not None
-        return dev.install(step.image, step.mode, chunk=512, **kw)
+        # Named by its sha with a checkpoint every sector: cuts land in checkpoint writes,
+        # and the completion run after a cut resumes the persisted session.
+        return dev.install(step.image, step.mode, chunk=512, sha=True, checkpoint=4096, **kw)
     return dev.boot(**kw)  # type: ignore[arg-type]
 
 

@@ -20,7 +20,10 @@ CUT_EXIT = 75  # nor_sim.CUT_EXIT
 ALIGNS = (1, 4, 8, 16)
 NONE = 0xFF
 MAGIC = 0x5342504D
-REC_FMT = "<IIBBBBI8s16s16sI"
+REC_FMT = "<IIBBBBI8s16s16sII16sB"  # then 0xff to byte 92, CRC-32 of [0, 92)
+REC = 96
+CRC_AT = 92
+S = 8 * REC  # the default test sector: 8 records
 
 
 def pat(n: int, seed: int) -> bytes:
@@ -569,26 +572,33 @@ class Rec:
     version: bytes = bytes(8)
     ok0: bytes = bytes(16)
     ok1: bytes = bytes(16)
+    slen: int = 0
+    soff: int = 0
+    ssha: bytes = bytes(16)
+    sslot: int = NONE
     crc_xor: int = field(default=0, compare=False)
 
     def body(self, magic: int = MAGIC) -> bytes:
         return struct.pack(REC_FMT, magic, self.seq, self.active, self.test, self.trial, self.flags,
-                           self.floor, self.version, self.ok0, self.ok1, 0xFFFFFFFF)
+                           self.floor, self.version, self.ok0, self.ok1, self.slen, self.soff, self.ssha,
+                           self.sslot).ljust(CRC_AT, b"\xff")
 
-    def encode(self, size: int = 64) -> bytes:
-        """The record as on flash: 60 bytes, CRC-32 of them (LE), 0xff up to the write unit."""
+    def encode(self, size: int = REC) -> bytes:
+        """The record as on flash: 92 bytes, CRC-32 of them (LE), 0xff up to the write unit."""
         body = self.body()
         return (body + struct.pack("<I", zlib.crc32(body) ^ self.crc_xor)).ljust(size, b"\xff")
 
     def fmt(self) -> str:
         return " ".join([str(self.seq), str(self.active), str(self.test), str(self.trial), str(self.flags),
-                         str(self.floor), self.version.hex(), self.ok0.hex(), self.ok1.hex()])
+                         str(self.floor), self.version.hex(), self.ok0.hex(), self.ok1.hex(), str(self.slen),
+                         str(self.soff), self.ssha.hex(), str(self.sslot)])
 
     def sets(self) -> list[str]:
         """dev_flash ops setting every field but seq."""
         return [f"set:1={self.active}", f"set:2={self.test}", f"set:3={self.trial}", f"set:4={self.flags}",
                 f"set:5={self.floor}", f"set:6=h:{self.version.hex()}", f"set:7=h:{self.ok0.hex()}",
-                f"set:8=h:{self.ok1.hex()}"]
+                f"set:8=h:{self.ok1.hex()}", f"set:9={self.slen}", f"set:10={self.soff}",
+                f"set:11=h:{self.ssha.hex()}", f"set:12={self.sslot}"]
 
 
 def saved(seq: int) -> Rec:
@@ -601,23 +611,23 @@ def decode(slot: bytes) -> int | str:
     if slot == b"\xff" * len(slot):
         return "blank"
     magic, seq = struct.unpack_from("<II", slot)
-    if magic != MAGIC or zlib.crc32(slot[:60]) != struct.unpack_from("<I", slot, 60)[0]:
+    if magic != MAGIC or zlib.crc32(slot[:CRC_AT]) != struct.unpack_from("<I", slot, CRC_AT)[0]:
         return "bad"
     return seq
 
 
 @dataclass
 class Geo:
-    size: int = 2048
-    sector: int = 512
+    size: int = 4 * S
+    sector: int = S
     align: int = 1
-    start: int = 512  # state area: chip sectors 1 and 2; sectors 0 and 3 are neighbours
-    asize: int = 1024
+    start: int = S  # state area: chip sectors 1 and 2; sectors 0 and 3 are neighbours
+    asize: int = 2 * S
     ws: int = 1
 
     @property
     def rec(self) -> int:
-        return (64 + self.ws - 1) // self.ws * self.ws
+        return (REC + self.ws - 1) // self.ws * self.ws
 
 
 class StChip:
@@ -685,13 +695,14 @@ def group(lines: list[str]) -> dict[str, list[str]]:
 
 
 BLANK = Rec()
+NEW = f"new ok {REC} 8"
 
 
 def test_state_blank_area(device, tmp_path: Path) -> None:
     chip = StChip(tmp_path, "s")
     out = st_run(device, tmp_path, chip.op(), "blank", "new", "load", "errors")["s"]
-    assert out == ["blank " + BLANK.fmt(), "new ok 64 8", "load 0 " + BLANK.fmt(), "errors 0"]
-    assert chip.area() == b"\xff" * 1024  # loading writes nothing
+    assert out == ["blank " + BLANK.fmt(), NEW, "load 0 " + BLANK.fmt(), "errors 0"]
+    assert chip.area() == b"\xff" * (2 * S)  # loading writes nothing
     assert chip.state_wear() == [0, 0]
     assert chip.neighbours_untouched()
 
@@ -703,12 +714,12 @@ def test_state_round_trip_every_field_across_processes(device, tmp_path: Path) -
     r2 = Rec(2, active=0, test=1, trial=1, flags=0, floor=0x80000001,
              version=b"\x07" * 8, ok0=b"\xff" * 16, ok1=bytes(16))
     out = st_run(device, tmp_path, chip.op(), "new", "load", *r1.sets(), "save", "check")["s"]
-    assert out == ["new ok 64 8", "load 0 " + BLANK.fmt(), "save 1", "check 1 " + r1.fmt()]
+    assert out == [NEW, "load 0 " + BLANK.fmt(), "save 1", "check 1 " + r1.fmt()]
     assert chip.slot(0, 0) == r1.encode()  # the documented layout, bit for bit
     out = st_run(device, tmp_path, chip.op(), "new", "load", *r2.sets(), "save")["s"]
-    assert out == ["new ok 64 8", "load 1 " + r1.fmt(), "save 2"]
+    assert out == [NEW, "load 1 " + r1.fmt(), "save 2"]
     out = st_run(device, tmp_path, chip.op(), "new", "load")["s"]
-    assert out == ["new ok 64 8", "load 1 " + r2.fmt()]
+    assert out == [NEW, "load 1 " + r2.fmt()]
     assert chip.slot(0, 1) == r2.encode()
     assert chip.slots() == [[1, 2] + ["blank"] * 6, ["blank"] * 8]
     assert chip.state_wear() == [1, 0]
@@ -716,42 +727,42 @@ def test_state_round_trip_every_field_across_processes(device, tmp_path: Path) -
 
 
 def test_state_sector_switch_after_records_per_sector(device, tmp_path: Path) -> None:
-    chip = StChip(tmp_path, "s")  # 512-byte sectors: 8 records of 64 bytes each
+    chip = StChip(tmp_path, "s")  # 768-byte sectors: 8 records of 96 bytes each
     op = chip.op()
     out = st_run(device, tmp_path, op, "new", "load", "saven:8", "check")["s"]
-    assert out == ["new ok 64 8", "load 0 " + BLANK.fmt(), "saven 1 2 3 4 5 6 7 8", "check 1 " + saved(8).fmt()]
+    assert out == [NEW, "load 0 " + BLANK.fmt(), "saven 1 2 3 4 5 6 7 8", "check 1 " + saved(8).fmt()]
     assert chip.slots() == [[1, 2, 3, 4, 5, 6, 7, 8], ["blank"] * 8]
     assert chip.state_wear() == [1, 0]
     # The 9th save: the other sector is erased and takes it; the full one is kept.
     out = st_run(device, tmp_path, op, "new", "load", "saven:1", "check")["s"]
-    assert out == ["new ok 64 8", "load 1 " + saved(8).fmt(), "saven 9", "check 1 " + saved(9).fmt()]
+    assert out == [NEW, "load 1 " + saved(8).fmt(), "saven 9", "check 1 " + saved(9).fmt()]
     assert chip.slots() == [[1, 2, 3, 4, 5, 6, 7, 8], [9] + ["blank"] * 7]
     assert chip.state_wear() == [1, 1]
     out = st_run(device, tmp_path, op, "new", "load", "saven:7")["s"]
-    assert out == ["new ok 64 8", "load 1 " + saved(9).fmt(), "saven 10 11 12 13 14 15 16"]
+    assert out == [NEW, "load 1 " + saved(9).fmt(), "saven 10 11 12 13 14 15 16"]
     assert chip.slots() == [[1, 2, 3, 4, 5, 6, 7, 8], list(range(9, 17))]
     assert chip.state_wear() == [1, 1]
     out = st_run(device, tmp_path, op, "new", "load", "saven:1", "errors")["s"]
-    assert out == ["new ok 64 8", "load 1 " + saved(16).fmt(), "saven 17", "errors 0"]
+    assert out == [NEW, "load 1 " + saved(16).fmt(), "saven 17", "errors 0"]
     assert chip.slots() == [[17] + ["blank"] * 7, list(range(9, 17))]
     assert chip.state_wear() == [2, 1]
     assert chip.slot(0, 0) == saved(17).encode()
     out = st_run(device, tmp_path, op, "new", "load")["s"]
-    assert out == ["new ok 64 8", "load 1 " + saved(17).fmt()]
+    assert out == [NEW, "load 1 " + saved(17).fmt()]
     assert chip.neighbours_untouched()
 
 
 GEOMETRIES = {
     # name: (geometry, saves, rec, per, expected slots per sector (seqs), wear)
-    "a16": (Geo(align=16, ws=16), 9, 64, 8, [list(range(1, 9)), [9] + ["blank"] * 7], [1, 1]),
-    "ws64": (Geo(align=8, ws=64), 3, 64, 8, [[1, 2, 3] + ["blank"] * 5, ["blank"] * 8], [1, 0]),
+    "a16": (Geo(align=16, ws=16), 9, 96, 8, [list(range(1, 9)), [9] + ["blank"] * 7], [1, 1]),
+    "ws64": (Geo(align=8, ws=64), 3, 128, 6, [[1, 2, 3] + ["blank"] * 3, ["blank"] * 6], [1, 0]),
     "ws128": (Geo(size=4 * 4096, sector=4096, align=16, start=4096, asize=8192, ws=128), 33, 128, 32,
               [list(range(1, 33)), [33] + ["blank"] * 31], [1, 1]),
-    "ws256": (Geo(align=8, ws=256), 5, 256, 2, [[5, "blank"], [3, 4]], [2, 1]),
-    "per1": (Geo(size=256, sector=64, align=4, start=64, asize=128, ws=64), 5, 64, 1, [[5], [4]], [3, 2]),
+    "ws256": (Geo(align=8, ws=256), 5, 256, 3, [[1, 2, 3], [4, 5, "blank"]], [1, 1]),
+    "per1": (Geo(size=512, sector=128, align=4, start=128, asize=256, ws=64), 5, 128, 1, [[5], [4]], [3, 2]),
     # Sectors that are not a multiple of the record: the tail of each sector stays unused.
-    "odd100": (Geo(size=400, sector=100, align=4, start=100, asize=200, ws=4), 5, 64, 1, [[5], [4]], [3, 2]),
-    "odd160": (Geo(size=640, sector=160, align=1, start=160, asize=320, ws=1), 5, 64, 2,
+    "odd100": (Geo(size=400, sector=100, align=4, start=100, asize=200, ws=4), 5, 96, 1, [[5], [4]], [3, 2]),
+    "odd200": (Geo(size=800, sector=200, align=1, start=200, asize=400, ws=1), 5, 96, 2,
                [[5, "blank"], [3, 4]], [2, 1]),
     "ws48": (Geo(size=576, sector=144, align=16, start=144, asize=288, ws=48), 3, 96, 1, [[3], [2]], [2, 1]),
 }
@@ -781,10 +792,10 @@ def test_state_record_size_follows_write_unit(device, tmp_path: Path) -> None:
 
 def test_state_area_of_wrong_size(device, tmp_path: Path) -> None:
     bad = {
-        "one": Geo(start=512, asize=512),
-        "three": Geo(start=512, asize=1536),
-        "whole": Geo(start=0, asize=2048),
-        "tiny_sectors": Geo(size=256, sector=32, start=64, asize=64),  # a record needs 64 bytes
+        "one": Geo(start=S, asize=S),
+        "three": Geo(start=S, asize=3 * S),
+        "whole": Geo(start=0, asize=4 * S),
+        "tiny_sectors": Geo(size=256, sector=32, start=64, asize=64),  # a record needs 96 bytes
         "ws_over_half": Geo(size=1024, sector=128, align=16, start=0, asize=256, ws=128),
     }
     ops = []
@@ -806,10 +817,10 @@ def _garbage() -> dict[str, bytes]:
     bad_magic = r4.body(magic=MAGIC ^ 0x00010000)
     return {
         "zeros4": bytes(4),
-        "byte63": b"\xff" * 63 + b"\x00",  # only the last byte of the slot
+        "byte95": b"\xff" * (REC - 1) + b"\x00",  # only the last byte of the slot
         "prefix32": full[:32],  # half-programmed
-        "prefix63": full[:63],
-        "word": full[:60] + bytes(b | 0x55 for b in full[60:]),  # last word half-programmed
+        "prefix95": full[: REC - 1],
+        "word": full[:CRC_AT] + bytes(b | 0x55 for b in full[CRC_AT:]),  # last word half-programmed
         "badcrc": replace(r4, crc_xor=0x00000100).encode(),
         "badmagic": bad_magic + struct.pack("<I", zlib.crc32(bad_magic)),
         "body": full[:12] + bytes([full[12] & 0xFE]) + full[13:],  # floor 3 -> 2, CRC not
@@ -825,18 +836,18 @@ def test_state_torn_or_corrupt_newest_record_is_ignored(device, tmp_path: Path) 
     ops = []
     chips = {}
     for name, junk in GARBAGE.items():
-        assert decode(junk.ljust(64, b"\xff")) == "bad", name
+        assert decode(junk.ljust(REC, b"\xff")) == "bad", name
         chips[name] = chip = StChip(tmp_path, name)
-        ops += [chip.op(), "new", "load", "saven:3", f"raw:192:{junk.hex()}", "new", "load", "save",
+        ops += [chip.op(), "new", "load", "saven:3", f"raw:{3 * REC}:{junk.hex()}", "new", "load", "save",
                 "errors", "check"]
     out = st_run(device, tmp_path, *ops)
     r4 = saved(3)
     r4.seq = 4
     for name, junk in GARBAGE.items():
         chip = chips[name]
-        assert out[name] == ["new ok 64 8", "load 0 " + BLANK.fmt(), "saven 1 2 3", "raw ok", "new ok 64 8",
+        assert out[name] == [NEW, "load 0 " + BLANK.fmt(), "saven 1 2 3", "raw ok", NEW,
                              "load 1 " + saved(3).fmt(), "save 4", "errors 0", "check 1 " + r4.fmt()], name
-        assert chip.slot(0, 3) == junk.ljust(64, b"\xff"), name  # left alone
+        assert chip.slot(0, 3) == junk.ljust(REC, b"\xff"), name  # left alone
         assert chip.slot(0, 4) == r4.encode(), name
         assert chip.slots() == [[1, 2, 3, "bad", 4, "blank", "blank", "blank"], ["blank"] * 8], name
         assert chip.state_wear() == [1, 0], name
@@ -849,16 +860,16 @@ def test_state_torn_record_at_sector_edges(device, tmp_path: Path) -> None:
     last = StChip(tmp_path, "last")
     first = StChip(tmp_path, "first")
     out = st_run(device, tmp_path,
-                 last.op(), "new", "load", "saven:7", f"raw:448:{junk}", "new", "load", "save", "errors", "check",
-                 first.op(), "new", "load", "saven:8", f"raw:512:{junk}", "new", "load", "save", "errors", "check")
+                 last.op(), "new", "load", "saven:7", f"raw:{7 * REC}:{junk}", "new", "load", "save", "errors", "check",
+                 first.op(), "new", "load", "saven:8", f"raw:{S}:{junk}", "new", "load", "save", "errors", "check")
     r = saved(7)
     r.seq = 8
-    assert out["last"][4:] == ["new ok 64 8", "load 1 " + saved(7).fmt(), "save 8", "errors 0", "check 1 " + r.fmt()]
+    assert out["last"][4:] == [NEW, "load 1 " + saved(7).fmt(), "save 8", "errors 0", "check 1 " + r.fmt()]
     assert last.slots() == [[1, 2, 3, 4, 5, 6, 7, "bad"], [8] + ["blank"] * 7]
     assert last.state_wear() == [1, 1]
     r = saved(8)
     r.seq = 9
-    assert out["first"][4:] == ["new ok 64 8", "load 1 " + saved(8).fmt(), "save 9", "errors 0", "check 1 " + r.fmt()]
+    assert out["first"][4:] == [NEW, "load 1 " + saved(8).fmt(), "save 9", "errors 0", "check 1 " + r.fmt()]
     assert first.slots() == [list(range(1, 9)), [9] + ["blank"] * 7]
     assert first.slot(1, 0) == r.encode()
     assert first.state_wear() == [1, 1]
@@ -886,15 +897,15 @@ def test_state_highest_sequence_wins_regardless_of_sector(device, tmp_path: Path
     for name, (a, b, _, _) in ORDERS.items():
         chips[name] = chip = StChip(tmp_path, name)
         ops.append(chip.op())
-        ops += [f"raw:{i * 64}:{_rec(s).encode().hex()}" for i, s in enumerate(a)]
-        ops += [f"raw:{512 + i * 64}:{_rec(s).encode().hex()}" for i, s in enumerate(b)]
+        ops += [f"raw:{i * REC}:{_rec(s).encode().hex()}" for i, s in enumerate(a)]
+        ops += [f"raw:{S + i * REC}:{_rec(s).encode().hex()}" for i, s in enumerate(b)]
         ops += ["new", "load", "save", "errors", "check"]
     out = st_run(device, tmp_path, *ops)
     for name, (a, b, win, (sec, slot)) in ORDERS.items():
         chip = chips[name]
         nxt = replace(_rec(win), seq=win + 1)
         n = len(a) + len(b)
-        assert out[name] == ["raw ok"] * n + ["new ok 64 8", "load 1 " + _rec(win).fmt(), f"save {win + 1}",
+        assert out[name] == ["raw ok"] * n + [NEW, "load 1 " + _rec(win).fmt(), f"save {win + 1}",
                                               "errors 0", "check 1 " + nxt.fmt()], name
         assert chip.slot(sec, slot) == nxt.encode(), name
         assert chip.state_wear() == [0, 0], name
@@ -903,9 +914,9 @@ def test_state_highest_sequence_wins_regardless_of_sector(device, tmp_path: Path
 def test_state_only_invalid_records_is_blank(device, tmp_path: Path) -> None:
     """No valid record anywhere: blank(), found False, and the first save erases sector 0."""
     chip = StChip(tmp_path, "s")
-    out = st_run(device, tmp_path, chip.op(), f"raw:0:{GARBAGE['badcrc'].hex()}", f"raw:512:{GARBAGE['body'].hex()}",
+    out = st_run(device, tmp_path, chip.op(), f"raw:0:{GARBAGE['badcrc'].hex()}", f"raw:{S}:{GARBAGE['body'].hex()}",
                  "new", "load", "save", "check")["s"]
-    assert out == ["raw ok", "raw ok", "new ok 64 8", "load 0 " + BLANK.fmt(), "save 1",
+    assert out == ["raw ok", "raw ok", NEW, "load 0 " + BLANK.fmt(), "save 1",
                    "check 1 " + replace(BLANK, seq=1).fmt()]
     assert chip.slots()[0] == [1] + ["blank"] * 7
     assert chip.state_wear() == [1, 0]
@@ -916,7 +927,7 @@ TORN_SAVES = {
     "none": (Geo(), "", 3),
     "half": (Geo(), "half", 4),
     "prefix1": (Geo(), "prefix:1", 4),
-    "prefix63": (Geo(), "prefix:63", 4),
+    "prefix95": (Geo(), "prefix:95", 4),
     "word": (Geo(), "word", 4),
     "a16_word": (Geo(align=16, ws=16), "word", 4),
     "a16_half": (Geo(align=16, ws=16), "half", 4),
@@ -933,10 +944,10 @@ def test_state_power_cut_during_save(device, tmp_path: Path, name: str) -> None:
     assert proc.returncode == CUT_EXIT, (proc.stdout, proc.stderr)
     assert "saven 1 2 3" in proc.stdout and "save 4" not in proc.stdout
     torn = chip.slot(0, 3)
-    assert (torn == b"\xff" * 64) == (tear == "")
+    assert (torn == b"\xff" * REC) == (tear == "")
     out = st_run(device, tmp_path, chip.op(), "new", "load", "save", "errors", "check")["s"]
     r4 = replace(saved(3), seq=4)
-    assert out == ["new ok 64 8", "load 1 " + saved(3).fmt(), "save 4", "errors 0", "check 1 " + r4.fmt()]
+    assert out == [NEW, "load 1 " + saved(3).fmt(), "save 4", "errors 0", "check 1 " + r4.fmt()]
     assert chip.slot(0, slot) == r4.encode()
     if slot == 4:
         assert chip.slot(0, 3) == torn  # the torn record is left where it is
@@ -964,7 +975,7 @@ def test_state_power_cut_during_sector_switch(device, tmp_path: Path, name: str)
     assert chip.slots()[1] == list(range(9, 17))  # the newest records survive any cut
     out = st_run(device, tmp_path, chip.op(), "new", "load", "save", "errors", "check")["s"]
     r17 = replace(saved(16), seq=17)
-    assert out == ["new ok 64 8", "load 1 " + saved(16).fmt(), "save 17", "errors 0", "check 1 " + r17.fmt()]
+    assert out == [NEW, "load 1 " + saved(16).fmt(), "save 17", "errors 0", "check 1 " + r17.fmt()]
     assert chip.slots() == [[17] + ["blank"] * 7, list(range(9, 17))]
     assert chip.slot(0, 0) == r17.encode()
     w = chip.state_wear()

@@ -12,7 +12,7 @@ import pytest
 
 from mpboot.keys import SigningKey
 from mpboot.sim import Geometry, SimDevice
-from powercut import Matrix, Scenario, Step, sample, summary
+from powercut import Matrix, Scenario, Step, run_step, sample, summary
 from simkit import boot, installed, make_app, sign_app
 
 
@@ -55,8 +55,13 @@ def prepared(work: Path, lib: Path, geometry: Geometry, images: dict[str, Path],
     return dev, m_update, m_revert
 
 
+# State records left when each scenario starts: an install writes three (session, checkpoint,
+# mark), so the update's first boot and the revert's second boot switch state sectors.
+FREE = (3, 4)
+
+
 def test_reference_scenarios_do_what_they_say(sim_lib: Path, images: dict[str, Path], tmp_path: Path) -> None:
-    _, m_update, m_revert = prepared(tmp_path, sim_lib, Geometry(64 * 1024, 4096, 16), images, (1, 2))
+    _, m_update, m_revert = prepared(tmp_path, sim_lib, Geometry(64 * 1024, 4096, 16), images, FREE)
     assert m_update.expected == [("install", "2.0.0+0"), ("boot", "2.0.0", True, "2.0.0"),
                                  ("boot", "2.0.0", False, "2.0.0")]
     assert m_revert.expected == [("install", "3.0.0+0"), ("boot", "3.0.0", True, "3.0.0"),
@@ -67,7 +72,7 @@ def test_reference_scenarios_do_what_they_say(sim_lib: Path, images: dict[str, P
 
 def test_power_cut_exhaustive(sim_lib: Path, images: dict[str, Path], tmp_path: Path, record_property) -> None:  # type: ignore[no-untyped-def]
     geometry = Geometry(64 * 1024, 4096, 16)
-    dev, m_update, m_revert = prepared(tmp_path, sim_lib, geometry, images, (1, 2))
+    dev, m_update, m_revert = prepared(tmp_path, sim_lib, geometry, images, FREE)
     counts, failures = run_matrices(dev, (m_update, m_revert))
     line = summary("", counts)
     record_property("summary", line + f" (exhaustive: update + revert, {m_update.op_count() + m_revert.op_count()} "
@@ -116,8 +121,27 @@ def test_power_cut_exhaustive_every_layout(sim_lib: Path, images: dict[str, Path
     """The soak version (make test-slow): every cut point, every layout, with the state log
     switching sectors during each scenario."""
     geometry = layout(align, sector)
-    dev, m_update, m_revert = prepared(tmp_path, sim_lib, geometry, images, (1, 2))
+    dev, m_update, m_revert = prepared(tmp_path, sim_lib, geometry, images, FREE)
     counts, failures = run_matrices(dev, (m_update, m_revert))
     record_property("summary", summary(f" (exhaustive, align {align}, sector {sector // 1024}K)", counts))
     assert not failures, "\n".join(failures[:20])
     assert counts["safe"] == sum(counts.values())
+
+
+def test_an_install_cut_after_its_checkpoint_resumes_there(sim_lib: Path, images: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    """Cut each flash operation of an install in turn: once the checkpoint is on flash, the
+    next install continues from it instead of from 0, and the image lands intact."""
+    dev, m_update, _ = prepared(tmp_path, sim_lib, Geometry(64 * 1024, 4096, 16), images, FREE)
+    base = m_update.snaps[0]  # the device before the update's install
+    resumed = []
+    for op in range(len(m_update.ops[0])):
+        dev.restore(base)
+        assert run_step(dev, m_update.scenario.steps[0], fault=f"cut={op}").cut
+        again = run_step(dev, m_update.scenario.steps[0])
+        assert installed(again) == 1 and "2.0.0" in (again.line("INSTALLED") or "")
+        if again.line("RESUMED"):
+            assert again.line("RESUMED") == "RESUMED at 4096"
+            resumed.append(op)
+    # From the cut right after the checkpoint record to the end of the install's writes.
+    assert resumed and resumed == list(range(resumed[0], len(m_update.ops[0]))), resumed

@@ -157,10 +157,11 @@ class Plan:
     def image(self, data: bytes) -> Step:
         return self.add("image", self.file(data))
 
-    def begin(self, hdr: int = 32, total: int | str = "-", manifest: str | bytes = "-") -> Step:
+    def begin(self, hdr: int = 32, total: int | str = "-", manifest: str | bytes = "-",
+              sha: str | None = None) -> Step:
         if isinstance(manifest, bytes):
             manifest = str(self.file(manifest))
-        return self.add("begin", hdr, total, manifest)
+        return self.add("begin", hdr, total, manifest, *([sha] if sha else []))
 
     def install(self, running: int, img: bytes, mark: int, *, chunks: str = "509", manifest: str = "-") -> Step:
         """updater, image, begin, send, finish: returns the finish step (the others must be OK)."""
@@ -322,7 +323,7 @@ def test_write_protocol_errors(plan: Plan) -> None:
     # erased bytes to the end of its last sector, and exactly its write units were programmed.
     session = plan.steps[plan.steps.index(begin) : plan.steps.index(finish) + 1]
     assert sum(s.prog for s in session) == roundup(n, 8)
-    assert sum(s.erase for s in session) == roundup(n, SECTOR) // SECTOR
+    assert sum(s.erase for s in session) == 0  # the slot was blank: nothing to erase
     assert flash.slot_bytes(0)[: roundup(n, SECTOR)] == b + b"\xff" * (roundup(n, SECTOR) - n)
 
 
@@ -700,3 +701,108 @@ def test_finish_refuses_an_image_longer_than_what_was_sent(plan: Plan) -> None:
     assert stale[2].refused() == ("image", E_SIZE), stale[2].line  # ...but it was not all sent
     assert after.values == before.values and after.values[1] == str(NONE)
     assert boot.values == ["0", "0"]  # blank state: the factory-fresh rule boots the valid slot
+
+
+# --------------------------------------------------------------- persisted upload sessions
+BIG = image("2.0.0", payload=20000, seed="big")  # about 21 KiB: crosses two 8 KiB checkpoints
+CKPT = 8192
+
+
+def sha_hex(img: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(img).hexdigest()
+
+
+def test_session_resumes_from_its_last_checkpoint_after_a_power_on(plan: Plan) -> None:
+    """An upload named by its sha is checkpointed every CKPT bytes; a new power-on (fresh
+    Slots and Updater) given the same image continues from the last checkpoint, rewriting
+    (after erasing again) only the sector the cut interrupted; the result is byte-exact."""
+    a = image("1.0.0")
+    flash = plan.dev("resume", slots=(a, None))
+    setup = [plan.add("confirm", 0), plan.add("updater", 0, CKPT), plan.image(BIG)]
+    begin = plan.begin(hdr=512, sha="auto")
+    part = plan.add("send", "509", 13000)  # past the first checkpoint, short of the second
+    during = plan.add("session")
+    again = [plan.add("boot"), plan.add("updater", 0, CKPT), plan.image(BIG)]
+    resumed = plan.begin(hdr=512, sha="auto")
+    rest = plan.add("send", "509")
+    finish = plan.add("finish", MARK_TEST)
+    after = plan.add("session")
+    plan.run()
+    assert all(s.ok for s in setup + again), [s.line for s in setup + again]
+    assert begin.values == ["1", "0"]
+    assert part.value() == 13000
+    assert during.values == ["1", str(len(BIG)), str(CKPT), sha_hex(BIG)[:32]]
+    assert resumed.values == ["1", str(CKPT)], resumed.line
+    assert rest.value() == len(BIG)
+    assert finish.ok and finish.values[:2] == ["1", "2.0.0+0"], finish.line
+    assert after.values == ["255", "0", "0", "00" * 16]  # finishing ended the session
+    assert flash.slot_bytes(1)[: len(BIG)] == BIG
+    # Sectors 2 and 3 (bytes 8192..13000) were programmed after the checkpoint, before the
+    # reset: erased once each on resume. The others were blank and never erased; the slot 0
+    # image was never touched.
+    assert flash.slot_wear(1)[:6] == [0, 0, 1, 1, 0, 0]
+    assert flash.slot_bytes(0)[: len(a)] == a and flash.slot_wear(0) == [0] * len(flash.slot_wear(0))
+
+
+def test_another_image_or_no_sha_starts_a_new_session(plan: Plan) -> None:
+    other = image("2.0.1", payload=20000, seed="other")
+    plan.dev("other", slots=(image("1.0.0"), None))
+    plan.must += [plan.add("confirm", 0), plan.add("updater", 0, CKPT), plan.image(BIG)]
+    plan.must.append(plan.begin(hdr=512, sha="auto"))
+    plan.must.append(plan.add("send", "509", 13000))
+    plan.must += [plan.add("boot"), plan.add("updater", 0, CKPT), plan.image(other)]
+    fresh = plan.begin(hdr=512, sha="auto")  # another sha: from 0, and its own session
+    sess = plan.add("session")
+    plan.must += [plan.add("boot"), plan.add("updater", 0, CKPT), plan.image(other)]
+    nosha = plan.begin(hdr=512)  # no sha: not resumable, and the stale session is dropped
+    sess2 = plan.add("session")
+    plan.run()
+    assert fresh.values == ["1", "0"]
+    assert sess.values == ["1", str(len(other)), "0", sha_hex(other)[:32]]
+    assert nosha.values == ["1", "0"]
+    assert sess2.values == ["255", "0", "0", "00" * 16]
+
+
+def test_a_dirty_slot_is_erased_once_per_sector_and_a_blank_one_not_at_all(plan: Plan) -> None:
+    junk = random.Random(7).randbytes(slot_size())
+    dirty = plan.dev("dirty", slots=(image("1.0.0"), junk))
+    plan.must.append(plan.add("confirm", 0))
+    fin = plan.install(0, BIG, MARK_NONE)
+    plan.run()
+    assert fin.ok, fin.line
+    used = roundup(len(BIG), SECTOR) // SECTOR
+    assert dirty.slot_wear(1) == [1] * used + [0] * (slot_size() // SECTOR - used)
+
+
+def test_finish_refuses_an_image_whose_sha_is_not_the_clients(plan: Plan) -> None:
+    flash = plan.dev("sha", slots=(image("1.0.0"), None))
+    plan.must += [plan.add("confirm", 0), plan.add("updater", 0, CKPT), plan.image(BIG)]
+    plan.must.append(plan.begin(hdr=512, sha="00" * 32))
+    plan.must.append(plan.add("send", "2048"))
+    fin = plan.add("finish", MARK_TEST)
+    state = plan.add("state")
+    sess = plan.add("session")
+    plan.run()
+    assert fin.refused() == ("image", E_HASH_MISMATCH)
+    assert state.values[1] == "255"  # not marked for a test boot
+    assert sess.values[0] == "255"  # the session ended
+    assert flash.slot_bytes(0)[:4] == struct.pack("<I", 0x96F3B83D)  # running image untouched
+
+
+def test_erase_refuses_the_running_slot_and_clears_the_other(plan: Plan) -> None:
+    b = image("2.0.0")
+    flash = plan.dev("erase", slots=(image("1.0.0"), None))
+    plan.must.append(plan.add("confirm", 0))
+    plan.must.append(plan.install(0, b, MARK_TEST))
+    marked = plan.add("state")
+    running = plan.add("erase", 0)
+    other = plan.add("erase", 1)
+    state = plan.add("state")
+    plan.run()
+    assert marked.values[1] == "1"
+    assert running.refused() == ("update", U_BUSY) and running.ops == 0
+    assert other.values == ["1"] and state.values[1] == "255"  # unmarked, then erased
+    assert flash.slot_bytes(1) == b"\xff" * slot_size()
+    assert flash.slot_bytes(0)[:4] == struct.pack("<I", 0x96F3B83D)

@@ -11,8 +11,10 @@ from binascii import crc32
 from micropython import const
 
 _MAGIC = const(0x5342504D)  # "MPBS"
-_REC = const(64)  # record size before rounding up to the write unit
-_FMT = "<IIBBBBI8s16s16sI"  # magic seq active test trial flags floor version ok0 ok1 reserved
+_REC = const(96)  # record size before rounding up to the write unit
+_CRC_AT = const(92)  # the CRC-32 of bytes [0, 92) is the record's last word
+# magic seq active test trial flags floor version ok0 ok1 | upload session: len off sha slot
+_FMT = "<IIBBBBI8s16s16sII16sB"
 NONE = const(0xFF)  # "no slot" in active/test/trial
 
 # Record fields, in a list (cheaper than a class):
@@ -25,11 +27,24 @@ FLOOR = const(5)  # anti-rollback: lowest security counter accepted
 VERSION = const(6)  # 8-byte version (header layout) of the confirmed image in ACTIVE
 OK0 = const(7)  # first 16 bytes of the digest of the confirmed image in slot 0 (or zeros)
 OK1 = const(8)  # ... in slot 1
+# The open upload session (docs/PROTOCOL.md, persisted resume): the image being written to
+# slot SSLOT, its length, the first 16 bytes of its SHA-256 and how far it is known written.
+SLEN = const(9)
+SOFF = const(10)  # bytes [0, SOFF) of the slot are written and synced
+SSHA = const(11)
+SSLOT = const(12)  # NONE: no session
 
 
 def blank():
     # The state of a device that has never written one (factory-fresh state area).
-    return [0, NONE, NONE, NONE, 0, 0, bytes(8), bytes(16), bytes(16)]
+    return [0, NONE, NONE, NONE, 0, 0, bytes(8), bytes(16), bytes(16), 0, 0, bytes(16), NONE]
+
+
+def end_session(rec):
+    # Forgets the upload session (the caller saves the record).
+    rec[SLEN] = rec[SOFF] = 0
+    rec[SSHA] = bytes(16)
+    rec[SSLOT] = NONE
 
 
 class Store:
@@ -51,7 +66,7 @@ class Store:
         self.area.read(off, buf)
         if struct.unpack_from("<I", buf, 0)[0] != _MAGIC:
             return -1
-        if crc32(memoryview(buf)[:60]) != struct.unpack_from("<I", buf, 60)[0]:
+        if crc32(memoryview(buf)[:_CRC_AT]) != struct.unpack_from("<I", buf, _CRC_AT)[0]:
             return -1
         return struct.unpack_from("<I", buf, 4)[0]
 
@@ -96,7 +111,7 @@ class Store:
         self.pos = s * es + nxt * self.rec if nxt < self.per else -1
         self._valid(best_off)
         f = struct.unpack_from(_FMT, self.buf, 0)
-        return [f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], f[9]]
+        return list(f[1:])
 
     def save(self, rec):
         # Appends rec with the next sequence number (rec[SEQ] is updated).
@@ -106,9 +121,10 @@ class Store:
             buf[i] = 0xFF
         struct.pack_into(
             _FMT, buf, 0, _MAGIC, rec[SEQ], rec[ACTIVE], rec[TEST], rec[TRIAL], rec[FLAGS],
-            rec[FLOOR], rec[VERSION], rec[OK0], rec[OK1], 0xFFFFFFFF,
+            rec[FLOOR], rec[VERSION], rec[OK0], rec[OK1], rec[SLEN], rec[SOFF], rec[SSHA],
+            rec[SSLOT],
         )
-        struct.pack_into("<I", buf, 60, crc32(memoryview(buf)[:60]))
+        struct.pack_into("<I", buf, _CRC_AT, crc32(memoryview(buf)[:_CRC_AT]))
         es = self.area.erase_size
         if self.pos < 0:
             # Current sector full (or nothing written yet): erase the other one and start it.

@@ -1,16 +1,23 @@
 # The updater the transports call: begin(total, header) -> write(off, data)... -> finish().
 #
 # It writes into the slot the device is not running, erasing sector by sector just ahead of
-# the data, so a refused or abandoned update costs only what it wrote. begin() refuses an
+# the data (sectors that already read erased are not erased again), so a refused or
+# abandoned update costs only what it wrote. begin() refuses an
 # image from its header (and, when the client sends it, the protected TLV area) before any
 # byte reaches flash: bad magic, sizes over the slot, another vendor's or class's image, a
 # security counter below the floor, a refused downgrade. finish() verifies the exact bytes
 # in flash and then marks the image for a test boot or permanently.
+#
+# Persisted resume: when the client names the image by its SHA-256 (SMP `sha`), the session
+# (slot, length, sha prefix) goes into the state record at begin() and its offset is
+# checkpointed every CHECKPOINT bytes once the data before it is synced; after a reset,
+# begin() with the same image continues from the last checkpoint.
+import hashlib
 from micropython import const
 
 from mpboot import image
 from mpboot.image import ImageError
-from mpboot.state import ACTIVE, NONE, TEST, TRIAL
+from mpboot.state import ACTIVE, NONE, SEQ, SLEN, SOFF, SSHA, SSLOT, TEST, TRIAL, end_session
 
 # UpdateError codes (the image's own problems raise ImageError instead).
 U_BUSY = const(1)  # the running image is on its test boot: confirm it (or reset) first
@@ -22,6 +29,8 @@ MARK_NONE = const(0)
 MARK_TEST = const(1)
 MARK_PERMANENT = const(2)
 
+CHECKPOINT = const(32768)  # persisted progress step (rounded up to whole erase sectors)
+
 
 class UpdateError(Exception):
     # raise UpdateError(code): e.args[0] is the code.
@@ -29,11 +38,15 @@ class UpdateError(Exception):
 
 
 class Updater:
+    checkpoint = CHECKPOINT  # (tests use smaller steps)
+
     def __init__(self, slots, running):
         # running: the slot the device runs now (-1: none, in recovery); never written.
         self.slots = slots
         self.running = running
         self.total = -1  # announced length; -1 when no update is open
+        self.pos = 0
+        self.sha = None  # the client's SHA-256 of the whole image, if it sent one
 
     def target(self):
         # The slot an update goes to: never the running image's.
@@ -48,12 +61,17 @@ class Updater:
         a = self.slots.state[ACTIVE]
         return a ^ 1 if a != NONE else 0
 
-    def begin(self, total, header, manifest=None):
+    def begin(self, total, header, manifest=None, sha=None):
         # total: the image's whole length. header: its first bytes (at least 32).
         # manifest: its protected TLV area, if the client sends it ahead (mpboot does).
+        # sha: the SHA-256 of the whole image, if the client sends it (SMP `sha`): finish()
+        # checks it, and it names the session so a reset does not lose the progress.
+        # Returns the offset to continue from: 0, or the last checkpoint of a persisted
+        # session of this same image (then the client's data at 0 is not written again).
         sl = self.slots
         st = sl.state
         self.total = -1
+        self.sha = None
         if self.running >= 0 and st[TRIAL] == self.running:
             raise UpdateError(U_BUSY)
         slot = self.target()
@@ -71,19 +89,32 @@ class Updater:
             if prot:
                 image.walk_protected(manifest, info)
         sl.policy(info, True)
-        if st[TEST] == slot:
-            # Its old content was marked for a test boot: unmark before erasing, or a cut
-            # later could test-boot a half-sent image that happens to verify.
-            st[TEST] = NONE
+        es = area.erase_size
+        self.ckpt = (self.checkpoint + es - 1) // es * es
+        key = bytes(sha[:16]) if sha is not None and len(sha) >= 16 else None
+        start = 0
+        if key is not None and st[SSLOT] == slot and st[SLEN] == total and st[SSHA] == key:
+            start = st[SOFF]  # the same image, interrupted: [0, start) is in flash
+        elif key is not None or st[SSLOT] != NONE or st[TEST] == slot:
+            if st[TEST] == slot:
+                # Its old content was marked for a test boot: unmark before erasing, or a
+                # cut later could test-boot a half-sent image that happens to verify.
+                st[TEST] = NONE
+            end_session(st)
+            if key is not None:
+                st[SSLOT] = slot
+                st[SLEN] = total
+                st[SSHA] = key
             sl._save(st)
         self.slot = slot
         self.area = area
         self.total = total
-        self.pos = 0  # bytes received
-        self.flushed = 0  # bytes programmed (a multiple of the write unit)
-        self.erased = 0  # bytes of the slot erased so far
+        self.sha = bytes(sha) if key is not None else None
+        # bytes received, bytes programmed (a multiple of the write unit), bytes of the slot
+        # handled by erase-ahead: all equal at a (sector-aligned) checkpoint.
+        self.pos = self.flushed = self.erased = start
         self.tail = bytearray(area.write_size)
-        return slot
+        return start
 
     def _program(self, data):
         area = self.area
@@ -91,11 +122,18 @@ class Updater:
         es = area.erase_size
         try:
             while self.erased < end:
-                area.erase(self.erased, es)
+                if not area.is_erased(self.erased, es):
+                    area.erase(self.erased, es)
                 self.erased += es
             area.write(self.flushed, data)
+            if self.sha is not None and end // self.ckpt != self.flushed // self.ckpt:
+                # Crossed a checkpoint: persist that everything before it is written.
+                area.sync()
+                st = self.slots.state
+                st[SOFF] = end // self.ckpt * self.ckpt
+                self.slots._save(st)
         except Exception:
-            self.total = -1  # a flash error closes the update: begin() again
+            self.total = -1  # a flash (or state) error closes the update: begin() again
             raise
         self.flushed = end
 
@@ -131,7 +169,8 @@ class Updater:
         return self.pos
 
     def finish(self, mark=MARK_TEST):
-        # Verifies the whole image in flash, then marks it. Returns (slot, info).
+        # Verifies the whole image in flash (and the client's sha of it), then marks it.
+        # Returns (slot, info). The session ends whatever the outcome.
         if self.total < 0 or self.pos != self.total:
             raise UpdateError(U_STATE)
         t = self.pos - self.flushed
@@ -143,15 +182,60 @@ class Updater:
         self.area.sync()
         self.total = -1
         sl = self.slots
-        info = sl.check(self.slot, None, True)
-        if info["total_size"] > self.pos:
-            # It verified only with bytes that were in the slot before (not sent now).
-            raise ImageError(image.E_SIZE)
-        if mark == MARK_TEST:
-            sl.mark_test(self.slot)
-        elif mark == MARK_PERMANENT:
-            sl.confirm(self.slot, info)
+        st = sl.state
+        seq = st[SEQ]
+        dirty = st[SSLOT] != NONE
+        end_session(st)
+        try:
+            info = sl.check(self.slot, None, True)
+            if info["total_size"] > self.pos:
+                # It verified only with bytes that were in the slot before (not sent now).
+                raise ImageError(image.E_SIZE)
+            if self.sha is not None and self._digest(self.pos) != self.sha:
+                raise ImageError(image.E_HASH_MISMATCH)  # not the image the client meant
+            if mark == MARK_TEST:
+                sl.mark_test(self.slot)
+            elif mark == MARK_PERMANENT:
+                sl.confirm(self.slot, info)
+        finally:
+            if dirty and st[SEQ] == seq:
+                sl._save(st)  # no mark was written: end the session on its own
         return self.slot, info
+
+    def _digest(self, n):
+        # SHA-256 of the slot's first n bytes, read through the verifier's buffer.
+        h = hashlib.sha256()
+        buf = self.slots.buf
+        off = 0
+        while off < n:
+            k = self.area.read(off, buf)
+            k = min(k, n - off)
+            h.update(memoryview(buf)[:k])
+            off += k
+        return h.digest()
+
+    def erase(self, slot):
+        # Erases a slot the device is not running (SMP image erase): its test mark and any
+        # upload session into it go first, in one state write.
+        if slot == self.running:
+            raise UpdateError(U_BUSY)
+        sl = self.slots
+        st = sl.state
+        if self.total >= 0 and self.slot == slot:
+            self.total = -1
+        if st[TEST] == slot or st[TRIAL] == slot or st[SSLOT] == slot:
+            if st[TEST] == slot:
+                st[TEST] = NONE
+            if st[TRIAL] == slot:
+                st[TRIAL] = NONE
+            if st[SSLOT] == slot:
+                end_session(st)
+            sl._save(st)
+        area = sl.areas[slot]
+        es = area.erase_size
+        for off in range(0, area.size, es):
+            if not area.is_erased(off, es):
+                area.erase(off, es)
 
     def abort(self):
         self.total = -1

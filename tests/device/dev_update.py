@@ -16,12 +16,17 @@
 #   set FIELD=N...        set state fields (active, test, trial, floor) and save the record
 #   boot                  a fresh Slots (a power-on) decides; it becomes the Slots in use
 #                         -> OK slot trial
-#   updater RUNNING       a new Updater(slots, RUNNING) -> OK target
+#   updater RUNNING [CKPT] a new Updater(slots, RUNNING) (persisted progress every CKPT
+#                         bytes) -> OK target
+#   session               the upload session in the state record on flash
+#                         -> OK slot len off sha16
+#   erase SLOT            up.erase(SLOT) -> OK 1 if the whole slot reads erased
 #   image PATH            the image the next begin/send/write take their bytes from
-#   begin HDRLEN TOTAL MANIFEST
-#                         begin(TOTAL, image[:HDRLEN], manifest); "-" for TOTAL is the
+#   begin HDRLEN TOTAL MANIFEST [SHA]
+#                         begin(TOTAL, image[:HDRLEN], manifest, sha); "-" for TOTAL is the
 #                         image length; MANIFEST: "-" none, "auto" the image's protected TLV
-#                         area, else a file holding it -> OK slot
+#                         area, else a file holding it; SHA: "auto" the image's SHA-256, else
+#                         hex (none when absent) -> OK slot start
 #   send CHUNKS [END]     write image[next:END] in chunks of the comma-separated sizes (cycled);
 #                         each write must return its end -> OK next (or BAD ...)
 #   write OFF LEN         one write(OFF, image[OFF:OFF+LEN] zero-padded) -> OK returned
@@ -39,7 +44,7 @@ import mpboot_keys
 from mpboot.image import ImageError
 from mpboot.ports import unix as port
 from mpboot.slots import Slots
-from mpboot.state import ACTIVE, FLOOR, OK0, OK1, TEST, TRIAL, VERSION
+from mpboot.state import ACTIVE, FLOOR, OK0, OK1, SLEN, SOFF, SSHA, SSLOT, TEST, TRIAL, VERSION
 from mpboot.update import UpdateError, Updater
 
 FIELDS = {"active": ACTIVE, "test": TEST, "trial": TRIAL, "floor": FLOOR}
@@ -124,7 +129,15 @@ def do(words):
         return [s, int(trial)]
     if cmd == "updater":
         up = Updater(slots, int(words[1]))
+        if len(words) > 2:
+            up.checkpoint = int(words[2])
         return [up.target()]
+    if cmd == "session":
+        st = slots.store.load()
+        return [st[SSLOT], st[SLEN], st[SOFF], hexlify(st[SSHA]).decode()]
+    if cmd == "erase":
+        up.erase(int(words[1]))
+        return [int(slots.areas[int(words[1])].is_erased(0, slots.areas[0].size))]
     if cmd == "image":
         img = load(words[1])
         return [len(img)]
@@ -140,8 +153,11 @@ def do(words):
             manifest = img[start : start + prot]
         else:
             manifest = load(m)
-        nxt = 0
-        return [up.begin(total, hdr, manifest)]
+        sha = None
+        if len(words) > 4:
+            sha = hashlib.sha256(img).digest() if words[4] == "auto" else unhexlify(words[4])
+        nxt = up.begin(total, hdr, manifest, sha)
+        return [up.slot, nxt]
     if cmd == "send":
         sizes = [int(x) for x in words[1].split(",")]
         end = len(img) if len(words) < 3 else int(words[2])

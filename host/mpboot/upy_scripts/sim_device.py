@@ -4,12 +4,16 @@
 # [downgrade=0] [heap=...]"; the keys come from the mpboot_keys module on sys.path.
 # Commands (one output line each that the host parses):
 #   boot                      boot: run the app, or say RECOVERY
-#   install IMAGE MODE CHUNK [manifest]
+#   install IMAGE MODE CHUNK [manifest] [sha] [ckpt=N]
 #                             boot without running the app, then take IMAGE through the
 #                             updater in CHUNK-byte writes; MODE: none | test | permanent;
-#                             "manifest": send the protected TLVs with begin()
+#                             "manifest": send the protected TLVs with begin(); "sha": name
+#                             the session by the image's SHA-256 (persisted, resumable: an
+#                             install after a cut continues from the last checkpoint, every
+#                             N bytes)
 #   status                    the state record and each slot's verdict
 #   age N                     rewrite the state record N times (moves the state log on)
+import hashlib
 import struct
 import sys
 from binascii import unhexlify
@@ -75,6 +79,10 @@ def main():
         mode = {"none": 0, "test": 1, "permanent": 2}[sys.argv[4]]
         chunk = int(sys.argv[5])
         up = Updater(slots, slot)
+        opts = sys.argv[6:]
+        for o in opts:
+            if o.startswith("ckpt="):
+                up.checkpoint = int(o[5:])
         try:
             with open(sys.argv[3], "rb") as f:
                 f.seek(0, 2)
@@ -83,15 +91,27 @@ def main():
                 buf = bytearray(chunk)
                 n = f.readinto(buf)
                 manifest = None
-                if len(sys.argv) > 6 and sys.argv[6] == "manifest":
+                sha = None
+                if "sha" in opts:
+                    h = hashlib.sha256()
+                    while n:
+                        h.update(memoryview(buf)[:n])
+                        n = f.readinto(buf)
+                    sha = h.digest()
+                    f.seek(0)
+                    n = f.readinto(buf)
+                if "manifest" in opts:
                     # Send the protected TLV area ahead, as the mpboot host client does.
                     hdr_size, prot = struct.unpack_from("<HH", buf, 8)
                     manifest = bytearray(prot)
                     f.seek(hdr_size + struct.unpack_from("<I", buf, 12)[0])
                     f.readinto(manifest)
                     f.seek(n)
-                up.begin(total, memoryview(buf)[:n], manifest)
-                off = 0
+                off = up.begin(total, memoryview(buf)[:n], manifest, sha)
+                if off:
+                    print("RESUMED at %d" % off)
+                    f.seek(off)
+                    n = f.readinto(buf)
                 while n:
                     off = up.write(off, memoryview(buf)[:n])
                     n = f.readinto(buf)
