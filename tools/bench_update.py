@@ -3,7 +3,8 @@
 
 With a freshly generated key (never a shipped or test key), a device running a confirmed
 v1 takes updates v2, v3, ... (upload in 512-byte writes, test boot, confirm), each a
-full-slot-size image, with the NOR simulator tracing every flash operation. Prints:
+full-slot-size image, named by its SHA-256 as SMP uploads are (so the persisted session and
+its checkpoints are counted), with the NOR simulator tracing every flash operation. Prints:
 - flash bytes programmed per image byte, per update (upload + state records; goal <= 1.02);
 - erases per slot sector per update, and the state area's erases per update (amortised:
   its log switches sectors only when one fills);
@@ -59,7 +60,8 @@ def update_wear(tmp: Path, lib: Path, key, image_kib: int, updates: int, geometr
     for path in images[1:]:
         trace = tmp / "trace.txt"
         trace.unlink(missing_ok=True)
-        installed(dev.install(path, "test", chunk=512, trace=trace))
+        # Named by sha, as SMP uploads are: the persisted session and its checkpoints count.
+        installed(dev.install(path, "test", chunk=512, sha=True, trace=trace))
         b = Booted.parse(dev.boot(trace=trace))
         assert b.trial and b.confirmed, b
         done = ops(trace)

@@ -217,10 +217,17 @@ class SimDevice:
         return self.run("boot", **kw)  # type: ignore[arg-type]
 
     def install(self, image: Path, mode: str = "test", chunk: int = 512, manifest: bool = False,
-                **kw: object) -> Run:
+                sha: bool = False, checkpoint: int | None = None, **kw: object) -> Run:
+        """Take `image` through the updater. `sha`: name the session by the image's SHA-256,
+        so it is persisted and an install after a power cut resumes from its last
+        checkpoint (every `checkpoint` bytes; the firmware's default when None)."""
         args: list[object] = ["install", image, mode, chunk]
         if manifest:
             args.append("manifest")
+        if sha:
+            args.append("sha")
+        if checkpoint:
+            args.append(f"ckpt={checkpoint}")
         return self.run(*args, **kw)  # type: ignore[arg-type]
 
     def age(self, records: int) -> Run:
