@@ -215,12 +215,13 @@ class Updater:
         return h.digest()
 
     def erase(self, slot):
-        # Erases a slot the device is not running (SMP image erase): its test mark and any
-        # upload session into it go first, in one state write.
-        if slot == self.running:
-            raise UpdateError(U_BUSY)
+        # Erases a slot the device is not running (SMP image erase), refused during a test
+        # boot; its test mark and any upload session into it go first, in one state write.
         sl = self.slots
         st = sl.state
+        if slot == self.running or (self.running >= 0 and st[TRIAL] == self.running):
+            # Not the running slot, nor, during a test boot, the image a reset reverts to.
+            raise UpdateError(U_BUSY)
         if self.total >= 0 and self.slot == slot:
             self.total = -1
         if st[TEST] == slot or st[TRIAL] == slot or st[SSLOT] == slot:

@@ -1,0 +1,105 @@
+# SMP OS management group (0): echo, reset, MCUmgr parameters, OS/app info, bootloader info
+# (docs/PROTOCOL.md). handle() follows the handler contract in mpboot.smp.server.
+import sys
+from binascii import hexlify
+
+from micropython import const
+
+import mpboot
+from mpboot.smp.img_mgmt import version
+
+_EINVAL = const(3)
+_ENOENT = const(5)
+_ENOTSUP = const(8)
+_OS_INVALID_FORMAT = const(2)  # OS_MGMT_ERR_INVALID_FORMAT
+_OS_NO_ANSWER = const(3)  # OS_MGMT_ERR_QUERY_YIELDS_NO_ANSWER
+_MODE_DIRECT_XIP_REVERT = const(5)
+
+_FORMAT = "snrvbmpio"  # the OS info fields, in output order ("a": all)
+
+
+def handle(srv, op, cmd, req, enc):
+    if cmd == 0:  # echo (read or write, as Zephyr)
+        d = req.get("d")
+        if type(d) is not str:
+            return (_EINVAL, 0, None)
+        enc.map(1)
+        enc.text("r")
+        enc.text(d)
+        return None
+    if cmd == 5 and op == 2:  # reset ("force" accepted): sent, drained, then the transport resets
+        srv.reset_requested = True
+        enc.map(0)
+        return None
+    if op != 0:
+        return (_ENOTSUP, 0, None)
+    if cmd == 6:  # MCUmgr parameters
+        enc.map(2)
+        enc.text("buf_size")
+        enc.uint(srv.buf_size)
+        enc.text("buf_count")
+        enc.uint(srv.buf_count)
+        return None
+    if cmd == 7:
+        return _info(srv, req, enc)
+    if cmd == 8:  # bootloader info
+        q = req.get("query")
+        if q is None:
+            enc.map(1)
+            enc.text("bootloader")
+            enc.text("mpboot")
+            return None
+        if q == "mode":
+            enc.map(2)
+            enc.text("mode")
+            enc.uint(_MODE_DIRECT_XIP_REVERT)
+            enc.text("no-downgrade")
+            enc.bool(not srv.slots.downgrade)
+            return None
+        return (_ENOENT, _OS_NO_ANSWER, None)
+    return (_ENOTSUP, 0, None)
+
+
+def _info(srv, req, enc):
+    f = req.get("format", "s")
+    if type(f) is not str:
+        return (_EINVAL, 0, None)
+    mask = 0
+    for c in f:
+        i = _FORMAT.find(c)
+        if c == "a":
+            mask = 0x1FF
+        elif i < 0:
+            return (_EINVAL, _OS_INVALID_FORMAT, None)
+        else:
+            mask |= 1 << i
+    out = []
+    for i in range(9):
+        if not mask >> i & 1:
+            continue
+        if i == 0:  # kernel name
+            s = "mpboot"
+        elif i == 1:  # node name: the board's unique id
+            s = hexlify(srv.port.unique_id()).decode()
+        elif i == 2:  # kernel release: the bootloader's
+            s = mpboot.__version__
+        elif i == 3:  # kernel version: the running image's (none in recovery)
+            v = srv.image(srv.running) if srv.running >= 0 else None
+            s = version(v["version"]) if v else "none"
+        elif i == 4:  # build date: MicroPython's
+            s = sys.version
+            s = s[s.find(" on ") + 4 :] if " on " in s else "unknown"
+        elif i == 5:  # machine
+            s = getattr(sys.implementation, "_machine", sys.platform)
+        elif i == 6:  # processor
+            s = sys.platform
+        elif i == 7:  # hardware platform: the port adapter
+            s = srv.port.__name__
+            s = s[s.rfind(".") + 1 :]
+        else:  # operating system
+            s = "MicroPython %d.%d.%d" % sys.implementation.version[:3]
+        out.append(s)
+    enc.map(1)
+    enc.text("output")
+    enc.text(" ".join(out))
+    return None

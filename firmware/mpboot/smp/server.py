@@ -1,0 +1,145 @@
+# The SMP server core: one whole request packet in, one response packet out
+# (docs/PROTOCOL.md). Transports (mpboot.transport) frame the packets; the groups
+# (os_mgmt, img_mgmt) serve the commands.
+#
+#   srv = Server(slots, running, port, info=info)
+#   rsp = srv.handle(pkt)      # memoryview valid until the next call, or None: send nothing
+#   if srv.reset_requested:    # after sending and draining rsp
+#       port.reset()
+#
+# A handler gets (srv, op, cmd, req, enc): the decoded request map and the encoder, already
+# placed after the response header. It encodes its response map and returns None, or returns
+# an error (rc, group_rc, rsn): MGMT_ERR rc for SMP v1 and for v2 when group_rc is 0,
+# {"err": {"group", "rc": group_rc}} for v2 otherwise; rsn (str or None) goes into v1 only.
+# Exceptions a handler lets out: ValueError/TypeError (a malformed request) are EINVAL,
+# MemoryError ENOMEM, OverflowError (response too large) EMSGSIZE, others EUNKNOWN.
+from micropython import const
+
+from mpboot.image import ImageError
+from mpboot.smp import img_mgmt, os_mgmt
+from mpboot.smp.cbor import Decoder, Encoder
+from mpboot.update import Updater
+
+_HDR = const(8)
+_VERSION_MAX = const(1)  # SMP v2
+
+# MGMT_ERR
+_EUNKNOWN = const(1)
+_ENOMEM = const(2)
+_EINVAL = const(3)
+_EMSGSIZE = const(7)
+_ENOTSUP = const(8)
+_TOO_NEW = const(13)  # MGMT_ERR_UNSUPPORTED_TOO_NEW: SMP versions 2-3 (v3, v4)
+
+_UNKNOWN = const(0)  # cache entry: slot not looked at yet
+
+
+class Server:
+    def __init__(self, slots, running, port, buf_size=2048, buf_count=4, info=None):
+        # slots: mpboot.slots.Slots. running: the slot running now (-1 in recovery). port: the
+        # port module (reset, unique_id). info: the running image's verified info, or None.
+        self.slots = slots
+        self.running = running
+        self.port = port
+        self.info = info
+        self.buf_size = buf_size
+        self.buf_count = buf_count
+        self.up = Updater(slots, running)
+        self.out = bytearray(buf_size)
+        self.dec = Decoder()
+        self.enc = Encoder(self.out)
+        self.reset_requested = False
+        # Verified info per slot (None: no valid image), _UNKNOWN until looked at. Forgotten
+        # whenever that slot or the state changes.
+        self.cache = [_UNKNOWN, _UNKNOWN]
+        if running >= 0 and info is not None:
+            self.cache[running] = info
+
+    def forget(self, slot=-1):
+        c = self.cache
+        for s in (0, 1):
+            if (slot < 0 or s == slot) and not (s == self.running and self.info is not None):
+                c[s] = _UNKNOWN
+
+    def image(self, slot):
+        # The verified info of the image in `slot` (passing this device's policy), or None.
+        c = self.cache
+        v = c[slot]
+        if v is _UNKNOWN:
+            try:
+                v = self.slots.check(slot)
+            except ImageError:
+                v = None
+            c[slot] = v
+        return v
+
+    def handle(self, pkt):
+        n = len(pkt)
+        if n < _HDR:
+            return None
+        b0 = pkt[0]
+        op = b0 & 7
+        if op != 0 and op != 2:
+            return None  # a response, or no SMP op: never answered
+        ver = (b0 >> 3) & 3
+        group = pkt[4] << 8 | pkt[5]
+        cmd = pkt[7]
+        enc = self.enc
+        enc.n = _HDR
+        err = None
+        if ver > _VERSION_MAX:
+            ver = _VERSION_MAX
+            err = (_TOO_NEW, 0, None)
+        elif (pkt[2] << 8 | pkt[3]) != n - _HDR:
+            err = (_EINVAL, 0, None)
+        else:
+            try:
+                req = self.dec.decode(memoryview(pkt)[_HDR:]) if n > _HDR else {}
+                if group == 0:
+                    err = os_mgmt.handle(self, op, cmd, req, enc)
+                elif group == 1:
+                    err = img_mgmt.handle(self, op, cmd, req, enc)
+                else:
+                    err = (_ENOTSUP, 0, None)
+                req = None
+            except (ValueError, TypeError):
+                err = (_EINVAL, 0, None)
+            except MemoryError:
+                err = (_ENOMEM, 0, None)
+            except OverflowError:
+                err = (_EMSGSIZE, 0, None)
+            except Exception:
+                err = (_EUNKNOWN, 0, None)
+        if err is not None:
+            enc.n = _HDR
+            rc, grc, rsn = err
+            if ver or rsn is None:
+                if ver and grc:
+                    enc.map(1)
+                    enc.text("err")
+                    enc.map(2)
+                    enc.text("rc")
+                    enc.uint(grc)
+                    enc.text("group")
+                    enc.uint(group)
+                else:
+                    enc.map(1)
+                    enc.text("rc")
+                    enc.uint(rc)
+            else:
+                enc.map(2)
+                enc.text("rc")
+                enc.uint(rc)
+                enc.text("rsn")
+                enc.text(rsn)
+        out = self.out
+        m = enc.n - _HDR
+        out[0] = (op + 1) | ver << 3
+        out[1] = 0
+        out[2] = m >> 8
+        out[3] = m & 0xFF
+        out[4] = group >> 8
+        out[5] = group & 0xFF
+        out[6] = pkt[6]
+        out[7] = cmd
+        return enc.mv[: enc.n]

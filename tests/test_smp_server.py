@@ -1,0 +1,846 @@
+"""The device's SMP server (firmware/mpboot/smp/) on MicroPython over a NOR flash file.
+
+Each test builds request packets on the host (cbor2 and the 8-byte header), runs them through
+`Server.handle` in one MicroPython process (tests/device/dev_smp.py) and checks the responses:
+every response must be well formed (header echoed, length right) and encoded canonically
+(byte-identical to `cbor2.dumps(..., canonical=True)`), and every response a model exists for is
+parsed with the `smp` package's pydantic models (smpclient's own; they forbid extra keys), the
+interop check. Flash counters and area snapshots show which requests touched flash."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import pytest
+from conftest import signing_key, trusted_public_keys
+from mpboot.errors import ImageRejected
+from mpboot.image import ImageHeader, class_uuid, parse_image, vendor_uuid, verify_image
+from simkit import sign_app
+from smp import image_management as img
+from smp import os_management as osm
+
+SIZE = 64 * 1024
+SECTOR = 4096
+SLOT = (SIZE // SECTOR - 2) // 2 * SECTOR
+READ, WRITE = 0, 2
+V1, V2 = 0, 1
+OS, IMG = 0, 1
+# MGMT_ERR
+EUNKNOWN, EINVAL, ENOENT, EBADSTATE, ENOTSUP, EBUSY = 1, 3, 5, 6, 8, 10
+VENDOR = vendor_uuid("example.com")
+OTHER_VENDOR = vendor_uuid("example.org")
+CLASS = class_uuid("sensor", VENDOR)
+OTHER_CLASS = class_uuid("display", VENDOR)
+
+
+def image(version: str, *, payload: int = 9001, counter: int | None = 1, vendor: bytes | None = None,
+          klass: bytes | None = None, seed: str = "", key: str = "TEST-ONLY-rsa2048.pem") -> bytes:
+    body = random.Random(seed or version).randbytes(payload)
+    return sign_app(body, signing_key(key), version, counter=counter, vendor_id=vendor, class_id=klass)
+
+
+def host_code(data: bytes) -> int:
+    """The host verifier's refusal code for an image (the device must agree)."""
+    try:
+        verify_image(data, trusted_public_keys(), SLOT)
+    except ImageRejected as err:
+        return int(err.code)
+    raise AssertionError("image verifies")
+
+
+def digest(data: bytes) -> bytes:
+    return parse_image(data).digest
+
+
+def manifest(data: bytes) -> bytes:
+    h = ImageHeader.unpack(data)
+    start = h.hdr_size + h.img_size
+    return data[start : start + h.protect_tlv_size]
+
+
+def with_header(data: bytes, **changes: int) -> bytes:
+    h = ImageHeader.unpack(data)
+    fields = {k: getattr(h, k) for k in ("load_addr", "hdr_size", "protect_tlv_size", "img_size", "flags")}
+    magic = changes.pop("magic", h.magic)
+    fields.update(changes)
+    return ImageHeader(**fields, version=h.version, magic=magic).pack() + data[32:]
+
+
+def packet(op: int, group: int, cmd: int, body: Any = None, *, version: int = V2, seq: int = 0,
+           raw: bytes | None = None, length: int | None = None, flags: int = 0) -> bytes:
+    payload = raw if raw is not None else cbor2.dumps({} if body is None else body)
+    n = len(payload) if length is None else length
+    return struct.pack(">BBHHBB", op | version << 3, flags, n, group, seq, cmd) + payload
+
+
+def record(kind: bytes, data: bytes) -> bytes:
+    return kind + struct.pack(">I", len(data)) + data
+
+
+class Reply:
+    """One request and, after the run, the server's answer to it."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.raw: bytes | None = None
+        self.line = ""
+        self.ops = self.prog = self.erase = 0
+        self.chg = ""
+        self.reset = False
+
+    def fill(self, line: str) -> None:
+        words = line.split()
+        assert words[0] == "R", line
+        self.line = line
+        self.raw = None if words[1] == "-" else bytes.fromhex(words[1])
+        kv = dict(w.split("=") for w in words[2:])
+        self.ops, self.prog, self.erase = int(kv["ops"]), int(kv["prog"]), int(kv["erase"])
+        self.chg = kv["chg"]
+        self.reset = kv["reset"] == "1"
+
+    @property
+    def header(self) -> tuple[int, ...]:
+        assert self.raw is not None
+        return struct.unpack(">BBHHBB", self.raw[:8])
+
+    @property
+    def body(self) -> dict:
+        assert self.raw is not None, f"no response to {self.request.hex()}"
+        return cbor2.loads(self.raw[8:])
+
+    def model(self, cls: type) -> Any:
+        return cls.loads(self.raw)
+
+    def rc(self) -> int:
+        """The MGMT_ERR rc of a generic error ({"rc": N}, v1 or v2)."""
+        body = self.body
+        assert "rc" in body and "err" not in body, body
+        return body["rc"]
+
+    def v1(self) -> tuple[int, str | None]:
+        """(rc, rsn) of an SMP v1 error, parsed with the smp model of its group."""
+        group = self.header[3]
+        cls = {OS: osm.OSManagementErrorV1, IMG: img.ImageManagementErrorV1}.get(group)
+        if cls is not None:
+            m = self.model(cls)
+            return int(m.rc), m.rsn
+        body = self.body
+        return body["rc"], body.get("rsn")
+
+    def v2(self) -> int:
+        """The group rc of an SMP v2 group error, parsed with the smp model of its group."""
+        group = self.header[3]
+        cls = {OS: osm.OSManagementErrorV2, IMG: img.ImageManagementErrorV2}[group]
+        m = self.model(cls)
+        assert int(m.err.group) == group
+        return int(m.err.rc)
+
+    @property
+    def ok(self) -> bool:
+        body = self.body
+        return "err" not in body and not ("rc" in body and body["rc"] != 0)
+
+
+def check_wellformed(rep: Reply) -> None:
+    """Header echoed as the protocol says, exact length, canonical CBOR map, error shapes."""
+    req = rep.request
+    assert rep.raw is not None, f"no response to {req.hex()}"
+    op, flags, length, group, seq, cmd = rep.header
+    rop, _, _, rgroup, rseq, rcmd = struct.unpack(">BBHHBB", req[:8])
+    assert op & 7 == (rop & 7) + 1, rep.line
+    assert op >> 3 == min((rop >> 3) & 3, 1), rep.line
+    assert (flags, group, seq, cmd) == (0, rgroup, rseq, rcmd), rep.line
+    payload = rep.raw[8:]
+    assert length == len(payload), rep.line
+    body = cbor2.loads(payload)
+    assert isinstance(body, dict)
+    assert cbor2.dumps(body, canonical=True) == payload, f"not canonical: {payload.hex()} {body}"
+    if "err" in body:
+        assert set(body) == {"err"} and set(body["err"]) == {"group", "rc"}, body
+        assert op >> 3 == V2 and body["err"]["group"] == group and body["err"]["rc"] > 0
+    elif "rc" in body and set(body) <= {"rc", "rsn"}:
+        assert isinstance(body["rc"], int) and body["rc"] > 0
+        if "rsn" in body:
+            assert op >> 3 == V1 and body["rsn"].split(":")[0] in ("image", "update"), body
+        # The generic error shape parses with the smp v1 error model (as smpclient does).
+        if group in (OS, IMG):
+            cls = osm.OSManagementErrorV1 if group == OS else img.ImageManagementErrorV1
+            hdr = struct.pack(">BBHHBB", op, flags, length, group, seq, 0) + payload  # cmd 0 exists
+            cls.loads(hdr)
+
+
+@dataclass
+class Cmd:
+    words: tuple[str, ...]
+    line: str = ""
+
+    @property
+    def values(self) -> list[str]:
+        words = self.line.split()
+        assert words[1] == "OK", self.line
+        return words[2:]
+
+
+class Flash:
+    def __init__(self, path: Path, size: int = SIZE, sector: int = SECTOR) -> None:
+        self.path = path
+        self.size = size
+        self.sector = sector
+        self.slot = (size // sector - 2) // 2 * sector
+
+    def bytes(self) -> bytes:
+        return self.path.read_bytes()
+
+    def slot_bytes(self, s: int) -> bytes:
+        return self.bytes()[s * self.slot : (s + 1) * self.slot]
+
+    def wear(self) -> list[int]:
+        data = Path(str(self.path) + ".wear").read_bytes()
+        return [int.from_bytes(data[i : i + 4], "little") for i in range(0, len(data), 4)]
+
+
+class Session:
+    """Records for one dev_smp run: commands and request packets, in order."""
+
+    def __init__(self, device, tmp_path: Path, name: str = "smp") -> None:
+        self.device = device
+        self.dir = tmp_path
+        self.name = name
+        self.items: list[Cmd | Reply] = []
+        self.seq = 0
+        self.checked: list[Reply] = []
+
+    def cmd(self, *words: object) -> Cmd:
+        c = Cmd(tuple(str(w) for w in words))
+        self.items.append(c)
+        return c
+
+    def dev(self, name: str, *, slots: tuple[bytes | None, bytes | None] = (None, None), size: int = SIZE,
+            vendor: bytes | None = None, klass: bytes | None = None, downgrade: bool = True) -> Flash:
+        flash = Flash(self.dir / f"{name}.nor", size)
+        data = bytearray(b"\xff" * size)
+        for s, content in enumerate(slots):
+            if content is not None:
+                data[s * flash.slot : s * flash.slot + len(content)] = content
+        flash.path.write_bytes(data)
+        Path(str(flash.path) + ".wear").write_bytes(bytes(4 * (size // SECTOR)))
+        words: list[object] = ["dev", flash.path, size, SECTOR, 1]
+        if vendor is not None:
+            words.append(f"vendor={vendor.hex()}")
+        if klass is not None:
+            words.append(f"class={klass.hex()}")
+        if not downgrade:
+            words.append("downgrade=0")
+        self.cmd(*words)
+        return flash
+
+    def raw(self, pkt: bytes, check: bool = True) -> Reply:
+        rep = Reply(pkt)
+        self.items.append(rep)
+        if check:
+            self.checked.append(rep)
+        return rep
+
+    def send(self, op: int, group: int, cmd: int, body: Any = None, *, version: int = V2, **kw: Any) -> Reply:
+        self.seq = (self.seq + 1) % 256
+        return self.raw(packet(op, group, cmd, body, version=version, seq=self.seq, **kw))
+
+    def state(self, version: int = V2) -> Reply:
+        return self.send(READ, IMG, 0, {}, version=version)
+
+    def upload(self, data: bytes, *, chunk: int | list[int] = 1000, sha: bool = True, start: int = 0,
+               end: int | None = None, version: int = V2, first: dict | None = None) -> list[Reply]:
+        """Upload requests for data[start:end] as a client sends them when all goes well."""
+        sizes = chunk if isinstance(chunk, list) else [chunk]
+        end = len(data) if end is None else end
+        replies, off, i = [], start, 0
+        while off < end:
+            n = min(sizes[i % len(sizes)], end - off)
+            i += 1
+            body: dict[str, Any] = {"off": off, "data": data[off : off + n]}
+            if off == 0:
+                body["len"] = len(data)
+                if sha:
+                    body["sha"] = hashlib.sha256(data).digest()
+                body.update(first or {})
+            replies.append(self.send(WRITE, IMG, 1, body, version=version))
+            off += n
+        return replies
+
+    def run(self, heapsize: str = "256k") -> None:
+        path = self.dir / f"{self.name}.in"
+        blob = b"".join(record(b"C", " ".join(i.words).encode()) if isinstance(i, Cmd) else record(b"P", i.request)
+                        for i in self.items)
+        path.write_bytes(blob)
+        out = self.device.run("dev_smp", path, heapsize=heapsize).splitlines()
+        assert len(out) == len(self.items), out[-5:]
+        for item, line in zip(self.items, out):
+            if isinstance(item, Cmd):
+                assert line.split()[0] == item.words[0], (line, item.words)
+                item.line = line
+            else:
+                item.fill(line)
+        for rep in self.checked:
+            check_wellformed(rep)
+
+
+@pytest.fixture
+def session(device, tmp_path: Path) -> Session:
+    return Session(device, tmp_path)
+
+
+def images(rep: Reply) -> list[img.ImageState]:
+    """The images list of a state response, through the smp model (booleans all present)."""
+    m = rep.model(img.ImageStatesReadResponse)
+    for entry in rep.body["images"]:
+        assert set(entry) == {"image", "slot", "version", "hash", "bootable", "pending", "confirmed",
+                              "active", "permanent"}, entry
+        assert all(isinstance(entry[k], bool) for k in ("bootable", "pending", "confirmed", "active", "permanent"))
+    return list(m.images)
+
+
+def flags(state: img.ImageState) -> str:
+    """The five booleans as letters: b(ootable) p(ending) c(onfirmed) a(ctive) P(ermanent)."""
+    return "".join(c for c, v in zip("bpcaP", (state.bootable, state.pending, state.confirmed,
+                                              state.active, state.permanent)) if v)
+
+
+A = image("1.0.0", seed="A")
+B = image("1.1.0+7", seed="B", payload=12001)
+
+
+# --- OS group ---------------------------------------------------------------------------------
+
+
+def test_os_group(session: Session) -> None:
+    s = session
+    s.dev("os", slots=(A, None))
+    s.cmd("confirm", 0)
+    s.cmd("server", 0)
+    echo = [s.send(WRITE, OS, 0, {"d": text}, version=v) for text in ("hello", "", "h\u00e9llo \u2713" * 20)
+            for v in (V1, V2)]
+    echo_read = s.send(READ, OS, 0, {"d": "r"})
+    echo_bad = [s.send(WRITE, OS, 0, body) for body in ({}, {"d": 5}, {"d": b"bytes"})]
+    params = s.send(READ, OS, 6)
+    params_empty = s.raw(packet(READ, OS, 6, raw=b""))  # an empty payload reads as {}
+    info = {f: s.send(READ, OS, 7, {} if f is None else {"format": f}) for f in (None, "s", "sv", "a", "vs")}
+    info_bad = [s.send(READ, OS, 7, {"format": "sx"}, version=v) for v in (V1, V2)]
+    boot = s.send(READ, OS, 8)
+    mode = s.send(READ, OS, 8, {"query": "mode"})
+    no_answer = [s.send(READ, OS, 8, {"query": "nope"}, version=v) for v in (V1, V2)]
+    reset = s.send(WRITE, OS, 5)
+    reset_force = s.send(WRITE, OS, 5, {"force": 1})
+    after = s.send(READ, OS, 6)
+    s.cmd("dev", s.dir / "os.nor", SIZE, SECTOR, 1, "downgrade=0")
+    s.cmd("server", -1)
+    mode_nd = s.send(READ, OS, 8, {"query": "mode"})
+    info_rec = s.send(READ, OS, 7, {"format": "v"})
+    s.run()
+
+    for rep in echo:
+        sent = cbor2.loads(rep.request[8:])["d"]
+        assert rep.model(osm.EchoWriteResponse).r == sent
+    assert echo_read.body == {"r": "r"}
+    for rep in echo_bad:
+        assert rep.rc() == EINVAL
+    for rep in (params, params_empty, after):
+        m = rep.model(osm.MCUMgrParametersReadResponse)
+        assert (m.buf_size, m.buf_count) == (2048, 4)
+    outputs = {f: rep.model(osm.OSApplicationInfoReadResponse).output for f, rep in info.items()}
+    assert outputs[None] == outputs["s"] == "mpboot"
+    assert outputs["sv"] == outputs["vs"] == "mpboot 1.0.0"
+    fields = outputs["a"].split(" ")
+    assert fields[0] == "mpboot" and fields[1] == b"mpboot-sim".hex() and fields[3] == "1.0.0"
+    assert outputs["a"].endswith(" unix MicroPython 1.29.0"), outputs["a"]
+    assert info_bad[0].v1() == (EINVAL, None)
+    assert info_bad[1].v2() == osm.OS_MGMT_RET_RC.INVALID_FORMAT
+    assert boot.model(osm.BootloaderInformationReadResponse).bootloader == "mpboot"
+    assert mode.body == {"mode": 5, "no-downgrade": False}
+    assert osm.MCUbootModeQueryResponse.model_validate(mode.body).mode == osm.MCUbootMode.DIRECT_XIP_WITH_REVERT
+    assert mode_nd.body == {"mode": 5, "no-downgrade": True}
+    assert no_answer[0].v1() == (ENOENT, None)
+    assert no_answer[1].v2() == osm.OS_MGMT_RET_RC.QUERY_YIELDS_NO_ANSWER
+    for rep in (reset, reset_force):
+        rep.model(osm.ResetWriteResponse)
+        assert rep.body == {} and rep.reset
+    assert not after.reset and not params.reset
+    assert info_rec.body == {"output": "none"}
+    assert all(r.ops == 0 for r in s.items if isinstance(r, Reply))
+
+
+# --- image state ------------------------------------------------------------------------------
+
+
+def test_state_read(session: Session) -> None:
+    s = session
+    c = image("1.2.3+4", seed="C")
+    s.dev("fresh")
+    s.cmd("server", -1)
+    fresh = [s.state(V1), s.state(V2)]
+    s.dev("one", slots=(A, None))
+    s.cmd("confirm", 0)
+    s.cmd("server", 0)
+    one = s.state()
+    s.dev("two", slots=(A, c))
+    s.cmd("confirm", 0)
+    s.cmd("server", 0)
+    two = s.state()
+    s.cmd("mark", 1)
+    s.cmd("server", 0)
+    marked = s.state()
+    s.cmd("boot")  # slot 1's test boot
+    trial = s.state()
+    # Recovery: two valid images, neither confirmed (the active slot's digest is not recorded).
+    s.dev("rec", slots=(A, c))
+    s.cmd("confirm", 0)
+    s.cmd("set", "active=1")
+    s.cmd("server", -1)
+    rec = s.state()
+    s.run()
+
+    for rep in fresh:
+        assert rep.body == {"images": []}
+        assert images(rep) == []
+    (e,) = images(one)
+    assert (e.image, e.slot, e.version, bytes(e.hash)) == (0, 0, "1.0.0", digest(A))
+    assert flags(e) == "bca"
+    e0, e1 = images(two)
+    assert (e1.slot, e1.version, bytes(e1.hash), flags(e1)) == (1, "1.2.3.4", digest(c), "b")
+    assert flags(e0) == "bca"
+    e0, e1 = images(marked)
+    assert flags(e0) == "bca" and flags(e1) == "bp"
+    assert trial.body["images"][1]["active"]
+    e0, e1 = images(trial)
+    # On its test boot: slot 1 runs unconfirmed; slot 0 (confirmed) boots next unless confirmed.
+    assert flags(e1) == "ba" and flags(e0) == "bpcP"
+    assert [flags(x) for x in images(rec)] == ["b", "b"]
+
+
+def test_upload_then_test_boot_and_confirm(session: Session) -> None:
+    s = session
+    flash = s.dev("up", slots=(A, None))
+    s.cmd("confirm", 0)
+    s.cmd("server", 0)
+    before = s.state()
+    ups = s.upload(B, chunk=[509, 1000, 7, 1900, 64])
+    listed = s.state()
+    mark = s.send(WRITE, IMG, 0, {"hash": digest(B), "confirm": False})
+    s.cmd("boot")
+    trial = s.state()
+    conf = s.send(WRITE, IMG, 0, {"confirm": True})
+    again = s.send(WRITE, IMG, 0, {"confirm": True, "hash": digest(B)})
+    state = s.cmd("state")
+    s.cmd("boot")
+    final = s.state()
+    s.run()
+
+    slot0 = flash.slot_bytes(0)
+    assert slot0[: len(A)] == A
+    assert [flags(e) for e in images(before)] == ["bca"]
+    offsets = [u.model(img.ImageUploadWriteResponse) for u in ups]
+    assert [o.off for o in offsets] == [cbor2.loads(u.request[8:])["off"] + len(cbor2.loads(u.request[8:])["data"])
+                                        for u in ups]
+    assert offsets[-1].off == len(B) and offsets[-1].match is True
+    assert all(o.match is None for o in offsets[:-1])
+    assert all(u.chg[0] == "0" for u in ups), "the running slot was written"
+    assert ups[0].chg == "011" and ups[-1].ops >= 1
+    assert flash.slot_bytes(1)[: len(B)] == B
+    _, e1 = images(listed)
+    assert (e1.slot, bytes(e1.hash), e1.version, flags(e1)) == (1, digest(B), "1.1.0.7", "b")
+    assert [flags(e) for e in images(mark)] == ["bca", "bp"]
+    assert [flags(e) for e in images(trial)] == ["bpcP", "ba"]
+    assert [flags(e) for e in images(conf)] == ["b", "bca"]
+    assert [flags(e) for e in images(again)] == ["b", "bca"] and again.ops == 0
+    assert state.values[:3] == ["1", "255", "255"]
+    assert [flags(e) for e in images(final)] == ["b", "bca"]
+
+
+def test_state_write_permanent_and_errors(session: Session) -> None:
+    s = session
+    s.dev("perm", slots=(A, B))
+    s.cmd("confirm", 0)
+    s.cmd("server", 0)
+    running_test = [s.send(WRITE, IMG, 0, {"hash": digest(A), "confirm": False}, version=v) for v in (V1, V2)]
+    unknown = [s.send(WRITE, IMG, 0, {"hash": bytes(32), "confirm": True}, version=v) for v in (V1, V2)]
+    no_hash = s.send(WRITE, IMG, 0, {"confirm": False})
+    bad_types = [s.send(WRITE, IMG, 0, body) for body in ({"hash": "text"}, {"confirm": 1}, {"hash": 5, "confirm": True})]
+    confirm_running = s.send(WRITE, IMG, 0, {"confirm": True})  # already confirmed: no write
+    perm = s.send(WRITE, IMG, 0, {"hash": digest(B), "confirm": True})
+    s.cmd("boot")
+    booted = s.state()
+    s.dev("rec", slots=(None, B))
+    s.cmd("server", -1)
+    rec_confirm = [s.send(WRITE, IMG, 0, {"confirm": True}, version=v) for v in (V1, V2)]
+    s.run()
+
+    assert running_test[0].v1() == (EINVAL, None)
+    assert running_test[1].v2() == img.IMG_MGMT_ERR.IMAGE_SETTING_TEST_TO_ACTIVE_DENIED
+    assert unknown[0].v1() == (ENOENT, None)
+    assert unknown[1].v2() == img.IMG_MGMT_ERR.HASH_NOT_FOUND
+    assert no_hash.rc() == EINVAL
+    assert all(r.rc() == EINVAL for r in bad_types)
+    assert confirm_running.ops == 0 and [flags(e) for e in images(confirm_running)] == ["bca", "b"]
+    # Slot 1 is the confirmed image now and boots next; slot 0 runs until then.
+    assert [flags(e) for e in images(perm)] == ["ba", "bpcP"] and perm.chg == "001"
+    assert [flags(e) for e in images(booted)] == ["b", "bca"]
+    assert rec_confirm[0].v1() == (ENOENT, None)
+    assert rec_confirm[1].v2() == img.IMG_MGMT_ERR.NO_IMAGE
+    for rep in running_test + unknown + rec_confirm:
+        assert rep.ops == 0
+
+
+def test_state_write_checks_the_update_policy(session: Session) -> None:
+    """Marking the other slot's image is an update: no downgrade where refused, the floor."""
+    s = session
+    old = image("1.0.0", seed="old", counter=2)
+    low = image("1.0.0", seed="low", counter=1)
+    new = image("1.1.0", seed="new", counter=2)
+    s.dev("policy", slots=(new, old), downgrade=False)
+    s.cmd("confirm", 0)
+    s.cmd("server", 0)
+    down = [s.send(WRITE, IMG, 0, {"hash": digest(old), "confirm": c}, version=v)
+            for c in (False, True) for v in (V1, V2)]
+    state = s.cmd("state")
+    s.dev("policy-allowed", slots=(new, low))
+    s.cmd("confirm", 0)
+    s.cmd("server", 0)
+    listed = s.state()  # the floor (2) hides the old image (counter 1)
+    floor = s.send(WRITE, IMG, 0, {"hash": digest(low), "confirm": False})
+    allowed = s.send(WRITE, IMG, 0, {"hash": digest(new), "confirm": True})
+    s.run()
+    for rep in down:
+        if rep.header[0] >> 3 == V1:
+            assert rep.v1() == (EINVAL, "image:19")
+        else:
+            assert rep.v2() == img.IMG_MGMT_ERR.CURRENT_VERSION_IS_NEWER
+        assert rep.ops == 0
+    assert state.values[1] == "255"
+    assert [e.slot for e in images(listed)] == [0]
+    assert floor.v2() == img.IMG_MGMT_ERR.HASH_NOT_FOUND
+    assert allowed.ok and allowed.ops == 0
+
+
+def test_confirm_through_mpboot_confirm_when_booted(session: Session) -> None:
+    s = session
+    s.dev("booted", slots=(A, B))
+    s.cmd("confirm", 0)
+    s.cmd("mark", 1)
+    s.cmd("boot")
+    s.cmd("booted", 1)  # as mpboot.boot.run sets it for a test boot
+    conf = s.send(WRITE, IMG, 0, {"confirm": True})
+    again = s.send(WRITE, IMG, 0, {"confirm": True})
+    state = s.cmd("state")
+    s.run()
+    assert [flags(e) for e in images(conf)] == ["b", "bca"] and conf.chg == "001"
+    assert again.ops == 0
+    assert state.values[:3] == ["1", "255", "255"]
+
+
+# --- upload -----------------------------------------------------------------------------------
+
+
+def test_wrong_offsets_and_overrun(session: Session) -> None:
+    s = session
+    flash = s.dev("off", slots=(A, None))
+    s.cmd("confirm", 0)
+    s.cmd("server", 0)
+    no_session = [s.send(WRITE, IMG, 1, {"off": 100, "data": b"x"}, version=v) for v in (V1, V2)]
+    first = s.upload(B, chunk=509, end=509)
+    wrong = [s.send(WRITE, IMG, 1, {"off": off, "data": B[off : off + 100]}) for off in (100, 1000, 508, 510, 10**12)]
+    rest = s.upload(B, chunk=1500, start=509, end=len(B) - 10)
+    overrun = [s.send(WRITE, IMG, 1, {"off": len(B) - 10, "data": B[-10:] + b"\0"}, version=v) for v in (V1, V2)]
+    last = s.send(WRITE, IMG, 1, {"off": len(B) - 10, "data": B[-10:]})
+    closed = s.send(WRITE, IMG, 1, {"off": len(B), "data": b"x"})
+    missing = [s.send(WRITE, IMG, 1, body) for body in ({"off": 0}, {"data": b"x"}, {"off": -1, "data": b"x"},
+                                                        {"off": "0", "data": b"x"}, {"off": 1, "data": "text"})]
+    no_len = [s.send(WRITE, IMG, 1, {"off": 0, "data": B[:512]}, version=v) for v in (V1, V2)]
+    bad_sha = [s.send(WRITE, IMG, 1, {"off": 0, "data": B[:512], "len": len(B), "sha": b"short"}, version=v)
+               for v in (V1, V2)]
+    image1 = s.send(WRITE, IMG, 1, {"off": 0, "data": B[:512], "len": len(B), "image": 1})
+    read_upload = s.send(READ, IMG, 1, {"off": 0, "data": b""})
+    s.run()
+
+    assert no_session[0].v1() == (EBADSTATE, "update:2")
+    assert no_session[1].rc() == EBADSTATE
+    assert first[0].body == {"off": 509}
+    for rep in wrong:
+        assert rep.model(img.ImageUploadWriteResponse).off == 509
+        assert (rep.ops, rep.chg) == (0, "000")
+    assert rest[-1].body == {"off": len(B) - 10}
+    assert overrun[0].v1() == (EINVAL, "update:3")
+    assert overrun[1].v2() == img.IMG_MGMT_ERR.INVALID_IMAGE_DATA_OVERRUN
+    assert all(r.ops == 0 for r in overrun)
+    assert last.body == {"off": len(B), "match": True}
+    assert closed.rc() == EBADSTATE
+    for rep in missing:
+        assert rep.rc() == EINVAL, rep.body
+    assert no_len[0].v1() == (EINVAL, None) and no_len[1].v2() == img.IMG_MGMT_ERR.INVALID_LENGTH
+    assert bad_sha[0].v1() == (EINVAL, None) and bad_sha[1].v2() == img.IMG_MGMT_ERR.INVALID_HASH
+    assert image1.rc() == EINVAL
+    assert read_upload.rc() == ENOTSUP
+    for rep in no_len + bad_sha + [image1, read_upload] + missing:
+        assert rep.ops == 0
+    assert flash.slot_bytes(1)[: len(B)] == B
+
+
+def test_in_ram_resume(session: Session) -> None:
+    s = session
+    s.dev("resume", slots=(A, None))
+    s.cmd("confirm", 0)
+    s.cmd("server", 0)
+    part = s.upload(B, chunk=1000, end=3000)
+    again = s.upload(B, chunk=1000, end=1000)  # off 0, same sha and len: resumes
+    rest = s.upload(B, chunk=1000, start=3000)
+    # A new session replaces an open one when sha or len differ, or without sha.
+    part2 = s.upload(B, chunk=1000, end=2000)
+    other_len = s.send(WRITE, IMG, 1, {"off": 0, "data": B[:1000], "len": len(B) + 1,
+                                       "sha": hashlib.sha256(B).digest()})
+    other_sha = s.upload(B, chunk=1000, end=1000, first={"sha": bytes(32)})
+    no_sha = s.upload(B, chunk=1000, end=1000, sha=False)
+    s.run()
+    assert part[-1].body == {"off": 3000}
+    assert again[0].body == {"off": 3000} and (again[0].ops, again[0].chg) == (0, "000")
+    assert rest[-1].body == {"off": len(B), "match": True}
+    assert part2[-1].body == {"off": 2000}
+    assert other_len.body == {"off": 1000}
+    assert other_sha[0].body == {"off": 1000} and no_sha[0].body == {"off": 1000}
+
+
+def test_persisted_resume_after_reset(session: Session) -> None:
+    s = session
+    size = 512 * 1024
+    big = image("2.0.0", seed="big", payload=100_000)
+    flash = s.dev("persist", slots=(A, None), size=size)
+    s.cmd("confirm", 0)
+    s.cmd("server", 0)
+    part = s.upload(big, chunk=1900, end=1900 * 22)  # past the first 32 KiB checkpoint
+    s.cmd("boot")  # a reset: the session survives in the state record
+    resumed = s.upload(big, chunk=1900, end=1900)
+    rest = s.upload(big, chunk=1900, start=32768)
+    listed = s.state()
+    s.run()
+    assert part[-1].body == {"off": 1900 * 22}
+    assert resumed[0].body == {"off": 32768} and resumed[0].prog == 0
+    assert rest[-1].body == {"off": len(big), "match": True}
+    assert flash.slot_bytes(1)[: len(big)] == big
+    assert [e.version for e in images(listed)] == ["1.0.0", "2.0.0"]
+
+
+def test_refusals_at_offset_zero_write_nothing(session: Session, device, tmp_path: Path) -> None:
+    a = image("2.1.3", counter=5, vendor=VENDOR, klass=CLASS, seed="A")
+    s = session
+    flash = s.dev("refuse", slots=(a, None), vendor=VENDOR, klass=CLASS, downgrade=False)
+    s.cmd("confirm", 0)
+    s.run()
+    snapshot, wear = flash.bytes(), flash.wear()
+
+    s2 = Session(device, tmp_path, "refuse2")
+    s2.cmd("dev", flash.path, SIZE, SECTOR, 1, f"vendor={VENDOR.hex()}", f"class={CLASS.hex()}", "downgrade=0")
+    s2.cmd("server", 0)
+    good = image("2.2.0", counter=5, vendor=VENDOR, klass=CLASS)
+    over = SLOT - 0x200 - ImageHeader.unpack(good).protect_tlv_size - 3
+    other = image("2.2.0", counter=5, vendor=OTHER_VENDOR, klass=CLASS)
+    other2 = image("2.2.0", counter=5, vendor=VENDOR, klass=OTHER_CLASS)
+    low = image("2.2.0", counter=4, vendor=VENDOR, klass=CLASS)
+    cases = {
+        # label: (image, extra fields at off 0, v1 rsn, v2 rc)
+        "bad magic": (with_header(good, magic=0x96F3B83C), {}, "image:1", img.IMG_MGMT_ERR.INVALID_IMAGE_HEADER_MAGIC),
+        "short header": (good[:20], {"len": len(good)}, "image:4", img.IMG_MGMT_ERR.INVALID_IMAGE_HEADER),
+        "img_size over slot": (with_header(good, img_size=over), {}, "image:3", img.IMG_MGMT_ERR.INVALID_IMAGE_TOO_LARGE),
+        "len over slot": (good, {"len": SLOT + 1}, "update:4", img.IMG_MGMT_ERR.INVALID_IMAGE_TOO_LARGE),
+        "len short": (good, {"len": 600}, "update:4", img.IMG_MGMT_ERR.INVALID_LENGTH),
+        "other vendor": (other, {"ptlv": manifest(other)}, "image:16", img.IMG_MGMT_ERR.INVALID_IMAGE_HEADER),
+        "other class": (other2, {"ptlv": manifest(other2)}, "image:17", img.IMG_MGMT_ERR.INVALID_IMAGE_HEADER),
+        "counter below floor": (low, {"ptlv": manifest(low)}, "image:18", img.IMG_MGMT_ERR.CURRENT_VERSION_IS_NEWER),
+        "ptlv wrong size": (good, {"ptlv": manifest(good)[:-1]}, "image:5", img.IMG_MGMT_ERR.INVALID_TLV),
+        "downgrade": (image("2.1.2+99", counter=5, vendor=VENDOR, klass=CLASS), {}, "image:19",
+                      img.IMG_MGMT_ERR.CURRENT_VERSION_IS_NEWER),
+        "upgrade, same version": (image("2.1.3+1", counter=5, vendor=VENDOR, klass=CLASS), {"upgrade": True},
+                                  "image:19", img.IMG_MGMT_ERR.CURRENT_VERSION_IS_NEWER),
+    }
+    replies = {}
+    for label, (data, extra, _, _) in cases.items():
+        body = {"off": 0, "data": data[:1024], "len": len(data), "sha": hashlib.sha256(data).digest(), **extra}
+        replies[label] = [s2.send(WRITE, IMG, 1, body, version=v) for v in (V1, V2)]
+    state = s2.cmd("state")
+    s2.run()
+    for label, (_, _, rsn, rc) in cases.items():
+        v1, v2 = replies[label]
+        assert v1.v1() == (EINVAL, rsn), label
+        assert v2.v2() == rc, label
+        assert (v1.ops, v1.chg, v2.ops, v2.chg) == (0, "000", 0, "000"), label
+    assert state.values[1] == "255"
+    assert flash.bytes() == snapshot and flash.wear() == wear
+
+
+def test_upgrade_flag_accepts_newer(session: Session) -> None:
+    s = session
+    s.dev("upgrade", slots=(A, None))
+    s.cmd("confirm", 0)
+    s.cmd("server", 0)
+    ups = s.upload(B, chunk=1900, first={"upgrade": True})
+    s.run()
+    assert ups[-1].body == {"off": len(B), "match": True}
+
+
+def test_verification_failure_at_the_end(session: Session) -> None:
+    s = session
+    flash = s.dev("fail", slots=(A, None))
+    s.cmd("confirm", 0)
+    s.cmd("server", 0)
+    before = s.cmd("state")
+    untrusted = image("1.1.0", seed="U", key="TEST-ONLY-rsa2048-untrusted.pem")
+    corrupt = bytearray(image("1.1.0", seed="X"))
+    corrupt[3000] ^= 1
+    code = host_code(untrusted)
+    assert code in range(11, 16)
+    cases = [(untrusted, f"image:{code}", img.IMG_MGMT_ERR.UNKNOWN, True),
+             (bytes(corrupt), "image:10", img.IMG_MGMT_ERR.INVALID_HASH, True),
+             (B, "image:10", img.IMG_MGMT_ERR.INVALID_HASH, False)]  # the sha sent is not B's
+    runs = []
+    for data, _, _, sha in cases:
+        for v in (V1, V2):
+            first = {} if sha else {"sha": hashlib.sha256(b"other").digest()}
+            ups = s.upload(data, chunk=1900, version=v, first=first)
+            after = s.send(WRITE, IMG, 1, {"off": len(data), "data": b"x"})
+            runs.append((ups, after))
+    listed = s.state()
+    after_state = s.cmd("state")
+    s.cmd("boot")
+    s.run()
+    i = 0
+    for data, rsn, rc, _ in cases:
+        for v in (V1, V2):
+            ups, after = runs[i]
+            i += 1
+            assert all(u.ok for u in ups[:-1])
+            if v == V1:
+                assert ups[-1].v1() == (EINVAL, rsn)
+            else:
+                assert ups[-1].v2() == rc
+            assert after.rc() == EBADSTATE  # the session closed
+            assert all(u.chg[0] == "0" for u in ups)
+    assert flash.slot_bytes(0)[: len(A)] == A
+    assert flash.wear()[: SLOT // SECTOR] == [0] * (SLOT // SECTOR)
+    assert [flags(e) for e in images(listed)] == ["bca", "b"]  # B verifies; it was never marked
+    assert after_state.values[:4] == before.values[:4]
+
+
+def test_erase(session: Session) -> None:
+    s = session
+    flash = s.dev("erase", slots=(A, B))
+    s.cmd("confirm", 0)
+    s.cmd("server", 0)
+    running = [s.send(WRITE, IMG, 5, {"slot": 0}, version=v) for v in (V1, V2)]
+    bad = [s.send(WRITE, IMG, 5, {"slot": slot}, version=v) for slot in (2, -1, "1") for v in (V1, V2)]
+    listed = s.state()
+    erase = s.send(WRITE, IMG, 5)
+    after = s.state()
+    again = s.send(WRITE, IMG, 5, {"slot": 1})
+    # On its test boot, nothing is erased (the other slot holds the image a reset reverts to).
+    s.dev("erase-trial", slots=(A, B))
+    s.cmd("confirm", 0)
+    s.cmd("mark", 1)
+    s.cmd("boot")
+    trial = [s.send(WRITE, IMG, 5, {"slot": 0}, version=v) for v in (V1, V2)]
+    s.run()
+    assert running[0].v1() == (EBUSY, "update:1") and running[1].rc() == EBUSY
+    for i, rep in enumerate(bad):
+        if i % 2:
+            assert rep.v2() == img.IMG_MGMT_ERR.INVALID_SLOT
+        else:
+            assert rep.v1() == (EINVAL, None)
+    assert len(images(listed)) == 2
+    erase.model(img.ImageEraseResponse)
+    assert erase.body == {} and erase.chg == "010"
+    assert [e.slot for e in images(after)] == [0]
+    assert again.body == {} and again.ops == 0  # already erased: no erase operations
+    assert trial[0].v1() == (EBUSY, "update:1") and trial[1].rc() == EBUSY
+    assert all(r.ops == 0 for r in running + bad + trial)
+    assert flash.slot_bytes(0)[: len(A)] == A
+
+
+def test_slot_info(session: Session) -> None:
+    s = session
+    s.dev("slots", slots=(A, None))
+    s.cmd("server", -1)
+    info = s.send(READ, IMG, 6)
+    s.run()
+    assert info.body == {"images": [{"image": 0, "slots": [{"slot": 0, "size": SLOT}, {"slot": 1, "size": SLOT}],
+                                     "max_image_size": SLOT}]}
+
+
+# --- packets and errors -----------------------------------------------------------------------
+
+
+BAD_CBOR = {
+    "truncated": bytes.fromhex("a16164"),  # {"d": ...} cut short
+    "indefinite map": bytes.fromhex("bf6164616aff"),
+    "indefinite text": bytes.fromhex("a161647f6161ff"),
+    "tag": bytes.fromhex("c1a0"),
+    "float": bytes.fromhex("a16164f93c00"),
+    "undefined": bytes.fromhex("a16164f7"),
+    "trailing": bytes.fromhex("a000"),
+    "array at top": bytes.fromhex("80"),
+    "int at top": bytes.fromhex("01"),
+    "too deep": cbor2.dumps({"a": [[[[1]]]]}),
+    "too many items": cbor2.dumps({"d": list(range(17))}),
+    "too many keys": cbor2.dumps({str(i): i for i in range(17)}),
+    "repeated key": bytes.fromhex("a2616401616402"),
+    "bytes key": bytes.fromhex("a141610a"),
+    "array key": bytes.fromhex("a1800a"),
+    "string past end": bytes.fromhex("a161647818616263"),
+    "bad utf-8": bytes.fromhex("a1616462ffff"),
+    "reserved ai": bytes.fromhex("a161641c"),
+    "huge length": bytes.fromhex("a161645bffffffffffffffff"),
+}
+
+
+def test_packet_and_cbor_errors(session: Session) -> None:
+    s = session
+    s.dev("errors", slots=(A, None))
+    s.cmd("confirm", 0)
+    s.cmd("server", 0)
+    unknown = [s.send(READ, 9, 0, version=v) for v in (V1, V2)]
+    unknown += [s.send(READ, OS, 2), s.send(READ, IMG, 3), s.send(WRITE, OS, 6), s.send(READ, OS, 5),
+                s.send(WRITE, IMG, 6), s.send(READ, 64, 1)]
+    bad = {label: [s.raw(packet(WRITE, OS, 0, raw=raw, version=v, seq=i)) for v in (V1, V2)]
+           for i, (label, raw) in enumerate(BAD_CBOR.items())}
+    ok_nested = s.send(WRITE, OS, 0, {"d": "x", "extra": [[[1]]], "n": -(2**64), "u": 2**64 - 1, "z": None})
+    body = cbor2.dumps({"d": "abc"})
+    longer = s.raw(packet(WRITE, OS, 0, raw=body, length=len(body) + 1))
+    shorter = s.raw(packet(WRITE, OS, 0, raw=body, length=len(body) - 1))
+    responses = [s.raw(packet(op, OS, 0, {"d": "x"}), check=False) for op in (1, 3, 4, 7)]
+    short = [s.raw(bytes(n), check=False) for n in (0, 1, 7)]
+    too_new = s.raw(packet(READ, OS, 6, version=2, seq=77))
+    flagged = s.raw(packet(READ, OS, 6, flags=0x80))
+    s.run()
+    for rep in unknown:
+        assert rep.rc() == ENOTSUP
+        assert rep.ops == 0
+    for label, reps in bad.items():
+        for rep in reps:
+            assert rep.rc() == EINVAL, (label, rep.body)
+    assert ok_nested.body == {"r": "x"}
+    assert longer.rc() == EINVAL and shorter.rc() == EINVAL
+    for rep in responses + short:
+        assert rep.raw is None, rep.line
+    assert too_new.header[0] == 1 | V2 << 3 and too_new.header[4] == 77 and too_new.rc() == 13
+    assert flagged.body["buf_size"] == 2048
+
+
+def test_large_echo_is_bounded(session: Session) -> None:
+    s = session
+    s.dev("echo", slots=(None, None))
+    s.cmd("server", -1, "buf=256")
+    fits = s.send(WRITE, OS, 0, {"d": "x" * 200})
+    too_big = s.send(WRITE, OS, 0, {"d": "x" * 300})
+    s.run()
+    assert fits.body == {"r": "x" * 200}
+    assert too_big.rc() == 7  # EMSGSIZE
