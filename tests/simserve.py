@@ -1,0 +1,91 @@
+"""`mpboot sim` (the serving simulator) as a test peer: the real CLI in a subprocess, its
+console collected line by line so tests wait on what it prints (never on time)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+MPBOOT = str(Path(sys.executable).parent / "mpboot")
+UART_LINE = re.compile(r"UART on (\S+)")
+
+
+class SimProcess:
+    def __init__(self, state: Path, keys: list[Path], *extra: str, cwd: Path | None = None) -> None:
+        cmd = [MPBOOT, "sim", "--state", str(state)]
+        for k in keys:
+            cmd += ["--keys", str(k)]
+        cmd += list(extra)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     cwd=cwd, start_new_session=True)
+        self.lines: list[str] = []
+        self._q: queue.Queue[str | None] = queue.Queue()
+        self._seen = 0  # lines already matched by wait_for
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.path = self.wait_for(UART_LINE).group(1)
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._q.put(line.rstrip("\n"))
+        self._q.put(None)
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 60) -> re.Match[str]:
+        """The first line after the last match that matches `pattern` (a regex)."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        end = time.monotonic() + timeout
+        while True:
+            while self._seen < len(self.lines):
+                line = self.lines[self._seen]
+                self._seen += 1
+                m = rx.search(line)
+                if m:
+                    return m
+            left = end - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"sim never printed /{rx.pattern}/; last lines:\n" + "\n".join(self.lines[-30:]))
+            try:
+                line = self._q.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"sim exited ({self.proc.wait()}) before /{rx.pattern}/:\n"
+                                     + "\n".join(self.lines[-30:]))
+            self.lines.append(line)
+
+    def output(self) -> str:
+        while True:
+            try:
+                line = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if line is not None:
+                self.lines.append(line)
+        return "\n".join(self.lines)
+
+    def device_pid(self) -> int | None:
+        """The pid of the running MicroPython process (the simulated device), if any."""
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+        return int(out[0]) if out else None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill9(self) -> None:
+        """Power cut: the whole simulator (supervisor and device) dies at once."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
