@@ -21,7 +21,15 @@ package(
         "slots.py",
         "state.py",
         "update.py",
+        "service.py",
         "ports/__init__.py",
+        "smp/__init__.py",
+        "smp/cbor.py",
+        "smp/server.py",
+        "smp/os_mgmt.py",
+        "smp/img_mgmt.py",
+        "transport/__init__.py",
+        "transport/uart.py",
     ),
 )
 if options.port == "unix":

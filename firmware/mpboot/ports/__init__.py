@@ -11,3 +11,35 @@
 #   watchdog(timeout_ms)  -> an object with feed(), armed now; None if the port has none
 #   reset()               -> hard reset
 #   unique_id()           -> bytes identifying this board
+#   uart(...)             -> a link for mpboot.transport.uart.serve (SMP over that UART):
+#                            esp32, rp2, stm32: uart(id, baudrate, rxbuf, **pins) over
+#                            machine.UART; unix: uart(path) over a pty
+
+
+class UartLink:
+    # A machine.UART opened with timeout=0 as a transport link: readinto() returns None at
+    # once when nothing waits, wait(ms) polls, drain() waits for the transmitter (UART.flush).
+    def __init__(self, u):
+        import select
+
+        self.u = u
+        self.p = select.poll()
+        self.p.register(u, select.POLLIN)
+
+    def readinto(self, buf):
+        return self.u.readinto(buf)
+
+    def write(self, buf):
+        mv = memoryview(buf)
+        i = 0
+        while i < len(mv):
+            i += self.u.write(mv[i:]) or 0
+
+    def wait(self, ms):
+        for _ in self.p.ipoll(ms):
+            break
+
+    def drain(self):
+        f = getattr(self.u, "flush", None)
+        if f:
+            f()

@@ -25,6 +25,7 @@ import machine
 from micropython import const
 
 from mpboot.flash import Area
+from mpboot.ports import UartLink
 
 _SECTOR = const(4096)  # erase unit and block size (ioctl 5) of a partition
 _TYPE_DATA = const(1)
@@ -70,3 +71,11 @@ def reset():
 
 def unique_id():
     return bytes(machine.unique_id())
+
+
+def uart(id, baudrate=115200, rxbuf=4096, **pins):
+    # SMP link on machine.UART(id) (tx=, rx= pins in **pins). UART 0 carries the REPL: use 1
+    # or 2. rxbuf: the driver's receive ring buffer (more than its 128-byte FIFO), which holds
+    # the requests in flight while one is handled: buf_count *
+    # mpboot.transport.uart.frame_bytes(buf_size) for a pipelining client.
+    return UartLink(machine.UART(id, baudrate=baudrate, rxbuf=rxbuf, timeout=0, **pins))

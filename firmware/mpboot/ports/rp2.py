@@ -23,6 +23,7 @@ import rp2
 from micropython import const
 
 from mpboot.flash import Area
+from mpboot.ports import UartLink
 
 _SECTOR = const(4096)  # erase unit = block size
 _PAGE = const(256)  # program unit
@@ -65,3 +66,10 @@ def reset():
 
 def unique_id():
     return bytes(machine.unique_id())
+
+
+def uart(id, baudrate=115200, rxbuf=4096, **pins):
+    # SMP link on machine.UART(id) (0 or 1; tx=, rx= pins in **pins). rxbuf: the receive ring
+    # buffer the UART interrupt fills (default 256), which holds the requests in flight while
+    # one is handled: buf_count * mpboot.transport.uart.frame_bytes(buf_size).
+    return UartLink(machine.UART(id, baudrate=baudrate, rxbuf=rxbuf, timeout=0, **pins))

@@ -37,6 +37,7 @@ import pyb
 from micropython import const
 
 from mpboot.flash import Area
+from mpboot.ports import UartLink
 
 _BLOCK = const(512)  # FLASH_BLOCK_SIZE: the pyb.Flash block on internal flash
 _WDT_MAX = const(32767)  # ms: IWDG prescaler /256, reload 0xfff
@@ -163,3 +164,10 @@ def reset():
 
 def unique_id():
     return bytes(machine.unique_id())
+
+
+def uart(id, baudrate=115200, rxbuf=4096, **kw):
+    # SMP link on machine.UART(id) (the board's UART numbering). rxbuf: the interrupt-filled
+    # receive buffer, which holds the requests in flight while one is handled: buf_count *
+    # mpboot.transport.uart.frame_bytes(buf_size).
+    return UartLink(machine.UART(id, baudrate=baudrate, rxbuf=rxbuf, timeout=0, **kw))

@@ -2,14 +2,17 @@
 # out as slot 0 | slot 1 | state (two sectors). The unix port has no machine.WDT and cannot
 # map flash: the watchdog is a fake that records what was asked of it, and mapped() returns
 # None so the boot copies the image to RAM and verifies that copy (hardware maps flash).
+# uart(path) is a pty the simulator (host/mpboot/sim/serve.py) relays to the user's pty.
 import sys
+from micropython import const
 
 from mpboot.flash import Area
 from mpboot.ports.nor_sim import NorFlash
 
 
-def flash(path, size, sector=4096, align=1):
-    return NorFlash(path, size, sector, align)
+def flash(path, size, sector=4096, align=1, timing=None):
+    # timing: None, or "nor" for typical SPI NOR erase/program times (mpboot.ports.nor_sim)
+    return NorFlash(path, size, sector, align, timing)
 
 
 def areas(chip):
@@ -43,3 +46,47 @@ def reset():
 
 def unique_id():
     return b"mpboot-sim"
+
+
+_VTIME = const(5)  # termios c_cc indices on Linux
+_VMIN = const(6)
+
+
+class _Pty:
+    # A pty slave as the UART: raw, VMIN=0/VTIME=0 so a read returns what is there at once
+    # (MicroPython's readinto otherwise blocks until the buffer is full), select.poll to wait.
+    # A hangup (the other end, the simulator, is gone) is the power going off.
+    def __init__(self, path):
+        import select
+        import termios
+
+        self.f = open(path, "r+b")
+        fd = self.f.fileno()
+        termios.setraw(fd)
+        a = termios.tcgetattr(fd)
+        a[6][_VMIN] = 0
+        a[6][_VTIME] = 0
+        termios.tcsetattr(fd, termios.TCSANOW, a)
+        self.p = select.poll()
+        self.p.register(self.f, select.POLLIN)
+        self.hup = select.POLLHUP | select.POLLERR
+
+    def readinto(self, buf):
+        return self.f.readinto(buf)
+
+    def write(self, buf):
+        self.f.write(buf)
+
+    def wait(self, ms):
+        for _, ev in self.p.ipoll(ms):
+            if ev & self.hup:
+                sys.exit(0)
+            break
+
+    def drain(self):
+        pass  # writes to a pty are in the other side's buffer once write() returns
+
+
+def uart(path):
+    # The simulated device's UART: a pty slave device path (the simulator relays its master).
+    return _Pty(path)

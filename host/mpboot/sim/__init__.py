@@ -32,14 +32,16 @@ DEFAULT_HEAPSIZE = "4m"
 
 
 def build_lib(dest: Path, keys: Sequence[PublicKey]) -> Path:
-    """Compile the firmware, the simulated device's main and `keys` (as mpboot_keys) into
-    .mpy files under `dest`, the simulated device's sys.path."""
+    """Compile the firmware, the simulated device's mains (sim_device: one command per
+    power-on; sim_serve: boot then serve SMP on a pty) and `keys` (as mpboot_keys) into .mpy
+    files under `dest`, the simulated device's sys.path."""
     dest = Path(dest)
     compile_tree(firmware_root() / "mpboot", dest / "mpboot")
     src = dest.parent / (dest.name + "-src")
     src.mkdir(parents=True, exist_ok=True)
     write_keys_module(src, keys)
-    shutil.copyfile(script_path("sim_device.py"), src / "sim_device.py")
+    for main in ("sim_device.py", "sim_serve.py"):
+        shutil.copyfile(script_path(main), src / main)
     compile_tree(src, dest)
     shutil.rmtree(src)
     return dest

@@ -1,0 +1,35 @@
+# The update service: SMP (docs/PROTOCOL.md) over a UART, for as long as the device runs.
+# A board's boot.py calls it after boot.start() returns: the app's main returned, or nothing
+# could boot (recovery: the service is how a new image gets in):
+#
+#   from mpboot import boot, service
+#   from mpboot.ports import rp2 as port
+#   from mpboot.transport.uart import frame_bytes
+#   import mpboot_keys
+#
+#   try:
+#       boot.start(port, port.areas(0x100000, 0x80000, 0x200000), mpboot_keys.KEYS)
+#   except Exception as e:          # the app failed: still take updates
+#       import sys
+#       sys.print_exception(e)
+#   service.run(port, port.uart(0, 115200, 4 * frame_bytes(2048), tx=0, rx=1))
+#
+# run() never returns: a reset request (OS group, command 5) is answered, drained, then
+# port.reset(). While it serves it feeds the watchdog a test boot armed (mpboot.boot.feed):
+# the service, not the unconfirmed app, runs then, and a client may take minutes.
+import mpboot
+from mpboot import boot
+from mpboot.smp.server import Server
+from mpboot.transport.uart import serve
+
+
+def run(port, link, buf_size=2048, buf_count=4):
+    # port: the port module (reset, unique_id); link: port.uart(...). buf_size/buf_count:
+    # the MCUmgr parameters clients size their requests by (the link's receive buffer should
+    # hold buf_count frames: mpboot.transport.uart.frame_bytes).
+    b = mpboot._booted
+    if b is None:
+        raise OSError(19)  # ENODEV: boot.start() (or boot.recovery()) did not run
+    server = Server(b[0], b[1], port, buf_size, buf_count, info=b[2])
+    serve(link, server, boot.feed)
+    port.reset()

@@ -1,0 +1,470 @@
+"""`mpboot sim`: a simulated device that keeps running and serves SMP on a pty, as a board
+on a USB-serial adapter does.
+
+The user gets one pty (its path printed, optionally symlinked) for the life of the simulator.
+Each power-on of the device is a new `micropython` process (upy_scripts/sim_serve.py) on a
+fresh inner pty pair: it boots the image its flash file holds (the app prints), then serves
+SMP until a client asks for a reset, and exits; the simulator then powers it on again, so RAM
+state is really gone and only the flash file (in the state directory) persists. A relay
+thread moves bytes between the user's pty and the device's, optionally paced like an 8N1 line
+at `baud`; bytes sent while no device process runs are lost, as on a UART whose chip is in
+reset. A device that keeps crashing right after power-on is stopped and reported.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+import tty
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO
+
+from mpboot import upy
+from mpboot.errors import UsageError
+from mpboot.keys import PublicKey
+from mpboot.sim import CUT_EXIT, DEFAULT_HEAPSIZE, Geometry, SimDevice, _fields, build_lib
+
+SECTOR = 4096
+ALIGN = 4
+DEFAULT_SLOT_SIZE = 256 * 1024
+TIMINGS = ("none", "nor")
+FAST_FAIL_S = 2.0  # a crash sooner than this after power-on counts towards a crash loop
+FAST_FAILS = 3  # crash-loop: this many fast crashes in a row stop the simulator
+PENDING_MAX = 64 * 1024  # bytes the relay holds per direction before it pushes back / drops
+_READ = 65536
+
+
+def open_state(state: Path, keys: Sequence[PublicKey], *, slot_size: int | None = None,
+               vendor_id: bytes | None = None, class_id: bytes | None = None) -> SimDevice:
+    """The simulated device in `state`: created (blank flash, `slot_size` slots of 4 KiB
+    sectors) if the directory holds none, else opened; refused if it was made with another
+    slot size, vendor or class id. Its firmware is rebuilt to trust `keys`."""
+    state = Path(state)
+    if not (state / "device.cfg").exists():
+        slot = DEFAULT_SLOT_SIZE if slot_size is None else slot_size
+        if slot < SECTOR or slot % SECTOR:
+            raise UsageError(f"slot size {slot} must be a non-zero multiple of {SECTOR}")
+        return SimDevice.create(state, keys, Geometry(2 * slot + 2 * SECTOR, SECTOR, ALIGN),
+                                vendor_id=vendor_id, class_id=class_id)
+    cfg = _fields((state / "device.cfg").read_text())
+    dev = SimDevice.open(state)
+    if slot_size is not None and slot_size != dev.geometry.slot_size:
+        raise UsageError(f"{state} holds a device with {dev.geometry.slot_size}-byte slots, "
+                         f"not {slot_size}: use another --state directory")
+    for name, want in (("vendor", vendor_id), ("class", class_id)):
+        have = cfg.get(name)
+        if want is not None and want.hex() != have:
+            raise UsageError(f"{state} holds a device with {'no' if have is None else 'another'} "
+                             f"{name} id: use another --state directory")
+    build_lib(state / "lib", keys)
+    return dev
+
+
+class _Line:
+    """One direction of the relay: bytes waiting, released at `baud`/10 bytes per second
+    (8N1: ten bit times per byte) or at once when `baud` is None."""
+
+    def __init__(self, baud: int | None) -> None:
+        self.buf = bytearray()
+        self.rate = None if baud is None else baud / 10
+        # A little credit absorbs the thread's wake-up jitter without exceeding the line rate
+        # over any stretch longer than a few milliseconds.
+        self.burst = 0.0 if self.rate is None else max(16.0, self.rate * 0.005)
+        self.credit = 0.0
+        self.last = time.monotonic()
+        self.blocked = False  # the last write found the other side full: wait until writable
+
+    def allowed(self, now: float) -> int:
+        if self.rate is None:
+            return len(self.buf)
+        self.credit = min(self.burst, self.credit + (now - self.last) * self.rate)
+        self.last = now
+        return min(len(self.buf), int(self.credit))
+
+    def sent(self, n: int) -> None:
+        del self.buf[:n]
+        if self.rate is not None:
+            self.credit -= n
+
+    def delay(self) -> float | None:
+        """Seconds until the next chunk may go (None: nothing waits, no pacing, or blocked)."""
+        if not self.buf or self.rate is None or self.blocked:
+            return None
+        need = min(len(self.buf), max(1.0, self.rate * 0.001))
+        return max(0.0, (need - self.credit) / self.rate)
+
+
+class _Power:
+    """One power-on: the device process and its pty pair (the host keeps the slave open so
+    the master never reads EIO; it is closed with the process)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], master: int, slave: int) -> None:
+        self.proc = proc
+        self.master = master
+        self.slave = slave
+        self.started = time.monotonic()
+        self.partial = b""
+        assert proc.stdout is not None
+        self.out: IO[bytes] = proc.stdout
+
+
+class SimServer:
+    """The long-running simulated device in `state` (see the module docstring).
+
+    `output` receives every line for people: the simulator's own ("mpboot sim: ..."), and the
+    device's console ("device: ...": the boot line, the app's prints). Call start(), then
+    wait() until it returns True (stopped: by stop()/request_stop(), an interrupt of the
+    device, or a crash loop, then `error` says why); stop() cleans up (idempotent)."""
+
+    def __init__(self, state: Path, keys: Sequence[PublicKey], *, link: Path | None = None,
+                 slot_size: int | None = None, vendor_id: bytes | None = None,
+                 class_id: bytes | None = None, timing: str = "none", baud: int | None = None,
+                 buf_size: int = 2048, buf_count: int = 4, heapsize: str = DEFAULT_HEAPSIZE,
+                 output: Callable[[str], None] = print) -> None:
+        if timing not in TIMINGS:
+            raise UsageError(f"flash timing {timing!r}: expected one of {', '.join(TIMINGS)}")
+        if baud is not None and baud <= 0:
+            raise UsageError(f"baud rate {baud} must be positive")
+        if buf_size < 64 or buf_count < 1:
+            raise UsageError("buf_size must be at least 64 and buf_count at least 1")
+        self.state = Path(state)
+        self.keys = list(keys)
+        self.link = link
+        self.slot_size = slot_size
+        self.vendor_id = vendor_id
+        self.class_id = class_id
+        self.timing = timing
+        self.baud = baud
+        self.buf_size = buf_size
+        self.buf_count = buf_count
+        self.heapsize = heapsize
+        self.output = output
+        self.device: SimDevice | None = None
+        self.path = ""  # the user's pty
+        self.powerons = 0
+        self.error: str | None = None
+        self._lock: int | None = None
+        self._master = self._slave = -1
+        self._wake_r = self._wake_w = -1
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._power: _Power | None = None
+        self._crashes = 0
+        self._linked = False
+
+    # ---- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> str:
+        """Opens (or creates) the device, opens the user's pty, powers the device on; returns
+        the pty's path."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        self._lock = os.open(self.state / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            self._lock = None
+            raise UsageError(f"{self.state} is in use by another mpboot sim") from None
+        try:
+            self.device = open_state(self.state, self.keys, slot_size=self.slot_size,
+                                     vendor_id=self.vendor_id, class_id=self.class_id)
+            self._master, self._slave = os.openpty()
+            tty.setraw(self._slave)
+            os.set_blocking(self._master, False)
+            self.path = os.ttyname(self._slave)
+            if self.link is not None:
+                self._make_link(Path(self.link))
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
+        except BaseException:
+            self._cleanup()
+            raise
+        g = self.device.geometry
+        self.output(f"mpboot sim: device in {self.state}: two {g.slot_size}-byte slots, {g.sector}-byte sectors, "
+                    f"flash timing {self.timing}, "
+                    f"{'unpaced line' if self.baud is None else f'{self.baud} baud 8N1'}, "
+                    f"buf_size {self.buf_size}, buf_count {self.buf_count}")
+        self.output(f"mpboot sim: UART on {self.path}")
+        if self._linked:
+            self.output(f"mpboot sim: {self.link} -> {self.path}")
+        self._thread = threading.Thread(target=self._run, name="mpboot-sim-relay", daemon=True)
+        self._thread.start()
+        return self.path
+
+    def request_stop(self) -> None:
+        """Asks the relay to stop; safe from a signal handler and from any thread."""
+        self._stopping.set()
+        if self._wake_w >= 0:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the simulator has stopped (call stop() then)."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Powers the device off and releases the pty, the link and the state directory."""
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._cleanup()
+
+    @property
+    def pid(self) -> int | None:
+        """The running device process's pid, if one runs."""
+        p = self._power
+        return p.proc.pid if p is not None else None
+
+    def _make_link(self, link: Path) -> None:
+        if link.is_symlink():
+            link.unlink()
+        elif link.exists():
+            raise UsageError(f"--link {link}: a file is there (not a symlink); refusing to replace it")
+        link.symlink_to(self.path)
+        self._linked = True
+
+    def _cleanup(self) -> None:
+        if self._linked and self.link is not None:
+            link = Path(self.link)
+            try:
+                if link.is_symlink() and os.readlink(link) == self.path:
+                    link.unlink()
+            except OSError:
+                pass
+            self._linked = False
+        for name in ("_master", "_slave", "_wake_r", "_wake_w"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
+
+    # ---- the device process -------------------------------------------------------------
+
+    def _power_on(self) -> None:
+        assert self.device is not None
+        master, slave = os.openpty()
+        tty.setraw(slave)  # before any byte arrives: no echo, no line editing
+        os.set_blocking(master, False)
+        inner = os.ttyname(slave)
+        cfg = self.state / "serve.cfg"
+        words = self.device.config.read_text().split()
+        words += [f"uart={inner}", f"timing={self.timing}", f"bufsize={self.buf_size}",
+                  f"bufcount={self.buf_count}"]
+        cfg.write_text(" ".join(words) + "\n")
+        env = dict(os.environ)
+        # MICROPYPATH replaces the default sys.path; keep .frozen (as mpboot.upy.run does).
+        env["MICROPYPATH"] = ":".join([str(self.device.lib), ".frozen"])
+        env.pop("MPBOOT_NOR_FAULT", None)
+        cmd = [upy.micropython_command(), "-X", f"heapsize={self.heapsize}", "-m", "sim_serve", str(cfg)]
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, env=env, cwd=self.state)
+        except BaseException:
+            os.close(master)
+            os.close(slave)
+            raise
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        self._power = _Power(proc, master, slave)
+        self.powerons += 1
+        self.output(f"mpboot sim: power on {self.powerons} (pid {proc.pid})")
+
+    def _power_off(self, kill: bool) -> int:
+        """Ends the current power-on (killing the process if `kill`); its returncode."""
+        p = self._power
+        assert p is not None
+        if kill and p.proc.poll() is None:
+            p.proc.kill()
+        try:
+            rc = p.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.proc.kill()
+            rc = p.proc.wait()
+        self._device_output(p, final=True)
+        self._from_device(p)  # what it wrote last (the reset response) still goes out
+        for fd in (p.master, p.out.fileno()):
+            try:
+                self._sel.unregister(fd)
+            except KeyError:
+                pass
+        p.out.close()
+        os.close(p.master)
+        os.close(p.slave)
+        self._power = None
+        self._to_device.buf.clear()  # bytes in flight to a device that is gone
+        self._to_device.blocked = False
+        return rc
+
+    def _device_output(self, p: _Power, final: bool = False) -> bool:
+        """Relays the device's console lines; False at end of file."""
+        alive = True
+        while True:
+            try:
+                chunk = os.read(p.out.fileno(), _READ)
+            except BlockingIOError:
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                alive = False
+                break
+            p.partial += chunk
+        *lines, p.partial = p.partial.split(b"\n")
+        if final and p.partial:
+            lines.append(p.partial)
+            p.partial = b""
+        for line in lines:
+            self.output("device: " + line.decode(errors="replace").rstrip("\r"))
+        return alive
+
+    def _exited(self) -> None:
+        """The device process ended: report, then power on again unless it is time to stop."""
+        p = self._power
+        assert p is not None
+        ran = time.monotonic() - p.started
+        rc = self._power_off(kill=False)
+        if self._stopping.is_set():
+            return
+        if rc == 0:
+            self._crashes = 0
+            self.output("mpboot sim: device reset")
+        elif rc == CUT_EXIT:
+            self._crashes = 0
+            self.output("mpboot sim: power cut (flash fault injection)")
+        elif rc in (-signal.SIGINT, 130):
+            self.output("mpboot sim: device interrupted; stopping")
+            self._stopping.set()
+            return
+        else:
+            self._crashes = self._crashes + 1 if ran < FAST_FAIL_S else 1
+            self.output(f"mpboot sim: device crashed (exit {rc})")
+            if self._crashes >= FAST_FAILS:
+                self.error = (f"the simulated device crashed {self._crashes} times in a row within "
+                              f"{FAST_FAIL_S:.0f} s of power-on (exit {rc}); stopped")
+                self.output(f"mpboot sim: {self.error}")
+                self._stopping.set()
+                return
+        self._power_on()
+
+    # ---- the relay ----------------------------------------------------------------------
+
+    def _from_device(self, p: _Power) -> None:
+        while True:
+            try:
+                data = os.read(p.master, _READ)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                return
+            self._to_host.buf += data
+
+    def _from_host(self) -> None:
+        try:
+            data = os.read(self._master, _READ)
+        except (BlockingIOError, OSError):
+            return
+        if self._power is not None:
+            self._to_device.buf += data
+        # else: no device process runs (the chip is in reset): the bytes are lost
+
+    def _send(self, line: _Line, fd: int, now: float) -> None:
+        if line.blocked:
+            return
+        n = line.allowed(now)
+        if n <= 0:
+            return
+        try:
+            w = os.write(fd, line.buf[:n])
+        except BlockingIOError:
+            w = 0
+        except OSError as err:
+            if err.errno != errno.EIO:
+                raise
+            w = n  # nobody there: the bytes are gone
+        line.sent(w)
+        line.blocked = w < n
+
+    def _run(self) -> None:
+        self._to_device = _Line(self.baud)
+        self._to_host = _Line(self.baud)
+        sel = self._sel = selectors.DefaultSelector()
+        to_dev, to_host = self._to_device, self._to_host
+        try:
+            self._power_on()
+            while not self._stopping.is_set():
+                p = self._power
+                now = time.monotonic()
+                if p is not None:
+                    self._send(to_dev, p.master, now)
+                self._send(to_host, self._master, now)
+                if len(to_host.buf) > PENDING_MAX:
+                    # Nobody reads the user's pty: like a UART with nothing attached, what
+                    # the device sends is lost.
+                    del to_host.buf[: len(to_host.buf) - PENDING_MAX]
+                want = {self._wake_r: selectors.EVENT_READ}
+                ev = selectors.EVENT_READ if len(to_dev.buf) < PENDING_MAX else 0
+                want[self._master] = ev | (selectors.EVENT_WRITE if to_host.blocked else 0)
+                if p is not None:
+                    want[p.out.fileno()] = selectors.EVENT_READ
+                    # Always read the device: a UART never stalls its sender.
+                    want[p.master] = selectors.EVENT_READ | (selectors.EVENT_WRITE if to_dev.blocked else 0)
+                _reregister(sel, {fd: e for fd, e in want.items() if e})
+                delays = [d for d in (to_dev.delay(), to_host.delay()) if d is not None]
+                for key, events in sel.select(min(delays) if delays else None):
+                    fd = key.fd
+                    if events & selectors.EVENT_WRITE:
+                        (to_host if fd == self._master else to_dev).blocked = False
+                    if not events & selectors.EVENT_READ:
+                        continue
+                    if fd == self._wake_r:
+                        try:
+                            os.read(fd, 64)
+                        except BlockingIOError:
+                            pass
+                    elif fd == self._master:
+                        self._from_host()
+                    elif p is not None and fd == p.master:
+                        self._from_device(p)
+                    elif p is not None and fd == p.out.fileno():
+                        if not self._device_output(p):
+                            self._exited()
+                            break  # another power-on: its own descriptors
+        except Exception as err:  # report and stop: never leave the process running
+            self.error = f"simulator failed: {err!r}"
+            self.output(f"mpboot sim: {self.error}")
+        finally:
+            if self._power is not None:
+                self._power_off(kill=True)
+                self.output("mpboot sim: device powered off")
+            sel.close()
+            self._stopping.set()
+
+
+def _reregister(sel: selectors.BaseSelector, want: dict[int, int]) -> None:
+    """Makes the selector watch exactly `want` (fd -> events)."""
+    have = {key.fd: key.events for key in sel.get_map().values()}
+    for fd, events in have.items():
+        if fd not in want:
+            sel.unregister(fd)
+        elif want[fd] != events:
+            sel.modify(fd, want[fd])
+    for fd, events in want.items():
+        if fd not in have:
+            sel.register(fd, events)

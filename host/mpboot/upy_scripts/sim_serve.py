@@ -1,0 +1,51 @@
+# The serving simulated device, one power-on per process: micropython -m sim_serve CONFIG
+#
+# CONFIG is sim_device's config ("flash=PATH size=N sector=N align=N [vendor=HEX] [class=HEX]
+# [downgrade=0]") plus "uart=PATH" (the pty slave to serve on), "timing=none|nor" (flash
+# timing, mpboot.ports.nor_sim), "bufsize=N bufcount=N" (MCUmgr parameters). Like a board's
+# boot.py: boot (the chosen image's app runs: it prints, and confirms itself), or recovery;
+# then the update service on the UART until a client asks for a reset: the process exits 0
+# and the simulator (host/mpboot/sim/serve.py) starts the next power-on.
+import sys
+
+import micropython
+
+import mpboot_keys
+from binascii import unhexlify
+from mpboot import boot, service
+from mpboot.ports import unix as port
+
+
+def config(path):
+    cfg = {}
+    with open(path) as f:
+        for word in f.read().split():
+            k, _, v = word.partition("=")
+            cfg[k] = v
+    return cfg
+
+
+def main():
+    micropython.kbd_intr(-1)  # SIGINT (Ctrl-C at the simulator's terminal) is a power cut
+    cfg = config(sys.argv[1])
+    timing = cfg.get("timing", "none")
+    chip = port.flash(cfg["flash"], int(cfg["size"]), int(cfg["sector"]), int(cfg["align"]),
+                      None if timing == "none" else timing)
+    policy = {
+        "vendor_id": unhexlify(cfg["vendor"]) if "vendor" in cfg else None,
+        "class_id": unhexlify(cfg["class"]) if "class" in cfg else None,
+        "downgrade": cfg.get("downgrade", "1") == "1",
+    }
+    try:
+        boot.start(port, port.areas(chip), mpboot_keys.KEYS, **policy)
+    except Exception as e:  # the app failed; the service still takes updates
+        print("mpboot sim: the app raised:")
+        sys.print_exception(e)
+    link = port.uart(cfg["uart"])
+    buf_size = int(cfg.get("bufsize", 2048))
+    buf_count = int(cfg.get("bufcount", 4))
+    print("mpboot: serving SMP (buf_size %d, buf_count %d)" % (buf_size, buf_count))
+    service.run(port, link, buf_size, buf_count)
+
+
+main()
