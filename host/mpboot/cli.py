@@ -295,11 +295,77 @@ def firmware_export(destination: Path) -> None:
     click.echo(f"exported {len(files)} files to {destination} (freeze with {destination / 'manifest.py'})")
 
 
-@cli.group("sim")
-def sim_group() -> None:
+@cli.group("sim", invoke_without_command=True)
+@click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Run the device kept in DIR (created if new): serve SMP on a pty until Ctrl-C.")
+@click.option("-k", "--keys", "--key", "key_files", multiple=True, type=click.Path(path_type=Path),
+              help="Key the device trusts (public or private key file; repeatable).")
+@click.option("--link", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also make this symlink to the pty (removed at exit).")
+@click.option("--slot-size", metavar="SIZE", help="Slot size of a new device (default 256k; 4 KiB sectors).")
+@click.option("--vendor-id", metavar="UUID|NAME", help="Vendor id images must carry (new device).")
+@click.option("--class-id", metavar="UUID|NAME", help="Class id images must carry (new device).")
+@click.option("--flash-timing", type=click.Choice(["none", "nor"]), default="none", show_default=True,
+              help="nor: erase and program as slowly as a typical SPI NOR chip.")
+@click.option("--baud", type=click.IntRange(min=1), metavar="B",
+              help="Pace the line like an 8N1 UART at B baud (default: unpaced).")
+@click.option("--buf-size", default=2048, show_default=True, type=click.IntRange(64, 65535),
+              help="MCUmgr buf_size the device announces.")
+@click.option("--buf-count", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="MCUmgr buf_count (requests a client may pipeline).")
+@click.option("--heapsize", default="4m", show_default=True, help="The device's MicroPython heap.")
+@password_env_option
+@click.pass_context
+def sim_group(ctx: click.Context, state_dir: Path | None, key_files: tuple[Path, ...], link: Path | None,
+              slot_size: str | None, vendor_id: str | None, class_id: str | None, flash_timing: str,
+              baud: int | None, buf_size: int, buf_count: int, heapsize: str, password_env: str | None) -> None:
     """A simulated device: the firmware on the MicroPython unix port over a NOR flash file.
 
-    Every command is one power-on of the device in DIR; its flash file keeps what it wrote."""
+    With --state: the device keeps running. It boots, runs the app, then serves SMP (mcumgr)
+    on a pty whose path it prints ("mpboot sim: UART on PATH"); a reset request powers it on
+    again. Ctrl-C stops it; the flash in DIR keeps what it wrote.
+
+    The subcommands are single power-ons of a device made with `sim init`."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if state_dir is None:
+        click.echo(ctx.get_help())
+        return
+    if not key_files:
+        raise UsageError("mpboot sim --state DIR needs at least one --keys KEY (the keys the device trusts)")
+    if not re.fullmatch(r"\d+[kKmM]?", heapsize):
+        raise UsageError(f"bad --heapsize {heapsize!r}: expected e.g. 512k")
+    import signal
+    import sys
+
+    from mpboot.sim.serve import SimServer
+
+    trusted = [keys.load_public_key(path, _password(password_env)) for path in key_files]
+    vid = vendor_uuid(vendor_id) if vendor_id else None
+
+    def say(line: str) -> None:
+        click.echo(line)
+        sys.stdout.flush()
+
+    server = SimServer(state_dir, trusted, link=link,
+                       slot_size=parse_size(slot_size, "slot size") if slot_size else None,
+                       vendor_id=vid, class_id=class_uuid(class_id, vid) if class_id else None,
+                       timing=flash_timing, baud=baud, buf_size=buf_size, buf_count=buf_count,
+                       heapsize=heapsize, output=say)
+    handlers = {sig: signal.signal(sig, lambda *_: server.request_stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start()
+        while not server.wait(0.2):
+            pass
+    finally:
+        server.stop()
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+    if server.error:
+        from mpboot.errors import DeviceRunError
+
+        raise DeviceRunError(server.error)
+    say("mpboot sim: stopped")
 
 
 @sim_group.command("init")
@@ -396,6 +462,206 @@ def sim_status(directory: Path) -> None:
             except ValueError:
                 why = f"error {slot.error}"
             click.echo(f"slot {n}: no bootable image ({why})")
+
+
+# --- talking to a device over a serial port (SMP) -----------------------------------------
+# Device commands share --port/--baud/--framing/--timeout. Library errors (PortError,
+# DeviceSilent, the SMPError family) become one line and an exit code in _Group.
+
+
+def _device_options(func: Any) -> Any:
+    options = (
+        click.option("-p", "--port", required=True, envvar="MPBOOT_PORT", metavar="PORT",
+                     help="Serial port of the device (or $MPBOOT_PORT), e.g. /dev/ttyACM0."),
+        click.option("-b", "--baud", default=115200, show_default=True, type=click.IntRange(min=1),
+                     metavar="B", help="Baud rate (ignored by USB CDC ports)."),
+        click.option("--framing", type=click.Choice(["raw", "console"]), default="raw", show_default=True,
+                     help="raw: COBS frames (MCUboot serial recovery); console: Zephyr SMP-over-console lines."),
+        click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.05),
+                     metavar="S", help="Seconds to wait for a reply before giving up (or re-sending)."),
+    )
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _with_device(port: str, baud: int, framing: str, timeout: float, action: Any) -> Any:
+    """Open the port, run `await action(client)`, close the port; return its result."""
+    import asyncio
+
+    from mpboot.smp import SMPClient
+    from mpboot.transport.serial import SerialTransport
+
+    async def run() -> Any:
+        async with SMPClient(SerialTransport(port, baudrate=baud, framing=framing), timeout=timeout) as client:
+            return await action(client)
+
+    return asyncio.run(run())
+
+
+def _size_text(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+@cli.command("flash")
+@click.argument("image_path", metavar="IMAGE", type=click.Path(path_type=Path))
+@_device_options
+@click.option("--test", "test_boot", is_flag=True, help="Mark it for one test boot (the app confirms it, or it reverts).")
+@click.option("--confirm", "permanent", is_flag=True, help="Make it permanent: it boots from the next reset on.")
+@click.option("--reset", "reset_after", is_flag=True, help="Reset the device afterwards.")
+@click.option("--window", type=click.IntRange(1, 64), metavar="N",
+              help="Upload requests in flight (default: the device's buf_count).")
+@click.option("--no-progress", is_flag=True, help="No progress bar: print a one-line summary at the end.")
+def flash_cmd(image_path: Path, port: str, baud: int, framing: str, timeout: float, test_boot: bool,
+              permanent: bool, reset_after: bool, window: int | None, no_progress: bool) -> None:
+    """Upload IMAGE to the device (resuming an interrupted upload), then optionally mark and reset.
+
+    Without --test or --confirm the image is written and verified but does not boot."""
+    from mpboot.flashing import Mark, flash, prepare
+
+    if test_boot and permanent:
+        raise UsageError("--test and --confirm exclude each other: test-boot it, or make it permanent")
+    mark = Mark.TEST if test_boot else Mark.CONFIRM if permanent else Mark.NONE
+    prepared = prepare(_read_image(image_path))  # a malformed image fails here, before the port opens
+
+    async def action(client: Any) -> Any:
+        if no_progress:
+            return await flash(client, prepared, mark=mark, reset=reset_after, window=window)
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                   TransferSpeedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=Console(stderr=True)) as bar:
+            task = bar.add_task(f"flash {image_path.name}", total=len(prepared.data))
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            return await flash(client, prepared, mark=mark, reset=reset_after, window=window,
+                               progress=progress)
+
+    done = _with_device(port, baud, framing, timeout, action)
+    up = done.upload
+    if no_progress:
+        resumed = f", resumed at {up.resumed_from}" if up.resumed_from else ""
+        click.echo(f"uploaded {up.size} bytes in {up.elapsed:.1f} s ({_size_text(up.rate)}/s, "
+                   f"{up.requests} requests, window {up.window}{resumed})")
+    where = f" in slot {done.slot.slot}" if done.slot is not None else ""
+    how = {Mark.NONE: "not marked (it does not boot until marked)",
+           Mark.TEST: "marked for a test boot at the next reset",
+           Mark.CONFIRM: "made permanent (boots from the next reset)"}[mark]
+    click.echo(f"flashed {image_path} (version {prepared.version}){where}: {how}"
+               f"{'; device reset' if reset_after else ''}")
+
+
+def _slot_dict(s: Any) -> dict[str, Any]:
+    return {"image": s.image, "slot": s.slot, "version": s.version, "hash": s.hash.hex(),
+            "bootable": s.bootable, "pending": s.pending, "confirmed": s.confirmed,
+            "active": s.active, "permanent": s.permanent}
+
+
+@cli.command("state")
+@_device_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def state_cmd(port: str, baud: int, framing: str, timeout: float, as_json: bool) -> None:
+    """List the images on the device: slot, version, hash and flags."""
+
+    async def action(client: Any) -> Any:
+        return await client.state()
+
+    slots = _with_device(port, baud, framing, timeout, action)
+    if as_json:
+        click.echo(json.dumps([_slot_dict(s) for s in slots], indent=2))
+        return
+    if not slots:
+        click.echo("no images")
+        return
+    click.echo(f"{'slot':<5} {'version':<14} {'hash':<17} flags")
+    for s in slots:
+        click.echo(f"{s.slot:<5} {s.version:<14} {s.hash.hex()[:16]:<17} {' '.join(s.flags)}")
+
+
+@cli.command("confirm")
+@click.argument("hash_text", metavar="[HASH]", required=False)
+@_device_options
+def confirm_cmd(hash_text: str | None, port: str, baud: int, framing: str, timeout: float) -> None:
+    """Confirm the running image, or make the image with HASH permanent.
+
+    HASH is its SHA256 TLV in hex (as `mpboot state` lists it); a unique prefix will do."""
+    wanted = hash_text.strip().lower() if hash_text else None
+    if wanted is not None and not re.fullmatch(r"[0-9a-f]{4,64}", wanted):
+        raise UsageError(f"bad hash {hash_text!r}: expected hex digits (at least 4) as `mpboot state` lists them")
+
+    async def action(client: Any) -> Any:
+        if wanted is None:
+            return await client.state_write(None, confirm=True), None
+        matches = [s for s in await client.state() if s.hash.hex().startswith(wanted)]
+        if len({s.hash for s in matches}) != 1:
+            raise UsageError(f"{'no' if not matches else 'more than one'} image on the device has a hash "
+                             f"starting {wanted}")
+        return await client.state_write(matches[0].hash, confirm=True), matches[0].hash
+
+    slots, target = _with_device(port, baud, framing, timeout, action)
+    if target is None:
+        active = next((s for s in slots if s.active), None)
+        what = f" (slot {active.slot}, version {active.version})" if active else ""
+        click.echo(f"confirmed the running image{what}")
+        return
+    entry = next((s for s in slots if s.hash == target), None)
+    if entry is not None and entry.active:
+        click.echo(f"confirmed the running image (slot {entry.slot}, version {entry.version})")
+    else:
+        what = f" in slot {entry.slot} (version {entry.version})" if entry else ""
+        click.echo(f"image {target.hex()[:16]}{what} made permanent: it boots from the next reset")
+
+
+@cli.command("reset")
+@_device_options
+def reset_cmd(port: str, baud: int, framing: str, timeout: float) -> None:
+    """Reset the device."""
+
+    async def action(client: Any) -> None:
+        await client.reset()
+
+    _with_device(port, baud, framing, timeout, action)
+    click.echo(f"reset {port}")
+
+
+@cli.command("erase")
+@click.option("--slot", type=click.IntRange(0, 1), help="Slot to erase (default: the slot not running).")
+@_device_options
+def erase_cmd(slot: int | None, port: str, baud: int, framing: str, timeout: float) -> None:
+    """Erase a slot (never the running one)."""
+
+    async def action(client: Any) -> None:
+        await client.erase(slot)
+
+    _with_device(port, baud, framing, timeout, action)
+    click.echo(f"erased {'the slot not running' if slot is None else f'slot {slot}'}")
+
+
+@cli.command("echo")
+@click.argument("text")
+@_device_options
+def echo_cmd(text: str, port: str, baud: int, framing: str, timeout: float) -> None:
+    """Send TEXT to the device and print its echo (a link check)."""
+
+    async def action(client: Any) -> Any:
+        return await client.echo(text)
+
+    click.echo(_with_device(port, baud, framing, timeout, action))
 
 
 def main() -> None:

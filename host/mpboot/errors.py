@@ -112,3 +112,42 @@ class ImageRejected(MpbootError):
         self.code = ImageErrorCode(code)
         message = _DESCRIPTIONS[self.code]
         super().__init__(f"{message} ({detail})" if detail else message)
+
+
+# Talking to a device (mpboot.transport, mpboot.smp). Exit codes: 2 for a port that cannot be
+# used as given, 3 when the link fails or the device does not answer; a device that answers
+# with an error is an mpboot.smp.SMPError (exit 1).
+
+
+class LinkError(MpbootError):
+    """Talking to the device failed: no port, a broken link, or no (usable) answer (exit 3)."""
+
+    exit_code = 3
+
+
+class PortError(LinkError):
+    """The port cannot be opened: missing, busy, or not permitted (exit 2)."""
+
+    exit_code = 2
+
+
+class TransportError(LinkError):
+    """The link failed while in use (I/O error, device unplugged, port closed)."""
+
+
+class DeviceSilent(LinkError):
+    """No reply from the device within the timeout, after the allowed retries."""
+
+
+class ProtocolError(LinkError):
+    """The device answered, but not with what the protocol says (undecodable or missing fields)."""
+
+
+def image_error_text(code: ImageErrorCode) -> str:
+    """The one-line meaning of an image error code ("image is for another vendor (vendor id)")."""
+    return _DESCRIPTIONS[ImageErrorCode(code)]
+
+
+def update_error_text(code: UpdateErrorCode) -> str:
+    """The one-line meaning of an updater error code."""
+    return _UPDATE_DESCRIPTIONS[UpdateErrorCode(code)]

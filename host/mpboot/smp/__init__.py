@@ -1,0 +1,47 @@
+"""The host's SMP (mcumgr) client: packets, error mapping, requests, pipelined upload.
+
+    from mpboot.smp import SMPClient
+    from mpboot.transport.serial import SerialTransport
+
+    async with SMPClient(SerialTransport("/dev/ttyACM0", framing="raw")) as client:
+        result = await client.upload(image, ptlv=..., progress=...)
+"""
+
+from mpboot.smp.client import (
+    DEFAULT_TIMEOUT,
+    ClientStats,
+    McuMgrParams,
+    PendingReply,
+    ProgressCallback,
+    SlotState,
+    SMPClient,
+)
+from mpboot.smp.errors import (
+    CommandNotSupported,
+    ImageRefused,
+    ImgMgmtErr,
+    MgmtErr,
+    SMPError,
+    UpdateStepRefused,
+    VerificationFailed,
+    error_from_response,
+)
+from mpboot.smp.header import (
+    Group,
+    Header,
+    ImageCmd,
+    Op,
+    OsCmd,
+    Version,
+    decode_packet,
+    encode_packet,
+)
+from mpboot.smp.upload import UploadResult, max_data
+
+__all__ = [
+    "DEFAULT_TIMEOUT", "ClientStats", "CommandNotSupported", "Group", "Header", "ImageCmd",
+    "ImageRefused", "ImgMgmtErr", "McuMgrParams", "MgmtErr", "Op", "OsCmd", "PendingReply",
+    "ProgressCallback", "SMPClient", "SMPError", "SlotState", "UpdateStepRefused", "UploadResult",
+    "VerificationFailed", "Version", "decode_packet", "encode_packet", "error_from_response",
+    "max_data",
+]

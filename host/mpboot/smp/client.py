@@ -1,0 +1,373 @@
+"""An asyncio SMP client over any mpboot.transport.Transport.
+
+Requests carry SMP v1 headers (so mpboot devices explain refusals in `rsn`), sequence numbers
+that increase mod 256, and are matched to replies by sequence number, group and command: a
+reply nobody waits for (late, duplicated, or to a request given up on) is counted and ignored,
+so it never shifts the stream. The pipelined, resumable image upload is in mpboot.smp.upload.
+
+    async with SMPClient(SerialTransport("/dev/ttyACM0")) as client:
+        print(await client.echo("hello"))
+        result = await client.upload(image_bytes, progress=lambda done, total: ...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
+
+from mpboot.errors import DeviceSilent, ProtocolError, TransportError
+from mpboot.smp.errors import CommandNotSupported, error_from_response
+from mpboot.smp.header import (
+    Group,
+    Header,
+    ImageCmd,
+    Op,
+    OsCmd,
+    Version,
+    decode_packet,
+    encode_packet,
+)
+from mpboot.transport import Transport
+
+if TYPE_CHECKING:
+    from mpboot.smp.upload import UploadResult
+
+DEFAULT_TIMEOUT: Final = 5.0
+# Until the device tells its MCUmgr parameters: Zephyr's smallest common buffer, no pipelining.
+DEFAULT_BUF_SIZE: Final = 256
+DEFAULT_BUF_COUNT: Final = 1
+
+_T = TypeVar("_T")
+
+ProgressCallback = Callable[[int, int], None]
+"""progress(bytes the device acknowledged, total bytes)"""
+
+_WHAT: Final[dict[tuple[int, int, Op], str]] = {
+    (Group.OS, OsCmd.ECHO, Op.WRITE): "echo",
+    (Group.OS, OsCmd.RESET, Op.WRITE): "reset",
+    (Group.OS, OsCmd.MCUMGR_PARAMS, Op.READ): "MCUmgr parameters",
+    (Group.OS, OsCmd.OS_INFO, Op.READ): "OS info",
+    (Group.OS, OsCmd.BOOTLOADER_INFO, Op.READ): "bootloader info",
+    (Group.IMAGE, ImageCmd.STATE, Op.READ): "image state read",
+    (Group.IMAGE, ImageCmd.STATE, Op.WRITE): "image state write",
+    (Group.IMAGE, ImageCmd.UPLOAD, Op.WRITE): "image upload",
+    (Group.IMAGE, ImageCmd.ERASE, Op.WRITE): "image erase",
+    (Group.IMAGE, ImageCmd.SLOT_INFO, Op.READ): "slot info",
+}
+
+
+def describe(group: int, command: int, op: Op) -> str:
+    """A request's name for messages ("image state write")."""
+    return _WHAT.get((group, command, op), f"SMP group {group} command {command}")
+
+
+@dataclass(frozen=True)
+class McuMgrParams:
+    """The device's receive buffer size and how many requests it buffers (pipelining depth)."""
+
+    buf_size: int
+    buf_count: int
+    reported: bool = True  # False: the device did not say; these are conservative defaults
+
+
+@dataclass(frozen=True)
+class SlotState:
+    """One entry of the image state list (docs/PROTOCOL.md, "Image group")."""
+
+    image: int
+    slot: int
+    version: str
+    hash: bytes
+    bootable: bool
+    pending: bool
+    confirmed: bool
+    active: bool
+    permanent: bool
+
+    @property
+    def flags(self) -> list[str]:
+        names = ("active", "confirmed", "pending", "permanent", "bootable")
+        return [n for n in names if getattr(self, n)]
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0
+    replies: int = 0
+    ignored: int = 0  # replies matching no waiting request (late, duplicate, stray)
+    undecodable: int = 0  # replies whose header or CBOR could not be decoded
+
+
+class PendingReply:
+    """A request sent and not yet answered. `future` resolves to (header, payload)."""
+
+    __slots__ = ("command", "future", "group", "op", "sent_at", "seq")
+
+    def __init__(self, seq: int, group: int, command: int, op: Op,
+                 future: asyncio.Future[tuple[Header, dict[str, Any]]]) -> None:
+        self.seq = seq
+        self.group = group
+        self.command = command
+        self.op = op
+        self.future = future
+        self.sent_at = time.monotonic()
+
+
+class SMPClient:
+    """SMP requests over one transport. Use as an async context manager (opens and closes the
+    transport), or call open()/close()."""
+
+    def __init__(self, transport: Transport, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.transport: Final = transport
+        self.timeout = timeout
+        self.stats = ClientStats()
+        self._seq = random.randrange(256)
+        self._pending: dict[int, PendingReply] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._failure: TransportError | None = None
+        self._params: McuMgrParams | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self.transport.open()
+        self._failure = None
+        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+
+    async def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            try:
+                await reader
+            except asyncio.CancelledError:
+                pass
+        await self.transport.close()
+        self._fail_all(TransportError(f"{self.transport.name} is closed"))
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    # --- requests --------------------------------------------------------------------------
+
+    async def send_request(self, group: int, command: int, op: Op,
+                           payload: dict[str, Any]) -> PendingReply:
+        """Send one request and return without waiting for the reply (for pipelining). Await
+        `pending.future`, or give up on it with forget(pending)."""
+        if op not in (Op.READ, Op.WRITE):
+            raise ValueError(f"requests are READ or WRITE, not {op!r}")
+        if self._failure is not None:
+            raise self._failure
+        if self._reader is None:
+            raise TransportError(f"{self.transport.name} is not open")
+        seq = self._next_seq()
+        packet = encode_packet(op, group, command, seq, payload, Version.V1)
+        future: asyncio.Future[tuple[Header, dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        pending = PendingReply(seq, group, command, op, future)
+        self._pending[seq] = pending
+        try:
+            await self.transport.send(packet)
+        except BaseException:
+            self.forget(pending)
+            raise
+        self.stats.requests += 1
+        return pending
+
+    def forget(self, pending: PendingReply) -> None:
+        """Stop waiting for a reply: if it comes later, it is ignored."""
+        if self._pending.get(pending.seq) is pending:
+            del self._pending[pending.seq]
+        if not pending.future.done():
+            pending.future.cancel()
+
+    async def request(self, group: int, command: int, op: Op, payload: dict[str, Any],
+                      timeout: float | None = None) -> dict[str, Any]:
+        """Send a request and return the reply's payload; raises an SMPError subclass when the
+        device answers with an error, DeviceSilent when it does not answer in `timeout`."""
+        wait = self.timeout if timeout is None else timeout
+        pending = await self.send_request(group, command, op, payload)
+        try:
+            async with asyncio.timeout(wait):
+                _, rsp = await pending.future
+        except TimeoutError:
+            self.forget(pending)
+            raise self.silent(wait) from None
+        err = error_from_response(rsp, describe(group, command, op))
+        if err is not None:
+            raise err
+        return rsp
+
+    def silent(self, waited: float, where: str = "") -> DeviceSilent:
+        """The DeviceSilent error for `waited` seconds without a reply."""
+        name = self.transport.name
+        if self.stats.replies == 0:
+            return DeviceSilent(f"no SMP reply from {name} in {waited:.3g} s (wrong port, baud or framing?)")
+        return DeviceSilent(f"device stopped answering: no SMP reply from {name} in {waited:.3g} s{where}")
+
+    # --- OS group --------------------------------------------------------------------------
+
+    async def echo(self, text: str) -> str:
+        rsp = await self.request(Group.OS, OsCmd.ECHO, Op.WRITE, {"d": text})
+        return _field(rsp, "r", str, "echo")
+
+    async def reset(self) -> None:
+        """Ask the device to reset; it answers first, then resets."""
+        await self.request(Group.OS, OsCmd.RESET, Op.WRITE, {})
+
+    async def params(self, timeout: float | None = None) -> McuMgrParams:
+        """The device's MCUmgr parameters (buf_size, buf_count)."""
+        rsp = await self.request(Group.OS, OsCmd.MCUMGR_PARAMS, Op.READ, {}, timeout)
+        size, count = _field(rsp, "buf_size", int, "params"), _field(rsp, "buf_count", int, "params")
+        if size < 32 or count < 1:
+            raise ProtocolError(f"device reports unusable MCUmgr parameters buf_size {size}, buf_count {count}")
+        self._params = McuMgrParams(size, count)
+        return self._params
+
+    async def params_or_default(self, timeout: float | None = None) -> McuMgrParams:
+        """params(), or conservative defaults when the device does not support or answer it
+        (a late answer is then ignored)."""
+        if self._params is not None:
+            return self._params
+        try:
+            return await self.params(timeout)
+        except (CommandNotSupported, DeviceSilent):
+            self._params = McuMgrParams(DEFAULT_BUF_SIZE, DEFAULT_BUF_COUNT, reported=False)
+            return self._params
+
+    async def os_info(self, fmt: str = "s") -> str:
+        rsp = await self.request(Group.OS, OsCmd.OS_INFO, Op.READ, {"format": fmt})
+        return _field(rsp, "output", str, "OS info")
+
+    async def bootloader_info(self, query: str | None = None) -> dict[str, Any]:
+        payload = {"query": query} if query is not None else {}
+        rsp = await self.request(Group.OS, OsCmd.BOOTLOADER_INFO, Op.READ, payload)
+        rsp.pop("rc", None)
+        return rsp
+
+    # --- image group -----------------------------------------------------------------------
+
+    async def state(self) -> list[SlotState]:
+        rsp = await self.request(Group.IMAGE, ImageCmd.STATE, Op.READ, {})
+        return _slot_states(rsp)
+
+    async def state_write(self, hash: bytes | None, confirm: bool) -> list[SlotState]:
+        """confirm=False + hash: test-boot that image once; confirm=True + hash: make it
+        permanent; confirm=True without hash: confirm the running image."""
+        if hash is None and not confirm:
+            raise ValueError("marking for a test boot needs the image's hash")
+        if hash is not None and len(hash) != 32:
+            raise ValueError(f"an image hash is 32 bytes, not {len(hash)}")
+        payload: dict[str, Any] = {"confirm": confirm}
+        if hash is not None:
+            payload["hash"] = bytes(hash)
+        rsp = await self.request(Group.IMAGE, ImageCmd.STATE, Op.WRITE, payload)
+        return _slot_states(rsp)
+
+    async def erase(self, slot: int | None = None) -> None:
+        """Erase `slot` (default: the slot not running)."""
+        payload = {"slot": slot} if slot is not None else {}
+        await self.request(Group.IMAGE, ImageCmd.ERASE, Op.WRITE, payload)
+
+    async def slot_info(self) -> dict[str, Any]:
+        rsp = await self.request(Group.IMAGE, ImageCmd.SLOT_INFO, Op.READ, {})
+        rsp.pop("rc", None)
+        return rsp
+
+    async def upload(self, image: bytes, *, window: int | None = None, chunk: int | None = None,
+                     progress: ProgressCallback | None = None, sha: bool = True,
+                     ptlv: bytes | None = None, upgrade: bool = False,
+                     timeout: float | None = None, final_timeout: float | None = None,
+                     retries: int = 4) -> UploadResult:
+        """Upload `image` (the whole file) pipelined, resuming where the device is; see
+        mpboot.smp.upload.upload for the arguments."""
+        from mpboot.smp.upload import upload
+
+        return await upload(self, image, window=window, chunk=chunk, progress=progress, sha=sha,
+                            ptlv=ptlv, upgrade=upgrade, timeout=timeout,
+                            final_timeout=final_timeout, retries=retries)
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        for _ in range(256):
+            self._seq = (self._seq + 1) & 0xFF
+            if self._seq not in self._pending:
+                return self._seq
+        raise RuntimeError("256 SMP requests in flight")
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                self._on_packet(await self.transport.recv())
+        except TransportError as err:
+            self._fail_all(err)
+
+    def _on_packet(self, packet: bytes) -> None:
+        try:
+            header = Header.unpack(packet)
+        except ProtocolError:
+            self.stats.undecodable += 1
+            return
+        pending = self._pending.get(header.seq)
+        if (pending is None or header.op != pending.op + 1 or header.group != pending.group
+                or header.command != pending.command):
+            self.stats.ignored += 1
+            return
+        del self._pending[header.seq]
+        self.stats.replies += 1
+        if pending.future.done():
+            return
+        try:
+            pending.future.set_result(decode_packet(packet))
+        except ProtocolError as err:
+            self.stats.undecodable += 1
+            pending.future.set_exception(err)
+
+    def _fail_all(self, err: TransportError) -> None:
+        if self._failure is None:
+            self._failure = err
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if not p.future.done():
+                p.future.set_exception(err)
+
+
+def _field(rsp: dict[str, Any], key: str, kind: type[_T], what: str) -> _T:
+    value = rsp.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(f"{what} reply has no valid {key!r}: {rsp!r}")
+    return value
+
+
+def _slot_states(rsp: dict[str, Any]) -> list[SlotState]:
+    images = rsp.get("images")
+    if not isinstance(images, list):
+        raise ProtocolError(f"image state reply has no 'images' list: {rsp!r}")
+    out = []
+    for entry in images:
+        if not isinstance(entry, dict):
+            raise ProtocolError(f"image state entry is not a map: {entry!r}")
+        slot, h, version = entry.get("slot"), entry.get("hash"), entry.get("version", "")
+        if not isinstance(slot, int) or not isinstance(h, bytes) or not isinstance(version, str):
+            raise ProtocolError(f"image state entry lacks slot, hash or version: {entry!r}")
+        image = entry.get("image", 0)
+        out.append(SlotState(
+            image=image if isinstance(image, int) else 0, slot=slot, version=version, hash=h,
+            bootable=bool(entry.get("bootable", False)), pending=bool(entry.get("pending", False)),
+            confirmed=bool(entry.get("confirmed", False)), active=bool(entry.get("active", False)),
+            permanent=bool(entry.get("permanent", False)),
+        ))
+    return out
+

@@ -1,0 +1,277 @@
+"""Pipelined, resumable image upload (docs/PROTOCOL.md, "Upload" and "Pipelining").
+
+1. Read the MCUmgr parameters (buf_size, buf_count); conservative defaults if the device does
+   not answer. Chunks are the largest data that keep each request within
+   transport.max_packet(buf_size).
+2. The first request (off 0) carries `len`, `sha` (SHA-256 of the whole file) and `ptlv` (the
+   image's protected TLV area, so the device refuses another vendor's image or a rolled-back
+   counter before writing anything), and is sent alone: its reply either refuses the image or
+   gives the offset to continue from (a resumed session answers its own offset).
+3. Then up to `window` (default buf_count) requests stay in flight. A reply whose `off` is not
+   the end of its request means the device expects `off`: every request still in flight is
+   dropped (their replies are ignored when they come) and the stream continues from `off`.
+4. When nothing arrives for `timeout` seconds, everything in flight is dropped and one request
+   is re-sent alone from the last acknowledged offset (the device answers with the offset it
+   expects); after `retries` silent rounds in a row, DeviceSilent.
+5. The last reply comes after the device verified the image (hash, signature, policy), so it
+   gets `final_timeout`; it may carry `match` (the device's check of `sha`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import cbor2
+
+from mpboot.errors import ProtocolError, UpdateErrorCode, UsageError
+from mpboot.smp.client import McuMgrParams, PendingReply, ProgressCallback
+from mpboot.smp.errors import (
+    ImageRefused,
+    UpdateStepRefused,
+    VerificationFailed,
+    error_from_response,
+)
+from mpboot.smp.header import HEADER_SIZE, Group, ImageCmd, Op
+
+if TYPE_CHECKING:
+    from mpboot.smp.client import SMPClient
+
+PARAMS_TIMEOUT: Final = 2.0  # a device that serves the params request answers it at once
+DEFAULT_FINAL_TIMEOUT: Final = 30.0  # verifying a large image on a slow MCU
+IMAGE_HEADER_SIZE: Final = 32  # the first request's data must hold the image header
+MAX_REOPENS: Final = 2  # re-open a session the device lost (it reset mid-upload)
+MAX_STALLS: Final = 8  # resyncs in a row that do not get past the best offset reached
+MAX_BAD_REPLIES: Final = 8  # undecodable replies in a row
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    size: int
+    resumed_from: int  # the offset the device's open session was at (0: a fresh upload)
+    match: bool | None  # the device's check of `sha` against what it received (None: not said)
+    elapsed: float  # seconds, from the params request to the last reply
+    sent: int  # data bytes put on the link, resends included
+    requests: int
+    resyncs: int
+    timeouts: int
+    chunk: int  # data bytes per (non-first) request
+    window: int
+    params: McuMgrParams
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second of what this call transferred."""
+        return (self.size - self.resumed_from) / self.elapsed if self.elapsed > 0 else 0.0
+
+
+def max_data(budget: int, fields: dict[str, Any]) -> int:
+    """The largest n for which an upload request with `fields` plus n bytes of `data` is at
+    most `budget` bytes, SMP header included (0 if not even an empty one fits)."""
+    n = budget - HEADER_SIZE - len(cbor2.dumps({**fields, "data": b""}))
+    while n > 0 and HEADER_SIZE + len(cbor2.dumps({**fields, "data": bytes(n)})) > budget:
+        n -= 1
+    return max(n, 0)
+
+
+@dataclass
+class _Chunk:
+    off: int
+    end: int
+    pending: PendingReply
+
+
+async def upload(client: SMPClient, image: bytes, *, window: int | None = None,
+                 chunk: int | None = None, progress: ProgressCallback | None = None,
+                 sha: bool = True, ptlv: bytes | None = None, upgrade: bool = False,
+                 timeout: float | None = None, final_timeout: float | None = None,
+                 retries: int = 4) -> UploadResult:
+    """Upload `image` (the whole file) to image 0 and return once the device verified it.
+
+    window: requests in flight (default: the device's buf_count). chunk: cap on data bytes
+    per request (default: as large as the device's buffer allows). progress(acked, total):
+    called whenever the acknowledged offset changes. sha: send the file's SHA-256 (enables
+    resume and the device's `match` check). ptlv: the image's protected TLV area bytes.
+    upgrade: ask the device to refuse an image not newer than the running one. timeout:
+    silence before re-sending (default: the client's). final_timeout: for the last reply
+    (default max(timeout, 30 s)). retries: silent rounds tolerated in a row.
+
+    Raises ImageRefused (the device refused the image), VerificationFailed (it arrived whole
+    and failed the device's check), UpdateStepRefused, DeviceSilent, ProtocolError,
+    TransportError."""
+    data = bytes(image)
+    total = len(data)
+    if total == 0:
+        raise UsageError("nothing to upload: the image is empty")
+    if window is not None and window < 1:
+        raise UsageError(f"window {window}: at least 1 request must be in flight")
+    if retries < 0:
+        raise ValueError("retries must be >= 0")
+    t = client.timeout if timeout is None else timeout
+    t_final = max(t, DEFAULT_FINAL_TIMEOUT) if final_timeout is None else final_timeout
+    started = time.monotonic()
+
+    params = await client.params_or_default(timeout=min(t, PARAMS_TIMEOUT))
+    budget = client.transport.max_packet(params.buf_size)
+    first_fields: dict[str, Any] = {"off": 0, "len": total}
+    if sha:
+        first_fields["sha"] = hashlib.sha256(data).digest()
+    if ptlv:
+        first_fields["ptlv"] = bytes(ptlv)
+    if upgrade:
+        first_fields["upgrade"] = True
+    first_max = max_data(budget, first_fields)
+    stream_max = max_data(budget, {"off": total})  # the largest offset has the longest encoding
+    if chunk is not None:
+        if chunk < 1:
+            raise UsageError(f"chunk {chunk}: must be at least 1 byte")
+        if chunk > stream_max:
+            raise UsageError(f"chunk {chunk} does not fit the device's {params.buf_size}-byte buffer "
+                             f"over {client.transport.name} (at most {stream_max})")
+        stream_max, first_max = chunk, min(first_max, chunk)
+    first_n = min(first_max, total)
+    if first_n < min(total, IMAGE_HEADER_SIZE) or stream_max < 1:
+        raise UsageError(f"the device's {params.buf_size}-byte buffer cannot carry the first upload "
+                         f"request (its data must hold the {IMAGE_HEADER_SIZE}-byte image header)")
+    win = params.buf_count if window is None else window
+
+    inflight: deque[_Chunk] = deque()
+    acked = 0  # the offset the device last said it expects
+    best = 0  # the furthest offset it ever acknowledged in this call
+    next_off = 0  # where the next request starts
+    opened = False  # an off-0 request was answered: a session is open
+    opens = 0  # off-0 requests sent
+    solo = True  # send one request and wait for its reply (opening, or after a silence)
+    resumed_from = 0
+    attempts = 0  # silent rounds in a row
+    waited = 0.0
+    reopens = stalls = bad_replies = 0
+    sent = requests = resyncs = timeouts = 0
+    undecodable: ProtocolError | None = None
+
+    def drop_all() -> None:
+        for c in inflight:
+            client.forget(c.pending)
+        inflight.clear()
+
+    try:
+        while True:
+            limit = 1 if solo else win
+            while len(inflight) < limit and next_off < total:
+                if next_off == 0:
+                    if inflight:
+                        break  # off 0 goes alone
+                    fields = dict(first_fields)
+                    n = first_n
+                    solo = True
+                    opens += 1
+                else:
+                    n = min(stream_max, total - next_off)
+                    fields = {"off": next_off}
+                fields["data"] = data[next_off : next_off + n]
+                pending = await client.send_request(Group.IMAGE, ImageCmd.UPLOAD, Op.WRITE, fields)
+                inflight.append(_Chunk(next_off, next_off + n, pending))
+                sent += n
+                requests += 1
+                next_off += n
+                if solo:
+                    break
+            if not inflight:  # the last reply was undecodable: ask again where the device is
+                next_off, solo = (acked if opened else 0), True
+                continue
+
+            wait = t_final if inflight[0].end == total else t
+            done, _ = await asyncio.wait([c.pending.future for c in inflight], timeout=wait,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                timeouts += 1
+                attempts += 1
+                waited += wait
+                # A device that never answered anything is absent (wrong port), not slow.
+                allowed = retries if client.stats.replies else 0
+                if attempts > allowed:
+                    if undecodable is not None:
+                        raise undecodable
+                    raise client.silent(waited, f" ({attempts} tries, at offset {acked} of {total})")
+                drop_all()
+                next_off, solo = (acked if opened else 0), True
+                continue
+            attempts = 0
+            waited = 0.0
+
+            # Replies come in the order the device took the requests: the first answered chunk
+            # also settles those before it (their requests or replies were lost).
+            index = next(i for i, c in enumerate(inflight) if c.pending.future.done())
+            for _ in range(index):
+                client.forget(inflight.popleft().pending)
+            c = inflight.popleft()
+            try:
+                _, rsp = c.pending.future.result()
+            except ProtocolError as err:
+                # Treated as lost (what follows tells where the device is), within bounds.
+                undecodable = err
+                bad_replies += 1
+                if bad_replies > MAX_BAD_REPLIES:
+                    raise
+                continue
+            undecodable, bad_replies = None, 0
+            refusal = error_from_response(rsp, "image upload")
+            if refusal is not None:
+                if (isinstance(refusal, UpdateStepRefused) and refusal.update_code is UpdateErrorCode.STATE
+                        and opened and reopens < MAX_REOPENS):
+                    # The device lost the session (it reset): open it again; with `sha` it
+                    # resumes from its last checkpoint.
+                    reopens += 1
+                    drop_all()
+                    next_off, opened, solo = 0, False, True
+                    continue
+                # A refusal of the last chunk comes from verifying what was written; one of the
+                # first request (even when it holds the whole image) refuses the image as offered.
+                if (isinstance(refusal, ImageRefused) and c.end == total and c.off != 0
+                        and not isinstance(refusal, VerificationFailed)):
+                    raise VerificationFailed(
+                        str(refusal).replace("device refused the image", "image verification on the device failed", 1),
+                        image_code=refusal.image_code, rc=refusal.rc, err_group=refusal.err_group,
+                        err_rc=refusal.err_rc, rsn=refusal.rsn)
+                raise refusal
+            off = rsp.get("off")
+            if not isinstance(off, int) or isinstance(off, bool) or not 0 <= off <= total:
+                raise ProtocolError(f"image upload reply has a bad 'off' {off!r} (image is {total} bytes)")
+            if c.off == 0:
+                opened = True
+                if opens == 1 and off != c.end:
+                    resumed_from = off
+            solo = False
+            if off == c.end:
+                acked = off
+            else:  # the device expects `off`: what is in flight was sent for another offset
+                resyncs += c.off != 0  # (an answer to off 0 elsewhere is a resume, not a resync)
+                drop_all()
+                acked = next_off = off
+                if off == 0:
+                    opened = False
+                if off <= best:
+                    stalls += 1
+                    if stalls > MAX_STALLS:
+                        raise ProtocolError(f"the upload makes no progress: the device keeps asking "
+                                            f"for offset {off} of {total}")
+            if acked > best:
+                best, stalls = acked, 0
+            if progress is not None:
+                progress(acked, total)
+            if acked == total:
+                match = rsp.get("match")
+                match = match if isinstance(match, bool) else None
+                if sha and match is False:
+                    raise VerificationFailed("image verification on the device failed: the SHA-256 of "
+                                             "what it received does not match the file (match false)")
+                return UploadResult(size=total, resumed_from=resumed_from, match=match,
+                                    elapsed=time.monotonic() - started, sent=sent, requests=requests,
+                                    resyncs=resyncs, timeouts=timeouts, chunk=stream_max, window=win,
+                                    params=params)
+    finally:
+        drop_all()

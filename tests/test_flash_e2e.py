@@ -1,0 +1,201 @@
+"""End to end: `mpboot flash` and friends against `mpboot sim` (the firmware on the MicroPython
+unix port serving SMP on a pty).
+
+flash (permanent, reset) -> the device boots it; flash --test --reset -> it boots as a test
+image; state shows it; confirm -> state shows it confirmed; an interrupted upload resumes
+after a device reset; a refused image is refused before its payload (ptlv) or at the end
+(signature); a paced line stays busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from conftest import KEYS_DIR, signing_key
+from mpboot.cli import cli
+from mpboot.errors import ImageErrorCode
+from mpboot.flashing import Mark, flash, prepare
+from mpboot.smp import ImageRefused, SMPClient, VerificationFailed
+from mpboot.transport.serial import SerialTransport
+from simkit import make_app, sign_app
+from simserve import SimProcess
+
+KEY = KEYS_DIR / "TEST-ONLY-rsa2048.pem"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("apps")
+    key = signing_key(KEY.name)
+    made = {
+        "1.0.0": sign_app(make_app(out / "a1", "1.0.0", confirm=True, filler=3000), key, "1.0.0"),
+        "2.0.0": sign_app(make_app(out / "a2", "2.0.0", confirm=False, filler=90_000), key, "2.0.0"),
+        "untrusted": sign_app(make_app(out / "a3", "3.0.0", confirm=False, filler=3000),
+                              signing_key("TEST-ONLY-rsa2048-untrusted.pem"), "3.0.0"),
+        "vendor": sign_app(make_app(out / "a4", "4.0.0", confirm=False), key, "4.0.0", vendor_id=b"\x42" * 16),
+    }
+    paths = {}
+    for name, data in made.items():
+        paths[name] = out / f"{name}.bin"
+        paths[name].write_bytes(data)
+    return paths
+
+
+def mpboot(*args: object) -> Any:
+    result = CliRunner().invoke(cli, [str(a) for a in args], prog_name="mpboot")
+    assert "Traceback" not in result.output + result.stderr
+    return result
+
+
+def ok(*args: object) -> str:
+    result = mpboot(*args)
+    assert result.exit_code == 0, (args, result.stdout, result.stderr)
+    return str(result.stdout)
+
+
+def slots(port: list[str]) -> dict[str, dict[str, Any]]:
+    return {s["version"]: s for s in json.loads(ok("state", *port, "--json"))}
+
+
+@pytest.mark.parametrize("framing", ["raw", "console"])
+def test_flash_test_boot_confirm(images: dict[str, Path], tmp_path: Path, framing: str) -> None:
+    sim = SimProcess(tmp_path / "dev", [KEY])
+    port = ["--port", sim.path, "--framing", framing]
+    try:
+        sim.wait_for(r"serving SMP")
+        out = ok("flash", images["1.0.0"], *port, "--confirm", "--reset", "--no-progress")
+        assert "made permanent" in out and "device reset" in out
+        sim.wait_for(r"mpboot: slot \d version 1\.0\.0\+0$")
+        sim.wait_for(r"APP 1\.0\.0")
+        sim.wait_for(r"serving SMP")
+
+        out = ok("flash", images["2.0.0"], *port, "--test", "--reset")  # with the progress bar
+        assert "marked for a test boot" in out
+        sim.wait_for(r"mpboot: slot \d version 2\.0\.0\+0 test boot")
+        sim.wait_for(r"APP 2\.0\.0")
+        sim.wait_for(r"serving SMP")
+        state = slots(port)
+        v2 = state["2.0.0"]
+        assert v2["active"] and not v2["confirmed"]  # running its test boot
+        assert state["1.0.0"]["confirmed"] and not state["1.0.0"]["active"]
+        table = ok("state", *port)
+        assert any(line.split()[1:2] == ["2.0.0"] and "active" in line and "confirmed" not in line
+                   for line in table.splitlines())
+
+        assert ok("confirm", *port).strip() == f"confirmed the running image (slot {v2['slot']}, version 2.0.0)"
+        state = slots(port)
+        assert state["2.0.0"]["active"] and state["2.0.0"]["confirmed"]
+        assert not state["1.0.0"]["confirmed"]
+        assert ok("echo", "still there", *port).strip() == "still there"
+    finally:
+        assert sim.stop() == 0
+
+
+def test_interrupted_upload_resumes_after_a_reset(images: dict[str, Path], tmp_path: Path) -> None:
+    sim = SimProcess(tmp_path / "dev", [KEY])
+    data = images["2.0.0"].read_bytes()
+    assert len(data) > 64 * 1024  # past the device's first 32 KiB checkpoints
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_half_way(done: int, total: int) -> None:
+        if done > 0.8 * total:
+            raise Interrupted
+
+    async def partial() -> None:
+        async with SMPClient(SerialTransport(sim.path)) as client:
+            with pytest.raises(Interrupted):
+                await flash(client, data, progress=stop_half_way)
+            await client.reset()
+
+    async def full() -> Any:
+        async with SMPClient(SerialTransport(sim.path)) as client:
+            return await flash(client, data, mark=Mark.TEST)
+
+    try:
+        sim.wait_for(r"serving SMP")
+        asyncio.run(partial())
+        sim.wait_for(r"device reset")
+        sim.wait_for(r"serving SMP")
+        result = asyncio.run(full())
+        assert result.upload.resumed_from >= 32 * 1024  # the persisted checkpoint
+        assert result.upload.sent < len(data) - 32 * 1024 + 4096
+        assert result.slot is not None and result.slot.pending and result.slot.version == "2.0.0"
+    finally:
+        assert sim.stop() == 0
+
+
+def test_refusals(images: dict[str, Path], tmp_path: Path) -> None:
+    sim = SimProcess(tmp_path / "dev", [KEY], "--vendor-id", "example.com")
+    port = ["--port", sim.path]
+    try:
+        sim.wait_for(r"serving SMP")
+        # another vendor's image: refused from its protected TLVs, before any payload
+        vendor = images["vendor"].read_bytes()
+
+        async def refused() -> int:
+            async with SMPClient(SerialTransport(sim.path)) as client:
+                with pytest.raises(ImageRefused) as exc:
+                    await flash(client, prepare(vendor))
+                assert exc.value.image_code is ImageErrorCode.VENDOR_MISMATCH
+                return client.stats.requests
+
+        assert asyncio.run(refused()) == 2  # the params request and the first upload request
+        r = mpboot("flash", images["vendor"], *port, "--no-progress")
+        assert r.exit_code == 1
+        assert r.stderr.strip() == ("mpboot: error: device refused the image: image is for another vendor "
+                                    "(vendor id) (image error 16, SMP rc 3 EINVAL)")
+        # the device wants a vendor id: an image without one is refused as well
+        r = mpboot("flash", images["untrusted"], *port, "--no-progress")
+        assert r.exit_code == 1 and "image error 16" in r.stderr
+    finally:
+        assert sim.stop() == 0
+
+
+def test_untrusted_signature_fails_verification(images: dict[str, Path], tmp_path: Path) -> None:
+    sim = SimProcess(tmp_path / "dev", [KEY])
+    try:
+        sim.wait_for(r"serving SMP")
+
+        async def run() -> None:
+            async with SMPClient(SerialTransport(sim.path)) as client:
+                with pytest.raises(VerificationFailed) as exc:
+                    await flash(client, images["untrusted"].read_bytes(), mark=Mark.TEST)
+                assert exc.value.image_code in (ImageErrorCode.UNKNOWN_KEY, ImageErrorCode.NO_SIGNATURE)
+
+        asyncio.run(run())
+        r = mpboot("flash", images["untrusted"], "--port", sim.path, "--test", "--no-progress")
+        assert r.exit_code == 1
+        assert r.stderr.startswith("mpboot: error: image verification on the device failed: ")
+        assert len(r.stderr.strip().splitlines()) == 1
+    finally:
+        assert sim.stop() == 0
+
+
+def test_pipelining_keeps_a_paced_line_busy(images: dict[str, Path], tmp_path: Path) -> None:
+    baud = 230400
+    sim = SimProcess(tmp_path / "dev", [KEY], "--baud", str(baud), "--flash-timing", "nor")
+    data = images["2.0.0"].read_bytes()
+    try:
+        sim.wait_for(r"serving SMP")
+
+        async def run() -> Any:
+            async with SMPClient(SerialTransport(sim.path)) as client:
+                t0 = time.monotonic()
+                result = await client.upload(data, ptlv=prepare(data).ptlv)
+                return result, time.monotonic() - t0
+
+        result, elapsed = asyncio.run(run())
+        line = baud / 10  # bytes per second, 8N1
+        share = len(data) / elapsed / line
+        print(f"raw framing, window {result.window}: {len(data) / elapsed:.0f} B/s = {share:.0%} of the line")
+        assert share > 0.75, share
+    finally:
+        assert sim.stop() == 0
