@@ -327,3 +327,18 @@ def test_fallback_confirm_does_not_undo_a_permanent_update(device, dev: SimDevic
     assert proc.returncode == 0, proc.stderr
     assert "BOOTED 0 0" in proc.stdout and "CONFIRM False 1" in proc.stdout
     assert boot(dev).version == "3.0.0"
+
+
+def test_an_image_too_big_for_the_ram_copy_goes_to_recovery(tmp_path: Path, sim_lib: Path,
+                                                            rsa2048: SigningKey) -> None:
+    """Ports that cannot map flash (esp32, the simulator) copy the image into RAM to run it:
+    one that does not fit is an image that cannot run (slot error -12), not a crash, so the
+    update service still comes up (in recovery here: there is no other image)."""
+    dev = SimDevice(tmp_path / "device", sim_lib, Geometry(512 * 1024, 4096, 4))
+    big = tmp_path / "big.bin"
+    big.write_bytes(sign_app(make_app(tmp_path / "big", "1.0.0", confirm=True, filler=200_000), rsa2048, "1.0.0"))
+    installed(dev.install(big, "permanent"))
+    run = dev.boot(heapsize="160k")
+    assert "mpboot: slot 0 cannot run (error -12)" in run.stdout
+    assert "RECOVERY" in run.stdout and "slot 0: error -12" in run.stdout
+    assert boot(dev).version == "1.0.0"  # with room for the copy, the same image runs

@@ -20,6 +20,7 @@ from mpboot.state import ACTIVE, NONE, OK0
 # Slot errors (Slots.errors) of images that verify but cannot run; image codes are positive.
 E_NO_ROMFS = const(-19)  # the payload does not mount as a ROMFS
 E_NO_ENTRY = const(-2)  # the ROMFS has no entry module (main.py / main.mpy)
+E_NO_RAM = const(-12)  # the port cannot map flash and the image does not fit in RAM
 
 
 def _confirmed_now(slots):
@@ -63,7 +64,10 @@ def run(slots, port, slot, info, trial, entry="main", mount="/app", wdt_ms=WDT_M
     if mem is None:
         # The port cannot map flash (or is the simulator): copy the image to RAM and verify
         # that copy, so the bytes that run are the bytes that verified.
-        mem = bytearray(info["total_size"])
+        try:
+            mem = bytearray(info["total_size"])
+        except MemoryError:
+            return _cannot_run(slots, port, slot, trial, E_NO_RAM, entry, mount, wdt_ms)
         area.read(0, mem)
         try:
             again = slots.check(slot, bytes_reader(mem))

@@ -313,12 +313,15 @@ def firmware_export(destination: Path) -> None:
               help="MCUmgr buf_size the device announces.")
 @click.option("--buf-count", default=4, show_default=True, type=click.IntRange(1, 64),
               help="MCUmgr buf_count (requests a client may pipeline).")
-@click.option("--heapsize", default="4m", show_default=True, help="The device's MicroPython heap.")
+@click.option("--heapsize", default=None,
+              help="The device's MicroPython heap (default: the slot size + 128k: the boot copies "
+                   "the image into RAM, and firmware, service and app share the rest).")
 @password_env_option
 @click.pass_context
 def sim_group(ctx: click.Context, state_dir: Path | None, key_files: tuple[Path, ...], link: Path | None,
               slot_size: str | None, vendor_id: str | None, class_id: str | None, flash_timing: str,
-              baud: int | None, buf_size: int, buf_count: int, heapsize: str, password_env: str | None) -> None:
+              baud: int | None, buf_size: int, buf_count: int, heapsize: str | None,
+              password_env: str | None) -> None:
     """A simulated device: the firmware on the MicroPython unix port over a NOR flash file.
 
     With --state: the device keeps running. It boots, runs the app, then serves SMP (mcumgr)
@@ -333,7 +336,7 @@ def sim_group(ctx: click.Context, state_dir: Path | None, key_files: tuple[Path,
         return
     if not key_files:
         raise UsageError("mpboot sim --state DIR needs at least one --keys KEY (the keys the device trusts)")
-    if not re.fullmatch(r"\d+[kKmM]?", heapsize):
+    if heapsize is not None and not re.fullmatch(r"\d+[kKmM]?", heapsize):
         raise UsageError(f"bad --heapsize {heapsize!r}: expected e.g. 512k")
     import signal
     import sys

@@ -29,7 +29,7 @@ from typing import IO
 from mpboot import upy
 from mpboot.errors import UsageError
 from mpboot.keys import PublicKey
-from mpboot.sim import CUT_EXIT, DEFAULT_HEAPSIZE, Geometry, SimDevice, _fields, build_lib
+from mpboot.sim import CUT_EXIT, Geometry, SimDevice, _fields, build_lib
 
 SECTOR = 4096
 ALIGN = 4
@@ -123,10 +123,19 @@ class SimServer:
     wait() until it returns True (stopped: by stop()/request_stop(), an interrupt of the
     device, or a crash loop, then `error` says why); stop() cleans up (idempotent)."""
 
+    def _heapsize(self) -> str:
+        """The device's heap: as given, else a slot plus 128 KiB. The unix port cannot map
+        flash, so the boot copies the image it runs into RAM (as on esp32); the firmware and
+        service modules load as .mpy (about 60 KiB here; frozen on a board they cost none)."""
+        if self.heapsize:
+            return self.heapsize
+        assert self.device is not None
+        return f"{(self.device.geometry.slot_size + 128 * 1024) // 1024}k"
+
     def __init__(self, state: Path, keys: Sequence[PublicKey], *, link: Path | None = None,
                  slot_size: int | None = None, vendor_id: bytes | None = None,
                  class_id: bytes | None = None, timing: str = "none", baud: int | None = None,
-                 buf_size: int = 2048, buf_count: int = 4, heapsize: str = DEFAULT_HEAPSIZE,
+                 buf_size: int = 2048, buf_count: int = 4, heapsize: str | None = None,
                  output: Callable[[str], None] = print) -> None:
         if timing not in TIMINGS:
             raise UsageError(f"flash timing {timing!r}: expected one of {', '.join(TIMINGS)}")
@@ -272,7 +281,7 @@ class SimServer:
         # MICROPYPATH replaces the default sys.path; keep .frozen (as mpboot.upy.run does).
         env["MICROPYPATH"] = ":".join([str(self.device.lib), ".frozen"])
         env.pop("MPBOOT_NOR_FAULT", None)
-        cmd = [upy.micropython_command(), "-X", f"heapsize={self.heapsize}", "-m", "sim_serve", str(cfg)]
+        cmd = [upy.micropython_command(), "-X", f"heapsize={self._heapsize()}", "-m", "sim_serve", str(cfg)]
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, env=env, cwd=self.state)
