@@ -753,14 +753,15 @@ def test_another_image_or_no_sha_starts_a_new_session(plan: Plan) -> None:
     plan.must.append(plan.begin(hdr=512, sha="auto"))
     plan.must.append(plan.add("send", "509", 13000))
     plan.must += [plan.add("boot"), plan.add("updater", 0, CKPT), plan.image(other)]
-    fresh = plan.begin(hdr=512, sha="auto")  # another sha: from 0, and its own session
+    fresh = plan.begin(hdr=512, sha="auto")  # another sha: from 0; the stale session ends
     sess = plan.add("session")
     plan.must += [plan.add("boot"), plan.add("updater", 0, CKPT), plan.image(other)]
     nosha = plan.begin(hdr=512)  # no sha: not resumable, and the stale session is dropped
     sess2 = plan.add("session")
     plan.run()
     assert fresh.values == ["1", "0"]
-    assert sess.values == ["1", str(len(other)), "0", sha_hex(other)[:32]]
+    # (the new session is written at its first checkpoint: opening one costs no state write)
+    assert sess.values == ["255", "0", "0", "00" * 16]
     assert nosha.values == ["1", "0"]
     assert sess2.values == ["255", "0", "0", "00" * 16]
 
@@ -806,3 +807,24 @@ def test_erase_refuses_the_running_slot_and_clears_the_other(plan: Plan) -> None
     assert other.values == ["1"] and state.values[1] == "255"  # unmarked, then erased
     assert flash.slot_bytes(1) == b"\xff" * slot_size()
     assert flash.slot_bytes(0)[:4] == struct.pack("<I", 0x96F3B83D)
+
+
+def test_an_image_made_permanent_is_kept_until_the_reset_that_runs_it(plan: Plan) -> None:
+    """Running v1 in slot 0, v2 installed into slot 1 and made permanent (the floor rises to
+    its counter): before the reset that boots it, neither a new upload nor an erase may
+    touch slot 1, or the next boot would find nothing at or above the floor."""
+    a = image("1.0.0", counter=1)
+    b = image("2.0.0", counter=2)
+    flash = plan.dev("perm", slots=(a, None))
+    plan.must.append(plan.add("confirm", 0))
+    plan.must.append(plan.install(0, b, MARK_PERMANENT))
+    again = [plan.add("updater", 0), plan.image(image("3.0.0", counter=2))]
+    upload = plan.begin()
+    erase = plan.add("erase", 1)
+    booted = plan.add("boot")
+    plan.run()
+    assert all(s.ok for s in again)
+    assert upload.refused() == ("update", U_BUSY) and upload.ops == 0
+    assert erase.refused() == ("update", U_BUSY) and erase.ops == 0
+    assert booted.values == ["1", "0"]  # v2 runs, confirmed
+    assert flash.slot_bytes(1)[: len(b)] == b

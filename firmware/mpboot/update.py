@@ -20,7 +20,7 @@ from mpboot.image import ImageError
 from mpboot.state import ACTIVE, NONE, SEQ, SLEN, SOFF, SSHA, SSLOT, TEST, TRIAL, end_session
 
 # UpdateError codes (the image's own problems raise ImageError instead).
-U_BUSY = const(1)  # the running image is on its test boot: confirm it (or reset) first
+U_BUSY = const(1)  # a test boot runs, or a permanent image waits for its reset: reset first
 U_STATE = const(2)  # write/finish without a begin, or finish before every byte arrived
 U_RANGE = const(3)  # data beyond the length announced at begin
 U_LENGTH = const(4)  # the announced length cannot hold the image or does not fit the slot
@@ -61,6 +61,16 @@ class Updater:
         a = self.slots.state[ACTIVE]
         return a ^ 1 if a != NONE else 0
 
+    def _check_busy(self, slot):
+        # U_BUSY: during a test boot (the other slot holds the image a reset reverts to), and
+        # while the image in `slot` was made permanent and waits for the reset that runs it
+        # (overwriting it would leave nothing to boot but images below the raised floor). A
+        # permanent image that failed verification at this boot may be overwritten.
+        run = self.running
+        st = self.slots.state
+        if run >= 0 and (st[TRIAL] == run or (st[ACTIVE] == slot and not self.slots.errors[slot])):
+            raise UpdateError(U_BUSY)
+
     def begin(self, total, header, manifest=None, sha=None):
         # total: the image's whole length. header: its first bytes (at least 32).
         # manifest: its protected TLV area, if the client sends it ahead (mpboot does).
@@ -72,9 +82,8 @@ class Updater:
         st = sl.state
         self.total = -1
         self.sha = None
-        if self.running >= 0 and st[TRIAL] == self.running:
-            raise UpdateError(U_BUSY)
         slot = self.target()
+        self._check_busy(slot)
         area = sl.areas[slot]
         if len(header) < image.HEADER_SIZE:
             raise ImageError(image.E_TRUNCATED)
@@ -95,21 +104,20 @@ class Updater:
         start = 0
         if key is not None and st[SSLOT] == slot and st[SLEN] == total and st[SSHA] == key:
             start = st[SOFF]  # the same image, interrupted: [0, start) is in flash
-        elif key is not None or st[SSLOT] != NONE or st[TEST] == slot:
-            if st[TEST] == slot:
-                # Its old content was marked for a test boot: unmark before erasing, or a
-                # cut later could test-boot a half-sent image that happens to verify.
-                st[TEST] = NONE
-            end_session(st)
-            if key is not None:
-                st[SSLOT] = slot
-                st[SLEN] = total
-                st[SSHA] = key
+        if st[TEST] == slot or (st[SSLOT] != NONE and not start):
+            # A test mark on the target (its old content) goes before anything is erased, or
+            # a cut later could test-boot a half-sent image that happens to verify; so does
+            # a session of another image. This one's session is written at its first
+            # checkpoint (opening sessions costs no state writes).
+            st[TEST] = NONE
+            if not start:
+                end_session(st)
             sl._save(st)
         self.slot = slot
         self.area = area
         self.total = total
         self.sha = bytes(sha) if key is not None else None
+        self.key = key
         # bytes received, bytes programmed (a multiple of the write unit), bytes of the slot
         # handled by erase-ahead: all equal at a (sector-aligned) checkpoint.
         self.pos = self.flushed = self.erased = start
@@ -126,10 +134,13 @@ class Updater:
                     area.erase(self.erased, es)
                 self.erased += es
             area.write(self.flushed, data)
-            if self.sha is not None and end // self.ckpt != self.flushed // self.ckpt:
+            if self.key is not None and end // self.ckpt != self.flushed // self.ckpt:
                 # Crossed a checkpoint: persist that everything before it is written.
                 area.sync()
                 st = self.slots.state
+                st[SSLOT] = self.slot
+                st[SLEN] = self.total
+                st[SSHA] = self.key
                 st[SOFF] = end // self.ckpt * self.ckpt
                 self.slots._save(st)
         except Exception:
@@ -219,9 +230,9 @@ class Updater:
         # boot; its test mark and any upload session into it go first, in one state write.
         sl = self.slots
         st = sl.state
-        if slot == self.running or (self.running >= 0 and st[TRIAL] == self.running):
-            # Not the running slot, nor, during a test boot, the image a reset reverts to.
+        if slot == self.running:
             raise UpdateError(U_BUSY)
+        self._check_busy(slot)
         if self.total >= 0 and self.slot == slot:
             self.total = -1
         if st[TEST] == slot or st[TRIAL] == slot or st[SSLOT] == slot:

@@ -56,7 +56,7 @@ class ImageErrorCode(IntEnum):
 class UpdateErrorCode(IntEnum):
     """Why the device's updater refused an update step (firmware/mpboot/update.py)."""
 
-    BUSY = 1  # the running image is on its unconfirmed test boot
+    BUSY = 1  # a test boot runs, or an image made permanent waits for its reset
     STATE = 2  # write/finish without a begin, or finish before every byte arrived
     RANGE = 3  # data beyond the announced length
     LENGTH = 4  # the announced length cannot hold the image or does not fit the slot
@@ -86,7 +86,8 @@ _DESCRIPTIONS = {
 
 
 _UPDATE_DESCRIPTIONS = {
-    UpdateErrorCode.BUSY: "the device runs an unconfirmed test image: confirm it or reset before updating",
+    UpdateErrorCode.BUSY: ("the device runs an unconfirmed test image, or an image made permanent waits "
+                           "for its reset: confirm or reset first"),
     UpdateErrorCode.STATE: "update steps out of order (no begin, or finished before all data)",
     UpdateErrorCode.RANGE: "update data beyond the announced length",
     UpdateErrorCode.LENGTH: "announced image length does not hold the image or does not fit the slot",

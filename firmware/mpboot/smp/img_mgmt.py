@@ -184,6 +184,9 @@ def _upload(srv, req, enc):
             sha = bytes(sha)
             if up.total >= 0 and up.sha == sha and up.total == total:
                 return _off(enc, up.pos, False)  # the open session: continue it
+            d = srv.done
+            if up.total < 0 and d is not None and d[0] == sha and d[1] == total:
+                return _off(enc, total, True)  # finished and verified already (reply lost)
         ptlv = req.get("ptlv")
         if ptlv is not None and type(ptlv) is not memoryview:
             return (_EINVAL, 0, None)
@@ -200,12 +203,16 @@ def _upload(srv, req, enc):
         if not nxt:
             nxt = up.write(0, data)
     else:
+        d = srv.done
+        if up.total < 0 and d is not None and off + len(data) == d[1]:
+            return _off(enc, d[1], False)  # the last chunk again: its reply was lost
         nxt = up.write(off, data)
         srv.forget(up.slot)
     if up.total >= 0 and nxt == up.total:
         match = up.sha is not None
         up.finish(MARK_NONE)  # verifies; the session ends either way
         srv.forget(up.slot)
+        srv.done = (up.sha, nxt, up.slot)
         return _off(enc, nxt, match)
     return _off(enc, nxt, False)
 

@@ -49,6 +49,9 @@ class Server:
         self.dec = Decoder()
         self.enc = Encoder(self.out)
         self.reset_requested = False
+        # The upload finished last (sha, len, slot): a client whose last reply got lost asks
+        # again, and must hear "done", not open a session that erases the verified image.
+        self.done = None
         # Verified info per slot (None: no valid image), _UNKNOWN until looked at. Forgotten
         # whenever that slot or the state changes.
         self.cache = [_UNKNOWN, _UNKNOWN]
@@ -56,6 +59,10 @@ class Server:
             self.cache[running] = info
 
     def forget(self, slot=-1):
+        # The slot's bytes (slot >= 0) or the state (-1) change: drop what was remembered.
+        d = self.done
+        if d is not None and d[2] == slot:
+            self.done = None  # (a state write leaves the finished image as it is)
         c = self.cache
         for s in (0, 1):
             if (slot < 0 or s == slot) and not (s == self.running and self.info is not None):
