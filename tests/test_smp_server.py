@@ -800,6 +800,8 @@ BAD_CBOR = {
     "too deep": cbor2.dumps({"a": [[[[1]]]]}),
     "too many items": cbor2.dumps({"d": list(range(17))}),
     "too many keys": cbor2.dumps({str(i): i for i in range(17)}),
+    # 16 arrays of 4 items each: every container within bounds, 81 items in all
+    "too many items in all": cbor2.dumps({"a": [[0, 1, 2, 3]] * 16}),
     "repeated key": bytes.fromhex("a2616401616402"),
     "bytes key": bytes.fromhex("a141610a"),
     "array key": bytes.fromhex("a1800a"),

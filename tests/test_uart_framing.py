@@ -328,4 +328,6 @@ def test_port_uart(lib: Path, tmp_path: Path, port: str) -> None:
     assert int(info["RXBUF"]) >= len(data)
     assert info["LOST"] == "0"
     assert info["SERVED"] == "handled=4 drains=1"
+    default, needed = info["DEFAULT_RXBUF"].split()
+    assert int(default) >= int(needed)  # the default rxbuf holds the default pipeline
     assert decode_answers(out.read_bytes()) == [("console", respond(p)) for p in pkts] + [("raw", respond(reset))]

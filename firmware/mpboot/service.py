@@ -15,11 +15,13 @@
 #   service.run(port, port.uart(0, 115200, 4 * frame_bytes(2048), tx=0, rx=1))
 #
 # run() never returns: a reset request (OS group, command 5) is answered, drained, then
-# port.reset(). While it serves it feeds the watchdog a test boot armed (mpboot.boot.feed):
-# the service, not the unconfirmed app, runs then, and a client may take minutes.
+# port.reset(). While it serves it feeds the watchdog a test boot armed (mpboot.boot.feed)
+# once the image is confirmed; an unconfirmed test image is left to the watchdog, which
+# reverts it (a client can still confirm it, or reset, within the watchdog's timeout).
 import mpboot
 from mpboot import boot
 from mpboot.smp.server import Server
+from mpboot.state import TRIAL
 from mpboot.transport.uart import serve
 
 
@@ -31,5 +33,16 @@ def run(port, link, buf_size=2048, buf_count=4):
     if b is None:
         raise OSError(19)  # ENODEV: boot.start() (or boot.recovery()) did not run
     server = Server(b[0], b[1], port, buf_size, buf_count, info=b[2])
-    serve(link, server, boot.feed)
+    slots = b[0]
+    run_slot = b[1]
+
+    def tick():
+        # Feed the watchdog a test boot armed, but not while that test image is unconfirmed:
+        # an app that returned (or crashed) without confirming is then reverted by the
+        # watchdog, as it would be had it hung. Once confirmed (by the app, or a client's
+        # state write), the service keeps it fed.
+        if run_slot < 0 or slots.state[TRIAL] != run_slot:
+            boot.feed()
+
+    serve(link, server, tick)
     port.reset()

@@ -41,3 +41,6 @@ serve(link, server)
 print("SERVED handled=%d drains=%d" % (server.count, u.flushes))
 with open(sys.argv[3], "wb") as f:
     f.write(u.sent)
+# The default receive buffer holds the default service's pipeline (buf_count 4, buf_size 2048).
+d = port.uart(UID)
+print("DEFAULT_RXBUF %d %d" % (d.u.rxbuf, 4 * frame_bytes(2048)))

@@ -73,7 +73,7 @@ def unique_id():
     return bytes(machine.unique_id())
 
 
-def uart(id, baudrate=115200, rxbuf=4096, **pins):
+def uart(id, baudrate=115200, rxbuf=11204, **pins):
     # SMP link on machine.UART(id) (tx=, rx= pins in **pins). UART 0 carries the REPL: use 1
     # or 2. rxbuf: the driver's receive ring buffer (more than its 128-byte FIFO), which holds
     # the requests in flight while one is handled: buf_count *

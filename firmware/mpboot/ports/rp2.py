@@ -68,8 +68,9 @@ def unique_id():
     return bytes(machine.unique_id())
 
 
-def uart(id, baudrate=115200, rxbuf=4096, **pins):
+def uart(id, baudrate=115200, rxbuf=11204, **pins):
     # SMP link on machine.UART(id) (0 or 1; tx=, rx= pins in **pins). rxbuf: the receive ring
-    # buffer the UART interrupt fills (default 256), which holds the requests in flight while
-    # one is handled: buf_count * mpboot.transport.uart.frame_bytes(buf_size).
+    # buffer the UART interrupt fills (machine.UART's own default is 256), which holds the requests in flight while
+    # one is handled: buf_count * mpboot.transport.uart.frame_bytes(buf_size) (the default,
+    # 11204, is 4 * frame_bytes(2048), the service's default pipeline).
     return UartLink(machine.UART(id, baudrate=baudrate, rxbuf=rxbuf, timeout=0, **pins))

@@ -166,7 +166,7 @@ def unique_id():
     return bytes(machine.unique_id())
 
 
-def uart(id, baudrate=115200, rxbuf=4096, **kw):
+def uart(id, baudrate=115200, rxbuf=11204, **kw):
     # SMP link on machine.UART(id) (the board's UART numbering). rxbuf: the interrupt-filled
     # receive buffer, which holds the requests in flight while one is handled: buf_count *
     # mpboot.transport.uart.frame_bytes(buf_size).

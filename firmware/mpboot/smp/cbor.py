@@ -4,7 +4,8 @@
 # Decoder: unsigned/negative integers (up to 64 bits), byte strings (returned as memoryview
 # slices of the input: upload data is never copied), text strings (str), arrays, maps,
 # false/true/null. Anything else raises ValueError: indefinite lengths, tags, floats and
-# other simple values, nesting deeper than 4, more than 16 items in a map or array, a string
+# other simple values, nesting deeper than 4, more than 16 items in a map or array (64 items
+# in all, so a small packet cannot build a large object tree), a string
 # longer than the input, map keys other than text or integers, a repeated key, trailing
 # bytes after the top-level value, a top-level value that is not a map.
 #
@@ -15,6 +16,7 @@ from micropython import const
 
 _MAX_DEPTH = const(4)
 _MAX_ITEMS = const(16)
+_MAX_TOTAL = const(64)  # items in one packet: depth and width alone would allow 16**4
 
 
 class Decoder:
@@ -22,6 +24,7 @@ class Decoder:
         # buf: bytes-like or memoryview holding exactly one CBOR map. Returns a dict.
         self.mv = memoryview(buf)
         self.pos = 0
+        self.left = _MAX_TOTAL
         try:
             v = self._item(1)
             if type(v) is not dict or self.pos != len(self.mv):
@@ -54,6 +57,9 @@ class Decoder:
             raise ValueError
         ib = mv[p]
         self.pos = p + 1
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError
         major = ib >> 5
         if major == 7:
             if ib == 0xF4:

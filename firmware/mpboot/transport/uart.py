@@ -371,7 +371,10 @@ def serve(link, server, tick=None):
             _report(e)
             r = None
         if r is not None:
-            f.send(link, f.kind, r)
+            try:
+                f.send(link, f.kind, r)
+            except OSError as e:  # the line failed under this reply: the client will resend
+                _report(e)
         if tick:
             tick()
         if server.reset_requested:
