@@ -128,8 +128,9 @@ class FaultRelay:
         """Write what is due; return the time of the next held chunk (None: nothing held)."""
         nxt = None
         for dst, q in self._queue.items():
+            due = None
             while q and q[0][0] <= now:
-                _, _, data = heapq.heappop(q)
+                at, order, data = heapq.heappop(q)
                 try:
                     n = os.write(dst, data)
                 except BlockingIOError:
@@ -137,12 +138,13 @@ class FaultRelay:
                 except OSError:
                     self.stats["write_errors"] += 1
                     n = len(data)
-                if n < len(data):  # the far side is full: keep the rest for next time
-                    self._order += 1
-                    heapq.heappush(q, (now + 0.002, self._order, data[n:]))
+                if n < len(data):  # the far side is full: the rest keeps its place, retried soon
+                    heapq.heappush(q, (at, order, data[n:]))
+                    due = now + 0.002
                     break
             if q:
-                nxt = q[0][0] if nxt is None else min(nxt, q[0][0])
+                due = q[0][0] if due is None else due
+                nxt = due if nxt is None else min(nxt, due)
         return nxt
 
     def _run(self) -> None:

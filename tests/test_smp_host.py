@@ -327,6 +327,8 @@ class Peer:
             except StopIteration as done:
                 self._console = None
                 yield bytes(done.value)
+            except ValueError:  # a corrupt frame (bad base64): dropped, as a device does
+                self._console = None
 
     def _run(self) -> None:
         while True:
@@ -719,6 +721,82 @@ def test_device_that_stops_answering_gets_bounded_retries(peers: Callable[..., P
     assert len(probes) == 1 + 3  # the original and one probe per retry
 
 
+def _ends_image(req: Req, total: int) -> bool:
+    p = req.payload
+    return (req.group, req.cmd) == (Group.IMAGE, ImageCmd.UPLOAD) and p["off"] + len(p["data"]) == total
+
+
+def test_a_lost_last_reply_costs_one_timeout_not_the_final_timeout(peers: Callable[..., Peer]) -> None:
+    """The soak hang (tests/test_smp_faults.py, `timeout` 1 s): the line lost the reply to the
+    last chunk (or the chunk), and the client waited final_timeout, 30 s, for it, then 30 s
+    again for each re-send, while client, line and device sat idle. Now the last chunk goes
+    again after `timeout`, and the device, which remembers the upload it finished, answers
+    the repeat at once (docs/PROTOCOL.md, "Upload")."""
+    dev = FakeDevice(service=0.002)
+    image = _image(9000)
+    lost: list[Req] = []
+
+    def respond(peer: Peer, req: Req) -> None:
+        if _ends_image(req, len(image)) and dev.received is not None:
+            peer.reply(req, {"off": len(image)}, delay=dev.delay())  # the last chunk again
+            return
+        rsp = dev.handle(req)
+        assert rsp is not None
+        if _ends_image(req, len(image)) and not lost:
+            lost.append(req)  # verified and answered; the line lost the reply
+            return
+        peer.reply(req, rsp, delay=dev.delay())
+
+    peer = peers(respond)
+    t0 = time.monotonic()
+    result = upload(peer, image, timeout=0.3)
+    assert time.monotonic() - t0 < 3.0  # was 30 s (final_timeout)
+    assert dev.received == image and lost and result.match is None  # (the repeat's answer)
+    last = [r for r in peer.uploads() if _ends_image(r, len(image))]
+    assert len(last) == 2 and 0.25 < last[1].t - last[0].t < 1.5
+    assert result.timeouts == 1
+
+
+def test_the_device_still_gets_final_timeout_to_verify(peers: Callable[..., Peer]) -> None:
+    dev = FakeDevice(service=0.002)
+    image = _image(9000)
+    verify = 1.2  # 4x the timeout
+
+    def respond(peer: Peer, req: Req) -> None:
+        if not _ends_image(req, len(image)):
+            dev(peer, req)
+        elif dev.received is None:
+            rsp = dev.handle(req)
+            assert rsp is not None
+            dev._busy_until = max(time.monotonic(), dev._busy_until) + verify
+            peer.reply(req, rsp, delay=dev._busy_until - time.monotonic())
+        else:  # repeats wait their turn behind the verification, then are answered at once
+            peer.reply(req, {"off": len(image)}, delay=dev.delay())
+
+    peer = peers(respond)
+    t0 = time.monotonic()
+    result = upload(peer, image, timeout=0.3, retries=2)
+    assert verify <= time.monotonic() - t0 < verify + 1.0
+    assert dev.received == image and result.match is True  # the first send's answer
+    last = [r for r in peer.uploads() if _ends_image(r, len(image))]
+    assert len(last) == 1 + 2 and result.timeouts == 2  # re-sent `retries` times, 0.3 s apart
+
+
+def test_silence_at_the_last_chunk_is_bounded(peers: Callable[..., Peer]) -> None:
+    dev = FakeDevice(service=0.002)
+    image = _image(9000)
+
+    def respond(peer: Peer, req: Req) -> None:
+        if not _ends_image(req, len(image)):
+            dev(peer, req)
+
+    peer = peers(respond)
+    t0 = time.monotonic()
+    with pytest.raises(DeviceSilent, match=r"device stopped answering: .* \(2 tries, at offset \d+ of 9000\)"):
+        upload(peer, image, timeout=0.1, final_timeout=0.5, retries=1)
+    assert time.monotonic() - t0 < 2.0  # (retries + 1) x final_timeout, and a little
+
+
 def test_refused_first_request_raises_with_the_reason(peers: Callable[..., Peer]) -> None:
     def respond(peer: Peer, req: Req) -> None:
         if req.cmd == ImageCmd.UPLOAD:
@@ -948,6 +1026,44 @@ def test_hangup_during_upload_is_a_transport_error(peers: Callable[..., Peer]) -
     peer = peers(respond)
     with pytest.raises(TransportError):
         upload(peer, _image(20_000), timeout=1.0)
+
+
+def test_a_port_that_takes_no_bytes_fails_instead_of_hanging() -> None:
+    """Nobody reads the other end (a device that stopped reading, flow control holding the
+    line): once the port's buffer is full a write makes no progress. It fails the link."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+
+    async def main() -> None:
+        transport = SerialTransport(os.ttyname(slave), write_timeout=0.3)
+        async with SMPClient(transport, timeout=0.3) as client:
+            await asyncio.wait_for(client.echo("x" * 60_000), 10)  # 3x what a pty holds
+
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TransportError, match=r" stalled: it took no bytes for 0\.3 s"):
+            asyncio.run(main())
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+@pytest.mark.parametrize("framing", ["raw", "console"])
+def test_a_frame_cut_short_on_the_line_does_not_swallow_the_next_request(
+        peers: Callable[..., Peer], framing: str) -> None:
+    """An earlier session's request cut mid-frame (a link cut, a lost tail) waits in the
+    device's decoder for its end; the next request completed it and was dropped with it (the
+    soak's reset over the clean link after a failed update went unanswered)."""
+    peer = peers(FakeDevice(), framing)
+    cut = (RawCodec() if framing == "raw" else ConsoleCodec()).encode(
+        encode_packet(Op.WRITE, Group.OS, OsCmd.ECHO, 1, {"d": "cut short"}))
+    fd = os.open(peer.port, os.O_RDWR | os.O_NOCTTY)
+    try:
+        os.write(fd, cut[: len(cut) // 2])
+    finally:
+        os.close(fd)
+    assert run_client(peer, lambda c: c.echo("hello"), timeout=1.0) == "hello"
 
 
 def test_serial_transport_is_a_transport() -> None:

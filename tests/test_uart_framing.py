@@ -162,6 +162,9 @@ def decode_answers(out: bytes) -> list[tuple[str, bytes]]:
     answers: list[tuple[str, bytes]] = []
     i = 0
     while i < len(out):
+        if out[i] == 0:  # the delimiter a raw reply starts with
+            i += 1
+            continue
         if out[i:i + 2] == smppacket.START_DELIMITER:
             decoder = smppacket.decode()
             next(decoder)

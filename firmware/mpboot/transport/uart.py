@@ -310,13 +310,15 @@ class Framer:
         return True
 
     def _cobs_out(self, link, e):
-        # COBS(pkt[:e]) + 00, as smpclient's and MCUboot's encoders: a 254-byte block ending
-        # the data is followed by an empty one.
+        # 00 + COBS(pkt[:e]) + 00, as smpclient's and MCUboot's encoders (and a leading
+        # delimiter, which their decoders skip): a 254-byte block ending the data is followed
+        # by an empty one.
         pkt = self.pkt
         pmv = self.pmv
         tx = self.tx
         tmv = self.tmv
-        t = 0
+        tx[0] = 0  # a leading delimiter ends whatever a corrupted earlier reply left open
+        t = 1
         s = 0
         while True:
             lim = min(e, s + 254)

@@ -13,8 +13,12 @@
 4. When nothing arrives for `timeout` seconds, everything in flight is dropped and one request
    is re-sent alone from the last acknowledged offset (the device answers with the offset it
    expects); after `retries` silent rounds in a row, DeviceSilent.
-5. The last reply comes after the device verified the image (hash, signature, policy), so it
-   gets `final_timeout`; it may carry `match` (the device's check of `sha`).
+5. The last reply comes after the device verified the image (hash, signature, policy), so the
+   device gets up to `final_timeout` for it; it may carry `match` (the device's check of `sha`).
+   Meanwhile the last chunk is re-sent after each `timeout`, up to `retries` times, without
+   giving up on the earlier sends: a lost request or reply then costs one `timeout`, not
+   `final_timeout`, because a device that verified already answers a repeated last chunk at
+   once (it remembers the finished upload), and one still verifying answers it after the first.
 """
 
 from __future__ import annotations
@@ -97,8 +101,10 @@ async def upload(client: SMPClient, image: bytes, *, window: int | None = None,
     called whenever the acknowledged offset changes. sha: send the file's SHA-256 (enables
     resume and the device's `match` check). ptlv: the image's protected TLV area bytes.
     upgrade: ask the device to refuse an image not newer than the running one. timeout:
-    silence before re-sending (default: the client's). final_timeout: for the last reply
-    (default max(timeout, 30 s)). retries: silent rounds tolerated in a row.
+    silence before re-sending (default: the client's). final_timeout: how long the device may
+    take to verify the image and answer the last chunk, which is re-sent meanwhile (default
+    max(timeout, 30 s)). retries: silent rounds tolerated in a row (and re-sends of the last
+    chunk while waiting for its answer).
 
     Raises ImageRefused (the device refused the image), VerificationFailed (it arrived whole
     and failed the device's check), UpdateStepRefused, DeviceSilent, ProtocolError,
@@ -152,6 +158,13 @@ async def upload(client: SMPClient, image: bytes, *, window: int | None = None,
     reopens = stalls = bad_replies = 0
     sent = requests = resyncs = timeouts = 0
     undecodable: ProtocolError | None = None
+    final_at: float | None = None  # when the last chunk became the only one in flight
+    repeats = 0  # re-sends of it since
+
+    def fields_for(off: int, end: int) -> dict[str, Any]:
+        fields = dict(first_fields) if off == 0 else {"off": off}
+        fields["data"] = data[off:end]
+        return fields
 
     def drop_all() -> None:
         for c in inflight:
@@ -165,16 +178,16 @@ async def upload(client: SMPClient, image: bytes, *, window: int | None = None,
                 if next_off == 0:
                     if inflight:
                         break  # off 0 goes alone
-                    fields = dict(first_fields)
                     n = first_n
                     solo = True
                     opens += 1
                 else:
                     n = min(stream_max, total - next_off)
-                    fields = {"off": next_off}
-                fields["data"] = data[next_off : next_off + n]
+                fields = fields_for(next_off, next_off + n)
                 pending = await client.send_request(Group.IMAGE, ImageCmd.UPLOAD, Op.WRITE, fields)
                 inflight.append(_Chunk(next_off, next_off + n, pending))
+                if next_off + n == total:
+                    final_at, repeats = None, 0
                 sent += n
                 requests += 1
                 next_off += n
@@ -184,13 +197,37 @@ async def upload(client: SMPClient, image: bytes, *, window: int | None = None,
                 next_off, solo = (acked if opened else 0), True
                 continue
 
-            wait = t_final if inflight[0].end == total else t
+            head = inflight[0]
+            # Only the last chunk in flight: the device may be verifying the image (it gets up
+            # to t_final from about now), or the chunk or its reply was lost. Re-sending it is
+            # safe: a device answers a repeated last chunk (and, with `sha`, a repeated first
+            # request) with where it is, without writing again (docs/PROTOCOL.md, "Upload").
+            repeatable = head.end == total and (sha or head.off != 0)
+            if repeatable:
+                now = time.monotonic()
+                if final_at is None:
+                    final_at = now
+                left = final_at + t_final - now
+                wait = max(0.0, min(t, left) if repeats < retries else left)
+            else:
+                wait = t_final if head.end == total else t
             done, _ = await asyncio.wait([c.pending.future for c in inflight], timeout=wait,
                                          return_when=asyncio.FIRST_COMPLETED)
             if not done:
                 timeouts += 1
-                attempts += 1
                 waited += wait
+                if (repeatable and repeats < retries and final_at is not None
+                        and time.monotonic() < final_at + t_final):
+                    # Re-send it, still waiting for every send of it: whichever answer comes
+                    # first settles the upload (replies come in the order of the requests).
+                    pending = await client.send_request(Group.IMAGE, ImageCmd.UPLOAD, Op.WRITE,
+                                                        fields_for(head.off, head.end))
+                    inflight.append(_Chunk(head.off, head.end, pending))
+                    sent += head.end - head.off
+                    requests += 1
+                    repeats += 1
+                    continue
+                attempts += 1
                 # A device that never answered anything is absent (wrong port), not slow.
                 allowed = retries if client.stats.replies else 0
                 if attempts > allowed:

@@ -29,7 +29,8 @@ class Transport(Protocol):
         ...
 
     async def send(self, packet: bytes) -> None:
-        """Send one SMP packet; returns once it is handed to the link (not acknowledged)."""
+        """Send one SMP packet; returns once it is handed to the link (not acknowledged).
+        Never waits forever: a link that takes no data for a while raises TransportError."""
         ...
 
     async def recv(self) -> bytes:

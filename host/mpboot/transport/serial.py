@@ -4,6 +4,12 @@ pyserial opens and configures the port (baud rate, 8N1, raw mode, exclusive lock
 itself is event driven on the port's file descriptor (`loop.add_reader`, non-blocking
 `os.write` + `loop.add_writer`), with no polling sleeps: a reply is handled as soon as its
 last byte arrives, which is what keeps a pipelined upload's line busy. POSIX only.
+
+Every frame goes out behind its framing's delimiter (00 raw, a newline console): a partial
+frame that an earlier damaged write or an earlier session left in the device's decoder ends
+there instead of swallowing the request (the device skips delimiters between frames,
+docs/PROTOCOL.md). A port that takes no bytes for `write_timeout` seconds (nobody reading,
+flow control holding the line) fails the link: `send` never waits forever.
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ import serial  # type: ignore[import-untyped]  # (pyserial has no type hints)
 from mpboot.errors import PortError, TransportError
 from mpboot.transport.framing import FrameCodec, Framing, codec
 
+_LEAD: Final = {Framing.RAW: b"\x00", Framing.CONSOLE: b"\n"}
+
 DEFAULT_BAUDRATE: Final = 115200
+DEFAULT_WRITE_TIMEOUT: Final = 5.0  # seconds a write may make no progress before the link fails
 _READ_SIZE: Final = 1 << 16
 _BUSY_ERRNOS: Final = frozenset({errno.EBUSY, errno.EAGAIN, errno.EWOULDBLOCK})
 
@@ -38,9 +47,13 @@ class SerialTransport:
     """
 
     def __init__(self, port: str, *, baudrate: int = DEFAULT_BAUDRATE,
-                 framing: Framing | str = Framing.RAW) -> None:
+                 framing: Framing | str = Framing.RAW,
+                 write_timeout: float = DEFAULT_WRITE_TIMEOUT) -> None:
+        if write_timeout <= 0:
+            raise ValueError("write_timeout must be positive")
         self._port = port
         self._baudrate = baudrate
+        self.write_timeout = write_timeout
         self.framing: Final = Framing(framing)
         self._codec: FrameCodec = codec(self.framing)
         self._serial: serial.Serial | None = None
@@ -100,7 +113,7 @@ class SerialTransport:
             pass
 
     async def send(self, packet: bytes) -> None:
-        data = memoryview(self._codec.encode(packet))
+        data = memoryview(_LEAD[self.framing] + self._codec.encode(packet))
         async with self._write_lock:
             while data:
                 self._check_open()
@@ -151,7 +164,12 @@ class SerialTransport:
         fd = self._fd
         self._loop.add_writer(fd, ready)
         try:
-            await fut
+            async with asyncio.timeout(self.write_timeout):
+                await fut
+        except TimeoutError:
+            self._fail(TransportError(f"write to {self._port} stalled: it took no bytes for "
+                                      f"{self.write_timeout:.3g} s (is the device reading?)"))
+            raise self._error_or_closed() from None
         finally:
             self._write_ready = None
             if self._serial is not None:
