@@ -118,6 +118,11 @@ class PendingReply:
         self.sent_at = time.monotonic()
 
 
+# An erase reply comes after the whole slot is erased: 45 ms per 4 KiB sector is 11.5 s per
+# MiB at typical NOR speed, and datasheets allow several times that.
+ERASE_TIMEOUT = 120.0
+
+
 class SMPClient:
     """SMP requests over one transport. Use as an async context manager (opens and closes the
     transport), or call open()/close()."""
@@ -275,10 +280,12 @@ class SMPClient:
         rsp = await self.request(Group.IMAGE, ImageCmd.STATE, Op.WRITE, payload)
         return _slot_states(rsp)
 
-    async def erase(self, slot: int | None = None) -> None:
-        """Erase `slot` (default: the slot not running)."""
+    async def erase(self, slot: int | None = None, timeout: float | None = None) -> None:
+        """Erase `slot` (default: the slot not running). The device answers when the whole
+        slot is erased (seconds per MiB on NOR flash): the wait is at least ERASE_TIMEOUT."""
         payload = {"slot": slot} if slot is not None else {}
-        await self.request(Group.IMAGE, ImageCmd.ERASE, Op.WRITE, payload)
+        wait = max(self.timeout if timeout is None else timeout, ERASE_TIMEOUT)
+        await self.request(Group.IMAGE, ImageCmd.ERASE, Op.WRITE, payload, timeout=wait)
 
     async def slot_info(self) -> dict[str, Any]:
         rsp = await self.request(Group.IMAGE, ImageCmd.SLOT_INFO, Op.READ, {})
