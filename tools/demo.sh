@@ -45,7 +45,7 @@ printf '\n\033[1m$ mpboot sim --state %s --keys signing-key.pem --vendor-id exam
 mpboot sim --state "$work/device" --keys "$work/signing-key.pem" --vendor-id example.com \
     --class-id hello-board --link "$work/uart" > "$work/sim.log" 2>&1 &
 sim=$!
-trap 'kill -INT $sim 2>/dev/null; wait $sim 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill -INT $sim 2>/dev/null || true; wait $sim 2>/dev/null || true; rm -rf "$work"' EXIT
 # Wait (bounded) until the device listens on its UART.
 wait_log() {
     for _ in $(seq 600); do
