@@ -5,7 +5,6 @@ reset, the device boots the new image as a test image (and the app confirms it).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -107,7 +106,6 @@ def test_smpclient_sha_is_checked_and_resumes(images: dict[str, bytes], tmp_path
             async for off in client.upload(img):
                 first.append(off)
             assert first[-1] == len(img)
-            assert hashlib.sha256(img).digest()  # (smpclient sent it)
             return [offs[-1], first[0]]
 
     try:
