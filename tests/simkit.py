@@ -79,3 +79,31 @@ def refused(run: Run) -> tuple[str, int]:
     except UpdateRefused as err:
         return "update", err.code
     raise AssertionError(f"the device took the image: {done}")
+
+
+class FlashFile:
+    """A NorFlash file as the host sees it (the unix port's layout: slot 0 | slot 1 | state,
+    two sectors), and its wear counters."""
+
+    def __init__(self, path: Path, sector: int = 4096, size: int = 64 * 1024) -> None:
+        self.path = path
+        self.size = size
+        self.sector = sector
+        self.slot = (size // sector - 2) // 2 * sector
+
+    def bytes(self) -> bytes:
+        return self.path.read_bytes()
+
+    def slot_bytes(self, s: int) -> bytes:
+        return self.bytes()[s * self.slot : (s + 1) * self.slot]
+
+    def wear(self) -> list[int]:
+        data = Path(str(self.path) + ".wear").read_bytes()
+        return [int.from_bytes(data[i : i + 4], "little") for i in range(0, len(data), 4)]
+
+    def slot_wear(self, s: int) -> list[int]:
+        n = self.slot // self.sector
+        return self.wear()[s * n : (s + 1) * n]
+
+    def state_range(self) -> range:
+        return range(2 * self.slot, self.size)

@@ -21,7 +21,7 @@ import pytest
 from conftest import signing_key, trusted_public_keys
 from mpboot.errors import ImageRejected
 from mpboot.image import ImageHeader, class_uuid, parse_image, vendor_uuid, verify_image
-from simkit import sign_app
+from simkit import FlashFile, sign_app
 from smp import image_management as img
 from smp import os_management as osm
 
@@ -187,24 +187,6 @@ class Cmd:
         return words[2:]
 
 
-class Flash:
-    def __init__(self, path: Path, size: int = SIZE, sector: int = SECTOR) -> None:
-        self.path = path
-        self.size = size
-        self.sector = sector
-        self.slot = (size // sector - 2) // 2 * sector
-
-    def bytes(self) -> bytes:
-        return self.path.read_bytes()
-
-    def slot_bytes(self, s: int) -> bytes:
-        return self.bytes()[s * self.slot : (s + 1) * self.slot]
-
-    def wear(self) -> list[int]:
-        data = Path(str(self.path) + ".wear").read_bytes()
-        return [int.from_bytes(data[i : i + 4], "little") for i in range(0, len(data), 4)]
-
-
 class Session:
     """Records for one dev_smp run: commands and request packets, in order."""
 
@@ -222,8 +204,8 @@ class Session:
         return c
 
     def dev(self, name: str, *, slots: tuple[bytes | None, bytes | None] = (None, None), size: int = SIZE,
-            vendor: bytes | None = None, klass: bytes | None = None, downgrade: bool = True) -> Flash:
-        flash = Flash(self.dir / f"{name}.nor", size)
+            vendor: bytes | None = None, klass: bytes | None = None, downgrade: bool = True) -> FlashFile:
+        flash = FlashFile(self.dir / f"{name}.nor", SECTOR, size)
         data = bytearray(b"\xff" * size)
         for s, content in enumerate(slots):
             if content is not None:

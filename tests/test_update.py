@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import signing_key
 from mpboot.image import ImageHeader, class_uuid, parse_image, vendor_uuid
-from simkit import sign_app
+from simkit import FlashFile, sign_app
 
 SIZE = 64 * 1024
 SECTOR = 4096
@@ -89,32 +89,6 @@ class Step:
         return int(self.values[i])
 
 
-class Flash:
-    """A NorFlash file as the host sees it: slot 0 | slot 1 | state (two sectors)."""
-
-    def __init__(self, path: Path, sector: int) -> None:
-        self.path = path
-        self.sector = sector
-        self.slot = slot_size(sector)
-
-    def bytes(self) -> bytes:
-        return self.path.read_bytes()
-
-    def slot_bytes(self, s: int) -> bytes:
-        return self.bytes()[s * self.slot : (s + 1) * self.slot]
-
-    def wear(self) -> list[int]:
-        data = Path(str(self.path) + ".wear").read_bytes()
-        return [int.from_bytes(data[i : i + 4], "little") for i in range(0, len(data), 4)]
-
-    def slot_wear(self, s: int) -> list[int]:
-        n = self.slot // self.sector
-        return self.wear()[s * n : (s + 1) * n]
-
-    def state_range(self) -> range:
-        return range(2 * self.slot, SIZE)
-
-
 class Plan:
     def __init__(self, device, tmp_path: Path) -> None:
         self.device = device
@@ -135,9 +109,9 @@ class Plan:
         return path
 
     def dev(self, name: str, *, sector: int = SECTOR, align: int = 1, slots: tuple[bytes | None, bytes | None] = (None, None),
-            vendor: bytes | None = None, klass: bytes | None = None, downgrade: bool = True) -> Flash:
+            vendor: bytes | None = None, klass: bytes | None = None, downgrade: bool = True) -> FlashFile:
         """A fresh flash file holding `slots` (erased elsewhere, wear counters at zero), opened."""
-        flash = Flash(self.dir / f"{name}.nor", sector)
+        flash = FlashFile(self.dir / f"{name}.nor", sector, SIZE)
         data = bytearray(b"\xff" * SIZE)
         for s, content in enumerate(slots):
             if content is not None:

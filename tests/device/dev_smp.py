@@ -24,16 +24,14 @@
 #   snap 0|1              area snapshots per packet off/on (on by default)
 #   mem                   -> OK free alloc (after gc.collect())
 import gc
-import hashlib
 import struct
 import sys
-from binascii import hexlify, unhexlify
+from binascii import hexlify
 
+import devkit
 import mpboot
-import mpboot_keys
 from mpboot.image import ImageError
 from mpboot.ports import unix as port
-from mpboot.slots import Slots
 from mpboot.smp.server import Server
 from mpboot.state import ACTIVE, FLOOR, OK0, OK1, TEST, TRIAL
 from mpboot.update import UpdateError
@@ -46,29 +44,19 @@ policy = None
 slots = None
 srv = None
 snaps = True
-sbuf = bytearray(512)
 
-
-def area_digest(a):
-    h = hashlib.sha256()
-    off = 0
-    while off < a.size:
-        n = a.read(off, sbuf)
-        h.update(memoryview(sbuf)[:n])
-        off += n
-    return h.digest()
 
 
 def snap():
-    return [area_digest(a) for a in areas] if areas and snaps else None
+    return [devkit.area_digest(a) for a in areas] if areas and snaps else None
 
 
 def counters():
-    return (chip.ops, chip.programmed, chip.erases) if chip else (0, 0, 0)
+    return devkit.counters(chip)
 
 
 def new_slots():
-    return Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS, mapped=port.mapped, **policy)
+    return devkit.new_slots(areas, policy)
 
 
 def command(words):
@@ -77,17 +65,7 @@ def command(words):
     if cmd == "dev":
         if chip:
             chip.close()
-        chip = port.flash(words[1], int(words[2]), int(words[3]), int(words[4]))
-        areas = port.areas(chip)
-        policy = {"vendor_id": None, "class_id": None, "downgrade": True}
-        for w in words[5:]:
-            k, _, v = w.partition("=")
-            if k == "vendor":
-                policy["vendor_id"] = unhexlify(v)
-            elif k == "class":
-                policy["class_id"] = unhexlify(v)
-            elif k == "downgrade":
-                policy["downgrade"] = v == "1"
+        chip, areas, policy = devkit.open_dev(words[1:])
         slots = new_slots()
         srv = None
         mpboot._booted = None

@@ -40,10 +40,8 @@ import struct
 import sys
 from binascii import hexlify, unhexlify
 
-import mpboot_keys
+import devkit
 from mpboot.image import ImageError
-from mpboot.ports import unix as port
-from mpboot.slots import Slots
 from mpboot.state import ACTIVE, FLOOR, OK0, OK1, SLEN, SOFF, SSHA, SSLOT, TEST, TRIAL, VERSION
 from mpboot.update import UpdateError, Updater
 
@@ -67,27 +65,17 @@ def hx(b):
     return hexlify(b).decode()
 
 
-def area_digest(a):
-    h = hashlib.sha256()
-    buf = bytearray(1024)
-    off = 0
-    while off < a.size:
-        n = a.read(off, buf)
-        h.update(memoryview(buf)[:n])
-        off += n
-    return h.digest()
-
 
 def snap():
-    return [area_digest(a) for a in areas] if areas else []
+    return [devkit.area_digest(a) for a in areas] if areas else []
 
 
 def new_slots():
-    return Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS, mapped=port.mapped, **policy)
+    return devkit.new_slots(areas, policy)
 
 
 def counters():
-    return (chip.ops, chip.programmed, chip.erases) if chip else (0, 0, 0)
+    return devkit.counters(chip)
 
 
 def do(words):
@@ -96,17 +84,7 @@ def do(words):
     if cmd == "dev":
         if chip:
             chip.close()
-        chip = port.flash(words[1], int(words[2]), int(words[3]), int(words[4]))
-        areas = port.areas(chip)
-        policy = {"vendor_id": None, "class_id": None, "downgrade": True}
-        for w in words[5:]:
-            k, _, v = w.partition("=")
-            if k == "vendor":
-                policy["vendor_id"] = unhexlify(v)
-            elif k == "class":
-                policy["class_id"] = unhexlify(v)
-            elif k == "downgrade":
-                policy["downgrade"] = v == "1"
+        chip, areas, policy = devkit.open_dev(words[1:])
         slots = new_slots()
         up = None
         return [areas[0].size]

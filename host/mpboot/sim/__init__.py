@@ -40,7 +40,7 @@ def build_lib(dest: Path, keys: Sequence[PublicKey]) -> Path:
     src = dest.parent / (dest.name + "-src")
     src.mkdir(parents=True, exist_ok=True)
     write_keys_module(src, keys)
-    for main in ("sim_device.py", "sim_serve.py"):
+    for main in ("sim_config.py", "sim_device.py", "sim_serve.py"):
         shutil.copyfile(script_path(main), src / main)
     compile_tree(src, dest)
     shutil.rmtree(src)

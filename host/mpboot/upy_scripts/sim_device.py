@@ -16,9 +16,9 @@
 import hashlib
 import struct
 import sys
-from binascii import unhexlify
 
 import mpboot_keys
+import sim_config
 from mpboot import boot
 from mpboot.image import ImageError
 from mpboot.ports import unix as port
@@ -26,25 +26,10 @@ from mpboot.slots import Slots
 from mpboot.update import UpdateError, Updater
 
 
-def config(path):
-    cfg = {}
-    with open(path) as f:
-        for word in f.read().split():
-            k, _, v = word.partition("=")
-            cfg[k] = v
-    return cfg
-
-
 def main():
-    cfg = config(sys.argv[1])
+    _, chip, policy = sim_config.load(sys.argv[1])
     cmd = sys.argv[2]
-    chip = port.flash(cfg["flash"], int(cfg["size"]), int(cfg["sector"]), int(cfg["align"]))
     areas = port.areas(chip)
-    policy = {
-        "vendor_id": unhexlify(cfg["vendor"]) if "vendor" in cfg else None,
-        "class_id": unhexlify(cfg["class"]) if "class" in cfg else None,
-        "downgrade": cfg.get("downgrade", "1") == "1",
-    }
     slots = Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS, mapped=port.mapped, **policy)
     if cmd == "status":
         st = slots.state

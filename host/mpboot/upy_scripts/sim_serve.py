@@ -11,31 +11,14 @@ import sys
 import micropython
 
 import mpboot_keys
-from binascii import unhexlify
+import sim_config
 from mpboot import boot, service
 from mpboot.ports import unix as port
 
 
-def config(path):
-    cfg = {}
-    with open(path) as f:
-        for word in f.read().split():
-            k, _, v = word.partition("=")
-            cfg[k] = v
-    return cfg
-
-
 def main():
     micropython.kbd_intr(-1)  # SIGINT (Ctrl-C at the simulator's terminal) is a power cut
-    cfg = config(sys.argv[1])
-    timing = cfg.get("timing", "none")
-    chip = port.flash(cfg["flash"], int(cfg["size"]), int(cfg["sector"]), int(cfg["align"]),
-                      None if timing == "none" else timing)
-    policy = {
-        "vendor_id": unhexlify(cfg["vendor"]) if "vendor" in cfg else None,
-        "class_id": unhexlify(cfg["class"]) if "class" in cfg else None,
-        "downgrade": cfg.get("downgrade", "1") == "1",
-    }
+    cfg, chip, policy = sim_config.load(sys.argv[1])
     try:
         boot.start(port, port.areas(chip), mpboot_keys.KEYS, **policy)
     except Exception as e:  # the app failed; the service still takes updates

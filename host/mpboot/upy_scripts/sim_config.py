@@ -1,0 +1,23 @@
+# The simulated device's config file, shared by its mains (sim_device, sim_serve): one line
+# of words "flash=PATH size=N sector=N align=N [vendor=HEX] [class=HEX] [downgrade=0]
+# [timing=none|nor] ...". Returns the words, the NOR flash chip and the Slots policy.
+from binascii import unhexlify
+
+from mpboot.ports import unix as port
+
+
+def load(path):
+    cfg = {}
+    with open(path) as f:
+        for word in f.read().split():
+            k, _, v = word.partition("=")
+            cfg[k] = v
+    timing = cfg.get("timing", "none")
+    chip = port.flash(cfg["flash"], int(cfg["size"]), int(cfg["sector"]), int(cfg["align"]),
+                      None if timing == "none" else timing)
+    policy = {
+        "vendor_id": unhexlify(cfg["vendor"]) if "vendor" in cfg else None,
+        "class_id": unhexlify(cfg["class"]) if "class" in cfg else None,
+        "downgrade": cfg.get("downgrade", "1") == "1",
+    }
+    return cfg, chip, policy

@@ -1,0 +1,44 @@
+# Shared by the device drivers that run plans against a NOR flash file (dev_update, dev_smp):
+# the "dev PATH SIZE SECTOR ALIGN [vendor=HEX] [class=HEX] [downgrade=0|1]" command, and the
+# per-command flash observations (area digests, operation counters).
+import hashlib
+from binascii import unhexlify
+
+import mpboot_keys
+from mpboot.ports import unix as port
+from mpboot.slots import Slots
+
+_buf = bytearray(512)
+
+
+def open_dev(words):
+    # words: the dev command's arguments. Returns (chip, areas, policy).
+    chip = port.flash(words[0], int(words[1]), int(words[2]), int(words[3]))
+    policy = {"vendor_id": None, "class_id": None, "downgrade": True}
+    for w in words[4:]:
+        k, _, v = w.partition("=")
+        if k == "vendor":
+            policy["vendor_id"] = unhexlify(v)
+        elif k == "class":
+            policy["class_id"] = unhexlify(v)
+        elif k == "downgrade":
+            policy["downgrade"] = v == "1"
+    return chip, port.areas(chip), policy
+
+
+def new_slots(areas, policy):
+    return Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS, mapped=port.mapped, **policy)
+
+
+def area_digest(a):
+    h = hashlib.sha256()
+    off = 0
+    while off < a.size:
+        n = a.read(off, _buf)
+        h.update(memoryview(_buf)[:n])
+        off += n
+    return h.digest()
+
+
+def counters(chip):
+    return (chip.ops, chip.programmed, chip.erases) if chip else (0, 0, 0)
