@@ -28,6 +28,7 @@ package(
         "smp/server.py",
         "smp/os_mgmt.py",
         "smp/img_mgmt.py",
+        "smp/mpboot_mgmt.py",
         "transport/__init__.py",
         "transport/uart.py",
     ),

@@ -356,6 +356,27 @@ def test_os_group(session: Session) -> None:
     assert all(r.ops == 0 for r in s.items if isinstance(r, Reply))
 
 
+def test_mpboot_group_device_info(session: Session) -> None:
+    # Group 64 command 0: identity and update policy, canonical CBOR, for fleet tools.
+    s = session
+    s.dev("plain", slots=(A, None))
+    s.cmd("confirm", 0)
+    s.cmd("server", 0)
+    plain = [s.send(READ, 64, 0, version=v) for v in (V1, V2)]
+    write = s.send(WRITE, 64, 0, {})
+    s.dev("ids", vendor=b"\x11" * 16, klass=b"\x22" * 16, downgrade=False)
+    s.cmd("server", -1)
+    ids = s.send(READ, 64, 0)
+    s.run()
+    for rep in plain:
+        # ctr: the floor rose to A's security counter (1) when A was confirmed
+        assert rep.body == {"uid": b"mpboot-sim", "vid": None, "cid": None, "ctr": 1, "no-downgrade": False}
+        assert rep.raw is not None and rep.raw[8:] == cbor2.dumps(rep.body, canonical=True)
+    assert write.rc() == ENOTSUP
+    assert ids.body == {"uid": b"mpboot-sim", "vid": b"\x11" * 16, "cid": b"\x22" * 16, "ctr": 0,
+                        "no-downgrade": True}
+
+
 # --- image state ------------------------------------------------------------------------------
 
 

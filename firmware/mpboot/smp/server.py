@@ -16,7 +16,7 @@
 from micropython import const
 
 from mpboot.image import ImageError
-from mpboot.smp import img_mgmt, os_mgmt
+from mpboot.smp import img_mgmt, mpboot_mgmt, os_mgmt
 from mpboot.smp.cbor import Decoder, Encoder
 from mpboot.update import Updater
 
@@ -106,6 +106,8 @@ class Server:
                     err = os_mgmt.handle(self, op, cmd, req, enc)
                 elif group == 1:
                     err = img_mgmt.handle(self, op, cmd, req, enc)
+                elif group == 64:
+                    err = mpboot_mgmt.handle(self, op, cmd, req, enc)
                 else:
                     err = (_ENOTSUP, 0, None)
                 req = None

@@ -7,6 +7,7 @@ against the flash file, so state survives exactly as much as flash would. Faults
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -130,7 +131,8 @@ class SimDevice:
 
     def __init__(self, workdir: Path, lib: Path, geometry: Geometry = Geometry(), *,
                  vendor_id: bytes | None = None, class_id: bytes | None = None,
-                 downgrade: bool = True, heapsize: str = DEFAULT_HEAPSIZE) -> None:
+                 downgrade: bool = True, heapsize: str = DEFAULT_HEAPSIZE,
+                 uid: bytes | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.lib = Path(lib)
@@ -145,6 +147,10 @@ class SimDevice:
             words.append(f"class={class_id.hex()}")
         if not downgrade:
             words.append("downgrade=0")
+        # The board's unique id (machine.unique_id() on hardware): random per simulated board,
+        # kept in its config, so a fleet of sims are different devices (BLE address, OS info).
+        self.uid = uid if uid is not None else os.urandom(8)
+        words.append(f"uid={self.uid.hex()}")
         self.config = self.workdir / "device.cfg"
         self.config.write_text(" ".join(words) + "\n")
 
@@ -174,7 +180,8 @@ class SimDevice:
         return cls(workdir, workdir / "lib", geometry,
                    vendor_id=bytes.fromhex(cfg["vendor"]) if "vendor" in cfg else None,
                    class_id=bytes.fromhex(cfg["class"]) if "class" in cfg else None,
-                   downgrade=cfg.get("downgrade", "1") == "1")
+                   downgrade=cfg.get("downgrade", "1") == "1",
+                   uid=bytes.fromhex(cfg["uid"]) if "uid" in cfg else None)
 
     # Flash files (the chip and its wear counters) as a power-off snapshot.
     def flash_files(self) -> list[Path]:

@@ -26,6 +26,7 @@ from mpboot.smp.header import (
     Group,
     Header,
     ImageCmd,
+    MpbootCmd,
     Op,
     OsCmd,
     Version,
@@ -49,6 +50,7 @@ ProgressCallback = Callable[[int, int], None]
 
 _WHAT: Final[dict[tuple[int, int, Op], str]] = {
     (Group.OS, OsCmd.ECHO, Op.WRITE): "echo",
+    (Group.MPBOOT, MpbootCmd.DEVICE, Op.READ): "device info",
     (Group.OS, OsCmd.RESET, Op.WRITE): "reset",
     (Group.OS, OsCmd.MCUMGR_PARAMS, Op.READ): "MCUmgr parameters",
     (Group.OS, OsCmd.OS_INFO, Op.READ): "OS info",
@@ -93,6 +95,17 @@ class SlotState:
     def flags(self) -> list[str]:
         names = ("active", "confirmed", "pending", "permanent", "bootable")
         return [n for n in names if getattr(self, n)]
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """Who the device is and what it accepts (mpboot group 64, command 0)."""
+
+    uid: bytes
+    vendor_id: bytes | None  # None: the device does not check the vendor id
+    class_id: bytes | None
+    counter: int  # security-counter floor: images with a lower counter are refused
+    no_downgrade: bool  # images older than the confirmed one are refused
 
 
 @dataclass
@@ -291,6 +304,22 @@ class SMPClient:
         rsp = await self.request(Group.IMAGE, ImageCmd.SLOT_INFO, Op.READ, {})
         rsp.pop("rc", None)
         return rsp
+
+    # --- mpboot group ----------------------------------------------------------------------
+
+    async def device_info(self) -> DeviceInfo:
+        """The device's identity and update policy (CommandNotSupported on a device that is
+        not mpboot)."""
+        rsp = await self.request(Group.MPBOOT, MpbootCmd.DEVICE, Op.READ, {})
+        uid = _field(rsp, "uid", bytes, "device info")
+        ids = []
+        for key in ("vid", "cid"):
+            v = rsp.get(key)
+            if v is not None and not isinstance(v, bytes):
+                raise ProtocolError(f"device info reply has no valid {key!r}: {rsp!r}")
+            ids.append(v)
+        return DeviceInfo(uid, ids[0], ids[1], _field(rsp, "ctr", int, "device info"),
+                          bool(rsp.get("no-downgrade", False)))
 
     async def upload(self, image: bytes, *, window: int | None = None, chunk: int | None = None,
                      progress: ProgressCallback | None = None, sha: bool = True,

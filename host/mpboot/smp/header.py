@@ -30,6 +30,11 @@ class Version(IntEnum):
 class Group(IntEnum):
     OS = 0
     IMAGE = 1
+    MPBOOT = 64  # the first user group: mpboot's own commands
+
+
+class MpbootCmd(IntEnum):
+    DEVICE = 0  # read: unique id, vendor/class id, counter floor, downgrade policy
 
 
 class OsCmd(IntEnum):

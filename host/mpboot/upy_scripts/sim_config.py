@@ -1,6 +1,6 @@
 # The simulated device's config file, shared by its mains (sim_device, sim_serve): one line
 # of words "flash=PATH size=N sector=N align=N [vendor=HEX] [class=HEX] [downgrade=0]
-# [timing=none|nor] ...". Returns the words, the NOR flash chip and the Slots policy.
+# [timing=none|nor] [uid=HEX] ...". Returns the words, the NOR flash chip and the Slots policy.
 from binascii import unhexlify
 
 from mpboot.ports import unix as port
@@ -15,6 +15,10 @@ def load(path):
     timing = cfg.get("timing", "none")
     chip = port.flash(cfg["flash"], int(cfg["size"]), int(cfg["sector"]), int(cfg["align"]),
                       None if timing == "none" else timing)
+    if "uid" in cfg:
+        # This board's identity (machine.unique_id() on hardware), kept in the state dir.
+        uid = unhexlify(cfg["uid"])
+        port.unique_id = lambda: uid
     policy = {
         "vendor_id": unhexlify(cfg["vendor"]) if "vendor" in cfg else None,
         "class_id": unhexlify(cfg["class"]) if "class" in cfg else None,
