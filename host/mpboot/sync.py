@@ -1,0 +1,397 @@
+"""`mpboot sync`: the phone-style fleet tool.
+
+Devices in the field are mostly out of reach; now and then one comes within range of a phone
+or a gateway. Each pass scans for devices advertising the SMP service and, for each one found
+(up to `max_parallel` at once): reads who it is (mpboot group 64: vendor/class id, counter
+floor) and what it runs (image state); picks the newest image of the repository the device
+will accept; uploads it (the device resumes a partial upload from an earlier meeting, also
+after it rebooted: the session is persisted); marks it for a test boot; resets; reconnects;
+and waits for the new app to confirm itself. A device already current costs a connection and
+two reads. Every attempt is recorded (JSON lines or SQLite) and each pass ends with a summary.
+
+Results: `updated` (the new image runs, confirmed), `current` (nothing newer fits),
+`reverted` (the new image did not confirm itself: the device went back to the old one, or was
+reset back to it when it did not confirm in time), `no-image` (nothing in the repository fits
+this device), `failed` (the link or the device failed; the next meeting resumes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+from mpboot.errors import ImageRejected, LinkError, MpbootError, UsageError
+from mpboot.flashing import Mark, PreparedImage, prepare
+from mpboot.image import TlvType
+from mpboot.smp.client import DeviceInfo, SlotState, SMPClient
+from mpboot.smp.errors import SMPError
+from mpboot.transport import Transport
+
+IMAGE_SUFFIXES = (".img", ".bin", ".signed")
+
+
+class Result(StrEnum):
+    UPDATED = "updated"
+    CURRENT = "current"
+    REVERTED = "reverted"
+    NO_IMAGE = "no-image"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Found:
+    """A device seen advertising the SMP service."""
+
+    name: str
+    address: str
+    rssi: int | None = None
+
+
+class Radio(Protocol):
+    """How sync reaches devices: a scan, and a transport to one of them."""
+
+    async def scan(self, seconds: float) -> list[Found]: ...
+
+    def transport(self, address: str) -> Transport: ...
+
+
+# --- the repository ----------------------------------------------------------------------------
+
+
+def _version_key(text: str) -> tuple[int, ...]:
+    """A device's version string ("1.2.3", "1.2.3.4") as a comparable tuple."""
+    parts = []
+    for p in text.split("."):
+        try:
+            parts.append(int(p))
+        except ValueError:
+            return (-1,)
+    return tuple(parts + [0] * (4 - len(parts)))
+
+
+@dataclass(frozen=True)
+class RepoImage:
+    path: Path
+    image: PreparedImage
+    vendor_id: bytes | None
+    class_id: bytes | None
+    counter: int
+
+    @property
+    def version(self) -> str:
+        return self.image.version
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        v = self.image.parsed.header.version
+        return (v.major, v.minor, v.revision, v.build)
+
+    def fits(self, info: DeviceInfo) -> bool:
+        """The device would take it: its vendor and class (where the device checks them) and
+        a security counter not below the device's floor."""
+        if info.vendor_id is not None and self.vendor_id != info.vendor_id:
+            return False
+        if info.class_id is not None and self.class_id != info.class_id:
+            return False
+        return self.counter >= info.counter
+
+
+def load_repo(directory: Path) -> tuple[list[RepoImage], list[str]]:
+    """The signed images in `directory` (by suffix), and a line per file skipped and why."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(f"{directory}: not a directory of signed images")
+    images: list[RepoImage] = []
+    skipped: list[str] = []
+    for path in sorted(directory.iterdir()):
+        if not path.is_file() or path.suffix not in IMAGE_SUFFIXES:
+            continue
+        try:
+            img = prepare(path.read_bytes())
+        except ImageRejected as err:
+            skipped.append(f"{path.name}: {err}")
+            continue
+        if img.hash is None:
+            skipped.append(f"{path.name}: no SHA256 TLV (the device names images by it)")
+            continue
+        tlv = {t.type: t.value for t in img.parsed.protected}
+        sec = tlv.get(TlvType.SEC_CNT)
+        images.append(RepoImage(path, img, tlv.get(TlvType.UUID_VID), tlv.get(TlvType.UUID_CID),
+                                int.from_bytes(sec, "little") if sec else 0))
+    return images, skipped
+
+
+def choose(repo: Sequence[RepoImage], info: DeviceInfo, running: SlotState | None) -> RepoImage | None:
+    """The newest image the device accepts, if it is newer than what runs (by version; an
+    image with the running image's hash is never sent again)."""
+    fitting = [r for r in repo if r.fits(info)]
+    if not fitting:
+        return None
+    best = max(fitting, key=lambda r: r.key)
+    if running is not None and (best.image.hash == running.hash
+                                or best.key <= _version_key(running.version)):
+        return None
+    return best
+
+
+# --- the log -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Attempt:
+    """One meeting with one device."""
+
+    pass_no: int
+    device: str  # advertised name
+    address: str
+    uid: str | None = None  # hex
+    from_version: str | None = None
+    to_version: str | None = None
+    image: str | None = None  # file name in the repository
+    bytes: int = 0  # image bytes sent in this attempt (what earlier meetings sent excluded)
+    resumed_from: int = 0  # the offset the device's persisted upload was at
+    reconnects: int = 0  # links lost and re-established during the attempt
+    result: Result = Result.FAILED
+    error: str | None = None
+    started: float = field(default_factory=time.time)  # Unix time
+    seconds: float = 0.0
+
+    def record(self) -> dict[str, object]:
+        d = asdict(self)
+        d["result"] = str(self.result)
+        return d
+
+
+_COLUMNS = ("pass_no", "device", "address", "uid", "from_version", "to_version", "image", "bytes",
+            "resumed_from", "reconnects", "result", "error", "started", "seconds")
+
+SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY,
+    pass_no INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    address TEXT NOT NULL,
+    uid TEXT,
+    from_version TEXT,
+    to_version TEXT,
+    image TEXT,
+    bytes INTEGER NOT NULL,
+    resumed_from INTEGER NOT NULL,
+    reconnects INTEGER NOT NULL,
+    result TEXT NOT NULL,
+    error TEXT,
+    started REAL NOT NULL,
+    seconds REAL NOT NULL
+)
+"""
+
+
+class AttemptLog:
+    """Where attempts go: SQLite for a `.sqlite`/`.db` path, JSON lines otherwise (appended)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        if path is not None and path.suffix in (".sqlite", ".sqlite3", ".db"):
+            self._db = sqlite3.connect(path)
+            self._db.execute(SQLITE_SCHEMA)
+            self._db.commit()
+
+    def write(self, attempt: Attempt) -> None:
+        if self.path is None:
+            return
+        rec = attempt.record()
+        if self._db is not None:
+            self._db.execute(f"INSERT INTO attempts ({', '.join(_COLUMNS)}) VALUES "
+                             f"({', '.join('?' for _ in _COLUMNS)})", [rec[c] for c in _COLUMNS])
+            self._db.commit()
+        else:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec, sort_keys=True) + "\n")
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+# --- the sync ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    scan_seconds: float = 5.0
+    max_parallel: int = 2
+    retries: int = 5  # links lost per attempt that are reconnected and resumed
+    timeout: float = 5.0  # SMP reply timeout
+    confirm_timeout: float = 30.0  # for the new app to confirm itself after the reset
+    reconnect_timeout: float = 20.0  # to find the device again after a reset or a lost link
+    window: int | None = None
+
+
+Event = Callable[[Attempt, str], None]  # progress lines for people: (attempt, text)
+
+
+class _Lost(Exception):
+    """The link went away in a step that can be retried."""
+
+
+class Syncer:
+    def __init__(self, repo: Sequence[RepoImage], radio: Radio, options: SyncOptions = SyncOptions(),
+                 log: AttemptLog | None = None, event: Event | None = None) -> None:
+        self.repo = list(repo)
+        self.radio = radio
+        self.opt = options
+        self.log = log or AttemptLog(None)
+        self.event = event or (lambda a, text: None)
+        self.passes = 0
+
+    async def run_pass(self) -> list[Attempt]:
+        """One scan, then every device found, `max_parallel` at a time."""
+        self.passes += 1
+        found = await self.radio.scan(self.opt.scan_seconds)
+        gate = asyncio.Semaphore(max(1, self.opt.max_parallel))
+
+        async def one(dev: Found) -> Attempt:
+            async with gate:
+                return await self.sync_device(dev)
+
+        return list(await asyncio.gather(*(one(d) for d in found)))
+
+    async def sync_device(self, dev: Found) -> Attempt:
+        a = Attempt(self.passes, dev.name, dev.address)
+        t0 = time.monotonic()
+        try:
+            await self._sync(dev, a)
+        except (LinkError, SMPError, MpbootError, _Lost) as err:
+            a.result = Result.FAILED
+            a.error = str(err) or type(err).__name__
+        a.seconds = round(time.monotonic() - t0, 3)
+        self.event(a, f"{a.result}" + (f": {a.error}" if a.error else ""))
+        self.log.write(a)
+        return a
+
+    # -- steps --
+
+    def _client(self, dev: Found) -> SMPClient:
+        return SMPClient(self.radio.transport(dev.address), timeout=self.opt.timeout)
+
+    async def _sync(self, dev: Found, a: Attempt) -> None:
+        async with self._client(dev) as client:
+            info = await client.device_info()
+            slots = await client.state()
+        a.uid = info.uid.hex()
+        running = next((s for s in slots if s.active), None)
+        a.from_version = running.version if running else None
+        if running is not None and not running.confirmed:
+            # Met on a test boot (a previous meeting reset it and lost the link): see it through.
+            target = next((r for r in self.repo if r.image.hash == running.hash), None)
+            a.to_version = running.version
+            a.image = target.path.name if target else None
+            old = next((s for s in slots if not s.active and s.confirmed), None)
+            a.from_version = old.version if old else None
+            await self._await_confirm(dev, a, running.hash, old.hash if old else None)
+            return
+        choice = choose(self.repo, info, running)
+        if choice is None:
+            fits = any(r.fits(info) for r in self.repo)
+            a.result = Result.CURRENT if fits or running is not None else Result.NO_IMAGE
+            if not fits and running is None:
+                a.error = "no image in the repository fits this device"
+            return
+        a.to_version, a.image = choice.version, choice.path.name
+        self.event(a, f"{a.from_version or 'nothing'} -> {choice.version} ({choice.path.name})")
+        await self._upload(dev, a, choice)
+        await self._await_confirm(dev, a, choice.image.hash, running.hash if running else None)
+
+    async def _upload(self, dev: Found, a: Attempt, choice: RepoImage) -> None:
+        """Upload, mark for test and reset, reconnecting and resuming after lost links."""
+        img = choice.image
+        first = True
+        while True:
+            try:
+                async with self._client(dev) as client:
+                    result = await client.upload(img.data, window=self.opt.window, sha=True, ptlv=img.ptlv)
+                    if first:
+                        a.resumed_from = result.resumed_from
+                    a.bytes += result.size - result.resumed_from
+                    first = False
+                    slots = await client.state_write(img.hash, confirm=False)
+                    entry = next((s for s in slots if s.hash == img.hash), None)
+                    if entry is None or not entry.pending:
+                        raise MpbootError("the device took the image but does not list it as pending")
+                    await client.reset()
+                return
+            except LinkError as err:
+                if a.reconnects >= self.opt.retries:
+                    raise
+                a.reconnects += 1
+                self.event(a, f"link lost ({err}); reconnecting ({a.reconnects}/{self.opt.retries})")
+                await self._wait_seen(dev)
+
+    async def _wait_seen(self, dev: Found) -> None:
+        """Until the device advertises again (after a reset or a lost link)."""
+        deadline = time.monotonic() + self.opt.reconnect_timeout
+        while time.monotonic() < deadline:
+            seen = await self.radio.scan(min(2.0, max(0.5, deadline - time.monotonic())))
+            if any(f.address == dev.address for f in seen):
+                return
+        raise _Lost(f"{dev.name} did not come back within {self.opt.reconnect_timeout:.0f} s")
+
+    async def _state(self, dev: Found) -> list[SlotState]:
+        async with self._client(dev) as client:
+            return await client.state()
+
+    async def _await_confirm(self, dev: Found, a: Attempt, new: bytes | None, old: bytes | None) -> None:
+        """After the reset: the new image runs confirmed (updated), or the old one runs again
+        (reverted). An app that does not confirm itself in time is reset back to the old image
+        (what the watchdog does on a board), and the device reported reverted."""
+        deadline = time.monotonic() + self.opt.confirm_timeout
+        while True:
+            await self._wait_seen(dev)
+            try:
+                slots = await self._state(dev)
+            except LinkError:
+                if time.monotonic() > deadline:
+                    raise
+                continue
+            running = next((s for s in slots if s.active), None)
+            if running is not None and running.hash == new and running.confirmed:
+                a.result = Result.UPDATED
+                return
+            if running is None or running.hash != new:
+                a.result = Result.REVERTED
+                a.error = "the new image did not confirm itself; the device runs the old one"
+                return
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)  # the app confirms itself soon after it starts
+        self.event(a, f"not confirmed within {self.opt.confirm_timeout:.0f} s: resetting to revert")
+        async with self._client(dev) as client:
+            await client.reset()
+        await self._wait_seen(dev)
+        slots = await self._state(dev)
+        running = next((s for s in slots if s.active), None)
+        a.result = Result.REVERTED if running is None or running.hash != new else Result.FAILED
+        a.error = (f"the new image did not confirm itself within {self.opt.confirm_timeout:.0f} s; "
+                   + ("reset back to the old image" if a.result is Result.REVERTED
+                      else "it still runs unconfirmed after a reset"))
+
+
+def summary_rows(attempts: Sequence[Attempt]) -> list[tuple[str, ...]]:
+    """Rows of the end-of-pass table: device, from, to, bytes, result, time, note."""
+    rows = []
+    for a in sorted(attempts, key=lambda x: x.device):
+        note = a.error or (f"resumed at {a.resumed_from}" if a.resumed_from else "")
+        if a.reconnects:
+            note = (note + "; " if note else "") + f"{a.reconnects} reconnects"
+        rows.append((a.device, a.from_version or "-", a.to_version or "-", str(a.bytes), str(a.result),
+                     f"{a.seconds:.1f}s", note))
+    return rows

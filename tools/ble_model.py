@@ -1,0 +1,148 @@
+"""Project a recorded BLE SMP transfer onto a real radio's timing (bench_ble.py).
+
+A measurement over the Bumble virtual link has no radio timing: packets cross at the speed of
+the processes. What a client's traffic pattern costs on air is projected here from the ATT
+PDUs the air recorded (mpboot.sim.air tracing), with this model:
+
+- Connection events every `interval` seconds (15 ms); in each event up to `per_event` (6) LL
+  data packets in each direction (the central's packet and the peripheral's reply in each pair
+  may both carry data). One ATT PDU of up to MTU bytes (247, data-length extension) is one
+  packet.
+- The client's requests are the recorded SMP packets in order (reassembled from the write
+  commands by the SMP header length). Request k may start only after the responses the client
+  had received when it started request k in the recording, and in the event after the last of
+  those arrived (a client reacts to a notification no sooner than the next event).
+- The device's response to request k leaves in an event after the one in which request k's
+  last packet arrived (never in the same event), in order; device processing time is not
+  modelled (the flash writes overlap with the link in a pipelined client; a client that waits
+  for every response would only lose more).
+
+The result: the events the transfer needs, hence its duration and rate, and the ceiling
+`per_event * (mtu - 3) / interval` bytes per second of ATT payload.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+SMP_HEADER = 8
+
+
+@dataclass(frozen=True)
+class Pdu:
+    """One ATT PDU as recorded: when, which way ("c2p" central to peripheral, "p2c"), the ATT
+    opcode and its value (the bytes after the opcode and handle)."""
+
+    t: float
+    direction: str
+    opcode: int
+    value: bytes
+
+
+@dataclass(frozen=True)
+class Message:
+    """One SMP packet: how many ATT PDUs carried it and their value bytes."""
+
+    pdus: int
+    size: int
+    first_t: float
+    last_t: float
+
+
+@dataclass(frozen=True)
+class Timing:
+    interval: float = 0.015
+    per_event: int = 6
+    mtu: int = 247
+
+    @property
+    def ceiling(self) -> float:
+        """ATT payload bytes per second, one direction, every slot used."""
+        return self.per_event * (self.mtu - 3) / self.interval
+
+
+@dataclass(frozen=True)
+class Projection:
+    requests: int
+    events: int
+    seconds: float
+    c2p_payload: int  # ATT value bytes central -> peripheral
+    p2c_payload: int
+    c2p_pdus: int
+    p2c_pdus: int
+
+
+WRITE_CMD = 0x52
+NOTIFY = 0x1B
+
+
+def messages(pdus: Iterable[Pdu], direction: str) -> list[Message]:
+    """The SMP packets of one direction, reassembled by the SMP header length."""
+    out: list[Message] = []
+    buf = bytearray()
+    count = 0
+    first = 0.0
+    for p in pdus:
+        if p.direction != direction or p.opcode not in (WRITE_CMD, NOTIFY):
+            continue
+        if not buf:
+            first = p.t
+        buf += p.value
+        count += 1
+        while len(buf) >= SMP_HEADER:
+            size = SMP_HEADER + (buf[2] << 8 | buf[3])
+            if len(buf) < size:
+                break
+            out.append(Message(count, size, first, p.t))
+            del buf[:size]
+            count = 1 if buf else 0
+            first = p.t
+    return out
+
+
+def project(pdus: Sequence[Pdu], timing: Timing = Timing()) -> Projection:
+    reqs = messages(pdus, "c2p")
+    rsps = messages(pdus, "p2c")
+    # dep[k]: responses the client had fully received when it started sending request k
+    dep = []
+    j = 0
+    for r in reqs:
+        while j < len(rsps) and rsps[j].last_t <= r.first_t:
+            j += 1
+        dep.append(j)
+    n = len(reqs)
+    req_done = [math.inf] * n  # event in which request k's last packet went
+    rsp_done = [math.inf] * n  # event in which response k's last packet went
+    req_left = [m.pdus for m in reqs]
+    rsp_left = [m.pdus for m in rsps[:n]] + [1] * max(0, n - len(rsps))
+    k_req = k_rsp = 0
+    event = 0
+    while k_rsp < n:
+        # central -> peripheral: requests in order, each once its dependencies arrived earlier
+        slots = timing.per_event
+        while slots and k_req < n:
+            d = dep[k_req]
+            if d > 0 and not rsp_done[d - 1] < event:
+                break
+            take = min(slots, req_left[k_req])
+            req_left[k_req] -= take
+            slots -= take
+            if req_left[k_req] == 0:
+                req_done[k_req] = event
+                k_req += 1
+        # peripheral -> central: responses in order, each after its request's event
+        slots = timing.per_event
+        while slots and k_rsp < n and req_done[k_rsp] < event:
+            take = min(slots, rsp_left[k_rsp])
+            rsp_left[k_rsp] -= take
+            slots -= take
+            if rsp_left[k_rsp] == 0:
+                rsp_done[k_rsp] = event
+                k_rsp += 1
+        event += 1
+    c2p = [p for p in pdus if p.direction == "c2p" and p.opcode in (WRITE_CMD, NOTIFY)]
+    p2c = [p for p in pdus if p.direction == "p2c" and p.opcode in (WRITE_CMD, NOTIFY)]
+    return Projection(n, event, event * timing.interval, sum(len(p.value) for p in c2p),
+                      sum(len(p.value) for p in p2c), len(c2p), len(p2c))
