@@ -31,6 +31,7 @@ package(
         "smp/mpboot_mgmt.py",
         "transport/__init__.py",
         "transport/uart.py",
+        "transport/ble.py",
     ),
 )
 if options.port == "unix":

@@ -1,6 +1,6 @@
-# The update service: SMP (docs/PROTOCOL.md) over a UART, for as long as the device runs.
-# A board's boot.py calls it after boot.start() returns: the app's main returned, or nothing
-# could boot (recovery: the service is how a new image gets in):
+# The update service: SMP (docs/PROTOCOL.md) over a UART or BLE (docs/BLE.md), for as long as
+# the device runs. A board's boot.py calls it after boot.start() returns: the app's main
+# returned, or nothing could boot (recovery: the service is how a new image gets in):
 #
 #   from mpboot import boot, service
 #   from mpboot.ports import rp2 as port
@@ -14,21 +14,23 @@
 #       sys.print_exception(e)
 #   service.run(port, port.uart(0, 115200, 4 * frame_bytes(2048), tx=0, rx=1))
 #
-# run() never returns: a reset request (OS group, command 5) is answered, drained, then
-# port.reset(). While it serves it feeds the watchdog a test boot armed (mpboot.boot.feed)
-# once the image is confirmed; an unconfirmed test image is left to the watchdog, which
-# reverts it (a client can still confirm it, or reset, within the watchdog's timeout).
+# or, on a board with a radio (esp32, Pico W, ...), over BLE instead of the last line:
+#
+#   service.run_ble(port, port.ble("my-board"))   # advertises the SMP service as my-board
+#
+# run() and run_ble() never return: a reset request (OS group, command 5) is answered, drained
+# (BLE: the central disconnected), then port.reset(). While it serves it feeds the watchdog a
+# test boot armed (mpboot.boot.feed) once the image is confirmed; an unconfirmed test image is
+# left to the watchdog, which reverts it (a client can still confirm it, or reset, within the
+# watchdog's timeout).
 import mpboot
 from mpboot import boot
 from mpboot.smp.server import Server
 from mpboot.state import TRIAL
-from mpboot.transport.uart import serve
 
 
-def run(port, link, buf_size=2048, buf_count=4):
-    # port: the port module (reset, unique_id); link: port.uart(...). buf_size/buf_count:
-    # the MCUmgr parameters clients size their requests by (the link's receive buffer should
-    # hold buf_count frames: mpboot.transport.uart.frame_bytes).
+def _server(port, buf_size, buf_count):
+    # The SMP server for what boot.start() booted, and the watchdog tick to serve it with.
     b = mpboot._booted
     if b is None:
         raise OSError(19)  # ENODEV: boot.start() (or boot.recovery()) did not run
@@ -44,5 +46,25 @@ def run(port, link, buf_size=2048, buf_count=4):
         if run_slot < 0 or slots.state[TRIAL] != run_slot:
             boot.feed()
 
+    return server, tick
+
+
+def run(port, link, buf_size=2048, buf_count=4):
+    # port: the port module (reset, unique_id); link: port.uart(...). buf_size/buf_count:
+    # the MCUmgr parameters clients size their requests by (the link's receive buffer should
+    # hold buf_count frames: mpboot.transport.uart.frame_bytes).
+    from mpboot.transport.uart import serve  # here: a BLE-only board never loads it
+
+    server, tick = _server(port, buf_size, buf_count)
+    serve(link, server, tick)
+    port.reset()
+
+
+def run_ble(port, link, buf_size=2048, buf_count=4):
+    # run() over BLE: link is port.ble(...). The characteristic's buffer holds buf_count
+    # requests of buf_size bytes (the SMP window), buf_size * buf_count bytes of the heap.
+    from mpboot.transport.ble import serve
+
+    server, tick = _server(port, buf_size, buf_count)
     serve(link, server, tick)
     port.reset()

@@ -14,6 +14,10 @@
 #   uart(...)             -> a link for mpboot.transport.uart.serve (SMP over that UART):
 #                            esp32, rp2, stm32: uart(id, baudrate, rxbuf, **pins) over
 #                            machine.UART; unix: uart(path) over a pty
+#   ble(name)             -> a BleLink for mpboot.transport.ble.serve (SMP over BLE, advertised
+#                            as name), where the port has the bluetooth module (esp32, rp2 on
+#                            Pico W boards, stm32 on boards with a radio); unix: ble(name,
+#                            port) over the simulator's radio (the bluetooth shim)
 
 
 class UartLink:
@@ -43,3 +47,18 @@ class UartLink:
         f = getattr(self.u, "flush", None)
         if f:
             f()
+
+
+class BleLink:
+    # A bluetooth.BLE as a transport link: .ble, .name (advertised), wait(ms, ready) sleeps in
+    # 1 ms steps, during which the stack's IRQs run, until ready() is true or ms passed.
+    def __init__(self, ble, name):
+        self.ble = ble
+        self.name = name
+
+    def wait(self, ms, ready=None):
+        import time
+
+        t0 = time.ticks_ms()
+        while not (ready and ready()) and time.ticks_diff(time.ticks_ms(), t0) < ms:
+            time.sleep_ms(1)

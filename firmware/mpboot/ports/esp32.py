@@ -25,7 +25,7 @@ import machine
 from micropython import const
 
 from mpboot.flash import Area
-from mpboot.ports import UartLink
+from mpboot.ports import BleLink, UartLink
 
 _SECTOR = const(4096)  # erase unit and block size (ioctl 5) of a partition
 _TYPE_DATA = const(1)
@@ -79,3 +79,12 @@ def uart(id, baudrate=115200, rxbuf=11204, **pins):
     # the requests in flight while one is handled: buf_count *
     # mpboot.transport.uart.frame_bytes(buf_size) for a pipelining client.
     return UartLink(machine.UART(id, baudrate=baudrate, rxbuf=rxbuf, timeout=0, **pins))
+
+
+def ble(name="mpboot"):
+    # SMP over BLE (mpboot.transport.ble), advertised as name. Every build but the
+    # ESP32-S2's (no radio) has bluetooth (NimBLE); it is imported here, not at the top, so
+    # a build without it still boots and serves the UART.
+    import bluetooth
+
+    return BleLink(bluetooth.BLE(), name)

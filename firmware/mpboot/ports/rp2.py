@@ -23,7 +23,7 @@ import rp2
 from micropython import const
 
 from mpboot.flash import Area
-from mpboot.ports import UartLink
+from mpboot.ports import BleLink, UartLink
 
 _SECTOR = const(4096)  # erase unit = block size
 _PAGE = const(256)  # program unit
@@ -74,3 +74,12 @@ def uart(id, baudrate=115200, rxbuf=11204, **pins):
     # one is handled: buf_count * mpboot.transport.uart.frame_bytes(buf_size) (the default,
     # 11204, is 4 * frame_bytes(2048), the service's default pipeline).
     return UartLink(machine.UART(id, baudrate=baudrate, rxbuf=rxbuf, timeout=0, **pins))
+
+
+def ble(name="mpboot"):
+    # SMP over BLE (mpboot.transport.ble), advertised as name. Pico W and Pico 2 W builds
+    # have bluetooth (CYW43 radio, BTstack), plain Pico builds do not: it is imported here,
+    # not at the top, so they still boot and serve the UART.
+    import bluetooth
+
+    return BleLink(bluetooth.BLE(), name)

@@ -37,7 +37,7 @@ import pyb
 from micropython import const
 
 from mpboot.flash import Area
-from mpboot.ports import UartLink
+from mpboot.ports import BleLink, UartLink
 
 _BLOCK = const(512)  # FLASH_BLOCK_SIZE: the pyb.Flash block on internal flash
 _WDT_MAX = const(32767)  # ms: IWDG prescaler /256, reload 0xfff
@@ -171,3 +171,12 @@ def uart(id, baudrate=115200, rxbuf=11204, **kw):
     # receive buffer, which holds the requests in flight while one is handled: buf_count *
     # mpboot.transport.uart.frame_bytes(buf_size).
     return UartLink(machine.UART(id, baudrate=baudrate, rxbuf=rxbuf, timeout=0, **kw))
+
+
+def ble(name="mpboot"):
+    # SMP over BLE (mpboot.transport.ble), advertised as name. Boards with a radio have
+    # bluetooth (PYBD-SF6: CYW43 and BTstack; NUCLEO_WB55: NimBLE over rfcore), others do
+    # not: it is imported here, not at the top, so they still boot and serve the UART.
+    import bluetooth
+
+    return BleLink(bluetooth.BLE(), name)

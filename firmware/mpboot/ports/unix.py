@@ -3,10 +3,13 @@
 # map flash: the watchdog is a fake that records what was asked of it, and mapped() returns
 # None so the boot copies the image to RAM and verifies that copy (hardware maps flash).
 # uart(path) is a pty the simulator (host/mpboot/sim/serve.py) relays to the user's pty.
+# ble(name, port) is the simulator's radio: the bluetooth shim (host/mpboot/upy_scripts/
+# bluetooth.py, docs/BLE.md section 2) talking to its companion on 127.0.0.1:port.
 import sys
 from micropython import const
 
 from mpboot.flash import Area
+from mpboot.ports import BleLink
 from mpboot.ports.nor_sim import NorFlash
 
 
@@ -90,3 +93,21 @@ class _Pty:
 def uart(path):
     # The simulated device's UART: a pty slave device path (the simulator relays its master).
     return _Pty(path)
+
+
+class _SimBle(BleLink):
+    # The shim's IRQs arrive only while it pumps its socket: waiting is pumping.
+    def __init__(self, name, port):
+        import bluetooth
+
+        bluetooth._radio(port)  # connects, and waits for the companion's READY
+        BleLink.__init__(self, bluetooth.BLE(), name)
+        self._pump = bluetooth._pump
+
+    def wait(self, ms, ready=None):
+        self._pump(ms, ready)
+
+
+def ble(name, port):
+    # The simulated device's radio: the companion listening on 127.0.0.1:port.
+    return _SimBle(name, port)

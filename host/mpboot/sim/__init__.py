@@ -34,14 +34,15 @@ DEFAULT_HEAPSIZE = "4m"
 
 def build_lib(dest: Path, keys: Sequence[PublicKey]) -> Path:
     """Compile the firmware, the simulated device's mains (sim_device: one command per
-    power-on; sim_serve: boot then serve SMP on a pty) and `keys` (as mpboot_keys) into .mpy
-    files under `dest`, the simulated device's sys.path."""
+    power-on; sim_serve: boot then serve SMP on a pty or over BLE), the `bluetooth` shim the
+    unix port lacks, and `keys` (as mpboot_keys) into .mpy files under `dest`, the simulated
+    device's sys.path."""
     dest = Path(dest)
     compile_tree(firmware_root() / "mpboot", dest / "mpboot")
     src = dest.parent / (dest.name + "-src")
     src.mkdir(parents=True, exist_ok=True)
     write_keys_module(src, keys)
-    for main in ("sim_config.py", "sim_device.py", "sim_serve.py"):
+    for main in ("sim_config.py", "sim_device.py", "sim_serve.py", "bluetooth.py"):
         shutil.copyfile(script_path(main), src / main)
     compile_tree(src, dest)
     shutil.rmtree(src)

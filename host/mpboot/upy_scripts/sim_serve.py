@@ -2,10 +2,12 @@
 #
 # CONFIG is sim_device's config ("flash=PATH size=N sector=N align=N [vendor=HEX] [class=HEX]
 # [downgrade=0]") plus "uart=PATH" (the pty slave to serve on), "timing=none|nor" (flash
-# timing, mpboot.ports.nor_sim), "bufsize=N bufcount=N" (MCUmgr parameters). Like a board's
-# boot.py: boot (the chosen image's app runs: it prints, and confirms itself), or recovery;
-# then the update service on the UART until a client asks for a reset: the process exits 0
-# and the simulator (host/mpboot/sim/serve.py) starts the next power-on.
+# timing, mpboot.ports.nor_sim), "bufsize=N bufcount=N" (MCUmgr parameters), and for SMP over
+# BLE instead of the UART "ble=PORT [blename=NAME]" (the simulator's radio companion on
+# 127.0.0.1:PORT, docs/BLE.md; NAME advertised, default "mpboot"). Like a board's boot.py:
+# boot (the chosen image's app runs: it prints, and confirms itself), or recovery; then the
+# update service until a client asks for a reset: the process exits 0 and the simulator
+# (host/mpboot/sim/serve.py) starts the next power-on.
 import sys
 
 import micropython
@@ -16,6 +18,21 @@ from mpboot import boot, service
 from mpboot.ports import unix as port
 
 
+class _Announce:
+    # The BLE link, printing `line` at its first wait: by then the service advertises.
+    def __init__(self, link, line):
+        self.ble = link.ble
+        self.name = link.name
+        self._wait = link.wait
+        self.line = line
+
+    def wait(self, ms, ready=None):
+        if self.line:
+            print(self.line)
+            self.line = None
+        self._wait(ms, ready)
+
+
 def main():
     micropython.kbd_intr(-1)  # SIGINT (Ctrl-C at the simulator's terminal) is a power cut
     cfg, chip, policy = sim_config.load(sys.argv[1])
@@ -24,11 +41,16 @@ def main():
     except Exception as e:  # the app failed; the service still takes updates
         print("mpboot sim: the app raised:")
         sys.print_exception(e)
-    link = port.uart(cfg["uart"])
     buf_size = int(cfg.get("bufsize", 2048))
     buf_count = int(cfg.get("bufcount", 4))
-    print("mpboot: serving SMP (buf_size %d, buf_count %d)" % (buf_size, buf_count))
-    service.run(port, link, buf_size, buf_count)
+    if "ble" in cfg:
+        link = _Announce(port.ble(cfg.get("blename", "mpboot"), int(cfg["ble"])),
+                         "mpboot: serving SMP over BLE (buf_size %d, buf_count %d)" % (buf_size, buf_count))
+        service.run_ble(port, link, buf_size, buf_count)
+    else:
+        link = port.uart(cfg["uart"])
+        print("mpboot: serving SMP (buf_size %d, buf_count %d)" % (buf_size, buf_count))
+        service.run(port, link, buf_size, buf_count)
 
 
 main()
