@@ -9,6 +9,13 @@ state is really gone and only the flash file (in the state directory) persists. 
 thread moves bytes between the user's pty and the device's, optionally paced like an 8N1 line
 at `baud`; bytes sent while no device process runs are lost, as on a UART whose chip is in
 reset. A device that keeps crashing right after power-on is stopped and reported.
+
+With `ble=True` the device serves SMP over BLE instead (docs/BLE.md): the simulator runs the
+device's radio, a Bumble peripheral (mpboot.sim.radio.Companion) on an event loop in its own
+thread, on the Bumble transport `radio` (another simulator's air, `mpboot sim air`, a USB
+dongle) or else on an air it hosts itself; each power-on's `bluetooth` shim connects to it.
+The radio outlives power-ons, so the board keeps its address, and a reset ends its
+connections as a power cut does.
 """
 
 from __future__ import annotations
@@ -24,12 +31,15 @@ import time
 import tty
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from mpboot import upy
 from mpboot.errors import UsageError
 from mpboot.keys import PublicKey
 from mpboot.sim import CUT_EXIT, Geometry, SimDevice, _fields, build_lib
+
+if TYPE_CHECKING:
+    from mpboot.sim.radio import CompanionThread, RadioInfo
 
 SECTOR = 4096
 ALIGN = 4
@@ -136,6 +146,7 @@ class SimServer:
                  slot_size: int | None = None, vendor_id: bytes | None = None,
                  class_id: bytes | None = None, timing: str = "none", baud: int | None = None,
                  buf_size: int = 2048, buf_count: int = 4, heapsize: str | None = None,
+                 ble: bool = False, radio: str | None = None, ble_name: str | None = None,
                  output: Callable[[str], None] = print) -> None:
         if timing not in TIMINGS:
             raise UsageError(f"flash timing {timing!r}: expected one of {', '.join(TIMINGS)}")
@@ -143,7 +154,12 @@ class SimServer:
             raise UsageError(f"baud rate {baud} must be positive")
         if buf_size < 64 or buf_count < 1:
             raise UsageError("buf_size must be at least 64 and buf_count at least 1")
-        self.state = Path(state)
+        if not ble and (radio is not None or ble_name is not None):
+            raise UsageError("--radio and --ble-name go with --ble")
+        if ble_name is not None and (not 0 < len(ble_name.encode()) <= 29
+                                     or any(c.isspace() for c in ble_name)):
+            raise UsageError(f"BLE name {ble_name!r}: 1 to 29 bytes of UTF-8, no spaces")
+        self.state = Path(state).absolute()  # the device runs with its cwd there
         self.keys = list(keys)
         self.link = link
         self.slot_size = slot_size
@@ -154,7 +170,12 @@ class SimServer:
         self.buf_size = buf_size
         self.buf_count = buf_count
         self.heapsize = heapsize
+        self.ble = ble
+        self.radio = radio
+        self.ble_name = ble_name
         self.output = output
+        self.ble_info: RadioInfo | None = None  # with ble: name, address, spec, shim port
+        self._radio: CompanionThread | None = None
         self.device: SimDevice | None = None
         self.path = ""  # the user's pty
         self.powerons = 0
@@ -190,6 +211,8 @@ class SimServer:
             self.path = os.ttyname(self._slave)
             if self.link is not None:
                 self._make_link(Path(self.link))
+            if self.ble:
+                self._start_radio()
             self._wake_r, self._wake_w = os.pipe()
             os.set_blocking(self._wake_r, False)
             os.set_blocking(self._wake_w, False)
@@ -204,6 +227,9 @@ class SimServer:
         self.output(f"mpboot sim: UART on {self.path}")
         if self._linked:
             self.output(f"mpboot sim: {self.link} -> {self.path}")
+        if self.ble_info is not None:
+            i = self.ble_info
+            self.output(f"mpboot sim: BLE {i.name} {i.address} on {i.spec}")
         self._thread = threading.Thread(target=self._run, name="mpboot-sim-relay", daemon=True)
         self._thread.start()
         return self.path
@@ -238,6 +264,18 @@ class SimServer:
         p = self._power
         return p.proc.pid if p is not None else None
 
+    def _start_radio(self) -> None:
+        from mpboot.sim.radio import CompanionThread
+
+        assert self.device is not None
+        radio = CompanionThread(self.device.uid, name=self.ble_name, radio=self.radio)
+        try:
+            self.ble_info = radio.start()
+        except Exception as err:  # noqa: BLE001 - any transport's failure: one line for people
+            where = f"--radio {self.radio}" if self.radio else "the simulated radio"
+            raise UsageError(f"{where}: cannot open it: {err or type(err).__name__}") from None
+        self._radio = radio
+
     def _make_link(self, link: Path) -> None:
         if link.is_symlink():
             link.unlink()
@@ -247,6 +285,9 @@ class SimServer:
         self._linked = True
 
     def _cleanup(self) -> None:
+        if self._radio is not None:
+            self._radio.stop()
+            self._radio = None
         if self._linked and self.link is not None:
             link = Path(self.link)
             try:
@@ -276,6 +317,8 @@ class SimServer:
         words = self.device.config.read_text().split()
         words += [f"uart={inner}", f"timing={self.timing}", f"bufsize={self.buf_size}",
                   f"bufcount={self.buf_count}"]
+        if self.ble_info is not None:
+            words += [f"ble={self.ble_info.shim_port}", f"blename={self.ble_info.name}"]
         cfg.write_text(" ".join(words) + "\n")
         env = dict(os.environ)
         # MICROPYPATH replaces the default sys.path; keep .frozen (as mpboot.upy.run does).
