@@ -136,6 +136,10 @@ class TransportError(LinkError):
     """The link failed while in use (I/O error, device unplugged, port closed)."""
 
 
+class LinkLost(TransportError):
+    """The connection dropped while open (a BLE disconnect): opening again may recover."""
+
+
 class DeviceSilent(LinkError):
     """No reply from the device within the timeout, after the allowed retries."""
 

@@ -4,13 +4,25 @@ the BLE transport reuse it as it is."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 
-from mpboot.errors import ImageErrorCode, ImageRejected, ProtocolError
+from mpboot.errors import (
+    ImageErrorCode,
+    ImageRejected,
+    LinkLost,
+    PortError,
+    ProtocolError,
+    TransportError,
+)
 from mpboot.image import ParsedImage, TlvType, parse_image
 from mpboot.smp.client import ProgressCallback, SlotState, SMPClient
 from mpboot.smp.upload import UploadResult
+
+logger = logging.getLogger(__name__)
 
 
 class Mark(StrEnum):
@@ -42,6 +54,7 @@ class FlashResult:
     mark: Mark
     slot: SlotState | None  # the device's entry for the image after upload (and marking)
     reset: bool
+    reconnects: int = 0  # links opened again after one was lost (flash_with_retries)
 
 
 def prepare(data: bytes) -> PreparedImage:
@@ -71,6 +84,14 @@ async def flash(client: SMPClient, image: bytes | PreparedImage, *, mark: Mark =
         raise ImageRejected(ImageErrorCode.NO_HASH, "the device names images by it: cannot mark this one")
     result = await client.upload(prepared.data, window=window, progress=progress, sha=True,
                                  ptlv=prepared.ptlv, timeout=timeout)
+    slot = await _mark(client, prepared, mark)
+    if reset:
+        await client.reset()
+    return FlashResult(prepared, result, mark, slot, reset)
+
+
+async def _mark(client: SMPClient, prepared: PreparedImage, mark: Mark) -> SlotState | None:
+    """Mark the uploaded image as asked; its state entry afterwards."""
     if mark is Mark.NONE:
         slots = await client.state()
     else:
@@ -80,6 +101,71 @@ async def flash(client: SMPClient, image: bytes | PreparedImage, *, mark: Mark =
                                   or (mark is Mark.CONFIRM and not slot.permanent)):
         want = "permanent" if mark is Mark.CONFIRM else "pending"
         raise ProtocolError(f"the device accepted the state write but does not list the image as {want}")
-    if reset:
-        await client.reset()
-    return FlashResult(prepared, result, mark, slot, reset)
+    return slot
+
+
+OpenClient = Callable[[], AbstractAsyncContextManager[SMPClient]]
+"""Makes a new client on a new transport (opened and closed by `async with`): e.g.
+`lambda: SMPClient(BleTransport(name, backend=b))`."""
+
+RetryCallback = Callable[[int, TransportError], None]
+"""on_retry(attempt number from 1, the error that ended the previous connection)"""
+
+
+async def flash_with_retries(open_client: OpenClient, image: bytes | PreparedImage, *,
+                             retries: int = 5, mark: Mark = Mark.NONE, reset: bool = False,
+                             progress: ProgressCallback | None = None, window: int | None = None,
+                             timeout: float | None = None,
+                             on_retry: RetryCallback | None = None) -> FlashResult:
+    """flash() over a link that may drop (BLE): when the connection is lost (TransportError,
+    LinkLost) the link is opened again, up to `retries` times, and the upload resumes where
+    the device is (an off-0 request with the same sha and len answers the session's offset;
+    a finished upload answers its end). A failure to reopen (PortError: the device not back
+    yet) uses up a retry too; the first open's failure is raised at once. `progress` keeps
+    going across connections: the total stays the image size and the count never goes
+    backwards. A link lost while the device resets (it disconnects as it resets) is the
+    reset done. Other errors (refusals, DeviceSilent) are raised as they are."""
+    if retries < 0:
+        raise ValueError("retries must be >= 0")
+    prepared = image if isinstance(image, PreparedImage) else prepare(image)
+    mark = Mark(mark)
+    if mark is not Mark.NONE and prepared.hash is None:
+        raise ImageRejected(ImageErrorCode.NO_HASH, "the device names images by it: cannot mark this one")
+    best = 0
+
+    def forward(done: int, total: int) -> None:
+        nonlocal best
+        best = max(best, done)
+        if progress is not None:
+            progress(best, total)
+
+    attempt = 0
+    opened = False
+    uploaded: UploadResult | None = None  # of the connection that finished the upload
+    while True:
+        try:
+            async with open_client() as client:
+                opened = True
+                if uploaded is None:
+                    uploaded = await client.upload(prepared.data, window=window, progress=forward,
+                                                   sha=True, ptlv=prepared.ptlv, timeout=timeout)
+                slot = await _mark(client, prepared, mark)
+                if reset:
+                    try:
+                        await client.reset()
+                    except LinkLost as err:
+                        logger.info("link lost while the device resets (%s): taken as reset", err)
+                break
+        except TransportError as err:
+            error: TransportError = err
+        except PortError as err:
+            if not opened:
+                raise
+            error = TransportError(str(err))
+        attempt += 1
+        if attempt > retries:
+            raise error
+        if on_retry is not None:
+            on_retry(attempt, error)
+    assert uploaded is not None
+    return FlashResult(prepared, uploaded, mark, slot, reset, reconnects=attempt)

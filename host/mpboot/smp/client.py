@@ -378,6 +378,9 @@ class SMPClient:
         for p in pending.values():
             if not p.future.done():
                 p.future.set_exception(err)
+                # Requests given up with the link may never be awaited (a pipelined upload
+                # raises at the first): retrieved here so asyncio does not log them as lost.
+                p.future.exception()
 
 
 def _field(rsp: dict[str, Any], key: str, kind: type[_T], what: str) -> _T:
