@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
 import tempfile
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -316,17 +320,28 @@ def firmware_export(destination: Path) -> None:
 @click.option("--heapsize", default=None,
               help="The device's MicroPython heap (default: the slot size + 128k: the boot copies "
                    "the image into RAM, and firmware, service and app share the rest).")
+@click.option("--ble", is_flag=True,
+              help="Serve SMP over Bluetooth LE instead of the UART: prints \"mpboot sim: BLE NAME "
+                   "ADDRESS on SPEC\"; hosts use --ble NAME --ble-backend bumble:SPEC.")
+@click.option("--radio", metavar="SPEC",
+              help="With --ble: the Bumble transport of the device's radio (an air from `mpboot sim "
+                   "air` or another sim, e.g. tcp-client:127.0.0.1:PORT, or usb:0); default: an air "
+                   "of its own on a free port.")
+@click.option("--ble-name", metavar="NAME", help="With --ble: the name to advertise (default mpb-XXXX "
+                                                  "from the board's unique id; at most 8 bytes fit the advertisement in full).")
 @password_env_option
 @click.pass_context
 def sim_group(ctx: click.Context, state_dir: Path | None, key_files: tuple[Path, ...], link: Path | None,
               slot_size: str | None, vendor_id: str | None, class_id: str | None, flash_timing: str,
               baud: int | None, buf_size: int, buf_count: int, heapsize: str | None,
+              ble: bool, radio: str | None, ble_name: str | None,
               password_env: str | None) -> None:
     """A simulated device: the firmware on the MicroPython unix port over a NOR flash file.
 
     With --state: the device keeps running. It boots, runs the app, then serves SMP (mcumgr)
-    on a pty whose path it prints ("mpboot sim: UART on PATH"); a reset request powers it on
-    again. Ctrl-C stops it; the flash in DIR keeps what it wrote.
+    on a pty whose path it prints ("mpboot sim: UART on PATH"), or with --ble over a simulated
+    Bluetooth LE radio; a reset request powers it on again. Ctrl-C stops it; the flash in DIR
+    keeps what it wrote.
 
     The subcommands are single power-ons of a device made with `sim init`."""
     if ctx.invoked_subcommand is not None:
@@ -338,6 +353,8 @@ def sim_group(ctx: click.Context, state_dir: Path | None, key_files: tuple[Path,
         raise UsageError("mpboot sim --state DIR needs at least one --keys KEY (the keys the device trusts)")
     if heapsize is not None and not re.fullmatch(r"\d+[kKmM]?", heapsize):
         raise UsageError(f"bad --heapsize {heapsize!r}: expected e.g. 512k")
+    if not ble and (radio is not None or ble_name is not None):
+        raise UsageError("--radio and --ble-name go with --ble")
     import signal
     import sys
 
@@ -354,7 +371,7 @@ def sim_group(ctx: click.Context, state_dir: Path | None, key_files: tuple[Path,
                        slot_size=parse_size(slot_size, "slot size") if slot_size else None,
                        vendor_id=vid, class_id=class_uuid(class_id, vid) if class_id else None,
                        timing=flash_timing, baud=baud, buf_size=buf_size, buf_count=buf_count,
-                       heapsize=heapsize, output=say)
+                       heapsize=heapsize, ble=ble, radio=radio, ble_name=ble_name, output=say)
     handlers = {sig: signal.signal(sig, lambda *_: server.request_stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
@@ -369,6 +386,40 @@ def sim_group(ctx: click.Context, state_dir: Path | None, key_files: tuple[Path,
 
         raise DeviceRunError(server.error)
     say("mpboot sim: stopped")
+
+
+@sim_group.command("air")
+@click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port on 127.0.0.1 to serve HCI on (0: a free one).")
+def sim_air(port: int) -> None:
+    """A simulated Bluetooth LE radio that sims and hosts share, until Ctrl-C.
+
+    Every Bumble host that opens the printed transport spec gets a controller on one virtual
+    link: `mpboot sim --ble --radio SPEC` devices, and `--ble-backend bumble:SPEC` hosts."""
+    import signal
+    import sys
+    import threading
+
+    from mpboot.sim.air import AirThread
+
+    air = AirThread(port=port)
+    try:
+        spec = air.start()
+    except OSError as err:
+        raise UsageError(f"cannot serve the air on 127.0.0.1:{port}: {err.strerror or err}") from None
+    done = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        click.echo(f"mpboot sim: air on {spec} (devices: mpboot sim --ble --radio {spec}; "
+                   f"hosts: --ble-backend bumble:{spec})")
+        sys.stdout.flush()
+        while not done.wait(0.5):
+            pass
+    finally:
+        air.stop()
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+    click.echo("mpboot sim: air stopped")
 
 
 @sim_group.command("init")
@@ -467,15 +518,87 @@ def sim_status(directory: Path) -> None:
             click.echo(f"slot {n}: no bootable image ({why})")
 
 
-# --- talking to a device over a serial port (SMP) -----------------------------------------
-# Device commands share --port/--baud/--framing/--timeout. Library errors (PortError,
-# DeviceSilent, the SMPError family) become one line and an exit code in _Group.
+# --- talking to a device over a serial port or BLE (SMP) ----------------------------------
+# Device commands share --port/--baud/--framing/--timeout and --ble/--ble-backend, gathered
+# into one DeviceLink. Library errors (PortError, DeviceSilent, the SMPError family) become
+# one line and an exit code in _Group.
+
+ble_backend_option = click.option(
+    "--ble-backend", envvar="MPBOOT_BLE_BACKEND", metavar="bumble:SPEC",
+    help="Bluetooth through Bumble on an HCI transport (bumble:usb:0, or the simulator's "
+         "bumble:tcp-client:127.0.0.1:PORT) instead of the system's (or $MPBOOT_BLE_BACKEND).")
+
+
+@dataclass(frozen=True)
+class DeviceLink:
+    """Where a device command talks to the device: a serial port, or a BLE peripheral."""
+
+    port: str | None
+    baud: int
+    framing: str
+    timeout: float
+    ble: str | None  # address or advertised name
+    ble_backend: str | None
+
+    @property
+    def name(self) -> str:
+        return self.ble if self.ble is not None else str(self.port)
+
+    def transport_factory(self) -> Callable[[], Any]:
+        """Makes a fresh, unopened transport per call (BLE reconnects open a new one)."""
+        if self.ble is not None:
+            from mpboot import ble
+            from mpboot.transport.ble import BleTransport
+
+            backend = ble.select(self.ble_backend)
+            target = self.ble
+            return lambda: BleTransport(target, backend=backend)
+        from mpboot.transport.serial import SerialTransport
+
+        port, baud, framing = str(self.port), self.baud, self.framing
+        return lambda: SerialTransport(port, baudrate=baud, framing=framing)
+
+    def client_factory(self) -> Callable[[], Any]:
+        from mpboot.smp import SMPClient
+
+        make = self.transport_factory()
+        timeout = self.timeout
+        return lambda: SMPClient(make(), timeout=timeout)
 
 
 def _device_options(func: Any) -> Any:
+    """Adds the link options; the command gets them as one `link: DeviceLink` argument."""
+
+    @functools.wraps(func)
+    def command(*args: Any, port: str | None, baud: int, framing: str, timeout: float,
+                ble: str | None, ble_backend: str | None, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+
+        def given(name: str) -> bool:
+            return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT,
+                                                        click.core.ParameterSource.DEFAULT_MAP)
+
+        if ble is not None:
+            if port is not None and ctx.get_parameter_source("port") is not click.core.ParameterSource.ENVIRONMENT:
+                raise UsageError("--port and --ble exclude each other: a serial port, or a BLE device")
+            for name, flag in (("baud", "--baud"), ("framing", "--framing")):
+                if given(name):
+                    raise UsageError(f"{flag} is for serial ports, not --ble")
+            port = None
+        elif port is None:
+            raise UsageError("which device? give --port PORT (or $MPBOOT_PORT) for a serial port, "
+                             "or --ble NAME_OR_ADDRESS for Bluetooth")
+        elif given("ble_backend") and ctx.get_parameter_source("ble_backend") is not click.core.ParameterSource.ENVIRONMENT:
+            raise UsageError("--ble-backend goes with --ble NAME_OR_ADDRESS")
+        link = DeviceLink(port, baud, framing, timeout, ble, ble_backend)
+        return func(*args, link=link, **kwargs)
+
     options = (
-        click.option("-p", "--port", required=True, envvar="MPBOOT_PORT", metavar="PORT",
+        click.option("-p", "--port", envvar="MPBOOT_PORT", metavar="PORT",
                      help="Serial port of the device (or $MPBOOT_PORT), e.g. /dev/ttyACM0."),
+        click.option("--ble", metavar="NAME_OR_ADDRESS",
+                     help="Talk to the BLE device advertising SMP with this name or address, instead of --port."),
+        ble_backend_option,
         click.option("-b", "--baud", default=115200, show_default=True, type=click.IntRange(min=1),
                      metavar="B", help="Baud rate (ignored by USB CDC ports)."),
         click.option("--framing", type=click.Choice(["raw", "console"]), default="raw", show_default=True,
@@ -484,20 +607,30 @@ def _device_options(func: Any) -> Any:
                      metavar="S", help="Seconds to wait for a reply before giving up (or re-sending)."),
     )
     for option in reversed(options):
-        func = option(func)
-    return func
+        command = option(command)
+    return command
 
 
-def _with_device(port: str, baud: int, framing: str, timeout: float, action: Any) -> Any:
-    """Open the port, run `await action(client)`, close the port; return its result."""
+async def _release(link: DeviceLink) -> None:
+    """Close what the BLE backend opened in this event loop (Bumble's HCI transport)."""
+    if link.ble is not None:
+        from mpboot import ble
+
+        await ble.close()
+
+
+def _with_device(link: DeviceLink, action: Any) -> Any:
+    """Open the link, run `await action(client)`, close the link; return its result."""
     import asyncio
 
-    from mpboot.smp import SMPClient
-    from mpboot.transport.serial import SerialTransport
+    make = link.client_factory()
 
     async def run() -> Any:
-        async with SMPClient(SerialTransport(port, baudrate=baud, framing=framing), timeout=timeout) as client:
-            return await action(client)
+        try:
+            async with make() as client:
+                return await action(client)
+        finally:
+            await _release(link)
 
     return asyncio.run(run())
 
@@ -518,22 +651,42 @@ def _size_text(n: float) -> str:
 @click.option("--reset", "reset_after", is_flag=True, help="Reset the device afterwards.")
 @click.option("--window", type=click.IntRange(1, 64), metavar="N",
               help="Upload requests in flight (default: the device's buf_count).")
+@click.option("--retries", default=5, show_default=True, type=click.IntRange(0, 1000), metavar="N",
+              help="With --ble: reconnect and resume up to N times when the link drops.")
 @click.option("--no-progress", is_flag=True, help="No progress bar: print a one-line summary at the end.")
-def flash_cmd(image_path: Path, port: str, baud: int, framing: str, timeout: float, test_boot: bool,
-              permanent: bool, reset_after: bool, window: int | None, no_progress: bool) -> None:
+def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bool, reset_after: bool,
+              window: int | None, retries: int, no_progress: bool) -> None:
     """Upload IMAGE to the device (resuming an interrupted upload), then optionally mark and reset.
 
     Without --test or --confirm the image is written and verified but does not boot."""
-    from mpboot.flashing import Mark, flash, prepare
+    import asyncio
+
+    from mpboot.flashing import Mark, flash, flash_with_retries, prepare
 
     if test_boot and permanent:
         raise UsageError("--test and --confirm exclude each other: test-boot it, or make it permanent")
     mark = Mark.TEST if test_boot else Mark.CONFIRM if permanent else Mark.NONE
     prepared = prepare(_read_image(image_path))  # a malformed image fails here, before the port opens
+    make = link.client_factory()
 
-    async def action(client: Any) -> Any:
+    async def run_flash(progress: Any, note: Callable[[str], None]) -> Any:
+        try:
+            if link.ble is None:
+                async with make() as client:
+                    return await flash(client, prepared, mark=mark, reset=reset_after, window=window,
+                                       progress=progress)
+
+            def on_retry(attempt: int, err: Exception) -> None:
+                note(f"mpboot: link lost ({err}); reconnecting ({attempt}/{retries})")
+
+            return await flash_with_retries(make, prepared, retries=retries, mark=mark, reset=reset_after,
+                                            progress=progress, window=window, on_retry=on_retry)
+        finally:
+            await _release(link)
+
+    async def action() -> Any:
         if no_progress:
-            return await flash(client, prepared, mark=mark, reset=reset_after, window=window)
+            return await run_flash(None, lambda text: click.echo(text, err=True))
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -546,21 +699,26 @@ def flash_cmd(image_path: Path, port: str, baud: int, framing: str, timeout: flo
 
         columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
                    TransferSpeedColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=Console(stderr=True)) as bar:
-            task = bar.add_task(f"flash {image_path.name}", total=len(prepared.data))
+        console = Console(stderr=True)
+        with contextlib.ExitStack() as stack:
+            bars: list[tuple[Any, Any]] = []  # the bar appears once the device answers
 
             def progress(done: int, total: int) -> None:
+                if not bars:
+                    bar = stack.enter_context(Progress(*columns, console=console))
+                    bars.append((bar, bar.add_task(f"flash {image_path.name}", total=total)))
+                bar, task = bars[0]
                 bar.update(task, completed=done, total=total)
 
-            return await flash(client, prepared, mark=mark, reset=reset_after, window=window,
-                               progress=progress)
+            return await run_flash(progress, lambda text: console.print(text, markup=False, highlight=False))
 
-    done = _with_device(port, baud, framing, timeout, action)
+    done = asyncio.run(action())
     up = done.upload
     if no_progress:
         resumed = f", resumed at {up.resumed_from}" if up.resumed_from else ""
+        reconnects = f", {done.reconnects} reconnects" if done.reconnects else ""
         click.echo(f"uploaded {up.size} bytes in {up.elapsed:.1f} s ({_size_text(up.rate)}/s, "
-                   f"{up.requests} requests, window {up.window}{resumed})")
+                   f"{up.requests} requests, window {up.window}{resumed}{reconnects})")
     where = f" in slot {done.slot.slot}" if done.slot is not None else ""
     how = {Mark.NONE: "not marked (it does not boot until marked)",
            Mark.TEST: "marked for a test boot at the next reset",
@@ -578,13 +736,13 @@ def _slot_dict(s: Any) -> dict[str, Any]:
 @cli.command("state")
 @_device_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def state_cmd(port: str, baud: int, framing: str, timeout: float, as_json: bool) -> None:
+def state_cmd(link: DeviceLink, as_json: bool) -> None:
     """List the images on the device: slot, version, hash and flags."""
 
     async def action(client: Any) -> Any:
         return await client.state()
 
-    slots = _with_device(port, baud, framing, timeout, action)
+    slots = _with_device(link, action)
     if as_json:
         click.echo(json.dumps([_slot_dict(s) for s in slots], indent=2))
         return
@@ -599,7 +757,7 @@ def state_cmd(port: str, baud: int, framing: str, timeout: float, as_json: bool)
 @cli.command("confirm")
 @click.argument("hash_text", metavar="[HASH]", required=False)
 @_device_options
-def confirm_cmd(hash_text: str | None, port: str, baud: int, framing: str, timeout: float) -> None:
+def confirm_cmd(hash_text: str | None, link: DeviceLink) -> None:
     """Confirm the running image, or make the image with HASH permanent.
 
     HASH is its SHA256 TLV in hex (as `mpboot state` lists it); a unique prefix will do."""
@@ -616,7 +774,7 @@ def confirm_cmd(hash_text: str | None, port: str, baud: int, framing: str, timeo
                              f"starting {wanted}")
         return await client.state_write(matches[0].hash, confirm=True), matches[0].hash
 
-    slots, target = _with_device(port, baud, framing, timeout, action)
+    slots, target = _with_device(link, action)
     if target is None:
         active = next((s for s in slots if s.active), None)
         what = f" (slot {active.slot}, version {active.version})" if active else ""
@@ -632,39 +790,75 @@ def confirm_cmd(hash_text: str | None, port: str, baud: int, framing: str, timeo
 
 @cli.command("reset")
 @_device_options
-def reset_cmd(port: str, baud: int, framing: str, timeout: float) -> None:
+def reset_cmd(link: DeviceLink) -> None:
     """Reset the device."""
 
     async def action(client: Any) -> None:
         await client.reset()
 
-    _with_device(port, baud, framing, timeout, action)
-    click.echo(f"reset {port}")
+    _with_device(link, action)
+    click.echo(f"reset {link.name}")
 
 
 @cli.command("erase")
 @click.option("--slot", type=click.IntRange(0, 1), help="Slot to erase (default: the slot not running).")
 @_device_options
-def erase_cmd(slot: int | None, port: str, baud: int, framing: str, timeout: float) -> None:
+def erase_cmd(slot: int | None, link: DeviceLink) -> None:
     """Erase a slot (never the running one)."""
 
     async def action(client: Any) -> None:
         await client.erase(slot)
 
-    _with_device(port, baud, framing, timeout, action)
+    _with_device(link, action)
     click.echo(f"erased {'the slot not running' if slot is None else f'slot {slot}'}")
 
 
 @cli.command("echo")
 @click.argument("text")
 @_device_options
-def echo_cmd(text: str, port: str, baud: int, framing: str, timeout: float) -> None:
+def echo_cmd(text: str, link: DeviceLink) -> None:
     """Send TEXT to the device and print its echo (a link check)."""
 
     async def action(client: Any) -> Any:
         return await client.echo(text)
 
-    click.echo(_with_device(port, baud, framing, timeout, action))
+    click.echo(_with_device(link, action))
+
+
+@cli.command("scan")
+@click.option("--seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.1), metavar="N",
+              help="How long to listen.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of {name, address, rssi}.")
+@ble_backend_option
+def scan_cmd(seconds: float, as_json: bool, ble_backend: str | None) -> None:
+    """List the BLE devices advertising the SMP service: name, address, RSSI (strongest first)."""
+    import asyncio
+
+    from mpboot import ble
+
+    backend = ble.select(ble_backend)
+
+    async def run() -> list[ble.Found]:
+        try:
+            return await ble.scan(seconds, backend)
+        finally:
+            await ble.close()
+
+    found = asyncio.run(run())
+    if as_json:
+        click.echo(json.dumps([{"name": f.name, "address": f.address, "rssi": f.rssi} for f in found], indent=2))
+        return
+    if not found:
+        click.echo(f"no devices advertising SMP (listened {seconds:g} s)")
+        return
+    click.echo(f"{'address':<18} {'rssi':>5}  name")
+    for f in found:
+        click.echo(f"{f.address:<18} {f.rssi:>5}  {f.name or '-'}")
+
+
+from mpboot.cli_sync import sync_cmd  # noqa: E402  (the sync command lives in its own module)
+
+cli.add_command(sync_cmd)
 
 
 def main() -> None:

@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Protocol
 
 from mpboot.errors import ImageRejected, LinkError, MpbootError, UsageError
-from mpboot.flashing import Mark, PreparedImage, prepare
+from mpboot.flashing import Mark, PreparedImage, flash_with_retries, prepare
 from mpboot.image import TlvType
 from mpboot.smp.client import DeviceInfo, SlotState, SMPClient
 from mpboot.smp.errors import SMPError
 from mpboot.transport import Transport
 
 IMAGE_SUFFIXES = (".img", ".bin", ".signed")
+RESUME_MIN = 4096  # an opening reply above this is a resumed session, not the first chunk's end
 
 
 class Result(StrEnum):
@@ -86,7 +87,9 @@ class RepoImage:
 
     @property
     def version(self) -> str:
-        return self.image.version
+        """As the device writes it in image state: "a.b.c", ".build" appended when non-zero."""
+        v = self.image.parsed.header.version
+        return f"{v.major}.{v.minor}.{v.revision}" + (f".{v.build}" if v.build else "")
 
     @property
     def key(self) -> tuple[int, ...]:
@@ -239,8 +242,8 @@ class SyncOptions:
 Event = Callable[[Attempt, str], None]  # progress lines for people: (attempt, text)
 
 
-class _Lost(Exception):
-    """The link went away in a step that can be retried."""
+class _Lost(LinkError):
+    """The device did not come back within the reconnect timeout."""
 
 
 class Syncer:
@@ -270,7 +273,7 @@ class Syncer:
         t0 = time.monotonic()
         try:
             await self._sync(dev, a)
-        except (LinkError, SMPError, MpbootError, _Lost) as err:
+        except (MpbootError, SMPError) as err:
             a.result = Result.FAILED
             a.error = str(err) or type(err).__name__
         a.seconds = round(time.monotonic() - t0, 3)
@@ -312,29 +315,28 @@ class Syncer:
         await self._await_confirm(dev, a, choice.image.hash, running.hash if running else None)
 
     async def _upload(self, dev: Found, a: Attempt, choice: RepoImage) -> None:
-        """Upload, mark for test and reset, reconnecting and resuming after lost links."""
+        """Upload, mark for test and reset, reconnecting and resuming after lost links
+        (mpboot.flashing.flash_with_retries)."""
         img = choice.image
-        first = True
-        while True:
-            try:
-                async with self._client(dev) as client:
-                    result = await client.upload(img.data, window=self.opt.window, sha=True, ptlv=img.ptlv)
-                    if first:
-                        a.resumed_from = result.resumed_from
-                    a.bytes += result.size - result.resumed_from
-                    first = False
-                    slots = await client.state_write(img.hash, confirm=False)
-                    entry = next((s for s in slots if s.hash == img.hash), None)
-                    if entry is None or not entry.pending:
-                        raise MpbootError("the device took the image but does not list it as pending")
-                    await client.reset()
-                return
-            except LinkError as err:
-                if a.reconnects >= self.opt.retries:
-                    raise
-                a.reconnects += 1
-                self.event(a, f"link lost ({err}); reconnecting ({a.reconnects}/{self.opt.retries})")
-                await self._wait_seen(dev)
+        acked: list[int] = []
+
+        def progress(done: int, total: int) -> None:
+            acked.append(done)
+
+        def on_retry(n: int, err: Exception) -> None:
+            a.reconnects = n
+            self.event(a, f"link lost ({err}); reconnecting ({n}/{self.opt.retries})")
+
+        try:
+            await flash_with_retries(lambda: self._client(dev), img, retries=self.opt.retries,
+                                     mark=Mark.TEST, reset=True, progress=progress,
+                                     window=self.opt.window, on_retry=on_retry)
+        finally:
+            if acked:
+                # The first reply answers the opening request: the offset a persisted session
+                # resumed at (checkpoints are 32 KiB apart), or just the first chunk's end.
+                a.resumed_from = acked[0] if acked[0] > RESUME_MIN else 0
+                a.bytes = max(acked) - a.resumed_from
 
     async def _wait_seen(self, dev: Found) -> None:
         """Until the device advertises again (after a reset or a lost link)."""
@@ -395,3 +397,20 @@ def summary_rows(attempts: Sequence[Attempt]) -> list[tuple[str, ...]]:
         rows.append((a.device, a.from_version or "-", a.to_version or "-", str(a.bytes), str(a.result),
                      f"{a.seconds:.1f}s", note))
     return rows
+
+
+class BleRadio:
+    """The Radio over bleak (the platform's backend, or Bumble: mpboot.ble.select)."""
+
+    def __init__(self, backend: object = None) -> None:
+        self.backend = backend
+
+    async def scan(self, seconds: float) -> list[Found]:
+        from mpboot import ble
+
+        return [Found(f.name, f.address, f.rssi) for f in await ble.scan(seconds, self.backend)]
+
+    def transport(self, address: str) -> Transport:
+        from mpboot.transport.ble import BleTransport
+
+        return BleTransport(address, backend=self.backend)
