@@ -29,6 +29,7 @@ bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_verify.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_update.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_smp.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_ble.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

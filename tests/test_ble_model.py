@@ -6,6 +6,7 @@ import struct
 import sys
 from pathlib import Path
 
+import cbor2
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -14,9 +15,19 @@ from ble_model import NOTIFY, WRITE_CMD, Pdu, Timing, messages, project  # noqa:
 MTU = 247
 
 
-def smp(n: int, seq: int) -> bytes:
-    """An SMP packet of n bytes in all."""
-    return struct.pack(">BBHHBB", 2, 0, n - 8, 1, seq, 1) + bytes(n - 8)
+def smp(n: int, seq: int, off: int | None = None) -> bytes:
+    """An SMP image upload request of n bytes in all, at `off` (default: seq; 0 opens)."""
+    off = seq if off is None else off
+    m = n - 8
+    while len(body := cbor2.dumps({"off": off, "data": bytes(m)})) > n - 8:
+        m -= 1
+    assert len(body) == n - 8, n
+    return struct.pack(">BBHHBB", 2, 0, len(body), 1, seq, 1) + body
+
+
+def reply(seq: int) -> bytes:
+    body = cbor2.dumps({"off": seq + 1})
+    return struct.pack(">BBHHBB", 3, 0, len(body), 1, seq, 1) + body
 
 
 def pdus_of(packet: bytes, t: float, direction: str) -> list[Pdu]:
@@ -30,7 +41,7 @@ def stop_and_wait(sizes: list[int]) -> list[Pdu]:
     for seq, n in enumerate(sizes):
         out += pdus_of(smp(n, seq), t, "c2p")
         t += 1
-        out += pdus_of(smp(20, seq), t, "p2c")
+        out += pdus_of(reply(seq), t, "p2c")
         t += 1
     return out
 
@@ -40,7 +51,7 @@ def pipelined(sizes: list[int]) -> list[Pdu]:
     for seq, n in enumerate(sizes):
         out += pdus_of(smp(n, seq), 0.0, "c2p")
     for seq in range(len(sizes)):
-        out += pdus_of(smp(20, seq), 1.0, "p2c")
+        out += pdus_of(reply(seq), 1.0, "p2c")
     return out
 
 
@@ -48,7 +59,8 @@ def test_messages_reassemble_by_header_length() -> None:
     trace = pipelined([2048, 244 * 8, 100])
     reqs = messages(trace, "c2p")
     assert [(m.size, m.pdus) for m in reqs] == [(2048, 9), (1952, 8), (100, 1)]
-    assert [m.size for m in messages(trace, "p2c")] == [20, 20, 20]
+    assert [m.size for m in messages(trace, "p2c")] == [len(reply(0))] * 3
+    assert [m.streamed for m in reqs] == [False, True, True]
 
 
 def test_stop_and_wait_pays_a_round_trip_per_request() -> None:
@@ -60,11 +72,28 @@ def test_stop_and_wait_pays_a_round_trip_per_request() -> None:
 
 
 def test_pipelined_requests_fill_the_events() -> None:
-    # 6-packet requests back to back: one per event; each response one event later
+    # The opening request (off 0) goes alone: event 0, its response event 1; then 6-packet
+    # requests back to back from event 2, one per event, each response one event later.
     p = project(pipelined([244 * 6] * 4))
-    assert p.events == 5
-    # a full window of 8-packet requests: 32 packets in 6 per event = 6 events, + 1 for the last reply
-    assert project(pipelined([244 * 8] * 4)).events == 7
+    assert p.events == 6
+    # after the opening (events 0-1, reply 2): three 8-packet requests, 24 packets in 6 per
+    # event = events 3-6, + 1 for the last reply
+    assert project(pipelined([244 * 8] * 4)).events == 8
+
+
+def test_a_hosts_own_pace_is_not_taken_for_waiting() -> None:
+    # Recorded: every reply back before the next request started (a slow host, a fast
+    # device), yet the client had up to 2 in flight at times: streamed requests are modelled
+    # at its window, not as waiting for each reply.
+    trace = pipelined([244 * 6] * 2)  # request 0 (opening) alone; request 1 with 0 in flight
+    t = 2.0
+    for seq in (2, 3):  # two in flight together once
+        trace += pdus_of(smp(244 * 6, seq), t, "c2p")
+    t += 1
+    for seq in (2, 3):
+        trace += pdus_of(reply(seq), t, "p2c")
+    waits_each = stop_and_wait([244 * 6] * 4)
+    assert project(trace).events < project(waits_each).events
 
 
 def test_ceiling() -> None:

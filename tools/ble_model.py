@@ -9,9 +9,12 @@ PDUs the air recorded (mpboot.sim.air tracing), with this model:
   may both carry data). One ATT PDU of up to MTU bytes (247, data-length extension) is one
   packet.
 - The client's requests are the recorded SMP packets in order (reassembled from the write
-  commands by the SMP header length). Request k may start only after the responses the client
-  had received when it started request k in the recording, and in the event after the last of
-  those arrived (a client reacts to a notification no sooner than the next event).
+  commands by the SMP header length). Its window W is the most requests it had in flight in
+  the recording. An image upload request past offset 0 (streamed) waits only for response
+  k - W (the window) and for the answers to the requests before it that were not streamed;
+  any other request (the opening upload request, state, parameters) waits for every
+  response before it; either starts no sooner than the event after that
+  response arrived (a client reacts to a notification no sooner than the next event).
 - The device's response to request k leaves in an event after the one in which request k's
   last packet arrived (never in the same event), in order; device processing time is not
   modelled (the flash writes overlap with the link in a pipelined client; a client that waits
@@ -26,6 +29,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import cbor2
 
 SMP_HEADER = 8
 
@@ -49,6 +54,20 @@ class Message:
     size: int
     first_t: float
     last_t: float
+    data: bytes = b""
+
+    @property
+    def streamed(self) -> bool:
+        """An image upload request past offset 0: what a pipelining client streams within
+        its window (every other request, the opening one included, waits for its answer)."""
+        d = self.data
+        if len(d) < SMP_HEADER or d[0] & 7 != 2 or (d[4] << 8 | d[5]) != 1 or d[7] != 1:
+            return False
+        try:
+            off = cbor2.loads(d[SMP_HEADER:]).get("off")
+        except (cbor2.CBORDecodeError, AttributeError):
+            return False
+        return isinstance(off, int) and off > 0
 
 
 @dataclass(frozen=True)
@@ -95,7 +114,7 @@ def messages(pdus: Iterable[Pdu], direction: str) -> list[Message]:
             size = SMP_HEADER + (buf[2] << 8 | buf[3])
             if len(buf) < size:
                 break
-            out.append(Message(count, size, first, p.t))
+            out.append(Message(count, size, first, p.t, bytes(buf[:size])))
             del buf[:size]
             count = 1 if buf else 0
             first = p.t
@@ -112,6 +131,20 @@ def project(pdus: Sequence[Pdu], timing: Timing = Timing()) -> Projection:
         while j < len(rsps) and rsps[j].last_t <= r.first_t:
             j += 1
         dep.append(j)
+    # The client's window: the most requests it had in flight. The recording's timing also
+    # carries the host's own pace (replies that came back before the host got round to its
+    # next request make it look as if it waited for them), so a streamed request is modelled
+    # as sent as soon as the window allows; any other waits for every reply before it.
+    # Nothing streams past a request waiting for its answer (the opening one's answer says
+    # where to continue).
+    window = max((k - d + 1 for k, d in enumerate(dep)), default=1)
+    barrier = 0  # replies every later request needs: up to the last request not streamed
+    for k in range(len(reqs)):
+        if reqs[k].streamed:
+            dep[k] = max(barrier, k - window + 1)
+        else:
+            dep[k] = k
+            barrier = k + 1
     n = len(reqs)
     req_done = [math.inf] * n  # event in which request k's last packet went
     rsp_done = [math.inf] * n  # event in which response k's last packet went
