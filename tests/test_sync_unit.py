@@ -99,3 +99,9 @@ def test_attempt_log(tmp_path: Path, name: str) -> None:
     assert rows[0][:5] == ("dev-a", "1.0.0", "1.2.0", "1234", "updated")
     assert rows[0][6] == "resumed at 512; 2 reconnects"
     assert rows[1][4] == "failed" and rows[1][6] == "link lost"
+
+
+def test_a_log_that_cannot_be_opened_is_a_usage_error_before_any_device(tmp_path: Path) -> None:
+    for name in ("missing/log.sqlite", "missing/log.jsonl"):
+        with pytest.raises(UsageError, match="--log"):
+            AttemptLog(tmp_path / name)

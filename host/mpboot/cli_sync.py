@@ -61,6 +61,7 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
         out.print(f"sync: {getattr(a, 'device')}: {text}")
 
     syncer = Syncer(repo, BleRadio(backend), opts, log, event)
+    last: list = []  # the attempts of the last pass ended (what the exit status reports)
 
     async def run() -> list:
         try:
@@ -72,17 +73,22 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
                 for row in summary_rows(attempts):
                     table.add_row(*row)
                 out.print(table)
+                last[:] = attempts
                 if not loop:
                     return attempts
                 await asyncio.sleep(interval)
         finally:
             await ble.close()
 
+    async def passes() -> list:
+        last[:] = await run()
+        return last
+
     try:
-        attempts = asyncio.run(run())
+        attempts = asyncio.run(passes())
     except KeyboardInterrupt:
         out.print("sync: stopped")
-        return
+        attempts = last
     finally:
         log.close()
     if any(a.result is Result.FAILED for a in attempts):

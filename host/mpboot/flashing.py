@@ -151,9 +151,12 @@ async def flash_with_retries(open_client: OpenClient, image: bytes | PreparedIma
                                                    sha=True, ptlv=prepared.ptlv, timeout=timeout)
                 slot = await _mark(client, prepared, mark)
                 if reset:
+                    if client.failure is not None:
+                        raise client.failure  # lost before the reset could be sent: retry it
                     try:
                         await client.reset()
                     except LinkLost as err:
+                        # sent on a live link: the device disconnects as it resets
                         logger.info("link lost while the device resets (%s): taken as reset", err)
                 break
         except TransportError as err:

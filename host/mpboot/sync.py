@@ -200,12 +200,21 @@ class AttemptLog:
     """Where attempts go: SQLite for a `.sqlite`/`.db` path, JSON lines otherwise (appended)."""
 
     def __init__(self, path: Path | None) -> None:
+        """Opens (creates) the log now, so a bad path is a usage error before any device."""
         self.path = path
         self._db: sqlite3.Connection | None = None
-        if path is not None and path.suffix in (".sqlite", ".sqlite3", ".db"):
-            self._db = sqlite3.connect(path)
-            self._db.execute(SQLITE_SCHEMA)
-            self._db.commit()
+        if path is None:
+            return
+        try:
+            if path.suffix in (".sqlite", ".sqlite3", ".db"):
+                self._db = sqlite3.connect(path)
+                self._db.execute(SQLITE_SCHEMA)
+                self._db.commit()
+            else:
+                with open(path, "a", encoding="utf-8"):
+                    pass
+        except (OSError, sqlite3.Error) as err:
+            raise UsageError(f"--log {path}: {err}") from None
 
     def write(self, attempt: Attempt) -> None:
         if self.path is None:
@@ -305,8 +314,8 @@ class Syncer:
         choice = choose(self.repo, info, running)
         if choice is None:
             fits = any(r.fits(info) for r in self.repo)
-            a.result = Result.CURRENT if fits or running is not None else Result.NO_IMAGE
-            if not fits and running is None:
+            a.result = Result.CURRENT if fits else Result.NO_IMAGE
+            if not fits:
                 a.error = "no image in the repository fits this device"
             return
         a.to_version, a.image = choice.version, choice.path.name
@@ -327,12 +336,16 @@ class Syncer:
             a.reconnects = n
             self.event(a, f"link lost ({err}); reconnecting ({n}/{self.opt.retries})")
 
+        done = None
         try:
-            await flash_with_retries(lambda: self._client(dev), img, retries=self.opt.retries,
-                                     mark=Mark.TEST, reset=True, progress=progress,
-                                     window=self.opt.window, on_retry=on_retry)
+            done = await flash_with_retries(lambda: self._client(dev), img, retries=self.opt.retries,
+                                            mark=Mark.TEST, reset=True, progress=progress,
+                                            window=self.opt.window, on_retry=on_retry)
         finally:
-            if acked:
+            if done is not None and done.reconnects == 0:  # one connection: the device said
+                a.resumed_from = done.upload.resumed_from
+                a.bytes = done.upload.size - a.resumed_from
+            elif acked:
                 # The first reply answers the opening request: the offset a persisted session
                 # resumed at (checkpoints are 32 KiB apart), or just the first chunk's end.
                 a.resumed_from = acked[0] if acked[0] > RESUME_MIN else 0
@@ -367,6 +380,12 @@ class Syncer:
             running = next((s for s in slots if s.active), None)
             if running is not None and running.hash == new and running.confirmed:
                 a.result = Result.UPDATED
+                return
+            waiting = next((s for s in slots if s.hash == new and s.pending and not s.active), None)
+            if waiting is not None:
+                # still marked and not running: the reset never happened (the link went first)
+                a.result = Result.FAILED
+                a.error = "the device did not reset into the new image (it is still pending)"
                 return
             if running is None or running.hash != new:
                 a.result = Result.REVERTED
@@ -408,7 +427,8 @@ class BleRadio:
     async def scan(self, seconds: float) -> list[Found]:
         from mpboot import ble
 
-        return [Found(f.name, f.address, f.rssi) for f in await ble.scan(seconds, self.backend)]
+        # A device without a name in its advertisement goes by its address.
+        return [Found(f.name or f.address, f.address, f.rssi) for f in await ble.scan(seconds, self.backend)]
 
     def transport(self, address: str) -> Transport:
         from mpboot.transport.ble import BleTransport

@@ -134,10 +134,11 @@ class Gatt:
         return self.written or self.lost != self.seen
 
     def advertise(self):
+        self.adv_due = True  # until the stack took it: tried again at the next idle wake-up
         try:
             self.ble.gap_advertise(_ADV_US, self.adv, resp_data=self.resp)
             self.adv_due = False
-        except OSError as e:  # tried again at the next idle wake-up
+        except OSError as e:
             _report(e)
 
     def _dropped(self):

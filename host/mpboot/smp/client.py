@@ -180,6 +180,11 @@ class SMPClient:
 
     # --- requests --------------------------------------------------------------------------
 
+    @property
+    def failure(self) -> TransportError | None:
+        """The error that ended the link, once it has failed (requests then fail at once)."""
+        return self._failure
+
     async def send_request(self, group: int, command: int, op: Op,
                            payload: dict[str, Any]) -> PendingReply:
         """Send one request and return without waiting for the reply (for pipelining). Await
