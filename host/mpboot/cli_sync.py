@@ -42,7 +42,16 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
     from rich.table import Table
 
     from mpboot import ble
-    from mpboot.sync import AttemptLog, BleRadio, Result, Syncer, SyncOptions, load_repo, summary_rows
+    from mpboot.sync import (
+        Attempt,
+        AttemptLog,
+        BleRadio,
+        Result,
+        Syncer,
+        SyncOptions,
+        load_repo,
+        summary_rows,
+    )
 
     repo, skipped = load_repo(repo_dir)
     out = Console(stderr=False, highlight=False)
@@ -57,8 +66,8 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
     opts = SyncOptions(scan_seconds=seconds, max_parallel=max_parallel, retries=retries, timeout=timeout,
                        confirm_timeout=confirm_timeout)
 
-    def event(a: object, text: str) -> None:
-        out.print(f"sync: {getattr(a, 'device')}: {text}")
+    def event(a: Attempt, text: str) -> None:
+        out.print(f"sync: {a.device}: {text}")
 
     syncer = Syncer(repo, BleRadio(backend), opts, log, event)
     last: list = []  # the attempts of the last pass ended (what the exit status reports)

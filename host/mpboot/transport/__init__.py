@@ -10,7 +10,10 @@ open raises mpboot.errors.TransportError from `send` / `recv`.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Protocol, runtime_checkable
+
+from mpboot.errors import TransportError
 
 
 @runtime_checkable
@@ -44,4 +47,34 @@ class Transport(Protocol):
         ...
 
 
-__all__ = ["Transport"]
+class Inbox:
+    """A transport's received packets, in order, for `recv`, and the error that ended the
+    link: `fail` keeps the first error and wakes every waiting and later `get` with it. A
+    transport makes a new one each time it opens; `not_open` is the error of an inbox that
+    was closed without a failure (or never opened)."""
+
+    def __init__(self, not_open: str) -> None:
+        self._not_open = not_open
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: failed or closed
+        self.error: TransportError | None = None
+
+    def put(self, packet: bytes) -> None:
+        self._queue.put_nowait(packet)
+
+    def fail(self, error: TransportError) -> None:
+        if self.error is None:
+            self.error = error
+        self._queue.put_nowait(None)
+
+    def error_or_closed(self) -> TransportError:
+        return self.error or TransportError(self._not_open)
+
+    async def get(self) -> bytes:
+        item = await self._queue.get()
+        if item is None:
+            self._queue.put_nowait(None)  # wake any other receiver too
+            raise self.error_or_closed()
+        return item
+
+
+__all__ = ["Inbox", "Transport"]

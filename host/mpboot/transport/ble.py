@@ -25,6 +25,7 @@ from bleak.exc import BleakError
 
 from mpboot.ble import SMP_CHARACTERISTIC_UUID, SMP_SERVICE_UUID, Backend, select
 from mpboot.errors import LinkLost, PortError, TransportError
+from mpboot.transport import Inbox
 
 if TYPE_CHECKING:
     from bleak.backends.characteristic import BleakGATTCharacteristic
@@ -37,13 +38,6 @@ DEFAULT_WRITE_TIMEOUT: Final = 5.0  # a write that makes no progress this long f
 _HEADER_SIZE: Final = 8
 _MIN_ATT_PAYLOAD: Final = 20  # ATT_MTU 23 - 3
 _ADDRESS_RE: Final = re.compile(r"^([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}$|^[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}$")
-
-
-class _Closed:
-    """Queue item that wakes `recv` when the link failed or closed."""
-
-
-_CLOSED: Final = _Closed()
 
 
 def is_address(target: str) -> bool:
@@ -70,9 +64,8 @@ class BleTransport:
         self._client: BleakClient | None = None
         self._char: BleakGATTCharacteristic | None = None
         self._chunk = _MIN_ATT_PAYLOAD
-        self._rx: asyncio.Queue[bytes | _Closed] = asyncio.Queue()
+        self._inbox = Inbox(f"BLE link to {target} is not open")
         self._buf = bytearray()
-        self._error: TransportError | None = None
         self._write_lock = asyncio.Lock()
         self.address: str | None = None  # the device's address once found
 
@@ -82,7 +75,7 @@ class BleTransport:
 
     @property
     def is_open(self) -> bool:
-        return self._client is not None and self._error is None
+        return self._client is not None and self._inbox.error is None
 
     @property
     def att_payload(self) -> int:
@@ -101,14 +94,13 @@ class BleTransport:
 
     async def open(self) -> None:
         if self._client is not None:
-            if self._error is None:
+            if self._inbox.error is None:
                 return
             await self.close()
         device = await self._find()
         self.address = device.address
-        self._error = None
         self._buf.clear()
-        self._rx = asyncio.Queue()
+        self._inbox = Inbox(f"BLE link to {self.target} is not open")
         self._write_lock = asyncio.Lock()
         client = BleakClient(device, self._on_disconnected, services=[SMP_SERVICE_UUID],
                              timeout=self.connect_timeout, **self.backend.client_kwargs())
@@ -131,8 +123,8 @@ class BleTransport:
         except BaseException:
             await self.close()
             raise
-        if self._error is not None:  # it dropped while subscribing
-            error = self._error
+        if self._inbox.error is not None:  # it dropped while subscribing
+            error = self._inbox.error
             await self.close()
             raise PortError(f"BLE device {self.target} disconnected while connecting ({error})")
 
@@ -186,16 +178,12 @@ class BleTransport:
                                               f"{self.write_timeout:.3g} s"))
                     raise self._error_or_closed() from None
                 except (BleakError, OSError) as err:
-                    if self._error is None:
+                    if self._inbox.error is None:
                         self._fail(LinkLost(f"BLE link to {self.target} lost ({err})"))
                     raise self._error_or_closed() from None
 
     async def recv(self) -> bytes:
-        item = await self._rx.get()
-        if isinstance(item, _Closed):
-            self._rx.put_nowait(item)  # wake any other receiver too
-            raise self._error_or_closed()
-        return item
+        return await self._inbox.get()
 
     # --- callbacks -------------------------------------------------------------------------
 
@@ -210,24 +198,22 @@ class BleTransport:
             size = _HEADER_SIZE + int.from_bytes(buf[2:4], "big")
             if len(buf) < size:
                 return
-            self._rx.put_nowait(bytes(buf[:size]))
+            self._inbox.put(bytes(buf[:size]))
             del buf[:size]
 
     def _on_disconnected(self, _client: BleakClient) -> None:
         self._fail(LinkLost(f"BLE link to {self.target} lost"))
 
     def _fail(self, error: TransportError) -> None:
-        if self._error is None:
-            self._error = error
+        self._inbox.fail(error)
         self._buf.clear()
-        self._rx.put_nowait(_CLOSED)
 
     def _check_open(self) -> None:
-        if self._client is None or self._error is not None:
+        if self._client is None or self._inbox.error is not None:
             raise self._error_or_closed()
 
     def _error_or_closed(self) -> TransportError:
-        return self._error or TransportError(f"BLE link to {self.target} is not open")
+        return self._inbox.error_or_closed()
 
 
 async def _write_size(client: BleakClient, char: BleakGATTCharacteristic) -> int:

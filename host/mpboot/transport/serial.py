@@ -22,6 +22,7 @@ from typing import Final
 import serial  # type: ignore[import-untyped]  # (pyserial has no type hints)
 
 from mpboot.errors import PortError, TransportError
+from mpboot.transport import Inbox
 from mpboot.transport.framing import FrameCodec, Framing, codec
 
 _LEAD: Final = {Framing.RAW: b"\x00", Framing.CONSOLE: b"\n"}
@@ -30,13 +31,6 @@ DEFAULT_BAUDRATE: Final = 115200
 DEFAULT_WRITE_TIMEOUT: Final = 5.0  # seconds a write may make no progress before the link fails
 _READ_SIZE: Final = 1 << 16
 _BUSY_ERRNOS: Final = frozenset({errno.EBUSY, errno.EAGAIN, errno.EWOULDBLOCK})
-
-
-class _Closed:
-    """Queue item that wakes `recv` when the link failed or closed."""
-
-
-_CLOSED: Final = _Closed()
 
 
 class SerialTransport:
@@ -59,8 +53,7 @@ class SerialTransport:
         self._serial: serial.Serial | None = None
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._rx: asyncio.Queue[bytes | _Closed] = asyncio.Queue()
-        self._error: TransportError | None = None
+        self._inbox = Inbox(f"{port} is not open")
         self._write_lock = asyncio.Lock()
         self._write_ready: asyncio.Future[None] | None = None
 
@@ -94,9 +87,8 @@ class SerialTransport:
             port.close()
             raise PortError(f"cannot configure {self._port}: {err}") from None
         self._serial = port
-        self._error = None
         self._codec.reset()
-        self._rx = asyncio.Queue()
+        self._inbox = Inbox(f"{self._port} is not open")
         self._write_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._fd, self._on_readable)
@@ -129,11 +121,7 @@ class SerialTransport:
                     await self._wait_writable()
 
     async def recv(self) -> bytes:
-        item = await self._rx.get()
-        if isinstance(item, _Closed):
-            self._rx.put_nowait(item)  # wake any other receiver too
-            raise self._error_or_closed()
-        return item
+        return await self._inbox.get()
 
     # --- event-loop callbacks ------------------------------------------------------------
 
@@ -150,7 +138,7 @@ class SerialTransport:
             self._fail(TransportError(f"{self._port} disconnected"))
             return
         for packet in self._codec.feed(data):
-            self._rx.put_nowait(packet)
+            self._inbox.put(packet)
 
     async def _wait_writable(self) -> None:
         assert self._loop is not None
@@ -176,21 +164,19 @@ class SerialTransport:
                 self._loop.remove_writer(fd)
 
     def _fail(self, error: TransportError) -> None:
-        if self._error is None:
-            self._error = error
+        self._inbox.fail(error)
         if self._loop is not None and self._fd >= 0:
             self._loop.remove_reader(self._fd)
             self._loop.remove_writer(self._fd)
         if self._write_ready is not None and not self._write_ready.done():
             self._write_ready.set_exception(self._error_or_closed())
-        self._rx.put_nowait(_CLOSED)
 
     def _check_open(self) -> None:
-        if self._serial is None or self._error is not None:
+        if self._serial is None or self._inbox.error is not None:
             raise self._error_or_closed()
 
     def _error_or_closed(self) -> TransportError:
-        return self._error or TransportError(f"{self._port} is not open")
+        return self._inbox.error_or_closed()
 
 
 def _open_error(port: str, err: serial.SerialException) -> PortError:
