@@ -14,6 +14,7 @@ package(
     files=(
         "__init__.py",
         "boot.py",
+        "factory.py",
         "flash.py",
         "image.py",
         "reader.py",
@@ -29,6 +30,7 @@ package(
         "smp/os_mgmt.py",
         "smp/img_mgmt.py",
         "smp/mpboot_mgmt.py",
+        "smp/factory_mgmt.py",
         "transport/__init__.py",
         "transport/uart.py",
         "transport/ble.py",

@@ -83,13 +83,13 @@ def refused(run: Run) -> tuple[str, int]:
 
 class FlashFile:
     """A NorFlash file as the host sees it (the unix port's layout: slot 0 | slot 1 | state,
-    two sectors), and its wear counters."""
+    two sectors | factory, the last two sectors), and its wear counters."""
 
     def __init__(self, path: Path, sector: int = 4096, size: int = 64 * 1024) -> None:
         self.path = path
         self.size = size
         self.sector = sector
-        self.slot = (size // sector - 2) // 2 * sector
+        self.slot = (size // sector - 4) // 2 * sector
 
     def bytes(self) -> bytes:
         return self.path.read_bytes()
@@ -106,4 +106,7 @@ class FlashFile:
         return self.wear()[s * n : (s + 1) * n]
 
     def state_range(self) -> range:
-        return range(2 * self.slot, self.size)
+        return range(2 * self.slot, 2 * self.slot + 2 * self.sector)
+
+    def factory_range(self) -> range:
+        return range(self.size - 2 * self.sector, self.size)

@@ -27,7 +27,7 @@ def flash(tmp_path_factory: pytest.TempPathFactory, sim_lib: Path, rsa2048: Sign
     """A device with a confirmed 1 MiB RSA-2048 image in slot 0 (snapshot `normal`) and
     then a 1 MiB RSA-3072 image marked for a test boot in slot 1 (snapshot `test`)."""
     work = tmp_path_factory.mktemp("memory")
-    dev = SimDevice(work / "device", sim_lib, Geometry(2 * MIB + 3 * 4096, 4096, 4))
+    dev = SimDevice(work / "device", sim_lib, Geometry.for_slots(MIB, 4096, 4))
     for version, key, mode in (("1.0.0", rsa2048, "permanent"), ("2.0.0", rsa3072, "test")):
         image = sign_app(make_app(work / f"app-{version}", version, confirm=True, filler=MIB - 4096),
                          key, version)

@@ -18,7 +18,7 @@ DEVICE = ROOT / "tests" / "device"
 ADAPTERS = ("esp32", "rp2", "stm32")
 # The firmware modules the adapters and the driver need (not the whole package, which other
 # work may be changing).
-NEEDED = ("__init__.py", "flash.py", "state.py", "ports/__init__.py", "ports/nor_sim.py",
+NEEDED = ("__init__.py", "flash.py", "state.py", "factory.py", "ports/__init__.py", "ports/nor_sim.py",
           *(f"ports/{name}.py" for name in ADAPTERS))
 
 
@@ -60,10 +60,11 @@ def run_port(lib: Path, workdir: Path, name: str) -> tuple[Geometry, dict[str, s
 
 
 CHECKS = {"write_read", "refuse_misaligned", "refuse_unerased", "raw", "erase_slot", "state_cycle",
-          "state_store", "unsynced_then_cut", "persists", "mapped", "reset_persists", "watchdog",
+          "state_store", "factory_store", "unsynced_then_cut", "persists", "mapped", "reset_persists", "watchdog",
           "unique_id", "refuse_layouts"}
 
-# Per port: geometry (size, erase unit, write unit) of slot0, slot1, state; then what the
+# Per port: geometry (size, erase unit, write unit) of slot0, slot1, state (the factory area
+# is the same as the state); then what the
 # native device does on its own (raw), whether an unsynced slot write survives a power cut,
 # whether slots map, the watchdog timeout armed for the one asked, the unique id length, and
 # the layouts refused.
@@ -72,12 +73,12 @@ EXPECTED = {
         slot=(0x8000, 4096, 1), state=(0x2000, 4096, 1),
         raw="overwrite=5 misaligned=ok past_end=-260", lost="lost=0", mapped="none",
         watchdog="asked=1500 armed=2000", uid="len=6",
-        refused="running,encrypted,missing,state_app,twice"),
+        refused="running,encrypted,missing,state_app,twice,small"),
     "rp2": dict(
         slot=(0x2000, 4096, 256), state=(0x2000, 4096, 256),
         raw="overwrite=5 misaligned=22 past_end=22", lost="lost=0", mapped=f"size={0x2000}",
         watchdog="asked=20000 armed=8388", uid="len=8",
-        refused="unaligned,overlap,outside"),
+        refused="unaligned,overlap,factory_overlap,outside"),
     # Internal flash: the port's RAM sector copy rewrites whatever is written, and keeps it
     # off flash until a flush.
     "stm32": dict(
@@ -97,7 +98,8 @@ EXPECTED = {
 def test_adapter_on_fake_port(ports_lib: Path, tmp_path: Path, name: str) -> None:
     geometry, passed = run_port(ports_lib, tmp_path, name)
     want = EXPECTED[name]
-    assert geometry == {"slot0": want["slot"], "slot1": want["slot"], "state": want["state"]}
+    assert geometry == {"slot0": want["slot"], "slot1": want["slot"], "state": want["state"],
+                        "factory": want["state"]}
     assert set(passed) == CHECKS
     assert passed["raw"] == want["raw"]
     assert passed["unsynced_then_cut"] == want["lost"]
@@ -109,17 +111,21 @@ def test_adapter_on_fake_port(ports_lib: Path, tmp_path: Path, name: str) -> Non
     per = int(re.search(r"per_sector=(\d+)", passed["state_store"]).group(1))
     size, erase, write = want["state"]
     assert per == erase // (-(-96 // write) * write)  # 96-byte records, rounded to the write unit
+    per = int(re.search(r"per_sector=(\d+)", passed["factory_store"]).group(1))
+    assert per == erase // (-(-272 // write) * write)  # 272-byte factory records
 
 
-def test_stm32_state_survives_power_cuts(ports_lib: Path, tmp_path: Path) -> None:
-    """nor_sim's cut= fault tears the port's sector rewrites during a state save: loading
-    then still gives the newest complete record, because the stm32 state holds one record per
-    sector and a save rewrites only the sector without the newest one."""
+@pytest.mark.parametrize("which", ["state", "factory"])
+def test_stm32_state_survives_power_cuts(ports_lib: Path, tmp_path: Path, which: str) -> None:
+    """nor_sim's cut= fault tears the port's sector rewrites during a state (or factory
+    record) save: loading then still gives the newest complete record, because the stm32
+    state and factory areas hold one record per sector and a save rewrites only the sector
+    without the newest one."""
     script = tmp_path / "cut.py"
     script.write_text(_CUT_SCRIPT)
 
     def state(what: str, rc: int = 0) -> int:
-        proc = upy.run([script, tmp_path, what], path=[ports_lib], heapsize="64k")
+        proc = upy.run([script, tmp_path, what, which], path=[ports_lib], heapsize="64k")
         assert proc.returncode == rc, (what, proc.stdout, proc.stderr)
         return int(proc.stdout.split()[-1]) if rc == 0 else -1
 
@@ -138,27 +144,37 @@ def test_stm32_state_survives_power_cuts(ports_lib: Path, tmp_path: Path) -> Non
     assert state("save") == saved + 1
 
 
-# Saves or loads an mpboot.state record through the stm32 adapter over the internal-flash
-# fake; "count" prints how many flash operations one save takes.
+# Saves or loads an mpboot.state record (or the factory record: its policy toggled) through
+# the stm32 adapter over the internal-flash fake; "count" prints how many flash operations
+# one save takes.
 _CUT_SCRIPT = """
 import sys
 import machine
 import pyb
 from mpboot.ports import stm32
 from mpboot.state import Store
+from mpboot.factory import Factory
 
-d, what = sys.argv[1], sys.argv[2]
-pyb.setup(d + "/flash.bin", (0x800, 0x800, 0x1000, 0x1000, 0x1000, 0x1000), 0x08004000, 0x1000)
-s = Store(stm32.areas(0x1000, 0x2000, 0, 0x1000, 0x800, 0x08004000)[2])
-rec = s.load()
+d, what, which = sys.argv[1], sys.argv[2], sys.argv[3]
+pyb.setup(d + "/flash.bin", (0x800,) * 4 + (0x1000,) * 4, 0x08004000, 0x1000)
+a = stm32.areas(0x2000, 0x2000, 0, 0x1000, 0x800, 0x08004000)
+if which == "state":
+    s = Store(a[2])
+    rec = s.load()
+    save = lambda: s.save(rec)
+    seq = lambda: rec[0]
+else:
+    s = Factory(a[3])
+    save = lambda: s.write(s.flags ^ 2, s.serial, None, None, s.labels)  # toggle no-downgrade
+    seq = lambda: s.seq
 if what == "count":
     before = pyb.chip().ops
-    s.save(rec)
+    save()
     print(pyb.chip().ops - before)
 else:
     if what == "save":
-        s.save(rec)
-    print(rec[0])
+        save()
+    print(seq())
 """
 
 

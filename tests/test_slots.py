@@ -189,7 +189,8 @@ def test_factory_image_without_state_is_confirmed_at_first_boot(dev: SimDevice, 
 
 def test_geometry_slot_size_matches_the_device(dev: SimDevice) -> None:
     g: Geometry = dev.geometry
-    assert 2 * g.slot_size + 2 * g.sector <= g.size
+    assert 2 * g.slot_size + 4 * g.sector <= g.size
+    assert g.state_start == 2 * g.slot_size and g.factory_start == g.size - 2 * g.sector
 
 
 def _device_codes(module: str, prefix: str) -> dict[str, int]:

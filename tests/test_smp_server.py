@@ -27,7 +27,7 @@ from smp import os_management as osm
 
 SIZE = 64 * 1024
 SECTOR = 4096
-SLOT = (SIZE // SECTOR - 2) // 2 * SECTOR
+SLOT = (SIZE // SECTOR - 4) // 2 * SECTOR
 READ, WRITE = 0, 2
 V1, V2 = 0, 1
 OS, IMG = 0, 1
@@ -167,7 +167,7 @@ def check_wellformed(rep: Reply) -> None:
     elif "rc" in body and set(body) <= {"rc", "rsn"}:
         assert isinstance(body["rc"], int) and body["rc"] > 0
         if "rsn" in body:
-            assert op >> 3 == V1 and body["rsn"].split(":")[0] in ("image", "update"), body
+            assert op >> 3 == V1 and body["rsn"].split(":")[0] in ("image", "update", "factory"), body
         # The generic error shape parses with the smp v1 error model (as smpclient does).
         if group in (OS, IMG):
             cls = osm.OSManagementErrorV1 if group == OS else img.ImageManagementErrorV1
@@ -369,12 +369,14 @@ def test_mpboot_group_device_info(session: Session) -> None:
     ids = s.send(READ, 64, 0)
     s.run()
     for rep in plain:
-        # ctr: the floor rose to A's security counter (1) when A was confirmed
-        assert rep.body == {"uid": b"mpboot-sim", "vid": None, "cid": None, "ctr": 1, "no-downgrade": False}
+        # ctr: the floor rose to A's security counter (1) when A was confirmed; serial: no
+        # identity provisioned yet (docs/FACTORY.md)
+        assert rep.body == {"uid": b"mpboot-sim", "vid": None, "cid": None, "ctr": 1, "serial": None,
+                            "no-downgrade": False}
         assert rep.raw is not None and rep.raw[8:] == cbor2.dumps(rep.body, canonical=True)
     assert write.rc() == ENOTSUP
     assert ids.body == {"uid": b"mpboot-sim", "vid": b"\x11" * 16, "cid": b"\x22" * 16, "ctr": 0,
-                        "no-downgrade": True}
+                        "serial": None, "no-downgrade": True}
 
 
 # --- image state ------------------------------------------------------------------------------
@@ -822,7 +824,7 @@ def test_packet_and_cbor_errors(session: Session) -> None:
     s.cmd("server", 0)
     unknown = [s.send(READ, 9, 0, version=v) for v in (V1, V2)]
     unknown += [s.send(READ, OS, 2), s.send(READ, IMG, 3), s.send(WRITE, OS, 6), s.send(READ, OS, 5),
-                s.send(WRITE, IMG, 6), s.send(READ, 64, 1)]
+                s.send(WRITE, IMG, 6), s.send(READ, 64, 6), s.send(WRITE, 64, 1), s.send(READ, 64, 2)]
     bad = {label: [s.raw(packet(WRITE, OS, 0, raw=raw, version=v, seq=i)) for v in (V1, V2)]
            for i, (label, raw) in enumerate(BAD_CBOR.items())}
     ok_nested = s.send(WRITE, OS, 0, {"d": "x", "extra": [[[1]]], "n": -(2**64), "u": 2**64 - 1, "z": None})

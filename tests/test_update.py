@@ -32,7 +32,7 @@ OTHER_CLASS = class_uuid("display", VENDOR)
 
 
 def slot_size(sector: int = SECTOR) -> int:
-    return (SIZE // sector - 2) // 2 * sector
+    return (SIZE // sector - 4) // 2 * sector
 
 
 def image(version: str, *, payload: int = 9001, counter: int | None = 1, vendor: bytes | None = None,

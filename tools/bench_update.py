@@ -69,7 +69,7 @@ def update_wear(tmp: Path, lib: Path, key, image_kib: int, updates: int, geometr
         ratios.append(programmed / path.stat().st_size)
         for kind, addr, _ in done:
             if kind == "E":
-                if addr >= state_base:
+                if state_base <= addr < state_base + 2 * geometry.sector:
                     state_erases += 1
                 else:
                     slot_erases[addr] += 1
@@ -86,7 +86,7 @@ def update_wear(tmp: Path, lib: Path, key, image_kib: int, updates: int, geometr
 
 
 def decision_heap(tmp: Path, lib: Path, key) -> int:  # type: ignore[no-untyped-def]
-    dev = SimDevice(tmp / "heap", lib, Geometry(2 * 1024 * KIB + 3 * 4096, 4096, 4))
+    dev = SimDevice(tmp / "heap", lib, Geometry.for_slots(1024 * KIB, 4096, 4))
     path = tmp / "heap.bin"
     path.write_bytes(sign_app(make_app(tmp / "heap-app", "1.0.0", confirm=True, filler=1020 * KIB), key, "1.0.0"))
     installed(dev.install(path, "permanent", chunk=4096))
@@ -111,9 +111,9 @@ def main() -> int:
         key = generate("rsa-2048")
         lib = build_lib(tmp / "lib", [key.public()])
         print("mpboot update flash-wear benchmark (simulated NOR flash, MicroPython unix port)")
-        update_wear(tmp, lib, key, 60, 50, Geometry(64 * KIB * 2 + 2 * 4096, 4096, 16))
-        update_wear(tmp, lib, key, 1000, 4, Geometry(1024 * KIB * 2 + 2 * 4096, 4096, 4))
-        update_wear(tmp, lib, key, 250, 4, Geometry(6 * 128 * KIB, 128 * KIB, 8))
+        update_wear(tmp, lib, key, 60, 50, Geometry.for_slots(64 * KIB, 4096, 16))
+        update_wear(tmp, lib, key, 1000, 4, Geometry.for_slots(1024 * KIB, 4096, 4))
+        update_wear(tmp, lib, key, 250, 4, Geometry(8 * 128 * KIB, 128 * KIB, 8))
         print(f"  boot decision (1 MiB image, RSA-2048): fits in {decision_heap(tmp, lib, key)} KiB of heap "
               "beyond the firmware modules (which are frozen on a device)")
     return 0

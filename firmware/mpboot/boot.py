@@ -98,7 +98,13 @@ def run(slots, port, slot, info, trial, entry="main", mount="/app", wdt_ms=WDT_M
     print("mpboot: slot %d version %d.%d.%d+%d%s%s" % (
         slot, v[0], v[1], v[2], v[3], " test boot" if trial else "",
         " watchdog %d ms" % getattr(wdt, "timeout_ms", wdt_ms) if wdt else ""))
-    __import__(entry)
+    if not slots.no_repl:
+        __import__(entry)
+        return True
+    try:
+        __import__(entry)
+    except BaseException as e:  # no-repl: whatever the app raises, boot.py goes on (service)
+        sys.print_exception(e)
     return True
 
 
@@ -139,9 +145,17 @@ def recovery(slots):
 
 
 def start(port, areas, keys, entry="main", mount="/app", wdt_ms=WDT_MS, **policy):
-    # areas: (slot0, slot1, state) from port.areas(). policy: vendor_id, class_id, downgrade.
-    # Returns False in recovery; otherwise runs the app (its import) and returns True.
-    slots = Slots(areas[0], areas[1], areas[2], keys, mapped=port.mapped, **policy)
+    # areas: (slot0, slot1, state, factory) from port.areas(); without the fourth, the board
+    # has no factory state. policy: vendor_id, class_id, downgrade (the build's; the factory
+    # record tightens it). Returns False in recovery; otherwise runs the app (its import)
+    # and returns True. Under the no-repl policy Ctrl-C is off from here on and whatever the
+    # app raises returns here (True) instead of ending boot.py.
+    slots = Slots(areas[0], areas[1], areas[2], keys, mapped=port.mapped,
+                  factory=areas[3] if len(areas) > 3 else None, **policy)
+    if slots.no_repl:
+        import micropython
+
+        micropython.kbd_intr(-1)
     slot, info, trial = slots.decide()
     if slot < 0:
         return recovery(slots)

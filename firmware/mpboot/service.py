@@ -19,10 +19,11 @@
 #   service.run_ble(port, port.ble("my-board"))   # advertises the SMP service as my-board
 #
 # run() and run_ble() never return: a reset request (OS group, command 5) is answered, drained
-# (BLE: the central disconnected), then port.reset(). While it serves it feeds the watchdog a
-# test boot armed (mpboot.boot.feed) once the image is confirmed; an unconfirmed test image is
-# left to the watchdog, which reverts it (a client can still confirm it, or reset, within the
-# watchdog's timeout).
+# (BLE: the central disconnected), then port.reset(). Under the factory no-repl policy
+# (docs/FACTORY.md) an exception out of the service loop resets the board too. While it
+# serves it feeds the watchdog a test boot armed (mpboot.boot.feed) once the image is
+# confirmed; an unconfirmed test image is left to the watchdog, which reverts it (a client
+# can still confirm it, or reset, within the watchdog's timeout).
 import mpboot
 from mpboot import boot
 from mpboot.smp.server import Server
@@ -56,8 +57,23 @@ def run(port, link, buf_size=2048, buf_count=4):
     from mpboot.transport.uart import serve  # here: a BLE-only board never loads it
 
     server, tick = _server(port, buf_size, buf_count)
-    serve(link, server, tick)
+    _serve(serve, link, server, tick)
     port.reset()
+
+
+def _serve(serve, link, server, tick):
+    # Serves until a reset is asked for. Under the no-repl policy an exception out of the
+    # loop resets the board (the caller's port.reset()) instead of ending in the REPL.
+    if not server.slots.no_repl:
+        serve(link, server, tick)
+        return
+    try:
+        serve(link, server, tick)
+    except BaseException as e:
+        if type(e) is not SystemExit:
+            import sys
+
+            sys.print_exception(e)
 
 
 def run_ble(port, link, buf_size=2048, buf_count=4):
@@ -66,5 +82,5 @@ def run_ble(port, link, buf_size=2048, buf_count=4):
     from mpboot.transport.ble import serve
 
     server, tick = _server(port, buf_size, buf_count)
-    serve(link, server, tick)
+    _serve(serve, link, server, tick)
     port.reset()

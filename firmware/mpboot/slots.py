@@ -28,18 +28,31 @@ def _ver3(v):
 
 class Slots:
     def __init__(self, slot0, slot1, state_area, keys, vendor_id=None, class_id=None,
-                 downgrade=True, mapped=None):
+                 downgrade=True, mapped=None, factory=None):
         # slot0, slot1, state_area: mpboot.flash.Area. keys: mpboot_keys.KEYS.
         # vendor_id, class_id: 16-byte UUIDs images must carry (None: not checked).
         # downgrade: False refuses updates older than the confirmed image.
         # mapped: a port's mapped(area) (verify the bytes the app will run from) or None.
+        # factory: the factory area (mpboot.factory, docs/FACTORY.md), or None: no factory
+        # state, the policy is only the build's.
         self.areas = (slot0, slot1)
         self.store = Store(state_area)
         self.state = self.store.load()
         self.keys = keys
+        # The build's policy; the effective one (vendor_id, class_id, downgrade, test_boot,
+        # no_repl) is it tightened by the factory record.
+        self.build = (vendor_id, class_id, downgrade)
         self.vendor_id = vendor_id
         self.class_id = class_id
         self.downgrade = downgrade
+        self.test_boot = False  # images become confirmed only through their test boot
+        self.no_repl = False  # the app's exceptions never end boot.py (no REPL)
+        self.factory = None
+        if factory is not None:
+            from mpboot.factory import Factory
+
+            self.factory = Factory(factory)
+            self.factory.apply(self)
         self.mapped = mapped
         self.buf = bytearray(image.BUF_SIZE)
         self.errors = [0, 0]  # why each slot was last refused (image/policy code)

@@ -1,5 +1,6 @@
 # Boot state store: a log of fixed-size records in two alternating erase sectors
-# (format and power-safety argument: docs/BOOT.md).
+# (format and power-safety argument: docs/BOOT.md). The log (Log) also holds the factory
+# record (mpboot.factory, docs/FACTORY.md).
 #
 # Every change appends one whole record with a higher sequence number and a CRC-32; loading
 # takes the valid record with the highest sequence number. A power cut at any byte of an
@@ -11,8 +12,8 @@ from binascii import crc32
 from micropython import const
 
 _MAGIC = const(0x5342504D)  # "MPBS"
-_REC = const(96)  # record size before rounding up to the write unit
-_CRC_AT = const(92)  # the CRC-32 of bytes [0, 92) is the record's last word
+_REC = const(96)  # record size before rounding up to the write unit; the CRC-32 of bytes
+# [0, 92) is its last word
 # magic seq active test trial flags floor version ok0 ok1 | upload session: len off sha slot
 _FMT = "<IIBBBBI8s16s16sII16sB"
 NONE = const(0xFF)  # "no slot" in active/test/trial
@@ -47,16 +48,24 @@ def end_session(rec):
     rec[SSLOT] = NONE
 
 
-class Store:
-    def __init__(self, area):
-        # area: an mpboot.flash.Area of exactly two erase sectors.
+class Log:
+    # A power-safe log of fixed-size records in an area of exactly two erase sectors (the boot
+    # state here; the factory record, mpboot.factory). A record is `size` bytes: u32 magic,
+    # u32 sequence number, the owner's fields, and a CRC-32 of the bytes before it as its last
+    # word; it is padded with 0xff to a multiple of the write unit. The owner fills `buf`
+    # between begin() and append(); after find() (a valid record was read) `buf` holds the
+    # newest record.
+    def __init__(self, area, magic, size, name="state area"):
         ws = area.write_size
-        self.rec = (_REC + ws - 1) // ws * ws
+        self.magic = magic
+        self.crc_at = size - 4
+        self.rec = (size + ws - 1) // ws * ws
         self.per = area.erase_size // self.rec
         if area.size != 2 * area.erase_size or self.per < 1:
-            raise ValueError("state area")
+            raise ValueError(name)
         self.area = area
         self.buf = bytearray(self.rec)
+        self.seq = 0  # sequence number of the newest record (0: none)
         self.pos = -1  # byte offset of the next append; -1: switch sectors first
         self.found = False  # a valid record was read or written
         self._last = 0  # offset of the newest record
@@ -64,17 +73,19 @@ class Store:
     def _valid(self, off):
         buf = self.buf
         self.area.read(off, buf)
-        if struct.unpack_from("<I", buf, 0)[0] != _MAGIC:
+        if struct.unpack_from("<I", buf, 0)[0] != self.magic:
             return -1
-        if crc32(memoryview(buf)[:_CRC_AT]) != struct.unpack_from("<I", buf, _CRC_AT)[0]:
+        c = self.crc_at
+        if crc32(memoryview(buf)[:c]) != struct.unpack_from("<I", buf, c)[0]:
             return -1
         return struct.unpack_from("<I", buf, 4)[0]
 
     def _blank(self, off):
         return self.area.is_erased(off, self.rec)
 
-    def load(self):
-        # Returns the newest record (blank() if none) and finds where the next one goes.
+    def find(self):
+        # Finds the newest valid record (left in buf; returns True) and where the next one
+        # goes. False: no valid record (a blank or never completed area).
         best = -1
         best_off = -1
         end_of = [0, 0]  # per sector: offset just past its last non-blank record slot
@@ -103,28 +114,31 @@ class Store:
         if best_off < 0:
             self.found = False
             self.pos = -1
-            return blank()
+            self.seq = 0
+            return False
         self.found = True
         self._last = best_off
         s = best_off // es
         nxt = end_of[s]
         self.pos = s * es + nxt * self.rec if nxt < self.per else -1
-        self._valid(best_off)
-        f = struct.unpack_from(_FMT, self.buf, 0)
-        return list(f[1:])
+        self.seq = self._valid(best_off)
+        return True
 
-    def save(self, rec):
-        # Appends rec with the next sequence number (rec[SEQ] is updated).
-        rec[SEQ] += 1
+    def begin(self):
+        # An all-0xff buf for the next record; returns it.
         buf = self.buf
         for i in range(len(buf)):
             buf[i] = 0xFF
-        struct.pack_into(
-            _FMT, buf, 0, _MAGIC, rec[SEQ], rec[ACTIVE], rec[TEST], rec[TRIAL], rec[FLAGS],
-            rec[FLOOR], rec[VERSION], rec[OK0], rec[OK1], rec[SLEN], rec[SOFF], rec[SSHA],
-            rec[SSLOT],
-        )
-        struct.pack_into("<I", buf, _CRC_AT, crc32(memoryview(buf)[:_CRC_AT]))
+        return buf
+
+    def append(self):
+        # Appends buf (the owner's fields filled after begin()) as the next record: magic,
+        # sequence number (the newest + 1) and CRC are written here. Returns the sequence.
+        buf = self.buf
+        seq = self.seq + 1
+        struct.pack_into("<II", buf, 0, self.magic, seq)
+        c = self.crc_at
+        struct.pack_into("<I", buf, c, crc32(memoryview(buf)[:c]))
         es = self.area.erase_size
         if self.pos < 0:
             # Current sector full (or nothing written yet): erase the other one and start it.
@@ -134,8 +148,37 @@ class Store:
         self.area.write(self.pos, buf)
         self.area.sync()
         self.found = True
+        self.seq = seq
         self._last = self.pos
         self.pos += self.rec
         at = self.pos % es
         if at == 0 or at // self.rec >= self.per:
             self.pos = -1  # that was the sector's last record slot
+        return seq
+
+
+class Store(Log):
+    # The boot state log.
+    def __init__(self, area):
+        # area: an mpboot.flash.Area of exactly two erase sectors.
+        Log.__init__(self, area, _MAGIC, _REC)
+
+    def load(self):
+        # Returns the newest record (blank() if none) and finds where the next one goes.
+        if not self.find():
+            return blank()
+        f = struct.unpack_from(_FMT, self.buf, 0)
+        return list(f[1:])
+
+    def save(self, rec):
+        # Appends rec with the next sequence number (rec[SEQ] is updated first, so a caller
+        # sees that a save was tried even when the write then fails).
+        rec[SEQ] += 1
+        buf = self.begin()
+        struct.pack_into(
+            _FMT, buf, 0, _MAGIC, rec[SEQ], rec[ACTIVE], rec[TEST], rec[TRIAL], rec[FLAGS],
+            rec[FLOOR], rec[VERSION], rec[OK0], rec[OK1], rec[SLEN], rec[SOFF], rec[SSHA],
+            rec[SSLOT],
+        )
+        self.seq = rec[SEQ] - 1  # the record's sequence number is the caller's
+        self.append()

@@ -11,7 +11,7 @@ import gc
 import sys
 
 import mpboot_keys
-from mpboot import image, rsa, state  # noqa: F401 (loaded before the ballast, as if frozen)
+from mpboot import factory, image, rsa, state  # noqa: F401 (loaded before the ballast, as if frozen)
 from mpboot.ports import unix as port
 from mpboot.slots import Slots
 
@@ -23,6 +23,6 @@ if len(sys.argv) > 5:
     ballast = bytearray(gc.mem_free() - int(sys.argv[5]))
     gc.collect()
     print("WORK", gc.mem_free())
-slots = Slots(a[0], a[1], a[2], mpboot_keys.KEYS)
+slots = Slots(a[0], a[1], a[2], mpboot_keys.KEYS, factory=a[3])  # with the factory record
 slot, info, trial = slots.decide()
 print("DECIDE", slot, int(trial), "%d.%d.%d" % info["version"][:3] if info else "-")

@@ -22,8 +22,9 @@ if NAME == "esp32":
         (0, 0x00, 0x10000, 0x10000, "factory", False),
         (0, 0x10, 0x20000, 0x8000, "ota_0", False),
         (0, 0x11, 0x28000, 0x8000, "ota_1", False),
-        (1, 0x40, 0x30000, 0x2000, "mpboot", False),
-        (1, 0x41, 0x32000, 0x2000, "secret", True),
+        (1, 0x40, 0x30000, 0x4000, "mpboot", False),  # state: sectors 0, 1; factory: 2, 3
+        (1, 0x41, 0x34000, 0x2000, "secret", True),
+        (1, 0x42, 0x36000, 0x2000, "tiny", False),  # no room for the factory area
     )
     ARGS = ()
     WDT_ASK = 1500
@@ -33,20 +34,22 @@ if NAME == "esp32":
         ("missing", ("ota_0", "ota_9", "mpboot"), OSError),
         ("state_app", ("ota_0", "ota_1", "ota_1"), ValueError),
         ("twice", ("ota_0", "ota_0", "mpboot"), ValueError),
+        ("small", ("ota_0", "ota_1", "tiny"), ValueError),
     )
 
     def setup_fake():
-        fake.setup(PATH, 0x34000, TABLE, 0)
+        fake.setup(PATH, 0x38000, TABLE, 0)
 
 elif NAME == "rp2":
     import rp2 as fake
     from mpboot.ports import rp2 as port
 
-    ARGS = (0, 0x2000, 0x4000)  # slots 8 KiB at 0 and 0x2000, state at 0x4000
+    ARGS = (0, 0x2000, 0x4000)  # slots 8 KiB at 0 and 0x2000, state at 0x4000, factory 0x6000
     WDT_ASK = 20000
     REFUSE = (
         ("unaligned", (0x800, 0x2000, 0x4000), ValueError),
         ("overlap", (0, 0x2000, 0x2000), ValueError),
+        ("factory_overlap", (0x3000, 0x2000, 0), ValueError),
         ("outside", (0, 0x2000, 0x7000), ValueError),
     )
 
@@ -57,21 +60,22 @@ elif NAME == "stm32":
     import pyb as fake
     from mpboot.ports import stm32 as port
 
-    # Storage: sectors of 2, 2, 4, 4, 4, 4 KiB from 0x08004000 (the F4 pattern of small then
-    # bigger sectors, scaled down to fit the heap), a RAM sector copy of 4 KiB. The state in
-    # the 2 KiB sectors, 8 KiB slots of two 4 KiB sectors.
+    # Storage: sectors of 2, 2, 2, 2, 4, 4, 4, 4 KiB from 0x08004000 (the F4 pattern of small
+    # then bigger sectors, scaled down to fit the heap), a RAM sector copy of 4 KiB. The state
+    # and the factory area in the 2 KiB sectors, 8 KiB slots of two 4 KiB sectors.
     BASE = 0x08004000
-    ARGS = (0x1000, 0x2000, 0, 0x1000, 0x800, BASE)
+    SECTORS = (0x800, 0x800, 0x800, 0x800, 0x1000, 0x1000, 0x1000, 0x1000)
+    ARGS = (0x2000, 0x2000, 0, 0x1000, 0x800, BASE)
     WDT_ASK = 60000
     REFUSE = (
-        ("no_sectors", (0x1000, 0x2000, 0), ValueError),
-        ("misaligned", (0x1800, 0x2000, 0, 0x1000, 0x800, BASE), ValueError),
-        ("partial", (0x1000, 0x1800, 0, 0x1000, 0x800, BASE), ValueError),
-        ("overlap", (0x1000, 0x2000, 0x800, 0x1000, 0x800, BASE), ValueError),
+        ("no_sectors", (0x2000, 0x2000, 0), ValueError),
+        ("misaligned", (0x2800, 0x2000, 0, 0x1000, 0x800, BASE), ValueError),
+        ("partial", (0x2000, 0x1800, 0, 0x1000, 0x800, BASE), ValueError),
+        ("overlap", (0x2000, 0x2000, 0x800, 0x1000, 0x800, BASE), ValueError),
     )
 
     def setup_fake():
-        fake.setup(PATH, (0x800, 0x800, 0x1000, 0x1000, 0x1000, 0x1000), BASE, 0x1000)
+        fake.setup(PATH, SECTORS, BASE, 0x1000)
 
 elif NAME == "stm32-spi":
     import pyb as fake
@@ -145,13 +149,13 @@ def check(name, fn):
     print("PASS " + name + ("" if r is None else " " + r))
 
 
-s0, s1, st = power_cycle()
+s0, s1, st, fy = power_cycle()
 ES = s0.erase_size
 WS = s0.write_size
 N = 2 * WS if WS > 1 else 100  # bytes per test write
 OFF = WS if WS > 1 else 3  # an aligned, non-zero offset
 DATA = pattern(N, 1)
-for label, a in (("slot0", s0), ("slot1", s1), ("state", st)):
+for label, a in (("slot0", s0), ("slot1", s1), ("state", st), ("factory", fy)):
     print("INFO geometry %s %d %d %d" % (label, a.size, a.erase_size, a.write_size))
 
 
@@ -243,17 +247,39 @@ def c_state_store():
     return "per_sector=%d saves=%d" % (s.per, rec[0])
 
 
+def c_factory_store():
+    # The factory record in its own area: written, sealed, read back after a power cycle;
+    # the state area next to it untouched.
+    global s0, s1, st, fy
+    from mpboot.factory import Factory
+    from mpboot.state import Store
+
+    need(fy.size == st.size and fy.erase_size == st.erase_size, "factory is not like the state")
+    fy.erase(0, fy.size)
+    f = Factory(fy)
+    need(not f.found, "fresh factory area has a record")
+    f.write(16, b"SN-000001", None, None, b"")  # identity
+    f.write(16 | 14, b"SN-000001", None, None, b"")  # policy
+    f.write(16 | 14 | 1, b"SN-000001", None, None, b"")  # sealed
+    per = f.per
+    s0, s1, st, fy = power_cycle()
+    f = Factory(fy)
+    need(f.sealed() and f.serial_text() == "SN-000001" and f.seq == 3, "factory record")
+    need(Store(st).load()[0] == SEQ[0], "state changed")
+    return "per_sector=%d" % per
+
+
 UNSYNCED = pattern(N, 7)
 
 
 def c_unsynced_then_cut():
     # A slot erase and write, then power off with nothing in between (no sync, no reset).
-    global s0, s1, st
+    global s0, s1, st, fy
     before = readback(s1, ES, N)
     need(before != UNSYNCED, "test data")
     s1.erase(ES, ES)
     s1.write(ES, UNSYNCED)
-    s0, s1, st = power_cycle()
+    s0, s1, st, fy = power_cycle()
     got = readback(s1, ES, N)
     if got == UNSYNCED:
         return "lost=0"
@@ -286,12 +312,12 @@ V = pattern(N, 9)
 
 
 def c_reset_persists():
-    global s0, s1, st
+    global s0, s1, st, fy
     s1.erase(0, ES)
     s1.write(0, V)
     expect(machine.Reset, port.reset)
     need(machine.resets == 1, "resets")
-    s0, s1, st = power_cycle()
+    s0, s1, st, fy = power_cycle()
     need(readback(s1, 0, N) == V, "write lost over reset")
 
 
@@ -332,3 +358,4 @@ check("reset_persists", c_reset_persists)
 check("watchdog", c_watchdog)
 check("unique_id", c_unique_id)
 check("refuse_layouts", c_refuse_layouts)
+check("factory_store", c_factory_store)  # last: it loads more modules into the small heap

@@ -9,8 +9,9 @@
 #   b"C": a text command (words). Prints one line NAME OK [values...] (ERR image|update CODE).
 #
 # Commands:
-#   dev PATH SIZE SECTOR ALIGN [vendor=HEX] [class=HEX] [downgrade=0]
+#   dev PATH SIZE SECTOR ALIGN [vendor=HEX] [class=HEX] [downgrade=0] [factory=0]
 #                         open (or create) a NorFlash file, its unix-port areas and Slots
+#                         (factory=0: without the factory area)
 #   confirm SLOT | mark SLOT | set FIELD=N...   state changes, as in dev_update
 #   server RUNNING [buf=N] [info=0]
 #                         a new Server(slots, RUNNING, port, buf_size=N, info=the running
@@ -23,6 +24,10 @@
 #                         -> OK active test trial floor ok0 ok1 found
 #   snap 0|1              area snapshots per packet off/on (on by default)
 #   mem                   -> OK free alloc (after gc.collect())
+#   factory               the factory record as a fresh Slots loads it (docs/FACTORY.md)
+#                         -> OK found seq flags serial vid cid labels (hex; "-" when empty),
+#                         or OK none without a factory area
+#   wfail 0|1             flash programs and erases fail (OSError(EIO)) from now on / again work
 import gc
 import struct
 import sys
@@ -47,8 +52,18 @@ snaps = True
 
 
 
+def _fail(*args):
+    raise OSError(5)
+
+
+def _fail_ioctl(op, arg):
+    if op == 6:
+        raise OSError(5)
+    return type(chip).ioctl(chip, op, arg)
+
+
 def snap():
-    return [devkit.area_digest(a) for a in areas] if areas and snaps else None
+    return [devkit.area_digest(a) for a in areas[:3]] if areas and snaps else None
 
 
 def counters():
@@ -121,6 +136,20 @@ def command(words):
     if cmd == "mem":
         gc.collect()
         return [gc.mem_free(), gc.mem_alloc()]
+    if cmd == "factory":
+        f = new_slots().factory
+        if f is None:
+            return ["none"]
+        return [int(f.found), f.seq, f.flags] + [hexlify(b).decode() or "-" for b in
+                                                 (f.serial, f.vid, f.cid, f.labels)]
+    if cmd == "wfail":
+        if words[1] == "1":
+            chip.writeblocks = _fail
+            chip.ioctl = _fail_ioctl
+        else:
+            del chip.writeblocks
+            del chip.ioctl
+        return []
     raise ValueError("unknown command " + cmd)
 
 

@@ -1,6 +1,7 @@
 # Shared by the device drivers that run plans against a NOR flash file (dev_update, dev_smp):
-# the "dev PATH SIZE SECTOR ALIGN [vendor=HEX] [class=HEX] [downgrade=0|1]" command, and the
-# per-command flash observations (area digests, operation counters).
+# the "dev PATH SIZE SECTOR ALIGN [vendor=HEX] [class=HEX] [downgrade=0|1] [factory=0]"
+# command (factory=0: a board started without its factory area), and the per-command flash
+# observations (area digests, operation counters).
 import hashlib
 from binascii import unhexlify
 
@@ -15,6 +16,7 @@ def open_dev(words):
     # words: the dev command's arguments. Returns (chip, areas, policy).
     chip = port.flash(words[0], int(words[1]), int(words[2]), int(words[3]))
     policy = {"vendor_id": None, "class_id": None, "downgrade": True}
+    areas = port.areas(chip)
     for w in words[4:]:
         k, _, v = w.partition("=")
         if k == "vendor":
@@ -23,11 +25,14 @@ def open_dev(words):
             policy["class_id"] = unhexlify(v)
         elif k == "downgrade":
             policy["downgrade"] = v == "1"
-    return chip, port.areas(chip), policy
+        elif k == "factory" and v == "0":
+            areas = areas[:3]
+    return chip, areas, policy
 
 
 def new_slots(areas, policy):
-    return Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS, mapped=port.mapped, **policy)
+    return Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS, mapped=port.mapped,
+                 factory=areas[3] if len(areas) > 3 else None, **policy)
 
 
 def area_digest(a):

@@ -42,7 +42,8 @@ def _part(label):
 
 def areas(slot0="ota_0", slot1="ota_1", state="mpboot"):
     # Slots are whole partitions (app or data); the state is the first two sectors of a data
-    # partition. Refuses the partition MicroPython runs from and partitions used twice.
+    # partition (at least 16 KiB) and the factory area its sectors 2 and 3. Refuses the
+    # partition MicroPython runs from and partitions used twice.
     run = esp32.Partition(esp32.Partition.RUNNING).info()[2]
     p0 = _part(slot0)
     p1 = _part(slot1)
@@ -54,7 +55,7 @@ def areas(slot0="ota_0", slot1="ota_1", state="mpboot"):
         raise ValueError("running partition")
     if a0 == a1 or a0 == a2 or a1 == a2:
         raise ValueError("same partition")
-    return Area(p0), Area(p1), Area(ps, 0, 2 * _SECTOR)
+    return Area(p0), Area(p1), Area(ps, 0, 2 * _SECTOR), Area(ps, 2 * _SECTOR, 2 * _SECTOR)
 
 
 def mapped(area):

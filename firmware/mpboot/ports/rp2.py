@@ -35,13 +35,14 @@ def _area(start, size):
 
 
 def areas(slot0_start, slot_size, state_start):
-    # Slot 0 at slot0_start, slot 1 right after it, the state (two sectors) at state_start:
-    # byte offsets in the rp2.Flash() storage area, multiples of 4096.
+    # Slot 0 at slot0_start, slot 1 right after it, the state (two sectors) at state_start
+    # and the factory area (two sectors) right after it: byte offsets in the rp2.Flash()
+    # storage area, multiples of 4096.
     end = slot0_start + 2 * slot_size
-    if state_start < end and slot0_start < state_start + 2 * _SECTOR:
+    if state_start < end and slot0_start < state_start + 4 * _SECTOR:
         raise ValueError("overlap")
     return (_area(slot0_start, slot_size), _area(slot0_start + slot_size, slot_size),
-            _area(state_start, 2 * _SECTOR))
+            _area(state_start, 2 * _SECTOR), _area(state_start + 2 * _SECTOR, 2 * _SECTOR))
 
 
 def _map(dev):

@@ -31,7 +31,9 @@
 # - The state is two 512-byte erase units at the starts of two sectors (state_start and
 #   state_start + state_sector) with a 512-byte write unit, synced after every write and
 #   erase: one record per sector (mpboot.state), so a cut while the port rewrites one sector
-#   never touches the sector holding the newest record.
+#   never touches the sector holding the newest record. The factory area is the same in the
+#   next two sectors (state_start + 2 and 3 * state_sector), which must be state_sector
+#   sized physical sectors too.
 import machine
 import pyb
 from micropython import const
@@ -106,8 +108,9 @@ class _Dev:
 
 
 def areas(slot0_start, slot_size, state_start, slot_sector=0, state_sector=0, base=0):
-    # Slot 0 at slot0_start, slot 1 right after it, the state at state_start: byte offsets in
-    # the pyb.Flash() storage. On internal flash slot_sector and state_sector are the sizes of
+    # Slot 0 at slot0_start, slot 1 right after it, the state at state_start and the factory
+    # area in the two state-sized sectors after it (state_start + 2 * state_sector): byte
+    # offsets in the pyb.Flash() storage. On internal flash slot_sector and state_sector are the sizes of
     # the physical sectors there (flash.c flash_layout; the slots' sectors must fit the port's
     # RAM sector copy); on SPI flash they are ignored (4 KiB blocks). base: flash address of
     # storage byte 0, to map slots and check sector alignment (0: do neither).
@@ -123,19 +126,22 @@ def areas(slot0_start, slot_size, state_start, slot_sector=0, state_sector=0, ba
         raise ValueError("slot size")
     if base and ((base + slot0_start) % slot_sector or (base + state_start) % state_sector):
         raise ValueError("sector alignment")
-    if state_start < slot0_start + 2 * slot_size and slot0_start < state_start + 2 * state_sector:
+    if state_start < slot0_start + 2 * slot_size and slot0_start < state_start + 4 * state_sector:
         raise ValueError("overlap")
     n = slot_size // slot_sector
     s0 = Area(_Dev(slot0_start, slot_sector, slot_sector, n, bs, False))
     s1 = Area(_Dev(slot0_start + slot_size, slot_sector, slot_sector, n, bs, False))
+    fa = state_start + 2 * state_sector
     if native:
         st = Area(_Dev(state_start, bs, bs, 2, bs, False))
+        fy = Area(_Dev(fa, bs, bs, 2, bs, False))
     else:
         _blank = b"\xff" * _BLOCK
         st = Area(_Dev(state_start, _BLOCK, state_sector, 2, bs, True), 0, 0, _BLOCK)
+        fy = Area(_Dev(fa, _BLOCK, state_sector, 2, bs, True), 0, 0, _BLOCK)
     _flash = f
     _base = base
-    return s0, s1, st
+    return s0, s1, st, fy
 
 
 def _map(addr, n):

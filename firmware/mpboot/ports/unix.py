@@ -1,5 +1,5 @@
 # The unix port as a simulated device: flash is a NorFlash file (mpboot.ports.nor_sim), laid
-# out as slot 0 | slot 1 | state (two sectors). The unix port has no machine.WDT and cannot
+# out as slot 0 | slot 1 | state (two sectors) | factory (two sectors). The unix port has no machine.WDT and cannot
 # map flash: the watchdog is a fake that records what was asked of it, and mapped() returns
 # None so the boot copies the image to RAM and verifies that copy (hardware maps flash).
 # uart(path) is a pty the simulator (host/mpboot/sim/serve.py) relays to the user's pty.
@@ -19,10 +19,13 @@ def flash(path, size, sector=4096, align=1, timing=None):
 
 
 def areas(chip):
+    # slot 0 | slot 1 | state (2 sectors) | factory (the last 2 sectors; one unused sector
+    # before it when the chip has an odd number of sectors).
     sec = chip.sector
-    slot = (chip.size // sec - 2) // 2 * sec
+    slot = (chip.size // sec - 4) // 2 * sec
     a = chip.align
-    return Area(chip, 0, slot, a), Area(chip, slot, slot, a), Area(chip, 2 * slot, 2 * sec, a)
+    return (Area(chip, 0, slot, a), Area(chip, slot, slot, a), Area(chip, 2 * slot, 2 * sec, a),
+            Area(chip, chip.size - 2 * sec, 2 * sec, a))
 
 
 def mapped(area):

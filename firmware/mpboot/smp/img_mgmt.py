@@ -6,6 +6,7 @@ import mpboot
 from mpboot import image
 from mpboot.image import ImageError
 from mpboot.slots import E_DOWNGRADE
+from mpboot.smp.mpboot_mgmt import serial
 from mpboot.state import ACTIVE, NONE, TEST, TRIAL
 from mpboot.update import MARK_NONE, U_LENGTH, UpdateError
 
@@ -14,6 +15,7 @@ _EUNKNOWN = const(1)
 _EINVAL = const(3)
 _ENOENT = const(5)
 _ENOTSUP = const(8)
+_EACCESSDENIED = const(11)
 # IMG_MGMT_ERR (SMP v2)
 _NO_IMAGE = const(3)
 _HASH_NOT_FOUND = const(8)
@@ -41,7 +43,7 @@ def handle(srv, op, cmd, req, enc):
                 err = _state_write(srv, req)
                 if err:
                     return err
-            _images(srv, enc)
+            _images(srv, enc, op == 0 and req.get("identity") is True)
             return None
         if op == 2 and cmd == 1:
             return _upload(srv, req, enc)
@@ -68,12 +70,19 @@ def version(v):
     return s + ".%d" % v[3] if v[3] else s
 
 
-def _images(srv, enc):
+def _images(srv, enc, identity=False):
+    # identity (an mpboot extension of the read: {"identity": true}): the board's unique id
+    # and serial too. Keys in canonical order: uid, images, serial.
     sl = srv.slots
     st = sl.state
     run = srv.running
     infos = (srv.image(0), srv.image(1))
-    enc.map(1)
+    if identity:
+        enc.map(3)
+        enc.text("uid")
+        enc.bytes(srv.port.unique_id())
+    else:
+        enc.map(1)
     enc.text("images")
     enc.array((infos[0] is not None) + (infos[1] is not None))
     for s in (0, 1):
@@ -103,6 +112,9 @@ def _images(srv, enc):
         enc.bool(ok)
         enc.text("permanent")
         enc.bool(pending and ok)
+    if identity:
+        enc.text("serial")
+        serial(enc, sl.factory)
 
 
 def _state_write(srv, req):
@@ -133,6 +145,10 @@ def _state_write(srv, req):
         if not confirm:
             return (_EINVAL, _TEST_TO_ACTIVE_DENIED, None)
         return _confirm_running(srv)
+    if confirm and sl.test_boot:
+        # Factory test-boot policy: an image becomes the confirmed one only through its test
+        # boot, never made permanent from the other slot.
+        return (_EACCESSDENIED, 0, "factory:8")
     info = srv.image(s)
     sl.policy(info, True)  # as for an update: the floor, and no downgrade if so configured
     if confirm:

@@ -1,9 +1,11 @@
-# SMP group 64 (the first user group): mpboot's own commands (docs/PROTOCOL.md).
+# SMP group 64 (the first user group): mpboot's own commands (docs/PROTOCOL.md, provisioning:
+# docs/FACTORY.md section 2). handle() follows the handler contract in mpboot.smp.server.
+#
 # Command 0, read: who this device is and what it accepts, for fleet tools choosing an image
 # before they send one: unique id, vendor and class id (null when the device does not check
-# them), the security-counter floor, and whether downgrades are refused
-# (no-downgrade, as in bootloader info's mode query).
-# handle() follows the handler contract in mpboot.smp.server.
+# them), the security-counter floor, whether downgrades are refused and the serial.
+# Commands 1-5 (factory info, identity, floor, policy, seal) are in mpboot.smp.factory_mgmt,
+# loaded on their first use: a board in the field never pays for them.
 from micropython import const
 
 from mpboot.state import FLOOR
@@ -12,25 +14,47 @@ _ENOTSUP = const(8)
 
 
 def handle(srv, op, cmd, req, enc):
-    if cmd != 0 or op != 0:
+    if cmd == 0:
+        if op != 0:
+            return (_ENOTSUP, 0, None)
+        _device_info(srv, enc)
+        return None
+    if cmd > 5 or (op == 0) != (cmd == 1):
         return (_ENOTSUP, 0, None)
+    from mpboot.smp import factory_mgmt
+
+    return factory_mgmt.handle(srv, cmd, req, enc)
+
+
+def _device_info(srv, enc):
     sl = srv.slots
-    # Canonical key order (bytewise order of the encoded keys): cid, ctr, uid, vid, no-downgrade.
-    enc.map(5)
+    f = sl.factory
+    # Canonical key order (bytewise order of the encoded keys).
+    enc.map(6)
     enc.text("cid")
-    _bytes_or_null(enc, sl.class_id)
+    bytes_or_null(enc, sl.class_id)
     enc.text("ctr")
     enc.uint(sl.state[FLOOR])
     enc.text("uid")
     enc.bytes(srv.port.unique_id())
     enc.text("vid")
-    _bytes_or_null(enc, sl.vendor_id)
+    bytes_or_null(enc, sl.vendor_id)
+    enc.text("serial")
+    serial(enc, f)
     enc.text("no-downgrade")
     enc.bool(not sl.downgrade)
-    return None
 
 
-def _bytes_or_null(enc, b):
+def serial(enc, f):
+    # The serial of factory state f (None: no factory area), or null before an identity.
+    s = f.serial_text() if f is not None else None
+    if s is None:
+        enc.null()
+    else:
+        enc.text(s)
+
+
+def bytes_or_null(enc, b):
     if b is None:
         enc.null()
     else:

@@ -79,8 +79,11 @@ def _info(srv, req, enc):
             continue
         if i == 0:  # kernel name
             s = "mpboot"
-        elif i == 1:  # node name: the board's unique id
-            s = hexlify(srv.port.unique_id()).decode()
+        elif i == 1:  # node name: the board's serial once provisioned, else its unique id
+            f = srv.slots.factory
+            s = f.serial_text() if f is not None else None
+            if s is None:
+                s = hexlify(srv.port.unique_id()).decode()
         elif i == 2:  # kernel release: the bootloader's
             s = mpboot.__version__
         elif i == 3:  # kernel version: the running image's (none in recovery)

@@ -49,15 +49,32 @@ def build_lib(dest: Path, keys: Sequence[PublicKey]) -> Path:
     return dest
 
 
+RESERVED_SECTORS = 4  # the state area and the factory area, two sectors each
+
+
 @dataclass(frozen=True)
 class Geometry:
-    size: int = 64 * 1024  # whole chip: slot 0 | slot 1 | state (2 sectors)
+    size: int = 64 * 1024  # whole chip: slot 0 | slot 1 | state (2 sectors) | factory (2 sectors)
     sector: int = 4096
     align: int = 1
 
+    @classmethod
+    def for_slots(cls, slot_size: int, sector: int = 4096, align: int = 1) -> Geometry:
+        """The chip whose two slots are `slot_size` bytes (a multiple of `sector`)."""
+        return cls(2 * slot_size + RESERVED_SECTORS * sector, sector, align)
+
     @property
     def slot_size(self) -> int:
-        return (self.size // self.sector - 2) // 2 * self.sector
+        return (self.size // self.sector - RESERVED_SECTORS) // 2 * self.sector
+
+    @property
+    def state_start(self) -> int:
+        return 2 * self.slot_size
+
+    @property
+    def factory_start(self) -> int:
+        """The factory area: the chip's last two sectors."""
+        return self.size - 2 * self.sector
 
 
 @dataclass
@@ -165,7 +182,7 @@ class SimDevice:
             raise UsageError(f"{workdir}: there is a simulated device here already")
         if geometry.slot_size < geometry.sector:
             raise UsageError(f"a {geometry.size}-byte flash with {geometry.sector}-byte sectors has no room "
-                             "for two slots and the state area")
+                             "for two slots, the state area and the factory area")
         lib = build_lib(workdir / "lib", keys)
         return cls(workdir, lib, geometry, vendor_id=vendor_id, class_id=class_id, downgrade=downgrade)
 

@@ -61,7 +61,7 @@ def open_state(state: Path, keys: Sequence[PublicKey], *, slot_size: int | None 
         slot = DEFAULT_SLOT_SIZE if slot_size is None else slot_size
         if slot < SECTOR or slot % SECTOR:
             raise UsageError(f"slot size {slot} must be a non-zero multiple of {SECTOR}")
-        return SimDevice.create(state, keys, Geometry(2 * slot + 2 * SECTOR, SECTOR, ALIGN),
+        return SimDevice.create(state, keys, Geometry.for_slots(slot, SECTOR, ALIGN),
                                 vendor_id=vendor_id, class_id=class_id)
     cfg = _fields((state / "device.cfg").read_text())
     dev = SimDevice.open(state)

@@ -13,9 +13,16 @@
 #                             N bytes)
 #   status                    the state record and each slot's verdict
 #   age N                     rewrite the state record N times (moves the state log on)
+#   factory                   the factory record (docs/FACTORY.md): FACTORY found=0|1 seq=N
+#                             pos=N record=N flags=N serial=HEX vid=HEX cid=HEX labels=HEX
+#                             ("-" for empty bytes)
+#   fage N                    rewrite the factory record N times (moves the factory log on)
+#   smp HEX...                boot without running the app, then give each SMP request packet
+#                             (hex) to the update service's server: one line RSP HEX|- each
 import hashlib
 import struct
 import sys
+from binascii import hexlify, unhexlify
 
 import mpboot_keys
 import sim_config
@@ -30,7 +37,8 @@ def main():
     _, chip, policy = sim_config.load(sys.argv[1])
     cmd = sys.argv[2]
     areas = port.areas(chip)
-    slots = Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS, mapped=port.mapped, **policy)
+    slots = Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS, mapped=port.mapped,
+                  factory=areas[3], **policy)
     if cmd == "status":
         st = slots.state
         store = slots.store
@@ -51,7 +59,29 @@ def main():
             slots.store.save(slots.state)
         print("AGED seq=%d" % slots.state[0])
         return
+    f = slots.factory
+    if cmd == "factory":
+        h = [hexlify(b).decode() or "-" for b in (f.serial, f.vid, f.cid, f.labels)]
+        print("FACTORY found=%d seq=%d pos=%d record=%d flags=%d serial=%s vid=%s cid=%s labels=%s" % (
+            f.found, f.seq, f.pos, f.rec, f.flags, h[0], h[1], h[2], h[3]))
+        return
+    if cmd == "fage":
+        if f.found:
+            rec = bytes(f.buf)  # the newest record, as find() or the last append left it
+            for _ in range(int(sys.argv[3])):
+                f.begin()[:] = rec
+                f.append()
+        print("FAGED seq=%d" % f.seq)
+        return
     slot, info, trial = slots.decide()
+    if cmd == "smp":
+        from mpboot.smp.server import Server
+
+        srv = Server(slots, slot, port, info=info)
+        for h in sys.argv[3:]:
+            rsp = srv.handle(unhexlify(h))
+            print("RSP " + ("-" if rsp is None else hexlify(rsp).decode()))
+        return
     if cmd == "boot":
         if slot < 0:
             boot.recovery(slots)
