@@ -155,6 +155,7 @@ class Attempt:
     device: str  # advertised name
     address: str
     uid: str | None = None  # hex
+    serial: str | None = None  # the serial the factory gave it (group 64), if provisioned
     from_version: str | None = None
     to_version: str | None = None
     image: str | None = None  # file name in the repository
@@ -172,7 +173,7 @@ class Attempt:
         return d
 
 
-_COLUMNS = ("pass_no", "device", "address", "uid", "from_version", "to_version", "image", "bytes",
+_COLUMNS = ("pass_no", "device", "address", "uid", "serial", "from_version", "to_version", "image", "bytes",
             "resumed_from", "reconnects", "result", "error", "started", "seconds")
 
 SQLITE_SCHEMA = """
@@ -182,6 +183,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     device TEXT NOT NULL,
     address TEXT NOT NULL,
     uid TEXT,
+    serial TEXT,
     from_version TEXT,
     to_version TEXT,
     image TEXT,
@@ -209,6 +211,9 @@ class AttemptLog:
             if path.suffix in (".sqlite", ".sqlite3", ".db"):
                 self._db = sqlite3.connect(path)
                 self._db.execute(SQLITE_SCHEMA)
+                have = {row[1] for row in self._db.execute("PRAGMA table_info(attempts)")}
+                if "serial" not in have:  # a log written before boards had serials
+                    self._db.execute("ALTER TABLE attempts ADD COLUMN serial TEXT")
                 self._db.commit()
             else:
                 with open(path, "a", encoding="utf-8"):
@@ -300,6 +305,7 @@ class Syncer:
             info = await client.device_info()
             slots = await client.state()
         a.uid = info.uid.hex()
+        a.serial = info.serial
         running = next((s for s in slots if s.active), None)
         a.from_version = running.version if running else None
         if running is not None and not running.confirmed:
@@ -413,7 +419,7 @@ def summary_rows(attempts: Sequence[Attempt]) -> list[tuple[str, ...]]:
         note = a.error or (f"resumed at {a.resumed_from}" if a.resumed_from else "")
         if a.reconnects:
             note = (note + "; " if note else "") + f"{a.reconnects} reconnects"
-        rows.append((a.device, a.from_version or "-", a.to_version or "-", str(a.bytes), str(a.result),
+        rows.append((a.device + (f" ({a.serial})" if a.serial else ""), a.from_version or "-", a.to_version or "-", str(a.bytes), str(a.result),
                      f"{a.seconds:.1f}s", note))
     return rows
 

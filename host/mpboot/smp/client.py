@@ -51,6 +51,11 @@ ProgressCallback = Callable[[int, int], None]
 _WHAT: Final[dict[tuple[int, int, Op], str]] = {
     (Group.OS, OsCmd.ECHO, Op.WRITE): "echo",
     (Group.MPBOOT, MpbootCmd.DEVICE, Op.READ): "device info",
+    (Group.MPBOOT, MpbootCmd.FACTORY, Op.READ): "factory info",
+    (Group.MPBOOT, MpbootCmd.IDENTITY, Op.WRITE): "identity write",
+    (Group.MPBOOT, MpbootCmd.FLOOR, Op.WRITE): "floor write",
+    (Group.MPBOOT, MpbootCmd.POLICY, Op.WRITE): "policy write",
+    (Group.MPBOOT, MpbootCmd.SEAL, Op.WRITE): "seal",
     (Group.OS, OsCmd.RESET, Op.WRITE): "reset",
     (Group.OS, OsCmd.MCUMGR_PARAMS, Op.READ): "MCUmgr parameters",
     (Group.OS, OsCmd.OS_INFO, Op.READ): "OS info",
@@ -106,6 +111,36 @@ class DeviceInfo:
     class_id: bytes | None
     counter: int  # security-counter floor: images with a lower counter are refused
     no_downgrade: bool  # images older than the confirmed one are refused
+    serial: str | None = None  # the serial number provisioned (None: no identity yet)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A board's production policy (docs/FACTORY.md section 1)."""
+
+    no_downgrade: bool = True  # updates older than the confirmed image are refused
+    test_boot: bool = True  # images become confirmed only through their test boot
+    no_repl: bool = True  # the board never falls back to the REPL after boot
+
+    def payload(self) -> dict[str, bool]:
+        return {"no-downgrade": self.no_downgrade, "test-boot": self.test_boot, "no-repl": self.no_repl}
+
+
+@dataclass(frozen=True)
+class FactoryInfo:
+    """Everything a provisioning station reads of a board (mpboot group 64, command 1)."""
+
+    uid: bytes
+    firmware: str  # MicroPython version
+    bootloader: str  # mpboot version
+    key_hashes: tuple[bytes, ...]  # of the embedded keys (MCUboot KEYHASH), in the device's order
+    counter: int  # security-counter floor
+    vendor_id: bytes | None  # effective (the identity's, else the build's)
+    class_id: bytes | None
+    serial: str | None
+    labels: dict[str, str]
+    policy: Policy  # effective
+    sealed: bool
 
 
 @dataclass
@@ -323,8 +358,47 @@ class SMPClient:
             if v is not None and not isinstance(v, bytes):
                 raise ProtocolError(f"device info reply has no valid {key!r}: {rsp!r}")
             ids.append(v)
+        serial = rsp.get("serial")
         return DeviceInfo(uid, ids[0], ids[1], _field(rsp, "ctr", int, "device info"),
-                          bool(rsp.get("no-downgrade", False)))
+                          bool(rsp.get("no-downgrade", False)), serial if isinstance(serial, str) else None)
+
+    async def factory_info(self) -> FactoryInfo:
+        """The board's factory state: ids, versions, key hashes, identity, policy, sealed."""
+        return _factory_info(await self.request(Group.MPBOOT, MpbootCmd.FACTORY, Op.READ, {}))
+
+    async def set_identity(self, serial: str, *, vendor_id: bytes | None = None, class_id: bytes | None = None,
+                           labels: dict[str, str] | None = None) -> FactoryInfo:
+        """Write the board's identity (replacing any earlier, unsealed one)."""
+        payload: dict[str, Any] = {"serial": serial}
+        if vendor_id is not None:
+            payload["vid"] = bytes(vendor_id)
+        if class_id is not None:
+            payload["cid"] = bytes(class_id)
+        if labels:
+            payload["labels"] = dict(labels)
+        return _factory_info(await self.request(Group.MPBOOT, MpbootCmd.IDENTITY, Op.WRITE, payload))
+
+    async def raise_floor(self, counter: int) -> FactoryInfo:
+        """Raise the security-counter floor to at least `counter` (it never goes down)."""
+        if not 0 <= counter < 1 << 32:
+            raise ValueError(f"a security counter is 0..2^32-1, not {counter}")
+        return _factory_info(await self.request(Group.MPBOOT, MpbootCmd.FLOOR, Op.WRITE, {"ctr": counter}))
+
+    async def set_policy(self, policy: Policy) -> FactoryInfo:
+        return _factory_info(await self.request(Group.MPBOOT, MpbootCmd.POLICY, Op.WRITE, policy.payload()))
+
+    async def seal(self, serial: str) -> FactoryInfo:
+        """Seal the board: identity and policy become read-only. `serial` must be the board's."""
+        return _factory_info(await self.request(Group.MPBOOT, MpbootCmd.SEAL, Op.WRITE, {"serial": serial}))
+
+    async def identity(self) -> tuple[list[SlotState], bytes | None, str | None]:
+        """Image state read asking for the board's identity too (an mpboot extension that other
+        servers ignore): (slots, unique id or None, serial or None)."""
+        rsp = await self.request(Group.IMAGE, ImageCmd.STATE, Op.READ, {"identity": True})
+        uid, serial = rsp.get("uid"), rsp.get("serial")
+        if (uid is not None and not isinstance(uid, bytes)) or (serial is not None and not isinstance(serial, str)):
+            raise ProtocolError(f"image state reply has no valid 'uid' or 'serial': {rsp!r}")
+        return _slot_states(rsp), uid, serial
 
     async def upload(self, image: bytes, *, window: int | None = None, chunk: int | None = None,
                      progress: ProgressCallback | None = None, sha: bool = True,
@@ -393,6 +467,35 @@ def _field(rsp: dict[str, Any], key: str, kind: type[_T], what: str) -> _T:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ProtocolError(f"{what} reply has no valid {key!r}: {rsp!r}")
     return value
+
+
+def _factory_info(rsp: dict[str, Any]) -> FactoryInfo:
+    what = "factory info"
+    keys = _field(rsp, "keys", list, what)
+    if not all(isinstance(k, bytes) for k in keys):
+        raise ProtocolError(f"{what} reply has no valid 'keys': {rsp!r}")
+    ids: list[bytes | None] = []
+    for key in ("vid", "cid"):
+        v = rsp.get(key)
+        if v is not None and not isinstance(v, bytes):
+            raise ProtocolError(f"{what} reply has no valid {key!r}: {rsp!r}")
+        ids.append(v)
+    serial = rsp.get("serial")
+    if serial is not None and not isinstance(serial, str):
+        raise ProtocolError(f"{what} reply has no valid 'serial': {rsp!r}")
+    labels = _field(rsp, "labels", dict, what)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise ProtocolError(f"{what} reply has no valid 'labels': {rsp!r}")
+    pol = _field(rsp, "policy", dict, what)
+    flags = [pol.get(k) for k in ("no-downgrade", "test-boot", "no-repl")]
+    if not all(isinstance(f, bool) for f in flags):
+        raise ProtocolError(f"{what} reply has no valid 'policy': {rsp!r}")
+    return FactoryInfo(
+        uid=_field(rsp, "uid", bytes, what), firmware=_field(rsp, "fw", str, what),
+        bootloader=_field(rsp, "boot", str, what), key_hashes=tuple(keys),
+        counter=_field(rsp, "ctr", int, what), vendor_id=ids[0], class_id=ids[1], serial=serial,
+        labels=dict(labels), policy=Policy(*(bool(f) for f in flags)),
+        sealed=_field(rsp, "sealed", bool, what))
 
 
 def _slot_states(rsp: dict[str, Any]) -> list[SlotState]:

@@ -109,6 +109,32 @@ _IMAGE_REFUSAL_CODES = frozenset({
 })
 
 
+class FactoryErr(IntEnum):
+    """The mpboot group's (64) provisioning codes: v2 group rc, v1 `rsn` "factory:N"
+    (docs/FACTORY.md section 2)."""
+
+    SEALED = 1
+    NO_IDENTITY = 2
+    SERIAL_MISMATCH = 3
+    INVALID = 4
+    FIXED_BY_BUILD = 5
+    NO_FACTORY_AREA = 6
+    FLASH = 7
+    TEST_BOOT_REQUIRED = 8
+
+
+FACTORY_ERR_TEXT: dict[FactoryErr, str] = {
+    FactoryErr.SEALED: "the board is sealed: identity and policy are read-only",
+    FactoryErr.NO_IDENTITY: "the board has no identity yet: write one before sealing",
+    FactoryErr.SERIAL_MISMATCH: "the serial named is not the board's",
+    FactoryErr.INVALID: "a value is outside the device's limits",
+    FactoryErr.FIXED_BY_BUILD: "the vendor or class id is fixed by the board's build",
+    FactoryErr.NO_FACTORY_AREA: "the board was started without a factory area",
+    FactoryErr.FLASH: "the factory record could not be written",
+    FactoryErr.TEST_BOOT_REQUIRED: "the board's policy requires a test boot: images cannot be made permanent",
+}
+
+
 def _name(enum: type[IntEnum], value: int) -> str:
     try:
         return f"{value} {enum(value).name}"
@@ -151,6 +177,24 @@ class VerificationFailed(ImageRefused):
     or the file's SHA-256 did not match)."""
 
 
+class FactoryRefused(SMPError):
+    """The device refused a provisioning step or a policy-forbidden action (FactoryErr);
+    `factory_code` is None for a code this host does not know."""
+
+    def __init__(self, message: str, *, factory_code: FactoryErr | None = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.factory_code = factory_code
+
+
+def _factory_error(n: int, what: str, where: str, **kw: Any) -> FactoryRefused:
+    try:
+        code = FactoryErr(n)
+    except ValueError:
+        return FactoryRefused(f"{what} refused: factory error {n} ({where})", **kw)
+    return FactoryRefused(f"{what} refused: {FACTORY_ERR_TEXT[code]} (factory error {n} {code.name}, {where})",
+                          factory_code=code, **kw)
+
+
 class UpdateStepRefused(SMPError):
     """The device's updater refused an upload step (mpboot.errors.UpdateErrorCode)."""
 
@@ -187,6 +231,8 @@ def error_from_response(payload: dict[str, Any], what: str) -> SMPError | None:
         code = rc
     kw: dict[str, Any] = {"rc": code, "rsn": rsn}
     kind, _, number = (rsn or "").partition(":")
+    if kind == "factory" and number.isdigit():
+        return _factory_error(int(number), what, _rc_text(rc), **kw)
     if kind in ("image", "update") and number.isdigit():
         n = int(number)
         if kind == "image":
@@ -227,4 +273,6 @@ def _v2_error(err: dict[str, Any], what: str) -> SMPError | None:
         return SMPError(f"{what} failed: {text}", **kw)
     if group == Group.OS:
         return SMPError(f"{what} failed: OS group error {rc}", **kw)
+    if group == Group.MPBOOT:
+        return _factory_error(rc, what, f"mpboot group rc {rc}", **kw)
     return SMPError(f"{what} failed: group {group} error {rc}", **kw)

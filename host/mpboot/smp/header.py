@@ -34,7 +34,12 @@ class Group(IntEnum):
 
 
 class MpbootCmd(IntEnum):
-    DEVICE = 0  # read: unique id, vendor/class id, counter floor, downgrade policy
+    DEVICE = 0  # read: unique id, vendor/class id, counter floor, downgrade policy, serial
+    FACTORY = 1  # read: factory info (docs/FACTORY.md section 2)
+    IDENTITY = 2  # write: serial, vendor/class id, labels
+    FLOOR = 3  # write: raise the security-counter floor
+    POLICY = 4  # write: production policy
+    SEAL = 5  # write: identity and policy become read-only
 
 
 class OsCmd(IntEnum):
