@@ -7,6 +7,7 @@ import functools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,3 +143,22 @@ def sim_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mpboot.sim import build_lib
 
     return build_lib(tmp_path_factory.mktemp("sim") / "lib", trusted_public_keys())
+
+
+NO_POSTGRES = ("PostgreSQL is not installed (no initdb/postgres on PATH or in "
+               "/usr/lib/postgresql/*/bin): apt-get install postgresql")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Any:
+    """A real PostgreSQL server (tests/pgserver.py) for this test process (each xdist worker
+    has its own dir and port); skips only where PostgreSQL is not installed."""
+    import pgserver
+
+    server = pgserver.start_server()
+    if server is None:
+        pytest.skip(NO_POSTGRES)
+    try:
+        yield server
+    finally:
+        server.stop()

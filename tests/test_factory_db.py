@@ -46,23 +46,8 @@ from mpboot.factory.db import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-NO_POSTGRES = ("PostgreSQL is not installed (no initdb/postgres on PATH or in "
-               "/usr/lib/postgresql/*/bin): apt-get install postgresql")
-
 
 # --- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[pgserver.PgServer]:
-    """One PostgreSQL server per test process (each xdist worker has its own dir and port)."""
-    server = pgserver.start_server()
-    if server is None:
-        pytest.skip(NO_POSTGRES)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
