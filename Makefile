@@ -30,6 +30,7 @@ bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_update.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_smp.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_ble.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_provision.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

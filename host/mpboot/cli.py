@@ -427,7 +427,7 @@ def sim_air(port: int) -> None:
 @click.option("-k", "--key", "key_files", multiple=True, required=True, type=click.Path(path_type=Path),
               help="Key the device trusts (public or private key file; repeatable).")
 @click.option("--flash-size", default="256k", show_default=True, metavar="SIZE",
-              help="Whole flash: slot 0, slot 1 and a two-sector state area.")
+              help="Whole flash: slot 0, slot 1, a two-sector state area and a two-sector factory area.")
 @click.option("--sector", default="4k", show_default=True, metavar="SIZE", help="Erase sector size.")
 @click.option("--align", type=click.Choice(["1", "4", "8", "16"]), default="4", show_default=True,
               help="Flash write unit in bytes.")
@@ -740,12 +740,14 @@ def state_cmd(link: DeviceLink, as_json: bool) -> None:
     """List the images on the device: slot, version, hash and flags."""
 
     async def action(client: Any) -> Any:
-        return await client.state()
+        return await client.identity()
 
-    slots = _with_device(link, action)
+    slots, uid, serial = _with_device(link, action)
     if as_json:
         click.echo(json.dumps([_slot_dict(s) for s in slots], indent=2))
         return
+    if uid is not None:
+        click.echo(f"device {uid.hex()}" + (f", serial {serial}" if serial else ", not provisioned"))
     if not slots:
         click.echo("no images")
         return
@@ -859,6 +861,10 @@ def scan_cmd(seconds: float, as_json: bool, ble_backend: str | None) -> None:
 from mpboot.cli_sync import sync_cmd  # noqa: E402  (the sync command lives in its own module)
 
 cli.add_command(sync_cmd)
+
+from mpboot.cli_provision import provision_cmd  # noqa: E402  (the factory station, its own module)
+
+cli.add_command(provision_cmd)
 
 
 def main() -> None:

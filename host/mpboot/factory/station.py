@@ -1,0 +1,391 @@
+"""The factory provisioning station (docs/FACTORY.md section 4): one board per port, many
+at once, every step recorded.
+
+    db = FactoryDB.open("factory.sqlite")
+    station = Station(StationConfig(image=prepare(data), expect_keys=frozenset({keyhash}),
+                                    serials=SerialPrefix("SN-"), station="st1", operator="alice"),
+                      db, on_change=print)
+    boards = station.run(["/dev/ttyACM0", "/dev/ttyACM1"], parallel=2)
+
+Each board runs in its own thread and event loop (serial ports are independent; the
+database serialises what must be serialised). A board's outcome is provisioned, skipped
+(recorded as provisioned earlier, and still sealed with its serial), refused (the wrong
+bootloader build: its embedded keys are not the expected ones) or failed (with the reason).
+Nothing here holds a private key: the image arrives signed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Final
+
+from mpboot.errors import DeviceSilent, LinkError, MpbootError, PortError
+from mpboot.factory.db import FactoryDB, SerialSource
+from mpboot.flashing import Mark, PreparedImage, flash
+from mpboot.smp.client import FactoryInfo, Policy, SlotState, SMPClient
+from mpboot.smp.errors import CommandNotSupported, SMPError
+from mpboot.transport.serial import SerialTransport
+
+POLL_INTERVAL: Final = 0.25  # seconds between state reads while a board reboots
+
+
+class Outcome(StrEnum):
+    PROVISIONED = "provisioned"
+    SKIPPED = "skipped"  # provisioned earlier (recorded, sealed with its serial): left alone
+    REFUSED = "refused"  # not the expected bootloader build: nothing written to it
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class StationConfig:
+    image: PreparedImage
+    expect_keys: frozenset[bytes]  # key hashes the board must embed, exactly
+    serials: SerialSource
+    station: str
+    operator: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    floor: int | None = None  # None: the image's security counter (0 without one)
+    policy: Policy = Policy()
+    baudrate: int = 115200
+    framing: str = "raw"
+    timeout: float = 5.0  # per SMP request
+    confirm_timeout: float = 30.0  # for the app to confirm itself after its test boot
+    reboot_timeout: float = 30.0  # for the board to answer again after a reset
+
+    @property
+    def target_floor(self) -> int:
+        if self.floor is not None:
+            return self.floor
+        return self.image.parsed.security_counter or 0
+
+
+@dataclass
+class BoardStatus:
+    """One port's row in the live table, and its outcome at the end."""
+
+    port: str
+    uid: bytes | None = None
+    serial: str | None = None
+    step: str = "waiting"
+    progress: float | None = None  # upload fraction, while uploading
+    outcome: Outcome | None = None
+    error: str = ""
+    started: float = 0.0
+    finished: float = 0.0
+
+    @property
+    def elapsed(self) -> float:
+        end = self.finished or time.monotonic()
+        return end - self.started if self.started else 0.0
+
+
+class BoardFailed(MpbootError):
+    """Ends one board's run: its outcome (failed or refused) and the reason."""
+
+    def __init__(self, message: str, outcome: Outcome = Outcome.FAILED) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+def _hexes(hashes: Sequence[bytes] | frozenset[bytes]) -> str:
+    return ",".join(sorted(h.hex() for h in hashes))
+
+
+class Station:
+    def __init__(self, config: StationConfig, db: FactoryDB,
+                 on_change: Callable[[BoardStatus], None] | None = None) -> None:
+        if not config.expect_keys:
+            raise ValueError("expect_keys is empty: a station must know the key its boards embed")
+        if config.image.hash is None:
+            raise ValueError("the image has no SHA256 TLV: the board could not name it")
+        self.cfg = config
+        self.db = db
+        self._on_change = on_change
+        self._lock = threading.Lock()
+
+    # --- running many boards ---------------------------------------------------------------
+
+    def run(self, ports: Sequence[str], parallel: int | None = None) -> list[BoardStatus]:
+        """Provision every port, at most `parallel` at once; the statuses in port order."""
+        boards = [BoardStatus(p) for p in ports]
+        workers = max(1, min(parallel or len(boards), len(boards))) if boards else 1
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="provision") as pool:
+            list(pool.map(self._run_one, boards))
+        return boards
+
+    def provision(self, port: str) -> BoardStatus:
+        status = BoardStatus(port)
+        self._run_one(status)
+        return status
+
+    def _run_one(self, st: BoardStatus) -> None:
+        st.started = time.monotonic()
+        try:
+            st.outcome = asyncio.run(self._board(st))
+        except BoardFailed as err:
+            self._end(st, err.outcome, str(err))
+        except (MpbootError, OSError) as err:
+            self._end(st, Outcome.FAILED, f"{st.step}: {err}")
+        except Exception as err:  # a bug must not take the other boards down: record it
+            self._end(st, Outcome.FAILED, f"{st.step}: internal error {type(err).__name__}: {err}")
+        st.finished = time.monotonic()
+        st.progress = None
+        self._changed(st)
+
+    def _end(self, st: BoardStatus, outcome: Outcome, reason: str) -> None:
+        st.outcome = outcome
+        st.error = reason
+        if st.uid is None:
+            return  # never knew which board: nothing to record against
+        try:
+            self.db.update(st.uid, result=str(outcome), error=reason)
+            self._audit(st, "refused" if outcome is Outcome.REFUSED else "failed", "fail", reason)
+        except MpbootError as err:
+            st.error = f"{reason} (and the database: {err})"
+
+    # --- one board -------------------------------------------------------------------------
+
+    def _changed(self, st: BoardStatus) -> None:
+        if self._on_change is not None:
+            with self._lock:
+                self._on_change(st)
+
+    def _step(self, st: BoardStatus, step: str) -> None:
+        st.step = step
+        st.progress = None
+        self._changed(st)
+
+    def _audit(self, st: BoardStatus, step: str, outcome: str, detail: str = "") -> None:
+        self.db.audit(step=step, outcome=outcome, uid=st.uid, serial=st.serial, station=self.cfg.station,
+                      operator=self.cfg.operator, port=st.port, detail=detail)
+
+    @asynccontextmanager
+    async def _client(self, port: str, timeout: float | None = None) -> AsyncIterator[SMPClient]:
+        transport = SerialTransport(port, baudrate=self.cfg.baudrate, framing=self.cfg.framing)
+        async with SMPClient(transport, timeout=timeout or self.cfg.timeout) as client:
+            yield client
+
+    async def _board(self, st: BoardStatus) -> Outcome:
+        cfg = self.cfg
+        self._step(st, "connect")
+        async with self._client(st.port) as c:
+            try:
+                info = await c.factory_info()
+            except CommandNotSupported as err:
+                raise BoardFailed(f"not an mpboot board with a factory area ({err})") from None
+        st.uid = info.uid
+        self.db.start(info.uid, station=cfg.station, operator=cfg.operator, port=st.port)
+        self._audit(st, "connect", "ok", f"uid {info.uid.hex()}, mpboot {info.bootloader}, "
+                                         f"MicroPython {info.firmware}, sealed {info.sealed}")
+
+        self._step(st, "keys")
+        have = frozenset(info.key_hashes)
+        self.db.update(info.uid, key_hash=_hexes(info.key_hashes))
+        if have != cfg.expect_keys:
+            extra, missing = have - cfg.expect_keys, cfg.expect_keys - have
+            why = []
+            if extra:
+                why.append(f"embeds unexpected key {_hexes(extra)[:16]}")
+            if missing:
+                why.append(f"lacks expected key {_hexes(missing)[:16]}")
+            raise BoardFailed(f"wrong bootloader build: {' and '.join(why)}", Outcome.REFUSED)
+        self._audit(st, "keys", "ok", _hexes(have))
+
+        record = self.db.board(info.uid)
+        if info.sealed:
+            if record is None or record.serial is None or record.serial != info.serial:
+                mine = record.serial if record is not None and record.serial else "no serial"
+                raise BoardFailed(f"sealed elsewhere as {info.serial!r}: this database gives it {mine}")
+            st.serial = info.serial
+            already = record.result == Outcome.PROVISIONED
+            if already:
+                self._step(st, "verify")
+                async with self._client(st.port) as c:
+                    await self._check(c, st, sealed=True, identity_only=True)
+                self._audit(st, "skip", "ok", f"provisioned earlier as {info.serial}")
+                return Outcome.SKIPPED
+            # Sealed by an earlier run that never recorded it: check everything, then record.
+        else:
+            self._step(st, "serial")
+            st.serial = self.db.assign_serial(info.uid, cfg.serials)
+            self._audit(st, "serial", "ok", st.serial)
+            await self._install(st)
+            await self._write(st)
+
+        self._step(st, "seal")
+        async with self._client(st.port) as c:
+            if not info.sealed:
+                await c.seal(st.serial)
+                self._audit(st, "seal", "ok")
+            await self._check(c, st, sealed=True)
+        self.db.update(info.uid, result=str(Outcome.PROVISIONED), error=None,
+                       image_hash=cfg.image.hash.hex() if cfg.image.hash else None,
+                       image_version=cfg.image.version, labels=dict(cfg.labels),
+                       provisioned_at=_now())
+        self._audit(st, "done", "ok", f"serial {st.serial}")
+        return Outcome.PROVISIONED
+
+    async def _install(self, st: BoardStatus) -> None:
+        """The station's image runs on the board, confirmed by itself after its test boot."""
+        cfg = self.cfg
+        want = cfg.image.hash
+        self._step(st, "image")
+        async with self._client(st.port) as c:
+            slots = await c.state()
+            running = _running(slots)
+            if running is not None and running.hash == want and running.confirmed:
+                self._audit(st, "upload", "ok", "already installed and confirmed")
+                return
+            if running is not None and running.hash == want:
+                pass  # its test boot runs: wait for the app to confirm it
+            else:
+                present = next((s for s in slots if s.hash == want), None)
+                if present is None:
+                    self._step(st, "upload")
+
+                    def progress(done: int, total: int) -> None:
+                        st.progress = done / total if total else None
+                        self._changed(st)
+
+                    result = await flash(c, cfg.image, mark=Mark.TEST, reset=True, progress=progress)
+                    up = result.upload
+                    self._audit(st, "upload", "ok", f"{up.size} bytes in {up.elapsed:.1f} s"
+                                + (f", resumed at {up.resumed_from}" if up.resumed_from else ""))
+                else:
+                    await c.state_write(want, confirm=False)
+                    await c.reset()
+                    self._audit(st, "upload", "ok", f"already in slot {present.slot}: marked for a test boot")
+        self._step(st, "test-boot")
+        self._audit(st, "test-boot", "ok", "reset into the test boot")
+        await self._await_confirm(st)
+        self._audit(st, "confirmed", "ok", f"version {cfg.image.version}")
+
+    async def _read_state(self, st: BoardStatus) -> list[SlotState] | None:
+        """A state read, or None while the board does not answer (it is resetting)."""
+        try:
+            async with self._client(st.port, timeout=min(1.0, self.cfg.timeout)) as c:
+                return await c.state()
+        except (DeviceSilent, PortError, LinkError):
+            return None
+
+    async def _await_confirm(self, st: BoardStatus, reverting: bool = False) -> None:
+        cfg = self.cfg
+        want = cfg.image.hash
+        back_by = time.monotonic() + cfg.reboot_timeout
+        confirm_by: float | None = None
+        while True:
+            slots = await self._read_state(st)
+            now = time.monotonic()
+            if slots is None:
+                if now > back_by:
+                    raise BoardFailed(f"the board did not answer within {cfg.reboot_timeout:.0f} s of its reset")
+            else:
+                back_by = now + cfg.reboot_timeout
+                running = _running(slots)
+                if running is not None and running.hash == want and running.confirmed:
+                    return
+                waiting = any(s.hash == want and s.pending and not s.active for s in slots)
+                if not waiting:
+                    if running is None or running.hash != want:
+                        raise BoardFailed("the app did not confirm itself: the board reverted its test boot")
+                    if confirm_by is None:
+                        confirm_by = now + cfg.confirm_timeout
+                    elif now > confirm_by:
+                        await self._revert(st)
+                        raise BoardFailed(f"the app did not confirm itself within {cfg.confirm_timeout:.0f} s "
+                                          "(reset to revert it)")
+            await asyncio.sleep(POLL_INTERVAL)  # the board restarts and its app starts
+
+    async def _revert(self, st: BoardStatus) -> None:
+        try:
+            async with self._client(st.port) as c:
+                await c.reset()
+        except (LinkError, SMPError):
+            pass  # the failure is reported either way; a board left on its test boot reverts at its next reset
+
+    async def _write(self, st: BoardStatus) -> None:
+        cfg = self.cfg
+        image = cfg.image.parsed
+        assert st.serial is not None
+        async with self._client(st.port) as c:
+            self._step(st, "identity")
+            await c.set_identity(st.serial, vendor_id=image.vendor_id, class_id=image.class_id,
+                                 labels=dict(cfg.labels))
+            self._audit(st, "identity", "ok", f"serial {st.serial}" + (f", labels {dict(cfg.labels)}" if cfg.labels else ""))
+            self._step(st, "floor")
+            f = await c.raise_floor(cfg.target_floor)
+            self._audit(st, "floor", "ok", f"floor {f.counter}")
+            self._step(st, "policy")
+            await c.set_policy(cfg.policy)
+            self._audit(st, "policy", "ok", _policy_text(cfg.policy))
+            self._step(st, "verify")
+            await self._check(c, st, sealed=False)
+
+    async def _check(self, c: SMPClient, st: BoardStatus, *, sealed: bool, identity_only: bool = False) -> None:
+        """Read everything back; BoardFailed listing each difference."""
+        cfg = self.cfg
+        info = await c.factory_info()
+        slots, uid, serial = await c.identity()
+        node = (await c.os_info("n")).strip()
+        bad = _differences(cfg, st, info, slots, uid, serial, node, sealed, identity_only)
+        if bad:
+            self._audit(st, "verify", "fail", "; ".join(bad))
+            raise BoardFailed("read back differs: " + "; ".join(bad))
+        self._audit(st, "verify", "ok", "sealed" if sealed else "before sealing")
+
+
+def _differences(cfg: StationConfig, st: BoardStatus, info: FactoryInfo, slots: list[SlotState], uid: bytes | None,
+                 serial: str | None, node: str, sealed: bool, identity_only: bool) -> list[str]:
+    bad = []
+    if info.uid != st.uid or uid != st.uid:
+        bad.append(f"unique id {info.uid.hex()} / {uid.hex() if uid else None}, expected {st.uid.hex() if st.uid else '?'}")
+    for where, got in (("factory info", info.serial), ("image state", serial), ("OS info", node)):
+        if got != st.serial:
+            bad.append(f"{where} serial {got!r}, expected {st.serial!r}")
+    if info.sealed != sealed:
+        bad.append("not sealed" if sealed else "sealed already")
+    if frozenset(info.key_hashes) != cfg.expect_keys:
+        bad.append("embedded keys changed")
+    if identity_only:
+        return bad
+    image = cfg.image.parsed
+    for name, got, want in (("vendor id", info.vendor_id, image.vendor_id), ("class id", info.class_id, image.class_id)):
+        if want is not None and got != want:
+            bad.append(f"{name} {got.hex() if got else None}, expected {want.hex()}")
+    if info.labels != dict(cfg.labels):
+        bad.append(f"labels {info.labels}, expected {dict(cfg.labels)}")
+    if info.counter < cfg.target_floor:
+        bad.append(f"floor {info.counter}, expected at least {cfg.target_floor}")
+    want_policy = cfg.policy
+    for name in ("no_downgrade", "test_boot", "no_repl"):
+        if getattr(want_policy, name) and not getattr(info.policy, name):
+            bad.append(f"policy {name.replace('_', '-')} is off")
+    running = _running(slots)
+    if running is None or running.hash != cfg.image.hash or not running.confirmed:
+        bad.append("the station's image does not run confirmed")
+    return bad
+
+
+def _running(slots: Sequence[SlotState]) -> SlotState | None:
+    return next((s for s in slots if s.active), None)
+
+
+def _policy_text(p: Policy) -> str:
+    return ", ".join(f"{n}={'on' if v else 'off'}" for n, v in
+                     (("no-downgrade", p.no_downgrade), ("test-boot", p.test_boot), ("no-repl", p.no_repl)))
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+__all__ = ["BoardFailed", "BoardStatus", "Outcome", "Station", "StationConfig"]
