@@ -163,12 +163,13 @@ def test_eight_boards_in_parallel_then_rerun_skips(images: dict[str, Path], sims
     csv_out = mpboot("provision", "report", "--db", db, "--csv").stdout.splitlines()
     assert csv_out[0].startswith("uid,serial,") and len(csv_out) == 9
 
-    # the same command again: nothing to do, nothing given out twice
-    r = mpboot(*args)
+    # the same command again (another station): nothing to do, nothing given out twice, and
+    # the records still say who provisioned each board
+    r = mpboot(*args, "--station-id", "line2")
     assert r.exit_code == 0, r.output + r.stderr
     assert "8 skipped of 8 boards" in r.stdout
     again = json.loads(mpboot("provision", "report", "--db", db, "--json").stdout)
-    assert sorted((x["uid"], x["serial"]) for x in again) == sorted((x["uid"], x["serial"]) for x in rows)
+    assert sorted(again, key=lambda x: x["uid"]) == sorted(rows, key=lambda x: x["uid"])
 
 
 def test_sealed_board_refuses_changes(images: dict[str, Path], sims: Sims, tmp_path: Path) -> None:

@@ -164,6 +164,8 @@ def _run_live(station_cls: Any, config: Any, db: Any, ports: list[str], parallel
     from rich.live import Live
 
     console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=200)  # a log: whole lines, not 80 columns
     boards: dict[str, Any] = {}
 
     def on_change(st: Any) -> None:
@@ -183,22 +185,20 @@ def _run_live(station_cls: Any, config: Any, db: Any, ports: list[str], parallel
 
 
 def _table(ports: list[str], boards: dict[str, Any]) -> Any:
+    """One row per port; the reasons of failed boards follow the table as lines."""
     from rich.table import Table
 
     table = Table(title="mpboot provision")
     for col in ("port", "uid", "serial", "step", "progress", "result", "time"):
-        table.add_column(col, justify="right" if col in ("progress", "time") else "left")
+        table.add_column(col, justify="right" if col in ("progress", "time") else "left", no_wrap=True)
     for port in ports:
         b = boards.get(port)
         if b is None:
             table.add_row(port, "", "", "waiting", "", "", "")
             continue
         progress = f"{b.progress * 100:.0f}%" if b.progress is not None else ""
-        result = str(b.outcome) if b.outcome else ""
-        if b.error:
-            result += f": {b.error}"
-        table.add_row(port, b.uid.hex() if b.uid else "", b.serial or "", b.step, progress, result,
-                      f"{b.elapsed:.1f} s")
+        table.add_row(port, b.uid.hex() if b.uid else "", b.serial or "", b.step, progress,
+                      str(b.outcome) if b.outcome else "", f"{b.elapsed:.1f} s")
     return table
 
 
@@ -231,7 +231,10 @@ def report_cmd(db_url: str, as_csv: bool, as_json: bool) -> None:
     table = Table(title=f"{len(rows)} boards in {_safe_url(db_url)}")
     cols = ("serial", "uid", "result", "image_version", "station", "operator", "provisioned_at", "error")
     for col in cols:
-        table.add_column(col)
+        table.add_column(col, no_wrap=col != "error")
     for row in rows:
         table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in cols))
-    Console(highlight=False).print(table)
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=200)
+    console.print(table)

@@ -79,6 +79,7 @@ class BoardStatus:
     error: str = ""
     started: float = 0.0
     finished: float = 0.0
+    recorded: bool = False  # this run created or took over the board's record
 
     @property
     def elapsed(self) -> float:
@@ -129,6 +130,7 @@ class Station:
         st.started = time.monotonic()
         try:
             st.outcome = asyncio.run(self._board(st))
+            st.step = "done"  # (a failed board keeps the step it failed at)
         except BoardFailed as err:
             self._end(st, err.outcome, str(err))
         except (MpbootError, OSError) as err:
@@ -139,13 +141,20 @@ class Station:
         st.progress = None
         self._changed(st)
 
+    def _start(self, st: BoardStatus) -> None:
+        """This run now owns the board's record (created, or its station/operator/port updated)."""
+        assert st.uid is not None
+        self.db.start(st.uid, station=self.cfg.station, operator=self.cfg.operator, port=st.port)
+        st.recorded = True
+
     def _end(self, st: BoardStatus, outcome: Outcome, reason: str) -> None:
         st.outcome = outcome
         st.error = reason
         if st.uid is None:
             return  # never knew which board: nothing to record against
         try:
-            self.db.update(st.uid, result=str(outcome), error=reason)
+            if st.recorded:  # (a board recorded provisioned earlier keeps that record)
+                self.db.update(st.uid, result=str(outcome), error=reason)
             self._audit(st, "refused" if outcome is Outcome.REFUSED else "failed", "fail", reason)
         except MpbootError as err:
             st.error = f"{reason} (and the database: {err})"
@@ -181,14 +190,14 @@ class Station:
             except CommandNotSupported as err:
                 raise BoardFailed(f"not an mpboot board with a factory area ({err})") from None
         st.uid = info.uid
-        self.db.start(info.uid, station=cfg.station, operator=cfg.operator, port=st.port)
         self._audit(st, "connect", "ok", f"uid {info.uid.hex()}, mpboot {info.bootloader}, "
                                          f"MicroPython {info.firmware}, sealed {info.sealed}")
 
         self._step(st, "keys")
         have = frozenset(info.key_hashes)
-        self.db.update(info.uid, key_hash=_hexes(info.key_hashes))
         if have != cfg.expect_keys:
+            self._start(st)
+            self.db.update(info.uid, key_hash=_hexes(info.key_hashes))
             extra, missing = have - cfg.expect_keys, cfg.expect_keys - have
             why = []
             if extra:
@@ -201,18 +210,24 @@ class Station:
         record = self.db.board(info.uid)
         if info.sealed:
             if record is None or record.serial is None or record.serial != info.serial:
+                self._start(st)
                 mine = record.serial if record is not None and record.serial else "no serial"
                 raise BoardFailed(f"sealed elsewhere as {info.serial!r}: this database gives it {mine}")
             st.serial = info.serial
-            already = record.result == Outcome.PROVISIONED
-            if already:
+            if record.result == Outcome.PROVISIONED:
+                # Done earlier: its record (who provisioned it, when) stays as it is; the
+                # audit log notes this visit.
                 self._step(st, "verify")
                 async with self._client(st.port) as c:
                     await self._check(c, st, sealed=True, identity_only=True)
                 self._audit(st, "skip", "ok", f"provisioned earlier as {info.serial}")
                 return Outcome.SKIPPED
             # Sealed by an earlier run that never recorded it: check everything, then record.
+            self._start(st)
+            self.db.update(info.uid, key_hash=_hexes(info.key_hashes))
         else:
+            self._start(st)
+            self.db.update(info.uid, key_hash=_hexes(info.key_hashes))
             self._step(st, "serial")
             st.serial = self.db.assign_serial(info.uid, cfg.serials)
             self._audit(st, "serial", "ok", st.serial)
