@@ -71,6 +71,9 @@ def test_provision_usage_errors(tmp_path: Path) -> None:
         (["--port", "/dev/null", "--port", "/dev/null", *base], "the same port twice"),
         (["--port", "/dev/null", *base, "--label", "novalue"], "KEY=VALUE"),
         (["--ports-glob", str(tmp_path / "nothing*"), *base], "no port matches"),
+        (["--port", "/dev/null", *base, *(a for i in range(4) for a in ("--label", f"k{i}={'v' * 60}"))],
+         "at most 192"),
+        (["--port", "/dev/null", *base, "--floor", "5"], "above the image's security counter (1)"),
     ]
     for args, text in cases:
         r = _run(*args)

@@ -340,3 +340,30 @@ def test_two_stations_share_postgresql(images: dict[str, Path], sims: Sims, pg_s
     assert sorted(row["serial"] for row in rows) == ["PG-000001", "PG-000002"]
     assert {row["station"] for row in rows} == {"st0", "st1"}
     assert {factory(p).serial for p in ports} == {"PG-000001", "PG-000002"}
+
+
+def test_another_pending_image_is_cleared_before_sealing(images: dict[str, Path], sims: Sims,
+                                                         tmp_path: Path) -> None:
+    # The station's image already runs confirmed (an earlier run got that far), but another
+    # image was marked for a test boot since: sealing now would leave the board booting it.
+    sim = sims.start("b")
+    app, lazy = prepare(images["app"].read_bytes()), prepare(images["lazy"].read_bytes())
+
+    async def install(image: Any, reset: bool) -> None:
+        async with SMPClient(SerialTransport(sim.path)) as c:
+            await flash(c, image, mark=Mark.TEST, reset=reset)
+
+    asyncio.run(install(app, True))
+    sim.wait_for(r"CONFIRM True")
+    sim.wait_for(r"serving SMP")
+    asyncio.run(install(lazy, False))
+    boards = Station(config(images), FactoryDB.open(str(tmp_path / "f.sqlite"))).run([sim.path])
+    assert boards[0].outcome is Outcome.PROVISIONED, boards[0].error
+
+    async def slots() -> Any:
+        async with SMPClient(SerialTransport(sim.path)) as c:
+            return await c.state()
+
+    listed = asyncio.run(slots())
+    assert [(s.hash, s.active, s.confirmed) for s in listed] == [(app.hash, True, True)]
+    assert not any(s.pending for s in listed)

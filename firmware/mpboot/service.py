@@ -54,33 +54,33 @@ def run(port, link, buf_size=2048, buf_count=4):
     # port: the port module (reset, unique_id); link: port.uart(...). buf_size/buf_count:
     # the MCUmgr parameters clients size their requests by (the link's receive buffer should
     # hold buf_count frames: mpboot.transport.uart.frame_bytes).
-    from mpboot.transport.uart import serve  # here: a BLE-only board never loads it
-
-    server, tick = _server(port, buf_size, buf_count)
-    _serve(serve, link, server, tick)
-    port.reset()
-
-
-def _serve(serve, link, server, tick):
-    # Serves until a reset is asked for. Under the no-repl policy an exception out of the
-    # loop resets the board (the caller's port.reset()) instead of ending in the REPL.
-    if not server.slots.no_repl:
-        serve(link, server, tick)
-        return
-    try:
-        serve(link, server, tick)
-    except BaseException as e:
-        if type(e) is not SystemExit:
-            import sys
-
-            sys.print_exception(e)
+    _run(port, link, buf_size, buf_count, False)
 
 
 def run_ble(port, link, buf_size=2048, buf_count=4):
     # run() over BLE: link is port.ble(...). The characteristic's buffer holds buf_count
     # requests of buf_size bytes (the SMP window), buf_size * buf_count bytes of the heap.
-    from mpboot.transport.ble import serve
+    _run(port, link, buf_size, buf_count, True)
 
-    server, tick = _server(port, buf_size, buf_count)
-    _serve(serve, link, server, tick)
+
+def _run(port, link, buf_size, buf_count, ble):
+    # Serves until a reset is asked for, then resets. Under the no-repl policy anything that
+    # goes wrong on the way (the transport's import, the server's buffers, the loop) resets
+    # the board instead of ending in the REPL.
+    b = mpboot._booted
+    no_repl = b is not None and b[0].no_repl
+    try:
+        if ble:
+            from mpboot.transport.ble import serve
+        else:
+            from mpboot.transport.uart import serve  # here: a BLE-only board never loads it
+        server, tick = _server(port, buf_size, buf_count)
+        serve(link, server, tick)
+    except BaseException as e:
+        if not no_repl:
+            raise
+        if type(e) is not SystemExit:
+            import sys
+
+            sys.print_exception(e)
     port.reset()

@@ -31,6 +31,11 @@ def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
     for key, value in out.items():
         if not 1 <= len(key.encode()) <= 16 or len(value.encode()) > 64:
             raise UsageError(f"--label {key}={value}: keys are 1-16 bytes, values at most 64")
+    import cbor2
+
+    size = len(cbor2.dumps(out, canonical=True))
+    if size > 192:
+        raise UsageError(f"the labels take {size} bytes encoded: a board holds at most 192")
     return out
 
 
@@ -124,6 +129,12 @@ def provision_cmd(ctx: click.Context, ports: tuple[str, ...], ports_glob: str | 
     db = FactoryDB.open(db_url)
     try:
         boards = _run_live(Station, config, db, board_ports, parallel)
+    except KeyboardInterrupt:
+        click.echo("provision: interrupted: boards not finished are finished by running the command again",
+                   err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # the boards' threads end at their next step; nothing waits for them
     finally:
         db.close()
     failed = [b for b in boards if b.outcome not in (Outcome.PROVISIONED, Outcome.SKIPPED)]

@@ -107,10 +107,15 @@ class _Dev:
         return self.f.ioctl(op, arg)
 
 
-def areas(slot0_start, slot_size, state_start, slot_sector=0, state_sector=0, base=0):
+def areas(slot0_start, slot_size, state_start, slot_sector=0, state_sector=0, base=0,
+          factory=True):
     # Slot 0 at slot0_start, slot 1 right after it, the state at state_start and the factory
     # area in the two state-sized sectors after it (state_start + 2 * state_sector): byte
-    # offsets in the pyb.Flash() storage. On internal flash slot_sector and state_sector are the sizes of
+    # offsets in the pyb.Flash() storage. Those must be two physical sectors of state_sector
+    # bytes each (on an F4's internal flash, e.g. 16 KiB sectors 0-3 hold state and factory
+    # area; sector 4 is 64 KiB and would hold both factory sectors, losing the power
+    # safety): the adapter cannot see the physical layout, so this is the integrator's to
+    # check. factory=False: no factory area (three areas). On internal flash slot_sector and state_sector are the sizes of
     # the physical sectors there (flash.c flash_layout; the slots' sectors must fit the port's
     # RAM sector copy); on SPI flash they are ignored (4 KiB blocks). base: flash address of
     # storage byte 0, to map slots and check sector alignment (0: do neither).
@@ -126,7 +131,7 @@ def areas(slot0_start, slot_size, state_start, slot_sector=0, state_sector=0, ba
         raise ValueError("slot size")
     if base and ((base + slot0_start) % slot_sector or (base + state_start) % state_sector):
         raise ValueError("sector alignment")
-    if state_start < slot0_start + 2 * slot_size and slot0_start < state_start + 4 * state_sector:
+    if state_start < slot0_start + 2 * slot_size and slot0_start < state_start + (4 if factory else 2) * state_sector:
         raise ValueError("overlap")
     n = slot_size // slot_sector
     s0 = Area(_Dev(slot0_start, slot_sector, slot_sector, n, bs, False))
@@ -141,7 +146,7 @@ def areas(slot0_start, slot_size, state_start, slot_sector=0, state_sector=0, ba
         fy = Area(_Dev(fa, _BLOCK, state_sector, 2, bs, True), 0, 0, _BLOCK)
     _flash = f
     _base = base
-    return s0, s1, st, fy
+    return (s0, s1, st, fy) if factory else (s0, s1, st)
 
 
 def _map(addr, n):

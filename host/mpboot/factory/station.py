@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
-from mpboot.errors import DeviceSilent, LinkError, MpbootError, PortError
+from mpboot.errors import DeviceSilent, LinkError, MpbootError, PortError, UsageError
 from mpboot.factory.db import FactoryDB, SerialSource
 from mpboot.flashing import Mark, PreparedImage, flash
 from mpboot.smp.client import FactoryInfo, Policy, SlotState, SMPClient
@@ -58,6 +58,12 @@ class StationConfig:
     timeout: float = 5.0  # per SMP request
     confirm_timeout: float = 30.0  # for the app to confirm itself after its test boot
     reboot_timeout: float = 30.0  # for the board to answer again after a reset
+
+    def __post_init__(self) -> None:
+        counter = self.image.parsed.security_counter or 0
+        if self.floor is not None and self.floor > counter:
+            raise UsageError(f"--floor {self.floor} is above the image's security counter ({counter}): "
+                             "the board would refuse to boot it")
 
     @property
     def target_floor(self) -> int:
@@ -110,6 +116,7 @@ class Station:
         self.db = db
         self._on_change = on_change
         self._lock = threading.Lock()
+        self._stopping = False
 
     # --- running many boards ---------------------------------------------------------------
 
@@ -117,8 +124,17 @@ class Station:
         """Provision every port, at most `parallel` at once; the statuses in port order."""
         boards = [BoardStatus(p) for p in ports]
         workers = max(1, min(parallel or len(boards), len(boards))) if boards else 1
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="provision") as pool:
-            list(pool.map(self._run_one, boards))
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="provision")
+        try:
+            for future in [pool.submit(self._run_one, b) for b in boards]:
+                future.result()
+        except KeyboardInterrupt:
+            # Boards not started stay untouched; running ones stop at their next step (a
+            # re-run finishes them). The threads end on their own; nothing waits for them.
+            self._stopping = True
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         return boards
 
     def provision(self, port: str) -> BoardStatus:
@@ -167,6 +183,8 @@ class Station:
                 self._on_change(st)
 
     def _step(self, st: BoardStatus, step: str) -> None:
+        if self._stopping:
+            raise BoardFailed(f"interrupted before {step}")
         st.step = step
         st.progress = None
         self._changed(st)
@@ -194,10 +212,15 @@ class Station:
                                          f"MicroPython {info.firmware}, sealed {info.sealed}")
 
         self._step(st, "keys")
+        record = self.db.board(info.uid)
+        # A board recorded provisioned keeps that record (who, when, what) whatever a later
+        # visit finds: its failures go to the audit log only.
+        done_before = record is not None and record.result == Outcome.PROVISIONED
         have = frozenset(info.key_hashes)
         if have != cfg.expect_keys:
-            self._start(st)
-            self.db.update(info.uid, key_hash=_hexes(info.key_hashes))
+            if not done_before:
+                self._start(st)
+                self.db.update(info.uid, key_hash=_hexes(info.key_hashes))
             extra, missing = have - cfg.expect_keys, cfg.expect_keys - have
             why = []
             if extra:
@@ -207,14 +230,14 @@ class Station:
             raise BoardFailed(f"wrong bootloader build: {' and '.join(why)}", Outcome.REFUSED)
         self._audit(st, "keys", "ok", _hexes(have))
 
-        record = self.db.board(info.uid)
         if info.sealed:
             if record is None or record.serial is None or record.serial != info.serial:
-                self._start(st)
+                if not done_before:
+                    self._start(st)
                 mine = record.serial if record is not None and record.serial else "no serial"
                 raise BoardFailed(f"sealed elsewhere as {info.serial!r}: this database gives it {mine}")
             st.serial = info.serial
-            if record.result == Outcome.PROVISIONED:
+            if done_before:
                 # Done earlier: its record (who provisioned it, when) stays as it is; the
                 # audit log notes this visit.
                 self._step(st, "verify")
@@ -256,6 +279,16 @@ class Station:
             slots = await c.state()
             running = _running(slots)
             if running is not None and running.hash == want and running.confirmed:
+                other = next((s for s in slots if not s.active and s.pending), None)
+                if other is not None:
+                    # Another image waits to boot (an earlier run, or anyone, marked it): the
+                    # board would not run the station's image after its next reset.
+                    try:
+                        await c.erase(other.slot)
+                    except SMPError as err:
+                        raise BoardFailed(f"another image ({other.version}, slot {other.slot}) waits to boot "
+                                          f"and cannot be erased ({err}): reset the board and run again") from None
+                    self._audit(st, "upload", "ok", f"erased slot {other.slot} ({other.version}, pending)")
                 self._audit(st, "upload", "ok", "already installed and confirmed")
                 return
             if running is not None and running.hash == want:
@@ -385,6 +418,10 @@ def _differences(cfg: StationConfig, st: BoardStatus, info: FactoryInfo, slots: 
     running = _running(slots)
     if running is None or running.hash != cfg.image.hash or not running.confirmed:
         bad.append("the station's image does not run confirmed")
+    if any(s.pending and not s.active for s in slots):
+        bad.append("another image waits to boot")
+    if info.counter > (image.security_counter or 0):
+        bad.append(f"floor {info.counter} above the image's counter: it would not boot again")
     return bad
 
 
