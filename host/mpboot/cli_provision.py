@@ -147,20 +147,6 @@ def provision_cmd(ctx: click.Context, ports: tuple[str, ...], ports_glob: str | 
         raise SystemExit(1)
 
 
-def _safe_url(url: str) -> str:
-    """The database URL without its password (for titles and messages)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    if "://" not in url:
-        return url
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def _login() -> str:
     try:
         return getpass.getuser()
@@ -228,6 +214,7 @@ def report_cmd(db_url: str, as_csv: bool, as_json: bool) -> None:
     db = FactoryDB.open(db_url)
     try:
         rows = report_rows(db)
+        where = db.target  # (without a password)
     finally:
         db.close()
     if as_csv:
@@ -239,7 +226,7 @@ def report_cmd(db_url: str, as_csv: bool, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{len(rows)} boards in {_safe_url(db_url)}")
+    table = Table(title=f"{len(rows)} boards in {where}")
     cols = ("serial", "uid", "result", "image_version", "station", "operator", "provisioned_at", "error")
     for col in cols:
         table.add_column(col, no_wrap=col != "error")

@@ -27,7 +27,7 @@ from mpboot.factory import (
     FactoryError,
 )
 from mpboot.smp.cbor import Encoder
-from mpboot.smp.mpboot_mgmt import bytes_or_null, serial
+from mpboot.smp.mpboot_mgmt import bytes_or_null, ids, serial
 from mpboot.state import FLOOR
 
 _EUNKNOWN = const(1)
@@ -218,14 +218,7 @@ def _info(srv, f, enc):
     enc.map(11)
     enc.text("fw")
     enc.text("%d.%d.%d" % sys.implementation.version[:3])
-    enc.text("cid")
-    bytes_or_null(enc, sl.class_id)
-    enc.text("ctr")
-    enc.uint(sl.state[FLOOR])
-    enc.text("uid")
-    enc.bytes(srv.port.unique_id())
-    enc.text("vid")
-    bytes_or_null(enc, sl.vendor_id)
+    ids(srv, enc)
     enc.text("boot")
     enc.text(mpboot.__version__)
     enc.text("keys")

@@ -31,6 +31,16 @@ def _device_info(srv, enc):
     f = sl.factory
     # Canonical key order (bytewise order of the encoded keys).
     enc.map(6)
+    ids(srv, enc)
+    enc.text("serial")
+    serial(enc, f)
+    enc.text("no-downgrade")
+    enc.bool(not sl.downgrade)
+
+
+def ids(srv, enc):
+    # The keys device info and factory info share, in their canonical order: cid, ctr, uid, vid.
+    sl = srv.slots
     enc.text("cid")
     bytes_or_null(enc, sl.class_id)
     enc.text("ctr")
@@ -39,10 +49,6 @@ def _device_info(srv, enc):
     enc.bytes(srv.port.unique_id())
     enc.text("vid")
     bytes_or_null(enc, sl.vendor_id)
-    enc.text("serial")
-    serial(enc, f)
-    enc.text("no-downgrade")
-    enc.bool(not sl.downgrade)
 
 
 def serial(enc, f):

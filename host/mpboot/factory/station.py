@@ -157,10 +157,11 @@ class Station:
         st.progress = None
         self._changed(st)
 
-    def _start(self, st: BoardStatus) -> None:
-        """This run now owns the board's record (created, or its station/operator/port updated)."""
-        assert st.uid is not None
-        self.db.start(st.uid, station=self.cfg.station, operator=self.cfg.operator, port=st.port)
+    def _start(self, st: BoardStatus, info: FactoryInfo) -> None:
+        """This run now owns the board's record (created, or its station/operator/port
+        updated), with the key hashes the board reported."""
+        self.db.start(info.uid, station=self.cfg.station, operator=self.cfg.operator, port=st.port)
+        self.db.update(info.uid, key_hash=_hexes(info.key_hashes))
         st.recorded = True
 
     def _end(self, st: BoardStatus, outcome: Outcome, reason: str) -> None:
@@ -219,8 +220,7 @@ class Station:
         have = frozenset(info.key_hashes)
         if have != cfg.expect_keys:
             if not done_before:
-                self._start(st)
-                self.db.update(info.uid, key_hash=_hexes(info.key_hashes))
+                self._start(st, info)
             extra, missing = have - cfg.expect_keys, cfg.expect_keys - have
             why = []
             if extra:
@@ -233,7 +233,7 @@ class Station:
         if info.sealed:
             if record is None or record.serial is None or record.serial != info.serial:
                 if not done_before:
-                    self._start(st)
+                    self._start(st, info)
                 mine = record.serial if record is not None and record.serial else "no serial"
                 raise BoardFailed(f"sealed elsewhere as {info.serial!r}: this database gives it {mine}")
             st.serial = info.serial
@@ -246,11 +246,9 @@ class Station:
                 self._audit(st, "skip", "ok", f"provisioned earlier as {info.serial}")
                 return Outcome.SKIPPED
             # Sealed by an earlier run that never recorded it: check everything, then record.
-            self._start(st)
-            self.db.update(info.uid, key_hash=_hexes(info.key_hashes))
+            self._start(st, info)
         else:
-            self._start(st)
-            self.db.update(info.uid, key_hash=_hexes(info.key_hashes))
+            self._start(st, info)
             self._step(st, "serial")
             st.serial = self.db.assign_serial(info.uid, cfg.serials)
             self._audit(st, "serial", "ok", st.serial)

@@ -352,12 +352,7 @@ class SMPClient:
         not mpboot)."""
         rsp = await self.request(Group.MPBOOT, MpbootCmd.DEVICE, Op.READ, {})
         uid = _field(rsp, "uid", bytes, "device info")
-        ids = []
-        for key in ("vid", "cid"):
-            v = rsp.get(key)
-            if v is not None and not isinstance(v, bytes):
-                raise ProtocolError(f"device info reply has no valid {key!r}: {rsp!r}")
-            ids.append(v)
+        ids = _ids(rsp, "device info")
         serial = rsp.get("serial")
         return DeviceInfo(uid, ids[0], ids[1], _field(rsp, "ctr", int, "device info"),
                           bool(rsp.get("no-downgrade", False)), serial if isinstance(serial, str) else None)
@@ -469,17 +464,23 @@ def _field(rsp: dict[str, Any], key: str, kind: type[_T], what: str) -> _T:
     return value
 
 
-def _factory_info(rsp: dict[str, Any]) -> FactoryInfo:
-    what = "factory info"
-    keys = _field(rsp, "keys", list, what)
-    if not all(isinstance(k, bytes) for k in keys):
-        raise ProtocolError(f"{what} reply has no valid 'keys': {rsp!r}")
+def _ids(rsp: dict[str, Any], what: str) -> tuple[bytes | None, bytes | None]:
+    """The reply's vendor and class id (each bytes, or None: not checked / not set)."""
     ids: list[bytes | None] = []
     for key in ("vid", "cid"):
         v = rsp.get(key)
         if v is not None and not isinstance(v, bytes):
             raise ProtocolError(f"{what} reply has no valid {key!r}: {rsp!r}")
         ids.append(v)
+    return ids[0], ids[1]
+
+
+def _factory_info(rsp: dict[str, Any]) -> FactoryInfo:
+    what = "factory info"
+    keys = _field(rsp, "keys", list, what)
+    if not all(isinstance(k, bytes) for k in keys):
+        raise ProtocolError(f"{what} reply has no valid 'keys': {rsp!r}")
+    ids = _ids(rsp, what)
     serial = rsp.get("serial")
     if serial is not None and not isinstance(serial, str):
         raise ProtocolError(f"{what} reply has no valid 'serial': {rsp!r}")
