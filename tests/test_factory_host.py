@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from conftest import KEYS_DIR, signing_key
 from mpboot.cli import cli
 from mpboot.errors import ProtocolError
-from mpboot.smp.client import Policy, _factory_info
+from mpboot.smp.client import _factory_info
+from mpboot.smp.messages import Policy
 from mpboot.smp.errors import FactoryErr, FactoryRefused, error_from_response
 from simkit import make_app, sign_app
 

@@ -31,7 +31,7 @@ from mpboot.factory.station import BoardStatus, Outcome, Station, StationConfig
 from mpboot.flashing import Mark, flash, prepare
 from mpboot.sim import SimDevice
 from mpboot.smp import SMPClient
-from mpboot.smp.client import Policy
+from mpboot.smp.messages import Policy
 from mpboot.smp.errors import FactoryErr, FactoryRefused, ImageRefused
 from mpboot.transport.serial import SerialTransport
 from simkit import make_app, sign_app

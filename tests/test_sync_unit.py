@@ -10,7 +10,7 @@ import pytest
 
 from mpboot.errors import UsageError
 from mpboot.keys import load_signing_key
-from mpboot.smp.client import DeviceInfo, SlotState
+from mpboot.smp.messages import DeviceInfo, SlotState
 from mpboot.sync import Attempt, AttemptLog, Result, choose, load_repo, summary_rows
 from simkit import make_app, sign_app
 

@@ -19,7 +19,8 @@ from mpboot.errors import (
     TransportError,
 )
 from mpboot.image import ParsedImage, TlvType, parse_image
-from mpboot.smp.client import ProgressCallback, SlotState, SMPClient
+from mpboot.smp.client import SMPClient
+from mpboot.smp.messages import ProgressCallback, SlotState
 from mpboot.smp.upload import UploadResult
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ from typing import Protocol
 from mpboot.errors import ImageRejected, LinkError, MpbootError, UsageError
 from mpboot.flashing import Mark, PreparedImage, flash_with_retries, prepare
 from mpboot.image import TlvType
-from mpboot.smp.client import DeviceInfo, SlotState, SMPClient
+from mpboot.smp.client import SMPClient
+from mpboot.smp.messages import DeviceInfo, SlotState
 from mpboot.smp.errors import SMPError
 from mpboot.transport import Transport
 

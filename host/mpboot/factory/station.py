@@ -29,7 +29,8 @@ from typing import Final
 from mpboot.errors import DeviceSilent, LinkError, MpbootError, PortError, UsageError
 from mpboot.factory.db import FactoryDB, SerialSource
 from mpboot.flashing import Mark, PreparedImage, flash
-from mpboot.smp.client import FactoryInfo, Policy, SlotState, SMPClient
+from mpboot.smp.client import SMPClient
+from mpboot.smp.messages import FactoryInfo, Policy, SlotState
 from mpboot.smp.errors import CommandNotSupported, SMPError
 from mpboot.transport.serial import SerialTransport
 

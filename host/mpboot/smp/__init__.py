@@ -7,15 +7,7 @@
         result = await client.upload(image, ptlv=..., progress=...)
 """
 
-from mpboot.smp.client import (
-    DEFAULT_TIMEOUT,
-    ClientStats,
-    McuMgrParams,
-    PendingReply,
-    ProgressCallback,
-    SlotState,
-    SMPClient,
-)
+from mpboot.smp.client import DEFAULT_TIMEOUT, SMPClient
 from mpboot.smp.errors import (
     CommandNotSupported,
     ImageRefused,
@@ -36,12 +28,22 @@ from mpboot.smp.header import (
     decode_packet,
     encode_packet,
 )
-from mpboot.smp.upload import UploadResult, max_data
+from mpboot.smp.messages import (
+    ClientStats,
+    DeviceInfo,
+    FactoryInfo,
+    McuMgrParams,
+    PendingReply,
+    Policy,
+    ProgressCallback,
+    SlotState,
+)
+from mpboot.smp.upload import Requester, UploadResult, max_data
 
 __all__ = [
-    "DEFAULT_TIMEOUT", "ClientStats", "CommandNotSupported", "Group", "Header", "ImageCmd",
-    "ImageRefused", "ImgMgmtErr", "McuMgrParams", "MgmtErr", "Op", "OsCmd", "PendingReply",
-    "ProgressCallback", "SMPClient", "SMPError", "SlotState", "UpdateStepRefused", "UploadResult",
-    "VerificationFailed", "Version", "decode_packet", "encode_packet", "error_from_response",
-    "max_data",
+    "DEFAULT_TIMEOUT", "ClientStats", "CommandNotSupported", "DeviceInfo", "FactoryInfo", "Group",
+    "Header", "ImageCmd", "ImageRefused", "ImgMgmtErr", "McuMgrParams", "MgmtErr", "Op", "OsCmd",
+    "PendingReply", "Policy", "ProgressCallback", "Requester", "SMPClient", "SMPError", "SlotState",
+    "UpdateStepRefused", "UploadResult", "VerificationFailed", "Version", "decode_packet",
+    "encode_packet", "error_from_response", "max_data",
 ]

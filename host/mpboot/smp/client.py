@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 from mpboot.errors import DeviceSilent, ProtocolError, TransportError
 from mpboot.smp.errors import CommandNotSupported, error_from_response
@@ -33,10 +30,18 @@ from mpboot.smp.header import (
     decode_packet,
     encode_packet,
 )
+from mpboot.smp.messages import (
+    ClientStats,
+    DeviceInfo,
+    FactoryInfo,
+    McuMgrParams,
+    PendingReply,
+    Policy,
+    ProgressCallback,
+    SlotState,
+)
+from mpboot.smp.upload import UploadResult, upload
 from mpboot.transport import Transport
-
-if TYPE_CHECKING:
-    from mpboot.smp.upload import UploadResult
 
 DEFAULT_TIMEOUT: Final = 5.0
 # Until the device tells its MCUmgr parameters: Zephyr's smallest common buffer, no pipelining.
@@ -44,9 +49,6 @@ DEFAULT_BUF_SIZE: Final = 256
 DEFAULT_BUF_COUNT: Final = 1
 
 _T = TypeVar("_T")
-
-ProgressCallback = Callable[[int, int], None]
-"""progress(bytes the device acknowledged, total bytes)"""
 
 _WHAT: Final[dict[tuple[int, int, Op], str]] = {
     (Group.OS, OsCmd.ECHO, Op.WRITE): "echo",
@@ -71,99 +73,6 @@ _WHAT: Final[dict[tuple[int, int, Op], str]] = {
 def describe(group: int, command: int, op: Op) -> str:
     """A request's name for messages ("image state write")."""
     return _WHAT.get((group, command, op), f"SMP group {group} command {command}")
-
-
-@dataclass(frozen=True)
-class McuMgrParams:
-    """The device's receive buffer size and how many requests it buffers (pipelining depth)."""
-
-    buf_size: int
-    buf_count: int
-    reported: bool = True  # False: the device did not say; these are conservative defaults
-
-
-@dataclass(frozen=True)
-class SlotState:
-    """One entry of the image state list (docs/PROTOCOL.md, "Image group")."""
-
-    image: int
-    slot: int
-    version: str
-    hash: bytes
-    bootable: bool
-    pending: bool
-    confirmed: bool
-    active: bool
-    permanent: bool
-
-    @property
-    def flags(self) -> list[str]:
-        names = ("active", "confirmed", "pending", "permanent", "bootable")
-        return [n for n in names if getattr(self, n)]
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    """Who the device is and what it accepts (mpboot group 64, command 0)."""
-
-    uid: bytes
-    vendor_id: bytes | None  # None: the device does not check the vendor id
-    class_id: bytes | None
-    counter: int  # security-counter floor: images with a lower counter are refused
-    no_downgrade: bool  # images older than the confirmed one are refused
-    serial: str | None = None  # the serial number provisioned (None: no identity yet)
-
-
-@dataclass(frozen=True)
-class Policy:
-    """A board's production policy (docs/FACTORY.md section 1)."""
-
-    no_downgrade: bool = True  # updates older than the confirmed image are refused
-    test_boot: bool = True  # images become confirmed only through their test boot
-    no_repl: bool = True  # the board never falls back to the REPL after boot
-
-    def payload(self) -> dict[str, bool]:
-        return {"no-downgrade": self.no_downgrade, "test-boot": self.test_boot, "no-repl": self.no_repl}
-
-
-@dataclass(frozen=True)
-class FactoryInfo:
-    """Everything a provisioning station reads of a board (mpboot group 64, command 1)."""
-
-    uid: bytes
-    firmware: str  # MicroPython version
-    bootloader: str  # mpboot version
-    key_hashes: tuple[bytes, ...]  # of the embedded keys (MCUboot KEYHASH), in the device's order
-    counter: int  # security-counter floor
-    vendor_id: bytes | None  # effective (the identity's, else the build's)
-    class_id: bytes | None
-    serial: str | None
-    labels: dict[str, str]
-    policy: Policy  # effective
-    sealed: bool
-
-
-@dataclass
-class ClientStats:
-    requests: int = 0
-    replies: int = 0
-    ignored: int = 0  # replies matching no waiting request (late, duplicate, stray)
-    undecodable: int = 0  # replies whose header or CBOR could not be decoded
-
-
-class PendingReply:
-    """A request sent and not yet answered. `future` resolves to (header, payload)."""
-
-    __slots__ = ("command", "future", "group", "op", "sent_at", "seq")
-
-    def __init__(self, seq: int, group: int, command: int, op: Op,
-                 future: asyncio.Future[tuple[Header, dict[str, Any]]]) -> None:
-        self.seq = seq
-        self.group = group
-        self.command = command
-        self.op = op
-        self.future = future
-        self.sent_at = time.monotonic()
 
 
 # An erase reply comes after the whole slot is erased: 45 ms per 4 KiB sector is 11.5 s per
@@ -402,8 +311,6 @@ class SMPClient:
                      retries: int = 4) -> UploadResult:
         """Upload `image` (the whole file) pipelined, resuming where the device is; see
         mpboot.smp.upload.upload for the arguments."""
-        from mpboot.smp.upload import upload
-
         return await upload(self, image, window=window, chunk=chunk, progress=progress, sha=sha,
                             ptlv=ptlv, upgrade=upgrade, timeout=timeout,
                             final_timeout=final_timeout, retries=retries)

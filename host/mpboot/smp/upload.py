@@ -28,12 +28,11 @@ import hashlib
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 import cbor2
 
-from mpboot.errors import ProtocolError, UpdateErrorCode, UsageError
-from mpboot.smp.client import McuMgrParams, PendingReply, ProgressCallback
+from mpboot.errors import DeviceSilent, ProtocolError, UpdateErrorCode, UsageError
 from mpboot.smp.errors import (
     ImageRefused,
     UpdateStepRefused,
@@ -41,9 +40,8 @@ from mpboot.smp.errors import (
     error_from_response,
 )
 from mpboot.smp.header import HEADER_SIZE, Group, ImageCmd, Op
-
-if TYPE_CHECKING:
-    from mpboot.smp.client import SMPClient
+from mpboot.smp.messages import ClientStats, McuMgrParams, PendingReply, ProgressCallback
+from mpboot.transport import Transport
 
 PARAMS_TIMEOUT: Final = 2.0  # a device that serves the params request answers it at once
 DEFAULT_FINAL_TIMEOUT: Final = 30.0  # verifying a large image on a slow MCU
@@ -51,6 +49,28 @@ IMAGE_HEADER_SIZE: Final = 32  # the first request's data must hold the image he
 MAX_REOPENS: Final = 2  # re-open a session the device lost (it reset mid-upload)
 MAX_STALLS: Final = 8  # resyncs in a row that do not get past the best offset reached
 MAX_BAD_REPLIES: Final = 8  # undecodable replies in a row
+
+
+class Requester(Protocol):
+    """What the upload needs of a client; mpboot.smp.client.SMPClient is one. (Typed by this
+    protocol, not by SMPClient, so the client imports this module and not the reverse.)"""
+
+    @property
+    def transport(self) -> Transport: ...
+
+    @property
+    def timeout(self) -> float: ...
+
+    @property
+    def stats(self) -> ClientStats: ...
+
+    async def params_or_default(self, timeout: float | None = None) -> McuMgrParams: ...
+
+    async def send_request(self, group: int, command: int, op: Op, payload: dict[str, Any]) -> PendingReply: ...
+
+    def forget(self, pending: PendingReply) -> None: ...
+
+    def silent(self, waited: float, where: str = "") -> DeviceSilent: ...
 
 
 @dataclass(frozen=True)
@@ -89,7 +109,7 @@ class _Chunk:
     pending: PendingReply
 
 
-async def upload(client: SMPClient, image: bytes, *, window: int | None = None,
+async def upload(client: Requester, image: bytes, *, window: int | None = None,
                  chunk: int | None = None, progress: ProgressCallback | None = None,
                  sha: bool = True, ptlv: bytes | None = None, upgrade: bool = False,
                  timeout: float | None = None, final_timeout: float | None = None,

@@ -1,0 +1,114 @@
+"""What the SMP client hands back and takes: typed replies (image state, device and factory
+info, MCUmgr parameters), the policy a station writes, request bookkeeping and the progress
+callback type. Plain data: both mpboot.smp.client and mpboot.smp.upload import it, and it
+imports neither (client -> messages <- upload)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mpboot.smp.header import Header, Op
+
+ProgressCallback = Callable[[int, int], None]
+"""progress(bytes the device acknowledged, total bytes)"""
+
+
+@dataclass(frozen=True)
+class McuMgrParams:
+    """The device's receive buffer size and how many requests it buffers (pipelining depth)."""
+
+    buf_size: int
+    buf_count: int
+    reported: bool = True  # False: the device did not say; these are conservative defaults
+
+
+@dataclass(frozen=True)
+class SlotState:
+    """One entry of the image state list (docs/PROTOCOL.md, "Image group")."""
+
+    image: int
+    slot: int
+    version: str
+    hash: bytes
+    bootable: bool
+    pending: bool
+    confirmed: bool
+    active: bool
+    permanent: bool
+
+    @property
+    def flags(self) -> list[str]:
+        names = ("active", "confirmed", "pending", "permanent", "bootable")
+        return [n for n in names if getattr(self, n)]
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """Who the device is and what it accepts (mpboot group 64, command 0)."""
+
+    uid: bytes
+    vendor_id: bytes | None  # None: the device does not check the vendor id
+    class_id: bytes | None
+    counter: int  # security-counter floor: images with a lower counter are refused
+    no_downgrade: bool  # images older than the confirmed one are refused
+    serial: str | None = None  # the serial number provisioned (None: no identity yet)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A board's production policy (docs/FACTORY.md section 1)."""
+
+    no_downgrade: bool = True  # updates older than the confirmed image are refused
+    test_boot: bool = True  # images become confirmed only through their test boot
+    no_repl: bool = True  # the board never falls back to the REPL after boot
+
+    def payload(self) -> dict[str, bool]:
+        return {"no-downgrade": self.no_downgrade, "test-boot": self.test_boot, "no-repl": self.no_repl}
+
+
+@dataclass(frozen=True)
+class FactoryInfo:
+    """Everything a provisioning station reads of a board (mpboot group 64, command 1)."""
+
+    uid: bytes
+    firmware: str  # MicroPython version
+    bootloader: str  # mpboot version
+    key_hashes: tuple[bytes, ...]  # of the embedded keys (MCUboot KEYHASH), in the device's order
+    counter: int  # security-counter floor
+    vendor_id: bytes | None  # effective (the identity's, else the build's)
+    class_id: bytes | None
+    serial: str | None
+    labels: dict[str, str]
+    policy: Policy  # effective
+    sealed: bool
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0
+    replies: int = 0
+    ignored: int = 0  # replies matching no waiting request (late, duplicate, stray)
+    undecodable: int = 0  # replies whose header or CBOR could not be decoded
+
+
+class PendingReply:
+    """A request sent and not yet answered. `future` resolves to (header, payload)."""
+
+    __slots__ = ("command", "future", "group", "op", "sent_at", "seq")
+
+    def __init__(self, seq: int, group: int, command: int, op: Op,
+                 future: asyncio.Future[tuple[Header, dict[str, Any]]]) -> None:
+        self.seq = seq
+        self.group = group
+        self.command = command
+        self.op = op
+        self.future = future
+        self.sent_at = time.monotonic()
+
+
+__all__ = ["ClientStats", "DeviceInfo", "FactoryInfo", "McuMgrParams", "PendingReply", "Policy",
+           "ProgressCallback", "SlotState"]
