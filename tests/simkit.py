@@ -9,7 +9,7 @@ from pathlib import Path
 from mpboot.image import ImageVersion, SignOptions, build_image
 from mpboot.keys import SigningKey
 from mpboot.pack import pack_app
-from mpboot.errors import ImageRejected, UpdateRefused
+from mpboot.errors import ImageRefused, UpdateRefused
 from mpboot.sim import Run, SimDevice, install_result
 
 HEADER_ROOM = 0x200
@@ -74,9 +74,11 @@ def refused(run: Run) -> tuple[str, int]:
     """("image", code) or ("update", code) of a refused install; fails if it was taken."""
     try:
         done = install_result(run)
-    except ImageRejected as err:
+    except ImageRefused as err:
+        assert err.code is not None
         return "image", err.code
     except UpdateRefused as err:
+        assert err.code is not None
         return "update", err.code
     raise AssertionError(f"the device took the image: {done}")
 

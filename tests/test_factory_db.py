@@ -24,20 +24,24 @@ from typing import Any
 
 import pgserver
 import pytest
-from mpboot.errors import InputFileError, MpbootError, UsageError
+from mpboot.errors import (
+    DatabaseError,
+    InputFileError,
+    MpbootError,
+    SchemaTooNew,
+    SerialsExhausted,
+    UsageError,
+)
 from mpboot.factory.db import (
     BOARD_COLUMNS,
     POSTGRES_MIGRATIONS,
     SCHEMA_VERSION,
     SQLITE_MIGRATIONS,
-    DatabaseError,
     FactoryDB,
     Outcome,
     Result,
-    SchemaTooNew,
     SerialList,
     SerialPrefix,
-    SerialsExhausted,
     is_postgres_url,
     report_rows,
     serial_list_from_file,

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import KEYS_DIR, signing_key
 from mpboot.cli import cli
-from mpboot.errors import ProtocolError
+from mpboot.errors import FactoryErrorCode, FactoryRefused, ProtocolError
 from mpboot.smp.client import _factory_info
+from mpboot.smp.error_map import error_from_response
 from mpboot.smp.messages import Policy
-from mpboot.smp.errors import FactoryErr, FactoryRefused, error_from_response
 from simkit import make_app, sign_app
 
 KEY = KEYS_DIR / "TEST-ONLY-rsa2048.pem"
@@ -28,15 +28,15 @@ GOOD: dict[str, Any] = {
 
 def test_factory_errors_v1_and_v2() -> None:
     err = error_from_response({"rc": 11, "rsn": "factory:1"}, "identity write")
-    assert isinstance(err, FactoryRefused) and err.factory_code is FactoryErr.SEALED
+    assert isinstance(err, FactoryRefused) and err.code is FactoryErrorCode.SEALED
     assert str(err) == ("identity write refused: the board is sealed: identity and policy are read-only "
                         "(factory error 1 SEALED, SMP rc 11 EACCESSDENIED)")
     err = error_from_response({"err": {"group": 64, "rc": 4}}, "identity write")
-    assert isinstance(err, FactoryRefused) and err.factory_code is FactoryErr.INVALID
+    assert isinstance(err, FactoryRefused) and err.code is FactoryErrorCode.INVALID
     err = error_from_response({"rc": 11, "rsn": "factory:8"}, "image state write")
-    assert isinstance(err, FactoryRefused) and err.factory_code is FactoryErr.TEST_BOOT_REQUIRED
+    assert isinstance(err, FactoryRefused) and err.code is FactoryErrorCode.TEST_BOOT_REQUIRED
     unknown = error_from_response({"err": {"group": 64, "rc": 99}}, "seal")
-    assert isinstance(unknown, FactoryRefused) and unknown.factory_code is None and "factory error 99" in str(unknown)
+    assert isinstance(unknown, FactoryRefused) and unknown.code is None and "factory error 99" in str(unknown)
 
 
 def test_factory_info_parsed_and_checked() -> None:

@@ -144,7 +144,7 @@ def test_refusals(images: dict[str, Path], tmp_path: Path) -> None:
             async with SMPClient(SerialTransport(sim.path)) as client:
                 with pytest.raises(ImageRefused) as exc:
                     await flash(client, prepare(vendor))
-                assert exc.value.image_code is ImageErrorCode.VENDOR_MISMATCH
+                assert exc.value.code is ImageErrorCode.VENDOR_MISMATCH
                 return client.stats.requests
 
         assert asyncio.run(refused()) == 2  # the params request and the first upload request
@@ -168,7 +168,7 @@ def test_untrusted_signature_fails_verification(images: dict[str, Path], tmp_pat
             async with SMPClient(SerialTransport(sim.path)) as client:
                 with pytest.raises(VerificationFailed) as exc:
                     await flash(client, images["untrusted"].read_bytes(), mark=Mark.TEST)
-                assert exc.value.image_code in (ImageErrorCode.UNKNOWN_KEY, ImageErrorCode.NO_SIGNATURE)
+                assert exc.value.code in (ImageErrorCode.UNKNOWN_KEY, ImageErrorCode.NO_SIGNATURE)
 
         asyncio.run(run())
         r = mpboot("flash", images["untrusted"], "--port", sim.path, "--test", "--no-progress")

@@ -25,14 +25,13 @@ import pytest
 from click.testing import CliRunner
 from conftest import KEYS_DIR, signing_key
 from mpboot.cli import cli
-from mpboot.errors import DeviceSilent
+from mpboot.errors import DeviceSilent, FactoryErrorCode, FactoryRefused, ImageRefused
 from mpboot.factory.db import FactoryDB, SerialPrefix
 from mpboot.factory.station import BoardStatus, Outcome, Station, StationConfig
 from mpboot.flashing import Mark, flash, prepare
 from mpboot.sim import SimDevice
 from mpboot.smp import SMPClient
 from mpboot.smp.messages import Policy
-from mpboot.smp.errors import FactoryErr, FactoryRefused, ImageRefused
 from mpboot.transport.serial import SerialTransport
 from simkit import make_app, sign_app
 from simserve import MPBOOT, SimProcess
@@ -185,7 +184,7 @@ def test_sealed_board_refuses_changes(images: dict[str, Path], sims: Sims, tmp_p
                            lambda: c.set_policy(Policy(False, False, False)), lambda: c.seal("EVIL-1")):
                 with pytest.raises(FactoryRefused) as exc:
                     await change()
-                assert exc.value.factory_code is FactoryErr.SEALED
+                assert exc.value.code is FactoryErrorCode.SEALED
             # sealing again with its own serial is the idempotent finish of a re-run
             assert (await c.seal(serial)).sealed
             # production policy: no permanent marks (test boots only), no downgrades
@@ -196,7 +195,7 @@ def test_sealed_board_refuses_changes(images: dict[str, Path], sims: Sims, tmp_p
             await flash(c, lazy)  # same version: uploaded, not marked
             with pytest.raises(FactoryRefused) as exc:
                 await c.state_write(lazy.hash, confirm=True)
-            assert exc.value.factory_code is FactoryErr.TEST_BOOT_REQUIRED
+            assert exc.value.code is FactoryErrorCode.TEST_BOOT_REQUIRED
             info = await c.factory_info()
             assert info.serial == serial and info.policy == Policy(True, True, True) and info.sealed
 

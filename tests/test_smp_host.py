@@ -54,12 +54,12 @@ from mpboot.smp import (
     Group,
     ImageCmd,
     ImageRefused,
-    MgmtErr,
+    MgmtErrorCode,
     Op,
     OsCmd,
     SMPClient,
     SMPError,
-    UpdateStepRefused,
+    UpdateRefused,
     UploadResult,
     VerificationFailed,
     decode_packet,
@@ -217,23 +217,23 @@ def test_max_data_fills_the_budget_exactly() -> None:
 
 def test_error_mapping() -> None:
     err = error_from_response({"rc": 3, "rsn": "image:16"}, "image upload")
-    assert isinstance(err, ImageRefused) and err.image_code is ImageErrorCode.VENDOR_MISMATCH
+    assert isinstance(err, ImageRefused) and err.code is ImageErrorCode.VENDOR_MISMATCH
     assert str(err) == ("device refused the image: image is for another vendor (vendor id) "
                         "(image error 16, SMP rc 3 EINVAL)")
     err = error_from_response({"rc": 10, "rsn": "update:1"}, "image upload")
-    assert isinstance(err, UpdateStepRefused) and err.update_code is UpdateErrorCode.BUSY
+    assert isinstance(err, UpdateRefused) and err.code is UpdateErrorCode.BUSY
     assert str(err).startswith("device refused the update: the device runs an unconfirmed test image")
     assert str(err).endswith("(update error 1, SMP rc 10 EBUSY)")
     err = error_from_response({"rc": 8}, "OS info")
     assert isinstance(err, CommandNotSupported) and str(err) == "OS info failed: SMP rc 8 ENOTSUP (command not supported)"
     err = error_from_response({"err": {"group": 1, "rc": 24}}, "image upload")
-    assert isinstance(err, ImageRefused) and err.image_code is None and "24 INVALID_HASH" in str(err)
+    assert isinstance(err, ImageRefused) and err.code is None and "24 INVALID_HASH" in str(err)
     err = error_from_response({"err": {"group": 1, "rc": 8}}, "image state write")
     assert type(err) is SMPError and str(err) == "image state write failed: image group error 8 HASH_NOT_FOUND"
     assert error_from_response({"rc": 0, "off": 5}, "x") is None
     assert error_from_response({"off": 5}, "x") is None
     assert error_from_response({"rc": 5, "rsn": "nope"}, "x") is not None
-    assert error_from_response({"rc": 3, "rsn": "image:99"}, "x").image_code is None  # type: ignore[union-attr]
+    assert error_from_response({"rc": 3, "rsn": "image:99"}, "x").code is None  # type: ignore[union-attr]
     for e in (err,):
         assert e is not None and e.exit_code == 1
 
@@ -428,7 +428,7 @@ class FakeDevice:
             return {}
         if key == (Group.IMAGE, ImageCmd.UPLOAD):
             return self.upload(p)
-        return {"rc": MgmtErr.ENOTSUP}
+        return {"rc": MgmtErrorCode.ENOTSUP}
 
     def upload(self, p: dict[str, Any]) -> dict[str, Any]:
         off, data = p["off"], p["data"]
@@ -439,11 +439,11 @@ class FakeDevice:
             self.session = Session(p["len"], p.get("sha"), bytearray(p["len"]))
         s = self.session
         if s is None:
-            return {"rc": MgmtErr.EBADSTATE, "rsn": "update:2"}
+            return {"rc": MgmtErrorCode.EBADSTATE, "rsn": "update:2"}
         if off != s.off:
             return {"off": s.off}
         if s.off + len(data) > s.length:
-            return {"rc": MgmtErr.EINVAL, "rsn": "update:3"}
+            return {"rc": MgmtErrorCode.EINVAL, "rsn": "update:3"}
         s.data[off : off + len(data)] = data
         s.off += len(data)
         if s.off < s.length:
@@ -468,11 +468,11 @@ class FakeDevice:
         for s in self.slots:
             if s["hash"] == h:
                 if s["active"]:
-                    return {"rc": MgmtErr.EINVAL} if not confirm else {"images": self.slots}
+                    return {"rc": MgmtErrorCode.EINVAL} if not confirm else {"images": self.slots}
                 s["pending"] = True
                 s["permanent"] = s["confirmed"] = bool(confirm)
                 return {"images": self.slots}
-        return {"rc": MgmtErr.ENOENT}
+        return {"rc": MgmtErrorCode.ENOENT}
 
 
 @pytest.fixture
@@ -807,8 +807,8 @@ def test_refused_first_request_raises_with_the_reason(peers: Callable[..., Peer]
     peer = peers(respond)
     with pytest.raises(ImageRefused) as exc:
         upload(peer, _image(9000))
-    assert type(exc.value) is ImageRefused and exc.value.image_code is ImageErrorCode.VENDOR_MISMATCH
-    assert exc.value.rc is MgmtErr.EINVAL and exc.value.rsn == "image:16"
+    assert type(exc.value) is ImageRefused and exc.value.code is ImageErrorCode.VENDOR_MISMATCH
+    assert exc.value.rc is MgmtErrorCode.EINVAL and exc.value.rsn == "image:16"
     assert str(exc.value) == ("device refused the image: image is for another vendor (vendor id) "
                               "(image error 16, SMP rc 3 EINVAL)")
     assert len(peer.uploads()) == 1  # nothing streamed after the refusal
@@ -853,9 +853,9 @@ def test_busy_device_refuses_the_update(peers: Callable[..., Peer]) -> None:
             FakeDevice()(peer, req)
 
     peer = peers(respond)
-    with pytest.raises(UpdateStepRefused, match="unconfirmed test image") as exc:
+    with pytest.raises(UpdateRefused, match="unconfirmed test image") as exc:
         upload(peer, _image(3000))
-    assert exc.value.update_code is UpdateErrorCode.BUSY
+    assert exc.value.code is UpdateErrorCode.BUSY
 
 
 def test_upload_resumes_where_the_device_is(peers: Callable[..., Peer]) -> None:

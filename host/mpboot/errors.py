@@ -1,14 +1,54 @@
-"""Error types. Every message is one line fit to show a user as it is."""
+"""Every error type mpboot raises on purpose, and every code enum: one module, one type per
+cause, one attribute (`code`) for the cause's code.
+
+Every message is one line fit to show a user as it is. The CLI prints it and exits with the
+type's `exit_code`: 1 when an image or a request was rejected or refused, 2 when something
+cannot be done as asked (usage, a file, key, port or database that cannot be used), 3 when the
+link to the device fails.
+
+    MpbootError (2)
+    ├── UsageError (2)
+    │   ├── InputFileError, KeyFileError
+    │   └── SerialsExhausted
+    ├── DeviceRunError (2)          the MicroPython unix port could not be run
+    ├── DatabaseError (2)           the factory database
+    │   └── SchemaTooNew
+    ├── ImageRejected (1)           mpboot's own verifier says no: .code ImageErrorCode
+    ├── SMPError (1)                the device says no: .rc .err_group .err_rc .rsn (SMP wire)
+    │   ├── CommandNotSupported
+    │   ├── ImageRefused            .code ImageErrorCode | None
+    │   │   └── VerificationFailed  (it arrived whole, then failed the device's check)
+    │   ├── UpdateRefused           .code UpdateErrorCode | None
+    │   └── FactoryRefused          .code FactoryErrorCode | None
+    ├── BoardFailed (1)             the factory station gave up on one board
+    │   └── BoardRefused            not a board it may provision: nothing written
+    └── LinkError (3)
+        ├── PortError (2)
+        ├── TransportError
+        │   └── LinkLost
+        ├── DeviceSilent
+        └── ProtocolError
+
+ImageRejected or ImageRefused: `except ImageRejected` catches the host's verdict on an image
+(`mpboot verify`, `flashing.prepare`): nothing reached a device. `except ImageRefused` catches
+a device's refusal of an image, whether it came over SMP (mpboot.smp.error_map.error_from_response)
+or from the simulator (mpboot.sim.install_result): the same type and the same `code` for the
+same reason. Both share ImageErrorCode and exit code 1; catch both to mean "not installable".
+"""
 
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TypedDict, Unpack
 
 
 class MpbootError(Exception):
     """Base class of every error mpboot raises on purpose."""
 
     exit_code = 2
+
+
+# --- asked for what cannot be done (exit 2) -----------------------------------------------------
 
 
 class UsageError(MpbootError):
@@ -23,8 +63,23 @@ class KeyFileError(UsageError):
     """A key file cannot be loaded, or holds a key of the wrong type or size."""
 
 
+class SerialsExhausted(UsageError):
+    """The factory station's serial source has no serial left for a new board."""
+
+
 class DeviceRunError(MpbootError):
     """The MicroPython unix port could not be run, or did not answer as expected."""
+
+
+class DatabaseError(MpbootError):
+    """The factory database cannot be opened or used (exit 2)."""
+
+
+class SchemaTooNew(DatabaseError):
+    """The factory database was written by a newer mpboot: its schema version is unknown here."""
+
+
+# --- cause codes --------------------------------------------------------------------------------
 
 
 class ImageErrorCode(IntEnum):
@@ -62,7 +117,84 @@ class UpdateErrorCode(IntEnum):
     LENGTH = 4  # the announced length cannot hold the image or does not fit the slot
 
 
-_DESCRIPTIONS = {
+class FactoryErrorCode(IntEnum):
+    """The mpboot group's (64) provisioning codes: v2 group rc, v1 `rsn` "factory:N"
+    (docs/FACTORY.md section 2)."""
+
+    SEALED = 1
+    NO_IDENTITY = 2
+    SERIAL_MISMATCH = 3
+    INVALID = 4
+    FIXED_BY_BUILD = 5
+    NO_FACTORY_AREA = 6
+    FLASH = 7
+    TEST_BOOT_REQUIRED = 8
+
+
+# SMP's own codes, as they come over the wire (their texts: mpboot.smp.error_map).
+
+
+class MgmtErrorCode(IntEnum):
+    """SMP's generic result codes (Zephyr MGMT_ERR_*)."""
+
+    EOK = 0
+    EUNKNOWN = 1
+    ENOMEM = 2
+    EINVAL = 3
+    ETIMEOUT = 4
+    ENOENT = 5
+    EBADSTATE = 6
+    EMSGSIZE = 7
+    ENOTSUP = 8
+    ECORRUPT = 9
+    EBUSY = 10
+    EACCESSDENIED = 11
+    UNSUPPORTED_TOO_OLD = 12
+    UNSUPPORTED_TOO_NEW = 13
+
+
+class ImgMgmtErrorCode(IntEnum):
+    """The image group's SMP v2 codes (Zephyr IMG_MGMT_ERR_*)."""
+
+    OK = 0
+    UNKNOWN = 1
+    FLASH_CONFIG_QUERY_FAIL = 2
+    NO_IMAGE = 3
+    NO_TLVS = 4
+    INVALID_TLV = 5
+    TLV_MULTIPLE_HASHES_FOUND = 6
+    TLV_INVALID_SIZE = 7
+    HASH_NOT_FOUND = 8
+    NO_FREE_SLOT = 9
+    FLASH_OPEN_FAILED = 10
+    FLASH_READ_FAILED = 11
+    FLASH_WRITE_FAILED = 12
+    FLASH_ERASE_FAILED = 13
+    INVALID_SLOT = 14
+    NO_FREE_MEMORY = 15
+    FLASH_CONTEXT_ALREADY_SET = 16
+    FLASH_CONTEXT_NOT_SET = 17
+    FLASH_AREA_DEVICE_NULL = 18
+    INVALID_PAGE_OFFSET = 19
+    INVALID_OFFSET = 20
+    INVALID_LENGTH = 21
+    INVALID_IMAGE_HEADER = 22
+    INVALID_IMAGE_HEADER_MAGIC = 23
+    INVALID_HASH = 24
+    INVALID_FLASH_ADDRESS = 25
+    VERSION_GET_FAILED = 26
+    CURRENT_VERSION_IS_NEWER = 27
+    IMAGE_ALREADY_PENDING = 28
+    INVALID_IMAGE_VECTOR_TABLE = 29
+    INVALID_IMAGE_TOO_LARGE = 30
+    INVALID_IMAGE_DATA_OVERRUN = 31
+    IMAGE_CONFIRMATION_DENIED = 32
+    IMAGE_SETTING_TEST_TO_ACTIVE_DENIED = 33
+
+
+# What each cause code means, in one line (the messages of the refusals below).
+
+_IMAGE_DESCRIPTIONS: dict[ImageErrorCode, str] = {
     ImageErrorCode.BAD_MAGIC: "not an MCUboot image (bad header magic)",
     ImageErrorCode.BAD_HEADER: "image header field out of range",
     ImageErrorCode.TOO_LARGE: "image does not fit in the slot",
@@ -85,7 +217,7 @@ _DESCRIPTIONS = {
 }
 
 
-_UPDATE_DESCRIPTIONS = {
+_UPDATE_DESCRIPTIONS: dict[UpdateErrorCode, str] = {
     UpdateErrorCode.BUSY: ("the device runs an unconfirmed test image, or an image made permanent waits "
                            "for its reset: confirm or reset first"),
     UpdateErrorCode.STATE: "update steps out of order (no begin, or finished before all data)",
@@ -93,31 +225,190 @@ _UPDATE_DESCRIPTIONS = {
     UpdateErrorCode.LENGTH: "announced image length does not hold the image or does not fit the slot",
 }
 
+_ERASE_BUSY_TEXT = "the slot is running, or holds the image a test boot reverts to"
 
-class UpdateRefused(MpbootError):
-    """The device's updater refused an update step (exit 1)."""
+_FACTORY_DESCRIPTIONS: dict[FactoryErrorCode, str] = {
+    FactoryErrorCode.SEALED: "the board is sealed: identity and policy are read-only",
+    FactoryErrorCode.NO_IDENTITY: "the board has no identity yet: write one before sealing",
+    FactoryErrorCode.SERIAL_MISMATCH: "the serial named is not the board's",
+    FactoryErrorCode.INVALID: "a value is outside the device's limits",
+    FactoryErrorCode.FIXED_BY_BUILD: "the vendor or class id is fixed by the board's build",
+    FactoryErrorCode.NO_FACTORY_AREA: "the board was started without a factory area",
+    FactoryErrorCode.FLASH: "the factory record could not be written",
+    FactoryErrorCode.TEST_BOOT_REQUIRED: "the board's policy requires a test boot: images cannot be made permanent",
+}
 
-    exit_code = 1
 
-    def __init__(self, code: UpdateErrorCode) -> None:
-        self.code = UpdateErrorCode(code)
-        super().__init__(f"update refused: {_UPDATE_DESCRIPTIONS[self.code]}")
+def image_error_text(code: ImageErrorCode) -> str:
+    """The one-line meaning of an image error code ("image is for another vendor (vendor id)")."""
+    return _IMAGE_DESCRIPTIONS[ImageErrorCode(code)]
+
+
+def update_error_text(code: UpdateErrorCode) -> str:
+    """The one-line meaning of an updater error code."""
+    return _UPDATE_DESCRIPTIONS[UpdateErrorCode(code)]
+
+
+def factory_error_text(code: FactoryErrorCode) -> str:
+    """The one-line meaning of a provisioning (factory) error code."""
+    return _FACTORY_DESCRIPTIONS[FactoryErrorCode(code)]
+
+
+def _known(kind: str, number: int, where: str, name: str = "") -> str:
+    """ "(image error 16, SMP rc 3 EINVAL)": a known code's number (and name), how it came."""
+    words = f"{kind} error {number}" + (f" {name}" if name else "")
+    return f"({words}, {where})" if where else f"({words})"
+
+
+def _unknown(kind: str, number: int, where: str) -> str:
+    """ "image error 99 (SMP rc 3 EINVAL)": a code this host does not know, how it came."""
+    return f"{kind} error {number}" + (f" ({where})" if where else "")
+
+
+# --- mpboot's own verifier rejects an image (exit 1) --------------------------------------------
 
 
 class ImageRejected(MpbootError):
-    """An image failed verification or is malformed (exit 1)."""
+    """The host's verifier rejected an image: malformed, or not signed by a given key (exit 1).
+    Nothing was sent to a device; a device's refusal is ImageRefused."""
 
     exit_code = 1
 
     def __init__(self, code: ImageErrorCode, detail: str = "") -> None:
         self.code = ImageErrorCode(code)
-        message = _DESCRIPTIONS[self.code]
+        message = image_error_text(self.code)
         super().__init__(f"{message} ({detail})" if detail else message)
 
 
-# Talking to a device (mpboot.transport, mpboot.smp). Exit codes: 2 for a port that cannot be
-# used as given, 3 when the link fails or the device does not answer; a device that answers
-# with an error is an mpboot.smp.SMPError (exit 1).
+# --- the device says no (exit 1) ----------------------------------------------------------------
+
+
+class WireDetails(TypedDict, total=False):
+    """How an SMP error reply said it (SMPError's attributes; none of them from the simulator)."""
+
+    rc: MgmtErrorCode | int | None
+    err_group: int | None
+    err_rc: int | None
+    rsn: str | None
+
+
+class SMPError(MpbootError):
+    """The device answered a request with an error (exit 1).
+
+    Wire details, None where the reply did not carry them (and all None for a refusal the
+    simulator reported directly): `rc`, the SMP v1 result code (MgmtErrorCode, or a plain int
+    when unknown), None for a v2 group error; `err_group`/`err_rc`, the v2 group error; `rsn`,
+    the v1 reason text. The cause, where one is known, is the subclasses' `code`."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, **wire: Unpack[WireDetails]) -> None:
+        super().__init__(message)
+        self.rc = wire.get("rc")
+        self.err_group = wire.get("err_group")
+        self.err_rc = wire.get("err_rc")
+        self.rsn = wire.get("rsn")
+
+
+class CommandNotSupported(SMPError):
+    """The device does not implement the command (MGMT_ERR ENOTSUP)."""
+
+
+class ImageRefused(SMPError):
+    """The device refused an image: its header, TLVs, signature, or the device's policy (vendor,
+    class, floor, downgrade). Over SMP or from the simulator alike. `code` is None when the
+    device gave no mpboot reason (an SMP v2 error, or a server other than mpboot)."""
+
+    def __init__(self, message: str, *, code: ImageErrorCode | None = None,
+                 **wire: Unpack[WireDetails]) -> None:
+        super().__init__(message, **wire)
+        self.code = code
+
+    @classmethod
+    def from_number(cls, number: int, where: str = "", **wire: Unpack[WireDetails]) -> ImageRefused:
+        """The refusal for the device's image error `number`; `where` says how it came
+        ("SMP rc 3 EINVAL"). A number this host does not know leaves `code` None."""
+        try:
+            code = ImageErrorCode(number)
+        except ValueError:
+            return cls(f"device refused the image: {_unknown('image', number, where)}", **wire)
+        return cls(f"device refused the image: {image_error_text(code)} {_known('image', number, where)}",
+                   code=code, **wire)
+
+    def after_upload(self) -> VerificationFailed:
+        """This refusal, met once the whole image had arrived: the device's verification failed."""
+        return VerificationFailed(
+            str(self).replace("device refused the image", "image verification on the device failed", 1),
+            code=self.code, rc=self.rc, err_group=self.err_group, err_rc=self.err_rc, rsn=self.rsn)
+
+
+class VerificationFailed(ImageRefused):
+    """The image arrived whole but failed verification on the device (hash, signature, policy,
+    or the file's SHA-256 did not match)."""
+
+
+class UpdateRefused(SMPError):
+    """The device's updater refused an update step (or an erase): busy, out of order, out of
+    range. `code` is None for a code this host does not know."""
+
+    def __init__(self, message: str, *, code: UpdateErrorCode | None = None,
+                 **wire: Unpack[WireDetails]) -> None:
+        super().__init__(message, **wire)
+        self.code = code
+
+    @classmethod
+    def from_number(cls, number: int, where: str = "", *, erase: bool = False,
+                    **wire: Unpack[WireDetails]) -> UpdateRefused:
+        """The refusal for the device's update error `number` (`erase`: of an erase request)."""
+        action = "erase" if erase else "update"
+        try:
+            code = UpdateErrorCode(number)
+        except ValueError:
+            return cls(f"device refused the {action}: {_unknown('update', number, where)}", **wire)
+        text = _ERASE_BUSY_TEXT if erase and code is UpdateErrorCode.BUSY else update_error_text(code)
+        return cls(f"device refused the {action}: {text} {_known('update', number, where)}",
+                   code=code, **wire)
+
+
+class FactoryRefused(SMPError):
+    """The device refused a provisioning step or an action its policy forbids. `code` is None
+    for a code this host does not know."""
+
+    def __init__(self, message: str, *, code: FactoryErrorCode | None = None,
+                 **wire: Unpack[WireDetails]) -> None:
+        super().__init__(message, **wire)
+        self.code = code
+
+    @classmethod
+    def from_number(cls, number: int, what: str, where: str = "",
+                    **wire: Unpack[WireDetails]) -> FactoryRefused:
+        """The refusal of the request `what` ("seal") for the device's factory error `number`."""
+        try:
+            code = FactoryErrorCode(number)
+        except ValueError:
+            return cls(f"{what} refused: {_unknown('factory', number, where)}", **wire)
+        return cls(f"{what} refused: {factory_error_text(code)} {_known('factory', number, where, code.name)}",
+                   code=code, **wire)
+
+
+# --- the factory station gives up on a board (exit 1) -------------------------------------------
+
+
+class BoardFailed(MpbootError):
+    """The factory station gave up on one board (mpboot.factory.station): the reason is the
+    message. The station records it as the board's outcome, failed."""
+
+    exit_code = 1
+
+
+class BoardRefused(BoardFailed):
+    """The board is not one the station may provision (not the expected bootloader build):
+    nothing was written to it. Recorded as refused."""
+
+
+# --- talking to a device fails (exit 3) ---------------------------------------------------------
+# (mpboot.transport, mpboot.smp: 2 for a port that cannot be used as given, 3 when the link
+# fails or the device does not answer; a device that answers with an error is an SMPError.)
 
 
 class LinkError(MpbootError):
@@ -146,13 +437,3 @@ class DeviceSilent(LinkError):
 
 class ProtocolError(LinkError):
     """The device answered, but not with what the protocol says (undecodable or missing fields)."""
-
-
-def image_error_text(code: ImageErrorCode) -> str:
-    """The one-line meaning of an image error code ("image is for another vendor (vendor id)")."""
-    return _DESCRIPTIONS[ImageErrorCode(code)]
-
-
-def update_error_text(code: UpdateErrorCode) -> str:
-    """The one-line meaning of an updater error code."""
-    return _UPDATE_DESCRIPTIONS[UpdateErrorCode(code)]

@@ -27,12 +27,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from mpboot.errors import ImageRejected, LinkError, MpbootError, UsageError
+from mpboot.errors import ImageRejected, LinkError, MpbootError, SMPError, UsageError
 from mpboot.flashing import Mark, PreparedImage, flash_with_retries, prepare
 from mpboot.image import TlvType
 from mpboot.smp.client import SMPClient
 from mpboot.smp.messages import DeviceInfo, SlotState
-from mpboot.smp.errors import SMPError
 from mpboot.transport import Transport
 
 IMAGE_SUFFIXES = (".img", ".bin", ".signed")

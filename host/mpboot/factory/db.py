@@ -38,22 +38,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self, TextIO, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
-from mpboot.errors import InputFileError, MpbootError, UsageError
-
-# --- errors ------------------------------------------------------------------------------------
-
-
-class DatabaseError(MpbootError):
-    """The factory database cannot be opened or used (exit 2)."""
-
-
-class SchemaTooNew(DatabaseError):
-    """The database was written by a newer mpboot: its schema version is unknown here."""
-
-
-class SerialsExhausted(UsageError):
-    """The serial source has no serial left for a new board."""
-
+from mpboot.errors import DatabaseError, InputFileError, SchemaTooNew, SerialsExhausted, UsageError
 
 # --- values ------------------------------------------------------------------------------------
 
@@ -870,7 +855,7 @@ def write_json(rows: Sequence[Mapping[str, object]], out: TextIO) -> None:
 
 __all__ = [
     "AUDIT_COLUMNS", "BOARD_COLUMNS", "SCHEMA_VERSION", "UNSET", "AuditEntry", "BoardRecord",
-    "DatabaseError", "FactoryDB", "Outcome", "Result", "SchemaTooNew", "SerialList",
-    "SerialPrefix", "SerialSource", "SerialsExhausted", "Step", "is_postgres_url", "report_rows",
-    "serial_list_from_file", "serial_problem", "utc_now", "write_csv", "write_json",
+    "FactoryDB", "Outcome", "Result", "SerialList", "SerialPrefix", "SerialSource", "Step",
+    "is_postgres_url", "report_rows", "serial_list_from_file", "serial_problem", "utc_now",
+    "write_csv", "write_json",
 ]

@@ -26,12 +26,21 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
-from mpboot.errors import DeviceSilent, LinkError, MpbootError, PortError, UsageError
+from mpboot.errors import (
+    BoardFailed,
+    BoardRefused,
+    CommandNotSupported,
+    DeviceSilent,
+    LinkError,
+    MpbootError,
+    PortError,
+    SMPError,
+    UsageError,
+)
 from mpboot.factory.db import FactoryDB, SerialSource
 from mpboot.flashing import Mark, PreparedImage, flash
 from mpboot.smp.client import SMPClient
 from mpboot.smp.messages import FactoryInfo, Policy, SlotState
-from mpboot.smp.errors import CommandNotSupported, SMPError
 from mpboot.transport.serial import SerialTransport
 
 POLL_INTERVAL: Final = 0.25  # seconds between state reads while a board reboots
@@ -94,14 +103,6 @@ class BoardStatus:
         return end - self.started if self.started else 0.0
 
 
-class BoardFailed(MpbootError):
-    """Ends one board's run: its outcome (failed or refused) and the reason."""
-
-    def __init__(self, message: str, outcome: Outcome = Outcome.FAILED) -> None:
-        super().__init__(message)
-        self.outcome = outcome
-
-
 def _hexes(hashes: Sequence[bytes] | frozenset[bytes]) -> str:
     return ",".join(sorted(h.hex() for h in hashes))
 
@@ -148,8 +149,10 @@ class Station:
         try:
             st.outcome = asyncio.run(self._board(st))
             st.step = "done"  # (a failed board keeps the step it failed at)
+        except BoardRefused as err:
+            self._end(st, Outcome.REFUSED, str(err))
         except BoardFailed as err:
-            self._end(st, err.outcome, str(err))
+            self._end(st, Outcome.FAILED, str(err))
         except (MpbootError, OSError) as err:
             self._end(st, Outcome.FAILED, f"{st.step}: {err}")
         except Exception as err:  # a bug must not take the other boards down: record it
@@ -228,7 +231,7 @@ class Station:
                 why.append(f"embeds unexpected key {_hexes(extra)[:16]}")
             if missing:
                 why.append(f"lacks expected key {_hexes(missing)[:16]}")
-            raise BoardFailed(f"wrong bootloader build: {' and '.join(why)}", Outcome.REFUSED)
+            raise BoardRefused(f"wrong bootloader build: {' and '.join(why)}")
         self._audit(st, "keys", "ok", _hexes(have))
 
         if info.sealed:
@@ -439,4 +442,4 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-__all__ = ["BoardFailed", "BoardStatus", "Outcome", "Station", "StationConfig"]
+__all__ = ["BoardStatus", "Outcome", "Station", "StationConfig"]

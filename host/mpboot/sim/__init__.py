@@ -16,14 +16,7 @@ from pathlib import Path
 
 from mpboot import upy
 from mpboot.device import script_path, write_keys_module
-from mpboot.errors import (
-    DeviceRunError,
-    ImageErrorCode,
-    ImageRejected,
-    UpdateErrorCode,
-    UpdateRefused,
-    UsageError,
-)
+from mpboot.errors import DeviceRunError, ImageRefused, UpdateRefused, UsageError
 from mpboot.firmware import firmware_root
 from mpboot.keys import PublicKey
 from mpboot.upy import compile_tree
@@ -130,17 +123,18 @@ class Installed:
 
 def install_result(run: Run) -> Installed:
     """What an install power-on did: the slot and version, or the device's refusal raised as
-    ImageRejected (image or policy code) or UpdateRefused (updater code)."""
+    ImageRefused (image or policy code) or UpdateRefused (updater code): the types and codes
+    the same refusal has over SMP (without the SMP wire details)."""
     line = run.line("INSTALLED")
     if line:
         f = _fields(line)
         return Installed(int(f["slot"]), f["version"])
     line = run.line("REFUSED")
     if line:
-        _, kind, code = line.split()
+        _, kind, number = line.split()
         if kind == "image":
-            raise ImageRejected(ImageErrorCode(int(code)), "refused by the device")
-        raise UpdateRefused(UpdateErrorCode(int(code)))
+            raise ImageRefused.from_number(int(number))
+        raise UpdateRefused.from_number(int(number))
     raise DeviceRunError(f"simulated device gave no install result: {run.stdout.strip()[-200:]!r}")
 
 

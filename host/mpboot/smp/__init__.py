@@ -1,4 +1,5 @@
-"""The host's SMP (mcumgr) client: packets, error mapping, requests, pipelined upload.
+"""The host's SMP (mcumgr) client: packets, error mapping, requests, pipelined upload. The
+error types it raises are mpboot.errors' (re-exported here).
 
     from mpboot.smp import SMPClient
     from mpboot.transport.serial import SerialTransport
@@ -7,17 +8,18 @@
         result = await client.upload(image, ptlv=..., progress=...)
 """
 
-from mpboot.smp.client import DEFAULT_TIMEOUT, SMPClient
-from mpboot.smp.errors import (
+from mpboot.errors import (
     CommandNotSupported,
+    FactoryRefused,
     ImageRefused,
-    ImgMgmtErr,
-    MgmtErr,
+    ImgMgmtErrorCode,
+    MgmtErrorCode,
     SMPError,
-    UpdateStepRefused,
+    UpdateRefused,
     VerificationFailed,
-    error_from_response,
 )
+from mpboot.smp.client import DEFAULT_TIMEOUT, SMPClient
+from mpboot.smp.error_map import error_from_response
 from mpboot.smp.header import (
     Group,
     Header,
@@ -41,9 +43,10 @@ from mpboot.smp.messages import (
 from mpboot.smp.upload import Requester, UploadResult, max_data
 
 __all__ = [
-    "DEFAULT_TIMEOUT", "ClientStats", "CommandNotSupported", "DeviceInfo", "FactoryInfo", "Group",
-    "Header", "ImageCmd", "ImageRefused", "ImgMgmtErr", "McuMgrParams", "MgmtErr", "Op", "OsCmd",
-    "PendingReply", "Policy", "ProgressCallback", "Requester", "SMPClient", "SMPError", "SlotState",
-    "UpdateStepRefused", "UploadResult", "VerificationFailed", "Version", "decode_packet",
-    "encode_packet", "error_from_response", "max_data",
+    "DEFAULT_TIMEOUT", "ClientStats", "CommandNotSupported", "DeviceInfo", "FactoryInfo",
+    "FactoryRefused", "Group", "Header", "ImageCmd", "ImageRefused", "ImgMgmtErrorCode",
+    "McuMgrParams", "MgmtErrorCode", "Op", "OsCmd", "PendingReply", "Policy", "ProgressCallback",
+    "Requester", "SMPClient", "SMPError", "SlotState", "UpdateRefused", "UploadResult",
+    "VerificationFailed", "Version", "decode_packet", "encode_packet", "error_from_response",
+    "max_data",
 ]

@@ -17,8 +17,8 @@ import random
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
-from mpboot.errors import DeviceSilent, ProtocolError, TransportError
-from mpboot.smp.errors import CommandNotSupported, error_from_response
+from mpboot.errors import CommandNotSupported, DeviceSilent, ProtocolError, TransportError
+from mpboot.smp.error_map import error_from_response
 from mpboot.smp.header import (
     Group,
     Header,

@@ -32,13 +32,16 @@ from typing import Any, Final, Protocol
 
 import cbor2
 
-from mpboot.errors import DeviceSilent, ProtocolError, UpdateErrorCode, UsageError
-from mpboot.smp.errors import (
+from mpboot.errors import (
+    DeviceSilent,
     ImageRefused,
-    UpdateStepRefused,
+    ProtocolError,
+    UpdateErrorCode,
+    UpdateRefused,
+    UsageError,
     VerificationFailed,
-    error_from_response,
 )
+from mpboot.smp.error_map import error_from_response
 from mpboot.smp.header import HEADER_SIZE, Group, ImageCmd, Op
 from mpboot.smp.messages import ClientStats, McuMgrParams, PendingReply, ProgressCallback
 from mpboot.transport import Transport
@@ -127,7 +130,7 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
     chunk while waiting for its answer).
 
     Raises ImageRefused (the device refused the image), VerificationFailed (it arrived whole
-    and failed the device's check), UpdateStepRefused, DeviceSilent, ProtocolError,
+    and failed the device's check), UpdateRefused, DeviceSilent, ProtocolError,
     TransportError."""
     data = bytes(image)
     total = len(data)
@@ -278,7 +281,7 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
             undecodable, bad_replies = None, 0
             refusal = error_from_response(rsp, "image upload")
             if refusal is not None:
-                if (isinstance(refusal, UpdateStepRefused) and refusal.update_code is UpdateErrorCode.STATE
+                if (isinstance(refusal, UpdateRefused) and refusal.code is UpdateErrorCode.STATE
                         and opened and reopens < MAX_REOPENS):
                     # The device lost the session (it reset): open it again; with `sha` it
                     # resumes from its last checkpoint.
@@ -290,10 +293,7 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                 # first request (even when it holds the whole image) refuses the image as offered.
                 if (isinstance(refusal, ImageRefused) and c.end == total and c.off != 0
                         and not isinstance(refusal, VerificationFailed)):
-                    raise VerificationFailed(
-                        str(refusal).replace("device refused the image", "image verification on the device failed", 1),
-                        image_code=refusal.image_code, rc=refusal.rc, err_group=refusal.err_group,
-                        err_rc=refusal.err_rc, rsn=refusal.rsn)
+                    raise refusal.after_upload()
                 raise refusal
             off = rsp.get("off")
             if not isinstance(off, int) or isinstance(off, bool) or not 0 <= off <= total:

@@ -1,0 +1,122 @@
+"""How an SMP error reply becomes an mpboot error: the wire mapping, done once, here. The
+types and code enums themselves are in mpboot.errors.
+
+An SMP v1 error is `{"rc": MGMT_ERR, "rsn": "..."}`; mpboot devices put a machine-readable
+reason in `rsn`: "image:N" (ImageErrorCode), "update:N" (UpdateErrorCode) or "factory:N"
+(FactoryErrorCode). An SMP v2 error is `{"err": {"group": G, "rc": R}}` with the group's own
+code (ImgMgmtErrorCode for the image group, FactoryErrorCode for the mpboot group).
+`error_from_response` turns either into one SMPError subclass whose message is one line fit
+for a user:
+
+    device refused the image: image is for another vendor (vendor id) (image error 16, SMP rc 3 EINVAL)
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any
+
+from mpboot.errors import (
+    CommandNotSupported,
+    FactoryRefused,
+    ImageRefused,
+    ImgMgmtErrorCode,
+    MgmtErrorCode,
+    SMPError,
+    UpdateRefused,
+    WireDetails,
+)
+from mpboot.smp.header import Group
+
+MGMT_ERR_TEXT: dict[MgmtErrorCode, str] = {
+    MgmtErrorCode.EOK: "no error",
+    MgmtErrorCode.EUNKNOWN: "unknown error",
+    MgmtErrorCode.ENOMEM: "out of memory",
+    MgmtErrorCode.EINVAL: "invalid value",
+    MgmtErrorCode.ETIMEOUT: "timed out",
+    MgmtErrorCode.ENOENT: "no such entry",
+    MgmtErrorCode.EBADSTATE: "not allowed in the current state",
+    MgmtErrorCode.EMSGSIZE: "message too large",
+    MgmtErrorCode.ENOTSUP: "command not supported",
+    MgmtErrorCode.ECORRUPT: "corrupt data",
+    MgmtErrorCode.EBUSY: "busy",
+    MgmtErrorCode.EACCESSDENIED: "access denied",
+    MgmtErrorCode.UNSUPPORTED_TOO_OLD: "SMP version too old for the device",
+    MgmtErrorCode.UNSUPPORTED_TOO_NEW: "SMP version too new for the device",
+}
+
+
+# Image-group v2 codes that mean "this image is not acceptable" (docs/PROTOCOL.md table).
+_IMAGE_REFUSAL_CODES = frozenset({
+    ImgMgmtErrorCode.INVALID_TLV, ImgMgmtErrorCode.TLV_MULTIPLE_HASHES_FOUND, ImgMgmtErrorCode.TLV_INVALID_SIZE,
+    ImgMgmtErrorCode.INVALID_IMAGE_HEADER, ImgMgmtErrorCode.INVALID_IMAGE_HEADER_MAGIC, ImgMgmtErrorCode.INVALID_HASH,
+    ImgMgmtErrorCode.CURRENT_VERSION_IS_NEWER, ImgMgmtErrorCode.INVALID_IMAGE_TOO_LARGE,
+    ImgMgmtErrorCode.INVALID_LENGTH, ImgMgmtErrorCode.INVALID_IMAGE_VECTOR_TABLE,
+})
+
+
+def _name(enum: type[IntEnum], value: int) -> str:
+    try:
+        return f"{value} {enum(value).name}"
+    except ValueError:
+        return str(value)
+
+
+def _rc_text(rc: int) -> str:
+    try:
+        code = MgmtErrorCode(rc)
+    except ValueError:
+        return f"SMP rc {rc}"
+    return f"SMP rc {rc} {code.name}"
+
+
+def error_from_response(payload: dict[str, Any], what: str) -> SMPError | None:
+    """The SMPError a response payload carries, or None for a success. `what` names the
+    request for messages without an mpboot reason ("image state write")."""
+    err = payload.get("err")
+    if isinstance(err, dict):
+        return _v2_error(err, what)
+    rc = payload.get("rc", 0)
+    if not isinstance(rc, int) or isinstance(rc, bool):
+        return SMPError(f"{what}: malformed rc {rc!r} in the response")
+    if rc == 0:
+        return None
+    rsn = payload.get("rsn")
+    rsn = rsn if isinstance(rsn, str) else None
+    code: MgmtErrorCode | int
+    try:
+        code = MgmtErrorCode(rc)
+    except ValueError:
+        code = rc
+    wire = WireDetails(rc=code, rsn=rsn)
+    kind, _, number = (rsn or "").partition(":")
+    if number.isdigit():
+        if kind == "factory":
+            return FactoryRefused.from_number(int(number), what, _rc_text(rc), **wire)
+        if kind == "image":
+            return ImageRefused.from_number(int(number), _rc_text(rc), **wire)
+        if kind == "update":
+            return UpdateRefused.from_number(int(number), _rc_text(rc), erase=what == "image erase", **wire)
+    meaning = MGMT_ERR_TEXT.get(code, "unknown code") if isinstance(code, MgmtErrorCode) else "unknown code"
+    detail = f": {rsn}" if rsn else ""
+    cls = CommandNotSupported if code == MgmtErrorCode.ENOTSUP else SMPError
+    return cls(f"{what} failed: {_rc_text(rc)} ({meaning}){detail}", **wire)
+
+
+def _v2_error(err: dict[str, Any], what: str) -> SMPError | None:
+    group, rc = err.get("group"), err.get("rc")
+    if not isinstance(group, int) or not isinstance(rc, int):
+        return SMPError(f"{what}: malformed error {err!r} in the response")
+    if rc == 0:
+        return None
+    wire = WireDetails(err_group=group, err_rc=rc)
+    if group == Group.IMAGE:
+        text = f"image group error {_name(ImgMgmtErrorCode, rc)}"
+        if rc in _IMAGE_REFUSAL_CODES:
+            return ImageRefused(f"device refused the image: {text}", **wire)
+        return SMPError(f"{what} failed: {text}", **wire)
+    if group == Group.OS:
+        return SMPError(f"{what} failed: OS group error {rc}", **wire)
+    if group == Group.MPBOOT:
+        return FactoryRefused.from_number(rc, what, f"mpboot group rc {rc}", **wire)
+    return SMPError(f"{what} failed: group {group} error {rc}", **wire)
