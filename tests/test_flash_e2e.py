@@ -21,6 +21,8 @@ from conftest import KEYS_DIR, signing_key
 from mpboot.cli import cli
 from mpboot.errors import ImageErrorCode
 from mpboot.flashing import Mark, flash, prepare
+from mpboot.image import vendor_uuid
+from mpboot.sim import SimDevice, install_result
 from mpboot.smp import ImageRefused, SMPClient, VerificationFailed
 from mpboot.transport.serial import SerialTransport
 from simkit import make_app, sign_app
@@ -177,6 +179,50 @@ def test_untrusted_signature_fails_verification(images: dict[str, Path], tmp_pat
         assert len(r.stderr.strip().splitlines()) == 1
     finally:
         assert sim.stop() == 0
+
+
+def test_the_simulator_and_smp_refuse_alike(images: dict[str, Path], tmp_path: Path) -> None:
+    """One refusal, one type and one code, however the board is reached: SimDevice.install
+    (the device's updater in one power-on) or an upload over SMP to `mpboot sim`. Another
+    vendor's image is refused as offered (ImageRefused); an image for this vendor signed by an
+    untrusted key is refused once it arrived whole (VerificationFailed)."""
+    vid = vendor_uuid("example.com")
+    untrusted = tmp_path / "untrusted-ours.bin"
+    # (filler: more than one upload request, so the refusal meets the last one, as in the sim)
+    untrusted.write_bytes(sign_app(make_app(tmp_path / "u", "5.0.0", confirm=False, filler=3000),
+                                   signing_key("TEST-ONLY-rsa2048-untrusted.pem"), "5.0.0", vendor_id=vid))
+    cases = {"other vendor": images["vendor"], "untrusted key": untrusted}
+
+    direct = SimDevice.create(tmp_path / "direct", [signing_key(KEY.name).public()], vendor_id=vid)
+    from_sim: dict[str, ImageRefused] = {}
+    for name, path in cases.items():
+        with pytest.raises(ImageRefused) as exc:
+            install_result(direct.install(path, "test", manifest=True))  # manifest: ptlv first, as flash sends it
+        from_sim[name] = exc.value
+
+    over_smp: dict[str, ImageRefused] = {}
+    sim = SimProcess(tmp_path / "served", [KEY], "--vendor-id", "example.com")
+    try:
+        sim.wait_for(r"serving SMP")
+
+        async def upload_each() -> None:
+            async with SMPClient(SerialTransport(sim.path)) as client:
+                for name, path in cases.items():
+                    with pytest.raises(ImageRefused) as exc:
+                        await flash(client, path.read_bytes())
+                    over_smp[name] = exc.value
+
+        asyncio.run(upload_each())
+    finally:
+        assert sim.stop() == 0
+
+    assert from_sim["other vendor"].code is ImageErrorCode.VENDOR_MISMATCH
+    assert type(from_sim["other vendor"]) is ImageRefused
+    assert from_sim["untrusted key"].code in (ImageErrorCode.UNKNOWN_KEY, ImageErrorCode.NO_SIGNATURE)
+    assert type(from_sim["untrusted key"]) is VerificationFailed
+    for name in cases:
+        assert (type(over_smp[name]), over_smp[name].code) == (type(from_sim[name]), from_sim[name].code), name
+        assert from_sim[name].rc is None and over_smp[name].rc is not None  # wire details: SMP only
 
 
 def test_pipelining_keeps_a_paced_line_busy(images: dict[str, Path], tmp_path: Path) -> None:

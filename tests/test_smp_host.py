@@ -48,6 +48,7 @@ from mpboot.errors import (
 from mpboot.flashing import Mark, flash, prepare
 from mpboot.image import ImageVersion, SignOptions, TlvType, build_image, parse_image
 from mpboot.keys import load_signing_key
+from mpboot.sim import Run, install_result
 from mpboot.smp import (
     ClientStats,
     CommandNotSupported,
@@ -236,6 +237,26 @@ def test_error_mapping() -> None:
     assert error_from_response({"rc": 3, "rsn": "image:99"}, "x").code is None  # type: ignore[union-attr]
     for e in (err,):
         assert e is not None and e.exit_code == 1
+
+
+@pytest.mark.parametrize("kind, number", [*(("image", c.value) for c in ImageErrorCode),
+                                          *(("update", c.value) for c in UpdateErrorCode),
+                                          ("image", 99), ("update", 99)])
+def test_a_refusal_maps_alike_from_smp_and_from_the_simulator(kind: str, number: int) -> None:
+    """The device's reason N arrives as `rsn` "image:N" over SMP and as a "REFUSED image N"
+    line from the simulator's install: one type and one code for both (None when unknown);
+    only the SMP one carries wire details."""
+    over_smp = error_from_response({"rc": 3, "rsn": f"{kind}:{number}"}, "image upload")
+    with pytest.raises(SMPError) as caught:
+        install_result(Run(0, f"REFUSED {kind} {number}\n", ""))
+    from_sim = caught.value
+    assert type(from_sim) is type(over_smp) is (ImageRefused if kind == "image" else UpdateRefused)
+    assert isinstance(over_smp, (ImageRefused, UpdateRefused)) and isinstance(from_sim, (ImageRefused, UpdateRefused))
+    assert from_sim.code == over_smp.code and (from_sim.code is None) == (number == 99)
+    # the same words, less how they came
+    assert str(over_smp).replace(", SMP rc 3 EINVAL)", ")").replace(" (SMP rc 3 EINVAL)", "") == str(from_sim)
+    assert (from_sim.rc, from_sim.rsn, over_smp.rc, over_smp.rsn) == (None, None, MgmtErrorCode.EINVAL, f"{kind}:{number}")
+    assert from_sim.exit_code == over_smp.exit_code == 1
 
 
 # --------------------------------------------------------------------------- scripted device

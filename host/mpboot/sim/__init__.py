@@ -123,17 +123,19 @@ class Installed:
 
 def install_result(run: Run) -> Installed:
     """What an install power-on did: the slot and version, or the device's refusal raised as
-    ImageRefused (image or policy code) or UpdateRefused (updater code): the types and codes
-    the same refusal has over SMP (without the SMP wire details)."""
+    ImageRefused (image or policy code; VerificationFailed when the whole image had arrived)
+    or UpdateRefused (updater code): the types and codes the same refusal has over SMP
+    (without the SMP wire details)."""
     line = run.line("INSTALLED")
     if line:
         f = _fields(line)
         return Installed(int(f["slot"]), f["version"])
     line = run.line("REFUSED")
     if line:
-        _, kind, number = line.split()
+        _, kind, number, *finish = line.split()
         if kind == "image":
-            raise ImageRefused.from_number(int(number))
+            refusal = ImageRefused.from_number(int(number))
+            raise refusal.after_upload() if finish else refusal
         raise UpdateRefused.from_number(int(number))
     raise DeviceRunError(f"simulated device gave no install result: {run.stdout.strip()[-200:]!r}")
 

@@ -98,6 +98,7 @@ def main():
         for o in opts:
             if o.startswith("ckpt="):
                 up.checkpoint = int(o[5:])
+        finishing = False
         try:
             with open(sys.argv[3], "rb") as f:
                 f.seek(0, 2)
@@ -130,9 +131,12 @@ def main():
                 while n:
                     off = up.write(off, memoryview(buf)[:n])
                     n = f.readinto(buf)
+                finishing = True
                 target, info = up.finish(mode)
         except ImageError as e:
-            print("REFUSED image %d" % e.args[0])
+            # "finish": the image arrived whole and failed verification (the host's
+            # VerificationFailed, as over SMP); otherwise it was refused as offered.
+            print("REFUSED image %d%s" % (e.args[0], " finish" if finishing else ""))
             return
         except UpdateError as e:
             print("REFUSED update %d" % e.args[0])
