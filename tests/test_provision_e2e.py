@@ -147,7 +147,7 @@ def test_eight_boards_in_parallel_then_rerun_skips(images: dict[str, Path], sims
         info = factory(uids[row["uid"]])
         assert info.sealed and info.serial == row["serial"] and info.uid.hex() == row["uid"]
         assert info.labels == {"hw": "rev3"} and info.vendor_id == VID and info.class_id == CID
-        assert info.counter >= 3 and info.policy == Policy(True, True, True)
+        assert info.floor >= 3 and info.policy == Policy(True, True, True)
 
     # every step of one board is in the audit log, in order
     with_db = FactoryDB.open(str(db))

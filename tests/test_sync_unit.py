@@ -38,8 +38,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def info(vid: bytes | None, cid: bytes | None, ctr: int = 0) -> DeviceInfo:
-    return DeviceInfo(b"uid", vid, cid, ctr, False)
+def info(vid: bytes | None, cid: bytes | None, floor: int = 0) -> DeviceInfo:
+    return DeviceInfo(b"uid", vid, cid, floor, False)
 
 
 def running(version: str, h: bytes = b"\xee" * 32) -> SlotState:
@@ -65,8 +65,8 @@ def test_choose_newest_that_fits_vendor_class_and_counter(repo: Path) -> None:
     assert pick(info(V1, C1)) == "a-1.3.0-ctr3.img"
     assert pick(info(V1, C1), running("1.2.0")) == "a-1.3.0-ctr3.img"
     # the floor: nothing below it; 2.0.0 fits class C2 only
-    assert pick(info(V1, C2, ctr=5)) == "a-2.0.0-class2.img"
-    assert pick(info(V1, C2, ctr=6)) is None
+    assert pick(info(V1, C2, floor=5)) == "a-2.0.0-class2.img"
+    assert pick(info(V1, C2, floor=6)) is None
     # current: the newest fitting is not newer than what runs, or is what runs
     assert pick(info(V1, C1), running("1.3.0")) is None
     assert pick(info(V1, C1), running("1.4.0.1")) is None

@@ -103,7 +103,7 @@ class RepoImage:
             return False
         if info.class_id is not None and self.class_id != info.class_id:
             return False
-        return self.counter >= info.counter
+        return self.counter >= info.floor
 
 
 def load_repo(directory: Path) -> tuple[list[RepoImage], list[str]]:

@@ -371,7 +371,7 @@ class Station:
             self._audit(st, "identity", "ok", f"serial {st.serial}" + (f", labels {dict(cfg.labels)}" if cfg.labels else ""))
             self._step(st, "floor")
             f = await c.raise_floor(cfg.target_floor)
-            self._audit(st, "floor", "ok", f"floor {f.counter}")
+            self._audit(st, "floor", "ok", f"floor {f.floor}")
             self._step(st, "policy")
             await c.set_policy(cfg.policy)
             self._audit(st, "policy", "ok", _policy_text(cfg.policy))
@@ -411,8 +411,8 @@ def _differences(cfg: StationConfig, st: BoardStatus, info: FactoryInfo, slots: 
             bad.append(f"{name} {got.hex() if got else None}, expected {want.hex()}")
     if info.labels != dict(cfg.labels):
         bad.append(f"labels {info.labels}, expected {dict(cfg.labels)}")
-    if info.counter < cfg.target_floor:
-        bad.append(f"floor {info.counter}, expected at least {cfg.target_floor}")
+    if info.floor < cfg.target_floor:
+        bad.append(f"floor {info.floor}, expected at least {cfg.target_floor}")
     want_policy = cfg.policy
     for name in ("no_downgrade", "test_boot", "no_repl"):
         if getattr(want_policy, name) and not getattr(info.policy, name):
@@ -422,8 +422,8 @@ def _differences(cfg: StationConfig, st: BoardStatus, info: FactoryInfo, slots: 
         bad.append("the station's image does not run confirmed")
     if any(s.pending and not s.active for s in slots):
         bad.append("another image waits to boot")
-    if info.counter > (image.security_counter or 0):
-        bad.append(f"floor {info.counter} above the image's counter: it would not boot again")
+    if info.floor > (image.security_counter or 0):
+        bad.append(f"floor {info.floor} above the image's counter: it would not boot again")
     return bad
 
 

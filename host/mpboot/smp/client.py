@@ -282,11 +282,11 @@ class SMPClient:
             payload["labels"] = dict(labels)
         return _factory_info(await self.request(Group.MPBOOT, MpbootCmd.IDENTITY, Op.WRITE, payload))
 
-    async def raise_floor(self, counter: int) -> FactoryInfo:
-        """Raise the security-counter floor to at least `counter` (it never goes down)."""
-        if not 0 <= counter < 1 << 32:
-            raise ValueError(f"a security counter is 0..2^32-1, not {counter}")
-        return _factory_info(await self.request(Group.MPBOOT, MpbootCmd.FLOOR, Op.WRITE, {"ctr": counter}))
+    async def raise_floor(self, floor: int) -> FactoryInfo:
+        """Raise the security-counter floor to at least `floor` (it never goes down)."""
+        if not 0 <= floor < 1 << 32:
+            raise ValueError(f"a security-counter floor is 0..2^32-1, not {floor}")
+        return _factory_info(await self.request(Group.MPBOOT, MpbootCmd.FLOOR, Op.WRITE, {"ctr": floor}))
 
     async def set_policy(self, policy: Policy) -> FactoryInfo:
         return _factory_info(await self.request(Group.MPBOOT, MpbootCmd.POLICY, Op.WRITE, policy.payload()))
@@ -401,7 +401,7 @@ def _factory_info(rsp: dict[str, Any]) -> FactoryInfo:
     return FactoryInfo(
         uid=_field(rsp, "uid", bytes, what), firmware=_field(rsp, "fw", str, what),
         bootloader=_field(rsp, "boot", str, what), key_hashes=tuple(keys),
-        counter=_field(rsp, "ctr", int, what), vendor_id=ids[0], class_id=ids[1], serial=serial,
+        floor=_field(rsp, "ctr", int, what), vendor_id=ids[0], class_id=ids[1], serial=serial,
         labels=dict(labels), policy=Policy(*(bool(f) for f in flags)),
         sealed=_field(rsp, "sealed", bool, what))
 

@@ -53,7 +53,7 @@ class DeviceInfo:
     uid: bytes
     vendor_id: bytes | None  # None: the device does not check the vendor id
     class_id: bytes | None
-    counter: int  # security-counter floor: images with a lower counter are refused
+    floor: int  # security-counter floor: images with a lower counter are refused (wire key "ctr")
     no_downgrade: bool  # images older than the confirmed one are refused
     serial: str | None = None  # the serial number provisioned (None: no identity yet)
 
@@ -78,7 +78,7 @@ class FactoryInfo:
     firmware: str  # MicroPython version
     bootloader: str  # mpboot version
     key_hashes: tuple[bytes, ...]  # of the embedded keys (MCUboot KEYHASH), in the device's order
-    counter: int  # security-counter floor
+    floor: int  # security-counter floor (wire key "ctr")
     vendor_id: bytes | None  # effective (the identity's, else the build's)
     class_id: bytes | None
     serial: str | None
