@@ -30,9 +30,11 @@ def make_app(folder: Path, name: str, *, confirm: bool, filler: int = 0) -> byte
     return pack_app(folder)
 
 
-def sign_app(romfs: bytes, key: SigningKey, version: str, *, counter: int | None = 1,
+def sign_app(romfs: bytes, key: SigningKey, version: str, *, security_counter: int | None = 1,
              vendor_id: bytes | None = None, class_id: bytes | None = None) -> bytes:
-    opts = SignOptions(ImageVersion.parse(version), security_counter=counter,
+    """The ROMFS app signed as an image (header room in front): its version, SEC_CNT (None: no
+    SEC_CNT TLV), and the vendor and class ids it is for."""
+    opts = SignOptions(ImageVersion.parse(version), security_counter=security_counter,
                        vendor_id=vendor_id, class_id=class_id)
     return build_image(bytes(HEADER_ROOM) + romfs, key, opts)
 

@@ -130,8 +130,8 @@ def test_factory_info_identity_and_reads(session: Session) -> None:
     s = session
     # Images of the vendor and class the identity gives the board (images without them would
     # no longer pass its policy).
-    a = image("1.0.0", seed="ident-a", vendor=VENDOR, klass=CLASS)
-    b = image("1.1.0", seed="ident-b", vendor=VENDOR, klass=CLASS)
+    a = image("1.0.0", seed="ident-a", vendor_id=VENDOR, class_id=CLASS)
+    b = image("1.1.0", seed="ident-b", vendor_id=VENDOR, class_id=CLASS)
     s.dev("ident", slots=(a, b))
     s.cmd("confirm", 0)
     s.cmd("server", 0)
@@ -223,8 +223,8 @@ def test_identity_limits(session: Session) -> None:
 
 def test_ids_fixed_by_build(session: Session) -> None:
     s = session
-    a = image("1.0.0", seed="fixed", vendor=VENDOR, klass=CLASS)
-    s.dev("fixed", slots=(a, None), vendor=VENDOR)
+    a = image("1.0.0", seed="fixed", vendor_id=VENDOR, class_id=CLASS)
+    s.dev("fixed", slots=(a, None), vendor_id=VENDOR)
     s.cmd("confirm", 0)
     s.cmd("server", 0)
     other = both(s, WRITE, 2, {"serial": "SN-1", "vid": OTHER_VENDOR})
@@ -357,9 +357,9 @@ def test_effective_policy(session: Session) -> None:
 def test_vendor_id_from_identity(session: Session) -> None:
     """The identity's vendor id becomes the device's: another vendor's image is refused."""
     s = session
-    a = image("1.0.0", seed="vid-a", vendor=VENDOR)
-    ours = image("1.1.0", seed="vid-ours", vendor=VENDOR)
-    theirs = image("1.1.0", seed="vid-theirs", vendor=OTHER_VENDOR)
+    a = image("1.0.0", seed="vid-a", vendor_id=VENDOR)
+    ours = image("1.1.0", seed="vid-ours", vendor_id=VENDOR)
+    theirs = image("1.1.0", seed="vid-theirs", vendor_id=OTHER_VENDOR)
     s.dev("vid", slots=(a, None))
     s.cmd("confirm", 0)
     s.cmd("server", 0)
@@ -450,7 +450,7 @@ def test_provisioning_in_the_service_heap(session: Session) -> None:
             s.send(WRITE, G, 2, {"serial": "S" * 32, "vid": VENDOR, "cid": CLASS, "labels": labels}),
             s.send(WRITE, G, 3, {"ctr": 4}), s.send(WRITE, G, 4, ALL_POLICY), s.send(WRITE, G, 5, {"serial": "S" * 32}),
             s.send(READ, IMG, 0, {"identity": True}), s.send(READ, OS, 7, {"format": "a"}), s.send(READ, G, 0)]
-    ups = s.upload(image("1.3.0", seed="heap", counter=4, vendor=VENDOR, klass=CLASS), chunk=1900)
+    ups = s.upload(image("1.3.0", seed="heap", counter=4, vendor_id=VENDOR, class_id=CLASS), chunk=1900)
     s.run(heapsize=HEAP)
     assert all(r.ok for r in reps + ups)
     assert F(reps[4]) == factory_info(ctr=4, vid=VENDOR, cid=CLASS, labels=labels, policy=ALL_POLICY,

@@ -48,10 +48,10 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     key = signing_key(KEY.name)
     made = {
         "app": sign_app(make_app(out / "a1", "1.0.0", confirm=True, filler=20_000), key, "1.0.0",
-                        counter=3, vendor_id=VID, class_id=CID),
-        "old": sign_app(make_app(out / "a0", "0.9.0", confirm=True), key, "0.9.0", counter=3,
+                        security_counter=3, vendor_id=VID, class_id=CID),
+        "old": sign_app(make_app(out / "a0", "0.9.0", confirm=True), key, "0.9.0", security_counter=3,
                         vendor_id=VID, class_id=CID),
-        "lazy": sign_app(make_app(out / "a2", "1.0.0", confirm=False), key, "1.0.0", counter=3,
+        "lazy": sign_app(make_app(out / "a2", "1.0.0", confirm=False), key, "1.0.0", security_counter=3,
                          vendor_id=VID, class_id=CID),
     }
     paths = {}

@@ -31,7 +31,7 @@ def romfs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 @pytest.fixture
 def image(tmp_path: Path, romfs: dict[str, bytes], rsa2048: SigningKey):  # type: ignore[no-untyped-def]
     def make(version: str, *, confirm: bool = True, counter: int | None = 1, **kw: object) -> Path:
-        data = sign_app(romfs["confirming" if confirm else "silent"], rsa2048, version, counter=counter, **kw)  # type: ignore[arg-type]
+        data = sign_app(romfs["confirming" if confirm else "silent"], rsa2048, version, security_counter=counter, **kw)  # type: ignore[arg-type]
         path = tmp_path / f"img-{version}-{confirm}-{counter}-{len(list(tmp_path.iterdir()))}.bin"
         path.write_bytes(data)
         return path

@@ -39,10 +39,10 @@ CLASS = class_uuid("sensor", VENDOR)
 OTHER_CLASS = class_uuid("display", VENDOR)
 
 
-def image(version: str, *, payload: int = 9001, counter: int | None = 1, vendor: bytes | None = None,
-          klass: bytes | None = None, seed: str = "", key: str = "TEST-ONLY-rsa2048.pem") -> bytes:
+def image(version: str, *, payload: int = 9001, counter: int | None = 1, vendor_id: bytes | None = None,
+          class_id: bytes | None = None, seed: str = "", key: str = "TEST-ONLY-rsa2048.pem") -> bytes:
     body = random.Random(seed or version).randbytes(payload)
-    return sign_app(body, signing_key(key), version, counter=counter, vendor_id=vendor, class_id=klass)
+    return sign_app(body, signing_key(key), version, security_counter=counter, vendor_id=vendor_id, class_id=class_id)
 
 
 def host_code(data: bytes) -> int:
@@ -204,7 +204,7 @@ class Session:
         return c
 
     def dev(self, name: str, *, slots: tuple[bytes | None, bytes | None] = (None, None), size: int = SIZE,
-            vendor: bytes | None = None, klass: bytes | None = None, downgrade: bool = True) -> FlashFile:
+            vendor_id: bytes | None = None, class_id: bytes | None = None, downgrade: bool = True) -> FlashFile:
         flash = FlashFile(self.dir / f"{name}.nor", SECTOR, size)
         data = bytearray(b"\xff" * size)
         for s, content in enumerate(slots):
@@ -213,10 +213,10 @@ class Session:
         flash.path.write_bytes(data)
         Path(str(flash.path) + ".wear").write_bytes(bytes(4 * (size // SECTOR)))
         words: list[object] = ["dev", flash.path, size, SECTOR, 1]
-        if vendor is not None:
-            words.append(f"vendor={vendor.hex()}")
-        if klass is not None:
-            words.append(f"class={klass.hex()}")
+        if vendor_id is not None:
+            words.append(f"vendor={vendor_id.hex()}")
+        if class_id is not None:
+            words.append(f"class={class_id.hex()}")
         if not downgrade:
             words.append("downgrade=0")
         self.cmd(*words)
@@ -364,7 +364,7 @@ def test_mpboot_group_device_info(session: Session) -> None:
     s.cmd("server", 0)
     plain = [s.send(READ, 64, 0, version=v) for v in (V1, V2)]
     write = s.send(WRITE, 64, 0, {})
-    s.dev("ids", vendor=b"\x11" * 16, klass=b"\x22" * 16, downgrade=False)
+    s.dev("ids", vendor_id=b"\x11" * 16, class_id=b"\x22" * 16, downgrade=False)
     s.cmd("server", -1)
     ids = s.send(READ, 64, 0)
     s.run()
@@ -646,9 +646,9 @@ def test_persisted_resume_after_reset(session: Session) -> None:
 
 
 def test_refusals_at_offset_zero_write_nothing(session: Session, device, tmp_path: Path) -> None:
-    a = image("2.1.3", counter=5, vendor=VENDOR, klass=CLASS, seed="A")
+    a = image("2.1.3", counter=5, vendor_id=VENDOR, class_id=CLASS, seed="A")
     s = session
-    flash = s.dev("refuse", slots=(a, None), vendor=VENDOR, klass=CLASS, downgrade=False)
+    flash = s.dev("refuse", slots=(a, None), vendor_id=VENDOR, class_id=CLASS, downgrade=False)
     s.cmd("confirm", 0)
     s.run()
     snapshot, wear = flash.bytes(), flash.wear()
@@ -656,11 +656,11 @@ def test_refusals_at_offset_zero_write_nothing(session: Session, device, tmp_pat
     s2 = Session(device, tmp_path, "refuse2")
     s2.cmd("dev", flash.path, SIZE, SECTOR, 1, f"vendor={VENDOR.hex()}", f"class={CLASS.hex()}", "downgrade=0")
     s2.cmd("server", 0)
-    good = image("2.2.0", counter=5, vendor=VENDOR, klass=CLASS)
+    good = image("2.2.0", counter=5, vendor_id=VENDOR, class_id=CLASS)
     over = SLOT - 0x200 - ImageHeader.unpack(good).protect_tlv_size - 3
-    other = image("2.2.0", counter=5, vendor=OTHER_VENDOR, klass=CLASS)
-    other2 = image("2.2.0", counter=5, vendor=VENDOR, klass=OTHER_CLASS)
-    low = image("2.2.0", counter=4, vendor=VENDOR, klass=CLASS)
+    other = image("2.2.0", counter=5, vendor_id=OTHER_VENDOR, class_id=CLASS)
+    other2 = image("2.2.0", counter=5, vendor_id=VENDOR, class_id=OTHER_CLASS)
+    low = image("2.2.0", counter=4, vendor_id=VENDOR, class_id=CLASS)
     cases = {
         # label: (image, extra fields at off 0, v1 rsn, v2 rc)
         "bad magic": (with_header(good, magic=0x96F3B83C), {}, "image:1", img.IMG_MGMT_ERR.INVALID_IMAGE_HEADER_MAGIC),
@@ -672,9 +672,9 @@ def test_refusals_at_offset_zero_write_nothing(session: Session, device, tmp_pat
         "other class": (other2, {"ptlv": manifest(other2)}, "image:17", img.IMG_MGMT_ERR.INVALID_IMAGE_HEADER),
         "counter below floor": (low, {"ptlv": manifest(low)}, "image:18", img.IMG_MGMT_ERR.CURRENT_VERSION_IS_NEWER),
         "ptlv wrong size": (good, {"ptlv": manifest(good)[:-1]}, "image:5", img.IMG_MGMT_ERR.INVALID_TLV),
-        "downgrade": (image("2.1.2+99", counter=5, vendor=VENDOR, klass=CLASS), {}, "image:19",
+        "downgrade": (image("2.1.2+99", counter=5, vendor_id=VENDOR, class_id=CLASS), {}, "image:19",
                       img.IMG_MGMT_ERR.CURRENT_VERSION_IS_NEWER),
-        "upgrade, same version": (image("2.1.3+1", counter=5, vendor=VENDOR, klass=CLASS), {"upgrade": True},
+        "upgrade, same version": (image("2.1.3+1", counter=5, vendor_id=VENDOR, class_id=CLASS), {"upgrade": True},
                                   "image:19", img.IMG_MGMT_ERR.CURRENT_VERSION_IS_NEWER),
     }
     replies = {}

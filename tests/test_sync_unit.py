@@ -24,7 +24,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("repo")
     key = load_signing_key(KEYS / "TEST-ONLY-rsa2048.pem")
     app = make_app(d / "src", "x", confirm=True)
-    for name, version, counter, vid, cid in (
+    for name, version, counter, vendor_id, class_id in (
         ("a-1.0.0.img", "1.0.0", 1, V1, C1),
         ("a-1.2.0.img", "1.2.0", 1, V1, C1),
         ("a-1.3.0-ctr3.img", "1.3.0", 3, V1, C1),
@@ -32,14 +32,15 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("b-9.0.0.img", "9.0.0", 1, V2, C1),
         ("plain-0.5.0.img", "0.5.0", 1, None, None),
     ):
-        (d / name).write_bytes(sign_app(app, key, version, counter=counter, vendor_id=vid, class_id=cid))
+        (d / name).write_bytes(sign_app(app, key, version, security_counter=counter, vendor_id=vendor_id,
+                                        class_id=class_id))
     (d / "notes.txt").write_text("not an image")
     (d / "broken.img").write_bytes(b"\x00" * 64)
     return d
 
 
-def info(vid: bytes | None, cid: bytes | None, floor: int = 0) -> DeviceInfo:
-    return DeviceInfo(b"uid", vid, cid, floor, False)
+def info(vendor_id: bytes | None, class_id: bytes | None, floor: int = 0) -> DeviceInfo:
+    return DeviceInfo(b"uid", vendor_id, class_id, floor, False)
 
 
 def running(version: str, h: bytes = b"\xee" * 32) -> SlotState:

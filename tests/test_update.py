@@ -35,11 +35,11 @@ def slot_size(sector: int = SECTOR) -> int:
     return (SIZE // sector - 4) // 2 * sector
 
 
-def image(version: str, *, payload: int = 9001, counter: int | None = 1, vendor: bytes | None = None,
-          klass: bytes | None = None, seed: str = "") -> bytes:
+def image(version: str, *, payload: int = 9001, counter: int | None = 1, vendor_id: bytes | None = None,
+          class_id: bytes | None = None, seed: str = "") -> bytes:
     body = random.Random(seed or version).randbytes(payload)
-    return sign_app(body, signing_key("TEST-ONLY-rsa2048.pem"), version, counter=counter,
-                    vendor_id=vendor, class_id=klass)
+    return sign_app(body, signing_key("TEST-ONLY-rsa2048.pem"), version, security_counter=counter,
+                    vendor_id=vendor_id, class_id=class_id)
 
 
 def digest(img: bytes) -> bytes:
@@ -109,7 +109,7 @@ class Plan:
         return path
 
     def dev(self, name: str, *, sector: int = SECTOR, align: int = 1, slots: tuple[bytes | None, bytes | None] = (None, None),
-            vendor: bytes | None = None, klass: bytes | None = None, downgrade: bool = True) -> FlashFile:
+            vendor_id: bytes | None = None, class_id: bytes | None = None, downgrade: bool = True) -> FlashFile:
         """A fresh flash file holding `slots` (erased elsewhere, wear counters at zero), opened."""
         flash = FlashFile(self.dir / f"{name}.nor", sector, SIZE)
         data = bytearray(b"\xff" * SIZE)
@@ -119,10 +119,10 @@ class Plan:
         flash.path.write_bytes(data)
         Path(str(flash.path) + ".wear").write_bytes(bytes(4 * (SIZE // sector)))
         words: list[object] = ["dev", flash.path, SIZE, sector, align]
-        if vendor is not None:
-            words.append(f"vendor={vendor.hex()}")
-        if klass is not None:
-            words.append(f"class={klass.hex()}")
+        if vendor_id is not None:
+            words.append(f"vendor={vendor_id.hex()}")
+        if class_id is not None:
+            words.append(f"class={class_id.hex()}")
         if not downgrade:
             words.append("downgrade=0")
         self.add(*words)
@@ -316,8 +316,8 @@ def _manifest(img: bytes) -> bytes:
 
 
 def test_begin_refusals_happen_before_any_flash_operation(plan: Plan) -> None:
-    a = image("2.1.3+7", counter=5, vendor=VENDOR, klass=CLASS, seed="A")
-    good = image("2.1.4", counter=5, vendor=VENDOR, klass=CLASS, seed="good")
+    a = image("2.1.3+7", counter=5, vendor_id=VENDOR, class_id=CLASS, seed="A")
+    good = image("2.1.4", counter=5, vendor_id=VENDOR, class_id=CLASS, seed="good")
     h = ImageHeader.unpack(good)
     slot = slot_size()
     need = h.hdr_size + h.img_size + h.protect_tlv_size + 4
@@ -336,17 +336,17 @@ def test_begin_refusals_happen_before_any_flash_operation(plan: Plan) -> None:
         ("manifest long", good, 32, "-", _manifest(good) + b"\0", ("image", E_TLV)),
         ("manifest missing", good, 32, "-", b"", ("image", E_TLV)),
         ("manifest bad magic", good, 32, "-", b"\x07" + _manifest(good)[1:], ("image", E_TLV)),
-        ("other vendor", image("2.1.4", counter=5, vendor=OTHER_VENDOR, klass=CLASS), 32, "-", "auto", ("image", E_VENDOR)),
-        ("other class", image("2.1.4", counter=5, vendor=VENDOR, klass=OTHER_CLASS), 32, "-", "auto", ("image", E_CLASS)),
+        ("other vendor", image("2.1.4", counter=5, vendor_id=OTHER_VENDOR, class_id=CLASS), 32, "-", "auto", ("image", E_VENDOR)),
+        ("other class", image("2.1.4", counter=5, vendor_id=VENDOR, class_id=OTHER_CLASS), 32, "-", "auto", ("image", E_CLASS)),
         ("no vendor TLV", image("2.1.4", counter=5), 32, "-", "auto", ("image", E_VENDOR)),
         ("no protected TLVs", image("2.1.4", counter=None), 32, "-", "auto", ("image", E_VENDOR)),
-        ("counter below floor", image("2.1.4", counter=4, vendor=VENDOR, klass=CLASS), 32, "-", "auto", ("image", E_COUNTER)),
-        ("no counter, floor 5", image("2.1.4", counter=None, vendor=VENDOR, klass=CLASS), 32, "-", "auto", ("image", E_COUNTER)),
-        ("downgrade, higher build", image("2.1.2+99", counter=5, vendor=VENDOR, klass=CLASS), 32, "-", "-", ("image", E_DOWNGRADE)),
-        ("downgrade minor", image("2.0.9", counter=5, vendor=VENDOR, klass=CLASS), 32, "-", "auto", ("image", E_DOWNGRADE)),
-        ("downgrade major", image("1.255.65535+4294967295", counter=5, vendor=VENDOR, klass=CLASS), 32, "-", "-", ("image", E_DOWNGRADE)),
+        ("counter below floor", image("2.1.4", counter=4, vendor_id=VENDOR, class_id=CLASS), 32, "-", "auto", ("image", E_COUNTER)),
+        ("no counter, floor 5", image("2.1.4", counter=None, vendor_id=VENDOR, class_id=CLASS), 32, "-", "auto", ("image", E_COUNTER)),
+        ("downgrade, higher build", image("2.1.2+99", counter=5, vendor_id=VENDOR, class_id=CLASS), 32, "-", "-", ("image", E_DOWNGRADE)),
+        ("downgrade minor", image("2.0.9", counter=5, vendor_id=VENDOR, class_id=CLASS), 32, "-", "auto", ("image", E_DOWNGRADE)),
+        ("downgrade major", image("1.255.65535+4294967295", counter=5, vendor_id=VENDOR, class_id=CLASS), 32, "-", "-", ("image", E_DOWNGRADE)),
     ]
-    plan.dev("refuse", slots=(a, None), vendor=VENDOR, klass=CLASS, downgrade=False)
+    plan.dev("refuse", slots=(a, None), vendor_id=VENDOR, class_id=CLASS, downgrade=False)
     plan.add("confirm", 0)  # floor 5, version 2.1.3+7
     plan.add("mark", 1)  # a pending unmark: an accepted begin writes state, a refused one must not
     plan.add("updater", 0)
@@ -360,7 +360,7 @@ def test_begin_refusals_happen_before_any_flash_operation(plan: Plan) -> None:
     after = plan.add("state")
     # Accepted: same major.minor.revision with a lower build (not a downgrade), the exact
     # minimum total and the whole slot as total, a newer version (no manifest, then manifest).
-    same = image("2.1.3+0", counter=5, vendor=VENDOR, klass=CLASS, seed="same")
+    same = image("2.1.3+0", counter=5, vendor_id=VENDOR, class_id=CLASS, seed="same")
     accepted = []
     for img, total, manifest in ((same, "-", "auto"), (good, need, "-"), (good, slot, "auto"), (good, "-", "-")):
         plan.image(img)
@@ -369,11 +369,11 @@ def test_begin_refusals_happen_before_any_flash_operation(plan: Plan) -> None:
     unmarked = plan.add("state")
 
     # The same downgrades on a device that allows them: accepted, and installed.
-    plan.dev("allow", slots=(a, None), vendor=VENDOR, klass=CLASS, downgrade=True)
+    plan.dev("allow", slots=(a, None), vendor_id=VENDOR, class_id=CLASS, downgrade=True)
     plan.add("confirm", 0)
     allowed = []
     for v in ("2.1.2+99", "2.0.9", "1.0.0"):
-        allowed.append(plan.install(0, image(v, counter=5, vendor=VENDOR, klass=CLASS), MARK_NONE, manifest="auto"))
+        allowed.append(plan.install(0, image(v, counter=5, vendor_id=VENDOR, class_id=CLASS), MARK_NONE, manifest="auto"))
     plan.run()
 
     for label, expected, step in steps:
@@ -393,8 +393,8 @@ def test_begin_refusals_happen_before_any_flash_operation(plan: Plan) -> None:
 
 def test_refusals_before_flash_leave_the_file_unchanged(plan: Plan) -> None:
     """The flash file (and wear file) after a run of refused begins is byte-identical."""
-    a = image("2.1.3", counter=5, vendor=VENDOR, klass=CLASS, seed="A")
-    flash = plan.dev("unchanged", slots=(a, None), vendor=VENDOR, klass=CLASS, downgrade=False)
+    a = image("2.1.3", counter=5, vendor_id=VENDOR, class_id=CLASS, seed="A")
+    flash = plan.dev("unchanged", slots=(a, None), vendor_id=VENDOR, class_id=CLASS, downgrade=False)
     plan.add("confirm", 0)
     plan.add("mark", 1)
     plan.add("updater", 0)
@@ -406,12 +406,12 @@ def test_refusals_before_flash_leave_the_file_unchanged(plan: Plan) -> None:
     plan2.dir.mkdir()
     plan2.add("dev", flash.path, SIZE, SECTOR, 1, f"vendor={VENDOR.hex()}", f"class={CLASS.hex()}", "downgrade=0")
     plan2.add("updater", 0)
-    good = image("2.2.0", counter=5, vendor=VENDOR, klass=CLASS)
+    good = image("2.2.0", counter=5, vendor_id=VENDOR, class_id=CLASS)
     refused = []
     for img, hdr, manifest in ((good, 31, "-"), (_with_header(good, magic=1), 32, "-"),
-                               (image("2.2.0", counter=4, vendor=VENDOR, klass=CLASS), 32, "auto"),
-                               (image("2.2.0", counter=5, vendor=OTHER_VENDOR, klass=CLASS), 32, "auto"),
-                               (image("2.1.2+1000", counter=5, vendor=VENDOR, klass=CLASS), 32, "-")):
+                               (image("2.2.0", counter=4, vendor_id=VENDOR, class_id=CLASS), 32, "auto"),
+                               (image("2.2.0", counter=5, vendor_id=OTHER_VENDOR, class_id=CLASS), 32, "auto"),
+                               (image("2.1.2+1000", counter=5, vendor_id=VENDOR, class_id=CLASS), 32, "-")):
         plan2.image(img)
         refused.append(plan2.begin(hdr, "-", manifest))
     plan2.run()
@@ -420,16 +420,16 @@ def test_refusals_before_flash_leave_the_file_unchanged(plan: Plan) -> None:
 
 
 def test_policy_refusals_without_manifest_come_at_finish(plan: Plan) -> None:
-    a = image("2.0.0", counter=5, vendor=VENDOR, klass=CLASS, seed="A")
-    flash = plan.dev("finish-policy", slots=(a, None), vendor=VENDOR, klass=CLASS)
+    a = image("2.0.0", counter=5, vendor_id=VENDOR, class_id=CLASS, seed="A")
+    flash = plan.dev("finish-policy", slots=(a, None), vendor_id=VENDOR, class_id=CLASS)
     plan.add("confirm", 0)
     before = plan.add("state")
     bad = [
-        ("other vendor", image("2.0.1", counter=5, vendor=OTHER_VENDOR, klass=CLASS, seed="v"), E_VENDOR, MARK_TEST),
-        ("other class", image("2.0.1", counter=5, vendor=VENDOR, klass=OTHER_CLASS, seed="c"), E_CLASS, MARK_PERMANENT),
+        ("other vendor", image("2.0.1", counter=5, vendor_id=OTHER_VENDOR, class_id=CLASS, seed="v"), E_VENDOR, MARK_TEST),
+        ("other class", image("2.0.1", counter=5, vendor_id=VENDOR, class_id=OTHER_CLASS, seed="c"), E_CLASS, MARK_PERMANENT),
         ("no vendor TLV", image("2.0.1", counter=5, seed="n"), E_VENDOR, MARK_PERMANENT),
-        ("counter below floor", image("2.0.1", counter=3, vendor=VENDOR, klass=CLASS, seed="f"), E_COUNTER, MARK_TEST),
-        ("no counter", image("2.0.1", counter=None, vendor=VENDOR, klass=CLASS, seed="z"), E_COUNTER, MARK_PERMANENT),
+        ("counter below floor", image("2.0.1", counter=3, vendor_id=VENDOR, class_id=CLASS, seed="f"), E_COUNTER, MARK_TEST),
+        ("no counter", image("2.0.1", counter=None, vendor_id=VENDOR, class_id=CLASS, seed="z"), E_COUNTER, MARK_PERMANENT),
     ]
     cases = []
     for label, img, code, mark in bad:
@@ -453,10 +453,10 @@ def test_policy_refusals_without_manifest_come_at_finish(plan: Plan) -> None:
 
 def test_good_image_without_manifest_is_accepted_at_finish(plan: Plan) -> None:
     """Control for the refusals above: a good image on the same device installs and test-boots."""
-    a = image("2.0.0", counter=5, vendor=VENDOR, klass=CLASS, seed="A")
-    plan.dev("finish-good", slots=(a, None), vendor=VENDOR, klass=CLASS)
+    a = image("2.0.0", counter=5, vendor_id=VENDOR, class_id=CLASS, seed="A")
+    plan.dev("finish-good", slots=(a, None), vendor_id=VENDOR, class_id=CLASS)
     plan.add("confirm", 0)
-    finish = plan.install(0, image("2.0.1", counter=5, vendor=VENDOR, klass=CLASS), MARK_TEST)
+    finish = plan.install(0, image("2.0.1", counter=5, vendor_id=VENDOR, class_id=CLASS), MARK_TEST)
     boot = plan.add("boot")
     plan.run()
     assert finish.values[:3] == ["1", "2.0.1+0", "5"], finish.line
@@ -605,13 +605,13 @@ def test_tampered_image_is_refused_at_finish_and_not_marked(plan: Plan) -> None:
 def test_finish_checks_the_bytes_written_not_what_begin_was_told(plan: Plan) -> None:
     """begin() sees only what the client claims (a header, a manifest); finish() applies the
     whole policy, downgrade included, to the image actually in flash."""
-    a = image("2.0.0", counter=5, vendor=VENDOR, seed="A")
-    newer = image("2.1.0", counter=5, vendor=VENDOR, seed="N")
-    older = image("1.9.0", counter=5, vendor=VENDOR, seed="O")
-    foreign = image("2.1.0", counter=5, vendor=OTHER_VENDOR, seed="F")
-    low = image("2.1.0", counter=4, vendor=VENDOR, seed="L")
+    a = image("2.0.0", counter=5, vendor_id=VENDOR, seed="A")
+    newer = image("2.1.0", counter=5, vendor_id=VENDOR, seed="N")
+    older = image("1.9.0", counter=5, vendor_id=VENDOR, seed="O")
+    foreign = image("2.1.0", counter=5, vendor_id=OTHER_VENDOR, seed="F")
+    low = image("2.1.0", counter=4, vendor_id=VENDOR, seed="L")
     assert len({len(newer), len(older), len(foreign), len(low)}) == 1
-    flash = plan.dev("claims", slots=(a, None), vendor=VENDOR, downgrade=False)
+    flash = plan.dev("claims", slots=(a, None), vendor_id=VENDOR, downgrade=False)
     plan.add("confirm", 0)
     before = plan.add("state")
     cases = []

@@ -68,7 +68,7 @@ def main() -> None:
         key_path.write_bytes(key.private_pem())
         os.chmod(key_path, 0o600)
         image = sign_app(make_app(tmp / "app", "1.0.0", confirm=True, filler=APP_FILLER), key, "1.0.0",
-                         counter=1)
+                         security_counter=1)
         print(f"factory station: {len(image) // 1024} KiB first app, {os.cpu_count()} cores")
         for title, sim_args in SERIES:
             print(f" {title}")
