@@ -4,6 +4,7 @@ MicroPython unix port). Both must reach the expected verdict with the same error
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 
@@ -89,3 +90,20 @@ def test_pss_vector_unsigned_parts_are_rebuilt() -> None:
                                                   security_counter=v.auto_security_counter())))
     sig_offset = golden.unprotected[-1].offset
     assert rebuilt.data[:sig_offset] == golden.data[:sig_offset]
+
+
+@pytest.mark.parametrize("scheme", list(SignatureScheme))
+def test_verify_digest_raises_on_a_bad_signature(scheme: SignatureScheme) -> None:
+    """Verify means raise: a good signature returns nothing; another digest, another key or a
+    flipped bit raises ImageRejected(BAD_SIGNATURE), never a bool a caller could ignore."""
+    key = signing_key("TEST-ONLY-rsa2048.pem")
+    digest = hashlib.sha256(b"image").digest()
+    signature = key.sign_digest(digest, scheme)
+    assert key.public().verify_digest(signature, digest, scheme) is None
+    flipped = bytes([signature[0] ^ 1]) + signature[1:]
+    for sig, dig, public in ((signature, hashlib.sha256(b"other").digest(), key.public()),
+                             (flipped, digest, key.public()),
+                             (signature, digest, signing_key("TEST-ONLY-rsa2048-untrusted.pem").public())):
+        with pytest.raises(ImageRejected) as caught:
+            public.verify_digest(sig, dig, scheme)
+        assert caught.value.code is ImageErrorCode.BAD_SIGNATURE and caught.value.exit_code == 1

