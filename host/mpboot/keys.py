@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -22,7 +22,7 @@ PUBLIC_EXPONENT = 65537
 PSS_SALT_LENGTH = 32
 
 
-class SignatureScheme(str, Enum):
+class SignatureScheme(StrEnum):
     PSS = "pss"
     PKCS1V15 = "pkcs1v15"
 
