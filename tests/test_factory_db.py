@@ -37,9 +37,9 @@ from mpboot.factory.db import (
     POSTGRES_MIGRATIONS,
     SCHEMA_VERSION,
     SQLITE_MIGRATIONS,
+    AuditOutcome,
+    BoardResult,
     FactoryDB,
-    Outcome,
-    Result,
     SerialList,
     SerialPrefix,
     is_postgres_url,
@@ -155,7 +155,7 @@ def test_a_version_1_database_is_migrated_and_keeps_its_data(db_url: str, raw: R
         assert "labels" in raw.columns("boards")
         old = db.board(b"\x0a\x0b")
         assert old is not None
-        assert (old.serial, old.result, old.station, old.labels) == ("OLD-1", Result.PROVISIONED,
+        assert (old.serial, old.result, old.station, old.labels) == ("OLD-1", BoardResult.PROVISIONED,
                                                                      "st0", {})
         assert [(e.step, e.serial) for e in db.audit_log(b"\x0a\x0b")] == [("done", "OLD-1")]
         db.update(b"\x0a\x0b", labels={"hw": "rev2"})
@@ -188,7 +188,7 @@ def test_audit_is_append_only(db: FactoryDB, raw: Raw) -> None:
     for step in ("connect", "keys", "serial"):
         db.audit(step=step, outcome="ok", uid=uid(1), serial=None, station="st1",
                  operator="alice", port="/dev/ttyACM0", detail=f"{step} done")
-    db.audit(step="failed", outcome=Outcome.FAIL, uid=None, serial=None, station="st1",
+    db.audit(step="failed", outcome=AuditOutcome.FAIL, uid=None, serial=None, station="st1",
              operator="alice", port="/dev/ttyACM1")
     before = raw.execute("SELECT * FROM audit ORDER BY id")
     assert len(before) == 4
@@ -205,8 +205,8 @@ def test_audit_is_append_only(db: FactoryDB, raw: Raw) -> None:
     log = db.audit_log()
     assert [e.step for e in log] == ["connect", "keys", "serial", "failed"]
     assert [e.id for e in log] == sorted(e.id for e in log)
-    assert log[0].uid == uid(1) and log[0].detail == "connect done" and log[0].outcome is Outcome.OK
-    assert log[3].uid is None and log[3].detail == "" and log[3].outcome is Outcome.FAIL
+    assert log[0].uid == uid(1) and log[0].detail == "connect done" and log[0].outcome is AuditOutcome.OK
+    assert log[3].uid is None and log[3].detail == "" and log[3].outcome is AuditOutcome.FAIL
     assert [e.step for e in db.audit_log(uid(1))] == ["connect", "keys", "serial"]
     assert all(datetime.fromisoformat(e.at).utcoffset() == UTC.utcoffset(None) for e in log)
 
@@ -227,7 +227,7 @@ def test_audit_refuses_unknown_steps_and_outcomes(db: FactoryDB) -> None:
 def test_start_and_update_a_board(db: FactoryDB) -> None:
     assert db.board(uid(1)) is None
     first = db.start(uid(1), station="st1", operator="alice", port="/dev/ttyACM0")
-    assert (first.uid, first.serial, first.result) == (uid(1), None, Result.IN_PROGRESS)
+    assert (first.uid, first.serial, first.result) == (uid(1), None, BoardResult.IN_PROGRESS)
     assert (first.station, first.operator, first.port) == ("st1", "alice", "/dev/ttyACM0")
     assert first.created_at == first.updated_at and first.created_at.endswith("Z")
 
@@ -238,7 +238,7 @@ def test_start_and_update_a_board(db: FactoryDB) -> None:
     b = db.board(uid(1))
     assert b is not None
     assert (b.result, b.key_hash, b.image_hash, b.image_version, b.labels, b.error) == (
-        Result.PROVISIONED, "aa11,bb22", "cc33", "1.2.3+4", {"hw": "rev2", "lot": "7"}, None)
+        BoardResult.PROVISIONED, "aa11,bb22", "cc33", "1.2.3+4", {"hw": "rev2", "lot": "7"}, None)
     assert b.provisioned_at == "2026-05-20T18:00:00.000000Z"
     assert b.updated_at > first.updated_at
 
@@ -267,7 +267,7 @@ def test_update_refuses_misuse(db: FactoryDB) -> None:
         db.board("0102")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         db.update(uid(1), serial="X")  # type: ignore[call-arg]  # serials: assign_serial only
-    assert db.board(uid(1)).result is Result.IN_PROGRESS  # type: ignore[union-attr]
+    assert db.board(uid(1)).result is BoardResult.IN_PROGRESS  # type: ignore[union-attr]
 
 
 def test_boards_in_order_of_first_seen(db: FactoryDB) -> None:
@@ -554,9 +554,9 @@ def test_reports(db: FactoryDB) -> None:
     start(db, 1)
     start(db, 2)
     db.assign_serial(uid(1), SerialPrefix("SN-"))
-    db.update(uid(1), result=Result.PROVISIONED, labels={"hw": "rev2, \"b\""},
+    db.update(uid(1), result=BoardResult.PROVISIONED, labels={"hw": "rev2, \"b\""},
               provisioned_at=datetime(2026, 5, 20, tzinfo=UTC))
-    db.update(uid(2), result=Result.REFUSED, error="embedded key 1234 is not the expected one")
+    db.update(uid(2), result=BoardResult.REFUSED, error="embedded key 1234 is not the expected one")
     rows = report_rows(db)
     assert [list(r) for r in rows] == [list(BOARD_COLUMNS)] * 2
     assert rows[0]["uid"] == uid(1).hex() and rows[0]["serial"] == "SN-000001"

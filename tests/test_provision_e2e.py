@@ -27,7 +27,7 @@ from conftest import KEYS_DIR, signing_key
 from mpboot.cli import cli
 from mpboot.errors import DeviceSilent, FactoryErrorCode, FactoryRefused, ImageRefused
 from mpboot.factory.db import FactoryDB, SerialPrefix
-from mpboot.factory.station import BoardStatus, Outcome, Station, StationConfig
+from mpboot.factory.station import BoardStatus, ProvisionOutcome, Station, StationConfig
 from mpboot.flashing import Mark, flash, prepare
 from mpboot.sim import SimDevice
 from mpboot.smp import SMPClient
@@ -174,7 +174,7 @@ def test_eight_boards_in_parallel_then_rerun_skips(images: dict[str, Path], sims
 def test_sealed_board_refuses_changes(images: dict[str, Path], sims: Sims, tmp_path: Path) -> None:
     sim = sims.start("b")
     boards = Station(config(images), FactoryDB.open(str(tmp_path / "f.sqlite"))).run([sim.path])
-    assert boards[0].outcome is Outcome.PROVISIONED, boards[0].error
+    assert boards[0].outcome is ProvisionOutcome.PROVISIONED, boards[0].error
     serial = boards[0].serial
     assert serial is not None
 
@@ -206,7 +206,7 @@ def test_sealed_board_refuses_changes(images: dict[str, Path], sims: Sims, tmp_p
 
     # another station's database does not know this board: it is left alone
     other = Station(config(images, station="st9"), FactoryDB.open(str(tmp_path / "other.sqlite"))).run([sim.path])
-    assert other[0].outcome is Outcome.FAILED and "sealed elsewhere" in other[0].error
+    assert other[0].outcome is ProvisionOutcome.FAILED and "sealed elsewhere" in other[0].error
     assert factory(sim.path).serial == serial
 
 
@@ -239,7 +239,7 @@ def test_app_that_never_confirms_fails_the_board(images: dict[str, Path], sims: 
     sim = sims.start("b")
     cfg = replace(config(images, confirm_timeout=2.0), image=prepare(images["lazy"].read_bytes()))
     boards = Station(cfg, FactoryDB.open(str(tmp_path / "f.sqlite"))).run([sim.path])
-    assert boards[0].outcome is Outcome.FAILED
+    assert boards[0].outcome is ProvisionOutcome.FAILED
     assert "did not confirm itself" in boards[0].error
     assert not factory(sim.path).sealed
 
@@ -258,7 +258,7 @@ def test_two_stations_at_once_never_share_a_serial(images: dict[str, Path], sims
     for t in threads:
         t.join()
     boards = results["st1"] + results["st2"]
-    assert all(b.outcome is Outcome.PROVISIONED for b in boards), [b.error for b in boards]
+    assert all(b.outcome is ProvisionOutcome.PROVISIONED for b in boards), [b.error for b in boards]
     serials = [b.serial for b in boards]
     assert len(set(serials)) == 4 and all(s and s.startswith("SN-") for s in serials)
 
@@ -295,7 +295,7 @@ def _provision_with_a_kill(images: dict[str, Path], sims: Sims, db: str, seed: i
     if what == "sim":
         sim = sims.start("b")  # the same board (state dir), on a new port
     second = Station(config(images), FactoryDB.open(db)).run([sim.path])[0]
-    assert second.outcome in (Outcome.PROVISIONED, Outcome.SKIPPED), (step, what, first.error, second.error)
+    assert second.outcome in (ProvisionOutcome.PROVISIONED, ProvisionOutcome.SKIPPED), (step, what, first.error, second.error)
     assert second.serial == "SN-000001"  # never another one
     info = factory(sim.path)
     assert info.sealed and info.serial == "SN-000001"
@@ -357,7 +357,7 @@ def test_another_pending_image_is_cleared_before_sealing(images: dict[str, Path]
     sim.wait_for(r"serving SMP")
     asyncio.run(install(lazy, False))
     boards = Station(config(images), FactoryDB.open(str(tmp_path / "f.sqlite"))).run([sim.path])
-    assert boards[0].outcome is Outcome.PROVISIONED, boards[0].error
+    assert boards[0].outcome is ProvisionOutcome.PROVISIONED, boards[0].error
 
     async def slots() -> Any:
         async with SMPClient(SerialTransport(sim.path)) as c:

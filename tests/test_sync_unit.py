@@ -11,7 +11,7 @@ import pytest
 from mpboot.errors import UsageError
 from mpboot.keys import load_signing_key
 from mpboot.smp.messages import DeviceInfo, SlotState
-from mpboot.sync import Attempt, AttemptLog, Result, choose, load_repo, summary_rows
+from mpboot.sync import Attempt, AttemptLog, SyncResult, choose, load_repo, summary_rows
 from simkit import make_app, sign_app
 
 KEYS = Path(__file__).parent / "keys"
@@ -83,8 +83,8 @@ def test_attempt_log(tmp_path: Path, name: str) -> None:
     path = tmp_path / name
     log = AttemptLog(path)
     a = Attempt(1, "dev-a", "AA:BB", uid="01", from_version="1.0.0", to_version="1.2.0", image="a.img",
-                bytes=1234, resumed_from=512, reconnects=2, result=Result.UPDATED)
-    b = Attempt(1, "dev-b", "CC:DD", result=Result.FAILED, error="link lost")
+                bytes=1234, resumed_from=512, reconnects=2, result=SyncResult.UPDATED)
+    b = Attempt(1, "dev-b", "CC:DD", result=SyncResult.FAILED, error="link lost")
     log.write(a)
     log.write(b)
     log.close()

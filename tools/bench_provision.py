@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "host"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from mpboot.factory.db import FactoryDB, SerialPrefix  # noqa: E402
-from mpboot.factory.station import Outcome, Station, StationConfig  # noqa: E402
+from mpboot.factory.station import ProvisionOutcome, Station, StationConfig  # noqa: E402
 from mpboot.flashing import prepare  # noqa: E402
 from mpboot.keys import generate  # noqa: E402
 from simkit import make_app, sign_app  # noqa: E402
@@ -51,7 +51,7 @@ def run(tmp: Path, key_path: Path, image: bytes, n: int, keyhash: bytes,
         boards = Station(cfg, db).run([s.path for s in sims], parallel=n)
         elapsed = time.monotonic() - t0
         db.close()
-        bad = [b for b in boards if b.outcome is not Outcome.PROVISIONED]
+        bad = [b for b in boards if b.outcome is not ProvisionOutcome.PROVISIONED]
         if bad:
             raise SystemExit(f"bench_provision: {len(bad)} boards failed: {bad[0].error}")
         return elapsed, [b.elapsed for b in boards]

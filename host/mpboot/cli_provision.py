@@ -99,7 +99,7 @@ def provision_cmd(ctx: click.Context, ports: tuple[str, ...], ports_glob: str | 
         return
     from mpboot import keys
     from mpboot.factory.db import FactoryDB, SerialPrefix, SerialSource, serial_list_from_file
-    from mpboot.factory.station import Outcome, Station, StationConfig
+    from mpboot.factory.station import ProvisionOutcome, Station, StationConfig
     from mpboot.flashing import prepare
     from mpboot.image import verify_image
 
@@ -137,8 +137,8 @@ def provision_cmd(ctx: click.Context, ports: tuple[str, ...], ports_glob: str | 
         os._exit(130)  # the boards' threads end at their next step; nothing waits for them
     finally:
         db.close()
-    failed = [b for b in boards if b.outcome not in (Outcome.PROVISIONED, Outcome.SKIPPED)]
-    counts = {o: sum(1 for b in boards if b.outcome is o) for o in Outcome}
+    failed = [b for b in boards if b.outcome not in (ProvisionOutcome.PROVISIONED, ProvisionOutcome.SKIPPED)]
+    counts = {o: sum(1 for b in boards if b.outcome is o) for o in ProvisionOutcome}
     click.echo("provision: " + ", ".join(f"{n} {o}" for o, n in counts.items() if n) + f" of {len(boards)} boards")
     for b in failed:
         who = f" ({b.uid.hex()})" if b.uid else ""

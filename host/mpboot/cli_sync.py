@@ -46,9 +46,9 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
         Attempt,
         AttemptLog,
         BleRadio,
-        Result,
         Syncer,
         SyncOptions,
+        SyncResult,
         load_repo,
         summary_rows,
     )
@@ -100,5 +100,5 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
         attempts = last
     finally:
         log.close()
-    if any(a.result is Result.FAILED for a in attempts):
+    if any(a.result is SyncResult.FAILED for a in attempts):
         raise SystemExit(1)

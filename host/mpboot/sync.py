@@ -38,7 +38,7 @@ IMAGE_SUFFIXES = (".img", ".bin", ".signed")
 RESUME_MIN = 4096  # an opening reply above this is a resumed session, not the first chunk's end
 
 
-class Result(StrEnum):
+class SyncResult(StrEnum):
     UPDATED = "updated"
     CURRENT = "current"
     REVERTED = "reverted"
@@ -162,7 +162,7 @@ class Attempt:
     bytes: int = 0  # image bytes sent in this attempt (what earlier meetings sent excluded)
     resumed_from: int = 0  # the offset the device's persisted upload was at
     reconnects: int = 0  # links lost and re-established during the attempt
-    result: Result = Result.FAILED
+    result: SyncResult = SyncResult.FAILED
     error: str | None = None
     started: float = field(default_factory=time.time)  # Unix time
     seconds: float = 0.0
@@ -288,7 +288,7 @@ class Syncer:
         try:
             await self._sync(dev, a)
         except (MpbootError, SMPError) as err:
-            a.result = Result.FAILED
+            a.result = SyncResult.FAILED
             a.error = str(err) or type(err).__name__
         a.seconds = round(time.monotonic() - t0, 3)
         self.event(a, f"{a.result}" + (f": {a.error}" if a.error else ""))
@@ -320,7 +320,7 @@ class Syncer:
         choice = choose(self.repo, info, running)
         if choice is None:
             fits = any(r.fits(info) for r in self.repo)
-            a.result = Result.CURRENT if fits else Result.NO_IMAGE
+            a.result = SyncResult.CURRENT if fits else SyncResult.NO_IMAGE
             if not fits:
                 a.error = "no image in the repository fits this device"
             return
@@ -385,16 +385,16 @@ class Syncer:
                 continue
             running = next((s for s in slots if s.active), None)
             if running is not None and running.hash == new and running.confirmed:
-                a.result = Result.UPDATED
+                a.result = SyncResult.UPDATED
                 return
             waiting = next((s for s in slots if s.hash == new and s.pending and not s.active), None)
             if waiting is not None:
                 # still marked and not running: the reset never happened (the link went first)
-                a.result = Result.FAILED
+                a.result = SyncResult.FAILED
                 a.error = "the device did not reset into the new image (it is still pending)"
                 return
             if running is None or running.hash != new:
-                a.result = Result.REVERTED
+                a.result = SyncResult.REVERTED
                 a.error = "the new image did not confirm itself; the device runs the old one"
                 return
             if time.monotonic() > deadline:
@@ -406,9 +406,9 @@ class Syncer:
         await self._wait_seen(dev)
         slots = await self._state(dev)
         running = next((s for s in slots if s.active), None)
-        a.result = Result.REVERTED if running is None or running.hash != new else Result.FAILED
+        a.result = SyncResult.REVERTED if running is None or running.hash != new else SyncResult.FAILED
         a.error = (f"the new image did not confirm itself within {self.opt.confirm_timeout:.0f} s; "
-                   + ("reset back to the old image" if a.result is Result.REVERTED
+                   + ("reset back to the old image" if a.result is SyncResult.REVERTED
                       else "it still runs unconfirmed after a reset"))
 
 

@@ -43,7 +43,7 @@ from mpboot.errors import DatabaseError, InputFileError, SchemaTooNew, SerialsEx
 # --- values ------------------------------------------------------------------------------------
 
 
-class Result(StrEnum):
+class BoardResult(StrEnum):
     """`boards.result`."""
 
     IN_PROGRESS = "in-progress"
@@ -72,7 +72,7 @@ class Step(StrEnum):
     SKIP = "skip"
 
 
-class Outcome(StrEnum):
+class AuditOutcome(StrEnum):
     """`audit.outcome`."""
 
     OK = "ok"
@@ -93,7 +93,7 @@ class BoardRecord:
 
     uid: bytes
     serial: str | None
-    result: Result
+    result: BoardResult
     key_hash: str | None  # hex, comma-separated
     image_hash: str | None  # hex
     image_version: str | None
@@ -119,7 +119,7 @@ class AuditEntry:
     uid: bytes | None
     serial: str | None
     step: str
-    outcome: Outcome
+    outcome: AuditOutcome
     detail: str  # "" when none
 
 
@@ -564,7 +564,7 @@ _AUDIT_SELECT = f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit"
 
 def _board(row: Row) -> BoardRecord:
     d = dict(zip(BOARD_COLUMNS, row, strict=True))
-    return BoardRecord(uid=bytes.fromhex(d["uid"]), serial=d["serial"], result=Result(d["result"]),
+    return BoardRecord(uid=bytes.fromhex(d["uid"]), serial=d["serial"], result=BoardResult(d["result"]),
                        key_hash=d["key_hash"], image_hash=d["image_hash"],
                        image_version=d["image_version"], station=d["station"],
                        operator=d["operator"], port=d["port"], labels=_labels(d["labels"]),
@@ -576,7 +576,7 @@ def _audit_entry(row: Row) -> AuditEntry:
     d = dict(zip(AUDIT_COLUMNS, row, strict=True))
     return AuditEntry(id=int(d["id"]), at=d["at"], station=d["station"], operator=d["operator"],
                       port=d["port"], uid=bytes.fromhex(d["uid"]) if d["uid"] else None,
-                      serial=d["serial"], step=d["step"], outcome=Outcome(d["outcome"]),
+                      serial=d["serial"], step=d["step"], outcome=AuditOutcome(d["outcome"]),
                       detail=d["detail"] or "")
 
 
@@ -692,7 +692,7 @@ class FactoryDB:
                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (uid) DO UPDATE SET "
                "station = excluded.station, operator = excluded.operator, port = excluded.port, "
                "updated_at = excluded.updated_at",
-               (key, Result.IN_PROGRESS.value, station, operator, port, now, now))
+               (key, BoardResult.IN_PROGRESS.value, station, operator, port, now, now))
             rows = tx(f"{_BOARD_SELECT} WHERE uid = ?", (key,))
         return _board(rows[0])
 
@@ -743,7 +743,7 @@ class FactoryDB:
         return source.serial(following)
 
     def update(self, uid: bytes, *,
-               result: Result | str | _Unset = UNSET,
+               result: BoardResult | str | _Unset = UNSET,
                key_hash: str | None | _Unset = UNSET,
                image_hash: str | None | _Unset = UNSET,
                image_version: str | None | _Unset = UNSET,
@@ -757,7 +757,7 @@ class FactoryDB:
         key = _uid_hex(uid)
         sets: dict[str, object] = {}
         if not isinstance(result, _Unset):
-            sets["result"] = Result(result).value
+            sets["result"] = BoardResult(result).value
         if not isinstance(key_hash, _Unset):
             if key_hash is not None and not _KEY_HASH_RE.fullmatch(key_hash):
                 raise ValueError(f"key_hash must be lower-case hex, comma-separated: {key_hash!r}")
@@ -781,12 +781,12 @@ class FactoryDB:
                 raise DatabaseError(f"board {key} is not in the records (start it first)")
             tx(f"UPDATE boards SET {assignments} WHERE uid = ?", (*sets.values(), key))
 
-    def audit(self, *, step: Step | str, outcome: Outcome | str, uid: bytes | None,
+    def audit(self, *, step: Step | str, outcome: AuditOutcome | str, uid: bytes | None,
               serial: str | None, station: str, operator: str, port: str,
               detail: str = "") -> None:
         """Appends one audit row (now)."""
         row = (utc_now(), station, operator, port, None if uid is None else _uid_hex(uid), serial,
-               Step(step).value, Outcome(outcome).value, detail or None)
+               Step(step).value, AuditOutcome(outcome).value, detail or None)
         with self._op("cannot append to the audit log", write=True) as tx:
             tx("INSERT INTO audit (at, station, operator, port, uid, serial, step, outcome, detail) "
                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
@@ -854,8 +854,8 @@ def write_json(rows: Sequence[Mapping[str, object]], out: TextIO) -> None:
 
 
 __all__ = [
-    "AUDIT_COLUMNS", "BOARD_COLUMNS", "SCHEMA_VERSION", "UNSET", "AuditEntry", "BoardRecord",
-    "FactoryDB", "Outcome", "Result", "SerialList", "SerialPrefix", "SerialSource", "Step",
+    "AUDIT_COLUMNS", "BOARD_COLUMNS", "SCHEMA_VERSION", "UNSET", "AuditEntry", "AuditOutcome",
+    "BoardRecord", "BoardResult", "FactoryDB", "SerialList", "SerialPrefix", "SerialSource", "Step",
     "is_postgres_url", "report_rows", "serial_list_from_file", "serial_problem", "utc_now",
     "write_csv", "write_json",
 ]

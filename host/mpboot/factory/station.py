@@ -46,7 +46,7 @@ from mpboot.transport.serial import SerialTransport
 POLL_INTERVAL: Final = 0.25  # seconds between state reads while a board reboots
 
 
-class Outcome(StrEnum):
+class ProvisionOutcome(StrEnum):
     PROVISIONED = "provisioned"
     SKIPPED = "skipped"  # provisioned earlier (recorded, sealed with its serial): left alone
     REFUSED = "refused"  # not the expected bootloader build: nothing written to it
@@ -91,7 +91,7 @@ class BoardStatus:
     serial: str | None = None
     step: str = "waiting"
     progress: float | None = None  # upload fraction, while uploading
-    outcome: Outcome | None = None
+    outcome: ProvisionOutcome | None = None
     error: str = ""
     started: float = 0.0
     finished: float = 0.0
@@ -150,13 +150,13 @@ class Station:
             st.outcome = asyncio.run(self._board(st))
             st.step = "done"  # (a failed board keeps the step it failed at)
         except BoardRefused as err:
-            self._end(st, Outcome.REFUSED, str(err))
+            self._end(st, ProvisionOutcome.REFUSED, str(err))
         except BoardFailed as err:
-            self._end(st, Outcome.FAILED, str(err))
+            self._end(st, ProvisionOutcome.FAILED, str(err))
         except (MpbootError, OSError) as err:
-            self._end(st, Outcome.FAILED, f"{st.step}: {err}")
+            self._end(st, ProvisionOutcome.FAILED, f"{st.step}: {err}")
         except Exception as err:  # a bug must not take the other boards down: record it
-            self._end(st, Outcome.FAILED, f"{st.step}: internal error {type(err).__name__}: {err}")
+            self._end(st, ProvisionOutcome.FAILED, f"{st.step}: internal error {type(err).__name__}: {err}")
         st.finished = time.monotonic()
         st.progress = None
         self._changed(st)
@@ -168,7 +168,7 @@ class Station:
         self.db.update(info.uid, key_hash=_hexes(info.key_hashes))
         st.recorded = True
 
-    def _end(self, st: BoardStatus, outcome: Outcome, reason: str) -> None:
+    def _end(self, st: BoardStatus, outcome: ProvisionOutcome, reason: str) -> None:
         st.outcome = outcome
         st.error = reason
         if st.uid is None:
@@ -176,7 +176,7 @@ class Station:
         try:
             if st.recorded:  # (a board recorded provisioned earlier keeps that record)
                 self.db.update(st.uid, result=str(outcome), error=reason)
-            self._audit(st, "refused" if outcome is Outcome.REFUSED else "failed", "fail", reason)
+            self._audit(st, "refused" if outcome is ProvisionOutcome.REFUSED else "failed", "fail", reason)
         except MpbootError as err:
             st.error = f"{reason} (and the database: {err})"
 
@@ -204,7 +204,7 @@ class Station:
         async with SMPClient(transport, timeout=timeout or self.cfg.timeout) as client:
             yield client
 
-    async def _board(self, st: BoardStatus) -> Outcome:
+    async def _board(self, st: BoardStatus) -> ProvisionOutcome:
         cfg = self.cfg
         self._step(st, "connect")
         async with self._client(st.port) as c:
@@ -220,7 +220,7 @@ class Station:
         record = self.db.board(info.uid)
         # A board recorded provisioned keeps that record (who, when, what) whatever a later
         # visit finds: its failures go to the audit log only.
-        done_before = record is not None and record.result == Outcome.PROVISIONED
+        done_before = record is not None and record.result == ProvisionOutcome.PROVISIONED
         have = frozenset(info.key_hashes)
         if have != cfg.expect_keys:
             if not done_before:
@@ -248,7 +248,7 @@ class Station:
                 async with self._client(st.port) as c:
                     await self._check(c, st, sealed=True, identity_only=True)
                 self._audit(st, "skip", "ok", f"provisioned earlier as {info.serial}")
-                return Outcome.SKIPPED
+                return ProvisionOutcome.SKIPPED
             # Sealed by an earlier run that never recorded it: check everything, then record.
             self._start(st, info)
         else:
@@ -265,12 +265,12 @@ class Station:
                 await c.seal(st.serial)
                 self._audit(st, "seal", "ok")
             await self._check(c, st, sealed=True)
-        self.db.update(info.uid, result=str(Outcome.PROVISIONED), error=None,
+        self.db.update(info.uid, result=str(ProvisionOutcome.PROVISIONED), error=None,
                        image_hash=cfg.image.hash.hex() if cfg.image.hash else None,
                        image_version=cfg.image.version, labels=dict(cfg.labels),
                        provisioned_at=_now())
         self._audit(st, "done", "ok", f"serial {st.serial}")
-        return Outcome.PROVISIONED
+        return ProvisionOutcome.PROVISIONED
 
     async def _install(self, st: BoardStatus) -> None:
         """The station's image runs on the board, confirmed by itself after its test boot."""
@@ -442,4 +442,4 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-__all__ = ["BoardStatus", "Outcome", "Station", "StationConfig"]
+__all__ = ["BoardStatus", "ProvisionOutcome", "Station", "StationConfig"]
