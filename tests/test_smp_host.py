@@ -225,6 +225,10 @@ def test_error_mapping() -> None:
     assert isinstance(err, UpdateRefused) and err.code is UpdateErrorCode.BUSY
     assert str(err).startswith("device refused the update: the device runs an unconfirmed test image")
     assert str(err).endswith("(update error 1, SMP rc 10 EBUSY)")
+    err = error_from_response({"rc": 10, "rsn": "update:1"}, "image erase")  # busy means in use, for an erase
+    assert isinstance(err, UpdateRefused) and err.code is UpdateErrorCode.BUSY
+    assert str(err) == ("device refused the erase: the slot is running, or holds the image a test boot reverts to "
+                        "(update error 1, SMP rc 10 EBUSY)")
     err = error_from_response({"rc": 8}, "OS info")
     assert isinstance(err, CommandNotSupported) and str(err) == "OS info failed: SMP rc 8 ENOTSUP (command not supported)"
     err = error_from_response({"err": {"group": 1, "rc": 24}}, "image upload")

@@ -38,8 +38,9 @@ same reason. Both share ImageErrorCode and exit code 1; catch both to mean "not 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import IntEnum
-from typing import TypedDict, Unpack
+from typing import TypedDict, TypeVar, Unpack
 
 
 class MpbootError(Exception):
@@ -77,6 +78,9 @@ class DatabaseError(MpbootError):
 
 class SchemaTooNew(DatabaseError):
     """The factory database was written by a newer mpboot: its schema version is unknown here."""
+
+
+_Code = TypeVar("_Code", bound=IntEnum)
 
 
 # --- cause codes --------------------------------------------------------------------------------
@@ -225,7 +229,9 @@ _UPDATE_DESCRIPTIONS: dict[UpdateErrorCode, str] = {
     UpdateErrorCode.LENGTH: "announced image length does not hold the image or does not fit the slot",
 }
 
-_ERASE_BUSY_TEXT = "the slot is running, or holds the image a test boot reverts to"
+# An erase request meets the updater's BUSY when the slot is in use, not mid-update.
+_ERASE_DESCRIPTIONS = {**_UPDATE_DESCRIPTIONS,
+                       UpdateErrorCode.BUSY: "the slot is running, or holds the image a test boot reverts to"}
 
 _FACTORY_DESCRIPTIONS: dict[FactoryErrorCode, str] = {
     FactoryErrorCode.SEALED: "the board is sealed: identity and policy are read-only",
@@ -254,15 +260,17 @@ def factory_error_text(code: FactoryErrorCode) -> str:
     return _FACTORY_DESCRIPTIONS[FactoryErrorCode(code)]
 
 
-def _known(kind: str, number: int, where: str, name: str = "") -> str:
-    """ "(image error 16, SMP rc 3 EINVAL)": a known code's number (and name), how it came."""
-    words = f"{kind} error {number}" + (f" {name}" if name else "")
-    return f"({words}, {where})" if where else f"({words})"
-
-
-def _unknown(kind: str, number: int, where: str) -> str:
-    """ "image error 99 (SMP rc 3 EINVAL)": a code this host does not know, how it came."""
-    return f"{kind} error {number}" + (f" ({where})" if where else "")
+def _reason(enum: type[_Code], number: int, kind: str, where: str, texts: Mapping[_Code, str],
+            named: bool = False) -> tuple[_Code | None, str]:
+    """The device's `kind` error `number` as (code, words): (ImageErrorCode.VENDOR_MISMATCH,
+    "image is for another vendor (vendor id) (image error 16, SMP rc 3 EINVAL)"), `where`
+    saying how it came; (None, "image error 99 (SMP rc 3 EINVAL)") for a number not known here."""
+    try:
+        code = enum(number)
+    except ValueError:
+        return None, f"{kind} error {number}" + (f" ({where})" if where else "")
+    words = f"{kind} error {number}" + (f" {code.name}" if named else "")
+    return code, f"{texts[code]} " + (f"({words}, {where})" if where else f"({words})")
 
 
 # --- mpboot's own verifier rejects an image (exit 1) --------------------------------------------
@@ -328,12 +336,8 @@ class ImageRefused(SMPError):
     def from_number(cls, number: int, where: str = "", **wire: Unpack[WireDetails]) -> ImageRefused:
         """The refusal for the device's image error `number`; `where` says how it came
         ("SMP rc 3 EINVAL"). A number this host does not know leaves `code` None."""
-        try:
-            code = ImageErrorCode(number)
-        except ValueError:
-            return cls(f"device refused the image: {_unknown('image', number, where)}", **wire)
-        return cls(f"device refused the image: {image_error_text(code)} {_known('image', number, where)}",
-                   code=code, **wire)
+        code, words = _reason(ImageErrorCode, number, "image", where, _IMAGE_DESCRIPTIONS)
+        return cls(f"device refused the image: {words}", code=code, **wire)
 
     def after_upload(self) -> VerificationFailed:
         """This refusal, met once the whole image had arrived: the device's verification failed."""
@@ -360,14 +364,9 @@ class UpdateRefused(SMPError):
     def from_number(cls, number: int, where: str = "", *, erase: bool = False,
                     **wire: Unpack[WireDetails]) -> UpdateRefused:
         """The refusal for the device's update error `number` (`erase`: of an erase request)."""
-        action = "erase" if erase else "update"
-        try:
-            code = UpdateErrorCode(number)
-        except ValueError:
-            return cls(f"device refused the {action}: {_unknown('update', number, where)}", **wire)
-        text = _ERASE_BUSY_TEXT if erase and code is UpdateErrorCode.BUSY else update_error_text(code)
-        return cls(f"device refused the {action}: {text} {_known('update', number, where)}",
-                   code=code, **wire)
+        texts = _ERASE_DESCRIPTIONS if erase else _UPDATE_DESCRIPTIONS
+        code, words = _reason(UpdateErrorCode, number, "update", where, texts)
+        return cls(f"device refused the {'erase' if erase else 'update'}: {words}", code=code, **wire)
 
 
 class FactoryRefused(SMPError):
@@ -383,12 +382,8 @@ class FactoryRefused(SMPError):
     def from_number(cls, number: int, what: str, where: str = "",
                     **wire: Unpack[WireDetails]) -> FactoryRefused:
         """The refusal of the request `what` ("seal") for the device's factory error `number`."""
-        try:
-            code = FactoryErrorCode(number)
-        except ValueError:
-            return cls(f"{what} refused: {_unknown('factory', number, where)}", **wire)
-        return cls(f"{what} refused: {factory_error_text(code)} {_known('factory', number, where, code.name)}",
-                   code=code, **wire)
+        code, words = _reason(FactoryErrorCode, number, "factory", where, _FACTORY_DESCRIPTIONS, named=True)
+        return cls(f"{what} refused: {words}", code=code, **wire)
 
 
 # --- the factory station gives up on a board (exit 1) -------------------------------------------
