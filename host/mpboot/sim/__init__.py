@@ -38,6 +38,8 @@ def build_lib(dest: Path, keys: Sequence[PublicKey]) -> Path:
     unix port lacks, and `keys` (as mpboot_keys) into .mpy files under `dest`, the simulated
     device's sys.path."""
     dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)  # exactly this build: nothing left from an earlier one
     compile_tree(firmware_root() / "mpboot", dest / "mpboot")
     src = dest.parent / (dest.name + "-src")
     src.mkdir(parents=True, exist_ok=True)
@@ -151,7 +153,7 @@ class SimDevice:
                  vendor_id: bytes | None = None, class_id: bytes | None = None,
                  downgrade: bool = True, heapsize: str = DEFAULT_HEAPSIZE,
                  uid: bytes | None = None) -> None:
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).absolute()  # its config names files the device opens
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.lib = Path(lib)
         self.geometry = geometry
