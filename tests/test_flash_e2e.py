@@ -60,7 +60,7 @@ def ok(*args: object) -> str:
 
 
 def slots(port: list[str]) -> dict[str, dict[str, Any]]:
-    return {s["version"]: s for s in json.loads(ok("state", *port, "--json"))}
+    return {s["version"]: s for s in json.loads(ok("state", *port, "--json"))["images"]}
 
 
 @pytest.mark.parametrize("framing", ["raw", "console"])
@@ -147,7 +147,8 @@ def test_refusals(images: dict[str, Path], tmp_path: Path) -> None:
                 assert exc.value.image_code is ImageErrorCode.VENDOR_MISMATCH
                 return client.stats.requests
 
-        assert asyncio.run(refused()) == 2  # the params request and the first upload request
+        # the state read (does the device hold it already?), params, and the first upload request
+        assert asyncio.run(refused()) == 3
         r = mpboot("flash", images["vendor"], *port, "--no-progress")
         assert r.exit_code == 1
         assert r.stderr.strip() == ("mpboot: error: device refused the image: image is for another vendor "

@@ -308,7 +308,7 @@ def test_romfs_without_entry_module_never_imports_one_from_elsewhere(tmp_path: P
     from mpboot.pack import pack_app
 
     nomain = tmp_path / "nomain.bin"
-    nomain.write_bytes(sign_app(pack_app(app), rsa2048, "1.0.0"))
+    nomain.write_bytes(sign_app(pack_app(app, entry=None), rsa2048, "1.0.0"))
     installed(dev.install(nomain, "permanent"))
     run = dev.boot()
     assert "UNVERIFIED" not in run.stdout

@@ -23,6 +23,14 @@ class KeyFileError(UsageError):
     """A key file cannot be loaded, or holds a key of the wrong type or size."""
 
 
+class KeyPasswordRequired(KeyFileError):
+    """The private key is encrypted and no passphrase was given."""
+
+
+class PrivateKeyRefused(KeyFileError):
+    """A private key was given where only a public key belongs (a factory station)."""
+
+
 class DeviceRunError(MpbootError):
     """The MicroPython unix port could not be run, or did not answer as expected."""
 
