@@ -819,3 +819,22 @@ def test_console_script_errors_have_no_traceback(case: str, tmp_path: Path, sign
     (tmp_path / "overlap.hex").write_text(":0100000001FE\n:0100000002FD\n:00000001FF\n")
     _assert_console_error(run_console(*args, cwd=tmp_path), exit_code)
     assert not (tmp_path / "o.bin").exists()
+
+
+def _all_commands(group: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    import click
+
+    out = [prefix]
+    for name, command in getattr(group, "commands", {}).items():
+        out += _all_commands(command, (*prefix, name)) if isinstance(command, click.Group) else [(*prefix, name)]
+    return out
+
+
+def test_every_command_has_help() -> None:
+    """Each command family is its own module over cli/common: every command and group
+    imports and renders its help (click's advice for CLIs split across modules)."""
+    commands = _all_commands(cli)
+    assert {("flash",), ("sim", "init"), ("provision", "report"), ("sync",), ("firmware", "export")} <= set(commands)
+    for path in commands:
+        result = run(*path, "--help")
+        assert result.exit_code == 0 and "Usage: mpboot" in result.stdout, (path, _describe(result))

@@ -36,7 +36,7 @@ from typing import IO, TYPE_CHECKING
 from mpboot import upy
 from mpboot.errors import MpbootError, UsageError
 from mpboot.keys import PublicKey
-from mpboot.sim import CUT_EXIT, Geometry, SimDevice, _fields, build_lib
+from mpboot.sim import CUT_EXIT, Geometry, SimDevice, build_lib, read_config, write_config
 
 if TYPE_CHECKING:
     from mpboot.sim.radio import CompanionThread, RadioInfo
@@ -63,8 +63,8 @@ def open_state(state: Path, keys: Sequence[PublicKey], *, slot_size: int | None 
             raise UsageError(f"slot size {slot} must be a non-zero multiple of {SECTOR}")
         return SimDevice.create(state, keys, Geometry.for_slots(slot, SECTOR, ALIGN),
                                 vendor_id=vendor_id, class_id=class_id)
-    cfg = _fields((state / "device.cfg").read_text())
     dev = SimDevice.open(state)
+    cfg = read_config(dev.config)
     if slot_size is not None and slot_size != dev.geometry.slot_size:
         raise UsageError(f"{state} holds a device with {dev.geometry.slot_size}-byte slots, "
                          f"not {slot_size}: use another --state directory")
@@ -321,12 +321,11 @@ class SimServer:
         os.set_blocking(master, False)
         inner = os.ttyname(slave)
         cfg = self.state / "serve.cfg"
-        words = self.device.config.read_text().split()
-        words += [f"uart={inner}", f"timing={self.timing}", f"bufsize={self.buf_size}",
-                  f"bufcount={self.buf_count}"]
+        fields: dict[str, object] = {**read_config(self.device.config), "uart": inner, "timing": self.timing,
+                                     "bufsize": self.buf_size, "bufcount": self.buf_count}
         if self.ble_info is not None:
-            words += [f"ble={self.ble_info.shim_port}", f"blename={self.ble_info.name}"]
-        cfg.write_text(" ".join(words) + "\n")
+            fields.update(ble=self.ble_info.shim_port, blename=self.ble_info.name)
+        write_config(cfg, fields)
         # Only the device's own modules: sys.path and the working directory are its lib.
         cmd, env, workdir = upy.command(["-m", "sim_serve", cfg], path=[self.device.lib],
                                         heapsize=self._heapsize())
