@@ -14,10 +14,10 @@ from mpboot.image import ImageError
 from mpboot.reader import bytes_reader
 from mpboot.state import ACTIVE, FLOOR, NONE, OK0, TEST, TRIAL, VERSION, Store
 
-# Policy error codes, after the image verifier's (mpboot.errors.ImageErrorCode on the host).
-E_VENDOR = const(16)  # vendor id missing or not this device's
-E_CLASS = const(17)  # class id missing or not this device's
-E_COUNTER = const(18)  # security counter below the anti-rollback floor
+# Policy error codes, after the image verifier's: E_ + the host's ImageErrorCode name, same number.
+E_VENDOR_MISMATCH = const(16)  # vendor id missing or not this device's
+E_CLASS_MISMATCH = const(17)  # class id missing or not this device's
+E_COUNTER_BELOW_FLOOR = const(18)  # security counter below the anti-rollback floor
 E_DOWNGRADE = const(19)  # version below the confirmed image's (downgrades refused)
 
 
@@ -63,11 +63,11 @@ class Slots:
         st = self.state
         if "security_counter" in info:
             if self.vendor_id is not None and info["vendor_id"] != self.vendor_id:
-                raise ImageError(E_VENDOR)
+                raise ImageError(E_VENDOR_MISMATCH)
             if self.class_id is not None and info["class_id"] != self.class_id:
-                raise ImageError(E_CLASS)
+                raise ImageError(E_CLASS_MISMATCH)
             if (info["security_counter"] or 0) < st[FLOOR]:
-                raise ImageError(E_COUNTER)
+                raise ImageError(E_COUNTER_BELOW_FLOOR)
         if update and not self.downgrade and st[ACTIVE] != NONE:
             if _ver3(info["version"]) < _ver3(struct.unpack("<BBHI", st[VERSION])):
                 raise ImageError(E_DOWNGRADE)

@@ -93,7 +93,7 @@ class Updater:
             raise UpdateError(U_LENGTH)
         if manifest is not None:
             if len(manifest) != prot:
-                raise ImageError(image.E_TLV)
+                raise ImageError(image.E_BAD_TLV)
             info["security_counter"] = info["vendor_id"] = info["class_id"] = None
             if prot:
                 image.walk_protected(manifest, info)
@@ -201,7 +201,7 @@ class Updater:
             info = sl.check(self.slot, None, True)
             if info["total_size"] > self.pos:
                 # It verified only with bytes that were in the slot before (not sent now).
-                raise ImageError(image.E_SIZE)
+                raise ImageError(image.E_TOO_LARGE)
             if self.sha is not None and self._digest(self.pos) != self.sha:
                 raise ImageError(image.E_HASH_MISMATCH)  # not the image the client meant
             if mark == MARK_TEST:
