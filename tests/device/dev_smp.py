@@ -18,8 +18,9 @@
 #                         slot's verified info unless info=0)
 #   boot                  a power-on: fresh Slots, decide(), a Server for the slot it runs
 #                         -> OK slot trial
-#   booted HOW            set mpboot._booted as mpboot.boot.run does (HOW: 0 confirmed,
-#                         1 test boot, 2 fallback), so state writes go through mpboot.confirm
+#   booted HOW            set mpboot._booted as mpboot.boot.run does (HOW: mpboot.boot.HOW_*,
+#                         0 confirmed, 1 test boot, 2 fallback), so state writes go through
+#                         mpboot.confirm
 #   state                 the state record as a fresh Slots loads it
 #                         -> OK active test trial floor ok0 ok1 found
 #   snap 0|1              area snapshots per packet off/on (on by default)
@@ -122,9 +123,7 @@ def command(words):
     if cmd == "booted":
         from mpboot import boot
 
-        mpboot._booted = [slots, srv.running, srv.image(srv.running), None, int(words[1]),
-                          boot._confirmed_now(slots)]
-        mpboot.confirm = boot.confirm
+        boot.set_booted(slots, srv.running, srv.image(srv.running), None, int(words[1]))
         return []
     if cmd == "state":
         st = new_slots().state

@@ -164,9 +164,13 @@ def _confirm_running(srv):
     sl = srv.slots
     run = srv.running
     b = mpboot._booted
-    if b is not None and b[0] is sl and b[1] == run:
-        mpboot.confirm()
-        return None
+    if b is not None:
+        # mpboot.boot set the record, so importing its field names loads nothing.
+        from mpboot.boot import BOOTED_SLOT, BOOTED_SLOTS
+
+        if b[BOOTED_SLOTS] is sl and b[BOOTED_SLOT] == run:
+            mpboot.confirm()
+            return None
     st = sl.state
     a = st[ACTIVE]
     info = srv.image(run)
