@@ -64,7 +64,7 @@ def _cannot_run(slots, port, slot, trial, code, entry, mount, wdt_ms):
         port.reset()
     o = slot ^ 1
     if slots.errors[o] == 0:
-        info = slots._try(o)
+        info = slots.probe(o)
         if info and slots.confirmed(o, info):
             return run(slots, port, o, info, False, entry, mount, wdt_ms)
     return recovery(slots)

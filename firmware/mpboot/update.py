@@ -112,7 +112,7 @@ class Updater:
             st[TEST] = NONE
             if not start:
                 end_session(st)
-            sl._save(st)
+            sl.save(st)
         self.slot = slot
         self.area = area
         self.total = total
@@ -142,7 +142,7 @@ class Updater:
                 st[SLEN] = self.total
                 st[SSHA] = self.key
                 st[SOFF] = end // self.ckpt * self.ckpt
-                self.slots._save(st)
+                self.slots.save(st)
         except Exception:
             self.total = -1  # a flash (or state) error closes the update: begin() again
             raise
@@ -210,7 +210,7 @@ class Updater:
                 sl.confirm(self.slot, info)
         finally:
             if dirty and st[SEQ] == seq:
-                sl._save(st)  # no mark was written: end the session on its own
+                sl.save(st)  # no mark was written: end the session on its own
         return self.slot, info
 
     def _digest(self, n):
@@ -242,7 +242,7 @@ class Updater:
                 st[TRIAL] = NONE
             if st[SSLOT] == slot:
                 end_session(st)
-            sl._save(st)
+            sl.save(st)
         area = sl.areas[slot]
         es = area.erase_size
         for off in range(0, area.size, es):

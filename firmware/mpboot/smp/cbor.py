@@ -135,7 +135,8 @@ class Encoder:
             v >>= 8
             i -= 1
 
-    def _raw(self, data):
+    def raw(self, data):
+        # Appends data as it is: already-encoded CBOR (factory labels) or a string's bytes.
         n = self.n
         e = n + len(data)
         if e > len(self.buf):
@@ -166,10 +167,10 @@ class Encoder:
 
     def bytes(self, data):
         self._head(2, len(data))
-        self._raw(data)
+        self.raw(data)
 
     def text(self, s):
         # s: str (or UTF-8 bytes); its UTF-8 bytes through the buffer protocol, no copy.
         m = memoryview(s)
         self._head(3, len(m))
-        self._raw(m)
+        self.raw(m)

@@ -76,7 +76,7 @@ def handle(srv, cmd, req, enc):
             if ctr > st[FLOOR]:
                 st[FLOOR] = ctr  # it never goes down
                 try:
-                    sl._save(st)  # (on failure the state is re-read: RAM as flash is)
+                    sl.save(st)  # (on failure the state is re-read: RAM as flash is)
                 except OSError:
                     raise FactoryError(E_FLASH)
         elif cmd == 4:
@@ -228,7 +228,7 @@ def _info(srv, f, enc):
         enc.bytes(k[0])  # the key hash (MCUboot KEYHASH)
     enc.text("labels")
     if f.labels:
-        enc._raw(f.labels)  # stored as its canonical encoding
+        enc.raw(f.labels)  # stored as its canonical encoding
     else:
         enc.map(0)
     enc.text("policy")

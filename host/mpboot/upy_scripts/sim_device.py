@@ -45,7 +45,7 @@ def main():
         print("STATE seq=%d active=%d test=%d trial=%d floor=%d found=%d pos=%d record=%d" % (
             st[0], st[1], st[2], st[3], st[5], store.found, store.pos, store.rec))
         for s in (0, 1):
-            info = slots._try(s)
+            info = slots.probe(s)
             if info:
                 v = info["version"]
                 print("SLOT %d ok version=%d.%d.%d+%d counter=%d confirmed=%d" % (
