@@ -30,6 +30,7 @@ from mpboot import boot
 from mpboot.image import ImageError
 from mpboot.ports import unix as port
 from mpboot.slots import Slots
+from mpboot.state import ACTIVE, FLOOR, SEQ, TEST, TRIAL
 from mpboot.update import UpdateError, Updater
 
 
@@ -43,7 +44,7 @@ def main():
         st = slots.state
         store = slots.store
         print("STATE seq=%d active=%d test=%d trial=%d floor=%d found=%d pos=%d record=%d" % (
-            st[0], st[1], st[2], st[3], st[5], store.found, store.pos, store.rec))
+            st[SEQ], st[ACTIVE], st[TEST], st[TRIAL], st[FLOOR], store.found, store.pos, store.rec))
         for s in (0, 1):
             info = slots.probe(s)
             if info:
@@ -57,7 +58,7 @@ def main():
     if cmd == "age":
         for _ in range(int(sys.argv[3])):
             slots.store.save(slots.state)
-        print("AGED seq=%d" % slots.state[0])
+        print("AGED seq=%d" % slots.state[SEQ])
         return
     f = slots.factory
     if cmd == "factory":
