@@ -30,6 +30,12 @@ from mpboot.smp.cbor import Encoder
 from mpboot.smp.mpboot_mgmt import bytes_or_null, ids, serial
 from mpboot.state import FLOOR
 
+_CMD_FACTORY_INFO = const(1)  # (a read; the others are writes)
+_CMD_IDENTITY = const(2)
+_CMD_FLOOR = const(3)
+_CMD_POLICY = const(4)
+_CMD_SEAL = const(5)
+
 _EUNKNOWN = const(1)
 _EINVAL = const(3)
 _U32 = const(0x100000000)
@@ -55,7 +61,7 @@ def handle(srv, cmd, req, enc):
     if f is None:
         return error(E_NO_FACTORY_AREA)
     try:
-        if cmd == 2:
+        if cmd == _CMD_IDENTITY:
             s = req.get("serial")
             vid = req.get("vid")
             cid = req.get("cid")
@@ -65,7 +71,7 @@ def handle(srv, cmd, req, enc):
                 return (_EINVAL, 0, None)
             b = sl.build
             set_identity(f, s, vid, cid, labels, b[0], b[1])
-        elif cmd == 3:
+        elif cmd == _CMD_FLOOR:
             ctr = req.get("ctr")
             if type(ctr) is not int:
                 return (_EINVAL, 0, None)
@@ -79,14 +85,14 @@ def handle(srv, cmd, req, enc):
                     sl.save(st)  # (on failure the state is re-read: RAM as flash is)
                 except OSError:
                     raise FactoryError(E_FLASH)
-        elif cmd == 4:
+        elif cmd == _CMD_POLICY:
             nd = req.get("no-downgrade")
             tb = req.get("test-boot")
             nr = req.get("no-repl")
             if type(nd) is not bool or type(tb) is not bool or type(nr) is not bool:
                 return (_EINVAL, 0, None)
             set_policy(f, nd, tb, nr)
-        elif cmd == 5:
+        elif cmd == _CMD_SEAL:
             s = req.get("serial")
             if type(s) is not str:
                 return (_EINVAL, 0, None)
@@ -94,7 +100,7 @@ def handle(srv, cmd, req, enc):
     except FactoryError as e:
         return error(e.args[0])
     finally:
-        if cmd > 1:
+        if cmd != _CMD_FACTORY_INFO:
             # The ids and the floor decide which images pass: look at the slots again.
             f.apply(sl)
             srv.forget()

@@ -10,6 +10,13 @@ from mpboot.smp.mpboot_mgmt import serial
 from mpboot.state import ACTIVE, NONE, TEST, TRIAL
 from mpboot.update import MARK_NONE, U_LENGTH, UpdateError
 
+_OP_READ = const(0)
+_OP_WRITE = const(2)
+_CMD_STATE = const(0)
+_CMD_UPLOAD = const(1)
+_CMD_ERASE = const(5)
+_CMD_SLOT_INFO = const(6)
+
 # MGMT_ERR
 _EUNKNOWN = const(1)
 _EINVAL = const(3)
@@ -38,18 +45,18 @@ _UPD_RC = b"\x01\x00\x0a\x00\x06\x00\x03\x1f\x03\x15"
 
 def handle(srv, op, cmd, req, enc):
     try:
-        if cmd == 0:
-            if op == 2:
+        if cmd == _CMD_STATE:
+            if op == _OP_WRITE:
                 err = _state_write(srv, req)
                 if err:
                     return err
-            _images(srv, enc, op == 0 and req.get("identity") is True)
+            _images(srv, enc, op == _OP_READ and req.get("identity") is True)
             return None
-        if op == 2 and cmd == 1:
+        if op == _OP_WRITE and cmd == _CMD_UPLOAD:
             return _upload(srv, req, enc)
-        if op == 2 and cmd == 5:
+        if op == _OP_WRITE and cmd == _CMD_ERASE:
             return _erase(srv, req, enc)
-        if op == 0 and cmd == 6:
+        if op == _OP_READ and cmd == _CMD_SLOT_INFO:
             return _slot_info(srv, enc)
         return (_ENOTSUP, 0, None)
     except ImageError as e:

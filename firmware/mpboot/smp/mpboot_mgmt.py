@@ -10,16 +10,21 @@ from micropython import const
 
 from mpboot.state import FLOOR
 
+_OP_READ = const(0)
+_CMD_DEVICE_INFO = const(0)
+_CMD_FACTORY_INFO = const(1)  # the factory commands' read; 2-5 are writes (factory_mgmt)
+_CMD_SEAL = const(5)  # the last factory command
+
 _ENOTSUP = const(8)
 
 
 def handle(srv, op, cmd, req, enc):
-    if cmd == 0:
-        if op != 0:
+    if cmd == _CMD_DEVICE_INFO:
+        if op != _OP_READ:
             return (_ENOTSUP, 0, None)
         _device_info(srv, enc)
         return None
-    if cmd > 5 or (op == 0) != (cmd == 1):
+    if cmd > _CMD_SEAL or (op == _OP_READ) != (cmd == _CMD_FACTORY_INFO):
         return (_ENOTSUP, 0, None)
     from mpboot.smp import factory_mgmt
 
