@@ -6,6 +6,11 @@
 # them), the security-counter floor, whether downgrades are refused and the serial.
 # Commands 1-5 (factory info, identity, floor, policy, seal) are in mpboot.smp.factory_mgmt,
 # loaded on their first use: a board in the field never pays for them.
+#
+# Imports: factory_mgmt imports this module at its top (ids, serial, bytes_or_null); this one
+# imports factory_mgmt only inside handle(), lazily, to save the RAM. A cycle, harmless at run
+# time because this module is always loaded first: keep that direction (no top-level import
+# of factory_mgmt here).
 from micropython import const
 
 from mpboot.state import FLOOR
