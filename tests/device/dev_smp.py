@@ -26,7 +26,8 @@
 #   snap 0|1              area snapshots per packet off/on (on by default)
 #   mem                   -> OK free alloc (after gc.collect())
 #   factory               the factory record as a fresh Slots loads it (docs/FACTORY.md)
-#                         -> OK found seq flags serial vid cid labels (hex; "-" when empty),
+#                         -> OK found seq flags serial vendor_id class_id labels (hex; "-"
+#                         when empty),
 #                         or OK none without a factory area
 #   wfail 0|1             flash programs and erases fail (OSError(EIO)) from now on / again work
 import gc
@@ -140,7 +141,7 @@ def command(words):
         if f is None:
             return ["none"]
         return [int(f.found), f.seq, f.flags] + [hexlify(b).decode() or "-" for b in
-                                                 (f.serial, f.vid, f.cid, f.labels)]
+                                                 (f.serial, f.vendor_id, f.class_id, f.labels)]
     if cmd == "wfail":
         if words[1] == "1":
             chip.writeblocks = _fail

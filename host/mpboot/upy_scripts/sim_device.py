@@ -14,7 +14,8 @@
 #   status                    the state record and each slot's verdict
 #   age N                     rewrite the state record N times (moves the state log on)
 #   factory                   the factory record (docs/FACTORY.md): FACTORY found=0|1 seq=N
-#                             pos=N record=N flags=N serial=HEX vid=HEX cid=HEX labels=HEX
+#                             pos=N record=N flags=N serial=HEX vendor_id=HEX class_id=HEX
+#                             labels=HEX
 #                             ("-" for empty bytes)
 #   fage N                    rewrite the factory record N times (moves the factory log on)
 #   smp HEX...                boot without running the app, then give each SMP request packet
@@ -62,8 +63,8 @@ def main():
         return
     f = slots.factory
     if cmd == "factory":
-        h = [hexlify(b).decode() or "-" for b in (f.serial, f.vid, f.cid, f.labels)]
-        print("FACTORY found=%d seq=%d pos=%d record=%d flags=%d serial=%s vid=%s cid=%s labels=%s" % (
+        h = [hexlify(b).decode() or "-" for b in (f.serial, f.vendor_id, f.class_id, f.labels)]
+        print("FACTORY found=%d seq=%d pos=%d record=%d flags=%d serial=%s vendor_id=%s class_id=%s labels=%s" % (
             f.found, f.seq, f.pos, f.rec, f.flags, h[0], h[1], h[2], h[3]))
         return
     if cmd == "fage":
