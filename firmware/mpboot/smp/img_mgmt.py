@@ -125,6 +125,12 @@ def _images(srv, enc, identity=False):
 
 
 def _state_write(srv, req):
+    # Which slot a write acts on (docs/PROTOCOL.md, image state write): both slots hold the
+    # same image after a flash of the image that runs, so the running copy is considered
+    # first. A confirm by its hash confirms it (as Zephyr); a test mark by its hash is a no-op
+    # success while it is the confirmed image or on its test boot, and otherwise goes to the
+    # other copy if there is one (else TEST_TO_ACTIVE_DENIED). A write acts on one slot at
+    # most, and the reply (the image list) shows the state it left.
     h = req.get("hash")
     confirm = req.get("confirm", False)
     if type(confirm) is not bool or (h is not None and type(h) is not memoryview):
@@ -136,22 +142,29 @@ def _state_write(srv, req):
             return (_EINVAL, 0, None)
         if run < 0:
             return (_ENOENT, _NO_IMAGE, None)
-        s = run
-    else:
-        h = bytes(h)
-        s = -1
-        for i in ((run, run ^ 1) if run >= 0 else (0, 1)):
-            info = srv.image(i)
-            if info is not None and info["digest"] == h:
-                s = i
-                break
-        if s < 0:
-            return (_ENOENT, _HASH_NOT_FOUND, None)
-    srv.forget()
-    if s == run:
-        if not confirm:
-            return (_EINVAL, _TEST_TO_ACTIVE_DENIED, None)
+        srv.forget()
         return _confirm_running(srv)
+    h = bytes(h)
+    mine = run >= 0 and _holds(srv, run, h)
+    s = -1  # a slot not running that holds the image (recovery: the lower one)
+    for i in ((run ^ 1,) if run >= 0 else (0, 1)):
+        if _holds(srv, i, h):
+            s = i
+            break
+    if mine:
+        if confirm:
+            srv.forget()
+            return _confirm_running(srv)
+        st = sl.state
+        if st[TRIAL] == run or (st[ACTIVE] == run and sl.confirmed(run, srv.image(run))):
+            return None  # it runs confirmed, or on its test boot already: nothing to mark
+        if s < 0:
+            # A fallback (or replaced by a permanent install since it booted), no other copy:
+            # a running image cannot be marked for a test boot (Zephyr's refusal).
+            return (_EINVAL, _TEST_TO_ACTIVE_DENIED, None)
+    elif s < 0:
+        return (_ENOENT, _HASH_NOT_FOUND, None)
+    srv.forget()
     if confirm and sl.test_boot:
         # Factory test-boot policy: an image becomes the confirmed one only through its test
         # boot, never made permanent from the other slot.
@@ -163,6 +176,12 @@ def _state_write(srv, req):
     else:
         sl.mark_test(s)
     return None
+
+
+def _holds(srv, slot, h):
+    # The image in `slot` verifies, passes the policy and has the digest h.
+    info = srv.image(slot)
+    return info is not None and info["digest"] == h
 
 
 def _confirm_running(srv):
