@@ -134,7 +134,9 @@ async def _mark(client: SMPClient, prepared: PreparedImage, mark: Mark) -> SlotS
         slots = await client.state()
     else:
         slots = await client.state_write(prepared.hash, confirm=mark is Mark.CONFIRM)
-    slot = next((s for s in slots if prepared.hash is not None and s.hash == prepared.hash), None)
+    same = [s for s in slots if prepared.hash is not None and s.hash == prepared.hash]
+    # Both slots may hold the image: the entry the mark acted on is the one that shows it.
+    slot = next((s for s in same if s.pending), same[0] if same else None)
     if mark is not Mark.NONE and (slot is None or not slot.pending
                                   or (mark is Mark.CONFIRM and not slot.permanent)):
         want = "permanent" if mark is Mark.CONFIRM else "pending"
