@@ -202,6 +202,14 @@ def test_pipelining_keeps_a_paced_line_busy(images: dict[str, Path], tmp_path: P
         assert sim.stop() == 0
 
 
+def run_v1(sim: SimProcess, images: dict[str, Path]) -> None:
+    """The fresh device takes v1, made permanent, and runs it."""
+    sim.wait_for(r"serving SMP")
+    ok("flash", images["1.0.0"], "--port", sim.path, "--confirm", "--reset", "--no-progress")
+    sim.wait_for(r"APP 1\.0\.0")
+    sim.wait_for(r"serving SMP")
+
+
 class _Cut(Exception):
     """The host died here (kill -9 of `mpboot flash`): the device keeps what it got."""
 
@@ -240,10 +248,7 @@ def test_rerunning_a_cut_flash_completes_it(images: dict[str, Path], tmp_path: P
     sim = SimProcess(tmp_path / "dev", [KEY])
     port = ["--port", sim.path]
     try:
-        sim.wait_for(r"serving SMP")
-        ok("flash", images["1.0.0"], *port, "--confirm", "--reset", "--no-progress")
-        sim.wait_for(r"APP 1\.0\.0")
-        sim.wait_for(r"serving SMP")
+        run_v1(sim, images)
 
         def half_way(done: int, total: int) -> None:
             if cut == "mid-upload" and done > total // 2:
@@ -283,10 +288,7 @@ def test_confirm_by_hash_when_both_slots_hold_the_image(images: dict[str, Path],
     sim = SimProcess(tmp_path / "dev", [KEY])
     port = ["--port", sim.path]
     try:
-        sim.wait_for(r"serving SMP")
-        ok("flash", images["1.0.0"], *port, "--confirm", "--reset", "--no-progress")
-        sim.wait_for(r"APP 1\.0\.0")
-        sim.wait_for(r"serving SMP")
+        run_v1(sim, images)
         data = images["1.0.0"].read_bytes()
 
         async def copy() -> None:  # what a re-run of an old tool did: the same image, other slot
