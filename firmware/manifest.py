@@ -5,7 +5,11 @@
 # Public keys are not part of this package: generate them with
 #   mpboot pubkey KEY.pem --format micropython -o mpboot_keys.py
 # and freeze that module beside it (module("mpboot_keys.py")).
-metadata(description="mpboot secure bootloader: verified MCUboot images, two slots, power-safe updates", version="0.1.0")
+metadata(
+    description="mpboot secure bootloader: verified MCUboot images, two slots, power-safe updates",
+    version="0.1.0",
+    license="Apache-2.0",
+)
 
 options.defaults(port="")
 

@@ -29,7 +29,8 @@ class SimProcess:
         self._q: queue.Queue[str | None] = queue.Queue()
         self._seen = 0  # lines already matched by wait_for
         threading.Thread(target=self._pump, daemon=True).start()
-        self.path = self.wait_for(UART_LINE).group(1)
+        # Over BLE the device serves SMP there only, and no UART pty is announced.
+        self.path = None if "--ble" in extra else self.wait_for(UART_LINE).group(1)
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
@@ -75,9 +76,11 @@ class SimProcess:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
         return int(out[0]) if out else None
 
-    def stop(self) -> int:
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Stop it as a service manager does (SIGTERM: exit 0), or as Ctrl-C does (SIGINT:
+        exit 130); its exit status."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:

@@ -67,7 +67,7 @@ def ble(sim: BleSim, air: AirThread) -> list[str]:
 
 
 def state(sim: BleSim, air: AirThread) -> dict[str, dict[str, Any]]:
-    return {s["version"]: s for s in json.loads(ok("state", *ble(sim, air), "--json"))}
+    return {s["version"]: s for s in json.loads(ok("state", *ble(sim, air), "--json"))["images"]}
 
 
 def c2p_payload(air: AirThread) -> int:

@@ -727,7 +727,7 @@ def test_cli_device_commands_over_ble(air_thread: AirThread, signed_image: bytes
     assert fake.received == signed_image and fake.resets == 1
     assert "marked for a test boot" in r.stdout and "device reset" in r.stdout
     r = runner.invoke(cli, ["state", "--json", *link])
-    assert r.exit_code == 0 and [s["slot"] for s in json.loads(r.stdout)] == [0, 1]
+    assert r.exit_code == 0 and [s["slot"] for s in json.loads(r.stdout)["images"]] == [0, 1]
     r = runner.invoke(cli, ["reset", "--ble", ADDRESS, "--ble-backend", f"bumble:{air_thread.spec}"])
     assert r.exit_code == 0 and r.stdout == f"reset {ADDRESS}\n"
     # MPBOOT_PORT in the environment does not get in the way of --ble.

@@ -346,7 +346,9 @@ def test_cli_sim_air_serves_until_interrupted() -> None:
 
         run(main())
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0
+        assert proc.wait(timeout=10) == 130  # Ctrl-C, as for every command
+        assert proc.stdout.read().splitlines()[-1:] == [
+            "mpboot: interrupted: the air is down; the same command starts another"]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -355,6 +357,7 @@ def test_cli_sim_air_serves_until_interrupted() -> None:
 
 @pytest.mark.parametrize("args, message", [
     (["--radio", "tcp-client:127.0.0.1:1"], "--radio and --ble-name go with --ble"),
+    (["--ble", "--link", "/tmp/never-made"], "--link names the UART's pty"),
     (["--ble", "--radio", "tcp-client:127.0.0.1:1"], "--radio tcp-client:127.0.0.1:1: cannot open it"),
     (["--ble", "--ble-name", "two words"], "no spaces"),
 ])

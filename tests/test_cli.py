@@ -382,6 +382,7 @@ def test_sign_romfs_file(tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "data.txt").write_text("hello from romfs\n")
+    (tree / "main.py").write_text("print(open('data.txt').read())\n")
     romfs = make_romfs(tree)
     assert romfs.startswith(ROMFS_MAGIC)
     source = tmp_path / "fs.romfs"
@@ -393,6 +394,26 @@ def test_sign_romfs_file(tmp_path: Path) -> None:
     assert img.header.hdr_size == HEADER_SIZE
     assert img.payload == romfs
     assert_ok(run("verify", out, "-k", KEY2048))
+
+
+@pytest.mark.parametrize("entry_args, files", [
+    ((), {"data.txt": "no app here\n"}),                      # no .py at all
+    ((), {"app.py": "print(1)\n", "lib/main.py": ""}),        # main.py only below the top
+    (("--entry", "start"), {"main.py": "print(1)\n"}),        # not the entry asked for
+])
+def test_sign_refuses_an_app_without_its_entry_module(tmp_path: Path, entry_args: tuple[str, ...],
+                                                      files: dict[str, str]) -> None:
+    tree = tmp_path / "tree"
+    for name, text in files.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text(text)
+    romfs = tmp_path / "fs.romfs"
+    romfs.write_bytes(make_romfs(tree))
+    entry = entry_args[1] if entry_args else "main"
+    for source in (tree, romfs):  # an app folder, and the ROMFS image of one
+        out = tmp_path / "image.bin"
+        assert_error(sign(source, out, *entry_args), 2, f"no {entry}.py at its top")
+        assert not out.exists()
 
 
 def test_sign_romfs_file_without_romfs_header(tmp_path: Path) -> None:
@@ -798,3 +819,22 @@ def test_console_script_errors_have_no_traceback(case: str, tmp_path: Path, sign
     (tmp_path / "overlap.hex").write_text(":0100000001FE\n:0100000002FD\n:00000001FF\n")
     _assert_console_error(run_console(*args, cwd=tmp_path), exit_code)
     assert not (tmp_path / "o.bin").exists()
+
+
+def _all_commands(group: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    import click
+
+    out = [prefix]
+    for name, command in getattr(group, "commands", {}).items():
+        out += _all_commands(command, (*prefix, name)) if isinstance(command, click.Group) else [(*prefix, name)]
+    return out
+
+
+def test_every_command_has_help() -> None:
+    """Each command family is its own module over cli/common: every command and group
+    imports and renders its help (click's advice for CLIs split across modules)."""
+    commands = _all_commands(cli)
+    assert {("flash",), ("sim", "init"), ("provision", "report"), ("sync",), ("firmware", "export")} <= set(commands)
+    for path in commands:
+        result = run(*path, "--help")
+        assert result.exit_code == 0 and "Usage: mpboot" in result.stdout, (path, _describe(result))

@@ -69,3 +69,22 @@ def test_sim_usage_errors(tmp_path: Path) -> None:
     assert_error(run("sim", "init", tmp_path / "d", "-k", KEY, "--flash-size", "8k"), 2, "no room")
     assert run("sim", "init", tmp_path / "e", "-k", KEY).exit_code == 0
     assert_error(run("sim", "init", tmp_path / "e", "-k", KEY), 2, "already")
+    # sizes are bounded: a slot the simulator would need gigabytes of heap for is refused
+    assert_error(run("sim", "init", tmp_path / "f", "-k", KEY, "--flash-size", "1G"), 2, "above the maximum of 33M")
+    assert_error(run("sim", "--state", tmp_path / "g", "--keys", KEY, "--slot-size", "1G"), 2,
+                 "above the maximum of 16M")
+    assert_error(run("sim", "--state", tmp_path / "g", "--keys", KEY, "--slot-size", "1T"), 2, "bad slot size")
+    assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()
+    # serving options without --state, or before a subcommand, are mistakes, not help
+    assert_error(run("sim", "--keys", KEY), 2, "--keys: serving options need --state DIR")
+    assert_error(run("sim", "--keys", KEY, "status", tmp_path / "e"), 2, "takes its own options")
+
+
+def test_sim_in_a_folder_with_spaces(tmp_path: Path, apps: dict[str, Path]) -> None:
+    """A path with spaces (a home folder, "My Documents") holds the whole device."""
+    dev = tmp_path / "my boards" / "dev one"
+    assert run("sim", "init", dev, "-k", KEY, "--vendor-id", "example.com").exit_code == 0
+    assert run("sim", "install", dev, apps["1"], "--permanent").exit_code == 0
+    assert "device: app 1" in run("sim", "boot", dev).stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my boards"]  # no flash file elsewhere
+    assert (dev / "flash.bin").is_file()

@@ -105,9 +105,9 @@ def assert_factory_error(reps: list[Reply], code: int) -> None:
 
 def record(cmd: Any) -> dict[str, Any]:
     """dev_smp's `factory` line: the record a fresh Slots loads."""
-    found, seq, flags, serial, vid, cid, labels = cmd.values
-    h = {k: b"" if v == "-" else bytes.fromhex(v) for k, v in (("serial", serial), ("vid", vid), ("cid", cid),
-                                                                 ("labels", labels))}
+    found, seq, flags, serial, vendor_id, class_id, labels = cmd.values
+    h = {k: b"" if v == "-" else bytes.fromhex(v) for k, v in (("serial", serial), ("vendor_id", vendor_id),
+                                                                 ("class_id", class_id), ("labels", labels))}
     return {"found": found == "1", "seq": int(seq), "flags": int(flags), **h}
 
 
@@ -162,7 +162,7 @@ def test_factory_info_identity_and_reads(session: Session) -> None:
     # The labels are stored as their canonical encoding (the reply was checked canonical).
     r = record(rec1)
     assert r["found"] and r["seq"] == 1 and r["flags"] == 16 | 32 | 64
-    assert r["serial"] == b"SN-2026-000001" and r["vid"] == VENDOR and r["cid"] == CLASS
+    assert r["serial"] == b"SN-2026-000001" and r["vendor_id"] == VENDOR and r["class_id"] == CLASS
     assert r["labels"] == cbor2.dumps(LABELS, canonical=True)
     assert F(again) == want and again.ops == 0  # identical: nothing appended
     assert all(F(rep) == want for rep in read)
@@ -176,7 +176,7 @@ def test_factory_info_identity_and_reads(session: Session) -> None:
     assert set(state_plain.body) == {"images"} and set(state_false.body) == {"images"}
     assert F(replaced) == factory_info(serial="SN-2026-000002")
     r = record(rec2)
-    assert (r["seq"], r["flags"], r["vid"], r["cid"], r["labels"]) == (2, 16, bytes(16), bytes(16), b"")
+    assert (r["seq"], r["flags"], r["vendor_id"], r["class_id"], r["labels"]) == (2, 16, bytes(16), bytes(16), b"")
     assert after.body["vid"] is None and after.body["serial"] == "SN-2026-000002"
 
 
@@ -485,8 +485,8 @@ class FRecord:
     pos: int
     flags: int
     serial: str
-    vid: str
-    cid: str
+    vendor_id: str
+    class_id: str
     labels: str
 
     @classmethod
@@ -494,11 +494,11 @@ class FRecord:
         line = dev.run("factory").line("FACTORY")
         assert line, "no FACTORY line"
         f = dict(re.findall(r"(\w+)=(\S+)", line))
-        return cls(f["found"] == "1", int(f["seq"]), int(f["pos"]), int(f["flags"]), f["serial"], f["vid"],
-                   f["cid"], f["labels"])
+        return cls(f["found"] == "1", int(f["seq"]), int(f["pos"]), int(f["flags"]), f["serial"],
+                   f["vendor_id"], f["class_id"], f["labels"])
 
     def content(self) -> tuple[object, ...]:
-        return (self.found, self.seq, self.flags, self.serial, self.vid, self.cid, self.labels)
+        return (self.found, self.seq, self.flags, self.serial, self.vendor_id, self.class_id, self.labels)
 
 
 GEOMETRY = Geometry(64 * 1024, 4096, 16)

@@ -18,6 +18,7 @@ from mpboot.smp.messages import Policy
 from simkit import make_app, sign_app
 
 KEY = KEYS_DIR / "TEST-ONLY-rsa2048.pem"
+PUBLIC_KEY = KEYS_DIR / "TEST-ONLY-rsa2048.pub.pem"  # what a station holds
 
 GOOD: dict[str, Any] = {
     "fw": "1.28.0", "uid": b"\x01" * 8, "boot": "0.1.0", "ctr": 3, "cid": None, "vid": b"\x11" * 16,
@@ -63,10 +64,10 @@ def test_provision_usage_errors(tmp_path: Path) -> None:
     other.write_bytes(sign_app(make_app(tmp_path / "o", "1.0.0", confirm=True),
                                signing_key("TEST-ONLY-rsa2048-untrusted.pem"), "1.0.0"))
     db = tmp_path / "f.sqlite"
-    base = ["--image", img, "--expect-key", KEY, "--serial-prefix", "SN-", "--db", db]
+    base = ["--image", img, "--expect-key", PUBLIC_KEY, "--serial-prefix", "SN-", "--db", db]
     cases = [
         ([*base], "which boards?"),
-        (["--port", "/dev/null", "--expect-key", KEY, "--serial-prefix", "S", "--db", db], "--image"),
+        (["--port", "/dev/null", "--expect-key", PUBLIC_KEY, "--serial-prefix", "S", "--db", db], "--image"),
         (["--port", "/dev/null", "--image", img, "--serial-prefix", "S", "--db", db], "--expect-key"),
         (["--port", "/dev/null", *base, "--serials", img], "exactly one of"),
         (["--port", "/dev/null", "--port", "/dev/null", *base], "the same port twice"),
@@ -75,13 +76,16 @@ def test_provision_usage_errors(tmp_path: Path) -> None:
         (["--port", "/dev/null", *base, *(a for i in range(4) for a in ("--label", f"k{i}={'v' * 60}"))],
          "at most 192"),
         (["--port", "/dev/null", *base, "--floor", "5"], "above the image's security counter (1)"),
+        # no private key belongs on a station: refused, not silently reduced to its public half
+        (["--port", "/dev/null", "--image", img, "--expect-key", KEY, "--serial-prefix", "S", "--db", db],
+         "a private key, where only a public key belongs"),
     ]
     for args, text in cases:
         r = _run(*args)
         assert r.exit_code == 2, (args, r.output, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and text in r.stderr, (args, r.stderr)
     # an image the expected key did not sign is refused before any board is touched
-    r = _run("--port", "/dev/null", "--image", other, "--expect-key", KEY, "--serial-prefix", "S", "--db", db)
+    r = _run("--port", "/dev/null", "--image", other, "--expect-key", PUBLIC_KEY, "--serial-prefix", "S", "--db", db)
     assert r.exit_code != 0 and len(r.stderr.strip().splitlines()) == 1
     assert not db.exists()
     # report of a database that does not exist

@@ -62,7 +62,7 @@ def ok(*args: object) -> str:
 
 
 def slots(port: list[str]) -> dict[str, dict[str, Any]]:
-    return {s["version"]: s for s in json.loads(ok("state", *port, "--json"))}
+    return {s["version"]: s for s in json.loads(ok("state", *port, "--json"))["images"]}
 
 
 @pytest.mark.parametrize("framing", ["raw", "console"])
@@ -149,7 +149,8 @@ def test_refusals(images: dict[str, Path], tmp_path: Path) -> None:
                 assert exc.value.code is ImageErrorCode.VENDOR_MISMATCH
                 return client.stats.requests
 
-        assert asyncio.run(refused()) == 2  # the params request and the first upload request
+        # the state read (does the device hold it already?), params, and the first upload request
+        assert asyncio.run(refused()) == 3
         r = mpboot("flash", images["vendor"], *port, "--no-progress")
         assert r.exit_code == 1
         assert r.stderr.strip() == ("mpboot: error: device refused the image: image is for another vendor "
@@ -245,3 +246,109 @@ def test_pipelining_keeps_a_paced_line_busy(images: dict[str, Path], tmp_path: P
         assert share > 0.75, share
     finally:
         assert sim.stop() == 0
+
+
+def run_v1(sim: SimProcess, images: dict[str, Path]) -> None:
+    """The fresh device takes v1, made permanent, and runs it."""
+    sim.wait_for(r"serving SMP")
+    ok("flash", images["1.0.0"], "--port", sim.path, "--confirm", "--reset", "--no-progress")
+    sim.wait_for(r"APP 1\.0\.0")
+    sim.wait_for(r"serving SMP")
+
+
+class _Cut(Exception):
+    """The host died here (kill -9 of `mpboot flash`): the device keeps what it got."""
+
+
+class _CutClient(SMPClient):
+    """An SMP client that stops at one step of a flash, as a killed host would."""
+
+    def __init__(self, path: str, cut: str) -> None:
+        super().__init__(SerialTransport(path))
+        self.cut = cut
+
+    async def state_write(self, hash: bytes | None, confirm: bool) -> Any:
+        if self.cut == "before-mark":
+            raise _Cut
+        done = await super().state_write(hash, confirm)
+        if self.cut == "after-mark":
+            raise _Cut
+        return done
+
+    async def reset(self) -> None:
+        if self.cut == "before-reset":
+            raise _Cut
+        await super().reset()
+        if self.cut == "after-reset":
+            raise _Cut
+
+
+@pytest.mark.parametrize("cut", ["mid-upload", "before-mark", "after-mark", "after-reset"])
+@pytest.mark.parametrize("how", ["--test", "--confirm"])
+def test_rerunning_a_cut_flash_completes_it(images: dict[str, Path], tmp_path: Path, cut: str, how: str) -> None:
+    """README: re-running an interrupted flash completes it, wherever it stopped. The v3 app
+    confirms itself: after the re-run it runs, confirmed, whatever the first run managed."""
+    key = signing_key(KEY.name)
+    v3 = tmp_path / "v3.bin"
+    v3.write_bytes(sign_app(make_app(tmp_path / "a", "3.0.0", confirm=True, filler=90_000), key, "3.0.0"))
+    sim = SimProcess(tmp_path / "dev", [KEY])
+    port = ["--port", sim.path]
+    try:
+        run_v1(sim, images)
+
+        def half_way(done: int, total: int) -> None:
+            if cut == "mid-upload" and done > total // 2:
+                raise _Cut
+
+        async def first() -> None:
+            async with _CutClient(sim.path, cut) as client:
+                with pytest.raises(_Cut):
+                    await flash(client, v3.read_bytes(), mark=Mark.TEST if how == "--test" else Mark.CONFIRM,
+                                reset=True, progress=half_way)
+
+        asyncio.run(first())
+        if cut == "after-reset":  # the device went on without the host: v3 ran and confirmed itself
+            sim.wait_for(r"APP 3\.0\.0")
+            sim.wait_for(r"serving SMP")
+        again = mpboot("flash", v3, *port, how, "--reset", "--no-progress")
+        assert again.exit_code == 0, again.stdout + again.stderr
+        if cut == "after-reset":
+            assert again.stdout.strip() == (f"{v3} (version 3.0.0+0) already runs on the device (slot 1, "
+                                            "confirmed): nothing uploaded")
+        else:
+            assert "flashed" in again.stdout and "device reset" in again.stdout
+            if cut in ("before-mark", "after-mark"):
+                assert "the device held it already: nothing uploaded" in again.stdout
+            sim.wait_for(r"APP 3\.0\.0")
+            sim.wait_for(r"serving SMP")
+        v = slots(port)["3.0.0"]
+        assert v["active"] and v["confirmed"], v
+        assert ok("flash", v3, *port, how, "--no-progress").startswith(f"{v3} (version 3.0.0+0) already runs")
+    finally:
+        sim.stop()
+
+
+def test_confirm_by_hash_when_both_slots_hold_the_image(images: dict[str, Path], tmp_path: Path) -> None:
+    """The running image, copied into the other slot too: `confirm HASH` acts on the running
+    copy (as Zephyr does) and says so, instead of claiming the other slot was made permanent."""
+    sim = SimProcess(tmp_path / "dev", [KEY])
+    port = ["--port", sim.path]
+    try:
+        run_v1(sim, images)
+        data = images["1.0.0"].read_bytes()
+
+        async def copy() -> None:  # what a re-run of an old tool did: the same image, other slot
+            async with SMPClient(SerialTransport(sim.path)) as client:
+                await client.upload(data)
+
+        asyncio.run(copy())
+        h = prepare(data).hash
+        assert h is not None
+        both = json.loads(ok("state", *port, "--json"))["images"]
+        assert [(s["slot"], s["hash"] == h.hex(), s["active"]) for s in both] == [(0, True, True), (1, True, False)]
+        out = ok("confirm", h.hex()[:8], *port)
+        assert out.strip() == "confirmed the running image (slot 0, version 1.0.0)"
+        after = json.loads(ok("state", *port, "--json"))["images"]
+        assert not any(s["permanent"] or s["pending"] for s in after), after
+    finally:
+        sim.stop()

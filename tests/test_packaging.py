@@ -30,7 +30,8 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 REQUIRED_WHEEL_FILES = (
     "mpboot/__init__.py",
-    "mpboot/cli.py",
+    "mpboot/cli/__init__.py",
+    "mpboot/cli/common.py",
     "mpboot/_firmware/manifest.py",
     "mpboot/_firmware/mpboot/__init__.py",
     "mpboot/_firmware/mpboot/image.py",

@@ -37,6 +37,7 @@ from simkit import make_app, sign_app
 from simserve import MPBOOT, SimProcess
 
 KEY = KEYS_DIR / "TEST-ONLY-rsa2048.pem"
+PUBLIC_KEY = KEYS_DIR / "TEST-ONLY-rsa2048.pub.pem"  # what a station holds
 OTHER_KEY = KEYS_DIR / "TEST-ONLY-rsa2048-untrusted.pem"
 VID = bytes(range(16))
 CID = bytes(range(16, 32))
@@ -125,7 +126,7 @@ def test_eight_boards_in_parallel_then_rerun_skips(images: dict[str, Path], sims
     names = [f"b{i}" for i in range(8)]
     ports = [sims.start(n).path for n in names]
     args = ["provision", *(a for p in ports for a in ("--port", p)), "--image", images["app"],
-            "--expect-key", KEY, "--serial-prefix", "SN-", "--db", db, "--station-id", "line1",
+            "--expect-key", PUBLIC_KEY, "--serial-prefix", "SN-", "--db", db, "--station-id", "line1",
             "--operator", "alice", "--parallel", 8, "--label", "hw=rev3"]
     r = mpboot(*args)
     assert r.exit_code == 0, r.output + r.stderr
@@ -213,7 +214,7 @@ def test_sealed_board_refuses_changes(images: dict[str, Path], sims: Sims, tmp_p
 def test_wrong_key_is_refused_and_recorded(images: dict[str, Path], sims: Sims, tmp_path: Path) -> None:
     good, bad = sims.start("good"), sims.start("bad", key=OTHER_KEY)
     db = tmp_path / "f.sqlite"
-    r = mpboot("provision", "--port", good.path, "--port", bad.path, "--image", images["app"], "--expect-key", KEY,
+    r = mpboot("provision", "--port", good.path, "--port", bad.path, "--image", images["app"], "--expect-key", PUBLIC_KEY,
                "--serial-prefix", "SN-", "--db", db)
     assert r.exit_code == 1
     lines = r.stderr.strip().splitlines()
@@ -329,7 +330,7 @@ def test_two_stations_share_postgresql(images: dict[str, Path], sims: Sims, pg_s
     ports = [sims.start(f"b{i}").path for i in range(2)]
     # two station processes at once, as on a line
     procs = [subprocess.Popen([MPBOOT, "provision", "--port", p, "--image", str(images["app"]), "--expect-key",
-                               str(KEY), "--serial-prefix", "PG-", "--db", url, "--station-id", f"st{i}"],
+                               str(PUBLIC_KEY), "--serial-prefix", "PG-", "--db", url, "--station-id", f"st{i}"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i, p in enumerate(ports)]
     for proc in procs:

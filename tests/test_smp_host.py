@@ -1211,7 +1211,7 @@ def test_cli_flash_state_confirm(peers: Callable[..., Peer], tmp_path: Path, sig
     assert h is not None
     assert r.stdout.splitlines()[2].split() == ["1", "1.2.3", h.hex()[:16], "pending", "bootable"]
     r = _cli("state", *common, "--json")
-    assert [s["pending"] for s in __import__("json").loads(r.stdout)] == [False, True]
+    assert [s["pending"] for s in __import__("json").loads(r.stdout)["images"]] == [False, True]
 
     r = _cli("confirm", h.hex()[:10], *common)
     assert r.exit_code == 0, r.stderr
@@ -1219,7 +1219,16 @@ def test_cli_flash_state_confirm(peers: Callable[..., Peer], tmp_path: Path, sig
     r = _cli("confirm", "beef", *common)
     _one_error_line(r, 2, "no image on the device has a hash starting beef")
 
+    # the device holds it already (slot 1, not running): marked again without a new upload
+    received = dev.received
+    r = _cli("flash", img, *common, "--confirm", "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.strip() == (f"flashed {img} (version 1.2.3+0) in slot 1 (the device held it already: "
+                                "nothing uploaded): made permanent (boots from the next reset)")
+    assert dev.received is received
+
     # the progress bar path (not a terminal here: rich prints it plainly) and --reset
+    assert _cli("erase", *common).exit_code == 0
     r = _cli("flash", img, *common, "--confirm", "--reset", "--window", "2")
     assert r.exit_code == 0, r.stderr
     assert r.stdout.strip() == (f"flashed {img} (version 1.2.3+0) in slot 1: made permanent (boots from the "

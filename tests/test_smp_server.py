@@ -484,8 +484,8 @@ def test_state_write_permanent_and_errors(session: Session) -> None:
     rec_confirm = [s.send(WRITE, IMG, 0, {"confirm": True}, version=v) for v in (V1, V2)]
     s.run()
 
-    assert running_test[0].v1() == (EINVAL, None)
-    assert running_test[1].v2() == img.IMG_MGMT_ERR.IMAGE_SETTING_TEST_TO_ACTIVE_DENIED
+    for rep in running_test:  # a test mark of the confirmed running image: nothing to do
+        assert rep.ok and [flags(e) for e in images(rep)] == ["bca", "b"], rep.body
     assert unknown[0].v1() == (ENOENT, None)
     assert unknown[1].v2() == img.IMG_MGMT_ERR.HASH_NOT_FOUND
     assert no_hash.rc() == EINVAL
@@ -529,6 +529,112 @@ def test_state_write_checks_the_update_policy(session: Session) -> None:
     assert [e.slot for e in images(listed)] == [0]
     assert floor.v2() == img.IMG_MGMT_ERR.HASH_NOT_FOUND
     assert allowed.ok and allowed.ops == 0
+
+
+def test_state_write_when_both_slots_hold_the_running_image(session: Session) -> None:
+    """A flash of the image that runs puts it into the other slot too: both slots hold one
+    hash. A test mark of it is a no-op success while the running copy is the confirmed image
+    or on its test boot (it already is what the mark asks for); a confirm by it confirms the
+    running copy. The reply lists the running copy as what it is, and no mark lands on the
+    other copy."""
+    s = session
+    h = digest(B)
+    confirmed = {}
+    for run in (0, 1):  # the running copy is the confirmed image
+        s.dev(f"same-{run}", slots=(B, B))
+        s.cmd("confirm", run)
+        s.cmd("server", run)
+        test = [s.send(WRITE, IMG, 0, {"hash": h, "confirm": False}, version=v) for v in (V1, V2)]
+        state = s.cmd("state")
+        conf = s.send(WRITE, IMG, 0, {"hash": h, "confirm": True})
+        confirmed[run] = (test, state, conf)
+    # The running copy (slot 1) is on its test boot; slot 0's copy is the confirmed image.
+    s.dev("same-trial", slots=(B, B))
+    s.cmd("confirm", 0)
+    s.cmd("mark", 1)
+    s.cmd("boot")
+    s.cmd("booted", 1)
+    trial_test = [s.send(WRITE, IMG, 0, {"hash": h, "confirm": False}, version=v) for v in (V1, V2)]
+    trial_state = s.cmd("state")
+    trial_conf = s.send(WRITE, IMG, 0, {"hash": h, "confirm": True})
+    conf_state = s.cmd("state")
+    boot = s.cmd("boot")
+    s.run()
+
+    for run, (test, state, conf) in confirmed.items():
+        want = ["bca", "b"] if run == 0 else ["b", "bca"]
+        for rep in test + [conf]:
+            assert rep.ok and rep.ops == 0, (run, rep.body)
+            assert [flags(e) for e in images(rep)] == want, run
+        assert state.values[:3] == [str(run), "255", "255"]  # active, no test mark, no trial
+    for rep in trial_test:
+        assert rep.ok and rep.ops == 0, rep.body
+        assert [flags(e) for e in images(rep)] == ["bpcP", "ba"]
+    assert trial_state.values[:3] == ["0", "255", "1"]  # still on its test boot, nothing marked
+    assert [flags(e) for e in images(trial_conf)] == ["b", "bca"] and trial_conf.chg == "001"
+    assert conf_state.values[:3] == ["1", "255", "255"]
+    assert boot.values == ["1", "0"]  # the confirmed running copy boots, no test boot
+
+
+def test_reflash_of_the_image_a_cut_test_flash_left_running(session: Session) -> None:
+    """The field case: `mpboot flash --test` was cut after its test mark reached flash; the
+    device test-booted the image from slot 1 and the app confirmed it. The same flash again
+    uploads the image into slot 0 and marks it for test: that succeeds and writes nothing,
+    the reply shows slot 1 running confirmed, and the next boot runs slot 1 as before."""
+    s = session
+    flash = s.dev("reflash", slots=(A, None))
+    s.cmd("confirm", 0)
+    s.cmd("server", 0)
+    s.upload(B)
+    s.send(WRITE, IMG, 0, {"hash": digest(B), "confirm": False})  # the cut came after this
+    s.cmd("boot")  # the test boot of slot 1
+    s.cmd("booted", 1)
+    s.send(WRITE, IMG, 0, {"confirm": True})  # the app's mpboot.confirm()
+    again = s.upload(B)  # the same flash again: into slot 0, the slot not running
+    mark = [s.send(WRITE, IMG, 0, {"hash": digest(B), "confirm": False}, version=v) for v in (V1, V2)]
+    state = s.cmd("state")
+    boot = s.cmd("boot")
+    s.run()
+
+    assert again[-1].body == {"off": len(B), "match": True}
+    assert flash.slot_bytes(0)[: len(B)] == B and flash.slot_bytes(1)[: len(B)] == B
+    for rep in mark:
+        assert rep.ok and rep.ops == 0, rep.body
+        assert [flags(e) for e in images(rep)] == ["b", "bca"]
+    assert state.values[:3] == ["1", "255", "255"]
+    assert boot.values == ["1", "0"]
+
+
+def test_test_mark_of_a_running_fallback(session: Session) -> None:
+    """Where IMAGE_SETTING_TEST_TO_ACTIVE_DENIED still applies: the running image is neither
+    the confirmed one nor on its test boot (it runs as a fallback) and no other slot holds its
+    hash. When the other slot holds the same image, the mark goes to that copy (the reply
+    lists it pending); in recovery, to the lower slot holding it."""
+    s = session
+    s.dev("fallback", slots=(A, B))
+    s.cmd("confirm", 0)
+    s.cmd("confirm", 1)  # slot 1 holds the confirmed image; slot 0 runs as its fallback
+    s.cmd("server", 0)
+    denied = [s.send(WRITE, IMG, 0, {"hash": digest(A), "confirm": False}, version=v) for v in (V1, V2)]
+    s.dev("fallback-same", slots=(B, B))
+    s.cmd("confirm", 1)
+    s.cmd("server", 0)
+    other = s.send(WRITE, IMG, 0, {"hash": digest(B), "confirm": False})
+    other_state = s.cmd("state")
+    s.dev("recovery-same", slots=(B, B))
+    s.cmd("server", -1)
+    rec = s.send(WRITE, IMG, 0, {"hash": digest(B), "confirm": False})
+    rec_state = s.cmd("state")
+    s.run()
+
+    assert denied[0].v1() == (EINVAL, None)
+    assert denied[1].v2() == img.IMG_MGMT_ERR.IMAGE_SETTING_TEST_TO_ACTIVE_DENIED
+    assert all(rep.ops == 0 for rep in denied)
+    assert other.ok and other.chg == "001"
+    assert [flags(e) for e in images(other)] == ["ba", "bpcP"]
+    assert other_state.values[:3] == ["1", "1", "255"]  # the test mark is on slot 1
+    assert rec.ok and [flags(e) for e in images(rec)] == ["bp", "b"]
+    assert rec_state.values[:3] == ["255", "0", "255"]
 
 
 def test_confirm_through_mpboot_confirm_when_booted(session: Session) -> None:

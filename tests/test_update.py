@@ -21,8 +21,8 @@ SIZE = 64 * 1024
 SECTOR = 4096
 NONE = 0xFF
 U_BUSY, U_STATE, U_RANGE, U_LENGTH = 1, 2, 3, 4
-E_MAGIC, E_SIZE, E_TRUNCATED, E_TLV, E_HASH_MISMATCH = 1, 3, 4, 5, 10
-E_VENDOR, E_CLASS, E_COUNTER, E_DOWNGRADE = 16, 17, 18, 19
+E_BAD_MAGIC, E_TOO_LARGE, E_TRUNCATED, E_BAD_TLV, E_HASH_MISMATCH = 1, 3, 4, 5, 10
+E_VENDOR_MISMATCH, E_CLASS_MISMATCH, E_COUNTER_BELOW_FLOOR, E_DOWNGRADE = 16, 17, 18, 19
 MARK_NONE, MARK_TEST, MARK_PERMANENT = 0, 1, 2
 
 VENDOR = vendor_uuid("example.com")
@@ -325,23 +325,23 @@ def test_begin_refusals_happen_before_any_flash_operation(plan: Plan) -> None:
     refusals = [
         # (label, image, header bytes, total, manifest, expected)
         ("short header", good, 31, "-", "-", ("image", E_TRUNCATED)),
-        ("bad magic", _with_header(good, magic=0x96F3B83C), 32, "-", "-", ("image", E_MAGIC)),
-        ("img_size over slot", _with_header(good, img_size=over), 32, slot, "-", ("image", E_SIZE)),
-        ("hdr_size over slot", _with_header(good, hdr_size=slot), 32, slot, "-", ("image", E_SIZE)),
+        ("bad magic", _with_header(good, magic=0x96F3B83C), 32, "-", "-", ("image", E_BAD_MAGIC)),
+        ("img_size over slot", _with_header(good, img_size=over), 32, slot, "-", ("image", E_TOO_LARGE)),
+        ("hdr_size over slot", _with_header(good, hdr_size=slot), 32, slot, "-", ("image", E_TOO_LARGE)),
         ("total short", good, 32, need - 1, "-", ("update", U_LENGTH)),
         ("total zero", good, 32, 0, "-", ("update", U_LENGTH)),
         ("total over slot", good, 32, slot + 1, "-", ("update", U_LENGTH)),
         ("fits, total short", _with_header(good, img_size=over - 1), 32, len(good), "-", ("update", U_LENGTH)),
-        ("manifest short", good, 32, "-", _manifest(good)[:-1], ("image", E_TLV)),
-        ("manifest long", good, 32, "-", _manifest(good) + b"\0", ("image", E_TLV)),
-        ("manifest missing", good, 32, "-", b"", ("image", E_TLV)),
-        ("manifest bad magic", good, 32, "-", b"\x07" + _manifest(good)[1:], ("image", E_TLV)),
-        ("other vendor", image("2.1.4", counter=5, vendor_id=OTHER_VENDOR, class_id=CLASS), 32, "-", "auto", ("image", E_VENDOR)),
-        ("other class", image("2.1.4", counter=5, vendor_id=VENDOR, class_id=OTHER_CLASS), 32, "-", "auto", ("image", E_CLASS)),
-        ("no vendor TLV", image("2.1.4", counter=5), 32, "-", "auto", ("image", E_VENDOR)),
-        ("no protected TLVs", image("2.1.4", counter=None), 32, "-", "auto", ("image", E_VENDOR)),
-        ("counter below floor", image("2.1.4", counter=4, vendor_id=VENDOR, class_id=CLASS), 32, "-", "auto", ("image", E_COUNTER)),
-        ("no counter, floor 5", image("2.1.4", counter=None, vendor_id=VENDOR, class_id=CLASS), 32, "-", "auto", ("image", E_COUNTER)),
+        ("manifest short", good, 32, "-", _manifest(good)[:-1], ("image", E_BAD_TLV)),
+        ("manifest long", good, 32, "-", _manifest(good) + b"\0", ("image", E_BAD_TLV)),
+        ("manifest missing", good, 32, "-", b"", ("image", E_BAD_TLV)),
+        ("manifest bad magic", good, 32, "-", b"\x07" + _manifest(good)[1:], ("image", E_BAD_TLV)),
+        ("other vendor", image("2.1.4", counter=5, vendor_id=OTHER_VENDOR, class_id=CLASS), 32, "-", "auto", ("image", E_VENDOR_MISMATCH)),
+        ("other class", image("2.1.4", counter=5, vendor_id=VENDOR, class_id=OTHER_CLASS), 32, "-", "auto", ("image", E_CLASS_MISMATCH)),
+        ("no vendor TLV", image("2.1.4", counter=5), 32, "-", "auto", ("image", E_VENDOR_MISMATCH)),
+        ("no protected TLVs", image("2.1.4", counter=None), 32, "-", "auto", ("image", E_VENDOR_MISMATCH)),
+        ("counter below floor", image("2.1.4", counter=4, vendor_id=VENDOR, class_id=CLASS), 32, "-", "auto", ("image", E_COUNTER_BELOW_FLOOR)),
+        ("no counter, floor 5", image("2.1.4", counter=None, vendor_id=VENDOR, class_id=CLASS), 32, "-", "auto", ("image", E_COUNTER_BELOW_FLOOR)),
         ("downgrade, higher build", image("2.1.2+99", counter=5, vendor_id=VENDOR, class_id=CLASS), 32, "-", "-", ("image", E_DOWNGRADE)),
         ("downgrade minor", image("2.0.9", counter=5, vendor_id=VENDOR, class_id=CLASS), 32, "-", "auto", ("image", E_DOWNGRADE)),
         ("downgrade major", image("1.255.65535+4294967295", counter=5, vendor_id=VENDOR, class_id=CLASS), 32, "-", "-", ("image", E_DOWNGRADE)),
@@ -425,11 +425,11 @@ def test_policy_refusals_without_manifest_come_at_finish(plan: Plan) -> None:
     plan.add("confirm", 0)
     before = plan.add("state")
     bad = [
-        ("other vendor", image("2.0.1", counter=5, vendor_id=OTHER_VENDOR, class_id=CLASS, seed="v"), E_VENDOR, MARK_TEST),
-        ("other class", image("2.0.1", counter=5, vendor_id=VENDOR, class_id=OTHER_CLASS, seed="c"), E_CLASS, MARK_PERMANENT),
-        ("no vendor TLV", image("2.0.1", counter=5, seed="n"), E_VENDOR, MARK_PERMANENT),
-        ("counter below floor", image("2.0.1", counter=3, vendor_id=VENDOR, class_id=CLASS, seed="f"), E_COUNTER, MARK_TEST),
-        ("no counter", image("2.0.1", counter=None, vendor_id=VENDOR, class_id=CLASS, seed="z"), E_COUNTER, MARK_PERMANENT),
+        ("other vendor", image("2.0.1", counter=5, vendor_id=OTHER_VENDOR, class_id=CLASS, seed="v"), E_VENDOR_MISMATCH, MARK_TEST),
+        ("other class", image("2.0.1", counter=5, vendor_id=VENDOR, class_id=OTHER_CLASS, seed="c"), E_CLASS_MISMATCH, MARK_PERMANENT),
+        ("no vendor TLV", image("2.0.1", counter=5, seed="n"), E_VENDOR_MISMATCH, MARK_PERMANENT),
+        ("counter below floor", image("2.0.1", counter=3, vendor_id=VENDOR, class_id=CLASS, seed="f"), E_COUNTER_BELOW_FLOOR, MARK_TEST),
+        ("no counter", image("2.0.1", counter=None, vendor_id=VENDOR, class_id=CLASS, seed="z"), E_COUNTER_BELOW_FLOOR, MARK_PERMANENT),
     ]
     cases = []
     for label, img, code, mark in bad:
@@ -524,7 +524,7 @@ def test_begin_unmarks_a_test_marked_target_before_erasing(plan: Plan, tmp_path:
     boot = plan.add("boot")
     plan.run()
     assert marked.values[1] == "1"
-    assert refused.refused() == ("image", E_MAGIC) and still.values == marked.values
+    assert refused.refused() == ("image", E_BAD_MAGIC) and still.values == marked.values
     assert begin.value() == 1
     assert (begin.ops, begin.erase, begin.chg) == (1, 0, "001"), begin.line  # one state record only
     assert unmarked.values[1] == str(NONE)
@@ -615,8 +615,8 @@ def test_finish_checks_the_bytes_written_not_what_begin_was_told(plan: Plan) -> 
     plan.add("confirm", 0)
     before = plan.add("state")
     cases = []
-    for sent, code, mark in ((older, E_DOWNGRADE, MARK_PERMANENT), (foreign, E_VENDOR, MARK_TEST),
-                             (low, E_COUNTER, MARK_PERMANENT)):
+    for sent, code, mark in ((older, E_DOWNGRADE, MARK_PERMANENT), (foreign, E_VENDOR_MISMATCH, MARK_TEST),
+                             (low, E_COUNTER_BELOW_FLOOR, MARK_PERMANENT)):
         plan.add("updater", 0)
         plan.image(newer)
         begin = plan.begin(manifest="auto")  # header and manifest of the good image...
@@ -636,7 +636,7 @@ def test_finish_checks_the_bytes_written_not_what_begin_was_told(plan: Plan) -> 
 def test_finish_refuses_an_image_longer_than_what_was_sent(plan: Plan) -> None:
     """An announced total that stops inside the image: the rest of the image may still be in
     the slot from an earlier transfer (in a sector the erase-ahead never reached), so it would
-    verify; finish() refuses it (E_SIZE) because those bytes were not sent. Bytes sent past
+    verify; finish() refuses it (E_TOO_LARGE) because those bytes were not sent. Bytes sent past
     the image's end are harmless and accepted."""
     # Hashed part (header + payload + protected TLVs) + the 4-byte unprotected info header
     # end exactly at the end of sector 1: the TLV entries lie in sector 2.
@@ -667,12 +667,12 @@ def test_finish_refuses_an_image_longer_than_what_was_sent(plan: Plan) -> None:
     one = plan.add("finish", MARK_TEST)
     plan.run()
     assert full.value() == 0
-    assert one.refused() == ("image", E_SIZE), one.line
+    assert one.refused() == ("image", E_TOO_LARGE), one.line
     assert padded[2].values[:2] == ["0", "1.0.0+0"], padded[2].line
     assert stale[0].value() == 0 and stale[1].value() == short
     assert stale[1].erase == 2  # sector 2, holding the TLV entries from before, not erased
     assert flash.slot_bytes(0)[: len(b)] == b  # so the slot holds the whole image...
-    assert stale[2].refused() == ("image", E_SIZE), stale[2].line  # ...but it was not all sent
+    assert stale[2].refused() == ("image", E_TOO_LARGE), stale[2].line  # ...but it was not all sent
     assert after.values == before.values and after.values[1] == str(NONE)
     assert boot.values == ["0", "0"]  # blank state: the factory-fresh rule boots the valid slot
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark SMP uploads over a simulated UART (`make bench`): mpboot's pipelined client
-against smpclient, side by side in one run, on the same simulated device.
+against smpclient 7.3.0, side by side in one run, on the same simulated device, each
+framing against the same framing (raw COBS frames, or console lines).
 
 Every upload goes to a fresh copy of one prepared device: `mpboot sim` with the NOR flash
 timing model (`--flash-timing nor`: 45 ms per 4 KiB sector erase, 0.7 ms per 256-byte page)
@@ -74,7 +75,7 @@ class Sim:
         raise SystemExit(f"mpboot sim never printed {text!r}:\n" + "".join(self.lines[-20:]))
 
     def stop(self) -> None:
-        self.proc.send_signal(2)
+        self.proc.terminate()  # SIGTERM: a clean stop
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -92,8 +93,11 @@ async def ours(path: str, baud: int, image: bytes, framing: str) -> float:
 async def theirs(path: str, baud: int, image: bytes, framing: str) -> float:
     from smpclient import SMPClient as TheirClient
     from smpclient.transport.serial import SMPSerialTransport
+    from smpclient.transport.serial.framing.cobs import Cobs
+    from smpclient.transport.serial.unencoded import SMPSerialRawTransport
 
-    transport = SMPSerialTransport()
+    # The same framing on both sides: console lines, or raw COBS frames of up to buf_size.
+    transport = SMPSerialTransport() if framing == "console" else SMPSerialRawTransport(framing=Cobs(), mtu=2048)
     async with TheirClient(transport, path) as client:  # connect() reads the MCUmgr parameters
         t0 = time.perf_counter()
         async for _off in client.upload(image):
@@ -163,10 +167,17 @@ def main() -> int:
         dirty = prepare(work, pub, v1, old, "dirty")
         blank = prepare(work, pub, v1, None, "blank")
         print("mpboot SMP upload benchmark (mpboot sim, NOR timing, UART-paced pty; buf_size 2048, buf_count 4)")
+        # Ratios compare like with like: the same framing, the same device state.
+        pairs = (("mpboot raw", "smpclient raw"), ("mpboot console", "smpclient console"),
+                 ("mpboot raw, blank slot", "smpclient raw, blank slot"))
         for baud, image, cases in (
-            (115200, img256, (("mpboot raw", ours, "raw", dirty), ("mpboot console", ours, "console", dirty),
+            (115200, img256, (("mpboot raw", ours, "raw", dirty), ("smpclient raw", theirs, "raw", dirty),
+                              ("mpboot console", ours, "console", dirty),
                               ("smpclient console", theirs, "console", dirty))),
-            (921600, img1m, (("mpboot raw", ours, "raw", dirty), ("mpboot raw, blank slot", ours, "raw", blank),
+            (921600, img1m, (("mpboot raw", ours, "raw", dirty), ("smpclient raw", theirs, "raw", dirty),
+                             ("mpboot raw, blank slot", ours, "raw", blank),
+                             ("smpclient raw, blank slot", theirs, "raw", blank),
+                             ("mpboot console", ours, "console", dirty),
                              ("smpclient console", theirs, "console", dirty))),
         ):
             line = baud / 10
@@ -182,9 +193,9 @@ def main() -> int:
                 print(f"    flash-bound ceiling (old image in the slot): {len(image) / flash_s:.0f} B/s, "
                       f"{len(image) / flash_s / line:.1%} of line; mpboot raw reaches "
                       f"{rates['mpboot raw'] * flash_s / len(image):.1%} of it")
-            for label in rates:
-                if label != "smpclient console":
-                    print(f"    ratio {label} / smpclient console: {rates[label] / rates['smpclient console']:.2f}x")
+            for a, b in pairs:
+                if a in rates and b in rates:
+                    print(f"    ratio {a} / {b}: {rates[a] / rates[b]:.2f}x")
     return 0
 
 

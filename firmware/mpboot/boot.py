@@ -17,6 +17,20 @@ from mpboot.reader import bytes_reader
 from mpboot.slots import Slots
 from mpboot.state import ACTIVE, NONE, OK0
 
+# The boot record, mpboot._booted: what boot.run (or boot.recovery) started, for
+# mpboot.confirm(), feed(), the update service and the SMP state write. A list (cheaper than a
+# class) read by these indices; set only by set_booted().
+BOOTED_SLOTS = const(0)  # the mpboot.slots.Slots the boot decision used
+BOOTED_SLOT = const(1)  # the slot running (-1: recovery)
+BOOTED_INFO = const(2)  # its verified image info (None in recovery)
+BOOTED_WATCHDOG = const(3)  # the watchdog armed for a test boot, or None
+BOOTED_HOW = const(4)  # how it booted (HOW_*); HOW_CONFIRMED once mpboot.confirm() kept it
+BOOTED_CONFIRMED = const(5)  # the confirmed image at boot: (active slot, digest prefix)
+# How the running image booted:
+HOW_CONFIRMED = const(0)  # the confirmed (active) image itself
+HOW_TEST = const(1)  # its one test boot
+HOW_FALLBACK = const(2)  # the other slot's earlier-confirmed image, because the active one failed
+
 # Slot errors (Slots.errors) of images that verify but cannot run; image codes are positive.
 E_NO_ROMFS = const(-19)  # the payload does not mount as a ROMFS
 E_NO_ENTRY = const(-2)  # the ROMFS has no entry module (main.py / main.mpy)
@@ -50,7 +64,7 @@ def _cannot_run(slots, port, slot, trial, code, entry, mount, wdt_ms):
         port.reset()
     o = slot ^ 1
     if slots.errors[o] == 0:
-        info = slots._try(o)
+        info = slots.probe(o)
         if info and slots.confirmed(o, info):
             return run(slots, port, o, info, False, entry, mount, wdt_ms)
     return recovery(slots)
@@ -89,11 +103,9 @@ def run(slots, port, slot, info, trial, entry="main", mount="/app", wdt_ms=WDT_M
         return _cannot_run(slots, port, slot, trial, E_NO_ENTRY, entry, mount, wdt_ms)
     sys.path.insert(0, mount)
     wdt = port.watchdog(wdt_ms) if trial and wdt_ms else None
-    # How it booted decides what mpboot.confirm() may do: 1 its test boot, 2 a fallback
-    # because the confirmed active image failed, 0 the confirmed active image itself.
-    how = 1 if trial else 2 if slot != slots.state[ACTIVE] else 0
-    mpboot._booted = [slots, slot, info, wdt, how, _confirmed_now(slots)]
-    mpboot.confirm = confirm
+    # How it booted decides what mpboot.confirm() may do.
+    how = HOW_TEST if trial else HOW_FALLBACK if slot != slots.state[ACTIVE] else HOW_CONFIRMED
+    set_booted(slots, slot, info, wdt, how)
     v = info["version"]
     print("mpboot: slot %d version %d.%d.%d+%d%s%s" % (
         slot, v[0], v[1], v[2], v[3], " test boot" if trial else "",
@@ -115,14 +127,16 @@ def confirm():
     # if this changed the state, False if there was nothing to confirm: the image already
     # was the confirmed one (and a permanent update it took since stays so).
     b = mpboot._booted
-    if b is None or b[1] < 0:
+    if b is None or b[BOOTED_SLOT] < 0:
         raise OSError(19)  # ENODEV: not started by mpboot.boot
-    if not b[4] or _confirmed_now(b[0]) != b[5]:
+    slots = b[BOOTED_SLOTS]
+    if b[BOOTED_HOW] == HOW_CONFIRMED or _confirmed_now(slots) != b[BOOTED_CONFIRMED]:
         # The confirmed image itself, or an update made another image the confirmed one
         # since this boot (permanent install): keep it.
         return False
-    changed = b[0].confirm(b[1], b[2])  # raises if the state write fails: retry is possible
-    b[4] = 0
+    # Raises if the state write fails: retry is possible.
+    changed = slots.confirm(b[BOOTED_SLOT], b[BOOTED_INFO])
+    b[BOOTED_HOW] = HOW_CONFIRMED
     return changed
 
 
@@ -130,18 +144,24 @@ def feed():
     # Feeds the watchdog a test boot armed (no-op otherwise). Hardware watchdogs cannot be
     # stopped once armed, so an app that confirms after a test boot keeps feeding it.
     b = mpboot._booted
-    if b is not None and b[3] is not None:
-        b[3].feed()
+    if b is not None and b[BOOTED_WATCHDOG] is not None:
+        b[BOOTED_WATCHDOG].feed()
 
 
 def recovery(slots):
     # Nothing bootable: say why, per slot, and return to whoever waits for an update (the
     # update service, or the REPL where `mpboot.update` can be driven by hand).
-    mpboot._booted = [slots, -1, None, None, 0, None]
-    mpboot.confirm = confirm
+    set_booted(slots, -1, None, None, HOW_CONFIRMED)
     print("mpboot: recovery: no bootable image (slot 0: error %d, slot 1: error %d)" % (
         slots.errors[0], slots.errors[1]))
     return False
+
+
+def set_booted(slots, slot, info, wdt, how):
+    # Records what runs (mpboot._booted, the BOOTED_* fields) and puts mpboot.confirm in place.
+    # Used by run() and recovery(); device test drivers use it to play a boot.
+    mpboot._booted = [slots, slot, info, wdt, how, _confirmed_now(slots)]
+    mpboot.confirm = confirm
 
 
 def start(port, areas, keys, entry="main", mount="/app", wdt_ms=WDT_MS, **policy):

@@ -15,7 +15,7 @@ from mpboot.state import Log
 
 _MAGIC = const(0x4642504D)  # "MPBF"
 _SIZE = const(272)  # record size before rounding up to the write unit (CRC-32 last)
-# magic seq flags serial_len labels_len serial vid cid labels
+# magic seq flags serial_len labels_len serial vendor_id class_id labels
 _FMT = "<IIBBH32s16s16s192s"
 SERIAL_MAX = const(32)
 LABELS_MAX = const(192)  # canonical CBOR bytes of the labels map
@@ -25,9 +25,9 @@ SEALED = const(1)
 NO_DOWNGRADE = const(2)
 TEST_BOOT = const(4)
 NO_REPL = const(8)
-IDENTITY = const(16)
-VID = const(32)
-CID = const(64)
+IDENTITY = const(16)  # an identity was written (serial)
+VENDOR_ID = const(32)  # the identity sets a vendor id
+CLASS_ID = const(64)  # the identity sets a class id
 
 # FactoryError codes (the group-64 rc of docs/FACTORY.md section 2)
 E_SEALED = const(1)
@@ -54,7 +54,8 @@ class Factory(Log):
         self.load()
 
     def load(self):
-        # The newest record into flags, serial, vid, cid, labels (a blank area: none of them).
+        # The newest record into flags, serial, vendor_id, class_id, labels (a blank area: none
+        # of them).
         if self.find():
             f = struct.unpack_from(_FMT, self.buf, 0)
             flags = f[2]
@@ -64,21 +65,21 @@ class Factory(Log):
                 flags &= ~IDENTITY  # (a sealed flag stays: fail closed)
             self.flags = flags
             self.serial = f[5][:n] if flags & IDENTITY else b""
-            self.vid = f[6]
-            self.cid = f[7]
+            self.vendor_id = f[6]
+            self.class_id = f[7]
             self.labels = f[8][:m]
         else:
             self.flags = 0
             self.serial = b""
-            self.vid = self.cid = _ZERO16
+            self.vendor_id = self.class_id = _ZERO16
             self.labels = b""
 
     def apply(self, slots):
         # The effective policy: the build's (slots.build) tightened by the record.
         v, c, d = slots.build
         f = self.flags
-        slots.vendor_id = self.vid if f & VID else v
-        slots.class_id = self.cid if f & CID else c
+        slots.vendor_id = self.vendor_id if f & VENDOR_ID else v
+        slots.class_id = self.class_id if f & CLASS_ID else c
         slots.downgrade = d and not f & NO_DOWNGRADE
         slots.test_boot = bool(f & TEST_BOOT)
         slots.no_repl = bool(f & NO_REPL)
@@ -90,18 +91,18 @@ class Factory(Log):
     def sealed(self):
         return bool(self.flags & SEALED)
 
-    def write(self, flags, serial, vid, cid, labels):
-        # Appends the record (serial, labels: bytes within the limits; vid, cid: 16 bytes or
-        # None) unless it equals the current one (no wear for a re-run). Returns True if it
-        # appended; a failed flash write raises FactoryError(E_FLASH), RAM as flash is.
-        vid = vid or _ZERO16
-        cid = cid or _ZERO16
-        if (flags == self.flags and serial == self.serial and vid == self.vid
-                and cid == self.cid and labels == self.labels):
+    def write(self, flags, serial, vendor_id, class_id, labels):
+        # Appends the record (serial, labels: bytes within the limits; vendor_id, class_id: 16
+        # bytes or None) unless it equals the current one (no wear for a re-run). Returns True
+        # if it appended; a failed flash write raises FactoryError(E_FLASH), RAM as flash is.
+        vendor_id = vendor_id or _ZERO16
+        class_id = class_id or _ZERO16
+        if (flags == self.flags and serial == self.serial and vendor_id == self.vendor_id
+                and class_id == self.class_id and labels == self.labels):
             return False
         buf = self.begin()
         struct.pack_into(_FMT, buf, 0, _MAGIC, 0, flags, len(serial), len(labels), serial,
-                         vid, cid, labels)
+                         vendor_id, class_id, labels)
         try:
             self.append()
         except Exception as e:
@@ -111,7 +112,7 @@ class Factory(Log):
             raise
         self.flags = flags
         self.serial = serial
-        self.vid = vid
-        self.cid = cid
+        self.vendor_id = vendor_id
+        self.class_id = class_id
         self.labels = labels
         return True

@@ -51,22 +51,22 @@ _MAX_PUBKEY_SIZE = const(1024)
 # Signature TLVs an image may carry (of any algorithm): bounds the RSA work one image costs.
 _MAX_SIGNATURES = const(4)
 
-# Error codes (ImageError.code); the host maps them to names once (ImageErrorCode).
-E_MAGIC = const(1)  # header magic is not 0x96f3b83d
-E_HEADER = const(2)  # header field out of range (hdr_size, flags)
-E_SIZE = const(3)  # header/payload/TLV sizes do not fit in the slot
+# Error codes (ImageError.code): E_ + the host's name (mpboot.errors.ImageErrorCode), same number.
+E_BAD_MAGIC = const(1)  # header magic is not 0x96f3b83d
+E_BAD_HEADER = const(2)  # header field out of range (hdr_size, flags)
+E_TOO_LARGE = const(3)  # header/payload/TLV sizes do not fit in the slot
 E_TRUNCATED = const(4)  # the medium ended before the image did
-E_TLV = const(5)  # malformed TLV area: magic, sizes, entry length, repeated entry, too many signatures
-E_TLV_PROTECTED_ONLY = const(6)  # protected-only TLV type in the unprotected area
-E_TLV_UNKNOWN = const(7)  # unknown TLV type in the unprotected area
-E_HASH_MISSING = const(8)  # no SHA256 TLV
-E_HASH_DUPLICATE = const(9)  # more than one SHA256 TLV
+E_BAD_TLV = const(5)  # malformed TLV area: magic, sizes, entry length, repeated entry, too many signatures
+E_UNPROTECTED_TLV = const(6)  # protected-only TLV type in the unprotected area
+E_UNKNOWN_TLV = const(7)  # unknown TLV type in the unprotected area
+E_NO_HASH = const(8)  # no SHA256 TLV
+E_DUPLICATE_HASH = const(9)  # more than one SHA256 TLV
 E_HASH_MISMATCH = const(10)  # SHA256 TLV differs from the computed digest
-E_SIG_NO_KEYHASH = const(11)  # signature TLV not preceded by KEYHASH/PUBKEY
-E_KEY_UNKNOWN = const(12)  # key hash matches no embedded key
+E_SIG_WITHOUT_KEYHASH = const(11)  # signature TLV not preceded by KEYHASH/PUBKEY
+E_UNKNOWN_KEY = const(12)  # key hash matches no embedded key
 E_KEY_SIZE = const(13)  # signature type or length does not match the key size
-E_SIG_INVALID = const(14)  # signature by an embedded key does not verify
-E_SIG_MISSING = const(15)  # no signature by an embedded key
+E_BAD_SIGNATURE = const(14)  # signature by an embedded key does not verify
+E_NO_SIGNATURE = const(15)  # no signature by an embedded key
 
 
 
@@ -95,14 +95,14 @@ def parse_header(hdr, slot_size, info):
     # updater to refuse an image before any payload arrives. Returns the protected TLV size.
     magic, load_addr, hdr_size, prot_size, img_size, flags = struct.unpack_from("<IIHHII", hdr, 0)
     if magic != _IMAGE_MAGIC:
-        raise ImageError(E_MAGIC)
+        raise ImageError(E_BAD_MAGIC)
     if hdr_size < HEADER_SIZE or flags & ~_FLAGS_ALLOWED:
-        raise ImageError(E_HEADER)
+        raise ImageError(E_BAD_HEADER)
     if prot_size and (prot_size < 4 or prot_size > _MAX_PROT_SIZE):
-        raise ImageError(E_TLV)
+        raise ImageError(E_BAD_TLV)
     # The smallest unprotected TLV area is its 4-byte info header.
     if hdr_size + img_size + prot_size + 4 > slot_size:
-        raise ImageError(E_SIZE)
+        raise ImageError(E_TOO_LARGE)
     info["version"] = struct.unpack_from("<BBHI", hdr, 20)
     info["flags"] = flags
     info["load_addr"] = load_addr
@@ -115,15 +115,15 @@ def walk_protected(area, info):
     # area: the whole protected TLV area, already hashed. Every entry must lie inside it.
     magic, total = struct.unpack_from("<HH", area, 0)
     if magic != _TLV_PROT_INFO_MAGIC or total != len(area):
-        raise ImageError(E_TLV)
+        raise ImageError(E_BAD_TLV)
     off = 4
     while off < total:
         if off + 4 > total:
-            raise ImageError(E_TLV)
+            raise ImageError(E_BAD_TLV)
         kind, length = struct.unpack_from("<HH", area, off)
         off += 4
         if off + length > total:
-            raise ImageError(E_TLV)
+            raise ImageError(E_BAD_TLV)
         name = None
         if kind == _TLV_SEC_CNT and length == 4:
             name = "security_counter"
@@ -133,10 +133,10 @@ def walk_protected(area, info):
         elif kind == _TLV_UUID_CID and length == 16:
             name = "class_id"
         elif kind == _TLV_SEC_CNT or kind == _TLV_UUID_VID or kind == _TLV_UUID_CID:
-            raise ImageError(E_TLV)  # wrong length
+            raise ImageError(E_BAD_TLV)  # wrong length
         if name:
             if info[name] is not None:
-                raise ImageError(E_TLV)  # repeated
+                raise ImageError(E_BAD_TLV)  # repeated
             info[name] = value if kind == _TLV_SEC_CNT else bytes(area[off : off + 16])
         # Other protected types (dependencies, boot record, custom) are covered by the
         # hash and carry nothing this verifier acts on.
@@ -176,7 +176,7 @@ def _check_signature(kind, key, sig, digest):
     else:
         ok = rsa.verify_pss(n, bits, sig, digest)
     if not ok:
-        raise ImageError(E_SIG_INVALID)
+        raise ImageError(E_BAD_SIGNATURE)
 
 
 def verify(read, keys, slot_size, buf=None):
@@ -200,7 +200,7 @@ def verify(read, keys, slot_size, buf=None):
     }
 
     if slot_size < HEADER_SIZE:
-        raise ImageError(E_SIZE)
+        raise ImageError(E_TOO_LARGE)
     hdr = mv[:HEADER_SIZE]
     _read(read, 0, hdr)
     prot_size = parse_header(hdr, slot_size, info)
@@ -230,9 +230,9 @@ def verify(read, keys, slot_size, buf=None):
     _read(read, off, mv[:4])
     magic, total = struct.unpack_from("<HH", mv, 0)
     if magic != _TLV_INFO_MAGIC or total < 4:
-        raise ImageError(E_TLV)
+        raise ImageError(E_BAD_TLV)
     if off + total > slot_size:
-        raise ImageError(E_SIZE)
+        raise ImageError(E_TOO_LARGE)
     info["total_size"] = off + total
     end = off + total
     off += 4
@@ -243,24 +243,24 @@ def verify(read, keys, slot_size, buf=None):
     signatures = 0
     while off < end:
         if off + 4 > end:
-            raise ImageError(E_TLV)
+            raise ImageError(E_BAD_TLV)
         _read(read, off, mv[:4])
         kind, length = struct.unpack_from("<HH", mv, 0)
         off += 4
         if off + length > end:
-            raise ImageError(E_TLV)
+            raise ImageError(E_BAD_TLV)
         if kind == _TLV_SHA256:
             if length != 32:
-                raise ImageError(E_TLV)
+                raise ImageError(E_BAD_TLV)
             if hash_seen:
-                raise ImageError(E_HASH_DUPLICATE)
+                raise ImageError(E_DUPLICATE_HASH)
             hash_seen = True
             _read(read, off, mv[:32])
             if bytes(mv[:32]) != digest:
                 raise ImageError(E_HASH_MISMATCH)
         elif kind == _TLV_KEYHASH or kind == _TLV_PUBKEY:
             if kind == _TLV_KEYHASH and length != 32 or length > _MAX_PUBKEY_SIZE:
-                raise ImageError(E_TLV)
+                raise ImageError(E_BAD_TLV)
             value = mv[:length]
             _read(read, off, value)
             value = hashlib.sha256(value).digest() if kind == _TLV_PUBKEY else bytes(value)
@@ -268,11 +268,11 @@ def verify(read, keys, slot_size, buf=None):
             key_pending = True
         elif kind in (_TLV_RSA2048_PSS, _TLV_RSA3072_PSS, _TLV_MPBOOT_RSA_PKCS1V15, _TLV_ECDSA_SIG, _TLV_ED25519):
             if not key_pending:
-                raise ImageError(E_SIG_NO_KEYHASH)
+                raise ImageError(E_SIG_WITHOUT_KEYHASH)
             key_pending = False
             signatures += 1
             if signatures > _MAX_SIGNATURES:
-                raise ImageError(E_TLV)
+                raise ImageError(E_BAD_TLV)
             if kind == _TLV_ECDSA_SIG or kind == _TLV_ED25519:
                 # Other algorithms' signatures (multi-signed images): not ours to check.
                 pass
@@ -289,13 +289,13 @@ def verify(read, keys, slot_size, buf=None):
                 if info["key_index"] < 0:
                     info["key_index"] = key_index  # the first good signature's key
         elif _is_protected_only(kind):
-            raise ImageError(E_TLV_PROTECTED_ONLY)
+            raise ImageError(E_UNPROTECTED_TLV)
         else:
-            raise ImageError(E_TLV_UNKNOWN)
+            raise ImageError(E_UNKNOWN_TLV)
         off += length
 
     if not hash_seen:
-        raise ImageError(E_HASH_MISSING)
+        raise ImageError(E_NO_HASH)
     if info["key_index"] < 0:
-        raise ImageError(E_KEY_UNKNOWN if unknown_key else E_SIG_MISSING)
+        raise ImageError(E_UNKNOWN_KEY if unknown_key else E_NO_SIGNATURE)
     return info

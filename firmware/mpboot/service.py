@@ -26,6 +26,7 @@
 # can still confirm it, or reset, within the watchdog's timeout).
 import mpboot
 from mpboot import boot
+from mpboot.boot import BOOTED_INFO, BOOTED_SLOT, BOOTED_SLOTS
 from mpboot.smp.server import Server
 from mpboot.state import TRIAL
 
@@ -35,9 +36,9 @@ def _server(port, buf_size, buf_count):
     b = mpboot._booted
     if b is None:
         raise OSError(19)  # ENODEV: boot.start() (or boot.recovery()) did not run
-    server = Server(b[0], b[1], port, buf_size, buf_count, info=b[2])
-    slots = b[0]
-    run_slot = b[1]
+    slots = b[BOOTED_SLOTS]
+    run_slot = b[BOOTED_SLOT]
+    server = Server(slots, run_slot, port, buf_size, buf_count, info=b[BOOTED_INFO])
 
     def tick():
         # Feed the watchdog a test boot armed, but not while that test image is unconfirmed:
@@ -68,7 +69,7 @@ def _run(port, link, buf_size, buf_count, ble):
     # goes wrong on the way (the transport's import, the server's buffers, the loop) resets
     # the board instead of ending in the REPL.
     b = mpboot._booted
-    no_repl = b is not None and b[0].no_repl
+    no_repl = b is not None and b[BOOTED_SLOTS].no_repl
     try:
         if ble:
             from mpboot.transport.ble import serve

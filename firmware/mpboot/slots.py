@@ -14,10 +14,10 @@ from mpboot.image import ImageError
 from mpboot.reader import bytes_reader
 from mpboot.state import ACTIVE, FLOOR, NONE, OK0, TEST, TRIAL, VERSION, Store
 
-# Policy error codes, after the image verifier's (mpboot.errors.ImageErrorCode on the host).
-E_VENDOR = const(16)  # vendor id missing or not this device's
-E_CLASS = const(17)  # class id missing or not this device's
-E_COUNTER = const(18)  # security counter below the anti-rollback floor
+# Policy error codes, after the image verifier's: E_ + the host's ImageErrorCode name, same number.
+E_VENDOR_MISMATCH = const(16)  # vendor id missing or not this device's
+E_CLASS_MISMATCH = const(17)  # class id missing or not this device's
+E_COUNTER_BELOW_FLOOR = const(18)  # security counter below the anti-rollback floor
 E_DOWNGRADE = const(19)  # version below the confirmed image's (downgrades refused)
 
 
@@ -63,11 +63,11 @@ class Slots:
         st = self.state
         if "security_counter" in info:
             if self.vendor_id is not None and info["vendor_id"] != self.vendor_id:
-                raise ImageError(E_VENDOR)
+                raise ImageError(E_VENDOR_MISMATCH)
             if self.class_id is not None and info["class_id"] != self.class_id:
-                raise ImageError(E_CLASS)
+                raise ImageError(E_CLASS_MISMATCH)
             if (info["security_counter"] or 0) < st[FLOOR]:
-                raise ImageError(E_COUNTER)
+                raise ImageError(E_COUNTER_BELOW_FLOOR)
         if update and not self.downgrade and st[ACTIVE] != NONE:
             if _ver3(info["version"]) < _ver3(struct.unpack("<BBHI", st[VERSION])):
                 raise ImageError(E_DOWNGRADE)
@@ -83,15 +83,19 @@ class Slots:
         self.policy(info, update)
         return info
 
-    def _save(self, st):
-        # A failed write leaves flash as it was: re-read it so RAM never runs ahead of it.
+    def save(self, st):
+        # Writes the state record st (self.state, changed by the caller: the updater and the
+        # factory floor write use it too). A failed write leaves flash as it was: re-read it
+        # so RAM never runs ahead of it.
         try:
             self.store.save(st)
         except Exception:
             self.state = self.store.load()
             raise
 
-    def _try(self, slot):
+    def probe(self, slot):
+        # check(slot) for boot decisions (also boot.run's fallback): None instead of raising,
+        # and why in errors[slot] (0: it passed).
         try:
             info = self.check(slot)
             self.errors[slot] = 0
@@ -111,20 +115,20 @@ class Slots:
         if st[TRIAL] != NONE:
             # Started for its test boot and reset without a confirm: revert.
             st[TRIAL] = NONE
-            self._save(st)
+            self.save(st)
         elif st[TEST] != NONE:
             t = st[TEST]
             st[TEST] = NONE
-            info = self._try(t)
+            info = self.probe(t)
             if info:
                 st[TRIAL] = t  # the one test boot is used up now, whatever happens next
-            self._save(st)
+            self.save(st)
             if info:
                 return t, info, True
         a = st[ACTIVE]
         tried = [None, None]
         for s in ((a, a ^ 1) if a != NONE else (0, 1)):
-            info = tried[s] = self._try(s)
+            info = tried[s] = self.probe(s)
             if info and self.confirmed(s, info):
                 return s, info, False
         if not self.store.found:
@@ -147,7 +151,7 @@ class Slots:
             st[TEST] = slot
             if st[TRIAL] == slot:
                 st[TRIAL] = NONE  # an earlier test boot of that slot that never ran its app
-            self._save(st)
+            self.save(st)
 
     def confirm(self, slot, info):
         # Keep the image in `slot` (info: its verified info) from now on and raise the floor
@@ -163,5 +167,5 @@ class Slots:
             st[TEST] = NONE
         st[FLOOR] = max(st[FLOOR], info["security_counter"] or 0)
         st[VERSION] = struct.pack("<BBHI", *info["version"])
-        self._save(st)
+        self.save(st)
         return True

@@ -93,7 +93,7 @@ class Updater:
             raise UpdateError(U_LENGTH)
         if manifest is not None:
             if len(manifest) != prot:
-                raise ImageError(image.E_TLV)
+                raise ImageError(image.E_BAD_TLV)
             info["security_counter"] = info["vendor_id"] = info["class_id"] = None
             if prot:
                 image.walk_protected(manifest, info)
@@ -112,7 +112,7 @@ class Updater:
             st[TEST] = NONE
             if not start:
                 end_session(st)
-            sl._save(st)
+            sl.save(st)
         self.slot = slot
         self.area = area
         self.total = total
@@ -142,7 +142,7 @@ class Updater:
                 st[SLEN] = self.total
                 st[SSHA] = self.key
                 st[SOFF] = end // self.ckpt * self.ckpt
-                self.slots._save(st)
+                self.slots.save(st)
         except Exception:
             self.total = -1  # a flash (or state) error closes the update: begin() again
             raise
@@ -201,7 +201,7 @@ class Updater:
             info = sl.check(self.slot, None, True)
             if info["total_size"] > self.pos:
                 # It verified only with bytes that were in the slot before (not sent now).
-                raise ImageError(image.E_SIZE)
+                raise ImageError(image.E_TOO_LARGE)
             if self.sha is not None and self._digest(self.pos) != self.sha:
                 raise ImageError(image.E_HASH_MISMATCH)  # not the image the client meant
             if mark == MARK_TEST:
@@ -210,7 +210,7 @@ class Updater:
                 sl.confirm(self.slot, info)
         finally:
             if dirty and st[SEQ] == seq:
-                sl._save(st)  # no mark was written: end the session on its own
+                sl.save(st)  # no mark was written: end the session on its own
         return self.slot, info
 
     def _digest(self, n):
@@ -242,7 +242,7 @@ class Updater:
                 st[TRIAL] = NONE
             if st[SSLOT] == slot:
                 end_session(st)
-            sl._save(st)
+            sl.save(st)
         area = sl.areas[slot]
         es = area.erase_size
         for off in range(0, area.size, es):

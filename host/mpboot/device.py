@@ -60,7 +60,14 @@ def verify_on_device(image: bytes, keys: Sequence[PublicKey], slot_size: int,
     if proc.returncode != 0 or not words:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         raise DeviceRunError(f"device verifier failed: {lines[-1] if lines else 'no output'}")
-    if words[0] == "REJECT":
-        return DeviceVerdict(False, ImageErrorCode(int(words[1])))
-    counter = int(words[2])
-    return DeviceVerdict(True, None, words[1], None if counter < 0 else counter, int(words[3]))
+    try:
+        if words[0] == "REJECT":
+            return DeviceVerdict(False, ImageErrorCode(int(words[1])))
+        counter, key_index = int(words[2]), int(words[3])
+    except (ValueError, IndexError):
+        raise DeviceRunError(f"device verifier answered {proc.stdout.strip()[:200]!r}") from None
+    if not 0 <= key_index < len(keys):
+        # Fail closed: the verdict names a key the host did not give it.
+        raise DeviceRunError(f"device verifier answered key index {key_index} for {len(keys)} keys: "
+                             "it did not run with the keys given")
+    return DeviceVerdict(True, None, words[1], None if counter < 0 else counter, key_index)

@@ -8,7 +8,9 @@ link to the device fails.
 
     MpbootError (2)
     ├── UsageError (2)
-    │   ├── InputFileError, KeyFileError
+    │   ├── InputFileError
+    │   ├── KeyFileError
+    │   │   └── KeyPasswordRequired, PrivateKeyRefused
     │   └── SerialsExhausted
     ├── DeviceRunError (2)          the MicroPython unix port could not be run
     ├── DatabaseError (2)           the factory database
@@ -62,6 +64,14 @@ class InputFileError(UsageError):
 
 class KeyFileError(UsageError):
     """A key file cannot be loaded, or holds a key of the wrong type or size."""
+
+
+class KeyPasswordRequired(KeyFileError):
+    """The private key is encrypted and no passphrase was given."""
+
+
+class PrivateKeyRefused(KeyFileError):
+    """A private key was given where only a public key belongs (a factory station)."""
 
 
 class SerialsExhausted(UsageError):

@@ -7,10 +7,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from mpboot.errors import (
+    CommandNotSupported,
     ImageErrorCode,
     ImageRejected,
     LinkLost,
@@ -51,11 +52,16 @@ class PreparedImage:
 @dataclass(frozen=True)
 class FlashResult:
     image: PreparedImage
-    upload: UploadResult
+    upload: UploadResult | None  # None: the device held the image already, nothing was sent
     mark: Mark
     slot: SlotState | None  # the device's entry for the image after upload (and marking)
     reset: bool
     reconnects: int = 0  # links opened again after one was lost (flash_with_retries)
+    running: bool = False  # the image already ran: nothing was uploaded, marked or reset
+
+    @property
+    def uploaded(self) -> bool:
+        return self.upload is not None
 
 
 def prepare(data: bytes) -> PreparedImage:
@@ -83,12 +89,44 @@ async def flash(client: SMPClient, image: bytes | PreparedImage, *, mark: Mark =
     mark = Mark(mark)
     if mark is not Mark.NONE and prepared.hash is None:
         raise ImageRejected(ImageErrorCode.NO_HASH, "the device names images by it: cannot mark this one")
-    result = await client.upload(prepared.data, window=window, progress=progress, sha=True,
-                                 ptlv=prepared.ptlv, timeout=timeout)
+    held = await held_entry(client, prepared)
+    if held is not None and held.active:
+        return await _already_running(client, prepared, mark, held)
+    result = None
+    if held is None:
+        result = await client.upload(prepared.data, window=window, progress=progress, sha=True,
+                                     ptlv=prepared.ptlv, timeout=timeout)
     slot = await _mark(client, prepared, mark)
     if reset:
         await client.reset()
     return FlashResult(prepared, result, mark, slot, reset)
+
+
+async def held_entry(client: SMPClient, prepared: PreparedImage) -> SlotState | None:
+    """The device's state entry for this image when a slot holds it already (the running
+    slot's entry first): a re-run of a flash that got further than its user saw needs no
+    upload. None when no slot holds it, or the device cannot list its images."""
+    if prepared.hash is None:
+        return None
+    try:
+        slots = await client.state()
+    except CommandNotSupported:
+        return None
+    same = [s for s in slots if s.hash == prepared.hash]
+    return next((s for s in same if s.active), same[0] if same else None)
+
+
+async def _already_running(client: SMPClient, prepared: PreparedImage, mark: Mark,
+                           running: SlotState) -> FlashResult:
+    """The image runs on the device already: nothing to upload, mark or reset, but for
+    --confirm of an image on its test boot, which confirms it."""
+    slot = running
+    if mark is Mark.CONFIRM and not running.confirmed:
+        slots = await client.state_write(prepared.hash, confirm=True)
+        slot = next((s for s in slots if s.hash == prepared.hash and s.active), None)
+        if slot is None or not slot.confirmed:
+            raise ProtocolError("the device accepted the confirm but does not list the running image as confirmed")
+    return FlashResult(prepared, None, mark, slot, False, running=True)
 
 
 async def _mark(client: SMPClient, prepared: PreparedImage, mark: Mark) -> SlotState | None:
@@ -97,7 +135,9 @@ async def _mark(client: SMPClient, prepared: PreparedImage, mark: Mark) -> SlotS
         slots = await client.state()
     else:
         slots = await client.state_write(prepared.hash, confirm=mark is Mark.CONFIRM)
-    slot = next((s for s in slots if prepared.hash is not None and s.hash == prepared.hash), None)
+    same = [s for s in slots if prepared.hash is not None and s.hash == prepared.hash]
+    # Both slots may hold the image: the entry the mark acted on is the one that shows it.
+    slot = next((s for s in same if s.pending), same[0] if same else None)
     if mark is not Mark.NONE and (slot is None or not slot.pending
                                   or (mark is Mark.CONFIRM and not slot.permanent)):
         want = "permanent" if mark is Mark.CONFIRM else "pending"
@@ -143,13 +183,20 @@ async def flash_with_retries(open_client: OpenClient, image: bytes | PreparedIma
     attempt = 0
     opened = False
     uploaded: UploadResult | None = None  # of the connection that finished the upload
+    delivered = False  # the device holds the image (uploaded now, or held already)
     while True:
         try:
             async with open_client() as client:
                 opened = True
-                if uploaded is None:
-                    uploaded = await client.upload(prepared.data, window=window, progress=forward,
-                                                   sha=True, ptlv=prepared.ptlv, timeout=timeout)
+                if not delivered:
+                    held = await held_entry(client, prepared)
+                    if held is not None and held.active:
+                        done = await _already_running(client, prepared, mark, held)
+                        return replace(done, reconnects=attempt)
+                    if held is None:
+                        uploaded = await client.upload(prepared.data, window=window, progress=forward,
+                                                       sha=True, ptlv=prepared.ptlv, timeout=timeout)
+                    delivered = True
                 slot = await _mark(client, prepared, mark)
                 if reset:
                     if client.failure is not None:
@@ -171,5 +218,4 @@ async def flash_with_retries(open_client: OpenClient, image: bytes | PreparedIma
             raise error
         if on_retry is not None:
             on_retry(attempt, error)
-    assert uploaded is not None
     return FlashResult(prepared, uploaded, mark, slot, reset, reconnects=attempt)

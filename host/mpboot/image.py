@@ -327,6 +327,10 @@ def _need(data: bytes, end: int) -> None:
 
 def parse_header(data: bytes, slot_size: int | None = None) -> ImageHeader:
     """Check the 32-byte header on its own, as the device does before accepting a payload."""
+    # A file that does not even start with the magic is not an image, whatever its size: say
+    # that rather than "truncated" or "too large" (a text file given by mistake).
+    if len(data) >= 4 and int.from_bytes(data[:4], "little") != IMAGE_MAGIC:
+        raise ImageRejected(ImageErrorCode.BAD_MAGIC, f"magic {int.from_bytes(data[:4], 'little'):#010x}")
     if slot_size is not None and slot_size < HEADER_SIZE:
         raise ImageRejected(ImageErrorCode.TOO_LARGE, f"slot of {slot_size} bytes cannot hold a header")
     _need(data, HEADER_SIZE)

@@ -6,7 +6,6 @@ Only RSA-2048 and RSA-3072 with e = 65537: the sizes MCUboot and the device veri
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -15,7 +14,15 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
-from mpboot.errors import ImageErrorCode, ImageRejected, KeyFileError, UsageError
+from mpboot.errors import (
+    ImageErrorCode,
+    ImageRejected,
+    KeyFileError,
+    KeyPasswordRequired,
+    PrivateKeyRefused,
+    UsageError,
+)
+from mpboot.files import write_atomic
 
 KEY_TYPES = {"rsa-2048": 2048, "rsa-3072": 3072}
 PUBLIC_EXPONENT = 65537
@@ -108,16 +115,9 @@ def generate(key_type: str) -> SigningKey:
 
 
 def write_new_file(path: Path, data: bytes, *, private: bool = False) -> None:
-    """Write a file that must not exist yet (keys are never overwritten)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    try:
-        fd = os.open(path, flags, 0o600 if private else 0o644)
-    except FileExistsError:
-        raise UsageError(f"{path}: already exists; refusing to overwrite it") from None
-    except OSError as err:
-        raise UsageError(f"{path}: cannot create: {err.strerror}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    """Write a file that must not exist yet (keys are never overwritten), whole or not at
+    all; a private key gets mode 0600."""
+    write_atomic(path, data, mode=0o600 if private else 0o644, exclusive=True)
 
 
 def _read(path: Path) -> bytes:
@@ -138,6 +138,9 @@ def load_signing_key(path: Path, password: bytes | None = None) -> SigningKey:
             key = serialization.load_der_private_key(data, password)
     except TypeError as err:
         # cryptography: "Password was not given but private key is encrypted" and the reverse.
+        if password is None:
+            raise KeyPasswordRequired(f"{path}: the private key is encrypted: give its passphrase "
+                                      "(mpboot: --password-env VAR)") from None
         raise KeyFileError(f"{path}: {err}") from None
     except (ValueError, UnsupportedAlgorithm):
         if password is not None:
@@ -153,8 +156,9 @@ def _looks_like_der_private_key(data: bytes) -> bool:
     return data[:1] == b"\x30"
 
 
-def load_public_key(path: Path, password: bytes | None = None) -> PublicKey:
-    """Load a public key from a public key file (PEM/DER, SPKI or PKCS#1) or a private key."""
+def load_public_key(path: Path, password: bytes | None = None, *, allow_private: bool = True) -> PublicKey:
+    """Load a public key from a public key file (PEM/DER, SPKI or PKCS#1) or, unless
+    `allow_private` is False (where no private key belongs), from a private key."""
     data = _read(path)
     key: object = None
     loaders = (
@@ -170,6 +174,10 @@ def load_public_key(path: Path, password: bytes | None = None) -> PublicKey:
     if key is None:
         if b"PRIVATE KEY" not in data and not _looks_like_der_private_key(data):
             raise KeyFileError(f"{path}: not a public or private key (PEM or DER)")
+        if not allow_private:
+            raise PrivateKeyRefused(f"{path}: a private key, where only a public key belongs: export "
+                                    f"its public half (mpboot pubkey {path} -o public.pem) and keep the "
+                                    "private key off this machine")
         return load_signing_key(path, password).public()
     _check_rsa(key, path)
     assert isinstance(key, rsa.RSAPublicKey)

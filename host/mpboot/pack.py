@@ -13,6 +13,7 @@ from pathlib import Path
 from intelhex import IntelHex, IntelHexError
 
 from mpboot.errors import InputFileError, UsageError
+from mpboot.files import write_atomic
 from mpboot.upy import mpy_cross_compile
 
 ROMFS_MAGIC = b"\xd2\xcd\x31"
@@ -31,13 +32,65 @@ class SignInput:
         return self.kind in ("bin", "hex")
 
 
-def pack_app(directory: Path) -> bytes:
-    """Compile every .py under `directory` to .mpy and pack the tree as a ROMFS image."""
+DEFAULT_ENTRY = "main"  # the module mpboot.boot imports from the mounted image (boot.start(entry=))
+
+_ROMFS_FILE = 5  # ROMFS record kinds (MicroPython extmod/vfs_rom.c)
+_ROMFS_DIRECTORY = 4
+
+
+def _uint(data: bytes, pos: int) -> tuple[int, int]:
+    """A ROMFS variable-length unsigned integer at `pos`: (value, next position)."""
+    value = 0
+    for _ in range(5):
+        if pos >= len(data):
+            raise ValueError("truncated")
+        byte = data[pos]
+        pos += 1
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            return value, pos
+    raise ValueError("integer too long")
+
+
+def romfs_top_names(data: bytes) -> list[str]:
+    """The names of the files and folders at the top of a ROMFS image (bounded by its data;
+    ValueError when malformed)."""
+    if not data.startswith(ROMFS_MAGIC):
+        raise ValueError("no ROMFS header")
+    size, pos = _uint(data, len(ROMFS_MAGIC))
+    end = pos + size
+    if end > len(data):
+        raise ValueError("shorter than its header says")
+    names = []
+    while pos < end:
+        kind, pos = _uint(data, pos)
+        length, pos = _uint(data, pos)
+        record_end = pos + length
+        if record_end > end:
+            raise ValueError("a record runs past the image")
+        if kind in (_ROMFS_FILE, _ROMFS_DIRECTORY):
+            name_len, name_at = _uint(data, pos)
+            names.append(data[name_at:name_at + name_len].decode("ascii", "replace"))
+        pos = record_end
+    return names
+
+
+def _check_entry(names: list[str], entry: str, where: str) -> None:
+    if f"{entry}.py" not in names and f"{entry}.mpy" not in names:
+        raise InputFileError(f"{where}: no {entry}.py at its top: the device boots the app by importing "
+                             f"{entry!r}, so it could not run it (another entry module: --entry NAME)")
+
+
+def pack_app(directory: Path, entry: str | None = DEFAULT_ENTRY) -> bytes:
+    """Compile every .py under `directory` to .mpy and pack the tree as a ROMFS image. The
+    app must hold its entry module (`entry`.py or .mpy at its top; None: not checked)."""
     from mpremote.romfs import make_romfs
 
     directory = Path(directory)
     if not any(directory.rglob("*")):
         raise InputFileError(f"{directory}: app directory is empty")
+    if entry is not None:
+        _check_entry([p.name for p in directory.iterdir()], entry, str(directory))
     with tempfile.TemporaryDirectory(prefix="mpboot-app-") as tmp:
         staging = Path(tmp) / "app"
         shutil.copytree(directory, staging, ignore=shutil.ignore_patterns("__pycache__", ".*"))
@@ -53,10 +106,13 @@ def pack_app(directory: Path) -> bytes:
             return bytes(make_romfs(str(staging), mpy_cross=False))
 
 
-def load_input(path: Path) -> SignInput:
+def load_input(path: Path, entry: str | None = DEFAULT_ENTRY) -> SignInput:
+    """What `sign` signs: an app folder (packed), a ROMFS image, Intel hex or raw binary.
+    An app folder or ROMFS image must hold the entry module the device boots (`entry`; None:
+    not checked, for images that are not apps)."""
     path = Path(path)
     if path.is_dir():
-        return SignInput(pack_app(path), "app")
+        return SignInput(pack_app(path, entry), "app")
     if not path.exists():
         raise InputFileError(f"{path}: no such file or directory")
     suffix = path.suffix.lower()
@@ -73,8 +129,12 @@ def load_input(path: Path) -> SignInput:
     except OSError as err:
         raise InputFileError(f"{path}: cannot read: {err.strerror}") from None
     if suffix in (".romfs", ".img"):
-        if not data.startswith(ROMFS_MAGIC):
-            raise InputFileError(f"{path}: not a ROMFS image (no ROMFS header)")
+        try:
+            names = romfs_top_names(data)
+        except ValueError as err:
+            raise InputFileError(f"{path}: not a ROMFS image ({err})") from None
+        if entry is not None:
+            _check_entry(names, entry, str(path))
         return SignInput(data, "romfs")
     return SignInput(data, "bin")
 
@@ -102,14 +162,18 @@ def with_header_room(inp: SignInput, header_size: int, pad_header: bool) -> tupl
 
 
 def write_output(path: Path, image: bytes, base_addr: int | None) -> None:
-    """Write the signed image: Intel hex when `path` ends in .hex, raw binary otherwise."""
+    """Write the signed image, whole or not at all: Intel hex when `path` ends in .hex (the
+    image must fit the 32-bit address space from `base_addr`), raw binary otherwise."""
     path = Path(path)
-    try:
-        if path.suffix.lower() == ".hex":
-            ih = IntelHex()
-            ih.frombytes(image, offset=base_addr or 0)
-            ih.tofile(str(path), format="hex")
-        else:
-            path.write_bytes(image)
-    except OSError as err:
-        raise UsageError(f"{path}: cannot write: {err.strerror}") from None
+    if path.suffix.lower() == ".hex":
+        start = base_addr or 0
+        if not 0 <= start or start + len(image) > 1 << 32:
+            raise UsageError(f"a {len(image)}-byte image at {start:#x} runs past the 32-bit address space "
+                             "of Intel hex: give a lower --hex-addr")
+        ih = IntelHex()
+        ih.frombytes(image, offset=start)
+        text = io.StringIO()
+        ih.tofile(text, format="hex")
+        write_atomic(path, text.getvalue().encode("ascii"))
+    else:
+        write_atomic(path, image)

@@ -348,7 +348,9 @@ class Syncer:
                                             mark=Mark.TEST, reset=True, progress=progress,
                                             window=self.opt.window, on_retry=on_retry)
         finally:
-            if done is not None and done.reconnects == 0:  # one connection: the device said
+            if done is not None and done.upload is None:  # the device held it already
+                a.bytes = 0
+            elif done is not None and done.reconnects == 0:  # one connection: the device said
                 a.resumed_from = done.upload.resumed_from
                 a.bytes = done.upload.size - a.resumed_from
             elif acked:

@@ -25,21 +25,36 @@ def micropython_command() -> str:
     )
 
 
-def run(args: Sequence[str], *, path: Sequence[Path] = (), heapsize: str | None = None,
-        timeout: float = 300, env: Mapping[str, str] | None = None,
-        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `micropython [-X heapsize=H] ARGS...` (a script path or `-m module`, then its
-    arguments) with `path` (then .frozen) as its sys.path and `env` added to the
-    environment; capture text output."""
+def command(args: Sequence[str | Path], *, path: Sequence[Path], heapsize: str | None = None,
+            env: Mapping[str, str] | None = None,
+            cwd: Path | None = None) -> tuple[list[str], dict[str, str], Path]:
+    """The command line, environment and working directory of a MicroPython run of ARGS (a
+    script path or `-m module`, then its arguments): `micropython [-X heapsize=H] ARGS...`.
+
+    The run imports only what the host put there. MicroPython's sys.path is `path` then
+    `.frozen` (MICROPYPATH replaces the default), but `-m` puts '' (the working directory)
+    first: so the run's working directory is `path[0]` (unless the caller names another
+    folder it controls), never the user's, where a stray `mpboot_keys.py` or `mpboot/` would
+    be imported before the host's. Path arguments are made absolute for that reason."""
+    if not path:
+        raise ValueError("a MicroPython run needs the folder its modules are in (path)")
     cmd = [micropython_command()]
     if heapsize:
         cmd += ["-X", f"heapsize={heapsize}"]
-    cmd += [str(a) for a in args]
-    env = {**os.environ, **(env or {})}
-    # MICROPYPATH replaces the default sys.path; keep .frozen so frozen modules still import.
-    env["MICROPYPATH"] = ":".join([*(str(p) for p in path), ".frozen"])
+    cmd += [str(Path(a).absolute()) if isinstance(a, Path) else str(a) for a in args]
+    full_env = {**os.environ, **(env or {})}
+    # keep .frozen so frozen modules (asyncio) still import
+    full_env["MICROPYPATH"] = ":".join([*(str(Path(p).absolute()) for p in path), ".frozen"])
+    return cmd, full_env, Path(cwd if cwd is not None else path[0]).absolute()
+
+
+def run(args: Sequence[str | Path], *, path: Sequence[Path], heapsize: str | None = None,
+        timeout: float = 300, env: Mapping[str, str] | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run MicroPython as `command` describes, wait, and capture its text output."""
+    cmd, full_env, workdir = command(args, path=path, heapsize=heapsize, env=env, cwd=cwd)
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
+        return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=workdir)
     except subprocess.TimeoutExpired:
         raise DeviceRunError(f"MicroPython did not finish {' '.join(cmd[1:])} in {timeout:.0f} s") from None
 

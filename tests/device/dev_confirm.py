@@ -6,12 +6,11 @@
 # odd-sector: a state log whose sector is not a multiple of the record size.
 import sys
 
-import mpboot
 import mpboot_keys
 from mpboot import boot
 from mpboot.ports import unix as port
 from mpboot.slots import Slots
-from mpboot.state import ACTIVE, Store
+from mpboot.state import ACTIVE, FLOOR, SEQ, Store
 from mpboot.update import MARK_PERMANENT, Updater
 
 case = sys.argv[1]
@@ -29,10 +28,10 @@ if case == "odd-sector":
     store = Store(Area(chip, 0, 2 * chip.sector, chip.align))
     rec = store.load()
     for i in range(store.per + 2):
-        rec[5] = i + 1  # floor
+        rec[FLOOR] = i + 1
         store.save(rec)
         again = Store(Area(chip, 0, 2 * chip.sector, chip.align)).load()
-        print("SAVE", i, again[0], again[5], chip.erases)
+        print("SAVE", i, again[SEQ], again[FLOOR], chip.erases)
     sys.exit(0)
 
 def install_permanent(sl, running, path):
@@ -49,16 +48,16 @@ sl = slots()
 slot, info, trial = sl.decide()
 print("BOOTED", slot, int(trial))
 if case == "confirm-after-permanent":
-    mpboot._booted = [sl, slot, info, None, 0, boot._confirmed_now(sl)]
+    boot.set_booted(sl, slot, info, None, boot.HOW_CONFIRMED)
     target = install_permanent(sl, slot, sys.argv[6])
     print("PERMANENT", target, sl.state[ACTIVE])
     print("CONFIRM", boot.confirm(), sl.state[ACTIVE], slots().state[ACTIVE])
 elif case == "fallback-then-permanent":
     # Running slot 0 as a fallback; the app takes IMAGE permanently into slot 1, then calls
     # confirm(): the permanent install must stay the confirmed image.
-    mpboot._booted = [sl, slot, info, None, 2, boot._confirmed_now(sl)]
+    boot.set_booted(sl, slot, info, None, boot.HOW_FALLBACK)
     install_permanent(sl, slot, sys.argv[6])
     print("CONFIRM", boot.confirm(), slots().state[ACTIVE])
 elif case == "confirm-fallback":
-    mpboot._booted = [sl, slot, info, None, 2, boot._confirmed_now(sl)]
+    boot.set_booted(sl, slot, info, None, boot.HOW_FALLBACK)
     print("CONFIRM", boot.confirm(), slots().state[ACTIVE], boot.confirm())

@@ -228,44 +228,45 @@ def c_state_cycle():
     return "record=%d" % n
 
 
-SEQ = [0]
+SAVED_SEQ = [0]  # the state record's sequence number after c_state_store
 
 
 def c_state_store():
-    from mpboot.state import Store
+    from mpboot.state import ACTIVE, SEQ, Store
 
     st.erase(0, st.size)
     s = Store(st)
     rec = s.load()
     need(not s.found, "fresh store has a record")
     for i in range(2 * s.per + 1):  # fills both sectors, switches at least twice
-        rec[1] = i & 1
+        rec[ACTIVE] = i & 1
         s.save(rec)
-    SEQ[0] = rec[0]
+    SAVED_SEQ[0] = rec[SEQ]
     again = Store(st).load()
-    need(again[0] == rec[0] and again[1] == rec[1], "load after save")
-    return "per_sector=%d saves=%d" % (s.per, rec[0])
+    need(again[SEQ] == rec[SEQ] and again[ACTIVE] == rec[ACTIVE], "load after save")
+    return "per_sector=%d saves=%d" % (s.per, rec[SEQ])
 
 
 def c_factory_store():
     # The factory record in its own area: written, sealed, read back after a power cycle;
     # the state area next to it untouched.
     global s0, s1, st, fy
-    from mpboot.factory import Factory
-    from mpboot.state import Store
+    from mpboot.factory import IDENTITY, NO_DOWNGRADE, NO_REPL, SEALED, TEST_BOOT, Factory
+    from mpboot.state import SEQ, Store
 
     need(fy.size == st.size and fy.erase_size == st.erase_size, "factory is not like the state")
     fy.erase(0, fy.size)
     f = Factory(fy)
     need(not f.found, "fresh factory area has a record")
-    f.write(16, b"SN-000001", None, None, b"")  # identity
-    f.write(16 | 14, b"SN-000001", None, None, b"")  # policy
-    f.write(16 | 14 | 1, b"SN-000001", None, None, b"")  # sealed
+    policy = IDENTITY | NO_DOWNGRADE | TEST_BOOT | NO_REPL
+    f.write(IDENTITY, b"SN-000001", None, None, b"")
+    f.write(policy, b"SN-000001", None, None, b"")
+    f.write(policy | SEALED, b"SN-000001", None, None, b"")
     per = f.per
     s0, s1, st, fy = power_cycle()
     f = Factory(fy)
     need(f.sealed() and f.serial_text() == "SN-000001" and f.seq == 3, "factory record")
-    need(Store(st).load()[0] == SEQ[0], "state changed")
+    need(Store(st).load()[SEQ] == SAVED_SEQ[0], "state changed")
     return "per_sector=%d" % per
 
 
@@ -289,10 +290,10 @@ def c_unsynced_then_cut():
 
 def c_persists():
     need(readback(s0, OFF, N) == DATA, "slot data")
-    from mpboot.state import Store
+    from mpboot.state import SEQ, Store
 
     rec = Store(st).load()
-    need(rec[0] == SEQ[0], "state seq %d != %d" % (rec[0], SEQ[0]))
+    need(rec[SEQ] == SAVED_SEQ[0], "state seq %d != %d" % (rec[SEQ], SAVED_SEQ[0]))
 
 
 def c_mapped():

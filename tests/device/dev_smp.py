@@ -18,14 +18,16 @@
 #                         slot's verified info unless info=0)
 #   boot                  a power-on: fresh Slots, decide(), a Server for the slot it runs
 #                         -> OK slot trial
-#   booted HOW            set mpboot._booted as mpboot.boot.run does (HOW: 0 confirmed,
-#                         1 test boot, 2 fallback), so state writes go through mpboot.confirm
+#   booted HOW            set mpboot._booted as mpboot.boot.run does (HOW: mpboot.boot.HOW_*,
+#                         0 confirmed, 1 test boot, 2 fallback), so state writes go through
+#                         mpboot.confirm
 #   state                 the state record as a fresh Slots loads it
 #                         -> OK active test trial floor ok0 ok1 found
 #   snap 0|1              area snapshots per packet off/on (on by default)
 #   mem                   -> OK free alloc (after gc.collect())
 #   factory               the factory record as a fresh Slots loads it (docs/FACTORY.md)
-#                         -> OK found seq flags serial vid cid labels (hex; "-" when empty),
+#                         -> OK found seq flags serial vendor_id class_id labels (hex; "-"
+#                         when empty),
 #                         or OK none without a factory area
 #   wfail 0|1             flash programs and erases fail (OSError(EIO)) from now on / again work
 import gc
@@ -122,9 +124,7 @@ def command(words):
     if cmd == "booted":
         from mpboot import boot
 
-        mpboot._booted = [slots, srv.running, srv.image(srv.running), None, int(words[1]),
-                          boot._confirmed_now(slots)]
-        mpboot.confirm = boot.confirm
+        boot.set_booted(slots, srv.running, srv.image(srv.running), None, int(words[1]))
         return []
     if cmd == "state":
         st = new_slots().state
@@ -141,7 +141,7 @@ def command(words):
         if f is None:
             return ["none"]
         return [int(f.found), f.seq, f.flags] + [hexlify(b).decode() or "-" for b in
-                                                 (f.serial, f.vid, f.cid, f.labels)]
+                                                 (f.serial, f.vendor_id, f.class_id, f.labels)]
     if cmd == "wfail":
         if words[1] == "1":
             chip.writeblocks = _fail

@@ -18,6 +18,25 @@ _MAX_DEPTH = const(4)
 _MAX_ITEMS = const(16)
 _MAX_TOTAL = const(64)  # items in one packet: depth and width alone would allow 16**4
 
+# Major types (the top 3 bits of an item's first byte; the low 5 are its argument)
+_UINT = const(0)
+_NINT = const(1)
+_BYTES = const(2)
+_TEXT = const(3)
+_ARRAY = const(4)
+_MAP = const(5)
+_TAG = const(6)
+_SIMPLE = const(7)
+# Arguments: below _AI_U8 the value itself; _AI_U8.._AI_U64 a 1, 2, 4 or 8-byte value follows
+_AI_U8 = const(24)
+_AI_U16 = const(25)
+_AI_U32 = const(26)
+_AI_U64 = const(27)
+# Simple values
+_FALSE = const(20)
+_TRUE = const(21)
+_NULL = const(22)
+
 
 class Decoder:
     def decode(self, buf):
@@ -34,13 +53,13 @@ class Decoder:
             self.mv = None
 
     def _arg(self, ai):
-        if ai < 24:
+        if ai < _AI_U8:
             return ai
-        if ai > 27:
+        if ai > _AI_U64:
             raise ValueError  # 28-30 reserved, 31 indefinite length
         mv = self.mv
         p = self.pos
-        e = p + (1 << (ai - 24))
+        e = p + (1 << (ai - _AI_U8))
         if e > len(mv):
             raise ValueError
         v = 0
@@ -61,34 +80,35 @@ class Decoder:
         if self.left < 0:
             raise ValueError
         major = ib >> 5
-        if major == 7:
-            if ib == 0xF4:
+        if major == _SIMPLE:
+            ai = ib & 31
+            if ai == _FALSE:
                 return False
-            if ib == 0xF5:
+            if ai == _TRUE:
                 return True
-            if ib == 0xF6:
+            if ai == _NULL:
                 return None
             raise ValueError  # floats, undefined, other simple values, break
-        if major == 6:
-            raise ValueError  # tags
+        if major == _TAG:
+            raise ValueError
         n = self._arg(ib & 31)
-        if major == 0:
+        if major == _UINT:
             return n
-        if major == 1:
+        if major == _NINT:
             return -1 - n
-        if major <= 3:
+        if major <= _TEXT:
             p = self.pos
             e = p + n
             if e > len(mv):
                 raise ValueError
             self.pos = e
-            if major == 2:
+            if major == _BYTES:
                 return mv[p:e]
             return str(mv[p:e], "utf-8")  # UnicodeError is a ValueError
         if depth > _MAX_DEPTH or n > _MAX_ITEMS:
             raise ValueError
         depth += 1
-        if major == 4:
+        if major == _ARRAY:
             a = []
             for _ in range(n):
                 a.append(self._item(depth))
@@ -112,16 +132,16 @@ class Encoder:
     def _head(self, major, v):
         b = self.buf
         n = self.n
-        if v < 24:
+        if v < _AI_U8:
             k = 1
         elif v < 0x100:
-            k, ai = 2, 24
+            k, ai = 2, _AI_U8
         elif v < 0x10000:
-            k, ai = 3, 25
+            k, ai = 3, _AI_U16
         elif v < 0x100000000:
-            k, ai = 5, 26
+            k, ai = 5, _AI_U32
         else:
-            k, ai = 9, 27
+            k, ai = 9, _AI_U64
         if n + k > len(b):
             raise OverflowError
         self.n = n + k
@@ -135,7 +155,8 @@ class Encoder:
             v >>= 8
             i -= 1
 
-    def _raw(self, data):
+    def raw(self, data):
+        # Appends data as it is: already-encoded CBOR (factory labels) or a string's bytes.
         n = self.n
         e = n + len(data)
         if e > len(self.buf):
@@ -144,32 +165,32 @@ class Encoder:
         self.n = e
 
     def map(self, count):
-        self._head(5, count)
+        self._head(_MAP, count)
 
     def array(self, count):
-        self._head(4, count)
+        self._head(_ARRAY, count)
 
     def uint(self, v):
-        self._head(0, v)
+        self._head(_UINT, v)
 
     def int(self, v):
         if v < 0:
-            self._head(1, -1 - v)
+            self._head(_NINT, -1 - v)
         else:
-            self._head(0, v)
+            self._head(_UINT, v)
 
     def bool(self, v):
-        self._head(7, 21 if v else 20)
+        self._head(_SIMPLE, _TRUE if v else _FALSE)
 
     def null(self):
-        self._head(7, 22)
+        self._head(_SIMPLE, _NULL)
 
     def bytes(self, data):
-        self._head(2, len(data))
-        self._raw(data)
+        self._head(_BYTES, len(data))
+        self.raw(data)
 
     def text(self, s):
         # s: str (or UTF-8 bytes); its UTF-8 bytes through the buffer protocol, no copy.
         m = memoryview(s)
-        self._head(3, len(m))
-        self._raw(m)
+        self._head(_TEXT, len(m))
+        self.raw(m)

@@ -3,12 +3,16 @@
 # mpboot.smp.mpboot_mgmt on the first such request. Errors: v2 {"err": {"group": 64, "rc": R}},
 # v1 {"rc": MGMT_ERR, "rsn": "factory:R"} (R: mpboot.factory E_*); a missing or mistyped
 # field is EINVAL (no group rc).
+#
+# Imports: this module imports mpboot_mgmt at its top (the keys device info shares: ids,
+# serial, bytes_or_null); mpboot_mgmt imports this one only lazily, on the first factory
+# command, to save the RAM. Keep that direction: mpboot_mgmt is loaded first, always.
 import sys
 from micropython import const
 
 import mpboot
 from mpboot.factory import (
-    CID,
+    CLASS_ID,
     E_FIXED_BY_BUILD,
     E_FLASH,
     E_INVALID,
@@ -23,12 +27,18 @@ from mpboot.factory import (
     SEALED,
     SERIAL_MAX,
     TEST_BOOT,
-    VID,
+    VENDOR_ID,
     FactoryError,
 )
 from mpboot.smp.cbor import Encoder
 from mpboot.smp.mpboot_mgmt import bytes_or_null, ids, serial
 from mpboot.state import FLOOR
+
+_CMD_FACTORY_INFO = const(1)  # (a read; the others are writes)
+_CMD_IDENTITY = const(2)
+_CMD_FLOOR = const(3)
+_CMD_POLICY = const(4)
+_CMD_SEAL = const(5)
 
 _EUNKNOWN = const(1)
 _EINVAL = const(3)
@@ -55,17 +65,17 @@ def handle(srv, cmd, req, enc):
     if f is None:
         return error(E_NO_FACTORY_AREA)
     try:
-        if cmd == 2:
+        if cmd == _CMD_IDENTITY:
             s = req.get("serial")
-            vid = req.get("vid")
-            cid = req.get("cid")
+            vendor_id = req.get("vid")
+            class_id = req.get("cid")
             labels = req.get("labels")
-            if (type(s) is not str or not _bstr(vid) or not _bstr(cid)
+            if (type(s) is not str or not _bstr(vendor_id) or not _bstr(class_id)
                     or (labels is not None and type(labels) is not dict)):
                 return (_EINVAL, 0, None)
             b = sl.build
-            set_identity(f, s, vid, cid, labels, b[0], b[1])
-        elif cmd == 3:
+            set_identity(f, s, vendor_id, class_id, labels, b[0], b[1])
+        elif cmd == _CMD_FLOOR:
             ctr = req.get("ctr")
             if type(ctr) is not int:
                 return (_EINVAL, 0, None)
@@ -76,17 +86,17 @@ def handle(srv, cmd, req, enc):
             if ctr > st[FLOOR]:
                 st[FLOOR] = ctr  # it never goes down
                 try:
-                    sl._save(st)  # (on failure the state is re-read: RAM as flash is)
+                    sl.save(st)  # (on failure the state is re-read: RAM as flash is)
                 except OSError:
                     raise FactoryError(E_FLASH)
-        elif cmd == 4:
+        elif cmd == _CMD_POLICY:
             nd = req.get("no-downgrade")
             tb = req.get("test-boot")
             nr = req.get("no-repl")
             if type(nd) is not bool or type(tb) is not bool or type(nr) is not bool:
                 return (_EINVAL, 0, None)
             set_policy(f, nd, tb, nr)
-        elif cmd == 5:
+        elif cmd == _CMD_SEAL:
             s = req.get("serial")
             if type(s) is not str:
                 return (_EINVAL, 0, None)
@@ -94,7 +104,7 @@ def handle(srv, cmd, req, enc):
     except FactoryError as e:
         return error(e.args[0])
     finally:
-        if cmd > 1:
+        if cmd != _CMD_FACTORY_INFO:
             # The ids and the floor decide which images pass: look at the slots again.
             f.apply(sl)
             srv.forget()
@@ -128,7 +138,7 @@ def _serial(s):
 
 
 def _id(v):
-    # A vid/cid (a bstr or None) as 16 bytes or None.
+    # A vendor or class id (a bstr or None) as 16 bytes or None.
     if v is None:
         return None
     if len(v) != 16:
@@ -166,24 +176,24 @@ def _labels(d):
     return bytes(enc.mv[: enc.n])
 
 
-def set_identity(f, serial, vid, cid, labels, build_vid, build_cid):
-    # Replaces the whole identity: serial (str), vid, cid (16-byte bstr or None: none, the
-    # build's apply), labels ({text: text} or None). build_vid/build_cid: the ids the build
-    # fixed (None: free); another one is E_FIXED_BY_BUILD.
+def set_identity(f, serial, vendor_id, class_id, labels, build_vendor_id, build_class_id):
+    # Replaces the whole identity: serial (str), vendor_id, class_id (16-byte bstr or None:
+    # none, the build's apply), labels ({text: text} or None). build_vendor_id/build_class_id:
+    # the ids the build fixed (None: free); another one is E_FIXED_BY_BUILD.
     _unsealed(f)
     s = _serial(serial)
-    vid = _id(vid)
-    cid = _id(cid)
+    vendor_id = _id(vendor_id)
+    class_id = _id(class_id)
     lab = _labels(labels)
-    if (vid is not None and build_vid is not None and vid != build_vid) or (
-            cid is not None and build_cid is not None and cid != build_cid):
+    if (vendor_id is not None and build_vendor_id is not None and vendor_id != build_vendor_id) or (
+            class_id is not None and build_class_id is not None and class_id != build_class_id):
         raise FactoryError(E_FIXED_BY_BUILD)
     flags = (f.flags & _POLICY) | IDENTITY
-    if vid is not None:
-        flags |= VID
-    if cid is not None:
-        flags |= CID
-    return f.write(flags, s, vid, cid, lab)
+    if vendor_id is not None:
+        flags |= VENDOR_ID
+    if class_id is not None:
+        flags |= CLASS_ID
+    return f.write(flags, s, vendor_id, class_id, lab)
 
 
 def set_policy(f, no_downgrade, test_boot, no_repl):
@@ -195,7 +205,7 @@ def set_policy(f, no_downgrade, test_boot, no_repl):
         flags |= TEST_BOOT
     if no_repl:
         flags |= NO_REPL
-    return f.write(flags, f.serial, f.vid, f.cid, f.labels)
+    return f.write(flags, f.serial, f.vendor_id, f.class_id, f.labels)
 
 
 def seal(f, serial):
@@ -209,7 +219,7 @@ def seal(f, serial):
         raise FactoryError(E_NO_IDENTITY)
     if s != f.serial:
         raise FactoryError(E_SERIAL_MISMATCH)
-    return f.write(f.flags | SEALED, f.serial, f.vid, f.cid, f.labels)
+    return f.write(f.flags | SEALED, f.serial, f.vendor_id, f.class_id, f.labels)
 
 
 def _info(srv, f, enc):
@@ -228,7 +238,7 @@ def _info(srv, f, enc):
         enc.bytes(k[0])  # the key hash (MCUboot KEYHASH)
     enc.text("labels")
     if f.labels:
-        enc._raw(f.labels)  # stored as its canonical encoding
+        enc.raw(f.labels)  # stored as its canonical encoding
     else:
         enc.map(0)
     enc.text("policy")

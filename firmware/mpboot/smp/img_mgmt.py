@@ -10,6 +10,13 @@ from mpboot.smp.mpboot_mgmt import serial
 from mpboot.state import ACTIVE, NONE, TEST, TRIAL
 from mpboot.update import MARK_NONE, U_LENGTH, UpdateError
 
+_OP_READ = const(0)
+_OP_WRITE = const(2)
+_CMD_STATE = const(0)
+_CMD_UPLOAD = const(1)
+_CMD_ERASE = const(5)
+_CMD_SLOT_INFO = const(6)
+
 # MGMT_ERR
 _EUNKNOWN = const(1)
 _EINVAL = const(3)
@@ -38,18 +45,18 @@ _UPD_RC = b"\x01\x00\x0a\x00\x06\x00\x03\x1f\x03\x15"
 
 def handle(srv, op, cmd, req, enc):
     try:
-        if cmd == 0:
-            if op == 2:
+        if cmd == _CMD_STATE:
+            if op == _OP_WRITE:
                 err = _state_write(srv, req)
                 if err:
                     return err
-            _images(srv, enc, op == 0 and req.get("identity") is True)
+            _images(srv, enc, op == _OP_READ and req.get("identity") is True)
             return None
-        if op == 2 and cmd == 1:
+        if op == _OP_WRITE and cmd == _CMD_UPLOAD:
             return _upload(srv, req, enc)
-        if op == 2 and cmd == 5:
+        if op == _OP_WRITE and cmd == _CMD_ERASE:
             return _erase(srv, req, enc)
-        if op == 0 and cmd == 6:
+        if op == _OP_READ and cmd == _CMD_SLOT_INFO:
             return _slot_info(srv, enc)
         return (_ENOTSUP, 0, None)
     except ImageError as e:
@@ -118,6 +125,12 @@ def _images(srv, enc, identity=False):
 
 
 def _state_write(srv, req):
+    # Which slot a write acts on (docs/PROTOCOL.md, image state write): both slots hold the
+    # same image after a flash of the image that runs, so the running copy is considered
+    # first. A confirm by its hash confirms it (as Zephyr); a test mark by its hash is a no-op
+    # success while it is the confirmed image or on its test boot, and otherwise goes to the
+    # other copy if there is one (else TEST_TO_ACTIVE_DENIED). A write acts on one slot at
+    # most, and the reply (the image list) shows the state it left.
     h = req.get("hash")
     confirm = req.get("confirm", False)
     if type(confirm) is not bool or (h is not None and type(h) is not memoryview):
@@ -129,22 +142,29 @@ def _state_write(srv, req):
             return (_EINVAL, 0, None)
         if run < 0:
             return (_ENOENT, _NO_IMAGE, None)
-        s = run
-    else:
-        h = bytes(h)
-        s = -1
-        for i in ((run, run ^ 1) if run >= 0 else (0, 1)):
-            info = srv.image(i)
-            if info is not None and info["digest"] == h:
-                s = i
-                break
-        if s < 0:
-            return (_ENOENT, _HASH_NOT_FOUND, None)
-    srv.forget()
-    if s == run:
-        if not confirm:
-            return (_EINVAL, _TEST_TO_ACTIVE_DENIED, None)
+        srv.forget()
         return _confirm_running(srv)
+    h = bytes(h)
+    mine = run >= 0 and _holds(srv, run, h)
+    s = -1  # a slot not running that holds the image (recovery: the lower one)
+    for i in ((run ^ 1,) if run >= 0 else (0, 1)):
+        if _holds(srv, i, h):
+            s = i
+            break
+    if mine:
+        if confirm:
+            srv.forget()
+            return _confirm_running(srv)
+        st = sl.state
+        if st[TRIAL] == run or (st[ACTIVE] == run and sl.confirmed(run, srv.image(run))):
+            return None  # it runs confirmed, or on its test boot already: nothing to mark
+        if s < 0:
+            # A fallback (or replaced by a permanent install since it booted), no other copy:
+            # a running image cannot be marked for a test boot (Zephyr's refusal).
+            return (_EINVAL, _TEST_TO_ACTIVE_DENIED, None)
+    elif s < 0:
+        return (_ENOENT, _HASH_NOT_FOUND, None)
+    srv.forget()
     if confirm and sl.test_boot:
         # Factory test-boot policy: an image becomes the confirmed one only through its test
         # boot, never made permanent from the other slot.
@@ -158,15 +178,25 @@ def _state_write(srv, req):
     return None
 
 
+def _holds(srv, slot, h):
+    # The image in `slot` verifies, passes the policy and has the digest h.
+    info = srv.image(slot)
+    return info is not None and info["digest"] == h
+
+
 def _confirm_running(srv):
     # As mpboot.confirm() in the running app (mpboot.boot.confirm): keeps the running image
     # if it is on its test boot or a fallback, unless an image made permanent since waits.
     sl = srv.slots
     run = srv.running
     b = mpboot._booted
-    if b is not None and b[0] is sl and b[1] == run:
-        mpboot.confirm()
-        return None
+    if b is not None:
+        # mpboot.boot set the record, so importing its field names loads nothing.
+        from mpboot.boot import BOOTED_SLOT, BOOTED_SLOTS
+
+        if b[BOOTED_SLOTS] is sl and b[BOOTED_SLOT] == run:
+            mpboot.confirm()
+            return None
     st = sl.state
     a = st[ACTIVE]
     info = srv.image(run)

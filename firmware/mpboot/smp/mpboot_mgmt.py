@@ -6,20 +6,30 @@
 # them), the security-counter floor, whether downgrades are refused and the serial.
 # Commands 1-5 (factory info, identity, floor, policy, seal) are in mpboot.smp.factory_mgmt,
 # loaded on their first use: a board in the field never pays for them.
+#
+# Imports: factory_mgmt imports this module at its top (ids, serial, bytes_or_null); this one
+# imports factory_mgmt only inside handle(), lazily, to save the RAM. A cycle, harmless at run
+# time because this module is always loaded first: keep that direction (no top-level import
+# of factory_mgmt here).
 from micropython import const
 
 from mpboot.state import FLOOR
+
+_OP_READ = const(0)
+_CMD_DEVICE_INFO = const(0)
+_CMD_FACTORY_INFO = const(1)  # the factory commands' read; 2-5 are writes (factory_mgmt)
+_CMD_SEAL = const(5)  # the last factory command
 
 _ENOTSUP = const(8)
 
 
 def handle(srv, op, cmd, req, enc):
-    if cmd == 0:
-        if op != 0:
+    if cmd == _CMD_DEVICE_INFO:
+        if op != _OP_READ:
             return (_ENOTSUP, 0, None)
         _device_info(srv, enc)
         return None
-    if cmd > 5 or (op == 0) != (cmd == 1):
+    if cmd > _CMD_SEAL or (op == _OP_READ) != (cmd == _CMD_FACTORY_INFO):
         return (_ENOTSUP, 0, None)
     from mpboot.smp import factory_mgmt
 

@@ -8,6 +8,14 @@ from micropython import const
 import mpboot
 from mpboot.smp.img_mgmt import version
 
+_OP_READ = const(0)
+_OP_WRITE = const(2)
+_CMD_ECHO = const(0)
+_CMD_RESET = const(5)
+_CMD_PARAMS = const(6)  # MCUmgr parameters
+_CMD_INFO = const(7)  # OS/app info
+_CMD_BOOTLOADER_INFO = const(8)
+
 _EINVAL = const(3)
 _ENOENT = const(5)
 _ENOTSUP = const(8)
@@ -16,10 +24,12 @@ _OS_NO_ANSWER = const(3)  # OS_MGMT_ERR_QUERY_YIELDS_NO_ANSWER
 _MODE_DIRECT_XIP_REVERT = const(5)
 
 _FORMAT = "snrvbmpio"  # the OS info fields, in output order ("a": all)
+_FIELDS = const(9)  # len(_FORMAT)
+_ALL_FIELDS = const(0x1FF)  # one bit per field
 
 
 def handle(srv, op, cmd, req, enc):
-    if cmd == 0:  # echo (read or write, as Zephyr)
+    if cmd == _CMD_ECHO:  # read or write, as Zephyr
         d = req.get("d")
         if type(d) is not str:
             return (_EINVAL, 0, None)
@@ -27,22 +37,23 @@ def handle(srv, op, cmd, req, enc):
         enc.text("r")
         enc.text(d)
         return None
-    if cmd == 5 and op == 2:  # reset ("force" accepted): sent, drained, then the transport resets
+    if cmd == _CMD_RESET and op == _OP_WRITE:
+        # ("force" accepted) Sent, drained, then the transport resets.
         srv.reset_requested = True
         enc.map(0)
         return None
-    if op != 0:
+    if op != _OP_READ:
         return (_ENOTSUP, 0, None)
-    if cmd == 6:  # MCUmgr parameters
+    if cmd == _CMD_PARAMS:
         enc.map(2)
         enc.text("buf_size")
         enc.uint(srv.buf_size)
         enc.text("buf_count")
         enc.uint(srv.buf_count)
         return None
-    if cmd == 7:
+    if cmd == _CMD_INFO:
         return _info(srv, req, enc)
-    if cmd == 8:  # bootloader info
+    if cmd == _CMD_BOOTLOADER_INFO:
         q = req.get("query")
         if q is None:
             enc.map(1)
@@ -68,13 +79,13 @@ def _info(srv, req, enc):
     for c in f:
         i = _FORMAT.find(c)
         if c == "a":
-            mask = 0x1FF
+            mask = _ALL_FIELDS
         elif i < 0:
             return (_EINVAL, _OS_INVALID_FORMAT, None)
         else:
             mask |= 1 << i
     out = []
-    for i in range(9):
+    for i in range(_FIELDS):
         if not mask >> i & 1:
             continue
         if i == 0:  # kernel name

@@ -22,6 +22,12 @@ from mpboot.update import Updater
 
 _HDR = const(8)
 _VERSION_MAX = const(1)  # SMP v2
+# Ops (a response's op is its request's + 1) and groups
+_OP_READ = const(0)
+_OP_WRITE = const(2)
+_GROUP_OS = const(0)
+_GROUP_IMAGE = const(1)
+_GROUP_MPBOOT = const(64)
 
 # MGMT_ERR
 _EUNKNOWN = const(1)
@@ -86,7 +92,7 @@ class Server:
             return None
         b0 = pkt[0]
         op = b0 & 7
-        if op != 0 and op != 2:
+        if op != _OP_READ and op != _OP_WRITE:
             return None  # a response, or no SMP op: never answered
         ver = (b0 >> 3) & 3
         group = pkt[4] << 8 | pkt[5]
@@ -102,11 +108,11 @@ class Server:
         else:
             try:
                 req = self.dec.decode(memoryview(pkt)[_HDR:]) if n > _HDR else {}
-                if group == 0:
+                if group == _GROUP_OS:
                     err = os_mgmt.handle(self, op, cmd, req, enc)
-                elif group == 1:
+                elif group == _GROUP_IMAGE:
                     err = img_mgmt.handle(self, op, cmd, req, enc)
-                elif group == 64:
+                elif group == _GROUP_MPBOOT:
                     err = mpboot_mgmt.handle(self, op, cmd, req, enc)
                 else:
                     err = (_ENOTSUP, 0, None)

@@ -49,6 +49,8 @@ _RETRY_MS = const(1000)  # how long a notification is retried while the controll
 _GRACE_MS = const(100)  # before disconnecting: the last notifications leave the controller
 _CLOSE_MS = const(1000)  # for the disconnect to complete before the caller resets
 _EMSGSIZE = const(7)
+_OP_READ = const(0)  # SMP ops: a response's op is its request's + 1
+_OP_WRITE = const(2)
 
 
 def uuid_le(s):
@@ -227,7 +229,7 @@ class Gatt:
     def too_big(self):
         b = self.buf
         op = b[0] & 7
-        if op != 0 and op != 2:
+        if op != _OP_READ and op != _OP_WRITE:
             return  # a response, or no SMP op: never answered
         e = self.err
         e[0] = (op + 1) | min((b[0] >> 3) & 3, 1) << 3

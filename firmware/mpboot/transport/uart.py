@@ -37,6 +37,18 @@ _LINE_IN = const(128)  # longest console line accepted, "\n" included
 _LINE_DATA = const(90)  # frame bytes per console line sent: 120 base64 chars, 123-byte lines
 _TX = const(256)  # transmit staging: one COBS block (code + 254 bytes) fits
 _IDLE_MS = const(1000)  # longest wait without calling tick()
+# Console line markers: a frame's first line starts 06 09, each further line 04 14.
+_FIRST_0 = const(6)
+_FIRST_1 = const(9)
+_MORE_0 = const(4)
+_MORE_1 = const(20)
+_CR = const(13)
+# Raw frames: the COBS code byte that starts an SMP request (its header's second byte, flags,
+# is 0: code 1 when the first byte is 0 too, else 2); the largest block, 254 data bytes.
+_RAW_START_A = const(1)
+_RAW_START_B = const(2)
+_COBS_BLOCK = const(254)
+_COBS_FULL = const(0xFF)  # the code of a full block (no 00 implied after it)
 
 
 def _table():
@@ -162,7 +174,7 @@ class Framer:
                 self.pos = e + 1
                 continue
             b = rx[pos]
-            if b == 1 or b == 2:
+            if b == _RAW_START_A or b == _RAW_START_B:
                 e = rx.find(b"\x00", pos, min(fill, pos + self.rmax + 1))
                 if e < 0:
                     if fill - pos <= self.rmax:
@@ -178,10 +190,10 @@ class Framer:
                     return p
                 self.dropped += 1
                 continue
-            if b == 6 or b == 4:
+            if b == _FIRST_0 or b == _MORE_0:
                 if fill - pos < 2:
                     return self._more(pos)
-                if rx[pos + 1] == (9 if b == 6 else 20):
+                if rx[pos + 1] == (_FIRST_1 if b == _FIRST_0 else _MORE_1):
                     e = rx.find(b"\n", pos, min(fill, pos + _LINE_IN))
                     if e < 0:
                         if fill - pos < _LINE_IN:
@@ -191,7 +203,7 @@ class Framer:
                         self.pos = pos + _LINE_IN
                         continue
                     self.pos = e + 1
-                    p = self._line(pos, e, b == 6)
+                    p = self._line(pos, e, b == _FIRST_0)
                     if p is not None:
                         self.kind = CONSOLE
                         return p
@@ -220,7 +232,7 @@ class Framer:
                 pmv[o : o + k] = rmv[s : s + k]
                 o += k
                 s += k
-            if c != 0xFF and s < e:
+            if c != _COBS_FULL and s < e:
                 if o >= cap:
                     return None
                 pkt[o] = 0
@@ -240,7 +252,7 @@ class Framer:
         cn = self.cn
         if cn < 0:
             return None  # a continuation without its start
-        if self.rx[e - 1] == 13:
+        if self.rx[e - 1] == _CR:
             e -= 1
         s += 2
         try:
@@ -286,8 +298,8 @@ class Framer:
             pkt[n + 3] = c & 0xFF
             tx = self.tx
             tmv = self.tmv
-            tx[0] = 6
-            tx[1] = 9
+            tx[0] = _FIRST_0
+            tx[1] = _FIRST_1
             i = 0
             n += 4
             while i < n:
@@ -296,8 +308,8 @@ class Framer:
                 m = len(b) + 2
                 tmv[2:m] = b
                 link.write(tmv[:m])
-                tx[0] = 4
-                tx[1] = 20
+                tx[0] = _MORE_0
+                tx[1] = _MORE_1
                 i += k
             return True
         if n + 2 > len(pkt):
@@ -321,7 +333,7 @@ class Framer:
         t = 1
         s = 0
         while True:
-            lim = min(e, s + 254)
+            lim = min(e, s + _COBS_BLOCK)
             z = pkt.find(b"\x00", s, lim)
             k = (lim if z < 0 else z) - s
             if t + k + 1 > _TX:
@@ -335,7 +347,7 @@ class Framer:
                 s = z + 1
             else:
                 s = lim
-                if k < 254:
+                if k < _COBS_BLOCK:
                     break
         if t == _TX:
             link.write(tmv[:t])

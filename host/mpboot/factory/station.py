@@ -306,7 +306,8 @@ class Station:
 
                     result = await flash(c, cfg.image, mark=Mark.TEST, reset=True, progress=progress)
                     up = result.upload
-                    self._audit(st, "upload", "ok", f"{up.size} bytes in {up.elapsed:.1f} s"
+                    self._audit(st, "upload", "ok", "held already: marked for a test boot" if up is None else
+                                f"{up.size} bytes in {up.elapsed:.1f} s"
                                 + (f", resumed at {up.resumed_from}" if up.resumed_from else ""))
                 else:
                     await c.state_write(want, confirm=False)

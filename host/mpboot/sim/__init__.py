@@ -31,6 +31,8 @@ def build_lib(dest: Path, keys: Sequence[PublicKey]) -> Path:
     unix port lacks, and `keys` (as mpboot_keys) into .mpy files under `dest`, the simulated
     device's sys.path."""
     dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)  # exactly this build: nothing left from an earlier one
     compile_tree(firmware_root() / "mpboot", dest / "mpboot")
     src = dest.parent / (dest.name + "-src")
     src.mkdir(parents=True, exist_ok=True)
@@ -112,7 +114,22 @@ class Status:
 
 
 def _fields(line: str) -> dict[str, str]:
+    """The KEY=VALUE words of one line the device printed (STATE, SLOT, INSTALLED)."""
     return dict(re.findall(r"(\w+)=(\S+)", line))
+
+
+def write_config(path: Path, fields: dict[str, object]) -> None:
+    """A simulated device's config file (upy_scripts/sim_config.py reads it on the device):
+    one KEY=VALUE per line, so a value may hold spaces (a path under "My Documents")."""
+    Path(path).write_text("".join(f"{k}={v}\n" for k, v in fields.items()))
+
+
+def read_config(path: Path) -> dict[str, str]:
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    if len(lines) == 1 and " size=" in lines[0]:  # the one-line format of earlier versions
+        return _fields(lines[0])
+    return dict(line.split("=", 1) for line in lines if "=" in line)
 
 
 @dataclass(frozen=True)
@@ -147,26 +164,26 @@ class SimDevice:
                  vendor_id: bytes | None = None, class_id: bytes | None = None,
                  downgrade: bool = True, heapsize: str = DEFAULT_HEAPSIZE,
                  uid: bytes | None = None) -> None:
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).absolute()  # its config names files the device opens
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.lib = Path(lib)
         self.geometry = geometry
         self.heapsize = heapsize
         self.flash = self.workdir / "flash.bin"
-        words = [f"flash={self.flash}", f"size={geometry.size}", f"sector={geometry.sector}",
-                 f"align={geometry.align}"]
+        fields: dict[str, object] = {"flash": self.flash, "size": geometry.size, "sector": geometry.sector,
+                                     "align": geometry.align}
         if vendor_id is not None:
-            words.append(f"vendor={vendor_id.hex()}")
+            fields["vendor"] = vendor_id.hex()
         if class_id is not None:
-            words.append(f"class={class_id.hex()}")
+            fields["class"] = class_id.hex()
         if not downgrade:
-            words.append("downgrade=0")
+            fields["downgrade"] = 0
         # The board's unique id (machine.unique_id() on hardware): random per simulated board,
         # kept in its config, so a fleet of sims are different devices (BLE address, OS info).
         self.uid = uid if uid is not None else os.urandom(8)
-        words.append(f"uid={self.uid.hex()}")
+        fields["uid"] = self.uid.hex()
         self.config = self.workdir / "device.cfg"
-        self.config.write_text(" ".join(words) + "\n")
+        write_config(self.config, fields)
 
     @classmethod
     def create(cls, workdir: Path, keys: Sequence[PublicKey], geometry: Geometry = Geometry(), *,
@@ -187,10 +204,13 @@ class SimDevice:
         """The simulated board `create` made in `workdir`."""
         workdir = Path(workdir)
         try:
-            cfg = _fields((workdir / "device.cfg").read_text())
+            cfg = read_config(workdir / "device.cfg")
+            geometry = Geometry(int(cfg["size"]), int(cfg["sector"]), int(cfg["align"]))
         except FileNotFoundError:
             raise UsageError(f"{workdir}: no simulated device here (mpboot sim init)") from None
-        geometry = Geometry(int(cfg["size"]), int(cfg["sector"]), int(cfg["align"]))
+        except (KeyError, ValueError, UnicodeDecodeError):
+            raise UsageError(f"{workdir}/device.cfg: not a simulated device's config; make a new "
+                             "device (mpboot sim init)") from None
         return cls(workdir, workdir / "lib", geometry,
                    vendor_id=bytes.fromhex(cfg["vendor"]) if "vendor" in cfg else None,
                    class_id=bytes.fromhex(cfg["class"]) if "class" in cfg else None,

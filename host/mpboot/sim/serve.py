@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from mpboot import upy
-from mpboot.errors import UsageError
+from mpboot.errors import MpbootError, UsageError
 from mpboot.keys import PublicKey
-from mpboot.sim import CUT_EXIT, Geometry, SimDevice, _fields, build_lib
+from mpboot.sim import CUT_EXIT, Geometry, SimDevice, build_lib, read_config, write_config
 
 if TYPE_CHECKING:
     from mpboot.sim.radio import CompanionThread, RadioInfo
@@ -63,8 +63,8 @@ def open_state(state: Path, keys: Sequence[PublicKey], *, slot_size: int | None 
             raise UsageError(f"slot size {slot} must be a non-zero multiple of {SECTOR}")
         return SimDevice.create(state, keys, Geometry.for_slots(slot, SECTOR, ALIGN),
                                 vendor_id=vendor_id, class_id=class_id)
-    cfg = _fields((state / "device.cfg").read_text())
     dev = SimDevice.open(state)
+    cfg = read_config(dev.config)
     if slot_size is not None and slot_size != dev.geometry.slot_size:
         raise UsageError(f"{state} holds a device with {dev.geometry.slot_size}-byte slots, "
                          f"not {slot_size}: use another --state directory")
@@ -156,10 +156,12 @@ class SimServer:
             raise UsageError("buf_size must be at least 64 and buf_count at least 1")
         if not ble and (radio is not None or ble_name is not None):
             raise UsageError("--radio and --ble-name go with --ble")
+        if ble and link is not None:
+            raise UsageError("--link names the UART's pty; with --ble the device serves SMP over BLE only")
         if ble_name is not None and (not 0 < len(ble_name.encode()) <= 29
                                      or any(c.isspace() for c in ble_name)):
             raise UsageError(f"BLE name {ble_name!r}: 1 to 29 bytes of UTF-8, no spaces")
-        self.state = Path(state).absolute()  # the device runs with its cwd there
+        self.state = Path(state).absolute()
         self.keys = list(keys)
         self.link = link
         self.slot_size = slot_size
@@ -203,6 +205,7 @@ class SimServer:
             self._lock = None
             raise UsageError(f"{self.state} is in use by another mpboot sim") from None
         try:
+            upy.micropython_command()  # not installed: say so now, not from the relay thread
             self.device = open_state(self.state, self.keys, slot_size=self.slot_size,
                                      vendor_id=self.vendor_id, class_id=self.class_id)
             self._master, self._slave = os.openpty()
@@ -224,7 +227,8 @@ class SimServer:
                     f"flash timing {self.timing}, "
                     f"{'unpaced line' if self.baud is None else f'{self.baud} baud 8N1'}, "
                     f"buf_size {self.buf_size}, buf_count {self.buf_count}")
-        self.output(f"mpboot sim: UART on {self.path}")
+        if not self.ble:  # over BLE the device serves SMP there only: its UART has no service
+            self.output(f"mpboot sim: UART on {self.path}")
         if self._linked:
             self.output(f"mpboot sim: {self.link} -> {self.path}")
         if self.ble_info is not None:
@@ -277,11 +281,14 @@ class SimServer:
         self._radio = radio
 
     def _make_link(self, link: Path) -> None:
-        if link.is_symlink():
-            link.unlink()
-        elif link.exists():
-            raise UsageError(f"--link {link}: a file is there (not a symlink); refusing to replace it")
-        link.symlink_to(self.path)
+        try:
+            if link.is_symlink():
+                link.unlink()
+            elif link.exists():
+                raise UsageError(f"--link {link}: a file is there (not a symlink); refusing to replace it")
+            link.symlink_to(self.path)
+        except OSError as err:
+            raise UsageError(f"--link {link}: cannot make the link there: {err.strerror or err}") from None
         self._linked = True
 
     def _cleanup(self) -> None:
@@ -314,20 +321,18 @@ class SimServer:
         os.set_blocking(master, False)
         inner = os.ttyname(slave)
         cfg = self.state / "serve.cfg"
-        words = self.device.config.read_text().split()
-        words += [f"uart={inner}", f"timing={self.timing}", f"bufsize={self.buf_size}",
-                  f"bufcount={self.buf_count}"]
+        fields: dict[str, object] = {**read_config(self.device.config), "uart": inner, "timing": self.timing,
+                                     "bufsize": self.buf_size, "bufcount": self.buf_count}
         if self.ble_info is not None:
-            words += [f"ble={self.ble_info.shim_port}", f"blename={self.ble_info.name}"]
-        cfg.write_text(" ".join(words) + "\n")
-        env = dict(os.environ)
-        # MICROPYPATH replaces the default sys.path; keep .frozen (as mpboot.upy.run does).
-        env["MICROPYPATH"] = ":".join([str(self.device.lib), ".frozen"])
+            fields.update(ble=self.ble_info.shim_port, blename=self.ble_info.name)
+        write_config(cfg, fields)
+        # Only the device's own modules: sys.path and the working directory are its lib.
+        cmd, env, workdir = upy.command(["-m", "sim_serve", cfg], path=[self.device.lib],
+                                        heapsize=self._heapsize())
         env.pop("MPBOOT_NOR_FAULT", None)
-        cmd = [upy.micropython_command(), "-X", f"heapsize={self._heapsize()}", "-m", "sim_serve", str(cfg)]
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, env=env, cwd=self.state)
+                                    stderr=subprocess.STDOUT, env=env, cwd=workdir)
         except BaseException:
             os.close(master)
             os.close(slave)
@@ -410,7 +415,6 @@ class SimServer:
             if self._crashes >= FAST_FAILS:
                 self.error = (f"the simulated device crashed {self._crashes} times in a row within "
                               f"{FAST_FAIL_S:.0f} s of power-on (exit {rc}); stopped")
-                self.output(f"mpboot sim: {self.error}")
                 self._stopping.set()
                 return
         self._power_on()
@@ -498,9 +502,9 @@ class SimServer:
                         if not self._device_output(p):
                             self._exited()
                             break  # another power-on: its own descriptors
-        except Exception as err:  # report and stop: never leave the process running
-            self.error = f"simulator failed: {err!r}"
-            self.output(f"mpboot sim: {self.error}")
+        except Exception as err:  # report (once, by whoever reads `error`) and stop
+            self.error = f"simulator failed: {err}" if isinstance(err, MpbootError) else \
+                f"simulator failed: {type(err).__name__}: {err}"
         finally:
             if self._power is not None:
                 self._power_off(kill=True)

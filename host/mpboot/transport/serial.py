@@ -181,8 +181,13 @@ class SerialTransport:
 
 def _open_error(port: str, err: serial.SerialException) -> PortError:
     code = err.errno
+    cause = err.__context__  # "Could not configure port": termios.error(ENOTTY, ...) under it
+    if code is None and cause is not None and cause.args and isinstance(cause.args[0], int):
+        code = cause.args[0]
     if code == errno.ENOENT or (code is None and not os.path.exists(port)):
         return PortError(f"no such port: {port}")
+    if code in (errno.ENOTTY, errno.EISDIR):
+        return PortError(f"not a serial port: {port} (a file, folder or other device)")
     if code in _BUSY_ERRNOS:
         return PortError(f"port busy: {port} (another program has it open)")
     if code == errno.EACCES or code == errno.EPERM:

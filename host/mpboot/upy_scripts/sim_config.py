@@ -1,6 +1,7 @@
-# The simulated device's config file, shared by its mains (sim_device, sim_serve): one line
-# of words "flash=PATH size=N sector=N align=N [vendor=HEX] [class=HEX] [downgrade=0]
-# [timing=none|nor] [uid=HEX] ...". Returns the words, the NOR flash chip and the Slots policy.
+# The simulated device's config file, shared by its mains (sim_device, sim_serve): one
+# KEY=VALUE per line (mpboot.sim.write_config), flash=PATH size=N sector=N align=N
+# [vendor=HEX] [class=HEX] [downgrade=0] [timing=none|nor] [uid=HEX] ...; a value may hold
+# spaces. Returns the fields, the NOR flash chip and the Slots policy.
 from binascii import unhexlify
 
 from mpboot.ports import unix as port
@@ -9,8 +10,8 @@ from mpboot.ports import unix as port
 def load(path):
     cfg = {}
     with open(path) as f:
-        for word in f.read().split():
-            k, _, v = word.partition("=")
+        for line in f:
+            k, _, v = line.rstrip("\n").partition("=")
             cfg[k] = v
     timing = cfg.get("timing", "none")
     chip = port.flash(cfg["flash"], int(cfg["size"]), int(cfg["sector"]), int(cfg["align"]),

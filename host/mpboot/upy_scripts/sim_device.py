@@ -14,7 +14,8 @@
 #   status                    the state record and each slot's verdict
 #   age N                     rewrite the state record N times (moves the state log on)
 #   factory                   the factory record (docs/FACTORY.md): FACTORY found=0|1 seq=N
-#                             pos=N record=N flags=N serial=HEX vid=HEX cid=HEX labels=HEX
+#                             pos=N record=N flags=N serial=HEX vendor_id=HEX class_id=HEX
+#                             labels=HEX
 #                             ("-" for empty bytes)
 #   fage N                    rewrite the factory record N times (moves the factory log on)
 #   smp HEX...                boot without running the app, then give each SMP request packet
@@ -30,6 +31,7 @@ from mpboot import boot
 from mpboot.image import ImageError
 from mpboot.ports import unix as port
 from mpboot.slots import Slots
+from mpboot.state import ACTIVE, FLOOR, SEQ, TEST, TRIAL
 from mpboot.update import UpdateError, Updater
 
 
@@ -43,9 +45,9 @@ def main():
         st = slots.state
         store = slots.store
         print("STATE seq=%d active=%d test=%d trial=%d floor=%d found=%d pos=%d record=%d" % (
-            st[0], st[1], st[2], st[3], st[5], store.found, store.pos, store.rec))
+            st[SEQ], st[ACTIVE], st[TEST], st[TRIAL], st[FLOOR], store.found, store.pos, store.rec))
         for s in (0, 1):
-            info = slots._try(s)
+            info = slots.probe(s)
             if info:
                 v = info["version"]
                 print("SLOT %d ok version=%d.%d.%d+%d counter=%d confirmed=%d" % (
@@ -57,12 +59,12 @@ def main():
     if cmd == "age":
         for _ in range(int(sys.argv[3])):
             slots.store.save(slots.state)
-        print("AGED seq=%d" % slots.state[0])
+        print("AGED seq=%d" % slots.state[SEQ])
         return
     f = slots.factory
     if cmd == "factory":
-        h = [hexlify(b).decode() or "-" for b in (f.serial, f.vid, f.cid, f.labels)]
-        print("FACTORY found=%d seq=%d pos=%d record=%d flags=%d serial=%s vid=%s cid=%s labels=%s" % (
+        h = [hexlify(b).decode() or "-" for b in (f.serial, f.vendor_id, f.class_id, f.labels)]
+        print("FACTORY found=%d seq=%d pos=%d record=%d flags=%d serial=%s vendor_id=%s class_id=%s labels=%s" % (
             f.found, f.seq, f.pos, f.rec, f.flags, h[0], h[1], h[2], h[3]))
         return
     if cmd == "fage":

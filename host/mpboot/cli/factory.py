@@ -1,5 +1,5 @@
-"""`mpboot provision` and `mpboot provision report`: the click face of mpboot.factory
-(registered by mpboot.cli; docs/FACTORY.md)."""
+"""Factory commands: `mpboot provision` and `mpboot provision report`, the click face of
+mpboot.factory (docs/FACTORY.md)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,15 @@ from typing import Any
 
 import click
 
+from mpboot.cli.common import (
+    baud_option,
+    confirm_timeout_option,
+    exit_interrupted_now,
+    framing_option,
+    plural,
+    read_image,
+    timeout_option,
+)
 from mpboot.errors import UsageError
 
 
@@ -76,14 +85,10 @@ def _ports(ports: tuple[str, ...], ports_glob: str | None) -> list[str]:
 @click.option("--label", "label_pairs", multiple=True, metavar="KEY=VALUE", help="A free label for every board (repeatable, at most 8).")
 @click.option("--floor", type=click.IntRange(0, 2**32 - 1), metavar="N",
               help="Security-counter floor to set [the image's security counter].")
-@click.option("--confirm-timeout", default=30.0, show_default=True, type=click.FloatRange(min=1), metavar="S",
-              help="How long the app gets to confirm itself after its test boot.")
-@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.05), metavar="S",
-              help="Seconds to wait for an SMP reply.")
-@click.option("-b", "--baud", default=115200, show_default=True, type=click.IntRange(min=1), metavar="B",
-              help="Baud rate (ignored by USB CDC ports).")
-@click.option("--framing", type=click.Choice(["raw", "console"]), default="raw", show_default=True,
-              help="SMP framing on the serial ports.")
+@confirm_timeout_option
+@timeout_option
+@baud_option
+@framing_option
 @click.pass_context
 def provision_cmd(ctx: click.Context, ports: tuple[str, ...], ports_glob: str | None, image_path: Path | None,
                   key_paths: tuple[Path, ...], serials_file: Path | None, serial_prefix: str | None,
@@ -103,8 +108,6 @@ def provision_cmd(ctx: click.Context, ports: tuple[str, ...], ports_glob: str | 
     from mpboot.flashing import prepare
     from mpboot.image import verify_image
 
-    from mpboot.cli import _read_image
-
     board_ports = _ports(ports, ports_glob)
     if image_path is None:
         raise UsageError("--image APP.img is required: the signed app every board gets")
@@ -115,8 +118,8 @@ def provision_cmd(ctx: click.Context, ports: tuple[str, ...], ports_glob: str | 
     if db_url is None:
         raise UsageError("--db FILE (or postgresql://...) is required: where the records go")
     labels = _labels(label_pairs)
-    expected = [keys.load_public_key(p) for p in key_paths]
-    data = _read_image(image_path)
+    expected = [keys.load_public_key(p, allow_private=False) for p in key_paths]
+    data = read_image(image_path)
     verify_image(data, expected)  # signed by an expected key, whole: checked before any board
     prepared = prepare(data)
     if prepared.hash is None:
@@ -130,16 +133,14 @@ def provision_cmd(ctx: click.Context, ports: tuple[str, ...], ports_glob: str | 
     try:
         boards = _run_live(Station, config, db, board_ports, parallel)
     except KeyboardInterrupt:
-        click.echo("provision: interrupted: boards not finished are finished by running the command again",
-                   err=True)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)  # the boards' threads end at their next step; nothing waits for them
+        # the boards' threads end at their next step; nothing waits for them
+        exit_interrupted_now("boards not finished are finished by running the same command again "
+                             "(provisioned boards are skipped)")
     finally:
         db.close()
     failed = [b for b in boards if b.outcome not in (ProvisionOutcome.PROVISIONED, ProvisionOutcome.SKIPPED)]
     counts = {o: sum(1 for b in boards if b.outcome is o) for o in ProvisionOutcome}
-    click.echo("provision: " + ", ".join(f"{n} {o}" for o, n in counts.items() if n) + f" of {len(boards)} boards")
+    click.echo("provision: " + ", ".join(f"{n} {o}" for o, n in counts.items() if n) + f" of {plural(len(boards), 'board')}")
     for b in failed:
         who = f" ({b.uid.hex()})" if b.uid else ""
         click.echo(f"provision: {b.port}{who}: {b.outcome or 'failed'}: {b.error}", err=True)
@@ -226,7 +227,7 @@ def report_cmd(db_url: str, as_csv: bool, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{len(rows)} boards in {where}")
+    table = Table(title=f"{plural(len(rows), 'board')} in {where}")
     cols = ("serial", "uid", "result", "image_version", "station", "operator", "provisioned_at", "error")
     for col in cols:
         table.add_column(col, no_wrap=col != "error")
@@ -236,3 +237,8 @@ def report_cmd(db_url: str, as_csv: bool, as_json: bool) -> None:
     if not console.is_terminal:
         console = Console(highlight=False, width=200)
     console.print(table)
+
+
+COMMANDS = (provision_cmd,)
+
+__all__ = ["COMMANDS"]

@@ -1,19 +1,55 @@
-"""`mpboot sync`: the click face of mpboot.sync (registered by mpboot.cli)."""
+"""BLE fleet commands: `mpboot scan` and `mpboot sync` (the click face of mpboot.sync)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import click
 
+from mpboot.cli.common import (
+    ble_backend_option,
+    confirm_timeout_option,
+    plural,
+    retries_option,
+    scan_seconds_option,
+    timeout_option,
+)
 from mpboot.errors import UsageError
+
+
+@click.command("scan")
+@scan_seconds_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of {name, address, rssi}.")
+@ble_backend_option
+def scan_cmd(seconds: float, as_json: bool, ble_backend: str | None) -> None:
+    """List the BLE devices advertising the SMP service: name, address, RSSI (strongest first)."""
+    from mpboot import ble
+
+    backend = ble.select(ble_backend)
+
+    async def run() -> list[ble.Found]:
+        try:
+            return await ble.scan(seconds, backend)
+        finally:
+            await ble.close()
+
+    found = asyncio.run(run())
+    if as_json:
+        click.echo(json.dumps([{"name": f.name, "address": f.address, "rssi": f.rssi} for f in found], indent=2))
+        return
+    if not found:
+        click.echo(f"no devices advertising SMP (listened {seconds:g} s)")
+        return
+    click.echo(f"{'address':<18} {'rssi':>5}  name")
+    for f in found:
+        click.echo(f"{f.address:<18} {f.rssi:>5}  {f.name or '-'}")
 
 
 @click.command("sync")
 @click.argument("repo_dir", metavar="REPO_DIR", type=click.Path(path_type=Path))
-@click.option("--seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.5), metavar="N",
-              help="Scan this long for devices each pass.")
+@scan_seconds_option
 @click.option("--loop", is_flag=True, help="Keep going: a pass every --interval seconds until Ctrl-C.")
 @click.option("--interval", default=30.0, show_default=True, type=click.FloatRange(min=0), metavar="S",
               help="With --loop: seconds between the end of a pass and the next scan.")
@@ -21,14 +57,10 @@ from mpboot.errors import UsageError
               help="Devices updated at once.")
 @click.option("--log", "log_path", type=click.Path(path_type=Path), metavar="FILE",
               help="Record every attempt: SQLite for .sqlite/.db, else JSON lines (appended).")
-@click.option("--retries", default=5, show_default=True, type=click.IntRange(0, 100), metavar="N",
-              help="Lost links per device reconnected and resumed within a pass.")
-@click.option("--confirm-timeout", default=30.0, show_default=True, type=click.FloatRange(min=1), metavar="S",
-              help="How long the new app gets to confirm itself before the device is reset back.")
-@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.05), metavar="S",
-              help="Seconds to wait for an SMP reply.")
-@click.option("--ble-backend", envvar="MPBOOT_BLE_BACKEND", metavar="bumble:SPEC",
-              help="Use Bumble on a transport (e.g. bumble:usb:0) instead of the platform's Bluetooth.")
+@retries_option
+@confirm_timeout_option
+@timeout_option
+@ble_backend_option
 def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_parallel: int,
              log_path: Path | None, retries: int, confirm_timeout: float, timeout: float,
              ble_backend: str | None) -> None:
@@ -59,7 +91,7 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
         out.print(f"sync: skipped {line}")
     if not repo:
         raise UsageError(f"{repo_dir}: no signed images (*.img, *.bin, *.signed)")
-    out.print(f"sync: {len(repo)} images in {repo_dir}: "
+    out.print(f"sync: {plural(len(repo), 'image')} in {repo_dir}: "
               + ", ".join(f"{r.path.name} ({r.version})" for r in sorted(repo, key=lambda r: r.key)))
     backend = ble.select(ble_backend)
     log = AttemptLog(log_path)
@@ -76,7 +108,7 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
         try:
             while True:
                 attempts = await syncer.run_pass()
-                table = Table(title=f"pass {syncer.passes}: {len(attempts)} devices")
+                table = Table(title=f"pass {syncer.passes}: {plural(len(attempts), 'device')}")
                 for col in ("device", "from", "to", "bytes", "result", "time", "note"):
                     table.add_column(col, justify="right" if col in ("bytes", "time") else "left")
                 for row in summary_rows(attempts):
@@ -102,3 +134,8 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
         log.close()
     if any(a.result is SyncResult.FAILED for a in attempts):
         raise SystemExit(1)
+
+
+COMMANDS = (scan_cmd, sync_cmd)
+
+__all__ = ["COMMANDS"]

@@ -1,0 +1,371 @@
+"""What every command family of the CLI shares: the error mapping (one line, one exit code),
+input parsing with bounds, the options declared once, the device link, and consoles.
+
+Exit codes (README "Commands"): 0 done; 1 an image rejected or refused, an attempt that
+failed; 2 a usage, file or port problem; 3 a silent device or a broken link; 130 interrupted
+(Ctrl-C), after one line saying where it stopped and how to resume; 141 a closed pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import stat
+import sys
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, NoReturn, TypeVar
+
+import click
+
+from mpboot.errors import InputFileError, MpbootError, UsageError
+from mpboot.transport.framing import Framing
+
+EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+EXIT_BROKEN_PIPE: Final = 141  # 128 + SIGPIPE, as `yes | head` reports
+EXIT_BUG: Final = 70  # EX_SOFTWARE: an error mpboot did not expect (a bug)
+DEBUG_ENV: Final = "MPBOOT_DEBUG"  # set: a bug shows its traceback instead of one line
+
+MAX_IMAGE_BYTES: Final = 64 * 1024 * 1024  # larger than any slot mpboot serves
+ADDRESS_LIMIT: Final = 1 << 32  # MCUboot images and Intel hex address 32 bits
+
+_T = TypeVar("_T")
+_META_INTERRUPT: Final = "mpboot.interrupt_note"
+
+
+class MpbootGroup(click.Group):
+    """The root group: turns errors into one line on stderr and an exit code; never a
+    traceback for a mistake. Subcommands and subgroups run inside its invoke."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MpbootError as err:
+            _say(f"mpboot: error: {err}")
+            ctx.exit(err.exit_code)
+        except KeyboardInterrupt:
+            note = ctx.meta.get(_META_INTERRUPT)
+            text = note() if callable(note) else note
+            _say(_interrupted_line(text or f"mpboot {ctx.invoked_subcommand or ''} stopped before it finished; "
+                                   "run it again"))
+            ctx.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            _quiet_stdout()
+            ctx.exit(EXIT_BROKEN_PIPE)
+        except OSError as err:
+            where = f"{err.filename}: " if err.filename else ""
+            _say(f"mpboot: error: {where}{err.strerror or err}")
+            ctx.exit(2)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as err:  # a bug: say so in one line (MPBOOT_DEBUG=1 for the traceback)
+            if os.environ.get(DEBUG_ENV):
+                raise
+            tb = traceback.extract_tb(err.__traceback__)
+            where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+            _say(f"mpboot: internal error (a bug, please report it): {type(err).__name__}: {err}{where}; "
+                 f"{DEBUG_ENV}=1 shows the traceback")
+            ctx.exit(EXIT_BUG)
+
+
+def _interrupted_line(note: str) -> str:
+    return f"mpboot: interrupted: {note}"
+
+
+def exit_interrupted_now(note: str) -> NoReturn:
+    """Ctrl-C in a command whose worker threads cannot be waited for (each ends at its next
+    step): the same line as everywhere, then exit 130 at once."""
+    _say(_interrupted_line(note))
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _say(line: str) -> None:
+    try:
+        click.echo(line, err=True)
+    except OSError:
+        pass  # stderr closed too: the exit code is all that is left
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null so the interpreter's final flush of
+    what is still buffered does not raise again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def on_interrupt(note: str | Callable[[], str]) -> None:
+    """What the one line after Ctrl-C says (where the command stopped, how to resume); a
+    callable is asked at the moment of the interrupt."""
+    click.get_current_context().find_root().meta[_META_INTERRUPT] = note
+
+
+# --- parsing, with bounds ---------------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"^(0x[0-9a-fA-F]+|\d+)([kKmMgG]?)$")
+_UNITS: Final = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str, what: str, *, maximum: int | None = None, minimum: int = 0) -> int:
+    """Decimal or 0x-hex, with an optional k/M/G (KiB/MiB/GiB) suffix, within the bounds."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise UsageError(f"bad {what} {text!r}: expected a number like 0x200, 4096 or 512k")
+    value = int(m.group(1), 0) * _UNITS[m.group(2).lower()]
+    if value < minimum:
+        raise UsageError(f"{what} {text} is below the minimum of {_size_text(minimum)}")
+    if maximum is not None and value > maximum:
+        raise UsageError(f"{what} {text} is above the maximum of {_size_text(maximum)}")
+    return value
+
+
+def parse_address(text: str, what: str) -> int:
+    """A 32-bit address (0x-hex or decimal)."""
+    return parse_size(text, what, maximum=ADDRESS_LIMIT - 1)
+
+
+def _size_text(n: int) -> str:
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("k", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+def size_text(n: float) -> str:
+    """A byte count for people: 512 bytes, 12.5 KiB, 1.0 MiB."""
+    for unit in ("bytes", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def plural(n: int, noun: str) -> str:
+    """"1 image", "2 images"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def parse_heapsize(text: str) -> str:
+    if not re.fullmatch(r"\d+[kKmM]?", text):
+        raise UsageError(f"bad --heapsize {text!r}: expected e.g. 24k or 4m")
+    return text
+
+
+def password(env_var: str | None) -> bytes | None:
+    """The private key passphrase from `--password-env VAR`."""
+    if not env_var:
+        return None
+    value = os.environ.get(env_var)
+    if not value:
+        raise UsageError(f"--password-env {env_var}: that environment variable is not set or empty")
+    return value.encode()
+
+
+def check_input_file(path: Path, what: str = "file") -> Path:
+    """A file to read: it exists, is a regular file, and is not empty."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputFileError(f"{path}: no such file") from None
+    except OSError as err:
+        raise InputFileError(f"{path}: cannot read: {err.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputFileError(f"{path}: is a directory, not {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputFileError(f"{path}: not a regular file, so not {what}")
+    if st.st_size == 0:
+        raise InputFileError(f"{path}: is empty, so not {what}")
+    return path
+
+
+def read_image(path: Path) -> bytes:
+    """A signed image file: raw binary, or Intel hex when it ends in .hex."""
+    from intelhex import IntelHex, IntelHexError
+
+    path = Path(path)
+    if path.is_dir():
+        raise InputFileError(f"{path}: is a directory; sign it first (mpboot sign {path} -k KEY "
+                             "--version X.Y.Z -o app.bin), then give the signed image")
+    check_input_file(path, "a signed image")
+    if path.stat().st_size > MAX_IMAGE_BYTES:
+        raise InputFileError(f"{path}: {size_text(path.stat().st_size)} is larger than any slot; "
+                             "not a signed image")
+    try:
+        if path.suffix.lower() == ".hex":
+            try:
+                return bytes(IntelHex(str(path)).tobinarray())
+            except (IntelHexError, ValueError) as err:
+                raise InputFileError(f"{path}: not a valid Intel hex file ({err})") from None
+        return path.read_bytes()
+    except OSError as err:
+        raise InputFileError(f"{path}: cannot read: {err.strerror}") from None
+
+
+# --- options declared once ----------------------------------------------------------------
+
+password_env_option = click.option(
+    "--password-env", metavar="VAR", help="Read the private key passphrase from environment variable VAR.")
+
+ble_backend_option = click.option(
+    "--ble-backend", envvar="MPBOOT_BLE_BACKEND", metavar="bumble:SPEC",
+    help="Bluetooth through Bumble on an HCI transport (bumble:usb:0, or the simulator's "
+         "bumble:tcp-client:127.0.0.1:PORT) instead of the system's; default $MPBOOT_BLE_BACKEND.")
+
+timeout_option = click.option(
+    "--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.05), metavar="S",
+    help="Seconds to wait for an SMP reply before giving up (or re-sending).")
+
+baud_option = click.option(
+    "-b", "--baud", default=115200, show_default=True, type=click.IntRange(min=1), metavar="B",
+    help="Baud rate (ignored by USB CDC ports).")
+
+framing_option = click.option(
+    "--framing", type=click.Choice([f.value for f in Framing]), default=Framing.RAW.value, show_default=True,
+    help="raw: COBS frames (MCUboot serial recovery); console: Zephyr SMP-over-console lines.")
+
+retries_option = click.option(
+    "--retries", default=5, show_default=True, type=click.IntRange(0, 100), metavar="N",
+    help="Over BLE: lost links reconnected and resumed, at most N times.")
+
+confirm_timeout_option = click.option(
+    "--confirm-timeout", default=30.0, show_default=True, type=click.FloatRange(min=1),
+    metavar="S", help="How long a new app gets to confirm itself after its test boot.")
+
+scan_seconds_option = click.option(
+    "--seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.1), metavar="S",
+    help="How long to scan for devices.")
+
+
+# --- the device link ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceLink:
+    """Where a device command talks to the device: a serial port, or a BLE peripheral."""
+
+    port: str | None
+    baud: int
+    framing: str
+    timeout_s: float
+    ble: str | None  # address or advertised name
+    ble_backend: str | None
+
+    @property
+    def name(self) -> str:
+        return self.ble if self.ble is not None else str(self.port)
+
+    def transport_factory(self) -> Callable[[], Any]:
+        """Makes a fresh, unopened transport per call (BLE reconnects open a new one)."""
+        if self.ble is not None:
+            from mpboot import ble
+            from mpboot.transport.ble import BleTransport
+
+            backend = ble.select(self.ble_backend)
+            target = self.ble
+            return lambda: BleTransport(target, backend=backend)
+        from mpboot.transport.serial import SerialTransport
+
+        port, baud, framing = str(self.port), self.baud, self.framing
+        return lambda: SerialTransport(port, baudrate=baud, framing=framing)
+
+    def client_factory(self) -> Callable[[], Any]:
+        from mpboot.smp import SMPClient
+
+        make = self.transport_factory()
+        timeout_s = self.timeout_s
+        return lambda: SMPClient(make(), timeout=timeout_s)
+
+    async def release(self) -> None:
+        """Close what the BLE backend opened in this event loop (Bumble's HCI transport)."""
+        if self.ble is not None:
+            from mpboot import ble
+
+            await ble.close()
+
+    def run(self, action: Callable[[Any], Awaitable[_T]]) -> _T:
+        """Open the link, run `await action(client)`, close the link; return its result."""
+        import asyncio
+
+        make = self.client_factory()
+
+        async def run() -> _T:
+            try:
+                async with make() as client:
+                    return await action(client)
+            finally:
+                await self.release()
+
+        return asyncio.run(run())
+
+
+def device_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds the link options; the command gets them as one `link: DeviceLink` argument."""
+
+    @functools.wraps(func)
+    def command(*args: Any, port: str | None, baud: int, framing: str, timeout: float,
+                ble: str | None, ble_backend: str | None, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+
+        def given(name: str) -> bool:
+            return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT,
+                                                        click.core.ParameterSource.DEFAULT_MAP)
+
+        def on_command_line(name: str) -> bool:
+            return given(name) and ctx.get_parameter_source(name) is not click.core.ParameterSource.ENVIRONMENT
+
+        if ble is not None:
+            if port is not None and on_command_line("port"):
+                raise UsageError("--port and --ble exclude each other: a serial port, or a BLE device")
+            for name, flag in (("baud", "--baud"), ("framing", "--framing")):
+                if given(name):
+                    raise UsageError(f"{flag} is for serial ports, not --ble")
+            port = None
+        elif port is None:
+            raise UsageError("which device? give --port PORT (or $MPBOOT_PORT) for a serial port, "
+                             "or --ble NAME_OR_ADDRESS for Bluetooth")
+        elif on_command_line("ble_backend"):
+            raise UsageError("--ble-backend goes with --ble NAME_OR_ADDRESS")
+        return func(*args, link=DeviceLink(port, baud, framing, timeout, ble, ble_backend), **kwargs)
+
+    options = (
+        click.option("-p", "--port", envvar="MPBOOT_PORT", metavar="PORT",
+                     help="Serial port of the device (or $MPBOOT_PORT), e.g. /dev/ttyACM0."),
+        click.option("--ble", metavar="NAME_OR_ADDRESS",
+                     help="Talk to the BLE device advertising SMP with this name or address, instead of --port."),
+        ble_backend_option,
+        baud_option,
+        framing_option,
+        timeout_option,
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+# --- consoles -----------------------------------------------------------------------------
+
+
+def console(*, stderr: bool = False) -> Any:
+    """A rich Console for tables and live views. On a terminal it fits the window; on
+    anything else (a pipe, a log file) lines are never wrapped, so grep finds them whole."""
+    from rich.console import Console
+
+    out = Console(stderr=stderr, highlight=False)
+    if not out.is_terminal:
+        out = Console(stderr=stderr, highlight=False, soft_wrap=True, width=1000)
+    return out
+
+
+def echo_lines(text: str, prefix: str) -> None:
+    for line in text.splitlines():
+        click.echo(f"{prefix}{line}")

@@ -1,0 +1,245 @@
+"""Device commands over SMP (serial port or BLE): flash, state, confirm, reset, erase, echo."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mpboot.cli.common import (
+    DeviceLink,
+    console,
+    device_options,
+    on_interrupt,
+    plural,
+    read_image,
+    retries_option,
+    size_text,
+)
+from mpboot.errors import UsageError
+
+
+@click.command("flash")
+@click.argument("image_path", metavar="IMAGE", type=click.Path(path_type=Path))
+@device_options
+@click.option("--test", "test_boot", is_flag=True, help="Mark it for one test boot (the app confirms it, or it reverts).")
+@click.option("--confirm", "permanent", is_flag=True, help="Make it permanent: it boots from the next reset on.")
+@click.option("--reset", "reset_after", is_flag=True, help="Reset the device afterwards.")
+@click.option("--window", type=click.IntRange(1, 64), metavar="N",
+              help="Upload requests in flight (default: the device's buf_count).")
+@retries_option
+@click.option("--no-progress", is_flag=True, help="No progress bar: print a one-line summary at the end.")
+def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bool, reset_after: bool,
+              window: int | None, retries: int, no_progress: bool) -> None:
+    """Upload IMAGE to the device (resuming an interrupted upload), then optionally mark and reset.
+
+    Without --test or --confirm the image is written and verified but does not boot. An image
+    the device already runs is left as it is (exit 0); one it holds in the other slot is
+    marked without a new upload."""
+    import asyncio
+
+    from mpboot.flashing import Mark, flash, flash_with_retries, prepare
+
+    if test_boot and permanent:
+        raise UsageError("--test and --confirm exclude each other: test-boot it, or make it permanent")
+    mark = Mark.TEST if test_boot else Mark.CONFIRM if permanent else Mark.NONE
+    prepared = prepare(read_image(image_path))  # a malformed image fails here, before the port opens
+    make = link.client_factory()
+    acked = [0, len(prepared.data)]
+
+    def where() -> str:
+        if acked[0] == 0:
+            return f"before the upload began; run the same command again to flash {image_path.name}"
+        return (f"the upload reached {acked[0]} of {acked[1]} bytes; run the same command again: "
+                "it resumes there (the device keeps the upload)")
+
+    on_interrupt(where)
+
+    async def run_flash(progress: Callable[[int, int], None], note: Callable[[str], None]) -> Any:
+        def seen(done: int, total: int) -> None:
+            acked[:] = [done, total]
+            progress(done, total)
+
+        try:
+            if link.ble is None:
+                async with make() as client:
+                    return await flash(client, prepared, mark=mark, reset=reset_after, window=window,
+                                       progress=seen)
+
+            def on_retry(attempt: int, err: Exception) -> None:
+                note(f"mpboot: link lost ({err}); reconnecting ({attempt}/{retries})")
+
+            return await flash_with_retries(make, prepared, retries=retries, mark=mark, reset=reset_after,
+                                            progress=seen, window=window, on_retry=on_retry)
+        finally:
+            await link.release()
+
+    async def action() -> Any:
+        if no_progress:
+            return await run_flash(lambda done, total: None, lambda text: click.echo(text, err=True))
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                   TransferSpeedColumn(), TimeRemainingColumn())
+        err_console = console(stderr=True)
+        with contextlib.ExitStack() as stack:
+            bars: list[tuple[Any, Any]] = []  # the bar appears once the device answers
+
+            def progress(done: int, total: int) -> None:
+                if not bars:
+                    bar = stack.enter_context(Progress(*columns, console=err_console))
+                    bars.append((bar, bar.add_task(f"flash {image_path.name}", total=total)))
+                bar, task = bars[0]
+                bar.update(task, completed=done, total=total)
+
+            return await run_flash(progress, lambda text: err_console.print(text, markup=False))
+
+    done = asyncio.run(action())
+    if done.running:
+        slot = done.slot
+        state = "confirmed" if slot is not None and slot.confirmed else "on its test boot"
+        number = f"slot {slot.slot}, " if slot is not None else ""
+        click.echo(f"{image_path} (version {prepared.version}) already runs on the device ({number}{state}): "
+                   "nothing uploaded")
+        return
+    up = done.upload
+    if no_progress and up is not None:
+        resumed = f", resumed at {up.resumed_from}" if up.resumed_from else ""
+        reconnects = f", {plural(done.reconnects, 'reconnect')}" if done.reconnects else ""
+        click.echo(f"uploaded {up.size} bytes in {up.elapsed:.1f} s ({size_text(up.rate)}/s, "
+                   f"{up.requests} requests, window {up.window}{resumed}{reconnects})")
+    held = " (the device held it already: nothing uploaded)" if up is None else ""
+    where_slot = f" in slot {done.slot.slot}" if done.slot is not None else ""
+    how = {Mark.NONE: "not marked (it does not boot until marked)",
+           Mark.TEST: "marked for a test boot at the next reset",
+           Mark.CONFIRM: "made permanent (boots from the next reset)"}[mark]
+    click.echo(f"flashed {image_path} (version {prepared.version}){where_slot}{held}: {how}"
+               f"{'; device reset' if reset_after else ''}")
+
+
+def _slot_dict(s: Any) -> dict[str, Any]:
+    return {"image": s.image, "slot": s.slot, "version": s.version, "hash": s.hash.hex(),
+            "bootable": s.bootable, "pending": s.pending, "confirmed": s.confirmed,
+            "active": s.active, "permanent": s.permanent}
+
+
+@click.command("state")
+@device_options
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON: {uid, serial, images: [{slot, version, hash, flags...}]}.")
+def state_cmd(link: DeviceLink, as_json: bool) -> None:
+    """List the images on the device: slot, version, hash and flags."""
+
+    async def action(client: Any) -> Any:
+        return await client.identity()
+
+    slots, uid, serial = link.run(action)
+    if as_json:
+        click.echo(json.dumps({"uid": uid.hex() if uid is not None else None, "serial": serial,
+                               "images": [_slot_dict(s) for s in slots]}, indent=2))
+        return
+    if uid is not None:
+        click.echo(f"device {uid.hex()}" + (f", serial {serial}" if serial else ", not provisioned"))
+    if not slots:
+        click.echo("no images (the device is in recovery: flash one with --test or --confirm)")
+        return
+    click.echo(f"{'slot':<5} {'version':<14} {'hash':<17} flags")
+    for s in slots:
+        click.echo(f"{s.slot:<5} {s.version:<14} {s.hash.hex()[:16]:<17} {' '.join(s.flags)}")
+
+
+@click.command("confirm")
+@click.argument("hash_text", metavar="[HASH]", required=False)
+@device_options
+def confirm_cmd(hash_text: str | None, link: DeviceLink) -> None:
+    """Confirm the running image, or make the image with HASH permanent.
+
+    HASH is its SHA256 TLV in hex (as `mpboot state` lists it); a unique prefix will do."""
+    wanted = hash_text.strip().lower() if hash_text else None
+    if wanted is not None and not re.fullmatch(r"[0-9a-f]{4,64}", wanted):
+        raise UsageError(f"bad hash {hash_text!r}: expected hex digits (at least 4) as `mpboot state` lists them")
+
+    async def action(client: Any) -> Any:
+        slots = await client.state()
+        if wanted is None:
+            if not any(s.active for s in slots):
+                raise UsageError("the device runs no image (it is in recovery): nothing to confirm; "
+                                 "flash one with `mpboot flash IMAGE --test` or `--confirm`")
+            return await client.state_write(None, confirm=True), None
+        matches = [s for s in slots if s.hash.hex().startswith(wanted)]
+        if len({s.hash for s in matches}) != 1:
+            raise UsageError(f"{'no' if not matches else 'more than one'} image on the device has a hash "
+                             f"starting {wanted}")
+        return await client.state_write(matches[0].hash, confirm=True), matches[0].hash
+
+    slots, target = link.run(action)
+    if target is None:
+        entry = next((s for s in slots if s.active), None)
+    else:
+        same = [s for s in slots if s.hash == target]
+        # The device's answer says which copy it acted on (both slots may hold the image).
+        entry = next((s for s in same if s.active and s.confirmed),
+                     next((s for s in same if s.permanent), same[0] if same else None))
+    what = f" (slot {entry.slot}, version {entry.version})" if entry else ""
+    if entry is None or (entry.active and entry.confirmed):
+        click.echo(f"confirmed the running image{what}")
+    elif entry.permanent:
+        click.echo(f"image {entry.hash.hex()[:16]} in slot {entry.slot} (version {entry.version}) made "
+                   "permanent: it boots from the next reset")
+    else:
+        raise UsageError(f"the device accepted the confirm but does not list image {entry.hash.hex()[:16]}"
+                         f"{what} as confirmed or permanent")
+
+
+@click.command("reset")
+@device_options
+def reset_cmd(link: DeviceLink) -> None:
+    """Reset the device."""
+
+    async def action(client: Any) -> None:
+        await client.reset()
+
+    link.run(action)
+    click.echo(f"reset {link.name}")
+
+
+@click.command("erase")
+@click.option("--slot", type=click.IntRange(0, 1), help="Slot to erase (default: the slot not running).")
+@device_options
+def erase_cmd(slot: int | None, link: DeviceLink) -> None:
+    """Erase a slot (never the running one)."""
+
+    async def action(client: Any) -> None:
+        await client.erase(slot)
+
+    link.run(action)
+    click.echo(f"erased {'the slot not running' if slot is None else f'slot {slot}'}")
+
+
+@click.command("echo")
+@click.argument("text")
+@device_options
+def echo_cmd(text: str, link: DeviceLink) -> None:
+    """Send TEXT to the device and print its echo (a link check)."""
+
+    async def action(client: Any) -> Any:
+        return await client.echo(text)
+
+    click.echo(link.run(action))
+
+
+COMMANDS = (flash_cmd, state_cmd, confirm_cmd, reset_cmd, erase_cmd, echo_cmd)
+
+__all__ = ["COMMANDS"]

