@@ -245,6 +245,8 @@ def sim_boot(directory: Path) -> None:
     run = SimDevice.open(directory).boot()
     _echo_device(run.stdout)
     if run.line("RECOVERY"):
+        click.echo(f"mpboot: the device is in recovery: no slot holds an image it can run "
+                   f"(mpboot sim install {directory} IMAGE)", err=True)
         raise click.exceptions.Exit(3)
 
 
