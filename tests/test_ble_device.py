@@ -33,9 +33,10 @@ from conftest import DEVICE_SCRIPTS, trusted_public_keys
 from simkit import sign_app
 
 from mpboot.errors import TransportError
-from mpboot.sim import build_lib
+from mpboot import upy
+from mpboot.sim import build_lib, write_config
 from mpboot.smp.client import SMPClient
-from mpboot.upy import micropython_command, mpy_cross_compile
+from mpboot.upy import mpy_cross_compile
 
 SERVICE = uuid.UUID("8D53DC1D-1DB7-4CD3-868B-8A527460AA84")
 CHARACTERISTIC = uuid.UUID("DA2E7828-FBCE-4E01-AE9E-261174997C48")
@@ -277,10 +278,9 @@ class DeviceProcess:
     output collected line by line."""
 
     def __init__(self, lib: Path, args: list[str], heapsize: str = HEAP) -> None:
-        env = {**os.environ, "MICROPYPATH": f"{lib}:.frozen"}
-        self.proc = subprocess.Popen([micropython_command(), "-X", f"heapsize={heapsize}", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=env, cwd=lib.parent)
+        cmd, env, cwd = upy.command(args, path=[lib], heapsize=heapsize)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env, cwd=cwd)
         self.lines: list[str] = []
         self.cond = threading.Condition()
         self.seen = 0
@@ -349,9 +349,9 @@ class Board:
         self.radio = radio
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = workdir / "ble.cfg"
-        self.config.write_text(f"flash={workdir / 'flash.bin'} size={FLASH_SIZE} sector={SECTOR} align=4 "
-                               f"bufsize={bufsize} bufcount={bufcount} ble={radio.port} blename={name}\n",
-                               encoding="utf-8")
+        write_config(self.config, {"flash": workdir / "flash.bin", "size": FLASH_SIZE, "sector": SECTOR,
+                                   "align": 4, "bufsize": bufsize, "bufcount": bufcount, "ble": radio.port,
+                                   "blename": name})
         self.proc: DeviceProcess | None = None
         self.session: Session | None = None
         self.handle = 0
