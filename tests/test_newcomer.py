@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from mpboot.keys import load_signing_key
+from mpboot.pack import pack_app
+from simkit import sign_app
 from simserve import SimProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,10 +101,22 @@ def readme_steps(me: Newcomer) -> None:
     # sim: single power-ons
     me.run("sim", "init", "dev", "-k", "pub.pem", "--flash-size", "256k", "--sector", "4k", "--align", "4",
            out="1 trusted key")
-    me.run("sim", "boot", "dev", code=3, out="device: mpboot: recovery")
+    # device error numbers come with their names wherever they are printed
+    me.run("sim", "boot", "dev", code=3, out="device: mpboot: recovery: no bootable image (slot 0: error 1 "
+                                               "(BAD_MAGIC: empty, or not an MCUboot image), slot 1: error 1 (")
     me.run("sim", "install", "dev", "app.bin", "--permanent", out="in slot 0, confirmed")
     me.run("sim", "boot", "dev", out="device: hello from a verified app, mpboot")
-    me.run("sim", "status", "dev", out="slot 0: version 1.2.3+4")
+    status = me.run("sim", "status", "dev", out="slot 0: version 1.2.3+4").stdout
+    assert "slot 1: no bootable image (error 1: BAD_MAGIC: empty, or not an MCUboot image)" in status
+    # an app without its entry module (signed by an older tool): the boot says what is missing
+    (f / "no_entry").mkdir()
+    (f / "no_entry" / "app.py").write_text("print('never')\n")
+    (f / "no_entry.bin").write_bytes(sign_app(pack_app(f / "no_entry", entry=None),
+                                              load_signing_key(f / "signing-key.pem"), "1.3.0",
+                                              security_counter=(1 << 24) + (3 << 16)))
+    me.run("sim", "install", "dev", "no_entry.bin", "--test")
+    me.run("sim", "boot", "dev", code=0, out="slot 1 cannot run (error -2 (NO_ENTRY: its ROMFS has no entry "
+                                             "module (main.py)))")
 
 
 def _wait_file(path: Path, pred: object, timeout: float = 60) -> None:
@@ -146,6 +161,9 @@ def test_device_commands_and_their_mistakes(me: Newcomer, tmp_path: Path) -> Non
         assert state["uid"] and state["serial"] is None and state["images"][0]["version"] == "2.0.0"
         me.run("confirm", *port, out="confirmed the running image")
         me.run("echo", "hello", *port, out="hello")
+        me.run("echo", "x" * 2040, *port, code=2, err="the echo request takes 2054 bytes, more than the device's "
+                                                    "buffer holds (2048 of buf_size 2048 over uart)")
+        assert len(me.run("echo", "x" * 2030, *port).stdout) == 2031  # what fits still does
         me.run("erase", *port, out="erased the slot not running")
         # a closed pipe: no message, 141
         p = subprocess.Popen([MPBOOT, "state", *port, "--json"], cwd=f, stdout=subprocess.PIPE,

@@ -11,6 +11,7 @@ link to the device fails.
     │   ├── InputFileError
     │   ├── KeyFileError
     │   │   └── KeyPasswordRequired, PrivateKeyRefused
+    │   ├── RequestTooLarge         larger than the device's buf_size
     │   └── SerialsExhausted
     ├── DeviceRunError (2)          the MicroPython unix port could not be run
     ├── DatabaseError (2)           the factory database
@@ -74,6 +75,10 @@ class PrivateKeyRefused(KeyFileError):
     """A private key was given where only a public key belongs (a factory station)."""
 
 
+class RequestTooLarge(UsageError):
+    """A request would not fit the device's receive buffer (its MCUmgr buf_size)."""
+
+
 class SerialsExhausted(UsageError):
     """The factory station's serial source has no serial left for a new board."""
 
@@ -120,6 +125,15 @@ class ImageErrorCode(IntEnum):
     CLASS_MISMATCH = 17
     COUNTER_BELOW_FLOOR = 18
     DOWNGRADE = 19
+
+
+class BootErrorCode(IntEnum):
+    """Why a slot whose image verified cannot run (firmware/mpboot/boot.py, negative so they
+    never meet an ImageErrorCode): the device prints them as "slot N cannot run (error C)"."""
+
+    NO_ROMFS = -19  # the payload does not mount as a ROMFS
+    NO_ENTRY = -2  # the ROMFS has no entry module (main.py / main.mpy)
+    NO_RAM = -12  # the port cannot map flash and the image does not fit in RAM
 
 
 class UpdateErrorCode(IntEnum):
@@ -231,6 +245,13 @@ _IMAGE_DESCRIPTIONS: dict[ImageErrorCode, str] = {
 }
 
 
+_BOOT_DESCRIPTIONS: dict[BootErrorCode, str] = {
+    BootErrorCode.NO_ROMFS: "its payload is not a ROMFS image",
+    BootErrorCode.NO_ENTRY: "its ROMFS has no entry module (main.py)",
+    BootErrorCode.NO_RAM: "it does not fit in RAM (a port that cannot map flash copies it there)",
+}
+
+
 _UPDATE_DESCRIPTIONS: dict[UpdateErrorCode, str] = {
     UpdateErrorCode.BUSY: ("the device runs an unconfirmed test image, or an image made permanent waits "
                            "for its reset: confirm or reset first"),
@@ -258,6 +279,20 @@ _FACTORY_DESCRIPTIONS: dict[FactoryErrorCode, str] = {
 def image_error_text(code: ImageErrorCode) -> str:
     """The one-line meaning of an image error code ("image is for another vendor (vendor id)")."""
     return _IMAGE_DESCRIPTIONS[ImageErrorCode(code)]
+
+
+def slot_error_text(number: int) -> str:
+    """Why a slot cannot boot, from the number the device gives (its image error, or a
+    negative boot error): "BAD_MAGIC: empty, or not an MCUboot image"."""
+    if number == ImageErrorCode.BAD_MAGIC:
+        return "BAD_MAGIC: empty, or not an MCUboot image"
+    for enum, texts in ((ImageErrorCode, _IMAGE_DESCRIPTIONS), (BootErrorCode, _BOOT_DESCRIPTIONS)):
+        try:
+            code = enum(number)
+        except ValueError:
+            continue
+        return f"{code.name}: {texts[code]}"  # type: ignore[index]
+    return "an error this host does not know"
 
 
 def update_error_text(code: UpdateErrorCode) -> str:

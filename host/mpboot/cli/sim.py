@@ -24,7 +24,7 @@ from mpboot.cli.common import (
     plural,
     read_image,
 )
-from mpboot.errors import DeviceRunError, ImageErrorCode, ImageRejected, UsageError
+from mpboot.errors import DeviceRunError, UsageError, slot_error_text
 from mpboot.image import class_uuid, vendor_uuid
 
 # The simulator boots from a RAM copy of the image (the unix port cannot map flash), so its
@@ -232,8 +232,11 @@ def sim_init(directory: Path, key_files: tuple[Path, ...], flash_size: str, sect
 
 
 def _echo_device(text: str) -> None:
+    from mpboot.sim import explain_console_line
+
     # RECOVERY lines are the machine-readable twin of the line before them
-    echo_lines("\n".join(line for line in text.splitlines() if not line.startswith("RECOVERY ")), "device: ")
+    echo_lines("\n".join(explain_console_line(line) for line in text.splitlines()
+                         if not line.startswith("RECOVERY ")), "device: ")
 
 
 @sim_group.command("boot")
@@ -290,11 +293,7 @@ def sim_status(directory: Path) -> None:
             click.echo(f"slot {n}: version {slot.version}, security counter {slot.counter}"
                        f"{', confirmed' if slot.confirmed else ''}")
         else:
-            try:
-                why = str(ImageRejected(ImageErrorCode(slot.error)))
-            except ValueError:
-                why = f"error {slot.error}"
-            click.echo(f"slot {n}: no bootable image ({why})")
+            click.echo(f"slot {n}: no bootable image (error {slot.error}: {slot_error_text(slot.error)})")
 
 
 COMMANDS = (sim_group,)

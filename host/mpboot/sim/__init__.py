@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mpboot import upy
 from mpboot.device import script_path, write_keys_module
-from mpboot.errors import DeviceRunError, ImageRefused, UpdateRefused, UsageError
+from mpboot.errors import DeviceRunError, ImageRefused, UpdateRefused, UsageError, slot_error_text
 from mpboot.firmware import firmware_root
 from mpboot.keys import PublicKey
 from mpboot.upy import compile_tree
@@ -111,6 +111,15 @@ class Status:
     pos: int  # state area offset of the next record (-1: the next one switches sectors)
     record: int  # state record size
     slots: list[SlotStatus] = field(default_factory=list)
+
+
+_DEVICE_ERROR = re.compile(r"\berror (-?\d+)\b")
+
+
+def explain_console_line(line: str) -> str:
+    """A line of the device's console with each slot error number named and explained:
+    "slot 0: error 1" -> "slot 0: error 1 (BAD_MAGIC: empty, or not an MCUboot image)"."""
+    return _DEVICE_ERROR.sub(lambda m: f"{m.group(0)} ({slot_error_text(int(m.group(1)))})", line)
 
 
 def _fields(line: str) -> dict[str, str]:

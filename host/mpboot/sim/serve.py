@@ -36,7 +36,15 @@ from typing import IO, TYPE_CHECKING
 from mpboot import upy
 from mpboot.errors import MpbootError, UsageError
 from mpboot.keys import PublicKey
-from mpboot.sim import CUT_EXIT, Geometry, SimDevice, build_lib, read_config, write_config
+from mpboot.sim import (
+    CUT_EXIT,
+    Geometry,
+    SimDevice,
+    build_lib,
+    explain_console_line,
+    read_config,
+    write_config,
+)
 
 if TYPE_CHECKING:
     from mpboot.sim.radio import CompanionThread, RadioInfo
@@ -388,7 +396,7 @@ class SimServer:
             lines.append(p.partial)
             p.partial = b""
         for line in lines:
-            self.output("device: " + line.decode(errors="replace").rstrip("\r"))
+            self.output("device: " + explain_console_line(line.decode(errors="replace").rstrip("\r")))
         return alive
 
     def _exited(self) -> None:

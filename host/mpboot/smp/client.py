@@ -17,7 +17,7 @@ import random
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
-from mpboot.errors import CommandNotSupported, DeviceSilent, ProtocolError, TransportError
+from mpboot.errors import CommandNotSupported, DeviceSilent, ProtocolError, RequestTooLarge, TransportError
 from mpboot.smp.error_map import error_from_response
 from mpboot.smp.header import (
     Group,
@@ -141,6 +141,12 @@ class SMPClient:
             raise TransportError(f"{self.transport.name} is not open")
         seq = self._next_seq()
         packet = encode_packet(op, group, command, seq, payload, Version.V1)
+        params = self._params
+        if params is not None and params.reported and len(packet) > self.transport.max_packet(params.buf_size):
+            # The device would drop it unanswered: say why now instead of timing out.
+            raise RequestTooLarge(f"the {describe(group, command, op)} request takes {len(packet)} bytes, more than "
+                                  f"the device's buffer holds ({self.transport.max_packet(params.buf_size)} of "
+                                  f"buf_size {params.buf_size} over {self.transport.name})")
         future: asyncio.Future[tuple[Header, dict[str, Any]]] = asyncio.get_running_loop().create_future()
         pending = PendingReply(seq, group, command, op, future)
         self._pending[seq] = pending
@@ -186,6 +192,8 @@ class SMPClient:
     # --- OS group --------------------------------------------------------------------------
 
     async def echo(self, text: str) -> str:
+        """The device's echo of `text` (RequestTooLarge when it exceeds the device's buffer)."""
+        await self.params_or_default()  # so a text too long for the device is refused here
         rsp = await self.request(Group.OS, OsCmd.ECHO, Op.WRITE, {"d": text})
         return _field(rsp, "r", str, "echo")
 
