@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import sqlite3
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from blekit import BleSim
 from click.testing import CliRunner
 from conftest import KEYS_DIR, signing_key
 from simkit import make_app, sign_app
+from simserve import MPBOOT
 
 from mpboot.cli import cli
 from mpboot.sim.air import AirThread
@@ -210,6 +213,14 @@ def test_sync_resumes_after_the_device_rebooted(images: dict[str, Path], tmp_pat
         sim.stop()
 
 
+def sync_piped(repo: Path, air: AirThread, *args: object) -> subprocess.Popen[str]:
+    """`mpboot sync` in its own process, its output through a pipe (as `| grep` or a log
+    file get it; COLUMNS unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    return subprocess.Popen([MPBOOT, "sync", str(repo), "--seconds", "1.5", "--ble-backend", f"bumble:{air.spec}",
+                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
 def test_sync_reports_a_test_image_that_never_confirms_as_reverted(images: dict[str, Path], tmp_path: Path,
                                                                      air: AirThread) -> None:
     repo = tmp_path / "repo"
@@ -218,13 +229,19 @@ def test_sync_reports_a_test_image_that_never_confirms_as_reverted(images: dict[
     sim = start(tmp_path, "sync-v", air)
     try:
         install(sim, air, images["1.0.0"], "1.0.0")
-        result = sync(repo, air, "--confirm-timeout", "2", "--log", tmp_path / "log.jsonl")
-        assert result.exit_code == 0, result.output + result.stderr
+        proc = sync_piped(repo, air, "--confirm-timeout", "2", "--log", tmp_path / "log.jsonl")
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out + err
         rec = json.loads((tmp_path / "log.jsonl").read_text())
         assert (rec["from_version"], rec["to_version"], rec["result"]) == ("1.0.0", "2.1.0", "reverted")
         assert "did not confirm" in rec["error"]
         s = state(sim, air)
         assert s["1.0.0"]["active"] and s["1.0.0"]["confirmed"]
+        # through a pipe, lines are whole: the event and the table row, each on one line
+        why = "the new image did not confirm itself within 2 s; reset back to the old image"
+        assert f"sync: sync-v: reverted: {why}" in out.splitlines(), out
+        assert any("sync-v" in line and "reverted" in line and why in line for line in out.splitlines()
+                   if line.startswith("│")), out
     finally:
         sim.stop()
 

@@ -9,6 +9,8 @@ import click
 
 from mpboot.errors import UsageError
 
+LOG_WIDTH = 1000  # columns of output that is not a terminal: tables as wide as their rows
+
 
 @click.command("sync")
 @click.argument("repo_dir", metavar="REPO_DIR", type=click.Path(path_type=Path))
@@ -54,7 +56,9 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
     )
 
     repo, skipped = load_repo(repo_dir)
-    out = Console(stderr=False, highlight=False)
+    out = Console(highlight=False)
+    if not out.is_terminal:  # a log or a pipe: whole lines (grep), never wrapped at 80 columns
+        out = Console(highlight=False, soft_wrap=True, width=LOG_WIDTH)
     for line in skipped:
         out.print(f"sync: skipped {line}")
     if not repo:
@@ -81,7 +85,7 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
                     table.add_column(col, justify="right" if col in ("bytes", "time") else "left")
                 for row in summary_rows(attempts):
                     table.add_row(*row)
-                out.print(table)
+                out.print(table, soft_wrap=False)  # (a centred title; the width keeps rows whole)
                 last[:] = attempts
                 if not loop:
                     return attempts
