@@ -38,8 +38,17 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
 
     Each pass scans for devices advertising the SMP service; each one is read (identity,
     images), sent the newest fitting image (resuming a partial upload from an earlier meeting),
-    test-booted, and watched until the new app confirms itself. Exit status 1 when an attempt
-    failed in the last pass (the next meeting resumes it)."""
+    test-booted, and watched until the new app confirms itself. An image that reverted on a
+    device is not sent to it again (result held; remembered across runs with --log) until a
+    newer one appears.
+
+    \b
+    Exit status, from the last pass that ended (--loop runs until Ctrl-C):
+    0    every update tried succeeded, or there was nothing to do
+         (updated, current, ahead, held, no-image; or no device in range)
+    1    an attempt failed (the next meeting resumes it) or reverted
+    2    usage error (REPO_DIR, --log, --ble-backend) or no usable radio
+    130  stopped (Ctrl-C) before any pass ended"""
     from rich.console import Console
     from rich.table import Table
 
@@ -48,9 +57,9 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
         Attempt,
         AttemptLog,
         BleRadio,
-        Result,
         Syncer,
         SyncOptions,
+        exit_status,
         load_repo,
         summary_rows,
     )
@@ -74,7 +83,7 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
         out.print(f"sync: {a.device}: {text}")
 
     syncer = Syncer(repo, BleRadio(backend), opts, log, event)
-    last: list = []  # the attempts of the last pass ended (what the exit status reports)
+    last: list[list] = []  # [the attempts of the last pass ended] (what the exit status reports)
 
     async def run() -> list:
         try:
@@ -86,23 +95,22 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
                 for row in summary_rows(attempts):
                     table.add_row(*row)
                 out.print(table, soft_wrap=False)  # (a centred title; the width keeps rows whole)
-                last[:] = attempts
+                last[:] = [attempts]
                 if not loop:
                     return attempts
                 await asyncio.sleep(interval)
         finally:
             await ble.close()
 
-    async def passes() -> list:
-        last[:] = await run()
-        return last
-
     try:
-        attempts = asyncio.run(passes())
+        attempts = asyncio.run(run())
     except KeyboardInterrupt:
         out.print("sync: stopped")
-        attempts = last
+        if not last:
+            raise SystemExit(130) from None  # stopped before any pass ended
+        attempts = last[0]
     finally:
         log.close()
-    if any(a.result is Result.FAILED for a in attempts):
-        raise SystemExit(1)
+    status = exit_status(attempts)
+    if status:
+        raise SystemExit(status)
