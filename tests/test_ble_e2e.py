@@ -18,6 +18,7 @@ import re
 import signal
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -310,6 +311,22 @@ def test_loop_remembers_a_reverted_image_between_passes(images: dict[str, Path],
         assert "Traceback" not in out and all("/site-packages/bumble/" in f for f in frames), err
     finally:
         sim.stop()
+
+
+def test_sync_stopped_before_a_pass_ends_exits_130(images: dict[str, Path], tmp_path: Path, air: AirThread) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "a.img").write_bytes(images["1.0.0"].read_bytes())
+    proc = sync_piped(repo, air, "--seconds", "60")
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("sync: 1 images in ")
+    deadline = time.monotonic() + 60
+    while air.controllers() == 0:  # until its radio is on the air: scanning, for a minute
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.01)  # (polling the air for that condition)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and out == "sync: stopped\n", out + err
 
 
 def test_smpclient_ble_transport_updates_the_device(images: dict[str, Path], tmp_path: Path, air: AirThread) -> None:
