@@ -93,6 +93,7 @@ def provision_cmd(ctx: click.Context, ports: tuple[str, ...], ports_glob: str | 
     """Provision every board on the given ports: check its bootloader's key, give it a serial,
     install and prove the first app, write identity and production policy, seal, read back,
     record. Re-running after a failure is safe: done boards are skipped, others finished.
+    Serials go to the boards in port order (--port as given, then --ports-glob sorted).
 
     Exit status 1 when any board failed or was refused (one line each, with the reason)."""
     if ctx.invoked_subcommand is not None:
