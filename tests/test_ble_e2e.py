@@ -228,6 +228,22 @@ def sync_piped(repo: Path, air: AirThread, *args: object) -> subprocess.Popen[st
                              *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
+def bad_image_and_a_device_on_1_0_0(images: dict[str, Path], tmp_path: Path, air: AirThread,
+                                    name: str) -> tuple[Path, BleSim]:
+    """A repository holding only an image that never confirms itself (2.1.0), and a device
+    running 1.0.0 (stop it when done)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "bad.img").write_bytes(images["2.1.0-noconfirm"].read_bytes())
+    sim = start(tmp_path, name, air)
+    try:
+        install(sim, air, images["1.0.0"], "1.0.0")
+    except BaseException:
+        sim.stop()
+        raise
+    return repo, sim
+
+
 def revert_test_boots(sim: BleSim) -> int:
     """How many test boots of 2.1.0 the device has been through."""
     return len(re.findall(r"version 2\.1\.0\+0 test boot", sim.output()))
@@ -235,13 +251,9 @@ def revert_test_boots(sim: BleSim) -> int:
 
 def test_a_reverted_image_fails_the_pass_and_is_held_until_a_newer_one(images: dict[str, Path], tmp_path: Path,
                                                                         air: AirThread) -> None:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    (repo / "bad.img").write_bytes(images["2.1.0-noconfirm"].read_bytes())
-    sim = start(tmp_path, "sync-v", air)
+    repo, sim = bad_image_and_a_device_on_1_0_0(images, tmp_path, air, "sync-v")
     log = tmp_path / "log.jsonl"
     try:
-        install(sim, air, images["1.0.0"], "1.0.0")
         proc = sync_piped(repo, air, "--confirm-timeout", "2", "--log", log)
         out, err = proc.communicate(timeout=120)
         # every device it tried reverted: the pass failed
@@ -279,12 +291,8 @@ def test_a_reverted_image_fails_the_pass_and_is_held_until_a_newer_one(images: d
 
 def test_loop_remembers_a_reverted_image_between_passes(images: dict[str, Path], tmp_path: Path,
                                                         air: AirThread) -> None:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    (repo / "bad.img").write_bytes(images["2.1.0-noconfirm"].read_bytes())
-    sim = start(tmp_path, "sync-l", air)
+    repo, sim = bad_image_and_a_device_on_1_0_0(images, tmp_path, air, "sync-l")
     try:
-        install(sim, air, images["1.0.0"], "1.0.0")
         proc = sync_piped(repo, air, "--confirm-timeout", "2", "--loop", "--interval", "0")  # no --log
         assert proc.stdout is not None
         lines = []
