@@ -8,7 +8,10 @@ drops, corrupts, duplicates and delays bytes, and cuts the link for a while.
 
 Faults are drawn per chunk of bytes as they arrive (a read from one side), from a seeded
 random generator, so a failing seed replays the same kinds of faults (the chunking itself
-follows the OS). Counters in `relay.stats` say what happened."""
+follows the OS). Counters in `relay.stats` say what happened.
+
+With a `gate` (a threading.Event), nothing is delivered either way until the gate is set: a
+device that answers only once the test says so."""
 
 from __future__ import annotations
 
@@ -46,8 +49,9 @@ def _raw(fd: int) -> None:
 
 
 class FaultRelay:
-    def __init__(self, device_path: str, faults: Faults) -> None:
+    def __init__(self, device_path: str, faults: Faults, gate: threading.Event | None = None) -> None:
         self.faults = faults
+        self.gate = gate
         self.rng = random.Random(faults.seed)
         self.stats: Counter[str] = Counter()
         self.master, self._slave = os.openpty()
@@ -126,6 +130,8 @@ class FaultRelay:
 
     def _flush(self, now: float) -> float | None:
         """Write what is due; return the time of the next held chunk (None: nothing held)."""
+        if self.gate is not None and not self.gate.is_set():
+            return now + 0.01 if any(self._queue.values()) else None
         nxt = None
         for dst, q in self._queue.items():
             due = None

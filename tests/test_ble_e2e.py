@@ -3,15 +3,22 @@ Bumble controllers linked over TCP HCI), and the host tools through bleak with t
 backend: scan, flash with a test boot and confirm; links dropped at random points and
 resumed; `mpboot sync` over three devices (one dropping twice, one already current), a
 partial upload resumed at the next meeting after the device rebooted, a test image that never
-confirms reported as reverted; and smpclient's own BLE transport updating the device.
+confirms reported as reverted (exit 1, whole lines through a pipe) and then held, across runs
+through the log and across the passes of --loop, until a newer image appears; and smpclient's
+own BLE transport updating the device.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import re
+import signal
 import sqlite3
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +27,10 @@ from blekit import BleSim
 from click.testing import CliRunner
 from conftest import KEYS_DIR, signing_key
 from simkit import make_app, sign_app
+from simserve import MPBOOT
 
 from mpboot.cli import cli
+from mpboot.flashing import prepare
 from mpboot.sim.air import AirThread
 
 KEY = KEYS_DIR / "TEST-ONLY-rsa2048.pem"
@@ -36,6 +45,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "1.0.0": sign_app(make_app(out / "a1", "1.0.0", confirm=True, filler=2000), key, "1.0.0"),
         "2.0.0": sign_app(make_app(out / "a2", "2.0.0", confirm=True, filler=160_000), key, "2.0.0"),
         "2.1.0-noconfirm": sign_app(make_app(out / "a3", "2.1.0", confirm=False, filler=3000), key, "2.1.0"),
+        "2.2.0": sign_app(make_app(out / "a4", "2.2.0", confirm=True, filler=3000), key, "2.2.0"),
     }
     paths = {}
     for name, data in made.items():
@@ -210,23 +220,121 @@ def test_sync_resumes_after_the_device_rebooted(images: dict[str, Path], tmp_pat
         sim.stop()
 
 
-def test_sync_reports_a_test_image_that_never_confirms_as_reverted(images: dict[str, Path], tmp_path: Path,
-                                                                     air: AirThread) -> None:
+def sync_piped(repo: Path, air: AirThread, *args: object) -> subprocess.Popen[str]:
+    """`mpboot sync` in its own process, its output through a pipe (as `| grep` or a log
+    file get it; COLUMNS unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    return subprocess.Popen([MPBOOT, "sync", str(repo), "--seconds", "1.5", "--ble-backend", f"bumble:{air.spec}",
+                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def bad_image_and_a_device_on_1_0_0(images: dict[str, Path], tmp_path: Path, air: AirThread,
+                                    name: str) -> tuple[Path, BleSim]:
+    """A repository holding only an image that never confirms itself (2.1.0), and a device
+    running 1.0.0 (stop it when done)."""
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "bad.img").write_bytes(images["2.1.0-noconfirm"].read_bytes())
-    sim = start(tmp_path, "sync-v", air)
+    sim = start(tmp_path, name, air)
     try:
         install(sim, air, images["1.0.0"], "1.0.0")
-        result = sync(repo, air, "--confirm-timeout", "2", "--log", tmp_path / "log.jsonl")
-        assert result.exit_code == 0, result.output + result.stderr
-        rec = json.loads((tmp_path / "log.jsonl").read_text())
+    except BaseException:
+        sim.stop()
+        raise
+    return repo, sim
+
+
+def revert_test_boots(sim: BleSim) -> int:
+    """How many test boots of 2.1.0 the device has been through."""
+    return len(re.findall(r"version 2\.1\.0\+0 test boot", sim.output()))
+
+
+def test_a_reverted_image_fails_the_pass_and_is_held_until_a_newer_one(images: dict[str, Path], tmp_path: Path,
+                                                                        air: AirThread) -> None:
+    repo, sim = bad_image_and_a_device_on_1_0_0(images, tmp_path, air, "sync-v")
+    log = tmp_path / "log.jsonl"
+    try:
+        proc = sync_piped(repo, air, "--confirm-timeout", "2", "--log", log)
+        out, err = proc.communicate(timeout=120)
+        # every device it tried reverted: the pass failed
+        assert proc.returncode == 1, out + err
+        rec = json.loads(log.read_text())
         assert (rec["from_version"], rec["to_version"], rec["result"]) == ("1.0.0", "2.1.0", "reverted")
-        assert "did not confirm" in rec["error"]
+        assert "did not confirm" in rec["error"] and rec["image_hash"] == prepare(images["2.1.0-noconfirm"].read_bytes()).hash.hex()
         s = state(sim, air)
         assert s["1.0.0"]["active"] and s["1.0.0"]["confirmed"]
+        # through a pipe, lines are whole: the event and the table row, each on one line
+        why = "the new image did not confirm itself within 2 s; reset back to the old image"
+        assert f"sync: sync-v: reverted: {why}" in out.splitlines(), out
+        assert any("sync-v" in line and "reverted" in line and why in line for line in out.splitlines()
+                   if line.startswith("│")), out
+        assert revert_test_boots(sim) == 1
+
+        # the next run reads the log: the device is held on 1.0.0, the image not sent again
+        result = sync(repo, air, "--log", log)
+        assert result.exit_code == 0, result.output + result.stderr
+        held = json.loads(log.read_text().splitlines()[1])
+        assert (held["result"], held["from_version"], held["to_version"], held["bytes"]) == ("held", "1.0.0", "2.1.0", 0)
+        assert held["note"] == "2.1.0 reverted on this device before; waiting for a newer image"
+        assert "sync: sync-v: held: 2.1.0 reverted on this device before" in result.stdout
+        assert revert_test_boots(sim) == 1
+
+        # a newer image in the repository: sent as usual
+        (repo / "good.img").write_bytes(images["2.2.0"].read_bytes())
+        result = sync(repo, air, "--log", log)
+        assert result.exit_code == 0, result.output + result.stderr
+        assert json.loads(log.read_text().splitlines()[2])["result"] == "updated"
+        sim.wait_for(r"APP 2\.2\.0")
     finally:
         sim.stop()
+
+
+def test_loop_remembers_a_reverted_image_between_passes(images: dict[str, Path], tmp_path: Path,
+                                                        air: AirThread) -> None:
+    repo, sim = bad_image_and_a_device_on_1_0_0(images, tmp_path, air, "sync-l")
+    try:
+        proc = sync_piped(repo, air, "--confirm-timeout", "2", "--loop", "--interval", "0")  # no --log
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if "pass 2:" in line:
+                break
+        for line in proc.stdout:  # the rest of pass 2's table
+            lines.append(line.rstrip("\n"))
+            if line.startswith("└"):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        events = [line for line in lines if line.startswith("sync: sync-l: ")]
+        assert events[0] == "sync: sync-l: 1.0.0 -> 2.1.0 (bad.img)"
+        assert events[-2].startswith("sync: sync-l: reverted: ")
+        assert events[-1] == "sync: sync-l: held: 2.1.0 reverted on this device before; waiting for a newer image"
+        assert revert_test_boots(sim) == 1
+        # stopped after a pass that held the device: nothing failed in the last pass
+        assert proc.returncode == 0, "\n".join(lines) + out + err
+        # (Ctrl-C during an HCI command of pass 3 may make Bumble print a traceback of its own:
+        # a reply for the command cancelled; none from mpboot)
+        frames = [line for line in err.splitlines() if line.lstrip().startswith("File ")]
+        assert "Traceback" not in out and all("/site-packages/bumble/" in f for f in frames), err
+    finally:
+        sim.stop()
+
+
+def test_sync_stopped_before_a_pass_ends_exits_130(images: dict[str, Path], tmp_path: Path, air: AirThread) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "a.img").write_bytes(images["1.0.0"].read_bytes())
+    proc = sync_piped(repo, air, "--seconds", "60")
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("sync: 1 images in ")
+    deadline = time.monotonic() + 60
+    while air.controllers() == 0:  # until its radio is on the air: scanning, for a minute
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.01)  # (polling the air for that condition)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and out == "sync: stopped\n", out + err
 
 
 def test_smpclient_ble_transport_updates_the_device(images: dict[str, Path], tmp_path: Path, air: AirThread) -> None:
@@ -238,7 +346,6 @@ def test_smpclient_ble_transport_updates_the_device(images: dict[str, Path], tmp
     from smpclient.transport.ble import SMPBLETransport
 
     from mpboot.ble import bumble_backend
-    from mpboot.flashing import prepare
 
     sim = start(tmp_path, "dev-s", air)
     image = images["2.0.0"].read_bytes()

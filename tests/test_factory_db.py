@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -24,11 +26,14 @@ from typing import Any
 
 import pgserver
 import pytest
+from click.testing import CliRunner
+from mpboot.cli import cli
 from mpboot.errors import (
     DatabaseError,
     InputFileError,
     MpbootError,
     SchemaTooNew,
+    SchemaTooOld,
     SerialsExhausted,
     UsageError,
 )
@@ -50,6 +55,7 @@ from mpboot.factory.db import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+MPBOOT = str(Path(sys.executable).parent / "mpboot")
 
 # --- fixtures ----------------------------------------------------------------------------------
 
@@ -135,8 +141,8 @@ def test_opening_again_applies_nothing(db_url: str, raw: Raw) -> None:
     assert raw.execute("SELECT version, applied_at FROM schema_migrations ORDER BY version") == before
 
 
-def test_a_version_1_database_is_migrated_and_keeps_its_data(db_url: str, raw: Raw) -> None:
-    # A database as an mpboot with only migration 1 left it, with a board and an audit row.
+def make_version_1(raw: Raw) -> None:
+    """A database as an mpboot with only migration 1 left it, with a board and an audit row."""
     migration_1 = (POSTGRES_MIGRATIONS if raw.postgres else SQLITE_MIGRATIONS)[0]
     raw.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
     for statement in migration_1:
@@ -147,6 +153,10 @@ def test_a_version_1_database_is_migrated_and_keeps_its_data(db_url: str, raw: R
                 "'2026-01-01T00:00:01.000000Z')")
     raw.execute("INSERT INTO audit (at, uid, serial, step, outcome) "
                 "VALUES ('2026-01-01T00:00:01.000000Z', '0a0b', 'OLD-1', 'done', 'ok')")
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_data(db_url: str, raw: Raw) -> None:
+    make_version_1(raw)
     with pytest.raises(raw.error):
         raw.execute("SELECT labels FROM boards")
 
@@ -588,6 +598,106 @@ def test_empty_reports() -> None:
     out = io.StringIO()
     write_json([], out)
     assert json.loads(out.getvalue()) == []
+
+
+# --- read-only (reports) -----------------------------------------------------------------------
+
+
+def report(db_url: str, *args: str) -> Any:
+    result = CliRunner().invoke(cli, ["provision", "report", "--db", db_url, *args], prog_name="mpboot")
+    assert "Traceback" not in result.output + result.stderr, result.output + result.stderr
+    return result
+
+
+def test_read_only_open_reads_and_never_writes(db_url: str) -> None:
+    with FactoryDB.open(db_url) as db:
+        start(db, 1)
+        version = db.schema_version()
+    with FactoryDB.open(db_url, read_only=True) as ro:
+        assert [b.uid for b in ro.boards()] == [uid(1)] and ro.schema_version() == version
+        with pytest.raises(DatabaseError, match="read-only") as caught:
+            start(ro, 2)
+        assert "\n" not in str(caught.value)
+        # below the library's own refusal, the connection itself is read-only
+        with pytest.raises(DatabaseError, match="read.?only"), ro._op("probe", write=False) as tx:
+            tx("INSERT INTO audit (at, step, outcome) VALUES ('2026-01-01T00:00:00.000000Z', 'connect', 'ok')")
+    with FactoryDB.open(db_url) as db:
+        assert [b.uid for b in db.boards()] == [uid(1)] and db.audit_log() == []
+
+
+def test_a_report_on_an_older_schema_says_so_instead_of_migrating(db_url: str, raw: Raw) -> None:
+    make_version_1(raw)
+    with pytest.raises(SchemaTooOld) as caught:
+        FactoryDB.open(db_url, read_only=True)
+    assert isinstance(caught.value, DatabaseError)
+    r = report(db_url)
+    assert r.exit_code == 2 and r.stdout == ""
+    line = r.stderr.strip()
+    assert "\n" not in line and "schema version 1, older than this mpboot's (2)" in line, line
+    assert raw.execute("SELECT MAX(version) FROM schema_migrations") == [(1,)]  # not migrated
+    with pytest.raises(raw.error):
+        raw.execute("SELECT labels FROM boards")
+
+
+def test_a_report_on_a_database_without_records_says_so(db_url: str, raw: Raw) -> None:
+    raw.execute("CREATE TABLE other (x INTEGER)")
+    r = report(db_url)
+    assert r.exit_code == 2 and "no factory records" in r.stderr and "\n" not in r.stderr.strip(), r.stderr
+
+
+def no_write_access() -> list[str]:
+    """A command prefix under which files and directories without write permission for their
+    owner cannot be written: as root, without the capabilities that override file
+    permissions (setpriv); as anyone else, nothing."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv (util-linux) to drop CAP_DAC_OVERRIDE")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def test_report_on_a_read_only_sqlite_file_in_a_read_only_directory(tmp_path: Path) -> None:
+    folder = tmp_path / "records"
+    folder.mkdir()
+    path = folder / "factory.sqlite"
+    with FactoryDB.open(str(path)) as db:  # WAL mode, as a station leaves it
+        start(db, 1)
+        db.assign_serial(uid(1), SerialPrefix("SN-"))
+    before = (sorted(os.listdir(folder)), path.read_bytes())
+    path.chmod(0o444)
+    folder.chmod(0o555)
+    try:
+        runs = [subprocess.run([*no_write_access(), MPBOOT, "provision", "report", "--db", str(path), *args],
+                               capture_output=True, text=True, timeout=60) for args in (["--json"], [])]
+    finally:
+        folder.chmod(0o755)
+        path.chmod(0o644)
+    for r in runs:
+        assert r.returncode == 0 and r.stderr == "", r.stdout + r.stderr
+    assert [row["serial"] for row in json.loads(runs[0].stdout)] == ["SN-000001"]
+    assert "SN-000001" in runs[1].stdout and "1 boards in" in runs[1].stdout
+    assert (sorted(os.listdir(folder)), path.read_bytes()) == before
+
+
+def test_report_with_a_select_only_postgresql_role(pg_server: pgserver.PgServer) -> None:
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    url = pg_server.create_schema(schema)
+    with FactoryDB.open(url) as db:
+        start(db, 1)
+        db.assign_serial(uid(1), SerialPrefix("SN-"))
+    role = f"reader_{uuid.uuid4().hex[:12]}"
+    admin = Raw(pg_server.url())
+    try:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        admin.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
+        admin.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"')
+    finally:
+        admin.close()
+    reader = url.replace("postgresql://postgres@", f"postgresql://{role}@", 1)
+    r = report(reader, "--json")
+    assert r.exit_code == 0, r.stderr
+    assert [row["serial"] for row in json.loads(r.stdout)] == ["SN-000001"]
 
 
 # --- errors ------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from conftest import KEYS_DIR, signing_key
+from faultrelay import FaultRelay, Faults
 from mpboot.cli import cli
 from mpboot.errors import DeviceSilent, FactoryErrorCode, FactoryRefused, ImageRefused
 from mpboot.factory.db import FactoryDB, SerialPrefix
@@ -262,6 +263,59 @@ def test_two_stations_at_once_never_share_a_serial(images: dict[str, Path], sims
     assert all(b.outcome is ProvisionOutcome.PROVISIONED for b in boards), [b.error for b in boards]
     serials = [b.serial for b in boards]
     assert len(set(serials)) == 4 and all(s and s.startswith("SN-") for s in serials)
+
+
+def test_serials_follow_the_order_of_the_ports(images: dict[str, Path], sims: Sims, tmp_path: Path) -> None:
+    # Five boards, the third built with another key. The board on the first port answers only
+    # once every other board is through its key check (waiting for the batch), or past its
+    # serial: finishing order is not port order, serials still are.
+    names = ["b0", "b1", "bad", "b3", "b4"]
+    procs = [sims.start(n, key=OTHER_KEY if n == "bad" else KEY) for n in names]
+    gate = threading.Event()
+    with FaultRelay(procs[0].path, Faults(), gate=gate) as slow:
+        ports = [slow.path, *(p.path for p in procs[1:])]
+        status: dict[str, BoardStatus] = {}
+
+        def on_change(st: BoardStatus) -> None:
+            status[st.port] = st
+            if all(p in status and (status[p].outcome is not None
+                                    or status[p].step not in ("waiting", "connect", "keys", "serial"))
+                   for p in ports[1:]):
+                gate.set()
+
+        db = FactoryDB.open(str(tmp_path / "f.sqlite"))
+        boards = Station(config(images, timeout=60.0), db, on_change=on_change).run(ports)
+    assert [b.outcome for b in boards] == [ProvisionOutcome.PROVISIONED, ProvisionOutcome.PROVISIONED, ProvisionOutcome.REFUSED,
+                                           ProvisionOutcome.PROVISIONED, ProvisionOutcome.PROVISIONED], [b.error for b in boards]
+    assert [b.serial for b in boards] == ["SN-000001", "SN-000002", None, "SN-000003", "SN-000004"]
+    assert [factory(p).serial for p in ports[1:]] == ["SN-000002", None, "SN-000003", "SN-000004"]
+    # the records too
+    records = {b.uid: (b.serial, b.result) for b in db.boards()}
+    assert [records[sims.uid(n)] for n in names] == [
+        ("SN-000001", "provisioned"), ("SN-000002", "provisioned"), (None, "refused"),
+        ("SN-000003", "provisioned"), ("SN-000004", "provisioned")]
+    db.close()
+
+
+def test_ports_glob_sorts_and_a_rerun_keeps_serials(images: dict[str, Path], sims: Sims, tmp_path: Path) -> None:
+    # --port first, as given, then --ports-glob matches in sorted order (links named against
+    # the order the boards were started in); the re-run skips every board, serials kept
+    procs = [sims.start(f"b{i}") for i in range(4)]
+    links = tmp_path / "ports"
+    links.mkdir()
+    for name, proc in zip(["ttyC", "ttyA", "ttyB"], procs[:3], strict=True):
+        (links / name).symlink_to(proc.path)
+    db = tmp_path / "f.sqlite"
+    args = ["provision", "--port", procs[3].path, "--ports-glob", f"{links}/tty*", "--image", images["app"],
+            "--expect-key", KEY, "--serial-prefix", "SN-", "--db", db]
+    r = mpboot(*args)
+    assert r.exit_code == 0, r.output + r.stderr
+    want = {procs[3].path: "SN-000001", procs[1].path: "SN-000002", procs[2].path: "SN-000003",
+            procs[0].path: "SN-000004"}
+    assert {p: factory(p).serial for p in want} == want
+    r = mpboot(*args)
+    assert r.exit_code == 0 and "4 skipped of 4 boards" in r.stdout, r.output + r.stderr
+    assert {p: factory(p).serial for p in want} == want
 
 
 KILL_STEPS = ("serial", "upload", "test-boot", "identity", "floor", "policy", "verify", "seal")

@@ -15,7 +15,7 @@ link to the device fails.
     │   └── SerialsExhausted
     ├── DeviceRunError (2)          the MicroPython unix port could not be run
     ├── DatabaseError (2)           the factory database
-    │   └── SchemaTooNew
+    │   └── SchemaTooNew, SchemaTooOld
     ├── ImageRejected (1)           mpboot's own verifier says no: .code ImageErrorCode
     ├── SMPError (1)                the device says no: .rc .err_group .err_rc .rsn (SMP wire)
     │   ├── CommandNotSupported
@@ -93,6 +93,11 @@ class DatabaseError(MpbootError):
 
 class SchemaTooNew(DatabaseError):
     """The factory database was written by a newer mpboot: its schema version is unknown here."""
+
+
+class SchemaTooOld(DatabaseError):
+    """Opened read-only, the database has an older schema than this code reads: a station
+    (a read-write open) would migrate it first."""
 
 
 _Code = TypeVar("_Code", bound=IntEnum)

@@ -9,10 +9,17 @@ after it rebooted: the session is persisted); marks it for a test boot; resets; 
 and waits for the new app to confirm itself. A device already current costs a connection and
 two reads. Every attempt is recorded (JSON lines or SQLite) and each pass ends with a summary.
 
-Results: `updated` (the new image runs, confirmed), `current` (nothing newer fits),
-`reverted` (the new image did not confirm itself: the device went back to the old one, or was
-reset back to it when it did not confirm in time), `no-image` (nothing in the repository fits
-this device), `failed` (the link or the device failed; the next meeting resumes).
+Results: `updated` (the new image runs, confirmed), `current` (it runs the newest image in the
+repository for it), `ahead` (it runs a version newer than every image in the repository for
+it), `held` (the newest image for it reverted on it before: not sent again until a newer one
+appears), `reverted` (the new image did not confirm itself: the device went back to the old
+one, or was reset back to it when it did not confirm in time), `no-image` (nothing in the
+repository fits this device), `failed` (the link or the device failed; the next meeting
+resumes). `exit_status` sums a pass up: 1 when an attempt failed or reverted, else 0.
+
+Which image reverted on which device (by uid and image hash) is remembered for the life of a
+Syncer (the passes of `--loop`) and, with a log, across runs: `AttemptLog.reverted` reads it
+back.
 """
 
 from __future__ import annotations
@@ -41,9 +48,14 @@ RESUME_MIN = 4096  # an opening reply above this is a resumed session, not the f
 class SyncResult(StrEnum):
     UPDATED = "updated"
     CURRENT = "current"
+    AHEAD = "ahead"  # runs a version newer than anything in the repository for it
+    HELD = "held"  # the image it would get reverted on it before: waiting for a newer one
     REVERTED = "reverted"
     NO_IMAGE = "no-image"
     FAILED = "failed"
+
+
+FAILURES = frozenset({SyncResult.REVERTED, SyncResult.FAILED})  # what makes a pass's exit status 1
 
 
 @dataclass(frozen=True)
@@ -96,14 +108,16 @@ class RepoImage:
         v = self.image.parsed.header.version
         return (v.major, v.minor, v.revision, v.build)
 
-    def fits(self, info: DeviceInfo) -> bool:
-        """The device would take it: its vendor and class (where the device checks them) and
-        a security counter not below the device's floor."""
+    def meant_for(self, info: DeviceInfo) -> bool:
+        """Its vendor and class are the device's (where the device checks them)."""
         if info.vendor_id is not None and self.vendor_id != info.vendor_id:
             return False
-        if info.class_id is not None and self.class_id != info.class_id:
-            return False
-        return self.counter >= info.floor
+        return info.class_id is None or self.class_id == info.class_id
+
+    def fits(self, info: DeviceInfo) -> bool:
+        """The device would take it: meant for it, with a security counter not below the
+        device's floor."""
+        return self.meant_for(info) and self.counter >= info.floor
 
 
 def load_repo(directory: Path) -> tuple[list[RepoImage], list[str]]:
@@ -144,6 +158,64 @@ def choose(repo: Sequence[RepoImage], info: DeviceInfo, running: SlotState | Non
     return best
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a meeting does: send `image` (`result` None), or nothing, with the result and a
+    note saying why (`image` then names the image held back, if any)."""
+
+    image: RepoImage | None
+    result: SyncResult | None
+    note: str | None = None
+
+
+def plan(repo: Sequence[RepoImage], info: DeviceInfo, running: SlotState | None,
+         reverted: frozenset[bytes] = frozenset()) -> Plan:
+    """What to do with a device running `running` (confirmed, or nothing): the newest image
+    that fits it (`choose`) unless its hash is in `reverted` (it reverted on this device
+    before: held, with no fall back to an older image); else why nothing is sent."""
+    best = choose(repo, info, running)
+    if best is not None:
+        if best.image.hash in reverted:
+            return Plan(best, SyncResult.HELD, f"{best.version} reverted on this device before; waiting for a newer image")
+        return Plan(best, None)
+    mine = [r for r in repo if r.meant_for(info)]
+    if not mine:
+        return Plan(None, SyncResult.NO_IMAGE, "nothing in the repository is for this device's vendor and class")
+    newest = max(mine, key=lambda r: r.key)
+    if running is not None and _version_key(running.version) > newest.key and all(
+            r.image.hash != running.hash for r in mine):
+        return Plan(None, SyncResult.AHEAD, f"runs {running.version}, newer than anything in the repository "
+                                        f"for it (newest {newest.version})")
+    if not any(r.fits(info) for r in mine):
+        return Plan(None, SyncResult.NO_IMAGE, f"every image for this device is below its security-counter "
+                                           f"floor {info.floor}")
+    return Plan(None, SyncResult.CURRENT)
+
+
+class Reverted:
+    """Which images (by hash) reverted on which devices (by uid, hex): `plan` holds them back.
+    An image that later ran confirmed on the device (updated) is forgotten."""
+
+    def __init__(self) -> None:
+        self._on: dict[str, set[bytes]] = {}
+
+    def learn(self, uid: object, image_hash: object, result: object) -> None:
+        """One attempt's outcome (uid and image hash in hex, as the log holds them)."""
+        if not isinstance(uid, str) or not isinstance(image_hash, str):
+            return  # (a record from before logs had image hashes: nothing to hold)
+        try:
+            digest = bytes.fromhex(image_hash)
+        except ValueError:
+            return  # (edited by hand)
+        if result == SyncResult.REVERTED:
+            self._on.setdefault(uid, set()).add(digest)
+        elif result == SyncResult.UPDATED:
+            self._on.get(uid, set()).discard(digest)
+
+    def on(self, uid: str) -> frozenset[bytes]:
+        return frozenset(self._on.get(uid, ()))
+
+
 # --- the log -----------------------------------------------------------------------------------
 
 
@@ -159,11 +231,13 @@ class Attempt:
     from_version: str | None = None
     to_version: str | None = None
     image: str | None = None  # file name in the repository
+    image_hash: str | None = None  # hex: SHA256 TLV of that image (what reverted memory keys on)
     bytes: int = 0  # image bytes sent in this attempt (what earlier meetings sent excluded)
     resumed_from: int = 0  # the offset the device's persisted upload was at
     reconnects: int = 0  # links lost and re-established during the attempt
     result: SyncResult = SyncResult.FAILED
     error: str | None = None
+    note: str | None = None  # why nothing was sent (held, ahead, no-image), when it is no error
     started: float = field(default_factory=time.time)  # Unix time
     seconds: float = 0.0
 
@@ -173,8 +247,10 @@ class Attempt:
         return d
 
 
-_COLUMNS = ("pass_no", "device", "address", "uid", "serial", "from_version", "to_version", "image", "bytes",
-            "resumed_from", "reconnects", "result", "error", "started", "seconds")
+_COLUMNS = ("pass_no", "device", "address", "uid", "serial", "from_version", "to_version", "image", "image_hash",
+            "bytes", "resumed_from", "reconnects", "result", "error", "note", "started", "seconds")
+# Columns later than the first logs (added to an older SQLite log when it is opened).
+_ADDED_COLUMNS = ("serial", "image_hash", "note")
 
 SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS attempts (
@@ -187,11 +263,13 @@ CREATE TABLE IF NOT EXISTS attempts (
     from_version TEXT,
     to_version TEXT,
     image TEXT,
+    image_hash TEXT,
     bytes INTEGER NOT NULL,
     resumed_from INTEGER NOT NULL,
     reconnects INTEGER NOT NULL,
     result TEXT NOT NULL,
     error TEXT,
+    note TEXT,
     started REAL NOT NULL,
     seconds REAL NOT NULL
 )
@@ -212,14 +290,45 @@ class AttemptLog:
                 self._db = sqlite3.connect(path)
                 self._db.execute(SQLITE_SCHEMA)
                 have = {row[1] for row in self._db.execute("PRAGMA table_info(attempts)")}
-                if "serial" not in have:  # a log written before boards had serials
-                    self._db.execute("ALTER TABLE attempts ADD COLUMN serial TEXT")
+                for column in _ADDED_COLUMNS:
+                    if column not in have:  # a log written before this column
+                        self._db.execute(f"ALTER TABLE attempts ADD COLUMN {column} TEXT")
                 self._db.commit()
             else:
-                with open(path, "a", encoding="utf-8"):
-                    pass
+                with open(path, "ab+") as f:
+                    if f.tell() > 0:
+                        f.seek(-1, 2)
+                        if f.read(1) != b"\n":
+                            f.write(b"\n")  # a run killed mid-line: the next record starts afresh
         except (OSError, sqlite3.Error) as err:
             raise UsageError(f"--log {path}: {err}") from None
+
+    def reverted(self) -> Reverted:
+        """What the log says reverted where (records oldest first; lines that are not JSON,
+        and records without an image hash, are skipped)."""
+        memory = Reverted()
+        if self.path is None:
+            return memory
+        try:
+            if self._db is not None:
+                for uid, image_hash, result in self._db.execute(
+                        "SELECT uid, image_hash, result FROM attempts WHERE result IN (?, ?) "
+                        "AND image_hash IS NOT NULL ORDER BY id", (SyncResult.REVERTED.value, SyncResult.UPDATED.value)):
+                    memory.learn(uid, image_hash, result)
+                return memory
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    if '"image_hash"' not in line:
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(rec, dict):
+                        memory.learn(rec.get("uid"), rec.get("image_hash"), rec.get("result"))
+        except (OSError, sqlite3.Error, ValueError) as err:
+            raise UsageError(f"--log {self.path}: {err}") from None
+        return memory
 
     def write(self, attempt: Attempt) -> None:
         if self.path is None:
@@ -269,6 +378,7 @@ class Syncer:
         self.log = log or AttemptLog(None)
         self.event = event or (lambda a, text: None)
         self.passes = 0
+        self.reverted = self.log.reverted()  # outlives passes; with a log, runs
 
     async def run_pass(self) -> list[Attempt]:
         """One scan, then every device found, `max_parallel` at a time."""
@@ -291,7 +401,9 @@ class Syncer:
             a.result = SyncResult.FAILED
             a.error = str(err) or type(err).__name__
         a.seconds = round(time.monotonic() - t0, 3)
-        self.event(a, f"{a.result}" + (f": {a.error}" if a.error else ""))
+        why = a.error or a.note
+        self.event(a, f"{a.result}" + (f": {why}" if why else ""))
+        self.reverted.learn(a.uid, a.image_hash, a.result)
         self.log.write(a)
         return a
 
@@ -313,18 +425,20 @@ class Syncer:
             target = next((r for r in self.repo if r.image.hash == running.hash), None)
             a.to_version = running.version
             a.image = target.path.name if target else None
+            a.image_hash = running.hash.hex()
             old = next((s for s in slots if not s.active and s.confirmed), None)
             a.from_version = old.version if old else None
             await self._await_confirm(dev, a, running.hash, old.hash if old else None)
             return
-        choice = choose(self.repo, info, running)
-        if choice is None:
-            fits = any(r.fits(info) for r in self.repo)
-            a.result = SyncResult.CURRENT if fits else SyncResult.NO_IMAGE
-            if not fits:
-                a.error = "no image in the repository fits this device"
+        p = plan(self.repo, info, running, self.reverted.on(a.uid))
+        choice = p.image
+        if choice is not None:
+            a.to_version, a.image = choice.version, choice.path.name
+            a.image_hash = choice.image.hash.hex() if choice.image.hash else None
+        if p.result is not None:
+            a.result, a.note = p.result, p.note
             return
-        a.to_version, a.image = choice.version, choice.path.name
+        assert choice is not None  # (a plan without a result sends an image)
         self.event(a, f"{a.from_version or 'nothing'} -> {choice.version} ({choice.path.name})")
         await self._upload(dev, a, choice)
         await self._await_confirm(dev, a, choice.image.hash, running.hash if running else None)
@@ -418,12 +532,19 @@ def summary_rows(attempts: Sequence[Attempt]) -> list[tuple[str, ...]]:
     """Rows of the end-of-pass table: device, from, to, bytes, result, time, note."""
     rows = []
     for a in sorted(attempts, key=lambda x: x.device):
-        note = a.error or (f"resumed at {a.resumed_from}" if a.resumed_from else "")
+        note = a.error or a.note or (f"resumed at {a.resumed_from}" if a.resumed_from else "")
         if a.reconnects:
             note = (note + "; " if note else "") + f"{a.reconnects} reconnects"
         rows.append((a.device + (f" ({a.serial})" if a.serial else ""), a.from_version or "-", a.to_version or "-", str(a.bytes), str(a.result),
                      f"{a.seconds:.1f}s", note))
     return rows
+
+
+def exit_status(attempts: Sequence[Attempt]) -> int:
+    """A pass's exit status: 1 when an attempt failed or reverted (something was tried and
+    the device does not run it), 0 otherwise (every update tried succeeded, or there was
+    nothing to do: current, ahead, held, no-image, or no device in range)."""
+    return 1 if any(a.result in FAILURES for a in attempts) else 0
 
 
 class BleRadio:

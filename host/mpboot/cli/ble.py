@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -11,6 +12,8 @@ import click
 from mpboot.cli.common import (
     ble_backend_option,
     confirm_timeout_option,
+    console,
+    on_interrupt,
     plural,
     retries_option,
     scan_seconds_option,
@@ -68,9 +71,17 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
 
     Each pass scans for devices advertising the SMP service; each one is read (identity,
     images), sent the newest fitting image (resuming a partial upload from an earlier meeting),
-    test-booted, and watched until the new app confirms itself. Exit status 1 when an attempt
-    failed in the last pass (the next meeting resumes it)."""
-    from rich.console import Console
+    test-booted, and watched until the new app confirms itself. An image that reverted on a
+    device is not sent to it again (result held; remembered across runs with --log) until a
+    newer one appears.
+
+    \b
+    Exit status, from the last pass (--loop runs until Ctrl-C):
+    0    every update tried succeeded, or there was nothing to do
+         (updated, current, ahead, held, no-image; or no device in range)
+    1    an attempt failed (the next meeting resumes it) or reverted
+    2    usage error (REPO_DIR, --log, --ble-backend) or no usable radio
+    130  stopped (Ctrl-C): one line says after how many passes"""
     from rich.table import Table
 
     from mpboot import ble
@@ -80,13 +91,13 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
         BleRadio,
         Syncer,
         SyncOptions,
-        SyncResult,
+        exit_status,
         load_repo,
         summary_rows,
     )
 
     repo, skipped = load_repo(repo_dir)
-    out = Console(stderr=False, highlight=False)
+    out = console()  # a log or a pipe: whole lines (grep), never wrapped at 80 columns
     for line in skipped:
         out.print(f"sync: skipped {line}")
     if not repo:
@@ -102,7 +113,7 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
         out.print(f"sync: {a.device}: {text}")
 
     syncer = Syncer(repo, BleRadio(backend), opts, log, event)
-    last: list = []  # the attempts of the last pass ended (what the exit status reports)
+    ended: list[list] = []  # the attempts of each pass that ended (the last one: the exit status)
 
     async def run() -> list:
         try:
@@ -113,27 +124,29 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
                     table.add_column(col, justify="right" if col in ("bytes", "time") else "left")
                 for row in summary_rows(attempts):
                     table.add_row(*row)
-                out.print(table)
-                last[:] = attempts
+                out.print(table, soft_wrap=False)  # (a centred title; the width keeps rows whole)
+                ended.append(attempts)
                 if not loop:
                     return attempts
                 await asyncio.sleep(interval)
         finally:
             await ble.close()
 
-    async def passes() -> list:
-        last[:] = await run()
-        return last
+    def where() -> str:
+        if not ended:
+            return "before the first pass ended; run it again (uploads resume where each device is)"
+        counts = ", ".join(f"{n} {r}" for r, n in Counter(str(a.result) for a in ended[-1]).items())
+        return (f"after {plural(len(ended), 'pass', 'passes')} (the last: {counts or 'no device in range'}); "
+                "run it again to go on (uploads resume where each device is)")
 
+    on_interrupt(where)
     try:
-        attempts = asyncio.run(passes())
-    except KeyboardInterrupt:
-        out.print("sync: stopped")
-        attempts = last
+        attempts = asyncio.run(run())
     finally:
         log.close()
-    if any(a.result is SyncResult.FAILED for a in attempts):
-        raise SystemExit(1)
+    status = exit_status(attempts)
+    if status:
+        raise SystemExit(status)
 
 
 COMMANDS = (scan_cmd, sync_cmd)

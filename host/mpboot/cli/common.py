@@ -149,9 +149,9 @@ def size_text(n: float) -> str:
     raise AssertionError
 
 
-def plural(n: int, noun: str) -> str:
-    """"1 image", "2 images"."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """"1 image", "2 images" ("1 pass", "2 passes" given the plural)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {nouns or noun + 's'}"
 
 
 def parse_heapsize(text: str) -> str:

@@ -98,6 +98,7 @@ def provision_cmd(ctx: click.Context, ports: tuple[str, ...], ports_glob: str | 
     """Provision every board on the given ports: check its bootloader's key, give it a serial,
     install and prove the first app, write identity and production policy, seal, read back,
     record. Re-running after a failure is safe: done boards are skipped, others finished.
+    Serials go to the boards in port order (--port as given, then --ports-glob sorted).
 
     Exit status 1 when any board failed or was refused (one line each, with the reason)."""
     if ctx.invoked_subcommand is not None:
@@ -205,14 +206,15 @@ def _table(ports: list[str], boards: dict[str, Any]) -> Any:
 @click.option("--csv", "as_csv", is_flag=True, help="CSV, one row per board.")
 @click.option("--json", "as_json", is_flag=True, help="JSON: a list of boards.")
 def report_cmd(db_url: str, as_csv: bool, as_json: bool) -> None:
-    """The boards recorded in --db: a table, CSV or JSON."""
+    """The boards recorded in --db: a table, CSV or JSON. Opened read-only (never migrated:
+    a database with an older schema is refused in one line; a station run migrates it)."""
     from mpboot.factory.db import FactoryDB, report_rows, write_csv, write_json
 
     if as_csv and as_json:
         raise UsageError("--csv and --json exclude each other")
     if "://" not in db_url and not Path(db_url).exists():
         raise UsageError(f"{db_url}: no such database")
-    db = FactoryDB.open(db_url)
+    db = FactoryDB.open(db_url, read_only=True)
     try:
         rows = report_rows(db)
         where = db.target  # (without a password)

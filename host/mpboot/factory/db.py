@@ -11,6 +11,12 @@ What the database itself guarantees, whatever the station code does:
   when a database is opened, and listed in `schema_migrations`; a database written by a newer
   mpboot (a version this code does not know) is refused rather than misread.
 
+`FactoryDB.open(url, read_only=True)` (reports) writes nothing, ever: SQLite is opened with a
+`mode=ro` URI (no switch to WAL, no migration), PostgreSQL sessions are
+`default_transaction_read_only`; a schema older than this code is refused (SchemaTooOld), not
+migrated. It works on a read-only file in a read-only directory, and for a PostgreSQL role
+that may only SELECT.
+
 Serial assignment (`FactoryDB.assign_serial`) runs in a write transaction (`BEGIN IMMEDIATE` on
 SQLite: one writer at a time across processes; on PostgreSQL the board's row is locked and a
 serial another station took meanwhile makes the UPDATE fail on the UNIQUE constraint, which is
@@ -38,7 +44,14 @@ from types import TracebackType
 from typing import Any, Protocol, Self, TextIO, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
-from mpboot.errors import DatabaseError, InputFileError, SchemaTooNew, SerialsExhausted, UsageError
+from mpboot.errors import (
+    DatabaseError,
+    InputFileError,
+    SchemaTooNew,
+    SchemaTooOld,
+    SerialsExhausted,
+    UsageError,
+)
 
 # --- values ------------------------------------------------------------------------------------
 
@@ -351,6 +364,7 @@ class _Dialect(Protocol):
     for_update: str  # row lock suffix of a SELECT ("" where the transaction locks already)
 
     def transaction(self, write: bool) -> AbstractContextManager[_Tx]: ...
+    def has_table(self, tx: _Tx, name: str) -> bool: ...
     def migration_lock(self, tx: _Tx) -> None: ...
     def is_serial_conflict(self, err: BaseException) -> bool: ...
     def is_retryable(self, err: BaseException) -> bool: ...
@@ -364,8 +378,11 @@ class _SQLite:
     migrations = SQLITE_MIGRATIONS
     for_update = ""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, read_only: bool = False) -> None:
         self.target = path
+        if read_only:
+            self.conn = self._open_read_only(path)
+            return
         # Autocommit mode (isolation_level=None): transactions are the explicit BEGINs below.
         self.conn = sqlite3.connect(path, timeout=30.0, isolation_level=None,
                                     check_same_thread=False)
@@ -389,6 +406,31 @@ class _SQLite:
             self.conn.close()
             raise
 
+    @staticmethod
+    def _open_read_only(path: str) -> sqlite3.Connection:
+        """`mode=ro`: SQLite refuses every write. A WAL database (as stations leave it) needs
+        its `-shm` file even to be read; in a directory we may not write, where no station
+        has it open (which keeps a `-shm` there), SQLite cannot create one: such a file is
+        read `immutable` (no locks; a station that opened it during the read would not be
+        seen, as by any snapshot)."""
+        uri = Path(path).absolute().as_uri()
+        for query in ("?mode=ro", "?mode=ro&immutable=1"):
+            conn = sqlite3.connect(uri + query, uri=True, timeout=30.0, isolation_level=None,
+                                   check_same_thread=False)
+            try:
+                conn.execute("PRAGMA busy_timeout = 30000")
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # reads the file
+                return conn
+            except sqlite3.OperationalError as err:
+                conn.close()
+                name = getattr(err, "sqlite_errorname", "")
+                if "immutable" in query or not name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN")):
+                    raise
+            except BaseException:
+                conn.close()
+                raise
+        raise AssertionError("unreachable")
+
     @contextmanager
     def transaction(self, write: bool) -> Iterator[_Tx]:
         # BEGIN IMMEDIATE takes the write lock now (waiting up to the busy timeout for another
@@ -408,6 +450,9 @@ class _SQLite:
                 except sqlite3.Error:
                     pass  # the error that got us here is the one to report
             raise
+
+    def has_table(self, tx: _Tx, name: str) -> bool:
+        return bool(tx("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)))
 
     def migration_lock(self, tx: _Tx) -> None:
         pass  # BEGIN IMMEDIATE
@@ -451,7 +496,7 @@ class _Postgres:
     migrations = POSTGRES_MIGRATIONS
     for_update = " FOR UPDATE"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, read_only: bool = False) -> None:
         try:
             import psycopg
             import psycopg.errors
@@ -461,6 +506,7 @@ class _Postgres:
         self.psycopg: Any = psycopg
         self.url = url
         self.target = _redact(url)
+        self.read_only = read_only
         self.conn = self._connect()
 
     def _connect(self) -> Any:
@@ -469,10 +515,18 @@ class _Postgres:
         if "connect_timeout" not in self.url:
             extra["connect_timeout"] = 10
         try:
-            return psycopg.connect(self.url, autocommit=True, **extra)
+            conn = psycopg.connect(self.url, autocommit=True, **extra)
         except psycopg.Error as err:
             raise DatabaseError(f"cannot connect to PostgreSQL {self.target}: "
                                 f"{_one_line(err)}") from None
+        if self.read_only:
+            try:  # every transaction of this session read-only: the server refuses writes
+                conn.execute("SET default_transaction_read_only = on")
+            except psycopg.Error as err:
+                conn.close()
+                raise DatabaseError(f"PostgreSQL {self.target}: cannot make the session read-only: "
+                                    f"{_one_line(err)}") from None
+        return conn
 
     def ensure_connected(self) -> None:
         # A station runs for hours: after a server restart or a network cut the connection is
@@ -489,6 +543,9 @@ class _Postgres:
                 return cur.fetchall() if cur.description is not None else []
 
             yield tx
+
+    def has_table(self, tx: _Tx, name: str) -> bool:
+        return tx("SELECT to_regclass(?)", (name,))[0][0] is not None  # (on the search path)
 
     def migration_lock(self, tx: _Tx) -> None:
         tx("SELECT pg_advisory_xact_lock(?)", (_PG_MIGRATION_LOCK,))
@@ -584,32 +641,40 @@ class FactoryDB:
     """The factory records: `FactoryDB.open(path_or_url)`. Thread-safe: one lock around each
     call. Use as a context manager, or `close()` it."""
 
-    def __init__(self, dialect: _Dialect) -> None:
+    def __init__(self, dialect: _Dialect, read_only: bool = False) -> None:
         """Use `FactoryDB.open`."""
         self._dialect: _Dialect | None = dialect
         self._lock = threading.RLock()
         self.target = dialect.target
+        self.read_only = read_only
 
     @classmethod
-    def open(cls, url: str) -> FactoryDB:
+    def open(cls, url: str, *, read_only: bool = False) -> FactoryDB:
         """A filesystem path (SQLite; the file is created) or `postgresql://...` /
         `postgres://...` (psycopg 3). Migrates the schema to the current version.
         DatabaseError (one line) when it cannot be opened, reached or migrated, and
-        SchemaTooNew for a database of a newer mpboot."""
+        SchemaTooNew for a database of a newer mpboot.
+
+        `read_only` (reports): nothing is written, ever (the file is not created; every write
+        method raises DatabaseError); a schema older than this code is SchemaTooOld instead
+        of being migrated."""
         if not isinstance(url, str) or not url:
             raise DatabaseError("no factory database given (a file path or postgresql://...)")
         dialect: _Dialect
         if is_postgres_url(url):
-            dialect = _Postgres(url)
+            dialect = _Postgres(url, read_only)
         else:
             try:
-                dialect = _SQLite(url)
+                dialect = _SQLite(url, read_only)
             except sqlite3.Error as err:
                 raise DatabaseError(f"cannot open the factory database {url}: "
                                     f"{_one_line(err)}") from None
-        db = cls(dialect)
+        db = cls(dialect, read_only)
         try:
-            db._migrate()
+            if read_only:
+                db._check_schema()
+            else:
+                db._migrate()
         except BaseException:
             dialect.close()
             raise
@@ -639,6 +704,8 @@ class FactoryDB:
             dialect = self._dialect
             if dialect is None:
                 raise DatabaseError(f"the factory database {self.target} is closed")
+            if write and self.read_only:
+                raise DatabaseError(f"factory database {self.target}: {what}: it is open read-only")
             try:
                 dialect.ensure_connected()
                 with dialect.transaction(write) as tx:
@@ -657,10 +724,7 @@ class FactoryDB:
             tx(_SCHEMA_MIGRATIONS)
             applied = {int(v) for (v,) in tx("SELECT version FROM schema_migrations")}
             current = max(applied, default=0)
-            if current > len(dialect.migrations):
-                raise SchemaTooNew(
-                    f"the factory database {self.target} has schema version {current}, newer "
-                    f"than this mpboot knows ({len(dialect.migrations)}): upgrade mpboot")
+            self._refuse_newer(current)
             for version, statements in enumerate(dialect.migrations, 1):
                 if version in applied:
                     continue
@@ -668,6 +732,28 @@ class FactoryDB:
                     tx(statement)
                 tx("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
                    (version, utc_now()))
+
+    def _refuse_newer(self, current: int) -> None:
+        if current > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"the factory database {self.target} has schema version {current}, newer "
+                f"than this mpboot knows ({SCHEMA_VERSION}): upgrade mpboot")
+
+    def _check_schema(self) -> None:
+        """Read-only: the schema must be the one this code reads; nothing is migrated."""
+        dialect = self._dialect
+        assert dialect is not None
+        with self._op("cannot read the schema version", write=False) as tx:
+            if not dialect.has_table(tx, "schema_migrations"):
+                raise DatabaseError(f"{self.target} holds no factory records (no schema_migrations "
+                                    "table): not a database of mpboot provision")
+            current = int(tx("SELECT MAX(version) FROM schema_migrations")[0][0] or 0)
+        self._refuse_newer(current)
+        if current < SCHEMA_VERSION:
+            raise SchemaTooOld(
+                f"the factory database {self.target} has schema version {current}, older than "
+                f"this mpboot's ({SCHEMA_VERSION}): opened read-only, it is not migrated (a "
+                "station with this mpboot migrates it when it opens it)")
 
     # -- API --
 

@@ -8,7 +8,10 @@ at once, every step recorded.
     boards = station.run(["/dev/ttyACM0", "/dev/ttyACM1"], parallel=2)
 
 Each board runs in its own thread and event loop (serial ports are independent; the
-database serialises what must be serialised). A board's outcome is provisioned, skipped
+database serialises what must be serialised), in three phases so that serials follow the
+order of the ports: the key check of every board (in parallel); then, in port order, a serial
+for each board that passed (a refused board takes none; a board keeps the serial it has);
+then the rest of every board's steps (in parallel). A board's outcome is provisioned, skipped
 (recorded as provisioned earlier, and still sealed with its serial), refused (the wrong
 bootloader build: its embedded keys are not the expected ones) or failed (with the reason).
 Nothing here holds a private key: the image arrives signed.
@@ -24,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Final
+from typing import Final, TypeVar
 
 from mpboot.errors import (
     BoardFailed,
@@ -37,13 +40,17 @@ from mpboot.errors import (
     SMPError,
     UsageError,
 )
-from mpboot.factory.db import FactoryDB, SerialSource
+from mpboot.factory.db import BoardRecord, FactoryDB, SerialSource
 from mpboot.flashing import Mark, PreparedImage, flash
 from mpboot.smp.client import SMPClient
 from mpboot.smp.messages import FactoryInfo, Policy, SlotState
 from mpboot.transport.serial import SerialTransport
 
 POLL_INTERVAL: Final = 0.25  # seconds between state reads while a board reboots
+KEYS_OK: Final = "keys ok"  # a board's step between its key check and its serial (the batch's turn)
+
+T = TypeVar("T")
+X = TypeVar("X")
 
 
 class ProvisionOutcome(StrEnum):
@@ -103,6 +110,20 @@ class BoardStatus:
         return end - self.started if self.started else 0.0
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """What a board's key check found, for the phases after it."""
+
+    info: FactoryInfo
+    record: BoardRecord | None  # the board's record before this run touched it
+
+    @property
+    def done_before(self) -> bool:
+        """Recorded provisioned: that record (who, when, what) stays whatever a later visit
+        finds; its failures go to the audit log only."""
+        return self.record is not None and self.record.result == ProvisionOutcome.PROVISIONED
+
+
 def _hexes(hashes: Sequence[bytes] | frozenset[bytes]) -> str:
     return ",".join(sorted(h.hex() for h in hashes))
 
@@ -123,13 +144,22 @@ class Station:
     # --- running many boards ---------------------------------------------------------------
 
     def run(self, ports: Sequence[str], parallel: int | None = None) -> list[BoardStatus]:
-        """Provision every port, at most `parallel` at once; the statuses in port order."""
+        """Provision every port, at most `parallel` at once; the statuses in port order.
+        Serials go to the boards in the order of `ports`: every board's key check comes
+        first, then the serials (port order), then the rest (docs/FACTORY.md section 4)."""
         boards = [BoardStatus(p) for p in ports]
         workers = max(1, min(parallel or len(boards), len(boards))) if boards else 1
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="provision")
+
+        def each(fn: Callable[[X], T], items: Sequence[X]) -> list[T]:
+            return [future.result() for future in [pool.submit(fn, item) for item in items]]
+
         try:
-            for future in [pool.submit(self._run_one, b) for b in boards]:
-                future.result()
+            checked = each(self._check_keys, boards)
+            passed = [(st, found) for st, found in zip(boards, checked, strict=True) if found is not None]
+            # serials: one board at a time, in port order (a sealed board has its own)
+            passed = [(st, found) for st, found in passed if found.info.sealed or self._give_serial(st, found)]
+            each(lambda pair: self._finish(*pair), passed)
         except KeyboardInterrupt:
             # Boards not started stay untouched; running ones stop at their next step (a
             # re-run finishes them). The threads end on their own; nothing waits for them.
@@ -140,15 +170,39 @@ class Station:
         return boards
 
     def provision(self, port: str) -> BoardStatus:
-        status = BoardStatus(port)
-        self._run_one(status)
-        return status
+        return self.run([port])[0]
 
-    def _run_one(self, st: BoardStatus) -> None:
+    def _check_keys(self, st: BoardStatus) -> _Checked | None:
+        """Phase 1 (a worker thread): None when the board failed or was refused (ended)."""
         st.started = time.monotonic()
-        try:
-            st.outcome = asyncio.run(self._board(st))
+        return self._attempt(st, lambda: asyncio.run(self._examine(st)))
+
+    def _give_serial(self, st: BoardStatus, found: _Checked) -> bool:
+        """Phase 2 (the caller's thread, boards in port order): the board's serial (the one
+        it has, else the next free one). False when that failed (the board ended)."""
+
+        def give() -> str:
+            self._start(st, found.info)
+            self._step(st, "serial")
+            serial = st.serial = self.db.assign_serial(found.info.uid, self.cfg.serials)
+            self._audit(st, "serial", "ok", serial)
+            return serial
+
+        return self._attempt(st, give) is not None
+
+    def _finish(self, st: BoardStatus, found: _Checked) -> None:
+        """Phase 3 (a worker thread): every step after the serial, to the board's outcome."""
+        outcome = self._attempt(st, lambda: asyncio.run(self._complete(st, found)))
+        if outcome is not None:
+            st.outcome = outcome
             st.step = "done"  # (a failed board keeps the step it failed at)
+            self._close(st)
+
+    def _attempt(self, st: BoardStatus, work: Callable[[], T]) -> T | None:
+        """One phase of a board: its result, or None when the board failed or was refused
+        (recorded, and its status ended)."""
+        try:
+            return work()
         except BoardRefused as err:
             self._end(st, ProvisionOutcome.REFUSED, str(err))
         except BoardFailed as err:
@@ -157,6 +211,9 @@ class Station:
             self._end(st, ProvisionOutcome.FAILED, f"{st.step}: {err}")
         except Exception as err:  # a bug must not take the other boards down: record it
             self._end(st, ProvisionOutcome.FAILED, f"{st.step}: internal error {type(err).__name__}: {err}")
+        return None
+
+    def _close(self, st: BoardStatus) -> None:
         st.finished = time.monotonic()
         st.progress = None
         self._changed(st)
@@ -171,14 +228,14 @@ class Station:
     def _end(self, st: BoardStatus, outcome: ProvisionOutcome, reason: str) -> None:
         st.outcome = outcome
         st.error = reason
-        if st.uid is None:
-            return  # never knew which board: nothing to record against
-        try:
-            if st.recorded:  # (a board recorded provisioned earlier keeps that record)
-                self.db.update(st.uid, result=str(outcome), error=reason)
-            self._audit(st, "refused" if outcome is ProvisionOutcome.REFUSED else "failed", "fail", reason)
-        except MpbootError as err:
-            st.error = f"{reason} (and the database: {err})"
+        if st.uid is not None:  # (else never knew which board: nothing to record against)
+            try:
+                if st.recorded:  # (a board recorded provisioned earlier keeps that record)
+                    self.db.update(st.uid, result=str(outcome), error=reason)
+                self._audit(st, "refused" if outcome is ProvisionOutcome.REFUSED else "failed", "fail", reason)
+            except MpbootError as err:
+                st.error = f"{reason} (and the database: {err})"
+        self._close(st)
 
     # --- one board -------------------------------------------------------------------------
 
@@ -204,7 +261,9 @@ class Station:
         async with SMPClient(transport, timeout=timeout or self.cfg.timeout) as client:
             yield client
 
-    async def _board(self, st: BoardStatus) -> ProvisionOutcome:
+    async def _examine(self, st: BoardStatus) -> _Checked:
+        """Connect and check the board's keys (BoardRefused when they are not the expected
+        ones: nothing is written to it)."""
         cfg = self.cfg
         self._step(st, "connect")
         async with self._client(st.port) as c:
@@ -217,13 +276,10 @@ class Station:
                                          f"MicroPython {info.firmware}, sealed {info.sealed}")
 
         self._step(st, "keys")
-        record = self.db.board(info.uid)
-        # A board recorded provisioned keeps that record (who, when, what) whatever a later
-        # visit finds: its failures go to the audit log only.
-        done_before = record is not None and record.result == ProvisionOutcome.PROVISIONED
+        found = _Checked(info, self.db.board(info.uid))
         have = frozenset(info.key_hashes)
         if have != cfg.expect_keys:
-            if not done_before:
+            if not found.done_before:
                 self._start(st, info)
             extra, missing = have - cfg.expect_keys, cfg.expect_keys - have
             why = []
@@ -233,7 +289,14 @@ class Station:
                 why.append(f"lacks expected key {_hexes(missing)[:16]}")
             raise BoardRefused(f"wrong bootloader build: {' and '.join(why)}")
         self._audit(st, "keys", "ok", _hexes(have))
+        self._step(st, KEYS_OK)  # until the batch's serials are given out
+        return found
 
+    async def _complete(self, st: BoardStatus, found: _Checked) -> ProvisionOutcome:
+        """After the key check (and the serial of a board not sealed): the board to its
+        outcome."""
+        cfg = self.cfg
+        info, record, done_before = found.info, found.record, found.done_before
         if info.sealed:
             if record is None or record.serial is None or record.serial != info.serial:
                 if not done_before:
@@ -252,10 +315,6 @@ class Station:
             # Sealed by an earlier run that never recorded it: check everything, then record.
             self._start(st, info)
         else:
-            self._start(st, info)
-            self._step(st, "serial")
-            st.serial = self.db.assign_serial(info.uid, cfg.serials)
-            self._audit(st, "serial", "ok", st.serial)
             await self._install(st)
             await self._write(st)
 
