@@ -676,7 +676,7 @@ def test_report_on_a_read_only_sqlite_file_in_a_read_only_directory(tmp_path: Pa
     for r in runs:
         assert r.returncode == 0 and r.stderr == "", r.stdout + r.stderr
     assert [row["serial"] for row in json.loads(runs[0].stdout)] == ["SN-000001"]
-    assert "SN-000001" in runs[1].stdout and "1 boards in" in runs[1].stdout
+    assert "SN-000001" in runs[1].stdout and "1 board in" in runs[1].stdout
     assert (sorted(os.listdir(folder)), path.read_bytes()) == before
 
 

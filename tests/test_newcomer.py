@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -132,7 +133,8 @@ def test_device_commands_and_their_mistakes(me: Newcomer, tmp_path: Path) -> Non
         readme_steps(me)
     v2 = f / "app-v2"
     v2.mkdir(exist_ok=True)
-    (v2 / "main.py").write_text("import mpboot\nprint('v2 runs')\nmpboot.confirm()\n" + "# pad\n" * 20000)
+    (v2 / "main.py").write_text("import mpboot\nprint('v2 runs')\nmpboot.confirm()\n")
+    (v2 / "data.bin").write_bytes(random.Random(2).randbytes(100_000))  # ~9 s at 115200 baud
     me.run("sign", v2, "-k", "signing-key.pem", "--version", "2.0.0", "-o", "app-v2.bin")
     sim = SimProcess(tmp_path / "serving", [f / "pub.pem"], "--link", str(f / "uart"), "--baud", "115200",
                      cwd=f)
@@ -195,6 +197,9 @@ def test_device_commands_and_their_mistakes(me: Newcomer, tmp_path: Path) -> Non
         (("sim", "--state", "big", "--keys", "pub.pem", "--slot-size", "1G"), 2, "above the maximum of 16M"),
         (("sim", "--state", "linked", "--keys", "pub.pem", "--link", "/proc/nope/uart"), 2,
          "--link /proc/nope/uart: cannot make the link there"),
+        (("sync", "hello_app", "--log", "/proc/nope/x.jsonl"), 2, "no signed images"),
+        (("sync", ".", "--log", "/proc/nope/x.jsonl", "--ble-backend", "bumble:tcp-client:127.0.0.1:1"), 2,
+         "--log /proc/nope/x.jsonl: cannot use it: No such file or directory"),
         (("provision", "--port", "/dev/null", "--image", "app.bin", "--expect-key", "signing-key.pem",
           "--serial-prefix", "SN-", "--db", "f.sqlite"), 2, "a private key, where only a public key belongs"),
     ]:

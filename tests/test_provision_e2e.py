@@ -307,7 +307,7 @@ def test_ports_glob_sorts_and_a_rerun_keeps_serials(images: dict[str, Path], sim
         (links / name).symlink_to(proc.path)
     db = tmp_path / "f.sqlite"
     args = ["provision", "--port", procs[3].path, "--ports-glob", f"{links}/tty*", "--image", images["app"],
-            "--expect-key", KEY, "--serial-prefix", "SN-", "--db", db]
+            "--expect-key", PUBLIC_KEY, "--serial-prefix", "SN-", "--db", db]
     r = mpboot(*args)
     assert r.exit_code == 0, r.output + r.stderr
     want = {procs[3].path: "SN-000001", procs[1].path: "SN-000002", procs[2].path: "SN-000003",

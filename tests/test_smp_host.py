@@ -958,8 +958,8 @@ def test_sequence_numbers_increment_mod_256(peers: Callable[..., Peer]) -> None:
 
 def test_requests_are_smp_v1(peers: Callable[..., Peer]) -> None:
     peer = peers(FakeDevice())
-    run_client(peer, lambda c: c.echo("hi"))
-    assert [r.version for r in peer.requests] == [0]
+    run_client(peer, lambda c: c.echo("hi"))  # (params first, then the echo)
+    assert [r.version for r in peer.requests] == [0, 0]
 
 
 def test_simple_commands(peers: Callable[..., Peer]) -> None:

@@ -146,7 +146,7 @@ def test_plan_holds_an_image_that_reverted_until_a_newer_one_appears(repo: Path,
     shutil.copytree(repo, newer)
     key = load_signing_key(KEYS / "TEST-ONLY-rsa2048.pem")
     (newer / "a-1.4.0.img").write_bytes(sign_app(make_app(tmp_path / "src", "x", confirm=True), key, "1.4.0",
-                                                 counter=3, vendor_id=V1, class_id=C1))
+                                                 security_counter=3, vendor_id=V1, class_id=C1))
     again, _ = load_repo(newer)
     p = plan(again, info(V1, C1), running("1.0.0"), reverted)
     assert p.result is None and p.image is not None and p.image.version == "1.4.0"

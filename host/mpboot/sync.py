@@ -276,6 +276,11 @@ CREATE TABLE IF NOT EXISTS attempts (
 """
 
 
+def _why(err: Exception) -> str:
+    """An error's reason for people: "No such file or directory", not "[Errno 2] ..."."""
+    return (err.strerror or str(err)) if isinstance(err, OSError) else str(err)
+
+
 class AttemptLog:
     """Where attempts go: SQLite for a `.sqlite`/`.db` path, JSON lines otherwise (appended)."""
 
@@ -301,7 +306,7 @@ class AttemptLog:
                         if f.read(1) != b"\n":
                             f.write(b"\n")  # a run killed mid-line: the next record starts afresh
         except (OSError, sqlite3.Error) as err:
-            raise UsageError(f"--log {path}: {err}") from None
+            raise UsageError(f"--log {path}: cannot use it: {_why(err)}") from None
 
     def reverted(self) -> Reverted:
         """What the log says reverted where (records oldest first; lines that are not JSON,
@@ -327,7 +332,7 @@ class AttemptLog:
                     if isinstance(rec, dict):
                         memory.learn(rec.get("uid"), rec.get("image_hash"), rec.get("result"))
         except (OSError, sqlite3.Error, ValueError) as err:
-            raise UsageError(f"--log {self.path}: {err}") from None
+            raise UsageError(f"--log {self.path}: cannot read it: {_why(err)}") from None
         return memory
 
     def write(self, attempt: Attempt) -> None:

@@ -16,7 +16,7 @@ import click
 
 from mpboot import __version__
 from mpboot.cli import ble, device, factory, image, sim
-from mpboot.cli.common import MpbootGroup
+from mpboot.cli.common import MpbootGroup, one_line_logs
 
 
 @click.group(cls=MpbootGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,6 +37,7 @@ for _family in (image, device, sim, ble, factory):
 
 
 def main() -> None:
+    one_line_logs()
     cli(prog_name="mpboot")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import re
 import stat
@@ -101,6 +102,27 @@ def _quiet_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):
         pass
+
+
+class _OneLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Warnings from the libraries under the CLI (Bumble, asyncio) as one line each on
+    stderr, never with the traceback they may carry (MPBOOT_DEBUG=1 shows those)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None})
+        super().emit(record)
+
+
+def one_line_logs() -> None:
+    """Route library log records of WARNING and above through _OneLineHandler (the console
+    script does this; tests that import the CLI keep Python's defaults)."""
+    if os.environ.get(DEBUG_ENV):
+        return
+    handler = _OneLineHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("mpboot: %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
 
 
 def on_interrupt(note: str | Callable[[], str]) -> None:
