@@ -104,11 +104,20 @@ def _quiet_stdout() -> None:
         pass
 
 
+# Bumble's records are the stack's diagnostics, and noise to a user: Ctrl-C during an HCI
+# command gives "no pending response future to set" or "Exception in on_packet". What matters
+# reaches mpboot as an exception (a lost link, a silent device) and is said there.
+_QUIET_LOGGERS: Final = frozenset({"bumble"})
+
+
 class _OneLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Warnings from the libraries under the CLI (Bumble, asyncio) as one line each on
-    stderr, never with the traceback they may carry (MPBOOT_DEBUG=1 shows those)."""
+    """Warnings from the libraries under the CLI (asyncio, ...) as one line each on stderr,
+    never with the traceback they may carry; Bumble's not at all (MPBOOT_DEBUG=1: Python's
+    default logging, tracebacks and all)."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.name.split(".", 1)[0] in _QUIET_LOGGERS:
+            return
         record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None, "stack_info": None})
         super().emit(record)
 
