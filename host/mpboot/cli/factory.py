@@ -16,6 +16,7 @@ import click
 from mpboot.cli.common import (
     baud_option,
     confirm_timeout_option,
+    console,
     exit_interrupted_now,
     framing_option,
     plural,
@@ -159,27 +160,24 @@ def _login() -> str:
 def _run_live(station_cls: Any, config: Any, db: Any, ports: list[str], parallel: int | None) -> list[Any]:
     """Run the station with a live table (one row per port) on a terminal; on anything else
     one line per board as it ends, then the table."""
-    from rich.console import Console
     from rich.live import Live
 
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=200)  # a log: whole lines, not 80 columns
+    out = console()  # a log or a pipe: whole lines, never wrapped
     boards: dict[str, Any] = {}
 
     def on_change(st: Any) -> None:
         boards[st.port] = st
-        if not console.is_terminal and st.outcome is not None:
-            console.print(f"provision: {st.port}: {st.outcome}"
+        if not out.is_terminal and st.outcome is not None:
+            out.print(f"provision: {st.port}: {st.outcome}"
                           + (f" as {st.serial}" if st.serial else "") + (f": {st.error}" if st.error else ""))
 
     station = station_cls(config, db, on_change=on_change)
-    if console.is_terminal:
-        with Live(get_renderable=lambda: _table(ports, boards), console=console, refresh_per_second=4):
+    if out.is_terminal:
+        with Live(get_renderable=lambda: _table(ports, boards), console=out, refresh_per_second=4):
             result = station.run(ports, parallel)
     else:
         result = station.run(ports, parallel)
-    console.print(_table(ports, {b.port: b for b in result}))
+    out.print(_table(ports, {b.port: b for b in result}), soft_wrap=False)
     return result
 
 
@@ -226,7 +224,6 @@ def report_cmd(db_url: str, as_csv: bool, as_json: bool) -> None:
     if as_json:
         write_json(rows, sys.stdout)
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{plural(len(rows), 'board')} in {where}")
@@ -235,10 +232,7 @@ def report_cmd(db_url: str, as_csv: bool, as_json: bool) -> None:
         table.add_column(col, no_wrap=col != "error")
     for row in rows:
         table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in cols))
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=200)
-    console.print(table)
+    console().print(table, soft_wrap=False)
 
 
 COMMANDS = (provision_cmd,)
