@@ -70,8 +70,8 @@ class Sims:
         self.root = root
         self.procs: dict[str, SimProcess] = {}
 
-    def start(self, name: str, key: Path = KEY) -> SimProcess:
-        sim = SimProcess(self.root / name, [key])
+    def start(self, name: str, key: Path = KEY, *extra: str) -> SimProcess:
+        sim = SimProcess(self.root / name, [key], *extra)
         sim.wait_for(r"serving SMP")
         self.procs[name] = sim
         return sim
@@ -421,3 +421,37 @@ def test_another_pending_image_is_cleared_before_sealing(images: dict[str, Path]
     listed = asyncio.run(slots())
     assert [(s.hash, s.active, s.confirmed) for s in listed] == [(app.hash, True, True)]
     assert not any(s.pending for s in listed)
+
+
+def test_ctrl_c_stops_the_station_with_130_and_a_rerun_finishes(images: dict[str, Path], sims: Sims,
+                                                                tmp_path: Path) -> None:
+    """Ctrl-C mid-upload: exit 130 and one line saying how to go on; the same command again
+    finishes every board with the serial it was given."""
+    import sqlite3
+    import time
+
+    ports = [sims.start(f"b{i}", KEY, "--baud", "115200").path for i in range(2)]  # ~2 s per upload
+    db = tmp_path / "f.sqlite"
+    args = [MPBOOT, "provision", *(a for p in ports for a in ("--port", p)), "--image", str(images["app"]),
+            "--expect-key", str(PUBLIC_KEY), "--serial-prefix", "SN-", "--db", str(db)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def serials_given() -> int:
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+                return con.execute("SELECT count(*) FROM audit WHERE step = 'serial'").fetchone()[0]
+        except sqlite3.Error:
+            return 0  # (not created yet)
+
+    deadline = time.monotonic() + 60
+    while serials_given() < 2:  # both boards have their serial: they are uploading now
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)  # (polling the records for that condition)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert err.splitlines() == ["mpboot: interrupted: boards not finished are finished by running the same "
+                                "command again (provisioned boards are skipped)"], err
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert {factory(p).serial for p in ports} == {"SN-000001", "SN-000002"}

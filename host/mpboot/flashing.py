@@ -59,10 +59,6 @@ class FlashResult:
     reconnects: int = 0  # links opened again after one was lost (flash_with_retries)
     running: bool = False  # the image already ran: nothing was uploaded, marked or reset
 
-    @property
-    def uploaded(self) -> bool:
-        return self.upload is not None
-
 
 def prepare(data: bytes) -> PreparedImage:
     """Parse the image (ImageRejected if malformed) and take its hash and protected TLVs.
