@@ -664,6 +664,9 @@ class RadioTransport:
         piece = self.mtu - 3
         return max(piece, buf_size // piece * piece)
 
+    def packet_limit(self, buf_size: int) -> int:
+        return buf_size
+
 
 def make_image(size: int = 56 * 1024) -> bytes:
     from conftest import signing_key

@@ -39,7 +39,7 @@ from mpboot import ble
 from mpboot.ble import SMP_CHARACTERISTIC_UUID, SMP_SERVICE_UUID, bumble_backend
 from mpboot.ble.bumble_backend import backends, close_all
 from mpboot.cli import cli
-from mpboot.errors import LinkLost, PortError, TransportError, UsageError
+from mpboot.errors import LinkLost, PortError, RequestTooLarge, TransportError, UsageError
 from mpboot.flashing import Mark, flash_with_retries, prepare
 from mpboot.image import ImageVersion, SignOptions, build_image
 from mpboot.keys import load_signing_key
@@ -526,6 +526,12 @@ def test_ble_transport_round_trips_packets_larger_than_one_mtu() -> None:
             # The request: full ATT payloads, then the rest; the response likewise.
             assert [len(w) for w in p.writes[writes:]] == [PAYLOAD] * 4 + [echo.size - 4 * PAYLOAD]
             assert p.notified[notified:notified + 4] == [PAYLOAD] * 4 and sum(p.notified[notified:]) > 4 * PAYLOAD
+            # A request up to the device's whole buffer goes (it reassembles any split), more is
+            # refused on the host: not at max_packet, which only rounds uploads to full payloads.
+            assert len(await client.echo("y" * 2030)) == 2030
+            with pytest.raises(RequestTooLarge, match=r"takes 2054 bytes, more than the device's buffer holds "
+                                                      r"\(2048 of buf_size 2048"):
+                await client.echo("y" * 2040)
             # max_packet: whole ATT payloads within the device's buffer.
             assert t.max_packet(2048) == 8 * PAYLOAD
             assert t.max_packet(PAYLOAD) == PAYLOAD

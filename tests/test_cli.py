@@ -838,3 +838,20 @@ def test_every_command_has_help() -> None:
     for path in commands:
         result = run(*path, "--help")
         assert result.exit_code == 0 and "Usage: mpboot" in result.stdout, (path, _describe(result))
+
+
+def test_console_prints_outside_text_as_it_is(capsys: pytest.CaptureFixture[str]) -> None:
+    """Device and file names reach the CLI's tables and lines from outside: `[/]` in a BLE
+    name is text, not rich markup (it used to end sync with a MarkupError)."""
+    from rich.table import Table
+
+    from mpboot.cli.common import console
+
+    out = console()
+    out.print("sync: [/]: app[link=evil].bin")
+    table = Table(title="[/]")
+    table.add_column("device")
+    table.add_row("[bold]x[/bold]")
+    out.print(table)
+    text = capsys.readouterr().out
+    assert "sync: [/]: app[link=evil].bin" in text and "[bold]x[/bold]" in text

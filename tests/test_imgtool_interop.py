@@ -63,6 +63,8 @@ def test_imgtool_signed_images_verify_on_device_and_host(device, tmp_path: Path,
 
     result = CliRunner().invoke(cli, ["verify", str(out), "-k", str(KEYS_DIR / key_file), "--slot-size", hex(SLOT)])
     assert result.exit_code == 0 and "host:   OK version 1.2.3+9" in result.stdout
+    assert f"security counter {'none' if counter is None else counter}, key" in result.stdout
+    assert "None" not in result.stdout
 
 
 def _dumpinfo_fields(path: Path) -> tuple[str, int | None]:

@@ -1281,6 +1281,9 @@ class LoopbackTransport:
     def max_packet(self, buf_size: int) -> int:
         return min(buf_size, self.mtu)
 
+    def packet_limit(self, buf_size: int) -> int:
+        return self.max_packet(buf_size)
+
 
 def test_client_over_any_transport(signed_image: bytes) -> None:
     dev = FakeDevice(buf_size=2048)

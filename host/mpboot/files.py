@@ -4,7 +4,9 @@ into place once complete, so an error or Ctrl-C never leaves a partial or empty 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -12,42 +14,88 @@ from typing import IO
 
 from mpboot.errors import UsageError
 
+# link() is not offered here (vfat, exFAT, some network shares): create with O_EXCL instead
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK})
+
 
 def write_atomic(path: Path, data: bytes | Callable[[IO[bytes]], None], *, mode: int = 0o644,
                  exclusive: bool = False) -> None:
-    """Write `data` (bytes, or a function writing to the open file) to `path`. `exclusive`:
-    refuse to replace a file that exists (keys are never overwritten), also one created
-    while this one was being written. Errors: UsageError, one line."""
+    """Write `data` (bytes, or a function writing to the open file) to `path`. A regular
+    file (or a link to one: the file it names) is replaced whole, through a temporary file
+    beside it; anything else that is there (a device, a pipe: /dev/stdout) is written as it
+    is. `exclusive`: refuse to replace a file that exists (keys are never overwritten), also
+    one created while this one was being written. Errors: UsageError, one line."""
     path = Path(path)
     if exclusive and (path.exists() or path.is_symlink()):
         raise UsageError(f"{path}: already exists; refusing to overwrite it")
-    if path.is_dir():
-        raise UsageError(f"{path}: is a directory; give a file name")
-    folder = path.parent if str(path.parent) else Path(".")
+    target = path.resolve() if path.is_symlink() else path
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
+        kind = target.stat().st_mode
+    except FileNotFoundError:
+        kind = None
+    except OSError as err:
+        raise UsageError(f"{path}: cannot write: {err.strerror}") from None
+    if kind is not None and stat.S_ISDIR(kind):
+        raise UsageError(f"{path}: is a directory; give a file name")
+    if kind is not None and not stat.S_ISREG(kind):
+        _write_in_place(path, target, data)
+        return
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     except OSError as err:
         raise UsageError(f"{path}: cannot create: {err.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
+            _write(f, data)
             f.flush()
             os.fchmod(f.fileno(), mode & ~_umask())
-        if exclusive:
-            try:
-                os.link(tmp, path)  # fails if the name appeared meanwhile: never replaces
-            except FileExistsError:
-                raise UsageError(f"{path}: already exists; refusing to overwrite it") from None
-        else:
-            os.replace(tmp, path)
+        if not exclusive:
+            os.replace(tmp, target)
+            return
+        try:
+            os.link(tmp, target)  # fails if the name appeared meanwhile: never replaces
+        except FileExistsError:
+            raise UsageError(f"{path}: already exists; refusing to overwrite it") from None
+        except OSError as err:
+            if err.errno not in _NO_HARD_LINKS:
+                raise
+            _create_exclusive(path, target, Path(tmp).read_bytes(), mode)
     except OSError as err:
         raise UsageError(f"{path}: cannot write: {err.strerror or err}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _write(f: IO[bytes], data: bytes | Callable[[IO[bytes]], None]) -> None:
+    if callable(data):
+        data(f)
+    else:
+        f.write(data)
+
+
+def _write_in_place(path: Path, target: Path, data: bytes | Callable[[IO[bytes]], None]) -> None:
+    try:
+        with open(target, "wb") as f:
+            _write(f, data)
+    except OSError as err:
+        raise UsageError(f"{path}: cannot write: {err.strerror or err}") from None
+
+
+def _create_exclusive(path: Path, target: Path, data: bytes, mode: int) -> None:
+    """On a filesystem without hard links: create the file only if no file has that name.
+    An error midway removes what was written."""
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise UsageError(f"{path}: already exists; refusing to overwrite it") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(target)
+        raise
 
 
 def _umask() -> int:

@@ -388,12 +388,14 @@ def device_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def console(*, stderr: bool = False) -> Any:
     """A rich Console for tables and live views. On a terminal it fits the window; on
-    anything else (a pipe, a log file) lines are never wrapped, so grep finds them whole."""
+    anything else (a pipe, a log file) lines are never wrapped, so grep finds them whole.
+    No markup: what it prints comes from outside (device names, file names, errors), and
+    `[/]` in a BLE name must print as it is, not end a style or crash."""
     from rich.console import Console
 
-    out = Console(stderr=stderr, highlight=False)
+    out = Console(stderr=stderr, highlight=False, markup=False)
     if not out.is_terminal:
-        out = Console(stderr=stderr, highlight=False, soft_wrap=True, width=1000)
+        out = Console(stderr=stderr, highlight=False, markup=False, soft_wrap=True, width=1000)
     return out
 
 

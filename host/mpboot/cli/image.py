@@ -36,7 +36,7 @@ from mpboot.image import (
 )
 from mpboot.keys import SignatureScheme
 
-MAX_SLOT_SIZE = 1 << 32  # MCUboot image sizes are 32-bit
+SLOT_SIZE_LIMIT = 1 << 32  # MCUboot image sizes are 32-bit
 
 
 @click.command()
@@ -131,7 +131,7 @@ def sign(input_path: Path, key_file: Path, version_text: str, security_counter: 
         class_id=class_uuid(class_id, vid) if class_id else None,
         load_addr=parse_address(load_addr, "load address") if load_addr else 0,
         scheme=SignatureScheme(scheme),
-        slot_size=parse_size(slot_size, "slot size", maximum=MAX_SLOT_SIZE) if slot_size else None,
+        slot_size=parse_size(slot_size, "slot size", maximum=SLOT_SIZE_LIMIT) if slot_size else None,
     )
     key = keys.load_signing_key(key_file, password(password_env))
     source = pack.load_input(input_path, entry=entry)
@@ -161,13 +161,13 @@ def verify(image_path: Path, key_files: tuple[Path, ...], slot_size: str | None,
     secret = password(password_env)
     trusted = [keys.load_public_key(p, secret) for p in key_files]
     data = read_image(image_path)
-    slot = parse_size(slot_size, "slot size", maximum=MAX_SLOT_SIZE) if slot_size else len(data)
+    slot = parse_size(slot_size, "slot size", maximum=SLOT_SIZE_LIMIT) if slot_size else len(data)
     rejected = False
     try:
         result = verify_image(data, trusted, slot)
         img = result.image
         click.echo(f"host:   OK version {img.header.version}, security counter "
-                   f"{img.security_counter}, key {key_files[result.key_index]} "
+                   f"{_shown(img.security_counter, 'none')}, key {key_files[result.key_index]} "
                    f"(RSA-{result.key.bits} {result.scheme.value})")
     except ImageRejected as err:
         rejected = True
@@ -176,7 +176,7 @@ def verify(image_path: Path, key_files: tuple[Path, ...], slot_size: str | None,
         verdict = device.verify_on_device(data, trusted, slot, heapsize)
         if verdict.accepted:
             click.echo(f"device: OK version {verdict.version}, security counter "
-                       f"{verdict.security_counter}, key {key_files[verdict.key_index]} "
+                       f"{_shown(verdict.security_counter, 'none')}, key {key_files[verdict.key_index]} "
                        f"(MicroPython unix port, heap {heapsize})")
         else:
             rejected = True
@@ -184,6 +184,11 @@ def verify(image_path: Path, key_files: tuple[Path, ...], slot_size: str | None,
             click.echo(f"device: REJECTED {verdict.code.name}: {ImageRejected(verdict.code)}", err=True)
     if rejected:
         raise click.exceptions.Exit(1)
+
+
+def _shown(value: object, absent: str) -> str:
+    """A value for people: `absent` instead of "None"."""
+    return absent if value is None else str(value)
 
 
 def _tlv_dict(t: Tlv) -> dict[str, Any]:
@@ -224,21 +229,18 @@ def info(image_path: Path, as_json: bool) -> None:
         click.echo(json.dumps(summary, indent=2))
         return
 
-    def shown(value: object, absent: str) -> str:
-        return absent if value is None else str(value)
-
     h = summary["header"]
     click.echo(f"image:            {image_path} ({summary['total_size']} bytes)")
     click.echo(f"version:          {summary['version']}")
-    click.echo(f"security counter: {shown(summary['security_counter'], 'none (no SEC_CNT TLV)')}")
-    click.echo(f"vendor id:        {shown(summary['vendor_id'], 'none (no UUID_VID TLV)')}")
-    click.echo(f"class id:         {shown(summary['class_id'], 'none (no UUID_CID TLV)')}")
+    click.echo(f"security counter: {_shown(summary['security_counter'], 'none (no SEC_CNT TLV)')}")
+    click.echo(f"vendor id:        {_shown(summary['vendor_id'], 'none (no UUID_VID TLV)')}")
+    click.echo(f"class id:         {_shown(summary['class_id'], 'none (no UUID_CID TLV)')}")
     click.echo(f"header:           magic {h['magic']}, hdr_size {h['hdr_size']:#x}, img_size {h['img_size']}, "
                f"protected TLVs {h['protect_tlv_size']}, flags {h['flags']:#x}, load_addr {h['load_addr']:#x}")
     match = ("matches TLV" if summary["hash_matches"] else
              "no SHA256 TLV" if summary["sha256_tlv"] is None else "DOES NOT MATCH TLV")
     click.echo(f"sha256:           {summary['computed_sha256']} ({match})")
-    click.echo(f"key hash:         {shown(summary['keyhash'], 'none (no KEYHASH TLV)')}")
+    click.echo(f"key hash:         {_shown(summary['keyhash'], 'none (no KEYHASH TLV)')}")
     for label, tlvs in (("protected TLV", summary["protected_tlvs"]), ("TLV", summary["tlvs"])):
         for t in tlvs:
             value = t["value"] if t["length"] <= 32 else t["value"][:64] + "..."

@@ -29,8 +29,8 @@ from mpboot.image import class_uuid, vendor_uuid
 
 # The simulator boots from a RAM copy of the image (the unix port cannot map flash), so its
 # heap is a slot plus 128 KiB: slots beyond this would ask the host for gigabytes.
-MAX_SLOT_SIZE = 16 << 20
-MAX_FLASH_SIZE = 2 * MAX_SLOT_SIZE + (1 << 20)
+SIM_MAX_SLOT_SIZE = 16 << 20
+SIM_MAX_FLASH_SIZE = 2 * SIM_MAX_SLOT_SIZE + (1 << 20)
 
 
 def _sim_extra_missing(err: ImportError) -> UsageError:
@@ -144,7 +144,7 @@ def sim_group(ctx: click.Context, state_dir: Path | None, key_files: tuple[Path,
         sys.stdout.flush()
 
     server = SimServer(state_dir, trusted, link=link,
-                       slot_size=parse_size(slot_size, "slot size", minimum=4096, maximum=MAX_SLOT_SIZE)
+                       slot_size=parse_size(slot_size, "slot size", minimum=4096, maximum=SIM_MAX_SLOT_SIZE)
                        if slot_size else None,
                        vendor_id=vid, class_id=class_uuid(class_id, vid) if class_id else None,
                        timing=flash_timing, baud=baud, buf_size=buf_size, buf_count=buf_count,
@@ -218,12 +218,16 @@ def sim_init(directory: Path, key_files: tuple[Path, ...], flash_size: str, sect
     from mpboot.sim import Geometry, SimDevice
 
     trusted = [keys.load_public_key(path, password(password_env)) for path in key_files]
-    size = parse_size(flash_size, "flash size", maximum=MAX_FLASH_SIZE)
+    size = parse_size(flash_size, "flash size", maximum=SIM_MAX_FLASH_SIZE)
     sec = parse_size(sector, "sector size", maximum=1 << 20)
     if sec < 1024 or sec & (sec - 1) or size % sec:
         raise UsageError(f"sector size {sec} must be a power of two of at least 1k dividing the flash size")
     vid = vendor_uuid(vendor_id) if vendor_id else None
-    dev = SimDevice.create(directory, trusted, Geometry(size, sec, int(align)), vendor_id=vid,
+    geometry = Geometry(size, sec, int(align))
+    if geometry.slot_size > SIM_MAX_SLOT_SIZE:
+        raise UsageError(f"--flash-size {flash_size} makes {geometry.slot_size}-byte slots: at most 16M each "
+                         "(the simulator boots from a RAM copy of the image)")
+    dev = SimDevice.create(directory, trusted, geometry, vendor_id=vid,
                            class_id=class_uuid(class_id, vid) if class_id else None,
                            downgrade=not no_downgrade)
     g = dev.geometry

@@ -22,7 +22,6 @@ from mpboot.keys import PublicKey
 from mpboot.upy import compile_tree
 
 CUT_EXIT = 75  # nor_sim.CUT_EXIT: the process lost power
-DEFAULT_HEAPSIZE = "4m"
 
 
 def build_lib(dest: Path, keys: Sequence[PublicKey]) -> Path:
@@ -61,6 +60,13 @@ class Geometry:
     @property
     def slot_size(self) -> int:
         return (self.size // self.sector - RESERVED_SECTORS) // 2 * self.sector
+
+    @property
+    def boot_heap_kib(self) -> int:
+        """The heap a power-on that boots needs: the unix port cannot map flash, so the boot
+        copies the image it runs into RAM (as on esp32), plus 128 KiB for the firmware and
+        service modules (.mpy, about 60 KiB; frozen on a board they cost none) and the app."""
+        return (self.slot_size + 128 * 1024) // 1024
 
     @property
     def state_start(self) -> int:
@@ -171,13 +177,14 @@ class SimDevice:
 
     def __init__(self, workdir: Path, lib: Path, geometry: Geometry = Geometry(), *,
                  vendor_id: bytes | None = None, class_id: bytes | None = None,
-                 downgrade: bool = True, heapsize: str = DEFAULT_HEAPSIZE,
+                 downgrade: bool = True, heapsize: str | None = None,
                  uid: bytes | None = None) -> None:
         self.workdir = Path(workdir).absolute()  # its config names files the device opens
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.lib = Path(lib)
         self.geometry = geometry
-        self.heapsize = heapsize
+        # a power-on's heap: as given, else what booting this slot size takes (4 MiB at least)
+        self.heapsize = heapsize or f"{max(4096, geometry.boot_heap_kib)}k"
         self.flash = self.workdir / "flash.bin"
         fields: dict[str, object] = {"flash": self.flash, "size": geometry.size, "sector": geometry.sector,
                                      "align": geometry.align}

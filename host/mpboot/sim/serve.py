@@ -142,13 +142,11 @@ class SimServer:
     device, or a crash loop, then `error` says why); stop() cleans up (idempotent)."""
 
     def _heapsize(self) -> str:
-        """The device's heap: as given, else a slot plus 128 KiB. The unix port cannot map
-        flash, so the boot copies the image it runs into RAM (as on esp32); the firmware and
-        service modules load as .mpy (about 60 KiB here; frozen on a board they cost none)."""
+        """The device's heap: as given, else what booting its slot size takes."""
         if self.heapsize:
             return self.heapsize
         assert self.device is not None
-        return f"{(self.device.geometry.slot_size + 128 * 1024) // 1024}k"
+        return f"{self.device.geometry.boot_heap_kib}k"
 
     def __init__(self, state: Path, keys: Sequence[PublicKey], *, link: Path | None = None,
                  slot_size: int | None = None, vendor_id: bytes | None = None,

@@ -142,11 +142,12 @@ class SMPClient:
         seq = self._next_seq()
         packet = encode_packet(op, group, command, seq, payload, Version.V1)
         params = self._params
-        if params is not None and params.reported and len(packet) > self.transport.max_packet(params.buf_size):
-            # The device would drop it unanswered: say why now instead of timing out.
-            raise RequestTooLarge(f"the {describe(group, command, op)} request takes {len(packet)} bytes, more than "
-                                  f"the device's buffer holds ({self.transport.max_packet(params.buf_size)} of "
-                                  f"buf_size {params.buf_size} over {self.transport.name})")
+        if params is not None and params.reported:
+            limit = self.transport.packet_limit(params.buf_size)
+            if len(packet) > limit:  # the device would drop it unanswered: say why, do not wait
+                raise RequestTooLarge(f"the {describe(group, command, op)} request takes {len(packet)} bytes, "
+                                      f"more than the device's buffer holds ({limit} of buf_size "
+                                      f"{params.buf_size} over {self.transport.name})")
         future: asyncio.Future[tuple[Header, dict[str, Any]]] = asyncio.get_running_loop().create_future()
         pending = PendingReply(seq, group, command, op, future)
         self._pending[seq] = pending

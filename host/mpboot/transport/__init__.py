@@ -43,7 +43,13 @@ class Transport(Protocol):
 
     def max_packet(self, buf_size: int) -> int:
         """The largest SMP packet (header included) to send to a device whose receive buffer
-        is `buf_size` bytes (MCUmgr parameters), within this link's own limits."""
+        is `buf_size` bytes (MCUmgr parameters), within this link's own limits: the size the
+        upload fills each request to."""
+        ...
+
+    def packet_limit(self, buf_size: int) -> int:
+        """The largest SMP packet such a device takes at all (beyond it, a request is dropped
+        unanswered): max_packet, or more where max_packet rounds down for efficiency."""
         ...
 
 

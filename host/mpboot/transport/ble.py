@@ -90,6 +90,10 @@ class BleTransport:
             return buf_size
         return buf_size // unit * unit
 
+    def packet_limit(self, buf_size: int) -> int:
+        """The device reassembles a request of up to `buf_size` bytes, however it is split."""
+        return buf_size
+
     # --- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:

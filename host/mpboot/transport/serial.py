@@ -68,6 +68,9 @@ class SerialTransport:
     def max_packet(self, buf_size: int) -> int:
         return self._codec.max_packet(buf_size)
 
+    def packet_limit(self, buf_size: int) -> int:
+        return self._codec.max_packet(buf_size)
+
     async def open(self) -> None:
         if self._serial is not None:
             return
