@@ -314,7 +314,7 @@ def test_rerunning_a_cut_flash_completes_it(images: dict[str, Path], tmp_path: P
         assert again.exit_code == 0, again.stdout + again.stderr
         if cut == "after-reset":
             assert again.stdout.strip() == (f"{v3} (version 3.0.0+0) already runs on the device (slot 1, "
-                                            "confirmed): nothing uploaded")
+                                            "confirmed): nothing uploaded, no reset needed")
         else:
             assert "flashed" in again.stdout and "device reset" in again.stdout
             if cut in ("before-mark", "after-mark"):
@@ -350,5 +350,25 @@ def test_confirm_by_hash_when_both_slots_hold_the_image(images: dict[str, Path],
         assert out.strip() == "confirmed the running image (slot 0, version 1.0.0)"
         after = json.loads(ok("state", *port, "--json"))["images"]
         assert not any(s["permanent"] or s["pending"] for s in after), after
+    finally:
+        sim.stop()
+
+
+def test_flash_confirm_of_the_image_on_its_test_boot_confirms_it(images: dict[str, Path], tmp_path: Path) -> None:
+    """v2 does not confirm itself: flashing it again with --confirm while it runs its test
+    boot confirms it (no upload, no reset) and says so."""
+    sim = SimProcess(tmp_path / "dev", [KEY])
+    port = ["--port", sim.path]
+    try:
+        run_v1(sim, images)
+        ok("flash", images["2.0.0"], *port, "--test", "--reset", "--no-progress")
+        sim.wait_for(r"APP 2\.0\.0")
+        sim.wait_for(r"serving SMP")
+        assert not slots(port)["2.0.0"]["confirmed"]
+        out = ok("flash", images["2.0.0"], *port, "--confirm", "--reset", "--no-progress")
+        assert out.strip() == (f"{images['2.0.0']} (version 2.0.0+0) already runs on the device (slot 1, on its "
+                               "test boot: confirmed it now): nothing uploaded, no reset needed")
+        v2 = slots(port)["2.0.0"]
+        assert v2["active"] and v2["confirmed"], v2
     finally:
         sim.stop()

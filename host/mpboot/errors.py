@@ -482,3 +482,11 @@ class DeviceSilent(LinkError):
 
 class ProtocolError(LinkError):
     """The device answered, but not with what the protocol says (undecodable or missing fields)."""
+
+
+def reason(err: BaseException) -> str:
+    """An exception's reason for people, one line: an OSError's text without its errno
+    ("Connection refused", not "[Errno 111] Connect call failed ('127.0.0.1', 1)")."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err) or type(err).__name__

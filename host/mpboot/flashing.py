@@ -58,6 +58,7 @@ class FlashResult:
     reset: bool
     reconnects: int = 0  # links opened again after one was lost (flash_with_retries)
     running: bool = False  # the image already ran: nothing was uploaded, marked or reset
+    confirmed_now: bool = False  # running on its test boot, it was confirmed (Mark.CONFIRM)
 
 
 def prepare(data: bytes) -> PreparedImage:
@@ -122,7 +123,7 @@ async def _already_running(client: SMPClient, prepared: PreparedImage, mark: Mar
         slot = next((s for s in slots if s.hash == prepared.hash and s.active), None)
         if slot is None or not slot.confirmed:
             raise ProtocolError("the device accepted the confirm but does not list the running image as confirmed")
-    return FlashResult(prepared, None, mark, slot, False, running=True)
+    return FlashResult(prepared, None, mark, slot, False, running=True, confirmed_now=slot is not running)
 
 
 async def _mark(client: SMPClient, prepared: PreparedImage, mark: Mark) -> SlotState | None:

@@ -34,7 +34,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from mpboot.errors import ImageRejected, LinkError, MpbootError, SMPError, UsageError
+from mpboot.errors import ImageRejected, LinkError, MpbootError, SMPError, UsageError, reason
 from mpboot.flashing import Mark, PreparedImage, flash_with_retries, prepare
 from mpboot.image import TlvType
 from mpboot.smp.client import SMPClient
@@ -276,11 +276,6 @@ CREATE TABLE IF NOT EXISTS attempts (
 """
 
 
-def _why(err: Exception) -> str:
-    """An error's reason for people: "No such file or directory", not "[Errno 2] ..."."""
-    return (err.strerror or str(err)) if isinstance(err, OSError) else str(err)
-
-
 class AttemptLog:
     """Where attempts go: SQLite for a `.sqlite`/`.db` path, JSON lines otherwise (appended)."""
 
@@ -306,7 +301,7 @@ class AttemptLog:
                         if f.read(1) != b"\n":
                             f.write(b"\n")  # a run killed mid-line: the next record starts afresh
         except (OSError, sqlite3.Error) as err:
-            raise UsageError(f"--log {path}: cannot use it: {_why(err)}") from None
+            raise UsageError(f"--log {path}: cannot use it: {reason(err)}") from None
 
     def reverted(self) -> Reverted:
         """What the log says reverted where (records oldest first; lines that are not JSON,
@@ -332,7 +327,7 @@ class AttemptLog:
                     if isinstance(rec, dict):
                         memory.learn(rec.get("uid"), rec.get("image_hash"), rec.get("result"))
         except (OSError, sqlite3.Error, ValueError) as err:
-            raise UsageError(f"--log {self.path}: cannot read it: {_why(err)}") from None
+            raise UsageError(f"--log {self.path}: cannot read it: {reason(err)}") from None
         return memory
 
     def write(self, attempt: Attempt) -> None:
@@ -539,7 +534,7 @@ def summary_rows(attempts: Sequence[Attempt]) -> list[tuple[str, ...]]:
     for a in sorted(attempts, key=lambda x: x.device):
         note = a.error or a.note or (f"resumed at {a.resumed_from}" if a.resumed_from else "")
         if a.reconnects:
-            note = (note + "; " if note else "") + f"{a.reconnects} reconnects"
+            note = (note + "; " if note else "") + f"{a.reconnects} reconnect{'s' if a.reconnects != 1 else ''}"
         rows.append((a.device + (f" ({a.serial})" if a.serial else ""), a.from_version or "-", a.to_version or "-", str(a.bytes), str(a.result),
                      f"{a.seconds:.1f}s", note))
     return rows

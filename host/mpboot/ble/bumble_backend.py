@@ -59,6 +59,8 @@ from bumble.gatt_client import CharacteristicProxy, ServiceProxy
 from bumble.transport import open_transport
 from bumble.transport.common import Transport
 
+from mpboot.errors import reason
+
 logger = logging.getLogger(__name__)
 
 PREFERRED_MTU: Final = 247  # one LL packet with data length extension (docs/BLE.md)
@@ -197,7 +199,7 @@ class _Stack:
                              f"{OPEN_TIMEOUT:.0f} s") from None
         except Exception as err:  # noqa: BLE001 - any transport's failure to open (USB, TCP, ...)
             await self.close()
-            raise BleakError(f"cannot open Bumble HCI transport {self.spec}: {err or type(err).__name__}") from None
+            raise BleakError(f"cannot open Bumble HCI transport {self.spec}: {reason(err)}") from None
         source = self.transport.source
         terminated = getattr(source, "terminated", None)
         if isinstance(terminated, asyncio.Future):

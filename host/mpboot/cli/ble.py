@@ -97,15 +97,16 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
     )
 
     repo, skipped = load_repo(repo_dir)
+    if not repo:
+        raise UsageError(f"{repo_dir}: no signed images (*.img, *.bin, *.signed)"
+                         + (f"; skipped {'; '.join(skipped)}" if skipped else ""))
+    backend = ble.select(ble_backend)
+    log = AttemptLog(log_path)  # (every usage error before the first line of output)
     out = console()  # a log or a pipe: whole lines (grep), never wrapped at 80 columns
     for line in skipped:
         out.print(f"sync: skipped {line}")
-    if not repo:
-        raise UsageError(f"{repo_dir}: no signed images (*.img, *.bin, *.signed)")
     out.print(f"sync: {plural(len(repo), 'image')} in {repo_dir}: "
               + ", ".join(f"{r.path.name} ({r.version})" for r in sorted(repo, key=lambda r: r.key)))
-    backend = ble.select(ble_backend)
-    log = AttemptLog(log_path)
     opts = SyncOptions(scan_seconds=seconds, max_parallel=max_parallel, retries=retries, timeout=timeout,
                        confirm_timeout=confirm_timeout)
 
@@ -146,7 +147,7 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
         log.close()
     status = exit_status(attempts)
     if status:
-        raise SystemExit(status)
+        raise click.exceptions.Exit(status)
 
 
 COMMANDS = (scan_cmd, sync_cmd)

@@ -42,6 +42,15 @@ class MpbootGroup(click.Group):
     """The root group: turns errors into one line on stderr and an exit code; never a
     traceback for a mistake. Subcommands and subgroups run inside its invoke."""
 
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        # --help and --version print while the root parses: a closed pipe there is 141 too
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except BrokenPipeError:
+            _quiet_stdout()
+            sys.exit(EXIT_BROKEN_PIPE)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -57,6 +66,9 @@ class MpbootGroup(click.Group):
         except BrokenPipeError:
             _quiet_stdout()
             ctx.exit(EXIT_BROKEN_PIPE)
+        except (TimeoutError, ConnectionError) as err:  # a link, not a file: as LinkError
+            _say(f"mpboot: error: {err.strerror or err or type(err).__name__}")
+            ctx.exit(3)
         except OSError as err:
             where = f"{err.filename}: " if err.filename else ""
             _say(f"mpboot: error: {where}{err.strerror or err}")
@@ -175,7 +187,7 @@ def size_text(n: float) -> str:
     """A byte count for people: 512 bytes, 12.5 KiB, 1.0 MiB."""
     for unit in ("bytes", "KiB", "MiB"):
         if n < 1024 or unit == "MiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+            return plural(round(n), "byte") if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError
 

@@ -21,7 +21,7 @@ from mpboot.cli.common import (
     retries_option,
     size_text,
 )
-from mpboot.errors import UsageError
+from mpboot.errors import ProtocolError, UsageError
 
 
 @click.command("flash")
@@ -109,17 +109,18 @@ def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bo
     done = asyncio.run(action())
     if done.running:
         slot = done.slot
-        state = "confirmed" if slot is not None and slot.confirmed else "on its test boot"
+        state = ("on its test boot: confirmed it now" if done.confirmed_now else
+                 "confirmed" if slot is not None and slot.confirmed else "on its test boot")
         number = f"slot {slot.slot}, " if slot is not None else ""
         click.echo(f"{image_path} (version {prepared.version}) already runs on the device ({number}{state}): "
-                   "nothing uploaded")
+                   f"nothing uploaded{', no reset needed' if reset_after else ''}")
         return
     up = done.upload
     if no_progress and up is not None:
         resumed = f", resumed at {up.resumed_from}" if up.resumed_from else ""
         reconnects = f", {plural(done.reconnects, 'reconnect')}" if done.reconnects else ""
         click.echo(f"uploaded {up.size} bytes in {up.elapsed:.1f} s ({size_text(up.rate)}/s, "
-                   f"{up.requests} requests, window {up.window}{resumed}{reconnects})")
+                   f"{plural(up.requests, 'request')}, window {up.window}{resumed}{reconnects})")
     held = " (the device held it already: nothing uploaded)" if up is None else ""
     where_slot = f" in slot {done.slot.slot}" if done.slot is not None else ""
     how = {Mark.NONE: "not marked (it does not boot until marked)",
@@ -199,8 +200,8 @@ def confirm_cmd(hash_text: str | None, link: DeviceLink) -> None:
         click.echo(f"image {entry.hash.hex()[:16]} in slot {entry.slot} (version {entry.version}) made "
                    "permanent: it boots from the next reset")
     else:
-        raise UsageError(f"the device accepted the confirm but does not list image {entry.hash.hex()[:16]}"
-                         f"{what} as confirmed or permanent")
+        raise ProtocolError(f"the device accepted the confirm but does not list image {entry.hash.hex()[:16]}"
+                            f"{what} as confirmed or permanent")
 
 
 @click.command("reset")

@@ -147,7 +147,7 @@ def provision_cmd(ctx: click.Context, ports: tuple[str, ...], ports_glob: str | 
         who = f" ({b.uid.hex()})" if b.uid else ""
         click.echo(f"provision: {b.port}{who}: {b.outcome or 'failed'}: {b.error}", err=True)
     if failed:
-        raise SystemExit(1)
+        raise click.exceptions.Exit(1)
 
 
 def _login() -> str:

@@ -126,8 +126,8 @@ def sim_group(ctx: click.Context, state_dir: Path | None, key_files: tuple[Path,
             flags = ", ".join(max(p.opts, key=len) for p in ctx.command.params if p.name in given)
             raise UsageError(f"{flags}: serving options need --state DIR (the device's folder), e.g. "
                              "mpboot sim --state dev --keys KEY")
-        click.echo(ctx.get_help())
-        return
+        click.echo(ctx.get_help(), err=True)  # as every group given nothing (click): help, exit 2
+        ctx.exit(2)
     if not key_files:
         raise UsageError("mpboot sim --state DIR needs at least one --keys KEY (the keys the device trusts)")
     if heapsize is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +34,12 @@ def build_lib(dest: Path, keys: Sequence[PublicKey]) -> Path:
     if dest.exists():
         shutil.rmtree(dest)  # exactly this build: nothing left from an earlier one
     compile_tree(firmware_root() / "mpboot", dest / "mpboot")
-    src = dest.parent / (dest.name + "-src")
-    src.mkdir(parents=True, exist_ok=True)
-    write_keys_module(src, keys)
-    for main in ("sim_config.py", "sim_device.py", "sim_serve.py", "bluetooth.py"):
-        shutil.copyfile(script_path(main), src / main)
-    compile_tree(src, dest)
-    shutil.rmtree(src)
+    with tempfile.TemporaryDirectory(prefix="mpboot-sim-src-") as tmp:
+        src = Path(tmp)
+        write_keys_module(src, keys)
+        for main in ("sim_config.py", "sim_device.py", "sim_serve.py", "bluetooth.py"):
+            shutil.copyfile(script_path(main), src / main)
+        compile_tree(src, dest)
     return dest
 
 

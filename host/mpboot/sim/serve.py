@@ -24,6 +24,7 @@ import errno
 import fcntl
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import threading
@@ -201,7 +202,10 @@ class SimServer:
 
     def start(self) -> str:
         """Opens (or creates) the device, opens the user's pty, powers the device on; returns
-        the pty's path."""
+        the pty's path. A start that fails leaves no new state directory behind."""
+        if self.link is not None and not Path(self.link).parent.is_dir():
+            raise UsageError(f"--link {self.link}: cannot make the link there: {Path(self.link).parent} is not a folder")
+        created = not self.state.exists()
         self.state.mkdir(parents=True, exist_ok=True)
         self._lock = os.open(self.state / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -227,6 +231,8 @@ class SimServer:
             os.set_blocking(self._wake_w, False)
         except BaseException:
             self._cleanup()
+            if created:
+                shutil.rmtree(self.state, ignore_errors=True)
             raise
         g = self.device.geometry
         self.output(f"mpboot sim: device in {self.state}: two {g.slot_size}-byte slots, {g.sector}-byte sectors, "

@@ -21,7 +21,7 @@ from typing import Final
 
 import serial  # type: ignore[import-untyped]  # (pyserial has no type hints)
 
-from mpboot.errors import PortError, TransportError
+from mpboot.errors import PortError, TransportError, reason
 from mpboot.transport import Inbox
 from mpboot.transport.framing import FrameCodec, Framing, codec
 
@@ -88,7 +88,7 @@ class SerialTransport:
             os.set_blocking(self._fd, False)
         except (OSError, serial.SerialException) as err:
             port.close()
-            raise PortError(f"cannot configure {self._port}: {err}") from None
+            raise PortError(f"cannot configure {self._port}: {reason(err)}") from None
         self._serial = port
         self._codec.reset()
         self._inbox = Inbox(f"{self._port} is not open")
