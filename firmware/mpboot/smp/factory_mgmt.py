@@ -3,10 +3,6 @@
 # mpboot.smp.mpboot_mgmt on the first such request. Errors: v2 {"err": {"group": 64, "rc": R}},
 # v1 {"rc": MGMT_ERR, "rsn": "factory:R"} (R: mpboot.factory E_*); a missing or mistyped
 # field is EINVAL (no group rc).
-#
-# Imports: this module imports mpboot_mgmt at its top (the keys device info shares: ids,
-# serial, bytes_or_null); mpboot_mgmt imports this one only lazily, on the first factory
-# command, to save the RAM. Keep that direction: mpboot_mgmt is loaded first, always.
 import sys
 from micropython import const
 
@@ -31,7 +27,7 @@ from mpboot.factory import (
     FactoryError,
 )
 from mpboot.smp.cbor import Encoder
-from mpboot.smp.mpboot_mgmt import bytes_or_null, ids, serial
+from mpboot.smp.identity import bytes_or_null, ids, serial
 from mpboot.state import FLOOR
 
 _CMD_FACTORY_INFO = const(1)  # (a read; the others are writes)

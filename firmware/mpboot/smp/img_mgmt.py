@@ -6,7 +6,7 @@ import mpboot
 from mpboot import image
 from mpboot.image import ImageError
 from mpboot.slots import E_DOWNGRADE
-from mpboot.smp.mpboot_mgmt import serial
+from mpboot.smp.identity import serial
 from mpboot.state import ACTIVE, NONE, TEST, TRIAL
 from mpboot.update import MARK_NONE, U_LENGTH, UpdateError
 

@@ -6,14 +6,9 @@
 # them), the security-counter floor, whether downgrades are refused and the serial.
 # Commands 1-5 (factory info, identity, floor, policy, seal) are in mpboot.smp.factory_mgmt,
 # loaded on their first use: a board in the field never pays for them.
-#
-# Imports: factory_mgmt imports this module at its top (ids, serial, bytes_or_null); this one
-# imports factory_mgmt only inside handle(), lazily, to save the RAM. A cycle, harmless at run
-# time because this module is always loaded first: keep that direction (no top-level import
-# of factory_mgmt here).
 from micropython import const
 
-from mpboot.state import FLOOR
+from mpboot.smp.identity import ids, serial
 
 _OP_READ = const(0)
 _CMD_DEVICE_INFO = const(0)
@@ -47,31 +42,3 @@ def _device_info(srv, enc):
     enc.text("no-downgrade")
     enc.bool(not sl.downgrade)
 
-
-def ids(srv, enc):
-    # The keys device info and factory info share, in their canonical order: cid, ctr, uid, vid.
-    sl = srv.slots
-    enc.text("cid")
-    bytes_or_null(enc, sl.class_id)
-    enc.text("ctr")
-    enc.uint(sl.state[FLOOR])
-    enc.text("uid")
-    enc.bytes(srv.port.unique_id())
-    enc.text("vid")
-    bytes_or_null(enc, sl.vendor_id)
-
-
-def serial(enc, f):
-    # The serial of factory state f (None: no factory area), or null before an identity.
-    s = f.serial_text() if f is not None else None
-    if s is None:
-        enc.null()
-    else:
-        enc.text(s)
-
-
-def bytes_or_null(enc, b):
-    if b is None:
-        enc.null()
-    else:
-        enc.bytes(b)
