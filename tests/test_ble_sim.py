@@ -241,6 +241,7 @@ def test_sim_ble_serves_smp_and_resets(tmp_path: Path, air: AirThread) -> None:
     sim = BleSim(tmp_path / "dev", [KEY], radio=air.spec)
     try:
         assert sim.spec == air.spec and sim.name.startswith("mpb-")
+        assert not any("UART on" in line for line in sim.lines)  # it serves SMP over BLE only
 
         async def main() -> None:
             async with central(air.spec) as c:

@@ -117,13 +117,8 @@ def load_input(path: Path, entry: str | None = DEFAULT_ENTRY) -> SignInput:
         raise InputFileError(f"{path}: no such file or directory")
     suffix = path.suffix.lower()
     if suffix == ".hex":
-        try:
-            ih = IntelHex(str(path))
-        except (IntelHexError, ValueError) as err:
-            raise InputFileError(f"{path}: not a valid Intel hex file ({err})") from None
-        if ih.minaddr() is None:
-            raise InputFileError(f"{path}: Intel hex file holds no data")
-        return SignInput(bytes(ih.tobinarray()), "hex", ih.minaddr())
+        data, start = read_hex(path)
+        return SignInput(data, "hex", start)
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -137,6 +132,18 @@ def load_input(path: Path, entry: str | None = DEFAULT_ENTRY) -> SignInput:
             _check_entry(names, entry, str(path))
         return SignInput(data, "romfs")
     return SignInput(data, "bin")
+
+
+def read_hex(path: Path) -> tuple[bytes, int]:
+    """An Intel hex file's bytes (gaps filled 0xff) and the address of the first."""
+    try:
+        ih = IntelHex(str(path))
+    except (IntelHexError, ValueError) as err:
+        raise InputFileError(f"{path}: not a valid Intel hex file ({err})") from None
+    start = ih.minaddr()
+    if start is None:
+        raise InputFileError(f"{path}: Intel hex file holds no data")
+    return bytes(ih.tobinarray()), start
 
 
 def with_header_room(inp: SignInput, header_size: int, pad_header: bool) -> tuple[bytes, int | None]:

@@ -165,9 +165,9 @@ def parse_size(text: str, what: str, *, maximum: int | None = None, minimum: int
         raise UsageError(f"bad {what} {text!r}: expected a number like 0x200, 4096 or 512k")
     value = int(m.group(1), 0) * _UNITS[m.group(2).lower()]
     if value < minimum:
-        raise UsageError(f"{what} {text} is below the minimum of {_size_text(minimum)}")
+        raise UsageError(f"{what} {text} is below the minimum of {_size_suffixed(minimum)}")
     if maximum is not None and value > maximum:
-        raise UsageError(f"{what} {text} is above the maximum of {_size_text(maximum)}")
+        raise UsageError(f"{what} {text} is above the maximum of {_size_suffixed(maximum)}")
     return value
 
 
@@ -176,7 +176,7 @@ def parse_address(text: str, what: str) -> int:
     return parse_size(text, what, maximum=ADDRESS_LIMIT - 1)
 
 
-def _size_text(n: int) -> str:
+def _size_suffixed(n: int) -> str:
     for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("k", 1 << 10)):
         if n >= scale and n % scale == 0:
             return f"{n // scale}{unit}"
@@ -233,22 +233,18 @@ def check_input_file(path: Path, what: str = "file") -> Path:
 
 def read_image(path: Path) -> bytes:
     """A signed image file: raw binary, or Intel hex when it ends in .hex."""
-    from intelhex import IntelHex, IntelHexError
+    from mpboot.pack import read_hex
 
     path = Path(path)
     if path.is_dir():
         raise InputFileError(f"{path}: is a directory; sign it first (mpboot sign {path} -k KEY "
                              "--version X.Y.Z -o app.bin), then give the signed image")
-    check_input_file(path, "a signed image")
-    if path.stat().st_size > MAX_IMAGE_BYTES:
-        raise InputFileError(f"{path}: {size_text(path.stat().st_size)} is larger than any slot; "
-                             "not a signed image")
+    size = check_input_file(path, "a signed image").stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        raise InputFileError(f"{path}: {size_text(size)} is larger than any slot; not a signed image")
+    if path.suffix.lower() == ".hex":
+        return read_hex(path)[0]
     try:
-        if path.suffix.lower() == ".hex":
-            try:
-                return bytes(IntelHex(str(path)).tobinarray())
-            except (IntelHexError, ValueError) as err:
-                raise InputFileError(f"{path}: not a valid Intel hex file ({err})") from None
         return path.read_bytes()
     except OSError as err:
         raise InputFileError(f"{path}: cannot read: {err.strerror}") from None
