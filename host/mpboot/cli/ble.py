@@ -114,7 +114,7 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
         out.print(f"sync: {a.device}: {text}")
 
     syncer = Syncer(repo, BleRadio(backend), opts, log, event)
-    ended: list[list] = []  # the attempts of each pass that ended (the last one: the exit status)
+    ended: list = [0, []]  # passes ended, and the last one's attempts (what the exit status reports)
 
     async def run() -> list:
         try:
@@ -126,7 +126,7 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
                 for row in summary_rows(attempts):
                     table.add_row(*row)
                 out.print(table, soft_wrap=False)  # (a centred title; the width keeps rows whole)
-                ended.append(attempts)
+                ended[:] = [ended[0] + 1, attempts]
                 if not loop:
                     return attempts
                 await asyncio.sleep(interval)
@@ -134,10 +134,10 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
             await ble.close()
 
     def where() -> str:
-        if not ended:
+        if not ended[0]:
             return "before the first pass ended; run it again (uploads resume where each device is)"
-        counts = ", ".join(f"{n} {r}" for r, n in Counter(str(a.result) for a in ended[-1]).items())
-        return (f"after {plural(len(ended), 'pass', 'passes')} (the last: {counts or 'no device in range'}); "
+        counts = ", ".join(f"{n} {r}" for r, n in Counter(str(a.result) for a in ended[1]).items())
+        return (f"after {plural(ended[0], 'pass', 'passes')} (the last: {counts or 'no device in range'}); "
                 "run it again to go on (uploads resume where each device is)")
 
     on_interrupt(where)
