@@ -300,16 +300,6 @@ def slot_error_text(number: int) -> str:
     return "an error this host does not know"
 
 
-def update_error_text(code: UpdateErrorCode) -> str:
-    """The one-line meaning of an updater error code."""
-    return _UPDATE_DESCRIPTIONS[UpdateErrorCode(code)]
-
-
-def factory_error_text(code: FactoryErrorCode) -> str:
-    """The one-line meaning of a provisioning (factory) error code."""
-    return _FACTORY_DESCRIPTIONS[FactoryErrorCode(code)]
-
-
 def _reason(enum: type[_Code], number: int, kind: str, where: str, texts: Mapping[_Code, str],
             named: bool = False) -> tuple[_Code | None, str]:
     """The device's `kind` error `number` as (code, words): (ImageErrorCode.VENDOR_MISMATCH,
