@@ -1,4 +1,4 @@
-# mpboot front door. Every target sets up .venv first (pip install -e '.[test]').
+# mpboot front door. Every target sets up .venv first (pip install -e '.[test]', smpmgr).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,10 +8,14 @@ STAMP := $(VENV)/.installed
 
 all: test
 
-$(STAMP): pyproject.toml
+# smpmgr (a stock SMP client the tests drive) pins smpclient[all], whose bumble 0.0.228
+# conflicts with ours (0.0.236); its serial flows use neither, so it goes in with --no-deps
+# and pyproject's test extra lists the rest of what it needs.
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps smpmgr==0.19.1
 	@touch $(STAMP)
 
 setup: $(STAMP)
