@@ -6,8 +6,10 @@
 # false/true/null. Anything else raises ValueError: indefinite lengths, tags, floats and
 # other simple values, nesting deeper than 4, more than 16 items in a map or array (64 items
 # in all, so a small packet cannot build a large object tree), a string
-# longer than the input, map keys other than text or integers, a repeated key, trailing
-# bytes after the top-level value, a top-level value that is not a map.
+# longer than the input, text that is not strict UTF-8 (RFC 3629: no overlong forms, no
+# UTF-16 surrogates, nothing above U+10FFFF, no truncated or stray sequences; MicroPython's
+# own str() lets the first three through), map keys other than text or integers, a repeated
+# key, trailing bytes after the top-level value, a top-level value that is not a map.
 #
 # Encoder: writes into a buffer the caller owns, from position `n`; definite lengths and the
 # shortest argument forms. Callers emit map keys in canonical order (RFC 8949 4.2.1: shorter
@@ -36,6 +38,21 @@ _AI_U64 = const(27)
 _FALSE = const(20)
 _TRUE = const(21)
 _NULL = const(22)
+# Strict UTF-8 (RFC 3629 section 4): the first byte of a sequence, and the range its second
+# byte must fall in where that differs from a continuation byte's 80-BF
+_ASCII_END = const(0x80)
+_LEAD2 = const(0xC2)  # C2-DF: 2 bytes (C0, C1 could only start overlong forms)
+_LEAD3 = const(0xE0)  # E0-EF: 3 bytes
+_LEAD4 = const(0xF0)  # F0-F4: 4 bytes
+_LEAD_END = const(0xF5)  # F5-FF: above U+10FFFF (F4 8F BF BF), or not UTF-8 at all
+_LEAD_SURR = const(0xED)  # ED A0-BF would be the UTF-16 surrogates U+D800-DFFF
+_LEAD_MAX = const(0xF4)  # F4 90-BF would be above U+10FFFF
+_CONT_LO = const(0x80)
+_CONT_HI = const(0xBF)
+_E0_LO = const(0xA0)  # E0 80-9F: overlong
+_ED_HI = const(0x9F)
+_F0_LO = const(0x90)  # F0 80-8F: overlong
+_F4_HI = const(0x8F)
 
 
 class Decoder:
@@ -102,9 +119,13 @@ class Decoder:
             if e > len(mv):
                 raise ValueError
             self.pos = e
+            m = mv[p:e]
             if major == _BYTES:
-                return mv[p:e]
-            return str(mv[p:e], "utf-8")  # UnicodeError is a ValueError
+                return m
+            s = str(m, "utf-8")  # (UnicodeError, a ValueError, for some malformed text)
+            if (len(s) != n) if _STR_COUNTS else (n and max(m) >= _ASCII_END):
+                _check_utf8(mv, p, e)  # not ASCII: the slow path
+            return s
         if depth > _MAX_DEPTH or n > _MAX_ITEMS:
             raise ValueError
         depth += 1
@@ -121,6 +142,62 @@ class Decoder:
                 raise ValueError
             d[k] = self._item(depth)
         return d
+
+
+def _str_counts():
+    # True when str() refuses malformed UTF-8 (some of it) and len() counts characters
+    # (MICROPY_PY_BUILTINS_STR_UNICODE and its _CHECK, on in the unix, rp2, esp32 and stm32
+    # ports). Then a text as long in characters as in bytes is ASCII: the fast path, all in C.
+    # Elsewhere max() tells ASCII apart, a loop in C too.
+    try:
+        str(b"\xc3", "utf-8")
+    except ValueError:
+        return len(str(b"\xc3\xa9", "utf-8")) == 1
+    return False
+
+
+_STR_COUNTS = _str_counts()
+
+
+def _check_utf8(mv, p, e):
+    # Raises ValueError unless mv[p:e] is strict UTF-8. No allocation: a loop over the bytes.
+    while p < e:
+        c = mv[p]
+        p += 1
+        if c < _ASCII_END:
+            continue
+        lo = _CONT_LO
+        hi = _CONT_HI
+        if c < _LEAD2:
+            raise ValueError  # a stray continuation byte, or C0/C1
+        if c < _LEAD3:
+            k = 1
+        elif c < _LEAD4:
+            k = 2
+            if c == _LEAD3:
+                lo = _E0_LO
+            elif c == _LEAD_SURR:
+                hi = _ED_HI
+        elif c < _LEAD_END:
+            k = 3
+            if c == _LEAD4:
+                lo = _F0_LO
+            elif c == _LEAD_MAX:
+                hi = _F4_HI
+        else:
+            raise ValueError  # F5-FF: above U+10FFFF, or no UTF-8 at all
+        if p + k > e:
+            raise ValueError  # truncated
+        c = mv[p]
+        if c < lo or c > hi:
+            raise ValueError
+        p += 1
+        while k > 1:
+            c = mv[p]
+            if c < _CONT_LO or c > _CONT_HI:
+                raise ValueError
+            p += 1
+            k -= 1
 
 
 class Encoder:
