@@ -221,6 +221,38 @@ def test_identity_limits(session: Session) -> None:
     assert record(rec)["seq"] == 1  # only the good write
 
 
+def test_identity_text_must_be_utf8(session: Session) -> None:
+    """A label (or serial) that is not strict UTF-8 (overlong, a UTF-16 surrogate, above
+    U+10FFFF: all of which MicroPython's str() takes) is malformed CBOR: EINVAL, nothing
+    stored, and the factory info stays readable by strict decoders (every reply is decoded
+    with cbor2 here)."""
+    s = session
+    provisioned_dev(s, "utf8")
+    good = {"serial": "SN-1", "labels": {"line": "XX"}}
+    body = cbor2.dumps(good)
+    bad = {
+        "label value overlong": body.replace(b"\x62XX", b"\x62\xc0\x80"),
+        "label value surrogate": body.replace(b"\x62XX", b"\x63\xed\xa0\x80"),
+        "label value above U+10FFFF": body.replace(b"\x62XX", b"\x64\xf4\x90\x80\x80"),
+        "label key overlong": body.replace(b"\x64line", b"\x64li\xc1\xbf"),
+        "serial overlong": body.replace(b"\x64SN-1", b"\x64SN\xc0\xae"),
+    }
+    for label, raw in bad.items():
+        assert raw != body, label
+    refused = {label: [s.raw(packet(WRITE, G, 2, raw=raw, version=v)) for v in (V1, V2)]
+               for label, raw in bad.items()}
+    rec = s.cmd("factory")
+    read = s.send(READ, G, 1)
+    stored = s.send(WRITE, G, 2, good)
+    s.run()
+    for label, reps in refused.items():
+        for rep in reps:
+            assert rep.rc() == EINVAL and "rsn" not in rep.body and rep.ops == 0, (label, rep.body)
+    assert not record(rec)["found"]
+    assert F(read) == factory_info()
+    assert F(stored) == factory_info(serial="SN-1", labels={"line": "XX"})
+
+
 def test_ids_fixed_by_build(session: Session) -> None:
     s = session
     a = image("1.0.0", seed="fixed", vendor_id=VENDOR, class_id=CLASS)

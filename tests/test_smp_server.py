@@ -918,6 +918,12 @@ BAD_CBOR = {
     "array key": bytes.fromhex("a1800a"),
     "string past end": bytes.fromhex("a161647818616263"),
     "bad utf-8": bytes.fromhex("a1616462ffff"),
+    # Text MicroPython's str() takes but strict decoders refuse (tests/test_cbor_text.py has them all)
+    "overlong utf-8": bytes.fromhex("a1616462c080"),
+    "utf-16 surrogate": bytes.fromhex("a1616463eda080"),
+    "above U+10FFFF": bytes.fromhex("a1616464f4908080"),
+    "truncated utf-8": bytes.fromhex("a161646241e2"),
+    "overlong utf-8 key": bytes.fromhex("a162c0806164"),
     "reserved ai": bytes.fromhex("a161641c"),
     "huge length": bytes.fromhex("a161645bffffffffffffffff"),
 }
