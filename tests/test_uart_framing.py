@@ -86,6 +86,7 @@ class Stream:
     data: bytearray
     accepted: list[bytes]  # what the server must get, in order
     answers: list[tuple[str, bytes]]  # (framing, response) expected, in order
+    cut: int = 0  # console frames with other frames between their lines
 
 
 def no_markers(rng: random.Random, n: int) -> bytes:
@@ -273,6 +274,187 @@ def test_serve_async(lib: Path, tmp_path: Path) -> None:
     assert last.startswith(f"RESET handled={len(s.accepted)}")
     assert got == s.accepted
     assert answers == s.answers
+
+
+# ---- the two framings' partial frames kept apart -----------------------------------------
+
+
+def console_lines(pkt: bytes) -> list[bytes]:
+    return list(smppacket.encode(pkt))
+
+
+def interleaved_stream(seed: int, buf_size: int, count: int) -> Stream:
+    """Console frames sent line by line, with raw frames (good ones, corrupt and garbage ones
+    that must be dropped) and noise (CR/LF, stray 00s) before, between and after their lines.
+    One console frame is open at a time (a first line starts a new frame); the server must get
+    each good packet when its frame ends: a raw frame at its 00, a console frame at its last
+    line."""
+    rng = random.Random(seed)
+    s = Stream(bytearray(), [], [])
+    lines: list[bytes] = []  # what is left of the open console frame
+    open_pkt = b""
+    seq = 0
+
+    def packet_for(kind: str) -> bytes:
+        nonlocal seq
+        seq = (seq + 1) & 0xFF
+        if seq == 0xEE:
+            seq = 1
+        limit = buf_size - 4 if kind == "console" else buf_size
+        size = rng.choice((8, rng.randrange(8, limit + 1), rng.randrange(limit // 2, limit + 1), limit))
+        return smp_packet(rng, size, 0xEE if rng.random() < 0.05 else seq)  # 0xEE: no answer
+
+    def accept(kind: str, pkt: bytes) -> None:
+        s.accepted.append(pkt)
+        if pkt[6] != 0xEE:
+            s.answers.append((kind, respond(pkt)))
+
+    made = 0
+    started = interrupted = False  # the open console frame: a line sent; another frame or noise since
+    while made < count or lines:
+        r = rng.random()
+        if lines and r < 0.8:
+            s.data += lines.pop(0)
+            started = True
+            if not lines:
+                accept("console", open_pkt)
+                s.cut += interrupted
+            continue
+        if not lines and r < 0.5:
+            if made < count:
+                open_pkt = packet_for("console")
+                lines = console_lines(open_pkt)
+                started = interrupted = False
+                made += 1
+            continue
+        if lines and started:
+            interrupted = True
+        r = rng.random()
+        if r < 0.7:
+            pkt = packet_for("raw")
+            s.data += raw(pkt)
+            accept("raw", pkt)
+            made += 1
+        elif r < 0.8:
+            s.data += corrupt(rng, raw(packet_for("raw")), "raw")
+        elif r < 0.9:
+            s.data += b"\x02" + no_markers(rng, rng.randrange(1, buf_size)) + b"\x00"
+        else:
+            s.data += rng.choice((b"\r\n", b"\n", b"\x00", b"\x00\x00", b"\r"))
+    return s
+
+
+def test_raw_frames_between_console_lines(lib: Path, tmp_path: Path) -> None:
+    """A console frame of several lines with raw frames between them (and a corrupt one, and
+    garbage): each raw frame is answered when it ends, and the console frame completes after
+    them and is answered too. Also a raw frame between every two lines, and a console frame
+    whose first line comes while nothing else is open, right after a raw frame."""
+    rng = random.Random(20)
+    buf_size = 1024
+    big = smp_packet(rng, buf_size - 4, 1)
+    lines = console_lines(big)
+    assert len(lines) == 12
+    raws = [smp_packet(rng, n, 2 + i) for i, n in enumerate((8, 200, buf_size, 33))]
+    data = bytearray(lines[0] + raw(raws[0]) + b"".join(lines[1:5]) + raw(raws[1]) + raw(raws[2])
+                     + corrupt(rng, raw(smp_packet(rng, 100, 9)), "raw") + b"\x02junk\x00" + b"\r\n"
+                     + b"".join(lines[5:11]) + b"\x00" + raw(raws[3]) + lines[11])
+    accepted = [raws[0], raws[1], raws[2], raws[3], big]
+    every = smp_packet(rng, buf_size - 4, 20)
+    every_raws = [smp_packet(rng, rng.randrange(8, 64), 21 + i) for i in range(len(console_lines(every)) - 1)]
+    every_lines = console_lines(every)
+    for i, line in enumerate(every_lines):
+        data += line
+        if i < len(every_raws):
+            data += raw(every_raws[i])
+    accepted += every_raws + [every]
+    small = smp_packet(rng, 40, 50)
+    data += raw(raws[0]) + console(small)
+    accepted += [raws[0], small]
+    s = Stream(data, accepted, [("console" if p in (big, every, small) else "raw", respond(p)) for p in accepted])
+    for seed, maxchunk in ((1, 1), (2, 9), (3, 300), (4, 5000)):
+        last, got, answers = serve_stream(lib, tmp_path, s, buf_size, seed, maxchunk)
+        assert last == f"DONE handled={len(accepted)}"
+        assert got == s.accepted
+        assert answers == s.answers
+
+
+@pytest.mark.parametrize("buf_size,seed,maxchunk,mode", [(256, 21, 1, ""), (512, 22, 13, ""), (512, 23, 200, ""),
+                                                         (1024, 24, 64, "async"), (2048, 25, 5000, "")])
+def test_interleaved_framings(lib: Path, tmp_path: Path, buf_size: int, seed: int, maxchunk: int,
+                              mode: str) -> None:
+    """Random interleavings of console frames (line by line) and raw frames, with frames to
+    drop and noise between them, read in random pieces: every good frame reaches the server
+    exactly once, in the order its frame ended, and gets exactly its answer in its framing."""
+    s = interleaved_stream(seed, buf_size, 150 if buf_size <= 512 else 80)
+    assert s.cut >= 10  # console frames with raw frames, garbage or noise between their lines
+    last, got, answers = serve_stream(lib, tmp_path, s, buf_size, seed, maxchunk, mode)
+    assert last == f"DONE handled={len(s.accepted)}"
+    assert got == s.accepted
+    assert answers == s.answers
+
+
+def test_frames_cut_by_the_other_framing_are_lost(lib: Path, tmp_path: Path) -> None:
+    """What cannot be kept apart (docs/PROTOCOL.md): a raw frame ends only at its 00 and may hold
+    any other byte, so a console line inside it is part of it: the raw frame fails its CRC and
+    is dropped with the line (and with the console frame that line belonged to). A raw frame
+    inside a console line corrupts the line: both are dropped. The frames after go through."""
+    rng = random.Random(26)
+    buf_size = 512
+    before, after = smp_packet(rng, 50, 3), smp_packet(rng, 60, 4)
+    cut = raw(smp_packet(rng, 300, 1))
+    inside = console_lines(smp_packet(rng, 200, 2))
+    line_cut = console_lines(smp_packet(rng, 200, 5))
+    inner = raw(smp_packet(rng, 20, 6).replace(b"\n", b"\x01"))  # no 0a: the line ends at its own
+    assert len(inside) == 3 and b"\n" not in inner
+    data = bytearray(console(before) + inside[0] + cut[:150] + inside[1] + cut[150:] + inside[2]
+                     + line_cut[0] + line_cut[1][:40] + inner + line_cut[1][40:] + line_cut[2]
+                     + raw(after) + console(after))
+    s = Stream(data, [before, after, after], [("console", respond(before)), ("raw", respond(after)),
+                                              ("console", respond(after))])
+    for seed, maxchunk in ((5, 40), (6, 1), (7, 1000)):
+        _, got, answers = serve_stream(lib, tmp_path, s, buf_size, seed, maxchunk)
+        assert got == s.accepted
+        assert answers == s.answers
+
+
+@pytest.mark.parametrize("buf_size", [256, 2048])
+def test_receive_memory_is_bounded(lib: Path, tmp_path: Path, buf_size: int, record_property) -> None:
+    """The Framer allocates its buffers once (rx, the console frame, the packet, tx: about three
+    buf_size) and keeps nothing from what arrives: after interleaved frames, an open console
+    frame under a stream of raw frames, oversize and endless frames, the heap holds what it held
+    before."""
+    rng = random.Random(27 + buf_size)
+    s = interleaved_stream(28 + buf_size, buf_size, 80)
+    data = bytearray(s.data)
+    answered = len(s.answers)
+    # A console frame left open under 300 raw frames, then completed.
+    pkt = smp_packet(rng, buf_size - 4, 1)
+    lines = console_lines(pkt)
+    data += lines[0]
+    for i in range(300):
+        data += raw(smp_packet(rng, rng.randrange(8, buf_size + 1), 2))
+    data += b"".join(lines[1:])
+    answered += 301
+    # Oversize frames, orphan lines and a raw frame that never ends.
+    data += raw(smp_packet(rng, buf_size + 1, 3)) + console(smp_packet(rng, buf_size - 3, 3))
+    data += b"\x04\x14QUJD\n" * 200 + b"\x06\x09" + b"QUJD" * 100 + b"\n"
+    data += b"\x02" + no_markers(rng, 20 * buf_size)
+
+    def measure(stream: bytes) -> tuple[int, int, int]:
+        src = tmp_path / f"mem-{len(stream)}.bin"
+        src.write_bytes(stream)
+        line = run(lib, "dev_uart", "mem", src, buf_size, 97, heapsize="1m")[-1]
+        m = re.fullmatch(r"MEM framer=(\d+) growth=(-?\d+) handled=(\d+) answered=(\d+)", line)
+        assert m, line
+        return int(m.group(1)), int(m.group(2)), int(m.group(4))
+
+    framer, growth, answers = measure(bytes(data))
+    _, idle_growth, _ = measure(b"")  # what the run itself leaves (the GC scans the C stack)
+    record_property("summary", f"uart Framer({buf_size}): {framer} bytes of buffers and objects; "
+                               f"{growth} kept after {len(data)} bytes of input, {idle_growth} after none")
+    assert answers == answered
+    assert framer <= 3 * buf_size + 1024
+    assert growth <= idle_growth
 
 
 def test_crc16_native_and_table_agree_with_crcmod(lib: Path, tmp_path: Path) -> None:

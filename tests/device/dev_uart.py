@@ -7,6 +7,10 @@
 #   dev_uart crc FILE OFF N...   CRC16 of FILE[OFF:OFF+N] per pair: "CRC native table"
 #   dev_uart bench IN BUFSIZE CHUNK   decode IN (held in RAM) with a silent server:
 #       "BENCH bytes=B packets=P us=T"
+#   dev_uart mem IN BUFSIZE CHUNK   a Framer over IN (held in RAM, CHUNK bytes per read),
+#       the stub answering into a link that discards: "MEM framer=A growth=G handled=N
+#       answered=M", A the bytes Framer() allocated, G what stayed allocated after IN (gc'd;
+#       the unix port's GC scans the C stack conservatively: compare with an empty IN)
 import sys
 import time
 
@@ -145,4 +149,37 @@ def bench(args):
     print("BENCH bytes=%d packets=%d us=%d native=%d" % (len(data), server.count, us, uart.NATIVE))
 
 
-{"stream": stream, "crc": crc, "bench": bench}[sys.argv[1]](sys.argv[2:])
+def mem(args):
+    import gc
+
+    with open(args[0], "rb") as f:
+        data = f.read()
+    buf_size = int(args[1])
+    server = Stub(buf_size, 4)
+    link = MemLink(data, int(args[2]))
+    answered = 0
+    gc.collect()
+    a0 = gc.mem_alloc()
+    f = uart.Framer(buf_size)
+    gc.collect()
+    a1 = gc.mem_alloc()
+    try:
+        while True:
+            p = f.next()
+            if p is None:
+                f.got(link.readinto(f.space()))
+                continue
+            r = server.handle(p)
+            p = None
+            if r is not None:
+                f.send(link, f.kind, r)
+                answered += 1
+            r = None
+    except Done:
+        pass
+    gc.collect()
+    print("MEM framer=%d growth=%d handled=%d answered=%d" % (a1 - a0, gc.mem_alloc() - a1, server.count,
+                                                              answered))
+
+
+{"stream": stream, "crc": crc, "bench": bench, "mem": mem}[sys.argv[1]](sys.argv[2:])

@@ -14,10 +14,15 @@
 # COBS, packet too large) is dropped without an answer; a frame longer than the receive buffer
 # is dropped up to the next 00 or "\n", where decoding resumes.
 #
+# Each framing keeps its own partial frame: raw frames between the lines of a console frame
+# are answered, and the console frame then completes (its lines are decoded into con, apart
+# from pkt). A raw frame has no inside to interleave with: every byte up to its 00 is its own.
+#
 # Memory: Framer(buf_size) allocates every buffer once: rx (one whole raw frame, 2.2 KiB for
-# buf_size 2048) and pkt (buf_size + 4: the request being decoded, then the response being
-# framed), tx (256). Per frame, base64 lines allocate their decoded or encoded bytes (< 128)
-# and slicing allocates memoryview objects; nothing grows with what arrives.
+# buf_size 2048), con (buf_size: the console frame being assembled), pkt (buf_size + 4: a raw
+# request being decoded, then the response being framed), tx (256). Per frame, base64 lines
+# allocate their decoded or encoded bytes (< 128) and slicing allocates memoryview objects;
+# nothing grows with what arrives.
 #
 # A link is any object with
 #   readinto(buf) -> n   bytes read into buf now; 0 or None when none are waiting (no blocking)
@@ -130,12 +135,16 @@ class Framer:
         self.rmv = memoryview(self.rx)
         self.pkt = bytearray(buf_size + 4)
         self.pmv = memoryview(self.pkt)
+        # The console frame being assembled (length field, packet, CRC: buf_size at most),
+        # kept apart from pkt so raw requests and their responses leave it be.
+        self.con = bytearray(buf_size)
+        self.cmv = memoryview(self.con)
         self.tx = bytearray(_TX)
         self.tmv = memoryview(self.tx)
         self.pos = 0
         self.fill = 0
         self.skip = False  # dropping an overlong frame: resume after the next 00 or "\n"
-        self.cn = -1  # console frame bytes decoded so far, -1: none open
+        self.cn = -1  # console frame bytes decoded into con so far, -1: none open
         self.kind = 0
         self.dropped = 0  # frames dropped (CRC, encoding, size)
 
@@ -179,7 +188,7 @@ class Framer:
                 if e < 0:
                     if fill - pos <= self.rmax:
                         return self._more(pos)
-                    self._drop()
+                    self.dropped += 1  # (an open console frame stays open)
                     self.skip = True
                     self.pos = pos + self.rmax
                     continue
@@ -198,7 +207,7 @@ class Framer:
                     if e < 0:
                         if fill - pos < _LINE_IN:
                             return self._more(pos)
-                        self._drop()
+                        self._drop_console()
                         self.skip = True
                         self.pos = pos + _LINE_IN
                         continue
@@ -210,7 +219,7 @@ class Framer:
                     continue
             self.pos = pos + 1  # no frame starts here
 
-    def _drop(self):
+    def _drop_console(self):
         self.cn = -1
         self.dropped += 1
 
@@ -245,7 +254,7 @@ class Framer:
         return pmv[:o]
 
     def _line(self, s, e, first):
-        # One console line rx[s:e] ("\n" at e) into the frame in pkt; the packet once the
+        # One console line rx[s:e] ("\n" at e) into the frame in con; the packet once the
         # frame is complete and its CRC matches.
         if first:
             self.cn = 0
@@ -260,27 +269,27 @@ class Framer:
         except ValueError:
             d = None
         if d is None or cn + len(d) > self.buf_size:
-            self._drop()
+            self._drop_console()
             return None
         n = len(d)
-        self.pmv[cn : cn + n] = d
+        self.cmv[cn : cn + n] = d
         cn += n
         self.cn = cn
         if cn < 2:
             return None
-        pkt = self.pkt
-        total = (pkt[0] << 8 | pkt[1]) + 2  # length field, packet, CRC
+        con = self.con
+        total = (con[0] << 8 | con[1]) + 2  # length field, packet, CRC
         if total < 5 or total > self.buf_size or cn > total:
-            self._drop()
+            self._drop_console()
             return None
         if cn < total:
             return None
         self.cn = -1
         o = total - 2
-        if crc16(pkt, 2, o - 2) != (pkt[o] << 8 | pkt[o + 1]):
+        if crc16(con, 2, o - 2) != (con[o] << 8 | con[o + 1]):
             self.dropped += 1
             return None
-        return self.pmv[2:o]
+        return self.cmv[2:o]
 
     def send(self, link, kind, r):
         # Writes the response packet r in framing `kind`. False if it does not fit the buffer.
