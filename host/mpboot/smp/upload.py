@@ -7,18 +7,22 @@
    image's protected TLV area, so the device refuses another vendor's image or a rolled-back
    counter before writing anything), and is sent alone: its reply either refuses the image or
    gives the offset to continue from (a resumed session answers its own offset).
-3. Then up to `window` (default buf_count) requests stay in flight. A reply whose `off` is not
-   the end of its request means the device expects `off`: every request still in flight is
-   dropped (their replies are ignored when they come) and the stream continues from `off`.
-4. When nothing arrives for `timeout` seconds, everything in flight is dropped and one request
-   is re-sent alone from the last acknowledged offset (the device answers with the offset it
-   expects); after `retries` silent rounds in a row, DeviceSilent.
-5. The last reply comes after the device verified the image (hash, signature, policy), so the
-   device gets up to `final_timeout` for it; it may carry `match` (the device's check of `sha`).
-   Meanwhile the last chunk is re-sent after each `timeout`, up to `retries` times, without
-   giving up on the earlier sends: a lost request or reply then costs one `timeout`, not
-   `final_timeout`, because a device that verified already answers a repeated last chunk at
-   once (it remembers the finished upload), and one still verifying answers it after the first.
+3. Then up to `window` requests stay in flight: by default buf_count on a device that takes
+   that many (mpboot), one on others (Zephyr's and MCUboot's UART transports take one request
+   at a time and lose what comes meanwhile). A reply whose `off` is not the end of its request
+   means the device expects `off`: every request still in flight is dropped (their replies
+   are ignored when they come) and the stream continues from `off`.
+4. A request unanswered for the resend timeout (RTO: from the reply times measured so far, as
+   TCP does, between RTO_MIN and `timeout`, doubling while the silence lasts) is taken as
+   lost: the rest of the window is dropped and that request is sent again, alone, while its
+   first send stays awaited (a slow device's late answer settles it as well). Silent rounds
+   of the whole `timeout` count as tries; after `retries` of them in a row, DeviceSilent.
+5. The last reply comes after the device verified the image, so the device gets up to
+   `final_timeout` for it; it may carry `match` (the device's check of `sha`). Meanwhile the
+   last chunk is re-sent after each RTO, up to `retries` times, without giving up on the
+   earlier sends: a lost request or reply then costs one RTO, not `final_timeout`, because a
+   device that verified already answers a repeated last chunk at once (it remembers the
+   finished upload), and one still verifying answers it after the first.
 """
 
 from __future__ import annotations
@@ -52,6 +56,10 @@ IMAGE_HEADER_SIZE: Final = 32  # the first request's data must hold the image he
 MAX_REOPENS: Final = 2  # re-open a session the device lost (it reset mid-upload)
 MAX_STALLS: Final = 8  # resyncs in a row that do not get past the best offset reached
 MAX_BAD_REPLIES: Final = 8  # undecodable replies in a row
+# The shortest silence taken as a lost request. A device answers an upload request within
+# milliseconds of its last byte (more while it erases); scheduling noise on a loaded host
+# stays below this, and a resend it causes anyway costs one duplicate request.
+RTO_MIN: Final = 0.1
 
 
 class Requester(Protocol):
@@ -68,6 +76,8 @@ class Requester(Protocol):
     def stats(self) -> ClientStats: ...
 
     async def params_or_default(self, timeout: float | None = None) -> McuMgrParams: ...
+
+    async def takes_window(self, timeout: float | None = None) -> bool: ...
 
     async def send_request(self, group: int, command: int, op: Op, payload: dict[str, Any]) -> PendingReply: ...
 
@@ -110,6 +120,35 @@ class _Chunk:
     off: int
     end: int
     pending: PendingReply
+    sent_at: float
+
+
+class _ResendTimer:
+    """The resend timeout from the reply times of upload requests (RFC 6298's estimator:
+    smoothed time + 4 x its variation), between RTO_MIN and `ceiling`; doubled for each silent
+    round in a row. `ceiling` until a first reply was timed. A reply names its request's
+    sequence number, so every reply gives a sample, repeats' included (no Karn ambiguity)."""
+
+    def __init__(self, ceiling: float) -> None:
+        self.ceiling = ceiling
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.backoff = 0
+
+    def sample(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        self.backoff = 0
+
+    @property
+    def rto(self) -> float:
+        if self.srtt is None:
+            return self.ceiling
+        base = max(RTO_MIN, self.srtt + 4 * self.rttvar)
+        return min(self.ceiling, base * (1 << min(self.backoff, 16)))
 
 
 async def upload(client: Requester, image: bytes, *, window: int | None = None,
@@ -119,15 +158,16 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                  retries: int = 4) -> UploadResult:
     """Upload `image` (the whole file) to image 0 and return once the device verified it.
 
-    window: requests in flight (default: the device's buf_count). chunk: cap on data bytes
+    window: requests in flight (default: the device's buf_count where it takes that many,
+    client.takes_window(); else 1). chunk: cap on data bytes
     per request (default: as large as the device's buffer allows). progress(acked, total):
     called whenever the acknowledged offset changes. sha: send the file's SHA-256 (enables
     resume and the device's `match` check). ptlv: the image's protected TLV area bytes.
     upgrade: ask the device to refuse an image not newer than the running one. timeout:
     silence before re-sending (default: the client's). final_timeout: how long the device may
     take to verify the image and answer the last chunk, which is re-sent meanwhile (default
-    max(timeout, 30 s)). retries: silent rounds tolerated in a row (and re-sends of the last
-    chunk while waiting for its answer).
+    max(timeout, 30 s)). retries: silent rounds of `timeout` tolerated in a row (and re-sends
+    of the last chunk while waiting for its answer).
 
     Raises ImageRefused (the device refused the image), VerificationFailed (it arrived whole
     and failed the device's check), UpdateRefused, DeviceSilent, ProtocolError,
@@ -166,7 +206,13 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
     if first_n < min(total, IMAGE_HEADER_SIZE) or stream_max < 1:
         raise UsageError(f"the device's {params.buf_size}-byte buffer cannot carry the first upload "
                          f"request (its data must hold the {IMAGE_HEADER_SIZE}-byte image header)")
-    win = params.buf_count if window is None else window
+    if window is not None:
+        win = window
+    elif params.buf_count > 1 and await client.takes_window(timeout=min(t, PARAMS_TIMEOUT)):
+        win = params.buf_count
+    else:
+        win = 1
+    timer = _ResendTimer(t)
 
     inflight: deque[_Chunk] = deque()
     acked = 0  # the offset the device last said it expects
@@ -208,7 +254,7 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                     n = min(stream_max, total - next_off)
                 fields = fields_for(next_off, next_off + n)
                 pending = await client.send_request(Group.IMAGE, ImageCmd.UPLOAD, Op.WRITE, fields)
-                inflight.append(_Chunk(next_off, next_off + n, pending))
+                inflight.append(_Chunk(next_off, next_off + n, pending, time.monotonic()))
                 if next_off + n == total:
                     final_at, repeats = None, 0
                 sent += n
@@ -226,39 +272,59 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
             # safe: a device answers a repeated last chunk (and, with `sha`, a repeated first
             # request) with where it is, without writing again (docs/PROTOCOL.md, "Upload").
             repeatable = head.end == total and (sha or head.off != 0)
+            rto = timer.rto
             if repeatable:
                 now = time.monotonic()
                 if final_at is None:
                     final_at = now
                 left = final_at + t_final - now
-                wait = max(0.0, min(t, left) if repeats < retries else left)
+                wait = max(0.0, min(rto, left) if repeats < retries else left)
+            elif head.end == total:
+                wait = t_final
             else:
-                wait = t_final if head.end == total else t
+                # The opening request may make the device erase the slot: it gets `timeout`.
+                wait = t if head.off == 0 else rto
             done, _ = await asyncio.wait([c.pending.future for c in inflight], timeout=wait,
                                          return_when=asyncio.FIRST_COMPLETED)
             if not done:
                 timeouts += 1
                 waited += wait
+                timer.backoff += 1
                 if (repeatable and repeats < retries and final_at is not None
                         and time.monotonic() < final_at + t_final):
                     # Re-send it, still waiting for every send of it: whichever answer comes
                     # first settles the upload (replies come in the order of the requests).
                     pending = await client.send_request(Group.IMAGE, ImageCmd.UPLOAD, Op.WRITE,
                                                         fields_for(head.off, head.end))
-                    inflight.append(_Chunk(head.off, head.end, pending))
+                    inflight.append(_Chunk(head.off, head.end, pending, time.monotonic()))
                     sent += head.end - head.off
                     requests += 1
                     repeats += 1
                     continue
-                attempts += 1
+                # A whole `timeout` of silence is a try, and so is each round past the last
+                # chunk's final_timeout; a shorter round (at the resend timeout) is a probe.
+                if wait >= t or head.end == total:
+                    attempts += 1
                 # A device that never answered anything is absent (wrong port), not slow.
                 allowed = retries if client.stats.replies else 0
                 if attempts > allowed:
                     if undecodable is not None:
                         raise undecodable
                     raise client.silent(waited, f" ({attempts} tries, at offset {acked} of {total})")
+                # Taken as lost: the rest of the window goes, and the oldest request goes again,
+                # alone. Its first send stays awaited: a slow device's late answer settles it.
+                oldest = inflight.popleft() if opened and inflight[0].off == acked else None
                 drop_all()
-                next_off, solo = (acked if opened else 0), True
+                if oldest is not None:
+                    inflight.append(oldest)
+                    pending = await client.send_request(Group.IMAGE, ImageCmd.UPLOAD, Op.WRITE,
+                                                        fields_for(oldest.off, oldest.end))
+                    inflight.append(_Chunk(oldest.off, oldest.end, pending, time.monotonic()))
+                    sent += oldest.end - oldest.off
+                    requests += 1
+                    next_off, solo = oldest.end, True
+                else:
+                    next_off, solo = (acked if opened else 0), True
                 continue
             attempts = 0
             waited = 0.0
@@ -269,6 +335,7 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
             for _ in range(index):
                 client.forget(inflight.popleft().pending)
             c = inflight.popleft()
+            timer.sample(time.monotonic() - c.sent_at)  # (unambiguous: replies carry its seq)
             try:
                 _, rsp = c.pending.future.result()
             except ProtocolError as err:
