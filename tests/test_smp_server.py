@@ -22,6 +22,7 @@ from conftest import signing_key, trusted_public_keys
 from mpboot.errors import ImageRejected
 from mpboot.image import ImageHeader, class_uuid, parse_image, vendor_uuid, verify_image
 from simkit import FlashFile, sign_app
+from smp import enumeration_management as enm
 from smp import image_management as img
 from smp import os_management as osm
 
@@ -377,6 +378,58 @@ def test_mpboot_group_device_info(session: Session) -> None:
     assert write.rc() == ENOTSUP
     assert ids.body == {"uid": b"mpboot-sim", "vid": b"\x11" * 16, "cid": b"\x22" * 16, "ctr": 0,
                         "serial": None, "no-downgrade": True}
+
+
+# --- enumeration group ------------------------------------------------------------------------
+
+
+ENUM = 10
+GROUPS = [0, 1, 10, 64]  # ascending: OS, image, enumeration, mpboot
+
+
+def test_enum_group(session: Session) -> None:
+    """Group 10 as Zephyr's enum_mgmt answers with details, names and handler counts on."""
+    s = session
+    s.dev("enum", slots=(A, None))
+    s.cmd("server", 0)
+    count = [s.send(READ, ENUM, 0, version=v) for v in (V1, V2)]
+    listing = s.send(READ, ENUM, 1)
+    single = [s.send(READ, ENUM, 2, {"index": i}) for i in range(len(GROUPS))]
+    first = s.send(READ, ENUM, 2)  # no index: the first group
+    too_large = [s.send(READ, ENUM, 2, {"index": i}, version=v) for i in (4, 65535) for v in (V1, V2)]
+    bad_index = [s.send(READ, ENUM, 2, {"index": i}) for i in (65536, -1, "0", True)]
+    details = s.send(READ, ENUM, 3)
+    some = s.send(READ, ENUM, 3, {"groups": [64, 0, 5]})
+    none_known = s.send(READ, ENUM, 3, {"groups": [5]})
+    empty = s.send(READ, ENUM, 3, {"groups": []})
+    not_list = s.send(READ, ENUM, 3, {"groups": 1})  # Zephyr skips a value that is no list
+    bad_ids = [s.send(READ, ENUM, 3, {"groups": g}) for g in ([-1], ["os"], [0, None])]
+    writes = [s.send(WRITE, ENUM, c) for c in range(4)]
+    unknown = s.send(READ, ENUM, 4)
+    s.run()
+
+    for rep in count:
+        assert rep.model(enm.GroupCountResponse).count == len(GROUPS)
+    assert list(listing.model(enm.ListOfGroupsResponse).groups) == GROUPS
+    for i, rep in enumerate(single):
+        m = rep.model(enm.GroupIdResponse)
+        assert m.group == GROUPS[i] and m.end is (True if i == len(GROUPS) - 1 else None)
+    assert first.body == {"group": 0}
+    for i, rep in enumerate(too_large):
+        if i % 2:
+            assert rep.model(enm.EnumManagementErrorV2).err.rc == enm.ENUM_MGMT_ERR.ENUM_MGMT_ERR_INDEX_TOO_LARGE
+        else:
+            assert rep.model(enm.EnumManagementErrorV1).rc == EUNKNOWN  # Zephyr's v1 translation
+    assert all(rep.rc() == EINVAL for rep in bad_index)
+    want = [{"group": 0, "name": "os mgmt", "handlers": 9}, {"group": 1, "name": "img mgmt", "handlers": 7},
+            {"group": 10, "name": "enum mgmt", "handlers": 4}, {"group": 64, "name": "mpboot", "handlers": 6}]
+    assert [d.model_dump() for d in details.model(enm.GroupDetailsResponse).groups] == want
+    assert some.body == {"groups": [want[0], want[3]]}  # in the device's order
+    assert none_known.body == {"groups": []}
+    assert empty.body == not_list.body == details.body
+    assert all(rep.rc() == EINVAL for rep in bad_ids)
+    assert all(rep.rc() == ENOTSUP for rep in writes + [unknown])
+    assert all(r.ops == 0 for r in s.items if isinstance(r, Reply))
 
 
 # --- image state ------------------------------------------------------------------------------

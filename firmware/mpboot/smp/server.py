@@ -1,6 +1,6 @@
 # The SMP server core: one whole request packet in, one response packet out
 # (docs/PROTOCOL.md). Transports (mpboot.transport) frame the packets; the groups
-# (os_mgmt, img_mgmt) serve the commands.
+# (os_mgmt, img_mgmt, enum_mgmt, mpboot_mgmt) serve the commands.
 #
 #   srv = Server(slots, running, port, info=info)
 #   rsp = srv.handle(pkt)      # memoryview valid until the next call, or None: send nothing
@@ -27,6 +27,7 @@ _OP_READ = const(0)
 _OP_WRITE = const(2)
 _GROUP_OS = const(0)
 _GROUP_IMAGE = const(1)
+_GROUP_ENUM = const(10)
 _GROUP_MPBOOT = const(64)
 
 # MGMT_ERR
@@ -114,6 +115,10 @@ class Server:
                     err = img_mgmt.handle(self, op, cmd, req, enc)
                 elif group == _GROUP_MPBOOT:
                     err = mpboot_mgmt.handle(self, op, cmd, req, enc)
+                elif group == _GROUP_ENUM:
+                    from mpboot.smp import enum_mgmt  # (loaded on first use)
+
+                    err = enum_mgmt.handle(self, op, cmd, req, enc)
                 else:
                     err = (_ENOTSUP, 0, None)
                 req = None
