@@ -340,7 +340,7 @@ def test_effective_policy(session: Session) -> None:
     assert same.ops == 0
     for rep in missing:
         assert rep.rc() == EINVAL
-    assert info.body["no-downgrade"] is True and mode.body["no-downgrade"] is True
+    assert info.body["no-downgrade"] is True and mode.body == {"mode": 5, "no-downgrade": True}
     assert down[0].v1() == (EINVAL, "image:19")
     assert down[1].v2() == img.IMG_MGMT_ERR.CURRENT_VERSION_IS_NEWER
     assert all(r.ops == 0 for r in down)

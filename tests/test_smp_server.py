@@ -309,14 +309,17 @@ def test_os_group(session: Session) -> None:
     echo = [s.send(WRITE, OS, 0, {"d": text}, version=v) for text in ("hello", "", "h\u00e9llo \u2713" * 20)
             for v in (V1, V2)]
     echo_read = s.send(READ, OS, 0, {"d": "r"})
-    echo_bad = [s.send(WRITE, OS, 0, body) for body in ({}, {"d": 5}, {"d": b"bytes"})]
+    echo_bad = [s.send(WRITE, OS, 0, body) for body in ({"d": 5}, {"d": b"bytes"})]
+    echo_none = s.send(WRITE, OS, 0, {})  # Zephyr echoes "" when "d" is absent
     params = s.send(READ, OS, 6)
     params_empty = s.raw(packet(READ, OS, 6, raw=b""))  # an empty payload reads as {}
-    info = {f: s.send(READ, OS, 7, {} if f is None else {"format": f}) for f in (None, "s", "sv", "a", "vs")}
+    info = {f: s.send(READ, OS, 7, {} if f is None else {"format": f}) for f in (None, "", "s", "sv", "a", "vs")}
     info_bad = [s.send(READ, OS, 7, {"format": "sx"}, version=v) for v in (V1, V2)]
     boot = s.send(READ, OS, 8)
+    boot_other = s.send(READ, OS, 8, {"other": 1})  # no "query": the bootloader's name
     mode = s.send(READ, OS, 8, {"query": "mode"})
     no_answer = [s.send(READ, OS, 8, {"query": "nope"}, version=v) for v in (V1, V2)]
+    bad_query = s.send(READ, OS, 8, {"query": 1})
     reset = s.send(WRITE, OS, 5)
     reset_force = s.send(WRITE, OS, 5, {"force": 1})
     after = s.send(READ, OS, 6)
@@ -332,19 +335,24 @@ def test_os_group(session: Session) -> None:
     assert echo_read.body == {"r": "r"}
     for rep in echo_bad:
         assert rep.rc() == EINVAL
+    assert echo_none.body == {"r": ""}
     for rep in (params, params_empty, after):
         m = rep.model(osm.MCUMgrParametersReadResponse)
         assert (m.buf_size, m.buf_count) == (2048, 4)
     outputs = {f: rep.model(osm.OSApplicationInfoReadResponse).output for f, rep in info.items()}
-    assert outputs[None] == outputs["s"] == "mpboot"
+    assert outputs[None] == outputs[""] == outputs["s"] == "mpboot"
     assert outputs["sv"] == outputs["vs"] == "mpboot 1.0.0"
     fields = outputs["a"].split(" ")
     assert fields[0] == "mpboot" and fields[1] == b"mpboot-sim".hex() and fields[3] == "1.0.0"
     assert outputs["a"].endswith(" unix MicroPython 1.29.0"), outputs["a"]
     assert info_bad[0].v1() == (EINVAL, None)
     assert info_bad[1].v2() == osm.OS_MGMT_RET_RC.INVALID_FORMAT
-    assert boot.model(osm.BootloaderInformationReadResponse).bootloader == "mpboot"
-    assert mode.body == {"mode": 5, "no-downgrade": False}
+    # Zephyr's MCUboot answers (mcumgr-toolkit picks its update flow by the name); the mode
+    # alone, "no-downgrade" only when it is true.
+    assert boot.model(osm.BootloaderInformationReadResponse).bootloader == "MCUboot"
+    assert boot.body == boot_other.body == {"bootloader": "MCUboot"}
+    assert mode.body == {"mode": 5}
+    assert bad_query.rc() == EINVAL
     assert osm.MCUbootModeQueryResponse.model_validate(mode.body).mode == osm.MCUbootMode.DIRECT_XIP_WITH_REVERT
     assert mode_nd.body == {"mode": 5, "no-downgrade": True}
     assert no_answer[0].v1() == (ENOENT, None)
