@@ -56,6 +56,7 @@ class Server:
         self.dec = Decoder()
         self.enc = Encoder(self.out)
         self.reset_requested = False
+        self.ver = 0  # the SMP version of the request being handled (0: v1, 1: v2)
         # The upload finished last (sha, len, slot): a client whose last reply got lost asks
         # again, and must hear "done", not open a session that erases the verified image.
         self.done = None
@@ -107,6 +108,7 @@ class Server:
         elif (pkt[2] << 8 | pkt[3]) != n - _HDR:
             err = (_EINVAL, 0, None)
         else:
+            self.ver = ver
             try:
                 req = self.dec.decode(memoryview(pkt)[_HDR:]) if n > _HDR else {}
                 if group == _GROUP_OS:
