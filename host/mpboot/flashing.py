@@ -128,18 +128,24 @@ async def _already_running(client: SMPClient, prepared: PreparedImage, mark: Mar
     permanent boots at the next reset instead, and --confirm of the running image cannot
     keep it (the device keeps a permanent install)."""
     slot = running
-    waiting = next((s for s in slots if s.pending and s.permanent and not s.active
-                    and s.hash != prepared.hash), None)
-    if mark is Mark.CONFIRM and waiting is not None:
-        raise UpdateRefused(f"the image runs, but the image in slot {waiting.slot} (version {waiting.version}) "
-                            "was made permanent and boots at the next reset: reset first, then flash again",
-                            code=UpdateErrorCode.BUSY)
+    if mark is Mark.CONFIRM:
+        check_no_permanent_waiting(slots, "the image runs", "then flash again", prepared.hash)
     if mark is Mark.CONFIRM and not running.confirmed:
         slots = await client.state_write(prepared.hash, confirm=True)
         slot = next((s for s in slots if s.hash == prepared.hash and s.active), None)
         if slot is None or not slot.confirmed:
             raise ProtocolError("the device accepted the confirm but does not list the running image as confirmed")
     return FlashResult(prepared, None, mark, slot, False, running=True, confirmed_now=slot is not running)
+
+
+def check_no_permanent_waiting(slots: list[SlotState], what: str, then: str, image: bytes | None = None) -> None:
+    """UpdateRefused (BUSY) when another image than `image` was made permanent and boots at the
+    next reset (pending and permanent, not running): confirming the running image cannot keep
+    it then. `what` and `then` frame the message ("the image runs", "then flash again")."""
+    waiting = next((s for s in slots if s.pending and s.permanent and not s.active and s.hash != image), None)
+    if waiting is not None:
+        raise UpdateRefused(f"{what}, but the image in slot {waiting.slot} (version {waiting.version}) was made "
+                            f"permanent and boots at the next reset: reset first, {then}", code=UpdateErrorCode.BUSY)
 
 
 async def _mark(client: SMPClient, prepared: PreparedImage, mark: Mark) -> SlotState | None:
