@@ -44,12 +44,13 @@ def handle(srv, op, cmd, req, enc):
         if i >= n:
             # v1: Zephyr's translation of this group code is EUNKNOWN.
             return (_EUNKNOWN, _INDEX_TOO_LARGE, None)
-        last = i == n - 1
-        enc.map(2 if last else 1)
-        enc.text("end" if last else "group")  # canonical order: "end" before "group"
-        if last:
+        if i == n - 1:  # the last group: "end" too (canonical order: before "group")
+            enc.map(2)
+            enc.text("end")
             enc.bool(True)
-            enc.text("group")
+        else:
+            enc.map(1)
+        enc.text("group")
         enc.uint(_GROUPS[i][0])
         return None
     # Details, of the groups listed in "groups" (ids it does not serve are left out) or, when

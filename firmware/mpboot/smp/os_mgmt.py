@@ -30,6 +30,7 @@ _MODE_DIRECT_XIP_REVERT = const(5)  # MCUBOOT_MODE_DIRECT_XIP_WITH_REVERT
 _FORMAT = "snrvbmpio"  # the OS info fields, in output order ("a": all)
 _FIELDS = const(9)  # len(_FORMAT)
 _ALL_FIELDS = const(0x1FF)  # one bit per field
+_KERNEL_NAME = const(1)  # the field of an empty format, as of none ("s")
 
 
 def handle(srv, op, cmd, req, enc):
@@ -99,7 +100,7 @@ def _info(srv, req, enc):
         else:
             mask |= 1 << i
     if not mask:
-        mask = 1  # "" (as no format): the kernel name, as Zephyr
+        mask = _KERNEL_NAME  # "" as Zephyr reads it
     out = []
     for i in range(_FIELDS):
         if not mask >> i & 1:

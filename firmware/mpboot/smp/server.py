@@ -11,6 +11,7 @@
 # placed after the response header. It encodes its response map and returns None, or returns
 # an error (rc, group_rc, rsn): MGMT_ERR rc for SMP v1 and for v2 when group_rc is 0,
 # {"err": {"group", "rc": group_rc}} for v2 otherwise; rsn (str or None) goes into v1 only.
+# srv.ver is the request's SMP version (0: v1, 1: v2), for the rare answer that differs.
 # Exceptions a handler lets out: ValueError/TypeError (a malformed request) are EINVAL,
 # MemoryError ENOMEM, OverflowError (response too large) EMSGSIZE, others EUNKNOWN.
 from micropython import const
