@@ -33,6 +33,7 @@ package(
         "smp/server.py",
         "smp/os_mgmt.py",
         "smp/img_mgmt.py",
+        "smp/enum_mgmt.py",
         "smp/identity.py",
         "smp/mpboot_mgmt.py",
         "smp/factory_mgmt.py",

@@ -372,3 +372,27 @@ def test_flash_confirm_of_the_image_on_its_test_boot_confirms_it(images: dict[st
         assert v2["active"] and v2["confirmed"], v2
     finally:
         sim.stop()
+
+
+def test_flash_confirm_of_the_running_image_while_another_is_made_permanent(images: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    """v2 made permanent (no reset yet): the device lists v1 running and confirmed (Zephyr:
+    not on a test boot) and v2 pending and permanent. Flashing v1 again with --confirm cannot
+    keep v1 (the device keeps a permanent install): refused with why, nothing written; so is
+    `mpboot confirm` of the running image."""
+    sim = SimProcess(tmp_path / "dev", [KEY])
+    port = ["--port", sim.path]
+    try:
+        run_v1(sim, images)
+        assert "made permanent" in ok("flash", images["2.0.0"], *port, "--confirm", "--no-progress")
+        state = slots(port)
+        assert (state["1.0.0"]["active"], state["1.0.0"]["confirmed"], state["1.0.0"]["pending"]) == (True, True, False)
+        assert (state["2.0.0"]["pending"], state["2.0.0"]["permanent"], state["2.0.0"]["confirmed"]) == (True, True, False)
+        again = mpboot("flash", images["1.0.0"], *port, "--confirm", "--no-progress")
+        assert again.exit_code == 1, again.stdout + again.stderr
+        assert "slot 1 (version 2.0.0) was made permanent and boots at the next reset" in again.stderr
+        conf = mpboot("confirm", *port)  # the running image's confirm: the same
+        assert conf.exit_code == 1 and "the running image cannot be kept, but the image in slot 1" in conf.stderr
+        assert slots(port) == state
+    finally:
+        sim.stop()

@@ -19,6 +19,7 @@ import pytest
 from mpboot import upy
 from mpboot.image import parse_image
 from test_smp_server import (
+    ENUM,
     IMG,
     OS,
     READ,
@@ -38,7 +39,7 @@ from test_smp_server import (
 MAX_PACKET = 2048 + 256  # dev_smp's receive buffer
 HEAP = "104k"  # smallest that works for test_upload_in_small_heap: 95 KiB (84 before the factory area)
 KEYS = ["off", "data", "len", "sha", "image", "upgrade", "ptlv", "hash", "confirm", "slot", "d",
-        "format", "query", "force", "r", "rc", "err", "x"]
+        "format", "query", "force", "index", "groups", "r", "rc", "err", "x"]
 NEW = image("1.2.0", seed="fuzz-new", payload=6000)
 DIGESTS = [parse_image(x).digest for x in (A, B, NEW)]
 
@@ -88,6 +89,8 @@ def _upload(rng: random.Random, data: bytes) -> list[dict]:
                 body["ptlv"] = manifest(data)
             if rng.random() < 0.2:
                 body["upgrade"] = rng.random() < 0.5
+            if rng.random() < 0.3:
+                body["image"] = rng.choice([0, 1, 1, 2])
         if rng.random() < 0.05:
             body["off"] = rng.choice([off + 1, max(0, off - 1), 0, len(data)])
         out.append(body)
@@ -108,6 +111,8 @@ def _templates(rng: random.Random) -> list[tuple[int, int, int, Any]]:
         (WRITE, IMG, 0, rng.choice([{"confirm": True}, {"hash": h}, {"hash": h, "confirm": rng.random() < 0.5}])),
         (WRITE, IMG, 5, rng.choice([{}, {"slot": 0}, {"slot": 1}, {"slot": 2}])),
         (READ, IMG, 6, {}),
+        (READ, ENUM, rng.randrange(4), rng.choice([{}, {"index": rng.randrange(6)},
+                                                    {"groups": [rng.choice([0, 1, 5, 10, 64]) for _ in range(3)]}])),
     ]
 
 
@@ -151,7 +156,7 @@ def packets(rng: random.Random, count: int) -> list[bytes]:
                 out.append(_mutate(rng, pkt) if rng.random() < 0.03 else pkt)
         else:
             op = rng.choice([READ, WRITE])
-            group = rng.choice([OS, OS, IMG, IMG, IMG, 2, 64])
+            group = rng.choice([OS, OS, IMG, IMG, IMG, 2, ENUM, 64])
             cmd = rng.choice([0, 0, 1, 1, 5, 6, 7, 8, rng.randrange(256)])
             pkt = packet(op, group, cmd, _request(rng), version=ver, seq=seq)
             out.append(_mutate(rng, pkt) if r > 0.75 else pkt)
@@ -215,10 +220,12 @@ def test_upload_in_small_heap(device, tmp_path: Path) -> None:
     state = s.state()
     mark = s.send(WRITE, IMG, 0, {"hash": parse_image(NEW).digest, "confirm": False})
     echo = s.send(WRITE, OS, 0, {"d": "x" * 1900})
+    groups = s.send(READ, ENUM, 3)  # the enumeration group, loaded on first use
     after = s.cmd("mem")
     s.run(heapsize=HEAP)
     assert ups[-1].body == {"off": len(NEW), "match": True}
     assert len(state.body["images"]) == 2 and mark.body["images"][1]["pending"]
     assert echo.body == {"r": "x" * 1900}
+    assert len(groups.body["groups"]) == 4
     assert flash.slot_bytes(1)[: len(NEW)] == NEW
     print("heap: free/alloc before", before.values, "after", after.values)

@@ -237,6 +237,14 @@ def test_error_mapping() -> None:
     assert isinstance(err, ImageRefused) and err.code is None and "24 INVALID_HASH" in str(err)
     err = error_from_response({"err": {"group": 1, "rc": 8}}, "image state write")
     assert type(err) is SMPError and str(err) == "image state write failed: image group error 8 HASH_NOT_FOUND"
+    # The slot in use (v1 update:1): one type, worded for the request it refused.
+    err = error_from_response({"err": {"group": 1, "rc": 9}}, "image upload")
+    assert isinstance(err, UpdateRefused) and err.code is None
+    assert str(err) == "device refused the update: image group error 9 NO_FREE_SLOT"
+    err = error_from_response({"err": {"group": 1, "rc": 9}}, "image erase")
+    assert isinstance(err, UpdateRefused) and str(err) == "device refused the erase: image group error 9 NO_FREE_SLOT"
+    err = error_from_response({"err": {"group": 1, "rc": 32}}, "image state write")
+    assert type(err) is SMPError and "32 IMAGE_CONFIRMATION_DENIED" in str(err)
     assert error_from_response({"rc": 0, "off": 5}, "x") is None
     assert error_from_response({"off": 5}, "x") is None
     assert error_from_response({"rc": 5, "rsn": "nope"}, "x") is not None

@@ -22,6 +22,7 @@ from conftest import signing_key, trusted_public_keys
 from mpboot.errors import ImageRejected
 from mpboot.image import ImageHeader, class_uuid, parse_image, vendor_uuid, verify_image
 from simkit import FlashFile, sign_app
+from smp import enumeration_management as enm
 from smp import image_management as img
 from smp import os_management as osm
 
@@ -36,6 +37,7 @@ EUNKNOWN, EINVAL, ENOENT, EBADSTATE, ENOTSUP, EBUSY = 1, 3, 5, 6, 8, 10
 VENDOR = vendor_uuid("example.com")
 OTHER_VENDOR = vendor_uuid("example.org")
 CLASS = class_uuid("sensor", VENDOR)
+ZEPHYR_RSN = ("header malformed", "no slot")  # img_mgmt's verbose reasons (v1 only)
 OTHER_CLASS = class_uuid("display", VENDOR)
 
 
@@ -167,7 +169,9 @@ def check_wellformed(rep: Reply) -> None:
     elif "rc" in body and set(body) <= {"rc", "rsn"}:
         assert isinstance(body["rc"], int) and body["rc"] > 0
         if "rsn" in body:
-            assert op >> 3 == V1 and body["rsn"].split(":")[0] in ("image", "update", "factory"), body
+            # mpboot's machine-readable reasons, or Zephyr's verbose texts where none applies
+            assert op >> 3 == V1 and (body["rsn"].split(":")[0] in ("image", "update", "factory")
+                                      or body["rsn"] in ZEPHYR_RSN), body
         # The generic error shape parses with the smp v1 error model (as smpclient does).
         if group in (OS, IMG):
             cls = osm.OSManagementErrorV1 if group == OS else img.ImageManagementErrorV1
@@ -278,8 +282,10 @@ def session(device, tmp_path: Path) -> Session:
 
 
 def images(rep: Reply) -> list[img.ImageState]:
-    """The images list of a state response, through the smp model (booleans all present)."""
+    """The images list of a state response, through the smp model (booleans all present,
+    splitStatus 0 as Zephyr sends it)."""
     m = rep.model(img.ImageStatesReadResponse)
+    assert rep.body["splitStatus"] == 0 and m.splitStatus == 0, rep.body
     for entry in rep.body["images"]:
         assert set(entry) == {"image", "slot", "version", "hash", "bootable", "pending", "confirmed",
                               "active", "permanent"}, entry
@@ -308,14 +314,17 @@ def test_os_group(session: Session) -> None:
     echo = [s.send(WRITE, OS, 0, {"d": text}, version=v) for text in ("hello", "", "h\u00e9llo \u2713" * 20)
             for v in (V1, V2)]
     echo_read = s.send(READ, OS, 0, {"d": "r"})
-    echo_bad = [s.send(WRITE, OS, 0, body) for body in ({}, {"d": 5}, {"d": b"bytes"})]
+    echo_bad = [s.send(WRITE, OS, 0, body) for body in ({"d": 5}, {"d": b"bytes"})]
+    echo_none = s.send(WRITE, OS, 0, {})  # Zephyr echoes "" when "d" is absent
     params = s.send(READ, OS, 6)
     params_empty = s.raw(packet(READ, OS, 6, raw=b""))  # an empty payload reads as {}
-    info = {f: s.send(READ, OS, 7, {} if f is None else {"format": f}) for f in (None, "s", "sv", "a", "vs")}
+    info = {f: s.send(READ, OS, 7, {} if f is None else {"format": f}) for f in (None, "", "s", "sv", "a", "vs")}
     info_bad = [s.send(READ, OS, 7, {"format": "sx"}, version=v) for v in (V1, V2)]
     boot = s.send(READ, OS, 8)
+    boot_other = s.send(READ, OS, 8, {"other": 1})  # no "query": the bootloader's name
     mode = s.send(READ, OS, 8, {"query": "mode"})
     no_answer = [s.send(READ, OS, 8, {"query": "nope"}, version=v) for v in (V1, V2)]
+    bad_query = s.send(READ, OS, 8, {"query": 1})
     reset = s.send(WRITE, OS, 5)
     reset_force = s.send(WRITE, OS, 5, {"force": 1})
     after = s.send(READ, OS, 6)
@@ -331,19 +340,24 @@ def test_os_group(session: Session) -> None:
     assert echo_read.body == {"r": "r"}
     for rep in echo_bad:
         assert rep.rc() == EINVAL
+    assert echo_none.body == {"r": ""}
     for rep in (params, params_empty, after):
         m = rep.model(osm.MCUMgrParametersReadResponse)
         assert (m.buf_size, m.buf_count) == (2048, 4)
     outputs = {f: rep.model(osm.OSApplicationInfoReadResponse).output for f, rep in info.items()}
-    assert outputs[None] == outputs["s"] == "mpboot"
+    assert outputs[None] == outputs[""] == outputs["s"] == "mpboot"
     assert outputs["sv"] == outputs["vs"] == "mpboot 1.0.0"
     fields = outputs["a"].split(" ")
     assert fields[0] == "mpboot" and fields[1] == b"mpboot-sim".hex() and fields[3] == "1.0.0"
     assert outputs["a"].endswith(" unix MicroPython 1.29.0"), outputs["a"]
     assert info_bad[0].v1() == (EINVAL, None)
     assert info_bad[1].v2() == osm.OS_MGMT_RET_RC.INVALID_FORMAT
-    assert boot.model(osm.BootloaderInformationReadResponse).bootloader == "mpboot"
-    assert mode.body == {"mode": 5, "no-downgrade": False}
+    # Zephyr's MCUboot answers (mcumgr-toolkit picks its update flow by the name); the mode
+    # alone, "no-downgrade" only when it is true.
+    assert boot.model(osm.BootloaderInformationReadResponse).bootloader == "MCUboot"
+    assert boot.body == boot_other.body == {"bootloader": "MCUboot"}
+    assert mode.body == {"mode": 5}
+    assert bad_query.rc() == EINVAL
     assert osm.MCUbootModeQueryResponse.model_validate(mode.body).mode == osm.MCUbootMode.DIRECT_XIP_WITH_REVERT
     assert mode_nd.body == {"mode": 5, "no-downgrade": True}
     assert no_answer[0].v1() == (ENOENT, None)
@@ -379,6 +393,58 @@ def test_mpboot_group_device_info(session: Session) -> None:
                         "serial": None, "no-downgrade": True}
 
 
+# --- enumeration group ------------------------------------------------------------------------
+
+
+ENUM = 10
+GROUPS = [0, 1, 10, 64]  # ascending: OS, image, enumeration, mpboot
+
+
+def test_enum_group(session: Session) -> None:
+    """Group 10 as Zephyr's enum_mgmt answers with details, names and handler counts on."""
+    s = session
+    s.dev("enum", slots=(A, None))
+    s.cmd("server", 0)
+    count = [s.send(READ, ENUM, 0, version=v) for v in (V1, V2)]
+    listing = s.send(READ, ENUM, 1)
+    single = [s.send(READ, ENUM, 2, {"index": i}) for i in range(len(GROUPS))]
+    first = s.send(READ, ENUM, 2)  # no index: the first group
+    too_large = [s.send(READ, ENUM, 2, {"index": i}, version=v) for i in (4, 65535) for v in (V1, V2)]
+    bad_index = [s.send(READ, ENUM, 2, {"index": i}) for i in (65536, -1, "0", True)]
+    details = s.send(READ, ENUM, 3)
+    some = s.send(READ, ENUM, 3, {"groups": [64, 0, 5]})
+    none_known = s.send(READ, ENUM, 3, {"groups": [5]})
+    empty = s.send(READ, ENUM, 3, {"groups": []})
+    not_list = s.send(READ, ENUM, 3, {"groups": 1})  # Zephyr skips a value that is no list
+    bad_ids = [s.send(READ, ENUM, 3, {"groups": g}) for g in ([-1], ["os"], [0, None])]
+    writes = [s.send(WRITE, ENUM, c) for c in range(4)]
+    unknown = s.send(READ, ENUM, 4)
+    s.run()
+
+    for rep in count:
+        assert rep.model(enm.GroupCountResponse).count == len(GROUPS)
+    assert list(listing.model(enm.ListOfGroupsResponse).groups) == GROUPS
+    for i, rep in enumerate(single):
+        m = rep.model(enm.GroupIdResponse)
+        assert m.group == GROUPS[i] and m.end is (True if i == len(GROUPS) - 1 else None)
+    assert first.body == {"group": 0}
+    for i, rep in enumerate(too_large):
+        if i % 2:
+            assert rep.model(enm.EnumManagementErrorV2).err.rc == enm.ENUM_MGMT_ERR.ENUM_MGMT_ERR_INDEX_TOO_LARGE
+        else:
+            assert rep.model(enm.EnumManagementErrorV1).rc == EUNKNOWN  # Zephyr's v1 translation
+    assert all(rep.rc() == EINVAL for rep in bad_index)
+    want = [{"group": 0, "name": "os mgmt", "handlers": 9}, {"group": 1, "name": "img mgmt", "handlers": 7},
+            {"group": 10, "name": "enum mgmt", "handlers": 4}, {"group": 64, "name": "mpboot", "handlers": 6}]
+    assert [d.model_dump() for d in details.model(enm.GroupDetailsResponse).groups] == want
+    assert some.body == {"groups": [want[0], want[3]]}  # in the device's order
+    assert none_known.body == {"groups": []}
+    assert empty.body == not_list.body == details.body
+    assert all(rep.rc() == EINVAL for rep in bad_ids)
+    assert all(rep.rc() == ENOTSUP for rep in writes + [unknown])
+    assert all(r.ops == 0 for r in s.items if isinstance(r, Reply))
+
+
 # --- image state ------------------------------------------------------------------------------
 
 
@@ -401,7 +467,8 @@ def test_state_read(session: Session) -> None:
     marked = s.state()
     s.cmd("boot")  # slot 1's test boot
     trial = s.state()
-    # Recovery: two valid images, neither confirmed (the active slot's digest is not recorded).
+    # Served in recovery: two valid images; the active slot's digest is not recorded, slot 0's
+    # is, so the next power-on boots slot 0 (its fallback).
     s.dev("rec", slots=(A, c))
     s.cmd("confirm", 0)
     s.cmd("set", "active=1")
@@ -410,7 +477,7 @@ def test_state_read(session: Session) -> None:
     s.run()
 
     for rep in fresh:
-        assert rep.body == {"images": []}
+        assert rep.body == {"images": [], "splitStatus": 0}
         assert images(rep) == []
     (e,) = images(one)
     assert (e.image, e.slot, e.version, bytes(e.hash)) == (0, 0, "1.0.0", digest(A))
@@ -422,9 +489,93 @@ def test_state_read(session: Session) -> None:
     assert flags(e0) == "bca" and flags(e1) == "bp"
     assert trial.body["images"][1]["active"]
     e0, e1 = images(trial)
-    # On its test boot: slot 1 runs unconfirmed; slot 0 (confirmed) boots next unless confirmed.
-    assert flags(e1) == "ba" and flags(e0) == "bpcP"
-    assert [flags(x) for x in images(rec)] == ["b", "b"]
+    # On its test boot: slot 1 runs unconfirmed; slot 0 is the confirmed image a reset
+    # reverts to (Zephyr flags it confirmed only).
+    assert flags(e1) == "ba" and flags(e0) == "bc"
+    assert [flags(x) for x in images(rec)] == ["bpP", "b"]
+
+
+def run_state(states: list[img.ImageState]) -> str:
+    """What mcumgr-toolkit's firmware_update makes of the flags (its image_run_state::analyze,
+    0.20.0): Stable, Pending, Testing, Unknown or Inconsistent."""
+    def unique(flag: str) -> list[img.ImageState] | None:
+        found = [x for x in states if getattr(x, flag)]
+        return None if len(found) > 1 else found
+
+    active, confirmed, pending = unique("active"), unique("confirmed"), unique("pending")
+    if active is None or confirmed is None or pending is None:
+        return "Inconsistent"
+    if pending:
+        return "Pending"
+    if active and confirmed:
+        return "Stable" if active[0].slot == confirmed[0].slot else "Testing"
+    return "Stable" if active or confirmed else "Unknown"
+
+
+def test_state_flags_in_every_state(session: Session) -> None:
+    """The flags of each slot as Zephyr's img_mgmt reports them on a direct-XIP-with-revert
+    device (docs/PROTOCOL.md, the flag table), with the running image in either slot, and
+    what mcumgr-toolkit's state analysis makes of them."""
+    s = session
+    states: dict[str, Reply] = {}
+    for run in (0, 1):
+        new = 1 - run
+        pair = (A, B) if run == 0 else (B, A)  # A runs, B is the update
+        s.dev(f"flags-{run}", slots=pair)
+        s.cmd("confirm", run)
+        s.cmd("server", run)
+        states[f"uploaded-{run}"] = s.state()  # not marked
+        states[f"marked-{run}"] = s.send(WRITE, IMG, 0, {"hash": digest(B), "confirm": False})
+        s.cmd("boot")
+        states[f"trial-{run}"] = s.state()
+        states[f"confirmed-{run}"] = s.send(WRITE, IMG, 0, {"confirm": True})
+        s.dev(f"revert-{run}", slots=pair)
+        s.cmd("confirm", run)
+        s.cmd("mark", new)
+        s.cmd("boot")  # the test boot, never confirmed
+        s.cmd("boot")  # reset without a confirm: back to A
+        states[f"reverted-{run}"] = s.state()
+        s.dev(f"perm-{run}", slots=pair)
+        s.cmd("confirm", run)
+        s.cmd("server", run)
+        states[f"permanent-{run}"] = s.send(WRITE, IMG, 0, {"hash": digest(B), "confirm": True})
+        s.cmd("boot")
+        states[f"after-permanent-{run}"] = s.state()
+    # In recovery (nothing runs): a factory-fresh state area boots the newest valid image; a
+    # test mark, a permanent mark, a test mark with a confirmed image to fall back to.
+    s.dev("rec-fresh", slots=(A, B))
+    s.cmd("server", -1)
+    states["rec-fresh"] = s.state()
+    states["rec-marked"] = s.send(WRITE, IMG, 0, {"hash": digest(A), "confirm": False})
+    s.dev("rec-perm", slots=(A, B))
+    s.cmd("server", -1)
+    states["rec-permanent"] = s.send(WRITE, IMG, 0, {"hash": digest(A), "confirm": True})
+    s.dev("rec-fallback", slots=(A, B))
+    s.cmd("confirm", 0)
+    s.cmd("server", -1)
+    states["rec-marked-fallback"] = s.send(WRITE, IMG, 0, {"hash": digest(B), "confirm": False})
+    s.run()
+
+    want = {  # state: (flags of slot `run`, where A was running, of the other: B's), toolkit's view
+        "uploaded": (("bca", "b"), "Stable"),
+        "marked": (("bca", "bp"), "Pending"),
+        "trial": (("bc", "ba"), "Testing"),
+        "confirmed": (("b", "bca"), "Stable"),
+        "reverted": (("bca", "b"), "Stable"),
+        "permanent": (("bca", "bpP"), "Pending"),
+        "after-permanent": (("b", "bca"), "Stable"),
+    }
+    for run in (0, 1):
+        for name, ((a, b), view) in want.items():
+            got = images(states[f"{name}-{run}"])
+            by_slot = {e.slot: flags(e) for e in got}
+            assert (by_slot[run], by_slot[1 - run]) == (a, b), (name, run)
+            assert run_state(got) == view, (name, run)
+    rec = {name: [flags(e) for e in images(states[name])] for name in
+           ("rec-fresh", "rec-marked", "rec-permanent", "rec-marked-fallback")}
+    assert rec == {"rec-fresh": ["b", "bpP"], "rec-marked": ["bp", "b"], "rec-permanent": ["bpP", "b"],
+                   "rec-marked-fallback": ["bc", "bp"]}
+    assert all(run_state(images(states[name])) == "Pending" for name in rec)
 
 
 def test_upload_then_test_boot_and_confirm(session: Session) -> None:
@@ -459,7 +610,7 @@ def test_upload_then_test_boot_and_confirm(session: Session) -> None:
     _, e1 = images(listed)
     assert (e1.slot, bytes(e1.hash), e1.version, flags(e1)) == (1, digest(B), "1.1.0.7", "b")
     assert [flags(e) for e in images(mark)] == ["bca", "bp"]
-    assert [flags(e) for e in images(trial)] == ["bpcP", "ba"]
+    assert [flags(e) for e in images(trial)] == ["bc", "ba"]
     assert [flags(e) for e in images(conf)] == ["b", "bca"]
     assert [flags(e) for e in images(again)] == ["b", "bca"] and again.ops == 0
     assert state.values[:3] == ["1", "255", "255"]
@@ -473,7 +624,8 @@ def test_state_write_permanent_and_errors(session: Session) -> None:
     s.cmd("server", 0)
     running_test = [s.send(WRITE, IMG, 0, {"hash": digest(A), "confirm": False}, version=v) for v in (V1, V2)]
     unknown = [s.send(WRITE, IMG, 0, {"hash": bytes(32), "confirm": True}, version=v) for v in (V1, V2)]
-    no_hash = s.send(WRITE, IMG, 0, {"confirm": False})
+    no_hash = [s.send(WRITE, IMG, 0, {"confirm": False}, version=v) for v in (V1, V2)]
+    short_hash = [s.send(WRITE, IMG, 0, {"hash": digest(B)[:31], "confirm": c}) for c in (False, True)]
     bad_types = [s.send(WRITE, IMG, 0, body) for body in ({"hash": "text"}, {"confirm": 1}, {"hash": 5, "confirm": True})]
     confirm_running = s.send(WRITE, IMG, 0, {"confirm": True})  # already confirmed: no write
     perm = s.send(WRITE, IMG, 0, {"hash": digest(B), "confirm": True})
@@ -488,11 +640,13 @@ def test_state_write_permanent_and_errors(session: Session) -> None:
         assert rep.ok and [flags(e) for e in images(rep)] == ["bca", "b"], rep.body
     assert unknown[0].v1() == (ENOENT, None)
     assert unknown[1].v2() == img.IMG_MGMT_ERR.HASH_NOT_FOUND
-    assert no_hash.rc() == EINVAL
+    # A test mark without hash, or a hash that is not 32 bytes: Zephyr's INVALID_HASH.
+    assert no_hash[0].v1() == (EINVAL, None) and no_hash[1].v2() == img.IMG_MGMT_ERR.INVALID_HASH
+    assert all(r.v2() == img.IMG_MGMT_ERR.INVALID_HASH for r in short_hash)
     assert all(r.rc() == EINVAL for r in bad_types)
     assert confirm_running.ops == 0 and [flags(e) for e in images(confirm_running)] == ["bca", "b"]
-    # Slot 1 is the confirmed image now and boots next; slot 0 runs until then.
-    assert [flags(e) for e in images(perm)] == ["ba", "bpcP"] and perm.chg == "001"
+    # Slot 1 boots next and stays (pending, permanent); slot 0 runs until then, confirmed.
+    assert [flags(e) for e in images(perm)] == ["bca", "bpP"] and perm.chg == "001"
     assert [flags(e) for e in images(booted)] == ["b", "bca"]
     assert rec_confirm[0].v1() == (ENOENT, None)
     assert rec_confirm[1].v2() == img.IMG_MGMT_ERR.NO_IMAGE
@@ -569,7 +723,7 @@ def test_state_write_when_both_slots_hold_the_running_image(session: Session) ->
         assert state.values[:3] == [str(run), "255", "255"]  # active, no test mark, no trial
     for rep in trial_test:
         assert rep.ok and rep.ops == 0, rep.body
-        assert [flags(e) for e in images(rep)] == ["bpcP", "ba"]
+        assert [flags(e) for e in images(rep)] == ["bc", "ba"]
     assert trial_state.values[:3] == ["0", "255", "1"]  # still on its test boot, nothing marked
     assert [flags(e) for e in images(trial_conf)] == ["b", "bca"] and trial_conf.chg == "001"
     assert conf_state.values[:3] == ["1", "255", "255"]
@@ -631,7 +785,7 @@ def test_test_mark_of_a_running_fallback(session: Session) -> None:
     assert denied[1].v2() == img.IMG_MGMT_ERR.IMAGE_SETTING_TEST_TO_ACTIVE_DENIED
     assert all(rep.ops == 0 for rep in denied)
     assert other.ok and other.chg == "001"
-    assert [flags(e) for e in images(other)] == ["ba", "bpcP"]
+    assert [flags(e) for e in images(other)] == ["bca", "bpP"]
     assert other_state.values[:3] == ["1", "1", "255"]  # the test mark is on slot 1
     assert rec.ok and [flags(e) for e in images(rec)] == ["bp", "b"]
     assert rec_state.values[:3] == ["255", "0", "255"]
@@ -667,18 +821,20 @@ def test_wrong_offsets_and_overrun(session: Session) -> None:
     rest = s.upload(B, chunk=1500, start=509, end=len(B) - 10)
     overrun = [s.send(WRITE, IMG, 1, {"off": len(B) - 10, "data": B[-10:] + b"\0"}, version=v) for v in (V1, V2)]
     last = s.send(WRITE, IMG, 1, {"off": len(B) - 10, "data": B[-10:]})
-    closed = s.send(WRITE, IMG, 1, {"off": len(B), "data": b"x"})
+    closed = [s.send(WRITE, IMG, 1, {"off": len(B), "data": b"x"}, version=v) for v in (V1, V2)]
     missing = [s.send(WRITE, IMG, 1, body) for body in ({"off": 0}, {"data": b"x"}, {"off": -1, "data": b"x"},
                                                         {"off": "0", "data": b"x"}, {"off": 1, "data": "text"})]
     no_len = [s.send(WRITE, IMG, 1, {"off": 0, "data": B[:512]}, version=v) for v in (V1, V2)]
     bad_sha = [s.send(WRITE, IMG, 1, {"off": 0, "data": B[:512], "len": len(B), "sha": b"short"}, version=v)
                for v in (V1, V2)]
-    image1 = s.send(WRITE, IMG, 1, {"off": 0, "data": B[:512], "len": len(B), "image": 1})
+    image2 = [s.send(WRITE, IMG, 1, {"off": 0, "data": B[:512], "len": len(B), "image": n}, version=v)
+              for n in (2, 7) for v in (V1, V2)]
+    image_bad = [s.send(WRITE, IMG, 1, {"off": 0, "data": B[:512], "len": len(B), "image": n}) for n in (-1, "1")]
     read_upload = s.send(READ, IMG, 1, {"off": 0, "data": b""})
     s.run()
 
     assert no_session[0].v1() == (EBADSTATE, "update:2")
-    assert no_session[1].rc() == EBADSTATE
+    assert no_session[1].body == {"off": 0}  # v2: Zephyr answers the offset it expects
     assert first[0].body == {"off": 509}
     for rep in wrong:
         assert rep.model(img.ImageUploadWriteResponse).off == 509
@@ -688,16 +844,54 @@ def test_wrong_offsets_and_overrun(session: Session) -> None:
     assert overrun[1].v2() == img.IMG_MGMT_ERR.INVALID_IMAGE_DATA_OVERRUN
     assert all(r.ops == 0 for r in overrun)
     assert last.body == {"off": len(B), "match": True}
-    assert closed.rc() == EBADSTATE
-    for rep in missing:
+    assert closed[0].v1() == (EBADSTATE, "update:2") and closed[1].body == {"off": 0}
+    # No data at off 0: no header (Zephyr's INVALID_IMAGE_HEADER); no off: INVALID_OFFSET.
+    assert missing[0].v2() == img.IMG_MGMT_ERR.INVALID_IMAGE_HEADER
+    assert missing[1].v2() == img.IMG_MGMT_ERR.INVALID_OFFSET
+    for rep in missing[2:]:
         assert rep.rc() == EINVAL, rep.body
-    assert no_len[0].v1() == (EINVAL, None) and no_len[1].v2() == img.IMG_MGMT_ERR.INVALID_LENGTH
+    assert no_len[0].v1() == (EINVAL, "header malformed") and no_len[1].v2() == img.IMG_MGMT_ERR.INVALID_LENGTH
     assert bad_sha[0].v1() == (EINVAL, None) and bad_sha[1].v2() == img.IMG_MGMT_ERR.INVALID_HASH
-    assert image1.rc() == EINVAL
+    # Images past the first (Zephyr numbers the update slot 0 or 1 on a one-image device).
+    for i, rep in enumerate(image2):
+        if i % 2:
+            assert rep.v2() == img.IMG_MGMT_ERR.NO_FREE_SLOT
+        else:
+            assert rep.v1() == (EBADSTATE, "no slot")
+    assert all(rep.rc() == EINVAL for rep in image_bad)
     assert read_upload.rc() == ENOTSUP
-    for rep in no_len + bad_sha + [image1, read_upload] + missing:
+    for rep in no_len + bad_sha + image2 + image_bad + [read_upload] + missing + closed:
         assert rep.ops == 0
     assert flash.slot_bytes(1)[: len(B)] == B
+
+
+def test_upload_image_number(session: Session) -> None:
+    """`image` 0 and 1 both name the update slot (Zephyr on a one-image device: smpclient's
+    upload(data, 1), smpmgr --slot 1, mcumgr-client slot=1, mcumgr-toolkit image=1): the
+    slot not running, whichever that is; the running slot is never written."""
+    s = session
+    flashes = {}
+    for run in (0, 1):
+        for n in (0, 1):
+            for v in (V1, V2):
+                name = f"image{n}-run{run}-v{v}"
+                flashes[name] = s.dev(name, slots=(A, None) if run == 0 else (None, A))
+                s.cmd("confirm", run)
+                s.cmd("server", run)
+                ups = s.upload(B, chunk=1900, version=v, first={"image": n})
+                flashes[name] = (flashes[name], run, ups, s.state())
+    s.dev("image1-recovery", slots=(None, None))
+    s.cmd("server", -1)
+    rec = s.upload(B, chunk=1900, first={"image": 1})
+    rec_state = s.state()
+    s.run()
+    for name, (flash, run, ups, state) in flashes.items():
+        assert ups[-1].body == {"off": len(B), "match": True}, name
+        assert all(u.chg[run] == "0" for u in ups), name  # the running slot: untouched
+        assert flash.slot_bytes(1 - run)[: len(B)] == B and flash.slot_bytes(run)[: len(A)] == A
+        assert {e.slot: e.version for e in images(state)} == {run: "1.0.0", 1 - run: "1.1.0.7"}
+    assert rec[-1].body == {"off": len(B), "match": True}
+    assert [e.slot for e in images(rec_state)] == [0]
 
 
 def test_in_ram_resume(session: Session) -> None:
@@ -827,7 +1021,7 @@ def test_verification_failure_at_the_end(session: Session) -> None:
         for v in (V1, V2):
             first = {} if sha else {"sha": hashlib.sha256(b"other").digest()}
             ups = s.upload(data, chunk=1900, version=v, first=first)
-            after = s.send(WRITE, IMG, 1, {"off": len(data), "data": b"x"})
+            after = s.send(WRITE, IMG, 1, {"off": len(data), "data": b"x"}, version=v)
             runs.append((ups, after))
     listed = s.state()
     after_state = s.cmd("state")
@@ -843,7 +1037,11 @@ def test_verification_failure_at_the_end(session: Session) -> None:
                 assert ups[-1].v1() == (EINVAL, rsn)
             else:
                 assert ups[-1].v2() == rc
-            assert after.rc() == EBADSTATE  # the session closed
+            # The session closed: v1 update:2, v2 the offset to start again from (Zephyr)
+            if v == V1:
+                assert after.v1() == (EBADSTATE, "update:2")
+            else:
+                assert after.body == {"off": 0}
             assert all(u.chg[0] == "0" for u in ups)
     assert flash.slot_bytes(0)[: len(A)] == A
     assert flash.wear()[: SLOT // SECTOR] == [0] * (SLOT // SECTOR)
@@ -869,18 +1067,17 @@ def test_erase(session: Session) -> None:
     s.cmd("boot")
     trial = [s.send(WRITE, IMG, 5, {"slot": 0}, version=v) for v in (V1, V2)]
     s.run()
-    assert running[0].v1() == (EBUSY, "update:1") and running[1].rc() == EBUSY
-    for i, rep in enumerate(bad):
-        if i % 2:
-            assert rep.v2() == img.IMG_MGMT_ERR.INVALID_SLOT
-        else:
-            assert rep.v1() == (EINVAL, None)
+    # A slot in use: v1 mpboot's BUSY, v2 Zephyr's NO_FREE_SLOT.
+    assert running[0].v1() == (EBUSY, "update:1") and running[1].v2() == img.IMG_MGMT_ERR.NO_FREE_SLOT
+    # Slot 2: INVALID_SLOT (v1 EINVAL); -1 and "1" are no slot number at all (EINVAL).
+    assert bad[0].v1() == (EINVAL, None) and bad[1].v2() == img.IMG_MGMT_ERR.INVALID_SLOT
+    assert all(rep.rc() == EINVAL for rep in bad[2:])
     assert len(images(listed)) == 2
     erase.model(img.ImageEraseResponse)
     assert erase.body == {} and erase.chg == "010"
     assert [e.slot for e in images(after)] == [0]
     assert again.body == {} and again.ops == 0  # already erased: no erase operations
-    assert trial[0].v1() == (EBUSY, "update:1") and trial[1].rc() == EBUSY
+    assert trial[0].v1() == (EBUSY, "update:1") and trial[1].v2() == img.IMG_MGMT_ERR.NO_FREE_SLOT
     assert all(r.ops == 0 for r in running + bad + trial)
     assert flash.slot_bytes(0)[: len(A)] == A
 

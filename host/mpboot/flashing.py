@@ -18,6 +18,8 @@ from mpboot.errors import (
     PortError,
     ProtocolError,
     TransportError,
+    UpdateErrorCode,
+    UpdateRefused,
 )
 from mpboot.image import ParsedImage, TlvType, parse_image
 from mpboot.smp.client import SMPClient
@@ -86,9 +88,9 @@ async def flash(client: SMPClient, image: bytes | PreparedImage, *, mark: Mark =
     mark = Mark(mark)
     if mark is not Mark.NONE and prepared.hash is None:
         raise ImageRejected(ImageErrorCode.NO_HASH, "the device names images by it: cannot mark this one")
-    held = await held_entry(client, prepared)
+    held, slots = await _held(client, prepared)
     if held is not None and held.active:
-        return await _already_running(client, prepared, mark, held)
+        return await _already_running(client, prepared, mark, held, slots)
     result = None
     if held is None:
         result = await client.upload(prepared.data, window=window, progress=progress, sha=True,
@@ -103,27 +105,47 @@ async def held_entry(client: SMPClient, prepared: PreparedImage) -> SlotState | 
     """The device's state entry for this image when a slot holds it already (the running
     slot's entry first): a re-run of a flash that got further than its user saw needs no
     upload. None when no slot holds it, or the device cannot list its images."""
+    return (await _held(client, prepared))[0]
+
+
+async def _held(client: SMPClient, prepared: PreparedImage) -> tuple[SlotState | None, list[SlotState]]:
+    """held_entry, and the image list it was found in (empty when not read)."""
     if prepared.hash is None:
-        return None
+        return None, []
     try:
         slots = await client.state()
     except CommandNotSupported:
-        return None
+        return None, []
     same = [s for s in slots if s.hash == prepared.hash]
-    return next((s for s in same if s.active), same[0] if same else None)
+    return next((s for s in same if s.active), same[0] if same else None), slots
 
 
 async def _already_running(client: SMPClient, prepared: PreparedImage, mark: Mark,
-                           running: SlotState) -> FlashResult:
+                           running: SlotState, slots: list[SlotState]) -> FlashResult:
     """The image runs on the device already: nothing to upload, mark or reset, but for
-    --confirm of an image on its test boot, which confirms it."""
+    --confirm of an image on its test boot, which confirms it. The running image's
+    `confirmed` says it is not on its test boot (Zephyr's flags); another slot pending and
+    permanent boots at the next reset instead, and --confirm of the running image cannot
+    keep it (the device keeps a permanent install)."""
     slot = running
+    if mark is Mark.CONFIRM:
+        check_no_permanent_waiting(slots, "the image runs", "then flash again", prepared.hash)
     if mark is Mark.CONFIRM and not running.confirmed:
         slots = await client.state_write(prepared.hash, confirm=True)
         slot = next((s for s in slots if s.hash == prepared.hash and s.active), None)
         if slot is None or not slot.confirmed:
             raise ProtocolError("the device accepted the confirm but does not list the running image as confirmed")
     return FlashResult(prepared, None, mark, slot, False, running=True, confirmed_now=slot is not running)
+
+
+def check_no_permanent_waiting(slots: list[SlotState], what: str, then: str, image: bytes | None = None) -> None:
+    """UpdateRefused (BUSY) when another image than `image` was made permanent and boots at the
+    next reset (pending and permanent, not running): confirming the running image cannot keep
+    it then. `what` and `then` frame the message ("the image runs", "then flash again")."""
+    waiting = next((s for s in slots if s.pending and s.permanent and not s.active and s.hash != image), None)
+    if waiting is not None:
+        raise UpdateRefused(f"{what}, but the image in slot {waiting.slot} (version {waiting.version}) was made "
+                            f"permanent and boots at the next reset: reset first, {then}", code=UpdateErrorCode.BUSY)
 
 
 async def _mark(client: SMPClient, prepared: PreparedImage, mark: Mark) -> SlotState | None:
@@ -186,9 +208,9 @@ async def flash_with_retries(open_client: OpenClient, image: bytes | PreparedIma
             async with open_client() as client:
                 opened = True
                 if not delivered:
-                    held = await held_entry(client, prepared)
+                    held, slots = await _held(client, prepared)
                     if held is not None and held.active:
-                        done = await _already_running(client, prepared, mark, held)
+                        done = await _already_running(client, prepared, mark, held, slots)
                         return replace(done, reconnects=attempt)
                     if held is None:
                         uploaded = await client.upload(prepared.data, window=window, progress=forward,

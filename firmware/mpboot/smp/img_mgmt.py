@@ -1,5 +1,9 @@
 # SMP image management group (1): state read/write, upload, erase, slot info
 # (docs/PROTOCOL.md). handle() follows the handler contract in mpboot.smp.server.
+#
+# Replies and error codes are Zephyr 4.4.0's img_mgmt (an MCUboot direct-XIP-with-revert
+# device with one updatable image): the state flags as its state read derives them, its
+# IMG_MGMT_ERR_* code for each refusal. SMP v1 keeps the MGMT_ERR rc and mpboot's `rsn`.
 from micropython import const
 
 import mpboot
@@ -16,31 +20,46 @@ _CMD_STATE = const(0)
 _CMD_UPLOAD = const(1)
 _CMD_ERASE = const(5)
 _CMD_SLOT_INFO = const(6)
+_IMAGE_UPDATE = const(1)  # upload `image`: 0 (Zephyr: any free slot) or 1 both name the update slot
 
 # MGMT_ERR
 _EUNKNOWN = const(1)
 _EINVAL = const(3)
 _ENOENT = const(5)
+_EBADSTATE = const(6)
 _ENOTSUP = const(8)
 _EACCESSDENIED = const(11)
 # IMG_MGMT_ERR (SMP v2)
 _NO_IMAGE = const(3)
 _HASH_NOT_FOUND = const(8)
+_NO_FREE_SLOT = const(9)
 _FLASH_WRITE_FAILED = const(12)
+_FLASH_ERASE_FAILED = const(13)
 _INVALID_SLOT = const(14)
+_INVALID_OFFSET = const(20)
 _INVALID_LENGTH = const(21)
 _INVALID_HASH = const(24)
 _TOO_LARGE = const(30)
+_CONFIRMATION_DENIED = const(32)
 _TEST_TO_ACTIVE_DENIED = const(33)
 _F_NON_BOOTABLE = const(0x10)
+_HASH_SIZE = const(32)
 
 # v1 MGMT_ERR and v2 IMG_MGMT_ERR of the mpboot image/policy codes (mpboot.image, slots):
 # 1 magic 23, 2 header 22, 3 size 30, 4 truncated 22, 5-7 TLV area 5, 8 no hash 5, 9 two
 # hashes 6, 10 hash mismatch 24, 11-15 signature/key 1, 16-17 vendor/class 22, 18-19
 # counter/downgrade 27.
 _IMG_RC = b"\x01\x17\x16\x1e\x16\x05\x05\x05\x05\x06\x18\x01\x01\x01\x01\x01\x16\x16\x1b\x1b"
-# mpboot update codes (mpboot.update) 1-4: (v1 rc, v2 rc; 0 = the generic v1 rc in v2 too).
-_UPD_RC = b"\x01\x00\x0a\x00\x06\x00\x03\x1f\x03\x15"
+# mpboot update codes (mpboot.update) 0-4: (v1 rc, v2 rc). 0 (unknown) EUNKNOWN/UNKNOWN,
+# 1 BUSY EBUSY/NO_FREE_SLOT (Zephyr's "slot in use"), 2 STATE EBADSTATE (generic in v2:
+# an upload answers v2 without a session as Zephyr does, _upload), 3 RANGE EINVAL/DATA_OVERRUN,
+# 4 LENGTH EINVAL/INVALID_LENGTH.
+_UPD_RC = b"\x01\x01\x0a\x09\x06\x00\x03\x1f\x03\x15"
+# Zephyr's verbose reasons (CONFIG_MCUMGR_GRP_IMG_VERBOSE_ERR), sent in v1 where no mpboot
+# code applies.
+_RSN_MALFORMED = "header malformed"
+_RSN_NO_SLOT = "no slot"
+_EMPTY = memoryview(b"")  # the `data` of an upload request without it (Zephyr: no bytes)
 
 
 def handle(srv, op, cmd, req, enc):
@@ -77,29 +96,73 @@ def version(v):
     return s + ".%d" % v[3] if v[3] else s
 
 
+def _ver3(info):
+    v = info["version"]
+    return (v[0], v[1], v[2])
+
+
+def _next_boot(srv, infos):
+    # The slot Slots.decide() boots at the next reset when no test boot comes first (the
+    # confirmed image: the active slot's, else the other slot's; on a factory-fresh state
+    # area the newest valid image), or -1 (recovery).
+    sl = srv.slots
+    a = sl.state[ACTIVE]
+    for s in ((a, a ^ 1) if a != NONE else (0, 1)):
+        i = infos[s]
+        if i is not None and sl.confirmed(s, i):
+            return s
+    if not sl.store.found:
+        i0, i1 = infos
+        if i1 is not None and (i0 is None or _ver3(i1) > _ver3(i0)):
+            return 1
+        if i0 is not None:
+            return 0
+    return -1
+
+
 def _images(srv, enc, identity=False):
+    # The image list with Zephyr's flags (img_mgmt_state_read, direct XIP with revert; table
+    # in docs/PROTOCOL.md). The running slot: active, and confirmed unless it runs its test
+    # boot (and a reset would not boot it again). Another slot: pending and permanent when it
+    # boots at the next reset and stays; pending alone when marked for its test boot;
+    # confirmed when it is the image a reset reverts to (during a test boot; in recovery,
+    # the one the marked test boot falls back to).
     # identity (an mpboot extension of the read: {"identity": true}): the board's unique id
-    # and serial too. Keys in canonical order: uid, images, serial.
+    # and serial too. Keys in canonical order: uid, images, serial, splitStatus.
     sl = srv.slots
     st = sl.state
     run = srv.running
     infos = (srv.image(0), srv.image(1))
+    nxt = _next_boot(srv, infos)
+    trial = run >= 0 and st[TRIAL] == run
+    t = st[TEST]
+    if t == run or t == NONE or infos[t] is None:
+        t = -1  # no test boot comes at the next reset
     if identity:
-        enc.map(3)
+        enc.map(4)
         enc.text("uid")
         enc.bytes(srv.port.unique_id())
     else:
-        enc.map(1)
+        enc.map(2)
     enc.text("images")
     enc.array((infos[0] is not None) + (infos[1] is not None))
     for s in (0, 1):
         info = infos[s]
         if info is None:
             continue
-        # confirmed: the confirmed image (kept across resets). pending: boots next (marked
-        # for a test boot, or confirmed and not running yet). permanent: pending, no revert.
-        ok = st[ACTIVE] == s and sl.confirmed(s, info)
-        pending = st[TEST] == s or (ok and s != run)
+        pending = permanent = False
+        if s == run:
+            confirmed = not trial or nxt == run
+        elif trial:
+            confirmed = s == nxt  # the image the reset reverts to
+            pending = s == t
+        elif t >= 0:
+            confirmed = s == nxt and s != t  # the image the test boot reverts to
+            pending = s == t
+            permanent = s == t and s == nxt
+        else:
+            confirmed = False
+            pending = permanent = s == nxt
         enc.map(9)
         enc.text("hash")
         enc.bytes(info["digest"])
@@ -116,12 +179,14 @@ def _images(srv, enc, identity=False):
         enc.text("bootable")
         enc.bool(not info["flags"] & _F_NON_BOOTABLE)
         enc.text("confirmed")
-        enc.bool(ok)
+        enc.bool(confirmed)
         enc.text("permanent")
-        enc.bool(pending and ok)
+        enc.bool(permanent)
     if identity:
         enc.text("serial")
         serial(enc, sl.factory)
+    enc.text("splitStatus")  # always 0, as Zephyr sends it
+    enc.uint(0)
 
 
 def _state_write(srv, req):
@@ -139,11 +204,13 @@ def _state_write(srv, req):
     run = srv.running
     if h is None:
         if not confirm:
-            return (_EINVAL, 0, None)
+            return (_EINVAL, _INVALID_HASH, None)  # a test mark names its image
         if run < 0:
             return (_ENOENT, _NO_IMAGE, None)
         srv.forget()
         return _confirm_running(srv)
+    if len(h) != _HASH_SIZE:
+        return (_EINVAL, _INVALID_HASH, None)
     h = bytes(h)
     mine = run >= 0 and _holds(srv, run, h)
     s = -1  # a slot not running that holds the image (recovery: the lower one)
@@ -167,8 +234,8 @@ def _state_write(srv, req):
     srv.forget()
     if confirm and sl.test_boot:
         # Factory test-boot policy: an image becomes the confirmed one only through its test
-        # boot, never made permanent from the other slot.
-        return (_EACCESSDENIED, 0, "factory:8")
+        # boot, never made permanent from the other slot (Zephyr's confirmation refusal).
+        return (_EACCESSDENIED, _CONFIRMATION_DENIED, "factory:8")
     info = srv.image(s)
     sl.policy(info, True)  # as for an update: the floor, and no downgrade if so configured
     if confirm:
@@ -182,6 +249,7 @@ def _holds(srv, slot, h):
     # The image in `slot` verifies, passes the policy and has the digest h.
     info = srv.image(slot)
     return info is not None and info["digest"] == h
+
 
 
 def _confirm_running(srv):
@@ -211,25 +279,38 @@ def _confirm_running(srv):
     return None
 
 
+
+
 def _upload(srv, req, enc):
+    # Checks in Zephyr's order (img_mgmt_upload_inspect): off, header size, len, sha, the
+    # slot, then the image itself (mpboot.update).
     off = req.get("off")
-    data = req.get("data")
+    data = req.get("data", _EMPTY)
+    if off is None:
+        return (_EINVAL, _INVALID_OFFSET, _RSN_MALFORMED)
     if type(off) is not int or off < 0 or type(data) is not memoryview:
         return (_EINVAL, 0, None)
     up = srv.up
     if off == 0:
-        if req.get("image", 0) != 0:
-            return (_EINVAL, 0, None)
+        if len(data) < image.HEADER_SIZE:
+            raise ImageError(image.E_TRUNCATED)
         total = req.get("len")
-        if type(total) is not int or total < 0:
-            return (_EINVAL, _INVALID_LENGTH, None)
+        if total is None:
+            return (_EINVAL, _INVALID_LENGTH, _RSN_MALFORMED)
+        n = req.get("image", 0)
+        if type(total) is not int or total < 0 or type(n) is not int or n < 0:
+            return (_EINVAL, 0, None)
         sha = req.get("sha")
         if sha is not None:
-            if type(sha) is not memoryview or len(sha) != 32:
+            if type(sha) is not memoryview or len(sha) != _HASH_SIZE:
                 return (_EINVAL, _INVALID_HASH, None)
             sha = bytes(sha)
             if up.total >= 0 and up.sha == sha and up.total == total:
                 return _off(enc, up.pos, False)  # the open session: continue it
+        if n > _IMAGE_UPDATE:
+            # Further images (Zephyr's direct upload numbers slots from 1): there are none.
+            return (_EBADSTATE, _NO_FREE_SLOT, _RSN_NO_SLOT)
+        if sha is not None:
             d = srv.done
             if up.total < 0 and d is not None and d[0] == sha and d[1] == total:
                 return _off(enc, total, True)  # finished and verified already (reply lost)
@@ -250,8 +331,14 @@ def _upload(srv, req, enc):
             nxt = up.write(0, data)
     else:
         d = srv.done
-        if up.total < 0 and d is not None and off + len(data) == d[1]:
-            return _off(enc, d[1], False)  # the last chunk again: its reply was lost
+        if up.total < 0:
+            if d is not None and off + len(data) == d[1]:
+                return _off(enc, d[1], False)  # the last chunk again: its reply was lost
+            if srv.ver:
+                # SMP v2, no upload open (the device reset, or it ended): Zephyr answers the
+                # offset it expects, 0, and the client starts again. v1 (mpboot's dialect)
+                # gets update:2, so `mpboot flash` reopens with its sha and resumes.
+                return _off(enc, 0, False)
         nxt = up.write(off, data)
         srv.forget(up.slot)
     if up.total >= 0 and nxt == up.total:
@@ -273,6 +360,7 @@ def _off(enc, off, match):
     return None
 
 
+
 def _upgrade(srv, data, slot):
     # `upgrade: true`: only a version (major, minor, revision) above the running one.
     if len(data) < image.HEADER_SIZE:
@@ -284,15 +372,22 @@ def _upgrade(srv, data, slot):
         raise ImageError(E_DOWNGRADE)
 
 
+
+
 def _erase(srv, req, enc):
     up = srv.up
     slot = req.get("slot")
     if slot is None:
         slot = up.target()
-    if type(slot) is not int or slot < 0 or slot > 1:
+    if type(slot) is not int or slot < 0:
+        return (_EINVAL, 0, None)
+    if slot > 1:
         return (_EINVAL, _INVALID_SLOT, None)
     srv.forget(slot)
-    up.erase(slot)
+    try:
+        up.erase(slot)
+    except OSError:
+        return (_EUNKNOWN, _FLASH_ERASE_FAILED, None)
     enc.map(0)
     return None
 

@@ -1,5 +1,9 @@
 # SMP OS management group (0): echo, reset, MCUmgr parameters, OS/app info, bootloader info
 # (docs/PROTOCOL.md). handle() follows the handler contract in mpboot.smp.server.
+#
+# As Zephyr 4.4.0's os_mgmt answers for an MCUboot device: bootloader info names "MCUboot"
+# (mpboot boots MCUboot-format images, direct XIP with revert, and clients such as
+# mcumgr-toolkit pick their update flow by that name); OS info keeps mpboot's own fields.
 import sys
 from binascii import hexlify
 
@@ -21,16 +25,17 @@ _ENOENT = const(5)
 _ENOTSUP = const(8)
 _OS_INVALID_FORMAT = const(2)  # OS_MGMT_ERR_INVALID_FORMAT
 _OS_NO_ANSWER = const(3)  # OS_MGMT_ERR_QUERY_YIELDS_NO_ANSWER
-_MODE_DIRECT_XIP_REVERT = const(5)
+_MODE_DIRECT_XIP_REVERT = const(5)  # MCUBOOT_MODE_DIRECT_XIP_WITH_REVERT
 
 _FORMAT = "snrvbmpio"  # the OS info fields, in output order ("a": all)
 _FIELDS = const(9)  # len(_FORMAT)
 _ALL_FIELDS = const(0x1FF)  # one bit per field
+_KERNEL_NAME = const(1)  # the field of an empty format, as of none ("s")
 
 
 def handle(srv, op, cmd, req, enc):
-    if cmd == _CMD_ECHO:  # read or write, as Zephyr
-        d = req.get("d")
+    if cmd == _CMD_ECHO:  # read or write, as Zephyr; no "d" echoes ""
+        d = req.get("d", "")
         if type(d) is not str:
             return (_EINVAL, 0, None)
         enc.map(1)
@@ -54,21 +59,31 @@ def handle(srv, op, cmd, req, enc):
     if cmd == _CMD_INFO:
         return _info(srv, req, enc)
     if cmd == _CMD_BOOTLOADER_INFO:
-        q = req.get("query")
-        if q is None:
-            enc.map(1)
-            enc.text("bootloader")
-            enc.text("mpboot")
-            return None
-        if q == "mode":
-            enc.map(2)
-            enc.text("mode")
-            enc.uint(_MODE_DIRECT_XIP_REVERT)
-            enc.text("no-downgrade")
-            enc.bool(not srv.slots.downgrade)
-            return None
-        return (_ENOENT, _OS_NO_ANSWER, None)
+        return _bootloader_info(srv, req, enc)
     return (_ENOTSUP, 0, None)
+
+
+def _bootloader_info(srv, req, enc):
+    # Zephyr: no "query" introduces the bootloader; "mode" answers the mode, with
+    # "no-downgrade": true only when downgrades are refused (never false).
+    q = req.get("query")
+    if q is None:
+        enc.map(1)
+        enc.text("bootloader")
+        enc.text("MCUboot")
+        return None
+    if type(q) is not str:
+        return (_EINVAL, 0, None)
+    if q != "mode":
+        return (_ENOENT, _OS_NO_ANSWER, None)
+    nd = not srv.slots.downgrade
+    enc.map(2 if nd else 1)
+    enc.text("mode")
+    enc.uint(_MODE_DIRECT_XIP_REVERT)
+    if nd:
+        enc.text("no-downgrade")
+        enc.bool(True)
+    return None
 
 
 def _info(srv, req, enc):
@@ -84,6 +99,8 @@ def _info(srv, req, enc):
             return (_EINVAL, _OS_INVALID_FORMAT, None)
         else:
             mask |= 1 << i
+    if not mask:
+        mask = _KERNEL_NAME  # "" as Zephyr reads it
     out = []
     for i in range(_FIELDS):
         if not mask >> i & 1:

@@ -1,6 +1,6 @@
 # The SMP server core: one whole request packet in, one response packet out
 # (docs/PROTOCOL.md). Transports (mpboot.transport) frame the packets; the groups
-# (os_mgmt, img_mgmt) serve the commands.
+# (os_mgmt, img_mgmt, enum_mgmt, mpboot_mgmt) serve the commands.
 #
 #   srv = Server(slots, running, port, info=info)
 #   rsp = srv.handle(pkt)      # memoryview valid until the next call, or None: send nothing
@@ -11,6 +11,7 @@
 # placed after the response header. It encodes its response map and returns None, or returns
 # an error (rc, group_rc, rsn): MGMT_ERR rc for SMP v1 and for v2 when group_rc is 0,
 # {"err": {"group", "rc": group_rc}} for v2 otherwise; rsn (str or None) goes into v1 only.
+# srv.ver is the request's SMP version (0: v1, 1: v2), for the rare answer that differs.
 # Exceptions a handler lets out: ValueError/TypeError (a malformed request) are EINVAL,
 # MemoryError ENOMEM, OverflowError (response too large) EMSGSIZE, others EUNKNOWN.
 from micropython import const
@@ -27,6 +28,7 @@ _OP_READ = const(0)
 _OP_WRITE = const(2)
 _GROUP_OS = const(0)
 _GROUP_IMAGE = const(1)
+_GROUP_ENUM = const(10)
 _GROUP_MPBOOT = const(64)
 
 # MGMT_ERR
@@ -55,6 +57,7 @@ class Server:
         self.dec = Decoder()
         self.enc = Encoder(self.out)
         self.reset_requested = False
+        self.ver = 0  # the SMP version of the request being handled (0: v1, 1: v2)
         # The upload finished last (sha, len, slot): a client whose last reply got lost asks
         # again, and must hear "done", not open a session that erases the verified image.
         self.done = None
@@ -106,6 +109,7 @@ class Server:
         elif (pkt[2] << 8 | pkt[3]) != n - _HDR:
             err = (_EINVAL, 0, None)
         else:
+            self.ver = ver
             try:
                 req = self.dec.decode(memoryview(pkt)[_HDR:]) if n > _HDR else {}
                 if group == _GROUP_OS:
@@ -114,6 +118,10 @@ class Server:
                     err = img_mgmt.handle(self, op, cmd, req, enc)
                 elif group == _GROUP_MPBOOT:
                     err = mpboot_mgmt.handle(self, op, cmd, req, enc)
+                elif group == _GROUP_ENUM:
+                    from mpboot.smp import enum_mgmt  # (loaded on first use)
+
+                    err = enum_mgmt.handle(self, op, cmd, req, enc)
                 else:
                     err = (_ENOTSUP, 0, None)
                 req = None

@@ -173,11 +173,14 @@ def confirm_cmd(hash_text: str | None, link: DeviceLink) -> None:
         raise UsageError(f"bad hash {hash_text!r}: expected hex digits (at least 4) as `mpboot state` lists them")
 
     async def action(client: Any) -> Any:
+        from mpboot.flashing import check_no_permanent_waiting
+
         slots = await client.state()
         if wanted is None:
             if not any(s.active for s in slots):
                 raise UsageError("the device runs no image (it is in recovery): nothing to confirm; "
                                  "flash one with `mpboot flash IMAGE --test` or `--confirm`")
+            check_no_permanent_waiting(slots, "the running image cannot be kept", "then confirm again")
             return await client.state_write(None, confirm=True), None
         matches = [s for s in slots if s.hash.hex().startswith(wanted)]
         if len({s.hash for s in matches}) != 1:

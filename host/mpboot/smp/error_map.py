@@ -53,6 +53,9 @@ _IMAGE_REFUSAL_CODES = frozenset({
     ImgMgmtErrorCode.CURRENT_VERSION_IS_NEWER, ImgMgmtErrorCode.INVALID_IMAGE_TOO_LARGE,
     ImgMgmtErrorCode.INVALID_LENGTH, ImgMgmtErrorCode.INVALID_IMAGE_VECTOR_TABLE,
 })
+# Image-group v2 codes of an update step (or erase) the updater refused: no slot to write
+# (mpboot: a test boot runs, or a permanent image waits for its reset), data past `len`.
+_UPDATE_REFUSAL_CODES = frozenset({ImgMgmtErrorCode.NO_FREE_SLOT, ImgMgmtErrorCode.INVALID_IMAGE_DATA_OVERRUN})
 
 
 def _name(enum: type[IntEnum], value: int) -> str:
@@ -114,6 +117,9 @@ def _v2_error(err: dict[str, Any], what: str) -> SMPError | None:
         text = f"image group error {_name(ImgMgmtErrorCode, rc)}"
         if rc in _IMAGE_REFUSAL_CODES:
             return ImageRefused(f"device refused the image: {text}", **wire)
+        if rc in _UPDATE_REFUSAL_CODES:
+            return UpdateRefused(f"device refused the {'erase' if what == 'image erase' else 'update'}: {text}",
+                                 **wire)
         return SMPError(f"{what} failed: {text}", **wire)
     if group == Group.OS:
         return SMPError(f"{what} failed: OS group error {rc}", **wire)
