@@ -31,7 +31,7 @@ from mpboot.errors import ProtocolError, UsageError
 @click.option("--confirm", "permanent", is_flag=True, help="Make it permanent: it boots from the next reset on.")
 @click.option("--reset", "reset_after", is_flag=True, help="Reset the device afterwards.")
 @click.option("--window", type=click.IntRange(1, 64), metavar="N",
-              help="Upload requests in flight (default: the device's buf_count).")
+              help="Upload requests in flight (default: the device's buf_count on an mpboot device, 1 on others).")
 @retries_option
 @click.option("--no-progress", is_flag=True, help="No progress bar: print a one-line summary at the end.")
 def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bool, reset_after: bool,

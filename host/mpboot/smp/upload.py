@@ -206,12 +206,8 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
     if first_n < min(total, IMAGE_HEADER_SIZE) or stream_max < 1:
         raise UsageError(f"the device's {params.buf_size}-byte buffer cannot carry the first upload "
                          f"request (its data must hold the {IMAGE_HEADER_SIZE}-byte image header)")
-    if window is not None:
-        win = window
-    elif params.buf_count > 1 and await client.takes_window(timeout=min(t, PARAMS_TIMEOUT)):
-        win = params.buf_count
-    else:
-        win = 1
+    # None: decided once the opening request is answered (a refused image costs no more)
+    win: int | None = window if window is not None else None if params.buf_count > 1 else 1
     timer = _ResendTimer(t)
 
     inflight: deque[_Chunk] = deque()
@@ -242,7 +238,9 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
 
     try:
         while True:
-            limit = 1 if solo else win
+            if win is None and not solo:
+                win = params.buf_count if await client.takes_window(timeout=min(t, PARAMS_TIMEOUT)) else 1
+            limit = 1 if solo or win is None else win
             while len(inflight) < limit and next_off < total:
                 if next_off == 0:
                     if inflight:
@@ -395,7 +393,7 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                                              "what it received does not match the file (match false)")
                 return UploadResult(size=total, resumed_from=resumed_from, match=match,
                                     elapsed=time.monotonic() - started, sent=sent, requests=requests,
-                                    resyncs=resyncs, timeouts=timeouts, chunk=stream_max, window=win,
+                                    resyncs=resyncs, timeouts=timeouts, chunk=stream_max, window=win or 1,
                                     params=params)
     finally:
         drop_all()
