@@ -251,7 +251,6 @@ def _holds(srv, slot, h):
     return info is not None and info["digest"] == h
 
 
-
 def _confirm_running(srv):
     # As mpboot.confirm() in the running app (mpboot.boot.confirm): keeps the running image
     # if it is on its test boot or a fallback, unless an image made permanent since waits.
@@ -277,8 +276,6 @@ def _confirm_running(srv):
         if o is None or not sl.confirmed(a, o):
             sl.confirm(run, info)
     return None
-
-
 
 
 def _upload(srv, req, enc):
@@ -360,7 +357,6 @@ def _off(enc, off, match):
     return None
 
 
-
 def _upgrade(srv, data, slot):
     # `upgrade: true`: only a version (major, minor, revision) above the running one.
     if len(data) < image.HEADER_SIZE:
@@ -370,8 +366,6 @@ def _upgrade(srv, data, slot):
     run = srv.image(srv.running) if srv.running >= 0 else None
     if run is not None and info["version"][:3] <= run["version"][:3]:
         raise ImageError(E_DOWNGRADE)
-
-
 
 
 def _erase(srv, req, enc):
