@@ -1091,6 +1091,35 @@ def test_a_frame_cut_short_on_the_line_does_not_swallow_the_next_request(
     assert run_client(peer, lambda c: c.echo("hello"), timeout=1.0) == "hello"
 
 
+@pytest.mark.parametrize(("framing", "leads"), [("raw", [b"\x00", b"\x00", b"\x00"]),
+                                               ("console", [b"\n", b"", b"\n"])])
+def test_delimiters_before_frames(framing: str, leads: list[bytes]) -> None:
+    """Raw frames each go out behind a 00; console frames only the first after the port opens
+    (Zephyr's console receiver spends one of its two line buffers on an empty line too)."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    codec = RawCodec() if framing == "raw" else ConsoleCodec()
+    packets = [encode_packet(Op.READ, Group.OS, OsCmd.MCUMGR_PARAMS, seq, {}) for seq in range(3)]
+
+    async def send(*batch: bytes) -> None:
+        transport = SerialTransport(os.ttyname(slave), framing=framing)
+        await transport.open()
+        try:
+            for packet in batch:
+                await transport.send(packet)
+        finally:
+            await transport.close()
+
+    try:
+        asyncio.run(send(packets[0], packets[1]))
+        asyncio.run(send(packets[2]))  # the port opened again
+        wire = os.read(master, 65536)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert wire == b"".join(lead + codec.encode(p) for lead, p in zip(leads, packets, strict=True))
+
+
 def test_serial_transport_is_a_transport() -> None:
     assert isinstance(SerialTransport("/dev/null"), Transport)
     assert SerialTransport("/dev/null", framing="console").max_packet(2048) == 2044

@@ -125,6 +125,17 @@ def test_echo(zephyr: Callable[..., ZephyrDevice], fixture_id: str, text: str, b
                               f"over {dev.port})\n")
 
 
+def test_two_line_echo_on_a_stock_zephyr_console(zephyr: Callable[..., ZephyrDevice]) -> None:
+    """The smp_server sample's stock console receiver queues each line it receives, an empty one
+    too, in one of two buffers (CONFIG_UART_MCUMGR_RX_BUF_COUNT); on a link with no baud pacing
+    a whole request arrives at once. A request of two 127-byte lines fits; with a newline sent
+    before every frame it did not (the largest echo was 76 characters, smpclient's 169)."""
+    dev = zephyr("native_sim.serial")
+    text = "x" * 169  # the largest echo whose console frame takes two lines
+    assert ok(dev, "echo", "hello") == "hello\n"
+    assert ok(dev, "echo", text) == text + "\n"
+
+
 def test_a_device_mpboot_cannot_frame_is_reported_silent(zephyr: Callable[..., ZephyrDevice]) -> None:
     """Zephyr's raw UART transport sends bare SMP packets, a framing mpboot does not speak: the
     user learns within the timeout that nothing answered, and that the framing may be wrong."""
