@@ -202,6 +202,18 @@ def test_mcuboot_serial_recovery(zephyr: Callable[..., ZephyrDevice], fixture_id
     new.write_bytes(with_version(running, "1.2.3", payload_size=SMALL_PAYLOAD))
     out = ok(dev, "flash", str(new), "--no-progress").splitlines()
     assert out[0].startswith(f"uploaded {new.stat().st_size} bytes in ")
+    # It took the image into slot 0 and boots it at its next reset, unmarked. (It does not list
+    # this shortened image, a whole one it does: so the line names no slot.)
+    assert out[1] == (f"flashed {new} (version 1.2.3+0): not marked; the device runs no image (recovery), "
+                      "so its bootloader decides whether it boots at the next reset: MCUboot's serial "
+                      "recovery boots slot 0 as it is, mpboot only a marked image")
+    # It cannot mark: the user learns the image is there, and what the device does with it.
+    refused = mpboot(dev, "flash", str(new), "--no-progress", "--test", "--reset")
+    assert refused.returncode == 1
+    assert refused.stderr == (
+        "mpboot: error: the image is on the device, but the device cannot mark it (image state write "
+        "failed: SMP rc 8 ENOTSUP (command not supported)): a serial recovery bootloader such as "
+        "MCUboot's boots the image in slot 0 at its next reset, without a mark\n")
 
     refused = mpboot(dev, "erase")
     assert refused.returncode == 1
