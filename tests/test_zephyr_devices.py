@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -92,8 +91,8 @@ def echo_request_bytes(text: str) -> int:
 
 # --- native_sim: the OS group at several buffer sizes -------------------------------------------
 
-# (fixture, an echo that must come back, the largest echo mpboot lets through or None when the
-# device does not report its buffer). native_sim's UART is a pty with no baud pacing: a request
+# (fixture, an echo that must come back, the buf_size the device reports or None when it reports
+# none). The echo is the largest that fits that buffer, but for line512. native_sim's UART is a pty with no baud pacing: a request
 # arrives at once, and a build whose receive pool is small drops lines ("uart_mcumgr:
 # Insufficient buffers, fragment dropped"), so the echoes are sized to what each build takes.
 ECHOES = [
