@@ -44,7 +44,7 @@ def zephyr() -> Iterator[Callable[..., ZephyrDevice]]:
     devices: list[ZephyrDevice] = []
 
     def start(fixture_id: str, *, recovery: bool = False) -> ZephyrDevice:
-        reason = zephyrkit.unavailable()
+        reason = zephyrkit.unavailable(fixture_id)
         if reason is not None:
             _unavailable(reason)
         try:

@@ -277,11 +277,16 @@ def find(fixture_id: str) -> Entry:
     raise KitError(f"no fixture {fixture_id} in the {SDIST} sdist")
 
 
-def unavailable(entry: Entry | None = None) -> str | None:
-    """Why fixtures (this one, or any) cannot run here, as one line saying what to install;
-    None when they can."""
-    native = entry is None or entry.run is not None
-    emulated = entry is None or entry.qemu_cmd is not None
+def unavailable(entry: Entry | str | None = None) -> str | None:
+    """Why fixtures (this one, given as an Entry or an id such as "native_sim.serial"; or any)
+    cannot run here, as one line saying what to install; None when they can. Answers without
+    fetching anything: native_sim builds run natively, every other target under QEMU."""
+    if isinstance(entry, str):
+        native = entry.split(".", 1)[0] == "native_sim"
+        emulated = not native
+    else:
+        native = entry is None or entry.run is not None
+        emulated = entry is None or entry.qemu_cmd is not None
     if platform.system() != "Linux":
         return "the Zephyr fixtures run on Linux only"
     if native and platform.machine() != "x86_64":
