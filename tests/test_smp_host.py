@@ -1110,14 +1110,19 @@ def test_delimiters_before_frames(framing: str, leads: list[bytes]) -> None:
         finally:
             await transport.close()
 
+    expected = b"".join(lead + codec.encode(p) for lead, p in zip(leads, packets, strict=True))
+    wire = b""
     try:
         asyncio.run(send(packets[0], packets[1]))
         asyncio.run(send(packets[2]))  # the port opened again
-        wire = os.read(master, 65536)
+        # The tty layer hands written bytes to the master side a little later: read until
+        # they are all there (or nothing more comes).
+        while len(wire) < len(expected) and select.select([master], [], [], 2.0)[0]:
+            wire += os.read(master, 65536)
     finally:
         os.close(master)
         os.close(slave)
-    assert wire == b"".join(lead + codec.encode(p) for lead, p in zip(leads, packets, strict=True))
+    assert wire == expected
 
 
 def test_serial_transport_is_a_transport() -> None:
