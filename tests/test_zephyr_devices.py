@@ -107,7 +107,6 @@ ECHOES = [
 @pytest.mark.parametrize(("fixture_id", "text", "buf_size"), ECHOES, ids=[e[0].split(".")[1] for e in ECHOES])
 def test_echo(zephyr: Callable[..., ZephyrDevice], fixture_id: str, text: str, buf_size: int | None) -> None:
     dev = zephyr(fixture_id)
-    assert ok(dev, "echo", "hello") == "hello\n"
     assert ok(dev, "echo", text) == text + "\n"
     if buf_size is None:
         return  # no MCUmgr parameters: mpboot cannot know the buffer, and sends what it is given
@@ -148,11 +147,11 @@ def test_a_device_mpboot_cannot_frame_is_reported_silent(zephyr: Callable[..., Z
 
 # --- mps2-an385: a Zephyr app with the image group, under MCUboot -------------------------------
 
-MPS2_APPS = ["mps2_an385.serial_recovery", "mps2_an385.serial_recovery_buf1024",
-             "mps2_an385.serial_recovery_buf2048"]
+# The smallest and the largest buffer (a 1024 build exists too: it adds nothing these two miss).
+MPS2_APPS = ["mps2_an385.serial_recovery", "mps2_an385.serial_recovery_buf2048"]
 
 
-@pytest.mark.parametrize("fixture_id", MPS2_APPS, ids=["buf384", "buf1024", "buf2048"])
+@pytest.mark.parametrize("fixture_id", MPS2_APPS, ids=["buf384", "buf2048"])
 def test_state_flash_erase_on_a_zephyr_app(zephyr: Callable[..., ZephyrDevice], fixture_id: str,
                                             tmp_path: Path) -> None:
     dev = zephyr(fixture_id)
