@@ -1107,6 +1107,40 @@ def test_a_frame_cut_short_on_the_line_does_not_swallow_the_next_request(
     assert run_client(peer, lambda c: c.echo("hello"), timeout=1.0) == "hello"
 
 
+@pytest.mark.parametrize(("framing", "leads"), [("raw", [b"\x00", b"\x00", b"\x00"]),
+                                               ("console", [b"\n", b"", b"\n"])])
+def test_delimiters_before_frames(framing: str, leads: list[bytes]) -> None:
+    """Raw frames each go out behind a 00; console frames only the first after the port opens
+    (Zephyr's console receiver spends one of its two line buffers on an empty line too)."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    codec = RawCodec() if framing == "raw" else ConsoleCodec()
+    packets = [encode_packet(Op.READ, Group.OS, OsCmd.MCUMGR_PARAMS, seq, {}) for seq in range(3)]
+
+    async def send(*batch: bytes) -> None:
+        transport = SerialTransport(os.ttyname(slave), framing=framing)
+        await transport.open()
+        try:
+            for packet in batch:
+                await transport.send(packet)
+        finally:
+            await transport.close()
+
+    expected = b"".join(lead + codec.encode(p) for lead, p in zip(leads, packets, strict=True))
+    wire = b""
+    try:
+        asyncio.run(send(packets[0], packets[1]))
+        asyncio.run(send(packets[2]))  # the port opened again
+        # The tty layer hands written bytes to the master side a little later: read until
+        # they are all there (or nothing more comes).
+        while len(wire) < len(expected) and select.select([master], [], [], 2.0)[0]:
+            wire += os.read(master, 65536)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert wire == expected
+
+
 def test_serial_transport_is_a_transport() -> None:
     assert isinstance(SerialTransport("/dev/null"), Transport)
     assert SerialTransport("/dev/null", framing="console").max_packet(2048) == 2044
@@ -1250,6 +1284,37 @@ def test_cli_flash_state_confirm(peers: Callable[..., Peer], tmp_path: Path, sig
     assert r.stdout.strip() == (f"flashed {img} (version 1.2.3+0) in slot 1: made permanent (boots from the "
                                 "next reset); device reset")
     assert dev.resets == 1
+
+
+class SerialRecovery(FakeDevice):
+    """As MCUboot's serial recovery answers (Zephyr 4.4.0's mps2-an385 build): nothing runs,
+    images are listed without flags, an upload goes to slot 0, there is no state write."""
+
+    def handle(self, req: Req) -> dict[str, Any] | None:
+        if (req.group, req.cmd, req.op) == (Group.IMAGE, ImageCmd.STATE, Op.WRITE):
+            return {"rc": MgmtErrorCode.ENOTSUP}
+        rsp = super().handle(req)
+        self.slots = [{"slot": 0, "version": s["version"], "hash": s["hash"]} for s in self.slots[-1:]]
+        return rsp
+
+
+def test_cli_flash_to_mcuboot_serial_recovery(peers: Callable[..., Peer], tmp_path: Path,
+                                              signed_image: bytes) -> None:
+    """It boots what it took into slot 0 without a mark, and cannot mark: the summary must not
+    say the image does not boot until marked, and --test must say the image is there."""
+    peer = peers(SerialRecovery(service=0.001, slots=[{"slot": 0, "version": "0.0.0", "hash": b"\xbb" * 32}]))
+    img = tmp_path / "app.bin"
+    img.write_bytes(signed_image)
+    r = _cli("flash", img, "--port", peer.port, "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.splitlines()[1] == (
+        f"flashed {img} (version 1.2.3+0) in slot 0: not marked; the device runs no image (recovery), "
+        "so its bootloader decides whether it boots at the next reset: MCUboot's serial recovery boots "
+        "slot 0 as it is, mpboot only a marked image")
+    _one_error_line(_cli("flash", img, "--port", peer.port, "--no-progress", "--test"), 1,
+                    "the image is on the device, but the device cannot mark it (image state write failed: "
+                    "SMP rc 8 ENOTSUP (command not supported)): a serial recovery bootloader such as "
+                    "MCUboot's boots the image in slot 0 at its next reset, without a mark")
 
 
 def test_cli_console_script_prints_no_traceback(tmp_path: Path, signed_image: bytes) -> None:

@@ -61,6 +61,7 @@ class FlashResult:
     reconnects: int = 0  # links opened again after one was lost (flash_with_retries)
     running: bool = False  # the image already ran: nothing was uploaded, marked or reset
     confirmed_now: bool = False  # running on its test boot, it was confirmed (Mark.CONFIRM)
+    recovery: bool = False  # the device listed its images and ran none: it was in recovery
 
 
 def prepare(data: bytes) -> PreparedImage:
@@ -88,9 +89,10 @@ async def flash(client: SMPClient, image: bytes | PreparedImage, *, mark: Mark =
     mark = Mark(mark)
     if mark is not Mark.NONE and prepared.hash is None:
         raise ImageRejected(ImageErrorCode.NO_HASH, "the device names images by it: cannot mark this one")
-    held, slots = await _held(client, prepared)
+    slots = await _listing(client, prepared)
+    held = _held(slots, prepared)
     if held is not None and held.active:
-        return await _already_running(client, prepared, mark, held, slots)
+        return await _already_running(client, prepared, mark, held, slots or [])
     result = None
     if held is None:
         result = await client.upload(prepared.data, window=window, progress=progress, sha=True,
@@ -98,26 +100,35 @@ async def flash(client: SMPClient, image: bytes | PreparedImage, *, mark: Mark =
     slot = await _mark(client, prepared, mark)
     if reset:
         await client.reset()
-    return FlashResult(prepared, result, mark, slot, reset)
+    return FlashResult(prepared, result, mark, slot, reset, recovery=_in_recovery(slots))
 
 
 async def held_entry(client: SMPClient, prepared: PreparedImage) -> SlotState | None:
     """The device's state entry for this image when a slot holds it already (the running
     slot's entry first): a re-run of a flash that got further than its user saw needs no
     upload. None when no slot holds it, or the device cannot list its images."""
-    return (await _held(client, prepared))[0]
+    return _held(await _listing(client, prepared), prepared)
 
 
-async def _held(client: SMPClient, prepared: PreparedImage) -> tuple[SlotState | None, list[SlotState]]:
-    """held_entry, and the image list it was found in (empty when not read)."""
+async def _listing(client: SMPClient, prepared: PreparedImage) -> list[SlotState] | None:
+    """The device's image list (None: the image has no hash to look for, or the device
+    cannot list its images)."""
     if prepared.hash is None:
-        return None, []
+        return None
     try:
-        slots = await client.state()
+        return await client.state()
     except CommandNotSupported:
-        return None, []
-    same = [s for s in slots if s.hash == prepared.hash]
-    return next((s for s in same if s.active), same[0] if same else None), slots
+        return None
+
+
+def _held(slots: list[SlotState] | None, prepared: PreparedImage) -> SlotState | None:
+    same = [s for s in slots or () if s.hash == prepared.hash]
+    return next((s for s in same if s.active), same[0] if same else None)
+
+
+def _in_recovery(slots: list[SlotState] | None) -> bool:
+    """The device listed its images and runs none of them."""
+    return slots is not None and not any(s.active for s in slots)
 
 
 async def _already_running(client: SMPClient, prepared: PreparedImage, mark: Mark,
@@ -153,7 +164,14 @@ async def _mark(client: SMPClient, prepared: PreparedImage, mark: Mark) -> SlotS
     if mark is Mark.NONE:
         slots = await client.state()
     else:
-        slots = await client.state_write(prepared.hash, confirm=mark is Mark.CONFIRM)
+        try:
+            slots = await client.state_write(prepared.hash, confirm=mark is Mark.CONFIRM)
+        except CommandNotSupported as err:
+            # MCUboot's serial recovery: it takes uploads into slot 0 and has no state write.
+            raise CommandNotSupported(
+                f"the image is on the device, but the device cannot mark it ({err}): a serial "
+                "recovery bootloader such as MCUboot's boots the image in slot 0 at its next reset, "
+                "without a mark", rc=err.rc, err_group=err.err_group, err_rc=err.err_rc, rsn=err.rsn) from None
     same = [s for s in slots if prepared.hash is not None and s.hash == prepared.hash]
     # Both slots may hold the image: the entry the mark acted on is the one that shows it.
     slot = next((s for s in same if s.pending), same[0] if same else None)
@@ -203,14 +221,18 @@ async def flash_with_retries(open_client: OpenClient, image: bytes | PreparedIma
     opened = False
     uploaded: UploadResult | None = None  # of the connection that finished the upload
     delivered = False  # the device holds the image (uploaded now, or held already)
+    recovery = False  # as the first connection found the device
     while True:
         try:
             async with open_client() as client:
                 opened = True
                 if not delivered:
-                    held, slots = await _held(client, prepared)
+                    slots = await _listing(client, prepared)
+                    if attempt == 0:
+                        recovery = _in_recovery(slots)
+                    held = _held(slots, prepared)
                     if held is not None and held.active:
-                        done = await _already_running(client, prepared, mark, held, slots)
+                        done = await _already_running(client, prepared, mark, held, slots or [])
                         return replace(done, reconnects=attempt)
                     if held is None:
                         uploaded = await client.upload(prepared.data, window=window, progress=forward,
@@ -237,4 +259,4 @@ async def flash_with_retries(open_client: OpenClient, image: bytes | PreparedIma
             raise error
         if on_retry is not None:
             on_retry(attempt, error)
-    return FlashResult(prepared, uploaded, mark, slot, reset, reconnects=attempt)
+    return FlashResult(prepared, uploaded, mark, slot, reset, reconnects=attempt, recovery=recovery)

@@ -123,7 +123,12 @@ def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bo
                    f"{plural(up.requests, 'request')}, window {up.window}{resumed}{reconnects})")
     held = " (the device held it already: nothing uploaded)" if up is None else ""
     where_slot = f" in slot {done.slot.slot}" if done.slot is not None else ""
-    how = {Mark.NONE: "not marked (it does not boot until marked)",
+    how = {Mark.NONE: "not marked (it does not boot until marked)" if not done.recovery else
+           # What boots next is the bootloader's choice: MCUboot's serial recovery took it into
+           # slot 0 and boots it as it is; an mpboot device in recovery needs a mark.
+           "not marked; the device runs no image (recovery), so its bootloader decides whether it "
+           "boots at the next reset: MCUboot's serial recovery boots slot 0 as it is, mpboot only "
+           "a marked image",
            Mark.TEST: "marked for a test boot at the next reset",
            Mark.CONFIRM: "made permanent (boots from the next reset)"}[mark]
     click.echo(f"flashed {image_path} (version {prepared.version}){where_slot}{held}: {how}"

@@ -5,10 +5,13 @@ itself is event driven on the port's file descriptor (`loop.add_reader`, non-blo
 `os.write` + `loop.add_writer`), with no polling sleeps: a reply is handled as soon as its
 last byte arrives, which is what keeps a pipelined upload's line busy. POSIX only.
 
-Every frame goes out behind its framing's delimiter (00 raw, a newline console): a partial
-frame that an earlier damaged write or an earlier session left in the device's decoder ends
-there instead of swallowing the request (the device skips delimiters between frames,
-docs/PROTOCOL.md). A port that takes no bytes for `write_timeout` seconds (nobody reading,
+A delimiter goes out before the frames (00 raw, a newline console): a partial frame that an
+earlier session left in the device's decoder ends there instead of swallowing the request (the
+device skips delimiters between frames, docs/PROTOCOL.md). Raw frames each get one (COBS
+decoders skip the empty frame); console frames only the first after the port opens, because
+Zephyr's console receiver queues every line, an empty one too, in one of its few receive
+buffers (two in the stock build): on a link with no baud pacing a newline before each request
+made it drop the second line of a two-line request. A port that takes no bytes for `write_timeout` seconds (nobody reading,
 flow control holding the line) fails the link: `send` never waits forever.
 """
 
@@ -50,6 +53,8 @@ class SerialTransport:
         self.write_timeout = write_timeout
         self.framing: Final = Framing(framing)
         self._codec: FrameCodec = codec(self.framing)
+        self._lead_every_frame: Final = self.framing is Framing.RAW
+        self._led = False  # the delimiter went out since the port opened
         self._serial: serial.Serial | None = None
         self._fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -91,6 +96,7 @@ class SerialTransport:
             raise PortError(f"cannot configure {self._port}: {reason(err)}") from None
         self._serial = port
         self._codec.reset()
+        self._led = False
         self._inbox = Inbox(f"{self._port} is not open")
         self._write_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
@@ -108,7 +114,9 @@ class SerialTransport:
             pass
 
     async def send(self, packet: bytes) -> None:
-        data = memoryview(_LEAD[self.framing] + self._codec.encode(packet))
+        lead = _LEAD[self.framing] if self._lead_every_frame or not self._led else b""
+        self._led = True
+        data = memoryview(lead + self._codec.encode(packet))
         async with self._write_lock:
             while data:
                 self._check_open()
