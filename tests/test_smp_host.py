@@ -419,6 +419,7 @@ class FakeDevice:
     params_rc: int | None = None  # answer params with this rc (8: not supported)
     params_silent: bool = False
     mpboot: bool = True  # answers mpboot's device info: takes buf_count requests in flight
+    write_unit: int = 1  # writes whole units of a chunk but the last, as MCUboot's serial recovery
     session: Session | None = None
     received: bytes | None = None  # the last complete upload
     slots: list[dict[str, Any]] = field(default_factory=lambda: [
@@ -482,6 +483,8 @@ class FakeDevice:
             return {"off": s.off}
         if s.off + len(data) > s.length:
             return {"rc": MgmtErrorCode.EINVAL, "rsn": "update:3"}
+        if off + len(data) < s.length and len(data) >= self.write_unit:
+            data = data[: len(data) - len(data) % self.write_unit]
         s.data[off : off + len(data)] = data
         s.off += len(data)
         if s.off < s.length:
@@ -571,6 +574,68 @@ def _assert_contiguous(reqs: list[Req]) -> None:
 
 
 # --------------------------------------------------------------------------- client vs device
+
+
+def _max_in_flight(ups: list[Req]) -> int:
+    return max(sum(1 for r in ups if r.t <= x.t and (r.replied_at or 1e18) > x.t) for x in ups)
+
+
+def test_a_device_that_is_not_mpboot_gets_one_request_at_a_time(peers: Callable[..., Peer]) -> None:
+    """Zephyr's and MCUboot's UART transports report buf_count 4 but lose a request that
+    arrives while one is processed: without --window, only a device that answers mpboot's
+    device info gets buf_count in flight."""
+    dev = FakeDevice(buf_count=4, service=0.002, mpboot=False)
+    peer = peers(dev)
+    image = _image(20_000)
+    result = upload(peer, image)
+    assert dev.received == image and result.window == 1 and _max_in_flight(peer.uploads()) == 1
+    asked = [r for r in peer.requests if r.group == Group.MPBOOT]
+    assert len(asked) == 1  # once, after the opening request was answered
+    assert asked[0].t > peer.uploads()[0].replied_at
+    # --window still sets it
+    dev2 = FakeDevice(buf_count=4, service=0.002, mpboot=False)
+    peer2 = peers(dev2)
+    result = upload(peer2, image, window=3)
+    assert dev2.received == image and result.window == 3 and _max_in_flight(peer2.uploads()) == 3
+
+
+def test_a_lost_request_costs_the_resend_timeout_not_the_timeout(peers: Callable[..., Peer]) -> None:
+    dev = FakeDevice(service=0.002, mpboot=False)
+    image = _image(30_000)
+    lost: list[Req] = []
+
+    def respond(peer: Peer, req: Req) -> None:
+        if req.cmd == ImageCmd.UPLOAD and req.payload["off"] > 10_000 and not lost:
+            lost.append(req)  # the line lost it
+            return
+        dev(peer, req)
+
+    peer = peers(respond)
+    t0 = time.monotonic()
+    result = upload(peer, image, timeout=3.0)
+    assert dev.received == image and lost and result.timeouts == 1
+    assert time.monotonic() - t0 < 1.5  # the resend timeout came from the ~2 ms replies, not 3 s
+    again = [r for r in peer.uploads() if r.payload["off"] == lost[0].payload["off"]]
+    assert len(again) == 2 and RTO_MIN <= again[1].t - again[0].t < 1.0
+
+
+def test_chunks_end_on_the_write_unit_of_a_device_that_takes_part_of_one(peers: Callable[..., Peer]) -> None:
+    """MCUboot's serial recovery writes whole flash-write units of a chunk but the last and
+    answers that offset: the opening request is a multiple of 64 bytes (taken whole, so not
+    read as a resumed session), and after the first partial take every chunk ends on a
+    boundary of the unit learnt."""
+    dev = FakeDevice(buf_size=509, service=0.001, mpboot=False, write_unit=8)
+    peer = peers(dev)
+    image = _image(30_001)
+    result = upload(peer, image)
+    assert dev.received == image and result.resumed_from == 0
+    ups = peer.uploads()
+    assert len(ups[0].payload["data"]) % 64 == 0
+    assert result.chunk % 8  # (what the buffer holds is not a multiple of the unit)
+    assert result.resyncs == 1  # the first partial take, and no other
+    cut = next(i for i, r in enumerate(ups) if (r.payload["off"] + len(r.payload["data"])) % 8)
+    ends = [r.payload["off"] + len(r.payload["data"]) for r in ups[cut + 2 : -1]]
+    assert ends and all(e % 8 == 0 for e in ends)
 
 
 @pytest.mark.parametrize("framing", ["raw", "console"])

@@ -60,6 +60,8 @@ MAX_BAD_REPLIES: Final = 8  # undecodable replies in a row
 # milliseconds of its last byte (more while it erases); scheduling noise on a loaded host
 # stays below this, and a resend it causes anyway costs one duplicate request.
 RTO_MIN: Final = 0.1
+FIRST_ALIGN: Final = 64  # the opening request's data is a multiple of this (unless the whole image)
+MAX_ALIGN: Final = 64  # the largest chunk alignment learnt from a device's partial takes
 
 
 class Requester(Protocol):
@@ -203,6 +205,11 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                              f"over {client.transport.name} (at most {stream_max})")
         stream_max, first_max = chunk, min(first_max, chunk)
     first_n = min(first_max, total)
+    if first_n < total and first_n >= FIRST_ALIGN:
+        # A bootloader may write only whole flash-write units of a chunk and answer that
+        # offset (MCUboot's serial recovery does); the opening one it must take whole, or its
+        # answer reads like a resumed session.
+        first_n -= first_n % FIRST_ALIGN
     if first_n < min(total, IMAGE_HEADER_SIZE) or stream_max < 1:
         raise UsageError(f"the device's {params.buf_size}-byte buffer cannot carry the first upload "
                          f"request (its data must hold the {IMAGE_HEADER_SIZE}-byte image header)")
@@ -210,6 +217,7 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
     win: int | None = window if window is not None else None if params.buf_count > 1 else 1
     timer = _ResendTimer(t)
 
+    align = 1  # chunk ends fall on multiples of this (learnt from a device that takes part of one)
     inflight: deque[_Chunk] = deque()
     acked = 0  # the offset the device last said it expects
     best = 0  # the furthest offset it ever acknowledged in this call
@@ -250,6 +258,9 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                     opens += 1
                 else:
                     n = min(stream_max, total - next_off)
+                    end = (next_off + n) // align * align
+                    if next_off + n < total and end > next_off:
+                        n = end - next_off
                 fields = fields_for(next_off, next_off + n)
                 pending = await client.send_request(Group.IMAGE, ImageCmd.UPLOAD, Op.WRITE, fields)
                 inflight.append(_Chunk(next_off, next_off + n, pending, time.monotonic()))
@@ -372,6 +383,12 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                 acked = off
             else:  # the device expects `off`: what is in flight was sent for another offset
                 resyncs += c.off != 0  # (an answer to off 0 elsewhere is a resume, not a resync)
+                if 0 < c.off < off < c.end:
+                    # It took the chunk up to a flash-write unit boundary (MCUboot's serial
+                    # recovery): from now on chunks end on such a boundary. The largest power
+                    # of two dividing what it took is a multiple of its unit.
+                    took = off - c.off
+                    align = max(align, min(MAX_ALIGN, took & -took))
                 drop_all()
                 acked = next_off = off
                 if off == 0:
