@@ -70,7 +70,7 @@ from mpboot.smp import (
 )
 from mpboot.transport import Transport
 from mpboot.smp.header import MpbootCmd
-from mpboot.smp.upload import RTO_MIN
+from mpboot.smp.upload import PARAMS_TIMEOUT, RTO_MIN
 from mpboot.transport.framing import (
     CONSOLE_LINE_MAX,
     ConsoleCodec,
@@ -1085,6 +1085,16 @@ def test_state_write_arguments_are_checked() -> None:
         asyncio.run(client.state_write(None, confirm=False))
     with pytest.raises(ValueError, match="32 bytes"):
         asyncio.run(client.state_write(b"\x01" * 31, confirm=True))
+
+
+def test_echo_waits_for_the_params_no_longer_than_an_upload_does(peers: Callable[..., Peer]) -> None:
+    """A device that ignores the MCUmgr params request (and answers the echo): the echo goes
+    after PARAMS_TIMEOUT (2 s), not after the client's whole timeout."""
+    dev = FakeDevice(params_silent=True)
+    peer = peers(dev)
+    t0 = time.monotonic()
+    assert run_client(peer, lambda c: c.echo("hi"), timeout=5.0) == "hi"
+    assert PARAMS_TIMEOUT <= time.monotonic() - t0 < PARAMS_TIMEOUT + 1.5
 
 
 def test_undecodable_reply_is_a_protocol_error(peers: Callable[..., Peer]) -> None:

@@ -47,7 +47,7 @@ from mpboot.smp.messages import (
     ProgressCallback,
     SlotState,
 )
-from mpboot.smp.upload import UploadResult, upload
+from mpboot.smp.upload import PARAMS_TIMEOUT, UploadResult, upload
 from mpboot.transport import Transport
 
 DEFAULT_TIMEOUT: Final = 5.0
@@ -202,7 +202,9 @@ class SMPClient:
 
     async def echo(self, text: str) -> str:
         """The device's echo of `text` (RequestTooLarge when it exceeds the device's buffer)."""
-        await self.params_or_default()  # so a text too long for the device is refused here
+        # So a text too long for the device is refused here; a device that does not answer
+        # the params gets PARAMS_TIMEOUT, as for an upload (docs/PROTOCOL.md, "Sizes").
+        await self.params_or_default(min(self.timeout, PARAMS_TIMEOUT))
         rsp = await self.request(Group.OS, OsCmd.ECHO, Op.WRITE, {"d": text})
         return _field(rsp, "r", str, "echo")
 
