@@ -612,11 +612,12 @@ def test_a_lost_request_costs_the_resend_timeout_not_the_timeout(peers: Callable
 
     peer = peers(respond)
     t0 = time.monotonic()
-    result = upload(peer, image, timeout=3.0)
-    assert dev.received == image and lost and result.timeouts == 1
-    assert time.monotonic() - t0 < 1.5  # the resend timeout came from the ~2 ms replies, not 3 s
+    result = upload(peer, image, timeout=5.0)
+    # (>= 1: on a loaded host another reply may come later than the resend timeout too)
+    assert dev.received == image and lost and result.timeouts >= 1
+    assert time.monotonic() - t0 < 2.5  # the resend timeout came from the ~2 ms replies, not 5 s
     again = [r for r in peer.uploads() if r.payload["off"] == lost[0].payload["off"]]
-    assert len(again) == 2 and RTO_MIN <= again[1].t - again[0].t < 1.0
+    assert len(again) >= 2 and RTO_MIN <= again[1].t - again[0].t < 1.0
 
 
 def test_chunks_end_on_the_write_unit_of_a_device_that_takes_part_of_one(peers: Callable[..., Peer]) -> None:
