@@ -55,9 +55,14 @@ def cache_root() -> Path:
 
 
 def missing_tools() -> list[str]:
-    """The Debian packages whose programs are not on PATH (newlib comes with the gcc check:
-    the build fails without it, with the compiler's message)."""
-    return [pkg for pkg, prog in TOOLS.items() if shutil.which(prog) is None]
+    """The Debian packages the build and the runner need that are not installed: their
+    programs are not on PATH, or the cross compiler finds no newlib C library."""
+    missing = [pkg for pkg, prog in TOOLS.items() if shutil.which(prog) is None]
+    if "gcc-arm-none-eabi" not in missing:
+        libc = subprocess.run(["arm-none-eabi-gcc", "-print-file-name=libc.a"], capture_output=True, text=True)
+        if not Path(libc.stdout.strip()).is_absolute():
+            missing.append("libnewlib-arm-none-eabi")
+    return missing
 
 
 @dataclass(frozen=True)
