@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 from mpboot.errors import DeviceRunError
 
@@ -62,6 +63,17 @@ def qemu_command(firmware: Path, flash: Path, uart_socket: Path) -> list[str]:
             "-serial", "chardev:uart", "-kernel", str(firmware)]
 
 
+def _die_with_parent() -> None:
+    # QEMU serving a socket UART outlives its client: if this process dies without stop()
+    # (kill -9 of a test run), the kernel kills QEMU too (Linux PR_SET_PDEATHSIG).
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 class QemuBoard:
     """One power-on of the emulated board: start(), exec() code, stop() (or `with`)."""
 
@@ -71,6 +83,7 @@ class QemuBoard:
         self.proc: subprocess.Popen[bytes] | None = None
         self.sock: socket.socket | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._stderr: BinaryIO | None = None
         self._buf = bytearray()
         self.output = bytearray()  # everything the UART sent since start()
 
@@ -89,7 +102,8 @@ class QemuBoard:
         path = Path(self._tmp.name) / "uart"
         self._stderr = open(Path(self._tmp.name) / "stderr", "w+b")
         self.proc = subprocess.Popen(qemu_command(self.firmware, self.flash, path), stdin=subprocess.DEVNULL,
-                                     stdout=self._stderr, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=self._stderr, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:
@@ -128,7 +142,7 @@ class QemuBoard:
                     pass
             self.proc.wait()
             self.proc = None
-        if getattr(self, "_stderr", None):
+        if self._stderr:
             self._stderr.close()
             self._stderr = None
         if self._tmp:
