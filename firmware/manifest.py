@@ -1,6 +1,7 @@
 # Freeze the mpboot device package into firmware:
 #   include("path/to/exported/firmware/manifest.py", port="rp2")  in your board manifest
-# port: the adapter for your board (esp32, rp2 or stm32; mpboot/ports/). The unix simulator
+# port: the adapter for your board (esp32, rp2 or stm32; mpboot/ports/; qemu: the emulated
+# mps2-an385 board of host/mpboot/qemu, docs/PORTING.md). The unix simulator
 # files (unix, nor_sim) are for the MicroPython unix port and are frozen only with port="unix".
 # Public keys are not part of this package: generate them with
 #   mpboot pubkey KEY.pem --format micropython -o mpboot_keys.py

@@ -45,6 +45,9 @@ REQUIRED_WHEEL_FILES = (
     "mpboot/_firmware/mpboot/ports/__init__.py",
     "mpboot/_firmware/mpboot/ports/unix.py",
     "mpboot/_firmware/mpboot/ports/nor_sim.py",
+    "mpboot/_firmware/mpboot/ports/qemu.py",
+    "mpboot/qemu/build.py",
+    "mpboot/qemu/runner.py",
     "mpboot/sim/__init__.py",
     "mpboot/upy_scripts/verify_images.py",
     "mpboot/upy_scripts/sim_device.py",
@@ -209,7 +212,7 @@ def test_manifest_freezes_the_mpboot_package() -> None:
     assert re.search(rf'^__version__ = "{re.escape(version)}"$', firmware_init, re.M)
 
 
-@pytest.mark.parametrize("port", ["esp32", "rp2", "stm32", "unix"])
+@pytest.mark.parametrize("port", ["esp32", "qemu", "rp2", "stm32", "unix"])
 def test_manifest_adds_only_the_chosen_port(port: str) -> None:
     extra = sorted(set(_run_manifest(port=port).frozen_files()) - set(CORE))
     expected = ["mpboot/ports/nor_sim.py", "mpboot/ports/unix.py"] if port == "unix" else [f"mpboot/ports/{port}.py"]

@@ -1,0 +1,132 @@
+# Port adapter for MicroPython's qemu port on the mps2-an385 board (Cortex-M3), the emulated
+# board mpboot's tests run on (host/mpboot/qemu/, docs/PORTING.md).
+#
+# Flash: the board's 16 MiB PSRAM at 0x21000000, which the host runner backs with a file
+# (QEMU memory-backend-file, share=on), so it survives QEMU restarts and kill -9 like flash
+# survives power cycles. Nothing else of the firmware touches that region. Chip() gives it
+# NOR semantics through uctypes.bytearray_at (no copy): erased bytes read 0xff, programming
+# only clears bits (a 1 over a 0 raises OSError(EIO), as mpboot.ports.nor_sim does), erases
+# work on whole 4 KiB sectors and programs must be aligned to the 4-byte write unit. Writes go
+# straight into the mapping: sync (ioctl 3) has nothing to flush.
+# - The last sector is the board's "OTP" page, outside the chip the areas are cut from: the
+#   runner writes the 16-byte unique id at its start when it creates the flash file.
+# - mapped(area) is the area's memory in place (a memoryview of the region, run in place the
+#   way XIP flash is). It is writable, unlike rp2's; mpboot never writes through it.
+# - machine.reset() exits QEMU (semihosting): the runner starts it again, as a board powers up.
+# - No machine.WDT on this port: watchdog() returns None (a test boot is then reverted by the
+#   next reset, not by a watchdog). The one UART is the REPL's; uart() is not here yet.
+import machine
+import uctypes
+from micropython import const
+
+from mpboot.flash import Area
+
+_BASE = const(0x21000000)  # mps2-an385 PSRAM
+_REGION = const(0x1000000)  # 16 MiB
+_SECTOR = const(4096)  # erase unit = block size
+_WRITE = const(4)  # program unit
+_SIZE = const(0xFFF000)  # the chip: the region but its last sector
+_ID_LEN = const(16)  # unique id at _SIZE (the OTP page)
+_CHUNK = const(256)
+
+_BLANK = b"\xff" * _CHUNK
+
+
+class Chip:
+    # The region as a block device (extended protocol) with NOR rules.
+    def __init__(self):
+        self.mem = memoryview(uctypes.bytearray_at(_BASE, _REGION))
+        self.size = _SIZE
+        self.sector = _SECTOR
+        self.align = _WRITE
+
+    def readblocks(self, block, buf, off=0):
+        a = block * _SECTOR + off
+        n = len(buf)
+        if a < 0 or a + n > _SIZE:
+            raise OSError(22)
+        buf[:] = self.mem[a : a + n]
+
+    def writeblocks(self, block, buf, off=None):
+        if off is None:
+            # Basic protocol (filesystems): erase, then program whole blocks.
+            if len(buf) % _SECTOR:
+                raise OSError(22)
+            for i in range(len(buf) // _SECTOR):
+                self._erase(block + i)
+            off = 0
+        a = block * _SECTOR + off
+        n = len(buf)
+        if a < 0 or a + n > _SIZE or (a | n) % _WRITE:
+            raise OSError(22)
+        mem = self.mem
+        new = memoryview(buf)
+        # Check the whole range first: a 1 over a 0 is refused, nothing programmed.
+        for i in range(0, n, _CHUNK):
+            m = min(_CHUNK, n - i)
+            w = int.from_bytes(new[i : i + m], "little")
+            if int.from_bytes(mem[a + i : a + i + m], "little") & w != w:
+                raise OSError(5)
+        mem[a : a + n] = new
+
+    def _erase(self, block):
+        if block < 0 or block >= _SIZE // _SECTOR:
+            raise OSError(22)
+        mem = self.mem
+        a = block * _SECTOR
+        for i in range(a, a + _SECTOR, _CHUNK):
+            mem[i : i + _CHUNK] = _BLANK
+
+    def ioctl(self, op, arg):
+        if op == 4:
+            return _SIZE // _SECTOR
+        if op == 5:
+            return _SECTOR
+        if op == 6:
+            self._erase(arg)
+            return 0
+        if op in (1, 2, 3):
+            return 0
+        return None
+
+
+_chip = None
+
+
+def chip():
+    # The one Chip (a board has one flash).
+    global _chip
+    if _chip is None:
+        _chip = Chip()
+    return _chip
+
+
+def areas(slot0_start=0, slot_size=0x100000, state_start=0x200000, factory=True):
+    # Slot 0 at slot0_start, slot 1 right after it, the state (two sectors) at state_start
+    # and the factory area (two sectors) right after it: byte offsets in the chip, multiples
+    # of 4096. The defaults: two 1 MiB slots, then state and factory. factory=False: no
+    # factory area (three areas; docs/FACTORY.md).
+    end = slot0_start + 2 * slot_size
+    n = 4 if factory else 2
+    if state_start < end and slot0_start < state_start + n * _SECTOR:
+        raise ValueError("overlap")
+    c = chip()
+    a = (Area(c, slot0_start, slot_size, _WRITE), Area(c, slot0_start + slot_size, slot_size, _WRITE),
+         Area(c, state_start, 2 * _SECTOR, _WRITE))
+    return a + (Area(c, state_start + 2 * _SECTOR, 2 * _SECTOR, _WRITE),) if factory else a
+
+
+def mapped(area):
+    return area.bdev.mem[area.start : area.start + area.size]
+
+
+def watchdog(timeout_ms):
+    return None
+
+
+def reset():
+    machine.reset()
+
+
+def unique_id():
+    return bytes(chip().mem[_SIZE : _SIZE + _ID_LEN])
