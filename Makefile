@@ -33,6 +33,7 @@ bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_verify.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_update.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_smp.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_zephyr.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_ble.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_provision.py
 

@@ -46,6 +46,7 @@ import os
 import platform
 import re
 import select
+import selectors
 import shlex
 import shutil
 import signal
@@ -64,6 +65,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 
+from mpboot.sim.line import PacedLine
 from mpboot.smp.header import Group, Op, OsCmd, decode_packet, encode_packet
 from mpboot.transport.framing import codec
 
@@ -588,6 +590,98 @@ class _GdbStub:
             self.sock.recv(16)
 
 
+# --- a UART-paced line in front of a device (the benchmarks') ---------------------------------
+
+
+_RELAY_READ: Final = 65536
+_RELAY_PENDING_MAX: Final = 64 * 1024  # bytes held per direction before the relay stops reading
+
+
+class PacedRelay:
+    """A serial line between a client and a device's pty, paced like an 8N1 UART: bytes go
+    each way at `baud`/10 per second (at once with `baud` None), as `mpboot sim --baud` paces
+    its own pty. The client opens `port` (our pty pair's end, held open by us so that clients
+    may close and reopen it); the relay holds the device's pty open for as long as it runs.
+    Stop it with stop() or a `with` block."""
+
+    def __init__(self, device_port: str, baud: int | None) -> None:
+        self._master, self._slave = os.openpty()
+        tty.setraw(self._slave)
+        self.port: Final = os.ttyname(self._slave)
+        self._device = os.open(device_port, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        tty.setraw(self._device)
+        os.set_blocking(self._master, False)
+        self._wake_r, self._wake_w = os.pipe()
+        self._stopping = threading.Event()
+        self._to_device = PacedLine(baud)
+        self._to_client = PacedLine(baud)
+        self._thread = threading.Thread(target=self._run, name=f"relay {device_port}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        up, down = self._to_device, self._to_client
+        with selectors.DefaultSelector() as sel:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                _relay_send(up, self._device, now)
+                _relay_send(down, self._master, now)
+                want = {self._wake_r: selectors.EVENT_READ,
+                        self._master: (selectors.EVENT_READ if len(up.buf) < _RELAY_PENDING_MAX else 0)
+                        | (selectors.EVENT_WRITE if down.blocked else 0),
+                        self._device: (selectors.EVENT_READ if len(down.buf) < _RELAY_PENDING_MAX else 0)
+                        | (selectors.EVENT_WRITE if up.blocked else 0)}
+                for fd, events in want.items():
+                    with contextlib.suppress(KeyError):
+                        sel.unregister(fd)
+                    if events:
+                        sel.register(fd, events)
+                delays = [d for d in (up.delay(), down.delay()) if d is not None]
+                for key, events in sel.select(min(delays) if delays else None):
+                    if events & selectors.EVENT_WRITE:
+                        (down if key.fd == self._master else up).blocked = False
+                    if not events & selectors.EVENT_READ:
+                        continue
+                    try:
+                        data = os.read(key.fd, _RELAY_READ)
+                    except (BlockingIOError, OSError):
+                        continue
+                    if key.fd == self._master:
+                        up.buf += data
+                    elif key.fd == self._device:
+                        down.buf += data
+
+    def stop(self) -> None:
+        self._stopping.set()
+        os.write(self._wake_w, b"x")
+        self._thread.join(STOP_TIMEOUT_S)
+        for fd in (self._master, self._slave, self._device, self._wake_r, self._wake_w):
+            os.close(fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def _relay_send(line: PacedLine, fd: int, now: float) -> None:
+    """What `line` may release now, written to `fd` (a full pty: the rest waits, `blocked`)."""
+    if line.blocked:
+        return
+    n = line.allowed(now)
+    if n <= 0:
+        return
+    try:
+        w = os.write(fd, line.buf[:n])
+    except BlockingIOError:
+        w = 0
+    except OSError:
+        w = n  # the other end is gone (a stopped device): the bytes are lost
+    line.sent(w)
+    line.blocked = w < n
+
+
 # --- a minimal SMP exchange (the kit's own probes: no mpboot client, any framing) -------------
 
 
@@ -640,5 +734,5 @@ def _exchange(port: str, framing: str, group: int, command: int, op: Op, payload
         os.close(fd)
 
 
-__all__ = ["CONSOLE", "RAW_COBS", "UNFRAMED", "Entry", "KitError", "ZephyrDevice", "cache_dir",
-           "fetch_fixtures", "find", "manifest", "start", "unavailable"]
+__all__ = ["CONSOLE", "RAW_COBS", "UNFRAMED", "Entry", "KitError", "PacedRelay", "ZephyrDevice",
+           "cache_dir", "fetch_fixtures", "find", "manifest", "start", "unavailable"]

@@ -108,11 +108,16 @@ async def theirs(path: str, baud: int, image: bytes, framing: str) -> float:
 Uploader = Callable[[str, int, bytes, str], Awaitable[float]]
 
 
-def measure(base: Path, work: Path, pub: Path, baud: int, image: bytes, client: Uploader, framing: str) -> float:
+def measure_dir(base: Path, work: Path) -> Path:
+    """A fresh copy of the prepared device `base` (its state directory), for one run."""
     state = work / "run"
     shutil.rmtree(state, ignore_errors=True)
     shutil.copytree(base, state)
-    sim = Sim(state, pub, baud=baud)
+    return state
+
+
+def measure(base: Path, work: Path, pub: Path, baud: int, image: bytes, client: Uploader, framing: str) -> float:
+    sim = Sim(measure_dir(base, work), pub, baud=baud)
     try:
         sim.wait_for("serving")
         return asyncio.run(client(sim.path, baud, image, framing))

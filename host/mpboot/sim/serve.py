@@ -46,6 +46,7 @@ from mpboot.sim import (
     read_config,
     write_config,
 )
+from mpboot.sim.line import PacedLine
 
 if TYPE_CHECKING:
     from mpboot.sim.radio import CompanionThread, RadioInfo
@@ -84,40 +85,6 @@ def open_state(state: Path, keys: Sequence[PublicKey], *, slot_size: int | None 
                              f"{name} id: use another --state directory")
     build_lib(state / "lib", keys)
     return dev
-
-
-class _Line:
-    """One direction of the relay: bytes waiting, released at `baud`/10 bytes per second
-    (8N1: ten bit times per byte) or at once when `baud` is None."""
-
-    def __init__(self, baud: int | None) -> None:
-        self.buf = bytearray()
-        self.rate = None if baud is None else baud / 10
-        # A little credit absorbs the thread's wake-up jitter without exceeding the line rate
-        # over any stretch longer than a few milliseconds.
-        self.burst = 0.0 if self.rate is None else max(16.0, self.rate * 0.005)
-        self.credit = 0.0
-        self.last = time.monotonic()
-        self.blocked = False  # the last write found the other side full: wait until writable
-
-    def allowed(self, now: float) -> int:
-        if self.rate is None:
-            return len(self.buf)
-        self.credit = min(self.burst, self.credit + (now - self.last) * self.rate)
-        self.last = now
-        return min(len(self.buf), int(self.credit))
-
-    def sent(self, n: int) -> None:
-        del self.buf[:n]
-        if self.rate is not None:
-            self.credit -= n
-
-    def delay(self) -> float | None:
-        """Seconds until the next chunk may go (None: nothing waits, no pacing, or blocked)."""
-        if not self.buf or self.rate is None or self.blocked:
-            return None
-        need = min(len(self.buf), max(1.0, self.rate * 0.001))
-        return max(0.0, (need - self.credit) / self.rate)
 
 
 class _Power:
@@ -452,7 +419,7 @@ class SimServer:
             self._to_device.buf += data
         # else: no device process runs (the chip is in reset): the bytes are lost
 
-    def _send(self, line: _Line, fd: int, now: float) -> None:
+    def _send(self, line: PacedLine, fd: int, now: float) -> None:
         if line.blocked:
             return
         n = line.allowed(now)
@@ -470,8 +437,8 @@ class SimServer:
         line.blocked = w < n
 
     def _run(self) -> None:
-        self._to_device = _Line(self.baud)
-        self._to_host = _Line(self.baud)
+        self._to_device = PacedLine(self.baud)
+        self._to_host = PacedLine(self.baud)
         sel = self._sel = selectors.DefaultSelector()
         to_dev, to_host = self._to_device, self._to_host
         try:
