@@ -17,10 +17,10 @@ Lines: unpaced (the pty as fast as the processes go), and 115200 / 921600 baud p
 devices sit behind zephyrkit.PacedRelay. mcumgr-toolkit speaks console framing only (its
 `raw_serial` is Zephyr's unframed raw mode, not COBS), so it runs on console rows only.
 
-The clock runs over the upload alone, after each client has opened the port: mpboot's
-SMPClient.upload (which asks the MCUmgr parameters and mpboot's device info first), smpclient's
-upload() iterator (its connect() read the parameters before), mcumgr-toolkit's image_upload()
-(after use_auto_frame_size() read them). Clients take turns (mpboot, smpclient, toolkit,
+The clock runs over the upload alone, after each client has opened the port and read the
+MCUmgr parameters: mpboot's SMPClient.upload (after params_or_default(); it asks mpboot's
+device info itself, inside the clock), smpclient's upload() iterator (its connect() read the
+parameters), mcumgr-toolkit's image_upload() (after use_auto_frame_size() read them). Clients take turns (mpboot, smpclient, toolkit,
 mpboot, ...) so machine load hits all alike; each cell is the median of the runs that
 succeeded, with the failures counted. mcumgr-toolkit holds the GIL while it waits for the
 port, which would stall the relay thread: it runs in a worker process.
@@ -67,6 +67,8 @@ OURS, SMPCLIENT, TOOLKIT = "mpboot", "smpclient", "mcumgr-toolkit"
 
 async def _ours(port: str, framing: str, image: bytes, baud: int) -> float:
     async with SMPClient(SerialTransport(port, baudrate=baud, framing=framing)) as client:
+        # The MCUmgr parameters before the clock, as the peers read theirs when they connect.
+        await client.params_or_default()
         t0 = time.perf_counter()
         await client.upload(image)
         return time.perf_counter() - t0
