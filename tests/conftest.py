@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,12 @@ FIRMWARE = ROOT / "firmware"
 # Keys the test device trusts, in mpboot_keys.KEYS order (index 0, 1).
 TRUSTED_KEY_FILES = ("TEST-ONLY-rsa2048.pem", "TEST-ONLY-rsa3072.pem")
 UNTRUSTED_KEY_FILE = "TEST-ONLY-rsa2048-untrusted.pem"
+
+# A shell starts a background job (`make test &`, nohup) with SIGINT ignored, and a program
+# inherits that across exec: the Ctrl-C tests' mpboot processes would then never see their
+# SIGINT. With a handler here (Python's own), the programs the tests start get the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @functools.cache
