@@ -13,7 +13,8 @@
    means the device expects `off`: every request still in flight is dropped (their replies
    are ignored when they come) and the stream continues from `off`.
 4. A request unanswered for the resend timeout (RTO: from the reply times measured so far, as
-   TCP does, between RTO_MIN and `timeout`, doubling while the silence lasts) is taken as
+   TCP does, between RTO_MIN (RTO_MIN_ONE_AT_A_TIME at a window of 1) and `timeout`, doubling
+   while the silence lasts) is taken as
    lost: the rest of the window is dropped and that request is sent again, alone, while its
    first send stays awaited (a slow device's late answer settles it as well). Silent rounds
    of the whole `timeout` count as tries; after `retries` of them in a row, DeviceSilent.
@@ -60,6 +61,10 @@ MAX_BAD_REPLIES: Final = 8  # undecodable replies in a row
 # milliseconds of its last byte (more while it erases); scheduling noise on a loaded host
 # stays below this, and a resend it causes anyway costs one duplicate request.
 RTO_MIN: Final = 0.1
+# ... but one request at a time, a device loses a request only to line noise, while its reply
+# times vary twofold or more (Zephyr + MCUboot on QEMU's mps2_an385: 150-440 ms for 2 KB), and
+# a resend that was not needed costs the line a whole request: there it is at least this.
+RTO_MIN_ONE_AT_A_TIME: Final = 1.0
 FIRST_ALIGN: Final = 64  # the opening request's data is a multiple of this (unless the whole image)
 MAX_ALIGN: Final = 64  # the largest chunk alignment learnt from a device's partial takes
 
@@ -127,12 +132,13 @@ class _Chunk:
 
 class _ResendTimer:
     """The resend timeout from the reply times of upload requests (RFC 6298's estimator:
-    smoothed time + 4 x its variation), between RTO_MIN and `ceiling`; doubled for each silent
+    smoothed time + 4 x its variation), between `floor` and `ceiling`; doubled for each silent
     round in a row. `ceiling` until a first reply was timed. A reply names its request's
     sequence number, so every reply gives a sample, repeats' included (no Karn ambiguity)."""
 
-    def __init__(self, ceiling: float) -> None:
+    def __init__(self, ceiling: float, floor: float = RTO_MIN) -> None:
         self.ceiling = ceiling
+        self.floor = floor
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.backoff = 0
@@ -149,7 +155,7 @@ class _ResendTimer:
     def rto(self) -> float:
         if self.srtt is None:
             return self.ceiling
-        base = max(RTO_MIN, self.srtt + 4 * self.rttvar)
+        base = max(self.floor, self.srtt + 4 * self.rttvar)
         return min(self.ceiling, base * (1 << min(self.backoff, 16)))
 
 
@@ -249,6 +255,8 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
             if win is None and not solo:
                 win = params.buf_count if await client.takes_window(timeout=min(t, PARAMS_TIMEOUT)) else 1
             limit = 1 if solo or win is None else win
+            if win is not None:
+                timer.floor = RTO_MIN if win > 1 else RTO_MIN_ONE_AT_A_TIME
             while len(inflight) < limit and next_off < total:
                 if next_off == 0:
                     if inflight:
