@@ -418,7 +418,7 @@ class FakeDevice:
     service: float = 0.0  # seconds per request, serialised like a real device
     params_rc: int | None = None  # answer params with this rc (8: not supported)
     params_silent: bool = False
-    mpboot: bool = True  # answers mpboot's device info: takes buf_count requests in flight
+    mpboot: bool = True  # answers `pipeline` in the opening reply: takes buf_count requests in flight
     write_unit: int = 1  # writes whole units of a chunk but the last, as MCUboot's serial recovery
     session: Session | None = None
     received: bytes | None = None  # the last complete upload
@@ -470,6 +470,12 @@ class FakeDevice:
         return {"rc": MgmtErrorCode.ENOTSUP}
 
     def upload(self, p: dict[str, Any]) -> dict[str, Any]:
+        rsp = self._upload(p)
+        if p["off"] == 0 and p.get("pipeline") is True and self.mpboot and "off" in rsp:
+            rsp["pipeline"] = self.buf_count
+        return rsp
+
+    def _upload(self, p: dict[str, Any]) -> dict[str, Any]:
         off, data = p["off"], p["data"]
         if off == 0 and "len" in p:
             s = self.session
@@ -582,21 +588,27 @@ def _max_in_flight(ups: list[Req]) -> int:
 
 def test_a_device_that_is_not_mpboot_gets_one_request_at_a_time(peers: Callable[..., Peer]) -> None:
     """Zephyr's and MCUboot's UART transports report buf_count 4 but lose a request that
-    arrives while one is processed: without --window, only a device that answers mpboot's
-    device info gets buf_count in flight."""
+    arrives while one is processed: without --window, only a device that answers the opening
+    request's `pipeline` question gets requests in flight (as many as it names, at most
+    buf_count), and asking costs no round trip of its own."""
     dev = FakeDevice(buf_count=4, service=0.002, mpboot=False)
     peer = peers(dev)
     image = _image(20_000)
     result = upload(peer, image)
     assert dev.received == image and result.window == 1 and _max_in_flight(peer.uploads()) == 1
-    asked = [r for r in peer.requests if r.group == Group.MPBOOT]
-    assert len(asked) == 1  # once, after the opening request was answered
-    assert asked[0].t > peer.uploads()[0].replied_at
-    # --window still sets it
+    assert peer.uploads()[0].payload["pipeline"] is True
+    assert all(r.group == Group.IMAGE for r in peer.requests if r.group != Group.OS)  # nothing else asked
+    # an mpboot device: as many as it names
+    mp = FakeDevice(buf_count=4, service=0.002)
+    peer_mp = peers(mp)
+    result = upload(peer_mp, image)
+    assert mp.received == image and result.window == 4 and _max_in_flight(peer_mp.uploads()) == 4
+    # --window still sets it, and then nothing is asked
     dev2 = FakeDevice(buf_count=4, service=0.002, mpboot=False)
     peer2 = peers(dev2)
     result = upload(peer2, image, window=3)
     assert dev2.received == image and result.window == 3 and _max_in_flight(peer2.uploads()) == 3
+    assert "pipeline" not in peer2.uploads()[0].payload
 
 
 def test_a_lost_request_costs_the_resend_timeout_not_the_timeout(peers: Callable[..., Peer]) -> None:

@@ -925,6 +925,31 @@ def test_in_ram_resume(session: Session) -> None:
     assert other_sha[0].body == {"off": 1000} and no_sha[0].body == {"off": 1000}
 
 
+def test_pipeline_is_answered_only_when_asked(session: Session) -> None:
+    """`pipeline: true` in an opening request gets the number of requests the device takes in
+    flight (its buf_count) in the reply, whatever the opening leads to (a new session, a
+    resumed one, an upload done already); nothing else carries it, so a stock client, which
+    never asks, never sees a key it does not know (smpclient refuses unknown reply keys)."""
+    s = session
+    s.dev("pipeline", slots=(A, None))
+    s.cmd("confirm", 0)
+    s.cmd("server", 0)
+    ask = {"pipeline": True}
+    opened = s.upload(B, chunk=1000, end=2000, first=ask)
+    resumed = s.upload(B, chunk=1000, start=0, end=1000, first=ask)
+    later = s.send(WRITE, IMG, 1, {"off": 2000, "data": B[2000:3000], "pipeline": True})
+    rest = s.upload(B, chunk=1000, start=3000)
+    done = s.upload(B, chunk=1000, end=1000, first=ask)
+    not_asked = s.upload(B, chunk=1000, end=1000, first={"sha": bytes(32)})
+    s.run()
+    assert [r.body for r in opened] == [{"off": 1000, "pipeline": 4}, {"off": 2000}]
+    assert resumed[0].body == {"off": 2000, "pipeline": 4}
+    assert later.body == {"off": 3000}
+    assert rest[-1].body == {"off": len(B), "match": True}
+    assert done[0].body == {"off": len(B), "match": True, "pipeline": 4}
+    assert not_asked[0].body == {"off": 1000}
+
+
 def test_persisted_resume_after_reset(session: Session) -> None:
     s = session
     size = 512 * 1024

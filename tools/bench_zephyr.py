@@ -18,10 +18,9 @@ devices sit behind zephyrkit.PacedRelay. mcumgr-toolkit speaks console framing o
 `raw_serial` is Zephyr's unframed raw mode, not COBS), so it runs on console rows only.
 
 The clock runs over the upload alone, after each client has opened the port and read the
-MCUmgr parameters: mpboot's SMPClient.upload (after params_or_default(); it asks mpboot's
-device info itself, inside the clock), smpclient's upload() iterator (its connect() read the
-parameters), mcumgr-toolkit's image_upload() (after use_auto_frame_size() read them). Clients take turns (mpboot, smpclient, toolkit,
-mpboot, ...) so machine load hits all alike; each cell is the median of the runs that
+MCUmgr parameters: mpboot's SMPClient.upload (after params_or_default()), smpclient's
+upload() iterator (its connect() read the parameters), mcumgr-toolkit's image_upload() (after
+use_auto_frame_size() read them). Clients take turns (mpboot, smpclient, toolkit, mpboot, ...) so machine load hits all alike; each cell is the median of the runs that
 succeeded, with the failures counted. mcumgr-toolkit holds the GIL while it waits for the
 port, which would stall the relay thread: it runs in a worker process.
 """

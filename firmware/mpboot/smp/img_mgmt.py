@@ -288,6 +288,10 @@ def _upload(srv, req, enc):
     if type(off) is not int or off < 0 or type(data) is not memoryview:
         return (_EINVAL, 0, None)
     up = srv.up
+    # `pipeline: true` in an opening request (mpboot's client): the reply says how many
+    # requests may be in flight (docs/PROTOCOL.md, "Pipelining"). Only asked, so only a client
+    # that knows the key ever sees it (smpclient refuses unknown reply keys).
+    pipe = srv.buf_count if off == 0 and req.get("pipeline") is True else 0
     if off == 0:
         if len(data) < image.HEADER_SIZE:
             raise ImageError(image.E_TRUNCATED)
@@ -303,14 +307,14 @@ def _upload(srv, req, enc):
                 return (_EINVAL, _INVALID_HASH, None)
             sha = bytes(sha)
             if up.total >= 0 and up.sha == sha and up.total == total:
-                return _off(enc, up.pos, False)  # the open session: continue it
+                return _off(enc, up.pos, False, pipe)  # the open session: continue it
         if n > _IMAGE_UPDATE:
             # Further images (Zephyr's direct upload numbers slots from 1): there are none.
             return (_EBADSTATE, _NO_FREE_SLOT, _RSN_NO_SLOT)
         if sha is not None:
             d = srv.done
             if up.total < 0 and d is not None and d[0] == sha and d[1] == total:
-                return _off(enc, total, True)  # finished and verified already (reply lost)
+                return _off(enc, total, True, pipe)  # finished and verified already (reply lost)
         ptlv = req.get("ptlv")
         if ptlv is not None and type(ptlv) is not memoryview:
             return (_EINVAL, 0, None)
@@ -343,17 +347,20 @@ def _upload(srv, req, enc):
         up.finish(MARK_NONE)  # verifies; the session ends either way
         srv.forget(up.slot)
         srv.done = (up.sha, nxt, up.slot)
-        return _off(enc, nxt, match)
-    return _off(enc, nxt, False)
+        return _off(enc, nxt, match, pipe)
+    return _off(enc, nxt, False, pipe)
 
 
-def _off(enc, off, match):
-    enc.map(2 if match else 1)
+def _off(enc, off, match, pipe=0):
+    enc.map(1 + (1 if match else 0) + (1 if pipe else 0))
     enc.text("off")
     enc.uint(off)
     if match:
         enc.text("match")
         enc.bool(True)
+    if pipe:
+        enc.text("pipeline")
+        enc.uint(pipe)
     return None
 
 

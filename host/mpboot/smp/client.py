@@ -102,7 +102,6 @@ class SMPClient:
         self._reader: asyncio.Task[None] | None = None
         self._failure: TransportError | None = None
         self._params: McuMgrParams | None = None
-        self._takes_window: bool | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -231,19 +230,6 @@ class SMPClient:
         except (CommandNotSupported, DeviceSilent):
             self._params = McuMgrParams(DEFAULT_BUF_SIZE, DEFAULT_BUF_COUNT, reported=False)
             return self._params
-
-    async def takes_window(self, timeout: float | None = None) -> bool:
-        """Whether the device takes `buf_count` requests in flight (docs/PROTOCOL.md,
-        "Pipelining"). An mpboot device does, and says it is one by answering its own group's
-        device info. Zephyr's and MCUboot's SMP transports over a UART take one request at a
-        time and lose a request that arrives meanwhile, whatever buf_count they report."""
-        if self._takes_window is None:
-            try:
-                await self.request(Group.MPBOOT, MpbootCmd.DEVICE, Op.READ, {}, timeout)
-                self._takes_window = True
-            except (SMPError, DeviceSilent):
-                self._takes_window = False
-        return self._takes_window
 
     async def os_info(self, fmt: str = "s") -> str:
         rsp = await self.request(Group.OS, OsCmd.OS_INFO, Op.READ, {"format": fmt})

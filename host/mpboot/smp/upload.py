@@ -7,8 +7,9 @@
    image's protected TLV area, so the device refuses another vendor's image or a rolled-back
    counter before writing anything), and is sent alone: its reply either refuses the image or
    gives the offset to continue from (a resumed session answers its own offset).
-3. Then up to `window` requests stay in flight: by default buf_count on a device that takes
-   that many (mpboot), one on others (Zephyr's and MCUboot's UART transports take one request
+3. Then up to `window` requests stay in flight: by default the number the device's answer to
+   the opening request names when that request asked (`pipeline`; an mpboot device answers
+   it, no other does), one on others (Zephyr's and MCUboot's UART transports take one request
    at a time and lose what comes meanwhile). A reply whose `off` is not the end of its request
    means the device expects `off`: every request still in flight is dropped (their replies
    are ignored when they come) and the stream continues from `off`.
@@ -83,8 +84,6 @@ class Requester(Protocol):
     def stats(self) -> ClientStats: ...
 
     async def params_or_default(self, timeout: float | None = None) -> McuMgrParams: ...
-
-    async def takes_window(self, timeout: float | None = None) -> bool: ...
 
     async def send_request(self, group: int, command: int, op: Op, payload: dict[str, Any]) -> PendingReply: ...
 
@@ -166,8 +165,8 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                  retries: int = 4) -> UploadResult:
     """Upload `image` (the whole file) to image 0 and return once the device verified it.
 
-    window: requests in flight (default: the device's buf_count where it takes that many,
-    client.takes_window(); else 1). chunk: cap on data bytes
+    window: requests in flight (default: as many as the device's answer to the opening
+    request says it takes, at most buf_count; 1 where it says nothing). chunk: cap on data bytes
     per request (default: as large as the device's buffer allows). progress(acked, total):
     called whenever the acknowledged offset changes. sha: send the file's SHA-256 (enables
     resume and the device's `match` check). ptlv: the image's protected TLV area bytes.
@@ -201,6 +200,8 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
         first_fields["ptlv"] = bytes(ptlv)
     if upgrade:
         first_fields["upgrade"] = True
+    if window is None and params.buf_count > 1:
+        first_fields["pipeline"] = True  # ask how many requests the device takes in flight
     first_max = max_data(budget, first_fields)
     stream_max = max_data(budget, {"off": total})  # the largest offset has the longest encoding
     if chunk is not None:
@@ -252,8 +253,6 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
 
     try:
         while True:
-            if win is None and not solo:
-                win = params.buf_count if await client.takes_window(timeout=min(t, PARAMS_TIMEOUT)) else 1
             limit = 1 if solo or win is None else win
             if win is not None:
                 timer.floor = RTO_MIN if win > 1 else RTO_MIN_ONE_AT_A_TIME
@@ -384,6 +383,12 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                 raise ProtocolError(f"image upload reply has a bad 'off' {off!r} (image is {total} bytes)")
             if c.off == 0:
                 opened = True
+                if win is None:
+                    # An mpboot device names the requests it takes in flight; Zephyr's and
+                    # MCUboot's ignore the question: one at a time.
+                    pipe = rsp.get("pipeline")
+                    ok = isinstance(pipe, int) and not isinstance(pipe, bool) and pipe >= 1
+                    win = min(pipe, params.buf_count) if ok else 1
                 if opens == 1 and off != c.end:
                     resumed_from = off
             solo = False
