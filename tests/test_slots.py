@@ -267,6 +267,21 @@ def test_signed_image_without_a_romfs_goes_to_recovery(dev: SimDevice, rsa2048: 
     assert "RECOVERY" in run.stdout and "slot 0: error -19" in run.stdout
 
 
+def test_a_firmware_without_vfsrom_stays_in_recovery(device, dev: SimDevice, image) -> None:  # type: ignore[no-untyped-def]
+    """The stock esp32/rp2/stm32 builds have no vfs.VfsRom (docs/PORTING.md): the boot says
+    so and goes to recovery, where the service can still take an image, instead of stopping
+    on an AttributeError before anything is recorded."""
+    from mpboot import upy
+
+    installed(dev.install(image("1.0.0"), "permanent"))
+    g = dev.geometry
+    proc = upy.run(["-m", "dev_no_vfsrom", dev.flash, g.size, g.sector, g.align], path=[device.lib])
+    assert proc.returncode == 0, proc.stderr
+    assert "this firmware has no vfs.VfsRom" in proc.stdout
+    assert "slot 0 cannot run (error -19)" in proc.stdout
+    assert "RAN False -19 " in proc.stdout  # recovery
+
+
 def test_active_image_that_cannot_run_falls_back_to_the_confirmed_one(dev: SimDevice, image, rsa2048: SigningKey,
                                                                        tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     installed(dev.install(image("1.0.0"), "permanent"))

@@ -92,10 +92,14 @@ def run(slots, port, slot, info, trial, entry="main", mount="/app", wdt_ms=WDT_M
             # The flash read back differently from a moment ago.
             return _cannot_run(slots, port, slot, trial, image.E_HASH_MISMATCH, entry, mount, wdt_ms)
     start = info["hdr_size"]
+    rom = getattr(vfs, "VfsRom", None)  # None: a firmware built without ROMFS support
     try:
-        vfs.mount(vfs.VfsRom(memoryview(mem)[start : start + info["img_size"]]), mount)
+        if rom is None:
+            print("mpboot: this firmware has no vfs.VfsRom (docs/PORTING.md)")
+            raise OSError(19)
+        vfs.mount(rom(memoryview(mem)[start : start + info["img_size"]]), mount)
     except OSError:
-        # Signed, but its payload is not a ROMFS.
+        # Signed, but its payload is not a ROMFS (or nothing here mounts one).
         return _cannot_run(slots, port, slot, trial, E_NO_ROMFS, entry, mount, wdt_ms)
     if not _has(mount + "/" + entry + ".mpy") and not _has(mount + "/" + entry + ".py"):
         # Importing it anyway would find an unverified module elsewhere on sys.path.
