@@ -1053,6 +1053,32 @@ def test_sequence_numbers_increment_mod_256(peers: Callable[..., Peer]) -> None:
     assert all(b == (a + 1) % 256 for a, b in itertools.pairwise(seqs))
 
 
+def test_console_frames_go_out_a_line_per_write(peers: Callable[..., Peer], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The console framing is lines, and each goes to the port in a write of its own (a Zephyr
+    device under QEMU took requests faster so: tools/bench_zephyr.py); raw frames go whole."""
+    import mpboot.transport.serial as serial_module
+
+    writes: list[bytes] = []
+    real_write = os.write
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        n = real_write(fd, data)
+        if threading.current_thread() is threading.main_thread():  # the client's (the peer has a thread)
+            writes.append(bytes(data[:n]))
+        return n
+
+    monkeypatch.setattr(serial_module.os, "write", write)
+    peer = peers(FakeDevice(), "console")
+    assert run_client(peer, lambda c: c.echo("x" * 400)) == "x" * 400
+    echo = b"".join(writes[-4:])
+    assert len(writes) >= 4 and all(w.endswith(b"\n") for w in writes)  # 400 chars: 4+ lines, each alone
+    assert echo.count(b"\n") == 4 and len(echo) > 400
+    writes.clear()
+    raw = peers(FakeDevice())
+    assert run_client(raw, lambda c: c.echo("x" * 400)) == "x" * 400
+    assert len(writes) == 2  # params and echo: a frame a write
+
+
 def test_requests_are_smp_v1(peers: Callable[..., Peer]) -> None:
     peer = peers(FakeDevice())
     run_client(peer, lambda c: c.echo("hi"))  # (params first, then the echo)
