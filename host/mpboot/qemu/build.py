@@ -264,6 +264,9 @@ def _build(name: str, folder: str, manifest: Callable[[Path], str], source: Sour
         board = manifest_dir / "board_manifest.py"
         board.write_text(manifest(manifest_dir))
         port = work / "port"
+        # The freezer regenerates its output only when a frozen file is newer than it: a
+        # manifest freezing nothing (or older files) would link the previous build's modules.
+        (port / "frozen_content.c").unlink(missing_ok=True)
         _run_make(["-C", str(tree / "ports" / "qemu"), jobs, f"BOARD={BOARD}", "MICROPY_PY_BTREE=0",
                    f"BUILD={port}", f"MICROPY_MPYCROSS={mpy_cross}", f"MPY_LIB_DIR={mpy_lib}",
                    f"FROZEN_MANIFEST={board}"], log, env={"MICROPY_MPYCROSS": str(mpy_cross)})
