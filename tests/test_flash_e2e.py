@@ -23,7 +23,7 @@ from mpboot.image import vendor_uuid
 from mpboot.sim import SimDevice, install_result
 from mpboot.smp import ImageRefused, SMPClient, VerificationFailed
 from mpboot.transport.serial import SerialTransport
-from simkit import make_app, sign_app
+from simkit import image_files, make_app, sign_app
 from simserve import SimProcess, mpboot, ok, slots
 
 KEY = KEYS_DIR / "TEST-ONLY-rsa2048.pem"
@@ -40,11 +40,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                               signing_key("TEST-ONLY-rsa2048-untrusted.pem"), "3.0.0"),
         "vendor": sign_app(make_app(out / "a4", "4.0.0", confirm=False), key, "4.0.0", vendor_id=b"\x42" * 16),
     }
-    paths = {}
-    for name, data in made.items():
-        paths[name] = out / f"{name}.bin"
-        paths[name].write_bytes(data)
-    return paths
+    return image_files(out, made)
 
 
 @pytest.mark.parametrize("framing", ["raw", "console"])

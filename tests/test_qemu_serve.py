@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import qemukit
 from conftest import KEYS_DIR, signing_key
-from simkit import make_app, sign_app
+from simkit import image_files, make_app, sign_app
 from simserve import SimProcess, mpboot, ok, slots
 from smpclient import SMPClient
 from smpclient.generics import success
@@ -54,19 +54,15 @@ def qemu_board() -> None:
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Small apps (each a few KiB: the emulated UART moves about 12 KiB/s of upload)."""
     out = tmp_path_factory.mktemp("apps")
-    key = signing_key(KEY.name)
-    made = {
-        "1.0.0": sign_app(make_app(out / "a1", "1.0.0", confirm=True, filler=2000), key, "1.0.0"),
-        "2.0.0": sign_app(make_app(out / "a2", "2.0.0", confirm=True, filler=2000), key, "2.0.0"),
-        "3.0.0": sign_app(make_app(out / "a3", "3.0.0", confirm=False, filler=2000), key, "3.0.0"),
-        "untrusted": sign_app(make_app(out / "a4", "4.0.0", confirm=False, filler=2000),
-                              signing_key(UNTRUSTED), "4.0.0"),
+    specs = {  # name: (version, the app confirms itself, signing key)
+        "1.0.0": ("1.0.0", True, KEY.name),
+        "2.0.0": ("2.0.0", True, KEY.name),
+        "3.0.0": ("3.0.0", False, KEY.name),
+        "untrusted": ("4.0.0", False, UNTRUSTED),
     }
-    paths = {}
-    for name, data in made.items():
-        paths[name] = out / f"{name}.bin"
-        paths[name].write_bytes(data)
-    return paths
+    return image_files(out, {name: sign_app(make_app(out / name, version, confirm=confirm, filler=2000),
+                                            signing_key(key), version)
+                             for name, (version, confirm, key) in specs.items()})
 
 
 def test_flash_test_boot_self_confirm_and_revert(images: dict[str, Path], tmp_path: Path) -> None:
