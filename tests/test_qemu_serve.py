@@ -2,8 +2,8 @@
 into its MicroPython firmware, updated over its UART end to end with the real CLI and stock
 tools: v1 permanent -> v2 test-boots from the mapped slot and confirms itself -> v3 never
 confirms and is reverted by the next reset; an imgtool-signed image uploaded by smpclient
-(unmodified) boots; an image signed by an untrusted key is refused before it can be marked.
-Also the heap the SMP service takes during a full upload on this 32-bit frozen build, and the
+(unmodified) boots; an image signed by an untrusted key is refused before it can be marked; a
+board stuck at its REPL is a crash. Also the heap the SMP service takes during a full upload on this 32-bit frozen build, and the
 firmware size mpboot adds.
 
 Every wait is on a line the simulator prints or on a command's answer, with a deadline.
@@ -213,35 +213,51 @@ service.run(port, link)
 """
 
 
-def test_heap_of_the_service_during_a_full_upload(tmp_path: Path, record_property) -> None:  # type: ignore[no-untyped-def]
-    from mpboot.qemu.serve import QemuSimServer
+class Console:
+    """The lines a QemuSimServer run in-process prints (its output), waited on with a deadline."""
 
-    lines: queue.Queue[str] = queue.Queue()
-    seen: list[str] = []
+    def __init__(self) -> None:
+        self.queue: queue.Queue[str] = queue.Queue()
+        self.lines: list[str] = []
 
-    def wait_for(pattern: str) -> None:
-        deadline = time.monotonic() + 60
-        while not any(re.search(pattern, line) for line in seen):
+    def drain(self) -> list[str]:
+        """Every line so far (call once the server has stopped)."""
+        while not self.queue.empty():
+            self.lines.append(self.queue.get())
+        return self.lines
+
+    def wait_for(self, pattern: str, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not any(re.search(pattern, line) for line in self.lines):
             left = deadline - time.monotonic()
-            assert left > 0, f"never /{pattern}/:\n" + "\n".join(seen)
+            assert left > 0, f"never /{pattern}/:\n" + "\n".join(self.lines)
             try:
-                seen.append(lines.get(timeout=left))
+                self.lines.append(self.queue.get(timeout=left))
             except queue.Empty:
                 pass
 
+
+def qemu_server(state: Path, console: Console, entry: str):  # type: ignore[no-untyped-def]
+    from mpboot.qemu.serve import QemuSimServer
+
+    return QemuSimServer(state, [signing_key(KEY.name).public()], entry=entry, output=console.queue.put)
+
+
+def test_heap_of_the_service_during_a_full_upload(tmp_path: Path, record_property) -> None:  # type: ignore[no-untyped-def]
     app = tmp_path / "app.bin"
     app.write_bytes(sign_app(make_app(tmp_path / "app", "heap", confirm=False, filler=36 * 1024),
                              signing_key(KEY.name), "1.0.0"))
     state = tmp_path / "dev"
-    server = QemuSimServer(state, [signing_key(KEY.name).public()], entry=HEAP_ENTRY, output=lines.put)
+    console = Console()
+    server = qemu_server(state, console, HEAP_ENTRY)
     try:
         server.start()
-        wait_for(SERVING)
+        console.wait_for(SERVING)
         t0 = time.monotonic()
         out = ok("flash", app, "--port", server.path, "--test", "--reset", "--no-progress")
         upload_s = time.monotonic() - t0
         assert "marked for a test boot" in out
-        wait_for(r"mpboot sim: device reset")
+        console.wait_for(r"mpboot sim: device reset")
     finally:
         server.stop()
     with open(state / "flash.img", "rb") as f:
@@ -255,6 +271,24 @@ def test_heap_of_the_service_during_a_full_upload(tmp_path: Path, record_propert
                                f"and a full upload ({len(app.read_bytes()) // 1024} KiB, test mark, "
                                f"{upload_s:.1f} s) complete in {free_b // 1024} KiB of free heap, holding at "
                                f"most {held_b} B between requests")
+
+
+def test_a_board_stuck_at_its_repl_is_a_crash(tmp_path: Path) -> None:
+    """A boot entry that raises leaves the board at its raw REPL: the simulator shows the
+    error, powers it off as a crash, and stops after a few in a row (as for the unix port)."""
+    console = Console()
+    server = qemu_server(tmp_path / "dev", console, "print('booting')\nraise ValueError('no luck')\n")
+    try:
+        server.start()
+        assert server.wait(60)
+    finally:
+        server.stop()
+    lines = console.drain()
+    assert lines.count("device: booting") == 3, lines
+    assert lines.count("device: ValueError: no luck") == 3, lines
+    assert lines.count("mpboot sim: the device stopped before serving SMP") == 3
+    assert not any("\x04" in line or line == "device: >" for line in lines), lines
+    assert server.error and "crashed 3 times in a row" in server.error
 
 
 def test_firmware_size_mpboot_adds(record_property) -> None:  # type: ignore[no-untyped-def]

@@ -43,7 +43,8 @@ class _QemuPower(Power):
 
     def __init__(self, board: QemuBoard) -> None:
         assert board.proc is not None and board.sock is not None
-        super().__init__(board.proc, board.sock.fileno(), None, console=True)
+        # The raw REPL ends the program's output with 04, its error with 04, then prompts.
+        super().__init__(board.proc, board.sock.fileno(), None, console=True, ended=b"\x04>")
         self.board = board
 
     def kill(self) -> None:

@@ -114,15 +114,17 @@ class Power:
     """One power-on: the device process, the host end of its UART (`uart`, a non-blocking
     descriptor the relay reads and writes) and where its console lines come from: `out` (a
     pipe), or with `console` the UART itself until the device says it serves SMP (a board
-    whose one UART is its REPL's). Machines other than the unix port subclass it for their
-    own close() and kill()."""
+    whose one UART is its REPL's; then `ended`, if given, is what the UART ends with when the
+    device's program ended without serving: the board sits at its REPL). Machines other than
+    the unix port subclass it for their own close() and kill()."""
 
     def __init__(self, proc: subprocess.Popen[bytes], uart: int, out: IO[bytes] | None, *,
-                 console: bool = False) -> None:
+                 console: bool = False, ended: bytes | None = None) -> None:
         self.proc = proc
         self.uart = uart
         self.out = out
         self.console = console
+        self.ended = ended
         self.started = time.monotonic()
         self.partial = b""  # the console line being received
 
@@ -448,7 +450,9 @@ class SimServer:
                 else:
                     return b""
             line, p.partial = p.partial[:i], p.partial[i + 1 :]
-            self.output("device: " + explain_console_line(line.decode(errors="replace").rstrip("\r")))
+            # (04: a raw REPL's end of output, on a console on the UART)
+            text = line.replace(b"\x04", b"").decode(errors="replace").rstrip("\r")
+            self.output("device: " + explain_console_line(text))
             if p.console and line.startswith(SERVING_LINE):
                 p.console = False
                 rest, p.partial = p.partial, b""
@@ -498,6 +502,12 @@ class SimServer:
     def _uart_bytes(self, p: Power, data: bytes) -> None:
         if p.console:
             data = self._console(p, data)
+            if p.console and p.ended is not None and p.partial.endswith(p.ended):
+                # Stuck at its REPL, its error shown: off, as a crash (a loop of them stops).
+                p.partial = p.partial[: -len(p.ended)]
+                self._console(p, b"", final=True)
+                self.output("mpboot sim: the device stopped before serving SMP")
+                p.kill()
         self._to_host.buf += data
 
     def _from_host(self) -> None:
