@@ -147,7 +147,8 @@ def unique_id():
 # 0x40004000: DATA, then STATE (bit 0: the transmitter is full, bit 1: a received byte waits).
 # rx(buf, n) moves received bytes into buf[:n] and returns the count: 0 at once when none
 # waits, else after a frame's last byte (00 or "\n": the framer can take the frame now), with
-# buf full, or once no byte came for 4000 polls (about a millisecond).
+# buf full, or once no byte came for 4000 polls of the register (far longer than QEMU takes
+# between two bytes of a frame).
 _NATIVE = """
 @micropython.viper
 def rx(buf, n: int) -> int:

@@ -78,7 +78,7 @@ class QemuSimServer(SimServer):
         self.board_slot_size = DEFAULT_SLOT_SIZE
         self.policy: dict[str, bytes | None] = {}
 
-    def _open_device(self) -> None:
+    def open_device(self) -> None:
         check_machine(self.state, "qemu")
         path = self.state / CONFIG
         if path.exists():
@@ -101,7 +101,7 @@ class QemuSimServer(SimServer):
                         f"the keys frozen in; the first build takes about half a minute")
         self.firmware = build_firmware(self.keys)
 
-    def _describe(self) -> str:
+    def describe(self) -> str:
         return (f"the emulated Cortex-M3 (MicroPython {MICROPYTHON_TAG} qemu port, mps2-an385), "
                 f"two {self.board_slot_size}-byte slots run in place, {SECTOR}-byte sectors")
 
@@ -113,7 +113,7 @@ class QemuSimServer(SimServer):
         return (f"from mpboot.ports import qemu\n"
                 f"qemu.main({self.board_slot_size}, {self.buf_size}, {self.buf_count}{policy})\n")
 
-    def _power_on(self) -> None:
+    def power_on(self) -> None:
         assert self.firmware is not None
         board = QemuBoard(self.firmware.elf, self.flash)
         board.start()
@@ -126,4 +126,4 @@ class QemuSimServer(SimServer):
         except BaseException:
             board.stop()
             raise
-        self._powered(_QemuPower(board), board.pending())
+        self.powered(_QemuPower(board), board.pending())

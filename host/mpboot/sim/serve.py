@@ -5,7 +5,9 @@ The user gets one pty (its path printed, optionally symlinked) for the life of t
 Each power-on of the device is a new `micropython` process (upy_scripts/sim_serve.py) on a
 fresh inner pty pair: it boots the image its flash file holds (the app prints), then serves
 SMP until a client asks for a reset, and exits; the simulator then powers it on again, so RAM
-state is really gone and only the flash file (in the state directory) persists. A relay
+state is really gone and only the flash file (in the state directory) persists. Another
+machine powers on its own way (a Power, from SimServer.power_on): mpboot.qemu.serve runs the
+emulated Cortex-M3 board, whose console comes on its UART before SMP. A relay
 thread moves bytes between the user's pty and the device's, optionally paced like an 8N1 line
 at `baud`; bytes sent while no device process runs are lost, as on a UART whose chip is in
 reset. A device that keeps crashing right after power-on is stopped and reported.
@@ -233,7 +235,7 @@ class SimServer:
             self._lock = None
             raise UsageError(f"{self.state} is in use by another mpboot sim") from None
         try:
-            self._open_device()
+            self.open_device()
             self._master, self._slave = os.openpty()
             tty.setraw(self._slave)
             os.set_blocking(self._master, False)
@@ -250,7 +252,7 @@ class SimServer:
             if created:
                 shutil.rmtree(self.state, ignore_errors=True)
             raise
-        self.output(f"mpboot sim: device in {self.state}: {self._describe()}, "
+        self.output(f"mpboot sim: device in {self.state}: {self.describe()}, "
                     f"{'unpaced line' if self.baud is None else f'{self.baud} baud 8N1'}, "
                     f"buf_size {self.buf_size}, buf_count {self.buf_count}")
         if not self.ble:  # over BLE the device serves SMP there only: its UART has no service
@@ -294,7 +296,10 @@ class SimServer:
         p = self._power
         return p.proc.pid if p is not None else None
 
-    def _open_device(self) -> None:
+    # open_device, describe and power_on: what a machine does its own way (mpboot.qemu.serve
+    # overrides them); powered(): how its power_on hands a power-on to the relay.
+
+    def open_device(self) -> None:
         """Opens (or creates) the device in the state directory, ready to power on; called
         with the directory locked, from start()."""
         upy.micropython_command()  # not installed: say so now, not from the relay thread
@@ -302,7 +307,7 @@ class SimServer:
         self.device = open_state(self.state, self.keys, slot_size=self.slot_size,
                                  vendor_id=self.vendor_id, class_id=self.class_id)
 
-    def _describe(self) -> str:
+    def describe(self) -> str:
         """The device for the start line: what it is, its flash."""
         assert self.device is not None
         g = self.device.geometry
@@ -354,7 +359,8 @@ class SimServer:
 
     # ---- the device process -------------------------------------------------------------
 
-    def _power_on(self) -> None:
+    def power_on(self) -> None:
+        """Starts the next power-on (in the relay's thread), then calls powered()."""
         assert self.device is not None
         master, slave = os.openpty()
         tty.setraw(slave)  # before any byte arrives: no echo, no line editing
@@ -379,10 +385,11 @@ class SimServer:
             raise
         assert proc.stdout is not None
         os.set_blocking(proc.stdout.fileno(), False)
-        self._powered(_UnixPower(proc, master, slave))
+        self.powered(_UnixPower(proc, master, slave))
 
-    def _powered(self, p: Power, early: bytes = b"") -> None:
-        """A power-on has started: relay it from now on. `early`: what its UART sent already."""
+    def powered(self, p: Power, early: bytes = b"") -> None:
+        """A power-on has started: power_on() hands it to the relay. `early`: what its UART
+        sent already."""
         self._power = p
         self.powerons += 1
         self.output(f"mpboot sim: power on {self.powerons} (pid {p.proc.pid})")
@@ -484,7 +491,7 @@ class SimServer:
                               f"{FAST_FAIL_S:.0f} s of power-on (exit {rc}); stopped")
                 self._stopping.set()
                 return
-        self._power_on()
+        self.power_on()
 
     # ---- the relay ----------------------------------------------------------------------
 
@@ -542,7 +549,7 @@ class SimServer:
         sel = self._sel = selectors.DefaultSelector()
         to_dev, to_host = self._to_device, self._to_host
         try:
-            self._power_on()
+            self.power_on()
             while not self._stopping.is_set():
                 p = self._power
                 now = time.monotonic()
