@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all setup demo test test-slow bench clean
+.PHONY: all setup demo demo-qemu test test-slow bench clean
 
 all: test
 
@@ -22,6 +22,11 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash tools/demo.sh
+
+# The same story on the emulated Cortex-M3 (needs gcc-arm-none-eabi, libnewlib-arm-none-eabi,
+# qemu-system-arm and the MicroPython source: docs/PORTING.md).
+demo-qemu: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash tools/demo.sh qemu
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -n auto

@@ -39,6 +39,15 @@ def sign_app(romfs: bytes, key: SigningKey, version: str, *, security_counter: i
     return build_image(bytes(HEADER_ROOM) + romfs, key, opts)
 
 
+def image_files(folder: Path, images: dict[str, bytes]) -> dict[str, Path]:
+    """Each signed image written to folder/NAME.bin: the paths by name."""
+    paths = {}
+    for name, data in images.items():
+        paths[name] = folder / f"{name}.bin"
+        paths[name].write_bytes(data)
+    return paths
+
+
 _BOOT = re.compile(r"^mpboot: slot (\d) version (\S+?)(\+\d+)?( test boot)?( watchdog \d+ ms)?$", re.M)
 
 

@@ -1,8 +1,10 @@
 """`mpboot sim` (the serving simulator) as a test peer: the real CLI in a subprocess, its
-console collected line by line so tests wait on what it prints (never on time)."""
+console collected line by line so tests wait on what it prints (never on time); and the CLI
+in-process (`mpboot`, `ok`, `slots`) for the commands tests run against it."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -12,9 +14,33 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+from click.testing import CliRunner
+
+from mpboot.cli import cli
 
 MPBOOT = str(Path(sys.executable).parent / "mpboot")
 UART_LINE = re.compile(r"UART on (\S+)")
+
+
+def mpboot(*args: object) -> Any:
+    """The CLI in-process (a click Result); never a traceback."""
+    result = CliRunner().invoke(cli, [str(a) for a in args], prog_name="mpboot")
+    assert "Traceback" not in result.output + result.stderr
+    return result
+
+
+def ok(*args: object) -> str:
+    """A command that must succeed: its stdout."""
+    result = mpboot(*args)
+    assert result.exit_code == 0, (args, result.stdout, result.stderr)
+    return str(result.stdout)
+
+
+def slots(port: list[str]) -> dict[str, dict[str, Any]]:
+    """`mpboot state --json` by version."""
+    return {s["version"]: s for s in json.loads(ok("state", *port, "--json"))["images"]}
 
 
 class SimProcess:

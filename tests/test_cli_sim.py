@@ -80,6 +80,25 @@ def test_sim_usage_errors(tmp_path: Path) -> None:
     assert_error(run("sim", "--keys", KEY, "status", tmp_path / "e"), 2, "takes its own options")
 
 
+def test_sim_qemu_refusals(tmp_path: Path) -> None:
+    """--machine qemu: what the emulated board has no use for is one line and exit 2, before
+    anything is built or created; a state directory keeps the machine it was made for."""
+    state = tmp_path / "q"
+    for extra, fragment in ((["--ble"], "--ble: not with --machine qemu"),
+                            (["--heapsize", "64k", "--radio", "usb:0"], "--heapsize, --radio: not with"),
+                            (["--flash-timing", "nor"], "--flash-timing nor: not with"),
+                            (["--slot-size", "9M"], "above the maximum")):
+        assert_error(run("sim", "--state", state, "--keys", KEY, "--machine", "qemu", *extra), 2, fragment)
+    assert not state.exists()
+    assert_error(run("sim", "--machine", "qemu"), 2, "--machine: serving options need --state DIR")
+    assert run("sim", "init", tmp_path / "unix", "-k", KEY).exit_code == 0
+    assert_error(run("sim", "--state", tmp_path / "unix", "--keys", KEY, "--machine", "qemu"), 2,
+                 "holds a device of machine unix")
+    (tmp_path / "qemu").mkdir()
+    (tmp_path / "qemu" / "qemu.cfg").write_text("slot_size=1048576\n")
+    assert_error(run("sim", "--state", tmp_path / "qemu", "--keys", KEY), 2, "holds a device of machine qemu")
+
+
 def test_sim_in_a_folder_with_spaces(tmp_path: Path, apps: dict[str, Path]) -> None:
     """A path with spaces (a home folder, "My Documents") holds the whole device."""
     dev = tmp_path / "my boards" / "dev one"

@@ -16,17 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 from conftest import KEYS_DIR, signing_key
-from mpboot.cli import cli
 from mpboot.errors import ImageErrorCode
 from mpboot.flashing import Mark, flash, prepare
 from mpboot.image import vendor_uuid
 from mpboot.sim import SimDevice, install_result
 from mpboot.smp import ImageRefused, SMPClient, VerificationFailed
 from mpboot.transport.serial import SerialTransport
-from simkit import make_app, sign_app
-from simserve import SimProcess
+from simkit import image_files, make_app, sign_app
+from simserve import SimProcess, mpboot, ok, slots
 
 KEY = KEYS_DIR / "TEST-ONLY-rsa2048.pem"
 
@@ -42,27 +40,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                               signing_key("TEST-ONLY-rsa2048-untrusted.pem"), "3.0.0"),
         "vendor": sign_app(make_app(out / "a4", "4.0.0", confirm=False), key, "4.0.0", vendor_id=b"\x42" * 16),
     }
-    paths = {}
-    for name, data in made.items():
-        paths[name] = out / f"{name}.bin"
-        paths[name].write_bytes(data)
-    return paths
-
-
-def mpboot(*args: object) -> Any:
-    result = CliRunner().invoke(cli, [str(a) for a in args], prog_name="mpboot")
-    assert "Traceback" not in result.output + result.stderr
-    return result
-
-
-def ok(*args: object) -> str:
-    result = mpboot(*args)
-    assert result.exit_code == 0, (args, result.stdout, result.stderr)
-    return str(result.stdout)
-
-
-def slots(port: list[str]) -> dict[str, dict[str, Any]]:
-    return {s["version"]: s for s in json.loads(ok("state", *port, "--json"))["images"]}
+    return image_files(out, made)
 
 
 @pytest.mark.parametrize("framing", ["raw", "console"])

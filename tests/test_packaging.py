@@ -48,6 +48,7 @@ REQUIRED_WHEEL_FILES = (
     "mpboot/_firmware/mpboot/ports/qemu.py",
     "mpboot/qemu/build.py",
     "mpboot/qemu/runner.py",
+    "mpboot/qemu/serve.py",
     "mpboot/sim/__init__.py",
     "mpboot/upy_scripts/verify_images.py",
     "mpboot/upy_scripts/sim_device.py",

@@ -14,7 +14,8 @@
 #   unique_id()           -> bytes identifying this board
 #   uart(...)             -> a link for mpboot.transport.uart.serve (SMP over that UART):
 #                            esp32, rp2, stm32: uart(id, baudrate, rxbuf, **pins) over
-#                            machine.UART; unix: uart(path) over a pty
+#                            machine.UART; unix: uart(path) over a pty; qemu: uart() on
+#                            the REPL's UART
 #   ble(name)             -> a BleLink for mpboot.transport.ble.serve (SMP over BLE, advertised
 #                            as name), where the port has the bluetooth module (esp32, rp2 on
 #                            Pico W boards, stm32 on boards with a radio); unix: ble(name,

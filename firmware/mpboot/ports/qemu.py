@@ -14,8 +14,17 @@
 #   way XIP flash is). It is writable, unlike rp2's; mpboot never writes through it.
 # - machine.reset() exits QEMU (semihosting): the runner starts it again, as a board powers up.
 # - No machine.WDT on this port: watchdog() returns None (a test boot is then reverted by the
-#   next reset, not by a watchdog). The one UART is the REPL's; uart() is not here yet.
+#   next reset, not by a watchdog).
+# - The one UART is the REPL's (CMSDK APB UART0, polled: a one-byte receive register, no
+#   interrupt). uart() serves SMP on it once the boot is over: Ctrl-C off, writes through
+#   sys.stdout.buffer (raw bytes), reads straight from the receive register (_NATIVE below):
+#   sys.stdin.buffer.readinto blocks until its buffer is full, and one call per byte through
+#   select costs the framer a pass per byte. QEMU hands the register a byte at a time (about
+#   25 KB/s on a 2-core host, twice a 115200-baud line).
+# - main() is the board's boot.py: the port runs none (its main() starts the REPL), so the
+#   runner (mpboot sim --machine qemu) calls it through the raw REPL at each power-on.
 import machine
+import micropython
 import uctypes
 from micropython import const
 
@@ -130,3 +139,104 @@ def reset():
 
 def unique_id():
     return bytes(chip().mem[_SIZE : _SIZE + _ID_LEN])
+
+
+# The UART's fast paths as native code, compiled by the board's own compiler when the link is
+# made (as mpboot.transport.uart compiles its CRC): mpy-cross without -march (the unix
+# simulator's build compiles every adapter) refuses native decorators. UART0's registers at
+# 0x40004000: DATA, then STATE (bit 0: the transmitter is full, bit 1: a received byte waits).
+# rx(buf, n) moves received bytes into buf[:n] and returns the count: 0 at once when none
+# waits, else after a frame's last byte (00 or "\n": the framer can take the frame now), with
+# buf full, or once no byte came for 4000 polls of the register (far longer than QEMU takes
+# between two bytes of a frame).
+_NATIVE = """
+@micropython.viper
+def rx(buf, n: int) -> int:
+    p = ptr8(buf)
+    u = ptr32(0x40004000)
+    i = 0
+    q = 0
+    while i < n:
+        if u[1] & 2:
+            c = u[0]
+            p[i] = c
+            i += 1
+            if c == 0 or c == 10:
+                break
+            q = 0
+        elif i == 0 or q >= 4000:
+            break
+        else:
+            q += 1
+    return i
+
+@micropython.viper
+def state() -> int:
+    return int(ptr32(0x40004000)[1])
+
+@micropython.asm_thumb
+def sleep():
+    wfi()
+"""
+_RX_FULL = const(2)  # STATE bits
+_TX_FULL = const(1)
+
+
+class _Uart:
+    # The REPL UART as a transport link (mpboot.transport.uart). sleep() waits for the next
+    # interrupt: SysTick's, every millisecond (the port enables no receive interrupt).
+    def __init__(self):
+        import sys
+
+        g = {}
+        exec(_NATIVE, g)
+        self._rx = g["rx"]
+        self._state = g["state"]
+        self._sleep = g["sleep"]
+        micropython.kbd_intr(-1)  # 0x03 is data now
+        self.write = sys.stdout.buffer.write  # all of buf: waits while the transmitter is full
+
+    def readinto(self, buf):
+        return self._rx(buf, len(buf))
+
+    def wait(self, ms):
+        # Until a byte waits (noticed within a millisecond) or ms passed.
+        import time
+
+        t = time.ticks_ms()
+        while not self._state() & _RX_FULL and time.ticks_diff(time.ticks_ms(), t) < ms:
+            self._sleep()
+
+    def drain(self):
+        while self._state() & _TX_FULL:
+            pass
+
+
+def uart():
+    # The SMP link on the REPL UART. From here on the REPL cannot be reached by Ctrl-C.
+    return _Uart()
+
+
+def main(slot_size=0x100000, buf_size=2048, buf_count=4, **policy):
+    # The board's boot.py: boot the chosen image in place (the app runs), then serve SMP on
+    # the UART until a client asks for a reset, which exits QEMU (the runner starts it again).
+    # policy: vendor_id, class_id, downgrade (mpboot.boot.start). An exception out of the
+    # service resets the board too: nobody waits at this board's REPL.
+    import sys
+
+    import mpboot_keys
+    from mpboot import boot, service
+    from mpboot.ports import qemu as port
+
+    try:
+        boot.start(port, areas(0, slot_size, 2 * slot_size), mpboot_keys.KEYS, **policy)
+    except Exception as e:  # the app failed: still take updates
+        print("mpboot: the app raised:")
+        sys.print_exception(e)
+    link = uart()
+    print("mpboot: serving SMP (buf_size %d, buf_count %d)" % (buf_size, buf_count))
+    try:
+        service.run(port, link, buf_size, buf_count)
+    except Exception as e:
+        sys.print_exception(e)
+    reset()

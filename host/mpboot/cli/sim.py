@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -26,6 +26,9 @@ from mpboot.cli.common import (
 )
 from mpboot.errors import DeviceRunError, UsageError, slot_error_text
 from mpboot.image import class_uuid, vendor_uuid
+
+if TYPE_CHECKING:
+    from mpboot.sim.serve import SimServer
 
 # The simulator boots from a RAM copy of the image (the unix port cannot map flash), so its
 # heap is a slot plus 128 KiB: slots beyond this would ask the host for gigabytes.
@@ -64,13 +67,23 @@ def _stopped_by_ctrl_c(came: list[int], note: str) -> None:
         raise KeyboardInterrupt
 
 
-_SERVE_OPTIONS = ("key_files", "link", "slot_size", "vendor_id", "class_id", "flash_timing", "baud",
+_SERVE_OPTIONS = ("machine", "key_files", "link", "slot_size", "vendor_id", "class_id", "flash_timing", "baud",
                   "buf_size", "buf_count", "heapsize", "ble", "radio", "ble_name", "password_env")
+
+
+# Serving options the emulated board has no use for: it has no radio, its heap is fixed in its
+# firmware, its flash has no timing model.
+_NOT_ON_QEMU = ("heapsize", "ble", "radio", "ble_name")
 
 
 @click.group("sim", invoke_without_command=True)
 @click.option("--state", "state_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Run the device kept in DIR (created if new): serve SMP on a pty until Ctrl-C.")
+@click.option("--machine", type=click.Choice(["unix", "qemu"]), default="unix", show_default=True,
+              help="With --state: unix runs the firmware on MicroPython's unix port (fast); qemu runs "
+                   "MicroPython's Cortex-M3 firmware with mpboot frozen in under qemu-system-arm, images "
+                   "run in place from its flash (built for the --keys on first use; needs "
+                   "gcc-arm-none-eabi, libnewlib-arm-none-eabi and qemu-system-arm).")
 @click.option("-k", "--keys", "--key", "key_files", multiple=True, type=click.Path(path_type=Path),
               help="Key the device trusts (public or private key file; repeatable).")
 @click.option("--link", type=click.Path(dir_okay=False, path_type=Path),
@@ -100,7 +113,8 @@ _SERVE_OPTIONS = ("key_files", "link", "slot_size", "vendor_id", "class_id", "fl
                                                   "from the board's unique id; at most 8 bytes fit the advertisement in full).")
 @password_env_option
 @click.pass_context
-def sim_group(ctx: click.Context, state_dir: Path | None, key_files: tuple[Path, ...], link: Path | None,
+def sim_group(ctx: click.Context, state_dir: Path | None, machine: str, key_files: tuple[Path, ...],
+              link: Path | None,
               slot_size: str | None, vendor_id: str | None, class_id: str | None, flash_timing: str,
               baud: int | None, buf_size: int, buf_count: int, heapsize: str | None,
               ble: bool, radio: str | None, ble_name: str | None,
@@ -111,7 +125,8 @@ def sim_group(ctx: click.Context, state_dir: Path | None, key_files: tuple[Path,
     With --state: the device keeps running. It boots, runs the app, then serves SMP (mcumgr)
     on a pty whose path it prints ("mpboot sim: UART on PATH"), or with --ble over a simulated
     Bluetooth LE radio; a reset request powers it on again. Ctrl-C stops it; the flash in DIR
-    keeps what it wrote.
+    keeps what it wrote. With --machine qemu the same device is an emulated Cortex-M3 board
+    (MicroPython's qemu port, mps2-an385) with mpboot frozen into its firmware.
 
     The subcommands are single power-ons of a device made with `sim init`."""
     given = [name for name in _SERVE_OPTIONS
@@ -130,12 +145,17 @@ def sim_group(ctx: click.Context, state_dir: Path | None, key_files: tuple[Path,
         ctx.exit(2)
     if not key_files:
         raise UsageError("mpboot sim --state DIR needs at least one --keys KEY (the keys the device trusts)")
+    if machine == "qemu":
+        not_here = [max(p.opts, key=len) for p in ctx.command.params if p.name in _NOT_ON_QEMU and p.name in given]
+        if flash_timing != "none":
+            not_here.append(f"--flash-timing {flash_timing}")
+        if not_here:
+            raise UsageError(f"{', '.join(not_here)}: not with --machine qemu (the emulated board has no radio, "
+                             "a heap fixed in its firmware and flash without a timing model)")
     if heapsize is not None:
         heapsize = parse_heapsize(heapsize)
     if not ble and (radio is not None or ble_name is not None):
         raise UsageError("--radio and --ble-name go with --ble")
-    from mpboot.sim.serve import SimServer
-
     trusted = [keys.load_public_key(path, password(password_env)) for path in key_files]
     vid = vendor_uuid(vendor_id) if vendor_id else None
 
@@ -143,12 +163,20 @@ def sim_group(ctx: click.Context, state_dir: Path | None, key_files: tuple[Path,
         click.echo(line)
         sys.stdout.flush()
 
-    server = SimServer(state_dir, trusted, link=link,
-                       slot_size=parse_size(slot_size, "slot size", minimum=4096, maximum=SIM_MAX_SLOT_SIZE)
-                       if slot_size else None,
-                       vendor_id=vid, class_id=class_uuid(class_id, vid) if class_id else None,
-                       timing=flash_timing, baud=baud, buf_size=buf_size, buf_count=buf_count,
-                       heapsize=heapsize, ble=ble, radio=radio, ble_name=ble_name, output=say)
+    common: dict[str, Any] = dict(link=link, vendor_id=vid, class_id=class_uuid(class_id, vid) if class_id else None,
+                                  baud=baud, buf_size=buf_size, buf_count=buf_count, output=say)
+    server: SimServer
+    if machine == "qemu":
+        from mpboot.qemu.serve import MAX_SLOT_SIZE, QemuSimServer
+
+        server = QemuSimServer(state_dir, trusted, **common, slot_size=parse_size(
+            slot_size, "slot size", minimum=4096, maximum=MAX_SLOT_SIZE) if slot_size else None)
+    else:
+        from mpboot.sim.serve import SimServer
+
+        server = SimServer(state_dir, trusted, **common, slot_size=parse_size(
+            slot_size, "slot size", minimum=4096, maximum=SIM_MAX_SLOT_SIZE) if slot_size else None,
+            timing=flash_timing, heapsize=heapsize, ble=ble, radio=radio, ble_name=ble_name)
     with _until_signal(server.request_stop) as came:
         try:
             try:

@@ -10,8 +10,10 @@ The cache (`$MPBOOT_CACHE`, else ~/.cache/mpboot) holds, per source, under `qemu
 `src/` (an unpacked tarball), `mpy-cross/`, `port/` (the port's object files, shared by every
 key set: a new key set recompiles only the frozen modules, about a second), `build.log` and
 `firmware-<hash>.elf`, one per key set and firmware sources (the hash covers the keys module,
-every file under firmware/ and the board manifest). Builds of one source take a file lock,
-and each firmware appears by atomic rename, so concurrent test workers build it once.
+every file under firmware/ and the board manifest), and `firmware-bare-r<recipe>.elf`, the same build
+with nothing frozen (what mpboot adds to a firmware is the difference). Builds of one source
+take a file lock, and each firmware appears by atomic rename, so concurrent test workers
+build it once.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import shutil
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,23 +198,57 @@ def firmware_hash(keys: Sequence[PublicKey]) -> str:
     return h.hexdigest()[:16]
 
 
+def _work(source: Source | None, cache: Path | None) -> Path:
+    return (cache or cache_root()) / "qemu" / (source or find_source()).ident()
+
+
+def is_built(keys: Sequence[PublicKey], source: Source | None = None, cache: Path | None = None) -> bool:
+    """True if build_firmware(keys) will come from the cache."""
+    return (_work(source, cache) / f"firmware-{firmware_hash(keys)}.elf").is_file()
+
+
 def build_firmware(keys: Sequence[PublicKey], source: Source | None = None,
                    cache: Path | None = None) -> Firmware:
     """The firmware.elf with mpboot and `keys` frozen in: from the cache, else built (about a
     minute for the first key set of a source, about a second for each further one)."""
+    key_hash = firmware_hash(keys)
+
+    def manifest(keys_dir: Path) -> str:
+        (keys_dir / f"{KEYS_MODULE}.py").write_text(micropython_module(keys))
+        return board_manifest(keys_dir)
+
+    return _build(key_hash, f"keys-{key_hash}", manifest, source, cache)
+
+
+def build_bare(source: Source | None = None, cache: Path | None = None) -> Firmware:
+    """The same firmware with nothing frozen in (an empty board manifest): the baseline for
+    what mpboot adds. Cached like build_firmware."""
+    return _build(f"bare-r{_BUILD_RECIPE}", "bare", lambda _: "# nothing frozen\n", source, cache)
+
+
+def text_bytes(elf: Path) -> int:
+    """The firmware's flash footprint: text and read-only data, where frozen modules live
+    (the "text" column of arm-none-eabi-size)."""
+    out = subprocess.run(["arm-none-eabi-size", str(elf)], capture_output=True, text=True, check=True).stdout
+    return int(out.splitlines()[1].split()[0])
+
+
+def _build(name: str, folder: str, manifest: Callable[[Path], str], source: Source | None,
+           cache: Path | None) -> Firmware:
+    # firmware-<name>.elf built with the board manifest manifest(folder) returns (the folder,
+    # in the cache, holds it and any module it names).
     t0 = time.monotonic()
     missing = missing_tools()
     if missing:
         raise DeviceRunError(f"the QEMU board needs these packages: apt-get install {' '.join(missing)}")
     source = source or find_source()
-    work = (cache or cache_root()) / "qemu" / source.ident()
-    key_hash = firmware_hash(keys)
-    elf = work / f"firmware-{key_hash}.elf"
+    work = _work(source, cache)
+    elf = work / f"firmware-{name}.elf"
     if elf.is_file():
-        return Firmware(elf, key_hash, True, time.monotonic() - t0)
+        return Firmware(elf, name, True, time.monotonic() - t0)
     with _locked(work / "lock"):
         if elf.is_file():  # another process built it while this one waited
-            return Firmware(elf, key_hash, True, time.monotonic() - t0)
+            return Firmware(elf, name, True, time.monotonic() - t0)
         tree = _source_tree(source, work)
         log = work / "build.log"
         jobs = f"-j{os.cpu_count() or 2}"
@@ -223,16 +259,18 @@ def build_firmware(keys: Sequence[PublicKey], source: Source | None = None,
         mpy_lib = work / "micropython-lib"
         mpy_lib.mkdir(exist_ok=True)
         (mpy_lib / "README.md").touch()
-        keys_dir = work / f"keys-{key_hash}"
-        keys_dir.mkdir(exist_ok=True)
-        (keys_dir / f"{KEYS_MODULE}.py").write_text(micropython_module(keys))
-        manifest = keys_dir / "board_manifest.py"
-        manifest.write_text(board_manifest(keys_dir))
+        manifest_dir = work / folder
+        manifest_dir.mkdir(exist_ok=True)
+        board = manifest_dir / "board_manifest.py"
+        board.write_text(manifest(manifest_dir))
         port = work / "port"
+        # The freezer regenerates its output only when a frozen file is newer than it: a
+        # manifest freezing nothing (or older files) would link the previous build's modules.
+        (port / "frozen_content.c").unlink(missing_ok=True)
         _run_make(["-C", str(tree / "ports" / "qemu"), jobs, f"BOARD={BOARD}", "MICROPY_PY_BTREE=0",
                    f"BUILD={port}", f"MICROPY_MPYCROSS={mpy_cross}", f"MPY_LIB_DIR={mpy_lib}",
-                   f"FROZEN_MANIFEST={manifest}"], log, env={"MICROPY_MPYCROSS": str(mpy_cross)})
+                   f"FROZEN_MANIFEST={board}"], log, env={"MICROPY_MPYCROSS": str(mpy_cross)})
         tmp = elf.with_name(f"{elf.name}.tmp-{os.getpid()}")
         shutil.copyfile(port / "firmware.elf", tmp)
         os.replace(tmp, elf)
-    return Firmware(elf, key_hash, False, time.monotonic() - t0)
+    return Firmware(elf, name, False, time.monotonic() - t0)

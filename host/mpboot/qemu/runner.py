@@ -176,6 +176,12 @@ class QemuBoard:
         del self._buf[: i + len(marker)]
         return out
 
+    def pending(self) -> bytes:
+        """What the UART sent that no read_until returned (forgotten here: the caller has it)."""
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out
+
     def raw_repl(self) -> None:
         """Interrupt whatever runs and enter the raw REPL (MicroPython's pyboard protocol)."""
         self.write(b"\r\x03\x03\x01")

@@ -5,7 +5,9 @@ The user gets one pty (its path printed, optionally symlinked) for the life of t
 Each power-on of the device is a new `micropython` process (upy_scripts/sim_serve.py) on a
 fresh inner pty pair: it boots the image its flash file holds (the app prints), then serves
 SMP until a client asks for a reset, and exits; the simulator then powers it on again, so RAM
-state is really gone and only the flash file (in the state directory) persists. A relay
+state is really gone and only the flash file (in the state directory) persists. Another
+machine powers on its own way (a Power, from SimServer.power_on): mpboot.qemu.serve runs the
+emulated Cortex-M3 board, whose console comes on its UART before SMP. A relay
 thread moves bytes between the user's pty and the device's, optionally paced like an 8N1 line
 at `baud`; bytes sent while no device process runs are lost, as on a UART whose chip is in
 reset. A device that keeps crashing right after power-on is stopped and reported.
@@ -61,6 +63,18 @@ PENDING_MAX = 64 * 1024  # bytes the relay holds per direction before it pushes 
 _READ = 65536
 
 
+# What marks a state directory as a machine's: its config file.
+MACHINE_CONFIGS = {"unix": "device.cfg", "qemu": "qemu.cfg"}
+
+
+def check_machine(state: Path, machine: str) -> None:
+    """Refuses a state directory that holds another machine's device."""
+    for other, name in MACHINE_CONFIGS.items():
+        if other != machine and (Path(state) / name).exists():
+            raise UsageError(f"{state} holds a device of machine {other}, not {machine}: "
+                             f"use --machine {other}, or another --state directory")
+
+
 def open_state(state: Path, keys: Sequence[PublicKey], *, slot_size: int | None = None,
                vendor_id: bytes | None = None, class_id: bytes | None = None) -> SimDevice:
     """The simulated device in `state`: created (blank flash, `slot_size` slots of 4 KiB
@@ -74,31 +88,70 @@ def open_state(state: Path, keys: Sequence[PublicKey], *, slot_size: int | None 
         return SimDevice.create(state, keys, Geometry.for_slots(slot, SECTOR, ALIGN),
                                 vendor_id=vendor_id, class_id=class_id)
     dev = SimDevice.open(state)
-    cfg = read_config(dev.config)
-    if slot_size is not None and slot_size != dev.geometry.slot_size:
-        raise UsageError(f"{state} holds a device with {dev.geometry.slot_size}-byte slots, "
+    check_same_device(state, read_config(dev.config), dev.geometry.slot_size, slot_size=slot_size,
+                      vendor_id=vendor_id, class_id=class_id)
+    build_lib(state / "lib", keys)
+    return dev
+
+
+def check_same_device(state: Path, cfg: dict[str, str], have_slot_size: int, *, slot_size: int | None,
+                      vendor_id: bytes | None, class_id: bytes | None) -> None:
+    """Refuses to run the device in `state` (its config `cfg`: vendor, class as hex) with
+    another slot size, vendor or class id than it was made with (None: as it was made)."""
+    if slot_size is not None and slot_size != have_slot_size:
+        raise UsageError(f"{state} holds a device with {have_slot_size}-byte slots, "
                          f"not {slot_size}: use another --state directory")
     for name, want in (("vendor", vendor_id), ("class", class_id)):
         have = cfg.get(name)
         if want is not None and want.hex() != have:
             raise UsageError(f"{state} holds a device with {'no' if have is None else 'another'} "
                              f"{name} id: use another --state directory")
-    build_lib(state / "lib", keys)
-    return dev
 
 
-class _Power:
-    """One power-on: the device process and its pty pair (the host keeps the slave open so
-    the master never reads EIO; it is closed with the process)."""
+SERVING_LINE = b"mpboot: serving SMP"  # the device's line when its update service starts
+CONSOLE_LINE_MAX = 4096  # a console line longer than this is shown in pieces
+
+
+class Power:
+    """One power-on: the device process, the host end of its UART (`uart`, a non-blocking
+    descriptor the relay reads and writes) and where its console lines come from: `out` (a
+    pipe), or with `console` the UART itself until the device says it serves SMP (a board
+    whose one UART is its REPL's; then `ended`, if given, is what the UART ends with when the
+    device's program ended without serving: the board sits at its REPL). Machines other than
+    the unix port subclass it for their own close() and kill()."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], uart: int, out: IO[bytes] | None, *,
+                 console: bool = False, ended: bytes | None = None) -> None:
+        self.proc = proc
+        self.uart = uart
+        self.out = out
+        self.console = console
+        self.ended = ended
+        self.started = time.monotonic()
+        self.partial = b""  # the console line being received
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+    def close(self) -> None:
+        """Releases the descriptors (the process has ended)."""
+        if self.out is not None:
+            self.out.close()
+
+
+class _UnixPower(Power):
+    """A micropython process on a pty pair (the host keeps the slave open so the master never
+    reads EIO; it is closed with the process), its stdout the console."""
 
     def __init__(self, proc: subprocess.Popen[bytes], master: int, slave: int) -> None:
-        self.proc = proc
-        self.master = master
-        self.slave = slave
-        self.started = time.monotonic()
-        self.partial = b""
         assert proc.stdout is not None
-        self.out: IO[bytes] = proc.stdout
+        super().__init__(proc, master, proc.stdout)
+        self.slave = slave
+
+    def close(self) -> None:
+        super().close()
+        os.close(self.uart)
+        os.close(self.slave)
 
 
 class SimServer:
@@ -161,7 +214,7 @@ class SimServer:
         self._wake_r = self._wake_w = -1
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._power: _Power | None = None
+        self._power: Power | None = None
         self._crashes = 0
         self._linked = False
 
@@ -182,9 +235,7 @@ class SimServer:
             self._lock = None
             raise UsageError(f"{self.state} is in use by another mpboot sim") from None
         try:
-            upy.micropython_command()  # not installed: say so now, not from the relay thread
-            self.device = open_state(self.state, self.keys, slot_size=self.slot_size,
-                                     vendor_id=self.vendor_id, class_id=self.class_id)
+            self.open_device()
             self._master, self._slave = os.openpty()
             tty.setraw(self._slave)
             os.set_blocking(self._master, False)
@@ -201,9 +252,7 @@ class SimServer:
             if created:
                 shutil.rmtree(self.state, ignore_errors=True)
             raise
-        g = self.device.geometry
-        self.output(f"mpboot sim: device in {self.state}: two {g.slot_size}-byte slots, {g.sector}-byte sectors, "
-                    f"flash timing {self.timing}, "
+        self.output(f"mpboot sim: device in {self.state}: {self.describe()}, "
                     f"{'unpaced line' if self.baud is None else f'{self.baud} baud 8N1'}, "
                     f"buf_size {self.buf_size}, buf_count {self.buf_count}")
         if not self.ble:  # over BLE the device serves SMP there only: its UART has no service
@@ -246,6 +295,23 @@ class SimServer:
         """The running device process's pid, if one runs."""
         p = self._power
         return p.proc.pid if p is not None else None
+
+    # open_device, describe and power_on: what a machine does its own way (mpboot.qemu.serve
+    # overrides them); powered(): how its power_on hands a power-on to the relay.
+
+    def open_device(self) -> None:
+        """Opens (or creates) the device in the state directory, ready to power on; called
+        with the directory locked, from start()."""
+        upy.micropython_command()  # not installed: say so now, not from the relay thread
+        check_machine(self.state, "unix")
+        self.device = open_state(self.state, self.keys, slot_size=self.slot_size,
+                                 vendor_id=self.vendor_id, class_id=self.class_id)
+
+    def describe(self) -> str:
+        """The device for the start line: what it is, its flash."""
+        assert self.device is not None
+        g = self.device.geometry
+        return f"two {g.slot_size}-byte slots, {g.sector}-byte sectors, flash timing {self.timing}"
 
     def _start_radio(self) -> None:
         from mpboot.sim.radio import CompanionThread
@@ -293,7 +359,8 @@ class SimServer:
 
     # ---- the device process -------------------------------------------------------------
 
-    def _power_on(self) -> None:
+    def power_on(self) -> None:
+        """Starts the next power-on (in the relay's thread), then calls powered()."""
         assert self.device is not None
         master, slave = os.openpty()
         tty.setraw(slave)  # before any byte arrives: no echo, no line editing
@@ -318,38 +385,47 @@ class SimServer:
             raise
         assert proc.stdout is not None
         os.set_blocking(proc.stdout.fileno(), False)
-        self._power = _Power(proc, master, slave)
+        self.powered(_UnixPower(proc, master, slave))
+
+    def powered(self, p: Power, early: bytes = b"") -> None:
+        """A power-on has started: power_on() hands it to the relay. `early`: what its UART
+        sent already."""
+        self._power = p
         self.powerons += 1
-        self.output(f"mpboot sim: power on {self.powerons} (pid {proc.pid})")
+        self.output(f"mpboot sim: power on {self.powerons} (pid {p.proc.pid})")
+        if early:
+            self._uart_bytes(p, early)
 
     def _power_off(self, kill: bool) -> int:
         """Ends the current power-on (killing the process if `kill`); its returncode."""
         p = self._power
         assert p is not None
         if kill and p.proc.poll() is None:
-            p.proc.kill()
+            p.kill()
         try:
             rc = p.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            p.proc.kill()
+            p.kill()
             rc = p.proc.wait()
-        self._device_output(p, final=True)
         self._from_device(p)  # what it wrote last (the reset response) still goes out
-        for fd in (p.master, p.out.fileno()):
+        self._device_output(p, final=True)
+        for fd in (p.uart, *([] if p.out is None else [p.out.fileno()])):
             try:
                 self._sel.unregister(fd)
             except KeyError:
                 pass
-        p.out.close()
-        os.close(p.master)
-        os.close(p.slave)
+        p.close()
         self._power = None
         self._to_device.buf.clear()  # bytes in flight to a device that is gone
         self._to_device.blocked = False
         return rc
 
-    def _device_output(self, p: _Power, final: bool = False) -> bool:
-        """Relays the device's console lines; False at end of file."""
+    def _device_output(self, p: Power, final: bool = False) -> bool:
+        """Relays the device's console lines from its output pipe; False at end of file."""
+        if p.out is None:
+            if final:
+                self._console(p, b"", final=True)
+            return True
         alive = True
         while True:
             try:
@@ -361,14 +437,33 @@ class SimServer:
             if not chunk:
                 alive = False
                 break
-            p.partial += chunk
-        *lines, p.partial = p.partial.split(b"\n")
-        if final and p.partial:
-            lines.append(p.partial)
-            p.partial = b""
-        for line in lines:
-            self.output("device: " + explain_console_line(line.decode(errors="replace").rstrip("\r")))
+            self._console(p, chunk)
+        if final:
+            self._console(p, b"", final=True)
         return alive
+
+    def _console(self, p: Power, chunk: bytes, final: bool = False) -> bytes:
+        """Shows the complete console lines in p.partial + chunk ("device: ..."). For a console
+        on the UART (p.console), the line saying the device serves SMP is the last: returns
+        what came after it (SMP), and the UART is the relay's from then on."""
+        p.partial += chunk
+        while True:
+            i = p.partial.find(b"\n")
+            if i < 0:
+                if final or len(p.partial) > CONSOLE_LINE_MAX:
+                    i = len(p.partial)
+                    if not i:
+                        return b""
+                else:
+                    return b""
+            line, p.partial = p.partial[:i], p.partial[i + 1 :]
+            # (04: a raw REPL's end of output, on a console on the UART)
+            text = line.replace(b"\x04", b"").decode(errors="replace").rstrip("\r")
+            self.output("device: " + explain_console_line(text))
+            if p.console and line.startswith(SERVING_LINE):
+                p.console = False
+                rest, p.partial = p.partial, b""
+                return rest
 
     def _exited(self) -> None:
         """The device process ended: report, then power on again unless it is time to stop."""
@@ -396,19 +491,31 @@ class SimServer:
                               f"{FAST_FAIL_S:.0f} s of power-on (exit {rc}); stopped")
                 self._stopping.set()
                 return
-        self._power_on()
+        self.power_on()
 
     # ---- the relay ----------------------------------------------------------------------
 
-    def _from_device(self, p: _Power) -> None:
+    def _from_device(self, p: Power) -> bool:
+        """Reads the device's UART; False once it is closed (the machine is off)."""
         while True:
             try:
-                data = os.read(p.master, _READ)
+                data = os.read(p.uart, _READ)
             except (BlockingIOError, OSError):
-                return
+                return True
             if not data:
-                return
-            self._to_host.buf += data
+                return False
+            self._uart_bytes(p, data)
+
+    def _uart_bytes(self, p: Power, data: bytes) -> None:
+        if p.console:
+            data = self._console(p, data)
+            if p.console and p.ended is not None and p.partial.endswith(p.ended):
+                # Stuck at its REPL, its error shown: off, as a crash (a loop of them stops).
+                p.partial = p.partial[: -len(p.ended)]
+                self._console(p, b"", final=True)
+                self.output("mpboot sim: the device stopped before serving SMP")
+                p.kill()
+        self._to_host.buf += data
 
     def _from_host(self) -> None:
         try:
@@ -430,7 +537,7 @@ class SimServer:
         except BlockingIOError:
             w = 0
         except OSError as err:
-            if err.errno != errno.EIO:
+            if err.errno not in (errno.EIO, errno.EPIPE, errno.ECONNRESET):
                 raise
             w = n  # nobody there: the bytes are gone
         line.sent(w)
@@ -442,12 +549,12 @@ class SimServer:
         sel = self._sel = selectors.DefaultSelector()
         to_dev, to_host = self._to_device, self._to_host
         try:
-            self._power_on()
+            self.power_on()
             while not self._stopping.is_set():
                 p = self._power
                 now = time.monotonic()
                 if p is not None:
-                    self._send(to_dev, p.master, now)
+                    self._send(to_dev, p.uart, now)
                 self._send(to_host, self._master, now)
                 if len(to_host.buf) > PENDING_MAX:
                     # Nobody reads the user's pty: like a UART with nothing attached, what
@@ -457,9 +564,10 @@ class SimServer:
                 ev = selectors.EVENT_READ if len(to_dev.buf) < PENDING_MAX else 0
                 want[self._master] = ev | (selectors.EVENT_WRITE if to_host.blocked else 0)
                 if p is not None:
-                    want[p.out.fileno()] = selectors.EVENT_READ
+                    if p.out is not None:
+                        want[p.out.fileno()] = selectors.EVENT_READ
                     # Always read the device: a UART never stalls its sender.
-                    want[p.master] = selectors.EVENT_READ | (selectors.EVENT_WRITE if to_dev.blocked else 0)
+                    want[p.uart] = selectors.EVENT_READ | (selectors.EVENT_WRITE if to_dev.blocked else 0)
                 _reregister(sel, {fd: e for fd, e in want.items() if e})
                 delays = [d for d in (to_dev.delay(), to_host.delay()) if d is not None]
                 for key, events in sel.select(min(delays) if delays else None):
@@ -475,12 +583,14 @@ class SimServer:
                             pass
                     elif fd == self._master:
                         self._from_host()
-                    elif p is not None and fd == p.master:
-                        self._from_device(p)
-                    elif p is not None and fd == p.out.fileno():
-                        if not self._device_output(p):
+                    elif p is not None and fd == p.uart:
+                        if not self._from_device(p):
                             self._exited()
                             break  # another power-on: its own descriptors
+                    elif p is not None and p.out is not None and fd == p.out.fileno():
+                        if not self._device_output(p):
+                            self._exited()
+                            break
         except Exception as err:  # report (once, by whoever reads `error`) and stop
             self.error = f"simulator failed: {err}" if isinstance(err, MpbootError) else \
                 f"simulator failed: {type(err).__name__}: {err}"
