@@ -623,8 +623,8 @@ class PacedRelay:
         with selectors.DefaultSelector() as sel:
             while not self._stopping.is_set():
                 now = time.monotonic()
-                _relay_send(up, self._device, now)
-                _relay_send(down, self._master, now)
+                up.release(self._device, now)
+                down.release(self._master, now)
                 want = {self._wake_r: selectors.EVENT_READ,
                         self._master: (selectors.EVENT_READ if len(up.buf) < _RELAY_PENDING_MAX else 0)
                         | (selectors.EVENT_WRITE if down.blocked else 0),
@@ -663,23 +663,6 @@ class PacedRelay:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
-
-
-def _relay_send(line: PacedLine, fd: int, now: float) -> None:
-    """What `line` may release now, written to `fd` (a full pty: the rest waits, `blocked`)."""
-    if line.blocked:
-        return
-    n = line.allowed(now)
-    if n <= 0:
-        return
-    try:
-        w = os.write(fd, line.buf[:n])
-    except BlockingIOError:
-        w = 0
-    except OSError:
-        w = n  # the other end is gone (a stopped device): the bytes are lost
-    line.sent(w)
-    line.blocked = w < n
 
 
 # --- a minimal SMP exchange (the kit's own probes: no mpboot client, any framing) -------------

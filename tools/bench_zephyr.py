@@ -46,11 +46,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import zephyrkit  # noqa: E402
-from bench_smp import KIB, Sim, app_image, measure_dir, prepare  # noqa: E402
+from bench_smp import KIB, Sim, app_image, measure_dir, ours, prepare  # noqa: E402
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
 from mpboot.keys import generate  # noqa: E402
-from mpboot.smp.client import SMPClient  # noqa: E402
-from mpboot.transport.serial import SerialTransport  # noqa: E402
 from smpkit import with_version  # noqa: E402
 
 UPLOAD_TIMEOUT_S = 180.0  # a hung client counts as a failed run
@@ -67,15 +65,6 @@ TIE = 0.01
 
 
 # --- the clients: each returns the upload's seconds, or raises -------------------------------
-
-
-async def _ours(port: str, framing: str, image: bytes, baud: int) -> float:
-    async with SMPClient(SerialTransport(port, baudrate=baud, framing=framing)) as client:
-        # The MCUmgr parameters before the clock, as the peers read theirs when they connect.
-        await client.params_or_default()
-        t0 = time.perf_counter()
-        await client.upload(image)
-        return time.perf_counter() - t0
 
 
 async def _smpclient(port: str, framing: str, image: bytes, baud: int) -> float:
@@ -115,8 +104,8 @@ class Clients:
         baud = baud or NOMINAL_BAUD
         if name == TOOLKIT:
             return self.pool.submit(toolkit_upload, port, image, baud).result(UPLOAD_TIMEOUT_S)
-        fn = _ours if name == OURS else _smpclient
-        return asyncio.run(asyncio.wait_for(fn(port, framing, image, baud), UPLOAD_TIMEOUT_S))
+        run = ours(port, baud, image, framing) if name == OURS else _smpclient(port, framing, image, baud)
+        return asyncio.run(asyncio.wait_for(run, UPLOAD_TIMEOUT_S))
 
     def close(self) -> None:
         self.pool.shutdown(cancel_futures=True)

@@ -3,7 +3,13 @@ benchmarks' relay in front of the Zephyr devices (tests/zephyrkit.py)."""
 
 from __future__ import annotations
 
+import errno
+import os
 import time
+
+# A write to a pty or socket whose other end is gone: the bytes are lost, as on a UART with
+# nothing attached.
+_GONE = frozenset({errno.EIO, errno.EPIPE, errno.ECONNRESET})
 
 
 class PacedLine:
@@ -38,3 +44,23 @@ class PacedLine:
             return None
         need = min(len(self.buf), max(1.0, self.rate * 0.001))
         return max(0.0, (need - self.credit) / self.rate)
+
+    def release(self, fd: int, now: float) -> None:
+        """Write what may go now to `fd` (non-blocking). A full pty or socket takes part or
+        none: the rest waits and the line is `blocked` until `fd` is writable again. An other
+        end that is gone loses the bytes."""
+        if self.blocked:
+            return
+        n = self.allowed(now)
+        if n <= 0:
+            return
+        try:
+            w = os.write(fd, self.buf[:n])
+        except BlockingIOError:
+            w = 0
+        except OSError as err:
+            if err.errno not in _GONE:
+                raise
+            w = n
+        self.sent(w)
+        self.blocked = w < n

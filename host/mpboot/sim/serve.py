@@ -22,7 +22,6 @@ connections as a power cut does.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import selectors
@@ -526,23 +525,6 @@ class SimServer:
             self._to_device.buf += data
         # else: no device process runs (the chip is in reset): the bytes are lost
 
-    def _send(self, line: PacedLine, fd: int, now: float) -> None:
-        if line.blocked:
-            return
-        n = line.allowed(now)
-        if n <= 0:
-            return
-        try:
-            w = os.write(fd, line.buf[:n])
-        except BlockingIOError:
-            w = 0
-        except OSError as err:
-            if err.errno not in (errno.EIO, errno.EPIPE, errno.ECONNRESET):
-                raise
-            w = n  # nobody there: the bytes are gone
-        line.sent(w)
-        line.blocked = w < n
-
     def _run(self) -> None:
         self._to_device = PacedLine(self.baud)
         self._to_host = PacedLine(self.baud)
@@ -554,8 +536,8 @@ class SimServer:
                 p = self._power
                 now = time.monotonic()
                 if p is not None:
-                    self._send(to_dev, p.uart, now)
-                self._send(to_host, self._master, now)
+                    to_dev.release(p.uart, now)
+                to_host.release(self._master, now)
                 if len(to_host.buf) > PENDING_MAX:
                     # Nobody reads the user's pty: like a UART with nothing attached, what
                     # the device sends is lost.
