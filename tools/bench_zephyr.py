@@ -20,9 +20,12 @@ devices sit behind zephyrkit.PacedRelay. mcumgr-toolkit speaks console framing o
 The clock runs over the upload alone, after each client has opened the port and read the
 MCUmgr parameters: mpboot's SMPClient.upload (after params_or_default()), smpclient's
 upload() iterator (its connect() read the parameters), mcumgr-toolkit's image_upload() (after
-use_auto_frame_size() read them). Clients take turns (mpboot, smpclient, toolkit, mpboot, ...) so machine load hits all alike; each cell is the median of the runs that
-succeeded, with the failures counted. mcumgr-toolkit holds the GIL while it waits for the
-port, which would stall the relay thread: it runs in a worker process.
+use_auto_frame_size() read them). Clients take turns (mpboot, smpclient, toolkit, mpboot,
+...) so machine load hits all alike; each cell is the median of the runs that succeeded, with
+the failures counted, and the fastest and slowest run. mpboot is below a peer on a row only
+when every run of ours was slower than every run of theirs, by more than 1% (Row.slower).
+mcumgr-toolkit holds the GIL while it waits for the port, which would stall the relay thread:
+it runs in a worker process.
 """
 
 from __future__ import annotations
