@@ -13,13 +13,12 @@ Skips (or fails with MPBOOT_QEMU_REQUIRED) where the toolchain or MicroPython so
 from __future__ import annotations
 
 import asyncio
-import queue
-import re
 import time
 from pathlib import Path
 
 import pytest
 import qemukit
+from qemukit import Console
 from conftest import KEYS_DIR, signing_key
 from simkit import image_files, make_app, sign_app
 from simserve import SimProcess, mpboot, ok, slots
@@ -33,6 +32,7 @@ from test_imgtool_interop import imgtool
 from mpboot.image import parse_image
 from mpboot.qemu import FLASH_BASE
 from mpboot.qemu.build import build_bare, build_firmware, text_bytes
+from mpboot.qemu.serve import QemuSimServer
 
 pytestmark = pytest.mark.qemu
 
@@ -213,33 +213,7 @@ service.run(port, link)
 """
 
 
-class Console:
-    """The lines a QemuSimServer run in-process prints (its output), waited on with a deadline."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue[str] = queue.Queue()
-        self.lines: list[str] = []
-
-    def drain(self) -> list[str]:
-        """Every line so far (call once the server has stopped)."""
-        while not self.queue.empty():
-            self.lines.append(self.queue.get())
-        return self.lines
-
-    def wait_for(self, pattern: str, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not any(re.search(pattern, line) for line in self.lines):
-            left = deadline - time.monotonic()
-            assert left > 0, f"never /{pattern}/:\n" + "\n".join(self.lines)
-            try:
-                self.lines.append(self.queue.get(timeout=left))
-            except queue.Empty:
-                pass
-
-
-def qemu_server(state: Path, console: Console, entry: str):  # type: ignore[no-untyped-def]
-    from mpboot.qemu.serve import QemuSimServer
-
+def qemu_server(state: Path, console: Console, entry: str | None = None) -> QemuSimServer:
     return QemuSimServer(state, [signing_key(KEY.name).public()], entry=entry, output=console.queue.put)
 
 
