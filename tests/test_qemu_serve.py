@@ -210,3 +210,26 @@ def test_firmware_size_mpboot_adds(record_property) -> None:  # type: ignore[no-
     assert 0 < with_mpboot - bare < 128 * 1024
     record_property("summary", f"firmware text on Cortex-M3 (QEMU port): {bare} B bare, {with_mpboot} B with "
                                f"mpboot and one RSA-2048 key frozen in (+{with_mpboot - bare} B)")
+
+
+def test_single_power_on_commands_refuse_a_qemu_board(images: dict[str, Path], tmp_path: Path) -> None:
+    """`mpboot sim init/boot/install/status DIR` run the unix port's device only: on a state
+    directory the emulated board made they say so in one line (exit 2) and leave it as it was
+    (both keep their flash in flash.img)."""
+    state = tmp_path / "dev"
+    console = Console()
+    server = qemu_server(state, console)
+    try:
+        server.start()
+        console.wait_for(SERVING)
+    finally:
+        server.stop()
+    before = {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()}
+    for args in (("boot",), ("status",), ("install", "--test"), ("init", "-k", KEY)):
+        extra = (images["2.0.0"],) if args[0] == "install" else ()
+        r = mpboot("sim", args[0], state, *extra, *args[1:])
+        assert r.exit_code == 2, (args, r.stdout, r.stderr)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"mpboot: error: {state} holds an emulated "
+                                                                  f"Cortex-M3 board"), r.stderr
+        assert f"mpboot sim --state {state} --machine qemu" in r.stderr
+    assert {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()} == before
