@@ -41,6 +41,7 @@ bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_zephyr.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_ble.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_provision.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_qemu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

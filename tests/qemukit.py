@@ -9,7 +9,10 @@ takes hundreds of cases. No pytest in here but the skip logic; tests import it.
 from __future__ import annotations
 
 import os
+import queue
+import re
 import struct
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -76,5 +79,35 @@ def run_with_data(firmware: Path, flash: Path, data: bytes, code: str, timeout_s
         return board.exec(DEVICE_PRELUDE + code, timeout_s)
 
 
-__all__ = ["DATA_OFFSET", "DEVICE_PRELUDE", "build_firmware", "pack_fields", "run_with_data",
+class Console:
+    """The lines a QemuSimServer run in-process prints (its output), waited on with a deadline."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[str] = queue.Queue()
+        self.lines: list[str] = []
+
+    def drain(self) -> list[str]:
+        """Every line so far (call once the server has stopped)."""
+        while not self.queue.empty():
+            self.lines.append(self.queue.get())
+        return self.lines
+
+    def wait_for(self, pattern: str, timeout_s: float = 60, after: int = 0) -> int:
+        """The index of the first line from lines[after] on that matches `pattern`."""
+        deadline = time.monotonic() + timeout_s
+        i = after
+        while True:
+            while i < len(self.lines):
+                if re.search(pattern, self.lines[i]):
+                    return i
+                i += 1
+            left = deadline - time.monotonic()
+            assert left > 0, f"never /{pattern}/:\n" + "\n".join(self.lines)
+            try:
+                self.lines.append(self.queue.get(timeout=left))
+            except queue.Empty:
+                pass
+
+
+__all__ = ["Console", "DATA_OFFSET", "DEVICE_PRELUDE", "build_firmware", "pack_fields", "run_with_data",
            "skip_or_fail", "unavailable_reason"]

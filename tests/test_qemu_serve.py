@@ -13,14 +13,13 @@ Skips (or fails with MPBOOT_QEMU_REQUIRED) where the toolchain or MicroPython so
 from __future__ import annotations
 
 import asyncio
-import queue
-import re
-import time
 from pathlib import Path
 
 import pytest
 import qemukit
 from conftest import KEYS_DIR, signing_key
+from qemukit import Console
+from qemumeasure import SERVICE_GOAL, SERVING, firmware_sizes, service_heap
 from simkit import image_files, make_app, sign_app
 from simserve import SimProcess, mpboot, ok, slots
 from smpclient import SMPClient
@@ -31,14 +30,12 @@ from smpclient.transport.serial import SMPSerialTransport
 from test_imgtool_interop import imgtool
 
 from mpboot.image import parse_image
-from mpboot.qemu import FLASH_BASE
-from mpboot.qemu.build import build_bare, build_firmware, text_bytes
+from mpboot.qemu.serve import QemuSimServer
 
 pytestmark = pytest.mark.qemu
 
 KEY = KEYS_DIR / "TEST-ONLY-rsa2048.pem"
 UNTRUSTED = "TEST-ONLY-rsa2048-untrusted.pem"
-SERVING = r"mpboot: serving SMP"
 TIMEOUT_S = 30.0
 QEMU = ("--machine", "qemu")
 
@@ -169,108 +166,23 @@ def test_imgtool_image_by_smpclient_boots_and_wrong_key_is_refused(images: dict[
         assert sim.stop() == 0
 
 
-# The heap figures: the board's boot (what it holds after), then a ballast that leaves the
-# service exactly SERVICE_GOAL bytes of heap for everything after the boot (the link, the
-# framer and server, the upload, the final verify): the upload must still complete. Each time
-# a read of the UART finds nothing waiting (between requests) a collection, then the free heap:
-# the most the service holds there. When the client asks for a reset, the figures go into the
-# flash past the areas (the test reads the flash file), and the board resets.
-SERVICE_GOAL = 32 * 1024  # the issue's goal for service + upload (measured by hand: 20 KiB suffice, 18 do not)
-FIGURES_OFFSET = qemukit.DATA_OFFSET
-HEAP_ENTRY = f"""
-import gc, micropython, uctypes
-import mpboot_keys
-from mpboot import boot, service
-from mpboot.ports import qemu as port
-gc.collect()
-f0 = gc.mem_free()
-boot.start(port, port.areas(), mpboot_keys.KEYS)
-gc.collect()
-f1 = gc.mem_free()
-ballast = bytearray(f1 - {SERVICE_GOAL} - 64)
-gc.collect()
-f2 = gc.mem_free()
-link = port.uart()
-low = [f2]
-read = link.readinto
-def readinto(buf):
-    n = read(buf)
-    if not n:
-        gc.collect()
-        f = gc.mem_free()
-        if f < low[0]:
-            low[0] = f
-    return n
-link.readinto = readinto
-reset = port.reset
-def report():
-    line = b"HEAP %d %d %d %d\\n" % (f0 - f1, f2, f2 - low[0], len(ballast))
-    uctypes.bytearray_at({FLASH_BASE + FIGURES_OFFSET:#x}, len(line))[:] = line
-    reset()
-port.reset = report
-print("mpboot: serving SMP (buf_size 2048, buf_count 4)")
-service.run(port, link)
-"""
-
-
-class Console:
-    """The lines a QemuSimServer run in-process prints (its output), waited on with a deadline."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue[str] = queue.Queue()
-        self.lines: list[str] = []
-
-    def drain(self) -> list[str]:
-        """Every line so far (call once the server has stopped)."""
-        while not self.queue.empty():
-            self.lines.append(self.queue.get())
-        return self.lines
-
-    def wait_for(self, pattern: str, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not any(re.search(pattern, line) for line in self.lines):
-            left = deadline - time.monotonic()
-            assert left > 0, f"never /{pattern}/:\n" + "\n".join(self.lines)
-            try:
-                self.lines.append(self.queue.get(timeout=left))
-            except queue.Empty:
-                pass
-
-
-def qemu_server(state: Path, console: Console, entry: str):  # type: ignore[no-untyped-def]
-    from mpboot.qemu.serve import QemuSimServer
-
+def qemu_server(state: Path, console: Console, entry: str | None = None) -> QemuSimServer:
     return QemuSimServer(state, [signing_key(KEY.name).public()], entry=entry, output=console.queue.put)
 
 
 def test_heap_of_the_service_during_a_full_upload(tmp_path: Path, record_property) -> None:  # type: ignore[no-untyped-def]
+    """The board's boot, then a ballast leaving the service SERVICE_GOAL of heap: a full upload
+    and its test mark complete in it (qemumeasure.HEAP_ENTRY)."""
     app = tmp_path / "app.bin"
     app.write_bytes(sign_app(make_app(tmp_path / "app", "heap", confirm=False, filler=36 * 1024),
                              signing_key(KEY.name), "1.0.0"))
-    state = tmp_path / "dev"
-    console = Console()
-    server = qemu_server(state, console, HEAP_ENTRY)
-    try:
-        server.start()
-        console.wait_for(SERVING)
-        t0 = time.monotonic()
-        out = ok("flash", app, "--port", server.path, "--test", "--reset", "--no-progress")
-        upload_s = time.monotonic() - t0
-        assert "marked for a test boot" in out
-        console.wait_for(r"mpboot sim: device reset")
-    finally:
-        server.stop()
-    with open(state / "flash.img", "rb") as f:
-        f.seek(FIGURES_OFFSET)
-        figures = f.read(80).split(b"\n")[0].decode(errors="replace")
-    assert figures.startswith("HEAP "), figures
-    boot_b, free_b, held_b, ballast_b = map(int, figures.split()[1:])
-    assert free_b <= SERVICE_GOAL + 256 and ballast_b > 64 * 1024  # the ballast took the rest
-    assert held_b < SERVICE_GOAL
-    record_property("summary", f"heap on Cortex-M3 (QEMU, frozen): after the boot {boot_b} B held; SMP service "
-                               f"and a full upload ({len(app.read_bytes()) // 1024} KiB, test mark, "
-                               f"{upload_s:.1f} s) complete in {free_b // 1024} KiB of free heap, holding at "
-                               f"most {held_b} B between requests")
+    heap = service_heap(tmp_path / "dev", [signing_key(KEY.name).public()], app)
+    assert heap.free_b <= SERVICE_GOAL + 256 and heap.ballast_b > 64 * 1024  # the ballast took the rest
+    assert heap.held_b < SERVICE_GOAL
+    record_property("summary", f"heap on Cortex-M3 (QEMU, frozen): after the boot {heap.boot_held_b} B held; SMP "
+                               f"service and a full upload ({heap.flashed.image_b // 1024} KiB, test mark, "
+                               f"{heap.flashed.seconds:.1f} s) complete in {heap.free_b // 1024} KiB of free heap, "
+                               f"holding at most {heap.held_b} B between requests")
 
 
 def test_a_board_stuck_at_its_repl_is_a_crash(tmp_path: Path) -> None:
@@ -294,8 +206,30 @@ def test_a_board_stuck_at_its_repl_is_a_crash(tmp_path: Path) -> None:
 def test_firmware_size_mpboot_adds(record_property) -> None:  # type: ignore[no-untyped-def]
     """text + rodata of the firmware with mpboot (port qemu) and one key frozen in, against the
     same build with nothing frozen (both cached after the first run)."""
-    bare = text_bytes(build_bare().elf)
-    with_mpboot = text_bytes(build_firmware([signing_key(KEY.name).public()]).elf)
+    bare, with_mpboot = firmware_sizes([signing_key(KEY.name).public()])
     assert 0 < with_mpboot - bare < 128 * 1024
     record_property("summary", f"firmware text on Cortex-M3 (QEMU port): {bare} B bare, {with_mpboot} B with "
                                f"mpboot and one RSA-2048 key frozen in (+{with_mpboot - bare} B)")
+
+
+def test_single_power_on_commands_refuse_a_qemu_board(images: dict[str, Path], tmp_path: Path) -> None:
+    """`mpboot sim init/boot/install/status DIR` run the unix port's device only: on a state
+    directory the emulated board made they say so in one line (exit 2) and leave it as it was
+    (both keep their flash in flash.img)."""
+    state = tmp_path / "dev"
+    console = Console()
+    server = qemu_server(state, console)
+    try:
+        server.start()
+        console.wait_for(SERVING)
+    finally:
+        server.stop()
+    before = {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()}
+    for args in (("boot",), ("status",), ("install", "--test"), ("init", "-k", KEY)):
+        extra = (images["2.0.0"],) if args[0] == "install" else ()
+        r = mpboot("sim", args[0], state, *extra, *args[1:])
+        assert r.exit_code == 2, (args, r.stdout, r.stderr)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"mpboot: error: {state} holds an emulated "
+                                                                  f"Cortex-M3 board"), r.stderr
+        assert f"mpboot sim --state {state} --machine qemu" in r.stderr
+    assert {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()} == before

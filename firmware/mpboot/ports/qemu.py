@@ -21,6 +21,15 @@
 #   sys.stdin.buffer.readinto blocks until its buffer is full, and one call per byte through
 #   select costs the framer a pass per byte. QEMU hands the register a byte at a time (about
 #   25 KB/s on a 2-core host, twice a 115200-baud line).
+# - Power cuts (tests: mpboot.qemu.runner.arm_cut, trace_ops): a control block in the OTP
+#   page after the unique id, all words erased (-1) unless the host set them: OPS counts
+#   flash operations (programs, erases, syncs; reads do not count) across power-ons once the
+#   host set it to 0, and TRACE holds one word per operation while it has room (kind << 24 |
+#   chip offset; kinds _OP_*). CUT = N: operations 0..N-1 complete, N is not done (TEAR = 0)
+#   or half done (TEAR = 1: half of a program's bytes, half of a sector erased), then the
+#   power goes: the block disarms itself and QEMU exits with CUT_EXIT (semihosting
+#   SYS_EXIT_EXTENDED), as mpboot.ports.nor_sim exits the unix port. Unarmed, an operation
+#   costs one read of OPS (machine.mem32: no allocation).
 # - main() is the board's boot.py: the port runs none (its main() starts the REPL), so the
 #   runner (mpboot sim --machine qemu) calls it through the raw REPL at each power-on.
 import machine
@@ -37,6 +46,16 @@ _WRITE = const(4)  # program unit
 _SIZE = const(0xFFF000)  # the chip: the region but its last sector
 _ID_LEN = const(16)  # unique id at _SIZE (the OTP page)
 _CHUNK = const(256)
+_CTL = const(_BASE + _SIZE + 32)  # power-cut control block (OTP page, after the id)
+_CUT = const(_CTL)
+_TEAR = const(_CTL + 4)
+_OPS = const(_CTL + 8)
+_TRACE = const(_CTL + 16)
+_TRACE_END = const(_BASE + _REGION)
+_OP_W = const(1)  # trace kinds
+_OP_E = const(2)
+_OP_S = const(3)
+CUT_EXIT = const(75)  # QEMU's exit code when the power was cut (nor_sim.CUT_EXIT)
 
 _BLANK = b"\xff" * _CHUNK
 
@@ -76,6 +95,10 @@ class Chip:
             w = int.from_bytes(new[i : i + m], "little")
             if int.from_bytes(mem[a + i : a + i + m], "little") & w != w:
                 raise OSError(5)
+        if _op(_OP_W, a):
+            k = n // 2 // _WRITE * _WRITE if machine.mem32[_TEAR] == 1 else 0
+            mem[a : a + k] = new[:k]
+            _power_cut()
         mem[a : a + n] = new
 
     def _erase(self, block):
@@ -83,8 +106,14 @@ class Chip:
             raise OSError(22)
         mem = self.mem
         a = block * _SECTOR
-        for i in range(a, a + _SECTOR, _CHUNK):
+        end = a + _SECTOR
+        cut = _op(_OP_E, a)
+        if cut:
+            end = a + _SECTOR // 2 if machine.mem32[_TEAR] == 1 else a
+        for i in range(a, end, _CHUNK):
             mem[i : i + _CHUNK] = _BLANK
+        if cut:
+            _power_cut()
 
     def ioctl(self, op, arg):
         if op == 4:
@@ -94,9 +123,43 @@ class Chip:
         if op == 6:
             self._erase(arg)
             return 0
+        if op == 3 and _op(_OP_S, 0):
+            _power_cut()
         if op in (1, 2, 3):
             return 0
         return None
+
+
+def _op(kind, a):
+    # Counts one flash operation when the host armed the count; True: the power goes now.
+    m = machine.mem32
+    i = m[_OPS]
+    if i < 0:
+        return False
+    m[_OPS] = i + 1
+    t = _TRACE + 4 * i
+    if t < _TRACE_END:
+        m[t] = kind << 24 | a
+    return i == m[_CUT]
+
+
+_OFF = """
+@micropython.asm_thumb
+def off(r0):
+    mov(r1, r0)
+    mov(r0, 0x20)
+    data(2, 0xBEAB)
+"""
+
+
+def _power_cut():
+    # Disarm (the next power-on runs normally), then exit QEMU with CUT_EXIT: semihosting
+    # SYS_EXIT_EXTENDED (0x20, bkpt 0xab) with {ADP_Stopped_ApplicationExit, code}.
+    machine.mem32[_CUT] = -1
+    g = {}
+    exec(_OFF, g)  # native code: compiled on the board (see _NATIVE)
+    block = (0x20026).to_bytes(4, "little") + CUT_EXIT.to_bytes(4, "little")
+    g["off"](uctypes.addressof(block))
 
 
 _chip = None

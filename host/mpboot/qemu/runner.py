@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import time
@@ -27,6 +28,12 @@ FLASH_SIZE = 16 * 1024 * 1024
 SECTOR = 4096
 ID_OFFSET = FLASH_SIZE - SECTOR  # the "OTP" page: mpboot.ports.qemu.unique_id() reads it
 ID_LEN = 16
+# The power-cut control block mpboot.ports.qemu reads (OTP page, after the id): u32 CUT, TEAR,
+# OPS, one spare, then one u32 per counted flash operation (kind << 24 | chip offset).
+CTL_OFFSET = ID_OFFSET + 32
+TRACE_OFFSET = CTL_OFFSET + 16
+OP_KINDS = {1: "W", 2: "E", 3: "S"}  # program, erase, sync
+NO_CUT = 0xFFFFFFFF
 START_TIMEOUT_S = 10.0
 EXEC_TIMEOUT_S = 120.0
 
@@ -53,6 +60,34 @@ def write_flash(path: Path, offset: int, data: bytes) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(data)
+
+
+def trace_ops(path: Path) -> None:
+    """Start counting the board's flash operations (from 0, across power-ons), no cut armed.
+    Write it while the board runs no flash operation (stopped, or idle serving SMP)."""
+    write_flash(path, CTL_OFFSET, struct.pack("<III", NO_CUT, NO_CUT, 0) + b"\xff" * (SECTOR - 32 - 12))
+
+
+def arm_cut(path: Path, op: int, tear: bool = False) -> None:
+    """Count from 0 and cut the power at flash operation `op`: operations before it complete,
+    it is not done (or, `tear`, half done), and QEMU exits with CUT_EXIT; once."""
+    trace_ops(path)
+    write_flash(path, CTL_OFFSET, struct.pack("<II", op, int(tear)))
+
+
+def traced_ops(path: Path) -> list[tuple[str, int]]:
+    """The operations counted since trace_ops/arm_cut: (kind "W"/"E"/"S", chip offset)."""
+    with open(path, "rb") as f:
+        f.seek(CTL_OFFSET + 8)
+        (n,) = struct.unpack("<I", f.read(4))
+        if n == NO_CUT:
+            return []
+        f.seek(TRACE_OFFSET)
+        room = (FLASH_SIZE - TRACE_OFFSET) // 4
+        if n > room:
+            raise ValueError(f"{n} flash operations; the trace holds {room}")
+        words = struct.unpack(f"<{n}I", f.read(4 * n))
+    return [(OP_KINDS[w >> 24], w & 0xFFFFFF) for w in words]
 
 
 def qemu_command(firmware: Path, flash: Path, uart_socket: Path) -> list[str]:

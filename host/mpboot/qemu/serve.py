@@ -27,8 +27,8 @@ from mpboot.errors import UsageError
 from mpboot.keys import PublicKey
 from mpboot.qemu.build import MICROPYTHON_TAG, Firmware, build_firmware, is_built
 from mpboot.qemu.runner import FLASH_SIZE, SECTOR, START_TIMEOUT_S, QemuBoard, create_flash
-from mpboot.sim import read_config, write_config
-from mpboot.sim.serve import Power, SimServer, check_machine, check_same_device
+from mpboot.sim import check_machine, read_config, write_config
+from mpboot.sim.serve import Power, SimServer, check_same_device
 
 CONFIG = "qemu.cfg"
 FLASH = "flash.img"

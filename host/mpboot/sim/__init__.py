@@ -24,6 +24,27 @@ from mpboot.upy import compile_tree
 
 CUT_EXIT = 75  # nor_sim.CUT_EXIT: the process lost power
 
+# What marks a state directory as a machine's: its config file.
+MACHINE_CONFIGS = {"unix": "device.cfg", "qemu": "qemu.cfg"}
+
+
+def check_machine(state: Path, machine: str) -> None:
+    """Refuses a state directory that holds another machine's device."""
+    for other, name in MACHINE_CONFIGS.items():
+        if other != machine and (Path(state) / name).exists():
+            raise UsageError(f"{state} holds a device of machine {other}, not {machine}: "
+                             f"use --machine {other}, or another --state directory")
+
+
+def check_unix_device(workdir: Path) -> None:
+    """Refuses, for the single power-on commands (sim init, boot, install, status), a
+    directory that holds an emulated board (`mpboot sim --machine qemu`): they run only the
+    unix port's device, and the two keep different files under the same names (flash.img)."""
+    if (Path(workdir) / MACHINE_CONFIGS["qemu"]).exists():
+        raise UsageError(f"{workdir} holds an emulated Cortex-M3 board (mpboot sim --machine qemu); sim init, "
+                         f"boot, install and status work on the unix port's devices only: run it with "
+                         f"mpboot sim --state {workdir} --machine qemu and use the SMP commands on its pty")
+
 
 def build_lib(dest: Path, keys: Sequence[PublicKey]) -> Path:
     """Compile the firmware, the simulated device's mains (sim_device: one command per
@@ -207,7 +228,8 @@ class SimDevice:
                downgrade: bool = True) -> SimDevice:
         """A new simulated board in `workdir` trusting `keys`, its flash blank."""
         workdir = Path(workdir)
-        if (workdir / "device.cfg").exists():
+        check_unix_device(workdir)
+        if (workdir / MACHINE_CONFIGS["unix"]).exists():
             raise UsageError(f"{workdir}: there is a simulated device here already")
         if geometry.slot_size < geometry.sector:
             raise UsageError(f"a {geometry.size}-byte flash with {geometry.sector}-byte sectors has no room "
@@ -219,6 +241,7 @@ class SimDevice:
     def open(cls, workdir: Path) -> SimDevice:
         """The simulated board `create` made in `workdir`."""
         workdir = Path(workdir)
+        check_unix_device(workdir)
         try:
             cfg = read_config(workdir / "device.cfg")
             geometry = Geometry(int(cfg["size"]), int(cfg["sector"]), int(cfg["align"]))

@@ -43,6 +43,7 @@ from mpboot.sim import (
     Geometry,
     SimDevice,
     build_lib,
+    check_machine,
     explain_console_line,
     read_config,
     write_config,
@@ -60,18 +61,6 @@ FAST_FAIL_S = 2.0  # a crash sooner than this after power-on counts towards a cr
 FAST_FAILS = 3  # crash-loop: this many fast crashes in a row stop the simulator
 PENDING_MAX = 64 * 1024  # bytes the relay holds per direction before it pushes back / drops
 _READ = 65536
-
-
-# What marks a state directory as a machine's: its config file.
-MACHINE_CONFIGS = {"unix": "device.cfg", "qemu": "qemu.cfg"}
-
-
-def check_machine(state: Path, machine: str) -> None:
-    """Refuses a state directory that holds another machine's device."""
-    for other, name in MACHINE_CONFIGS.items():
-        if other != machine and (Path(state) / name).exists():
-            raise UsageError(f"{state} holds a device of machine {other}, not {machine}: "
-                             f"use --machine {other}, or another --state directory")
 
 
 def open_state(state: Path, keys: Sequence[PublicKey], *, slot_size: int | None = None,
