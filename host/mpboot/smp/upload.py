@@ -158,6 +158,10 @@ class _ResendTimer:
         return min(self.ceiling, base * (1 << min(self.backoff, 16)))
 
 
+def _rto_floor(window: int) -> float:
+    return RTO_MIN if window > 1 else RTO_MIN_ONE_AT_A_TIME
+
+
 async def upload(client: Requester, image: bytes, *, window: int | None = None,
                  chunk: int | None = None, progress: ProgressCallback | None = None,
                  sha: bool = True, ptlv: bytes | None = None, upgrade: bool = False,
@@ -222,7 +226,7 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                          f"request (its data must hold the {IMAGE_HEADER_SIZE}-byte image header)")
     # None: decided once the opening request is answered (a refused image costs no more)
     win: int | None = window if window is not None else None if params.buf_count > 1 else 1
-    timer = _ResendTimer(t)
+    timer = _ResendTimer(t, _rto_floor(win or 1))
 
     align = 1  # chunk ends fall on multiples of this (learnt from a device that takes part of one)
     inflight: deque[_Chunk] = deque()
@@ -254,8 +258,6 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
     try:
         while True:
             limit = 1 if solo or win is None else win
-            if win is not None:
-                timer.floor = RTO_MIN if win > 1 else RTO_MIN_ONE_AT_A_TIME
             while len(inflight) < limit and next_off < total:
                 if next_off == 0:
                     if inflight:
@@ -389,6 +391,7 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                     pipe = rsp.get("pipeline")
                     ok = isinstance(pipe, int) and not isinstance(pipe, bool) and pipe >= 1
                     win = min(pipe, params.buf_count) if ok else 1
+                    timer.floor = _rto_floor(win)
                 if opens == 1 and off != c.end:
                     resumed_from = off
             solo = False
