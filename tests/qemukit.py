@@ -59,6 +59,13 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+def require() -> None:
+    """Skip the test where the QEMU board cannot run (fail where it is required, as in CI)."""
+    reason = unavailable_reason()
+    if reason:
+        skip_or_fail(reason)
+
+
 def pack_fields(records: Iterable[Sequence[bytes]]) -> bytes:
     out = bytearray()
     for record in records:
@@ -109,5 +116,5 @@ class Console:
                 pass
 
 
-__all__ = ["Console", "DATA_OFFSET", "DEVICE_PRELUDE", "build_firmware", "pack_fields", "run_with_data",
+__all__ = ["Console", "DATA_OFFSET", "DEVICE_PRELUDE", "build_firmware", "pack_fields", "require", "run_with_data",
            "skip_or_fail", "unavailable_reason"]

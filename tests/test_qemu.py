@@ -32,9 +32,7 @@ VECTOR_LIST = json.loads((VECTORS / "vectors.json").read_text())["vectors"]
 @pytest.fixture(scope="session")
 def qemu_firmware() -> Firmware:
     """The firmware with mpboot (port qemu) and the test-only trusted keys frozen in."""
-    reason = qemukit.unavailable_reason()
-    if reason:
-        qemukit.skip_or_fail(reason)
+    qemukit.require()
     return qemukit.build_firmware(trusted_public_keys())
 
 

@@ -47,9 +47,7 @@ CLASS = class_uuid("sensor", VENDOR)
 
 @pytest.fixture(scope="module", autouse=True)
 def qemu_board() -> None:
-    reason = qemukit.unavailable_reason()
-    if reason:
-        qemukit.skip_or_fail(reason)
+    qemukit.require()
 
 
 @pytest.fixture(scope="module")

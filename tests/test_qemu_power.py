@@ -57,9 +57,7 @@ PHASES = ("upload", "finish", "test-boot")
 
 @pytest.fixture(scope="module", autouse=True)
 def qemu_board() -> None:
-    reason = qemukit.unavailable_reason()
-    if reason:
-        qemukit.skip_or_fail(reason)
+    qemukit.require()
 
 
 @dataclass(frozen=True)
