@@ -130,6 +130,13 @@ class ImageErrorCode(IntEnum):
     CLASS_MISMATCH = 17
     COUNTER_BELOW_FLOOR = 18
     DOWNGRADE = 19
+    # Trust model (docs/KEYS.md section 4): certificates, revocation, M-of-N.
+    CERT_INVALID = 20  # a certificate TLV does not parse or breaks a format rule
+    CERT_ISSUER = 21  # a certificate is not issued by a root threshold or an allowed delegate
+    CERT_WIDER = 22  # a certificate is wider than its issuer
+    OUT_OF_SCOPE = 23  # a signer's certificate does not cover this image
+    REVOKED = 24  # a signer, a certificate or its issuer is revoked
+    THRESHOLD = 25  # fewer distinct trusted signers than the image threshold
 
 
 class BootErrorCode(IntEnum):
@@ -162,6 +169,21 @@ class FactoryErrorCode(IntEnum):
     NO_FACTORY_AREA = 6
     FLASH = 7
     TEST_BOOT_REQUIRED = 8
+
+
+class TrustErrorCode(IntEnum):
+    """The mpboot group's (64) trust-record codes (command 6): v2 group rc, v1 `rsn`
+    "trust:N" (docs/KEYS.md section 5). Disjoint from FactoryErrorCode: same group."""
+
+    NO_TRUST_AREA = 16  # the board has no trust area
+    MALFORMED = 17  # the record does not parse, or is a certificate
+    SIGNATURES = 18  # not signed by a threshold of the current roots
+    NEW_SIGNATURES = 19  # a root record not signed by its own new threshold
+    STALE = 20  # root version not current + 1, or revocation number not above the current one
+    REVOKED_ROOT = 21  # a root record names a revoked key
+    FLASH = 22  # the trust area write failed (the old state stays)
+    TOO_LARGE = 23  # the record is over 4096 bytes
+    CHUNK = 24  # a chunk offset other than the next expected byte
 
 
 # SMP's own codes, as they come over the wire (their texts: mpboot.smp.error_map).
