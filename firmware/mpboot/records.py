@@ -363,17 +363,19 @@ def apply(trust, buf):
             serials = [_uint(x, 1, _U32) for x in _array(f.get(_V_SERIALS, []), 0, _MAX_REVOKED)]
     except ValueError:
         raise TrustError(E_MALFORMED)
+    # Checks in the order of docs/KEYS.md section 5: staleness first (a replay costs no RSA).
     revoked = trust[REVOKED_KEYS]
+    if t == ROOT and version != trust[ROOT_VERSION] + 1 or t == REVOKE and number <= trust[REVOCATION]:
+        raise TrustError(E_STALE)
+    if t == ROOT:
+        for k in roots:
+            if k[0] in revoked:
+                raise TrustError(E_REVOKED_ROOT)
     n, _ = count(sigs, digest, trust[ROOTS], revoked)
     if n < trust[THRESHOLD]:
         raise TrustError(E_SIGNATURES)
     new = list(trust)
     if t == ROOT:
-        if version != trust[ROOT_VERSION] + 1:
-            raise TrustError(E_STALE)
-        for k in roots:
-            if k[0] in revoked:
-                raise TrustError(E_REVOKED_ROOT)
         n, _ = count(sigs, digest, roots, revoked)
         if n < threshold:
             raise TrustError(E_NEW_SIGNATURES)
@@ -382,8 +384,6 @@ def apply(trust, buf):
         new[IMAGE_THRESHOLD] = image_threshold
         new[ROOTS] = roots
     else:
-        if number <= trust[REVOCATION]:
-            raise TrustError(E_STALE)
         new[REVOCATION] = number
         new[REVOKED_KEYS] = rkeys
         new[REVOKED_SERIALS] = serials
