@@ -40,6 +40,7 @@ package(
         "smp/identity.py",
         "smp/mpboot_mgmt.py",
         "smp/factory_mgmt.py",
+        "smp/trust_mgmt.py",
         "transport/__init__.py",
         "transport/uart.py",
         "transport/ble.py",

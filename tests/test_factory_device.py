@@ -70,7 +70,8 @@ def factory_info(*, ctr: int = 1, cid: bytes | None = None, vid: bytes | None = 
                  serial: str | None = None, sealed: bool = False) -> dict[str, Any]:
     """F as the device must answer it (fw is checked apart: the MicroPython version)."""
     return {"uid": UID, "boot": BOOT_VERSION, "ctr": ctr, "cid": cid, "vid": vid, "keys": KEYHASHES,
-            "labels": labels or {}, "policy": policy or NO_POLICY, "serial": serial, "sealed": sealed}
+            "labels": labels or {}, "policy": policy or NO_POLICY, "serial": serial, "sealed": sealed,
+            "root-version": 1, "revocation": 0}
 
 
 def F(rep: Reply) -> dict[str, Any]:
@@ -168,7 +169,7 @@ def test_factory_info_identity_and_reads(session: Session) -> None:
     assert all(F(rep) == want for rep in read)
     for rep in dev_info:
         assert rep.body == {"uid": UID, "vid": VENDOR, "cid": CLASS, "ctr": 1, "serial": "SN-2026-000001",
-                            "no-downgrade": False}
+                            "no-downgrade": False, "root-version": 1, "revocation": 0}
     assert node.body == {"output": "mpboot SN-2026-000001"}
     assert list(state.body) == ["uid", "images", "serial", "splitStatus"]  # canonical order
     assert state.body["uid"] == UID and state.body["serial"] == "SN-2026-000001"
@@ -430,7 +431,8 @@ def test_board_without_factory_area(session: Session) -> None:
     s.run()
     for reps in refused:
         assert_factory_error(reps, NO_FACTORY_AREA)
-    assert info.body == {"uid": UID, "vid": None, "cid": None, "ctr": 1, "serial": None, "no-downgrade": False}
+    assert info.body == {"uid": UID, "vid": None, "cid": None, "ctr": 1, "serial": None, "no-downgrade": False,
+                         "root-version": 1, "revocation": 0}
     assert node.body == {"output": UID.hex()}
     assert state.body["serial"] is None and state.body["uid"] == UID
     assert rec.values == ["none"]

@@ -170,7 +170,7 @@ def check_wellformed(rep: Reply) -> None:
         assert isinstance(body["rc"], int) and body["rc"] > 0
         if "rsn" in body:
             # mpboot's machine-readable reasons, or Zephyr's verbose texts where none applies
-            assert op >> 3 == V1 and (body["rsn"].split(":")[0] in ("image", "update", "factory")
+            assert op >> 3 == V1 and (body["rsn"].split(":")[0] in ("image", "update", "factory", "trust")
                                       or body["rsn"] in ZEPHYR_RSN), body
         # The generic error shape parses with the smp v1 error model (as smpclient does).
         if group in (OS, IMG):
@@ -386,11 +386,11 @@ def test_mpboot_group_device_info(session: Session) -> None:
         # ctr: the floor rose to A's security counter (1) when A was confirmed; serial: no
         # identity provisioned yet (docs/FACTORY.md)
         assert rep.body == {"uid": b"mpboot-sim", "vid": None, "cid": None, "ctr": 1, "serial": None,
-                            "no-downgrade": False}
+                            "no-downgrade": False, "root-version": 1, "revocation": 0}
         assert rep.raw is not None and rep.raw[8:] == cbor2.dumps(rep.body, canonical=True)
     assert write.rc() == ENOTSUP
     assert ids.body == {"uid": b"mpboot-sim", "vid": b"\x11" * 16, "cid": b"\x22" * 16, "ctr": 0,
-                        "serial": None, "no-downgrade": True}
+                        "serial": None, "no-downgrade": True, "root-version": 1, "revocation": 0}
 
 
 # --- enumeration group ------------------------------------------------------------------------
@@ -435,7 +435,7 @@ def test_enum_group(session: Session) -> None:
             assert rep.model(enm.EnumManagementErrorV1).rc == EUNKNOWN  # Zephyr's v1 translation
     assert all(rep.rc() == EINVAL for rep in bad_index)
     want = [{"group": 0, "name": "os mgmt", "handlers": 9}, {"group": 1, "name": "img mgmt", "handlers": 7},
-            {"group": 10, "name": "enum mgmt", "handlers": 4}, {"group": 64, "name": "mpboot", "handlers": 6}]
+            {"group": 10, "name": "enum mgmt", "handlers": 4}, {"group": 64, "name": "mpboot", "handlers": 7}]
     assert [d.model_dump() for d in details.model(enm.GroupDetailsResponse).groups] == want
     assert some.body == {"groups": [want[0], want[3]]}  # in the device's order
     assert none_known.body == {"groups": []}

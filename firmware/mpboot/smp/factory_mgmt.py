@@ -29,6 +29,7 @@ from mpboot.factory import (
 from mpboot.smp.cbor import Encoder
 from mpboot.smp.identity import bytes_or_null, ids, serial
 from mpboot.state import FLOOR
+from mpboot.trust import REVOCATION, ROOT_VERSION
 
 _CMD_FACTORY_INFO = const(1)  # (a read; the others are writes)
 _CMD_IDENTITY = const(2)
@@ -221,7 +222,7 @@ def seal(f, serial):
 def _info(srv, f, enc):
     # F, keys in canonical order.
     sl = srv.slots
-    enc.map(11)
+    enc.map(13)
     enc.text("fw")
     enc.text("%d.%d.%d" % sys.implementation.version[:3])
     ids(srv, enc)
@@ -249,3 +250,8 @@ def _info(srv, f, enc):
     enc.bool(f.flags & SEALED)
     enc.text("serial")
     serial(enc, f)
+    t = sl.trust
+    enc.text("revocation")
+    enc.uint(t[REVOCATION])
+    enc.text("root-version")
+    enc.uint(t[ROOT_VERSION])

@@ -3,17 +3,21 @@
 #
 # Command 0, read: who this device is and what it accepts, for fleet tools choosing an image
 # before they send one: unique id, vendor and class id (null when the device does not check
-# them), the security-counter floor, whether downgrades are refused and the serial.
+# them), the security-counter floor, whether downgrades are refused, the serial, and the trust
+# state's root set version and revocation number.
 # Commands 1-5 (factory info, identity, floor, policy, seal) are in mpboot.smp.factory_mgmt,
-# loaded on their first use: a board in the field never pays for them.
+# command 6 (trust state and records) in mpboot.smp.trust_mgmt, each loaded on its first use: a
+# board in the field never pays for the factory's, one that never gets a record for the trust's.
 from micropython import const
 
 from mpboot.smp.identity import ids, serial
+from mpboot.trust import REVOCATION, ROOT_VERSION
 
 _OP_READ = const(0)
 _CMD_DEVICE_INFO = const(0)
 _CMD_FACTORY_INFO = const(1)  # the factory commands' read; 2-5 are writes (factory_mgmt)
 _CMD_SEAL = const(5)  # the last factory command
+_CMD_TRUST = const(6)  # read: the trust state; write: a trust record, in chunks (trust_mgmt)
 
 _ENOTSUP = const(8)
 
@@ -24,6 +28,10 @@ def handle(srv, op, cmd, req, enc):
             return (_ENOTSUP, 0, None)
         _device_info(srv, enc)
         return None
+    if cmd == _CMD_TRUST:
+        from mpboot.smp import trust_mgmt
+
+        return trust_mgmt.handle(srv, op, req, enc)
     if cmd > _CMD_SEAL or (op == _OP_READ) != (cmd == _CMD_FACTORY_INFO):
         return (_ENOTSUP, 0, None)
     from mpboot.smp import factory_mgmt
@@ -34,11 +42,16 @@ def handle(srv, op, cmd, req, enc):
 def _device_info(srv, enc):
     sl = srv.slots
     f = sl.factory
+    t = sl.trust
     # Canonical key order (bytewise order of the encoded keys).
-    enc.map(6)
+    enc.map(8)
     ids(srv, enc)
     enc.text("serial")
     serial(enc, f)
+    enc.text("revocation")
+    enc.uint(t[REVOCATION])
     enc.text("no-downgrade")
     enc.bool(not sl.downgrade)
+    enc.text("root-version")
+    enc.uint(t[ROOT_VERSION])
 

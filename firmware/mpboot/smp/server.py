@@ -61,6 +61,8 @@ class Server:
         # The upload finished last (sha, len, slot): a client whose last reply got lost asks
         # again, and must hear "done", not open a session that erases the verified image.
         self.done = None
+        # The trust record being received (mpboot.smp.trust_mgmt: [buffer, next offset]), or None.
+        self.record = None
         # Verified info per slot (None: no valid image), _UNKNOWN until looked at. Forgotten
         # whenever that slot or the state changes.
         self.cache = [_UNKNOWN, _UNKNOWN]
