@@ -17,8 +17,8 @@ link to the device fails.
     ├── DatabaseError (2)           the factory database
     │   └── SchemaTooNew, SchemaTooOld
     ├── ImageRejected (1)           mpboot's own verifier says no: .code ImageErrorCode
-    ├── TrustRefused (1)            a trust record or certificate is refused by the host's
-    │                               rules (mpboot.trust): .code TrustErrorCode
+    ├── TrustRefused (1)            a trust record or certificate is refused, by the host's
+    │                               rules (mpboot.trust) or by a device: .code TrustErrorCode
     ├── SMPError (1)                the device says no: .rc .err_group .err_rc .rsn (SMP wire)
     │   ├── CommandNotSupported
     │   ├── ImageRefused            .code ImageErrorCode | None
@@ -376,14 +376,23 @@ class ImageRejected(MpbootError):
 
 
 class TrustRefused(MpbootError):
-    """The host's trust rules (mpboot.trust, docs/KEYS.md) refuse a trust record or a
-    certificate: it does not parse, is not signed by enough roots, is stale... (exit 1). The
-    same codes and the same order of checks as the device's trust command."""
+    """A trust record or a certificate is refused: it does not parse, is not signed by enough
+    roots, is stale... (exit 1). By the host's trust rules (mpboot.trust, docs/KEYS.md), or by
+    a device's trust command (mpboot group 64 command 6, mapped by
+    mpboot.smp.error_map.error_from_response): the same codes for the same checks, in the
+    same order. From a device it carries SMPError's wire details (`rc`, `err_group`,
+    `err_rc`, `rsn`); from the host's rules they are None. `detail`: the words after the
+    code's meaning."""
 
     exit_code = 1
 
-    def __init__(self, code: TrustErrorCode, detail: str = "") -> None:
+    def __init__(self, code: TrustErrorCode, detail: str = "", **wire: Unpack[WireDetails]) -> None:
         self.code = TrustErrorCode(code)
+        self.detail = detail
+        self.rc = wire.get("rc")
+        self.err_group = wire.get("err_group")
+        self.err_rc = wire.get("err_rc")
+        self.rsn = wire.get("rsn")
         message = trust_error_text(self.code)
         super().__init__(f"{message} ({detail})" if detail else message)
 

@@ -39,6 +39,8 @@ from mpboot.smp.messages import (
     Policy,
     ProgressCallback,
     SlotState,
+    TrustApplied,
+    TrustInfo,
 )
 from mpboot.smp.upload import Requester, UploadResult, max_data
 
@@ -46,7 +48,7 @@ __all__ = [
     "DEFAULT_TIMEOUT", "ClientStats", "CommandNotSupported", "DeviceInfo", "FactoryInfo",
     "FactoryRefused", "Group", "Header", "ImageCmd", "ImageRefused", "ImgMgmtErrorCode",
     "McuMgrParams", "MgmtErrorCode", "Op", "OsCmd", "PendingReply", "Policy", "ProgressCallback",
-    "Requester", "SMPClient", "SMPError", "SlotState", "UpdateRefused", "UploadResult",
+    "Requester", "SMPClient", "SMPError", "SlotState", "TrustApplied", "TrustInfo", "UpdateRefused", "UploadResult",
     "VerificationFailed", "Version", "decode_packet", "encode_packet", "error_from_response",
     "max_data",
 ]

@@ -46,8 +46,10 @@ from mpboot.smp.messages import (
     Policy,
     ProgressCallback,
     SlotState,
+    TrustApplied,
+    TrustInfo,
 )
-from mpboot.smp.upload import PARAMS_TIMEOUT, UploadResult, upload
+from mpboot.smp.upload import PARAMS_TIMEOUT, UploadResult, max_data, upload
 from mpboot.transport import Transport
 
 DEFAULT_TIMEOUT: Final = 5.0
@@ -65,6 +67,8 @@ _WHAT: Final[dict[tuple[int, int, Op], str]] = {
     (Group.MPBOOT, MpbootCmd.FLOOR, Op.WRITE): "floor write",
     (Group.MPBOOT, MpbootCmd.POLICY, Op.WRITE): "policy write",
     (Group.MPBOOT, MpbootCmd.SEAL, Op.WRITE): "seal",
+    (Group.MPBOOT, MpbootCmd.TRUST, Op.READ): "trust state read",
+    (Group.MPBOOT, MpbootCmd.TRUST, Op.WRITE): "trust record write",
     (Group.OS, OsCmd.RESET, Op.WRITE): "reset",
     (Group.OS, OsCmd.MCUMGR_PARAMS, Op.READ): "MCUmgr parameters",
     (Group.OS, OsCmd.OS_INFO, Op.READ): "OS info",
@@ -277,12 +281,14 @@ class SMPClient:
     async def device_info(self) -> DeviceInfo:
         """The device's identity and update policy (CommandNotSupported on a device that is
         not mpboot)."""
+        what = "device info"
         rsp = await self.request(Group.MPBOOT, MpbootCmd.DEVICE, Op.READ, {})
-        uid = _field(rsp, "uid", bytes, "device info")
-        ids = _ids(rsp, "device info")
+        uid = _field(rsp, "uid", bytes, what)
+        ids = _ids(rsp, what)
         serial = rsp.get("serial")
-        return DeviceInfo(uid, ids[0], ids[1], _field(rsp, "ctr", int, "device info"),
-                          bool(rsp.get("no-downgrade", False)), serial if isinstance(serial, str) else None)
+        return DeviceInfo(uid, ids[0], ids[1], _field(rsp, "ctr", int, what),
+                          bool(rsp.get("no-downgrade", False)), serial if isinstance(serial, str) else None,
+                          *_trust_numbers(rsp, what))
 
     async def factory_info(self) -> FactoryInfo:
         """The board's factory state: ids, versions, key hashes, identity, policy, sealed."""
@@ -312,6 +318,51 @@ class SMPClient:
     async def seal(self, serial: str) -> FactoryInfo:
         """Seal the board: identity and policy become read-only. `serial` must be the board's."""
         return _factory_info(await self.request(Group.MPBOOT, MpbootCmd.SEAL, Op.WRITE, {"serial": serial}))
+
+    async def trust_show(self) -> TrustInfo:
+        """The device's trust state: root set version, thresholds, roots, what is revoked."""
+        what = "trust state"
+        rsp = await self.request(Group.MPBOOT, MpbootCmd.TRUST, Op.READ, {})
+        roots, keys, serials = (_field(rsp, k, list, what) for k in ("roots", "revoked-keys", "revoked-serials"))
+        if not all(isinstance(h, bytes) for h in roots + keys) or not all(_is_uint(n) for n in serials):
+            raise ProtocolError(f"{what} reply has no valid key hashes or serials: {rsp!r}")
+        return TrustInfo(
+            root_version=_field(rsp, "root-version", int, what), threshold=_field(rsp, "threshold", int, what),
+            image_threshold=_field(rsp, "image-threshold", int, what), roots=tuple(roots),
+            revocation=_field(rsp, "revocation", int, what), revoked_keys=tuple(keys),
+            revoked_serials=tuple(serials))
+
+    async def trust_push(self, record: bytes) -> TrustApplied:
+        """Send one trust record (a root or revocation record envelope, docs/KEYS.md) in
+        chunks as large as the device's buffer takes; the device applies it when the last
+        byte arrives. The device's refusal is TrustRefused (its code says why; the trust state
+        is then as it was)."""
+        record = bytes(record)
+        total = len(record)
+        # Chunks sized as an upload's (docs/PROTOCOL.md, "Sizes"): the largest data that keeps
+        # the packet within the device's buffer, for the largest off.
+        params = await self.params_or_default(min(self.timeout, PARAMS_TIMEOUT))
+        budget = self.transport.packet_limit(params.buf_size)
+        size = max_data(budget, {"off": total, "len": total})
+        if size == 0:
+            raise RequestTooLarge(f"the device's buffer (buf_size {params.buf_size}) holds no trust record chunk")
+        what = "trust record write"
+        off = 0
+        while True:
+            end = min(off + size, total)
+            payload: dict[str, Any] = {"off": off, "data": record[off:end]}
+            if off == 0:
+                payload["len"] = total
+            rsp = await self.request(Group.MPBOOT, MpbootCmd.TRUST, Op.WRITE, payload)
+            if _field(rsp, "off", int, what) != end:
+                raise ProtocolError(f"{what}: the device answered offset {rsp['off']} to the chunk "
+                                    f"ending at {end} of {total}")
+            if end >= total:
+                version, revocation = _trust_numbers(rsp, what)
+                if version is None or revocation is None:
+                    raise ProtocolError(f"{what} reply has no valid 'root-version' and 'revocation': {rsp!r}")
+                return TrustApplied(version, revocation)
+            off = end
 
     async def identity(self) -> tuple[list[SlotState], bytes | None, str | None]:
         """Image state read asking for the board's identity too (an mpboot extension that other
@@ -389,6 +440,22 @@ def _field(rsp: dict[str, Any], key: str, kind: type[_T], what: str) -> _T:
     return value
 
 
+def _is_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _trust_numbers(rsp: dict[str, Any], what: str) -> tuple[int | None, int | None]:
+    """The reply's root set version and revocation number (None each when absent: a device
+    older than the trust model)."""
+    out: list[int | None] = []
+    for key in ("root-version", "revocation"):
+        v = rsp.get(key)
+        if v is not None and not _is_uint(v):
+            raise ProtocolError(f"{what} reply has no valid {key!r}: {rsp!r}")
+        out.append(v)
+    return out[0], out[1]
+
+
 def _ids(rsp: dict[str, Any], what: str) -> tuple[bytes | None, bytes | None]:
     """The reply's vendor and class id (each bytes, or None: not checked / not set)."""
     ids: list[bytes | None] = []
@@ -416,12 +483,13 @@ def _factory_info(rsp: dict[str, Any]) -> FactoryInfo:
     flags = [pol.get(k) for k in ("no-downgrade", "test-boot", "no-repl")]
     if not all(isinstance(f, bool) for f in flags):
         raise ProtocolError(f"{what} reply has no valid 'policy': {rsp!r}")
+    version, revocation = _trust_numbers(rsp, what)
     return FactoryInfo(
         uid=_field(rsp, "uid", bytes, what), firmware=_field(rsp, "fw", str, what),
         bootloader=_field(rsp, "boot", str, what), key_hashes=tuple(keys),
         floor=_field(rsp, "ctr", int, what), vendor_id=ids[0], class_id=ids[1], serial=serial,
         labels=dict(labels), policy=Policy(*(bool(f) for f in flags)),
-        sealed=_field(rsp, "sealed", bool, what))
+        sealed=_field(rsp, "sealed", bool, what), root_version=version, revocation=revocation)
 
 
 def _slot_states(rsp: dict[str, Any]) -> list[SlotState]:

@@ -2,9 +2,10 @@
 types and code enums themselves are in mpboot.errors.
 
 An SMP v1 error is `{"rc": MGMT_ERR, "rsn": "..."}`; mpboot devices put a machine-readable
-reason in `rsn`: "image:N" (ImageErrorCode), "update:N" (UpdateErrorCode) or "factory:N"
-(FactoryErrorCode). An SMP v2 error is `{"err": {"group": G, "rc": R}}` with the group's own
-code (ImgMgmtErrorCode for the image group, FactoryErrorCode for the mpboot group).
+reason in `rsn`: "image:N" (ImageErrorCode), "update:N" (UpdateErrorCode), "factory:N"
+(FactoryErrorCode) or "trust:N" (TrustErrorCode). An SMP v2 error is
+`{"err": {"group": G, "rc": R}}` with the group's own code (ImgMgmtErrorCode for the image
+group; FactoryErrorCode or TrustErrorCode, disjoint numbers, for the mpboot group).
 `error_from_response` turns either into one SMPError subclass whose message is one line fit
 for a user:
 
@@ -23,6 +24,8 @@ from mpboot.errors import (
     ImgMgmtErrorCode,
     MgmtErrorCode,
     SMPError,
+    TrustErrorCode,
+    TrustRefused,
     UpdateRefused,
     WireDetails,
 )
@@ -100,6 +103,8 @@ def error_from_response(payload: dict[str, Any], what: str) -> SMPError | None:
             return ImageRefused.from_number(int(number), _rc_text(rc), **wire)
         if kind == "update":
             return UpdateRefused.from_number(int(number), _rc_text(rc), erase=what == "image erase", **wire)
+        if kind == "trust" and int(number) in _TRUST_CODES:
+            return _trust_refused(int(number), _rc_text(rc), wire)
     meaning = MGMT_ERR_TEXT.get(code, "unknown code") if isinstance(code, MgmtErrorCode) else "unknown code"
     detail = f": {rsn}" if rsn else ""
     cls = CommandNotSupported if code == MgmtErrorCode.ENOTSUP else SMPError
@@ -124,5 +129,17 @@ def _v2_error(err: dict[str, Any], what: str) -> SMPError | None:
     if group == Group.OS:
         return SMPError(f"{what} failed: OS group error {rc}", **wire)
     if group == Group.MPBOOT:
+        if rc in _TRUST_CODES:
+            return _trust_refused(rc, f"mpboot group rc {rc}", wire)
         return FactoryRefused.from_number(rc, what, f"mpboot group rc {rc}", **wire)
     return SMPError(f"{what} failed: group {group} error {rc}", **wire)
+
+
+_TRUST_CODES = frozenset(c.value for c in TrustErrorCode)
+
+
+def _trust_refused(number: int, where: str, wire: WireDetails) -> TrustRefused:
+    """The device's refusal of a trust record (group 64 command 6): the same type as the
+    host's trust rules raise, with the wire details."""
+    code = TrustErrorCode(number)
+    return TrustRefused(code, f"refused by the device: trust error {number} {code.name}, {where}", **wire)

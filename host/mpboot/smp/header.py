@@ -40,6 +40,7 @@ class MpbootCmd(IntEnum):
     FLOOR = 3  # write: raise the security-counter floor
     POLICY = 4  # write: production policy
     SEAL = 5  # write: identity and policy become read-only
+    TRUST = 6  # read: the trust state; write: a trust record, in chunks (docs/KEYS.md)
 
 
 class OsCmd(IntEnum):

@@ -1,5 +1,5 @@
-"""What the SMP client hands back and takes: typed replies (image state, device and factory
-info, MCUmgr parameters), the policy a station writes, request bookkeeping and the progress
+"""What the SMP client hands back and takes: typed replies (image state, device, factory and
+trust info, MCUmgr parameters), the policy a station writes, request bookkeeping and the progress
 callback type. Plain data: both mpboot.smp.client and mpboot.smp.upload import it, and it
 imports neither (client -> messages <- upload)."""
 
@@ -56,6 +56,10 @@ class DeviceInfo:
     floor: int  # security-counter floor: images with a lower counter are refused (wire key "ctr")
     no_downgrade: bool  # images older than the confirmed one are refused
     serial: str | None = None  # the serial number provisioned (None: no identity yet)
+    # The trust state's root set version and revocation number (docs/KEYS.md); None from a
+    # device older than the trust model, which does not report them.
+    root_version: int | None = None
+    revocation: int | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,30 @@ class FactoryInfo:
     labels: dict[str, str]
     policy: Policy  # effective
     sealed: bool
+    root_version: int | None = None  # as in DeviceInfo
+    revocation: int | None = None
+
+
+@dataclass(frozen=True)
+class TrustInfo:
+    """The device's trust state (mpboot group 64, command 6 read; docs/KEYS.md)."""
+
+    root_version: int  # 1: the keys frozen into the firmware
+    threshold: int  # distinct roots that must sign a certificate or a trust record
+    image_threshold: int  # distinct trusted keys that must sign an image
+    roots: tuple[bytes, ...]  # the current roots' key hashes (SHA-256 of the PKCS#1 DER)
+    revocation: int  # the revocation number taken last (0: none)
+    revoked_keys: tuple[bytes, ...]  # key hashes
+    revoked_serials: tuple[int, ...]  # certificate serials
+
+
+@dataclass(frozen=True)
+class TrustApplied:
+    """The device took a trust record (mpboot group 64, command 6 write): its trust state's
+    root set version and revocation number now."""
+
+    root_version: int
+    revocation: int
 
 
 @dataclass
@@ -111,4 +139,4 @@ class PendingReply:
 
 
 __all__ = ["ClientStats", "DeviceInfo", "FactoryInfo", "McuMgrParams", "PendingReply", "Policy",
-           "ProgressCallback", "SlotState"]
+           "ProgressCallback", "SlotState", "TrustApplied", "TrustInfo"]
