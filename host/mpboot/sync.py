@@ -228,6 +228,8 @@ class Attempt:
     address: str
     uid: str | None = None  # hex
     serial: str | None = None  # the serial the factory gave it (group 64), if provisioned
+    root_version: int | None = None  # its trust state (docs/KEYS.md): root set version...
+    revocation: int | None = None  # ...and revocation number (None: a device that does not say)
     from_version: str | None = None
     to_version: str | None = None
     image: str | None = None  # file name in the repository
@@ -247,10 +249,12 @@ class Attempt:
         return d
 
 
-_COLUMNS = ("pass_no", "device", "address", "uid", "serial", "from_version", "to_version", "image", "image_hash",
-            "bytes", "resumed_from", "reconnects", "result", "error", "note", "started", "seconds")
-# Columns later than the first logs (added to an older SQLite log when it is opened).
-_ADDED_COLUMNS = ("serial", "image_hash", "note")
+_COLUMNS = ("pass_no", "device", "address", "uid", "serial", "root_version", "revocation", "from_version",
+            "to_version", "image", "image_hash", "bytes", "resumed_from", "reconnects", "result", "error", "note",
+            "started", "seconds")
+# Columns later than the first logs, with their types (added to an older SQLite log when it is opened).
+_ADDED_COLUMNS = {"serial": "TEXT", "image_hash": "TEXT", "note": "TEXT", "root_version": "INTEGER",
+                  "revocation": "INTEGER"}
 
 SQLITE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS attempts (
@@ -260,6 +264,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     address TEXT NOT NULL,
     uid TEXT,
     serial TEXT,
+    root_version INTEGER,
+    revocation INTEGER,
     from_version TEXT,
     to_version TEXT,
     image TEXT,
@@ -290,9 +296,9 @@ class AttemptLog:
                 self._db = sqlite3.connect(path)
                 self._db.execute(SQLITE_SCHEMA)
                 have = {row[1] for row in self._db.execute("PRAGMA table_info(attempts)")}
-                for column in _ADDED_COLUMNS:
+                for column, kind in _ADDED_COLUMNS.items():
                     if column not in have:  # a log written before this column
-                        self._db.execute(f"ALTER TABLE attempts ADD COLUMN {column} TEXT")
+                        self._db.execute(f"ALTER TABLE attempts ADD COLUMN {column} {kind}")
                 self._db.commit()
             else:
                 with open(path, "ab+") as f:
@@ -418,6 +424,7 @@ class Syncer:
             slots = await client.state()
         a.uid = info.uid.hex()
         a.serial = info.serial
+        a.root_version, a.revocation = info.root_version, info.revocation
         running = next((s for s in slots if s.active), None)
         a.from_version = running.version if running else None
         if running is not None and not running.confirmed:

@@ -8,6 +8,7 @@ options declared once, the device link):
     sim      sim (serve), sim air, sim init/install/boot/status
     ble      scan, sync
     factory  provision, provision report
+    trust    trust push, trust show (a device's root set and revocations, over SMP)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import click
 
 from mpboot import __version__
-from mpboot.cli import ble, device, factory, image, sim
+from mpboot.cli import ble, device, factory, image, sim, trust
 from mpboot.cli.common import MpbootGroup, one_line_logs
 
 
@@ -31,7 +32,7 @@ def cli() -> None:
     or port problem, 3 silent device or broken link, 130 interrupted (Ctrl-C)."""
 
 
-for _family in (image, device, sim, ble, factory):
+for _family in (image, device, sim, ble, factory, trust):
     for _command in _family.COMMANDS:
         cli.add_command(_command)
 

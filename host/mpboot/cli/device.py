@@ -144,20 +144,32 @@ def _slot_dict(s: Any) -> dict[str, Any]:
 @click.command("state")
 @device_options
 @click.option("--json", "as_json", is_flag=True,
-              help="Print JSON: {uid, serial, images: [{slot, version, hash, flags...}]}.")
+              help="Print JSON: {uid, serial, root_version, revocation, images: [{slot, version, hash, flags...}]}.")
 def state_cmd(link: DeviceLink, as_json: bool) -> None:
-    """List the images on the device: slot, version, hash and flags."""
+    """List the images on the device: slot, version, hash and flags (and, on an mpboot
+    device, its trust state's root set version and revocation number)."""
 
     async def action(client: Any) -> Any:
-        return await client.identity()
+        from mpboot.errors import CommandNotSupported
 
-    slots, uid, serial = link.run(action)
+        slots, uid, serial = await client.identity()
+        try:
+            info = await client.device_info()
+        except CommandNotSupported:  # not mpboot (Zephyr, MCUboot): no group 64
+            info = None
+        return slots, uid, serial, info
+
+    slots, uid, serial, info = link.run(action)
+    root_version = info.root_version if info is not None else None
+    revocation = info.revocation if info is not None else None
     if as_json:
         click.echo(json.dumps({"uid": uid.hex() if uid is not None else None, "serial": serial,
+                               "root_version": root_version, "revocation": revocation,
                                "images": [_slot_dict(s) for s in slots]}, indent=2))
         return
     if uid is not None:
-        click.echo(f"device {uid.hex()}" + (f", serial {serial}" if serial else ", not provisioned"))
+        trust = f"; root set version {root_version}, revocation {revocation}" if root_version is not None else ""
+        click.echo(f"device {uid.hex()}" + (f", serial {serial}" if serial else ", not provisioned") + trust)
     if not slots:
         click.echo("no images (the device is in recovery: flash one with --test or --confirm)")
         return

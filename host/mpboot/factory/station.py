@@ -272,8 +272,10 @@ class Station:
             except CommandNotSupported as err:
                 raise BoardFailed(f"not an mpboot board with a factory area ({err})") from None
         st.uid = info.uid
+        trust = (f", root set version {info.root_version}, revocation {info.revocation}"
+                 if info.root_version is not None else "")
         self._audit(st, "connect", "ok", f"uid {info.uid.hex()}, mpboot {info.bootloader}, "
-                                         f"MicroPython {info.firmware}, sealed {info.sealed}")
+                                         f"MicroPython {info.firmware}, sealed {info.sealed}{trust}")
 
         self._step(st, "keys")
         found = _Checked(info, self.db.board(info.uid))
