@@ -384,6 +384,7 @@ class TrustRefused(MpbootError):
 
     def __init__(self, code: TrustErrorCode, detail: str = "") -> None:
         self.code = TrustErrorCode(code)
+        self.detail = detail
         message = trust_error_text(self.code)
         super().__init__(f"{message} ({detail})" if detail else message)
 
