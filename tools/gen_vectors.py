@@ -227,8 +227,8 @@ def vectors() -> list[Vector]:
     bad_sig[-1] ^= 0x80
     bad("bad-signature", bytes(bad_sig), "BAD_SIGNATURE", "last signature byte flipped")
     bad("too-many-signatures",
-        craft(k2048, lambda d, s: [Tlv(TlvType.SHA256, d)] + 5 * signature_tlvs(d, s, SignatureScheme.PSS)),
-        "BAD_TLV", "five valid signatures: more than the 4 an image may carry (bounds RSA work)")
+        craft(k2048, lambda d, s: [Tlv(TlvType.SHA256, d)] + 7 * signature_tlvs(d, s, SignatureScheme.PSS)),
+        "BAD_TLV", "seven valid signatures: more than the 6 an image may carry (bounds RSA work)")
     bad("slot-smaller-than-header", good, "TOO_LARGE", "a 16-byte slot cannot hold a header", slot_size=16)
     bad("no-signature", craft(k2048, lambda d, s: [Tlv(TlvType.SHA256, d)]), "NO_SIGNATURE",
         "hash only, no signature")

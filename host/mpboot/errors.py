@@ -17,6 +17,8 @@ link to the device fails.
     ├── DatabaseError (2)           the factory database
     │   └── SchemaTooNew, SchemaTooOld
     ├── ImageRejected (1)           mpboot's own verifier says no: .code ImageErrorCode
+    ├── TrustRefused (1)            a trust record or certificate is refused by the host's
+    │                               rules (mpboot.trust): .code TrustErrorCode
     ├── SMPError (1)                the device says no: .rc .err_group .err_rc .rsn (SMP wire)
     │   ├── CommandNotSupported
     │   ├── ImageRefused            .code ImageErrorCode | None
@@ -269,6 +271,24 @@ _IMAGE_DESCRIPTIONS: dict[ImageErrorCode, str] = {
     ImageErrorCode.CLASS_MISMATCH: "image is for another device class (class id)",
     ImageErrorCode.COUNTER_BELOW_FLOOR: "image security counter is below the device's anti-rollback floor",
     ImageErrorCode.DOWNGRADE: "image version is older than the confirmed image (downgrades refused)",
+    ImageErrorCode.CERT_INVALID: "a certificate in the image does not parse or breaks a format rule",
+    ImageErrorCode.CERT_ISSUER: "a certificate in the image is not issued by a root threshold or an allowed delegate",
+    ImageErrorCode.CERT_WIDER: "a certificate in the image is wider than its issuer",
+    ImageErrorCode.OUT_OF_SCOPE: "the signer's certificate does not cover this image",
+    ImageErrorCode.REVOKED: "a signer, a certificate or its issuer is revoked",
+    ImageErrorCode.THRESHOLD: "fewer distinct trusted signers than the image threshold",
+}
+
+_TRUST_DESCRIPTIONS: dict[TrustErrorCode, str] = {
+    TrustErrorCode.NO_TRUST_AREA: "the board has no trust area",
+    TrustErrorCode.MALFORMED: "the trust record does not parse, or is a certificate",
+    TrustErrorCode.SIGNATURES: "the trust record is not signed by a threshold of the current roots",
+    TrustErrorCode.NEW_SIGNATURES: "the root record is not signed by its own new threshold",
+    TrustErrorCode.STALE: "the trust record is stale (root version not current + 1, or revocation number not above the current one)",
+    TrustErrorCode.REVOKED_ROOT: "the root record names a revoked key",
+    TrustErrorCode.FLASH: "the trust area write failed (the old state stays)",
+    TrustErrorCode.TOO_LARGE: "the trust record is over 4096 bytes",
+    TrustErrorCode.CHUNK: "a trust record chunk came at an offset other than the next expected byte",
 }
 
 
@@ -306,6 +326,11 @@ _FACTORY_DESCRIPTIONS: dict[FactoryErrorCode, str] = {
 def image_error_text(code: ImageErrorCode) -> str:
     """The one-line meaning of an image error code ("image is for another vendor (vendor id)")."""
     return _IMAGE_DESCRIPTIONS[ImageErrorCode(code)]
+
+
+def trust_error_text(code: TrustErrorCode) -> str:
+    """The one-line meaning of a trust error code ("the root record names a revoked key")."""
+    return _TRUST_DESCRIPTIONS[TrustErrorCode(code)]
 
 
 def slot_error_text(number: int) -> str:
@@ -347,6 +372,20 @@ class ImageRejected(MpbootError):
     def __init__(self, code: ImageErrorCode, detail: str = "") -> None:
         self.code = ImageErrorCode(code)
         message = image_error_text(self.code)
+        super().__init__(f"{message} ({detail})" if detail else message)
+
+
+class TrustRefused(MpbootError):
+    """The host's trust rules (mpboot.trust, docs/KEYS.md) refuse a trust record or a
+    certificate: it does not parse, is not signed by enough roots, is stale... (exit 1). The
+    same codes and the same order of checks as the device's trust command."""
+
+    exit_code = 1
+
+    def __init__(self, code: TrustErrorCode, detail: str = "") -> None:
+        self.code = TrustErrorCode(code)
+        self.detail = detail
+        message = trust_error_text(self.code)
         super().__init__(f"{message} ({detail})" if detail else message)
 
 

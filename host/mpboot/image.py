@@ -15,8 +15,16 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 
-from mpboot.errors import ImageErrorCode, ImageRejected, UsageError
+from mpboot.errors import ImageErrorCode, ImageRejected, TrustRefused, UsageError
 from mpboot.keys import PublicKey, SignatureScheme, SigningKey
+from mpboot.trust import (
+    MAX_BODY_SIZE,
+    MAX_IMAGE_SIGNATURES,
+    Certificate,
+    ImageKind,
+    TrustState,
+    decode_signed,
+)
 
 IMAGE_MAGIC = 0x96F3B83D
 HEADER_SIZE = 32
@@ -30,7 +38,10 @@ MAX_PROTECTED_TLV_SIZE = 1024
 MAX_PUBKEY_TLV_SIZE = 1024
 MAX_SIGNATURE_SIZE = 384
 # Signature TLVs (any algorithm) an image may carry: bounds the RSA work one image costs.
-MAX_SIGNATURES = 4
+MAX_SIGNATURES = MAX_IMAGE_SIGNATURES
+# MPBOOT_CERT TLVs an image may carry, and the size of one (docs/KEYS.md section 4).
+MAX_CERTIFICATES = 4
+MAX_CERT_TLV_SIZE = MAX_BODY_SIZE
 
 
 class TlvType(IntEnum):
@@ -51,6 +62,10 @@ class TlvType(IntEnum):
     UUID_CID = 0x75
     # Vendor range (0xa0-0xfe): RSASSA-PKCS1-v1_5 / SHA-256 over the image digest.
     MPBOOT_RSA_PKCS1V15 = 0xA0
+    # docs/KEYS.md section 4: the image's kind (protected, u32, one bit) and a certificate
+    # envelope (unprotected: it vouches for a key, it is not a claim about the image).
+    MPBOOT_KIND = 0xA1
+    MPBOOT_CERT = 0xA2
 
 
 # Types MCUboot trusts only when covered by the hash (CVE-2024-32883).
@@ -64,12 +79,14 @@ PROTECTED_ONLY_TYPES = frozenset(
         TlvType.DECOMP_SIZE,
         TlvType.DECOMP_SHA,
         TlvType.DECOMP_SIGNATURE,
+        TlvType.MPBOOT_KIND,
     }
 )
 RSA_SIGNATURE_TYPES = frozenset(
     {TlvType.RSA2048_PSS, TlvType.RSA3072_PSS, TlvType.MPBOOT_RSA_PKCS1V15}
 )
 OTHER_SIGNATURE_TYPES = frozenset({TlvType.ECDSA_SIG, TlvType.ED25519})
+SIGNATURE_TYPES = RSA_SIGNATURE_TYPES | OTHER_SIGNATURE_TYPES  # all count towards MAX_SIGNATURES
 
 
 class ImageFlag(IntFlag):
@@ -201,8 +218,9 @@ def signature_tlv_type(key_bits: int, scheme: SignatureScheme) -> TlvType:
 
 
 def protected_tlvs(security_counter: int | None, vendor_id: bytes | None,
-                   class_id: bytes | None) -> list[Tlv]:
-    """The protected TLVs in imgtool's order: SEC_CNT, UUID_VID, UUID_CID."""
+                   class_id: bytes | None, kind: ImageKind = ImageKind.APP) -> list[Tlv]:
+    """The protected TLVs in imgtool's order: SEC_CNT, UUID_VID, UUID_CID; then MPBOOT_KIND,
+    only for a kind other than app (an app image stays byte for byte what imgtool makes)."""
     tlvs = []
     if security_counter is not None:
         tlvs.append(Tlv(TlvType.SEC_CNT, struct.pack("<I", security_counter)))
@@ -210,6 +228,8 @@ def protected_tlvs(security_counter: int | None, vendor_id: bytes | None,
         tlvs.append(Tlv(TlvType.UUID_VID, vendor_id))
     if class_id is not None:
         tlvs.append(Tlv(TlvType.UUID_CID, class_id))
+    if kind is not ImageKind.APP:
+        tlvs.append(Tlv(TlvType.MPBOOT_KIND, struct.pack("<I", kind)))
     return tlvs
 
 
@@ -231,6 +251,16 @@ class SignOptions:
     load_addr: int = 0
     scheme: SignatureScheme = SignatureScheme.PSS
     slot_size: int | None = None
+    kind: ImageKind = ImageKind.APP
+
+
+@dataclass(frozen=True)
+class ImageSigner:
+    """One signature an image gets: `key`, and the certificate envelopes that make it trusted
+    (parent first; none for a root), written just before its signature."""
+
+    key: SigningKey
+    certificates: tuple[bytes, ...] = ()
 
 
 def assemble_image(header: ImageHeader, body: bytes, protected: Sequence[Tlv],
@@ -244,9 +274,13 @@ def assemble_image(header: ImageHeader, body: bytes, protected: Sequence[Tlv],
     return hashed + encode_tlv_area(TLV_INFO_MAGIC, unprotected(digest))
 
 
-def build_image(body: bytes, key: SigningKey, options: SignOptions) -> bytes:
+def build_image(body: bytes, signers: SigningKey | Sequence[ImageSigner], options: SignOptions) -> bytes:
     """Sign `body`, which already starts with header_size bytes of room for the header
-    (zeros or padding: see mpboot.pack), into an MCUboot v1 image."""
+    (zeros or padding: see mpboot.pack), into an MCUboot v1 image.
+
+    `signers`: one key (the plain image imgtool makes), or ImageSigners in the order their
+    signatures go (each preceded by the certificates it needs that are not written yet); an
+    empty sequence gives an image with its hash and no signature, for `cosign` to sign."""
     hdr_size = options.header_size
     if not 0 <= options.load_addr <= 0xFFFFFFFF:
         raise UsageError(f"load address {options.load_addr:#x} is not a 32-bit address")
@@ -260,20 +294,108 @@ def build_image(body: bytes, key: SigningKey, options: SignOptions) -> bytes:
     counter = options.security_counter
     if counter is not None and not 0 <= counter <= 0xFFFFFFFF:
         raise UsageError(f"security counter {counter} is not a 32-bit unsigned number")
-    prot = protected_tlvs(counter, options.vendor_id, options.class_id)
+    signer_list = [ImageSigner(signers)] if isinstance(signers, SigningKey) else list(signers)
+    _check_signers(signer_list)
+    prot = protected_tlvs(counter, options.vendor_id, options.class_id, options.kind)
     prot_size = len(encode_tlv_area(TLV_PROT_INFO_MAGIC, prot)) if prot else 0
     flags = ImageFlag.RAM_LOAD if options.load_addr else 0
     header = ImageHeader(options.load_addr, hdr_size, prot_size, img_size, int(flags), options.version)
 
     def unprotected(digest: bytes) -> list[Tlv]:
-        return [Tlv(TlvType.SHA256, digest), *signature_tlvs(digest, key, options.scheme)]
+        tlvs = [Tlv(TlvType.SHA256, digest)]
+        for signer in signer_list:
+            tlvs += _signature_with_certificates(tlvs, digest, signer, options.scheme)
+        return tlvs
 
     image = assemble_image(header, body, prot, unprotected)
-    if options.slot_size is not None and len(image) > options.slot_size:
-        raise UsageError(
-            f"signed image is {len(image)} bytes, over the slot size {options.slot_size}"
-        )
+    _check_slot(image, options.slot_size)
     return image
+
+
+def _check_slot(image: bytes, slot_size: int | None) -> None:
+    if slot_size is not None and len(image) > slot_size:
+        raise UsageError(f"signed image is {len(image)} bytes, over the slot size {slot_size}")
+
+
+def _check_certificate_tlv(data: bytes) -> None:
+    """A certificate an image is to carry: a signed certificate envelope that fits a TLV."""
+    try:
+        signed = decode_signed(data)
+    except TrustRefused as err:
+        raise UsageError(f"not a signed certificate: {err}") from None
+    if not isinstance(signed.body, Certificate):
+        raise UsageError("a trust record, not a certificate: records go to devices (mpboot trust push)")
+    if len(data) > MAX_CERT_TLV_SIZE:
+        raise UsageError(f"certificate serial {signed.body.serial} is {len(data)} bytes, over the "
+                         f"{MAX_CERT_TLV_SIZE} an image may carry")
+
+
+def _check_signers(signers: Sequence[ImageSigner]) -> None:
+    moduli = [s.key.public().modulus for s in signers]
+    if len(set(moduli)) != len(moduli):
+        raise UsageError("the same key is given twice: each key signs an image once")
+    if len(signers) > MAX_SIGNATURES:
+        raise UsageError(f"{len(signers)} signing keys: an image carries at most {MAX_SIGNATURES} signatures")
+    certificates = {c for s in signers for c in s.certificates}
+    if len(certificates) > MAX_CERTIFICATES:
+        raise UsageError(f"{len(certificates)} certificates: an image carries at most {MAX_CERTIFICATES}")
+    for cert in certificates:
+        _check_certificate_tlv(cert)
+
+
+def _signature_with_certificates(written: Sequence[Tlv], digest: bytes, signer: ImageSigner,
+                                 scheme: SignatureScheme) -> list[Tlv]:
+    """`certs..., KEYHASH, sig` for one signer: its certificates not already in `written`
+    (a certificate must come before the signatures it vouches for, a parent before its
+    children), then its signature."""
+    present = {t.value for t in written if t.type == TlvType.MPBOOT_CERT}
+    certs = [Tlv(TlvType.MPBOOT_CERT, c) for c in signer.certificates if c not in present]
+    return [*certs, *signature_tlvs(digest, signer.key, scheme)]
+
+
+def cosign(image: bytes, key: SigningKey, scheme: SignatureScheme, certificates: Sequence[bytes] = (),
+           slot_size: int | None = None) -> bytes:
+    """`image` with one more signature, by `key`, appended to its unprotected TLV area after
+    the certificates it needs (those not in the image yet, parent first): the detached flow,
+    where each holder of a key adds their own signature and no one holds another's key.
+
+    UsageError when `key` has already signed, the image would carry more than MAX_SIGNATURES
+    signatures or MAX_CERTIFICATES certificates, its SHA256 TLV does not match its contents,
+    or the result is larger than `slot_size`."""
+    parsed = parse_image(image)
+    if len(image) != parsed.total_size:
+        raise UsageError(f"{len(image) - parsed.total_size} bytes follow the image's TLV area: not an image "
+                         "as mpboot sign writes it")
+    hashes = [t.value for t in parsed.unprotected if t.type == TlvType.SHA256]
+    if hashes != [parsed.digest]:
+        raise UsageError("the image's SHA256 TLV is missing, repeated or does not match its contents: "
+                         "not cosigning it")
+    public = key.public()
+    named = {t.value if t.type == TlvType.KEYHASH else hashlib.sha256(t.value).digest()
+             for t in parsed.unprotected if t.type in (TlvType.KEYHASH, TlvType.PUBKEY)}
+    if public.keyhash() in named:
+        raise UsageError(f"key {public.keyhash().hex()[:16]} has already signed this image")
+    signatures = sum(1 for t in parsed.unprotected if t.type in SIGNATURE_TYPES)
+    if signatures >= MAX_SIGNATURES:
+        raise UsageError(f"the image already carries {signatures} signatures, the most it may")
+    for cert in certificates:
+        _check_certificate_tlv(cert)
+    present = {t.value for t in parsed.unprotected if t.type == TlvType.MPBOOT_CERT}
+    certs = len(present | set(certificates))
+    if certs > MAX_CERTIFICATES:
+        raise UsageError(f"the image would carry {certs} certificates, over {MAX_CERTIFICATES}")
+    added = _signature_with_certificates(parsed.unprotected, parsed.digest, ImageSigner(key, tuple(certificates)),
+                                         scheme)
+    start = parsed.total_size - _unprotected_total(parsed)
+    area = encode_tlv_area(TLV_INFO_MAGIC, [*(Tlv(t.type, t.value) for t in parsed.unprotected), *added])
+    signed = image[:start] + area
+    _check_slot(signed, slot_size)
+    return signed
+
+
+def _unprotected_total(image: ParsedImage) -> int:
+    start = image.header.hdr_size + image.header.img_size + image.header.protect_tlv_size
+    return image.total_size - start
 
 
 @dataclass
@@ -311,13 +433,42 @@ class ParsedImage:
     def class_id(self) -> bytes | None:
         return self._protected_value(TlvType.UUID_CID)
 
+    @property
+    def kind(self) -> int:
+        """The MPBOOT_KIND bit (ImageKind.APP when the image has none)."""
+        value = self._protected_value(TlvType.MPBOOT_KIND)
+        return struct.unpack("<I", value)[0] if value is not None else int(ImageKind.APP)
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    """A key whose signature counts for an image: a root of the trust state, or a key a
+    certificate in the image vouches for (within that certificate's scope)."""
+
+    key: PublicKey
+    root_index: int  # its position in the trust state's roots; -1 for a certified key
+    certificate: Certificate | None  # None for a root
+
+
+@dataclass(frozen=True)
+class CountedSignature:
+    """A verified signature that counted towards the image threshold."""
+
+    signer: TrustedKey
+    scheme: SignatureScheme
+
 
 @dataclass(frozen=True)
 class VerifiedImage:
+    """An accepted image. `key_index`, `key` and `scheme` are the first counted signature's
+    (key_index -1 when that key is certified, not a root); `signatures` lists every counted
+    one, one per distinct key."""
+
     image: ParsedImage
     key_index: int
     key: PublicKey
     scheme: SignatureScheme
+    signatures: tuple[CountedSignature, ...] = ()
 
 
 def _need(data: bytes, end: int) -> None:
@@ -378,9 +529,14 @@ def _parse_protected(data: bytes, start: int, size: int) -> list[Tlv]:
     tlvs: list[Tlv] = []
     seen: set[int] = set()
     for kind, off, length in _iter_entries(area, TLV_INFO_SIZE, total):
-        expected = {TlvType.SEC_CNT: 4, TlvType.UUID_VID: 16, TlvType.UUID_CID: 16}.get(kind)
+        expected = {TlvType.SEC_CNT: 4, TlvType.UUID_VID: 16, TlvType.UUID_CID: 16,
+                    TlvType.MPBOOT_KIND: 4}.get(kind)
         if expected is not None and (length != expected or kind in seen):
             raise ImageRejected(ImageErrorCode.BAD_TLV, f"bad or repeated {TlvType(kind).name} TLV")
+        if kind == TlvType.MPBOOT_KIND:
+            bits = struct.unpack_from("<I", area, off)[0]
+            if bits == 0 or bits & (bits - 1):
+                raise ImageRejected(ImageErrorCode.BAD_TLV, f"MPBOOT_KIND {bits:#x} has not exactly one bit set")
         seen.add(kind)
         tlvs.append(Tlv(kind, area[off : off + length], start + off - TLV_ENTRY_HEADER_SIZE))
     return tlvs
@@ -418,16 +574,19 @@ def parse_image(data: bytes, slot_size: int | None = None) -> ParsedImage:
     return image
 
 
-def verify_image(data: bytes, keys: Sequence[PublicKey], slot_size: int | None = None) -> VerifiedImage:
-    """Verify as the device does: structure, exactly one matching SHA256 TLV, and a signature
-    by one of `keys` (KEYHASH or PUBKEY naming it, then the signature TLV)."""
+def verify_image(data: bytes, trust: TrustState | Sequence[PublicKey], slot_size: int | None = None) -> VerifiedImage:
+    """Verify as the device does (docs/FORMAT.md, docs/KEYS.md section 4): structure, exactly
+    one matching SHA256 TLV, and signatures by at least the image threshold of distinct trusted
+    keys: roots of `trust`, and keys certified by the image's MPBOOT_CERT TLVs whose scope holds
+    the image. A bare key sequence is root set version 1 with both thresholds 1: a signature by
+    any one of the keys (KEYHASH or PUBKEY naming it, then the signature TLV)."""
+    state = trust if isinstance(trust, TrustState) else TrustState.initial(list(trust))
     image, start, end = _read_prefix(data, slot_size)
-    keyhashes = [k.keyhash() for k in keys]
+    signers = _ImageSigners(state, image)
     hash_seen = False
-    pending: int | None = None  # key index named by the last KEYHASH/PUBKEY (-1: unknown)
-    unknown_key = False
+    pending: bytes | None = None  # key hash named by the last KEYHASH/PUBKEY
     signatures = 0
-    verified: VerifiedImage | None = None
+    certificates = 0
     for kind, off, length in _iter_entries(data, start, end):
         image.unprotected.append(Tlv(kind, data[off : off + length], off - TLV_ENTRY_HEADER_SIZE))
         if kind == TlvType.SHA256:
@@ -442,37 +601,128 @@ def verify_image(data: bytes, keys: Sequence[PublicKey], slot_size: int | None =
             if (kind == TlvType.KEYHASH and length != 32) or length > MAX_PUBKEY_TLV_SIZE:
                 raise ImageRejected(ImageErrorCode.BAD_TLV, f"{TlvType(kind).name} TLV length {length}")
             value = _value(data, off, length)
-            if kind == TlvType.PUBKEY:
-                value = hashlib.sha256(value).digest()
-            pending = keyhashes.index(value) if value in keyhashes else -1
+            pending = value if kind == TlvType.KEYHASH else hashlib.sha256(value).digest()
+        elif kind == TlvType.MPBOOT_CERT:
+            certificates += 1
+            if certificates > MAX_CERTIFICATES:
+                raise ImageRejected(ImageErrorCode.BAD_TLV, f"more than {MAX_CERTIFICATES} certificates")
+            if length > MAX_CERT_TLV_SIZE:
+                raise ImageRejected(ImageErrorCode.CERT_INVALID, f"certificate of {length} bytes, over {MAX_CERT_TLV_SIZE}")
+            signers.certificate(_value(data, off, length))
         elif kind in RSA_SIGNATURE_TYPES or kind in OTHER_SIGNATURE_TYPES:
             if pending is None:
                 raise ImageRejected(ImageErrorCode.SIG_WITHOUT_KEYHASH)
-            index, pending = pending, None
+            keyhash, pending = pending, None
             signatures += 1
             if signatures > MAX_SIGNATURES:
                 raise ImageRejected(ImageErrorCode.BAD_TLV, f"more than {MAX_SIGNATURES} signatures")
             if kind in OTHER_SIGNATURE_TYPES:
                 continue
-            if index < 0:
-                unknown_key = True
-                continue
-            checked = _check_signature(image, kind, data, off, length, keys, index)
-            verified = verified or checked  # the first good signature's key is reported
+            signers.signature(keyhash, kind, data, off, length)
         elif kind in PROTECTED_ONLY_TYPES:
             raise ImageRejected(ImageErrorCode.UNPROTECTED_TLV, TlvType(kind).name)
         else:
             raise ImageRejected(ImageErrorCode.UNKNOWN_TLV, f"type 0x{kind:02x}")
     if not hash_seen:
         raise ImageRejected(ImageErrorCode.NO_HASH)
-    if verified is None:
-        raise ImageRejected(ImageErrorCode.UNKNOWN_KEY if unknown_key else ImageErrorCode.NO_SIGNATURE)
-    return verified
+    return signers.verdict()
 
 
-def _check_signature(image: ParsedImage, kind: int, data: bytes, off: int, length: int,
-                     keys: Sequence[PublicKey], index: int) -> VerifiedImage:
-    key = keys[index]
+class _ImageSigners:
+    """The keys trusted while one image's unprotected area is walked, and what its signatures
+    came to (docs/KEYS.md section 4)."""
+
+    def __init__(self, state: TrustState, image: ParsedImage) -> None:
+        self.state = state
+        self.image = image
+        # Key hashes whose signatures count for nothing here: the state's revoked keys, and
+        # keys whose certificate in this image is revoked (or was issued by a revoked key).
+        self.revoked = {h: f"key {h.hex()[:16]} is revoked" for h in state.revoked_keys}  # key hash: why
+        self.trusted: dict[bytes, TrustedKey] = {}
+        for index, root in enumerate(state.roots):
+            keyhash = root.keyhash()
+            if keyhash not in self.revoked:
+                self.trusted.setdefault(keyhash, TrustedKey(root, index, None))
+        self.counted: dict[bytes, CountedSignature] = {}  # by modulus: a key counts once
+        self.remembered: ImageRejected | None = None  # the last REVOKED / OUT_OF_SCOPE met
+        self.unknown_key = False
+
+    def certificate(self, value: bytes) -> None:
+        """Check one MPBOOT_CERT when it is met: envelope and body (CERT_INVALID), issuer
+        (CERT_ISSUER), width (CERT_WIDER), revocation (remembered as REVOKED: the certificate
+        certifies nothing). A valid one makes its key trusted for the rest of the walk."""
+        try:
+            signed = decode_signed(value)
+        except TrustRefused as err:
+            raise ImageRejected(ImageErrorCode.CERT_INVALID, err.detail) from None
+        cert = signed.body
+        if not isinstance(cert, Certificate):
+            raise ImageRejected(ImageErrorCode.CERT_INVALID, "a trust record, not a certificate")
+        where = f"certificate serial {cert.serial}"
+        verified = signed.envelope.verified_signers(
+            {h: t.key for h, t in self.trusted.items()},
+            lambda detail: ImageRejected(ImageErrorCode.BAD_SIGNATURE, f"{where}: {detail}"))
+        by_key = [self.trusted[k.keyhash()] for k in verified]
+        issuer: Certificate | None
+        if sum(1 for t in by_key if t.certificate is None) >= self.state.threshold:
+            issuer = None  # a root threshold: the issuer's scope is everything
+        else:
+            delegates = [t.certificate for t in by_key if t.certificate is not None and t.certificate.depth >= 1]
+            if not delegates:
+                if any(s.keyhash in self.revoked for s in signed.envelope.signatures):
+                    self._revoke(cert, f"{where}: its issuer is revoked")
+                    return
+                raise ImageRejected(ImageErrorCode.CERT_ISSUER, where)
+            issuer = delegates[0]
+        if not cert.within(issuer):
+            assert issuer is not None
+            raise ImageRejected(ImageErrorCode.CERT_WIDER, f"{where} under serial {issuer.serial}")
+        keyhash = cert.key.keyhash()
+        if cert.serial in self.state.revoked_serials:
+            self._revoke(cert, f"{where} is revoked")
+            return
+        if keyhash in self.revoked:
+            self._revoke(cert, f"{where}: {self.revoked[keyhash]}")
+            return
+        self.trusted.setdefault(keyhash, TrustedKey(cert.key, -1, cert))  # an already trusted key: nothing
+
+    def _revoke(self, cert: Certificate, detail: str) -> None:
+        self.remembered = ImageRejected(ImageErrorCode.REVOKED, detail)
+        keyhash = cert.key.keyhash()
+        if keyhash not in self.trusted:
+            self.revoked.setdefault(keyhash, detail)
+
+    def signature(self, keyhash: bytes, kind: int, data: bytes, off: int, length: int) -> None:
+        trusted = self.trusted.get(keyhash)
+        if trusted is None:
+            if keyhash in self.revoked:
+                self.remembered = ImageRejected(ImageErrorCode.REVOKED, self.revoked[keyhash])
+            else:
+                self.unknown_key = True
+            return
+        scheme = _check_signature(self.image.digest, kind, data, off, length, trusted.key)
+        cert = trusted.certificate
+        img = self.image
+        if cert is not None and not cert.covers(img.vendor_id, img.class_id, img.security_counter or 0, img.kind):
+            self.remembered = ImageRejected(ImageErrorCode.OUT_OF_SCOPE, f"key {keyhash.hex()[:16]}, certificate "
+                                            f"serial {cert.serial}")
+            return
+        self.counted.setdefault(trusted.key.modulus, CountedSignature(trusted, scheme))
+
+    def verdict(self) -> VerifiedImage:
+        counted = list(self.counted.values())
+        need = self.state.image_threshold
+        if len(counted) >= need:
+            first = counted[0]
+            return VerifiedImage(self.image, first.signer.root_index, first.signer.key, first.scheme, tuple(counted))
+        if counted:
+            raise ImageRejected(ImageErrorCode.THRESHOLD, f"{len(counted)} of the {need} needed")
+        if self.remembered is not None:
+            raise self.remembered
+        raise ImageRejected(ImageErrorCode.UNKNOWN_KEY if self.unknown_key else ImageErrorCode.NO_SIGNATURE)
+
+
+def _check_signature(digest: bytes, kind: int, data: bytes, off: int, length: int, key: PublicKey) -> SignatureScheme:
     if length > MAX_SIGNATURE_SIZE or length != key.bits // 8:
         raise ImageRejected(ImageErrorCode.KEY_SIZE, f"{length}-byte signature, RSA-{key.bits} key")
     if (kind == TlvType.RSA2048_PSS and key.bits != 2048) or (
@@ -480,5 +730,5 @@ def _check_signature(image: ParsedImage, kind: int, data: bytes, off: int, lengt
     ):
         raise ImageRejected(ImageErrorCode.KEY_SIZE, f"{TlvType(kind).name} with an RSA-{key.bits} key")
     scheme = SignatureScheme.PKCS1V15 if kind == TlvType.MPBOOT_RSA_PKCS1V15 else SignatureScheme.PSS
-    key.verify_digest(_value(data, off, length), image.digest, scheme)
-    return VerifiedImage(image, index, key, scheme)
+    key.verify_digest(_value(data, off, length), digest, scheme)
+    return scheme
