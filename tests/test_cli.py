@@ -17,18 +17,18 @@ import re
 import struct
 import subprocess
 import sys
-import traceback
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from intelhex import IntelHex
 
+from clikit import assert_error, assert_ok, describe, run
 from mpboot.cli import cli
 from mpboot.errors import KeyFileError
 from mpboot.image import ParsedImage, TlvType, parse_image
@@ -47,42 +47,6 @@ PASSWORD_VAR = "MPBOOT_TEST_KEY_PASSWORD"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def run(*args: object, env: dict[str, str | None] | None = None) -> Result:
-    """Invoke the CLI in-process; stdout and stderr are captured separately (click 8.2+)."""
-    return CliRunner().invoke(cli, [str(a) for a in args], env=env, prog_name="mpboot")
-
-
-def _describe(result: Result) -> str:
-    exc = result.exception
-    where = ""
-    if exc is not None and not isinstance(exc, SystemExit) and result.exc_info is not None:
-        where = "".join(traceback.format_exception(*result.exc_info))
-    return f"exit {result.exit_code}\nstdout: {result.stdout!r}\nstderr: {result.stderr!r}\n{where}"
-
-
-def assert_ok(result: Result) -> Result:
-    assert result.exit_code == 0, _describe(result)
-    assert result.exception is None, _describe(result)
-    return result
-
-
-def assert_error(result: Result, exit_code: int, *fragments: str, prefix: str = "mpboot: error:") -> str:
-    """The error contract: the exit code, exactly one non-empty line on stderr (containing
-    `fragments`), and no traceback, neither printed nor escaped from the command."""
-    assert isinstance(result.exception, (SystemExit, type(None))), (
-        f"uncaught {type(result.exception).__name__} (a user would see a traceback)\n{_describe(result)}"
-    )
-    assert result.exit_code == exit_code, _describe(result)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].strip(), _describe(result)
-    assert "Traceback" not in result.stdout + result.stderr
-    line = lines[0]
-    assert line.startswith(prefix), line
-    for fragment in fragments:
-        assert fragment in line, (fragment, line)
-    return line
 
 
 def sign(input_path: Path, output: Path, *extra: object, key: Path = KEY2048,
@@ -670,7 +634,7 @@ def test_verify_on_device_good_image(signed: Path) -> None:
 
 def test_verify_on_device_tampered_image(tampered: Path) -> None:
     result = run("verify", tampered, "-k", KEY2048, "--device")
-    assert result.exit_code == 1, _describe(result)
+    assert result.exit_code == 1, describe(result)
     assert isinstance(result.exception, SystemExit)
     lines = result.stderr.splitlines()
     assert len(lines) == 2, lines
@@ -767,8 +731,8 @@ def test_firmware_export_onto_a_file(tmp_path: Path) -> None:
     """click itself rejects a file as DESTINATION (its usage message, not ours)."""
     target = write_bin(tmp_path / "file")
     result = run("firmware", "export", target)
-    assert result.exit_code == 2, _describe(result)
-    assert isinstance(result.exception, SystemExit), _describe(result)
+    assert result.exit_code == 2, describe(result)
+    assert isinstance(result.exception, SystemExit), describe(result)
     assert "is a file" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert target.read_bytes() == PAYLOAD
@@ -837,7 +801,7 @@ def test_every_command_has_help() -> None:
     assert {("flash",), ("sim", "init"), ("provision", "report"), ("sync",), ("firmware", "export")} <= set(commands)
     for path in commands:
         result = run(*path, "--help")
-        assert result.exit_code == 0 and "Usage: mpboot" in result.stdout, (path, _describe(result))
+        assert result.exit_code == 0 and "Usage: mpboot" in result.stdout, (path, describe(result))
 
 
 def test_console_prints_outside_text_as_it_is(capsys: pytest.CaptureFixture[str]) -> None:

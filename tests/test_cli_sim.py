@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import KEYS_DIR
-from test_cli import assert_error, run
+from clikit import assert_error, run
 
 KEY = KEYS_DIR / "TEST-ONLY-rsa2048.pem"
 OTHER_KEY = KEYS_DIR / "TEST-ONLY-rsa2048-untrusted.pem"

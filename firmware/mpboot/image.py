@@ -82,6 +82,7 @@ E_BAD_SIGNATURE = const(14)  # signature by an embedded key does not verify
 E_NO_SIGNATURE = const(15)  # no signature by an embedded key
 # Trust model (docs/KEYS.md section 4); 16-19 are the device policy's (mpboot.slots).
 # (E_CERT_INVALID 20, E_CERT_ISSUER 21, E_CERT_WIDER 22: in mpboot.records, which finds them)
+_E_CERT_INVALID = const(20)  # records.E_CERT_INVALID, here for a certificate over 2048 bytes
 E_OUT_OF_SCOPE = const(23)  # a signer's certificate does not cover this image
 E_REVOKED = const(24)  # a signer, a certificate or its issuer is revoked
 E_THRESHOLD = const(25)  # fewer distinct trusted signers than the image threshold
@@ -307,7 +308,7 @@ def verify(read, trust, slot_size, buf=None):
             if certs > _MAX_CERTS:
                 raise ImageError(E_BAD_TLV)
             if length > _MAX_CERT_SIZE or length > size:
-                raise ImageError(E_BAD_TLV)
+                raise ImageError(_E_CERT_INVALID)
             value = mv[:length]
             _read(read, off, value)
             from mpboot import records

@@ -86,6 +86,7 @@ RSA_SIGNATURE_TYPES = frozenset(
     {TlvType.RSA2048_PSS, TlvType.RSA3072_PSS, TlvType.MPBOOT_RSA_PKCS1V15}
 )
 OTHER_SIGNATURE_TYPES = frozenset({TlvType.ECDSA_SIG, TlvType.ED25519})
+SIGNATURE_TYPES = RSA_SIGNATURE_TYPES | OTHER_SIGNATURE_TYPES  # all count towards MAX_SIGNATURES
 
 
 class ImageFlag(IntFlag):
@@ -374,7 +375,7 @@ def cosign(image: bytes, key: SigningKey, scheme: SignatureScheme, certificates:
              for t in parsed.unprotected if t.type in (TlvType.KEYHASH, TlvType.PUBKEY)}
     if public.keyhash() in named:
         raise UsageError(f"key {public.keyhash().hex()[:16]} has already signed this image")
-    signatures = sum(1 for t in parsed.unprotected if t.type in RSA_SIGNATURE_TYPES | OTHER_SIGNATURE_TYPES)
+    signatures = sum(1 for t in parsed.unprotected if t.type in SIGNATURE_TYPES)
     if signatures >= MAX_SIGNATURES:
         raise UsageError(f"the image already carries {signatures} signatures, the most it may")
     for cert in certificates:
@@ -636,14 +637,14 @@ class _ImageSigners:
         self.image = image
         # Key hashes whose signatures count for nothing here: the state's revoked keys, and
         # keys whose certificate in this image is revoked (or was issued by a revoked key).
-        self.revoked = set(state.revoked_keys)
+        self.revoked = {h: f"key {h.hex()[:16]} is revoked" for h in state.revoked_keys}  # key hash: why
         self.trusted: dict[bytes, TrustedKey] = {}
         for index, root in enumerate(state.roots):
             keyhash = root.keyhash()
             if keyhash not in self.revoked:
                 self.trusted.setdefault(keyhash, TrustedKey(root, index, None))
         self.counted: dict[bytes, CountedSignature] = {}  # by modulus: a key counts once
-        self.remembered: ImageErrorCode | None = None  # the last REVOKED / OUT_OF_SCOPE met
+        self.remembered: ImageRejected | None = None  # the last REVOKED / OUT_OF_SCOPE met
         self.unknown_key = False
 
     def certificate(self, value: bytes) -> None:
@@ -653,7 +654,7 @@ class _ImageSigners:
         try:
             signed = decode_signed(value)
         except TrustRefused as err:
-            raise ImageRejected(ImageErrorCode.CERT_INVALID, str(err)) from None
+            raise ImageRejected(ImageErrorCode.CERT_INVALID, err.detail) from None
         cert = signed.body
         if not isinstance(cert, Certificate):
             raise ImageRejected(ImageErrorCode.CERT_INVALID, "a trust record, not a certificate")
@@ -677,22 +678,25 @@ class _ImageSigners:
             assert issuer is not None
             raise ImageRejected(ImageErrorCode.CERT_WIDER, f"{where} under serial {issuer.serial}")
         keyhash = cert.key.keyhash()
-        if cert.serial in self.state.revoked_serials or keyhash in self.revoked:
-            self._revoke(cert, where)
+        if cert.serial in self.state.revoked_serials:
+            self._revoke(cert, f"{where} is revoked")
+            return
+        if keyhash in self.revoked:
+            self._revoke(cert, f"{where}: {self.revoked[keyhash]}")
             return
         self.trusted.setdefault(keyhash, TrustedKey(cert.key, -1, cert))  # an already trusted key: nothing
 
     def _revoke(self, cert: Certificate, detail: str) -> None:
-        self.remembered = ImageErrorCode.REVOKED
+        self.remembered = ImageRejected(ImageErrorCode.REVOKED, detail)
         keyhash = cert.key.keyhash()
         if keyhash not in self.trusted:
-            self.revoked.add(keyhash)
+            self.revoked.setdefault(keyhash, detail)
 
     def signature(self, keyhash: bytes, kind: int, data: bytes, off: int, length: int) -> None:
         trusted = self.trusted.get(keyhash)
         if trusted is None:
             if keyhash in self.revoked:
-                self.remembered = ImageErrorCode.REVOKED
+                self.remembered = ImageRejected(ImageErrorCode.REVOKED, self.revoked[keyhash])
             else:
                 self.unknown_key = True
             return
@@ -700,7 +704,8 @@ class _ImageSigners:
         cert = trusted.certificate
         img = self.image
         if cert is not None and not cert.covers(img.vendor_id, img.class_id, img.security_counter or 0, img.kind):
-            self.remembered = ImageErrorCode.OUT_OF_SCOPE
+            self.remembered = ImageRejected(ImageErrorCode.OUT_OF_SCOPE, f"key {keyhash.hex()[:16]}, certificate "
+                                            f"serial {cert.serial}")
             return
         self.counted.setdefault(trusted.key.modulus, CountedSignature(trusted, scheme))
 
@@ -713,7 +718,7 @@ class _ImageSigners:
         if counted:
             raise ImageRejected(ImageErrorCode.THRESHOLD, f"{len(counted)} of the {need} needed")
         if self.remembered is not None:
-            raise ImageRejected(self.remembered)
+            raise self.remembered
         raise ImageRejected(ImageErrorCode.UNKNOWN_KEY if self.unknown_key else ImageErrorCode.NO_SIGNATURE)
 
 

@@ -51,6 +51,11 @@ class BodyType(IntEnum):
     ROOT = 2
     REVOCATION = 3
 
+    @property
+    def words(self) -> str:
+        """For people: "certificate", "root record", "revocation record"."""
+        return "certificate" if self is BodyType.CERTIFICATE else f"{self.name.lower()} record"
+
 
 class SignatureAlg(IntEnum):
     """An envelope signature's algorithm: the numbers of the image signature TLVs."""
@@ -510,20 +515,15 @@ def add_signature(envelope: bytes, key: SigningKey, scheme: SignatureScheme) -> 
     env = signed.envelope
     keyhash = key.public().keyhash()
     if any(s.keyhash == keyhash for s in env.signatures):
-        raise UsageError(f"key {keyhash.hex()[:16]} has already signed this {_type_words(signed.type)}")
+        raise UsageError(f"key {keyhash.hex()[:16]} has already signed this {signed.type.words}")
     if len(env.signatures) >= MAX_ENVELOPE_SIGNATURES:
-        raise UsageError(f"this {_type_words(signed.type)} already has {MAX_ENVELOPE_SIGNATURES} signatures, "
+        raise UsageError(f"this {signed.type.words} already has {MAX_ENVELOPE_SIGNATURES} signatures, "
                          "the most an envelope holds")
     sig = EnvelopeSignature(keyhash, signature_alg(key.bits, scheme), key.sign_digest(env.digest, scheme))
     data = replace(env, signatures=(*env.signatures, sig)).encode()
     if len(data) > MAX_RECORD_SIZE:
-        raise UsageError(f"signed, the {_type_words(signed.type)} would be {len(data)} bytes, over {MAX_RECORD_SIZE}")
+        raise UsageError(f"signed, the {signed.type.words} would be {len(data)} bytes, over {MAX_RECORD_SIZE}")
     return data
-
-
-def _type_words(kind: BodyType) -> str:
-    return {BodyType.CERTIFICATE: "certificate", BodyType.ROOT: "root record",
-            BodyType.REVOCATION: "revocation record"}[kind]
 
 
 def chain_for(key: PublicKey, certificates: Sequence[bytes]) -> tuple[bytes, ...]:
@@ -534,7 +534,7 @@ def chain_for(key: PublicKey, certificates: Sequence[bytes]) -> tuple[bytes, ...
     for data in certificates:
         signed = decode_signed(data)
         if not isinstance(signed.body, Certificate):
-            raise UsageError(f"a {_type_words(signed.type)} is not a certificate")
+            raise UsageError(f"a {signed.type.words} is not a certificate")
         decoded.append((data, signed.envelope, signed.body))
     by_key = {cert.key.keyhash(): (data, env) for data, env, cert in decoded}
     chain: list[bytes] = []

