@@ -55,8 +55,10 @@ def rotation(version: int, new: SigningKey, *signers: SigningKey) -> bytes:
 ROT2 = rotation(2, ROOT_A, OLD, ROOT_A)  # v1 -> v2: signed by a current root and the new one
 ROT3 = rotation(3, ROOT_B, ROOT_A, ROOT_B)  # v2 -> v3
 REVOKED_KEY = bytes(range(32))
-REV1 = envelope(RevocationRecord(1, (REVOKED_KEY, ROOT_C.public().keyhash()), (7, 9)), ROOT_A)
-REV2 = envelope(RevocationRecord(2, (), (11,)), ROOT_A)
+# Revocations signed by root-a and root-b: a root threshold at version 2 and at version 3 (a
+# signature by a key that is no current root is skipped).
+REV1 = envelope(RevocationRecord(1, (REVOKED_KEY, ROOT_C.public().keyhash()), (7, 9)), ROOT_A, ROOT_B)
+REV2 = envelope(RevocationRecord(2, (), (11,)), ROOT_A, ROOT_B)
 
 
 def state(root_version: int = 1, roots: list[bytes] | None = None, revocation: int = 0,
@@ -73,6 +75,11 @@ REV1_STATE = {**V2_STATE, "revocation": 1, "revoked-keys": [REVOKED_KEY, ROOT_C.
 
 
 # --- the device's handler ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def session(device, tmp_path: Path) -> Session:
+    return Session(device, tmp_path)
 
 
 def push(s: Session, record: bytes, *, chunk: int = 700, version: int = V2) -> list[Reply]:
@@ -242,7 +249,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert_ok(run("key", "rotate-root", "--version", 3, "--root", pub("root-b"), "--threshold", 1,
                   "--image-threshold", 1, "-k", priv("root-a"), "-k", priv("root-b"), "-o", made["rot3"]))
     assert_ok(run("key", "revoke", "--number", 1, "--pubkey", pub("root-c"), "--key-hash", REVOKED_KEY.hex(),
-                  "--serial", 7, "--serial", 9, "-k", priv("root-a"), "-o", made["rev1"]))
+                  "--serial", 7, "--serial", 9, "-k", priv("root-a"), "-k", priv("root-b"), "-o", made["rev1"]))
     made["rev2"].write_bytes(REV2)
     made["cert"].write_bytes(envelope(Certificate(5, ROOT_A.public()), OLD))
     made["garbage"].write_bytes(b"\xa1\x01\x02")
@@ -260,6 +267,7 @@ def trust_json(port: list[str]) -> dict[str, Any]:
 def test_trust_push_and_show_through_the_cli(tmp_path: Path, files: dict[str, Path]) -> None:
     sim = SimProcess(tmp_path / "dev", [KEY])
     try:
+        sim.wait_for(r"serving SMP")
         port = ["--port", sim.path]
         frozen = trust_json(port)
         assert frozen == {"root_version": 1, "threshold": 1, "image_threshold": 1,
@@ -346,7 +354,9 @@ def test_cli_records_are_the_library_records(files: dict[str, Path]) -> None:
 # --- power cuts -------------------------------------------------------------------------------
 
 
-def push_packets(record: bytes, chunk: int = 700) -> list[str]:
+def push_packets(record: bytes, chunk: int = 80) -> list[str]:
+    """The push's request packets in hex, for sim_device's `smp` command: each argument under
+    256 characters (the MicroPython unix port aborts on a longer command-line argument)."""
     out, off, seq = [], 0, 0
     while off < len(record):
         body: dict[str, Any] = {"off": off, "data": record[off : off + chunk]}
