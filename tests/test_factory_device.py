@@ -442,7 +442,7 @@ def test_unknown_commands_and_ops(session: Session) -> None:
     s = session
     provisioned_dev(s, "unknown")
     reps = [s.send(op, G, cmd, version=v) for v in (V1, V2) for op, cmd in (
-        (WRITE, 0), (WRITE, 1), (READ, 2), (READ, 3), (READ, 4), (READ, 5), (READ, 6), (WRITE, 6), (WRITE, 255))]
+        (WRITE, 0), (WRITE, 1), (READ, 2), (READ, 3), (READ, 4), (READ, 5), (READ, 7), (WRITE, 7), (WRITE, 255))]
     s.run()
     for rep in reps:
         assert rep.body == {"rc": ENOTSUP} and rep.ops == 0

@@ -1158,7 +1158,7 @@ def test_packet_and_cbor_errors(session: Session) -> None:
     s.cmd("server", 0)
     unknown = [s.send(READ, 9, 0, version=v) for v in (V1, V2)]
     unknown += [s.send(READ, OS, 2), s.send(READ, IMG, 3), s.send(WRITE, OS, 6), s.send(READ, OS, 5),
-                s.send(WRITE, IMG, 6), s.send(READ, 64, 6), s.send(WRITE, 64, 1), s.send(READ, 64, 2)]
+                s.send(WRITE, IMG, 6), s.send(READ, 64, 7), s.send(WRITE, 64, 1), s.send(READ, 64, 2)]
     bad = {label: [s.raw(packet(WRITE, OS, 0, raw=raw, version=v, seq=i)) for v in (V1, V2)]
            for i, (label, raw) in enumerate(BAD_CBOR.items())}
     ok_nested = s.send(WRITE, OS, 0, {"d": "x", "extra": [[[1]]], "n": -(2**64), "u": 2**64 - 1, "z": None})

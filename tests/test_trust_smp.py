@@ -403,3 +403,22 @@ def test_power_cut_during_a_push(tmp_path: Path) -> None:
         assert again.startswith("RSP "), again
         assert "version=2" in trust_line(dev), (i, tear)
     assert 1 in seen  # cut before the record was whole: the old state
+
+
+def test_private_trust_indices_match_mpboot_trust() -> None:
+    """The SMP modules name the trust state's indices as private consts (no RAM); they must be
+    mpboot.trust's."""
+    import re
+
+    from conftest import FIRMWARE
+
+    def consts(path: Path, prefix: str) -> dict[str, int]:
+        found = re.findall(rf"^{prefix}([A-Z_]+) = const\((\d+)\)", path.read_text(), re.M)
+        return {name: int(v) for name, v in found}
+
+    public = consts(FIRMWARE / "mpboot" / "trust.py", "")
+    for module in ("trust_mgmt", "mpboot_mgmt", "factory_mgmt"):
+        private = consts(FIRMWARE / "mpboot" / "smp" / f"{module}.py", "_")
+        shared = {name: v for name, v in private.items() if name in public}
+        assert {"ROOT_VERSION", "REVOCATION"} <= set(shared), module
+        assert shared == {name: public[name] for name in shared}, module

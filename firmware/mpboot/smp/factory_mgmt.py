@@ -29,7 +29,6 @@ from mpboot.factory import (
 from mpboot.smp.cbor import Encoder
 from mpboot.smp.identity import bytes_or_null, ids, serial
 from mpboot.state import FLOOR
-from mpboot.trust import REVOCATION, ROOT_VERSION
 
 _CMD_FACTORY_INFO = const(1)  # (a read; the others are writes)
 _CMD_IDENTITY = const(2)
@@ -44,6 +43,8 @@ _LABELS_N = const(8)  # at most 8 labels, keys 1-16 bytes, values 0-64 bytes
 _KEY_MAX = const(16)
 _VALUE_MAX = const(64)
 _POLICY = const(14)  # NO_DOWNGRADE | TEST_BOOT | NO_REPL
+_ROOT_VERSION = const(0)  # trust state indices: mpboot.trust ROOT_VERSION, REVOCATION (private
+_REVOCATION = const(4)  # consts, no dict entries: the service heap is tight)
 
 # v1 MGMT_ERR per factory code 1-8 (index 0 unused): 11 EACCESSDENIED, 6 EBADSTATE,
 # 3 EINVAL, 8 ENOTSUP, 1 EUNKNOWN.
@@ -252,6 +253,6 @@ def _info(srv, f, enc):
     serial(enc, f)
     t = sl.trust
     enc.text("revocation")
-    enc.uint(t[REVOCATION])
+    enc.uint(t[_REVOCATION])
     enc.text("root-version")
-    enc.uint(t[ROOT_VERSION])
+    enc.uint(t[_ROOT_VERSION])

@@ -11,7 +11,6 @@
 from micropython import const
 
 from mpboot.smp.identity import ids, serial
-from mpboot.trust import REVOCATION, ROOT_VERSION
 
 _OP_READ = const(0)
 _CMD_DEVICE_INFO = const(0)
@@ -20,6 +19,10 @@ _CMD_SEAL = const(5)  # the last factory command
 _CMD_TRUST = const(6)  # read: the trust state; write: a trust record, in chunks (trust_mgmt)
 
 _ENOTSUP = const(8)
+# Trust state indices (mpboot.trust ROOT_VERSION, REVOCATION), as private consts: importing the
+# public names costs this always-loaded module's dict RAM (the service heap is tight).
+_ROOT_VERSION = const(0)
+_REVOCATION = const(4)
 
 
 def handle(srv, op, cmd, req, enc):
@@ -49,9 +52,9 @@ def _device_info(srv, enc):
     enc.text("serial")
     serial(enc, f)
     enc.text("revocation")
-    enc.uint(t[REVOCATION])
+    enc.uint(t[_REVOCATION])
     enc.text("no-downgrade")
     enc.bool(not sl.downgrade)
     enc.text("root-version")
-    enc.uint(t[ROOT_VERSION])
+    enc.uint(t[_ROOT_VERSION])
 

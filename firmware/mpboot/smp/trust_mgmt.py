@@ -18,15 +18,14 @@
 # codes below and mpboot.records E_*); a missing or mistyped field is EINVAL (no group rc).
 from micropython import const
 
-from mpboot.trust import (
-    IMAGE_THRESHOLD,
-    REVOCATION,
-    REVOKED_KEYS,
-    REVOKED_SERIALS,
-    ROOT_VERSION,
-    ROOTS,
-    THRESHOLD,
-)
+# The trust state's indices (mpboot.trust, same names), as private consts: no dict entries.
+_ROOT_VERSION = const(0)
+_THRESHOLD = const(1)
+_IMAGE_THRESHOLD = const(2)
+_ROOTS = const(3)
+_REVOCATION = const(4)
+_REVOKED_KEYS = const(5)
+_REVOKED_SERIALS = const(6)
 
 _OP_READ = const(0)
 _EUNKNOWN = const(1)
@@ -107,9 +106,9 @@ def handle(srv, op, req, enc):
     enc.text("off")
     enc.uint(end)
     enc.text("revocation")
-    enc.uint(new[REVOCATION])
+    enc.uint(new[_REVOCATION])
     enc.text("root-version")
-    enc.uint(new[ROOT_VERSION])
+    enc.uint(new[_ROOT_VERSION])
     return None
 
 
@@ -123,22 +122,22 @@ def _state(t, enc):
     # The trust state t (mpboot.trust indices), keys in canonical order.
     enc.map(7)
     enc.text("roots")
-    roots = t[ROOTS]
+    roots = t[_ROOTS]
     enc.array(len(roots))
     for k in roots:
         enc.bytes(k[0])  # the key hash
     enc.text("threshold")
-    enc.uint(t[THRESHOLD])
+    enc.uint(t[_THRESHOLD])
     enc.text("revocation")
-    enc.uint(t[REVOCATION])
+    enc.uint(t[_REVOCATION])
     enc.text("revoked-keys")
-    _hashes(enc, t[REVOKED_KEYS])
+    _hashes(enc, t[_REVOKED_KEYS])
     enc.text("root-version")
-    enc.uint(t[ROOT_VERSION])
+    enc.uint(t[_ROOT_VERSION])
     enc.text("image-threshold")
-    enc.uint(t[IMAGE_THRESHOLD])
+    enc.uint(t[_IMAGE_THRESHOLD])
     enc.text("revoked-serials")
-    serials = t[REVOKED_SERIALS]
+    serials = t[_REVOKED_SERIALS]
     enc.array(len(serials))
     for s in serials:
         enc.uint(s)
