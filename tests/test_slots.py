@@ -254,8 +254,8 @@ def test_state_log_with_a_sector_not_a_multiple_of_the_record(device, tmp_path: 
     assert proc.returncode == 0, proc.stderr
     lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("SAVE")]
     assert len(lines) == 12  # per + 2 saves
-    for i, (_, _, seq, floor, erases) in enumerate(lines):
-        assert (int(seq), int(floor)) == (i + 1, i + 1)  # every save loads back, newest wins
+    for i, (_, _, seq, soff, erases) in enumerate(lines):
+        assert (int(seq), int(soff)) == (i + 1, i + 1)  # every save loads back, newest wins
         assert int(erases) == (1 if i < 10 else 2)  # first use, then one switch after 10
 
 
