@@ -26,6 +26,7 @@ package(
         "rsa.py",
         "slots.py",
         "state.py",
+        "trust.py",
         "update.py",
         "service.py",
         "ports/__init__.py",

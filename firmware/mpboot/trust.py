@@ -4,7 +4,10 @@
 # version 1 = the keys frozen into the firmware. The flash store of this list (the trust
 # area, docs/KEYS.md section 5) is below; checking records and certificates is
 # mpboot.records.
+import struct
 from micropython import const
+
+from mpboot.state import Log
 
 ROOT_VERSION = const(0)  # root set version (1: the frozen keys)
 THRESHOLD = const(1)  # distinct roots that must sign a certificate or record
@@ -20,8 +23,117 @@ def initial(keys, threshold=1, image_threshold=1):
     return [1, threshold, image_threshold, list(keys), 0, [], []]
 
 
+def policy(keys_module):
+    # Root set version 1's thresholds as a keys module (mpboot_keys) declares them, 1 when
+    # absent: keyword arguments for boot.start and Slots.
+    return {"threshold": getattr(keys_module, "THRESHOLD", 1),
+            "image_threshold": getattr(keys_module, "IMAGE_THRESHOLD", 1)}
+
+
 def of(keys_or_trust):
     # image.verify() takes either a trust state or a bare KEYS sequence (version 1, 1-of-N).
     if len(keys_or_trust) == 7 and isinstance(keys_or_trust[0], int):
         return keys_or_trust
     return initial(keys_or_trust)
+
+
+# The trust area (docs/KEYS.md section 5): a state.Log of 2304-byte records, each save written
+# twice. Little-endian: magic, seq (Log's), then from _HEAD root version, revocation number,
+# root threshold, image threshold, number of roots, revoked key hashes, revoked serials; the
+# roots, revoked key hashes and serials in fixed slots; zeros up to the CRC-32 at 2300.
+_MAGIC = const(0x5442504D)  # "MPBT"
+_REC = const(2304)
+_HEAD = const(8)
+_HEAD_FMT = "<IIBBBBB"
+_ROOTS_AT = const(24)
+_ROOT = const(418)  # u16 bits, 32-byte key hash, modulus zero padded to 384 bytes
+_MOD_AT = const(34)  # in a root slot
+_MOD_MAX = const(384)  # bytes (RSA-3072)
+_KEYS_AT = const(1696)
+_SERIALS_AT = const(2208)
+_END = const(2300)  # CRC-32 of bytes [0, 2300) follows
+MAX_ROOTS = const(4)
+MAX_REVOKED = const(16)  # key hashes, and serials
+
+
+class TrustStore(Log):
+    # The trust state (the list above) in the trust area: exactly two erase sectors. Its
+    # 2304-byte buffer is held only while loading or saving (the boot's heap has no room to
+    # keep it).
+    def __init__(self, area):
+        Log.__init__(self, area, _MAGIC, _REC, "trust area")
+        self.buf = None
+
+    def _open(self):
+        if self.buf is None:
+            self.buf = bytearray(self.rec)
+
+    def load(self, keys, threshold=1, image_threshold=1):
+        # The newest trust state on flash; a blank area: initial(keys, threshold,
+        # image_threshold), root set version 1 from the frozen keys. Every count is bounded
+        # (a length is never trusted, even under a valid CRC) and the thresholds are at
+        # least 1: a bad record can make the device trust less, never more.
+        self._open()
+        try:
+            if not self.find():
+                return initial(keys, threshold, image_threshold)
+            b = self.buf
+            mv = memoryview(b)
+            ver, rev, thr, ithr, nr, nk, ns = struct.unpack_from(_HEAD_FMT, b, _HEAD)
+            roots = []
+            for i in range(min(nr, MAX_ROOTS)):
+                o = _ROOTS_AT + i * _ROOT
+                bits = struct.unpack_from("<H", b, o)[0]
+                m = o + _MOD_AT
+                roots.append((bytes(mv[o + 2 : m]), bits, bytes(mv[m : m + min(bits >> 3, _MOD_MAX)])))
+            revoked = []
+            for i in range(min(nk, MAX_REVOKED)):
+                o = _KEYS_AT + 32 * i
+                revoked.append(bytes(mv[o : o + 32]))
+            serials = []
+            for i in range(min(ns, MAX_REVOKED)):
+                serials.append(struct.unpack_from("<I", b, _SERIALS_AT + 4 * i)[0])
+            return [ver, max(thr, 1), max(ithr, 1), roots, rev, revoked, serials]
+        finally:
+            self.buf = None
+
+    def save(self, trust):
+        # Appends `trust` (a list as above) twice: a cut before the first copy is whole
+        # leaves the old state, and a bit flip in one copy leaves the other. ValueError
+        # (nothing written) for a state the record cannot hold; OSError when the flash write
+        # fails (the caller re-reads the state: flash may hold the old or the new one).
+        roots = trust[ROOTS]
+        revoked = trust[REVOKED_KEYS]
+        serials = trust[REVOKED_SERIALS]
+        if not 1 <= len(roots) <= MAX_ROOTS or len(revoked) > MAX_REVOKED or len(serials) > MAX_REVOKED:
+            raise ValueError("trust")
+        if not 1 <= trust[THRESHOLD] <= 255 or not 1 <= trust[IMAGE_THRESHOLD] <= 255:
+            raise ValueError("trust")
+        for r in roots:
+            if len(r[0]) != 32 or len(r[2]) != r[1] >> 3 or len(r[2]) > _MOD_MAX:
+                raise ValueError("trust")
+        for h in revoked:
+            if len(h) != 32:
+                raise ValueError("trust")
+        self._open()
+        try:
+            b = self.begin()
+            for i in range(_END):
+                b[i] = 0
+            struct.pack_into(_HEAD_FMT, b, _HEAD, trust[ROOT_VERSION], trust[REVOCATION],
+                             trust[THRESHOLD], trust[IMAGE_THRESHOLD], len(roots), len(revoked),
+                             len(serials))
+            for i in range(len(roots)):
+                o = _ROOTS_AT + i * _ROOT
+                r = roots[i]
+                struct.pack_into("<H", b, o, r[1])
+                b[o + 2 : o + _MOD_AT] = r[0]
+                b[o + _MOD_AT : o + _MOD_AT + len(r[2])] = r[2]
+            for i in range(len(revoked)):
+                b[_KEYS_AT + 32 * i : _KEYS_AT + 32 * i + 32] = revoked[i]
+            for i in range(len(serials)):
+                struct.pack_into("<I", b, _SERIALS_AT + 4 * i, serials[i])
+            self.append()
+            self.append()
+        finally:
+            self.buf = None
