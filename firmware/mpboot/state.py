@@ -56,8 +56,10 @@ class Log:
     # u32 sequence number, the owner's fields, and a CRC-32 of the bytes before it as its last
     # word; it is padded with 0xff to a multiple of the write unit. The owner fills `buf`
     # between begin() and append(); after find() (a valid record was read) `buf` holds the
-    # newest record.
-    def __init__(self, area, magic, size, name="state area"):
+    # newest record. hold=False: no buffer is made here; the owner sets `buf` before it
+    # appends and reads records its own way (mpboot.trust: its 2304-byte one exists only
+    # while it saves).
+    def __init__(self, area, magic, size, name="state area", hold=True):
         ws = area.write_size
         self.magic = magic
         self.crc_at = size - 4
@@ -66,7 +68,7 @@ class Log:
         if area.size != 2 * area.erase_size or self.per < 1:
             raise ValueError(name)
         self.area = area
-        self.buf = bytearray(self.rec)
+        self.buf = bytearray(self.rec) if hold else None
         self.seq = 0  # sequence number of the newest record (0: none)
         self.pos = -1  # byte offset of the next append; -1: switch sectors first
         self.found = False  # a valid record was read or written

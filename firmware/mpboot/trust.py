@@ -5,6 +5,7 @@
 # area, docs/KEYS.md section 5) is below; checking records and certificates is
 # mpboot.records.
 import struct
+from binascii import crc32
 from micropython import const
 
 from mpboot.state import Log
@@ -52,50 +53,65 @@ _MOD_MAX = const(384)  # bytes (RSA-3072)
 _KEYS_AT = const(1696)
 _SERIALS_AT = const(2208)
 _END = const(2300)  # CRC-32 of bytes [0, 2300) follows
+_PIECE = const(64)  # bytes read at a time
 MAX_ROOTS = const(4)
 MAX_REVOKED = const(16)  # key hashes, and serials
 
 
 class TrustStore(Log):
-    # The trust state (the list above) in the trust area: exactly two erase sectors. Its
-    # 2304-byte buffer is held only while loading or saving (the boot's heap has no room to
-    # keep it).
+    # The trust state (the list above) in the trust area: exactly two erase sectors. Records
+    # are read from flash in small pieces (the CRC too); the 2304-byte record buffer exists
+    # only while one is saved: the boot's heap has no room for it.
     def __init__(self, area):
-        Log.__init__(self, area, _MAGIC, _REC, "trust area")
-        self.buf = None
+        Log.__init__(self, area, _MAGIC, _REC, "trust area", False)
+        self._piece = bytearray(_PIECE)
 
-    def _open(self):
-        if self.buf is None:
-            self.buf = bytearray(self.rec)
+    def _read(self, off, n):
+        # Bytes [off, off + n) of the area (n <= _PIECE) in a view of self._piece.
+        b = memoryview(self._piece)[:n]
+        self.area.read(off, b)
+        return b
+
+    def _valid(self, off):
+        # Log._valid without the record buffer: the sequence number of a valid record at off,
+        # else -1.
+        b = self._read(off, 8)
+        if struct.unpack_from("<I", b, 0)[0] != _MAGIC:
+            return -1
+        seq = struct.unpack_from("<I", b, 4)[0]
+        crc = 0
+        n = 0
+        while n < _END:
+            m = min(_PIECE, _END - n)
+            crc = crc32(self._read(off + n, m), crc)
+            n += m
+        return seq if crc == struct.unpack_from("<I", self._read(off + _END, 4), 0)[0] else -1
 
     def load(self, keys, threshold=1, image_threshold=1):
         # The newest trust state on flash; a blank area: initial(keys, threshold,
         # image_threshold), root set version 1 from the frozen keys. Every count is bounded
         # (a length is never trusted, even under a valid CRC) and the thresholds are at
         # least 1: a bad record can make the device trust less, never more.
-        self._open()
-        try:
-            if not self.find():
-                return initial(keys, threshold, image_threshold)
-            b = self.buf
-            mv = memoryview(b)
-            ver, rev, thr, ithr, nr, nk, ns = struct.unpack_from(_HEAD_FMT, b, _HEAD)
-            roots = []
-            for i in range(min(nr, MAX_ROOTS)):
-                o = _ROOTS_AT + i * _ROOT
-                bits = struct.unpack_from("<H", b, o)[0]
-                m = o + _MOD_AT
-                roots.append((bytes(mv[o + 2 : m]), bits, bytes(mv[m : m + min(bits >> 3, _MOD_MAX)])))
-            revoked = []
-            for i in range(min(nk, MAX_REVOKED)):
-                o = _KEYS_AT + 32 * i
-                revoked.append(bytes(mv[o : o + 32]))
-            serials = []
-            for i in range(min(ns, MAX_REVOKED)):
-                serials.append(struct.unpack_from("<I", b, _SERIALS_AT + 4 * i)[0])
-            return [ver, max(thr, 1), max(ithr, 1), roots, rev, revoked, serials]
-        finally:
-            self.buf = None
+        if not self.find():
+            return initial(keys, threshold, image_threshold)
+        at = self._last
+        ver, rev, thr, ithr, nr, nk, ns = struct.unpack_from(_HEAD_FMT, self._read(at + _HEAD, 13), 0)
+        roots = []
+        for i in range(min(nr, MAX_ROOTS)):
+            o = at + _ROOTS_AT + i * _ROOT
+            b = self._read(o, _MOD_AT)
+            bits = struct.unpack_from("<H", b, 0)[0]
+            h = bytes(b[2:_MOD_AT])
+            m = bytearray(min(bits >> 3, _MOD_MAX))
+            self.area.read(o + _MOD_AT, m)
+            roots.append((h, bits, bytes(m)))
+        revoked = []
+        for i in range(min(nk, MAX_REVOKED)):
+            revoked.append(bytes(self._read(at + _KEYS_AT + 32 * i, 32)))
+        serials = []
+        for i in range(min(ns, MAX_REVOKED)):
+            serials.append(struct.unpack_from("<I", self._read(at + _SERIALS_AT + 4 * i, 4), 0)[0])
+        return [ver, max(thr, 1), max(ithr, 1), roots, rev, revoked, serials]
 
     def save(self, trust):
         # Appends `trust` (a list as above) twice: a cut before the first copy is whole
@@ -115,11 +131,10 @@ class TrustStore(Log):
         for h in revoked:
             if len(h) != 32:
                 raise ValueError("trust")
-        self._open()
+        self.buf = b = bytearray(self.rec)  # zeros: the record's padding and empty slots
         try:
-            b = self.begin()
-            for i in range(_END):
-                b[i] = 0
+            for i in range(_REC, len(b)):
+                b[i] = 0xFF  # past the record, up to the write unit
             struct.pack_into(_HEAD_FMT, b, _HEAD, trust[ROOT_VERSION], trust[REVOCATION],
                              trust[THRESHOLD], trust[IMAGE_THRESHOLD], len(roots), len(revoked),
                              len(serials))
