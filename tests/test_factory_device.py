@@ -674,7 +674,7 @@ from mpboot import boot, service
 from mpboot.ports import unix as port
 
 cfg, chip, policy = sim_config.load(sys.argv[1])
-r = boot.start(port, port.areas(chip), mpboot_keys.KEYS, **policy)
+r = boot.start(port, sim_config.areas(cfg, chip), mpboot_keys.KEYS, **policy)
 print("RETURNED", r)
 
 
