@@ -10,8 +10,8 @@
 # bytes (at most _MAX_RECORD: TOO_LARGE), replacing one being received, and allocates its
 # buffer; each later chunk must start at the next expected byte (CHUNK). Answered {"off": next}
 # until the last byte arrives; then the record is applied (records.apply, then
-# Slots.set_trust: FLASH when the trust area cannot be written) and the answer is
-# {"off": len, "revocation": n, "root-version": v}. Any error ends the record (its buffer is
+# Slots.set_trust: FLASH when the trust area cannot be written and keeps the old state) and
+# the answer is {"off": len, "revocation": n, "root-version": v}. Any error ends the record (its buffer is
 # freed; the client starts again at off 0) and leaves the trust state as it was.
 #
 # Errors: v2 {"err": {"group": 64, "rc": R}}, v1 {"rc": MGMT_ERR, "rsn": "trust:R"} (R: the
@@ -100,7 +100,11 @@ def handle(srv, op, req, enc):
     try:
         sl.set_trust(new)
     except OSError:
-        return error(E_FLASH)
+        # Slots.trust is now what flash holds: the old state (FLASH), or the new one when its
+        # first copy was whole before the failure (the record was taken: answered as such).
+        t = sl.trust
+        if t[_ROOT_VERSION] != new[_ROOT_VERSION] or t[_REVOCATION] != new[_REVOCATION]:
+            return error(E_FLASH)
     srv.forget()  # the slots' verdicts may change with the roots and what is revoked
     enc.map(3)
     enc.text("off")
