@@ -228,3 +228,18 @@ def test_show_and_cosign_tell_images_and_records_apart(fw: Path, tmp_path: Path)
 def test_new_commands_have_help(path: tuple[str, ...]) -> None:
     out = assert_ok(run(*path, "--help")).stdout
     assert out.startswith(f"Usage: mpboot {' '.join(path)}")
+
+
+def test_cosign_with_a_delegated_key_writes_its_chain_parent_first(fw: Path, tmp_path: Path) -> None:
+    team, ci, rec = tmp_path / "team.cert", tmp_path / "ci.cert", tmp_path / "r.cbor"
+    assert_ok(run("key", "delegate", "-k", k("root-a"), "-k", k("root-b"), "--to", p("team"), "--serial", 10,
+                  "--depth", 1, "-o", team))
+    assert_ok(run("key", "delegate", "-k", k("team"), "--to", p("ci"), "--serial", 11, "-o", ci))
+    image = tmp_path / "app.bin"
+    sign(fw, image, "-k", k("root-c"))
+    assert_ok(run("cosign", image, "-k", k("ci"), "--cert", ci, "--cert", team))
+    certs = [t.value for t in parse_image(image.read_bytes()).unprotected if t.type == TlvType.MPBOOT_CERT]
+    assert certs == [team.read_bytes(), ci.read_bytes()]
+    assert_ok(verify(image, "--threshold", 2, "--image-threshold", 2))
+    assert_ok(run("key", "revoke", "-k", k("root-a"), "--number", 1, "-o", rec))
+    assert_error(run("cosign", image, "-k", k("root-a"), "--cert", rec), 2, "not a certificate", str(rec))

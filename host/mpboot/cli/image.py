@@ -177,13 +177,17 @@ def _signers(signing_keys: list[SigningKey], cert_files: tuple[Path, ...]) -> li
     """Each key with the certificates (of `cert_files`) that lead to it; every file must be
     used by one of them."""
     certs = {path: read_trust_file(path, "a certificate") for path in cert_files}
+    for path, data in certs.items():
+        try:
+            body = trust.decode_signed(data).body
+        except TrustRefused as err:
+            raise TrustRefused(err.code, f"--cert {path}: {err.detail}") from None
+        if not isinstance(body, trust.Certificate):
+            raise UsageError(f"--cert {path}: a {trust.body_type(body).words}, not a certificate")
     signers = []
     used: set[bytes] = set()
     for key in signing_keys:
-        try:
-            chain = trust.chain_for(key.public(), list(certs.values()))
-        except TrustRefused as err:
-            raise TrustRefused(err.code, f"a --cert file: {err.detail}") from None
+        chain = trust.chain_for(key.public(), list(certs.values()))
         used.update(chain)
         signers.append(ImageSigner(key, chain))
     for path, data in certs.items():
@@ -220,9 +224,9 @@ def cosign_cmd(input_path: Path, key_file: Path, cert_files: tuple[Path, ...], s
     if path.suffix.lower() == ".hex" or (len(head) == 4 and int.from_bytes(head, "little") == IMAGE_MAGIC):
         base_addr = pack.read_hex(path)[1] if path.suffix.lower() == ".hex" else None
         data = read_image(path)
-        certs = [read_trust_file(p, "a certificate") for p in cert_files]
+        chain = _signers([key], cert_files)[0].certificates  # parent first, whatever the order given
         slot = parse_size(slot_size, "slot size", maximum=SLOT_SIZE_LIMIT) if slot_size else None
-        image = cosign(data, key, chosen, certs, slot)
+        image = cosign(data, key, chosen, chain, slot)
         pack.write_output(out, image, base_addr)
         count = sum(1 for t in parse_image(image).unprotected if t.type in SIGNATURE_TYPES)
         click.echo(f"cosigned {input_path} with key {key.public().keyhash().hex()[:16]} -> {out} "
