@@ -1,10 +1,12 @@
 # MCUboot image verifier for MicroPython (format: docs/FORMAT.md).
 #
-# verify(reader, keys, slot_size) streams the image through one fixed buffer: every size
+# verify(reader, trust, slot_size) streams the image through one fixed buffer: every size
 # from the header is bounded against the slot before anything is read, the TLV areas are
 # walked with every length bounded, and nothing is trusted until the SHA-256 over
-# header + payload + protected TLVs matches and an RSA signature by an embedded key
-# verifies. Failures raise ImageError with a numeric code (one per cause).
+# header + payload + protected TLVs matches and RSA signatures by as many distinct trusted
+# keys as the image threshold verify: roots, or keys certified in the image whose scope
+# holds it (docs/KEYS.md; certificates are checked by mpboot.records, imported only when an
+# image carries one). Failures raise ImageError with a numeric code (one per cause).
 import hashlib
 import struct
 from micropython import const
@@ -35,6 +37,14 @@ _TLV_UUID_CID = const(0x75)
 # Vendor TLV (MCUboot reserves 0xa0-0xfe for vendors): RSASSA-PKCS1-v1_5 / SHA-256 over
 # the image digest, for signing keys held in HSMs that cannot do PSS. Length = key size.
 _TLV_MPBOOT_RSA_PKCS1V15 = const(0xA0)
+# Vendor TLVs of the trust model (docs/KEYS.md section 4): the image kind (protected, u32
+# with one bit: 1 app, 2 updater; absent: app) and a certificate envelope (unprotected).
+_TLV_MPBOOT_KIND = const(0xA1)
+_TLV_MPBOOT_CERT = const(0xA2)
+# Trust state indices (mpboot.trust, which the verifier does not import: it costs heap)
+_IMAGE_THRESHOLD = const(2)  # trust.IMAGE_THRESHOLD
+_ROOTS = const(3)  # trust.ROOTS
+_REVOKED_KEYS = const(5)  # trust.REVOKED_KEYS
 
 # Header flags we accept: PIC, NON_BOOTABLE, RAM_LOAD, ROM_FIXED. Encrypted or compressed
 # images (and any flag we do not know) are refused: we could not boot them as verified.
@@ -48,8 +58,11 @@ _MIN_BUF = const(1024)
 # Bounds on TLV areas read whole into the buffer (MCUboot's are far smaller).
 _MAX_PROT_SIZE = const(1024)
 _MAX_PUBKEY_SIZE = const(1024)
-# Signature TLVs an image may carry (of any algorithm): bounds the RSA work one image costs.
-_MAX_SIGNATURES = const(4)
+# Signature TLVs an image may carry (of any algorithm), and certificates: bound the RSA
+# work one image costs.
+_MAX_SIGNATURES = const(6)
+_MAX_CERTS = const(4)
+_MAX_CERT_SIZE = const(2048)
 
 # Error codes (ImageError.code): E_ + the host's name (mpboot.errors.ImageErrorCode), same number.
 E_BAD_MAGIC = const(1)  # header magic is not 0x96f3b83d
@@ -67,7 +80,12 @@ E_UNKNOWN_KEY = const(12)  # key hash matches no embedded key
 E_KEY_SIZE = const(13)  # signature type or length does not match the key size
 E_BAD_SIGNATURE = const(14)  # signature by an embedded key does not verify
 E_NO_SIGNATURE = const(15)  # no signature by an embedded key
-
+# Trust model (docs/KEYS.md section 4); 16-19 are the device policy's (mpboot.slots).
+# (E_CERT_INVALID 20, E_CERT_ISSUER 21, E_CERT_WIDER 22: in mpboot.records, which finds them)
+_E_CERT_INVALID = const(20)  # records.E_CERT_INVALID, here for a certificate over 2048 bytes
+E_OUT_OF_SCOPE = const(23)  # a signer's certificate does not cover this image
+E_REVOKED = const(24)  # a signer, a certificate or its issuer is revoked
+E_THRESHOLD = const(25)  # fewer distinct trusted signers than the image threshold
 
 
 class ImageError(Exception):
@@ -82,7 +100,8 @@ class ImageError(Exception):
 #   "vendor_id", "class_id": 16-byte UUIDs or None   "flags", "load_addr": header fields
 #   "hdr_size": payload offset   "img_size": payload size
 #   "total_size": header + payload + both TLV areas   "digest": SHA-256 image digest
-#   "key_index": which embedded key signed it
+#   "key_index": which root key signed it first (-1: only certified keys)
+#   "kind": the MPBOOT_KIND bit (1 app, 2 updater), only when the image has one (else an app)
 
 
 def _read(read, offset, buf):
@@ -125,19 +144,21 @@ def walk_protected(area, info):
         if off + length > total:
             raise ImageError(E_BAD_TLV)
         name = None
-        if kind == _TLV_SEC_CNT and length == 4:
-            name = "security_counter"
-            value = struct.unpack_from("<I", area, off)[0]
-        elif kind == _TLV_UUID_VID and length == 16:
-            name = "vendor_id"
-        elif kind == _TLV_UUID_CID and length == 16:
-            name = "class_id"
-        elif kind == _TLV_SEC_CNT or kind == _TLV_UUID_VID or kind == _TLV_UUID_CID:
-            raise ImageError(E_BAD_TLV)  # wrong length
+        if kind == _TLV_SEC_CNT or kind == _TLV_MPBOOT_KIND:
+            name = "security_counter" if kind == _TLV_SEC_CNT else "kind"
+            value = struct.unpack_from("<I", area, off)[0] if length == 4 else 0
+            # (a kind is exactly one bit)
+            if length != 4 or kind == _TLV_MPBOOT_KIND and (not value or value & (value - 1)):
+                raise ImageError(E_BAD_TLV)
+        elif kind == _TLV_UUID_VID or kind == _TLV_UUID_CID:
+            if length != 16:
+                raise ImageError(E_BAD_TLV)
+            name = "vendor_id" if kind == _TLV_UUID_VID else "class_id"
+            value = bytes(area[off : off + 16])
         if name:
-            if info[name] is not None:
+            if info.get(name) is not None:
                 raise ImageError(E_BAD_TLV)  # repeated
-            info[name] = value if kind == _TLV_SEC_CNT else bytes(area[off : off + 16])
+            info[name] = value
         # Other protected types (dependencies, boot record, custom) are covered by the
         # hash and carry nothing this verifier acts on.
         off += length
@@ -153,6 +174,7 @@ def _is_protected_only(kind):
         _TLV_DECOMP_SIZE,
         _TLV_DECOMP_SHA,
         _TLV_DECOMP_SIGNATURE,
+        _TLV_MPBOOT_KIND,
     )
 
 
@@ -179,11 +201,16 @@ def _check_signature(kind, key, sig, digest):
         raise ImageError(E_BAD_SIGNATURE)
 
 
-def verify(read, keys, slot_size, buf=None):
-    # read: a reader (see mpboot.reader). keys: sequence of (key hash, modulus bits, modulus bytes)
-    # as written by `mpboot pubkey --format micropython`. slot_size: bytes the image may
+def verify(read, trust, slot_size, buf=None):
+    # read: a reader (see mpboot.reader). trust: the trust state (mpboot.trust), or a bare
+    # sequence of (key hash, modulus bits, modulus bytes) as written by `mpboot pubkey
+    # --format micropython` (version 1, one signature). slot_size: bytes the image may
     # occupy. buf: optional preallocated bytearray of at least 1 KiB (default: BUF_SIZE).
     # Returns the info dict described above; raises ImageError.
+    if type(trust[0]) is not int:
+        trust = (1, 1, 1, trust, 0, (), ())  # bare keys: trust.initial(trust)
+    keys = trust[_ROOTS]
+    revoked = trust[_REVOKED_KEYS]
     if buf is None:
         buf = bytearray(BUF_SIZE)
     size = len(buf)
@@ -237,10 +264,15 @@ def verify(read, keys, slot_size, buf=None):
     end = off + total
     off += 4
     hash_seen = False
-    key_index = -1  # embedded key named by the last KEYHASH/PUBKEY (-1: none we hold)
+    key_index = -1  # root named by the last KEYHASH/PUBKEY (-1: none we hold)
+    key_cert = None  # else the certificate (mpboot.records C_* list) of the key it names
     key_pending = False  # a KEYHASH/PUBKEY waits for its signature TLV
     unknown_key = False
     signatures = 0
+    certs = 0
+    certified = []  # certificates accepted in this image, each with its scope verdict last
+    signed = []  # moduli of the distinct trusted keys whose signature verified
+    why = 0  # the first reason a signer did not count (E_REVOKED, E_OUT_OF_SCOPE, E_CERT_*)
     while off < end:
         if off + 4 > end:
             raise ImageError(E_BAD_TLV)
@@ -265,7 +297,26 @@ def verify(read, keys, slot_size, buf=None):
             _read(read, off, value)
             value = hashlib.sha256(value).digest() if kind == _TLV_PUBKEY else bytes(value)
             key_index = _find_key(keys, value)
+            key_cert = None
+            if key_index < 0:
+                for c in certified:
+                    if c[1][0] == value:  # records.C_KEY
+                        key_cert = c
             key_pending = True
+        elif kind == _TLV_MPBOOT_CERT:
+            certs += 1
+            if certs > _MAX_CERTS:
+                raise ImageError(E_BAD_TLV)
+            if length > _MAX_CERT_SIZE or length > size:
+                raise ImageError(_E_CERT_INVALID)
+            value = mv[:length]
+            _read(read, off, value)
+            from mpboot import records
+
+            c = records.add(value, trust, certified, info)
+            if c < 0:
+                raise ImageError(-c)
+            why = why or c
         elif kind in (_TLV_RSA2048_PSS, _TLV_RSA3072_PSS, _TLV_MPBOOT_RSA_PKCS1V15, _TLV_ECDSA_SIG, _TLV_ED25519):
             if not key_pending:
                 raise ImageError(E_SIG_WITHOUT_KEYHASH)
@@ -273,21 +324,28 @@ def verify(read, keys, slot_size, buf=None):
             signatures += 1
             if signatures > _MAX_SIGNATURES:
                 raise ImageError(E_BAD_TLV)
+            key = keys[key_index] if key_index >= 0 else key_cert[1] if key_cert else None
             if kind == _TLV_ECDSA_SIG or kind == _TLV_ED25519:
                 # Other algorithms' signatures (multi-signed images): not ours to check.
                 pass
-            elif key_index < 0:
+            elif key is None:
                 # Signed by a key this device does not hold: not a reason to fail while
                 # another signature may be by a key it does.
                 unknown_key = True
+            elif key[0] in revoked:
+                why = why or E_REVOKED
+            elif key_cert and not key_cert[-1]:
+                why = why or E_OUT_OF_SCOPE
             else:
                 if length > 384:
                     raise ImageError(E_KEY_SIZE)
                 sig = mv[:length]
                 _read(read, off, sig)
-                _check_signature(kind, keys[key_index], sig, digest)
-                if info["key_index"] < 0:
-                    info["key_index"] = key_index  # the first good signature's key
+                _check_signature(kind, key, sig, digest)
+                if key[2] not in signed:
+                    signed.append(key[2])
+                if key_index >= 0 and info["key_index"] < 0:
+                    info["key_index"] = key_index  # the first good root signature's key
         elif _is_protected_only(kind):
             raise ImageError(E_UNPROTECTED_TLV)
         else:
@@ -296,6 +354,9 @@ def verify(read, keys, slot_size, buf=None):
 
     if not hash_seen:
         raise ImageError(E_NO_HASH)
-    if info["key_index"] < 0:
-        raise ImageError(E_UNKNOWN_KEY if unknown_key else E_NO_SIGNATURE)
+    n = len(signed)
+    if n < trust[_IMAGE_THRESHOLD]:
+        if n:
+            raise ImageError(E_THRESHOLD)
+        raise ImageError(why or (E_UNKNOWN_KEY if unknown_key else E_NO_SIGNATURE))
     return info

@@ -18,10 +18,3 @@ REVOKED_SERIALS = const(6)  # list of certificate serials (int)
 def initial(keys, threshold=1, image_threshold=1):
     # The trust state before any record: the frozen keys (mpboot_keys.KEYS) as version 1.
     return [1, threshold, image_threshold, list(keys), 0, [], []]
-
-
-def of(keys_or_trust):
-    # image.verify() takes either a trust state or a bare KEYS sequence (version 1, 1-of-N).
-    if len(keys_or_trust) == 7 and isinstance(keys_or_trust[0], int):
-        return keys_or_trust
-    return initial(keys_or_trust)

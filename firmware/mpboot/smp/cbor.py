@@ -56,6 +56,11 @@ _F4_HI = const(0x8F)
 
 
 class Decoder:
+    # strict: also refuse what canonical CBOR (RFC 8949 4.2.1) never writes: longer argument
+    # forms than needed, and map keys other than unsigned integers in ascending order. SMP
+    # clients are not canonical; signed trust records (mpboot.records) must be.
+    strict = False
+
     def decode(self, buf):
         # buf: bytes-like or memoryview holding exactly one CBOR map. Returns a dict.
         self.mv = memoryview(buf)
@@ -84,6 +89,8 @@ class Decoder:
             v = (v << 8) | mv[p]
             p += 1
         self.pos = e
+        if self.strict and v < (_AI_U8 if ai == _AI_U8 else 1 << (4 << (ai - _AI_U8))):
+            raise ValueError  # not the shortest form
         return v
 
     def _item(self, depth):
@@ -135,11 +142,16 @@ class Decoder:
                 a.append(self._item(depth))
             return a
         d = {}
+        last = -1
         for _ in range(n):
             k = self._item(depth)
             t = type(k)
             if (t is not str and t is not int) or k in d:
                 raise ValueError
+            if self.strict:
+                if t is not int or k <= last:
+                    raise ValueError  # canonical order of unsigned keys: ascending
+                last = k
             d[k] = self._item(depth)
         return d
 
