@@ -467,17 +467,21 @@ class Envelope:
         found: dict[bytes, PublicKey] = {}
         for sig in self.signatures:
             key = trusted.get(sig.keyhash)
-            if key is None:
-                continue
-            who = f"key {sig.keyhash.hex()[:16]}"
-            if not sig.fits(key):
-                raise error(f"{who}: {sig.alg.name} signature of {len(sig.signature)} bytes, RSA-{key.bits} key")
-            try:
-                key.verify_digest(sig.signature, self.digest, sig.scheme)
-            except ImageRejected:
-                raise error(f"{who}: signature does not verify") from None
-            found.setdefault(key.modulus, key)
+            if key is not None:
+                self.check_signature(sig, key, error)
+                found.setdefault(key.modulus, key)
         return list(found.values())
+
+    def check_signature(self, sig: EnvelopeSignature, key: PublicKey, error: Callable[[str], MpbootError]) -> None:
+        """Raise `error(detail)` unless `sig` is `key`'s signature over this body, with the
+        algorithm and length `key` makes."""
+        who = f"key {sig.keyhash.hex()[:16]}"
+        if not sig.fits(key):
+            raise error(f"{who}: {sig.alg.name} signature of {len(sig.signature)} bytes, RSA-{key.bits} key")
+        try:
+            key.verify_digest(sig.signature, self.digest, sig.scheme)
+        except ImageRejected:
+            raise error(f"{who}: signature does not verify") from None
 
 
 @dataclass(frozen=True)
