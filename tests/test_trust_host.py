@@ -29,7 +29,7 @@ from mpboot.image import (
     parse_image,
     verify_image,
 )
-from mpboot.keys import PublicKey, SignatureScheme, SigningKey, load_public_key, load_signing_key
+from mpboot.keys import PublicKey, SignatureScheme, SigningKey, load_public_key
 from mpboot.trust import (
     Certificate,
     Envelope,
