@@ -71,11 +71,17 @@ def keygen(key_type: str, output: Path, password_env: str | None) -> None:
                    "hashes); micropython: the device's mpboot_keys module; c: C arrays.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write here instead of standard output.")
+@click.option("--threshold", type=int, default=None,
+              help="micropython: distinct roots that must sign a certificate or trust record (default 1).")
+@click.option("--image-threshold", type=int, default=None,
+              help="micropython: distinct trusted keys that must sign an image (default 1).")
 @password_env_option
-def pubkey_cmd(key_files: tuple[Path, ...], fmt: str, output: Path | None, password_env: str | None) -> None:
-    """Export the public key(s) of KEY_FILES (private or public key files)."""
+def pubkey_cmd(key_files: tuple[Path, ...], fmt: str, output: Path | None, threshold: int | None,
+               image_threshold: int | None, password_env: str | None) -> None:
+    """Export the public key(s) of KEY_FILES (private or public key files). With --format
+    micropython: the device's frozen root set (version 1, docs/KEYS.md)."""
     secret = password(password_env)
-    data = pubkey.export([keys.load_public_key(p, secret) for p in key_files], fmt)
+    data = pubkey.export([keys.load_public_key(p, secret) for p in key_files], fmt, threshold, image_threshold)
     if output is None:
         click.echo(data if fmt in ("der", "raw") else data.decode(), nl=False)
     else:
