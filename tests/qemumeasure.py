@@ -63,11 +63,15 @@ def boot_image(folder: Path, key: SigningKey) -> bytes:
     return sign_app(make_app(folder, "qemu-1", confirm=False, filler=BOOT_IMAGE_KIB * 1024), key, "1.0.0")
 
 
-def boots_in(elf: Path, flash: Path, image: bytes, free_b: int, cold: bool) -> bool:
-    """One power-on of a factory-fresh board with `image` in slot 0: did the boot complete
-    with only `free_b` bytes of free heap?"""
+def boots_in(elf: Path, flash: Path, image: bytes, free_b: int, cold: bool,
+             extra: Sequence[tuple[int, bytes]] = ()) -> bool:
+    """One power-on of a factory-fresh board with `image` in slot 0 (and each (offset, bytes)
+    of `extra` written to its flash): did the boot complete with only `free_b` bytes of free
+    heap?"""
     create_flash(flash)
     write_flash(flash, 0, image)
+    for offset, data in extra:
+        write_flash(flash, offset, data)
     code = _BOOT_IN_HEAP.format(warm="" if cold else _IMPORTS, free=free_b, slack=_BALLAST_SLACK,
                                 cold="".join(f"    {line}\n" for line in _IMPORTS.splitlines()) if cold else "")
     with QemuBoard(elf, flash) as board:
@@ -83,13 +87,13 @@ def boots_in(elf: Path, flash: Path, image: bytes, free_b: int, cold: bool) -> b
 
 
 def smallest_boot_heap(elf: Path, flash: Path, image: bytes, cold: bool, lo_b: int, hi_b: int,
-                       step_b: int = 256) -> BootHeap:
+                       step_b: int = 256, extra: Sequence[tuple[int, bytes]] = ()) -> BootHeap:
     """Bisects the free heap the boot needs between lo_b (must fail) and hi_b (must work)."""
-    assert boots_in(elf, flash, image, hi_b, cold), f"the boot does not complete in {hi_b} B of free heap"
-    assert not boots_in(elf, flash, image, lo_b, cold), f"the boot completes in {lo_b} B: bisect lower"
+    assert boots_in(elf, flash, image, hi_b, cold, extra), f"the boot does not complete in {hi_b} B of free heap"
+    assert not boots_in(elf, flash, image, lo_b, cold, extra), f"the boot completes in {lo_b} B: bisect lower"
     while hi_b - lo_b > step_b:
         mid = (lo_b + hi_b) // 2 // step_b * step_b
-        if boots_in(elf, flash, image, mid, cold):
+        if boots_in(elf, flash, image, mid, cold, extra):
             hi_b = mid
         else:
             lo_b = mid

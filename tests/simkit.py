@@ -10,7 +10,7 @@ from mpboot.image import ImageVersion, SignOptions, build_image
 from mpboot.keys import SigningKey
 from mpboot.pack import pack_app
 from mpboot.errors import ImageRefused, UpdateRefused
-from mpboot.sim import Run, SimDevice, install_result
+from mpboot.sim import Geometry, Run, SimDevice, install_result
 
 HEADER_ROOM = 0x200
 
@@ -95,14 +95,16 @@ def refused(run: Run) -> tuple[str, int]:
 
 
 class FlashFile:
-    """A NorFlash file as the host sees it (the unix port's layout: slot 0 | slot 1 | state,
-    two sectors | factory, the last two sectors), and its wear counters."""
+    """A NorFlash file as the host sees it (the unix port's layout, mpboot.sim.Geometry: slot
+    0 | slot 1 | state, two sectors | trust, two sectors | factory, the last two sectors), and
+    its wear counters."""
 
-    def __init__(self, path: Path, sector: int = 4096, size: int = 64 * 1024) -> None:
+    def __init__(self, path: Path, sector: int = 4096, size: int = 64 * 1024, trust: bool = True) -> None:
         self.path = path
         self.size = size
         self.sector = sector
-        self.slot = (size // sector - 4) // 2 * sector
+        self.geometry = Geometry(size, sector, trust=trust)
+        self.slot = self.geometry.slot_size
 
     def bytes(self) -> bytes:
         return self.path.read_bytes()
@@ -120,6 +122,11 @@ class FlashFile:
 
     def state_range(self) -> range:
         return range(2 * self.slot, 2 * self.slot + 2 * self.sector)
+
+    def trust_range(self) -> range:
+        start = self.geometry.trust_start
+        assert start is not None
+        return range(start, start + 2 * self.sector)
 
     def factory_range(self) -> range:
         return range(self.size - 2 * self.sector, self.size)

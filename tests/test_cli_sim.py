@@ -32,7 +32,7 @@ def test_sim_lifecycle(tmp_path: Path, apps: dict[str, Path]) -> None:
     dev = tmp_path / "dev"
     r = run("sim", "init", dev, "-k", KEY, "--flash-size", "128k", "--align", "16", "--vendor-id", "example.com")
     assert r.exit_code == 0, r.output
-    assert "two 57344-byte slots" in r.stdout and "16-byte writes" in r.stdout  # (32 sectors - 4) // 2
+    assert "two 53248-byte slots" in r.stdout and "16-byte writes" in r.stdout  # (32 sectors - 6) // 2
     r = run("sim", "boot", dev)
     assert r.exit_code == 3 and "recovery" in r.stdout and "RECOVERY" not in r.stdout
     r = run("sim", "install", dev, apps["1"], "--permanent")

@@ -602,8 +602,9 @@ class Rec:
 
 
 def saved(seq: int) -> Rec:
-    """The record `saven` writes with sequence number seq (from blank)."""
-    return Rec(seq, floor=seq, version=pat(8, seq))
+    """The record `saven` writes with sequence number seq (from blank). The floor stays 0:
+    a save that raises it is two records (test_state_floor_raise_is_written_twice)."""
+    return Rec(seq, soff=seq, version=pat(8, seq))
 
 
 def decode(slot: bytes) -> int | str:
@@ -709,19 +710,22 @@ def test_state_blank_area(device, tmp_path: Path) -> None:
 
 def test_state_round_trip_every_field_across_processes(device, tmp_path: Path) -> None:
     chip = StChip(tmp_path, "s")
-    r1 = Rec(1, active=1, test=0, trial=NONE, flags=0xA5, floor=0xFFFFFFFF,
+    # Both saves raise the floor: each is two records, the second copy one seq later.
+    r1 = Rec(1, active=1, test=0, trial=NONE, flags=0xA5, floor=0x80000001,
              version=bytes.fromhex("00ff0102fe7f8001"), ok0=bytes(range(16)), ok1=bytes(range(255, 239, -1)))
-    r2 = Rec(2, active=0, test=1, trial=1, flags=0, floor=0x80000001,
-             version=b"\x07" * 8, ok0=b"\xff" * 16, ok1=bytes(16))
+    r2 = Rec(3, active=0, test=1, trial=1, flags=0, floor=0xFFFFFFFF,
+             version=b"\x07" * 8, ok0=b"\xff" * 16, ok1=bytes(16), slen=0x12345678, soff=0x9ABCDEF0,
+             ssha=bytes(range(16, 32)), sslot=1)
     out = st_run(device, tmp_path, chip.op(), "new", "load", *r1.sets(), "save", "check")["s"]
-    assert out == [NEW, "load 0 " + BLANK.fmt(), "save 1", "check 1 " + r1.fmt()]
+    assert out == [NEW, "load 0 " + BLANK.fmt(), "save 2", "check 1 " + replace(r1, seq=2).fmt()]
     assert chip.slot(0, 0) == r1.encode()  # the documented layout, bit for bit
+    assert chip.slot(0, 1) == replace(r1, seq=2).encode()
     out = st_run(device, tmp_path, chip.op(), "new", "load", *r2.sets(), "save")["s"]
-    assert out == [NEW, "load 1 " + r1.fmt(), "save 2"]
+    assert out == [NEW, "load 1 " + replace(r1, seq=2).fmt(), "save 4"]
     out = st_run(device, tmp_path, chip.op(), "new", "load")["s"]
-    assert out == [NEW, "load 1 " + r2.fmt()]
-    assert chip.slot(0, 1) == r2.encode()
-    assert chip.slots() == [[1, 2] + ["blank"] * 6, ["blank"] * 8]
+    assert out == [NEW, "load 1 " + replace(r2, seq=4).fmt()]
+    assert chip.slot(0, 2) == r2.encode()
+    assert chip.slots() == [[1, 2, 3, 4] + ["blank"] * 4, ["blank"] * 8]
     assert chip.state_wear() == [1, 0]
     assert chip.neighbours_untouched()
 
@@ -823,7 +827,7 @@ def _garbage() -> dict[str, bytes]:
         "word": full[:CRC_AT] + bytes(b | 0x55 for b in full[CRC_AT:]),  # last word half-programmed
         "badcrc": replace(r4, crc_xor=0x00000100).encode(),
         "badmagic": bad_magic + struct.pack("<I", zlib.crc32(bad_magic)),
-        "body": full[:12] + bytes([full[12] & 0xFE]) + full[13:],  # floor 3 -> 2, CRC not
+        "body": full[:60] + bytes([full[60] & 0xFE]) + full[61:],  # soff 3 -> 2, CRC not
     }
 
 

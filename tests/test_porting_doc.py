@@ -219,7 +219,7 @@ def test_esp32_mpboot_partitions_follow_the_adapter() -> None:
         assert p["type"] == adapter_const("esp32", "_TYPE_DATA") and not p["encrypted"], p
         assert label not in ("factory", "vfs", "nvs", "phy_init"), p
         assert p["size"] % sector == 0, p
-    assert by_name[labels[2]]["size"] >= 4 * sector  # state: sectors 0-1, factory area: 2-3
+    assert by_name[labels[2]]["size"] >= 6 * sector  # state: sectors 0-1, factory area: 2-3, trust: 4-5
 
 
 def test_esp32_areas_call_on_the_fake(lib: Path, tmp_path: Path) -> None:
@@ -235,7 +235,8 @@ def test_esp32_areas_call_on_the_fake(lib: Path, tmp_path: Path) -> None:
         (slot0["offset"], slot0["offset"] + slot0["size"]),
         (slot1["offset"], slot1["offset"] + slot1["size"]),
         (state["offset"], state["offset"] + 2 * sector),
-        (state["offset"] + 2 * sector, state["offset"] + 4 * sector)]
+        (state["offset"] + 2 * sector, state["offset"] + 4 * sector),
+        (state["offset"] + 4 * sector, state["offset"] + 6 * sector)]  # the trust area
     assert {(a["erase"], a["write"], a["mapped"]) for a in areas} == {(sector, 1, -1)}
     esptool = re.search(r"write_flash (0x[0-9a-fA-F]+) app", recipe(2))
     assert esptool and int(esptool.group(1), 16) == slot0["offset"]
@@ -252,13 +253,13 @@ def test_rp2_areas_call_on_the_fake(lib: Path, tmp_path: Path) -> None:
     assert fs
     fs_range = (int(fs.group(1), 0), int(fs.group(1), 0) + int(fs.group(2), 0))
     areas = run_areas(lib, tmp_path, "rp2", dict(size=storage, call=areas_call(boot_py(3, "rp2"))))
-    assert len(areas) == 4
+    assert len(areas) == 5  # with the trust area
     sector, page = adapter_const("rp2", "_SECTOR"), adapter_const("rp2", "_PAGE")
     assert {(a["erase"], a["write"]) for a in areas} == {(sector, page)}
     for a in areas:
         assert not overlaps(span(a), fs_range), ("littlefs", a)
     assert areas[0]["size"] == areas[1]["size"] == areas[0]["mapped"] == areas[1]["mapped"]
-    assert areas[2]["size"] == areas[3]["size"] == 2 * sector
+    assert areas[2]["size"] == areas[3]["size"] == areas[4]["size"] == 2 * sector
     slot0_xip = XIP_BASE + PICO_FLASH - storage + areas[0]["units"][0][0]
     picotool = re.search(r"picotool load app\S* -t bin -o (0x[0-9a-fA-F]+)", text)
     assert picotool and int(picotool.group(1), 16) == slot0_xip
@@ -272,7 +273,7 @@ def test_stm32_areas_call_on_the_fake(lib: Path, tmp_path: Path) -> None:
                                                  call=areas_call(boot_py(4, "stm32"))))
     areas, base = out[:-1], out[-1]["base"]
     assert base == PYB_BASE  # slots are mapped and their alignment checked
-    assert len(areas) == 3  # factory=False: four 16 KiB sectors would be needed
+    assert len(areas) == 3  # factory=False: four 16 KiB sectors would be needed (no trust area)
     assert areas[0]["mapped"] == areas[0]["size"] and areas[1]["mapped"] == areas[1]["size"]
     # The adapter cannot see physical sectors: no sector may hold parts of two areas, and the
     # state's two units must be in two sectors (one record each, rewritten apart).

@@ -99,7 +99,7 @@ LAYOUTS = [(align, sector) for sector in (4096, 128 * 1024) for align in (1, 4, 
 
 def layout(align: int, sector: int) -> Geometry:
     """The chip for a sampled layout: 64 KiB, or two one-sector slots for big sectors."""
-    return Geometry(6 * sector if sector > 4096 else 64 * 1024, sector, align)
+    return Geometry(8 * sector if sector > 4096 else 64 * 1024, sector, align)
 
 
 @pytest.mark.parametrize(("align", "sector"), LAYOUTS, ids=[f"align{a}-sector{s // 1024}k" for a, s in LAYOUTS])

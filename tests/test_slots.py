@@ -189,8 +189,38 @@ def test_factory_image_without_state_is_confirmed_at_first_boot(dev: SimDevice, 
 
 def test_geometry_slot_size_matches_the_device(dev: SimDevice) -> None:
     g: Geometry = dev.geometry
-    assert 2 * g.slot_size + 4 * g.sector <= g.size
+    assert 2 * g.slot_size + 6 * g.sector <= g.size
     assert g.state_start == 2 * g.slot_size and g.factory_start == g.size - 2 * g.sector
+    assert g.trust_start == g.state_start + 2 * g.sector
+
+
+@pytest.mark.parametrize("trust", [True, False], ids=["trust-area", "made-before-it"])
+@pytest.mark.parametrize(("size", "sector"), [(64 * 1024, 4096), (68 * 1024, 4096), (64 * 1024, 1024)])
+def test_device_areas_are_the_host_geometry(tmp_path: Path, sim_lib: Path, trust: bool, size: int,
+                                            sector: int) -> None:
+    """The device's port.areas() (ports/unix.py) is the host's Geometry: five areas, none
+    overlapping (an odd sector count leaves one unused sector before the factory area); a
+    device whose config predates the trust area, or whose sectors cannot hold a trust record
+    (1 KiB), keeps the four-area layout and its frozen root set (trust version 1)."""
+    g = Geometry(size, sector, 4, trust)
+    assert Geometry.for_slots(g.slot_size, sector, 4).slot_size == g.slot_size
+    dev = SimDevice(tmp_path / "device", sim_lib, g)
+    if not trust:  # a config written before the trust area: no "trust" line at all
+        dev.config.write_text("".join(line + "\n" for line in dev.config.read_text().splitlines()
+                                      if not line.startswith("trust=")))
+        assert SimDevice.open(dev.workdir).geometry == g
+    run = dev.run("layout")
+    areas = [tuple(map(int, a.split(":"))) for a in (run.line("AREAS") or "").split()[1:]]
+    want = [(0, g.slot_size), (g.slot_size, g.slot_size), (g.state_start, 2 * g.sector),
+            (g.factory_start, 2 * g.sector)]
+    assert g.trust_area == (trust and sector == 4096)
+    if g.trust_area:
+        assert g.trust_start is not None
+        want.append((g.trust_start, 2 * g.sector))
+    assert areas == want
+    spans = sorted(areas)
+    assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:])) and spans[-1][0] + spans[-1][1] == size
+    assert run.line("TRUST") == "TRUST version=1 threshold=1 image=1 roots=2 revocation=0 found=0"
 
 
 def _device_codes(module: str, prefix: str) -> dict[str, int]:
@@ -256,8 +286,8 @@ def test_state_log_with_a_sector_not_a_multiple_of_the_record(device, tmp_path: 
     assert proc.returncode == 0, proc.stderr
     lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("SAVE")]
     assert len(lines) == 12  # per + 2 saves
-    for i, (_, _, seq, floor, erases) in enumerate(lines):
-        assert (int(seq), int(floor)) == (i + 1, i + 1)  # every save loads back, newest wins
+    for i, (_, _, seq, soff, erases) in enumerate(lines):
+        assert (int(seq), int(soff)) == (i + 1, i + 1)  # every save loads back, newest wins
         assert int(erases) == (1 if i < 10 else 2)  # first use, then one switch after 10
 
 

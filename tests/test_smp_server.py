@@ -21,6 +21,7 @@ import pytest
 from conftest import signing_key, trusted_public_keys
 from mpboot.errors import ImageRejected
 from mpboot.image import ImageHeader, class_uuid, parse_image, vendor_uuid, verify_image
+from mpboot.sim import Geometry
 from simkit import FlashFile, sign_app
 from smp import enumeration_management as enm
 from smp import image_management as img
@@ -28,7 +29,7 @@ from smp import os_management as osm
 
 SIZE = 64 * 1024
 SECTOR = 4096
-SLOT = (SIZE // SECTOR - 4) // 2 * SECTOR
+SLOT = Geometry(SIZE, SECTOR).slot_size
 READ, WRITE = 0, 2
 V1, V2 = 0, 1
 OS, IMG = 0, 1

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from conftest import signing_key
 from mpboot.image import ImageHeader, class_uuid, parse_image, vendor_uuid
+from mpboot.sim import Geometry
 from simkit import FlashFile, sign_app
 
-SIZE = 64 * 1024
+SIZE = 72 * 1024  # two 24 KiB slots with 4 KiB sectors: room for BIG below
 SECTOR = 4096
 NONE = 0xFF
 U_BUSY, U_STATE, U_RANGE, U_LENGTH = 1, 2, 3, 4
@@ -32,7 +33,7 @@ OTHER_CLASS = class_uuid("display", VENDOR)
 
 
 def slot_size(sector: int = SECTOR) -> int:
-    return (SIZE // sector - 4) // 2 * sector
+    return Geometry(SIZE, sector).slot_size
 
 
 def image(version: str, *, payload: int = 9001, counter: int | None = 1, vendor_id: bytes | None = None,

@@ -2,10 +2,11 @@
 # image's ROMFS payload at /app, put it first on sys.path and run the app's entry module.
 #
 #   # boot.py (or a frozen _boot) on a board:
-#   from mpboot import boot
+#   from mpboot import boot, trust
 #   from mpboot.ports import rp2 as port
 #   import mpboot_keys
-#   boot.start(port, port.areas(0x100000, 0x80000, 0x200000), mpboot_keys.KEYS)
+#   boot.start(port, port.areas(0x100000, 0x80000, 0x200000), mpboot_keys.KEYS,
+#              **trust.policy(mpboot_keys))
 import os
 import sys
 import vfs
@@ -169,13 +170,17 @@ def set_booted(slots, slot, info, wdt, how):
 
 
 def start(port, areas, keys, entry="main", mount="/app", wdt_ms=WDT_MS, **policy):
-    # areas: (slot0, slot1, state, factory) from port.areas(); without the fourth, the board
-    # has no factory state. policy: vendor_id, class_id, downgrade (the build's; the factory
-    # record tightens it). Returns False in recovery; otherwise runs the app (its import)
-    # and returns True. Under the no-repl policy Ctrl-C is off from here on and whatever the
-    # app raises returns here (True) instead of ending boot.py.
+    # areas: (slot0, slot1, state, factory, trust) from port.areas(); without the fourth (or
+    # with None there) the board has no factory state, without the fifth no trust area (it
+    # keeps its frozen root set). policy: vendor_id, class_id, downgrade (the build's; the
+    # factory record tightens it) and threshold, image_threshold (root set version 1's:
+    # mpboot_keys' THRESHOLD and IMAGE_THRESHOLD, mpboot.trust.policy). Returns False in
+    # recovery; otherwise runs the app (its import) and returns True. Under the no-repl
+    # policy Ctrl-C is off from here on and whatever the app raises returns here (True)
+    # instead of ending boot.py.
     slots = Slots(areas[0], areas[1], areas[2], keys, mapped=port.mapped,
-                  factory=areas[3] if len(areas) > 3 else None, **policy)
+                  factory=areas[3] if len(areas) > 3 else None,
+                  trust=areas[4] if len(areas) > 4 else None, **policy)
     if slots.no_repl:
         import micropython
 

@@ -2,7 +2,8 @@
 # anti-rollback floor (MCUboot direct-XIP-with-revert semantics; state machine: docs/BOOT.md).
 #
 # Images run in place from either slot; nothing is copied. A slot counts only when its exact
-# bytes verify (image.verify with the embedded keys) and pass this device's policy: vendor
+# bytes verify (image.verify with the trust state: the root set of the trust area, or the
+# embedded keys on a board without one) and pass this device's policy: vendor
 # and class id, security counter at or above the floor. A slot is "confirmed" when the state
 # holds the first 16 bytes of its image digest, so rewriting a slot un-confirms it without
 # a state write.
@@ -10,6 +11,7 @@ import struct
 from micropython import const
 
 from mpboot import image
+from mpboot import trust as _trust  # (the name `trust` is Slots' argument)
 from mpboot.image import ImageError
 from mpboot.reader import bytes_reader
 from mpboot.state import ACTIVE, FLOOR, NONE, OK0, TEST, TRIAL, VERSION, Store
@@ -28,17 +30,30 @@ def _ver3(v):
 
 class Slots:
     def __init__(self, slot0, slot1, state_area, keys, vendor_id=None, class_id=None,
-                 downgrade=True, mapped=None, factory=None):
+                 downgrade=True, mapped=None, factory=None, trust=None, threshold=1,
+                 image_threshold=1):
         # slot0, slot1, state_area: mpboot.flash.Area. keys: mpboot_keys.KEYS.
         # vendor_id, class_id: 16-byte UUIDs images must carry (None: not checked).
         # downgrade: False refuses updates older than the confirmed image.
         # mapped: a port's mapped(area) (verify the bytes the app will run from) or None.
         # factory: the factory area (mpboot.factory, docs/FACTORY.md), or None: no factory
         # state, the policy is only the build's.
+        # trust: the trust area (mpboot.trust.TrustStore, docs/KEYS.md), or None: the frozen
+        # root set stays. threshold, image_threshold: root set version 1's (mpboot_keys'
+        # THRESHOLD and IMAGE_THRESHOLD).
         self.areas = (slot0, slot1)
         self.store = Store(state_area)
         self.state = self.store.load()
         self.keys = keys
+        self.threshold = threshold
+        self.image_threshold = image_threshold
+        # The trust state (a list read by the mpboot.trust indices) and its store.
+        self.trust_store = None
+        if trust is None:
+            self.trust = _trust.initial(keys, threshold, image_threshold)
+        else:
+            self.trust_store = _trust.TrustStore(trust)
+            self.trust = self.trust_store.load(keys, threshold, image_threshold)
         # The build's policy; the effective one (vendor_id, class_id, downgrade, test_boot,
         # no_repl) is it tightened by the factory record.
         self.build = (vendor_id, class_id, downgrade)
@@ -79,7 +94,7 @@ class Slots:
         if read is None:
             m = self.mapped(area) if self.mapped else None
             read = bytes_reader(m) if m is not None else area.read
-        info = image.verify(read, self.keys, area.size, self.buf)
+        info = image.verify(read, self.trust, area.size, self.buf)
         self.policy(info, update)
         return info
 
@@ -92,6 +107,21 @@ class Slots:
         except Exception:
             self.state = self.store.load()
             raise
+
+    def set_trust(self, new):
+        # Makes `new` (a trust list, checked by the caller: mpboot.records) the trust state:
+        # saved to the trust area (twice), then used. A failed write raises OSError with RAM
+        # re-read as flash is (the old or the new state); ValueError before any write for a
+        # state the record cannot hold. A board without a trust area: OSError(19) (ENODEV).
+        ts = self.trust_store
+        if ts is None:
+            raise OSError(19)
+        try:
+            ts.save(new)
+        except OSError:
+            self.trust = ts.load(self.keys, self.threshold, self.image_threshold)
+            raise
+        self.trust = new
 
     def probe(self, slot):
         # check(slot) for boot decisions (also boot.run's fallback): None instead of raising,

@@ -6,7 +6,9 @@
 # takes the valid record with the highest sequence number. A power cut at any byte of an
 # append leaves a record whose CRC fails, so the previous record is read; a sector is
 # erased only to switch to it when the other is full, and the other still holds the newest
-# record until the first record in the fresh sector is complete.
+# record until the first record in the fresh sector is complete. A save that raises the
+# anti-rollback floor appends its record twice, so neither a torn write nor a bit flip in
+# one record lowers the floor (docs/BOOT.md, "What only grows").
 import struct
 from binascii import crc32
 from micropython import const
@@ -54,8 +56,10 @@ class Log:
     # u32 sequence number, the owner's fields, and a CRC-32 of the bytes before it as its last
     # word; it is padded with 0xff to a multiple of the write unit. The owner fills `buf`
     # between begin() and append(); after find() (a valid record was read) `buf` holds the
-    # newest record.
-    def __init__(self, area, magic, size, name="state area"):
+    # newest record. hold=False: no buffer is made here; the owner sets `buf` before it
+    # appends and reads records its own way (mpboot.trust: its 2304-byte one exists only
+    # while it saves).
+    def __init__(self, area, magic, size, name="state area", hold=True):
         ws = area.write_size
         self.magic = magic
         self.crc_at = size - 4
@@ -64,7 +68,7 @@ class Log:
         if area.size != 2 * area.erase_size or self.per < 1:
             raise ValueError(name)
         self.area = area
-        self.buf = bytearray(self.rec)
+        self.buf = bytearray(self.rec) if hold else None
         self.seq = 0  # sequence number of the newest record (0: none)
         self.pos = -1  # byte offset of the next append; -1: switch sectors first
         self.found = False  # a valid record was read or written
@@ -134,45 +138,72 @@ class Log:
     def append(self):
         # Appends buf (the owner's fields filled after begin()) as the next record: magic,
         # sequence number (the newest + 1) and CRC are written here. Returns the sequence.
+        # A record slot that is not erased (a bit flipped in erased flash, a torn write that
+        # read as blank at load) is never programmed over: the append takes the next slot,
+        # or the other sector. A fresh sector that takes no record either: OSError(EIO).
         buf = self.buf
         seq = self.seq + 1
         struct.pack_into("<II", buf, 0, self.magic, seq)
         c = self.crc_at
         struct.pack_into("<I", buf, c, crc32(memoryview(buf)[:c]))
         es = self.area.erase_size
-        if self.pos < 0:
-            # Current sector full (or nothing written yet): erase the other one and start it.
-            cur = (self._last // es) ^ 1 if self.found else 0
-            self.area.erase(cur * es, es)
-            self.pos = cur * es
-        self.area.write(self.pos, buf)
+        switched = False
+        while True:
+            if self.pos < 0:
+                if switched:
+                    raise OSError(5)
+                # Current sector full (or nothing written yet): erase the other one and start
+                # it. It never holds the newest record (self._last).
+                cur = (self._last // es) ^ 1 if self.found else 0
+                self.area.erase(cur * es, es)
+                self.pos = cur * es
+                switched = True
+            try:
+                self.area.write(self.pos, buf)
+                break
+            except OSError:
+                if self._blank(self.pos):
+                    raise  # the flash refused an erased slot: a real write failure
+                self._skip()
         self.area.sync()
         self.found = True
         self.seq = seq
         self._last = self.pos
-        self.pos += self.rec
-        at = self.pos % es
-        if at == 0 or at // self.rec >= self.per:
-            self.pos = -1  # that was the sector's last record slot
+        self._skip()
         return seq
+
+    def _skip(self):
+        # The next record slot in this sector, or -1 (the next append switches sectors).
+        self.pos += self.rec
+        at = self.pos % self.area.erase_size
+        if at == 0 or at // self.rec >= self.per:
+            self.pos = -1
 
 
 class Store(Log):
-    # The boot state log.
+    # The boot state log. It never lowers the floor it holds, and writes a raise twice.
     def __init__(self, area):
         # area: an mpboot.flash.Area of exactly two erase sectors.
         Log.__init__(self, area, _MAGIC, _REC)
+        self.floor = 0  # the floor of the newest record on flash (0: none)
 
     def load(self):
         # Returns the newest record (blank() if none) and finds where the next one goes.
         if not self.find():
+            self.floor = 0
             return blank()
         f = struct.unpack_from(_FMT, self.buf, 0)
+        self.floor = f[1 + FLOOR]
         return list(f[1:])
 
     def save(self, rec):
         # Appends rec with the next sequence number (rec[SEQ] is updated first, so a caller
-        # sees that a save was tried even when the write then fails).
+        # sees that a save was tried even when the write then fails). A record that raises
+        # the floor is appended twice: a cut before the first copy is whole leaves the old
+        # floor (the raise did not happen), and once it is whole a bit flip in one copy
+        # leaves the other. rec[FLOOR] below the floor on flash is raised to it first.
+        if rec[FLOOR] < self.floor:
+            rec[FLOOR] = self.floor
         rec[SEQ] += 1
         buf = self.begin()
         struct.pack_into(
@@ -182,3 +213,6 @@ class Store(Log):
         )
         self.seq = rec[SEQ] - 1  # the record's sequence number is the caller's
         self.append()
+        if rec[FLOOR] > self.floor:
+            rec[SEQ] = self.append()  # buf still holds the fields: the second copy
+        self.floor = rec[FLOOR]

@@ -10,7 +10,7 @@ import mpboot_keys
 from mpboot import boot
 from mpboot.ports import unix as port
 from mpboot.slots import Slots
-from mpboot.state import ACTIVE, FLOOR, SEQ, Store
+from mpboot.state import ACTIVE, SEQ, SOFF, Store
 from mpboot.update import MARK_PERMANENT, Updater
 
 case = sys.argv[1]
@@ -25,13 +25,14 @@ def slots():
 if case == "odd-sector":
     from mpboot.flash import Area
 
+    # One record per save: a field other than the floor changes (a floor raise is two).
     store = Store(Area(chip, 0, 2 * chip.sector, chip.align))
     rec = store.load()
     for i in range(store.per + 2):
-        rec[FLOOR] = i + 1
+        rec[SOFF] = i + 1
         store.save(rec)
         again = Store(Area(chip, 0, 2 * chip.sector, chip.align)).load()
-        print("SAVE", i, again[SEQ], again[FLOOR], chip.erases)
+        print("SAVE", i, again[SEQ], again[SOFF], chip.erases)
     sys.exit(0)
 
 def install_permanent(sl, running, path):

@@ -283,7 +283,8 @@ def run_st(d, ops):
         elif k == "saven":
             seqs = []
             for _ in range(int(v)):
-                rec[state.FLOOR] = rec[state.SEQ] + 1  # each record names its own seq
+                rec[state.SOFF] = rec[state.SEQ] + 1  # each record names its own seq (not
+                # in the floor: a raise is two records)
                 rec[state.VERSION] = pat(8, rec[state.SEQ] + 1)
                 store.save(rec)
                 seqs.append(str(rec[state.SEQ]))

@@ -25,8 +25,10 @@ if NAME == "esp32":
         (1, 0x40, 0x30000, 0x4000, "mpboot", False),  # state: sectors 0, 1; factory: 2, 3
         (1, 0x41, 0x34000, 0x2000, "secret", True),
         (1, 0x42, 0x36000, 0x2000, "tiny", False),  # no room for the factory area
+        (1, 0x43, 0x38000, 0x6000, "mpboot6", False),  # state, factory and trust (sectors 4, 5)
     )
     ARGS = ()
+    TRUST = (("ota_0", "ota_1", "mpboot6"), ValueError)  # 16 KiB "mpboot": no room for it
     WDT_ASK = 1500
     REFUSE = (
         ("running", ("factory", "ota_1", "mpboot"), ValueError),
@@ -38,13 +40,14 @@ if NAME == "esp32":
     )
 
     def setup_fake():
-        fake.setup(PATH, 0x38000, TABLE, 0)
+        fake.setup(PATH, 0x3E000, TABLE, 0)
 
 elif NAME == "rp2":
     import rp2 as fake
     from mpboot.ports import rp2 as port
 
     ARGS = (0, 0x2000, 0x4000)  # slots 8 KiB at 0 and 0x2000, state at 0x4000, factory 0x6000
+    TRUST = ((0, 0x2000, 0x4000), None)  # trust=True: 0x8000
     WDT_ASK = 20000
     REFUSE = (
         ("unaligned", (0x800, 0x2000, 0x4000), ValueError),
@@ -54,7 +57,7 @@ elif NAME == "rp2":
     )
 
     def setup_fake():
-        fake.setup(PATH, 0x8000)
+        fake.setup(PATH, 0xA000)
 
 elif NAME == "stm32":
     import pyb as fake
@@ -62,10 +65,17 @@ elif NAME == "stm32":
 
     # Storage: sectors of 2, 2, 2, 2, 4, 4, 4, 4 KiB from 0x08004000 (the F4 pattern of small
     # then bigger sectors, scaled down to fit the heap), a RAM sector copy of 4 KiB. The state
-    # and the factory area in the 2 KiB sectors, 8 KiB slots of two 4 KiB sectors.
+    # and the factory area in the 2 KiB sectors, 8 KiB slots of two 4 KiB sectors. The trust
+    # area's check runs on a chip of its own with four more 4 KiB sectors: 4 KiB slots, then
+    # state, factory and trust in 4 KiB sectors (2 KiB sectors cannot hold a trust record:
+    # the first layout with one is refused).
     BASE = 0x08004000
     SECTORS = (0x800, 0x800, 0x800, 0x800, 0x1000, 0x1000, 0x1000, 0x1000)
     ARGS = (0x2000, 0x2000, 0, 0x1000, 0x800, BASE)
+    TRUST = ((0x2000, 0x1000, 0x4000, 0x1000, 0x1000, BASE), ValueError)
+
+    def setup_trust():
+        fake.setup(PATH + ".trust", SECTORS + (0x1000,) * 4, BASE, 0x1000)
     WDT_ASK = 60000
     REFUSE = (
         ("no_sectors", (0x2000, 0x2000, 0), ValueError),
@@ -82,6 +92,7 @@ elif NAME == "stm32-spi":
     from mpboot.ports import stm32 as port
 
     ARGS = (0, 0x2000, 0x4000)
+    TRUST = ((0, 0x2000, 0x4000), None)  # trust=True: 0x8000
     WDT_ASK = 60000
     REFUSE = (
         ("unaligned", (0x800, 0x2000, 0x4000), ValueError),
@@ -89,10 +100,12 @@ elif NAME == "stm32-spi":
     )
 
     def setup_fake():
-        fake.setup(PATH, mode="spi", size=0x8000)
+        fake.setup(PATH, mode="spi", size=0xA000)
 
 else:
     raise SystemExit("unknown port " + NAME)
+if NAME != "stm32":
+    setup_trust = None  # the trust area's check runs on the chip of the other checks
 
 machine.setup("stm32" if NAME[:5] == "stm32" else NAME)
 if NAME == "rp2":
@@ -336,6 +349,48 @@ def c_unique_id():
     return "len=%d" % len(u)
 
 
+def c_trust_store():
+    # trust=True: a fifth area, two erase units like the state's (on internal flash, a
+    # 2560-byte unit at the start of two state-sized sectors), holding the trust state over a
+    # power cycle; the state and factory areas untouched (their records are the ones saved
+    # above in the first layout, whose areas these must not overlap). The first layout with
+    # trust=True is refused where it has no room (TRUST[1]); four areas without it.
+    global s0, s1, st, fy
+    from mpboot import trust
+    from mpboot.factory import Factory
+    from mpboot.state import SEQ, Store
+    from mpboot.trust import TrustStore
+
+    args, first = TRUST
+    need(len(port.areas(*ARGS)) == 4, "four areas by default")
+    if first is None:
+        need(len(port.areas(*ARGS, trust=True)) == 5, "first layout with trust")
+    else:
+        expect(first, lambda: port.areas(*ARGS, trust=True))
+    if setup_trust:
+        setup_trust()
+    a = port.areas(*args, trust=True)
+    need(len(a) == 5 and a[3] is not None, "five areas")
+    ta = a[4]
+    need(ta.size == 2 * ta.erase_size, "trust is not two erase units")
+    ta.erase(0, ta.size)
+    ts = TrustStore(ta)
+    keys = ((bytes(32), 2048, bytes(256)),)
+    need(ts.load(keys) == trust.initial(keys), "blank trust area")
+    new = [2, 2, 1, [(bytes(range(32)), 3072, b"\x07" * 384), (b"\x01" * 32, 2048, b"\x09" * 256)], 3,
+           [b"\x05" * 32], [7, 8]]
+    ts.save(new)
+    per = ts.per
+    gc.collect()
+    (setup_trust or setup_fake)()
+    a = port.areas(*args, trust=True)
+    need(TrustStore(a[4]).load(keys) == new, "trust state after a power cycle")
+    s0, s1, st, fy = power_cycle()
+    need(Store(st).load()[SEQ] == SAVED_SEQ[0], "state changed")
+    need(Factory(fy).sealed(), "factory record changed")
+    return "per_sector=%d erase=%d write=%d" % (per, ta.erase_size, ta.write_size)
+
+
 def c_refuse_layouts():
     out = []
     for label, args, kind in REFUSE:
@@ -359,4 +414,5 @@ check("reset_persists", c_reset_persists)
 check("watchdog", c_watchdog)
 check("unique_id", c_unique_id)
 check("refuse_layouts", c_refuse_layouts)
-check("factory_store", c_factory_store)  # last: it loads more modules into the small heap
+check("factory_store", c_factory_store)  # late: it loads more modules into the small heap
+check("trust_store", c_trust_store)  # (after factory_store: the sealed record must stay)

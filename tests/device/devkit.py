@@ -1,11 +1,13 @@
 # Shared by the device drivers that run plans against a NOR flash file (dev_update, dev_smp):
-# the "dev PATH SIZE SECTOR ALIGN [vendor=HEX] [class=HEX] [downgrade=0|1] [factory=0]"
-# command (factory=0: a board started without its factory area), and the per-command flash
+# the "dev PATH SIZE SECTOR ALIGN [vendor=HEX] [class=HEX] [downgrade=0|1] [factory=0]
+# [trust=0]" command (factory=0: a board started without its factory area; trust=0: without
+# its trust area, the frozen root set), and the per-command flash
 # observations (area digests, operation counters).
 import hashlib
 from binascii import unhexlify
 
 import mpboot_keys
+from mpboot import trust
 from mpboot.ports import unix as port
 from mpboot.slots import Slots
 
@@ -26,13 +28,16 @@ def open_dev(words):
         elif k == "downgrade":
             policy["downgrade"] = v == "1"
         elif k == "factory" and v == "0":
-            areas = areas[:3]
+            areas = areas[:3] + (None,) + areas[4:]
+        elif k == "trust" and v == "0":
+            areas = areas[:4]
     return chip, areas, policy
 
 
 def new_slots(areas, policy):
     return Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS, mapped=port.mapped,
-                 factory=areas[3] if len(areas) > 3 else None, **policy)
+                 factory=areas[3] if len(areas) > 3 else None,
+                 trust=areas[4] if len(areas) > 4 else None, **trust.policy(mpboot_keys), **policy)
 
 
 def area_digest(a):

@@ -40,11 +40,13 @@ def _part(label):
     return p
 
 
-def areas(slot0="ota_0", slot1="ota_1", state="mpboot", factory=True):
+def areas(slot0="ota_0", slot1="ota_1", state="mpboot", factory=True, trust=False):
     # Slots are whole partitions (app or data); the state is the first two sectors of a data
     # partition (at least 16 KiB) and the factory area its sectors 2 and 3 (factory=False:
-    # none, three areas, an 8 KiB partition will do). Refuses the partition MicroPython runs
-    # from and partitions used twice.
+    # none, three areas, an 8 KiB partition will do). trust=True: a trust area in its
+    # sectors 4 and 5 (a fifth area, docs/KEYS.md; the partition must be at least 24 KiB);
+    # off by default, so boards with a 16 KiB partition keep their layout. Refuses the
+    # partition MicroPython runs from and partitions used twice.
     run = esp32.Partition(esp32.Partition.RUNNING).info()[2]
     p0 = _part(slot0)
     p1 = _part(slot1)
@@ -56,8 +58,11 @@ def areas(slot0="ota_0", slot1="ota_1", state="mpboot", factory=True):
         raise ValueError("running partition")
     if a0 == a1 or a0 == a2 or a1 == a2:
         raise ValueError("same partition")
-    a = (Area(p0), Area(p1), Area(ps, 0, 2 * _SECTOR))
-    return a + (Area(ps, 2 * _SECTOR, 2 * _SECTOR),) if factory else a
+    a = (Area(p0), Area(p1), Area(ps, 0, 2 * _SECTOR),
+         Area(ps, 2 * _SECTOR, 2 * _SECTOR) if factory else None)
+    if trust:
+        return a + (Area(ps, 4 * _SECTOR, 2 * _SECTOR),)
+    return a if factory else a[:3]
 
 
 def mapped(area):

@@ -173,19 +173,24 @@ def chip():
     return _chip
 
 
-def areas(slot0_start=0, slot_size=0x100000, state_start=0x200000, factory=True):
-    # Slot 0 at slot0_start, slot 1 right after it, the state (two sectors) at state_start
-    # and the factory area (two sectors) right after it: byte offsets in the chip, multiples
-    # of 4096. The defaults: two 1 MiB slots, then state and factory. factory=False: no
-    # factory area (three areas; docs/FACTORY.md).
+def areas(slot0_start=0, slot_size=0x100000, state_start=0x200000, factory=True, trust=True):
+    # Slot 0 at slot0_start, slot 1 right after it, the state (two sectors) at state_start,
+    # the factory area (two sectors) right after it and the trust area (two sectors) after
+    # that: byte offsets in the chip, multiples of 4096. The defaults: two 1 MiB slots, then
+    # state, factory and trust. factory=False: no factory area (None in its place;
+    # docs/FACTORY.md); trust=False: no trust area (four areas: the frozen root set stays,
+    # docs/KEYS.md). The trust area stays at state_start + 4 sectors either way.
     end = slot0_start + 2 * slot_size
-    n = 4 if factory else 2
+    n = 6 if trust else 4 if factory else 2
     if state_start < end and slot0_start < state_start + n * _SECTOR:
         raise ValueError("overlap")
     c = chip()
     a = (Area(c, slot0_start, slot_size, _WRITE), Area(c, slot0_start + slot_size, slot_size, _WRITE),
-         Area(c, state_start, 2 * _SECTOR, _WRITE))
-    return a + (Area(c, state_start + 2 * _SECTOR, 2 * _SECTOR, _WRITE),) if factory else a
+         Area(c, state_start, 2 * _SECTOR, _WRITE),
+         Area(c, state_start + 2 * _SECTOR, 2 * _SECTOR, _WRITE) if factory else None)
+    if trust:
+        return a + (Area(c, state_start + 4 * _SECTOR, 2 * _SECTOR, _WRITE),)
+    return a if factory else a[:3]
 
 
 def mapped(area):
@@ -283,16 +288,18 @@ def uart():
 def main(slot_size=0x100000, buf_size=2048, buf_count=4, **policy):
     # The board's boot.py: boot the chosen image in place (the app runs), then serve SMP on
     # the UART until a client asks for a reset, which exits QEMU (the runner starts it again).
-    # policy: vendor_id, class_id, downgrade (mpboot.boot.start). An exception out of the
-    # service resets the board too: nobody waits at this board's REPL.
+    # policy: vendor_id, class_id, downgrade (mpboot.boot.start); the thresholds come from
+    # mpboot_keys (mpboot.trust.policy). An exception out of the service resets the board
+    # too: nobody waits at this board's REPL.
     import sys
 
     import mpboot_keys
-    from mpboot import boot, service
+    from mpboot import boot, service, trust
     from mpboot.ports import qemu as port
 
     try:
-        boot.start(port, areas(0, slot_size, 2 * slot_size), mpboot_keys.KEYS, **policy)
+        boot.start(port, areas(0, slot_size, 2 * slot_size), mpboot_keys.KEYS, **trust.policy(mpboot_keys),
+                   **policy)
     except Exception as e:  # the app failed: still take updates
         print("mpboot: the app raised:")
         sys.print_exception(e)

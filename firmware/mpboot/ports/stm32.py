@@ -33,7 +33,8 @@
 #   erase: one record per sector (mpboot.state), so a cut while the port rewrites one sector
 #   never touches the sector holding the newest record. The factory area is the same in the
 #   next two sectors (state_start + 2 and 3 * state_sector), which must be state_sector
-#   sized physical sectors too.
+#   sized physical sectors too; the trust area (trust=True) in the two after those, with a
+#   2560-byte erase unit at the start of each (one trust record per sector).
 import machine
 import pyb
 from micropython import const
@@ -43,6 +44,7 @@ from mpboot.ports import BleLink, UartLink
 
 _BLOCK = const(512)  # FLASH_BLOCK_SIZE: the pyb.Flash block on internal flash
 _WDT_MAX = const(32767)  # ms: IWDG prescaler /256, reload 0xfff
+_TRUST_UNIT = const(2560)  # internal flash: the trust area's erase unit, one 2304-byte record in blocks
 
 _flash = None  # any pyb.Flash: its ioctl(3) flushes the port's (single) sector copy
 _base = 0  # flash address of storage byte 0, 0 if not mapped
@@ -108,14 +110,19 @@ class _Dev:
 
 
 def areas(slot0_start, slot_size, state_start, slot_sector=0, state_sector=0, base=0,
-          factory=True):
+          factory=True, trust=False):
     # Slot 0 at slot0_start, slot 1 right after it, the state at state_start and the factory
     # area in the two state-sized sectors after it (state_start + 2 * state_sector): byte
     # offsets in the pyb.Flash() storage. Those must be two physical sectors of state_sector
     # bytes each (on an F4's internal flash, e.g. 16 KiB sectors 0-3 hold state and factory
     # area; sector 4 is 64 KiB and would hold both factory sectors, losing the power
     # safety): the adapter cannot see the physical layout, so this is the integrator's to
-    # check. factory=False: no factory area (three areas). On internal flash slot_sector and state_sector are the sizes of
+    # check. factory=False: no factory area (three areas). trust=True: a trust area (a fifth
+    # area, docs/KEYS.md) in the two state-sized sectors after the factory area's
+    # (state_start + 4 * state_sector; on internal flash state_sector must be at least
+    # 2560 bytes, one 2304-byte trust record in 512-byte blocks); off by default: the F4's
+    # four 16 KiB sectors have no room for it, and boards set up before it keep their
+    # layout. On internal flash slot_sector and state_sector are the sizes of
     # the physical sectors there (flash.c flash_layout; the slots' sectors must fit the port's
     # RAM sector copy); on SPI flash they are ignored (4 KiB blocks). base: flash address of
     # storage byte 0, to map slots and check sector alignment (0: do neither).
@@ -131,21 +138,34 @@ def areas(slot0_start, slot_size, state_start, slot_sector=0, state_sector=0, ba
         raise ValueError("slot size")
     if base and ((base + slot0_start) % slot_sector or (base + state_start) % state_sector):
         raise ValueError("sector alignment")
-    if state_start < slot0_start + 2 * slot_size and slot0_start < state_start + (4 if factory else 2) * state_sector:
+    n = 6 if trust else 4 if factory else 2
+    if state_start < slot0_start + 2 * slot_size and slot0_start < state_start + n * state_sector:
         raise ValueError("overlap")
+    if trust and not native and state_sector < _TRUST_UNIT:
+        raise ValueError("trust sector")
     n = slot_size // slot_sector
     s0 = Area(_Dev(slot0_start, slot_sector, slot_sector, n, bs, False))
     s1 = Area(_Dev(slot0_start + slot_size, slot_sector, slot_sector, n, bs, False))
     fa = state_start + 2 * state_sector
+    ta = state_start + 4 * state_sector
+    fy = ty = None
     if native:
         st = Area(_Dev(state_start, bs, bs, 2, bs, False))
-        fy = Area(_Dev(fa, bs, bs, 2, bs, False))
+        if factory:
+            fy = Area(_Dev(fa, bs, bs, 2, bs, False))
+        if trust:
+            ty = Area(_Dev(ta, bs, bs, 2, bs, False))
     else:
         _blank = b"\xff" * _BLOCK
         st = Area(_Dev(state_start, _BLOCK, state_sector, 2, bs, True), 0, 0, _BLOCK)
-        fy = Area(_Dev(fa, _BLOCK, state_sector, 2, bs, True), 0, 0, _BLOCK)
+        if factory:
+            fy = Area(_Dev(fa, _BLOCK, state_sector, 2, bs, True), 0, 0, _BLOCK)
+        if trust:
+            ty = Area(_Dev(ta, _TRUST_UNIT, state_sector, 2, bs, True), 0, 0, _BLOCK)
     _flash = f
     _base = base
+    if trust:
+        return (s0, s1, st, fy, ty)
     return (s0, s1, st, fy) if factory else (s0, s1, st)
 
 

@@ -1,6 +1,7 @@
 # The unix port as a simulated device: flash is a NorFlash file (mpboot.ports.nor_sim), laid
-# out as slot 0 | slot 1 | state (two sectors) | factory (two sectors). The unix port has no machine.WDT and cannot
-# map flash: the watchdog is a fake that records what was asked of it, and mapped() returns
+# out as slot 0 | slot 1 | state | trust | factory (two sectors each but the slots; devices
+# made before the trust area: slot 0 | slot 1 | state | factory). The unix port has no
+# machine.WDT and cannot map flash: the watchdog is a fake that records what was asked of it, and mapped() returns
 # None so the boot copies the image to RAM and verifies that copy (hardware maps flash).
 # uart(path) is a pty the simulator (host/mpboot/sim/serve.py) relays to the user's pty.
 # ble(name, port) is the simulator's radio: the bluetooth shim (host/mpboot/upy_scripts/
@@ -12,20 +13,30 @@ from mpboot.flash import Area
 from mpboot.ports import BleLink
 from mpboot.ports.nor_sim import NorFlash
 
+_TRUST_RECORD = const(2304)  # mpboot.trust's record: a trust area's sector holds one
+
 
 def flash(path, size, sector=4096, align=1, timing=None):
     # timing: None, or "nor" for typical SPI NOR erase/program times (mpboot.ports.nor_sim)
     return NorFlash(path, size, sector, align, timing)
 
 
-def areas(chip):
-    # slot 0 | slot 1 | state (2 sectors) | factory (the last 2 sectors; one unused sector
-    # before it when the chip has an odd number of sectors).
+def areas(chip, trust=True):
+    # slot 0 | slot 1 | state (2 sectors) | trust (2 sectors) | factory (the last 2 sectors;
+    # one unused sector before it when the chip has an odd number of sectors). trust=False:
+    # the layout of simulated devices made before the trust area (no trust area, four
+    # areas; host/mpboot/sim keeps which in the device's config). A chip whose sectors are
+    # too small for a trust record (1 and 2 KiB) has none either.
     sec = chip.sector
-    slot = (chip.size // sec - 4) // 2 * sec
+    trust = trust and sec >= _TRUST_RECORD
+    slot = (chip.size // sec - (6 if trust else 4)) // 2 * sec
+    if slot <= 0:
+        raise ValueError("chip")
     a = chip.align
-    return (Area(chip, 0, slot, a), Area(chip, slot, slot, a), Area(chip, 2 * slot, 2 * sec, a),
-            Area(chip, chip.size - 2 * sec, 2 * sec, a))
+    st = 2 * slot
+    areas = (Area(chip, 0, slot, a), Area(chip, slot, slot, a), Area(chip, st, 2 * sec, a),
+             Area(chip, chip.size - 2 * sec, 2 * sec, a))
+    return areas + (Area(chip, st + 2 * sec, 2 * sec, a),) if trust else areas
 
 
 def mapped(area):

@@ -33,9 +33,9 @@ from mpboot.sim.serve import Power, SimServer, check_same_device
 CONFIG = "qemu.cfg"
 FLASH = "flash.img"
 DEFAULT_SLOT_SIZE = 0x100000  # mpboot.ports.qemu.areas()'s default
-# Two slots, then state and factory (two sectors each), in the chip (the flash but its last
-# sector, the unique id's).
-MAX_SLOT_SIZE = (FLASH_SIZE - 5 * SECTOR) // 2 // SECTOR * SECTOR
+# Two slots, then state, factory and trust (two sectors each), in the chip (the flash but its
+# last sector, the unique id's).
+MAX_SLOT_SIZE = (FLASH_SIZE - 7 * SECTOR) // 2 // SECTOR * SECTOR
 
 
 class _QemuPower(Power):

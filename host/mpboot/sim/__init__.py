@@ -64,23 +64,39 @@ def build_lib(dest: Path, keys: Sequence[PublicKey]) -> Path:
     return dest
 
 
-RESERVED_SECTORS = 4  # the state area and the factory area, two sectors each
+RESERVED_SECTORS = 6  # the state, trust and factory areas, two sectors each
+TRUST_RECORD = 2304  # a trust area's sector must hold one trust record (docs/KEYS.md section 5)
 
 
 @dataclass(frozen=True)
 class Geometry:
-    size: int = 64 * 1024  # whole chip: slot 0 | slot 1 | state (2 sectors) | factory (2 sectors)
+    size: int = 64 * 1024  # whole chip: slot 0 | slot 1 | state | trust | factory (2 sectors each)
     sector: int = 4096
     align: int = 1
+    # Laid out with a trust area (docs/KEYS.md), when its sectors can hold a trust record
+    # (trust_area). False: a device made before it (its config has no "trust=1"), laid out as
+    # slot 0 | slot 1 | state | factory; it keeps its frozen keys.
+    trust: bool = True
 
     @classmethod
     def for_slots(cls, slot_size: int, sector: int = 4096, align: int = 1) -> Geometry:
         """The chip whose two slots are `slot_size` bytes (a multiple of `sector`)."""
-        return cls(2 * slot_size + RESERVED_SECTORS * sector, sector, align)
+        reserved = RESERVED_SECTORS if sector >= TRUST_RECORD else RESERVED_SECTORS - 2
+        return cls(2 * slot_size + reserved * sector, sector, align)
+
+    @property
+    def trust_area(self) -> bool:
+        """Whether the chip has a trust area (ports/unix.areas(): not with sectors smaller
+        than a trust record, such as `mpboot sim init --sector 1k`)."""
+        return self.trust and self.sector >= TRUST_RECORD
+
+    @property
+    def reserved_sectors(self) -> int:
+        return RESERVED_SECTORS if self.trust_area else RESERVED_SECTORS - 2
 
     @property
     def slot_size(self) -> int:
-        return (self.size // self.sector - RESERVED_SECTORS) // 2 * self.sector
+        return (self.size // self.sector - self.reserved_sectors) // 2 * self.sector
 
     @property
     def boot_heap_kib(self) -> int:
@@ -92,6 +108,11 @@ class Geometry:
     @property
     def state_start(self) -> int:
         return 2 * self.slot_size
+
+    @property
+    def trust_start(self) -> int | None:
+        """The trust area: the two sectors after the state area (None: no trust area)."""
+        return self.state_start + 2 * self.sector if self.trust_area else None
 
     @property
     def factory_start(self) -> int:
@@ -208,7 +229,7 @@ class SimDevice:
         self.heapsize = heapsize or f"{max(4096, geometry.boot_heap_kib)}k"
         self.flash = self.workdir / "flash.bin"
         fields: dict[str, object] = {"flash": self.flash, "size": geometry.size, "sector": geometry.sector,
-                                     "align": geometry.align}
+                                     "align": geometry.align, "trust": int(geometry.trust)}
         if vendor_id is not None:
             fields["vendor"] = vendor_id.hex()
         if class_id is not None:
@@ -233,7 +254,7 @@ class SimDevice:
             raise UsageError(f"{workdir}: there is a simulated device here already")
         if geometry.slot_size < geometry.sector:
             raise UsageError(f"a {geometry.size}-byte flash with {geometry.sector}-byte sectors has no room "
-                             "for two slots, the state area and the factory area")
+                             "for two slots, the state area, the trust area and the factory area")
         lib = build_lib(workdir / "lib", keys)
         return cls(workdir, lib, geometry, vendor_id=vendor_id, class_id=class_id, downgrade=downgrade)
 
@@ -244,7 +265,8 @@ class SimDevice:
         check_unix_device(workdir)
         try:
             cfg = read_config(workdir / "device.cfg")
-            geometry = Geometry(int(cfg["size"]), int(cfg["sector"]), int(cfg["align"]))
+            geometry = Geometry(int(cfg["size"]), int(cfg["sector"]), int(cfg["align"]),
+                                cfg.get("trust") == "1")  # made before the trust area: none
         except FileNotFoundError:
             raise UsageError(f"{workdir}: no simulated device here (mpboot sim init)") from None
         except (KeyError, ValueError, UnicodeDecodeError):

@@ -1,9 +1,13 @@
 # The simulated device's config file, shared by its mains (sim_device, sim_serve): one
 # KEY=VALUE per line (mpboot.sim.write_config), flash=PATH size=N sector=N align=N
-# [vendor=HEX] [class=HEX] [downgrade=0] [timing=none|nor] [uid=HEX] ...; a value may hold
-# spaces. Returns the fields, the NOR flash chip and the Slots policy.
+# [vendor=HEX] [class=HEX] [downgrade=0] [timing=none|nor] [uid=HEX] [trust=1] ...; a value
+# may hold spaces. load() returns the fields, the NOR flash chip and the Slots policy (the
+# thresholds of mpboot_keys too); areas() the flash areas (trust=1: the chip has a trust area,
+# devices made before it have none).
 from binascii import unhexlify
 
+import mpboot_keys
+from mpboot import trust
 from mpboot.ports import unix as port
 
 
@@ -25,4 +29,9 @@ def load(path):
         "class_id": unhexlify(cfg["class"]) if "class" in cfg else None,
         "downgrade": cfg.get("downgrade", "1") == "1",
     }
+    policy.update(trust.policy(mpboot_keys))
     return cfg, chip, policy
+
+
+def areas(cfg, chip):
+    return port.areas(chip, cfg.get("trust") == "1")

@@ -12,6 +12,9 @@
 #                             install after a cut continues from the last checkpoint, every
 #                             N bytes)
 #   status                    the state record and each slot's verdict
+#   layout                    AREAS START:SIZE of slot 0, slot 1, state, factory[, trust]
+#                             (chip byte offsets), then TRUST version=N threshold=N
+#                             image=N roots=N revocation=N found=0|1
 #   age N                     rewrite the state record N times (moves the state log on)
 #   factory                   the factory record (docs/FACTORY.md): FACTORY found=0|1 seq=N
 #                             pos=N record=N flags=N serial=HEX vendor_id=HEX class_id=HEX
@@ -32,15 +35,16 @@ from mpboot.image import ImageError
 from mpboot.ports import unix as port
 from mpboot.slots import Slots
 from mpboot.state import ACTIVE, FLOOR, SEQ, TEST, TRIAL
+from mpboot.trust import IMAGE_THRESHOLD, REVOCATION, ROOT_VERSION, ROOTS, THRESHOLD
 from mpboot.update import UpdateError, Updater
 
 
 def main():
-    _, chip, policy = sim_config.load(sys.argv[1])
+    cfg, chip, policy = sim_config.load(sys.argv[1])
     cmd = sys.argv[2]
-    areas = port.areas(chip)
+    areas = sim_config.areas(cfg, chip)
     slots = Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS, mapped=port.mapped,
-                  factory=areas[3], **policy)
+                  factory=areas[3], trust=areas[4] if len(areas) > 4 else None, **policy)
     if cmd == "status":
         st = slots.state
         store = slots.store
@@ -55,6 +59,13 @@ def main():
                     slots.confirmed(s, info)))
             else:
                 print("SLOT %d error=%d" % (s, slots.errors[s]))
+        return
+    if cmd == "layout":
+        print("AREAS " + " ".join("%d:%d" % (a.start, a.size) for a in areas))
+        t = slots.trust
+        print("TRUST version=%d threshold=%d image=%d roots=%d revocation=%d found=%d" % (
+            t[ROOT_VERSION], t[THRESHOLD], t[IMAGE_THRESHOLD], len(t[ROOTS]), t[REVOCATION],
+            slots.trust_store is not None and slots.trust_store.found))
         return
     if cmd == "age":
         for _ in range(int(sys.argv[3])):

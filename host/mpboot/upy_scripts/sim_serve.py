@@ -37,7 +37,7 @@ def main():
     micropython.kbd_intr(-1)  # SIGINT (Ctrl-C at the simulator's terminal) is a power cut
     cfg, chip, policy = sim_config.load(sys.argv[1])
     try:
-        boot.start(port, port.areas(chip), mpboot_keys.KEYS, **policy)
+        boot.start(port, sim_config.areas(cfg, chip), mpboot_keys.KEYS, **policy)
     except Exception as e:  # the app failed; the service still takes updates
         print("mpboot sim: the app raised:")
         sys.print_exception(e)
