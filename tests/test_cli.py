@@ -230,6 +230,28 @@ def test_pubkey_micropython_module_executes_to_keys() -> None:
         assert entry == (key.keyhash(), key.bits, key.modulus)
     assert keys[0][1] == 2048 and len(keys[0][2]) == 256
     assert keys[1][1] == 3072 and len(keys[1][2]) == 384
+    assert namespace["THRESHOLD"] == 1 and namespace["IMAGE_THRESHOLD"] == 1  # root set version 1
+
+
+def test_pubkey_micropython_thresholds() -> None:
+    text = assert_ok(run("pubkey", KEY2048, KEY3072, "--format", "micropython", "--threshold", "2",
+                         "--image-threshold", "3")).stdout
+    namespace: dict[str, Any] = {}
+    exec(compile(text, "mpboot_keys.py", "exec"), namespace)  # noqa: S102 - our own generated module
+    assert namespace["THRESHOLD"] == 2 and namespace["IMAGE_THRESHOLD"] == 3
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--threshold", "3"], "threshold 3"),  # more than the two keys
+    (["--threshold", "0"], "threshold 0"),
+    (["--image-threshold", "7"], "image threshold 7"),
+])
+def test_pubkey_micropython_refuses_thresholds_out_of_range(args: list[str], says: str) -> None:
+    assert_error(run("pubkey", KEY2048, KEY3072, "--format", "micropython", *args), 2, says)
+
+
+def test_pubkey_thresholds_belong_to_the_micropython_format() -> None:
+    assert_error(run("pubkey", KEY2048, "--format", "pem", "--threshold", "1"), 2, "micropython")
 
 
 @pytest.mark.parametrize("fmt", ["pem", "der", "raw"])

@@ -195,13 +195,15 @@ def test_geometry_slot_size_matches_the_device(dev: SimDevice) -> None:
 
 
 @pytest.mark.parametrize("trust", [True, False], ids=["trust-area", "made-before-it"])
-@pytest.mark.parametrize("size", [64 * 1024, 68 * 1024])
-def test_device_areas_are_the_host_geometry(tmp_path: Path, sim_lib: Path, trust: bool, size: int) -> None:
+@pytest.mark.parametrize(("size", "sector"), [(64 * 1024, 4096), (68 * 1024, 4096), (64 * 1024, 1024)])
+def test_device_areas_are_the_host_geometry(tmp_path: Path, sim_lib: Path, trust: bool, size: int,
+                                            sector: int) -> None:
     """The device's port.areas() (ports/unix.py) is the host's Geometry: five areas, none
     overlapping (an odd sector count leaves one unused sector before the factory area); a
-    device whose config predates the trust area keeps the old four-area layout and its
-    frozen root set (trust version 1)."""
-    g = Geometry(size, 4096, 4, trust)
+    device whose config predates the trust area, or whose sectors cannot hold a trust record
+    (1 KiB), keeps the four-area layout and its frozen root set (trust version 1)."""
+    g = Geometry(size, sector, 4, trust)
+    assert Geometry.for_slots(g.slot_size, sector, 4).slot_size == g.slot_size
     dev = SimDevice(tmp_path / "device", sim_lib, g)
     if not trust:  # a config written before the trust area: no "trust" line at all
         dev.config.write_text("".join(line + "\n" for line in dev.config.read_text().splitlines()
@@ -211,7 +213,8 @@ def test_device_areas_are_the_host_geometry(tmp_path: Path, sim_lib: Path, trust
     areas = [tuple(map(int, a.split(":"))) for a in (run.line("AREAS") or "").split()[1:]]
     want = [(0, g.slot_size), (g.slot_size, g.slot_size), (g.state_start, 2 * g.sector),
             (g.factory_start, 2 * g.sector)]
-    if trust:
+    assert g.trust_area == (trust and sector == 4096)
+    if g.trust_area:
         assert g.trust_start is not None
         want.append((g.trust_start, 2 * g.sector))
     assert areas == want

@@ -29,7 +29,7 @@ from mpboot.image import (
     parse_image,
     verify_image,
 )
-from mpboot.keys import PublicKey, SignatureScheme, SigningKey, load_public_key, load_signing_key
+from mpboot.keys import PublicKey, SignatureScheme, SigningKey, load_public_key
 from mpboot.trust import (
     Certificate,
     Envelope,
@@ -405,16 +405,6 @@ def test_a_certificate_for_a_root_adds_nothing() -> None:
     narrow = sign_envelope(Certificate(5, pub("root-c"), counters=(100, 200)), [key("root-a"), key("root-b")], PSS)
     image = build_image(BODY, [ImageSigner(key("root-c"), (narrow,))], OPTS)  # counter 3: outside 100..200
     assert verify_image(image, ROOTS3).key_index == 2
-
-
-def test_a_signature_between_keyhash_and_its_certificate_counts_once_certified() -> None:
-    """The key is looked up when the signature is met: a certificate between KEYHASH and the
-    signature still comes before the signature it vouches for."""
-    ci = sign_envelope(Certificate(11, pub("ci")), [key("root-a"), key("root-b")], PSS)
-    image = gen_trust_vectors.craft(lambda d: [Tlv(TlvType.SHA256, d), Tlv(TlvType.KEYHASH, pub("ci").keyhash()),
-                                               Tlv(TlvType.MPBOOT_CERT, ci),
-                                               Tlv(TlvType.RSA2048_PSS, key("ci").sign_digest(d, PSS))])
-    assert verify_image(image, ROOTS3).signatures[0].signer.certificate is not None
 
 
 def test_plain_key_list_keeps_the_old_verdicts() -> None:

@@ -276,6 +276,10 @@ def image_vectors(v: Vectors) -> None:
             "no SEC_CNT counts as 0, below ci's 1..1000")
     v.image("out-of-scope-kind", build(depth1, kind=ImageKind.UPDATER), T0, "OUT_OF_SCOPE",
             "an updater image; ci's certificate covers apps only")
+    v.image("out-of-scope-bad-signature",
+            craft(lambda d: [Tlv(TlvType.SHA256, d), cert_tlv(ci), Tlv(TlvType.KEYHASH, pub("ci").keyhash()),
+                             Tlv(TlvType.RSA2048_PSS, bytes(256))], prot=protected_tlvs(5000, VENDOR, CLASS)),
+            T0, "OUT_OF_SCOPE", "counter 5000 is outside ci's scope: its (zero) signature is not even verified")
     v.image("updater-by-root", build([("root-a", [])], kind=ImageKind.UPDATER), T0, "ok",
             "MPBOOT_KIND updater, signed by a root (roots cover everything)")
     v.image("kind-two-bits", craft(lambda d: [Tlv(TlvType.SHA256, d), *sig(d, "root-a")],
@@ -314,6 +318,23 @@ def image_vectors(v: Vectors) -> None:
             "ci's certificate (issued by team) comes before team's")
     v.image("signature-before-cert", craft(lambda d: [Tlv(TlvType.SHA256, d), *sig(d, "ci"), cert_tlv(ci)]),
             T0, "UNKNOWN_KEY", "ci's signature comes before its certificate: not trusted yet")
+    v.image("keyhash-before-cert",
+            craft(lambda d: [Tlv(TlvType.SHA256, d), Tlv(TlvType.KEYHASH, pub("ci").keyhash()), cert_tlv(ci),
+                             Tlv(TlvType.RSA2048_PSS, key("ci").sign_digest(d, PSS))]), T0, "UNKNOWN_KEY",
+            "ci's KEYHASH, then its certificate, then its signature: the key is looked up at the KEYHASH")
+    v.image("wider-but-cosigned", build([("ci", [team, signed(replace(CI_BY_TEAM, vendors=None), "team")]),
+                                         ("root-b", [])]), T0, "ok",
+            "ci's certificate is wider than team's (it certifies nothing), but root b signed too")
+    v.image("first-reason-wins",
+            craft(lambda d: [Tlv(TlvType.SHA256, d), cert_tlv(signed(CI, "rsa2048-untrusted")), *sig(d, "ci"),
+                             *sig(d, "root-a")]), replace(T0, revocation=1, revoked_keys=("root-a",)),
+            "CERT_ISSUER", "ci's certificate by a stranger (CERT_ISSUER), then revoked root a signs (REVOKED): "
+            "the first reason is the code")
+    junk = Envelope.decode(signed(TEAM, "root-a", "root-b"))
+    junk = replace(junk, signatures=(EnvelopeSignature(pub("ci").keyhash(), SignatureAlg.RSA2048_PSS, bytes(256)),
+                                     *junk.signatures)).encode()
+    v.image("cert-junk-by-depth0-key", build([("ci", [ci]), ("team", [junk])]), replace(T0, image_threshold=2),
+            "ok", "team's certificate also carries a junk signature by ci (certified, depth 0): not checked")
 
     # malformed certificates
     ci_body = CI.encode()
@@ -364,8 +385,10 @@ def image_vectors(v: Vectors) -> None:
     v.image("rotation-transition-after", "rotation-transition.bin", ROTATED, "ok", "...and after it")
     v.image("old-root-after-rotation", "plain-root.bin", ROTATED, "UNKNOWN_KEY",
             "root a's image once the root set is c, d")
-    v.image("stale-cert-after-rotation", build([("ci", [ci]), ("root-c", [])]), ROTATED, "CERT_ISSUER",
-            "ci's certificate by a+b (roots no more), though root c signed too: a certificate is checked when met")
+    v.image("stale-cert-after-rotation", build([("ci", [ci]), ("root-c", [])]), ROTATED, "ok",
+            "ci's certificate by a+b (roots no more) certifies nothing, but root c signed too")
+    v.image("stale-cert-alone-after-rotation", "delegated-depth1.bin", ROTATED, "CERT_ISSUER",
+            "ci's certificate by a+b, roots no more: it certifies nothing, and ci alone signed")
     ci_both = signed(CI, "root-a", "root-b", "root-d")
     v.image("cert-across-rotation", build([("ci", [ci_both])]), T0, "ok",
             "ci's certificate signed by a+b (old threshold) and d (new threshold)...")

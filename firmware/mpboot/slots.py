@@ -94,9 +94,7 @@ class Slots:
         if read is None:
             m = self.mapped(area) if self.mapped else None
             read = bytes_reader(m) if m is not None else area.read
-        # TODO(issue 16, integrator): image.verify takes the trust state once the verifier
-        # does (mpboot.trust.of): switch to image.verify(read, self.trust, area.size, self.buf).
-        info = image.verify(read, self.trust[_trust.ROOTS], area.size, self.buf)
+        info = image.verify(read, self.trust, area.size, self.buf)
         self.policy(info, update)
         return info
 

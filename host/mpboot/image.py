@@ -21,6 +21,7 @@ from mpboot.trust import (
     MAX_BODY_SIZE,
     MAX_IMAGE_SIGNATURES,
     Certificate,
+    Envelope,
     ImageKind,
     TrustState,
     decode_signed,
@@ -460,9 +461,10 @@ class CountedSignature:
 
 @dataclass(frozen=True)
 class VerifiedImage:
-    """An accepted image. `key_index`, `key` and `scheme` are the first counted signature's
-    (key_index -1 when that key is certified, not a root); `signatures` lists every counted
-    one, one per distinct key."""
+    """An accepted image. `key` and `scheme` are the first counted signature's; `key_index`
+    is the position among the roots of the first root that counted (-1 when only certified
+    keys did, as the device reports it); `signatures` lists every counted one, one per
+    distinct key."""
 
     image: ParsedImage
     key_index: int
@@ -584,7 +586,9 @@ def verify_image(data: bytes, trust: TrustState | Sequence[PublicKey], slot_size
     image, start, end = _read_prefix(data, slot_size)
     signers = _ImageSigners(state, image)
     hash_seen = False
-    pending: bytes | None = None  # key hash named by the last KEYHASH/PUBKEY
+    pending = False  # a KEYHASH/PUBKEY waits for its signature TLV
+    named: TrustedKey | None = None  # the key it named, looked up then (None: not trusted)
+    named_hash = b""
     signatures = 0
     certificates = 0
     for kind, off, length in _iter_entries(data, start, end):
@@ -601,7 +605,9 @@ def verify_image(data: bytes, trust: TrustState | Sequence[PublicKey], slot_size
             if (kind == TlvType.KEYHASH and length != 32) or length > MAX_PUBKEY_TLV_SIZE:
                 raise ImageRejected(ImageErrorCode.BAD_TLV, f"{TlvType(kind).name} TLV length {length}")
             value = _value(data, off, length)
-            pending = value if kind == TlvType.KEYHASH else hashlib.sha256(value).digest()
+            named_hash = value if kind == TlvType.KEYHASH else hashlib.sha256(value).digest()
+            named = signers.lookup(named_hash)
+            pending = True
         elif kind == TlvType.MPBOOT_CERT:
             certificates += 1
             if certificates > MAX_CERTIFICATES:
@@ -610,15 +616,15 @@ def verify_image(data: bytes, trust: TrustState | Sequence[PublicKey], slot_size
                 raise ImageRejected(ImageErrorCode.CERT_INVALID, f"certificate of {length} bytes, over {MAX_CERT_TLV_SIZE}")
             signers.certificate(_value(data, off, length))
         elif kind in RSA_SIGNATURE_TYPES or kind in OTHER_SIGNATURE_TYPES:
-            if pending is None:
+            if not pending:
                 raise ImageRejected(ImageErrorCode.SIG_WITHOUT_KEYHASH)
-            keyhash, pending = pending, None
+            pending = False
             signatures += 1
             if signatures > MAX_SIGNATURES:
                 raise ImageRejected(ImageErrorCode.BAD_TLV, f"more than {MAX_SIGNATURES} signatures")
             if kind in OTHER_SIGNATURE_TYPES:
                 continue
-            signers.signature(keyhash, kind, data, off, length)
+            signers.signature(named_hash, named, kind, data, off, length)
         elif kind in PROTECTED_ONLY_TYPES:
             raise ImageRejected(ImageErrorCode.UNPROTECTED_TLV, TlvType(kind).name)
         else:
@@ -630,27 +636,32 @@ def verify_image(data: bytes, trust: TrustState | Sequence[PublicKey], slot_size
 
 class _ImageSigners:
     """The keys trusted while one image's unprotected area is walked, and what its signatures
-    came to (docs/KEYS.md section 4)."""
+    came to (docs/KEYS.md section 4; the device's image.verify and records.issue/add)."""
 
     def __init__(self, state: TrustState, image: ParsedImage) -> None:
         self.state = state
         self.image = image
-        # Key hashes whose signatures count for nothing here: the state's revoked keys, and
-        # keys whose certificate in this image is revoked (or was issued by a revoked key).
-        self.revoked = {h: f"key {h.hex()[:16]} is revoked" for h in state.revoked_keys}  # key hash: why
-        self.trusted: dict[bytes, TrustedKey] = {}
+        self.revoked = frozenset(state.revoked_keys)
+        # Every root, revoked or not (a revoked root's signature is remembered as REVOKED).
+        self.roots: dict[bytes, TrustedKey] = {}
         for index, root in enumerate(state.roots):
-            keyhash = root.keyhash()
-            if keyhash not in self.revoked:
-                self.trusted.setdefault(keyhash, TrustedKey(root, index, None))
+            self.roots.setdefault(root.keyhash(), TrustedKey(root, index, None))
+        self.certified: dict[bytes, TrustedKey] = {}  # keys certified in this image, in order
         self.counted: dict[bytes, CountedSignature] = {}  # by modulus: a key counts once
-        self.remembered: ImageRejected | None = None  # the last REVOKED / OUT_OF_SCOPE met
+        self.why: ImageRejected | None = None  # the first reason a signer did not count
         self.unknown_key = False
 
+    def lookup(self, keyhash: bytes) -> TrustedKey | None:
+        """The key a KEYHASH/PUBKEY names, as trusted at that point of the walk."""
+        return self.roots.get(keyhash) or self.certified.get(keyhash)
+
+    def _remember(self, code: ImageErrorCode, detail: str) -> None:
+        self.why = self.why or ImageRejected(code, detail)
+
     def certificate(self, value: bytes) -> None:
-        """Check one MPBOOT_CERT when it is met: envelope and body (CERT_INVALID), issuer
-        (CERT_ISSUER), width (CERT_WIDER), revocation (remembered as REVOKED: the certificate
-        certifies nothing). A valid one makes its key trusted for the rest of the walk."""
+        """One MPBOOT_CERT, checked when it is met. CERT_INVALID and BAD_SIGNATURE reject the
+        image; REVOKED, CERT_ISSUER and CERT_WIDER are remembered and the certificate
+        certifies nothing. A valid one trusts its key for the rest of the walk."""
         try:
             signed = decode_signed(value)
         except TrustRefused as err:
@@ -659,66 +670,68 @@ class _ImageSigners:
         if not isinstance(cert, Certificate):
             raise ImageRejected(ImageErrorCode.CERT_INVALID, "a trust record, not a certificate")
         where = f"certificate serial {cert.serial}"
-        verified = signed.envelope.verified_signers(
-            {h: t.key for h, t in self.trusted.items()},
-            lambda detail: ImageRejected(ImageErrorCode.BAD_SIGNATURE, f"{where}: {detail}"))
-        by_key = [self.trusted[k.keyhash()] for k in verified]
-        issuer: Certificate | None
-        if sum(1 for t in by_key if t.certificate is None) >= self.state.threshold:
-            issuer = None  # a root threshold: the issuer's scope is everything
-        else:
-            delegates = [t.certificate for t in by_key if t.certificate is not None and t.certificate.depth >= 1]
-            if not delegates:
-                if any(s.keyhash in self.revoked for s in signed.envelope.signatures):
-                    self._revoke(cert, f"{where}: its issuer is revoked")
-                    return
-                raise ImageRejected(ImageErrorCode.CERT_ISSUER, where)
-            issuer = delegates[0]
-        if not cert.within(issuer):
-            assert issuer is not None
-            raise ImageRejected(ImageErrorCode.CERT_WIDER, f"{where} under serial {issuer.serial}")
         keyhash = cert.key.keyhash()
         if cert.serial in self.state.revoked_serials:
-            self._revoke(cert, f"{where} is revoked")
+            return self._remember(ImageErrorCode.REVOKED, f"{where} is revoked")
+        if keyhash in self.revoked:
+            return self._remember(ImageErrorCode.REVOKED, f"{where}: its key {keyhash.hex()[:16]} is revoked")
+        envelope = signed.envelope
+
+        def bad(detail: str) -> ImageRejected:
+            return ImageRejected(ImageErrorCode.BAD_SIGNATURE, f"{where}: {detail}")
+
+        roots = envelope.verified_signers(self.state.trusted_roots(), bad)
+        if len(roots) < self.state.threshold:
+            issuer = self._delegate(envelope, bad)
+            if issuer is None:
+                if any(s.keyhash in self.revoked and s.keyhash in self.roots for s in envelope.signatures):
+                    return self._remember(ImageErrorCode.REVOKED, f"{where}: its issuer is revoked")
+                return self._remember(ImageErrorCode.CERT_ISSUER, where)
+            if not cert.within(issuer):
+                return self._remember(ImageErrorCode.CERT_WIDER, f"{where} under serial {issuer.serial}")
+        if keyhash not in self.roots:  # a root, or a key certified already: adds nothing
+            self.certified.setdefault(keyhash, TrustedKey(cert.key, -1, cert))
+
+    def _delegate(self, envelope: Envelope, bad: Callable[[str], ImageRejected]) -> Certificate | None:
+        """The certificate of the first signer, in signature order, certified earlier in this
+        image with depth >= 1, once its signature verifies (others are not checked)."""
+        for sig in envelope.signatures:
+            delegate = self.certified.get(sig.keyhash)
+            if delegate is None or delegate.certificate is None or delegate.certificate.depth < 1:
+                continue
+            envelope.check_signature(sig, delegate.key, bad)
+            return delegate.certificate
+        return None
+
+    def signature(self, keyhash: bytes, named: TrustedKey | None, kind: int, data: bytes, off: int,
+                  length: int) -> None:
+        """An RSA signature TLV by the key its KEYHASH/PUBKEY named (`named`, None when that
+        was not a trusted key): remembered (REVOKED, OUT_OF_SCOPE: not verified), skipped
+        (an unknown key), or verified (KEY_SIZE, BAD_SIGNATURE at once) and counted."""
+        if named is None:
+            self.unknown_key = True
             return
         if keyhash in self.revoked:
-            self._revoke(cert, f"{where}: {self.revoked[keyhash]}")
-            return
-        self.trusted.setdefault(keyhash, TrustedKey(cert.key, -1, cert))  # an already trusted key: nothing
-
-    def _revoke(self, cert: Certificate, detail: str) -> None:
-        self.remembered = ImageRejected(ImageErrorCode.REVOKED, detail)
-        keyhash = cert.key.keyhash()
-        if keyhash not in self.trusted:
-            self.revoked.setdefault(keyhash, detail)
-
-    def signature(self, keyhash: bytes, kind: int, data: bytes, off: int, length: int) -> None:
-        trusted = self.trusted.get(keyhash)
-        if trusted is None:
-            if keyhash in self.revoked:
-                self.remembered = ImageRejected(ImageErrorCode.REVOKED, self.revoked[keyhash])
-            else:
-                self.unknown_key = True
-            return
-        scheme = _check_signature(self.image.digest, kind, data, off, length, trusted.key)
-        cert = trusted.certificate
+            return self._remember(ImageErrorCode.REVOKED, f"key {keyhash.hex()[:16]} is revoked")
+        cert = named.certificate
         img = self.image
         if cert is not None and not cert.covers(img.vendor_id, img.class_id, img.security_counter or 0, img.kind):
-            self.remembered = ImageRejected(ImageErrorCode.OUT_OF_SCOPE, f"key {keyhash.hex()[:16]}, certificate "
-                                            f"serial {cert.serial}")
-            return
-        self.counted.setdefault(trusted.key.modulus, CountedSignature(trusted, scheme))
+            return self._remember(ImageErrorCode.OUT_OF_SCOPE,
+                                  f"key {keyhash.hex()[:16]}, certificate serial {cert.serial}")
+        scheme = _check_signature(img.digest, kind, data, off, length, named.key)
+        self.counted.setdefault(named.key.modulus, CountedSignature(named, scheme))
 
     def verdict(self) -> VerifiedImage:
         counted = list(self.counted.values())
         need = self.state.image_threshold
         if len(counted) >= need:
             first = counted[0]
-            return VerifiedImage(self.image, first.signer.root_index, first.signer.key, first.scheme, tuple(counted))
+            root_index = next((c.signer.root_index for c in counted if c.signer.certificate is None), -1)
+            return VerifiedImage(self.image, root_index, first.signer.key, first.scheme, tuple(counted))
         if counted:
             raise ImageRejected(ImageErrorCode.THRESHOLD, f"{len(counted)} of the {need} needed")
-        if self.remembered is not None:
-            raise self.remembered
+        if self.why is not None:
+            raise self.why
         raise ImageRejected(ImageErrorCode.UNKNOWN_KEY if self.unknown_key else ImageErrorCode.NO_SIGNATURE)
 
 

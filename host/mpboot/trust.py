@@ -467,17 +467,21 @@ class Envelope:
         found: dict[bytes, PublicKey] = {}
         for sig in self.signatures:
             key = trusted.get(sig.keyhash)
-            if key is None:
-                continue
-            who = f"key {sig.keyhash.hex()[:16]}"
-            if not sig.fits(key):
-                raise error(f"{who}: {sig.alg.name} signature of {len(sig.signature)} bytes, RSA-{key.bits} key")
-            try:
-                key.verify_digest(sig.signature, self.digest, sig.scheme)
-            except ImageRejected:
-                raise error(f"{who}: signature does not verify") from None
-            found.setdefault(key.modulus, key)
+            if key is not None:
+                self.check_signature(sig, key, error)
+                found.setdefault(key.modulus, key)
         return list(found.values())
+
+    def check_signature(self, sig: EnvelopeSignature, key: PublicKey, error: Callable[[str], MpbootError]) -> None:
+        """Raise `error(detail)` unless `sig` is `key`'s signature over this body, with the
+        algorithm and length `key` makes."""
+        who = f"key {sig.keyhash.hex()[:16]}"
+        if not sig.fits(key):
+            raise error(f"{who}: {sig.alg.name} signature of {len(sig.signature)} bytes, RSA-{key.bits} key")
+        try:
+            key.verify_digest(sig.signature, self.digest, sig.scheme)
+        except ImageRejected:
+            raise error(f"{who}: signature does not verify") from None
 
 
 @dataclass(frozen=True)
@@ -528,24 +532,31 @@ def add_signature(envelope: bytes, key: SigningKey, scheme: SignatureScheme) -> 
 
 def chain_for(key: PublicKey, certificates: Sequence[bytes]) -> tuple[bytes, ...]:
     """The certificates among `certificates` an image needs for a signature by `key`: the one
-    that certifies it and its issuers' (a certificate whose key signed it), parent first.
-    Empty when none certifies `key` (a root needs none)."""
-    decoded = []
+    that certifies it and, recursively, those of its signers, each after the certificates of
+    its own signers (parent first, as the verifier needs them). Empty when none certifies
+    `key` (a root needs none)."""
+    by_key: dict[bytes, tuple[bytes, Envelope]] = {}
     for data in certificates:
         signed = decode_signed(data)
         if not isinstance(signed.body, Certificate):
             raise UsageError(f"a {signed.type.words} is not a certificate")
-        decoded.append((data, signed.envelope, signed.body))
-    by_key = {cert.key.keyhash(): (data, env) for data, env, cert in decoded}
-    chain: list[bytes] = []
+        by_key.setdefault(signed.body.key.keyhash(), (data, signed.envelope))
+    needed: dict[bytes, set[bytes]] = {}  # key hash -> the needed key hashes that signed its certificate
     wanted = [key.keyhash()]
     while wanted:
         keyhash = wanted.pop()
-        if keyhash not in by_key or by_key[keyhash][0] in chain:
-            continue
-        data, env = by_key[keyhash]
-        chain.insert(0, data)
-        wanted.extend(s.keyhash for s in env.signatures)
+        if keyhash in by_key and keyhash not in needed:
+            signers = {s.keyhash for s in by_key[keyhash][1].signatures if s.keyhash in by_key}
+            needed[keyhash] = signers
+            wanted.extend(signers)
+    chain: list[bytes] = []
+    placed: set[bytes] = set()
+    while len(placed) < len(needed):
+        ready = [h for h in needed if h not in placed and needed[h] <= placed]
+        # a cycle (two certificates signed by each other's keys) cannot be ordered: given order
+        for keyhash in ready or [h for h in needed if h not in placed][:1]:
+            placed.add(keyhash)
+            chain.append(by_key[keyhash][0])
     return tuple(chain)
 
 

@@ -71,11 +71,17 @@ def keygen(key_type: str, output: Path, password_env: str | None) -> None:
                    "hashes); micropython: the device's mpboot_keys module; c: C arrays.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Write here instead of standard output.")
+@click.option("--threshold", type=int, default=None,
+              help="micropython: distinct roots that must sign a certificate or trust record (default 1).")
+@click.option("--image-threshold", type=int, default=None,
+              help="micropython: distinct trusted keys that must sign an image (default 1).")
 @password_env_option
-def pubkey_cmd(key_files: tuple[Path, ...], fmt: str, output: Path | None, password_env: str | None) -> None:
-    """Export the public key(s) of KEY_FILES (private or public key files)."""
+def pubkey_cmd(key_files: tuple[Path, ...], fmt: str, output: Path | None, threshold: int | None,
+               image_threshold: int | None, password_env: str | None) -> None:
+    """Export the public key(s) of KEY_FILES (private or public key files). With --format
+    micropython: the device's frozen root set (version 1, docs/KEYS.md)."""
     secret = password(password_env)
-    data = pubkey.export([keys.load_public_key(p, secret) for p in key_files], fmt)
+    data = pubkey.export([keys.load_public_key(p, secret) for p in key_files], fmt, threshold, image_threshold)
     if output is None:
         click.echo(data if fmt in ("der", "raw") else data.decode(), nl=False)
     else:
@@ -177,13 +183,17 @@ def _signers(signing_keys: list[SigningKey], cert_files: tuple[Path, ...]) -> li
     """Each key with the certificates (of `cert_files`) that lead to it; every file must be
     used by one of them."""
     certs = {path: read_trust_file(path, "a certificate") for path in cert_files}
+    for path, data in certs.items():
+        try:
+            body = trust.decode_signed(data).body
+        except TrustRefused as err:
+            raise TrustRefused(err.code, f"--cert {path}: {err.detail}") from None
+        if not isinstance(body, trust.Certificate):
+            raise UsageError(f"--cert {path}: a {trust.body_type(body).words}, not a certificate")
     signers = []
     used: set[bytes] = set()
     for key in signing_keys:
-        try:
-            chain = trust.chain_for(key.public(), list(certs.values()))
-        except TrustRefused as err:
-            raise TrustRefused(err.code, f"a --cert file: {err.detail}") from None
+        chain = trust.chain_for(key.public(), list(certs.values()))
         used.update(chain)
         signers.append(ImageSigner(key, chain))
     for path, data in certs.items():
@@ -220,9 +230,9 @@ def cosign_cmd(input_path: Path, key_file: Path, cert_files: tuple[Path, ...], s
     if path.suffix.lower() == ".hex" or (len(head) == 4 and int.from_bytes(head, "little") == IMAGE_MAGIC):
         base_addr = pack.read_hex(path)[1] if path.suffix.lower() == ".hex" else None
         data = read_image(path)
-        certs = [read_trust_file(p, "a certificate") for p in cert_files]
+        chain = _signers([key], cert_files)[0].certificates  # parent first, whatever the order given
         slot = parse_size(slot_size, "slot size", maximum=SLOT_SIZE_LIMIT) if slot_size else None
-        image = cosign(data, key, chosen, certs, slot)
+        image = cosign(data, key, chosen, chain, slot)
         pack.write_output(out, image, base_addr)
         count = sum(1 for t in parse_image(image).unprotected if t.type in SIGNATURE_TYPES)
         click.echo(f"cosigned {input_path} with key {key.public().keyhash().hex()[:16]} -> {out} "

@@ -269,7 +269,8 @@ def _lines(s: dict[str, Any]) -> list[tuple[str, str]]:
 
     lines = [("type", s["type"]), ("size", f"{s['size']} bytes (body {s['body_size']})")]
     if s["type"] == "certificate":
-        counters = "any" if s["counters"] is None else f"{s['counters'][0]}..{s['counters'][1]}"
+        lo, hi = s["counters"] or (0, 0)
+        counters = "any" if s["counters"] is None else f"{lo}..{hi} ({lo:#010x}..{hi:#010x})"
         kinds = "any" if s["kinds"] is None else any_of(s["kinds"]) or "none known"
         lines += [("serial", str(s["serial"])), ("key", key_text(s["key"])), ("vendors", any_of(s["vendors"])),
                   ("classes", any_of(s["classes"])), ("counters", counters),

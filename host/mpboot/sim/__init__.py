@@ -81,7 +81,8 @@ class Geometry:
     @classmethod
     def for_slots(cls, slot_size: int, sector: int = 4096, align: int = 1) -> Geometry:
         """The chip whose two slots are `slot_size` bytes (a multiple of `sector`)."""
-        return cls(2 * slot_size + RESERVED_SECTORS * sector, sector, align)
+        reserved = RESERVED_SECTORS if sector >= TRUST_RECORD else RESERVED_SECTORS - 2
+        return cls(2 * slot_size + reserved * sector, sector, align)
 
     @property
     def trust_area(self) -> bool:
