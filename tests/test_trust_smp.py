@@ -424,15 +424,13 @@ def test_private_trust_indices_match_mpboot_trust() -> None:
         assert shared == {name: public[name] for name in shared}, module
 
 
-# The SMP server's heap budget (test_smp_fuzz.HEAP) plus what a push loads: mpboot.records and
-# smp/trust_mgmt take 8 and 2 KiB of bytecode in RAM on the unix port (frozen in flash on a
-# board). Smallest measured: 110k.
-PUSH_HEAP = "112k"
-
-
 def test_push_in_the_service_heap(session: Session) -> None:
     """A rotation and a near-largest revocation (16 keys, 16 serials, 8 signatures: 3.3 KB)
-    pushed, read back, and an upload after them, in PUSH_HEAP."""
+    pushed, read back, and an upload after them, in the heap the fuzz tests hold the SMP
+    server to (test_smp_fuzz.HEAP; a push loads mpboot.records and smp/trust_mgmt, 8 and 2 KiB
+    of bytecode in RAM on the unix port, frozen in flash on a board)."""
+    from test_smp_fuzz import HEAP
+
     signers = [signing_key(f"TEST-ONLY-{n}.pem") for n in ("root-a", "root-b", "root-c", "root-d", "ci", "team",
                                                             "rsa2048", "rsa3072")]
     big = envelope(RevocationRecord(1, tuple(bytes([i]) * 32 for i in range(16)), tuple(range(1, 17))), *signers)
@@ -444,6 +442,6 @@ def test_push_in_the_service_heap(session: Session) -> None:
     s.cmd("snap", 0)
     reps = push(s, ROT2, chunk=1900) + push(s, big, chunk=1900) + [s.send(READ, G, CMD), s.send(READ, G, 0)]
     ups = s.upload(image("1.3.0", seed="heap", key="TEST-ONLY-root-a.pem"), chunk=1900)
-    s.run(heapsize=PUSH_HEAP)
+    s.run(heapsize=HEAP)
     assert all(r.ok for r in reps + ups), [(i, r.body) for i, r in enumerate(reps + ups) if not r.ok]
     assert reps[-2].body["revocation"] == 1 and reps[-2].body["revoked-serials"] == list(range(1, 17))
