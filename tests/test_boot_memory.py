@@ -68,3 +68,65 @@ def test_boot_decision_heap_bound_is_real(device, flash) -> None:  # type: ignor
     proc = decide(device, dev, normal, 8 * 1024)
     assert proc.returncode != 0
     assert "MemoryError" in proc.stderr
+
+
+def _roots_lib(dest: Path, threshold: int, image_threshold: int) -> Path:
+    """The simulated device's modules with a 2-of-3 root set frozen in (TEST-ONLY root-a/b/c,
+    THRESHOLD and IMAGE_THRESHOLD as `mpboot pubkey --format micropython` writes them)."""
+    from conftest import signing_key
+
+    from mpboot.pubkey import micropython_module
+    from mpboot.sim import build_lib
+
+    roots = [signing_key(f"TEST-ONLY-root-{x}.pem").public() for x in "abc"]
+    lib = build_lib(dest / "lib", roots)
+    src = dest / "mpboot_keys.py"
+    src.write_text(micropython_module(roots, threshold, image_threshold))
+    upy.mpy_cross_compile(src, lib / "mpboot_keys.mpy")
+    return lib
+
+
+def test_delegated_two_of_three_boot_fits_in_24k(device, tmp_path: Path, record_property) -> None:  # type: ignore[no-untyped-def]
+    """Issue 16's bound: a 1 MiB image signed by root a and by the CI key, whose certificate
+    chain is root a + b -> team (RSA-3072, depth 1) -> ci, under a frozen root set of three
+    with thresholds 2 (certificates) and 2 (images): the boot decision verifies both
+    certificates and both signatures (5 RSA operations) and writes its state in 24 KiB."""
+    from conftest import signing_key
+
+    from mpboot.image import ImageSigner, ImageVersion, SignOptions, build_image
+    from mpboot.keys import SignatureScheme
+    from mpboot.trust import Certificate, sign_envelope
+    from simkit import HEADER_ROOM
+
+    lib = _roots_lib(tmp_path, threshold=2, image_threshold=2)
+    key = {n: signing_key(f"TEST-ONLY-{n}.pem") for n in ("root-a", "root-b", "team", "ci")}
+    pss = SignatureScheme.PSS
+    team = sign_envelope(Certificate(20, key["team"].public(), counters=(0, 100), depth=1),
+                         [key["root-a"], key["root-b"]], pss)
+    ci = sign_envelope(Certificate(21, key["ci"].public(), counters=(1, 10)), [key["team"]], pss)
+    romfs = make_app(tmp_path / "app", "1.0.0", confirm=True, filler=MIB - 4096)
+    opts = SignOptions(ImageVersion.parse("1.0.0"), security_counter=1)
+    signers = [ImageSigner(key["root-a"]), ImageSigner(key["ci"], (team, ci))]
+    path = tmp_path / "delegated.bin"
+    path.write_bytes(build_image(bytes(HEADER_ROOM) + romfs, signers, opts))
+    dev = SimDevice(tmp_path / "device", lib, Geometry.for_slots(MIB, 4096, 4))
+    installed(dev.install(path, "permanent", chunk=4096))
+    snapshot = tmp_path / "snapshot"
+    dev.snapshot(snapshot)
+
+    g = dev.geometry
+    args = ["-m", "dev_decide", dev.flash, g.size, g.sector, g.align, WORK]
+    proc = upy.run(args, path=[lib, device.lib], heapsize="256k")  # lib first: its mpboot_keys
+    assert proc.returncode == 0, proc.stderr
+    assert "DECIDE 0 0 1.0.0" in proc.stdout
+    free = int(proc.stdout.split("WORK ")[1].split()[0])
+    assert WORK - 64 <= free <= WORK, free
+
+    # Control: with the image threshold at 3 the same image (two signers) does not boot.
+    strict = _roots_lib(tmp_path / "strict", threshold=2, image_threshold=3)
+    dev.restore(snapshot)
+    proc = upy.run(args, path=[strict, device.lib], heapsize="256k")
+    assert proc.returncode == 0, proc.stderr
+    assert "DECIDE -1 0 -" in proc.stdout
+    record_property("summary", f"boot decision: 1 MiB image, 2-of-3 roots, signed by a root and a delegated key "
+                    f"(chain of 2 certificates) verified in {WORK // 1024} KiB of heap")

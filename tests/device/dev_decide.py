@@ -1,5 +1,6 @@
 # The boot decision as a device makes it, for heap measurements:
 #   micropython -m dev_decide FLASH SIZE SECTOR ALIGN [WORK]
+# (mpboot_keys on sys.path: its KEYS and thresholds are the frozen root set)
 # Verifies through flash reads (no memory map, no mount) and writes any state change, then
 # prints "DECIDE slot trial version free".
 #
@@ -11,9 +12,10 @@ import gc
 import sys
 
 import mpboot_keys
-from mpboot import factory, image, rsa, state  # noqa: F401 (loaded before the ballast, as if frozen)
+from mpboot import factory, image, records, rsa, state, trust  # noqa: F401 (loaded before the ballast, as if frozen)
 from mpboot.ports import unix as port
 from mpboot.slots import Slots
+from mpboot.smp import cbor  # noqa: F401 (the records' codec: frozen on a device)
 
 chip = port.flash(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
 a = port.areas(chip)
@@ -23,6 +25,9 @@ if len(sys.argv) > 5:
     ballast = bytearray(gc.mem_free() - int(sys.argv[5]))
     gc.collect()
     print("WORK", gc.mem_free())
-slots = Slots(a[0], a[1], a[2], mpboot_keys.KEYS, factory=a[3])  # with the factory record
+# With the factory record, the trust area (when the chip has one) and the keys module's
+# thresholds: the boot as boot.start makes it.
+slots = Slots(a[0], a[1], a[2], mpboot_keys.KEYS, factory=a[3], trust=a[4] if len(a) > 4 else None,
+              **trust.policy(mpboot_keys))
 slot, info, trial = slots.decide()
 print("DECIDE", slot, int(trial), "%d.%d.%d" % info["version"][:3] if info else "-")

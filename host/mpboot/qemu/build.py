@@ -265,8 +265,10 @@ def _build(name: str, folder: str, manifest: Callable[[Path], str], source: Sour
         board.write_text(manifest(manifest_dir))
         port = work / "port"
         # The freezer regenerates its output only when a frozen file is newer than it: a
-        # manifest freezing nothing (or older files) would link the previous build's modules.
+        # manifest freezing nothing (or older files: another checkout's firmware/, a file
+        # restored by git) would link the previous build's modules. Freeze from scratch.
         (port / "frozen_content.c").unlink(missing_ok=True)
+        shutil.rmtree(port / "frozen_mpy", ignore_errors=True)
         _run_make(["-C", str(tree / "ports" / "qemu"), jobs, f"BOARD={BOARD}", "MICROPY_PY_BTREE=0",
                    f"BUILD={port}", f"MICROPY_MPYCROSS={mpy_cross}", f"MPY_LIB_DIR={mpy_lib}",
                    f"FROZEN_MANIFEST={board}"], log, env={"MICROPY_MPYCROSS": str(mpy_cross)})
