@@ -127,17 +127,18 @@ def _der_item(b, p, tag):
 def der_key(der):
     # A PKCS#1 RSAPublicKey DER (minimal encoding, RSA-2048 or 3072, e = 65537) as
     # (keyhash, bits, modulus): the key tuple mpboot_keys.KEYS uses. ValueError otherwise.
-    b = bytes(der)
+    b = der  # (a memoryview: no copy of the whole encoding on the heap)
     s, end = _der_item(b, 0, 0x30)
     _need(end == len(b))
     s, e = _der_item(b, s, 0x02)
     _need(e - s > 1 and b[s] == 0 and b[s + 1] >= 0x80)  # positive, no extra zero byte
-    n = b[s + 1 : e]
+    n = s + 1
+    m = e
     s, e = _der_item(b, e, 0x02)
-    _need(e == end and b[s:e] == b"\x01\x00\x01")
-    bits = len(n) * 8
+    _need(e == end and e - s == 3 and b[s] == 1 and b[s + 1] == 0 and b[s + 2] == 1)
+    bits = (m - n) * 8
     _need(bits == 2048 or bits == 3072)
-    return (hashlib.sha256(b).digest(), bits, n)
+    return (hashlib.sha256(b).digest(), bits, bytes(b[n:m]))
 
 
 def open_envelope(buf):
@@ -273,6 +274,7 @@ def issue(buf, trust, certified):
     # list, or one of the outcome codes above; ValueError if malformed.
     f, sigs, digest = open_envelope(buf)
     c = parse_cert(f)
+    f = None  # the body's map: its heap is the RSA operations' below
     revoked = trust[REVOKED_KEYS]
     if c[C_SERIAL] in trust[REVOKED_SERIALS] or c[C_KEY][0] in revoked:
         return REVOKED
