@@ -231,8 +231,8 @@ def sim_air(port: int) -> None:
 @click.option("-k", "--key", "key_files", multiple=True, required=True, type=click.Path(path_type=Path),
               help="Key the device trusts (public or private key file; repeatable).")
 @click.option("--flash-size", default="256k", show_default=True, metavar="SIZE",
-              help="Whole flash (at most 33M): slot 0, slot 1, a two-sector state area and a two-sector "
-                   "factory area.")
+              help="Whole flash (at most 33M): slot 0, slot 1 and two-sector state, trust and factory "
+                   "areas (no trust area on 1 and 2 KiB sectors).")
 @click.option("--sector", default="4k", show_default=True, metavar="SIZE", help="Erase sector size.")
 @click.option("--align", type=click.Choice(["1", "4", "8", "16"]), default="4", show_default=True,
               help="Flash write unit in bytes.")
