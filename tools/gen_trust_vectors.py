@@ -337,6 +337,13 @@ def image_vectors(v: Vectors) -> None:
             "ok", "team's certificate also carries a junk signature by ci (certified, depth 0): not checked")
 
     # malformed certificates
+    ci_env = cbor2.loads(ci)
+    junk_alg = cbor2.dumps({1: ci_env[1], 2: [*ci_env[2], [pub("rsa2048-untrusted").keyhash(), 5, bytes(10)]]},
+                           canonical=True)
+    v.image("cert-stranger-unknown-alg",
+            craft(lambda d: [Tlv(TlvType.SHA256, d), cert_tlv(junk_alg), *sig(d, "ci"), *sig(d, "root-a")]), T0,
+            "CERT_INVALID",
+            "ci's certificate also carries a stranger's entry with alg 5: refused whoever signed it")
     ci_body = CI.encode()
     v.image("cert-not-canonical",
             craft(lambda d: [Tlv(TlvType.SHA256, d), cert_tlv(indefinite_map(ci)), *sig(d, "ci")]), T0,
@@ -479,6 +486,17 @@ def record_vectors(v: Vectors) -> None:
     v.record("malformed-seventeen-serials",
              signed_raw(cbor2.dumps({1: 3, 20: 2, 22: list(range(1, 18))}, canonical=True), key("root-a"),
                         key("root-b")), T0, "MALFORMED", "17 revoked serials (at most 16)")
+    ok_env = cbor2.loads(ok_revocation)
+    stranger = pub("rsa2048-untrusted").keyhash()
+    v.record("malformed-stranger-unknown-alg",
+             cbor2.dumps({1: ok_env[1], 2: [*ok_env[2], [stranger, 5, bytes(10)]]}, canonical=True), T0,
+             "MALFORMED", "a stranger's entry with alg 5 and a 10-byte signature: refused whoever signed it")
+    v.record("malformed-stranger-signature-length",
+             cbor2.dumps({1: ok_env[1], 2: [*ok_env[2], [stranger, 0x20, bytes(100)]]}, canonical=True), T0,
+             "MALFORMED", "a stranger's PSS entry of 100 bytes (256 or 384 only)")
+    v.record("malformed-revoked-serial-zero",
+             signed_raw(cbor2.dumps({1: 3, 20: 2, 22: [0]}, canonical=True), key("root-a"), key("root-b")),
+             T0, "MALFORMED", "serial 0 (certificate serials start at 1)")
     v.record("too-large", ok_revocation + bytes(4097 - len(ok_revocation)), T0, "TOO_LARGE",
              "4097 bytes: over the 4096 a record may be")
 

@@ -302,6 +302,7 @@ def verify(read, trust, slot_size, buf=None):
                 for c in certified:
                     if c[1][0] == value:  # records.C_KEY
                         key_cert = c
+                        break
             key_pending = True
         elif kind == _TLV_MPBOOT_CERT:
             certs += 1

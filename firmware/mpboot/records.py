@@ -153,7 +153,13 @@ def open_envelope(buf):
     sigs = []
     for s in _array(env[2], 1, _MAX_SIGS):
         _array(s, 3, 3)
-        sigs.append((bytes(_bstr(s[0], 32)), _uint(s[1], 0, 0xFF), _bstr(s[2])))
+        # Every entry well formed, whoever signed it (docs/KEYS.md section 2): a known alg and
+        # an RSA-2048 or 3072 length.
+        a = _uint(s[1], _ALG_PSS2048, _ALG_PKCS1)
+        _need(a == _ALG_PSS2048 or a == _ALG_PSS3072 or a == _ALG_PKCS1)
+        sig = _bstr(s[2])
+        _need(len(sig) == 256 or len(sig) == 384)
+        sigs.append((bytes(_bstr(s[0], 32)), a, sig))
     h = hashlib.sha256(_CONTEXT)
     h.update(body)
     return _strict(body), sigs, h.digest()
@@ -288,9 +294,7 @@ def issue(buf, trust, certified):
             k = p[C_KEY]
             if k[0] != s[0] or p[C_DEPTH] < 1:
                 continue
-            if k[0] in revoked:
-                passed = True
-                continue
+            # (k is not revoked: a certificate whose key is revoked never enters `certified`)
             if not signature_ok(s[1], k, s[2], digest):
                 return BAD_SIGNATURE
             return c if narrower(c, p) else WIDER

@@ -343,7 +343,7 @@ class RevocationRecord:
         for h in self.keys:
             _bstr(h, "a revoked key hash", KEYHASH_SIZE)
         for s in self.serials:
-            _uint(s, 0, U32_MAX, "a revoked serial")
+            _uint(s, 1, U32_MAX, "a revoked serial")  # (certificate serials start at 1)
 
     def encode(self) -> bytes:
         body: dict[int, Any] = {_TYPE: BodyType.REVOCATION.value, _NUMBER: self.number}
