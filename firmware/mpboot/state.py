@@ -125,8 +125,7 @@ class Log:
         s = best_off // es
         nxt = end_of[s]
         self.pos = s * es + nxt * self.rec if nxt < self.per else -1
-        # Read it again into buf (an owner without one, hold=False, reads its own way).
-        self.seq = self._valid(best_off) if self.buf is not None else best
+        self.seq = self._valid(best_off)  # (and into buf, for an owner that holds one)
         return True
 
     def begin(self):
