@@ -35,6 +35,24 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _signing_log_outside_the_tree(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Every signing command appends to a signing log, by default in the working directory
+    (the checkout, here): point them all at one log per test process instead. Tests of the
+    log itself name their own (--signing-log, or MPBOOT_SIGNING_LOG)."""
+    import os
+
+    from mpboot import signlog
+
+    old = os.environ.get(signlog.ENV)
+    os.environ[signlog.ENV] = str(tmp_path_factory.mktemp("signlog") / "signing.jsonl")
+    yield
+    if old is None:
+        os.environ.pop(signlog.ENV, None)
+    else:
+        os.environ[signlog.ENV] = old
+
+
 @functools.cache
 def signing_key(name: str) -> SigningKey:
     # Cached: loading an RSA private key checks it, which costs tens of milliseconds.

@@ -15,6 +15,8 @@ esac
 cd "$(dirname "$0")/.."
 work=$(mktemp -d "${TMPDIR:-/tmp}/mpboot-demo.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+# Every signature is logged (mpboot info shows which line made it); the demo's log is its own.
+export MPBOOT_SIGNING_LOG="$work/signing-log.jsonl"
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
 
 step mpboot keygen --type rsa-2048 -o "$work/signing-key.pem"

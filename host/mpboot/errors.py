@@ -11,6 +11,9 @@ link to the device fails.
     │   ├── InputFileError
     │   ├── KeyFileError
     │   │   └── KeyPasswordRequired, PrivateKeyRefused
+    │   ├── TokenError              a PKCS#11 module, token or key object (mpboot.hsm)
+    │   │   └── TokenPinError, TokenKeyError, TokenMechanismMissing
+    │   ├── SignatureMismatch       an attached signature is not over these bytes by that key
     │   ├── RequestTooLarge         larger than the device's buf_size
     │   └── SerialsExhausted
     ├── DeviceRunError (2)          the MicroPython unix port could not be run
@@ -75,6 +78,28 @@ class KeyPasswordRequired(KeyFileError):
 
 class PrivateKeyRefused(KeyFileError):
     """A private key was given where only a public key belongs (a factory station)."""
+
+
+class TokenError(UsageError):
+    """A PKCS#11 module cannot be loaded, or its token cannot be found or used."""
+
+
+class TokenPinError(TokenError):
+    """The token's PIN is missing, wrong or locked."""
+
+
+class TokenKeyError(TokenError):
+    """The key object a pkcs11: URI names is missing, ambiguous, or not an RSA-2048/3072 key
+    with e = 65537; or keygen would overwrite one."""
+
+
+class TokenMechanismMissing(TokenError):
+    """The token does not offer the signature mechanism asked for (RSA-PSS or PKCS#1 v1.5)."""
+
+
+class SignatureMismatch(UsageError):
+    """A signature made elsewhere (sign --attach-signature) does not verify: it is over other
+    bytes, by another key, or in the other scheme. Nothing is written."""
 
 
 class RequestTooLarge(UsageError):

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 
 from mpboot.errors import ImageErrorCode, ImageRejected, TrustRefused, UsageError
-from mpboot.keys import PublicKey, SignatureScheme, SigningKey
+from mpboot.keys import PublicKey, SignatureScheme
+from mpboot.signing import Signer
 from mpboot.trust import (
     MAX_BODY_SIZE,
     MAX_IMAGE_SIGNATURES,
@@ -234,7 +235,7 @@ def protected_tlvs(security_counter: int | None, vendor_id: bytes | None,
     return tlvs
 
 
-def signature_tlvs(digest: bytes, key: SigningKey, scheme: SignatureScheme) -> list[Tlv]:
+def signature_tlvs(digest: bytes, key: Signer, scheme: SignatureScheme) -> list[Tlv]:
     """KEYHASH followed by the signature over the image digest."""
     return [
         Tlv(TlvType.KEYHASH, key.public().keyhash()),
@@ -260,7 +261,7 @@ class ImageSigner:
     """One signature an image gets: `key`, and the certificate envelopes that make it trusted
     (parent first; none for a root), written just before its signature."""
 
-    key: SigningKey
+    key: Signer
     certificates: tuple[bytes, ...] = ()
 
 
@@ -275,7 +276,7 @@ def assemble_image(header: ImageHeader, body: bytes, protected: Sequence[Tlv],
     return hashed + encode_tlv_area(TLV_INFO_MAGIC, unprotected(digest))
 
 
-def build_image(body: bytes, signers: SigningKey | Sequence[ImageSigner], options: SignOptions) -> bytes:
+def build_image(body: bytes, signers: Signer | Sequence[ImageSigner], options: SignOptions) -> bytes:
     """Sign `body`, which already starts with header_size bytes of room for the header
     (zeros or padding: see mpboot.pack), into an MCUboot v1 image.
 
@@ -295,7 +296,7 @@ def build_image(body: bytes, signers: SigningKey | Sequence[ImageSigner], option
     counter = options.security_counter
     if counter is not None and not 0 <= counter <= 0xFFFFFFFF:
         raise UsageError(f"security counter {counter} is not a 32-bit unsigned number")
-    signer_list = [ImageSigner(signers)] if isinstance(signers, SigningKey) else list(signers)
+    signer_list = list(signers) if isinstance(signers, (list, tuple)) else [ImageSigner(signers)]
     _check_signers(signer_list)
     prot = protected_tlvs(counter, options.vendor_id, options.class_id, options.kind)
     prot_size = len(encode_tlv_area(TLV_PROT_INFO_MAGIC, prot)) if prot else 0
@@ -354,7 +355,7 @@ def _signature_with_certificates(written: Sequence[Tlv], digest: bytes, signer: 
     return [*certs, *signature_tlvs(digest, signer.key, scheme)]
 
 
-def cosign(image: bytes, key: SigningKey, scheme: SignatureScheme, certificates: Sequence[bytes] = (),
+def cosign(image: bytes, key: Signer, scheme: SignatureScheme, certificates: Sequence[bytes] = (),
            slot_size: int | None = None) -> bytes:
     """`image` with one more signature, by `key`, appended to its unprotected TLV area after
     the certificates it needs (those not in the image yet, parent first): the detached flow,

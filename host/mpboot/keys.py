@@ -83,9 +83,18 @@ class PublicKey:
 
 @dataclass(frozen=True)
 class SigningKey:
-    """An RSA private key that signs image digests."""
+    """An RSA private key that signs image digests: a Signer (mpboot.signing) held in memory,
+    loaded from `path` (None for a key made here)."""
 
     key: rsa.RSAPrivateKey
+    path: Path | None = None
+
+    def describe(self) -> dict[str, str]:
+        """Who signs, for the signing log."""
+        return {"kind": "file", "path": str(self.path.resolve()) if self.path else "(in memory)"}
+
+    def __str__(self) -> str:
+        return f"key file {self.path}" if self.path else "in-memory key"
 
     @property
     def bits(self) -> int:
@@ -148,7 +157,7 @@ def load_signing_key(path: Path, password: bytes | None = None) -> SigningKey:
         raise KeyFileError(f"{path}: not a private key (PEM or DER)") from None
     _check_rsa(key, path)
     assert isinstance(key, rsa.RSAPrivateKey)
-    return SigningKey(key)
+    return SigningKey(key, Path(path))
 
 
 def _looks_like_der_private_key(data: bytes) -> bool:

