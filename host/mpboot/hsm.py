@@ -96,13 +96,25 @@ def _find_token(lib: Any, uri: Pkcs11Uri, module: str) -> Any:
     return tokens[0]
 
 
-def _login(token: Any, pin: str | None, uri: Pkcs11Uri, *, rw: bool = False) -> Any:
+# A token login belongs to the whole process (PKCS#11: C_Login on one session logs in every
+# session of this application): a second key on a token already logged in opens its session
+# without logging in again, which the token would refuse (CKR_USER_ALREADY_LOGGED_IN).
+_logged_in: dict[tuple[str, bytes], int] = {}
+
+
+@contextmanager
+def _session(token: Any, module: str, pin: Callable[[], str | None], *, rw: bool = False) -> Iterator[Any]:
+    """A session on `token`, logged in as its user when the token wants a login."""
     needs_pin = bool(token.flags & pkcs11.TokenFlag.LOGIN_REQUIRED)
-    if needs_pin and pin is None:
-        raise TokenPinError(f"token {token.label!r} needs its user PIN: put pin-source=FILE in the URI "
-                            f"or set {PIN_ENV}")
+    who = (module, bytes(token.serial))
+    user_pin = None
+    if needs_pin and not _logged_in.get(who):
+        user_pin = pin()
+        if user_pin is None:
+            raise TokenPinError(f"token {token.label!r} needs its user PIN: put pin-source=FILE in the URI "
+                                f"or set {PIN_ENV}")
     try:
-        return token.open(rw=rw, user_pin=pin if needs_pin else None)
+        session = token.open(rw=rw, user_pin=user_pin)
     except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange):
         raise TokenPinError(f"token {token.label!r}: wrong PIN") from None
     except p11.PinLocked:
@@ -114,6 +126,35 @@ def _login(token: Any, pin: str | None, uri: Pkcs11Uri, *, rw: bool = False) -> 
         raise TokenPinError(f"token {token.label!r} has no user PIN set yet") from None
     except p11.PKCS11Error as err:
         raise TokenError(f"token {token.label!r}: cannot open a session: {_why(err)}") from None
+    if needs_pin:
+        _logged_in[who] = _logged_in.get(who, 0) + 1
+    try:
+        yield session
+    finally:
+        if needs_pin:
+            _logged_in[who] -= 1
+            if not _logged_in[who]:
+                del _logged_in[who]
+        try:
+            session.close()
+        except p11.PKCS11Error:
+            pass
+
+
+@contextmanager
+def _public_session(token: Any) -> Iterator[Any]:
+    """A session without a login: enough to read public objects."""
+    try:
+        session = token.open()
+    except p11.PKCS11Error as err:
+        raise TokenError(f"token {token.label!r}: cannot open a session: {_why(err)}") from None
+    try:
+        yield session
+    finally:
+        try:
+            session.close()
+        except p11.PKCS11Error:
+            pass
 
 
 def _template(uri: Pkcs11Uri, object_class: ObjectClass) -> dict[Attribute, Any]:
@@ -295,18 +336,12 @@ def open_signer(uri: Pkcs11Uri, module: str | Path | None = None,
     path = module_path(uri, module)
     with _module(path) as lib:
         token = _find_token(lib, uri, path)
-        session = _login(token, read_pin(uri, prompt), uri)
-        try:
-            if uri.type == "public":
-                raise UsageError(f"{uri}: type=public names a public key: signing needs the private key")
+        if uri.type == "public":
+            raise UsageError(f"{uri}: type=public names a public key: signing needs the private key")
+        with _session(token, path, lambda: read_pin(uri, prompt)) as session:
             key = _one(_objects(session, uri, ObjectClass.PRIVATE_KEY), uri, "private key")
             public = _public_of(session, uri, key)
             yield TokenSigner(token, session, key, public, _info(token, key, path))
-        finally:
-            try:
-                session.close()
-            except p11.PKCS11Error:
-                pass
 
 
 def public_key(uri: Pkcs11Uri, module: str | Path | None = None,
@@ -315,21 +350,13 @@ def public_key(uri: Pkcs11Uri, module: str | Path | None = None,
     path = module_path(uri, module)
     with _module(path) as lib:
         token = _find_token(lib, uri, path)
-        try:
-            session = token.open()
-        except p11.PKCS11Error as err:
-            raise TokenError(f"token {token.label!r}: cannot open a session: {_why(err)}") from None
-        try:
-            if uri.type != "private" and _objects(session, uri, ObjectClass.PUBLIC_KEY):
-                return _public_of(session, uri, None)
-        finally:
-            session.close()
+        if uri.type != "private":
+            with _public_session(token) as session:
+                if _objects(session, uri, ObjectClass.PUBLIC_KEY):
+                    return _public_of(session, uri, None)
         # Only a private key object: its public attributes need a login on most tokens.
-        session = _login(token, read_pin(uri, prompt), uri)
-        try:
+        with _session(token, path, lambda: read_pin(uri, prompt)) as session:
             return _public_of(session, uri, _one(_objects(session, uri, ObjectClass.PRIVATE_KEY), uri, "key"))
-        finally:
-            session.close()
 
 
 def generate(uri: Pkcs11Uri, key_type: str, module: str | Path | None = None,
@@ -343,8 +370,7 @@ def generate(uri: Pkcs11Uri, key_type: str, module: str | Path | None = None,
     path = module_path(uri, module)
     with _module(path) as lib:
         token = _find_token(lib, uri, path)
-        session = _login(token, read_pin(uri, prompt), uri, rw=True)
-        try:
+        with _session(token, path, lambda: read_pin(uri, prompt), rw=True) as session:
             clash = [o for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY)
                      for by in ({Attribute.LABEL: uri.object}, {Attribute.ID: uri.id} if uri.id else None)
                      if by is not None
@@ -366,6 +392,4 @@ def generate(uri: Pkcs11Uri, key_type: str, module: str | Path | None = None,
                 raise TokenError(f"token {token.label!r}: cannot make an {key_type} key: {_why(err)}") from None
             return _public_of(session, Pkcs11Uri(text=uri.text, object=uri.object, id=key_id), priv), \
                 _info(token, priv, path)
-        finally:
-            session.close()
 
