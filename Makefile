@@ -37,6 +37,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_verify.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_trust.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_signing.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_update.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_smp.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_zephyr.py
