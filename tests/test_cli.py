@@ -811,9 +811,40 @@ def _all_commands(group: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, .
     import click
 
     out = [prefix]
-    for name, command in getattr(group, "commands", {}).items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx) if isinstance(group, click.Group) else ():
+        command = group.get_command(ctx, name)
+        assert command is not None, (prefix, name)
         out += _all_commands(command, (*prefix, name)) if isinstance(command, click.Group) else [(*prefix, name)]
     return out
+
+
+def test_every_family_command_is_in_the_lazy_map() -> None:
+    """The root loads a family only for its own commands: the map must name every command
+    each family module defines, and nothing else."""
+    import importlib
+
+    from mpboot.cli import FAMILIES
+
+    defined = {}
+    for family in set(FAMILIES.values()):
+        for command in importlib.import_module(f"mpboot.cli.{family}").COMMANDS:
+            defined[command.name] = family
+    assert defined == FAMILIES
+
+
+def test_signing_loads_neither_ble_nor_the_factory() -> None:
+    """`mpboot sign` starts in a fresh process without importing the BLE stack, the
+    simulator or the factory: it is a release tool, often on a locked-down machine."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom mpboot.cli import cli\n"
+            "try:\n    cli(['sign', '--help'], prog_name='mpboot')\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('bleak', 'bumble', 'mpboot.cli.', "
+            "'mpboot.factory', 'mpboot.sim', 'pkcs11'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "['mpboot.cli.common', 'mpboot.cli.image']"
 
 
 def test_every_command_has_help() -> None:

@@ -14,14 +14,43 @@ options declared once, the device link):
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 import click
 
 from mpboot import __version__
-from mpboot.cli import ble, device, factory, image, keys, sim, trust
 from mpboot.cli.common import MpbootGroup, one_line_logs
 
+# Each top-level command and the family module that defines it (in its COMMANDS). A command
+# imports only its own family: `mpboot sign` does not load the BLE stack, the factory
+# database or the simulator (tests/test_cli.py checks this map against every COMMANDS).
+FAMILIES: dict[str, str] = {
+    **dict.fromkeys(("keygen", "pubkey", "sign", "cosign", "verify", "info", "firmware"), "image"),
+    "key": "keys",
+    **dict.fromkeys(("flash", "state", "confirm", "reset", "erase", "echo"), "device"),
+    "sim": "sim",
+    **dict.fromkeys(("scan", "sync"), "ble"),
+    "provision": "factory",
+    "trust": "trust",
+}
 
-@click.group(cls=MpbootGroup, context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(MpbootGroup):
+    """The root group, loading a command's family module the first time it is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(FAMILIES))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in FAMILIES:
+            family: Any = importlib.import_module(f"mpboot.cli.{FAMILIES[cmd_name]}")
+            for command in family.COMMANDS:
+                self.add_command(command)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mpboot")
 def cli() -> None:
     """mpboot: a secure bootloader for MicroPython devices, and its host tool.
@@ -33,14 +62,10 @@ def cli() -> None:
     or port problem, 3 silent device or broken link, 130 interrupted (Ctrl-C)."""
 
 
-for _family in (image, keys, device, sim, ble, factory, trust):
-    for _command in _family.COMMANDS:
-        cli.add_command(_command)
-
 
 def main() -> None:
     one_line_logs()
     cli(prog_name="mpboot")
 
 
-__all__ = ["cli", "main"]
+__all__ = ["FAMILIES", "cli", "main"]
