@@ -76,7 +76,8 @@ def _find_token(lib: Any, uri: Pkcs11Uri, module: str) -> Any:
     try:
         tokens = [
             t for t in lib.get_tokens(token_label=uri.token)
-            if (uri.serial is None or t.serial.decode(errors="replace").strip() == uri.serial)
+            if t.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED
+            and (uri.serial is None or t.serial.decode(errors="replace").strip() == uri.serial)
             and (uri.manufacturer is None or t.manufacturer_id.strip() == uri.manufacturer)
             and (uri.model is None or t.model.strip() == uri.model)
         ]
