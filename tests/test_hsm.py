@@ -79,6 +79,9 @@ def test_keygen_on_the_token_signs_images_every_verifier_accepts(hsm: SoftHsm, w
     # pubkey exports the same public half from the token (no PIN needed: a public object).
     exported = assert_ok(mp(hsm, "pubkey", uri(TOKEN, "fw-release"))).stdout
     assert exported == (tmp_path / "release.pub.pem").read_text()
+    # Without -o, keygen's standard output is the public key alone (`> key.pub.pem`).
+    second = assert_ok(mp(hsm, "keygen", "--pkcs11", uri(TOKEN, "fw-second", pin_file=pin_file(tmp_path))))
+    assert second.stdout.startswith("-----BEGIN PUBLIC KEY-----") and "non-extractable" in second.stderr
 
     assert_ok(sign(hsm, work, "app.bin", "-k", key))
     image = parse_image((work / "app.bin").read_bytes())
@@ -188,6 +191,20 @@ def test_a_token_without_pss_says_so_and_signs_pkcs1v15_when_asked(tmp_path: Pat
     device_verdict(work / "app.bin", tmp_path / "old.pub.pem")
 
 
+def test_a_token_with_only_hash_and_sign_mechanisms_is_refused_without_circular_advice(
+        tmp_path: Path, work: Path) -> None:
+    hsm = SoftHsm.create(tmp_path / "hashonly",
+                         mechanisms="CKM_RSA_PKCS_KEY_PAIR_GEN,CKM_SHA256_RSA_PKCS_PSS,CKM_SHA256_RSA_PKCS")
+    hsm.init_token(TOKEN)
+    key = uri(TOKEN, "kms", pin_file=pin_file(tmp_path))
+    assert_ok(mp(hsm, "keygen", "--pkcs11", key))
+    for scheme in ("pss", "pkcs1v15"):
+        line = assert_error(sign(hsm, work, "app.bin", "-k", key, "--scheme", scheme), 2,
+                            "offers neither CKM_RSA_PKCS_PSS nor CKM_RSA_PKCS", "--digest-only")
+        assert "--scheme" not in line
+    assert files_in(work) == ["fw.bin"]
+
+
 def test_keygen_never_overwrites_a_key_on_the_token(hsm: SoftHsm, tmp_path: Path) -> None:
     key = uri(TOKEN, "once", "id=%07", pin_file=pin_file(tmp_path))
     assert_ok(mp(hsm, "keygen", "--pkcs11", key))
@@ -255,7 +272,8 @@ def test_air_gapped_signing_with_the_tokens_own_tool(hsm: SoftHsm, work: Path, t
     assert_ok(sign(hsm, work, "digest.bin", "--digest-only"))
     sig = tmp_path / "offline.sig"
     hsm.tool(TOKEN, "--sign", "--mechanism", "RSA-PKCS-PSS", "--hash-algorithm", "SHA256", "--mgf", "MGF1-SHA256",
-             "--salt-len", "32", "--label", "offline", "-i", work / "digest.bin", "-o", sig)
+             "--salt-len", "32", "--id", "0f", "-i", work / "digest.bin", "-o", sig)  # --id: OpenSC 0.23's
+    # --sign ignores --label (it takes the token's first private key)
     assert_ok(sign(hsm, work, "app.bin", "--attach-signature", sig, "-k", pub))
     assert parse_image((work / "app.bin").read_bytes()).digest == (work / "digest.bin").read_bytes()
     device_verdict(work / "app.bin", pub)

@@ -228,6 +228,12 @@ def test_pkcs11_uris_parse_as_rfc_7512_says() -> None:
     secret = parse_uri("pkcs11:token=t;object=k?pin-value=123456&module-path=/m.so")
     assert secret.pin_value == "123456"
     assert "123456" not in str(secret) and "123456" not in repr(secret) and "module-path=/m.so" in str(secret)
+    # A PIN put where it does not belong is refused, and the refusal does not repeat it.
+    for misplaced in ("pkcs11:token=t;object=k;pin-value=123456", "pkcs11:token=t;object=k?PIN-VALUE=123456"):
+        with pytest.raises(UsageError) as refused:
+            parse_uri(misplaced)
+        assert "123456" not in str(refused.value)
+        assert "123456" not in assert_error(run("pubkey", misplaced), 2, "does not use the URI attribute")
     assert parse_key_ref("PKCS11:object=k") == parse_uri("PKCS11:object=k")
     assert parse_key_ref("keys/release.pem") == Path("keys/release.pem")
 

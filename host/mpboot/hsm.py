@@ -307,9 +307,15 @@ class TokenSigner:
         except p11.PKCS11Error as err:
             raise TokenError(f"{self.info}: cannot list its mechanisms: {_why(err)}") from None
         if mechanism not in offered:
-            other = "--scheme pkcs1v15" if scheme is SignatureScheme.PSS else "--scheme pss"
-            raise TokenMechanismMissing(f"{self.info}: the token does not offer {name}: sign with {other} "
-                                        "(the image records which scheme it carries)")
+            other, other_mechanism = (("pkcs1v15", Mechanism.RSA_PKCS) if scheme is SignatureScheme.PSS
+                                      else ("pss", Mechanism.RSA_PKCS_PSS))
+            if other_mechanism in offered:
+                raise TokenMechanismMissing(f"{self.info}: the token does not offer {name}: sign with --scheme "
+                                            f"{other} (the image records which scheme it carries)")
+            raise TokenMechanismMissing(f"{self.info}: the token offers neither CKM_RSA_PKCS_PSS nor CKM_RSA_PKCS, "
+                                        "the mechanisms that sign a digest: mpboot cannot sign with it (if its own "
+                                        "tool can sign a SHA-256 digest, use sign --digest-only and "
+                                        "--attach-signature)")
         try:
             signature = bytes(self._key.sign(data, mechanism=mechanism, mechanism_param=param))
         except (p11.MechanismInvalid, p11.MechanismParamInvalid):

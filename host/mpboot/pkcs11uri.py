@@ -54,11 +54,17 @@ class Pkcs11Uri:
 
 
 def redact(text: str) -> str:
+    """`text` without any pin-value attribute, wherever it was put and however spelt: safe to
+    print in an error (which may be about that very URI) or to log."""
+    def keep(attr: str) -> bool:
+        return attr.partition("=")[0].strip().lower() != "pin-value"
+
     head, sep, query = text.partition("?")
+    path = ";".join(a for a in head.split(";") if keep(a))
     if not sep:
-        return text
-    kept = [a for a in query.split("&") if not a.startswith("pin-value=")]
-    return head + ("?" + "&".join(kept) if kept else "")
+        return path
+    kept = [a for a in query.split("&") if keep(a)]
+    return path + ("?" + "&".join(kept) if kept else "")
 
 
 def is_uri(text: str) -> bool:

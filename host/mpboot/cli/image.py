@@ -87,8 +87,9 @@ def keygen(key_type: str, output: Path | None, token_uri: str | None, pkcs11_mod
         pem = pubkey.export([public], "pem")
         if output is not None:
             keys.write_new_file(output, pem)
+        # Without -o the public key PEM is the output (`> release.pub.pem`), the note goes to stderr.
         click.echo(f"made {key_type} key on {info}, non-extractable (key hash {public.keyhash().hex()})"
-                   + (f"; public key written to {output}" if output is not None else ""))
+                   + (f"; public key written to {output}" if output is not None else ""), err=output is None)
         if output is None:
             click.echo(pem.decode(), nl=False)
         return
@@ -126,7 +127,7 @@ def pubkey_cmd(key_files: tuple[KeyRef, ...], fmt: str, output: Path | None, thr
         click.echo(data if fmt in ("der", "raw") else data.decode(), nl=False)
     else:
         write_atomic(output, data)
-        click.echo(f"wrote the {fmt} public key of {plural(len(key_files), 'key file')} to {output}", err=True)
+        click.echo(f"wrote the {fmt} public key of {plural(len(key_files), 'key')} to {output}", err=True)
 
 
 def _security_counter(value: str, version: ImageVersion) -> int:
@@ -227,7 +228,8 @@ def sign(input_path: Path, key_files: tuple[KeyRef, ...], cert_files: tuple[Path
     with contextlib.ExitStack() as stack:
         if signature_files:
             keys_used: list[Signer] = [
-                AttachedSignature(signing.load_public(ref, secret, access), _read_signature(path), str(path))
+                AttachedSignature(signing.load_public(ref, secret, access), _read_signature(path),
+                                  str(path.resolve()))
                 for ref, path in zip(key_files, signature_files)]
         else:
             keys_used = stack.enter_context(signing.open_signers(key_files, secret, access))
@@ -355,7 +357,7 @@ def cosign_cmd(input_path: Path, key_ref: KeyRef | None, cert_files: tuple[Path,
     with contextlib.ExitStack() as stack:
         if signature_file is not None:
             signer: Signer = AttachedSignature(signing.load_public(key_ref, secret, access),
-                                               _read_signature(signature_file), str(signature_file))
+                                               _read_signature(signature_file), str(signature_file.resolve()))
         else:
             signer = stack.enter_context(signing.open_signers([key_ref], secret, access))[0]
         key = Recorder(signer)
