@@ -1,6 +1,7 @@
-"""SoftHSM2 tokens for the PKCS#11 tests: a token store in a temp folder (its own
+"""SoftHSM2 tokens for the signing tests: a token store in a temp folder (its own
 SOFTHSM2_CONF), tokens made with softhsm2-util, keys made or imported with pkcs11-tool and
-softhsm2-util, as a release engineer would with a real HSM's tools.
+softhsm2-util, as a release engineer would with a real HSM's tools; PIN files, openssl as the
+air-gapped signer, and imgtool as the other verifier.
 
 Skips where SoftHSM2 or OpenSC's pkcs11-tool is missing, and fails instead when
 MPBOOT_SOFTHSM_REQUIRED is set (.ci/run installs both and sets it).
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ import pytest
 REQUIRED_ENV = "MPBOOT_SOFTHSM_REQUIRED"
 MODULE_CANDIDATES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
                      "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so", "/usr/local/lib/softhsm/libsofthsm2.so")
-USER_PIN = "1234"
+USER_PIN = "Zq7-pin-4821"  # distinctive: a test can show it never appears in output
 SO_PIN = "5678"
 
 
@@ -99,3 +101,33 @@ def uri(token: str, obj: str, *extra: str, pin_file: Path | None = None) -> str:
 
 def files_in(folder: Path) -> Sequence[str]:
     return sorted(p.name for p in folder.iterdir())
+
+
+def pin_file(folder: Path, pin: str = USER_PIN) -> Path:
+    """A PIN file as a pin-source names it (mode 0600, a trailing newline as echo writes)."""
+    path = folder / f"pin-{pin}.txt"
+    path.write_text(pin + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def openssl_sign(key: Path, digest: Path, out: Path, scheme: str = "pss") -> None:
+    """What an air-gapped machine with a key file runs: sign a 32-byte digest, nothing else."""
+    if shutil.which("openssl") is None:
+        reason = "openssl is not installed (apt-get install openssl)"
+        if os.environ.get(REQUIRED_ENV):
+            pytest.fail(f"{reason} ({REQUIRED_ENV} is set)")
+        pytest.skip(reason)
+    pad = ["-pkeyopt", "rsa_padding_mode:pss", "-pkeyopt", "rsa_pss_saltlen:32"] if scheme == "pss" else \
+        ["-pkeyopt", "rsa_padding_mode:pkcs1"]
+    proc = subprocess.run(["openssl", "pkeyutl", "-sign", "-inkey", str(key), "-pkeyopt", "digest:sha256", *pad,
+                           "-in", str(digest), "-out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def imgtool_verify(image: Path, pubkey: Path) -> None:
+    """imgtool (from this venv, whatever PATH says) accepts `image` signed by `pubkey`."""
+    imgtool = Path(sys.executable).parent / "imgtool"
+    proc = subprocess.run([str(imgtool if imgtool.exists() else "imgtool"), "verify", "-k", str(pubkey), str(image)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "Image was correctly validated" in proc.stdout, proc.stdout + proc.stderr

@@ -844,7 +844,7 @@ def test_signing_loads_neither_ble_nor_the_factory() -> None:
             "print(sorted(m for m in sys.modules if m.startswith(('bleak', 'bumble', 'mpboot.cli.', "
             "'mpboot.factory', 'mpboot.sim', 'pkcs11'))))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert proc.stdout.strip().splitlines()[-1] == "['mpboot.cli.common', 'mpboot.cli.image']"
+    assert proc.stdout.strip().splitlines()[-1] == "['mpboot.cli.common', 'mpboot.cli.sign']"
 
 
 def test_every_command_has_help() -> None:

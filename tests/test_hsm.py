@@ -9,16 +9,14 @@ own tool."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from clikit import assert_error, assert_ok, run
 from conftest import KEYS_DIR
-from hsmkit import USER_PIN, SoftHsm, files_in, uri
-from mpboot import upy
+from hsmkit import USER_PIN, SoftHsm, files_in, imgtool_verify, pin_file, uri
+from trustkit import device_trust_verdicts, trust_state
 from mpboot.image import TlvType, parse_image
 from mpboot.keys import load_public_key, load_signing_key
 
@@ -42,13 +40,6 @@ def work(tmp_path: Path) -> Path:
     return folder
 
 
-def pin_file(tmp_path: Path, pin: str = USER_PIN) -> Path:
-    path = tmp_path / f"pin-{pin}.txt"
-    path.write_text(pin + "\n")
-    path.chmod(0o600)
-    return path
-
-
 def mp(hsm: SoftHsm, *args: object, env: dict[str, str | None] | None = None):  # type: ignore[no-untyped-def]
     return run(*args, env={**hsm.env, **(env or {})})
 
@@ -63,11 +54,6 @@ def device_verdict(image: Path, pubkey: Path) -> str:
     result = assert_ok(run("verify", image, "-k", pubkey, "--device"))
     assert "host:   OK" in result.stdout and "device: OK" in result.stdout, result.stdout
     return result.stdout
-
-
-def imgtool_verify(image: Path, pubkey: Path) -> None:
-    proc = subprocess.run(["imgtool", "verify", "-k", str(pubkey), str(image)], capture_output=True, text=True)
-    assert proc.returncode == 0 and "Image was correctly validated" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_keygen_on_the_token_signs_images_every_verifier_accepts(hsm: SoftHsm, work: Path, tmp_path: Path) -> None:
@@ -152,6 +138,8 @@ def _refusals(hsm: SoftHsm, tmp_path: Path) -> list[tuple[str, list[object], dic
     pin = {"MPBOOT_PKCS11_PIN": USER_PIN}
     return [
         ("wrong PIN", ["-k", uri(TOKEN, "good")], {"MPBOOT_PKCS11_PIN": "0000"}, "wrong PIN"),
+        ("a pin-value where none belongs", ["-k", f"pkcs11:pin-value={USER_PIN};token={TOKEN};object=good"], {},
+         "'pin-value'"),
         ("no PIN", ["-k", uri(TOKEN, "good")], {"MPBOOT_PKCS11_PIN": None}, "needs its user PIN"),
         ("unreadable PIN file", ["-k", uri(TOKEN, "good", pin_file=tmp_path / "absent")], {}, "pin-source"),
         ("missing token", ["-k", uri("other", "good")], pin, "no token 'other'"),
@@ -173,7 +161,7 @@ def test_each_unusable_token_is_one_line_exit_2_and_nothing_written(hsm: SoftHsm
         assert_error(result, 2, fragment)
         assert files_in(work) == ["fw.bin"], name
         assert not log.exists(), name
-        assert "1234" not in result.stderr, name  # a PIN never appears in a message
+        assert USER_PIN not in result.stdout + result.stderr, name  # a PIN never appears in a message
 
 
 def test_a_token_without_pss_says_so_and_signs_pkcs1v15_when_asked(tmp_path: Path, work: Path) -> None:
@@ -219,16 +207,11 @@ def test_keygen_never_overwrites_a_key_on_the_token(hsm: SoftHsm, tmp_path: Path
 
 def _device_trust(image: Path, roots: list[Path], threshold: int, image_threshold: int, tmp_path: Path,
                   device_lib: Path) -> str:
-    """The device verifier's verdict on `image` under a frozen root set (tests/device/dev_trust)."""
-    case = {"name": "case", "image": str(image), "slot_size": 65536,
-            "trust": {"roots": [load_public_key(r).pkcs1_der().hex() for r in roots], "threshold": threshold,
-                      "image_threshold": image_threshold, "root_version": 1, "revocation": 0,
-                      "revoked_keys": [], "revoked_serials": []}}
-    cases = tmp_path / "cases.json"
-    cases.write_text(json.dumps([case]))
-    proc = upy.run(["-m", "dev_trust", cases], path=[device_lib])
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
+    """The device verifier's verdict on `image` under a frozen root set."""
+    state = trust_state([load_public_key(r).pkcs1_der() for r in roots], threshold, image_threshold)
+    (line,) = device_trust_verdicts([{"name": "case", "image": str(image), "slot_size": 65536, "trust": state}],
+                                    device_lib, tmp_path)
+    return line
 
 
 def test_a_file_key_and_a_token_key_meet_two_of_three_on_the_device(  # type: ignore[no-untyped-def]
@@ -289,7 +272,7 @@ def test_a_token_signature_is_logged_with_the_token_and_shown_by_info(hsm: SoftH
     (entry,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert entry["signer"]["kind"] == "pkcs11" and entry["signer"]["token"] == TOKEN
     assert entry["signer"]["object"] == "logged" and entry["signer"]["model"] == "SoftHSM v2"
-    assert "pin" not in json.dumps(entry).lower()
+    assert USER_PIN not in log.read_text()
     shown = assert_ok(run("info", work / "app.bin", "--signing-log", log)).stdout
     assert f"pkcs11 token '{TOKEN}' object 'logged'" in shown
 
@@ -335,3 +318,32 @@ def test_two_keys_on_one_token_sign_in_one_command(hsm: SoftHsm, work: Path, tmp
     checked = assert_ok(run("verify", work / "app.bin", "-k", tmp_path / "holder-1.pem", "-k", tmp_path / "holder-2.pem",
                             "--image-threshold", "2"))
     assert "host:   OK" in checked.stdout
+
+
+def test_one_module_named_two_ways_is_one_library(hsm: SoftHsm, work: Path, tmp_path: Path) -> None:
+    """A symlink or a doubled slash names the same module: two keys through it sign together
+    (python-pkcs11 and C_Initialize would otherwise see two libraries, and the second fails)."""
+    pins = pin_file(tmp_path)
+    for name in ("k1", "k2"):
+        assert_ok(mp(hsm, "keygen", "--pkcs11", uri(TOKEN, name, pin_file=pins)))
+    link = tmp_path / "softhsm-link.so"
+    link.symlink_to(hsm.module)
+    second = f"pkcs11:token={TOKEN};object=k2?pin-source=file:{pins}&module-path={link}"
+    assert_ok(sign(hsm, work, "app.bin", "-k", uri(TOKEN, "k1", pin_file=pins), "-k", second))
+    assert sum(t.type == TlvType.RSA2048_PSS for t in parse_image((work / "app.bin").read_bytes()).unprotected) == 2
+
+
+def test_type_public_means_a_public_key_object(hsm: SoftHsm, tmp_path: Path) -> None:
+    hsm.import_key(TOKEN, KEYS_DIR / "TEST-ONLY-rsa2048.pem", "imported", "0b")
+    hsm.tool(TOKEN, "--delete-object", "--type", "pubkey", "--id", "0b")  # a private object only, as some HSMs keep
+    env = {"MPBOOT_PKCS11_PIN": USER_PIN}
+    assert_error(mp(hsm, "pubkey", f"pkcs11:token={TOKEN};object=imported;type=public", env=env), 2,
+                 "no public key by that name")
+    exported = assert_ok(mp(hsm, "pubkey", f"pkcs11:token={TOKEN};object=imported", env=env)).stdout
+    assert exported == (KEYS_DIR / "TEST-ONLY-rsa2048.pub.pem").read_text()
+
+
+def test_keygen_checks_where_the_public_key_goes_before_making_the_key(hsm: SoftHsm, tmp_path: Path) -> None:
+    key = uri(TOKEN, "orphan", pin_file=pin_file(tmp_path))
+    assert_error(mp(hsm, "keygen", "--pkcs11", key, "-o", tmp_path / "missing" / "k.pub.pem"), 2, "no such folder")
+    assert "orphan" not in hsm.objects(TOKEN)

@@ -7,13 +7,13 @@ matching an image's signatures to their log lines, and `pkcs11:` URI parsing."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
+import os
 from pathlib import Path
 
 import pytest
 
 from clikit import assert_error, assert_ok, run
+from hsmkit import imgtool_verify, openssl_sign
 from conftest import KEYS_DIR
 from mpboot.errors import UsageError
 from mpboot.image import TlvType, parse_image
@@ -38,17 +38,6 @@ def app(tmp_path: Path) -> Path:
     return folder
 
 
-def openssl_sign(key: Path, digest: Path, out: Path, scheme: str = "pss") -> None:
-    """What the air-gapped machine runs: sign a 32-byte digest, nothing else."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed (apt-get install openssl)")
-    pad = ["-pkeyopt", "rsa_padding_mode:pss", "-pkeyopt", "rsa_pss_saltlen:32"] if scheme == "pss" else \
-        ["-pkeyopt", "rsa_padding_mode:pkcs1"]
-    proc = subprocess.run(["openssl", "pkeyutl", "-sign", "-inkey", str(key), "-pkeyopt", "digest:sha256", *pad,
-                           "-in", str(digest), "-out", str(out)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-
-
 def sign_app(app: Path, out: Path, *extra: object, version: str = "2.1.0"):  # type: ignore[no-untyped-def]
     return run("sign", app, "--version", version, "--vendor-id", "example.com", "-o", out, *extra)
 
@@ -70,8 +59,7 @@ def test_digest_signed_elsewhere_then_attached_verifies_everywhere(app: Path, tm
     checked = assert_ok(run("verify", out, "-k", PUB, "--device"))
     assert "host:   OK" in checked.stdout and "device: OK" in checked.stdout
     if scheme == "pss":
-        proc = subprocess.run(["imgtool", "verify", "-k", str(PUB), str(out)], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        imgtool_verify(out, PUB)
 
 
 def test_a_signature_of_other_bytes_is_refused_and_nothing_written(app: Path, tmp_path: Path) -> None:
@@ -229,7 +217,8 @@ def test_pkcs11_uris_parse_as_rfc_7512_says() -> None:
     assert secret.pin_value == "123456"
     assert "123456" not in str(secret) and "123456" not in repr(secret) and "module-path=/m.so" in str(secret)
     # A PIN put where it does not belong is refused, and the refusal does not repeat it.
-    for misplaced in ("pkcs11:token=t;object=k;pin-value=123456", "pkcs11:token=t;object=k?PIN-VALUE=123456"):
+    for misplaced in ("pkcs11:token=t;object=k;pin-value=123456", "pkcs11:token=t;object=k?PIN-VALUE=123456",
+                      "pkcs11:pin-value=123456;token=t;object=k", "PKCS11:Pin-Value=123456"):
         with pytest.raises(UsageError) as refused:
             parse_uri(misplaced)
         assert "123456" not in str(refused.value)
@@ -251,3 +240,57 @@ def test_a_uri_mpboot_would_not_honour_is_refused(text: str, fragment: str) -> N
     with pytest.raises(UsageError, match=fragment.replace("(", r"\(")):
         parse_uri(text)
     assert_error(run("pubkey", text), 2, fragment)
+
+
+def test_a_torn_last_line_does_not_swallow_the_next_entry(app: Path, tmp_path: Path) -> None:
+    """A crash or a full disk can leave the log's last line without its newline: the next
+    entry starts on a line of its own, so info still finds it."""
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b'{"time": "2026-12-01T00:00:00Z", "signature_sha')
+    image = tmp_path / "app.bin"
+    assert_ok(sign_app(app, image, "-k", KEY, "--signing-log", log))
+    assert log.read_bytes().count(b"\n") == 2
+    assert f"with key file {KEY}" in assert_ok(run("info", image, "--signing-log", log)).stdout
+
+
+def test_info_reads_only_a_regular_log_and_skips_what_is_not_a_line_of_ours(app: Path, tmp_path: Path) -> None:
+    image = tmp_path / "app.bin"
+    assert_ok(sign_app(app, image, "-k", KEY, "--signing-log", tmp_path / "real.jsonl"))
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)  # opened for reading, a FIFO would wait for a writer forever
+    assert "not in the signing log" in assert_ok(run("info", image, "--signing-log", fifo)).stdout
+    hostile = tmp_path / "hostile.jsonl"
+    hostile.write_bytes(b"[" * 60000 + b"\n" + b"x" * 200_000 + b"\n" + (tmp_path / "real.jsonl").read_bytes())
+    assert f"with key file {KEY}" in assert_ok(run("info", image, "--signing-log", hostile)).stdout
+
+
+def test_options_are_checked_before_anything_signs(app: Path, tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    assert_error(sign_app(app, tmp_path / "a.hex", "-k", KEY, "--hex-addr", "zzz", "--signing-log", log), 2,
+                 "hex address")
+    assert not log.exists() and not (tmp_path / "a.hex").exists()
+    sig = tmp_path / "s"
+    sig.write_bytes(bytes(256))
+    assert_error(sign_app(app, tmp_path / "o", "--no-sign", "--attach-signature", sig), 2, "--attach-signature")
+
+
+def test_cosign_digest_only_never_overwrites_its_input(app: Path, tmp_path: Path) -> None:
+    image = tmp_path / "app.bin"
+    assert_ok(sign_app(app, image, "--no-sign"))
+    before = image.read_bytes()
+    assert_error(run("cosign", image, "--digest-only", "-o", image), 2, "that is FILE itself")
+    assert image.read_bytes() == before
+
+
+def test_a_sparse_hex_file_is_refused_before_it_is_filled(tmp_path: Path) -> None:
+    """Two records 3.75 GiB apart would be gigabytes of 0xff once gaps are filled."""
+    from intelhex import IntelHex
+
+    ih = IntelHex()
+    ih[0] = 1
+    ih[0xF0000000] = 2
+    sparse = tmp_path / "sparse.hex"
+    ih.write_hex_file(str(sparse))
+    assert_error(run("cosign", sparse, "--digest-only", "-o", tmp_path / "d"), 2, "spans")
+    assert_error(run("sign", sparse, "--version", "1.0.0", "--pad-header", "-k", KEY, "-o", tmp_path / "o.bin"), 2,
+                 "spans")

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 from conftest import VECTORS
+from trustkit import device_trust_verdicts
 
-from mpboot import upy
 from mpboot.errors import ImageErrorCode, TrustErrorCode
 from mpboot.keys import load_public_key
 
@@ -88,11 +88,8 @@ def test_manifest_covers_every_trust_code() -> None:
 
 
 def test_device_verdicts_match_the_manifest(device, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    cases = tmp_path / "cases.json"
-    cases.write_text(json.dumps([_device_case(e) for e in ENTRIES]))
-    proc = upy.run(["-m", "dev_trust", cases], path=[device.lib])
-    assert proc.returncode == 0, proc.stderr
-    assert _verdicts(proc.stdout.splitlines()) == [_expected(e) for e in ENTRIES]
+    lines = device_trust_verdicts([_device_case(e) for e in ENTRIES], device.lib, tmp_path)
+    assert _verdicts(lines) == [_expected(e) for e in ENTRIES]
 
 
 # The same cases on the frozen Cortex-M3 build: fields per case (name, kind, data, slot size,

@@ -1,11 +1,17 @@
 """The trust area's record (docs/KEYS.md section 5), built on the host from its fields: what the
-device must have written (tests/test_grow.py), or a record to put in a board's flash."""
+device must have written (tests/test_grow.py), or a record to put in a board's flash; and the
+device's verdicts on images and records under a given trust state (tests/device/dev_trust.py)."""
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mpboot import upy
 
 MAGIC = 0x5442504D  # "MPBT"
 SIZE = 2304
@@ -29,3 +35,19 @@ def trust_record(seq: int, version: int, revocation: int, threshold: int, image_
         struct.pack_into("<I", r, 2208 + 4 * i, n)
     struct.pack_into("<I", r, 2300, zlib.crc32(r[:2300]))
     return bytes(r)
+
+
+def device_trust_verdicts(cases: Sequence[dict[str, Any]], device_lib: Path, workdir: Path) -> list[str]:
+    """dev_trust's line for each case ({"name", "trust", "image" + "slot_size" or "record"}; the
+    trust state's roots as PKCS#1 DER hex), run on the MicroPython unix port."""
+    path = workdir / "trust-cases.json"
+    path.write_text(json.dumps(list(cases)))
+    proc = upy.run(["-m", "dev_trust", path], path=[device_lib])
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def trust_state(roots_der: Sequence[bytes], threshold: int = 1, image_threshold: int = 1) -> dict[str, Any]:
+    """A frozen root set as dev_trust takes it (root version 1, nothing revoked)."""
+    return {"roots": [d.hex() for d in roots_der], "threshold": threshold, "image_threshold": image_threshold,
+            "root_version": 1, "revocation": 0, "revoked_keys": [], "revoked_serials": []}

@@ -110,7 +110,7 @@ def main() -> int:
             from mpboot import hsm
 
             os.environ.update(token_env)
-            with hsm.open_signer(parse_uri("pkcs11:token=bench;object=release")) as token_signer:
+            with hsm.open_signer(parse_uri("pkcs11:token=bench;object=release"), SignatureScheme.PSS) as token_signer:
                 ops.append(("one PSS signature, SoftHSM2 token (CKM_RSA_PKCS_PSS, checked)", best_of(
                     SIGN_ROUNDS, lambda: token_signer.sign_digest(digest, SignatureScheme.PSS)) * 1000))
 

@@ -12,7 +12,7 @@ link to the device fails.
     │   ├── KeyFileError
     │   │   └── KeyPasswordRequired, PrivateKeyRefused
     │   ├── TokenError              a PKCS#11 module, token or key object (mpboot.hsm)
-    │   │   └── TokenPinError, TokenKeyError, TokenMechanismMissing
+    │   │   └── TokenPinError, TokenKeyError, TokenMechanismMissing, TokenSignatureInvalid
     │   ├── SignatureMismatch       an attached signature is not over these bytes by that key
     │   ├── RequestTooLarge         larger than the device's buf_size
     │   └── SerialsExhausted
@@ -91,6 +91,11 @@ class TokenPinError(TokenError):
 class TokenKeyError(TokenError):
     """The key object a pkcs11: URI names is missing, ambiguous, or not an RSA-2048/3072 key
     with e = 65537; or keygen would overwrite one."""
+
+
+class TokenSignatureInvalid(TokenError):
+    """The token's signature does not verify with the key's public half: another key behind
+    the name, or a faulty token. Nothing is written."""
 
 
 class TokenMechanismMissing(TokenError):

@@ -12,6 +12,7 @@ the token never sees the image, only the 32 bytes its signature covers.
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,11 +26,11 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 
 from mpboot.errors import (
-    SignatureMismatch,
     TokenError,
     TokenKeyError,
     TokenMechanismMissing,
     TokenPinError,
+    TokenSignatureInvalid,
     UsageError,
 )
 from mpboot.keys import KEY_TYPES, PSS_SALT_LENGTH, PUBLIC_EXPONENT, PublicKey, SignatureScheme
@@ -38,6 +39,9 @@ from mpboot.pkcs11uri import PIN_ENV, Pkcs11Uri, module_path, read_pin
 # DigestInfo for SHA-256 (RFC 8017 section 9.2, note 1): CKM_RSA_PKCS pads what it is given,
 # so a PKCS#1 v1.5 signature of a digest needs this prefix in front of it.
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+# What each scheme asks of the token: mechanisms that sign a digest the caller computed.
+_MECHANISMS = {SignatureScheme.PSS: (Mechanism.RSA_PKCS_PSS, "RSA-PSS (CKM_RSA_PKCS_PSS)"),
+               SignatureScheme.PKCS1V15: (Mechanism.RSA_PKCS, "PKCS#1 v1.5 (CKM_RSA_PKCS)")}
 
 
 # --- the module, refcounted: C_Finalize when the last user is done, so the next use re-reads
@@ -47,9 +51,12 @@ _open_count: dict[str, int] = {}
 
 
 @contextmanager
-def _module(path: str) -> Iterator[Any]:
-    if not Path(path).is_file():
-        raise TokenError(f"PKCS#11 module {path}: no such file")
+def _module(given: str) -> Iterator[Any]:
+    if not Path(given).is_file():
+        raise TokenError(f"PKCS#11 module {given}: no such file")
+    # One module named two ways (a symlink, a doubled slash) is one library: python-pkcs11
+    # and C_Initialize know it by path, so the path is made canonical first.
+    path = os.path.realpath(given)
     try:
         lib = pkcs11.lib(path)
     except p11.PKCS11Error as err:
@@ -90,8 +97,8 @@ def _find_token(lib: Any, uri: Pkcs11Uri, module: str) -> Any:
         except p11.PKCS11Error:
             labels = []
         have = f"its tokens: {', '.join(repr(x) for x in labels)}" if labels else "it has no initialised token"
-        wanted = f"token {uri.token!r}" if uri.token else "a token matching the URI"
-        raise TokenError(f"no {wanted} in PKCS#11 module {module} ({have})")
+        wanted = f"no token {uri.token!r}" if uri.token else "no token matching the URI"
+        raise TokenError(f"{wanted} in PKCS#11 module {module} ({have})")
     if len(tokens) > 1:
         raise TokenError(f"{len(tokens)} tokens match {uri}: add token=, serial= or model= to the URI")
     return tokens[0]
@@ -100,14 +107,14 @@ def _find_token(lib: Any, uri: Pkcs11Uri, module: str) -> Any:
 # A token login belongs to the whole process (PKCS#11: C_Login on one session logs in every
 # session of this application): a second key on a token already logged in opens its session
 # without logging in again, which the token would refuse (CKR_USER_ALREADY_LOGGED_IN).
-_logged_in: dict[tuple[str, bytes], int] = {}
+_logged_in: dict[tuple[str, int], int] = {}
 
 
 @contextmanager
 def _session(token: Any, module: str, pin: Callable[[], str | None], *, rw: bool = False) -> Iterator[Any]:
     """A session on `token`, logged in as its user when the token wants a login."""
     needs_pin = bool(token.flags & pkcs11.TokenFlag.LOGIN_REQUIRED)
-    who = (module, bytes(token.serial))
+    who = (os.path.realpath(module), token.slot.slot_id)
     user_pin = None
     if needs_pin and not _logged_in.get(who):
         user_pin = pin()
@@ -284,24 +291,10 @@ class TokenSigner:
     def __str__(self) -> str:
         return str(self.info)
 
-    def non_extractable(self) -> bool:
-        """Whether the token says the private key can never leave it (sensitive, never
-        extractable)."""
-        try:
-            return bool(self._key[Attribute.SENSITIVE]) and not bool(self._key[Attribute.EXTRACTABLE])
-        except p11.PKCS11Error:
-            return False
-
-    def sign_digest(self, digest: bytes, scheme: SignatureScheme) -> bytes:
-        if len(digest) != 32:
-            raise UsageError(f"a SHA-256 digest is 32 bytes, not {len(digest)}")
-        if scheme is SignatureScheme.PSS:
-            mechanism, data = Mechanism.RSA_PKCS_PSS, digest
-            param: Any = (Mechanism.SHA256, pkcs11.MGF.SHA256, PSS_SALT_LENGTH)
-            name = "RSA-PSS (CKM_RSA_PKCS_PSS)"
-        else:
-            mechanism, data, param, name = Mechanism.RSA_PKCS, SHA256_DIGEST_INFO + digest, None, \
-                "PKCS#1 v1.5 (CKM_RSA_PKCS)"
+    def check_scheme(self, scheme: SignatureScheme) -> None:
+        """TokenMechanismMissing unless the token offers the mechanism `scheme` signs with:
+        checked when the key is opened, before any key of the command signs."""
+        mechanism, name = _MECHANISMS[scheme]
         try:
             offered = self._token.slot.get_mechanisms()
         except p11.PKCS11Error as err:
@@ -316,6 +309,14 @@ class TokenSigner:
                                         "the mechanisms that sign a digest: mpboot cannot sign with it (if its own "
                                         "tool can sign a SHA-256 digest, use sign --digest-only and "
                                         "--attach-signature)")
+
+    def sign_digest(self, digest: bytes, scheme: SignatureScheme) -> bytes:
+        if len(digest) != 32:
+            raise UsageError(f"a SHA-256 digest is 32 bytes, not {len(digest)}")
+        self.check_scheme(scheme)
+        mechanism, name = _MECHANISMS[scheme]
+        data = digest if scheme is SignatureScheme.PSS else SHA256_DIGEST_INFO + digest
+        param: Any = (Mechanism.SHA256, pkcs11.MGF.SHA256, PSS_SALT_LENGTH) if scheme is SignatureScheme.PSS else None
         try:
             signature = bytes(self._key.sign(data, mechanism=mechanism, mechanism_param=param))
         except (p11.MechanismInvalid, p11.MechanismParamInvalid):
@@ -331,15 +332,16 @@ class TokenSigner:
         try:
             self._public.verify_digest(signature, digest, scheme)
         except Exception:
-            raise SignatureMismatch(f"{self.info}: the token's signature does not verify with its public key") \
-                from None
+            raise TokenSignatureInvalid(f"{self.info}: the token's signature does not verify with its public key; "
+                                        "nothing written") from None
         return signature
 
 
 @contextmanager
-def open_signer(uri: Pkcs11Uri, module: str | Path | None = None,
+def open_signer(uri: Pkcs11Uri, scheme: SignatureScheme, module: str | Path | None = None,
                 prompt: Callable[[str], str] | None = None) -> Iterator[TokenSigner]:
-    """Open the token key `uri` names, logged in, for the `with` block."""
+    """Open the token key `uri` names, logged in, for the `with` block, checking that the
+    token can sign with `scheme` before anything is signed."""
     path = module_path(uri, module)
     with _module(path) as lib:
         token = _find_token(lib, uri, path)
@@ -348,7 +350,9 @@ def open_signer(uri: Pkcs11Uri, module: str | Path | None = None,
         with _session(token, path, lambda: read_pin(uri, prompt)) as session:
             key = _one(_objects(session, uri, ObjectClass.PRIVATE_KEY), uri, "private key")
             public = _public_of(session, uri, key)
-            yield TokenSigner(token, session, key, public, _info(token, key, path))
+            signer = TokenSigner(token, session, key, public, _info(token, key, path))
+            signer.check_scheme(scheme)
+            yield signer
 
 
 def public_key(uri: Pkcs11Uri, module: str | Path | None = None,
@@ -361,6 +365,8 @@ def public_key(uri: Pkcs11Uri, module: str | Path | None = None,
             with _public_session(token) as session:
                 if _objects(session, uri, ObjectClass.PUBLIC_KEY):
                     return _public_of(session, uri, None)
+            if uri.type == "public":
+                raise TokenKeyError(f"{uri.names_key()}: no public key by that name on the token (type=public)")
         # Only a private key object: its public attributes need a login on most tokens.
         with _session(token, path, lambda: read_pin(uri, prompt)) as session:
             return _public_of(session, uri, _one(_objects(session, uri, ObjectClass.PRIVATE_KEY), uri, "key"))

@@ -137,6 +137,10 @@ def load_input(path: Path, entry: str | None = DEFAULT_ENTRY) -> SignInput:
     return SignInput(data, "bin")
 
 
+# The most an Intel hex input may span, gaps included: as large as any image mpboot reads.
+MAX_HEX_SPAN_BYTES = 64 * 1024 * 1024
+
+
 def read_hex(path: Path) -> tuple[bytes, int]:
     """An Intel hex file's bytes (gaps filled 0xff) and the address of the first."""
     try:
@@ -146,6 +150,11 @@ def read_hex(path: Path) -> tuple[bytes, int]:
     start = ih.minaddr()
     if start is None:
         raise InputFileError(f"{path}: Intel hex file holds no data")
+    span = ih.maxaddr() - start + 1
+    if span > MAX_HEX_SPAN_BYTES:
+        # Gaps are filled: a few records far apart would otherwise ask for gigabytes.
+        raise InputFileError(f"{path}: its data spans {span:#x} bytes ({start:#x}..{ih.maxaddr():#x}), more than "
+                             f"any image ({MAX_HEX_SPAN_BYTES:#x})")
     return bytes(ih.tobinarray()), start
 
 

@@ -16,7 +16,7 @@ from mpboot.errors import TokenError, TokenPinError, UsageError
 URI_SCHEME = "pkcs11:"
 MODULE_ENV = "MPBOOT_PKCS11_MODULE"
 PIN_ENV = "MPBOOT_PKCS11_PIN"
-MAX_PIN_FILE = 1024
+MAX_PIN_FILE_BYTES = 1024
 
 # RFC 7512 attributes this tool acts on; any other (a typo, a constraint we would ignore) is
 # refused rather than silently widening which key signs.
@@ -59,8 +59,9 @@ def redact(text: str) -> str:
     def keep(attr: str) -> bool:
         return attr.partition("=")[0].strip().lower() != "pin-value"
 
-    head, sep, query = text.partition("?")
-    path = ";".join(a for a in head.split(";") if keep(a))
+    scheme = text[: len(URI_SCHEME)] if is_uri(text) else ""
+    head, sep, query = text[len(scheme):].partition("?")
+    path = scheme + ";".join(a for a in head.split(";") if keep(a))
     if not sep:
         return path
     kept = [a for a in query.split("&") if keep(a)]
@@ -132,11 +133,11 @@ def read_pin(uri: Pkcs11Uri, prompt: Callable[[str], str] | None = None) -> str 
             source = urlparse(source).path if source.startswith("file://") else source[len("file:"):]
         try:
             with open(source, "rb") as f:
-                data = f.read(MAX_PIN_FILE + 1)
+                data = f.read(MAX_PIN_FILE_BYTES + 1)
         except OSError as err:
             raise TokenPinError(f"pin-source {source}: cannot read: {err.strerror}") from None
-        if len(data) > MAX_PIN_FILE:
-            raise TokenPinError(f"pin-source {source}: over {MAX_PIN_FILE} bytes: not a PIN file")
+        if len(data) > MAX_PIN_FILE_BYTES:
+            raise TokenPinError(f"pin-source {source}: over {MAX_PIN_FILE_BYTES} bytes: not a PIN file")
         return data.decode(errors="replace").rstrip("\r\n")
     env = os.environ.get(PIN_ENV)
     if env is not None:

@@ -54,11 +54,11 @@ class TokenAccess:
 
 
 @contextmanager
-def open_signers(refs: Sequence[KeyRef], password: bytes | None,
+def open_signers(refs: Sequence[KeyRef], password: bytes | None, scheme: SignatureScheme,
                  tokens: TokenAccess | None = None) -> Iterator[list[Signer]]:
     """Load the key files and open the token keys `refs` name, in order; token sessions stay
     open for the `with` block. Every key is checked before any signs (wrong PIN, missing
-    object, wrong key type: nothing has been written)."""
+    object, wrong key type, a token without the mechanism `scheme` needs)."""
     access = tokens or TokenAccess()
     with ExitStack() as stack:
         signers: list[Signer] = []
@@ -66,7 +66,7 @@ def open_signers(refs: Sequence[KeyRef], password: bytes | None,
             if isinstance(ref, Pkcs11Uri):
                 from mpboot import hsm  # loads the PKCS#11 binding only when a token is named
 
-                signers.append(stack.enter_context(hsm.open_signer(ref, access.module, access.prompt)))
+                signers.append(stack.enter_context(hsm.open_signer(ref, scheme, access.module, access.prompt)))
             else:
                 signers.append(keys.load_signing_key(ref, password))
         if len({s.public().modulus for s in signers}) != len(signers):
@@ -74,8 +74,8 @@ def open_signers(refs: Sequence[KeyRef], password: bytes | None,
         yield signers
 
 
-def load_public(ref: KeyRef, password: bytes | None = None, tokens: TokenAccess | None = None, *,
-                allow_private: bool = True) -> PublicKey:
+def load_public(ref: KeyRef, password: bytes | None, tokens: TokenAccess | None, *,
+                allow_private: bool) -> PublicKey:
     """The public half of a key file (public or, unless `allow_private` is False, private) or
     of a token key."""
     if isinstance(ref, Pkcs11Uri):

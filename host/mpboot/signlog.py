@@ -1,5 +1,6 @@
 """The signing log: one JSON line per signature mpboot makes (or attaches), appended before the
-signed file is written, so no signature leaves this tool unrecorded.
+signed file is written: a signature mpboot writes out has its line (a line may outlive an
+output that failed to be written after it).
 
 A line says when, what was signed (its digest, and an image's version and security counter or
 an envelope's type), by which key (key hash, size, scheme), through what (a key file, a token
@@ -14,7 +15,8 @@ import hashlib
 import json
 import os
 import socket
-from collections.abc import Iterable, Sequence
+import stat
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +29,7 @@ from mpboot.signing import MadeSignature
 DEFAULT_NAME = "mpboot-signing.jsonl"
 ENV = "MPBOOT_SIGNING_LOG"
 # A log line is well under this; a longer one is not ours and is skipped when reading.
-MAX_LINE = 64 * 1024
+MAX_LINE_BYTES = 64 * 1024
 
 
 def default_path() -> Path:
@@ -73,50 +75,78 @@ class SigningLog:
     path: Path
 
     def append(self, entries: Sequence[dict[str, Any]]) -> None:
-        """Append `entries`, one line each, in one write, flushed to disk. UsageError when the
-        log cannot be written: the caller then writes nothing signed."""
+        """Append `entries`, one line each, flushed to disk; a last line left without its
+        newline (a crash, a full disk, a hand edit) is ended first, so it cannot swallow
+        ours. UsageError when the log cannot be written: the caller then writes nothing
+        signed."""
         if not entries:
             return
         data = "".join(json.dumps(e, sort_keys=True, separators=(",", ":")) + "\n" for e in entries).encode()
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as err:
             raise UsageError(f"signing log {self.path}: cannot open it: {err.strerror}; nothing written "
                              "(name another with --signing-log)") from None
         try:
-            os.write(fd, data)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UsageError(f"signing log {self.path}: not a regular file; nothing written")
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         except OSError as err:
             raise UsageError(f"signing log {self.path}: cannot append: {err.strerror}; nothing written") from None
         finally:
             os.close(fd)
 
-    def read(self) -> list[dict[str, Any]]:
-        """Every well-formed line (a torn or foreign line is skipped); [] when there is no log."""
+    def find(self, signature_ids: Collection[str]) -> dict[str, dict[str, Any]]:
+        """The lines of these signatures (by signature_sha256; the first line for a signature
+        wins), read line by line: a torn, over-long or foreign line is skipped, and a log that
+        is missing or not a regular file (a FIFO, a device) holds none."""
+        wanted = set(signature_ids)
+        found: dict[str, dict[str, Any]] = {}
         try:
-            raw = self.path.read_bytes()
+            if not stat.S_ISREG(self.path.stat().st_mode):
+                return found
+            f = self.path.open("rb")
         except FileNotFoundError:
-            return []
+            return found
         except OSError as err:
             raise UsageError(f"signing log {self.path}: cannot read: {err.strerror}") from None
-        out = []
-        for line in raw.splitlines():
-            if not line.strip() or len(line) > MAX_LINE:
-                continue
-            try:
-                entry = json.loads(line)
-            except (ValueError, UnicodeDecodeError):
-                continue
-            if isinstance(entry, dict) and isinstance(entry.get("signature_sha256"), str):
-                out.append(entry)
-        return out
-
-    def index(self) -> dict[str, dict[str, Any]]:
-        """Entries by signature_sha256 (the first line for a signature wins)."""
-        found: dict[str, dict[str, Any]] = {}
-        for entry in self.read():
-            found.setdefault(entry["signature_sha256"], entry)
+        with f:
+            while wanted - found.keys():
+                line = f.readline(MAX_LINE_BYTES + 1)
+                if not line:
+                    break
+                if len(line) > MAX_LINE_BYTES:
+                    while line and not line.endswith(b"\n"):  # skip the rest of an over-long line
+                        line = f.readline(MAX_LINE_BYTES + 1)
+                    continue
+                entry = _parse_line(line)
+                if entry is not None and entry["signature_sha256"] in wanted:
+                    found.setdefault(entry["signature_sha256"], entry)
         return found
+
+
+def _parse_line(line: bytes) -> dict[str, Any] | None:
+    try:
+        entry = json.loads(line)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if isinstance(entry, dict) and isinstance(entry.get("signature_sha256"), str):
+        return entry
+    return None
+
+
+def entry_text(entry: dict[str, Any]) -> str:
+    """A log line for people: when, with what, where, by whom."""
+    user = entry.get("user")
+    return (f"signed {entry.get('time')} with {signer_text(entry.get('signer'))} on {entry.get('host')}"
+            + (f" by {user}" if user else "")
+            + f" ({entry.get('scheme')}; log {str(entry.get('signature_sha256', ''))[:16]})")
 
 
 def signer_text(signer: Any) -> str:

@@ -3,7 +3,8 @@
 One module per command family, all over `common` (the error mapping, bounded parsing, the
 options declared once, the device link):
 
-    image    keygen, pubkey, sign, cosign, verify, info, firmware export
+    image    keygen, pubkey, verify, info, firmware export
+    sign     sign, cosign (key files, token keys, signatures made elsewhere; the signing log)
     keys     key delegate, key revoke, key rotate-root, key show (docs/KEYS.md)
     device   flash, state, confirm, reset, erase, echo (SMP over a serial port or BLE)
     sim      sim (serve), sim air, sim init/install/boot/status
@@ -26,7 +27,8 @@ from mpboot.cli.common import MpbootGroup, one_line_logs
 # imports only its own family: `mpboot sign` does not load the BLE stack, the factory
 # database or the simulator (tests/test_cli.py checks this map against every COMMANDS).
 FAMILIES: dict[str, str] = {
-    **dict.fromkeys(("keygen", "pubkey", "sign", "cosign", "verify", "info", "firmware"), "image"),
+    **dict.fromkeys(("keygen", "pubkey", "verify", "info", "firmware"), "image"),
+    **dict.fromkeys(("sign", "cosign"), "sign"),
     "key": "keys",
     **dict.fromkeys(("flash", "state", "confirm", "reset", "erase", "echo"), "device"),
     "sim": "sim",

@@ -24,6 +24,7 @@ from typing import Any, Final, NoReturn, TypeVar
 import click
 
 from mpboot import signlog
+from mpboot.pack import MAX_HEX_SPAN_BYTES
 from mpboot.errors import InputFileError, MpbootError, UsageError
 from mpboot.keys import SignatureScheme
 from mpboot.pkcs11uri import MODULE_ENV, PIN_ENV, Pkcs11Uri
@@ -36,8 +37,9 @@ EXIT_BROKEN_PIPE: Final = 141  # 128 + SIGPIPE, as `yes | head` reports
 EXIT_BUG: Final = 70  # EX_SOFTWARE: an error mpboot did not expect (a bug)
 DEBUG_ENV: Final = "MPBOOT_DEBUG"  # set: a bug shows its traceback instead of one line
 
-MAX_IMAGE_BYTES: Final = 64 * 1024 * 1024  # larger than any slot mpboot serves
+MAX_IMAGE_BYTES: Final = MAX_HEX_SPAN_BYTES  # 64 MiB: larger than any slot mpboot serves
 ADDRESS_LIMIT: Final = 1 << 32  # MCUboot images and Intel hex address 32 bits
+SLOT_SIZE_LIMIT: Final = 1 << 32  # MCUboot image sizes are 32-bit
 
 _T = TypeVar("_T")
 _META_INTERRUPT: Final = "mpboot.interrupt_note"
@@ -313,11 +315,10 @@ signing_log_option = click.option(
 def token_access(module: str | None) -> TokenAccess:
     """How this command reaches tokens: the module, and a hidden PIN prompt when a person is
     at the terminal (never in a pipeline: there a missing PIN is an error)."""
-    prompt = None
-    if sys.stdin.isatty():
-        def prompt(text: str) -> str:
-            return str(click.prompt(text, hide_input=True))
-    return TokenAccess(module, prompt)
+    def prompt(text: str) -> str:
+        return str(click.prompt(text, hide_input=True))
+
+    return TokenAccess(module, prompt if sys.stdin.isatty() else None)
 
 
 def log_signatures(log_path: Path, recorders: Sequence[Recorder], subject: dict[str, Any],

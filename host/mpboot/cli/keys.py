@@ -1,6 +1,6 @@
 """The `key` commands (docs/KEYS.md): delegate a signing key, revoke, rotate the roots, show
-a certificate or record. Signing an image with several keys, and `cosign`, are image
-commands (cli/image.py)."""
+a certificate or record. Signing an image with several keys, and `cosign`, are signing
+commands (cli/sign.py)."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def _sign_and_write(body: Body, signing: SigningArgs) -> bytes:
     if not signing.no_sign and not signing.key_refs:
         raise UsageError("give -k KEY (repeat it for several signers), or --no-sign for each holder to "
                          "sign with mpboot cosign")
-    with open_signers(signing.key_refs, password(signing.password_env), signing.access()) as signers:
+    with open_signers(signing.key_refs, password(signing.password_env), signing.scheme, signing.access()) as signers:
         recorders = [Recorder(s) for s in signers]
         data = trust.sign_envelope(body, recorders, signing.scheme)
     if len(data) > trust.MAX_RECORD_SIZE:
@@ -115,7 +115,7 @@ def _public_key(ref: KeyRef, option: str, access: TokenAccess) -> PublicKey:
     """A public key named on the command line: a public key file or a token key, never a
     private key file (those stay with their holder; export the public half with mpboot pubkey)."""
     try:
-        return load_public(ref, tokens=access, allow_private=False)
+        return load_public(ref, None, access, allow_private=False)
     except PrivateKeyRefused as err:
         raise PrivateKeyRefused(f"{option} {err}") from None
 
