@@ -14,6 +14,10 @@ from typing import IO
 
 from mpboot.errors import UsageError
 
+# The most an image file, or an Intel hex input with its gaps filled, may hold: larger than
+# any slot mpboot serves, so a larger input is refused before it is read or expanded.
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+
 # link() is not offered here (vfat, exFAT, some network shares): create with O_EXCL instead
 _NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK})
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from intelhex import IntelHex, IntelHexError
 
 from mpboot.errors import InputFileError, UsageError
-from mpboot.files import write_atomic
+from mpboot.files import MAX_IMAGE_BYTES, write_atomic
 from mpboot.upy import mpy_cross_compile
 
 ROMFS_MAGIC = b"\xd2\xcd\x31"
@@ -137,9 +137,6 @@ def load_input(path: Path, entry: str | None = DEFAULT_ENTRY) -> SignInput:
     return SignInput(data, "bin")
 
 
-# The most an Intel hex input may span, gaps included: as large as any image mpboot reads.
-MAX_HEX_SPAN_BYTES = 64 * 1024 * 1024
-
 
 def read_hex(path: Path) -> tuple[bytes, int]:
     """An Intel hex file's bytes (gaps filled 0xff) and the address of the first."""
@@ -151,10 +148,10 @@ def read_hex(path: Path) -> tuple[bytes, int]:
     if start is None:
         raise InputFileError(f"{path}: Intel hex file holds no data")
     span = ih.maxaddr() - start + 1
-    if span > MAX_HEX_SPAN_BYTES:
+    if span > MAX_IMAGE_BYTES:
         # Gaps are filled: a few records far apart would otherwise ask for gigabytes.
         raise InputFileError(f"{path}: its data spans {span:#x} bytes ({start:#x}..{ih.maxaddr():#x}), more than "
-                             f"any image ({MAX_HEX_SPAN_BYTES:#x})")
+                             f"any image ({MAX_IMAGE_BYTES:#x})")
     return bytes(ih.tobinarray()), start
 
 

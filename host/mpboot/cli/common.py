@@ -23,8 +23,7 @@ from typing import Any, Final, NoReturn, TypeVar
 
 import click
 
-from mpboot import signlog
-from mpboot.pack import MAX_HEX_SPAN_BYTES
+from mpboot import files, signlog
 from mpboot.errors import InputFileError, MpbootError, UsageError
 from mpboot.keys import SignatureScheme
 from mpboot.pkcs11uri import MODULE_ENV, PIN_ENV, Pkcs11Uri
@@ -37,7 +36,7 @@ EXIT_BROKEN_PIPE: Final = 141  # 128 + SIGPIPE, as `yes | head` reports
 EXIT_BUG: Final = 70  # EX_SOFTWARE: an error mpboot did not expect (a bug)
 DEBUG_ENV: Final = "MPBOOT_DEBUG"  # set: a bug shows its traceback instead of one line
 
-MAX_IMAGE_BYTES: Final = MAX_HEX_SPAN_BYTES  # 64 MiB: larger than any slot mpboot serves
+MAX_IMAGE_BYTES: Final = files.MAX_IMAGE_BYTES
 ADDRESS_LIMIT: Final = 1 << 32  # MCUboot images and Intel hex address 32 bits
 SLOT_SIZE_LIMIT: Final = 1 << 32  # MCUboot image sizes are 32-bit
 
