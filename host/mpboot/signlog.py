@@ -32,10 +32,6 @@ ENV = "MPBOOT_SIGNING_LOG"
 MAX_LINE_BYTES = 64 * 1024
 
 
-def default_path() -> Path:
-    return Path(os.environ.get(ENV) or DEFAULT_NAME)
-
-
 def signature_id(signature: bytes) -> str:
     """What the log calls a signature: its SHA-256, hex."""
     return hashlib.sha256(signature).hexdigest()
