@@ -654,8 +654,20 @@ def test_chunks_end_on_the_write_unit_of_a_device_that_takes_part_of_one(peers: 
     assert ends and all(e % 8 == 0 for e in ends)
 
 
+@pytest.fixture
+def unhurried_resend_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests of reply matching and windows, not of the resend timer: a floor of 1 s on the
+    resend timeout, so a loaded CI machine stalling this process past RTO_MIN (0.1 s) cannot
+    turn into a resend (after which the harness's deliberately stale replies would answer a
+    request still outstanding, and be taken as real)."""
+    import mpboot.smp.upload as upload_module
+
+    monkeypatch.setattr(upload_module, "RTO_MIN", 1.0)
+
+
 @pytest.mark.parametrize("framing", ["raw", "console"])
-def test_pipelined_upload_fills_packets_and_window(peers: Callable[..., Peer], framing: str) -> None:
+def test_pipelined_upload_fills_packets_and_window(peers: Callable[..., Peer], unhurried_resend_timer: None,
+                                                   framing: str) -> None:
     dev = FakeDevice(buf_size=512, buf_count=4, service=0.004)
     peer = peers(dev, framing)
     image = _image(40_000)
@@ -691,7 +703,7 @@ def test_window_option_limits_requests_in_flight(peers: Callable[..., Peer]) -> 
     assert inflight == 2
 
 
-def test_stale_duplicate_and_foreign_replies_are_ignored(peers: Callable[..., Peer]) -> None:
+def test_stale_duplicate_and_foreign_replies_are_ignored(peers: Callable[..., Peer], unhurried_resend_timer: None) -> None:
     dev = FakeDevice(service=0.002)
     answered: list[Req] = []
 
@@ -717,7 +729,7 @@ def test_stale_duplicate_and_foreign_replies_are_ignored(peers: Callable[..., Pe
     assert result.stats.ignored >= 3 * len(peer.requests)
 
 
-def test_lost_request_makes_the_client_resync_from_the_device_offset(peers: Callable[..., Peer]) -> None:
+def test_lost_request_makes_the_client_resync_from_the_device_offset(peers: Callable[..., Peer], unhurried_resend_timer: None) -> None:
     dev = FakeDevice(service=0.002)
     image = _image(30_000)
     lost: list[int] = []
