@@ -41,6 +41,7 @@ package(
         "smp/mpboot_mgmt.py",
         "smp/factory_mgmt.py",
         "smp/trust_mgmt.py",
+        "smp/zupload.py",
         "transport/__init__.py",
         "transport/uart.py",
         "transport/ble.py",

@@ -169,7 +169,7 @@ def test_factory_info_identity_and_reads(session: Session) -> None:
     assert all(F(rep) == want for rep in read)
     for rep in dev_info:
         assert rep.body == {"uid": UID, "vid": VENDOR, "cid": CLASS, "ctr": 1, "serial": "SN-2026-000001",
-                            "no-downgrade": False, "root-version": 1, "revocation": 0}
+                            "no-downgrade": False, "root-version": 1, "revocation": 0, "deflate": 10}
     assert node.body == {"output": "mpboot SN-2026-000001"}
     assert list(state.body) == ["uid", "images", "serial", "splitStatus"]  # canonical order
     assert state.body["uid"] == UID and state.body["serial"] == "SN-2026-000001"
@@ -432,7 +432,7 @@ def test_board_without_factory_area(session: Session) -> None:
     for reps in refused:
         assert_factory_error(reps, NO_FACTORY_AREA)
     assert info.body == {"uid": UID, "vid": None, "cid": None, "ctr": 1, "serial": None, "no-downgrade": False,
-                         "root-version": 1, "revocation": 0}
+                         "root-version": 1, "revocation": 0, "deflate": 10}
     assert node.body == {"output": UID.hex()}
     assert state.body["serial"] is None and state.body["uid"] == UID
     assert rec.values == ["none"]
@@ -442,7 +442,7 @@ def test_unknown_commands_and_ops(session: Session) -> None:
     s = session
     provisioned_dev(s, "unknown")
     reps = [s.send(op, G, cmd, version=v) for v in (V1, V2) for op, cmd in (
-        (WRITE, 0), (WRITE, 1), (READ, 2), (READ, 3), (READ, 4), (READ, 5), (READ, 7), (WRITE, 7), (WRITE, 255))]
+        (WRITE, 0), (WRITE, 1), (READ, 2), (READ, 3), (READ, 4), (READ, 5), (READ, 7), (READ, 8), (WRITE, 8), (WRITE, 255))]
     s.run()
     for rep in reps:
         assert rep.body == {"rc": ENOTSUP} and rep.ops == 0

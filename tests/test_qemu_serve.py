@@ -13,6 +13,7 @@ Skips (or fails with MPBOOT_QEMU_REQUIRED) where the toolchain or MicroPython so
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,10 @@ from smpclient.requests.image_management import ImageStatesRead, ImageStatesWrit
 from smpclient.requests.os_management import ResetWrite
 from smpclient.transport.serial import SMPSerialTransport
 from test_imgtool_interop import imgtool
+from test_zupload import code_text
 
 from mpboot.image import parse_image
+from mpboot.pack import pack_app
 from mpboot.qemu.serve import QemuSimServer
 
 pytestmark = pytest.mark.qemu
@@ -181,6 +184,24 @@ def test_heap_of_the_service_during_a_full_upload(tmp_path: Path, record_propert
                                f"service and a full upload ({heap.flashed.image_b // 1024} KiB, test mark, "
                                f"{heap.flashed.seconds:.1f} s) complete in {heap.free_b // 1024} KiB of free heap, "
                                f"holding at most {heap.held_b} B between requests")
+
+
+def test_heap_of_the_service_during_a_compressed_upload(tmp_path: Path, record_property) -> None:  # type: ignore[no-untyped-def]
+    """The same bound with the upload compressed (docs/PROTOCOL.md, "Compressed upload"): the
+    board inflates each request in its 1 KiB window within SERVICE_GOAL of heap."""
+    folder = tmp_path / "app"
+    make_app(folder, "heap", confirm=False)
+    (folder / "source.txt").write_bytes(code_text(36 * 1024))  # an asset: compressible text
+    app = tmp_path / "app.bin"
+    app.write_bytes(sign_app(pack_app(folder), signing_key(KEY.name), "1.0.0"))
+    heap = service_heap(tmp_path / "dev", [signing_key(KEY.name).public()], app)
+    m = re.search(r"(\d+) compressed, ([\d.]+)x", heap.flashed.output)
+    assert m and int(m.group(1)) > 0 and float(m.group(2)) > 1.5, heap.flashed.output
+    assert heap.free_b <= SERVICE_GOAL + 256 and heap.held_b < SERVICE_GOAL
+    record_property("summary", f"heap on Cortex-M3 (QEMU, frozen), compressed upload "
+                               f"({heap.flashed.image_b // 1024} KiB, {m.group(2)}x, {heap.flashed.seconds:.1f} s): "
+                               f"complete in {heap.free_b // 1024} KiB of free heap, holding at most "
+                               f"{heap.held_b} B between requests")
 
 
 def test_a_board_stuck_at_its_repl_is_a_crash(tmp_path: Path) -> None:

@@ -171,7 +171,7 @@ def check_wellformed(rep: Reply) -> None:
         assert isinstance(body["rc"], int) and body["rc"] > 0
         if "rsn" in body:
             # mpboot's machine-readable reasons, or Zephyr's verbose texts where none applies
-            assert op >> 3 == V1 and (body["rsn"].split(":")[0] in ("image", "update", "factory", "trust")
+            assert op >> 3 == V1 and (body["rsn"].split(":")[0] in ("image", "update", "factory", "trust", "zupload")
                                       or body["rsn"] in ZEPHYR_RSN), body
         # The generic error shape parses with the smp v1 error model (as smpclient does).
         if group in (OS, IMG):
@@ -387,11 +387,11 @@ def test_mpboot_group_device_info(session: Session) -> None:
         # ctr: the floor rose to A's security counter (1) when A was confirmed; serial: no
         # identity provisioned yet (docs/FACTORY.md)
         assert rep.body == {"uid": b"mpboot-sim", "vid": None, "cid": None, "ctr": 1, "serial": None,
-                            "no-downgrade": False, "root-version": 1, "revocation": 0}
+                            "no-downgrade": False, "root-version": 1, "revocation": 0, "deflate": 10}
         assert rep.raw is not None and rep.raw[8:] == cbor2.dumps(rep.body, canonical=True)
     assert write.rc() == ENOTSUP
     assert ids.body == {"uid": b"mpboot-sim", "vid": b"\x11" * 16, "cid": b"\x22" * 16, "ctr": 0,
-                        "serial": None, "no-downgrade": True, "root-version": 1, "revocation": 0}
+                        "serial": None, "no-downgrade": True, "root-version": 1, "revocation": 0, "deflate": 10}
 
 
 # --- enumeration group ------------------------------------------------------------------------

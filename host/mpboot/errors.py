@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import IntEnum
-from typing import TypedDict, TypeVar, Unpack
+from typing import Final, TypedDict, TypeVar, Unpack
 
 
 class MpbootError(Exception):
@@ -523,6 +523,15 @@ class FactoryRefused(SMPError):
         """The refusal of the request `what` ("seal") for the device's factory error `number`."""
         code, words = _reason(FactoryErrorCode, number, "factory", where, _FACTORY_DESCRIPTIONS, named=True)
         return cls(f"{what} refused: {words}", code=code, **wire)
+
+
+ZUPLOAD_BAD_CHUNK: Final = 25  # the mpboot group's (64) code for a bad compressed chunk (rsn "zupload:25")
+
+
+class CompressedChunkRefused(SMPError):
+    """The device refused a compressed upload chunk (group 64 command 7): not one whole raw
+    deflate stream of exactly its `ulen` bytes, or out of bounds. The device closed the
+    upload (opening it again resumes from its last checkpoint)."""
 
 
 # --- the factory station gives up on a board (exit 1) -------------------------------------------

@@ -80,9 +80,11 @@ def prepare(data: bytes) -> PreparedImage:
 
 async def flash(client: SMPClient, image: bytes | PreparedImage, *, mark: Mark = Mark.NONE,
                 reset: bool = False, progress: ProgressCallback | None = None,
-                window: int | None = None, timeout: float | None = None) -> FlashResult:
+                window: int | None = None, timeout: float | None = None,
+                compress: bool | None = None) -> FlashResult:
     """Upload `image`, then mark it (Mark.TEST: one test boot; Mark.CONFIRM: permanent) and
-    reset the device if asked. Errors: the SMPError family (refused, verification failed),
+    reset the device if asked. compress: as mpboot.smp.upload.upload's (None: where the
+    device offers it and it pays). Errors: the SMPError family (refused, verification failed),
     DeviceSilent, TransportError, ImageRejected (malformed or unmarkable image, found before
     anything is sent)."""
     prepared = image if isinstance(image, PreparedImage) else prepare(image)
@@ -96,7 +98,7 @@ async def flash(client: SMPClient, image: bytes | PreparedImage, *, mark: Mark =
     result = None
     if held is None:
         result = await client.upload(prepared.data, window=window, progress=progress, sha=True,
-                                     ptlv=prepared.ptlv, timeout=timeout)
+                                     ptlv=prepared.ptlv, timeout=timeout, compress=compress)
     slot = await _mark(client, prepared, mark)
     if reset:
         await client.reset()
@@ -193,7 +195,7 @@ RetryCallback = Callable[[int, TransportError], None]
 async def flash_with_retries(open_client: OpenClient, image: bytes | PreparedImage, *,
                              retries: int = 5, mark: Mark = Mark.NONE, reset: bool = False,
                              progress: ProgressCallback | None = None, window: int | None = None,
-                             timeout: float | None = None,
+                             timeout: float | None = None, compress: bool | None = None,
                              on_retry: RetryCallback | None = None) -> FlashResult:
     """flash() over a link that may drop (BLE): when the connection is lost (TransportError,
     LinkLost) the link is opened again, up to `retries` times, and the upload resumes where
@@ -236,7 +238,8 @@ async def flash_with_retries(open_client: OpenClient, image: bytes | PreparedIma
                         return replace(done, reconnects=attempt)
                     if held is None:
                         uploaded = await client.upload(prepared.data, window=window, progress=forward,
-                                                       sha=True, ptlv=prepared.ptlv, timeout=timeout)
+                                                       sha=True, ptlv=prepared.ptlv, timeout=timeout,
+                                                       compress=compress)
                     delivered = True
                 slot = await _mark(client, prepared, mark)
                 if reset:

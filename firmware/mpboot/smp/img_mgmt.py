@@ -44,6 +44,7 @@ _CONFIRMATION_DENIED = const(32)
 _TEST_TO_ACTIVE_DENIED = const(33)
 _F_NON_BOOTABLE = const(0x10)
 _HASH_SIZE = const(32)
+_ZWBITS = const(10)  # compressed uploads' window: 1 KiB (docs/PROTOCOL.md, "Compressed upload")
 
 # v1 MGMT_ERR and v2 IMG_MGMT_ERR of the mpboot image/policy codes (mpboot.image, slots):
 # 1 magic 23, 2 header 22, 3 size 30, 4 truncated 22, 5-7 TLV area 5, 8 no hash 5, 9 two
@@ -63,21 +64,31 @@ _EMPTY = memoryview(b"")  # the `data` of an upload request without it (Zephyr: 
 
 
 def handle(srv, op, cmd, req, enc):
+    return guard(_dispatch, srv, op, cmd, req, enc)
+
+
+def _dispatch(srv, op, cmd, req, enc):
+    if cmd == _CMD_STATE:
+        if op == _OP_WRITE:
+            err = _state_write(srv, req)
+            if err:
+                return err
+        _images(srv, enc, op == _OP_READ and req.get("identity") is True)
+        return None
+    if op == _OP_WRITE and cmd == _CMD_UPLOAD:
+        return _upload(srv, req, enc)
+    if op == _OP_WRITE and cmd == _CMD_ERASE:
+        return _erase(srv, req, enc)
+    if op == _OP_READ and cmd == _CMD_SLOT_INFO:
+        return _slot_info(srv, enc)
+    return (_ENOTSUP, 0, None)
+
+
+def guard(fn, srv, op, cmd, req, enc):
+    # fn's answer, with the image, update and flash errors it raises as their SMP errors
+    # (also mpboot.smp.zupload's, whose writes go through the same updater).
     try:
-        if cmd == _CMD_STATE:
-            if op == _OP_WRITE:
-                err = _state_write(srv, req)
-                if err:
-                    return err
-            _images(srv, enc, op == _OP_READ and req.get("identity") is True)
-            return None
-        if op == _OP_WRITE and cmd == _CMD_UPLOAD:
-            return _upload(srv, req, enc)
-        if op == _OP_WRITE and cmd == _CMD_ERASE:
-            return _erase(srv, req, enc)
-        if op == _OP_READ and cmd == _CMD_SLOT_INFO:
-            return _slot_info(srv, enc)
-        return (_ENOTSUP, 0, None)
+        return fn(srv, op, cmd, req, enc)
     except ImageError as e:
         c = e.args[0]
         return (_EINVAL, _IMG_RC[c] if 0 <= c < len(_IMG_RC) else 1, "image:%d" % c)
@@ -292,6 +303,9 @@ def _upload(srv, req, enc):
     # requests may be in flight (docs/PROTOCOL.md, "Pipelining"). Only asked, so only a client
     # that knows the key ever sees it (smpclient refuses unknown reply keys).
     pipe = srv.buf_count if off == 0 and req.get("pipeline") is True else 0
+    # `deflate: true` likewise asks whether later chunks may come compressed (group 64
+    # command 7, mpboot.smp.zupload): the reply names the window bits the device inflates.
+    z = zwbits() if off == 0 and req.get("deflate") is True else 0
     if off == 0:
         if len(data) < image.HEADER_SIZE:
             raise ImageError(image.E_TRUNCATED)
@@ -307,14 +321,14 @@ def _upload(srv, req, enc):
                 return (_EINVAL, _INVALID_HASH, None)
             sha = bytes(sha)
             if up.total >= 0 and up.sha == sha and up.total == total:
-                return _off(enc, up.pos, False, pipe)  # the open session: continue it
+                return _off(enc, up.pos, False, pipe, z)  # the open session: continue it
         if n > _IMAGE_UPDATE:
             # Further images (Zephyr's direct upload numbers slots from 1): there are none.
             return (_EBADSTATE, _NO_FREE_SLOT, _RSN_NO_SLOT)
         if sha is not None:
             d = srv.done
             if up.total < 0 and d is not None and d[0] == sha and d[1] == total:
-                return _off(enc, total, True, pipe)  # finished and verified already (reply lost)
+                return _off(enc, total, True, pipe, z)  # finished and verified already (reply lost)
         ptlv = req.get("ptlv")
         if ptlv is not None and type(ptlv) is not memoryview:
             return (_EINVAL, 0, None)
@@ -343,25 +357,44 @@ def _upload(srv, req, enc):
         nxt = up.write(off, data)
         srv.forget(up.slot)
     if up.total >= 0 and nxt == up.total:
-        match = up.sha is not None
-        up.finish(MARK_NONE)  # verifies; the session ends either way
-        srv.forget(up.slot)
-        srv.done = (up.sha, nxt, up.slot)
-        return _off(enc, nxt, match, pipe)
-    return _off(enc, nxt, False, pipe)
+        return _finish(srv, enc, nxt, pipe, z)
+    return _off(enc, nxt, False, pipe, z)
 
 
-def _off(enc, off, match, pipe=0):
-    enc.map(1 + (1 if match else 0) + (1 if pipe else 0))
+def _finish(srv, enc, end, pipe, z):
+    # The last byte arrived: verify the image, answer its end (and `match`).
+    up = srv.up
+    match = up.sha is not None
+    up.finish(MARK_NONE)  # verifies; the session ends either way
+    srv.forget(up.slot)
+    srv.done = (up.sha, end, up.slot)
+    return _off(enc, end, match, pipe, z)
+
+
+def _off(enc, off, match, pipe=0, z=0):
+    enc.map(1 + (1 if match else 0) + (1 if pipe else 0) + (1 if z else 0))
     enc.text("off")
     enc.uint(off)
     if match:
         enc.text("match")
         enc.bool(True)
+    if z:
+        enc.text("deflate")
+        enc.uint(z)
     if pipe:
         enc.text("pipeline")
         enc.uint(pipe)
     return None
+
+
+def zwbits():
+    # The window bits of the compressed uploads this device takes (0: none; MicroPython's
+    # `deflate` module needs a build at the EXTRA_FEATURES ROM level).
+    try:
+        import deflate  # noqa: F401
+    except ImportError:
+        return 0
+    return _ZWBITS
 
 
 def _upgrade(srv, data, slot):

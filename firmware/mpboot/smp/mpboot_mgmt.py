@@ -6,17 +6,20 @@
 # them), the security-counter floor, whether downgrades are refused, the serial, and the trust
 # state's root set version and revocation number.
 # Commands 1-5 (factory info, identity, floor, policy, seal) are in mpboot.smp.factory_mgmt,
-# command 6 (trust state and records) in mpboot.smp.trust_mgmt, each loaded on its first use: a
-# board in the field never pays for the factory's, one that never gets a record for the trust's.
+# command 6 (trust state and records) in mpboot.smp.trust_mgmt, command 7 (a compressed upload
+# chunk) in mpboot.smp.zupload, each loaded on its first use: a board in the field never pays
+# for the factory's, one that never gets a record for the trust's.
 from micropython import const
 
 from mpboot.smp.identity import ids, serial
+from mpboot.smp.img_mgmt import zwbits
 
 _OP_READ = const(0)
 _CMD_DEVICE_INFO = const(0)
 _CMD_FACTORY_INFO = const(1)  # the factory commands' read; 2-5 are writes (factory_mgmt)
 _CMD_SEAL = const(5)  # the last factory command
 _CMD_TRUST = const(6)  # read: the trust state; write: a trust record, in chunks (trust_mgmt)
+_CMD_ZUPLOAD = const(7)  # write: a compressed upload chunk (zupload)
 
 _ENOTSUP = const(8)
 # Trust state indices (mpboot.trust ROOT_VERSION, REVOCATION), as private consts: importing the
@@ -35,6 +38,10 @@ def handle(srv, op, cmd, req, enc):
         from mpboot.smp import trust_mgmt
 
         return trust_mgmt.handle(srv, op, req, enc)
+    if cmd == _CMD_ZUPLOAD:
+        from mpboot.smp import zupload
+
+        return zupload.handle(srv, op, req, enc)
     if cmd > _CMD_SEAL or (op == _OP_READ) != (cmd == _CMD_FACTORY_INFO):
         return (_ENOTSUP, 0, None)
     from mpboot.smp import factory_mgmt
@@ -47,10 +54,12 @@ def _device_info(srv, enc):
     f = sl.factory
     t = sl.trust
     # Canonical key order (bytewise order of the encoded keys).
-    enc.map(8)
+    enc.map(9)
     ids(srv, enc)
     enc.text("serial")
     serial(enc, f)
+    enc.text("deflate")
+    enc.uint(zwbits())
     enc.text("revocation")
     enc.uint(t[_REVOCATION])
     enc.text("no-downgrade")

@@ -32,10 +32,12 @@ from mpboot.errors import ProtocolError, UsageError
 @click.option("--reset", "reset_after", is_flag=True, help="Reset the device afterwards.")
 @click.option("--window", type=click.IntRange(1, 64), metavar="N",
               help="Upload requests in flight (default: the device's buf_count on an mpboot device, 1 on others).")
+@click.option("--no-compress", is_flag=True,
+              help="Send every chunk as it is (default: compressed where the device offers it and it pays).")
 @retries_option
 @click.option("--no-progress", is_flag=True, help="No progress bar: print a one-line summary at the end.")
 def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bool, reset_after: bool,
-              window: int | None, retries: int, no_progress: bool) -> None:
+              window: int | None, no_compress: bool, retries: int, no_progress: bool) -> None:
     """Upload IMAGE to the device (resuming an interrupted upload), then optionally mark and reset.
 
     Without --test or --confirm the image is written and verified but does not boot. An image
@@ -49,6 +51,7 @@ def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bo
         raise UsageError("--test and --confirm exclude each other: test-boot it, or make it permanent")
     mark = Mark.TEST if test_boot else Mark.CONFIRM if permanent else Mark.NONE
     prepared = prepare(read_image(image_path))  # a malformed image fails here, before the port opens
+    compress = False if no_compress else None
     make = link.client_factory()
     acked = [0, len(prepared.data)]
 
@@ -69,13 +72,14 @@ def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bo
             if link.ble is None:
                 async with make() as client:
                     return await flash(client, prepared, mark=mark, reset=reset_after, window=window,
-                                       progress=seen)
+                                       progress=seen, compress=compress)
 
             def on_retry(attempt: int, err: Exception) -> None:
                 note(f"mpboot: link lost ({err}); reconnecting ({attempt}/{retries})")
 
             return await flash_with_retries(make, prepared, retries=retries, mark=mark, reset=reset_after,
-                                            progress=seen, window=window, on_retry=on_retry)
+                                            progress=seen, window=window, compress=compress,
+                                            on_retry=on_retry)
         finally:
             await link.release()
 
@@ -119,8 +123,10 @@ def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bo
     if no_progress and up is not None:
         resumed = f", resumed at {up.resumed_from}" if up.resumed_from else ""
         reconnects = f", {plural(done.reconnects, 'reconnect')}" if done.reconnects else ""
+        squeezed = (f", {up.compressed} compressed, {up.image_sent / up.sent:.2f}x"
+                    if up.compressed and up.sent else "")
         click.echo(f"uploaded {up.size} bytes in {up.elapsed:.1f} s ({size_text(up.rate)}/s, "
-                   f"{plural(up.requests, 'request')}, window {up.window}{resumed}{reconnects})")
+                   f"{plural(up.requests, 'request')}{squeezed}, window {up.window}{resumed}{reconnects})")
     held = " (the device held it already: nothing uploaded)" if up is None else ""
     where_slot = f" in slot {done.slot.slot}" if done.slot is not None else ""
     how = {Mark.NONE: "not marked (it does not boot until marked)" if not done.recovery else

@@ -286,9 +286,10 @@ class SMPClient:
         uid = _field(rsp, "uid", bytes, what)
         ids = _ids(rsp, what)
         serial = rsp.get("serial")
+        deflate = rsp.get("deflate", 0)
         return DeviceInfo(uid, ids[0], ids[1], _field(rsp, "ctr", int, what),
                           bool(rsp.get("no-downgrade", False)), serial if isinstance(serial, str) else None,
-                          *_trust_numbers(rsp, what))
+                          *_trust_numbers(rsp, what), deflate=deflate if _is_uint(deflate) else 0)
 
     async def factory_info(self) -> FactoryInfo:
         """The board's factory state: ids, versions, key hashes, identity, policy, sealed."""
@@ -377,12 +378,12 @@ class SMPClient:
                      progress: ProgressCallback | None = None, sha: bool = True,
                      ptlv: bytes | None = None, upgrade: bool = False,
                      timeout: float | None = None, final_timeout: float | None = None,
-                     retries: int = 4) -> UploadResult:
-        """Upload `image` (the whole file) pipelined, resuming where the device is; see
-        mpboot.smp.upload.upload for the arguments."""
+                     retries: int = 4, compress: bool | None = None) -> UploadResult:
+        """Upload `image` (the whole file) pipelined, resuming where the device is, compressed
+        where the device offers it; see mpboot.smp.upload.upload for the arguments."""
         return await upload(self, image, window=window, chunk=chunk, progress=progress, sha=sha,
                             ptlv=ptlv, upgrade=upgrade, timeout=timeout,
-                            final_timeout=final_timeout, retries=retries)
+                            final_timeout=final_timeout, retries=retries, compress=compress)
 
     # --- internals -------------------------------------------------------------------------
 

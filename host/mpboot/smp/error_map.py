@@ -18,7 +18,9 @@ from enum import IntEnum
 from typing import Any
 
 from mpboot.errors import (
+    ZUPLOAD_BAD_CHUNK,
     CommandNotSupported,
+    CompressedChunkRefused,
     FactoryRefused,
     ImageRefused,
     ImgMgmtErrorCode,
@@ -105,6 +107,8 @@ def error_from_response(payload: dict[str, Any], what: str) -> SMPError | None:
             return UpdateRefused.from_number(int(number), _rc_text(rc), erase=what == "image erase", **wire)
         if kind == "trust" and int(number) in _TRUST_CODES:
             return _trust_refused(int(number), _rc_text(rc), wire)
+        if kind == "zupload" and int(number) == ZUPLOAD_BAD_CHUNK:
+            return _chunk_refused(_rc_text(rc), wire)
     meaning = MGMT_ERR_TEXT.get(code, "unknown code") if isinstance(code, MgmtErrorCode) else "unknown code"
     detail = f": {rsn}" if rsn else ""
     cls = CommandNotSupported if code == MgmtErrorCode.ENOTSUP else SMPError
@@ -131,6 +135,8 @@ def _v2_error(err: dict[str, Any], what: str) -> SMPError | None:
     if group == Group.MPBOOT:
         if rc in _TRUST_CODES:
             return _trust_refused(rc, f"mpboot group rc {rc}", wire)
+        if rc == ZUPLOAD_BAD_CHUNK:
+            return _chunk_refused(f"mpboot group rc {rc}", wire)
         return FactoryRefused.from_number(rc, what, f"mpboot group rc {rc}", **wire)
     return SMPError(f"{what} failed: group {group} error {rc}", **wire)
 
@@ -143,3 +149,9 @@ def _trust_refused(number: int, where: str, wire: WireDetails) -> TrustRefused:
     host's trust rules raise, with the wire details."""
     code = TrustErrorCode(number)
     return TrustRefused(code, f"refused by the device: trust error {number} {code.name}, {where}", **wire)
+
+
+def _chunk_refused(where: str, wire: WireDetails) -> CompressedChunkRefused:
+    return CompressedChunkRefused(f"device refused a compressed upload chunk: not one whole deflate stream "
+                                  f"of its announced length, or out of bounds (zupload error "
+                                  f"{ZUPLOAD_BAD_CHUNK}, {where})", **wire)

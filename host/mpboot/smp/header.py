@@ -41,6 +41,7 @@ class MpbootCmd(IntEnum):
     POLICY = 4  # write: production policy
     SEAL = 5  # write: identity and policy become read-only
     TRUST = 6  # read: the trust state; write: a trust record, in chunks (docs/KEYS.md)
+    ZUPLOAD = 7  # write: a compressed upload chunk (docs/PROTOCOL.md, "Compressed upload")
 
 
 class OsCmd(IntEnum):

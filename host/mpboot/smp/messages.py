@@ -60,6 +60,8 @@ class DeviceInfo:
     # device older than the trust model, which does not report them.
     root_version: int | None = None
     revocation: int | None = None
+    # The window bits of the compressed uploads it takes (0: none, or a device older than them).
+    deflate: int = 0
 
 
 @dataclass(frozen=True)

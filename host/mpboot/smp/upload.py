@@ -48,8 +48,9 @@ from mpboot.errors import (
     VerificationFailed,
 )
 from mpboot.smp.error_map import error_from_response
-from mpboot.smp.header import HEADER_SIZE, Group, ImageCmd, Op
+from mpboot.smp.header import HEADER_SIZE, Group, ImageCmd, MpbootCmd, Op
 from mpboot.smp.messages import ClientStats, McuMgrParams, PendingReply, ProgressCallback
+from mpboot.smp.zchunk import MAX_WBITS, MIN_WBITS, ZUPLOAD_MAX, Packer
 from mpboot.transport import Transport
 
 PARAMS_TIMEOUT: Final = 2.0  # a device that serves the params request answers it at once
@@ -102,9 +103,12 @@ class UploadResult:
     requests: int
     resyncs: int
     timeouts: int
-    chunk: int  # data bytes per (non-first) request
+    chunk: int  # data bytes per (non-first) plain request
     window: int
     params: McuMgrParams
+    wbits: int = 0  # the window bits of the compressed chunks the device offered (0: none)
+    compressed: int = 0  # requests sent as compressed chunks, resends included
+    image_sent: int = 0  # image bytes those requests and the plain ones carried, resends included
 
     @property
     def rate(self) -> float:
@@ -127,6 +131,18 @@ class _Chunk:
     end: int
     pending: PendingReply
     sent_at: float
+    request: _Request
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One upload request as sent (a re-send repeats it): a plain chunk (image group, upload)
+    or a compressed one (mpboot group, command 7)."""
+
+    group: int
+    command: int
+    fields: dict[str, Any]
+    wire: int  # data bytes on the link
 
 
 class _ResendTimer:
@@ -166,7 +182,7 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                  chunk: int | None = None, progress: ProgressCallback | None = None,
                  sha: bool = True, ptlv: bytes | None = None, upgrade: bool = False,
                  timeout: float | None = None, final_timeout: float | None = None,
-                 retries: int = 4) -> UploadResult:
+                 retries: int = 4, compress: bool | None = None) -> UploadResult:
     """Upload `image` (the whole file) to image 0 and return once the device verified it.
 
     window: requests in flight (default: as many as the device's answer to the opening
@@ -178,7 +194,10 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
     silence before re-sending (default: the client's). final_timeout: how long the device may
     take to verify the image and answer the last chunk, which is re-sent meanwhile (default
     max(timeout, 30 s)). retries: silent rounds of `timeout` tolerated in a row (and re-sends
-    of the last chunk while waiting for its answer).
+    of the last chunk while waiting for its answer). compress: None (default) sends a chunk
+    compressed wherever the device offers it (its answer to the opening request) and the
+    compressed chunk carries more of the image than a plain one; False never; True as None,
+    but raises UsageError when the device does not offer it.
 
     Raises ImageRefused (the device refused the image), VerificationFailed (it arrived whole
     and failed the device's check), UpdateRefused, DeviceSilent, ProtocolError,
@@ -206,6 +225,8 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
         first_fields["upgrade"] = True
     if window is None and params.buf_count > 1:
         first_fields["pipeline"] = True  # ask how many requests the device takes in flight
+    if compress is not False:
+        first_fields["deflate"] = True  # ask whether later chunks may come compressed
     first_max = max_data(budget, first_fields)
     stream_max = max_data(budget, {"off": total})  # the largest offset has the longest encoding
     if chunk is not None:
@@ -227,6 +248,13 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
     # None: decided once the opening request is answered (a refused image costs no more)
     win: int | None = window if window is not None else None if params.buf_count > 1 else 1
     timer = _ResendTimer(t, _rto_floor(win or 1))
+    # Compressed chunks: the stream room of a request with the largest `off` and `ulen`.
+    zroom = max_data(budget, {"off": total, "ulen": ZUPLOAD_MAX})
+    if chunk is not None:
+        zroom = min(zroom, chunk)
+    packer: Packer | None = None
+    wbits = 0
+    compressed = image_sent = 0
 
     align = 1  # chunk ends fall on multiples of this (learnt from a device that takes part of one)
     inflight: deque[_Chunk] = deque()
@@ -245,10 +273,28 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
     final_at: float | None = None  # when the last chunk became the only one in flight
     repeats = 0  # re-sends of it since
 
-    def fields_for(off: int, end: int) -> dict[str, Any]:
+    def plain(off: int, end: int) -> _Request:
         fields = dict(first_fields) if off == 0 else {"off": off}
         fields["data"] = data[off:end]
-        return fields
+        return _Request(Group.IMAGE, ImageCmd.UPLOAD, fields, end - off)
+
+    def request_at(off: int, n: int) -> _Request:
+        """The request for the chunk at `off` (n: the image bytes a plain one carries)."""
+        if packer is not None and off > 0:
+            z = packer.chunk(off)
+            if z is not None and z.end - off > n:
+                return _Request(Group.MPBOOT, MpbootCmd.ZUPLOAD,
+                                {"off": off, "ulen": z.end - off, "data": z.data}, len(z.data))
+        return plain(off, off + n)
+
+    async def send(req: _Request, off: int, end: int) -> None:
+        nonlocal sent, requests, compressed, image_sent
+        pending = await client.send_request(req.group, req.command, Op.WRITE, req.fields)
+        inflight.append(_Chunk(off, end, pending, time.monotonic(), req))
+        sent += req.wire
+        image_sent += end - off
+        requests += 1
+        compressed += req.group == Group.MPBOOT
 
     def drop_all() -> None:
         for c in inflight:
@@ -270,14 +316,12 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                     end = (next_off + n) // align * align
                     if next_off + n < total and end > next_off:
                         n = end - next_off
-                fields = fields_for(next_off, next_off + n)
-                pending = await client.send_request(Group.IMAGE, ImageCmd.UPLOAD, Op.WRITE, fields)
-                inflight.append(_Chunk(next_off, next_off + n, pending, time.monotonic()))
-                if next_off + n == total:
+                req = request_at(next_off, n) if next_off else plain(0, n)
+                end = next_off + (req.fields["ulen"] if req.group == Group.MPBOOT else n)
+                await send(req, next_off, end)
+                if end == total:
                     final_at, repeats = None, 0
-                sent += n
-                requests += 1
-                next_off += n
+                next_off = end
                 if solo:
                     break
             if not inflight:  # the last reply was undecodable: ask again where the device is
@@ -312,11 +356,7 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                         and time.monotonic() < final_at + t_final):
                     # Re-send it, still waiting for every send of it: whichever answer comes
                     # first settles the upload (replies come in the order of the requests).
-                    pending = await client.send_request(Group.IMAGE, ImageCmd.UPLOAD, Op.WRITE,
-                                                        fields_for(head.off, head.end))
-                    inflight.append(_Chunk(head.off, head.end, pending, time.monotonic()))
-                    sent += head.end - head.off
-                    requests += 1
+                    await send(head.request, head.off, head.end)
                     repeats += 1
                     continue
                 # A whole `timeout` of silence is a try, and so is each round past the last
@@ -335,11 +375,7 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                 drop_all()
                 if oldest is not None:
                     inflight.append(oldest)
-                    pending = await client.send_request(Group.IMAGE, ImageCmd.UPLOAD, Op.WRITE,
-                                                        fields_for(oldest.off, oldest.end))
-                    inflight.append(_Chunk(oldest.off, oldest.end, pending, time.monotonic()))
-                    sent += oldest.end - oldest.off
-                    requests += 1
+                    await send(oldest.request, oldest.off, oldest.end)
                     next_off, solo = oldest.end, True
                 else:
                     next_off, solo = (acked if opened else 0), True
@@ -392,6 +428,16 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                     ok = isinstance(pipe, int) and not isinstance(pipe, bool) and pipe >= 1
                     win = min(pipe, params.buf_count) if ok else 1
                     timer.floor = _rto_floor(win)
+                if compress is not False and packer is None:
+                    # An mpboot device with MicroPython's deflate names its window; others
+                    # ignore the question.
+                    zb = rsp.get("deflate")
+                    if isinstance(zb, int) and not isinstance(zb, bool) and zb >= MIN_WBITS and zroom > 0:
+                        wbits = min(zb, MAX_WBITS)
+                        packer = Packer(data, wbits, zroom)
+                    elif compress:
+                        raise UsageError("the device does not take compressed uploads (it offers no "
+                                         "'deflate' window); leave compression to the default")
                 if opens == 1 and off != c.end:
                     resumed_from = off
             solo = False
@@ -427,6 +473,7 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                 return UploadResult(size=total, resumed_from=resumed_from, match=match,
                                     elapsed=time.monotonic() - started, sent=sent, requests=requests,
                                     resyncs=resyncs, timeouts=timeouts, chunk=stream_max, window=win or 1,
-                                    params=params)
+                                    params=params, wbits=wbits, compressed=compressed,
+                                    image_sent=image_sent)
     finally:
         drop_all()
