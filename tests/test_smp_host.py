@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import tty
+import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +39,14 @@ import pytest
 from click.testing import CliRunner
 from mpboot.cli import cli
 from mpboot.errors import (
+    CompressedChunkRefused,
     DeviceSilent,
     ImageErrorCode,
     PortError,
     ProtocolError,
     TransportError,
     UpdateErrorCode,
+    UsageError,
 )
 from mpboot.flashing import Mark, flash, prepare
 from mpboot.image import ImageVersion, SignOptions, TlvType, build_image, parse_image
@@ -71,6 +74,7 @@ from mpboot.smp import (
 from mpboot.transport import Transport
 from mpboot.smp.header import MpbootCmd
 from mpboot.smp.upload import PARAMS_TIMEOUT, RTO_MIN, RTO_MIN_ONE_AT_A_TIME
+from mpboot.smp.zchunk import ZUPLOAD_MAX
 from mpboot.transport.framing import (
     CONSOLE_LINE_MAX,
     ConsoleCodec,
@@ -340,7 +344,9 @@ class Peer:
             raise self.errors[0]
 
     def uploads(self) -> list[Req]:
-        return [r for r in self.requests if (r.group, r.cmd) == (Group.IMAGE, ImageCmd.UPLOAD)]
+        """Upload requests, plain and compressed."""
+        return [r for r in self.requests if (r.group, r.cmd) in ((Group.IMAGE, ImageCmd.UPLOAD),
+                                                                  (Group.MPBOOT, MpbootCmd.ZUPLOAD))]
 
     def _decode(self, data: bytes) -> Iterator[bytes]:
         if self.framing == "raw":
@@ -420,6 +426,7 @@ class FakeDevice:
     params_silent: bool = False
     mpboot: bool = True  # answers `pipeline` in the opening reply: takes buf_count requests in flight
     write_unit: int = 1  # writes whole units of a chunk but the last, as MCUboot's serial recovery
+    deflate: int = 0  # offers compressed chunks with this window (group 64 command 7), as mpboot does
     session: Session | None = None
     received: bytes | None = None  # the last complete upload
     slots: list[dict[str, Any]] = field(default_factory=lambda: [
@@ -467,13 +474,34 @@ class FakeDevice:
             return {}
         if key == (Group.IMAGE, ImageCmd.UPLOAD):
             return self.upload(p)
+        if key == (Group.MPBOOT, MpbootCmd.ZUPLOAD) and self.deflate:
+            return self.zupload(p)
         return {"rc": MgmtErrorCode.ENOTSUP}
 
     def upload(self, p: dict[str, Any]) -> dict[str, Any]:
         rsp = self._upload(p)
         if p["off"] == 0 and p.get("pipeline") is True and self.mpboot and "off" in rsp:
             rsp["pipeline"] = self.buf_count
+        if p["off"] == 0 and p.get("deflate") is True and self.deflate and "off" in rsp:
+            rsp["deflate"] = self.deflate
         return rsp
+
+    def zupload(self, p: dict[str, Any]) -> dict[str, Any]:
+        """A compressed chunk (firmware/mpboot/smp/zupload.py): one whole raw deflate stream
+        of exactly `ulen` image bytes, in the offered window."""
+        off, ulen = p["off"], p["ulen"]
+        if off < 1 or not 0 < ulen <= ZUPLOAD_MAX:
+            return {"rc": MgmtErrorCode.EINVAL, "rsn": "zupload:25"}
+        s = self.session
+        if s is not None and off == s.off:
+            d = zlib.decompressobj(-self.deflate)
+            data = d.decompress(p["data"], ulen + 1)
+            if len(data) != ulen or not d.eof or d.unused_data or d.unconsumed_tail:
+                self.session = None
+                return {"rc": MgmtErrorCode.EINVAL, "rsn": "zupload:25"}
+        else:
+            data = bytes(ulen)  # not written: answered with where the device is, as a plain chunk
+        return self._upload({"off": off, "data": data})
 
     def _upload(self, p: dict[str, Any]) -> dict[str, Any]:
         off, data = p["off"], p["data"]
@@ -990,6 +1018,126 @@ def test_busy_device_refuses_the_update(peers: Callable[..., Peer]) -> None:
     with pytest.raises(UpdateRefused, match="unconfirmed test image") as exc:
         upload(peer, _image(3000))
     assert exc.value.code is UpdateErrorCode.BUSY
+
+
+def _text(n: int, seed: int = 0) -> bytes:
+    """Compressible bytes, as an app's code is: words from a small vocabulary."""
+    rng = random.Random(seed)
+    words = [bytes(rng.choice(b"abcdefghij_") for _ in range(rng.randrange(2, 9))) for _ in range(300)]
+    out = bytearray()
+    while len(out) < n:
+        out += rng.choice(words) + rng.choice([b" ", b"(", b")", b"\n    ", b", "])
+    return bytes(out[:n])
+
+
+def _end(r: Req) -> int:
+    return r.payload["off"] + (r.payload["ulen"] if r.group == Group.MPBOOT else len(r.payload["data"]))
+
+
+def test_compressed_chunks_where_the_device_offers_them(peers: Callable[..., Peer], unhurried_resend_timer: None) -> None:
+    """A device that answers the opening request's `deflate: true` with its window gets the
+    later chunks compressed (group 64 command 7), each a whole raw deflate stream that fills
+    the request; the image arrives byte for byte, pipelined as plain chunks are."""
+    dev = FakeDevice(buf_size=2048, service=0.002, deflate=10)
+    peer = peers(dev)
+    image = _text(60_000)
+    result = upload(peer, image)
+    assert dev.received == image and result.match is True
+    ups = peer.uploads()
+    assert ups[0].group == Group.IMAGE and ups[0].payload["deflate"] is True  # the opening asks
+    assert all(r.group == Group.MPBOOT for r in ups[1:])
+    assert [r.payload["off"] for r in ups[1:]] == [_end(r) for r in ups[:-1]]  # contiguous
+    assert all(r.size <= 2048 for r in ups) and all(r.size >= 2048 - 24 for r in ups[1:-1])
+    assert all(r.payload["ulen"] <= ZUPLOAD_MAX for r in ups[1:])
+    assert result.wbits == 10 and result.compressed == len(ups) - 1 and result.window == 4
+    assert result.image_sent == len(image) and result.image_sent / result.sent > 2.0
+    plain = upload(peers(FakeDevice(buf_size=2048, service=0.002, deflate=10)), image, compress=False)
+    assert plain.compressed == 0 and plain.requests > 2 * result.requests
+
+
+def test_incompressible_chunks_go_plain(peers: Callable[..., Peer]) -> None:
+    """Where a compressed chunk would carry less than a plain one (random bytes), the chunk
+    goes plain: never slower than a plain upload. Mixed data mixes both."""
+    dev = FakeDevice(buf_size=2048, service=0.001, deflate=10)
+    peer = peers(dev)
+    image = _image(30_000) + _text(30_000) + _image(10_000, seed=1)
+    result = upload(peer, image)
+    assert dev.received == image
+    kinds = [r.group for r in peer.uploads()[1:]]
+    assert Group.MPBOOT in kinds and Group.IMAGE in kinds
+    assert kinds[0] == Group.IMAGE and kinds[-1] == Group.IMAGE
+    plain = upload(peers(FakeDevice(buf_size=2048, service=0.001, deflate=10)), _image(40_000))
+    assert plain.compressed == 0
+
+
+def test_compressed_upload_resyncs_after_a_lost_request(peers: Callable[..., Peer],
+                                                       unhurried_resend_timer: None) -> None:
+    """A lost compressed chunk: the device answers the next one with the offset it expects,
+    and the client re-packs from there (any offset is a place a stream can start)."""
+    dev = FakeDevice(buf_size=1024, service=0.002, deflate=10)
+    image = _text(50_000)
+    lost: list[int] = []
+
+    def respond(peer: Peer, req: Req) -> None:
+        if req.group == Group.MPBOOT and req.payload["off"] > 10_000 and not lost:
+            lost.append(req.payload["off"])
+            return
+        dev(peer, req)
+
+    peer = peers(respond)
+    result = upload(peer, image)
+    assert dev.received == image and result.resyncs == 1
+    offs = [r.payload["off"] for r in peer.uploads()]
+    assert offs.count(lost[0]) == 2
+
+
+def test_compressed_upload_reopens_a_session_lost_mid_way(peers: Callable[..., Peer]) -> None:
+    """The device lost the session (it reset): the next compressed chunk is refused with
+    update 2; the client reopens, resumes where the device is, and goes on compressed."""
+    dev = FakeDevice(buf_size=1024, service=0.001, deflate=10)
+    image = _text(40_000)
+    dropped: list[int] = []
+    kept: list[Session] = []  # what the device persisted: the session at its checkpoint
+
+    def respond(peer: Peer, req: Req) -> None:
+        if req.group == Group.MPBOOT and req.payload["off"] > 20_000 and not dropped:
+            assert dev.session is not None
+            dropped.append(dev.session.off)
+            kept.append(Session(dev.session.length, dev.session.sha, dev.session.data, 8192))
+            dev.session = None  # reset: the session is gone until it is opened again
+        elif req.group == Group.IMAGE and req.payload["off"] == 0 and kept:
+            dev.session = kept.pop()  # opened with its sha: resumed from the checkpoint
+        dev(peer, req)
+
+    peer = peers(respond)
+    result = upload(peer, image)
+    assert dev.received == image and dropped
+    ups = peer.uploads()
+    reopen = [i for i, r in enumerate(ups) if r.payload["off"] == 0]
+    assert len(reopen) == 2 and ups[reopen[1] + 1].payload["off"] == 8192
+    assert ups[reopen[1] + 1].group == Group.MPBOOT and result.compressed > 0
+
+
+def test_compress_true_needs_a_device_that_offers_it(peers: Callable[..., Peer]) -> None:
+    with pytest.raises(UsageError, match="does not take compressed uploads"):
+        upload(peers(FakeDevice(service=0.001)), _text(10_000), compress=True)
+    dev = FakeDevice(service=0.001, deflate=10)
+    peer = peers(dev)
+    result = upload(peer, _text(10_000), compress=False)
+    assert dev.received == _text(10_000) and result.compressed == 0
+    assert "deflate" not in peer.uploads()[0].payload  # not even asked
+
+
+def test_a_bad_stream_refusal_is_one_clear_error(peers: Callable[..., Peer]) -> None:
+    def respond(peer: Peer, req: Req) -> None:
+        if req.group == Group.MPBOOT:
+            peer.reply(req, {"rc": MgmtErrorCode.EINVAL, "rsn": "zupload:25"})
+            return
+        dev(peer, req)
+
+    dev = FakeDevice(service=0.001, deflate=10)
+    with pytest.raises(CompressedChunkRefused, match="compressed upload chunk.*zupload error 25"):
+        upload(peers(respond), _text(10_000))
 
 
 def test_upload_resumes_where_the_device_is(peers: Callable[..., Peer]) -> None:
