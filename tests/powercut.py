@@ -22,7 +22,7 @@ TEARS = {"W": ("", "half", "word"), "E": ("", "erase-half")}
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # "install" or "boot"
+    kind: str  # "install", "zinstall" (image: a zsmp file, test_zupload.zsmp_file) or "boot"
     image: Path | None = None
     mode: str = "test"
 
@@ -52,6 +52,9 @@ def run_step(dev: SimDevice, step: Step, **kw: object) -> Run:
         # Named by its sha with a checkpoint every sector: cuts land in checkpoint writes,
         # and the completion run after a cut resumes the persisted session.
         return dev.install(step.image, step.mode, chunk=512, sha=True, checkpoint=4096, **kw)
+    if step.kind == "zinstall":
+        # A compressed upload and its test mark through the SMP server (sim_device zsmp).
+        return dev.run("zsmp", step.image, "ckpt=4096", **kw)  # type: ignore[arg-type]
     return dev.boot(**kw)  # type: ignore[arg-type]
 
 
@@ -60,6 +63,8 @@ def outcome(step: Step, run: Run) -> tuple[object, ...]:
     if step.kind == "install":
         line = run.line("INSTALLED") or run.line("REFUSED") or run.stdout
         return ("install", line.split("version=")[-1] if "INSTALLED" in line else line)
+    if step.kind == "zinstall":
+        return ("zinstall", run.line("ZDONE"), run.stdout.strip().splitlines()[-1])  # the mark's reply
     b = Booted.parse(run)
     return ("boot", b.version, b.trial, b.app)
 

@@ -18,11 +18,12 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 from mpboot.image import parse_image
 from mpboot.smp.zchunk import ZUPLOAD_MAX, Packer, deflate_raw
 from test_smp_fuzz import HEAP
-from test_smp_server import IMG, READ, V1, V2, WRITE, A, Reply, Session, image, images, session  # noqa: F401
+from test_smp_server import IMG, READ, V1, V2, WRITE, A, Reply, Session, image, images
 from conftest import FIRMWARE, KEYS_DIR, signing_key
 from mpboot.errors import MpbootError
 from mpboot.flashing import Mark, flash
@@ -56,6 +57,11 @@ def mixed(version: str) -> bytes:
     """Code, then noise, then code: the host sends the noise plain."""
     body = code_text(6000) + random.Random(version).randbytes(5000) + code_text(6000)[::-1]
     return sign_app(body, signing_key("TEST-ONLY-rsa2048.pem"), version)
+
+
+@pytest.fixture
+def session(device, tmp_path: Path) -> Session:  # type: ignore[no-untyped-def]
+    return Session(device, tmp_path)
 
 
 def zchunks(data: bytes, start: int, room: int = ROOM) -> list[dict[str, Any]]:
@@ -357,3 +363,74 @@ def test_compressed_upload_resumes_after_the_simulator_is_killed(tmp_path: Path)
         sim.wait_for(r"CONFIRM True")
     finally:
         assert sim.stop() == 0
+
+
+# --- power cuts: at every flash operation of a compressed upload (tests/powercut.py) ---------
+
+
+def zsmp_file(path: Path, data: bytes, ckpt: int = 4096) -> Path:
+    """The records of sim_device's zsmp: a client's compressed upload of `data` (SMP v1), from
+    each offset its opening may answer, then the test mark."""
+    from test_smp_server import packet
+
+    def rec(kind: bytes, payload: bytes) -> bytes:
+        return kind + len(payload).to_bytes(4, "big") + payload
+
+    seq = iter(range(1, 10**6))
+    out = [rec(b"O", packet(WRITE, IMG, 1, {"off": 0, "len": len(data), "sha": hashlib.sha256(data).digest(),
+                                            "data": data[:1024], "deflate": True}, version=V1, seq=next(seq) % 256))]
+    for start in [1024] + list(range(ckpt, len(data), ckpt)):
+        out.append(rec(b"S", start.to_bytes(4, "big")))
+        out += [rec(b"P", packet(WRITE, G, ZCMD, body, version=V1, seq=next(seq) % 256))
+                for body in zchunks(data, start)]
+    out.append(rec(b"M", packet(WRITE, IMG, 0, {"hash": parse_image(data).digest, "confirm": False}, version=V1,
+                                seq=next(seq) % 256)))
+    path.write_bytes(b"".join(out))
+    return path
+
+
+def test_power_cut_at_every_flash_operation_of_a_compressed_upload(sim_lib: Path, tmp_path: Path,
+                                                                   record_property) -> None:  # type: ignore[no-untyped-def]
+    """Update = the compressed upload of a test image and its mark, then two boots (the test
+    boot confirms itself): cut at every flash operation of the upload and mark, writes and
+    erases torn too. Every cut boots the old or the new image, and the scenario then completes
+    as it did uncut (resuming the persisted session where a checkpoint was reached)."""
+    from mpboot.sim import Geometry, SimDevice
+    from powercut import Matrix, Scenario, Step, run_step, summary
+    from simkit import boot, installed
+
+    v1 = tmp_path / "v1.bin"
+    v1.write_bytes(text_app(tmp_path / "a1", "1.0.0", 3000))
+    v2 = text_app(tmp_path / "a2", "2.0.0", 14_000)
+    z = zsmp_file(tmp_path / "v2.zsmp", v2)
+    dev = SimDevice(tmp_path / "device", sim_lib, Geometry(64 * 1024, 4096, 16))
+    installed(dev.install(v1, "permanent"))
+    assert boot(dev).version == "1.0.0"
+    dev.age_to(2)  # the state log switches sectors inside the scenario
+    m = Matrix(dev, Scenario("zupdate", (Step("zinstall", z), Step("boot"), Step("boot")), "1.0.0", "2.0.0"),
+               tmp_path)
+    m.trace()
+    assert m.expected[0][1] == f"ZDONE off={len(v2)} match=1"
+    assert m.expected[1:] == [("boot", "2.0.0", True, "2.0.0"), ("boot", "2.0.0", False, "2.0.0")]
+    assert m.ops[0].count("W") >= 8  # several compressed chunks, each programmed
+    # The upload's own operations (step 0): cuts in the boots that follow are
+    # test_power_cut's, whatever carried the image (and after one, this harness's re-run would
+    # mark by the hash of the image then running, which a host does not do).
+    counts = m.run_points([p for p in m.points() if p.step == 0], dev)
+    line = summary(" (compressed upload)", counts)
+    record_property("summary", line + f" ({len(m.ops[0])} flash operations)")
+    assert not m.failures, "\n".join(m.failures[:20])
+    assert counts["safe"] == sum(counts.values()) > 40
+    # Cut at each operation and run the upload again: from a cut past a checkpoint on, the
+    # opening resumes there (4096 bytes a step here), and the upload lands whole.
+    resumed = []
+    for op in range(len(m.ops[0])):
+        dev.restore(m.snaps[0])
+        assert run_step(dev, m.scenario.steps[0], fault=f"cut={op}").cut
+        again = run_step(dev, m.scenario.steps[0])
+        assert again.line("ZDONE") == f"ZDONE off={len(v2)} match=1", again.stdout
+        first = cbor2.loads(bytes.fromhex(again.stdout.split()[1])[8:])
+        if first["off"] > 1024:
+            assert first["off"] % 4096 == 0
+            resumed.append(first["off"])
+    assert len(set(resumed)) >= 2, resumed

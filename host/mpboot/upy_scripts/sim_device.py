@@ -23,6 +23,14 @@
 #   fage N                    rewrite the factory record N times (moves the factory log on)
 #   smp HEX...                boot without running the app, then give each SMP request packet
 #                             (hex) to the update service's server: one line RSP HEX|- each
+#   zsmp FILE [ckpt=N]        boot without running the app, then a client's compressed upload
+#                             through the server: FILE holds records (kind byte, u32 BE length,
+#                             bytes): "O" the opening request, then for each offset the opening
+#                             may answer (0 and each checkpoint) an "S" record (u32 BE offset)
+#                             followed by its "P" requests (compressed chunks from there), and
+#                             last "M" requests (the mark). The requests of the offset the
+#                             device answered are sent: one line RSP HEX|- each, then ZDONE
+#                             off=N (the offset the last chunk's reply named, match=0|1)
 import hashlib
 import struct
 import sys
@@ -95,6 +103,9 @@ def main():
             rsp = srv.handle(unhexlify(h))
             print("RSP " + ("-" if rsp is None else hexlify(rsp).decode()))
         return
+    if cmd == "zsmp":
+        _zsmp(slots, slot, info)
+        return
     if cmd == "boot":
         if slot < 0:
             boot.recovery(slots)
@@ -158,6 +169,47 @@ def main():
         print("INSTALLED slot=%d version=%d.%d.%d+%d" % (target, v[0], v[1], v[2], v[3]))
         return
     raise SystemExit("unknown command " + cmd)
+
+
+def _records(f):
+    hdr = bytearray(5)
+    while f.readinto(hdr) == 5:
+        yield hdr[0], f.read(struct.unpack_from(">I", hdr, 1)[0])
+
+
+def _reply(rsp):
+    # The response's map (None: no response).
+    if rsp is None:
+        print("RSP -")
+        return None
+    print("RSP " + hexlify(rsp).decode())
+    from mpboot.smp.cbor import Decoder
+
+    return Decoder().decode(memoryview(bytes(rsp))[8:])
+
+
+def _zsmp(slots, slot, info):
+    from mpboot.smp.server import Server
+
+    srv = Server(slots, slot, port, info=info)
+    for o in sys.argv[4:]:
+        if o.startswith("ckpt="):
+            srv.up.checkpoint = int(o[5:])
+    at = -1  # the offset the device expects
+    chosen = False  # inside the requests of that offset
+    last = None
+    with open(sys.argv[3], "rb") as f:
+        for kind, rec in _records(f):
+            if kind == 0x4F:  # "O"
+                at = _reply(srv.handle(rec)).get("off", -1)
+            elif kind == 0x53:  # "S"
+                chosen = struct.unpack(">I", rec)[0] == at
+            elif kind == 0x50 and chosen:  # "P"
+                last = _reply(srv.handle(rec))
+            elif kind == 0x4D:  # "M"
+                _reply(srv.handle(rec))
+    if last is not None:
+        print("ZDONE off=%d match=%d" % (last.get("off", -1), last.get("match", False) is True))
 
 
 main()
