@@ -374,3 +374,30 @@ def test_smpclient_ble_transport_updates_the_device(images: dict[str, Path], tmp
         sim.wait_for(r"APP 2\.0\.0")
     finally:
         sim.stop()
+
+
+def test_compressed_upload_over_ble_resumes_across_dropped_links(tmp_path: Path, air: AirThread) -> None:
+    """The compressed upload over BLE (docs/PROTOCOL.md, "Compressed upload"), links dropped
+    at random points: it resumes, compressed, and fewer bytes cross the air than the image
+    holds."""
+    from test_zupload import text_app
+
+    image = tmp_path / "z.bin"
+    image.write_bytes(text_app(tmp_path / "z", "2.0.0", 120_000))
+    size = image.stat().st_size
+    sim = start(tmp_path, "dev-z", air)
+    try:
+        rng = random.Random(7)
+        drops = [rng.randrange(5, 120), rng.randrange(5, 100)]
+        air.drop_after(sim.address, drops)
+        air.clear_trace()
+        result = mpboot("flash", image, *ble(sim, air), "--test", "--retries", "5", "--no-progress")
+        assert result.exit_code == 0, result.output + result.stderr
+        assert "marked for a test boot" in result.stdout
+        s = state(sim, air)
+        assert s["2.0.0"]["pending"] and not s["2.0.0"]["active"]
+        sent = c2p_payload(air)
+        assert sent < size / 1.5, (sent, size)  # compressed: the image once, and less
+        assert len({r.conn for r in air.trace()}) >= 1 + len(drops)
+    finally:
+        sim.stop()
