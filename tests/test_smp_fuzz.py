@@ -18,6 +18,9 @@ from typing import Any
 import pytest
 from mpboot import upy
 from mpboot.image import parse_image
+from mpboot.smp.zchunk import Packer
+from conftest import FIRMWARE, signing_key
+from simkit import sign_app
 from test_smp_server import (
     ENUM,
     IMG,
@@ -42,9 +45,12 @@ MAX_PACKET = 2048 + 256  # dev_smp's receive buffer
 # board; 95 before it with shorter paths, 84 before the factory area); under pytest-xdist its
 # longer paths and the fragmentation that follows need up to 110 KiB.
 HEAP = "116k"
-KEYS = ["off", "data", "len", "sha", "image", "upgrade", "ptlv", "hash", "confirm", "slot", "d",
+KEYS = ["off", "data", "len", "sha", "image", "upgrade", "ptlv", "hash", "confirm", "slot", "d", "ulen", "deflate",
         "format", "query", "force", "index", "groups", "r", "rc", "err", "x"]
 NEW = image("1.2.0", seed="fuzz-new", payload=6000)
+# Compressible: its chunks go compressed (NEW's random payload does not shrink).
+ZNEW = sign_app(b"".join(p.read_bytes() for p in sorted((FIRMWARE / "mpboot" / "smp").glob("*.py")))[:9000],
+                signing_key("TEST-ONLY-rsa2048.pem"), "1.3.0")
 DIGESTS = [parse_image(x).digest for x in (A, B, NEW)]
 
 
@@ -102,6 +108,37 @@ def _upload(rng: random.Random, data: bytes) -> list[dict]:
     return out
 
 
+def _zupload(rng: random.Random, data: bytes) -> list[tuple[int, dict]]:
+    """A compressed upload (group 64 command 7 after a plain opening that asks), more or less
+    as mpboot's host sends it: streams cut, flipped, lengthened; `ulen` and `off` off."""
+    first = {"off": 0, "len": len(data), "data": data[:1024], "deflate": True}
+    if rng.random() < 0.7:
+        first["sha"] = hashlib.sha256(data).digest()
+    out: list[tuple[int, dict]] = [(IMG, first)]
+    packer = Packer(data, 10, rng.choice([200, 1000, 1900]))
+    off = 1024
+    while off < len(data):
+        c = packer.chunk(off)
+        assert c is not None
+        body: dict[str, Any] = {"off": off, "ulen": c.end - off, "data": c.data}
+        k = rng.randrange(40)
+        if k == 0:
+            body["data"] = c.data[: rng.randrange(len(c.data))]
+        elif k == 1:
+            b = bytearray(c.data)
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+            body["data"] = bytes(b)
+        elif k == 2:
+            body["ulen"] = rng.choice([0, c.end - off - 1, c.end - off + 1, 32768, 32769, 2**32])
+        elif k == 3:
+            body["off"] = rng.choice([0, off - 1, off + 1, len(data)])
+        elif k == 4:
+            body["data"] = c.data + rng.randbytes(rng.randint(1, 8))
+        out.append((64, body))
+        off = c.end
+    return out
+
+
 def _templates(rng: random.Random) -> list[tuple[int, int, int, Any]]:
     """Well-formed requests of every command, with plausible values."""
     h = rng.choice([DIGESTS[0], DIGESTS[1], DIGESTS[2], bytes(32)])
@@ -154,9 +191,13 @@ def packets(rng: random.Random, count: int) -> list[bytes]:
         elif r < 0.45:
             op, group, cmd, body = rng.choice(_templates(rng))
             out.append(packet(op, group, cmd, body, version=ver, seq=seq))
-        elif r < 0.55:
+        elif r < 0.5:
             for body in _upload(rng, rng.choice([NEW, B, A])):
                 pkt = packet(WRITE, IMG, 1, body, version=ver, seq=seq)
+                out.append(_mutate(rng, pkt) if rng.random() < 0.03 else pkt)
+        elif r < 0.55:
+            for group, body in _zupload(rng, rng.choice([ZNEW, NEW])):
+                pkt = packet(WRITE, group, 1 if group == IMG else 7, body, version=ver, seq=seq)
                 out.append(_mutate(rng, pkt) if rng.random() < 0.03 else pkt)
         else:
             op = rng.choice([READ, WRITE])
