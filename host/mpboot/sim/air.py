@@ -382,13 +382,17 @@ class Air:
                         del self._plans[key]
                 self._links[id(cconn)] = self._links[id(pconn)] = lk
                 if self.pace is not None:
-                    clock = self.clock or asyncio.get_running_loop()
-                    lk.pacer = LinkPacer(self.pace, clock, lambda d, item, ev, lk=lk: self._crossed(lk, d, item, ev),
-                                         interval=interval)
-                    self._paced[lk.serial] = lk.pacer
+                    self._pace(lk, interval)
                 if lk.limit == 0:
                     self._doom(lk)
                 return
+
+    def _pace(self, lk: _Link, interval: float) -> None:
+        """Puts a new link on connection events (`interval`: its own, from the CONNECT_IND)."""
+        assert self.pace is not None
+        clock = self.clock or asyncio.get_running_loop()
+        lk.pacer = LinkPacer(self.pace, clock, lambda d, item, ev: self._crossed(lk, d, item, ev), interval=interval)
+        self._paced[lk.serial] = lk.pacer
 
     def _check_established(self, central: Controller, cconn: Connection) -> None:
         if id(cconn) not in self._links and central.le_connections.get(cconn.peer_address) is cconn:
