@@ -10,7 +10,10 @@ on events with timeouts. No sleeps, and no assertion on how long anything took."
 from __future__ import annotations
 
 import asyncio
+import re
+import signal
 import struct
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +23,7 @@ import pytest
 from blekit import BleSim, central, run, until
 from conftest import KEYS_DIR, signing_key
 from simkit import make_app, sign_app
+from simserve import MPBOOT
 from test_ble_air import PERIPHERAL, connected, peripheral
 
 from mpboot.sim.air import Air, AirThread, AttRecord, Pacing, _Link
@@ -390,3 +394,38 @@ def test_device_on_a_paced_air_upload_matches_the_model_and_reset_answers(tmp_pa
         run(reset(), timeout=60)
     finally:
         assert sim.stop() == 0, sim.output()
+
+
+def test_cli_sim_air_paced() -> None:
+    proc = subprocess.Popen([MPBOOT, "sim", "air", "--pace-ms", "7.5", "--per-event", "4", "--data-length", "27"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        m = re.search(r"air on (tcp-client:127\.0\.0\.1:\d+)", line)
+        assert m, line
+        assert line.rstrip().endswith("paced: connection events every 7.5 ms, 4 packets each way, data length 27")
+
+        async def main() -> None:
+            async with peripheral(m.group(1)) as p, central(m.group(1)) as c:
+                link = await connected(c, p)
+                await link.write(bytes(244))  # 251 bytes: 10 packets at DL 27, 3 events
+                assert await asyncio.wait_for(p.writes.get(), 5) == bytes(244)
+
+        run(main())
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--pace-ms", "0"], "--pace-ms"),
+    (["--per-event", "0"], "--per-event"),
+    (["--data-length", "252"], "--data-length"),
+])
+def test_cli_sim_air_pacing_usage_errors(args: list[str], message: str) -> None:
+    out = subprocess.run([MPBOOT, "sim", "air", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
