@@ -208,7 +208,7 @@ def main() -> None:
             proc.wait(10)
     n = len(image)
     ceiling = TIMING.ceiling
-    print(f"BLE upload of a {n // KIB} KiB image to mpboot sim --ble (buf_size 2048, buf_count 4, MTU 247), each "
+    print(f"BLE upload of a {n:,}-byte image to mpboot sim --ble (buf_size 2048, buf_count 4, MTU 247), each "
           f"client in its own process")
     print(f"paced air: a connection event every {PACE.interval * 1000:g} ms, {PACE.per_event} packets each way, "  # type: ignore[operator]
           f"data length {PACE.data_length}: ceiling {ceiling / KIB:.1f} KiB/s of ATT payload")
