@@ -99,3 +99,39 @@ def test_a_hosts_own_pace_is_not_taken_for_waiting() -> None:
 def test_ceiling() -> None:
     assert Timing().ceiling == pytest.approx(6 * 244 / 0.015)
     assert Timing(interval=0.0075, per_event=4).ceiling == pytest.approx(4 * 244 / 0.0075)
+
+
+def test_ceiling_counts_ll_packets_per_pdu() -> None:
+    # a full ATT PDU + the L2CAP header: 1 packet at DL 251 for MTU 247, 10 at DL 27, 3 for MTU 517
+    assert Timing(data_length=251).packets_per_pdu == 1
+    assert Timing(data_length=27).packets_per_pdu == 10
+    assert Timing(mtu=517).packets_per_pdu == 3
+    assert Timing().ceiling / 1024 == pytest.approx(95.3, abs=0.05)
+    assert Timing(data_length=27).ceiling == pytest.approx(6 * 244 / 10 / 0.015)
+    assert Timing(mtu=517).ceiling == pytest.approx(6 * 514 / 3 / 0.015)
+
+
+def test_short_data_length_fragments_each_pdu() -> None:
+    # 244-byte values are 251-byte L2CAP PDUs: 10 LL packets each at DL 27
+    trace = stop_and_wait([2048])
+    assert [m.packets for m in messages(trace, "c2p", 27)] == [8 * 10 + 4]  # the last PDU: 96 + 7 bytes
+    assert [m.packets for m in messages(trace, "c2p", 251)] == [9]
+    # 2048 bytes: 8 full PDUs (80 packets) and one of 96 bytes (4): 84 packets, 6 per event = 14
+    # events; the reply (1 packet) one event later
+    assert project(trace, Timing(data_length=27)).events == 15
+    assert project(trace, Timing()).events == 3
+
+
+def test_a_paced_trace_starts_requests_when_queued() -> None:
+    # A paced air records when a PDU was sent (queued) apart from when it crossed (t): a
+    # request queued before the previous reply crossed was in flight with it (window 2).
+    trace: list[Pdu] = []
+    for seq in range(4):
+        request = pdus_of(smp(244 * 6, seq), 0, "c2p")
+        trace += [Pdu(2.0 + seq, "c2p", WRITE_CMD, p.value, queued=0.5 + seq) for p in request]
+    for seq in range(4):
+        trace += [Pdu(2.5 + seq, "p2c", NOTIFY, p.value) for p in pdus_of(reply(seq), 0, "p2c")]
+    trace.sort(key=lambda p: p.t)
+    queued_view = project(trace)
+    crossing_view = project([Pdu(p.t, p.direction, p.opcode, p.value) for p in trace])
+    assert queued_view.events < crossing_view.events

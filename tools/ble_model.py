@@ -6,8 +6,9 @@ PDUs the air recorded (mpboot.sim.air tracing), with this model:
 
 - Connection events every `interval` seconds (15 ms); in each event up to `per_event` (6) LL
   data packets in each direction (the central's packet and the peripheral's reply in each pair
-  may both carry data). One ATT PDU of up to MTU bytes (247, data-length extension) is one
-  packet.
+  may both carry data). An ATT PDU of n bytes is ceil((n + 4) / data_length) LL packets (its
+  L2CAP header is 4 bytes): one for MTU 247 at data length 251 (data length extension), 10 at
+  data length 27, 3 for MTU 517 at 251.
 - The client's requests are the recorded SMP packets in order (reassembled from the write
   commands by the SMP header length). Its window W is the most requests it had in flight in
   the recording. An image upload request past offset 0 (streamed) waits only for response
@@ -21,7 +22,14 @@ PDUs the air recorded (mpboot.sim.air tracing), with this model:
   for every response would only lose more).
 
 The result: the events the transfer needs, hence its duration and rate, and the ceiling
-`per_event * (mtu - 3) / interval` bytes per second of ATT payload.
+`per_event * (mtu - 3) / ceil((mtu + 4) / data_length) / interval` bytes per second of ATT
+payload.
+
+The simulated air can run these same rules as a clock (mpboot.sim.pacing: `Air(pace=
+Pacing(interval, per_event, data_length))`). The two are written apart on purpose, so that a
+transfer measured on the paced air checks this projection of its own trace and the other way
+round. On a paced trace a PDU's `queued` (when its sender handed it over) marks when a request
+started, and its `t` (when it crossed) when a response arrived.
 """
 
 from __future__ import annotations
@@ -44,17 +52,28 @@ class Pdu:
     direction: str
     opcode: int
     value: bytes
+    queued: float | None = None  # when it was sent, if recorded apart from when it crossed (t)
+
+    @property
+    def start(self) -> float:
+        return self.t if self.queued is None else self.queued
+
+    def packets(self, data_length: int) -> int:
+        """LL packets: the ATT PDU (opcode, handle, value) in an L2CAP PDU (4-byte header)."""
+        return math.ceil((len(self.value) + 3 + 4) / data_length)
 
 
 @dataclass(frozen=True)
 class Message:
-    """One SMP packet: how many ATT PDUs carried it and their value bytes."""
+    """One SMP packet: how many ATT PDUs carried it and their value bytes; `first_t` when its
+    first PDU was sent, `last_t` when its last one arrived; `packets` LL packets in all."""
 
     pdus: int
     size: int
     first_t: float
     last_t: float
     data: bytes = b""
+    packets: int = 0
 
     @property
     def streamed(self) -> bool:
@@ -75,11 +94,17 @@ class Timing:
     interval: float = 0.015
     per_event: int = 6
     mtu: int = 247
+    data_length: int = 251
+
+    @property
+    def packets_per_pdu(self) -> int:
+        """LL packets for a full ATT PDU (MTU bytes and the 4-byte L2CAP header)."""
+        return math.ceil((self.mtu + 4) / self.data_length)
 
     @property
     def ceiling(self) -> float:
-        """ATT payload bytes per second, one direction, every slot used."""
-        return self.per_event * (self.mtu - 3) / self.interval
+        """ATT payload bytes per second, one direction, every slot used by full PDUs."""
+        return self.per_event * (self.mtu - 3) / self.packets_per_pdu / self.interval
 
 
 @dataclass(frozen=True)
@@ -97,33 +122,35 @@ WRITE_CMD = 0x52
 NOTIFY = 0x1B
 
 
-def messages(pdus: Iterable[Pdu], direction: str) -> list[Message]:
+def messages(pdus: Iterable[Pdu], direction: str, data_length: int = 251) -> list[Message]:
     """The SMP packets of one direction, reassembled by the SMP header length."""
     out: list[Message] = []
     buf = bytearray()
-    count = 0
+    count = packets = 0
     first = 0.0
     for p in pdus:
         if p.direction != direction or p.opcode not in (WRITE_CMD, NOTIFY):
             continue
         if not buf:
-            first = p.t
+            first = p.start
         buf += p.value
         count += 1
+        packets += p.packets(data_length)
         while len(buf) >= SMP_HEADER:
             size = SMP_HEADER + (buf[2] << 8 | buf[3])
             if len(buf) < size:
                 break
-            out.append(Message(count, size, first, p.t, bytes(buf[:size])))
+            out.append(Message(count, size, first, p.t, bytes(buf[:size]), packets))
             del buf[:size]
-            count = 1 if buf else 0
-            first = p.t
+            count = 1 if buf else 0  # a PDU that ends one packet and begins the next counts in both
+            packets = p.packets(data_length) if buf else 0
+            first = p.start
     return out
 
 
 def project(pdus: Sequence[Pdu], timing: Timing = Timing()) -> Projection:
-    reqs = messages(pdus, "c2p")
-    rsps = messages(pdus, "p2c")
+    reqs = messages(pdus, "c2p", timing.data_length)
+    rsps = messages(pdus, "p2c", timing.data_length)
     # dep[k]: responses the client had fully received when it started sending request k
     dep = []
     j = 0
@@ -148,8 +175,8 @@ def project(pdus: Sequence[Pdu], timing: Timing = Timing()) -> Projection:
     n = len(reqs)
     req_done = [math.inf] * n  # event in which request k's last packet went
     rsp_done = [math.inf] * n  # event in which response k's last packet went
-    req_left = [m.pdus for m in reqs]
-    rsp_left = [m.pdus for m in rsps[:n]] + [1] * max(0, n - len(rsps))
+    req_left = [m.packets for m in reqs]
+    rsp_left = [m.packets for m in rsps[:n]] + [1] * max(0, n - len(rsps))
     k_req = k_rsp = 0
     event = 0
     while k_rsp < n:

@@ -197,26 +197,46 @@ def sim_group(ctx: click.Context, state_dir: Path | None, machine: str, key_file
 @sim_group.command("air")
 @click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535),
               help="TCP port on 127.0.0.1 to serve HCI on (0: a free one).")
-def sim_air(port: int) -> None:
+@click.option("--pace-ms", type=click.FloatRange(0, 4000, min_open=True), metavar="MS",
+              help="Pace every link like a radio: a connection event every MS milliseconds (default, "
+                   "when --per-event or --data-length is given: the interval the central asked for).")
+@click.option("--per-event", type=click.IntRange(1, 1000), metavar="N",
+              help="Paced: LL data packets each way per connection event [default: 6].")
+@click.option("--data-length", type=click.IntRange(27, 251), metavar="BYTES",
+              help="Paced: LL payload bytes per packet; an L2CAP PDU of L bytes takes ceil(L/BYTES) packets "
+                   "[default: 251].")
+def sim_air(port: int, pace_ms: float | None, per_event: int | None, data_length: int | None) -> None:
     """A simulated Bluetooth LE radio that sims and hosts share, until Ctrl-C.
 
     Every Bumble host that opens the printed transport spec gets a controller on one virtual
-    link: `mpboot sim --ble --radio SPEC` devices, and `--ble-backend bumble:SPEC` hosts."""
+    link: `mpboot sim --ble --radio SPEC` devices, and `--ble-backend bumble:SPEC` hosts.
+    Unpaced (the default), a packet crosses as soon as it is sent; with --pace-ms (or
+    --per-event, --data-length) each link carries data only in its connection events, a few
+    packets each way per event, as a radio does (docs/BLE.md, "The paced air")."""
     try:
-        from mpboot.sim.air import AirThread
+        from mpboot.sim.air import AirThread, Pacing
     except ImportError as err:
         raise _sim_extra_missing(err) from None
 
-    air = AirThread(port=port)
+    pace = None
+    if (pace_ms, per_event, data_length) != (None, None, None):
+        pace = Pacing(None if pace_ms is None else pace_ms / 1000, per_event or 6, data_length or 251)
+    air = AirThread(port=port, pace=pace)
     try:
         spec = air.start()
     except OSError as err:
         raise UsageError(f"cannot serve the air on 127.0.0.1:{port}: {err.strerror or err}") from None
+    if pace is not None:
+        every = "at each link's own interval" if pace.interval is None else f"every {pace.interval * 1000:g} ms"
+        paced = (f"; paced: connection events {every}, {pace.per_event} packets each way, "
+                 f"data length {pace.data_length}")
+    else:
+        paced = ""
     done = threading.Event()
     with _until_signal(done.set) as came:
         try:
             click.echo(f"mpboot sim: air on {spec} (devices: mpboot sim --ble --radio {spec}; "
-                       f"hosts: --ble-backend bumble:{spec})")
+                       f"hosts: --ble-backend bumble:{spec}){paced}")
             sys.stdout.flush()
             while not done.wait(0.5):
                 pass

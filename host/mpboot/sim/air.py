@@ -11,6 +11,12 @@ Extras for tests and benches: `drop(address)` (radio loss), `drop_after(address,
 and a trace of every ATT PDU crossing the link (`AttRecord`). `AirThread` runs an Air on its
 own event loop in a daemon thread, with thread-safe methods.
 
+By default a PDU crosses as soon as it is sent (the processes set the pace). `Air(pace=
+Pacing(...))` paces every LE link like a radio instead: connection events at the link's
+interval, a few LL packets each way per event (mpboot.sim.pacing); the trace, `drop_after`
+counting and the drop itself then happen when a PDU crosses, and `pacing_stats()` tells how
+well the events kept their times.
+
 Fixes over bumble 0.0.236's LocalLink and Controller, all confined to this module:
 - ACL data is routed by the sender's connection (LocalLink routes by the sender's random
   address, which breaks for hosts that connect with a public own address);
@@ -44,6 +50,8 @@ from bumble.core import PhysicalTransport
 from bumble.link import LocalLink
 from bumble.transport.common import PacketParser
 
+from mpboot.sim.pacing import INTERVAL_UNIT_S, Clock, LinkPacer, Pacing, PacingStats, Queued, stats
+
 logger = logging.getLogger(__name__)
 # A host keeps sending on a connection the air has just dropped (it learns of the loss from the
 # disconnection event, which crosses after): the controller then warns "no connection for
@@ -62,11 +70,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class AttRecord:
-    """One ATT PDU that crossed the air: `t` (time.monotonic()), `conn` (the air's serial
-    number of the connection, from 1), `direction` ("c2p": central to peripheral, or
-    "p2c"), the ATT `opcode` and `length` (the ATT PDU's bytes, opcode included), and the
+    """One ATT PDU that crossed the air: `t` (time.monotonic() when it crossed), `conn` (the
+    air's serial number of the connection, from 1), `direction` ("c2p": central to peripheral,
+    or "p2c"), the ATT `opcode` and `length` (the ATT PDU's bytes, opcode included), and the
     PDU's `value` after the opcode and handle for write commands and notifications (what a
-    timing model needs to find the SMP packets in it; empty for other PDUs)."""
+    timing model needs to find the SMP packets in it; empty for other PDUs). On a paced air,
+    `queued` is when its sender handed it to the air and `event` the connection event (of
+    that link, from 0) that carried its last packet; unpaced, `queued` is `t` and `event`
+    None."""
 
     t: float
     conn: int
@@ -74,6 +85,8 @@ class AttRecord:
     opcode: int
     length: int
     value: bytes = b""
+    queued: float | None = None
+    event: int | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,7 @@ class _Link:
     limit: int | None = None
     writes: int = 0
     doomed: bool = False  # a drop is scheduled: nothing more crosses
+    pacer: LinkPacer | None = None  # its connection events, on a paced air
 
     def side(self, conn: Connection) -> tuple[tuple[Controller, Connection], str]:
         """(the other side, direction of a PDU sent by `conn`)."""
@@ -133,12 +147,18 @@ class _Controller(Controller):
         super().__init__(name, host_sink=sink, link=air.link, public_address=public_address)
         self.le_legacy_advertiser = _Advertiser(self)
 
+    def send_hci_packet(self, packet: hci.HCI_Packet) -> None:
+        # Bumble's formats every packet into a debug line first, logged or not (a sixth of the
+        # air's CPU time in a paced upload); the same without that line.
+        if self.host:
+            asyncio.get_running_loop().call_soon(self.host.on_packet, bytes(packet))
+
     def on_le_connect_ind(self, packet: ll.ConnectInd) -> None:
         before = self.le_connections.get(packet.initiator_address)
         super().on_le_connect_ind(packet)
         conn = self.le_connections.get(packet.initiator_address)
         if conn is not None and conn is not before:
-            self.air._connected(self, conn)
+            self.air._connected(self, conn, packet.interval * INTERVAL_UNIT_S)
 
     def on_le_disconnected(self, connection: Connection, reason: int) -> None:
         if self.le_connections.get(connection.peer_address) is not connection:
@@ -198,6 +218,8 @@ class _AirLink(LocalLink):
                             packet: ll.ControlPdu) -> None:
         if self.find_le_controller(receiver_address) is None:
             return  # the peer is gone: nobody hears it (Bumble raises here)
+        if isinstance(packet, ll.ConnectionUpdateInd):
+            self.air._interval_changed(sender_address, receiver_address, packet.interval * INTERVAL_UNIT_S)
         super().send_ll_control_pdu(sender_address, receiver_address, packet)
 
 
@@ -240,8 +262,13 @@ class Air:
     """A virtual LE radio serving HCI over TCP (see the module docstring). Use it inside a
     running event loop: `spec = await air.start()`, ..., `await air.close()`."""
 
-    def __init__(self, *, trace: bool = False) -> None:
+    def __init__(self, *, trace: bool = False, pace: Pacing | None = None, clock: Clock | None = None) -> None:
+        """`pace`: pace every LE link like a radio (None: PDUs cross at once); `clock`: what
+        the pacers schedule on (default: the running loop; tests inject their own)."""
         self.tracing = trace
+        self.pace = pace
+        self.clock = clock
+        self._paced: dict[int, LinkPacer] = {}  # link serial -> pacer, ended links included
         self.trace: list[AttRecord] = []
         self.link: _AirLink | None = None
         self.host = "127.0.0.1"
@@ -310,6 +337,11 @@ class Air:
         """How many hosts are plugged in."""
         return len(self._ports)
 
+    def pacing_stats(self, conn: int | None = None) -> PacingStats:
+        """How well the connection events kept time, over every paced link so far, or over
+        the connection with serial `conn` (see `PacingStats`; all zero when unpaced)."""
+        return stats(p for serial, p in self._paced.items() if conn is None or serial == conn)
+
     # ---- plumbing --------------------------------------------------------------------
 
     def _plug(self, port: _HciPort) -> _Controller:
@@ -338,8 +370,9 @@ class Air:
         if controller in self.link.controllers:
             self.link.remove_controller(controller)
 
-    def _connected(self, peripheral: _Controller, pconn: Connection) -> None:
-        """The peripheral accepted a CONNECT_IND: pair it with the central's connection."""
+    def _connected(self, peripheral: _Controller, pconn: Connection, interval: float) -> None:
+        """The peripheral accepted a CONNECT_IND (connection interval `interval` s): pair it
+        with the central's connection."""
         assert self.link is not None
         for c in self.link.controllers:
             if c is peripheral:
@@ -354,17 +387,36 @@ class Air:
                     if not plan:
                         del self._plans[key]
                 self._links[id(cconn)] = self._links[id(pconn)] = lk
+                if self.pace is not None:
+                    self._pace(lk, interval)
                 if lk.limit == 0:
                     self._doom(lk)
                 return
+
+    def _pace(self, lk: _Link, interval: float) -> None:
+        """Puts a new link on connection events (`interval`: its own, from the CONNECT_IND)."""
+        assert self.pace is not None
+        clock = self.clock or asyncio.get_running_loop()
+        lk.pacer = LinkPacer(self.pace, clock, lambda d, item, ev: self._crossed(lk, d, item, ev), interval=interval)
+        self._paced[lk.serial] = lk.pacer
 
     def _check_established(self, central: Controller, cconn: Connection) -> None:
         if id(cconn) not in self._links and central.le_connections.get(cconn.peer_address) is cconn:
             central.on_le_disconnected(cconn, REASON_FAILED_TO_ESTABLISH)
 
+    def _interval_changed(self, sender: hci.Address, receiver: hci.Address, interval: float) -> None:
+        """A connection update between these two: the link's events follow it."""
+        s, r = address_key(sender), address_key(receiver)
+        for lk in set(self._links.values()):
+            ends = {address_key(lk.central[1].self_address), address_key(lk.peripheral[1].self_address)}
+            if lk.pacer is not None and ends == {s, r}:
+                lk.pacer.set_interval(interval)
+
     def _forget(self, conn: Connection) -> None:
         lk = self._links.pop(id(conn), None)
         if lk is not None:
+            if lk.pacer is not None:
+                lk.pacer.close()  # what was still queued is lost with the link
             for _, c in (lk.central, lk.peripheral):
                 if self._links.get(id(c)) is lk:
                     del self._links[id(c)]
@@ -379,16 +431,31 @@ class Air:
         asyncio.get_running_loop().call_soon(self._end, lk, REASON_CONNECTION_TIMEOUT)
 
     def _carry(self, conn: Connection, pdu: bytes) -> None:
-        """An L2CAP PDU (u16 length, u16 CID, payload) sent on `conn`."""
+        """An L2CAP PDU (u16 length, u16 CID, payload) sent on `conn`: it crosses now, or,
+        on a paced air, when the link's connection events have carried it."""
         lk = self._links.get(id(conn))
         if lk is None or lk.doomed:
             return  # nobody at the other end (any more)
+        if lk.pacer is not None:
+            lk.pacer.queue(lk.side(conn)[1], pdu, conn)
+            return
+        now = time.monotonic()
+        self._cross(lk, conn, pdu, now, now, None)
+
+    def _crossed(self, lk: _Link, direction: str, item: Queued, event: int) -> None:
+        """A pacer sent a PDU's last packet."""
+        if not lk.doomed and lk.pacer is not None:
+            # the pacer's clock is the loop's: time.monotonic() (asyncio's default clock)
+            self._cross(lk, item.tag, item.pdu, lk.pacer.clock.time(), item.queued, event)
+
+    def _cross(self, lk: _Link, conn: Connection, pdu: bytes, t: float, queued: float, event: int | None) -> None:
+        """The PDU crosses at `t`: traced, counted against a planned drop, delivered."""
         (peer, pconn), direction = lk.side(conn)
         if len(pdu) >= 5 and struct.unpack_from("<H", pdu, 2)[0] == ATT_CID:
             opcode = pdu[4]
             if self.tracing:
                 value = bytes(pdu[7:]) if opcode in (ATT_WRITE_COMMAND, ATT_NOTIFICATION) else b""
-                self.trace.append(AttRecord(time.monotonic(), lk.serial, direction, opcode, len(pdu) - 4, value))
+                self.trace.append(AttRecord(t, lk.serial, direction, opcode, len(pdu) - 4, value, queued, event))
             if opcode == ATT_WRITE_COMMAND and direction == "c2p":
                 lk.writes += 1
                 if lk.limit is not None and lk.writes >= lk.limit:
@@ -504,8 +571,9 @@ class AirThread:
         air.stop()
     """
 
-    def __init__(self, *, port: int = 0, trace: bool = False, timeout: float = 10.0) -> None:
-        self.air = Air(trace=trace)
+    def __init__(self, *, port: int = 0, trace: bool = False, pace: Pacing | None = None,
+                 timeout: float = 10.0) -> None:
+        self.air = Air(trace=trace, pace=pace)
         self.spec = ""
         self._port = port
         self._loop = LoopThread("mpboot-air", timeout)
@@ -557,10 +625,13 @@ class AirThread:
     def clear_trace(self) -> None:
         self._loop.call(self.air.trace.clear)
 
+    def pacing_stats(self, conn: int | None = None) -> PacingStats:
+        return self._loop.call(self.air.pacing_stats, conn)
 
-async def serve(port: int = 0, *, ready: Any = None) -> None:
+
+async def serve(port: int = 0, *, ready: Any = None, pace: Pacing | None = None) -> None:
     """Runs an Air until cancelled; `ready(spec)` is called once it listens."""
-    air = Air()
+    air = Air(pace=pace)
     spec = await air.start(port=port)
     if ready is not None:
         ready(spec)
@@ -570,4 +641,5 @@ async def serve(port: int = 0, *, ready: Any = None) -> None:
         await air.close()
 
 
-__all__ = ["Air", "AirThread", "AttRecord", "LinkInfo", "LoopThread", "address_key", "serve"]
+__all__ = ["Air", "AirThread", "AttRecord", "LinkInfo", "LoopThread", "Pacing", "PacingStats", "address_key",
+           "serve"]
