@@ -6,8 +6,8 @@
   exactly that image active and confirmed; never anything else. A handful of randomized
   updates run by default, 1000 under `-m slow` (make test-slow).
 - `mpboot sim` killed with SIGKILL (supervisor and device at once: a power cut) half-way
-  through an upload: restarted on the same state, the same `mpboot flash` resumes from the
-  device's persisted checkpoint instead of from 0, and the image boots."""
+  through an upload, plain or compressed: restarted on the same state, the same `mpboot flash`
+  resumes from the device's persisted checkpoint instead of from 0, and the image boots."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from conftest import KEYS_DIR, signing_key
 from faultrelay import FaultRelay, Faults
 from simkit import make_app, sign_app
 from simserve import SimProcess
+from test_zupload import text_app
 
 from mpboot.errors import MpbootError
 from mpboot.flashing import Mark, flash
@@ -38,6 +39,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
             for v in ("1.0.0", "2.0.0", "3.0.0")}
     made["big"] = sign_app(make_app(out / "big", "4.0.0", confirm=True, filler=150_000),
                            signing_key(KEY.name), "4.0.0")
+    made["compressible"] = text_app(out / "zbig", "4.0.0", 200_000)  # its chunks go compressed
     return made
 
 
@@ -121,9 +123,10 @@ def test_soak_1000_updates_over_a_faulty_line(images: dict[str, bytes], tmp_path
         assert sim.stop() == 0
 
 
-def test_upload_resumes_after_the_simulator_is_killed(images: dict[str, bytes], tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["big", "compressible"])
+def test_upload_resumes_after_the_simulator_is_killed(images: dict[str, bytes], tmp_path: Path, kind: str) -> None:
     sim = _running_v1(tmp_path, images)
-    big = images["big"]
+    big = images[kind]
     killed_at = []
 
     def progress(done: int, total: int) -> None:
@@ -142,6 +145,7 @@ def test_upload_resumes_after_the_simulator_is_killed(images: dict[str, bytes], 
         assert result.upload.resumed_from >= 65536 and result.upload.resumed_from % 32768 == 0
         assert result.upload.resumed_from <= killed_at[0]
         assert result.upload.match is True
+        assert (result.upload.compressed > 0) == (kind == "compressible")  # compressed again after the cut
         sim.wait_for(r"mpboot: slot 1 version 4\.0\.0\+0 test boot")
         sim.wait_for(r"CONFIRM True")
     finally:
