@@ -17,6 +17,12 @@ like a UART, raw (COBS) framing, buf_size 2048 / buf_count 4, a confirmed v1 in 
 older image in slot 1 (so every sector the upload needs is erased first, as on a device in
 the field); each upload goes to a fresh copy of that prepared device. The clock runs from the
 first upload request to the last reply. Effective rate = image bytes / that time.
+
+Each goal of the issue prints one line, met or MISSED, with its numbers. At 921600 the line
+outruns the NOR model (an old image in the slot: 45 ms erase + 11.2 ms programming per 4 KiB),
+so the device is the bound: the compressed upload also runs with the pty not paced, which
+tells what the link costs apart from what the device spends beyond the modelled flash time
+(decoding, inflating, verifying, the simulator's own work per flash operation).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# (bench_smp puts host/ and tests/ on sys.path: it comes first.)
 from bench_smp import ROOT, Sim, app_image, flash_bound_s, measure_dir, prepare, theirs  # noqa: E402
 
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
@@ -67,6 +74,8 @@ FONT_ROUTE = '''
 
 @app.route("/static/<path:path>")
 async def static(request, path):
+    if ".." in path:
+        return "Not found", 404
     return send_file("/rom/static/" + path, max_age=86400)
 '''
 RUN = '''
