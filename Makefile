@@ -40,6 +40,7 @@ bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_signing.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_update.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_smp.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_compress.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_zephyr.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_ble.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_provision.py

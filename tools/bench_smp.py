@@ -156,6 +156,13 @@ def prepare(work: Path, pub: Path, v1: bytes, old: bytes | None, name: str) -> P
     return state
 
 
+def flash_bound_s(size: int) -> float:
+    """Seconds the NOR timing model alone takes to write `size` bytes into a slot that holds
+    an old image: every 4 KiB sector erased (45 ms), every 256-byte page programmed (30 us to
+    start plus 670 us per full page)."""
+    return -(-size // 4096) * 0.045 + size * 0.00067 / 256 + -(-size // 256) * 0.00003
+
+
 def app_image(work: Path, key, version: str, size: int) -> bytes:  # type: ignore[no-untyped-def]
     romfs = make_app(work / f"app-{version}-{size}", version, confirm=True, filler=size)
     return sign_app(romfs, key, version)
@@ -195,7 +202,7 @@ def main() -> int:
                 rates[label] = len(image) / t
                 print(f"    {label}: {rates[label]:.0f} B/s, {rates[label] / line:.1%} of line ({t:.1f} s)")
             # What the flash model alone allows when every sector must be erased first.
-            flash_s = -(-len(image) // 4096) * 0.045 + len(image) * 0.00067 / 256 + -(-len(image) // 256) * 0.00003
+            flash_s = flash_bound_s(len(image))
             if len(image) / flash_s < line:  # the flash, not the line, is the limit
                 print(f"    flash-bound ceiling (old image in the slot): {len(image) / flash_s:.0f} B/s, "
                       f"{len(image) / flash_s / line:.1%} of line; mpboot raw reaches "
