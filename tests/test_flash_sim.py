@@ -986,3 +986,17 @@ def test_state_power_cut_during_sector_switch(device, tmp_path: Path, name: str)
     assert w[1] == 1
     if name != "erase_not_done":  # (an erase cut before it started still counts: see report)
         assert w[0] == 3  # first use, the cut switch, the redo
+
+
+def test_nor_timing_takes_back_what_sleeps_overshoot(device, tmp_path: Path) -> None:
+    """timing="nor": each operation sleeps its modelled time less what the sleeps before it
+    overshot, so the chip's busy time adds up to the model's (on a clock that overshoots every
+    sleep by 150 us; 45 ms erase, 0.7 ms per page, 71 us per 16 bytes)."""
+    chip = tmp_path / "t.bin"
+    make_chip(chip, 16384, 4096)
+    got = checks(run_ok(device, "timing", chip))
+    assert got["slept"].split() == ["45000"] + ["550"] * 8  # each page 700 less the 150 owed
+    # Each 16-byte write (71 us) is less than what was owed: neither sleeps, and what is owed
+    # goes down (150 - 71 - 71 = 8 us): the busy time is the model's, to the last overshoot.
+    modelled = 45000 + 8 * 700 + 2 * 71
+    assert int(got["busy"]) == modelled + 8

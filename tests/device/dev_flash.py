@@ -7,6 +7,8 @@
 #   ops PATH ALIGN   a fixed sequence of 5 flash operations (for cuts, tears and traces)
 #   area PATH        Area checks on a 4 KiB chip of 256-byte sectors, align 4
 #   st DIR OP...     state store scripts (see run_st)
+#   timing PATH      timing="nor" on a clock whose every sleep overshoots 150 us: prints the
+#                    microseconds slept per operation
 import sys
 
 from mpboot import state
@@ -312,6 +314,41 @@ def run_st(d, ops):
         c.close()
 
 
+def case_timing(path):
+    # The clock: sleeping n microseconds takes n + 150 (a loaded host's overshoot).
+    from mpboot.ports import nor_sim
+
+    class Clock:
+        now = 0
+        slept = []
+
+        def sleep_us(self, n):
+            self.slept.append(n)
+            self.now += n + 150
+
+        def ticks_us(self):
+            return self.now
+
+        def ticks_diff(self, a, b):
+            return a - b
+
+    clock = Clock()
+    real = nor_sim.time
+    nor_sim.time = clock
+    try:
+        c = NorFlash(path, 16384, 4096, 1, timing="nor")
+        c.ioctl(6, 0)  # erase sector 0: 45000 us
+        for i in range(8):
+            c.writeblocks(0, b"\x00" * 256, 256 * i)  # a page each: 700 us
+        c.writeblocks(0, b"\x00" * 16, 4096 - 16)  # 71 us: less than the overshoot owed
+        c.writeblocks(0, b"\x00" * 16, 4096 - 32)
+        c.close()
+    finally:
+        nor_sim.time = real
+    out("slept", *clock.slept)
+    out("busy", clock.now)
+
+
 def main():
     case = sys.argv[1]
     args = sys.argv[2:]
@@ -325,6 +362,8 @@ def main():
         case_area(args[0])
     elif case == "st":
         run_st(args[0], args[1:])
+    elif case == "timing":
+        case_timing(args[0])
     else:
         raise ValueError(case)
 
