@@ -63,6 +63,21 @@ def test_messages_reassemble_by_header_length() -> None:
     assert [m.streamed for m in reqs] == [False, True, True]
 
 
+def test_compressed_chunks_stream_as_upload_chunks() -> None:
+    """mpboot's compressed chunk (group 64 command 7) past offset 0 is streamed like an upload
+    chunk; other group 64 commands (device info) and writes elsewhere are not."""
+    def request(group: int, cmd: int, body: dict, seq: int) -> bytes:
+        data = cbor2.dumps(body)
+        return struct.pack(">BBHHBB", 2, 0, len(data), group, seq, cmd) + data
+
+    chunk = {"off": 2048, "ulen": 3000, "data": bytes(1900)}
+    trace = []
+    for seq, (group, cmd, body) in enumerate([(64, 7, chunk), (64, 6, chunk), (64, 7, {**chunk, "off": 0}),
+                                              (0, 7, chunk)]):
+        trace += pdus_of(request(group, cmd, body, seq), 0.0, "c2p")
+    assert [m.streamed for m in messages(trace, "c2p")] == [True, False, False, False]
+
+
 def test_stop_and_wait_pays_a_round_trip_per_request() -> None:
     # request 0: events 0-1 (6 + 3 packets); response: event 2; request 1: events 3-4; response 5
     p = project(stop_and_wait([2048, 2048]))

@@ -224,10 +224,13 @@ def test_nor_timing(sim_lib: Path, tmp_path: Path, sector: int) -> None:
         assert proc.returncode == 0, proc.stderr
         return [int(x) for x in proc.stdout.split()]
 
-    erase, one, two, eight = measure("nor")
-    assert erase >= 45000 * sector // 4096
-    # 30 us per page touched + 670 us per 256 bytes: 16 bytes in one page, 16 over two, 8 pages
-    assert one >= 30 + 670 * 16 // 256 and two >= 2 * 30 + 670 * 16 // 256 and eight >= 8 * 700
+    took = measure("nor")
+    # 45 ms per 4 KiB erased; 30 us per page touched + 670 us per 256 bytes: 16 bytes in one
+    # page, 16 over two, 8 pages. An operation may take less than its model by what the ones
+    # before it overshot (nor_sim takes that back), so the model bounds each running total.
+    model = [45000 * sector // 4096, 30 + 670 * 16 // 256, 2 * 30 + 670 * 16 // 256, 8 * 700]
+    for k in range(1, 5):
+        assert sum(took[:k]) >= sum(model[:k]), (took, model)
     erase, one, two, eight = measure("-")  # default: no model
     assert erase < 45000 * sector // 4096 and eight < 8 * 700
 

@@ -427,6 +427,7 @@ class FakeDevice:
     mpboot: bool = True  # answers `pipeline` in the opening reply: takes buf_count requests in flight
     write_unit: int = 1  # writes whole units of a chunk but the last, as MCUboot's serial recovery
     deflate: int = 0  # offers compressed chunks with this window (group 64 command 7), as mpboot does
+    params_pipeline: bool = False  # answers `pipeline` in its parameters when asked, as mpboot does
     session: Session | None = None
     received: bytes | None = None  # the last complete upload
     slots: list[dict[str, Any]] = field(default_factory=lambda: [
@@ -453,7 +454,12 @@ class FakeDevice:
                 return None
             if self.params_rc is not None:
                 return {"rc": self.params_rc}
-            return {"buf_size": self.buf_size, "buf_count": self.buf_count}
+            rsp = {"buf_size": self.buf_size, "buf_count": self.buf_count}
+            if self.params_pipeline and p.get("pipeline") is True:
+                rsp["pipeline"] = self.buf_count
+            if self.params_pipeline and self.deflate and p.get("deflate") is True:
+                rsp["deflate"] = self.deflate
+            return rsp
         if key == (Group.MPBOOT, MpbootCmd.DEVICE) and self.mpboot:
             return {"cid": None, "ctr": 0, "uid": b"\x01" * 8, "vid": None, "serial": None, "no-downgrade": False}
         if key == (Group.OS, OsCmd.ECHO):
@@ -720,6 +726,50 @@ def test_pipelined_upload_fills_packets_and_window(peers: Callable[..., Peer], u
     assert result.acks[-1] == (len(image), len(image))
     assert [a for a, _ in result.acks] == sorted(a for a, _ in result.acks)
     assert result.stats.ignored == 0
+
+
+def test_a_device_that_names_its_pipeline_gets_the_window_behind_the_opening(
+        peers: Callable[..., Peer], unhurried_resend_timer: None) -> None:
+    """An mpboot device says in its parameters how many requests it takes in flight: the
+    client sends the window right behind the opening request instead of waiting for its
+    answer (the opening erases the first sector: the line would sit idle meanwhile)."""
+    dev = FakeDevice(buf_size=512, buf_count=4, service=0.004, params_pipeline=True)
+    peer = peers(dev)
+    image = _image(20_000)
+    result = upload(peer, image)
+    assert dev.received == image and result.window == 4 and result.resyncs == 0
+    ups = peer.uploads()
+    _assert_contiguous(ups)
+    assert ups[0].replied_at is not None and ups[1].t < ups[0].replied_at  # not alone
+    assert sum(1 for r in ups[1:4] if r.t < ups[0].replied_at) == 3
+    params = next(r for r in peer.requests if (r.group, r.cmd) == (Group.OS, OsCmd.MCUMGR_PARAMS))
+    assert params.payload == {"pipeline": True, "deflate": True}
+
+
+def test_a_refused_or_resumed_opening_with_the_window_behind_it(peers: Callable[..., Peer],
+                                                                 unhurried_resend_timer: None) -> None:
+    """Behind an opening the device refuses, the client raises the refusal (the requests
+    behind it are answered or refused and ignored); behind one that resumes elsewhere, the
+    stream moves to the offset the device named."""
+    image = _image(20_000)
+
+    def refusing(peer: Peer, req: Req) -> None:
+        if (req.group, req.cmd) == (Group.IMAGE, ImageCmd.UPLOAD) and req.payload["off"] == 0:
+            peer.reply(req, {"rc": MgmtErrorCode.EINVAL, "rsn": "image:16"})  # (replies in order)
+            return
+        dev(peer, req)
+
+    dev = FakeDevice(buf_size=512, buf_count=4, service=0.002, params_pipeline=True)
+    with pytest.raises(ImageRefused, match="another vendor"):
+        upload(peers(refusing), image)
+    dev = FakeDevice(buf_size=512, buf_count=4, service=0.002, params_pipeline=True)
+    dev.session = Session(len(image), hashlib.sha256(image).digest(), bytearray(image[:8192]) + bytearray(11808),
+                          8192)
+    peer = peers(dev)
+    result = upload(peer, image)
+    assert dev.received == image and result.resumed_from == 8192
+    offs = [r.payload["off"] for r in peer.uploads()]
+    assert offs[0] == 0 and 8192 in offs and offs[offs.index(8192):] == sorted(offs[offs.index(8192):])
 
 
 def test_window_option_limits_requests_in_flight(peers: Callable[..., Peer]) -> None:
@@ -1053,6 +1103,25 @@ def test_compressed_chunks_where_the_device_offers_them(peers: Callable[..., Pee
     assert result.image_sent == len(image) and result.image_sent / result.sent > 2.0
     plain = upload(peers(FakeDevice(buf_size=2048, service=0.002, deflate=10)), image, compress=False)
     assert plain.compressed == 0 and plain.requests > 2 * result.requests
+
+
+def test_the_window_behind_the_opening_goes_compressed_when_the_parameters_offer_it(
+        peers: Callable[..., Peer], unhurried_resend_timer: None) -> None:
+    """Parameters that name both the pipeline and the window: the requests behind the opening
+    go compressed already; a reconnect (`resuming`) sends the opening alone."""
+    dev = FakeDevice(buf_size=2048, service=0.02, deflate=10, params_pipeline=True)
+    peer = peers(dev)
+    image = _text(60_000)
+    result = upload(peer, image)
+    assert dev.received == image and result.compressed == result.requests - 1
+    ups = peer.uploads()
+    assert [r.group for r in ups[:4]] == [Group.IMAGE] + [Group.MPBOOT] * 3
+    assert ups[1].t < ups[0].replied_at  # sent behind the opening (20 ms to its answer)
+    dev = FakeDevice(buf_size=2048, service=0.02, deflate=10, params_pipeline=True)
+    peer = peers(dev)
+    upload(peer, image, resuming=True)
+    ups = peer.uploads()
+    assert dev.received == image and ups[1].t >= ups[0].replied_at  # alone
 
 
 def test_incompressible_chunks_go_plain(peers: Callable[..., Peer]) -> None:

@@ -319,6 +319,8 @@ def test_os_group(session: Session) -> None:
     echo_none = s.send(WRITE, OS, 0, {})  # Zephyr echoes "" when "d" is absent
     params = s.send(READ, OS, 6)
     params_empty = s.raw(packet(READ, OS, 6, raw=b""))  # an empty payload reads as {}
+    params_asked = [s.send(READ, OS, 6, {"pipeline": v}) for v in (True, 1, False)]  # mpboot's question
+    params_both = s.send(READ, OS, 6, {"pipeline": True, "deflate": True})
     info = {f: s.send(READ, OS, 7, {} if f is None else {"format": f}) for f in (None, "", "s", "sv", "a", "vs")}
     info_bad = [s.send(READ, OS, 7, {"format": "sx"}, version=v) for v in (V1, V2)]
     boot = s.send(READ, OS, 8)
@@ -342,9 +344,11 @@ def test_os_group(session: Session) -> None:
     for rep in echo_bad:
         assert rep.rc() == EINVAL
     assert echo_none.body == {"r": ""}
-    for rep in (params, params_empty, after):
-        m = rep.model(osm.MCUMgrParametersReadResponse)
+    for rep in (params, params_empty, after, *params_asked[1:]):
+        m = rep.model(osm.MCUMgrParametersReadResponse)  # (no extra keys: smpclient's model)
         assert (m.buf_size, m.buf_count) == (2048, 4)
+    assert params_asked[0].body == {"buf_size": 2048, "buf_count": 4, "pipeline": 4}  # only when asked
+    assert params_both.body == {"buf_size": 2048, "buf_count": 4, "pipeline": 4, "deflate": 10}
     outputs = {f: rep.model(osm.OSApplicationInfoReadResponse).output for f, rep in info.items()}
     assert outputs[None] == outputs[""] == outputs["s"] == "mpboot"
     assert outputs["sv"] == outputs["vs"] == "mpboot 1.0.0"

@@ -77,10 +77,11 @@ class Message:
 
     @property
     def streamed(self) -> bool:
-        """An image upload request past offset 0: what a pipelining client streams within
-        its window (every other request, the opening one included, waits for its answer)."""
+        """An image upload request past offset 0 (image group command 1, or mpboot's
+        compressed chunk, group 64 command 7): what a pipelining client streams within its
+        window (every other request, the opening one included, waits for its answer)."""
         d = self.data
-        if len(d) < SMP_HEADER or d[0] & 7 != 2 or (d[4] << 8 | d[5]) != 1 or d[7] != 1:
+        if len(d) < SMP_HEADER or d[0] & 7 != 2 or (d[4] << 8 | d[5], d[7]) not in ((1, 1), (64, 7)):
             return False
         try:
             off = cbor2.loads(d[SMP_HEADER:]).get("off")

@@ -239,7 +239,7 @@ async def flash_with_retries(open_client: OpenClient, image: bytes | PreparedIma
                     if held is None:
                         uploaded = await client.upload(prepared.data, window=window, progress=forward,
                                                        sha=True, ptlv=prepared.ptlv, timeout=timeout,
-                                                       compress=compress)
+                                                       compress=compress, resuming=attempt > 0)
                     delivered = True
                 slot = await _mark(client, prepared, mark)
                 if reset:

@@ -10,7 +10,7 @@ from binascii import hexlify
 from micropython import const
 
 import mpboot
-from mpboot.smp.img_mgmt import version
+from mpboot.smp.img_mgmt import version, zwbits
 
 _OP_READ = const(0)
 _OP_WRITE = const(2)
@@ -50,9 +50,23 @@ def handle(srv, op, cmd, req, enc):
     if op != _OP_READ:
         return (_ENOTSUP, 0, None)
     if cmd == _CMD_PARAMS:
-        enc.map(2)
+        # `pipeline: true` (mpboot's client) asks how many requests may be in flight, as an
+        # opening upload request may (docs/PROTOCOL.md, "Pipelining"): known before the
+        # upload, the client streams right behind its opening request. Only a request that
+        # asks gets the key (smpclient's response models refuse keys they do not know).
+        # `deflate: true` likewise asks for the window of the compressed chunks it takes, so
+        # that those behind the opening request go compressed too (0: none, no key).
+        pipe = req.get("pipeline") is True
+        z = zwbits() if req.get("deflate") is True else 0
+        enc.map(2 + (1 if pipe else 0) + (1 if z else 0))
+        if z:  # ("deflate" < "buf_size": shorter keys first)
+            enc.text("deflate")
+            enc.uint(z)
         enc.text("buf_size")
         enc.uint(srv.buf_size)
+        if pipe:  # (canonical order: "buf_size" < "pipeline" < "buf_count")
+            enc.text("pipeline")
+            enc.uint(srv.buf_count)
         enc.text("buf_count")
         enc.uint(srv.buf_count)
         return None

@@ -217,11 +217,17 @@ class SMPClient:
 
     async def params(self, timeout: float | None = None) -> McuMgrParams:
         """The device's MCUmgr parameters (buf_size, buf_count)."""
-        rsp = await self.request(Group.OS, OsCmd.MCUMGR_PARAMS, Op.READ, {}, timeout)
+        # `pipeline: true` asks an mpboot device how many requests it takes in flight, and
+        # `deflate: true` the window of the compressed chunks it takes (others ignore the
+        # questions; docs/PROTOCOL.md, "Pipelining", "Compressed upload").
+        rsp = await self.request(Group.OS, OsCmd.MCUMGR_PARAMS, Op.READ, {"pipeline": True, "deflate": True},
+                                 timeout)
         size, count = _field(rsp, "buf_size", int, "params"), _field(rsp, "buf_count", int, "params")
         if size < 32 or count < 1:
             raise ProtocolError(f"device reports unusable MCUmgr parameters buf_size {size}, buf_count {count}")
-        self._params = McuMgrParams(size, count)
+        pipe, z = rsp.get("pipeline"), rsp.get("deflate")
+        self._params = McuMgrParams(size, count, pipeline=pipe if _is_uint(pipe) and pipe >= 1 else None,
+                                    deflate=z if _is_uint(z) else 0)
         return self._params
 
     async def params_or_default(self, timeout: float | None = None) -> McuMgrParams:
@@ -378,12 +384,13 @@ class SMPClient:
                      progress: ProgressCallback | None = None, sha: bool = True,
                      ptlv: bytes | None = None, upgrade: bool = False,
                      timeout: float | None = None, final_timeout: float | None = None,
-                     retries: int = 4, compress: bool | None = None) -> UploadResult:
+                     retries: int = 4, compress: bool | None = None, resuming: bool = False) -> UploadResult:
         """Upload `image` (the whole file) pipelined, resuming where the device is, compressed
         where the device offers it; see mpboot.smp.upload.upload for the arguments."""
         return await upload(self, image, window=window, chunk=chunk, progress=progress, sha=sha,
                             ptlv=ptlv, upgrade=upgrade, timeout=timeout,
-                            final_timeout=final_timeout, retries=retries, compress=compress)
+                            final_timeout=final_timeout, retries=retries, compress=compress,
+                            resuming=resuming)
 
     # --- internals -------------------------------------------------------------------------
 

@@ -24,6 +24,11 @@ class McuMgrParams:
     buf_size: int
     buf_count: int
     reported: bool = True  # False: the device did not say; these are conservative defaults
+    # Requests the device takes in flight, when it answered the question (an mpboot device;
+    # Zephyr's and MCUboot's UART transports lose what comes while one is processed).
+    pipeline: int | None = None
+    # The window bits of the compressed upload chunks it takes, when it answered (0: none).
+    deflate: int = 0
 
 
 @dataclass(frozen=True)

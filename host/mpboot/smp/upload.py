@@ -1,16 +1,21 @@
 """Pipelined, resumable image upload (docs/PROTOCOL.md, "Upload" and "Pipelining").
 
-1. Read the MCUmgr parameters (buf_size, buf_count); conservative defaults if the device does
-   not answer. Chunks are the largest data that keep each request within
-   transport.max_packet(buf_size).
+1. Read the MCUmgr parameters (buf_size, buf_count, and asked: `pipeline`, the requests an
+   mpboot device takes in flight); conservative defaults if the device does not answer.
+   Chunks are the largest data that keep each request within transport.max_packet(buf_size).
 2. The first request (off 0) carries `len`, `sha` (SHA-256 of the whole file) and `ptlv` (the
    image's protected TLV area, so the device refuses another vendor's image or a rolled-back
-   counter before writing anything), and is sent alone: its reply either refuses the image or
-   gives the offset to continue from (a resumed session answers its own offset).
-3. Then up to `window` requests stay in flight: by default the number the device's answer to
-   the opening request names when that request asked (`pipeline`; an mpboot device answers
-   it, no other does), one on others (Zephyr's and MCUboot's UART transports take one request
-   at a time and lose what comes meanwhile). A reply whose `off` is not the end of its request
+   counter before writing anything): its reply either refuses the image or gives the offset
+   to continue from (a resumed session answers its own offset). It goes alone, unless the
+   parameters named a `pipeline`: then the window fills right behind it (the device answers
+   it first; what follows is answered with the offset it expects, or refused, and nothing
+   is lost either way).
+3. Then up to `window` requests stay in flight: by default the `pipeline` the device named in
+   its parameters or in its answer to the opening request (an mpboot device answers it, no
+   other does), one on others (Zephyr's and MCUboot's UART transports take one request
+   at a time and lose what comes meanwhile). Chunks after the opening go compressed (group 64
+   command 7) where the opening's answer offered it (`deflate`) and that carries more of the
+   image (docs/PROTOCOL.md, "Compressed upload"). A reply whose `off` is not the end of its request
    means the device expects `off`: every request still in flight is dropped (their replies
    are ignored when they come) and the stream continues from `off`.
 4. A request unanswered for the resend timeout (RTO: from the reply times measured so far, as
@@ -182,7 +187,7 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                  chunk: int | None = None, progress: ProgressCallback | None = None,
                  sha: bool = True, ptlv: bytes | None = None, upgrade: bool = False,
                  timeout: float | None = None, final_timeout: float | None = None,
-                 retries: int = 4, compress: bool | None = None) -> UploadResult:
+                 retries: int = 4, compress: bool | None = None, resuming: bool = False) -> UploadResult:
     """Upload `image` (the whole file) to image 0 and return once the device verified it.
 
     window: requests in flight (default: as many as the device's answer to the opening
@@ -197,7 +202,9 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
     of the last chunk while waiting for its answer). compress: None (default) sends a chunk
     compressed wherever the device offers it (its answer to the opening request) and the
     compressed chunk carries more of the image than a plain one; False never; True as None,
-    but raises UsageError when the device does not offer it.
+    but raises UsageError when the device does not offer it. resuming: the device likely
+    holds a session of this image (a reconnect): the opening request goes alone even to a
+    device that takes a window behind it (what followed would be for the wrong offsets).
 
     Raises ImageRefused (the device refused the image), VerificationFailed (it arrived whole
     and failed the device's check), UpdateRefused, DeviceSilent, ProtocolError,
@@ -247,6 +254,14 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                          f"request (its data must hold the {IMAGE_HEADER_SIZE}-byte image header)")
     # None: decided once the opening request is answered (a refused image costs no more)
     win: int | None = window if window is not None else None if params.buf_count > 1 else 1
+    # A device that said in its parameters how many requests it takes in flight (mpboot) gets
+    # them right behind the opening request: its answer (which may refuse the image, or
+    # resume elsewhere) comes before theirs, and they cost nothing if it does. Others get the
+    # opening alone: Zephyr's and MCUboot's UART transports lose what comes while one runs.
+    eager = params.pipeline is not None and not resuming
+    if params.pipeline is not None and win is None:
+        win = min(params.pipeline or 1, params.buf_count)
+    eager = eager and (win or 1) > 1
     timer = _ResendTimer(t, _rto_floor(win or 1))
     # Compressed chunks: the stream room of a request with the largest `off` and `ulen`.
     zroom = max_data(budget, {"off": total, "ulen": ZUPLOAD_MAX})
@@ -254,6 +269,17 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
         zroom = min(zroom, chunk)
     packer: Packer | None = None
     wbits = 0
+
+    def offered(zb: object) -> None:
+        """Compress from now on if the device offers a window (its parameters or its answer
+        to the opening request say)."""
+        nonlocal packer, wbits
+        if compress is not False and packer is None and isinstance(zb, int) and not isinstance(zb, bool) \
+                and zb >= MIN_WBITS and zroom > 0:
+            wbits = min(zb, MAX_WBITS)
+            packer = Packer(data, wbits, zroom)
+
+    offered(params.deflate)
     compressed = image_sent = 0
 
     align = 1  # chunk ends fall on multiples of this (learnt from a device that takes part of one)
@@ -263,7 +289,7 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
     next_off = 0  # where the next request starts
     opened = False  # an off-0 request was answered: a session is open
     opens = 0  # off-0 requests sent
-    solo = True  # send one request and wait for its reply (opening, or after a silence)
+    solo = not eager  # send one request and wait for its reply (opening, or after a silence)
     resumed_from = 0
     attempts = 0  # silent rounds in a row
     waited = 0.0
@@ -307,9 +333,9 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
             while len(inflight) < limit and next_off < total:
                 if next_off == 0:
                     if inflight:
-                        break  # off 0 goes alone
+                        break  # off 0 goes first
                     n = first_n
-                    solo = True
+                    solo = not eager
                     opens += 1
                 else:
                     n = min(stream_max, total - next_off)
@@ -428,16 +454,12 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                     ok = isinstance(pipe, int) and not isinstance(pipe, bool) and pipe >= 1
                     win = min(pipe, params.buf_count) if ok else 1
                     timer.floor = _rto_floor(win)
-                if compress is not False and packer is None:
-                    # An mpboot device with MicroPython's deflate names its window; others
-                    # ignore the question.
-                    zb = rsp.get("deflate")
-                    if isinstance(zb, int) and not isinstance(zb, bool) and zb >= MIN_WBITS and zroom > 0:
-                        wbits = min(zb, MAX_WBITS)
-                        packer = Packer(data, wbits, zroom)
-                    elif compress:
-                        raise UsageError("the device does not take compressed uploads (it offers no "
-                                         "'deflate' window); leave compression to the default")
+                # An mpboot device with MicroPython's deflate names its window; others
+                # ignore the question.
+                offered(rsp.get("deflate"))
+                if compress and packer is None:
+                    raise UsageError("the device does not take compressed uploads (it offers no "
+                                     "'deflate' window); leave compression to the default")
                 if opens == 1 and off != c.end:
                     resumed_from = off
             solo = False
