@@ -97,8 +97,10 @@ def test_vendor_and_class_policy(images: dict[str, Path], tmp_path: Path) -> Non
                     "other-class": "image is for another device class (class id) (image error 17, SMP rc 3 EINVAL)",
                     "no-ids": "image is for another vendor (vendor id) (image error 16, SMP rc 3 EINVAL)"}
         # refused from its protected TLVs, at the first upload request (after the state read and
-        # the params), before any of the payload
-        assert asyncio.run(_refused_after(sim.path, images["other-vendor"])) == 3
+        # the params), before any of the payload is written: the window behind that request
+        # (the board named its pipeline, 4) is answered without a session and nothing more goes
+        assert 3 <= asyncio.run(_refused_after(sim.path, images["other-vendor"])) <= 3 + 3
+        assert slots(port) == {}
         for name, why in refusals.items():
             r = mpboot("flash", images[name], *port, "--test", "--reset", "--no-progress")
             assert r.exit_code == 1, (name, r.stdout, r.stderr)
