@@ -39,6 +39,8 @@ def handle(srv, op, cmd, req, enc):
 
         return trust_mgmt.handle(srv, op, req, enc)
     if cmd == _CMD_ZUPLOAD:
+        if not zwbits():
+            return (_ENOTSUP, 0, None)  # no deflate module in this firmware: none offered
         from mpboot.smp import zupload
 
         return zupload.handle(srv, op, req, enc)

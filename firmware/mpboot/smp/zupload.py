@@ -66,13 +66,13 @@ def _chunk(srv, op, cmd, req, enc):
     while pos < end:
         k = _inflate(z, mv[: min(room, end - pos)])
         if k <= 0:
-            return _bad(up)  # truncated, corrupt, or it ends before `ulen` bytes
+            return _bad(srv)  # truncated, corrupt, or it ends before `ulen` bytes
         up.write(pos, mv[:k])
         pos += k
     # The stream must end exactly here: a byte more (a bomb with a false `ulen`) or a byte
     # of `data` after the stream's end is refused.
     if _inflate(z, mv[:1]) != 0 or src.tell() != len(data):
-        return _bad(up)
+        return _bad(srv)
     srv.forget(up.slot)
     if pos == up.total:
         return img_mgmt._finish(srv, enc, pos, 0, 0)
@@ -88,9 +88,11 @@ def _inflate(z, buf):
         return -1
 
 
-def _bad(up):
+def _bad(srv):
     # What this stream wrote may be wrong (raw deflate carries no checksum): the session
     # closes, so the client opens it again and resumes from the last checkpoint, and the
     # image's hash and signature are checked at the end as always.
+    up = srv.up
     up.total = -1
+    srv.forget(up.slot)  # it wrote into the slot: a verdict kept from before is stale
     return (_EINVAL, E_BAD_STREAM, "zupload:%d" % E_BAD_STREAM)
