@@ -14,8 +14,8 @@
    its parameters or in its answer to the opening request (an mpboot device answers it, no
    other does), one on others (Zephyr's and MCUboot's UART transports take one request
    at a time and lose what comes meanwhile). Chunks after the opening go compressed (group 64
-   command 7) where the opening's answer offered it (`deflate`) and that carries more of the
-   image (docs/PROTOCOL.md, "Compressed upload"). A reply whose `off` is not the end of its request
+   command 7) where the parameters or the opening's answer offered it (`deflate`) and that
+   carries more of the image (docs/PROTOCOL.md, "Compressed upload"). A reply whose `off` is not the end of its request
    means the device expects `off`: every request still in flight is dropped (their replies
    are ignored when they come) and the stream continues from `off`.
 4. A request unanswered for the resend timeout (RTO: from the reply times measured so far, as
@@ -200,9 +200,10 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
     take to verify the image and answer the last chunk, which is re-sent meanwhile (default
     max(timeout, 30 s)). retries: silent rounds of `timeout` tolerated in a row (and re-sends
     of the last chunk while waiting for its answer). compress: None (default) sends a chunk
-    compressed wherever the device offers it (its answer to the opening request) and the
-    compressed chunk carries more of the image than a plain one; False never; True as None,
-    but raises UsageError when the device does not offer it. resuming: the device likely
+    compressed wherever the device offers it (its parameters or its answer to the opening
+    request say so) and the compressed chunk carries more of the image than a plain one;
+    False never; True as None, but raises UsageError when the device does not offer it.
+    resuming: the device likely
     holds a session of this image (a reconnect): the opening request goes alone even to a
     device that takes a window behind it (what followed would be for the wrong offsets).
 
