@@ -193,8 +193,12 @@ def _run_manifest(**options: Any) -> _ManifestRecorder:
     return recorder
 
 
+# Device modules that nothing calls yet, so the manifest does not freeze them (each says so
+# in its header): espimg, for the esp32 firmware update, next.
+NOT_FROZEN_YET = {"mpboot/espimg.py"}
 CORE = sorted(f"mpboot/{p.relative_to(FIRMWARE / 'mpboot')}" for p in (FIRMWARE / "mpboot").rglob("*.py")
-              if "__pycache__" not in p.parts and p.parent.name != "ports") + ["mpboot/ports/__init__.py"]
+              if "__pycache__" not in p.parts and p.parent.name != "ports"
+              and f"mpboot/{p.relative_to(FIRMWARE / 'mpboot')}" not in NOT_FROZEN_YET) + ["mpboot/ports/__init__.py"]
 
 
 def test_manifest_freezes_the_mpboot_package() -> None:
