@@ -59,7 +59,7 @@ class EspImageError(Exception):
 #   "chip_id": header chip id (ESP32 0, S2 2, C3 5, S3 9, ...)   "entry": entry point address
 #   "segments": segment count   "length": image bytes, the appended SHA-256 included
 #   "sha256": the appended SHA-256, which matched (a mismatch raises)
-#   "version", "project", "idf_ver": the app descriptor's strings
+#   "version", "project", "idf_ver": the app descriptor's strings, as bytes
 
 
 def _read(read, offset, buf):
@@ -69,10 +69,11 @@ def _read(read, offset, buf):
 
 
 def _text(mv, start):
-    # A NUL-padded char[32] of the descriptor.
+    # A NUL-padded char[32] of the descriptor, as bytes: decoding could fail on an image
+    # ESP-IDF boots (it never decodes them).
     b = bytes(mv[start : start + 32])
     n = b.find(b"\0")
-    return (b if n < 0 else b[:n]).decode()
+    return b if n < 0 else b[:n]
 
 
 def check(read, part_size, buf=None):

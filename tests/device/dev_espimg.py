@@ -17,5 +17,5 @@ with open(sys.argv[1]) as listing:
                 print("REJECT", e.args[0])
                 continue
         sha = "".join("%02x" % b for b in i["sha256"])
-        print("OK", i["chip_id"], i["entry"], i["segments"], i["length"], sha, i["version"], i["project"],
-              i["idf_ver"], sep="\t")
+        print("OK", i["chip_id"], i["entry"], i["segments"], i["length"], sha, i["version"].decode(),
+              i["project"].decode(), i["idf_ver"].decode(), sep="\t")
