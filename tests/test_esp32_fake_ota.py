@@ -180,3 +180,48 @@ def test_set_boot_entry_literal(run: Run) -> None:
     """The entry set_boot() writes for seq 2, spelt out byte by byte."""
     _, otadata = run
     assert otadata["set_boot"][1] == "02000000" + "ff" * 20 + "00000000" + "7437f655"
+
+
+# Power cuts in the bootloader's otadata rewrite (an erase of the entry's sector, then a
+# 32-byte program): nor_sim's cut=N fault ends the power-on at operation N (0: the erase,
+# 1: the program), torn as `tear` says. Whatever the cut leaves, the board never runs the
+# new app without the trial that can roll it back: it starts the new app only when nothing
+# was written (the entry still NEW), else the old one.
+CUTS = {
+    "cut=0": "ota_1",  # the erase never started: NEW still there, the trial goes on
+    "cut=0,tear=erase-half": "ota_0",  # the entry erased, the sector half: no valid entry 2
+    "cut=1": "ota_0",  # erased, nothing programmed
+    "cut=1,tear=half": "ota_0",  # seq and part of the label: crc blank
+    "cut=1,tear=prefix:28": "ota_0",  # all but the crc
+    "cut=1,tear=word": "ota_0",  # the crc's last word half-programmed
+}
+
+
+@pytest.mark.parametrize("phase", ["trial", "rollback"])
+def test_power_cut_in_bootloader_otadata_write(lib: Path, tmp_path: Path, phase: str) -> None:
+    """trial: the cut hits the NEW -> PENDING_VERIFY rewrite of the boot after set_boot();
+    rollback: the PENDING_VERIFY -> ABORTED rewrite of the boot after the trial (the old
+    app must come back whatever is torn)."""
+    for name, data in _images().items():
+        (tmp_path / name).write_bytes(data)
+
+    def device(mode: str, work: Path) -> subprocess.CompletedProcess[str]:
+        return upy.run(["-m", "dev_esp32_ota", work, mode], path=[lib], heapsize="80k", timeout=60)
+
+    proc = device("prepare-" + phase, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    want = "running=ota_0" if phase == "trial" else "running=ota_1"
+    assert proc.stdout.split()[:2] == ["READY", want], proc.stdout
+    for spec, runs in CUTS.items():
+        work = tmp_path / spec.replace(",", "_").replace("=", "").replace(":", "")
+        work.mkdir()
+        for f in tmp_path.glob("*.bin*"):
+            (work / f.name).write_bytes(f.read_bytes())
+        (work / "cut.bin.fault").write_text(spec)
+        proc = device("boot", work)
+        assert proc.returncode == 75 and "power cut" in proc.stderr, (spec, proc.stdout, proc.stderr)
+        proc = device("boot", work)
+        assert proc.returncode == 0, (spec, proc.stdout, proc.stderr)
+        running = proc.stdout.split()[1]
+        expected = runs if phase == "trial" else "ota_0"
+        assert running == "running=" + expected, (spec, proc.stdout)

@@ -1,11 +1,16 @@
 # MicroPython: ESP-IDF OTA through the esp32 fake (tests/device/fakes/esp32.py), as MicroPython's
 # own tests/esp32/partition_ota.py drives a board: write the next partition, set_boot(),
 # reset, confirm or not.
-# Usage: dev_esp32_ota DIR
+# Usage: dev_esp32_ota DIR [MODE]
 #   DIR holds the app images (tests/espkit.py): a.bin, b.bin (good), and refused ones:
 #   chip.bin (ESP32-S3 chip id), map.bin (DROM segment off its 64 KiB alignment),
 #   sum.bin (checksum), hash.bin (appended SHA-256), magic.bin (first byte not 0xE9);
 #   flash files go there too.
+# MODE (power cuts in the bootloader's otadata writes, nor_sim's cut= fault set from outside):
+#   prepare-trial     DIR/cut.bin: ota_0 runs (a.bin), ota_1 (b.bin) is set_boot (NEW)
+#   prepare-rollback  the same, then a reset: ota_1 runs its trial boot (PENDING_VERIFY)
+#   boot              a power-on of DIR/cut.bin; prints "BOOT running=.. states=../.."
+# Without MODE: the checks below.
 # Prints "OTADATA TAG HEX0 HEX1" (the two raw otadata entries, read through the partition as
 # mpboot would) and "PASS NAME [DETAIL]" or "FAIL NAME ERROR" per check; exits 0 either way.
 import gc
@@ -296,6 +301,25 @@ def c_no_otadata():
     return "running=%s next=%s" % (label(P.RUNNING), P(P.RUNNING).get_next_update().info()[4])
 
 
+def cut_mode(mode):
+    path = DIR + "/cut.bin"
+    if mode == "boot":
+        esp32.setup(path, SIZE, OTA)
+        print("BOOT " + where().split()[0] + " states=" + states())
+        return
+    esp32.setup(path, SIZE, OTA, running=3)  # pinned to ota_0: esptool writes it
+    flash("ota_0", "a.bin")
+    esp32.reset()
+    flash("ota_1", "b.bin")
+    P("ota_1").set_boot()
+    if mode == "prepare-rollback":
+        esp32.reset()
+    print("READY " + where() + " states=" + states())
+
+
+if len(sys.argv) > 2:
+    cut_mode(sys.argv[2])
+    sys.exit(0)
 check("blank", c_blank)
 check("esptool", c_esptool)
 check("next_update", c_next_update)
