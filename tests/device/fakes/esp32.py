@@ -497,7 +497,7 @@ class Partition:
         if not apps:
             raise OSError(_ENOENT)
         for i in range(len(apps) - 1):
-            if apps[i] is self._p or apps[i] == self._p:
+            if apps[i] == self._p:
                 return Partition(apps[i + 1])
         return Partition(apps[0])
 
