@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mpboot.image import ImageVersion, SignOptions, build_image
+from mpboot.image import ImageKind, ImageVersion, SignOptions, build_image
 from mpboot.keys import SigningKey
 from mpboot.pack import pack_app
 from mpboot.errors import ImageRefused, UpdateRefused
@@ -31,11 +31,12 @@ def make_app(folder: Path, name: str, *, confirm: bool, filler: int = 0) -> byte
 
 
 def sign_app(romfs: bytes, key: SigningKey, version: str, *, security_counter: int | None = 1,
-             vendor_id: bytes | None = None, class_id: bytes | None = None) -> bytes:
+             vendor_id: bytes | None = None, class_id: bytes | None = None,
+             kind: ImageKind = ImageKind.APP) -> bytes:
     """The ROMFS app signed as an image (header room in front): its version, SEC_CNT (None: no
-    SEC_CNT TLV), and the vendor and class ids it is for."""
+    SEC_CNT TLV), the vendor and class ids it is for, and its kind (MPBOOT_KIND)."""
     opts = SignOptions(ImageVersion.parse(version), security_counter=security_counter,
-                       vendor_id=vendor_id, class_id=class_id)
+                       vendor_id=vendor_id, class_id=class_id, kind=kind)
     return build_image(bytes(HEADER_ROOM) + romfs, key, opts)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mpboot.errors import ImageErrorCode
-from mpboot.image import class_uuid, parse_image, vendor_uuid
+from mpboot.image import ImageKind, class_uuid, parse_image, vendor_uuid
 from mpboot.keys import SigningKey
 from mpboot.sim import Geometry, SimDevice
 from simkit import boot, installed, make_app, refused, sign_app
@@ -98,6 +98,28 @@ def test_counter_below_floor_is_refused(dev: SimDevice, image) -> None:  # type:
     assert st.test == 255 and st.floor == 5
     assert boot(dev).version == "2.0.0"
     assert installed(dev.install(image("2.2.0", counter=5), "test")) == 1  # equal is fine
+
+
+def test_an_updater_image_is_refused_in_the_apps_slots(dev: SimDevice, image) -> None:  # type: ignore[no-untyped-def]
+    """An image of another kind (MPBOOT_KIND updater) is not an app: refused before anything is
+    written when its protected TLVs come first, refused at the end otherwise, never marked;
+    one found in a slot does not boot."""
+    installed(dev.install(image("1.0.0"), "permanent"))
+    updater = image("2.0.0", kind=ImageKind.UPDATER)
+    assert refused(dev.install(updater, "test", manifest=True)) == ("image", ImageErrorCode.WRONG_KIND)
+    assert refused(dev.install(updater, "test")) == ("image", ImageErrorCode.WRONG_KIND)
+    st = dev.status()
+    assert st.test == 255 and st.slots[1].error == ImageErrorCode.WRONG_KIND
+    assert boot(dev).version == "1.0.0"
+    # A slot holding one (written there by other means) is not bootable: the board that has
+    # nothing else is in recovery.
+    fresh = SimDevice(dev.workdir.parent / "fresh", dev.lib)
+    area0 = int(fresh.run("layout").line("AREAS").split()[1].split(":")[0])
+    chip = bytearray(fresh.flash.read_bytes())
+    data = updater.read_bytes()
+    chip[area0:area0 + len(data)] = data
+    fresh.flash.write_bytes(bytes(chip))
+    assert boot(fresh).slot == -1 and fresh.status().slots[0].error == ImageErrorCode.WRONG_KIND
 
 
 def test_early_refusal_writes_nothing(dev: SimDevice, image, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -234,7 +256,7 @@ def _device_codes(module: str, prefix: str) -> dict[str, int]:
 
 def test_host_knows_every_device_image_policy_and_update_code() -> None:
     """One name per code: the device's E_X (image.py 1-15 and 23-25, records.py 20-22,
-    slots.py 16-19) is the host's
+    slots.py 16-19 and 26) is the host's
     ImageErrorCode.X, U_X (update.py) is UpdateErrorCode.X, with the same numbers."""
     from mpboot.errors import UpdateErrorCode
 
@@ -242,7 +264,7 @@ def test_host_knows_every_device_image_policy_and_update_code() -> None:
     verifier = _device_codes("image.py", "E_") | certificates
     policy = _device_codes("slots.py", "E_")
     assert sorted(verifier.values()) == [*range(1, 16), *range(20, 26)]
-    assert sorted(policy.values()) == [16, 17, 18, 19]
+    assert sorted(policy.values()) == [16, 17, 18, 19, 26]
     assert verifier | policy == {code.name: code.value for code in ImageErrorCode}
     update = _device_codes("update.py", "U_")
     assert update == {code.name: code.value for code in UpdateErrorCode}

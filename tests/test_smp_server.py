@@ -20,7 +20,7 @@ import cbor2
 import pytest
 from conftest import signing_key, trusted_public_keys
 from mpboot.errors import ImageRejected
-from mpboot.image import ImageHeader, class_uuid, parse_image, vendor_uuid, verify_image
+from mpboot.image import ImageHeader, ImageKind, class_uuid, parse_image, vendor_uuid, verify_image
 from mpboot.sim import Geometry
 from simkit import FlashFile, sign_app
 from smp import enumeration_management as enm
@@ -43,9 +43,11 @@ OTHER_CLASS = class_uuid("display", VENDOR)
 
 
 def image(version: str, *, payload: int = 9001, counter: int | None = 1, vendor_id: bytes | None = None,
-          class_id: bytes | None = None, seed: str = "", key: str = "TEST-ONLY-rsa2048.pem") -> bytes:
+          class_id: bytes | None = None, seed: str = "", key: str = "TEST-ONLY-rsa2048.pem",
+          kind: ImageKind = ImageKind.APP) -> bytes:
     body = random.Random(seed or version).randbytes(payload)
-    return sign_app(body, signing_key(key), version, security_counter=counter, vendor_id=vendor_id, class_id=class_id)
+    return sign_app(body, signing_key(key), version, security_counter=counter, vendor_id=vendor_id, class_id=class_id,
+                    kind=kind)
 
 
 def host_code(data: bytes) -> int:
@@ -991,6 +993,7 @@ def test_refusals_at_offset_zero_write_nothing(session: Session, device, tmp_pat
     other = image("2.2.0", counter=5, vendor_id=OTHER_VENDOR, class_id=CLASS)
     other2 = image("2.2.0", counter=5, vendor_id=VENDOR, class_id=OTHER_CLASS)
     low = image("2.2.0", counter=4, vendor_id=VENDOR, class_id=CLASS)
+    updater = image("2.2.0", counter=5, vendor_id=VENDOR, class_id=CLASS, kind=ImageKind.UPDATER)
     cases = {
         # label: (image, extra fields at off 0, v1 rsn, v2 rc)
         "bad magic": (with_header(good, magic=0x96F3B83C), {}, "image:1", img.IMG_MGMT_ERR.INVALID_IMAGE_HEADER_MAGIC),
@@ -1001,6 +1004,8 @@ def test_refusals_at_offset_zero_write_nothing(session: Session, device, tmp_pat
         "other vendor": (other, {"ptlv": manifest(other)}, "image:16", img.IMG_MGMT_ERR.INVALID_IMAGE_HEADER),
         "other class": (other2, {"ptlv": manifest(other2)}, "image:17", img.IMG_MGMT_ERR.INVALID_IMAGE_HEADER),
         "counter below floor": (low, {"ptlv": manifest(low)}, "image:18", img.IMG_MGMT_ERR.CURRENT_VERSION_IS_NEWER),
+        "updater in the app's slots": (updater, {"ptlv": manifest(updater)}, "image:26",
+                                       img.IMG_MGMT_ERR.INVALID_IMAGE_HEADER),
         "ptlv wrong size": (good, {"ptlv": manifest(good)[:-1]}, "image:5", img.IMG_MGMT_ERR.INVALID_TLV),
         "downgrade": (image("2.1.2+99", counter=5, vendor_id=VENDOR, class_id=CLASS), {}, "image:19",
                       img.IMG_MGMT_ERR.CURRENT_VERSION_IS_NEWER),
@@ -1045,6 +1050,9 @@ def test_verification_failure_at_the_end(session: Session) -> None:
     assert code in range(11, 16)
     cases = [(untrusted, f"image:{code}", img.IMG_MGMT_ERR.UNKNOWN, True),
              (bytes(corrupt), "image:10", img.IMG_MGMT_ERR.INVALID_HASH, True),
+             # an updater image, its protected TLVs not sent ahead: refused once it is whole
+             (image("1.1.0", seed="K", kind=ImageKind.UPDATER), "image:26", img.IMG_MGMT_ERR.INVALID_IMAGE_HEADER,
+              True),
              (B, "image:10", img.IMG_MGMT_ERR.INVALID_HASH, False)]  # the sha sent is not B's
     runs = []
     for data, _, _, sha in cases:

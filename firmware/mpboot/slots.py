@@ -4,7 +4,7 @@
 # Images run in place from either slot; nothing is copied. A slot counts only when its exact
 # bytes verify (image.verify with the trust state: the root set of the trust area, or the
 # embedded keys on a board without one) and pass this device's policy: vendor
-# and class id, security counter at or above the floor. A slot is "confirmed" when the state
+# and class id, security counter at or above the floor, its kind (an app's slots hold apps). A slot is "confirmed" when the state
 # holds the first 16 bytes of its image digest, so rewriting a slot un-confirms it without
 # a state write.
 import struct
@@ -21,6 +21,8 @@ E_VENDOR_MISMATCH = const(16)  # vendor id missing or not this device's
 E_CLASS_MISMATCH = const(17)  # class id missing or not this device's
 E_COUNTER_BELOW_FLOOR = const(18)  # security counter below the anti-rollback floor
 E_DOWNGRADE = const(19)  # version below the confirmed image's (downgrades refused)
+E_WRONG_KIND = const(26)  # an image of another kind (MPBOOT_KIND: an updater in the app's slots)
+_KIND_APP = const(1)  # an image without MPBOOT_KIND is an app
 
 
 def _ver3(v):
@@ -31,7 +33,7 @@ def _ver3(v):
 class Slots:
     def __init__(self, slot0, slot1, state_area, keys, vendor_id=None, class_id=None,
                  downgrade=True, mapped=None, factory=None, trust=None, threshold=1,
-                 image_threshold=1):
+                 image_threshold=1, kind=_KIND_APP):
         # slot0, slot1, state_area: mpboot.flash.Area. keys: mpboot_keys.KEYS.
         # vendor_id, class_id: 16-byte UUIDs images must carry (None: not checked).
         # downgrade: False refuses updates older than the confirmed image.
@@ -40,8 +42,10 @@ class Slots:
         # state, the policy is only the build's.
         # trust: the trust area (mpboot.trust.TrustStore, docs/KEYS.md), or None: the frozen
         # root set stays. threshold, image_threshold: root set version 1's (mpboot_keys'
-        # THRESHOLD and IMAGE_THRESHOLD).
+        # THRESHOLD and IMAGE_THRESHOLD). kind: the MPBOOT_KIND bit of the images these
+        # slots hold (1 app, 2 updater); an image of another kind is refused in them.
         self.areas = (slot0, slot1)
+        self.kind = kind
         self.store = Store(state_area)
         self.state = self.store.load()
         self.keys = keys
@@ -83,6 +87,8 @@ class Slots:
                 raise ImageError(E_CLASS_MISMATCH)
             if (info["security_counter"] or 0) < st[FLOOR]:
                 raise ImageError(E_COUNTER_BELOW_FLOOR)
+            if info.get("kind", _KIND_APP) != self.kind:
+                raise ImageError(E_WRONG_KIND)
         if update and not self.downgrade and st[ACTIVE] != NONE:
             if _ver3(info["version"]) < _ver3(struct.unpack("<BBHI", st[VERSION])):
                 raise ImageError(E_DOWNGRADE)

@@ -169,6 +169,7 @@ class ImageErrorCode(IntEnum):
     OUT_OF_SCOPE = 23  # a signer's certificate does not cover this image
     REVOKED = 24  # a signer, a certificate or its issuer is revoked
     THRESHOLD = 25  # fewer distinct trusted signers than the image threshold
+    WRONG_KIND = 26  # an image of another kind (MPBOOT_KIND): an updater in the app's slots
 
 
 class BootErrorCode(IntEnum):
@@ -307,6 +308,7 @@ _IMAGE_DESCRIPTIONS: dict[ImageErrorCode, str] = {
     ImageErrorCode.OUT_OF_SCOPE: "the signer's certificate does not cover this image",
     ImageErrorCode.REVOKED: "a signer, a certificate or its issuer is revoked",
     ImageErrorCode.THRESHOLD: "fewer distinct trusted signers than the image threshold",
+    ImageErrorCode.WRONG_KIND: "image is of another kind (an updater image, not an app)",
 }
 
 _TRUST_DESCRIPTIONS: dict[TrustErrorCode, str] = {
