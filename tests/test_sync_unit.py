@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mpboot.errors import UsageError
+from mpboot.image import ImageKind
 from mpboot.keys import load_signing_key
 from mpboot.smp.messages import DeviceInfo, SlotState
 from mpboot.sync import Attempt, AttemptLog, SyncResult, choose, exit_status, load_repo, plan, summary_rows
@@ -35,6 +36,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ):
         (d / name).write_bytes(sign_app(app, key, version, security_counter=counter, vendor_id=vendor_id,
                                         class_id=class_id))
+    (d / "updater-3.0.0.img").write_bytes(sign_app(app, key, "3.0.0", vendor_id=V1, class_id=C1,
+                                                   kind=ImageKind.UPDATER))
     (d / "notes.txt").write_text("not an image")
     (d / "broken.img").write_bytes(b"\x00" * 64)
     return d
@@ -52,7 +55,8 @@ def test_repo_loads_signed_images_and_says_what_it_skipped(repo: Path) -> None:
     images, skipped = load_repo(repo)
     assert sorted(i.path.name for i in images) == sorted(
         ["a-1.0.0.img", "a-1.2.0.img", "a-1.3.0-ctr3.img", "a-2.0.0-class2.img", "b-9.0.0.img", "plain-0.5.0.img"])
-    assert len(skipped) == 1 and skipped[0].startswith("broken.img: ")
+    assert len(skipped) == 2 and skipped[0].startswith("broken.img: ")
+    assert skipped[1].startswith("updater-3.0.0.img: not an app")
     by = {i.path.name: i for i in images}
     assert (by["a-1.3.0-ctr3.img"].counter, by["a-1.3.0-ctr3.img"].vendor_id) == (3, V1)
     assert by["plain-0.5.0.img"].vendor_id is None

@@ -36,7 +36,7 @@ from typing import Protocol
 
 from mpboot.errors import ImageRejected, LinkError, MpbootError, SMPError, UsageError, reason
 from mpboot.flashing import Mark, PreparedImage, flash_with_retries, prepare
-from mpboot.image import TlvType
+from mpboot.image import ImageKind, TlvType
 from mpboot.smp.client import SMPClient
 from mpboot.smp.messages import DeviceInfo, SlotState
 from mpboot.transport import Transport
@@ -137,6 +137,9 @@ def load_repo(directory: Path) -> tuple[list[RepoImage], list[str]]:
             continue
         if img.hash is None:
             skipped.append(f"{path.name}: no SHA256 TLV (the device names images by it)")
+            continue
+        if img.parsed.kind != ImageKind.APP:
+            skipped.append(f"{path.name}: not an app (MPBOOT_KIND {img.parsed.kind}): the app's slots refuse it")
             continue
         tlv = {t.type: t.value for t in img.parsed.protected}
         sec = tlv.get(TlvType.SEC_CNT)
