@@ -86,6 +86,7 @@ class Verdict:
     security_counter: int | None = None
     key_index: int = -1
     total_size: int = 0
+    deps: tuple[tuple[int, str], ...] = ()  # (image id, "maj.min.rev+build") per DEPENDENCY TLV
 
     @classmethod
     def parse(cls, line: str) -> Verdict:
@@ -94,7 +95,8 @@ class Verdict:
             return cls(False, int(words[1]))
         assert words[0] == "OK", line
         counter = int(words[2])
-        return cls(True, 0, words[1], None if counter < 0 else counter, int(words[3]), int(words[4]))
+        deps = tuple((int(w.split(":")[0]), w.split(":")[1]) for w in words[5:])
+        return cls(True, 0, words[1], None if counter < 0 else counter, int(words[3]), int(words[4]), deps)
 
 
 class Device:

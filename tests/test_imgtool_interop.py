@@ -1,6 +1,7 @@
 """Interop with MCUboot's imgtool (PyPI imgtool 2.5.0) both ways: imgtool-signed images pass
 the device verifier and `mpboot verify`; mpboot-signed images pass `imgtool verify`, and
-`imgtool dumpinfo` reads the same version and security counter."""
+`imgtool dumpinfo` reads the same version and security counter, and the same dependencies
+(`-d` / `--depends`: DEPENDENCY TLVs, byte for byte the same protected area)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 
 from conftest import KEYS_DIR, trusted_public_keys
 from mpboot.cli import cli
-from mpboot.image import verify_image
+from mpboot.image import parse_image, verify_image
 
 IMGTOOL = str(Path(sys.executable).parent / "imgtool")
 SLOT = 0x20000
@@ -111,3 +112,59 @@ def test_imgtool_rejects_mpboot_image_signed_by_other_key(tmp_path: Path) -> Non
     assert result.exit_code == 0
     proc = imgtool("verify", "-k", str(KEYS_DIR / "TEST-ONLY-rsa2048-untrusted.pem"), str(out))
     assert "Image was correctly validated" not in proc.stdout
+
+
+# DEPENDENCY TLVs (0x40): imgtool 2.5.0 writes `-d "(ID,VERSION), ..."` as MCUboot's struct
+# image_dependency ('<B3xBBHI'), after SEC_CNT and before UUID_VID; `mpboot sign --depends
+# ID:VERSION` must give the same bytes, and each side must read the other's.
+DEPS_IMGTOOL = "(1,1.2.3+4), (0, 2.0.0)"
+DEPS_MPBOOT = ["--depends", "1:1.2.3+4", "--depends", "0:2.0.0"]
+DEPS = [(1, "1.2.3+4"), (0, "2.0.0+0")]
+
+
+def test_imgtool_dependencies_verify_on_device_and_parse_on_host(device, tmp_path: Path) -> None:
+    src = tmp_path / "app.bin"
+    src.write_bytes(PAYLOAD)
+    out = tmp_path / "signed.bin"
+    proc = imgtool("sign", "-k", str(KEYS_DIR / "TEST-ONLY-rsa2048.pem"), "-H", "0x200", "-S", hex(SLOT),
+                   "-v", "1.0.0", "-s", "5", "--pad-header", "-d", DEPS_IMGTOOL, str(src), str(out))
+    assert proc.returncode == 0, proc.stderr
+
+    verdict = device.verify_files([(out, SLOT)])[0]
+    assert verdict.accepted and verdict.deps == tuple(DEPS), verdict
+    host = verify_image(out.read_bytes(), trusted_public_keys(), SLOT)
+    assert [(i, str(v)) for i, v in host.image.dependencies] == DEPS
+    result = CliRunner().invoke(cli, ["info", str(out)])
+    assert "dependencies:     image 1 >= 1.2.3+4, image 0 >= 2.0.0+0" in result.stdout
+
+
+def _dumpinfo_dependencies(path: Path) -> list[tuple[int, str]]:
+    proc = imgtool("dumpinfo", str(path))
+    assert proc.returncode == 0, proc.stderr
+    found = []
+    for m in re.finditer(r"type: DEPENDENCY \(0x40\)\s+len:\s+0xc\s+data:\s+((?:0x[0-9a-f]{2}\s*){12})", proc.stdout):
+        image_id, major, minor, revision, build = struct.unpack("<B3xBBHI", bytes(int(b, 16) for b in m.group(1).split()))
+        found.append((image_id, f"{major}.{minor}.{revision}+{build}"))
+    return found
+
+
+def test_mpboot_dependencies_pass_imgtool_and_match_its_bytes(tmp_path: Path) -> None:
+    src = tmp_path / "fw.bin"
+    src.write_bytes(PAYLOAD)
+    ours = tmp_path / "ours.bin"
+    key = str(KEYS_DIR / "TEST-ONLY-rsa2048.pem")
+    result = CliRunner().invoke(cli, ["sign", str(src), "-k", key, "--version", "1.0.0", "--security-counter", "5",
+                                      "--vendor-id", "example.com", *DEPS_MPBOOT, "--pad-header", "-o", str(ours)])
+    assert result.exit_code == 0, result.output
+    proc = imgtool("verify", "-k", key, str(ours))
+    assert proc.returncode == 0 and "Image was correctly validated" in proc.stdout, proc.stdout + proc.stderr
+    assert _dumpinfo_dependencies(ours) == DEPS
+
+    theirs = tmp_path / "theirs.bin"
+    proc = imgtool("sign", "-k", key, "-H", "0x200", "-S", hex(SLOT), "-v", "1.0.0", "-s", "5", "--vid", "example.com",
+                   "--pad-header", "-d", DEPS_IMGTOOL, str(src), str(theirs))
+    assert proc.returncode == 0, proc.stderr
+    # Everything the signature covers is byte for byte the same: header, payload, protected TLVs.
+    a, b = parse_image(ours.read_bytes()), parse_image(theirs.read_bytes())
+    end = a.header.hdr_size + a.header.img_size + a.header.protect_tlv_size
+    assert a.header == b.header and a.data[:end] == b.data[:end] and a.digest == b.digest

@@ -51,6 +51,7 @@ def test_host_verifier(vec: dict) -> None:
     assert result.key_index == fields["key_index"]
     assert (img.vendor_id.hex() if img.vendor_id else None) == fields.get("vendor_id")
     assert (img.class_id.hex() if img.class_id else None) == fields.get("class_id")
+    assert [[i, str(v)] for i, v in img.dependencies] == fields.get("deps", [])
     assert img.total_size == len(data)
 
 
@@ -66,8 +67,9 @@ def test_device_verifier(device) -> None:
                 mismatches.append((vec["name"], vec["expect"], verdict))
             continue
         fields = vec["fields"]
-        got = (verdict.accepted, verdict.version, verdict.security_counter, verdict.key_index)
-        if got != (True, fields["version"], fields["security_counter"], fields["key_index"]):
+        got = (verdict.accepted, verdict.version, verdict.security_counter, verdict.key_index,
+               [list(d) for d in verdict.deps])
+        if got != (True, fields["version"], fields["security_counter"], fields["key_index"], fields.get("deps", [])):
             mismatches.append((vec["name"], "OK", verdict))
     assert not mismatches
 

@@ -36,6 +36,7 @@ from mpboot.image import (  # noqa: E402
     assemble_image,
     build_image,
     class_uuid,
+    encode_dependency,
     encode_tlv_area,
     protected_tlvs,
     signature_tlvs,
@@ -168,6 +169,17 @@ def vectors() -> list[Vector]:
        "an ECDSA signature (not checked: other algorithm), then RSA by a trusted key",
        version="1.0.0+0", security_counter=1, key_index=0)
 
+    def dep(image_id: int, version: ImageVersion) -> Tlv:
+        return Tlv(TlvType.DEPENDENCY, encode_dependency(image_id, version))
+
+    sec = Tlv(TlvType.SEC_CNT, struct.pack("<I", 1))
+    ok("ok-dependencies",
+       craft(k2048, standard, prot=[sec, dep(1, ImageVersion(1, 2, 3, 4)), dep(255, ImageVersion(1, 0)),
+                                    dep(0, ImageVersion(0, 9, 65535, 0xFFFFFFFF))]),
+       "three DEPENDENCY TLVs (MCUboot struct image_dependency), parsed in order, not enforced",
+       version="1.0.0+0", security_counter=1, key_index=0,
+       deps=[[1, "1.2.3+4"], [255, "1.0.0+0"], [0, "0.9.65535+4294967295"]])
+
     good = craft(k2048, standard)
     h = ImageHeader.unpack(good)
     bad("bad-magic", craft(k2048, standard, fields={"magic": 0x96F3B83C}), "BAD_MAGIC", "header magic off by one bit")
@@ -218,6 +230,13 @@ def vectors() -> list[Vector]:
         bad(f"unprotected-{kind.name.lower().replace('_', '-')}",
             craft(k2048, lambda d, s, kind=kind, value=value: [*standard(d, s), Tlv(kind, value)]),
             "UNPROTECTED_TLV", f"{kind.name} in the unprotected area (CVE-2024-32883)")
+    bad("prot-dependency-short", craft(k2048, standard, prot=[sec, Tlv(TlvType.DEPENDENCY, bytes(11))]),
+        "BAD_TLV", "an 11-byte DEPENDENCY TLV (struct image_dependency is 12)")
+    bad("prot-dependency-long", craft(k2048, standard, prot=[sec, Tlv(TlvType.DEPENDENCY, bytes(16))]),
+        "BAD_TLV", "a 16-byte DEPENDENCY TLV (struct image_dependency is 12)")
+    bad("prot-dependency-too-many",
+        craft(k2048, standard, prot=[sec, *(dep(i, ImageVersion(1)) for i in range(5))]),
+        "BAD_TLV", "five DEPENDENCY TLVs: more than the 4 an image may carry")
     bad("unknown-tlv", craft(k2048, lambda d, s: [*standard(d, s), Tlv(0x99, b"hi")]), "UNKNOWN_TLV",
         "unknown type 0x99 in the unprotected area")
     bad("tlv-type-high-byte",

@@ -63,6 +63,9 @@ _MAX_PUBKEY_SIZE = const(1024)
 _MAX_SIGNATURES = const(6)
 _MAX_CERTS = const(4)
 _MAX_CERT_SIZE = const(2048)
+# DEPENDENCY TLVs an image may carry (MCUboot's struct image_dependency: 12 bytes each).
+_MAX_DEPS = const(4)
+_DEP_SIZE = const(12)
 
 # Error codes (ImageError.code): E_ + the host's name (mpboot.errors.ImageErrorCode), same number.
 E_BAD_MAGIC = const(1)  # header magic is not 0x96f3b83d
@@ -102,6 +105,8 @@ class ImageError(Exception):
 #   "total_size": header + payload + both TLV areas   "digest": SHA-256 image digest
 #   "key_index": which root key signed it first (-1: only certified keys)
 #   "kind": the MPBOOT_KIND bit (1 app, 2 updater), only when the image has one (else an app)
+#   "deps": ((image_id, (major, minor, revision, build)), ...) in TLV order, only when the
+#     image has DEPENDENCY TLVs. Parsed, not enforced: nothing checks them yet (stage 1 will).
 
 
 def _read(read, offset, buf):
@@ -155,12 +160,20 @@ def walk_protected(area, info):
                 raise ImageError(E_BAD_TLV)
             name = "vendor_id" if kind == _TLV_UUID_VID else "class_id"
             value = bytes(area[off : off + 16])
+        elif kind == _TLV_DEPENDENCY:
+            # MCUboot's struct image_dependency: image_id u8, 3 pad bytes (not read, as
+            # bootutil), the minimum version (u8 major, u8 minor, u16 revision, u32 build).
+            # Collected only: no dependency is enforced yet (stage 1, issue 19, will).
+            deps = info.get("deps", ())
+            if length != _DEP_SIZE or len(deps) >= _MAX_DEPS:
+                raise ImageError(E_BAD_TLV)
+            info["deps"] = deps + ((area[off], struct.unpack_from("<BBHI", area, off + 4)),)
         if name:
             if info.get(name) is not None:
                 raise ImageError(E_BAD_TLV)  # repeated
             info[name] = value
-        # Other protected types (dependencies, boot record, custom) are covered by the
-        # hash and carry nothing this verifier acts on.
+        # Other protected types (boot record, custom) are covered by the hash and carry
+        # nothing this verifier acts on.
         off += length
 
 

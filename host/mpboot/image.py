@@ -44,6 +44,11 @@ MAX_SIGNATURES = MAX_IMAGE_SIGNATURES
 # MPBOOT_CERT TLVs an image may carry, and the size of one (docs/KEYS.md section 4).
 MAX_CERTIFICATES = 4
 MAX_CERT_TLV_SIZE = MAX_BODY_SIZE
+# DEPENDENCY TLVs (MCUboot's struct image_dependency): their size and how many an image may carry.
+DEPENDENCY_SIZE = 12
+MAX_DEPENDENCIES = 4
+# Image ids `sign --depends` writes; 255 is kept for "the firmware" (issue 19's stage-0 ABI).
+MAX_DEPENDENCY_IMAGE_ID = 254
 
 
 class TlvType(IntEnum):
@@ -219,13 +224,45 @@ def signature_tlv_type(key_bits: int, scheme: SignatureScheme) -> TlvType:
     return TlvType.RSA2048_PSS if key_bits == 2048 else TlvType.RSA3072_PSS
 
 
+Dependency = tuple[int, ImageVersion]  # (image id, minimum version) of one DEPENDENCY TLV
+
+
+def encode_dependency(image_id: int, version: ImageVersion) -> bytes:
+    """MCUboot's struct image_dependency, as imgtool packs it ('<B3xBBHI'): image_id, 3 zero
+    pad bytes, the minimum version (major, minor, revision, build)."""
+    return struct.pack("<B3xBBHI", image_id, version.major, version.minor, version.revision, version.build)
+
+
+def decode_dependency(value: bytes) -> Dependency:
+    """The (image id, minimum version) of a 12-byte DEPENDENCY value (pad bytes not read)."""
+    image_id, major, minor, revision, build = struct.unpack("<B3xBBHI", value)
+    return image_id, ImageVersion(major, minor, revision, build)
+
+
+def check_dependencies(dependencies: Sequence[Dependency]) -> None:
+    """What `sign --depends` may write: at most MAX_DEPENDENCIES, image ids 0..254, each once."""
+    if len(dependencies) > MAX_DEPENDENCIES:
+        raise UsageError(f"{len(dependencies)} dependencies: an image carries at most {MAX_DEPENDENCIES}")
+    seen: set[int] = set()
+    for image_id, _ in dependencies:
+        if not 0 <= image_id <= MAX_DEPENDENCY_IMAGE_ID:
+            raise UsageError(f"dependency image id {image_id} is not in 0..{MAX_DEPENDENCY_IMAGE_ID}")
+        if image_id in seen:
+            raise UsageError(f"image {image_id} is given twice as a dependency: give each image one minimum version")
+        seen.add(image_id)
+
+
 def protected_tlvs(security_counter: int | None, vendor_id: bytes | None,
-                   class_id: bytes | None, kind: ImageKind = ImageKind.APP) -> list[Tlv]:
-    """The protected TLVs in imgtool's order: SEC_CNT, UUID_VID, UUID_CID; then MPBOOT_KIND,
-    only for a kind other than app (an app image stays byte for byte what imgtool makes)."""
+                   class_id: bytes | None, kind: ImageKind = ImageKind.APP,
+                   dependencies: Sequence[Dependency] = ()) -> list[Tlv]:
+    """The protected TLVs in imgtool's order: SEC_CNT, DEPENDENCY (each, as given), UUID_VID,
+    UUID_CID; then MPBOOT_KIND, only for a kind other than app (an app image stays byte for
+    byte what imgtool makes)."""
     tlvs = []
     if security_counter is not None:
         tlvs.append(Tlv(TlvType.SEC_CNT, struct.pack("<I", security_counter)))
+    for image_id, version in dependencies:
+        tlvs.append(Tlv(TlvType.DEPENDENCY, encode_dependency(image_id, version)))
     if vendor_id is not None:
         tlvs.append(Tlv(TlvType.UUID_VID, vendor_id))
     if class_id is not None:
@@ -254,6 +291,7 @@ class SignOptions:
     scheme: SignatureScheme = SignatureScheme.PSS
     slot_size: int | None = None
     kind: ImageKind = ImageKind.APP
+    dependencies: tuple[Dependency, ...] = ()  # DEPENDENCY TLVs, in this order
 
 
 @dataclass(frozen=True)
@@ -296,9 +334,10 @@ def build_image(body: bytes, signers: Signer | Sequence[ImageSigner], options: S
     counter = options.security_counter
     if counter is not None and not 0 <= counter <= 0xFFFFFFFF:
         raise UsageError(f"security counter {counter} is not a 32-bit unsigned number")
+    check_dependencies(options.dependencies)
     signer_list = list(signers) if isinstance(signers, (list, tuple)) else [ImageSigner(signers)]
     _check_signers(signer_list)
-    prot = protected_tlvs(counter, options.vendor_id, options.class_id, options.kind)
+    prot = protected_tlvs(counter, options.vendor_id, options.class_id, options.kind, options.dependencies)
     prot_size = len(encode_tlv_area(TLV_PROT_INFO_MAGIC, prot)) if prot else 0
     flags = ImageFlag.RAM_LOAD if options.load_addr else 0
     header = ImageHeader(options.load_addr, hdr_size, prot_size, img_size, int(flags), options.version)
@@ -441,6 +480,12 @@ class ParsedImage:
         value = self._protected_value(TlvType.MPBOOT_KIND)
         return struct.unpack("<I", value)[0] if value is not None else int(ImageKind.APP)
 
+    @property
+    def dependencies(self) -> list[Dependency]:
+        """(image id, minimum version) of each DEPENDENCY TLV, in order. Parsed, not enforced:
+        neither side checks them yet (issue 19's stage 1 will)."""
+        return [decode_dependency(t.value) for t in self.protected if t.type == TlvType.DEPENDENCY]
+
 
 @dataclass(frozen=True)
 class TrustedKey:
@@ -540,6 +585,11 @@ def _parse_protected(data: bytes, start: int, size: int) -> list[Tlv]:
             bits = struct.unpack_from("<I", area, off)[0]
             if bits == 0 or bits & (bits - 1):
                 raise ImageRejected(ImageErrorCode.BAD_TLV, f"MPBOOT_KIND {bits:#x} has not exactly one bit set")
+        if kind == TlvType.DEPENDENCY:
+            if length != DEPENDENCY_SIZE:
+                raise ImageRejected(ImageErrorCode.BAD_TLV, f"DEPENDENCY TLV of {length} bytes, not {DEPENDENCY_SIZE}")
+            if sum(1 for t in tlvs if t.type == TlvType.DEPENDENCY) >= MAX_DEPENDENCIES:
+                raise ImageRejected(ImageErrorCode.BAD_TLV, f"more than {MAX_DEPENDENCIES} DEPENDENCY TLVs")
         seen.add(kind)
         tlvs.append(Tlv(kind, area[off : off + length], start + off - TLV_ENTRY_HEADER_SIZE))
     return tlvs

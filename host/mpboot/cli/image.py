@@ -223,6 +223,7 @@ def _summary(img: ParsedImage, log: dict[str, dict[str, Any]]) -> dict[str, Any]
         "security_counter": img.security_counter,
         "vendor_id": str(uuid.UUID(bytes=img.vendor_id)) if img.vendor_id else None,
         "class_id": str(uuid.UUID(bytes=img.class_id)) if img.class_id else None,
+        "dependencies": [{"image": image_id, "min_version": str(v)} for image_id, v in img.dependencies],
         "total_size": img.total_size,
         "computed_sha256": img.digest.hex(),
         "sha256_tlv": sha.hex() if sha else None,
@@ -272,6 +273,8 @@ def info(image_path: Path, as_json: bool, signing_log: Path) -> None:
     click.echo(f"security counter: {_shown(summary['security_counter'], 'none (no SEC_CNT TLV)')}")
     click.echo(f"vendor id:        {_shown(summary['vendor_id'], 'none (no UUID_VID TLV)')}")
     click.echo(f"class id:         {_shown(summary['class_id'], 'none (no UUID_CID TLV)')}")
+    deps = ", ".join(f"image {d['image']} >= {d['min_version']}" for d in summary["dependencies"])
+    click.echo(f"dependencies:     {deps or 'none (no DEPENDENCY TLV)'}")
     click.echo(f"header:           magic {h['magic']}, hdr_size {h['hdr_size']:#x}, img_size {h['img_size']}, "
                f"protected TLVs {h['protect_tlv_size']}, flags {h['flags']:#x}, load_addr {h['load_addr']:#x}")
     match = ("matches TLV" if summary["hash_matches"] else

@@ -34,10 +34,12 @@ from mpboot.image import (
     DEFAULT_HEADER_SIZE,
     IMAGE_MAGIC,
     SIGNATURE_TYPES,
+    Dependency,
     ImageSigner,
     ImageVersion,
     SignOptions,
     build_image,
+    check_dependencies,
     class_uuid,
     cosign,
     parse_image,
@@ -57,6 +59,18 @@ def _security_counter(value: str, version: ImageVersion) -> int:
     if not 0 <= counter <= 0xFFFFFFFF:
         raise UsageError(f"security counter {counter} is not a 32-bit unsigned number")
     return counter
+
+
+def _dependencies(values: tuple[str, ...]) -> tuple[Dependency, ...]:
+    """--depends IMAGE:VERSION values, in the order given (checked by check_dependencies)."""
+    deps = []
+    for value in values:
+        image_text, sep, version_text = value.partition(":")
+        if not sep or not image_text.strip().isdigit():
+            raise UsageError(f"bad --depends {value!r}: expected IMAGE:VERSION, e.g. 1:1.2.0 (IMAGE a number)")
+        deps.append((int(image_text), ImageVersion.parse(version_text)))
+    check_dependencies(deps)
+    return tuple(deps)
 
 
 @click.command()
@@ -81,6 +95,10 @@ def _security_counter(value: str, version: ImageVersion) -> int:
               help="What the image is: updater writes the protected MPBOOT_KIND TLV (an app image has none).")
 @click.option("--version", "version_text", required=True, metavar="MAJ.MIN.REV[+BUILD]",
               help="Image version.")
+@click.option("--depends", "depends", multiple=True, metavar="IMAGE:VERSION",
+              help="A protected DEPENDENCY TLV (imgtool's -d \"(IMAGE,VERSION)\"): image IMAGE (0..254) "
+                   "must be at least VERSION. Repeat for several (at most 4, each image once); written "
+                   "in the order given. Not enforced by devices yet.")
 @click.option("--security-counter", default="auto", show_default=True, metavar="N|auto",
               help="Anti-rollback counter (SEC_CNT TLV); auto derives it from the version as imgtool does.")
 @click.option("--vendor-id", metavar="UUID|NAME", help="UUID_VID TLV (a name is hashed to a UUIDv5, as imgtool).")
@@ -102,7 +120,8 @@ def _security_counter(value: str, version: ImageVersion) -> int:
 @signing_log_option
 @password_env_option
 def sign(input_path: Path, key_files: tuple[KeyRef, ...], cert_files: tuple[Path, ...], no_sign: bool,
-         digest_only: bool, signature_files: tuple[Path, ...], kind: str, version_text: str, security_counter: str,
+         digest_only: bool, signature_files: tuple[Path, ...], kind: str, version_text: str, depends: tuple[str, ...],
+         security_counter: str,
          vendor_id: str | None, class_id: str | None, header_size: str, pad_header: bool, entry: str,
          slot_size: str | None, load_addr: str | None, scheme: str, hex_addr: str | None, output: Path,
          pkcs11_module: str | None, signing_log: Path, password_env: str | None) -> None:
@@ -141,6 +160,7 @@ def sign(input_path: Path, key_files: tuple[KeyRef, ...], cert_files: tuple[Path
         scheme=SignatureScheme(scheme),
         slot_size=parse_size(slot_size, "slot size", maximum=SLOT_SIZE_LIMIT) if slot_size else None,
         kind=KIND_NAMES[kind],
+        dependencies=_dependencies(depends),
     )
     secret = password(password_env)
     access = token_access(pkcs11_module)

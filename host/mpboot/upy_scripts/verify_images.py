@@ -1,7 +1,8 @@
 # Runs on MicroPython: the device verifier over image files (`mpboot verify --device`, tests).
 # Usage: micropython -m verify_images LISTFILE   (lines "PATH SLOT_SIZE"; mpboot_keys on
 # sys.path). Prints per image "OK <maj.min.rev+build> <counter|-1> <key index> <total size>"
-# or "REJECT <code>". Each image is read from its file through one image.BUF_SIZE buffer.
+# followed by one "<image id>:<maj.min.rev+build>" word per DEPENDENCY TLV, or "REJECT <code>".
+# Each image is read from its file through one image.BUF_SIZE buffer.
 import sys
 
 from mpboot import image, reader
@@ -18,5 +19,6 @@ with open(sys.argv[1]) as listing:
                 print("REJECT", e.args[0])
                 continue
         counter = info["security_counter"]
+        deps = " ".join("%d:%d.%d.%d+%d" % ((d[0],) + d[1]) for d in info.get("deps", ()))
         print("OK", "%d.%d.%d+%d" % info["version"], -1 if counter is None else counter,
-              info["key_index"], info["total_size"])
+              info["key_index"], info["total_size"], deps)
