@@ -60,7 +60,8 @@ while True:
         print("REJECT", e.args[0])
         continue
     c = info["security_counter"]
-    print("OK", "%d.%d.%d+%d" % info["version"], -1 if c is None else c, info["key_index"], info["total_size"])
+    deps = " ".join("%d:%d.%d.%d+%d" % ((d[0],) + d[1]) for d in info.get("deps", ()))
+    print("OK", "%d.%d.%d+%d" % info["version"], -1 if c is None else c, info["key_index"], info["total_size"], deps)
 """
 
 
