@@ -169,6 +169,19 @@ class Status:
     pos: int  # state area offset of the next record (-1: the next one switches sectors)
     record: int  # state record size
     slots: list[SlotStatus] = field(default_factory=list)
+    s1: Status1 | None = None  # stage 1's pair, on a chip with stage-1 slots
+
+
+@dataclass
+class Status1:
+    """Stage 1's fields of the state record (v2) and its slots' verdicts."""
+
+    active: int
+    test: int
+    trial: int
+    floor: int
+    flags: int  # the record's pair flags (PAIR 1, PAIR_APP_OK 2, PAIR_S1_OK 4)
+    slots: list[SlotStatus] = field(default_factory=list)
 
 
 _DEVICE_ERROR = re.compile(r"\berror (-?\d+)\b")
@@ -366,14 +379,18 @@ class SimDevice:
         st = Status(int(state["seq"]), int(state["active"]), int(state["test"]),
                     int(state["trial"]), int(state["floor"]), state["found"] == "1",
                     int(state["pos"]), int(state["record"]))
+        s1 = run.line("STATE1")
+        if s1:
+            f = _fields(s1)
+            st.s1 = Status1(int(f["active"]), int(f["test"]), int(f["trial"]), int(f["floor"]), int(f["flags"]))
         for line in run.stdout.splitlines():
-            if line.startswith("SLOT "):
+            if line.startswith(("SLOT ", "S1SLOT ")):
                 f = _fields(line)
                 if "error" in f:
-                    st.slots.append(SlotStatus(False, error=int(f["error"])))
+                    slot = SlotStatus(False, error=int(f["error"]))
                 else:
-                    st.slots.append(SlotStatus(True, f["version"], int(f["counter"]),
-                                               f["confirmed"] == "1"))
+                    slot = SlotStatus(True, f["version"], int(f["counter"]), f["confirmed"] == "1")
+                (st.slots if line.startswith("SLOT ") else st.s1.slots).append(slot)  # type: ignore[union-attr]
         return st
 
 
