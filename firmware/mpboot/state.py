@@ -9,6 +9,12 @@
 # record until the first record in the fresh sector is complete. A save that raises the
 # anti-rollback floor appends its record twice, so neither a torn write nor a bit flip in
 # one record lowers the floor (docs/BOOT.md, "What only grows").
+#
+# A board with stage-1 slots (issue 19: two image pairs, the app and stage 1) keeps both
+# pairs' fields in one record, format v2 (mpboot.pairs.Store2), so a change to both pairs
+# is one append; its RAM list is this one followed by image 1's fields (mpboot.pairs.IMAGE1).
+# (mpboot.pairs repeats _MAGIC, _REC and _FMT to read v1 records: private consts cost no
+# RAM, public ones a module-dict entry each.)
 import struct
 from binascii import crc32
 from micropython import const
@@ -19,18 +25,13 @@ _REC = const(96)  # record size before rounding up to the write unit; the CRC-32
 # magic seq active test trial flags floor version ok0 ok1 | upload session: len off sha slot
 _FMT = "<IIBBBBI8s16s16sII16sB"
 NONE = const(0xFF)  # "no slot" in active/test/trial
-_MAGIC2 = const(0x3242504D)  # "MPB2": the record of a board with two image pairs
-_REC2 = const(160)  # v2 record size before rounding; the CRC-32 of [0, 156) is its last word
-_AT1 = const(84)  # v2: where image 1's fields start
-# image 1: active test trial link floor version ok0 ok1 (48 bytes)
-_FMT1 = "<BBBBI8s16s16s"
 
 # Record fields, in a list (cheaper than a class):
 SEQ = const(0)
 ACTIVE = const(1)  # slot of the last confirmed image, or NONE
 TEST = const(2)  # slot marked for one test boot, or NONE
 TRIAL = const(3)  # slot that was started for its test boot and not yet confirmed, or NONE
-FLAGS = const(4)  # reserved (0)
+FLAGS = const(4)  # reserved (0); v2: the pair bits (mpboot.pairs)
 FLOOR = const(5)  # anti-rollback: lowest security counter accepted
 VERSION = const(6)  # 8-byte version (header layout) of the confirmed image in ACTIVE
 OK0 = const(7)  # first 16 bytes of the digest of the confirmed image in slot 0 (or zeros)
@@ -41,22 +42,11 @@ SLEN = const(9)
 SOFF = const(10)  # bytes [0, SOFF) of the slot are written and synced
 SSHA = const(11)
 SSLOT = const(12)  # NONE: no session (v2: the absolute slot, 2 * image + slot)
-# v2 only: image 1's (stage 1's) fields follow, at IMAGE1 + the image-0 index of the same
-# field (IMAGE1 + ACTIVE, ..., IMAGE1 + OK1); IMAGE1 + FLAGS is image 1's link byte (reserved
-# for the link its upload came over, NONE). Image 0's fields keep their v1 indices.
-IMAGE1 = const(12)
-# FLAGS bits (v2; v1 writes 0): a combined update of both pairs (docs/BOOT.md).
-PAIR = const(1)  # the test marks, then the trials, are one pair: they boot, confirm, revert together
-PAIR_APP_OK = const(2)  # in a pair trial: the app confirmed its half
-PAIR_S1_OK = const(4)  # in a pair trial: stage 1 confirmed its half
 
 
-def blank(images=1):
+def blank():
     # The state of a device that has never written one (factory-fresh state area).
-    rec = [0, NONE, NONE, NONE, 0, 0, bytes(8), bytes(16), bytes(16), 0, 0, bytes(16), NONE]
-    if images == 2:
-        rec += [NONE, NONE, NONE, NONE, 0, bytes(8), bytes(16), bytes(16)]
-    return rec
+    return [0, NONE, NONE, NONE, 0, 0, bytes(8), bytes(16), bytes(16), 0, 0, bytes(16), NONE]
 
 
 def end_session(rec):
@@ -197,86 +187,38 @@ class Log:
 
 
 class Store(Log):
-    # The boot state log. It never lowers the floors it holds, and writes a raise twice.
-    def __init__(self, area, images=1):
-        # area: an mpboot.flash.Area of exactly two erase sectors. images: 1 (v1 records,
-        # the app's pair) or 2 (v2 records: the app's and stage 1's pairs).
-        self.images = images
-        if images == 2:
-            Log.__init__(self, area, _MAGIC2, _REC2)
-        else:
-            Log.__init__(self, area, _MAGIC, _REC)
+    # The boot state log. It never lowers the floor it holds, and writes a raise twice.
+    def __init__(self, area):
+        # area: an mpboot.flash.Area of exactly two erase sectors.
+        Log.__init__(self, area, _MAGIC, _REC)
         self.floor = 0  # the floor of the newest record on flash (0: none)
-        self.floor1 = 0  # v2: image 1's
-        self.v1 = False  # v2: the state was read from a v1 record (not written since)
 
     def load(self):
         # Returns the newest record (blank() if none) and finds where the next one goes.
         if not self.find():
-            self.floor = self.floor1 = 0
-            if self.images == 2:
-                return self._migrate()
+            self.floor = 0
             return blank()
         f = struct.unpack_from(_FMT, self.buf, 0)
         self.floor = f[1 + FLOOR]
-        rec = list(f[1:])
-        if self.images == 2:
-            g = struct.unpack_from(_FMT1, self.buf, _AT1)
-            self.floor1 = g[FLOOR - 1]
-            rec += g
-        return rec
-
-    def _migrate(self):
-        # A v2 area without a v2 record: the newest v1 record (a board updated to a firmware
-        # with stage-1 slots) is image 0's state, image 1 is blank. The first v2 save then
-        # erases the sector that does not hold that v1 record (pos -1, _last at it) and
-        # writes there with the next sequence number, so a cut before that record is whole
-        # leaves the v1 record as it was. Later, v1 records read as invalid (another magic,
-        # other offsets), and the sector that holds them is erased at the next switch.
-        v1 = Log(self.area, _MAGIC, _REC)
-        if not v1.find():
-            return blank(2)
-        self.found = self.v1 = True
-        self.seq = v1.seq
-        self._last = v1._last
-        self.pos = -1
-        f = struct.unpack_from(_FMT, v1.buf, 0)
-        self.floor = f[1 + FLOOR]
-        rec = list(f[1:])
-        rec[FLAGS] = 0
-        return rec + blank(2)[IMAGE1 + 1 :]
+        return list(f[1:])
 
     def save(self, rec):
         # Appends rec with the next sequence number (rec[SEQ] is updated first, so a caller
         # sees that a save was tried even when the write then fails). A record that raises
-        # a floor is appended twice: a cut before the first copy is whole leaves the old
+        # the floor is appended twice: a cut before the first copy is whole leaves the old
         # floor (the raise did not happen), and once it is whole a bit flip in one copy
-        # leaves the other. A floor in rec below the one on flash is raised to it first.
+        # leaves the other. rec[FLOOR] below the floor on flash is raised to it first.
         if rec[FLOOR] < self.floor:
             rec[FLOOR] = self.floor
-        two = self.images == 2
-        if two and rec[IMAGE1 + FLOOR] < self.floor1:
-            rec[IMAGE1 + FLOOR] = self.floor1
         rec[SEQ] += 1
         buf = self.begin()
         struct.pack_into(
-            _FMT, buf, 0, _MAGIC2 if two else _MAGIC, rec[SEQ], rec[ACTIVE], rec[TEST],
-            rec[TRIAL], rec[FLAGS], rec[FLOOR], rec[VERSION], rec[OK0], rec[OK1], rec[SLEN],
-            rec[SOFF], rec[SSHA], rec[SSLOT],
+            _FMT, buf, 0, _MAGIC, rec[SEQ], rec[ACTIVE], rec[TEST], rec[TRIAL], rec[FLAGS],
+            rec[FLOOR], rec[VERSION], rec[OK0], rec[OK1], rec[SLEN], rec[SOFF], rec[SSHA],
+            rec[SSLOT],
         )
-        raised = rec[FLOOR] > self.floor
-        if two:
-            b = IMAGE1
-            struct.pack_into(
-                _FMT1, buf, _AT1, rec[b + ACTIVE], rec[b + TEST], rec[b + TRIAL],
-                rec[b + FLAGS], rec[b + FLOOR], rec[b + VERSION], rec[b + OK0], rec[b + OK1],
-            )
-            raised = raised or rec[b + FLOOR] > self.floor1
         self.seq = rec[SEQ] - 1  # the record's sequence number is the caller's
         self.append()
-        self.v1 = False
-        if raised:
+        if rec[FLOOR] > self.floor:
             rec[SEQ] = self.append()  # buf still holds the fields: the second copy
         self.floor = rec[FLOOR]
-        if two:
-            self.floor1 = rec[IMAGE1 + FLOOR]

@@ -15,11 +15,13 @@ import sys
 import mpboot_keys
 from mpboot import factory, image, records, rsa, state, trust  # noqa: F401 (loaded before the ballast, as if frozen)
 from mpboot.ports import unix as port
-from mpboot.slots import Slots, decide_all, stage1
+from mpboot.slots import Slots
 from mpboot.smp import cbor  # noqa: F401 (the records' codec: frozen on a device)
 
 chip = port.flash(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
 s1_size = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+if s1_size:  # (only then: a module loaded before the ballast moves where the free heap lies)
+    from mpboot.pairs import Pair, decide_all, stage1
 a = port.areas(chip, True, s1_size)
 ballast = None
 if len(sys.argv) > 5:
@@ -29,8 +31,8 @@ if len(sys.argv) > 5:
     print("WORK", gc.mem_free())
 # With the factory record, the trust area (when the chip has one) and the keys module's
 # thresholds: the boot as boot.start makes it.
-slots = Slots(a[0], a[1], a[2], mpboot_keys.KEYS, factory=a[3], trust=a[4] if len(a) > 4 else None,
-              images=2 if s1_size else 1, **trust.policy(mpboot_keys))
+slots = (Pair if s1_size else Slots)(a[0], a[1], a[2], mpboot_keys.KEYS, factory=a[3],
+                                     trust=a[4] if len(a) > 4 else None, **trust.policy(mpboot_keys))
 if s1_size:
     (slot, info, trial), r1 = decide_all(slots, stage1(slots, a[5], a[6]))
 else:

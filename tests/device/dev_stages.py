@@ -9,9 +9,9 @@
 import sys
 
 from mpboot.ports import unix as port
-from mpboot.slots import Slots, decide_all, mark_pair, stage1
-from mpboot.state import (ACTIVE, FLAGS, FLOOR, IMAGE1, NONE, OK0, PAIR, PAIR_APP_OK, PAIR_S1_OK,
-                          TEST, TRIAL, Store, blank)
+from mpboot.pairs import (IMAGE1, PAIR, PAIR_APP_OK, PAIR_S1_OK, Pair, Store2, blank2, decide_all,
+                          mark_pair, stage1)
+from mpboot.state import ACTIVE, FLAGS, FLOOR, NONE, OK0, TEST, TRIAL, Store, blank
 
 B = IMAGE1
 SIZE = 64 * 1024 + 4 * 4096
@@ -32,8 +32,8 @@ def device(images, s1_images, state=None, erase=True):
     if erase:
         a[2].erase(0, a[2].size)
     if state is not None:
-        Store(a[2], 2).save(state)
-    app = Slots(a[0], a[1], a[2], (), images=2)
+        Store2(a[2]).save(state)
+    app = Pair(a[0], a[1], a[2], ())
     s1 = stage1(app, a[5], a[6])
     for sl, table in ((app, images), (s1, s1_images)):
         sl.probe = _prober(sl, table)
@@ -50,7 +50,7 @@ def _prober(sl, table):
 
 def record(**kw):
     # A v2 state list: app fields by name, stage 1's with a "s1_" prefix.
-    st = blank(2)
+    st = blank2()
     st[0] = 0
     names = {"active": ACTIVE, "test": TEST, "trial": TRIAL, "floor": FLOOR, "flags": FLAGS}
     for k, v in kw.items():
@@ -74,7 +74,7 @@ def run(name, images, s1_images, st, want_app, want_s1, writes, check=None):
     got = tuple((r[0], r[1]["version"][0] if r[1] else None, r[2]) for r in (r0, r1))
     assert got == (want_app, want_s1), (name, got)
     # The record on flash is the one in RAM.
-    again = Store(app.store.area, 2).load()
+    again = Store2(app.store.area).load()
     assert again[1:] == app.state[1:], (name, again, app.state)
     assert n == writes, (name, "writes", n)
     if check:

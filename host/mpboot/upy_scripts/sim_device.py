@@ -50,8 +50,9 @@ import sim_config
 from mpboot import boot
 from mpboot.image import ImageError
 from mpboot.ports import unix as port
-from mpboot.slots import Slots, decide_all, mark_pair, stage1
-from mpboot.state import ACTIVE, FLAGS, FLOOR, IMAGE1, SEQ, TEST, TRIAL
+from mpboot.pairs import IMAGE1, Pair, decide_all, mark_pair, stage1
+from mpboot.slots import Slots
+from mpboot.state import ACTIVE, FLAGS, FLOOR, SEQ, TEST, TRIAL
 from mpboot.trust import IMAGE_THRESHOLD, REVOCATION, ROOT_VERSION, ROOTS, THRESHOLD
 from mpboot.update import UpdateError, Updater
 
@@ -61,9 +62,8 @@ def main():
     cmd = sys.argv[2]
     areas = sim_config.areas(cfg, chip)
     two = len(areas) > 5
-    slots = Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS, mapped=port.mapped,
-                  factory=areas[3], trust=areas[4] if len(areas) > 4 else None,
-                  images=2 if two else 1, **policy)
+    slots = (Pair if two else Slots)(areas[0], areas[1], areas[2], mpboot_keys.KEYS, mapped=port.mapped,
+                                     factory=areas[3], trust=areas[4] if len(areas) > 4 else None, **policy)
     s1 = stage1(slots, areas[5], areas[6]) if two else None
     if cmd == "status":
         st = slots.state
