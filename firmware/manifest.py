@@ -22,6 +22,7 @@ package(
         "factory.py",
         "flash.py",
         "image.py",
+        "pairs.py",
         "reader.py",
         "records.py",
         "rsa.py",

@@ -22,9 +22,11 @@ TEARS = {"W": ("", "half", "word"), "E": ("", "erase-half")}
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # "install", "zinstall" (image: a zsmp file, test_zupload.zsmp_file) or "boot"
+    kind: str  # "install", "zinstall" (image: a zsmp file, test_zupload.zsmp_file), "boot"
+    # or "pairmark" (stage-1 slots: mark both pairs' free slots for one combined test boot)
     image: Path | None = None
     mode: str = "test"
+    pair: int = 0  # install: 0 the app's slots, 1 stage 1's
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,10 @@ class Scenario:
     steps: tuple[Step, ...]
     old: str  # version running before the scenario
     new: str  # version the scenario installs
+    # On a chip with stage-1 slots: stage 1's versions before and after. The pair booted
+    # after a cut must be (old, old1) or (new, new1), never mixed.
+    old1: str | None = None
+    new1: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,11 @@ def run_step(dev: SimDevice, step: Step, **kw: object) -> Run:
         assert step.image is not None
         # Named by its sha with a checkpoint every sector: cuts land in checkpoint writes,
         # and the completion run after a cut resumes the persisted session.
+        if step.pair:
+            return dev.run("install", step.image, step.mode, 512, "sha", "ckpt=4096", "image=1", **kw)  # type: ignore[arg-type]
         return dev.install(step.image, step.mode, chunk=512, sha=True, checkpoint=4096, **kw)
+    if step.kind == "pairmark":
+        return dev.run("pairmark", **kw)  # type: ignore[arg-type]
     if step.kind == "zinstall":
         # A compressed upload and its test mark through the SMP server (sim_device zsmp).
         return dev.run("zsmp", step.image, "ckpt=4096", **kw)  # type: ignore[arg-type]
@@ -65,7 +75,11 @@ def outcome(step: Step, run: Run) -> tuple[object, ...]:
         return ("install", line.split("version=")[-1] if "INSTALLED" in line else line)
     if step.kind == "zinstall":
         return ("zinstall", run.line("ZDONE"), run.stdout.strip().splitlines()[-1])  # the mark's reply
+    if step.kind == "pairmark":
+        return ("pairmark", "MARKED" if run.line("MARKED") else run.line("REFUSED"))  # not its slots
     b = Booted.parse(run)
+    if b.s1 is not None:
+        return ("boot", b.version, b.trial, b.app, b.s1, b.s1_trial)
     return ("boot", b.version, b.trial, b.app)
 
 
@@ -119,12 +133,34 @@ class Matrix:
             return f"unsafe: active slot {active}"
         if after.trial != (st.trial == after.slot) and not after.confirmed:
             return f"unsafe: trial flag {after} vs {st}"
+        if sc.old1 is not None:
+            why = self.check_pair(after, st)
+            if why:
+                return f"unsafe: {why}"
         # The scenario completes from here, with the same outcomes as the reference run.
         for step, want in zip(sc.steps, self.expected):
             got = outcome(step, run_step(dev, step))
             if got != want:
                 return f"unsafe: after the cut, {step.kind} gave {got}, expected {want}"
         return "safe"
+
+    def check_pair(self, after: Booted, st: object) -> str:
+        """Two pairs: the pair that booted, and the confirmed pair in the state, are the old
+        or the new one, never mixed; stage 1's active slot holds its confirmed image."""
+        sc = self.scenario
+        pairs = ((sc.old, sc.old1), (sc.new, sc.new1))
+        if (after.version, after.s1) not in pairs:
+            return f"booted a mixed pair {after}"
+        s1 = getattr(st, "s1")
+        if s1 is None or s1.active not in (0, 1):
+            return f"stage-1 state {s1}"
+        active1 = s1.slots[s1.active]
+        app = st.slots[st.active]  # type: ignore[attr-defined]
+        if not (active1.ok and active1.confirmed):
+            return f"stage-1 active slot {active1}"
+        if (app.version.split("+")[0], active1.version.split("+")[0]) not in pairs:
+            return f"confirmed a mixed pair: app {app}, stage 1 {active1}"
+        return ""
 
     def run_points(self, points: Iterable[Point], base: SimDevice, workers: int = 2) -> Counter[str]:
         points = list(points)

@@ -49,6 +49,7 @@ def image_files(folder: Path, images: dict[str, bytes]) -> dict[str, Path]:
     return paths
 
 
+_S1 = re.compile(r"^mpboot: stage 1 (?:none|slot (\d) version (\S+?)(\+\d+)?( test boot)?)$", re.M)
 _BOOT = re.compile(r"^mpboot: slot (\d) version (\S+?)(\+\d+)?( test boot)?( watchdog \d+ ms)?$", re.M)
 
 
@@ -60,21 +61,42 @@ class Booted:
     watchdog: bool = False
     app: str = ""  # what the app printed (APP name)
     confirmed: bool | None = None  # the app's mpboot.confirm() result, if it called it
+    # On a chip with stage-1 slots: stage 1's version ("" none; None: no stage-1 slots), and
+    # whether it was its test boot.
+    s1: str | None = None
+    s1_trial: bool = False
 
     @classmethod
     def parse(cls, run: Run) -> Booted:
         m = _BOOT.search(run.stdout)
+        s = _S1.search(run.stdout)
+        s1 = None if not s else s.group(2) or ""
+        s1_trial = bool(s and s.group(4))
         if not m:
             assert "RECOVERY" in run.stdout, run.stdout + run.stderr
-            return cls(-1)
+            return cls(-1, s1=s1, s1_trial=s1_trial)
         app = re.search(r"^APP (\S+)$", run.stdout, re.M)
         conf = re.search(r"^CONFIRM (True|False)$", run.stdout, re.M)
         return cls(int(m.group(1)), m.group(2), bool(m.group(4)), bool(m.group(5)),
-                   app.group(1) if app else "", None if not conf else conf.group(1) == "True")
+                   app.group(1) if app else "", None if not conf else conf.group(1) == "True", s1, s1_trial)
 
 
 def boot(dev: SimDevice, **kw: object) -> Booted:
     return Booted.parse(dev.boot(**kw))
+
+
+def make_stage1(folder: Path, name: str, *, prove: bool, filler: int = 0) -> bytes:
+    """A stand-in stage-1 ROMFS (sign it with kind=ImageKind.UPDATER): with `prove`, the
+    simulated device's proof stand-in confirms its test boot (sim_device: a file "prove")."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "main.py").write_text(f"print('STAGE1 {name}')\n")
+    if prove:
+        (folder / "prove").write_text("1\n")
+    if filler:
+        import random
+
+        (folder / "filler.bin").write_bytes(random.Random(name).randbytes(filler))
+    return pack_app(folder)
 
 
 def installed(run: Run) -> int:

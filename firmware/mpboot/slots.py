@@ -7,6 +7,10 @@
 # and class id, security counter at or above the floor, its kind (an app's slots hold apps). A slot is "confirmed" when the state
 # holds the first 16 bytes of its image digest, so rewriting a slot un-confirms it without
 # a state write.
+#
+# A board with stage-1 slots has two pairs (issue 19): mpboot.pairs (imported only by such
+# boards) subclasses Slots for them (one state record, v2) and decides for both; here a
+# pair's fields are found at self.b in the state record.
 import struct
 from micropython import const
 
@@ -30,10 +34,17 @@ def _ver3(v):
     return (v[0], v[1], v[2])
 
 
+def newest(tried):
+    # Of two slots' verified infos (None: refused), the slot of the newer image.
+    if tried[0] and tried[1] and _ver3(tried[1]["version"]) > _ver3(tried[0]["version"]):
+        return 1
+    return 0 if tried[0] else 1
+
+
 class Slots:
     def __init__(self, slot0, slot1, state_area, keys, vendor_id=None, class_id=None,
                  downgrade=True, mapped=None, factory=None, trust=None, threshold=1,
-                 image_threshold=1, kind=_KIND_APP):
+                 image_threshold=1, kind=_KIND_APP, store=None):
         # slot0, slot1, state_area: mpboot.flash.Area. keys: mpboot_keys.KEYS.
         # vendor_id, class_id: 16-byte UUIDs images must carry (None: not checked).
         # downgrade: False refuses updates older than the confirmed image.
@@ -44,9 +55,13 @@ class Slots:
         # root set stays. threshold, image_threshold: root set version 1's (mpboot_keys'
         # THRESHOLD and IMAGE_THRESHOLD). kind: the MPBOOT_KIND bit of the images these
         # slots hold (1 app, 2 updater); an image of another kind is refused in them.
+        # store: the state store (mpboot.pairs.Store2), else a Store on state_area.
         self.areas = (slot0, slot1)
         self.kind = kind
-        self.store = Store(state_area)
+        self.errors = [0, 0]  # why each slot was last refused (image/policy code)
+        self.image = 0  # which pair: 0 the app's, 1 stage 1's (mpboot.pairs)
+        self.b = 0  # where this pair's fields are in the state record
+        self.store = store or Store(state_area)
         self.state = self.store.load()
         self.keys = keys
         self.threshold = threshold
@@ -74,23 +89,23 @@ class Slots:
             self.factory.apply(self)
         self.mapped = mapped
         self.buf = bytearray(image.BUF_SIZE)
-        self.errors = [0, 0]  # why each slot was last refused (image/policy code)
 
     def policy(self, info, update=False):
         # Raises ImageError unless this device may run the image described by info. With
         # only a header (an update's begin, no protected TLVs yet) the TLV checks wait.
         st = self.state
+        b = self.b
         if "security_counter" in info:
             if self.vendor_id is not None and info["vendor_id"] != self.vendor_id:
                 raise ImageError(E_VENDOR_MISMATCH)
             if self.class_id is not None and info["class_id"] != self.class_id:
                 raise ImageError(E_CLASS_MISMATCH)
-            if (info["security_counter"] or 0) < st[FLOOR]:
+            if (info["security_counter"] or 0) < st[b + FLOOR]:
                 raise ImageError(E_COUNTER_BELOW_FLOOR)
             if info.get("kind", _KIND_APP) != self.kind:
                 raise ImageError(E_WRONG_KIND)
-        if update and not self.downgrade and st[ACTIVE] != NONE:
-            if _ver3(info["version"]) < _ver3(struct.unpack("<BBHI", st[VERSION])):
+        if update and not self.downgrade and st[b + ACTIVE] != NONE:
+            if _ver3(info["version"]) < _ver3(struct.unpack("<BBHI", st[b + VERSION])):
                 raise ImageError(E_DOWNGRADE)
 
     def check(self, slot, read=None, update=False):
@@ -107,11 +122,13 @@ class Slots:
     def save(self, st):
         # Writes the state record st (self.state, changed by the caller: the updater and the
         # factory floor write use it too). A failed write leaves flash as it was: re-read it
-        # so RAM never runs ahead of it.
+        # so RAM never runs ahead of it (in place: two pairs share the list).
         try:
             self.store.save(st)
         except Exception:
-            self.state = self.store.load()
+            new = self.store.load()
+            for i in range(len(new)):
+                st[i] = new[i]
             raise
 
     def set_trust(self, new):
@@ -141,12 +158,13 @@ class Slots:
             return None
 
     def confirmed(self, slot, info):
-        return info["digest"][:16] == self.state[OK0 + slot]
+        return info["digest"][:16] == self.state[self.b + OK0 + slot]
 
     def decide(self):
-        # The boot decision. Returns (slot, info, trial): the slot to run (-1: none is
-        # bootable), its verified info, and whether this is its one test boot. State
-        # changes are written before the image they concern runs.
+        # The boot decision (one pair; two: mpboot.pairs.decide_all). Returns (slot, info,
+        # trial): the slot to run (-1: none is bootable), its verified info, and whether
+        # this is its one test boot. State changes are written before the image they
+        # concern runs.
         st = self.state
         if st[TRIAL] != NONE:
             # Started for its test boot and reset without a confirm: revert.
@@ -171,9 +189,7 @@ class Slots:
             # A factory-fresh state area (so no active slot: both were tried above): boot the
             # newest valid image and confirm it (a board flashed in the factory with
             # esptool/picotool before any state was written).
-            best = 0 if tried[0] else 1
-            if tried[0] and tried[1] and _ver3(tried[1]["version"]) > _ver3(tried[0]["version"]):
-                best = 1
+            best = newest(tried)
             info = tried[best]
             if info:
                 self.confirm(best, info)
@@ -183,25 +199,34 @@ class Slots:
     def mark_test(self, slot):
         # The image in `slot` (verified by the caller) boots once at the next reset.
         st = self.state
-        if st[TEST] != slot or st[TRIAL] == slot:
-            st[TEST] = slot
-            if st[TRIAL] == slot:
-                st[TRIAL] = NONE  # an earlier test boot of that slot that never ran its app
+        b = self.b
+        if st[b + TEST] != slot or st[b + TRIAL] == slot:
+            st[b + TEST] = slot
+            if st[b + TRIAL] == slot:
+                st[b + TRIAL] = NONE  # an earlier test boot of that slot that never ran its app
             self.save(st)
+
+    def keep(self, slot, info):
+        # confirm()'s state change, in RAM (mpboot.pairs writes two in one record).
+        st = self.state
+        b = self.b
+        st[b + ACTIVE] = slot
+        st[b + OK0 + slot] = info["digest"][:16]
+        st[b + TRIAL] = NONE
+        if st[b + TEST] == slot:
+            st[b + TEST] = NONE
+        st[b + FLOOR] = max(st[b + FLOOR], info["security_counter"] or 0)
+        st[b + VERSION] = struct.pack("<BBHI", *info["version"])
 
     def confirm(self, slot, info):
         # Keep the image in `slot` (info: its verified info) from now on and raise the floor
         # to its security counter. Returns False when it already was the confirmed image.
         st = self.state
+        b = self.b
         d = info["digest"][:16]
-        if st[ACTIVE] == slot and st[OK0 + slot] == d and st[TRIAL] == NONE and st[TEST] != slot:
+        if st[b + ACTIVE] == slot and st[b + OK0 + slot] == d and st[b + TRIAL] == NONE and st[b + TEST] != slot:
             return False
-        st[ACTIVE] = slot
-        st[OK0 + slot] = d
-        st[TRIAL] = NONE
-        if st[TEST] == slot:
-            st[TEST] = NONE
-        st[FLOOR] = max(st[FLOOR], info["security_counter"] or 0)
-        st[VERSION] = struct.pack("<BBHI", *info["version"])
+        self.keep(slot, info)
         self.save(st)
         return True
+

@@ -9,6 +9,12 @@
 # record until the first record in the fresh sector is complete. A save that raises the
 # anti-rollback floor appends its record twice, so neither a torn write nor a bit flip in
 # one record lowers the floor (docs/BOOT.md, "What only grows").
+#
+# A board with stage-1 slots (issue 19: two image pairs, the app and stage 1) keeps both
+# pairs' fields in one record, format v2 (mpboot.pairs.Store2), so a change to both pairs
+# is one append; its RAM list is this one followed by image 1's fields (mpboot.pairs.IMAGE1).
+# (mpboot.pairs repeats _MAGIC, _REC and _FMT to read v1 records: private consts cost no
+# RAM, public ones a module-dict entry each.)
 import struct
 from binascii import crc32
 from micropython import const
@@ -25,7 +31,7 @@ SEQ = const(0)
 ACTIVE = const(1)  # slot of the last confirmed image, or NONE
 TEST = const(2)  # slot marked for one test boot, or NONE
 TRIAL = const(3)  # slot that was started for its test boot and not yet confirmed, or NONE
-FLAGS = const(4)  # reserved (0)
+FLAGS = const(4)  # reserved (0); v2: the pair bits (mpboot.pairs)
 FLOOR = const(5)  # anti-rollback: lowest security counter accepted
 VERSION = const(6)  # 8-byte version (header layout) of the confirmed image in ACTIVE
 OK0 = const(7)  # first 16 bytes of the digest of the confirmed image in slot 0 (or zeros)
@@ -35,7 +41,7 @@ OK1 = const(8)  # ... in slot 1
 SLEN = const(9)
 SOFF = const(10)  # bytes [0, SOFF) of the slot are written and synced
 SSHA = const(11)
-SSLOT = const(12)  # NONE: no session
+SSLOT = const(12)  # NONE: no session (v2: the absolute slot, 2 * image + slot)
 
 
 def blank():

@@ -58,7 +58,7 @@ class Updater:
             return 0
         if e[1] and not e[0]:
             return 1
-        a = self.slots.state[ACTIVE]
+        a = self.slots.state[self.slots.b + ACTIVE]
         return a ^ 1 if a != NONE else 0
 
     def _check_busy(self, slot):
@@ -68,7 +68,8 @@ class Updater:
         # permanent image that failed verification at this boot may be overwritten.
         run = self.running
         st = self.slots.state
-        if run >= 0 and (st[TRIAL] == run or (st[ACTIVE] == slot and not self.slots.errors[slot])):
+        b = self.slots.b
+        if run >= 0 and (st[b + TRIAL] == run or (st[b + ACTIVE] == slot and not self.slots.errors[slot])):
             raise UpdateError(U_BUSY)
 
     def begin(self, total, header, manifest=None, sha=None):
@@ -102,14 +103,16 @@ class Updater:
         self.ckpt = (self.checkpoint + es - 1) // es * es
         key = bytes(sha[:16]) if sha is not None and len(sha) >= 16 else None
         start = 0
-        if key is not None and st[SSLOT] == slot and st[SLEN] == total and st[SSHA] == key:
+        b = sl.b
+        ss = 2 * sl.image + slot  # the session's slot is absolute (stage 1's: 2, 3)
+        if key is not None and st[SSLOT] == ss and st[SLEN] == total and st[SSHA] == key:
             start = st[SOFF]  # the same image, interrupted: [0, start) is in flash
-        if st[TEST] == slot or (st[SSLOT] != NONE and not start):
+        if st[b + TEST] == slot or (st[SSLOT] != NONE and not start):
             # A test mark on the target (its old content) goes before anything is erased, or
             # a cut later could test-boot a half-sent image that happens to verify; so does
             # a session of another image. This one's session is written at its first
             # checkpoint (opening sessions costs no state writes).
-            st[TEST] = NONE
+            st[b + TEST] = NONE
             if not start:
                 end_session(st)
             sl.save(st)
@@ -138,7 +141,7 @@ class Updater:
                 # Crossed a checkpoint: persist that everything before it is written.
                 area.sync()
                 st = self.slots.state
-                st[SSLOT] = self.slot
+                st[SSLOT] = 2 * self.slots.image + self.slot
                 st[SLEN] = self.total
                 st[SSHA] = self.key
                 st[SOFF] = end // self.ckpt * self.ckpt
@@ -235,12 +238,14 @@ class Updater:
         self._check_busy(slot)
         if self.total >= 0 and self.slot == slot:
             self.total = -1
-        if st[TEST] == slot or st[TRIAL] == slot or st[SSLOT] == slot:
-            if st[TEST] == slot:
-                st[TEST] = NONE
-            if st[TRIAL] == slot:
-                st[TRIAL] = NONE
-            if st[SSLOT] == slot:
+        b = sl.b
+        ss = 2 * sl.image + slot
+        if st[b + TEST] == slot or st[b + TRIAL] == slot or st[SSLOT] == ss:
+            if st[b + TEST] == slot:
+                st[b + TEST] = NONE
+            if st[b + TRIAL] == slot:
+                st[b + TRIAL] = NONE
+            if st[SSLOT] == ss:
                 end_session(st)
             sl.save(st)
         area = sl.areas[slot]

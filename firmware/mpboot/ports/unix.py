@@ -1,6 +1,7 @@
 # The unix port as a simulated device: flash is a NorFlash file (mpboot.ports.nor_sim), laid
 # out as slot 0 | slot 1 | state | trust | factory (two sectors each but the slots; devices
-# made before the trust area: slot 0 | slot 1 | state | factory). The unix port has no
+# made before the trust area: slot 0 | slot 1 | state | factory; with stage-1 slots, issue
+# 19: slot 0 | slot 1 | stage 1's two slots | state | ...). The unix port has no
 # machine.WDT and cannot map flash: the watchdog is a fake that records what was asked of it, and mapped() returns
 # None so the boot copies the image to RAM and verifies that copy (hardware maps flash).
 # uart(path) is a pty the simulator (host/mpboot/sim/serve.py) relays to the user's pty.
@@ -21,22 +22,30 @@ def flash(path, size, sector=4096, align=1, timing=None):
     return NorFlash(path, size, sector, align, timing)
 
 
-def areas(chip, trust=True):
+def areas(chip, trust=True, s1=0):
     # slot 0 | slot 1 | state (2 sectors) | trust (2 sectors) | factory (the last 2 sectors;
     # one unused sector before it when the chip has an odd number of sectors). trust=False:
     # the layout of simulated devices made before the trust area (no trust area, four
     # areas; host/mpboot/sim keeps which in the device's config). A chip whose sectors are
     # too small for a trust record (1 and 2 KiB) has none either.
+    # s1: the size of each of stage 1's two slots (a multiple of the sector; 0: none, the
+    # layout above). With them: slot 0 | slot 1 | stage 1's slot 0 | its slot 1 | state ...,
+    # and seven areas: the five above (None for a missing trust area), then stage 1's slots.
     sec = chip.sector
     trust = trust and sec >= _TRUST_RECORD
-    slot = (chip.size // sec - (6 if trust else 4)) // 2 * sec
+    if s1 % sec or s1 < 0:
+        raise ValueError("s1")
+    slot = (chip.size // sec - (6 if trust else 4) - 2 * (s1 // sec)) // 2 * sec
     if slot <= 0:
         raise ValueError("chip")
     a = chip.align
-    st = 2 * slot
+    st = 2 * slot + 2 * s1
     areas = (Area(chip, 0, slot, a), Area(chip, slot, slot, a), Area(chip, st, 2 * sec, a),
              Area(chip, chip.size - 2 * sec, 2 * sec, a))
-    return areas + (Area(chip, st + 2 * sec, 2 * sec, a),) if trust else areas
+    t = Area(chip, st + 2 * sec, 2 * sec, a) if trust else None
+    if s1:
+        return areas + (t, Area(chip, 2 * slot, s1, a), Area(chip, 2 * slot + s1, s1, a))
+    return areas + (t,) if trust else areas
 
 
 def mapped(area):

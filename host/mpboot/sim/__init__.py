@@ -77,12 +77,17 @@ class Geometry:
     # (trust_area). False: a device made before it (its config has no "trust=1"), laid out as
     # slot 0 | slot 1 | state | factory; it keeps its frozen keys.
     trust: bool = True
+    # Each of stage 1's two slots (issue 19), a multiple of `sector`: laid out after the
+    # app's slots (slot 0 | slot 1 | stage 1's 0 | stage 1's 1 | state ...). 0: none, the
+    # app-only layout (its config has no "s1").
+    s1_size: int = 0
 
     @classmethod
-    def for_slots(cls, slot_size: int, sector: int = 4096, align: int = 1) -> Geometry:
-        """The chip whose two slots are `slot_size` bytes (a multiple of `sector`)."""
+    def for_slots(cls, slot_size: int, sector: int = 4096, align: int = 1, s1_size: int = 0) -> Geometry:
+        """The chip whose two slots are `slot_size` bytes (a multiple of `sector`), and whose
+        stage-1 slots are `s1_size` bytes each (0: none)."""
         reserved = RESERVED_SECTORS if sector >= TRUST_RECORD else RESERVED_SECTORS - 2
-        return cls(2 * slot_size + reserved * sector, sector, align)
+        return cls(2 * slot_size + 2 * s1_size + reserved * sector, sector, align, s1_size=s1_size)
 
     @property
     def trust_area(self) -> bool:
@@ -96,18 +101,23 @@ class Geometry:
 
     @property
     def slot_size(self) -> int:
-        return (self.size // self.sector - self.reserved_sectors) // 2 * self.sector
+        return (self.size // self.sector - self.reserved_sectors - 2 * (self.s1_size // self.sector)) // 2 * self.sector
 
     @property
     def boot_heap_kib(self) -> int:
         """The heap a power-on that boots needs: the unix port cannot map flash, so the boot
         copies the image it runs into RAM (as on esp32), plus 128 KiB for the firmware and
         service modules (.mpy, about 60 KiB; frozen on a board they cost none) and the app."""
-        return (self.slot_size + 128 * 1024) // 1024
+        return (self.slot_size + self.s1_size + 128 * 1024) // 1024
+
+    @property
+    def s1_start(self) -> int | None:
+        """Stage 1's slot 0, after the app's slots (None: no stage-1 slots)."""
+        return 2 * self.slot_size if self.s1_size else None
 
     @property
     def state_start(self) -> int:
-        return 2 * self.slot_size
+        return 2 * self.slot_size + 2 * self.s1_size
 
     @property
     def trust_start(self) -> int | None:
@@ -158,6 +168,19 @@ class Status:
     found: bool
     pos: int  # state area offset of the next record (-1: the next one switches sectors)
     record: int  # state record size
+    slots: list[SlotStatus] = field(default_factory=list)
+    s1: Status1 | None = None  # stage 1's pair, on a chip with stage-1 slots
+
+
+@dataclass
+class Status1:
+    """Stage 1's fields of the state record (v2) and its slots' verdicts."""
+
+    active: int
+    test: int
+    trial: int
+    floor: int
+    flags: int  # the record's pair flags (PAIR 1, PAIR_APP_OK 2, PAIR_S1_OK 4)
     slots: list[SlotStatus] = field(default_factory=list)
 
 
@@ -230,6 +253,8 @@ class SimDevice:
         self.flash = self.workdir / "flash.bin"
         fields: dict[str, object] = {"flash": self.flash, "size": geometry.size, "sector": geometry.sector,
                                      "align": geometry.align, "trust": int(geometry.trust)}
+        if geometry.s1_size:
+            fields["s1"] = geometry.s1_size
         if vendor_id is not None:
             fields["vendor"] = vendor_id.hex()
         if class_id is not None:
@@ -266,7 +291,8 @@ class SimDevice:
         try:
             cfg = read_config(workdir / "device.cfg")
             geometry = Geometry(int(cfg["size"]), int(cfg["sector"]), int(cfg["align"]),
-                                cfg.get("trust") == "1")  # made before the trust area: none
+                                cfg.get("trust") == "1",  # made before the trust area: none
+                                int(cfg.get("s1", "0")))
         except FileNotFoundError:
             raise UsageError(f"{workdir}: no simulated device here (mpboot sim init)") from None
         except (KeyError, ValueError, UnicodeDecodeError):
@@ -353,14 +379,18 @@ class SimDevice:
         st = Status(int(state["seq"]), int(state["active"]), int(state["test"]),
                     int(state["trial"]), int(state["floor"]), state["found"] == "1",
                     int(state["pos"]), int(state["record"]))
+        s1 = run.line("STATE1")
+        if s1:
+            f = _fields(s1)
+            st.s1 = Status1(int(f["active"]), int(f["test"]), int(f["trial"]), int(f["floor"]), int(f["flags"]))
         for line in run.stdout.splitlines():
-            if line.startswith("SLOT "):
+            if line.startswith(("SLOT ", "S1SLOT ")):
                 f = _fields(line)
                 if "error" in f:
-                    st.slots.append(SlotStatus(False, error=int(f["error"])))
+                    slot = SlotStatus(False, error=int(f["error"]))
                 else:
-                    st.slots.append(SlotStatus(True, f["version"], int(f["counter"]),
-                                               f["confirmed"] == "1"))
+                    slot = SlotStatus(True, f["version"], int(f["counter"]), f["confirmed"] == "1")
+                (st.slots if line.startswith("SLOT ") else st.s1.slots).append(slot)  # type: ignore[union-attr]
         return st
 
 

@@ -1,6 +1,6 @@
 # The simulated device's config file, shared by its mains (sim_device, sim_serve): one
 # KEY=VALUE per line (mpboot.sim.write_config), flash=PATH size=N sector=N align=N
-# [vendor=HEX] [class=HEX] [downgrade=0] [timing=none|nor] [uid=HEX] [trust=1] ...; a value
+# [vendor=HEX] [class=HEX] [downgrade=0] [timing=none|nor] [uid=HEX] [trust=1] [s1=BYTES] ...; a value
 # may hold spaces. load() returns the fields, the NOR flash chip and the Slots policy (the
 # thresholds of mpboot_keys too); areas() the flash areas (trust=1: the chip has a trust area,
 # devices made before it have none).
@@ -34,4 +34,5 @@ def load(path):
 
 
 def areas(cfg, chip):
-    return port.areas(chip, cfg.get("trust") == "1")
+    # s1=BYTES: the size of each of stage 1's slots (a chip laid out with them; none without)
+    return port.areas(chip, cfg.get("trust") == "1", int(cfg.get("s1", "0")))

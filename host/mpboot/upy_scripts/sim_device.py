@@ -4,13 +4,22 @@
 # [downgrade=0] [heap=...]"; the keys come from the mpboot_keys module on sys.path.
 # Commands (one output line each that the host parses):
 #   boot                      boot: run the app, or say RECOVERY
-#   install IMAGE MODE CHUNK [manifest] [sha] [ckpt=N]
+#   install IMAGE MODE CHUNK [manifest] [sha] [ckpt=N] [image=1]
 #                             boot without running the app, then take IMAGE through the
 #                             updater in CHUNK-byte writes; MODE: none | test | permanent;
 #                             "manifest": send the protected TLVs with begin(); "sha": name
 #                             the session by the image's SHA-256 (persisted, resumable: an
 #                             install after a cut continues from the last checkpoint, every
-#                             N bytes)
+#                             N bytes); image=1: into stage 1's free slot
+#   pairmark                  boot without running the app, then mark the free slot of each
+#                             pair for one combined test boot (slots.mark_pair): MARKED
+#                             app=N s1=N, or REFUSED image N (a slot that does not verify)
+#
+# On a chip with stage-1 slots (s1=BYTES in CONFIG) both pairs are decided (decide_all);
+# boot prints "mpboot: stage 1 slot N version V[ test boot]" (or "mpboot: stage 1 none")
+# before the app runs, and after it a stand-in for stage 1's proof: a stage-1 trial whose
+# ROMFS holds a file "prove" confirms itself (S1CONFIRM True|False). status adds a STATE1
+# line and S1SLOT lines.
 #   status                    the state record and each slot's verdict
 #   layout                    AREAS START:SIZE of slot 0, slot 1, state, factory[, trust]
 #                             (chip byte offsets), then TRUST version=N threshold=N
@@ -41,8 +50,9 @@ import sim_config
 from mpboot import boot
 from mpboot.image import ImageError
 from mpboot.ports import unix as port
+from mpboot.pairs import IMAGE1, Pair, decide_all, mark_pair, stage1
 from mpboot.slots import Slots
-from mpboot.state import ACTIVE, FLOOR, SEQ, TEST, TRIAL
+from mpboot.state import ACTIVE, FLAGS, FLOOR, SEQ, TEST, TRIAL
 from mpboot.trust import IMAGE_THRESHOLD, REVOCATION, ROOT_VERSION, ROOTS, THRESHOLD
 from mpboot.update import UpdateError, Updater
 
@@ -51,8 +61,10 @@ def main():
     cfg, chip, policy = sim_config.load(sys.argv[1])
     cmd = sys.argv[2]
     areas = sim_config.areas(cfg, chip)
-    slots = Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS, mapped=port.mapped,
-                  factory=areas[3], trust=areas[4] if len(areas) > 4 else None, **policy)
+    two = len(areas) > 5
+    slots = (Pair if two else Slots)(areas[0], areas[1], areas[2], mpboot_keys.KEYS, mapped=port.mapped,
+                                     factory=areas[3], trust=areas[4] if len(areas) > 4 else None, **policy)
+    s1 = stage1(slots, areas[5], areas[6]) if two else None
     if cmd == "status":
         st = slots.state
         store = slots.store
@@ -67,6 +79,19 @@ def main():
                     slots.confirmed(s, info)))
             else:
                 print("SLOT %d error=%d" % (s, slots.errors[s]))
+        if s1:
+            b = IMAGE1
+            print("STATE1 active=%d test=%d trial=%d floor=%d flags=%d" % (
+                st[b + ACTIVE], st[b + TEST], st[b + TRIAL], st[b + FLOOR], st[FLAGS]))
+            for s in (0, 1):
+                info = s1.probe(s)
+                if info:
+                    v = info["version"]
+                    print("S1SLOT %d ok version=%d.%d.%d+%d counter=%d confirmed=%d" % (
+                        s, v[0], v[1], v[2], v[3], info["security_counter"] or 0,
+                        s1.confirmed(s, info)))
+                else:
+                    print("S1SLOT %d error=%d" % (s, s1.errors[s]))
         return
     if cmd == "layout":
         print("AREAS " + " ".join("%d:%d" % (a.start, a.size) for a in areas))
@@ -94,7 +119,28 @@ def main():
                 f.append()
         print("FAGED seq=%d" % f.seq)
         return
-    slot, info, trial = slots.decide()
+    if s1:
+        (slot, info, trial), r1 = decide_all(slots, s1)
+        if r1[0] < 0:
+            print("mpboot: stage 1 none")
+        else:
+            v = r1[1]["version"]
+            print("mpboot: stage 1 slot %d version %d.%d.%d+%d%s" % (
+                r1[0], v[0], v[1], v[2], v[3], " test boot" if r1[2] else ""))
+    else:
+        slot, info, trial = slots.decide()
+    if cmd == "pairmark":
+        t0 = Updater(slots, slot).target()
+        t1 = Updater(s1, r1[0]).target()
+        try:
+            slots.check(t0)
+            s1.check(t1)
+        except ImageError as e:
+            print("REFUSED image %d" % e.args[0])
+            return
+        mark_pair(slots, t0, s1, t1)
+        print("MARKED app=%d s1=%d" % (t0, t1))
+        return
     if cmd == "smp":
         from mpboot.smp.server import Server
 
@@ -110,15 +156,16 @@ def main():
         if slot < 0:
             boot.recovery(slots)
             print("RECOVERY %d %d" % (slots.errors[0], slots.errors[1]))
-            return
-        if not boot.run(slots, port, slot, info, trial):
+        elif not boot.run(slots, port, slot, info, trial):
             print("RECOVERY %d %d" % (slots.errors[0], slots.errors[1]))
+        if s1 and r1[2] and _proves(s1, r1):
+            print("S1CONFIRM", s1.confirm(r1[0], r1[1]))
         return
     if cmd == "install":
         mode = {"none": 0, "test": 1, "permanent": 2}[sys.argv[4]]
         chunk = int(sys.argv[5])
-        up = Updater(slots, slot)
         opts = sys.argv[6:]
+        up = Updater(s1, r1[0]) if "image=1" in opts else Updater(slots, slot)
         for o in opts:
             if o.startswith("ckpt="):
                 up.checkpoint = int(o[5:])
@@ -169,6 +216,25 @@ def main():
         print("INSTALLED slot=%d version=%d.%d.%d+%d" % (target, v[0], v[1], v[2], v[3]))
         return
     raise SystemExit("unknown command " + cmd)
+
+
+def _proves(s1, r1):
+    # The stand-in for stage 1's proof (issue 19): its ROMFS holds a file "prove".
+    import os
+    import vfs
+
+    slot, info = r1[0], r1[1]
+    mem = bytearray(info["total_size"])
+    s1.areas[slot].read(0, mem)
+    start = info["hdr_size"]
+    vfs.mount(vfs.VfsRom(memoryview(mem)[start : start + info["img_size"]]), "/s1")
+    try:
+        os.stat("/s1/prove")
+        return True
+    except OSError:
+        return False
+    finally:
+        vfs.umount("/s1")
 
 
 def _records(f):

@@ -1,0 +1,270 @@
+# Two image pairs on one board (issue 19): the app's and stage 1's (the update service, a
+# signed image of kind updater), sharing one state record (mpboot.state v2). The boot
+# decision for both (decide_all, one state write at most), the combined update (mark_pair:
+# a pair boots, confirms and reverts together) and the pair-trial confirm (Pair.confirm).
+# Imported only by boards with stage-1 slots (docs/BOOT.md, "Two image pairs").
+#
+# State record v2 (Store2; format: docs/BOOT.md): magic "MPB2", 160 bytes, the CRC-32 of
+# [0, 156) at 156. Bytes 0-80 are v1's fields at v1's offsets (image 0, the app; FLAGS holds
+# the pair bits, the session slot is absolute), image 1's fields at 84. In RAM: v1's list and
+# image 1's fields at mpboot.state.IMAGE1 + the image-0 index of the same field.
+import struct
+from micropython import const
+
+from mpboot.image import ImageError
+from mpboot.slots import Slots, newest
+from mpboot.state import (ACTIVE, FLAGS, FLOOR, NONE, OK0, OK1, SEQ, SLEN, SOFF, SSHA, SSLOT, TEST,
+                          TRIAL, VERSION, Log, Store, blank)
+
+KIND_UPDATER = const(2)  # stage 1 (MPBOOT_KIND updater)
+# Image 1's (stage 1's) fields in the RAM list: IMAGE1 + the image-0 index of the same field
+# (IMAGE1 + ACTIVE, ..., IMAGE1 + OK1); IMAGE1 + FLAGS is image 1's link byte (reserved for
+# the link its upload came over, NONE). Image 0's fields keep their v1 indices.
+IMAGE1 = const(12)
+# FLAGS bits (v1 writes 0): a combined update of both pairs.
+PAIR = const(1)  # the test marks, then the trials, are one pair: they boot, confirm, revert together
+PAIR_APP_OK = const(2)  # in a pair trial: the app confirmed its half
+PAIR_S1_OK = const(4)  # in a pair trial: stage 1 confirmed its half
+# mpboot.state's v1 record (its private consts, repeated): magic, size, format.
+MAGIC = const(0x5342504D)
+REC = const(96)
+FMT = "<IIBBBBI8s16s16sII16sB"
+_MAGIC2 = const(0x3242504D)  # "MPB2"
+_REC2 = const(160)  # record size before rounding; the CRC-32 of [0, 156) is its last word
+_AT1 = const(84)  # where image 1's fields start
+# image 1: active test trial link floor version ok0 ok1 (48 bytes)
+_FMT1 = "<BBBBI8s16s16s"
+
+
+def blank2():
+    # A factory-fresh v2 state: v1's blank() and image 1's fields (link NONE).
+    return blank() + [NONE, NONE, NONE, NONE, 0, bytes(8), bytes(16), bytes(16)]
+
+
+class Store2(Store):
+    # The boot state log of a board with two pairs. It never lowers either floor, and a
+    # record that raises one is appended twice. A state area that holds v1 records only is
+    # read as the app's state (migration: _migrate).
+    def __init__(self, area):
+        Log.__init__(self, area, _MAGIC2, _REC2)
+        self.floor = self.floor1 = 0  # the floors of the newest record on flash (0: none)
+        self.v1 = False  # the state was read from a v1 record (not written since)
+
+    def load(self):
+        if not self.find():
+            self.floor = self.floor1 = 0
+            return self._migrate()
+        buf = self.buf
+        f = struct.unpack_from(FMT, buf, 0)
+        g = struct.unpack_from(_FMT1, buf, _AT1)
+        self.floor = f[1 + FLOOR]
+        self.floor1 = g[FLOOR - 1]
+        return list(f[1:]) + list(g)
+
+    def _migrate(self):
+        # No v2 record: the newest v1 record (a board updated to a firmware with stage-1
+        # slots) is the app's state, image 1 blank. The first v2 save then erases the
+        # sector that does not hold that v1 record (pos -1, _last at it) and writes there
+        # with the next sequence number, so a cut before that record is whole leaves the v1
+        # record as it was. Later v1 records read as invalid (another magic, other offsets),
+        # and the sector that holds them is erased at the next switch.
+        v1 = Log(self.area, MAGIC, REC)
+        if not v1.find():
+            return blank2()
+        self.found = self.v1 = True
+        self.seq = v1.seq
+        self._last = v1._last
+        self.pos = -1
+        f = struct.unpack_from(FMT, v1.buf, 0)
+        self.floor = f[1 + FLOOR]
+        rec = list(f[1:])
+        rec[FLAGS] = 0
+        return rec + blank2()[IMAGE1 + 1 :]
+
+    def save(self, rec):
+        # As Store.save, for both floors.
+        b = IMAGE1
+        if rec[FLOOR] < self.floor:
+            rec[FLOOR] = self.floor
+        if rec[b + FLOOR] < self.floor1:
+            rec[b + FLOOR] = self.floor1
+        rec[SEQ] += 1
+        buf = self.begin()
+        struct.pack_into(
+            FMT, buf, 0, _MAGIC2, rec[SEQ], rec[ACTIVE], rec[TEST], rec[TRIAL], rec[FLAGS],
+            rec[FLOOR], rec[VERSION], rec[OK0], rec[OK1], rec[SLEN], rec[SOFF], rec[SSHA],
+            rec[SSLOT],
+        )
+        struct.pack_into(
+            _FMT1, buf, _AT1, rec[b + ACTIVE], rec[b + TEST], rec[b + TRIAL], rec[b + FLAGS],
+            rec[b + FLOOR], rec[b + VERSION], rec[b + OK0], rec[b + OK1],
+        )
+        self.seq = rec[SEQ] - 1  # the record's sequence number is the caller's
+        self.append()
+        self.v1 = False
+        if rec[FLOOR] > self.floor or rec[b + FLOOR] > self.floor1:
+            rec[SEQ] = self.append()  # buf still holds the fields: the second copy
+        self.floor = rec[FLOOR]
+        self.floor1 = rec[b + FLOOR]
+
+
+def plan(sl):
+    # Steps 1 and 2 of a pair's decision (as Slots.decide), in RAM (the caller saves):
+    # revert a trial that was reset before its confirm, or start the test boot of a marked
+    # slot that verifies. Returns ((slot, info) of the test boot or None, whether st changed).
+    st = sl.state
+    b = sl.b
+    if st[b + TRIAL] != NONE:
+        st[b + TRIAL] = NONE
+        return None, True
+    t = st[b + TEST]
+    if t == NONE:
+        return None, False
+    st[b + TEST] = NONE
+    info = sl.probe(t)
+    if info:
+        st[b + TRIAL] = t  # the one test boot is used up now, whatever happens next
+        return (t, info), True
+    return None, True
+
+
+def choose(sl, fresh):
+    # Step 3 (as Slots.decide): the confirmed image, the active slot first. fresh: no record
+    # ever named this pair's images: the newest valid image, confirmed in RAM. Returns
+    # (slot, info, whether st changed); slot -1: none is bootable.
+    a = sl.state[sl.b + ACTIVE]
+    tried = [None, None]
+    for s in ((a, a ^ 1) if a != NONE else (0, 1)):
+        info = tried[s] = sl.probe(s)
+        if info and sl.confirmed(s, info):
+            return s, info, False
+    if fresh:
+        best = newest(tried)
+        info = tried[best]
+        if info:
+            sl.keep(best, info)
+            return best, info, True
+    return -1, None, False
+
+
+class Pair(Slots):
+    # The app's pair on a board with two (made instead of Slots, with the same arguments):
+    # v2 state record, and the pair rules for marks and confirms.
+    def __init__(self, slot0, slot1, state_area, keys, **kw):
+        self.booted = None  # (slot, info) decide_all chose for this pair
+        self.peer = None  # the other pair
+        Slots.__init__(self, slot0, slot1, state_area, keys, store=Store2(state_area), **kw)
+
+    def mark_test(self, slot):
+        # A pair mark (mark_pair) not started yet becomes two marks of their own.
+        st = self.state
+        if st[FLAGS] & PAIR and st[TRIAL] == NONE and st[IMAGE1 + TRIAL] == NONE:
+            st[FLAGS] = 0
+            st[self.b + TEST] = NONE  # (so Slots.mark_test writes)
+        Slots.mark_test(self, slot)
+
+    def confirm(self, slot, info):
+        # In a pair trial the first half to confirm only records that it did (its bit, one
+        # record; False when it confirms again); the second writes both halves' confirms
+        # (the other's info from this boot's decision, else verified again) in one record.
+        st = self.state
+        if st[FLAGS] & PAIR and st[self.b + TRIAL] == slot:
+            mine, other = (PAIR_APP_OK, PAIR_S1_OK) if self.b == 0 else (PAIR_S1_OK, PAIR_APP_OK)
+            if not st[FLAGS] & other:
+                if st[FLAGS] & mine:
+                    return False
+                st[FLAGS] |= mine
+                self.save(st)
+                return True
+            p = self.peer
+            ps = st[p.b + TRIAL]
+            pinfo = p.booted[1] if p.booted and p.booted[0] == ps else p.probe(ps)
+            if pinfo is None:
+                raise ImageError(p.errors[ps])
+            p.keep(ps, pinfo)
+            st[FLAGS] = 0
+        return Slots.confirm(self, slot, info)
+
+    def set_trust(self, new):
+        Slots.set_trust(self, new)
+        self.peer.trust = new
+
+
+class Stage1(Pair):
+    # Stage 1's pair (kind updater): shares the app pair's state record, store, trust
+    # state, policy and verify buffer instead of loading its own.
+    def __init__(self, app, slot0, slot1):
+        for k in ("store", "state", "keys", "threshold", "image_threshold", "trust_store",
+                  "trust", "build", "vendor_id", "class_id", "downgrade", "test_boot",
+                  "no_repl", "factory", "mapped", "buf"):
+            setattr(self, k, getattr(app, k))
+        self.areas = (slot0, slot1)
+        self.kind = KIND_UPDATER
+        self.errors = [0, 0]
+        self.booted = None
+        self.peer = app
+        app.peer = self
+        self.image = 1
+        self.b = IMAGE1
+
+
+def stage1(app, slot0, slot1):
+    # Stage 1's pair beside app (a Pair). One decision for both, one write: decide_all.
+    return Stage1(app, slot0, slot1)
+
+
+def decide_all(app, s1):
+    # The boot decision for both pairs (app, stage1(app, ...)), with one state record
+    # written at most. Each pair decides as Slots.decide does; a pair mark (PAIR) starts
+    # both test boots or neither, and a reset in a pair trial reverts both, even a half
+    # that confirmed. Stage 1's pair is also fresh (its newest valid image confirmed) at the
+    # first boot after the v1 -> v2 migration: a board given stage-1 slots by a firmware
+    # update. Returns ((slot, info, trial) of the app, the same for stage 1).
+    st = app.state
+    b = IMAGE1
+    if st[FLAGS] & PAIR:
+        if st[TRIAL] != NONE or st[b + TRIAL] != NONE:
+            # A pair trial reset before both halves confirmed: both revert.
+            st[TRIAL] = st[b + TRIAL] = NONE
+            t0 = t1 = None
+        else:
+            m0 = st[TEST] != NONE
+            m1 = st[b + TEST] != NONE
+            t0, _ = plan(app)
+            t1, _ = plan(s1)
+            if (m0 and not t0) or (m1 and not t1):
+                # Half of the pair does not verify: neither starts.
+                st[TRIAL] = st[b + TRIAL] = NONE
+                t0 = t1 = None
+        st[FLAGS] = PAIR if t0 and t1 else 0
+        changed = True
+    else:
+        t0, c0 = plan(app)
+        t1, c1 = plan(s1)
+        changed = c0 or c1
+    fresh = not app.store.found
+    out = []
+    for sl, t, f in ((s1, t1, fresh or app.store.v1), (app, t0, fresh)):
+        if t:
+            r = (t[0], t[1], True)
+        else:
+            slot, info, c = choose(sl, f)
+            r = (slot, info, False)
+            changed = changed or c
+        sl.booted = r[:2]
+        out.append(r)
+    if changed:
+        app.save(st)
+    return out[1], out[0]
+
+
+def mark_pair(app, t0, s1, t1):
+    # A combined update: app slot t0 and stage-1 slot t1 (both verified by the caller) boot
+    # once, together, at the next reset (one record); they confirm and revert together.
+    st = app.state
+    for sl, t in ((app, t0), (s1, t1)):
+        st[sl.b + TEST] = t
+        if st[sl.b + TRIAL] == t:
+            st[sl.b + TRIAL] = NONE
+    st[FLAGS] = PAIR
+    app.save(st)
