@@ -57,6 +57,18 @@ from mpboot.trust import IMAGE_THRESHOLD, REVOCATION, ROOT_VERSION, ROOTS, THRES
 from mpboot.update import UpdateError, Updater
 
 
+def _slot_lines(word, pair):
+    # One status line per slot of a pair: its verified image, or why it was refused.
+    for s in (0, 1):
+        info = pair.probe(s)
+        if info:
+            v = info["version"]
+            print("%s %d ok version=%d.%d.%d+%d counter=%d confirmed=%d" % (
+                word, s, v[0], v[1], v[2], v[3], info["security_counter"] or 0, pair.confirmed(s, info)))
+        else:
+            print("%s %d error=%d" % (word, s, pair.errors[s]))
+
+
 def main():
     cfg, chip, policy = sim_config.load(sys.argv[1])
     cmd = sys.argv[2]
@@ -70,28 +82,12 @@ def main():
         store = slots.store
         print("STATE seq=%d active=%d test=%d trial=%d floor=%d found=%d pos=%d record=%d" % (
             st[SEQ], st[ACTIVE], st[TEST], st[TRIAL], st[FLOOR], store.found, store.pos, store.rec))
-        for s in (0, 1):
-            info = slots.probe(s)
-            if info:
-                v = info["version"]
-                print("SLOT %d ok version=%d.%d.%d+%d counter=%d confirmed=%d" % (
-                    s, v[0], v[1], v[2], v[3], info["security_counter"] or 0,
-                    slots.confirmed(s, info)))
-            else:
-                print("SLOT %d error=%d" % (s, slots.errors[s]))
+        _slot_lines("SLOT", slots)
         if s1:
             b = IMAGE1
             print("STATE1 active=%d test=%d trial=%d floor=%d flags=%d" % (
                 st[b + ACTIVE], st[b + TEST], st[b + TRIAL], st[b + FLOOR], st[FLAGS]))
-            for s in (0, 1):
-                info = s1.probe(s)
-                if info:
-                    v = info["version"]
-                    print("S1SLOT %d ok version=%d.%d.%d+%d counter=%d confirmed=%d" % (
-                        s, v[0], v[1], v[2], v[3], info["security_counter"] or 0,
-                        s1.confirmed(s, info)))
-                else:
-                    print("S1SLOT %d error=%d" % (s, s1.errors[s]))
+            _slot_lines("S1SLOT", s1)
         return
     if cmd == "layout":
         print("AREAS " + " ".join("%d:%d" % (a.start, a.size) for a in areas))
