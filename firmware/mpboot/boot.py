@@ -27,6 +27,13 @@ BOOTED_INFO = const(2)  # its verified image info (None in recovery)
 BOOTED_WATCHDOG = const(3)  # the watchdog armed for a test boot, or None
 BOOTED_HOW = const(4)  # how it booted (HOW_*); HOW_CONFIRMED once mpboot.confirm() kept it
 BOOTED_CONFIRMED = const(5)  # the confirmed image at boot: (active slot, digest prefix)
+# Stage 1 (the update service as a signed image, docs/BOOT.md "Two stages"), on boards with
+# stage-1 slots; None/-1 on others and until boot.start() has decided stage 1:
+BOOTED_S1 = const(6)  # stage 1's mpboot.pairs.Stage1 (its slot pair), or None
+BOOTED_S1_SLOT = const(7)  # stage 1's slot running (-1: none, the rescue serves)
+BOOTED_S1_INFO = const(8)  # its verified image info
+BOOTED_S1_HOW = const(9)  # how it booted (HOW_*); HOW_CONFIRMED once proven and confirmed
+BOOTED_DEADLINE = const(10)  # a stage-1 trial's proof deadline (time.ticks_ms), or None
 # How the running image booted:
 HOW_CONFIRMED = const(0)  # the confirmed (active) image itself
 HOW_TEST = const(1)  # its one test boot
@@ -165,7 +172,9 @@ def recovery(slots):
 def set_booted(slots, slot, info, wdt, how):
     # Records what runs (mpboot._booted, the BOOTED_* fields) and puts mpboot.confirm in place.
     # Used by run() and recovery(); device test drivers use it to play a boot.
-    mpboot._booted = [slots, slot, info, wdt, how, _confirmed_now(slots)]
+    b = mpboot._booted
+    s1 = b[BOOTED_S1:] if b else [None, -1, None, HOW_CONFIRMED, None]
+    mpboot._booted = [slots, slot, info, wdt, how, _confirmed_now(slots)] + s1
     mpboot.confirm = confirm
 
 
