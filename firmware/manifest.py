@@ -12,13 +12,16 @@ metadata(
     license="Apache-2.0",
 )
 
-options.defaults(port="")
+options.defaults(port="", rescue=True)
 
+# Stage 0 (docs/BOOT.md "Two stages"): the root of trust. It verifies, decides, boots, and
+# writes every state, trust and factory record; nothing here parses what a link carries.
 package(
     "mpboot",
     files=(
         "__init__.py",
         "boot.py",
+        "cbor.py",
         "factory.py",
         "flash.py",
         "image.py",
@@ -27,27 +30,38 @@ package(
         "records.py",
         "rsa.py",
         "slots.py",
+        "stages.py",
         "state.py",
         "trust.py",
         "update.py",
-        "service.py",
         "ports/__init__.py",
-        "smp/__init__.py",
-        "smp/cbor.py",
-        "smp/server.py",
-        "smp/os_mgmt.py",
-        "smp/img_mgmt.py",
-        "smp/enum_mgmt.py",
-        "smp/identity.py",
-        "smp/mpboot_mgmt.py",
-        "smp/factory_mgmt.py",
-        "smp/trust_mgmt.py",
-        "smp/zupload.py",
-        "transport/__init__.py",
-        "transport/uart.py",
-        "transport/ble.py",
     ),
 )
+# Stage 1: the update service. On a board with stage-1 slots it runs from a signed image
+# (mpboot firmware export --stage1, signed --kind updater) and this frozen copy is only the
+# last resort, when neither stage-1 slot can run; on a board without them it is the service.
+# rescue=False leaves it out: such a board with no runnable stage 1 serves nothing (recovery
+# then needs a cable).
+if options.rescue:
+    package(
+        "mpboot",
+        files=(
+            "smp/__init__.py",
+            "smp/server.py",
+            "smp/service.py",
+            "smp/os_mgmt.py",
+            "smp/img_mgmt.py",
+            "smp/enum_mgmt.py",
+            "smp/identity.py",
+            "smp/mpboot_mgmt.py",
+            "smp/factory_mgmt.py",
+            "smp/trust_mgmt.py",
+            "smp/zupload.py",
+            "transport/__init__.py",
+            "transport/uart.py",
+            "transport/ble.py",
+        ),
+    )
 if options.port == "unix":
     package("mpboot", files=("ports/unix.py", "ports/nor_sim.py"))
 elif options.port:

@@ -110,7 +110,8 @@ FIGURES_OFFSET = qemukit.DATA_OFFSET
 HEAP_ENTRY = f"""
 import gc, micropython, uctypes
 import mpboot_keys
-from mpboot import boot, service
+from mpboot import boot
+from mpboot.smp import service
 from mpboot.ports import qemu as port
 gc.collect()
 f0 = gc.mem_free()

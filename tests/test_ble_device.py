@@ -57,8 +57,12 @@ NAME = "mpboot-test"
 # factory area (docs/FACTORY.md: its record, 640 bytes, and mpboot.factory's code, frozen on a
 # board) the upload takes 128 KiB (5 of 5 runs; 126k fails) and the long echo 132 KiB. With
 # the trust area (docs/KEYS.md: mpboot.trust's code, 3.4 KiB as .mpy on this heap, frozen on
-# a board) this module's tests pass in 140 KiB (138k fails).
-HEAP = "144k"
+# a board) this module's tests pass in 140 KiB (138k fails). Since the service is imported
+# after the boot (issue 19: on a board with two stages boot.start loads it from stage 1's
+# slot, so a board's boot.py imports it only then), its modules load into the holes the boot
+# left and the characteristic's 8 KiB buffer no longer finds a piece in 144-156 KiB
+# (test_notify_retried..., which also loads dev_ble; the other tests pass in 144k): 160k.
+HEAP = "160k"
 SECTOR = 4096
 SLOT = 64 * 1024
 FLASH_SIZE = Geometry.for_slots(SLOT, SECTOR).size

@@ -1,4 +1,4 @@
-"""Text strings in the device's CBOR decoder (firmware/mpboot/smp/cbor.py) on MicroPython: only
+"""Text strings in the device's CBOR decoder (firmware/mpboot/cbor.py) on MicroPython: only
 strict UTF-8 (RFC 3629) is accepted, as docs/PROTOCOL.md ("CBOR subset") says and as strict
 decoders (cbor2, the host) read it back. MicroPython's own str(b, "utf-8") lets overlong forms,
 UTF-16 surrogates and code points above U+10FFFF through; the decoder must not.

@@ -672,7 +672,8 @@ _NO_REPL = """
 import sys
 import mpboot_keys
 import sim_config
-from mpboot import boot, service
+from mpboot import boot
+from mpboot.smp import service
 from mpboot.ports import unix as port
 
 cfg, chip, policy = sim_config.load(sys.argv[1])

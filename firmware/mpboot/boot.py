@@ -7,8 +7,30 @@
 #   import mpboot_keys
 #   boot.start(port, port.areas(0x100000, 0x80000, 0x200000), mpboot_keys.KEYS,
 #              **trust.policy(mpboot_keys))
-import os
 import sys
+
+
+def _pin():
+    # MicroPython lets a file on sys.path (time.py in the filesystem's root or /lib, which
+    # nothing signs) stand in for an "extensible" builtin module. Before stage 0 (the modules
+    # below) and stage 1 import one, the builtins mpboot uses are imported with an empty
+    # sys.path and pinned in sys.modules, so such a file can replace them neither for mpboot
+    # nor for the app (docs/THREAT_MODEL.md). A board's boot.py imports mpboot.boot (or
+    # mpboot.stages, which imports it) before any other mpboot module.
+    path = sys.path[:]
+    sys.path[:] = []
+    for n in ("array", "binascii", "deflate", "hashlib", "io", "os", "select", "struct", "time"):
+        sys.modules.pop(n, None)
+        try:
+            sys.modules[n] = __import__(n)
+        except ImportError:  # not in this firmware
+            pass
+    sys.path[:] = path
+
+
+_pin()
+del _pin
+import os  # (after the pin)
 import vfs
 from micropython import const
 
@@ -78,34 +100,45 @@ def _cannot_run(slots, port, slot, trial, code, entry, mount, wdt_ms):
     return recovery(slots)
 
 
+def image_bytes(slots, port, slot, info):
+    # The bytes a verified image runs from: its flash mapped in place, or a RAM copy verified
+    # again, so the bytes that run are the bytes that verified. An int instead: the slot error
+    # why it cannot run.
+    area = slots.areas[slot]
+    mem = port.mapped(area)
+    if mem is not None:
+        return mem
+    try:
+        mem = bytearray(info["total_size"])
+    except MemoryError:
+        return E_NO_RAM
+    area.read(0, mem)
+    try:
+        ok = slots.check(slot, bytes_reader(mem))["digest"] == info["digest"]
+    except image.ImageError:
+        ok = False
+    # Otherwise the flash read back differently from a moment ago.
+    return mem if ok else image.E_HASH_MISMATCH
+
+
+def mount_image(mem, info, mount):
+    # Mounts the image's ROMFS payload at `mount`; OSError if it is not one.
+    rom = getattr(vfs, "VfsRom", None)  # None: a firmware built without ROMFS support
+    if rom is None:
+        print("mpboot: this firmware has no vfs.VfsRom (docs/PORTING.md)")
+        raise OSError(19)
+    start = info["hdr_size"]
+    vfs.mount(rom(memoryview(mem)[start : start + info["img_size"]]), mount)
+
+
 def run(slots, port, slot, info, trial, entry="main", mount="/app", wdt_ms=WDT_MS):
     # Mounts and runs the image `slots.decide()` chose. Returns True once the app's entry
     # module returns, False in recovery.
-    area = slots.areas[slot]
-    mem = port.mapped(area)
-    if mem is None:
-        # The port cannot map flash (or is the simulator): copy the image to RAM and verify
-        # that copy, so the bytes that run are the bytes that verified.
-        try:
-            mem = bytearray(info["total_size"])
-        except MemoryError:
-            return _cannot_run(slots, port, slot, trial, E_NO_RAM, entry, mount, wdt_ms)
-        area.read(0, mem)
-        try:
-            again = slots.check(slot, bytes_reader(mem))
-            ok = again["digest"] == info["digest"]
-        except image.ImageError:
-            ok = False
-        if not ok:
-            # The flash read back differently from a moment ago.
-            return _cannot_run(slots, port, slot, trial, image.E_HASH_MISMATCH, entry, mount, wdt_ms)
-    start = info["hdr_size"]
-    rom = getattr(vfs, "VfsRom", None)  # None: a firmware built without ROMFS support
+    mem = image_bytes(slots, port, slot, info)
+    if type(mem) is int:
+        return _cannot_run(slots, port, slot, trial, mem, entry, mount, wdt_ms)
     try:
-        if rom is None:
-            print("mpboot: this firmware has no vfs.VfsRom (docs/PORTING.md)")
-            raise OSError(19)
-        vfs.mount(rom(memoryview(mem)[start : start + info["img_size"]]), mount)
+        mount_image(mem, info, mount)
     except OSError:
         # Signed, but its payload is not a ROMFS (or nothing here mounts one).
         return _cannot_run(slots, port, slot, trial, E_NO_ROMFS, entry, mount, wdt_ms)
@@ -186,15 +219,21 @@ def start(port, areas, keys, entry="main", mount="/app", wdt_ms=WDT_MS, **policy
     # mpboot_keys' THRESHOLD and IMAGE_THRESHOLD, mpboot.trust.policy). Returns False in
     # recovery; otherwise runs the app (its import) and returns True. Under the no-repl
     # policy Ctrl-C is off from here on and whatever the app raises returns here (True)
-    # instead of ending boot.py.
+    # instead of ending boot.py. A board with stage-1 slots starts with mpboot.stages.start.
+    mpboot._booted = None  # this boot's record: run() or recovery() sets it
     slots = Slots(areas[0], areas[1], areas[2], keys, mapped=port.mapped,
                   factory=areas[3] if len(areas) > 3 else None,
                   trust=areas[4] if len(areas) > 4 else None, **policy)
-    if slots.no_repl:
-        import micropython
-
-        micropython.kbd_intr(-1)
+    no_repl(slots)
     slot, info, trial = slots.decide()
     if slot < 0:
         return recovery(slots)
     return run(slots, port, slot, info, trial, entry, mount, wdt_ms)
+
+
+def no_repl(slots):
+    # Under the factory no-repl policy Ctrl-C is off from the boot on.
+    if slots.no_repl:
+        import micropython
+
+        micropython.kbd_intr(-1)

@@ -9,7 +9,7 @@ import hashlib
 from micropython import const
 
 from mpboot import rsa
-from mpboot.smp.cbor import Decoder  # (a codec with no SMP in it; strict mode for records)
+from mpboot.cbor import Decoder  # (a codec with no SMP in it; strict mode for records)
 from mpboot.trust import (
     IMAGE_THRESHOLD, REVOCATION, REVOKED_KEYS, REVOKED_SERIALS, ROOT_VERSION, ROOTS, THRESHOLD,
 )

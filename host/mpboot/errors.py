@@ -179,6 +179,7 @@ class BootErrorCode(IntEnum):
     NO_ROMFS = -19  # the payload does not mount as a ROMFS
     NO_ENTRY = -2  # the ROMFS has no entry module (main.py / main.mpy)
     NO_RAM = -12  # the port cannot map flash and the image does not fit in RAM
+    STAGE1_IMPORT = -5  # a stage-1 image whose service does not import (mpboot.boot.E_S1_IMPORT)
 
 
 class UpdateErrorCode(IntEnum):
@@ -328,6 +329,7 @@ _BOOT_DESCRIPTIONS: dict[BootErrorCode, str] = {
     BootErrorCode.NO_ROMFS: "its payload is not a ROMFS image",
     BootErrorCode.NO_ENTRY: "its ROMFS has no entry module (main.py)",
     BootErrorCode.NO_RAM: "it does not fit in RAM (a port that cannot map flash copies it there)",
+    BootErrorCode.STAGE1_IMPORT: "its update service (stage 1) raised while it was imported",
 }
 
 

@@ -26,11 +26,24 @@ def firmware_files() -> list[Path]:
     return sorted(p.relative_to(root) for p in root.rglob("*.py") if "__pycache__" not in p.parts)
 
 
-def export(destination: Path) -> list[Path]:
-    """Copy the device files into `destination` (created if needed); never overwrite."""
+# Stage 1, the update service (docs/BOOT.md "Two stages"): these parts of the device package
+# run from a signed image of their own on boards with stage-1 slots; the rest is stage 0.
+STAGE1_PARTS = ("mpboot/smp", "mpboot/transport")
+STAGE1_ENTRY = "mpboot/smp/service"  # what a stage-1 folder must hold (as an app holds main.py)
+
+
+def stage1_files() -> list[Path]:
+    """Relative paths of the stage-1 files: an app folder to sign with --kind updater."""
+    return [f for f in firmware_files()
+            if any(f.as_posix() == p or f.as_posix().startswith(p + "/") for p in STAGE1_PARTS)]
+
+
+def export(destination: Path, stage1: bool = False) -> list[Path]:
+    """Copy the device files (with `stage1`: only stage 1's, as a folder to sign) into
+    `destination` (created if needed); never overwrite."""
     root = firmware_root()
     destination = Path(destination)
-    files = firmware_files()
+    files = stage1_files() if stage1 else firmware_files()
     clashes = [str(destination / f) for f in files if (destination / f).exists()]
     if clashes:
         raise UsageError(f"{clashes[0]}: already exists; export into an empty or new folder")

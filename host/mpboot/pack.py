@@ -76,6 +76,12 @@ def romfs_top_names(data: bytes) -> list[str]:
 
 
 def _check_entry(names: list[str], entry: str, where: str) -> None:
+    if "/" in entry:
+        # A stage-1 folder's entry (mpboot/smp/service): a ROMFS shows its top folder only.
+        if entry.split("/")[0] not in names:
+            raise InputFileError(f"{where}: no {entry}.py in it: a stage-1 image is the folder "
+                                 "mpboot firmware export --stage1 writes")
+        return
     if f"{entry}.py" not in names and f"{entry}.mpy" not in names:
         raise InputFileError(f"{where}: no {entry}.py at its top: the device boots the app by importing "
                              f"{entry!r}, so it could not run it (another entry module: --entry NAME)")
@@ -90,7 +96,12 @@ def pack_app(directory: Path, entry: str | None = DEFAULT_ENTRY) -> bytes:
     if not any(directory.rglob("*")):
         raise InputFileError(f"{directory}: app directory is empty")
     if entry is not None:
-        _check_entry([p.name for p in directory.iterdir()], entry, str(directory))
+        if "/" in entry:
+            if not any((directory / f"{entry}{ext}").is_file() for ext in (".py", ".mpy")):
+                raise InputFileError(f"{directory}: no {entry}.py in it: a stage-1 image is the folder "
+                                     "mpboot firmware export --stage1 writes")
+        else:
+            _check_entry([p.name for p in directory.iterdir()], entry, str(directory))
     with tempfile.TemporaryDirectory(prefix="mpboot-app-") as tmp:
         staging = Path(tmp) / "app"
         shutil.copytree(directory, staging, ignore=shutil.ignore_patterns("__pycache__", ".*"))

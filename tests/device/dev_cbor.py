@@ -1,7 +1,7 @@
-# MicroPython: the SMP codec's decoder (mpboot.smp.cbor.Decoder) on payloads made on the host.
+# MicroPython: the SMP codec's decoder (mpboot.cbor.Decoder) on payloads made on the host.
 #   dev_cbor check IN
 #       IN: records of u16 BE length + a CBOR payload. Prints "STR_COUNTS 0|1" (the text path
-#       this port takes, mpboot.smp.cbor._STR_COUNTS), then one line per record: the answer of
+#       this port takes, mpboot.cbor._STR_COUNTS), then one line per record: the answer of
 #       that path, a space, the answer of the max() fallback (_STR_COUNTS forced off). Each
 #       answer is "ERR" when the decoder refuses the payload, else "OK:HEX", HEX the UTF-8
 #       bytes of the map's "d" when that is text (else "OK:-").
@@ -12,8 +12,8 @@ import sys
 import time
 from binascii import hexlify
 
-from mpboot.smp import cbor
-from mpboot.smp.cbor import Decoder
+from mpboot import cbor
+from mpboot.cbor import Decoder
 
 
 def records(path):

@@ -16,7 +16,7 @@ import mpboot_keys
 from mpboot import factory, image, records, rsa, state, trust  # noqa: F401 (loaded before the ballast, as if frozen)
 from mpboot.ports import unix as port
 from mpboot.slots import Slots
-from mpboot.smp import cbor  # noqa: F401 (the records' codec: frozen on a device)
+from mpboot import cbor  # noqa: F401 (the records' codec: frozen on a device)
 
 chip = port.flash(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
 s1_size = int(sys.argv[6]) if len(sys.argv) > 6 else 0

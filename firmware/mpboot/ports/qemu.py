@@ -294,7 +294,7 @@ def main(slot_size=0x100000, buf_size=2048, buf_count=4, **policy):
     import sys
 
     import mpboot_keys
-    from mpboot import boot, service, trust
+    from mpboot import boot, trust
     from mpboot.ports import qemu as port
 
     try:
@@ -303,6 +303,8 @@ def main(slot_size=0x100000, buf_size=2048, buf_count=4, **policy):
     except Exception as e:  # the app failed: still take updates
         print("mpboot: the app raised:")
         sys.print_exception(e)
+    from mpboot.smp import service  # only now (boot.start loads stage 1's, on boards with one)
+
     link = uart()
     print("mpboot: serving SMP (buf_size %d, buf_count %d)" % (buf_size, buf_count))
     try:

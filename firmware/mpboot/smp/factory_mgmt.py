@@ -26,7 +26,7 @@ from mpboot.factory import (
     VENDOR_ID,
     FactoryError,
 )
-from mpboot.smp.cbor import Encoder
+from mpboot.cbor import Encoder
 from mpboot.smp.identity import bytes_or_null, ids, serial
 from mpboot.state import FLOOR
 

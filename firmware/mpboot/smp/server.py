@@ -18,7 +18,7 @@ from micropython import const
 
 from mpboot.image import ImageError
 from mpboot.smp import img_mgmt, mpboot_mgmt, os_mgmt
-from mpboot.smp.cbor import Decoder, Encoder
+from mpboot.cbor import Decoder, Encoder
 from mpboot.update import Updater
 
 _HDR = const(8)

@@ -300,10 +300,17 @@ def firmware_group() -> None:
 
 @firmware_group.command("export")
 @click.argument("destination", type=click.Path(file_okay=False, path_type=Path))
-def firmware_export(destination: Path) -> None:
+@click.option("--stage1", is_flag=True,
+              help="Only stage 1 (the update service), as a folder to sign with --kind updater for a "
+                   "board with stage-1 slots.")
+def firmware_export(destination: Path, stage1: bool) -> None:
     """Copy the device files (and manifest.py to freeze them) into DESTINATION."""
-    files = firmware.export(destination)
-    click.echo(f"exported {plural(len(files), 'file')} to {destination} (freeze with {destination / 'manifest.py'})")
+    files = firmware.export(destination, stage1)
+    if stage1:
+        click.echo(f"exported stage 1 ({plural(len(files), 'file')}) to {destination} (sign it with "
+                   f"mpboot sign {destination} --kind updater ...)")
+    else:
+        click.echo(f"exported {plural(len(files), 'file')} to {destination} (freeze with {destination / 'manifest.py'})")
 
 
 COMMANDS = (keygen, pubkey_cmd, verify, info, firmware_group)

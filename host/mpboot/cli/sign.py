@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from mpboot import pack, signing, trust
+from mpboot import firmware, pack, signing, trust
 from mpboot.cli.common import (
     KEY_REF,
     KIND_NAMES,
@@ -174,7 +174,8 @@ def sign(input_path: Path, key_files: tuple[KeyRef, ...], cert_files: tuple[Path
             keys_used = stack.enter_context(signing.open_signers(key_files, secret, options.scheme, access))
         recorders = [Recorder(k) for k in keys_used]
         signers = _signers(recorders, cert_files)
-        source = pack.load_input(input_path, entry=entry)
+        # A stage-1 image (kind updater) is the service's folder, whose entry is mpboot/smp/service.
+        source = pack.load_input(input_path, entry=firmware.STAGE1_ENTRY if kind == "updater" else entry)
         body, base_addr = pack.with_header_room(source, options.header_size, pad_header)
         image = build_image(body, signers, options)
     if digest_only:

@@ -245,7 +245,7 @@ def _reply(rsp):
         print("RSP -")
         return None
     print("RSP " + hexlify(rsp).decode())
-    from mpboot.smp.cbor import Decoder
+    from mpboot.cbor import Decoder
 
     return Decoder().decode(memoryview(bytes(rsp))[8:])
 

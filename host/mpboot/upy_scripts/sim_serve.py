@@ -7,14 +7,16 @@
 # 127.0.0.1:PORT, docs/BLE.md; NAME advertised, default "mpboot"). Like a board's boot.py:
 # boot (the chosen image's app runs: it prints, and confirms itself), or recovery; then the
 # update service until a client asks for a reset: the process exits 0 and the simulator
-# (host/mpboot/sim/serve.py) starts the next power-on.
+# (host/mpboot/sim/serve.py) starts the next power-on. With stage-1 slots (s1=BYTES) the
+# service is the stage 1 that mpboot.stages.start() loaded from its slot (else the rescue:
+# the service in the firmware folder).
 import sys
 
 import micropython
 
 import mpboot_keys
 import sim_config
-from mpboot import boot, service
+from mpboot import boot
 from mpboot.ports import unix as port
 
 
@@ -36,11 +38,19 @@ class _Announce:
 def main():
     micropython.kbd_intr(-1)  # SIGINT (Ctrl-C at the simulator's terminal) is a power cut
     cfg, chip, policy = sim_config.load(sys.argv[1])
+    areas = sim_config.areas(cfg, chip)
     try:
-        boot.start(port, sim_config.areas(cfg, chip), mpboot_keys.KEYS, **policy)
+        if len(areas) > 5:  # stage-1 slots: a board with two stages
+            from mpboot import stages
+
+            stages.start(port, areas, mpboot_keys.KEYS, **policy)
+        else:
+            boot.start(port, areas, mpboot_keys.KEYS, **policy)
     except Exception as e:  # the app failed; the service still takes updates
         print("mpboot sim: the app raised:")
         sys.print_exception(e)
+    from mpboot.smp import service  # only now: stage 1's, which stages.start() loaded (or the rescue)
+
     buf_size = int(cfg.get("bufsize", 2048))
     buf_count = int(cfg.get("bufcount", 4))
     if "ble" in cfg:

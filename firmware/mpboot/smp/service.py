@@ -2,9 +2,8 @@
 # the device runs. A board's boot.py calls it after boot.start() returns: the app's main
 # returned, or nothing could boot (recovery: the service is how a new image gets in):
 #
-#   from mpboot import boot, service
+#   from mpboot import boot
 #   from mpboot.ports import rp2 as port
-#   from mpboot.transport.uart import frame_bytes
 #   import mpboot_keys
 #
 #   try:
@@ -12,6 +11,8 @@
 #   except Exception as e:          # the app failed: still take updates
 #       import sys
 #       sys.print_exception(e)
+#   from mpboot.smp import service      # only now: on a board with stage-1 slots, boot.start()
+#   from mpboot.transport.uart import frame_bytes   # loaded both from stage 1's image
 #   service.run(port, port.uart(0, 115200, 4 * frame_bytes(2048), tx=0, rx=1))
 #
 # or, on a board with a radio (esp32, Pico W, ...), over BLE instead of the last line:
@@ -24,9 +25,11 @@
 # serves it feeds the watchdog a test boot armed (mpboot.boot.feed) once the image is
 # confirmed; an unconfirmed test image is left to the watchdog, which reverts it (a client
 # can still confirm it, or reset, within the watchdog's timeout).
+import sys
+
 import mpboot
 from mpboot import boot
-from mpboot.boot import BOOTED_INFO, BOOTED_SLOT, BOOTED_SLOTS
+from mpboot.boot import BOOTED_DEADLINE, BOOTED_INFO, BOOTED_S1_HOW, BOOTED_S1_SLOT, BOOTED_SLOT, BOOTED_SLOTS, HOW_TEST
 from mpboot.smp.server import Server
 from mpboot.state import TRIAL
 
@@ -51,24 +54,44 @@ def _server(port, buf_size, buf_count):
     return server, tick
 
 
-def run(port, link, buf_size=2048, buf_count=4):
+PROVE_MS = 300000  # a stage-1 test boot's time to prove itself (docs/BOOT.md "Stage 1's proof")
+
+
+def run(port, link, buf_size=2048, buf_count=4, prove_ms=PROVE_MS):
     # port: the port module (reset, unique_id); link: port.uart(...). buf_size/buf_count:
     # the MCUmgr parameters clients size their requests by (the link's receive buffer should
-    # hold buf_count frames: mpboot.transport.uart.frame_bytes).
-    _run(port, link, buf_size, buf_count, False)
+    # hold buf_count frames: mpboot.transport.uart.frame_bytes). prove_ms: a stage-1 test
+    # boot's deadline, from here.
+    _run(port, link, buf_size, buf_count, False, prove_ms)
 
 
-def run_ble(port, link, buf_size=2048, buf_count=4):
+def run_ble(port, link, buf_size=2048, buf_count=4, prove_ms=PROVE_MS):
     # run() over BLE: link is port.ble(...). The characteristic's buffer holds buf_count
     # requests of buf_size bytes (the SMP window), buf_size * buf_count bytes of the heap.
-    _run(port, link, buf_size, buf_count, True)
+    _run(port, link, buf_size, buf_count, True, prove_ms)
 
 
-def _run(port, link, buf_size, buf_count, ble):
+def _leave_app(mount="/app"):
+    # The app has returned: its modules are dropped and its ROMFS leaves sys.path, so what
+    # the service imports from here comes from stage 0, stage 1 or the firmware, never from
+    # the app (its ROMFS stays mounted: an interrupt handler it left may still run its code).
+    for k in list(sys.modules):
+        if getattr(sys.modules[k], "__file__", "").startswith(mount + "/"):
+            del sys.modules[k]
+    while mount in sys.path:
+        sys.path.remove(mount)
+
+
+def _run(port, link, buf_size, buf_count, ble, prove_ms):
     # Serves until a reset is asked for, then resets. Under the no-repl policy anything that
     # goes wrong on the way (the transport's import, the server's buffers, the loop) resets
     # the board instead of ending in the REPL.
+    _leave_app()
     b = mpboot._booted
+    if b is not None and b[BOOTED_S1_SLOT] >= 0 and b[BOOTED_S1_HOW] == HOW_TEST:
+        import time
+
+        b[BOOTED_DEADLINE] = time.ticks_add(time.ticks_ms(), prove_ms)
     no_repl = b is not None and b[BOOTED_SLOTS].no_repl
     try:
         if ble:
