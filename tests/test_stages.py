@@ -24,7 +24,7 @@ GEOMETRY = Geometry.for_slots(5 * 4096, 4096, 16, s1_size=3 * 4096)
 def test_decide_both_pairs_every_case(device, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     proc = upy.run(["-m", "dev_stages", tmp_path / "flash.bin"], path=[device.lib], heapsize="512k")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "DONE 25" in proc.stdout, proc.stdout
+    assert "DONE 41" in proc.stdout, proc.stdout
 
 
 def test_geometry_with_and_without_stage1() -> None:
