@@ -8,14 +8,16 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import cbor2
 import pytest
 
 from mpboot import upy
-from mpboot.image import ImageKind
+from mpboot.image import ImageKind, parse_image
 from mpboot.keys import SigningKey
 from mpboot.sim import Geometry, SimDevice
 from powercut import Matrix, Scenario, Step, summary
 from simkit import boot, installed, make_app, make_stage1, sign_app
+from test_smp_server import IMG, V1, V2, WRITE, packet
 
 # 5-sector app slots, 3-sector stage-1 slots, 4 KiB sectors, write unit 16.
 GEOMETRY = Geometry.for_slots(5 * 4096, 4096, 16, s1_size=3 * 4096)
@@ -122,6 +124,23 @@ def test_dependencies_on_the_sim(sim_lib: Path, images: dict[str, Path], tmp_pat
     assert "REFUSED image 27\n" in dev.install(images["abi-1.1"], "test", manifest=True).stdout
     assert "REFUSED image 27 finish" in dev.install(images["abi-1.1"], "test").stdout
     installed(dev.install(images["abi-1.0"], "test", manifest=True))
+
+
+def test_smp_test_mark_of_an_app_whose_dependency_fails(sim_lib: Path, images: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    """Over SMP (a state write by hash, test): the client hears 27, v1 EINVAL with rsn
+    "image:27", v2 IMG_MGMT_ERR INVALID_IMAGE_HEADER (22), and nothing is marked."""
+    dev = running(tmp_path, sim_lib, images)
+    installed(dev.install(images["needs-s1-2"], "none"))
+    h = parse_image(images["needs-s1-2"].read_bytes()).digest  # the image digest, as the state lists it
+    pkts = [packet(WRITE, IMG, 0, {"hash": h, "confirm": False}, version=v, seq=v).hex() for v in (V1, V2)]
+    out = dev.run("smp", *pkts)
+    rsp = [cbor2.loads(bytes.fromhex(line.split()[1])[8:]) for line in out.stdout.splitlines()
+           if line.startswith("RSP ")]
+    assert rsp[0] == {"rc": 3, "rsn": "image:27"}, rsp
+    assert rsp[1] == {"err": {"group": 1, "rc": 22}}, rsp
+    assert dev.status().test == 255
+    assert boot(dev).version == "1.0.0"
 
 
 def test_app_only_board_refuses_a_dependency_on_stage1(sim_lib: Path, images: dict[str, Path],
