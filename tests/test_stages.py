@@ -107,6 +107,7 @@ def test_dependencies_on_the_sim(sim_lib: Path, images: dict[str, Path], tmp_pat
     dev = running(tmp_path, sim_lib, images)
     r = dev.install(images["needs-s1-2"], "test")
     assert "REFUSED image 27 finish" in r.stdout, r.stdout
+    assert "REFUSED image 27 finish" in dev.install(images["needs-s1-2"], "permanent").stdout
     st = dev.status()
     assert st.test == 255 and any(s.ok and s.version.startswith("2.0.0") for s in st.slots)  # there, unmarked
     assert boot(dev).version == "1.0.0"

@@ -198,16 +198,21 @@ class Pair(Slots):
                 return None
         return info
 
+    def _fits(self, slot):
+        # An app in `slot` (verified by the caller) that the confirmed stage 1 does not meet
+        # would not be started: E_DEPENDENCY, so the client hears it (update stage 1 first,
+        # or both with mark_pair).
+        st = self.state
+        a = st[IMAGE1 + ACTIVE]
+        if not meets(head(self, slot), None if a == NONE else struct.unpack("<BBHI", st[IMAGE1 + VERSION])):
+            raise ImageError(_E_DEPENDENCY)
+
     def mark_test(self, slot):
-        # A pair mark (mark_pair) not started yet becomes two marks of their own. An app
-        # whose dependency the confirmed stage 1 does not meet is refused (E_DEPENDENCY): it
-        # would not be started (mark stage 1 first, or both with mark_pair).
+        # A pair mark (mark_pair) not started yet becomes two marks of their own. The app's
+        # dependencies: _fits.
         st = self.state
         if not self.b:
-            a = st[IMAGE1 + ACTIVE]
-            v = None if a == NONE else struct.unpack("<BBHI", st[IMAGE1 + VERSION])
-            if not meets(head(self, slot), v):
-                raise ImageError(_E_DEPENDENCY)
+            self._fits(slot)
         if st[FLAGS] & PAIR and st[TRIAL] == NONE and st[IMAGE1 + TRIAL] == NONE:
             st[FLAGS] = 0
             st[self.b + TEST] = NONE  # (so Slots.mark_test writes)
@@ -217,7 +222,10 @@ class Pair(Slots):
         # In a pair trial the first half to confirm only records that it did (its bit, one
         # record; False when it confirms again); the second writes both halves' confirms
         # (the other's info from this boot's decision, else verified again) in one record.
+        # An app made the confirmed one without running (a permanent install): _fits.
         st = self.state
+        if not self.b and (self.booted is None or self.booted[0] != slot):
+            self._fits(slot)
         if st[FLAGS] & PAIR and st[self.b + TRIAL] == slot:
             mine, other = (PAIR_APP_OK, PAIR_S1_OK) if self.b == 0 else (PAIR_S1_OK, PAIR_APP_OK)
             if not st[FLAGS] & other:

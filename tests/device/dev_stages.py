@@ -286,8 +286,12 @@ assert refused(mark_pair, app, 1, s1, 1) == 27 and app.state[0] == before  # wit
 assert refused(mark_pair, app, 1, s1, 0) == 0 and app.state[0] == before + 1  # with stage 1 12
 assert app.state[FLAGS] == PAIR and app.state[TEST] == 1 and app.state[B + TEST] == 0
 assert refused(s1.mark_test, 1) == 0  # stage 1 is never refused for the app's sake
+chip, app, s1 = device({0: v1, 1: need12}, {0: w2, 1: w1}, record(**confirmed))
+before = app.state[0]
+assert refused(app.confirm, 1, need12) == 27 and app.state[0] == before  # a permanent install, too
 chip, app, s1 = device({0: v1, 1: need12}, {0: w2}, record(active=0, ok0=v1, s1_active=0, s1_ok0=w2))
 assert refused(app.mark_test, 1) == 0 and app.state[TEST] == 1  # stage 1 12 confirmed
+assert refused(app.confirm, 1, need12) == 0 and app.state[ACTIVE] == 1
 chip, app, s1 = device({0: v1, 1: need12}, {0: w2}, record(active=0, ok0=v1))  # no stage 1 confirmed
 assert refused(app.mark_test, 1) == 27
 assert refused(app.mark_test, 0) == 0  # no dependency: marked
