@@ -203,8 +203,8 @@ class Pair(Slots):
         # would not be started: E_DEPENDENCY, so the client hears it (update stage 1 first,
         # or both with mark_pair).
         st = self.state
-        a = st[IMAGE1 + ACTIVE]
-        if not meets(head(self, slot), None if a == NONE else struct.unpack("<BBHI", st[IMAGE1 + VERSION])):
+        v = None if st[IMAGE1 + ACTIVE] == NONE else struct.unpack("<BBHI", st[IMAGE1 + VERSION])
+        if not meets(head(self, slot), v):
             raise ImageError(_E_DEPENDENCY)
 
     def mark_test(self, slot):
