@@ -36,9 +36,17 @@ class Scenario:
     old: str  # version running before the scenario
     new: str  # version the scenario installs
     # On a chip with stage-1 slots: stage 1's versions before and after. The pair booted
-    # after a cut must be (old, old1) or (new, new1), never mixed.
+    # after a cut must be (old, old1) or (new, new1), or one of `also` (the pairs a scenario
+    # passes through when it updates the images one after the other), and satisfy `deps`:
+    # (app version, the lowest stage-1 version it may run with), its DEPENDENCY TLV.
     old1: str | None = None
     new1: str | None = None
+    also: tuple[tuple[str, str], ...] = ()
+    deps: tuple[tuple[str, str], ...] = ()
+    # The steps where an update starts: after a cut the scenario completes from the start of
+    # the update the cut fell in (an update done earlier is not replayed: it would meet its
+    # own result, e.g. a newer app where the reference run still had the old one).
+    phases: tuple[int, ...] = (0,)
 
 
 @dataclass(frozen=True)
@@ -138,7 +146,8 @@ class Matrix:
             if why:
                 return f"unsafe: {why}"
         # The scenario completes from here, with the same outcomes as the reference run.
-        for step, want in zip(sc.steps, self.expected):
+        start = max(p for p in sc.phases if p <= point.step)
+        for step, want in zip(sc.steps[start:], self.expected[start:]):
             got = outcome(step, run_step(dev, step))
             if got != want:
                 return f"unsafe: after the cut, {step.kind} gave {got}, expected {want}"
@@ -146,11 +155,15 @@ class Matrix:
 
     def check_pair(self, after: Booted, st: object) -> str:
         """Two pairs: the pair that booted, and the confirmed pair in the state, are the old
-        or the new one, never mixed; stage 1's active slot holds its confirmed image."""
+        or the new one (or one the scenario passes through), never mixed; what booted meets
+        its dependencies; stage 1's active slot holds its confirmed image."""
         sc = self.scenario
-        pairs = ((sc.old, sc.old1), (sc.new, sc.new1))
+        pairs = ((sc.old, sc.old1), (sc.new, sc.new1), *sc.also)
         if (after.version, after.s1) not in pairs:
             return f"booted a mixed pair {after}"
+        need = dict(sc.deps).get(after.version)
+        if need is not None and (not after.s1 or _v3(after.s1) < _v3(need)):
+            return f"booted app {after.version} with stage 1 {after.s1!r}, below its dependency {need}"
         s1 = getattr(st, "s1")
         if s1 is None or s1.active not in (0, 1):
             return f"stage-1 state {s1}"
@@ -178,6 +191,11 @@ class Matrix:
             results = list(pool.map(one, enumerate(points)))
         self.failures = [f"{p}: {r}" for p, r in zip(points, results) if r != "safe"]
         return Counter("unsafe" if r.startswith("unsafe") else r for r in results)
+
+
+def _v3(version: str) -> tuple[int, ...]:
+    """major, minor, revision of "M.m.r[+b]": dependencies compare as MCUboot does."""
+    return tuple(int(x) for x in version.split("+")[0].split("."))[:3]
 
 
 def sample(points: list[Point], k: int, seed: int) -> list[Point]:

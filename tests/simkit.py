@@ -32,11 +32,13 @@ def make_app(folder: Path, name: str, *, confirm: bool, filler: int = 0) -> byte
 
 def sign_app(romfs: bytes, key: SigningKey, version: str, *, security_counter: int | None = 1,
              vendor_id: bytes | None = None, class_id: bytes | None = None,
-             kind: ImageKind = ImageKind.APP) -> bytes:
+             kind: ImageKind = ImageKind.APP, depends: tuple[tuple[int, str], ...] = ()) -> bytes:
     """The ROMFS app signed as an image (header room in front): its version, SEC_CNT (None: no
-    SEC_CNT TLV), the vendor and class ids it is for, and its kind (MPBOOT_KIND)."""
+    SEC_CNT TLV), the vendor and class ids it is for, its kind (MPBOOT_KIND) and its
+    DEPENDENCY TLVs ((image id, minimum version), ...)."""
     opts = SignOptions(ImageVersion.parse(version), security_counter=security_counter,
-                       vendor_id=vendor_id, class_id=class_id, kind=kind)
+                       vendor_id=vendor_id, class_id=class_id, kind=kind,
+                       dependencies=tuple((i, ImageVersion.parse(v)) for i, v in depends))
     return build_image(bytes(HEADER_ROOM) + romfs, key, opts)
 
 

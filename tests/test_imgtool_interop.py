@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from conftest import KEYS_DIR, trusted_public_keys
 from mpboot.cli import cli
+from mpboot.errors import ImageErrorCode, ImageRejected
 from mpboot.image import parse_image, verify_image
 
 IMGTOOL = str(Path(sys.executable).parent / "imgtool")
@@ -117,9 +118,9 @@ def test_imgtool_rejects_mpboot_image_signed_by_other_key(tmp_path: Path) -> Non
 # DEPENDENCY TLVs (0x40): imgtool 2.5.0 writes `-d "(ID,VERSION), ..."` as MCUboot's struct
 # image_dependency ('<B3xBBHI'), after SEC_CNT and before UUID_VID; `mpboot sign --depends
 # ID:VERSION` must give the same bytes, and each side must read the other's.
-DEPS_IMGTOOL = "(1,1.2.3+4), (0, 2.0.0)"
-DEPS_MPBOOT = ["--depends", "1:1.2.3+4", "--depends", "0:2.0.0"]
-DEPS = [(1, "1.2.3+4"), (0, "2.0.0+0")]
+DEPS_IMGTOOL = "(1,1.2.3+4), (255, 1.0.0)"
+DEPS_MPBOOT = ["--depends", "stage1:1.2.3+4", "--depends", "firmware:1.0.0"]
+DEPS = [(1, "1.2.3+4"), (255, "1.0.0+0")]
 
 
 def test_imgtool_dependencies_verify_on_device_and_parse_on_host(device, tmp_path: Path) -> None:
@@ -135,7 +136,31 @@ def test_imgtool_dependencies_verify_on_device_and_parse_on_host(device, tmp_pat
     host = verify_image(out.read_bytes(), trusted_public_keys(), SLOT)
     assert [(i, str(v)) for i, v in host.image.dependencies] == DEPS
     result = CliRunner().invoke(cli, ["info", str(out)])
-    assert "dependencies:     image 1 >= 1.2.3+4, image 0 >= 2.0.0+0" in result.stdout
+    assert "dependencies:     stage 1 (image 1) >= 1.2.3+4, firmware ABI (image 255) >= 1.0.0+0" in result.stdout
+
+
+@pytest.mark.parametrize("deps,code", [("(255, 1.0.0)", None), ("(0, 1.0.0)", ImageErrorCode.DEPENDENCY),
+                                       ("(1, 1.0.0)", ImageErrorCode.BAD_TLV)])
+def test_imgtool_stage1_image_dependencies_on_device_and_host(device, tmp_path: Path, deps: str,
+                                                              code: ImageErrorCode | None) -> None:
+    """A stage-1 image made by imgtool (`--custom-tlv 0xa1 0x02000000`: MPBOOT_KIND updater)
+    may depend on the firmware's ABI only: on the app it is DEPENDENCY (27), on stage 1 BAD_TLV."""
+    src = tmp_path / "s1.bin"
+    src.write_bytes(PAYLOAD)
+    out = tmp_path / "signed.bin"
+    proc = imgtool("sign", "-k", str(KEYS_DIR / "TEST-ONLY-rsa2048.pem"), "-H", "0x200", "-S", hex(SLOT),
+                   "-v", "1.0.0", "-s", "5", "--pad-header", "--custom-tlv", "0xa1", "0x02000000",
+                   "-d", deps, str(src), str(out))
+    assert proc.returncode == 0, proc.stderr
+    verdict = device.verify_files([(out, SLOT)])[0]
+    if code is None:
+        assert verdict.accepted and verdict.deps == ((255, "1.0.0+0"),), verdict
+        assert parse_image(out.read_bytes()).kind == 2
+        return
+    assert not verdict.accepted and verdict.code == code, verdict
+    with pytest.raises(ImageRejected) as err:
+        verify_image(out.read_bytes(), trusted_public_keys(), SLOT)
+    assert err.value.code is code
 
 
 def _dumpinfo_dependencies(path: Path) -> list[tuple[int, str]]:

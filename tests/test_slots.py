@@ -255,7 +255,7 @@ def _device_codes(module: str, prefix: str) -> dict[str, int]:
 
 
 def test_host_knows_every_device_image_policy_and_update_code() -> None:
-    """One name per code: the device's E_X (image.py 1-15 and 23-25, records.py 20-22,
+    """One name per code: the device's E_X (image.py 1-15, 23-25 and 27, records.py 20-22,
     slots.py 16-19 and 26) is the host's
     ImageErrorCode.X, U_X (update.py) is UpdateErrorCode.X, with the same numbers."""
     from mpboot.errors import UpdateErrorCode
@@ -263,7 +263,7 @@ def test_host_knows_every_device_image_policy_and_update_code() -> None:
     certificates = {k: v for k, v in _device_codes("records.py", "E_").items() if k.startswith("CERT_")}
     verifier = _device_codes("image.py", "E_") | certificates
     policy = _device_codes("slots.py", "E_")
-    assert sorted(verifier.values()) == [*range(1, 16), *range(20, 26)]
+    assert sorted(verifier.values()) == [*range(1, 16), *range(20, 26), 27]
     assert sorted(policy.values()) == [16, 17, 18, 19, 26]
     assert verifier | policy == {code.name: code.value for code in ImageErrorCode}
     update = _device_codes("update.py", "U_")

@@ -44,10 +44,10 @@ OTHER_CLASS = class_uuid("display", VENDOR)
 
 def image(version: str, *, payload: int = 9001, counter: int | None = 1, vendor_id: bytes | None = None,
           class_id: bytes | None = None, seed: str = "", key: str = "TEST-ONLY-rsa2048.pem",
-          kind: ImageKind = ImageKind.APP) -> bytes:
+          kind: ImageKind = ImageKind.APP, depends: tuple[tuple[int, str], ...] = ()) -> bytes:
     body = random.Random(seed or version).randbytes(payload)
     return sign_app(body, signing_key(key), version, security_counter=counter, vendor_id=vendor_id, class_id=class_id,
-                    kind=kind)
+                    kind=kind, depends=depends)
 
 
 def host_code(data: bytes) -> int:
@@ -994,6 +994,8 @@ def test_refusals_at_offset_zero_write_nothing(session: Session, device, tmp_pat
     other2 = image("2.2.0", counter=5, vendor_id=VENDOR, class_id=OTHER_CLASS)
     low = image("2.2.0", counter=4, vendor_id=VENDOR, class_id=CLASS)
     updater = image("2.2.0", counter=5, vendor_id=VENDOR, class_id=CLASS, kind=ImageKind.UPDATER)
+    abi11 = image("2.2.0", counter=5, vendor_id=VENDOR, class_id=CLASS, depends=((255, "1.1.0"),))
+    on_s1 = image("2.2.0", counter=5, vendor_id=VENDOR, class_id=CLASS, depends=((1, "1.0.0"),))
     cases = {
         # label: (image, extra fields at off 0, v1 rsn, v2 rc)
         "bad magic": (with_header(good, magic=0x96F3B83C), {}, "image:1", img.IMG_MGMT_ERR.INVALID_IMAGE_HEADER_MAGIC),
@@ -1006,6 +1008,9 @@ def test_refusals_at_offset_zero_write_nothing(session: Session, device, tmp_pat
         "counter below floor": (low, {"ptlv": manifest(low)}, "image:18", img.IMG_MGMT_ERR.CURRENT_VERSION_IS_NEWER),
         "updater in the app's slots": (updater, {"ptlv": manifest(updater)}, "image:26",
                                        img.IMG_MGMT_ERR.INVALID_IMAGE_HEADER),
+        "needs firmware ABI 1.1": (abi11, {"ptlv": manifest(abi11)}, "image:27", img.IMG_MGMT_ERR.INVALID_IMAGE_HEADER),
+        "needs stage 1 (no stage-1 slots)": (on_s1, {"ptlv": manifest(on_s1)}, "image:27",
+                                             img.IMG_MGMT_ERR.INVALID_IMAGE_HEADER),
         "ptlv wrong size": (good, {"ptlv": manifest(good)[:-1]}, "image:5", img.IMG_MGMT_ERR.INVALID_TLV),
         "downgrade": (image("2.1.2+99", counter=5, vendor_id=VENDOR, class_id=CLASS), {}, "image:19",
                       img.IMG_MGMT_ERR.CURRENT_VERSION_IS_NEWER),

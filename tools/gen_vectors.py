@@ -173,12 +173,18 @@ def vectors() -> list[Vector]:
         return Tlv(TlvType.DEPENDENCY, encode_dependency(image_id, version))
 
     sec = Tlv(TlvType.SEC_CNT, struct.pack("<I", 1))
+    updater = Tlv(TlvType.MPBOOT_KIND, struct.pack("<I", 2))
     ok("ok-dependencies",
        craft(k2048, standard, prot=[sec, dep(1, ImageVersion(1, 2, 3, 4)), dep(255, ImageVersion(1, 0)),
-                                    dep(0, ImageVersion(0, 9, 65535, 0xFFFFFFFF))]),
-       "three DEPENDENCY TLVs (MCUboot struct image_dependency), parsed in order, not enforced",
+                                    dep(1, ImageVersion(0, 9, 65535, 0xFFFFFFFF))]),
+       "an app's DEPENDENCY TLVs (MCUboot struct image_dependency) on stage 1 (1) and the firmware (255), "
+       "parsed in order (the boot and the test mark check them against stage 1 and the ABI)",
        version="1.0.0+0", security_counter=1, key_index=0,
-       deps=[[1, "1.2.3+4"], [255, "1.0.0+0"], [0, "0.9.65535+4294967295"]])
+       deps=[[1, "1.2.3+4"], [255, "1.0.0+0"], [1, "0.9.65535+4294967295"]])
+    ok("ok-stage1-dependency-firmware",
+       craft(k2048, standard, prot=[sec, dep(255, ImageVersion(1, 0)), updater]),
+       "a stage-1 (updater) image depending on the firmware's stage-0 ABI 1.0",
+       version="1.0.0+0", security_counter=1, key_index=0, deps=[[255, "1.0.0+0"]])
 
     good = craft(k2048, standard)
     h = ImageHeader.unpack(good)
@@ -235,8 +241,20 @@ def vectors() -> list[Vector]:
     bad("prot-dependency-long", craft(k2048, standard, prot=[sec, Tlv(TlvType.DEPENDENCY, bytes(16))]),
         "BAD_TLV", "a 16-byte DEPENDENCY TLV (struct image_dependency is 12)")
     bad("prot-dependency-too-many",
-        craft(k2048, standard, prot=[sec, *(dep(i, ImageVersion(1)) for i in range(5))]),
+        craft(k2048, standard, prot=[sec, *(dep(i, ImageVersion(1)) for i in (1, 255, 1, 255, 1))]),
         "BAD_TLV", "five DEPENDENCY TLVs: more than the 4 an image may carry")
+    padded = bytearray(encode_dependency(1, ImageVersion(1)))
+    padded[2] = 1
+    bad("prot-dependency-pad", craft(k2048, standard, prot=[sec, Tlv(TlvType.DEPENDENCY, bytes(padded))]),
+        "BAD_TLV", "a DEPENDENCY TLV with a non-zero pad byte (imgtool writes zeros; fail closed)")
+    bad("prot-dependency-unknown-image", craft(k2048, standard, prot=[sec, dep(7, ImageVersion(1))]),
+        "BAD_TLV", "an app depending on image 7: only stage 1 (1) and the firmware (255) exist")
+    bad("prot-dependency-app-on-itself", craft(k2048, standard, prot=[sec, dep(0, ImageVersion(1))]),
+        "BAD_TLV", "an app depending on image 0 (the app itself)")
+    bad("stage1-dependency-on-app", craft(k2048, standard, prot=[sec, dep(0, ImageVersion(1)), updater]),
+        "DEPENDENCY", "a stage-1 (updater) image depending on the app: stage 1 never does")
+    bad("stage1-dependency-on-stage1", craft(k2048, standard, prot=[sec, updater, dep(1, ImageVersion(1))]),
+        "BAD_TLV", "a stage-1 (updater) image depending on stage 1 (itself)")
     bad("unknown-tlv", craft(k2048, lambda d, s: [*standard(d, s), Tlv(0x99, b"hi")]), "UNKNOWN_TLV",
         "unknown type 0x99 in the unprotected area")
     bad("tlv-type-high-byte",

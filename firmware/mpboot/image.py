@@ -66,6 +66,12 @@ _MAX_CERT_SIZE = const(2048)
 # DEPENDENCY TLVs an image may carry (MCUboot's struct image_dependency: 12 bytes each).
 _MAX_DEPS = const(4)
 _DEP_SIZE = const(12)
+# Image ids a dependency may name (docs/FORMAT.md): the app, stage 1, the firmware (stage 0's ABI).
+_DEP_APP = const(0)
+_DEP_STAGE1 = const(1)
+_DEP_FIRMWARE = const(255)
+_KIND_APP = const(1)
+_KIND_UPDATER = const(2)
 
 # Error codes (ImageError.code): E_ + the host's name (mpboot.errors.ImageErrorCode), same number.
 E_BAD_MAGIC = const(1)  # header magic is not 0x96f3b83d
@@ -89,6 +95,8 @@ _E_CERT_INVALID = const(20)  # records.E_CERT_INVALID, here for a certificate ov
 E_OUT_OF_SCOPE = const(23)  # a signer's certificate does not cover this image
 E_REVOKED = const(24)  # a signer, a certificate or its issuer is revoked
 E_THRESHOLD = const(25)  # fewer distinct trusted signers than the image threshold
+# (E_WRONG_KIND 26: mpboot.slots' policy)
+E_DEPENDENCY = const(27)  # a stage-1 image depends on the app (here); a dependency unmet (slots, pairs)
 
 
 class ImageError(Exception):
@@ -106,7 +114,8 @@ class ImageError(Exception):
 #   "key_index": which root key signed it first (-1: only certified keys)
 #   "kind": the MPBOOT_KIND bit (1 app, 2 updater), only when the image has one (else an app)
 #   "deps": ((image_id, (major, minor, revision, build)), ...) in TLV order, only when the
-#     image has DEPENDENCY TLVs. Parsed, not enforced: nothing checks them yet (stage 1 will).
+#     image has DEPENDENCY TLVs: image 1 (stage 1, in an app) or 255 (the firmware's stage-0
+#     ABI), checked by mpboot.slots' policy and mpboot.pairs (docs/FORMAT.md).
 
 
 def _read(read, offset, buf):
@@ -161,11 +170,11 @@ def walk_protected(area, info):
             name = "vendor_id" if kind == _TLV_UUID_VID else "class_id"
             value = bytes(area[off : off + 16])
         elif kind == _TLV_DEPENDENCY:
-            # MCUboot's struct image_dependency: image_id u8, 3 pad bytes (not read, as
-            # bootutil), the minimum version (u8 major, u8 minor, u16 revision, u32 build).
-            # Collected only: no dependency is enforced yet (stage 1, issue 19, will).
+            # MCUboot's struct image_dependency: image_id u8, 3 pad bytes (zero: imgtool
+            # writes zeros, and a newer MCUboot may give them a meaning we do not know), the
+            # minimum version (u8 major, u8 minor, u16 revision, u32 build).
             deps = info.get("deps", ())
-            if length != _DEP_SIZE or len(deps) >= _MAX_DEPS:
+            if length != _DEP_SIZE or len(deps) >= _MAX_DEPS or area[off + 1] | area[off + 2] | area[off + 3]:
                 raise ImageError(E_BAD_TLV)
             info["deps"] = deps + ((area[off], struct.unpack_from("<BBHI", area, off + 4)),)
         if name:
@@ -175,6 +184,15 @@ def walk_protected(area, info):
         # Other protected types (boot record, custom) are covered by the hash and carry
         # nothing this verifier acts on.
         off += length
+    # Whom an image may depend on (the kind is known once the whole area is read): an app on
+    # stage 1 (1), either kind on the firmware (255); stage 1 never on the app (0).
+    k = info.get("kind", _KIND_APP)
+    for d in info.get("deps", ()):
+        i = d[0]
+        if i == _DEP_APP and k == _KIND_UPDATER:
+            raise ImageError(E_DEPENDENCY)
+        if i != _DEP_FIRMWARE and (i != _DEP_STAGE1 or k != _KIND_APP):
+            raise ImageError(E_BAD_TLV)
 
 
 def _is_protected_only(kind):

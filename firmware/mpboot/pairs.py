@@ -11,8 +11,9 @@
 import struct
 from micropython import const
 
+from mpboot import image
 from mpboot.image import ImageError
-from mpboot.slots import Slots, newest
+from mpboot.slots import Slots, _ver3, newest
 from mpboot.state import (ACTIVE, FLAGS, FLOOR, NONE, OK0, OK1, SEQ, SLEN, SOFF, SSHA, SSLOT, TEST,
                           TRIAL, VERSION, Log, Store, blank)
 
@@ -34,6 +35,35 @@ _REC2 = const(160)  # record size before rounding; the CRC-32 of [0, 156) is its
 _AT1 = const(84)  # where image 1's fields start
 # image 1: active test trial link floor version ok0 ok1 (48 bytes)
 _FMT1 = "<BBBBI8s16s16s"
+_E_DEPENDENCY = const(27)  # image.E_DEPENDENCY
+_DEP_STAGE1 = const(1)  # a DEPENDENCY TLV's image id for stage 1 (in an app)
+
+
+def meets(info, v):
+    # Whether the app image described by info may run with stage 1 version v (None: no stage
+    # 1 runs): each of its dependencies on stage 1 asks for v or lower. Compared as MCUboot
+    # does: major, minor, revision, not the build (slots._ver3). (The firmware's ABI, image
+    # 255: Slots.policy.)
+    for d in info.get("deps", ()):
+        if d[0] == _DEP_STAGE1 and (v is None or _ver3(v) < _ver3(d[1])):
+            return False
+    return True
+
+
+def head(sl, slot):
+    # The header fields and protected TLVs (version, deps) of the image in `slot`, verified
+    # by the caller: read again through the verify buffer, without the hash or signatures.
+    area = sl.areas[slot]
+    mv = memoryview(sl.buf)
+    info = {}
+    h = mv[: image.HEADER_SIZE]
+    area.read(0, h)
+    n = image.parse_header(h, area.size, info)
+    if n:
+        a = mv[:n]
+        area.read(info["hdr_size"] + info["img_size"], a)
+        image.walk_protected(a, info)
+    return info
 
 
 def blank2():
@@ -149,15 +179,40 @@ def choose(sl, fresh):
 
 class Pair(Slots):
     # The app's pair on a board with two (made instead of Slots, with the same arguments):
-    # v2 state record, and the pair rules for marks and confirms.
+    # v2 state record, the pair rules for marks and confirms, and the app's dependencies on
+    # stage 1 (docs/BOOT.md, "Dependencies").
     def __init__(self, slot0, slot1, state_area, keys, **kw):
         self.booted = None  # (slot, info) decide_all chose for this pair
         self.peer = None  # the other pair
         Slots.__init__(self, slot0, slot1, state_area, keys, store=Store2(state_area), **kw)
 
-    def mark_test(self, slot):
-        # A pair mark (mark_pair) not started yet becomes two marks of their own.
+    def probe(self, slot):
+        # Slots.probe, and for the app: its dependencies hold against the stage 1 this boot
+        # runs (decide_all decides stage 1 first; boot.run's fallback comes after), else
+        # None with errors[slot] E_DEPENDENCY.
+        info = Slots.probe(self, slot)
+        if info and not self.b:
+            r = self.peer.booted
+            if not meets(info, r[1]["version"] if r and r[1] else None):
+                self.errors[slot] = _E_DEPENDENCY
+                return None
+        return info
+
+    def _fits(self, slot):
+        # An app in `slot` (verified by the caller) that the confirmed stage 1 does not meet
+        # would not be started: E_DEPENDENCY, so the client hears it (update stage 1 first,
+        # or both with mark_pair).
         st = self.state
+        v = None if st[IMAGE1 + ACTIVE] == NONE else struct.unpack("<BBHI", st[IMAGE1 + VERSION])
+        if not meets(head(self, slot), v):
+            raise ImageError(_E_DEPENDENCY)
+
+    def mark_test(self, slot):
+        # A pair mark (mark_pair) not started yet becomes two marks of their own. The app's
+        # dependencies: _fits.
+        st = self.state
+        if not self.b:
+            self._fits(slot)
         if st[FLAGS] & PAIR and st[TRIAL] == NONE and st[IMAGE1 + TRIAL] == NONE:
             st[FLAGS] = 0
             st[self.b + TEST] = NONE  # (so Slots.mark_test writes)
@@ -167,7 +222,10 @@ class Pair(Slots):
         # In a pair trial the first half to confirm only records that it did (its bit, one
         # record; False when it confirms again); the second writes both halves' confirms
         # (the other's info from this boot's decision, else verified again) in one record.
+        # An app made the confirmed one without running (a permanent install): _fits.
         st = self.state
+        if not self.b and (self.booted is None or self.booted[0] != slot):
+            self._fits(slot)
         if st[FLAGS] & PAIR and st[self.b + TRIAL] == slot:
             mine, other = (PAIR_APP_OK, PAIR_S1_OK) if self.b == 0 else (PAIR_S1_OK, PAIR_APP_OK)
             if not st[FLAGS] & other:
@@ -213,54 +271,73 @@ def stage1(app, slot0, slot1):
     return Stage1(app, slot0, slot1)
 
 
+def _run(sl, t, fresh):
+    # What runs of a pair: its test boot t ((slot, info) from plan), else its confirmed image
+    # (choose). Sets sl.booted; returns ((slot, info, trial), whether st changed).
+    if t:
+        r, c = (t[0], t[1], True), False
+    else:
+        slot, info, c = choose(sl, fresh)
+        r = (slot, info, False)
+    sl.booted = r[:2]
+    return r, c
+
+
 def decide_all(app, s1):
     # The boot decision for both pairs (app, stage1(app, ...)), with one state record
     # written at most. Each pair decides as Slots.decide does; a pair mark (PAIR) starts
     # both test boots or neither, and a reset in a pair trial reverts both, even a half
-    # that confirmed. Stage 1's pair is also fresh (its newest valid image confirmed) at the
-    # first boot after the v1 -> v2 migration: a board given stage-1 slots by a firmware
-    # update. Returns ((slot, info, trial) of the app, the same for stage 1).
+    # that confirmed. Stage 1 is decided first and never constrained by the app (the board
+    # always takes updates); the app's candidates (its test image, then the confirmed ones)
+    # count only if their dependencies hold against that stage 1 (Pair.probe): none holds,
+    # recovery with E_DEPENDENCY. Stage 1's pair is also fresh (its newest valid image
+    # confirmed) at the first boot after the v1 -> v2 migration: a board given stage-1
+    # slots by a firmware update. Returns ((slot, info, trial) of the app, the same for
+    # stage 1).
     st = app.state
     b = IMAGE1
-    if st[FLAGS] & PAIR:
-        if st[TRIAL] != NONE or st[b + TRIAL] != NONE:
-            # A pair trial reset before both halves confirmed: both revert.
-            st[TRIAL] = st[b + TRIAL] = NONE
-            t0 = t1 = None
-        else:
-            m0 = st[TEST] != NONE
-            m1 = st[b + TEST] != NONE
-            t0, _ = plan(app)
-            t1, _ = plan(s1)
-            if (m0 and not t0) or (m1 and not t1):
-                # Half of the pair does not verify: neither starts.
-                st[TRIAL] = st[b + TRIAL] = NONE
-                t0 = t1 = None
+    pair = st[FLAGS] & PAIR
+    changed = False
+    t0 = t1 = None
+    back = pair and (st[TRIAL] != NONE or st[b + TRIAL] != NONE)
+    if back:
+        # A pair trial reset before both halves confirmed: both revert.
+        st[TRIAL] = st[b + TRIAL] = NONE
+    else:
+        m1 = st[b + TEST] != NONE
+        t1, changed = plan(s1)
+        if pair and m1 and not t1:
+            st[TEST] = NONE  # half of the pair does not verify: neither starts
+    f1 = not app.store.found or app.store.v1
+    r1, c = _run(s1, t1, f1)
+    changed = changed or c
+    if not back:
+        m0 = st[TEST] != NONE
+        t0, c = plan(app)  # its dependencies against r1's stage 1
+        changed = changed or c
+        if pair and m0 and not t0 and t1:
+            # The app half does not verify, or its dependencies fail against the new stage
+            # 1: neither starts, stage 1 runs its confirmed image.
+            st[b + TRIAL] = NONE
+            t1 = None
+            r1, c = _run(s1, None, f1)
+            changed = changed or c
+    if pair:
         st[FLAGS] = PAIR if t0 and t1 else 0
         changed = True
-    else:
-        t0, c0 = plan(app)
-        t1, c1 = plan(s1)
-        changed = c0 or c1
-    fresh = not app.store.found
-    out = []
-    for sl, t, f in ((s1, t1, fresh or app.store.v1), (app, t0, fresh)):
-        if t:
-            r = (t[0], t[1], True)
-        else:
-            slot, info, c = choose(sl, f)
-            r = (slot, info, False)
-            changed = changed or c
-        sl.booted = r[:2]
-        out.append(r)
-    if changed:
+    r0, c = _run(app, t0, not app.store.found)
+    if changed or c:
         app.save(st)
-    return out[1], out[0]
+    return r0, r1
 
 
 def mark_pair(app, t0, s1, t1):
     # A combined update: app slot t0 and stage-1 slot t1 (both verified by the caller) boot
     # once, together, at the next reset (one record); they confirm and revert together.
+    # Refused (E_DEPENDENCY, nothing written) if the app's dependencies on stage 1 do not
+    # hold against that stage 1.
+    if not meets(head(app, t0), head(s1, t1)["version"]):
+        raise ImageError(_E_DEPENDENCY)
     st = app.state
     for sl, t in ((app, t0), (s1, t1)):
         st[sl.b + TEST] = t

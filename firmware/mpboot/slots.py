@@ -3,10 +3,11 @@
 #
 # Images run in place from either slot; nothing is copied. A slot counts only when its exact
 # bytes verify (image.verify with the trust state: the root set of the trust area, or the
-# embedded keys on a board without one) and pass this device's policy: vendor
-# and class id, security counter at or above the floor, its kind (an app's slots hold apps). A slot is "confirmed" when the state
-# holds the first 16 bytes of its image digest, so rewriting a slot un-confirms it without
-# a state write.
+# embedded keys on a board without one) and pass this device's policy: vendor and class id,
+# security counter at or above the floor, its kind (an app's slots hold apps), its
+# dependencies (the firmware's ABI here; stage 1's in mpboot.pairs). A slot is "confirmed"
+# when the state holds the first 16 bytes of its image digest, so rewriting a slot
+# un-confirms it without a state write.
 #
 # A board with stage-1 slots has two pairs (issue 19): mpboot.pairs (imported only by such
 # boards) subclasses Slots for them (one state record, v2) and decides for both; here a
@@ -26,7 +27,15 @@ E_CLASS_MISMATCH = const(17)  # class id missing or not this device's
 E_COUNTER_BELOW_FLOOR = const(18)  # security counter below the anti-rollback floor
 E_DOWNGRADE = const(19)  # version below the confirmed image's (downgrades refused)
 E_WRONG_KIND = const(26)  # an image of another kind (MPBOOT_KIND: an updater in the app's slots)
+_E_DEPENDENCY = const(27)  # image.E_DEPENDENCY: a DEPENDENCY TLV this board does not meet
 _KIND_APP = const(1)  # an image without MPBOOT_KIND is an app
+# The firmware's stage-0 ABI, what a DEPENDENCY on image 255 ("the firmware") names: it
+# holds iff the major is this one and the minor at most this one (docs/FORMAT.md). Private
+# consts compiled into the policy that checks them: no module RAM (mpboot/__init__.py is
+# loaded by every module and kept to two names; boot.py is not loaded by the updater).
+_ABI_MAJOR = const(1)
+_ABI_MINOR = const(0)
+_FIRMWARE = const(255)
 
 
 def _ver3(v):
@@ -104,6 +113,16 @@ class Slots:
                 raise ImageError(E_COUNTER_BELOW_FLOOR)
             if info.get("kind", _KIND_APP) != self.kind:
                 raise ImageError(E_WRONG_KIND)
+            for d in info.get("deps", ()):
+                # The firmware's ABI is checked here. A dependency on stage 1 (image 1, in an
+                # app) is checked against the stage 1 that boots with it (mpboot.pairs, on a
+                # board with stage-1 slots: a Pair has a peer); an app-only board has none.
+                v = d[1]
+                if d[0] == _FIRMWARE:
+                    if v[0] != _ABI_MAJOR or v[1] > _ABI_MINOR:
+                        raise ImageError(_E_DEPENDENCY)
+                elif getattr(self, "peer", None) is None:
+                    raise ImageError(_E_DEPENDENCY)
         if update and not self.downgrade and st[b + ACTIVE] != NONE:
             if _ver3(info["version"]) < _ver3(struct.unpack("<BBHI", st[b + VERSION])):
                 raise ImageError(E_DOWNGRADE)

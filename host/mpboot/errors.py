@@ -170,6 +170,7 @@ class ImageErrorCode(IntEnum):
     REVOKED = 24  # a signer, a certificate or its issuer is revoked
     THRESHOLD = 25  # fewer distinct trusted signers than the image threshold
     WRONG_KIND = 26  # an image of another kind (MPBOOT_KIND): an updater in the app's slots
+    DEPENDENCY = 27  # a DEPENDENCY TLV not met (stage 1, the firmware's ABI), or a stage-1 image depending on the app
 
 
 class BootErrorCode(IntEnum):
@@ -310,6 +311,7 @@ _IMAGE_DESCRIPTIONS: dict[ImageErrorCode, str] = {
     ImageErrorCode.REVOKED: "a signer, a certificate or its issuer is revoked",
     ImageErrorCode.THRESHOLD: "fewer distinct trusted signers than the image threshold",
     ImageErrorCode.WRONG_KIND: "image is of another kind (an updater image, not an app)",
+    ImageErrorCode.DEPENDENCY: "image's dependency is not met (stage 1 too old, or another firmware ABI)",
 }
 
 _TRUST_DESCRIPTIONS: dict[TrustErrorCode, str] = {

@@ -47,8 +47,12 @@ MAX_CERT_TLV_SIZE = MAX_BODY_SIZE
 # DEPENDENCY TLVs (MCUboot's struct image_dependency): their size and how many an image may carry.
 DEPENDENCY_SIZE = 12
 MAX_DEPENDENCIES = 4
-# Image ids `sign --depends` writes; 255 is kept for "the firmware" (issue 19's stage-0 ABI).
-MAX_DEPENDENCY_IMAGE_ID = 254
+# The image ids a dependency may name (docs/FORMAT.md): an app on stage 1 (>= its version),
+# an app or a stage-1 image on the firmware (its stage-0 ABI: same major, minor at most the
+# firmware's). A stage-1 image on the app (0) is DEPENDENCY, any other id BAD_TLV.
+DEPENDENCY_APP = 0
+DEPENDENCY_STAGE1 = 1
+DEPENDENCY_FIRMWARE = 255
 
 
 class TlvType(IntEnum):
@@ -234,19 +238,34 @@ def encode_dependency(image_id: int, version: ImageVersion) -> bytes:
 
 
 def decode_dependency(value: bytes) -> Dependency:
-    """The (image id, minimum version) of a 12-byte DEPENDENCY value (pad bytes not read)."""
+    """The (image id, minimum version) of a 12-byte DEPENDENCY value (its pad bytes are zero
+    in a valid image: _parse_protected)."""
     image_id, major, minor, revision, build = struct.unpack("<B3xBBHI", value)
     return image_id, ImageVersion(major, minor, revision, build)
 
 
-def check_dependencies(dependencies: Sequence[Dependency]) -> None:
-    """What `sign --depends` may write: at most MAX_DEPENDENCIES, image ids 0..254, each once."""
+def dependency_refusal(image_id: int, kind: int) -> tuple[ImageErrorCode, str] | None:
+    """Why an image of `kind` may not depend on `image_id` (the device's rule, mpboot.image),
+    or None: an app on stage 1 or the firmware, a stage-1 image on the firmware only."""
+    if image_id == DEPENDENCY_FIRMWARE or (image_id == DEPENDENCY_STAGE1 and kind == ImageKind.APP):
+        return None
+    if image_id == DEPENDENCY_APP and kind == ImageKind.UPDATER:
+        return ImageErrorCode.DEPENDENCY, "a stage-1 (updater) image never depends on the app (image 0)"
+    which = ("an app depends only on stage 1 (image 1) or the firmware (255)" if kind == ImageKind.APP else
+             "a stage-1 (updater) image depends only on the firmware (255)")
+    return ImageErrorCode.BAD_TLV, f"a dependency on image {image_id}: {which}"
+
+
+def check_dependencies(dependencies: Sequence[Dependency], kind: int = ImageKind.APP) -> None:
+    """What `sign --depends` may write: at most MAX_DEPENDENCIES, each image once, and only
+    the images an image of `kind` may depend on (dependency_refusal)."""
     if len(dependencies) > MAX_DEPENDENCIES:
         raise UsageError(f"{len(dependencies)} dependencies: an image carries at most {MAX_DEPENDENCIES}")
     seen: set[int] = set()
     for image_id, _ in dependencies:
-        if not 0 <= image_id <= MAX_DEPENDENCY_IMAGE_ID:
-            raise UsageError(f"dependency image id {image_id} is not in 0..{MAX_DEPENDENCY_IMAGE_ID}")
+        why = dependency_refusal(image_id, kind)
+        if why is not None:
+            raise UsageError(f"{why[1]}; devices refuse such an image")
         if image_id in seen:
             raise UsageError(f"image {image_id} is given twice as a dependency: give each image one minimum version")
         seen.add(image_id)
@@ -334,7 +353,7 @@ def build_image(body: bytes, signers: Signer | Sequence[ImageSigner], options: S
     counter = options.security_counter
     if counter is not None and not 0 <= counter <= 0xFFFFFFFF:
         raise UsageError(f"security counter {counter} is not a 32-bit unsigned number")
-    check_dependencies(options.dependencies)
+    check_dependencies(options.dependencies, options.kind)
     signer_list = list(signers) if isinstance(signers, (list, tuple)) else [ImageSigner(signers)]
     _check_signers(signer_list)
     prot = protected_tlvs(counter, options.vendor_id, options.class_id, options.kind, options.dependencies)
@@ -482,8 +501,8 @@ class ParsedImage:
 
     @property
     def dependencies(self) -> list[Dependency]:
-        """(image id, minimum version) of each DEPENDENCY TLV, in order. Parsed, not enforced:
-        neither side checks them yet (issue 19's stage 1 will)."""
+        """(image id, minimum version) of each DEPENDENCY TLV, in order: 1 stage 1, 255 the
+        firmware's stage-0 ABI (docs/FORMAT.md; the device checks them, docs/BOOT.md)."""
         return [decode_dependency(t.value) for t in self.protected if t.type == TlvType.DEPENDENCY]
 
 
@@ -590,8 +609,18 @@ def _parse_protected(data: bytes, start: int, size: int) -> list[Tlv]:
                 raise ImageRejected(ImageErrorCode.BAD_TLV, f"DEPENDENCY TLV of {length} bytes, not {DEPENDENCY_SIZE}")
             if sum(1 for t in tlvs if t.type == TlvType.DEPENDENCY) >= MAX_DEPENDENCIES:
                 raise ImageRejected(ImageErrorCode.BAD_TLV, f"more than {MAX_DEPENDENCIES} DEPENDENCY TLVs")
+            if any(area[off + 1 : off + 4]):
+                raise ImageRejected(ImageErrorCode.BAD_TLV, "DEPENDENCY TLV with non-zero pad bytes")
         seen.add(kind)
         tlvs.append(Tlv(kind, area[off : off + length], start + off - TLV_ENTRY_HEADER_SIZE))
+    # Whom the image may depend on: known once its kind is (the whole area is read).
+    kinds = [struct.unpack("<I", t.value)[0] for t in tlvs if t.type == TlvType.MPBOOT_KIND]
+    image_kind = kinds[0] if kinds else int(ImageKind.APP)
+    for t in tlvs:
+        if t.type == TlvType.DEPENDENCY:
+            why = dependency_refusal(t.value[0], image_kind)
+            if why is not None:
+                raise ImageRejected(*why)
     return tlvs
 
 

@@ -273,7 +273,9 @@ def info(image_path: Path, as_json: bool, signing_log: Path) -> None:
     click.echo(f"security counter: {_shown(summary['security_counter'], 'none (no SEC_CNT TLV)')}")
     click.echo(f"vendor id:        {_shown(summary['vendor_id'], 'none (no UUID_VID TLV)')}")
     click.echo(f"class id:         {_shown(summary['class_id'], 'none (no UUID_CID TLV)')}")
-    deps = ", ".join(f"image {d['image']} >= {d['min_version']}" for d in summary["dependencies"])
+    names = {1: "stage 1 (image 1)", 255: "firmware ABI (image 255)"}
+    deps = ", ".join(f"{names.get(d['image'], 'image %d' % d['image'])} >= {d['min_version']}"
+                     for d in summary["dependencies"])
     click.echo(f"dependencies:     {deps or 'none (no DEPENDENCY TLV)'}")
     click.echo(f"header:           magic {h['magic']}, hdr_size {h['hdr_size']:#x}, img_size {h['img_size']}, "
                f"protected TLVs {h['protect_tlv_size']}, flags {h['flags']:#x}, load_addr {h['load_addr']:#x}")

@@ -32,6 +32,8 @@ from mpboot.errors import InputFileError, TrustRefused, UsageError
 from mpboot.files import write_atomic
 from mpboot.image import (
     DEFAULT_HEADER_SIZE,
+    DEPENDENCY_FIRMWARE,
+    DEPENDENCY_STAGE1,
     IMAGE_MAGIC,
     SIGNATURE_TYPES,
     Dependency,
@@ -61,15 +63,23 @@ def _security_counter(value: str, version: ImageVersion) -> int:
     return counter
 
 
-def _dependencies(values: tuple[str, ...]) -> tuple[Dependency, ...]:
-    """--depends IMAGE:VERSION values, in the order given (checked by check_dependencies)."""
+# --depends names for image ids (docs/FORMAT.md): stage 1, and the firmware's stage-0 ABI.
+DEPENDS_NAMES = {"stage1": DEPENDENCY_STAGE1, "firmware": DEPENDENCY_FIRMWARE}
+
+
+def _dependencies(values: tuple[str, ...], kind: int) -> tuple[Dependency, ...]:
+    """--depends IMAGE:VERSION values, in the order given (checked by check_dependencies for
+    an image of `kind`). IMAGE: a number, or stage1 (1) or firmware (255)."""
     deps = []
     for value in values:
         image_text, sep, version_text = value.partition(":")
-        if not sep or not image_text.strip().isdigit():
-            raise UsageError(f"bad --depends {value!r}: expected IMAGE:VERSION, e.g. 1:1.2.0 (IMAGE a number)")
-        deps.append((int(image_text), ImageVersion.parse(version_text)))
-    check_dependencies(deps)
+        name = image_text.strip().lower()
+        if not sep or not (name.isdigit() or name in DEPENDS_NAMES):
+            raise UsageError(f"bad --depends {value!r}: expected IMAGE:VERSION, e.g. stage1:1.2.0 or "
+                             "firmware:1.0 (IMAGE a number, stage1 or firmware)")
+        image_id = DEPENDS_NAMES[name] if name in DEPENDS_NAMES else int(name)
+        deps.append((image_id, ImageVersion.parse(version_text)))
+    check_dependencies(deps, kind)
     return tuple(deps)
 
 
@@ -96,9 +106,10 @@ def _dependencies(values: tuple[str, ...]) -> tuple[Dependency, ...]:
 @click.option("--version", "version_text", required=True, metavar="MAJ.MIN.REV[+BUILD]",
               help="Image version.")
 @click.option("--depends", "depends", multiple=True, metavar="IMAGE:VERSION",
-              help="A protected DEPENDENCY TLV (imgtool's -d \"(IMAGE,VERSION)\"): image IMAGE (0..254) "
-                   "must be at least VERSION. Repeat for several (at most 4, each image once); written "
-                   "in the order given. Not enforced by devices yet.")
+              help="A protected DEPENDENCY TLV (imgtool's -d \"(IMAGE,VERSION)\"): stage1:VERSION (image 1; "
+                   "apps only) needs stage 1 at least VERSION, firmware:MAJ.MIN (image 255) the firmware's "
+                   "stage-0 ABI (same major, minor at least MIN). Repeat for several (at most 4, each image "
+                   "once); written in the order given. Devices enforce them (docs/BOOT.md).")
 @click.option("--security-counter", default="auto", show_default=True, metavar="N|auto",
               help="Anti-rollback counter (SEC_CNT TLV); auto derives it from the version as imgtool does.")
 @click.option("--vendor-id", metavar="UUID|NAME", help="UUID_VID TLV (a name is hashed to a UUIDv5, as imgtool).")
@@ -160,7 +171,7 @@ def sign(input_path: Path, key_files: tuple[KeyRef, ...], cert_files: tuple[Path
         scheme=SignatureScheme(scheme),
         slot_size=parse_size(slot_size, "slot size", maximum=SLOT_SIZE_LIMIT) if slot_size else None,
         kind=KIND_NAMES[kind],
-        dependencies=_dependencies(depends),
+        dependencies=_dependencies(depends, KIND_NAMES[kind]),
     )
     secret = password(password_env)
     access = token_access(pkcs11_module)

@@ -58,9 +58,10 @@ from mpboot.update import UpdateError, Updater
 
 
 def _slot_lines(word, pair):
-    # One status line per slot of a pair: its verified image, or why it was refused.
+    # One status line per slot of a pair: its verified image, or why it was refused (the
+    # image and the policy: an app's dependency on stage 1 is the boot decision's).
     for s in (0, 1):
-        info = pair.probe(s)
+        info = Slots.probe(pair, s)
         if info:
             v = info["version"]
             print("%s %d ok version=%d.%d.%d+%d counter=%d confirmed=%d" % (
@@ -131,10 +132,10 @@ def main():
         try:
             slots.check(t0)
             s1.check(t1)
+            mark_pair(slots, t0, s1, t1)
         except ImageError as e:
             print("REFUSED image %d" % e.args[0])
             return
-        mark_pair(slots, t0, s1, t1)
         print("MARKED app=%d s1=%d" % (t0, t1))
         return
     if cmd == "smp":
