@@ -103,7 +103,7 @@ def s1_args(slot, deadline=None):
 
 
 def command(words):
-    global chip, areas, policy, slots, srv, snaps, s1
+    global chip, areas, policy, slots, srv, snaps
     cmd = words[0]
     if cmd == "dev":
         if chip:
