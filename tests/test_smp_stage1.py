@@ -346,3 +346,26 @@ def test_pair_trial_upgrade_and_sessions(s: Session1) -> None:
     assert app_open[0].body == {"off": 1000} and s1_open[0].body == {"off": 1000}
     assert s1_next[-1].body == {"off": len(S1B)}
     assert entries(listed) == [(0, 0, "2.0.0", "bca"), (1, 0, "1.0.0", "bca"), (1, 1, "1.1.0", "b")]
+
+
+def test_stage1_upload_probe_and_confirm_in_small_heap(s: Session1) -> None:
+    """A stage-1 upload in full-size packets, a probe and the proven confirm in the heap the
+    app-only upload needs (test_smp_fuzz.HEAP)."""
+    s.dev1("heap", (A, None), (S1A, S1B))
+    s.cmd("confirm", 0)
+    s.cmd("confirm", 2)
+    s.cmd("mark", 3)
+    s.cmd("boot")
+    s.cmd("snap", 0)
+    before = s.cmd("mem")
+    up = s.upload(A2, chunk=1900)
+    probe = s.probe(8192, chunk=1900)
+    confirm = s.send(WRITE, IMG, 0, {"hash": digest(S1B), "confirm": True})
+    state = s.state()
+    info = s.send(READ, IMG, 6)
+    after = s.cmd("mem")
+    s.run(heapsize="116k")
+    assert up[-1].body == {"off": len(A2), "match": True}
+    assert probe[-1].body == {"off": 8192, "match": True}
+    assert confirm.ok and len(state.body["images"]) == 4 and len(info.body["images"]) == 2
+    print("heap (two pairs): free/alloc before", before.values, "after", after.values)
