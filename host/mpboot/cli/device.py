@@ -131,6 +131,11 @@ def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bo
         number = f"slot {slot.slot}, " if slot is not None else ""
         click.echo(f"{image_path} (version {prepared.version}) already runs on the device ({number}{state}): "
                    f"nothing uploaded{', no reset needed' if reset_after else ''}")
+        if stage1 and test_boot and prove and slot is not None and not slot.confirmed:
+            # A re-run after the reset (the proof did not finish): it finishes now.
+            entry = _prove_after_reset(link, prepared.hash)
+            click.echo(f"stage 1 {image_path.name} (version {entry.version}) runs its test boot: proven and "
+                       "confirmed (probe and confirm over this link)")
         return
     up = done.upload
     if no_progress and up is not None:
