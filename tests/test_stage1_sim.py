@@ -143,6 +143,11 @@ def test_mpboot_flash_image_stage1(sim: SimProcess, images: dict[str, Path]) -> 
     # `mpboot confirm` of a stage-1 image not running is refused by the device.
     refused = mpboot("confirm", digest(images["s1-1.0.0"]).hex(), *port)
     assert refused.exit_code != 0 and "stage-1 image is confirmed only on its own test boot" in refused.stderr, refused.stderr
+    # Erase names absolute slots: 2 is stage 1's old image, 3 the running stage 1 (refused).
+    busy = mpboot("erase", "--slot", 3, *port)
+    assert busy.exit_code == 1 and "erase" in busy.stderr, busy.stderr
+    assert "erased slot 2" in ok("erase", "--slot", 2, *port)
+    assert [(e["image"], e["slot"]) for e in json.loads(ok("state", *port, "--json"))["images"]] == [(0, 0), (1, 1)]
 
 
 def test_mpboot_confirm_image_stage1(sim: SimProcess, images: dict[str, Path]) -> None:

@@ -330,7 +330,9 @@ def reset_cmd(link: DeviceLink) -> None:
 
 
 @click.command("erase")
-@click.option("--slot", type=click.IntRange(0, 1), help="Slot to erase (default: the slot not running).")
+@click.option("--slot", type=click.IntRange(0, 3),
+              help="Slot to erase (default: the app's slot not running); 2 and 3 are stage 1's, on a device "
+                   "with stage-1 slots.")
 @device_options
 def erase_cmd(slot: int | None, link: DeviceLink) -> None:
     """Erase a slot (never the running one)."""
