@@ -20,7 +20,7 @@ _CMD_STATE = const(0)
 _CMD_UPLOAD = const(1)
 _CMD_ERASE = const(5)
 _CMD_SLOT_INFO = const(6)
-# Upload `image` (docs/PROTOCOL.md, "Image numbers"): 0 (Zephyr: any free slot) or 1 name the
+# Upload `image` (docs/PROTOCOL.md, "Upload" and "Stage 1"): 0 (Zephyr: any free slot) or 1 name the
 # app's free slot, 2 or 3 stage 1's (on a board with stage-1 slots): `image // 2` is the image.
 
 # MGMT_ERR

@@ -2,7 +2,7 @@
 # (docs/PROTOCOL.md). Transports (mpboot.transport) frame the packets; the groups
 # (os_mgmt, img_mgmt, enum_mgmt, mpboot_mgmt) serve the commands.
 #
-#   srv = Server(slots, running, port, info=info)   # + s1=, s1_slot=, s1_info= with stage 1
+#   srv = Server(slots, running, port, info=info)   # + s1=, s1_slot=, s1_info=, deadline= with stage 1
 #   rsp = srv.handle(pkt)      # memoryview valid until the next call, or None: send nothing
 #   if srv.reset_requested:    # after sending and draining rsp
 #       port.reset()
