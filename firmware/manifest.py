@@ -57,6 +57,7 @@ if options.rescue:
             "smp/factory_mgmt.py",
             "smp/trust_mgmt.py",
             "smp/zupload.py",
+            "smp/stage1.py",
             "transport/__init__.py",
             "transport/uart.py",
             "transport/ble.py",

@@ -18,10 +18,11 @@ from typing import Any
 
 import pytest
 from mpboot import upy
-from mpboot.image import parse_image
+from mpboot.image import ImageKind, parse_image
 from mpboot.smp.zchunk import Packer
 from conftest import FIRMWARE, signing_key
 from simkit import sign_app
+from test_smp_stage1 import S1A, Session1
 from test_smp_server import (
     ENUM,
     IMG,
@@ -57,6 +58,8 @@ NEW = image("1.2.0", seed="fuzz-new", payload=6000)
 ZNEW = sign_app(b"".join(p.read_bytes() for p in sorted((FIRMWARE / "mpboot" / "smp").glob("*.py")))[:9000],
                 signing_key("TEST-ONLY-rsa2048.pem"), "1.3.0")
 DIGESTS = [parse_image(x).digest for x in (A, B, NEW)]
+S1NEW = image("1.2.0", seed="fuzz-s1", payload=6000, kind=ImageKind.UPDATER)
+S1_DIGESTS = [parse_image(x).digest for x in (S1A, S1NEW)]
 
 
 def _value(rng: random.Random, depth: int = 0) -> Any:
@@ -88,7 +91,7 @@ def _request(rng: random.Random) -> dict:
     return {_key(rng): _value(rng) for _ in range(rng.randrange(6))}
 
 
-def _upload(rng: random.Random, data: bytes) -> list[dict]:
+def _upload(rng: random.Random, data: bytes, images: tuple[int, ...] = (0, 1, 1, 2)) -> list[dict]:
     """A whole upload, more or less as a client sends it (some offsets and fields off)."""
     out: list[dict] = []
     off = 0
@@ -105,7 +108,7 @@ def _upload(rng: random.Random, data: bytes) -> list[dict]:
             if rng.random() < 0.2:
                 body["upgrade"] = rng.random() < 0.5
             if rng.random() < 0.3:
-                body["image"] = rng.choice([0, 1, 1, 2])
+                body["image"] = rng.choice(images)
         if rng.random() < 0.05:
             body["off"] = rng.choice([off + 1, max(0, off - 1), 0, len(data)])
         out.append(body)
@@ -162,6 +165,38 @@ def _templates(rng: random.Random) -> list[tuple[int, int, int, Any]]:
     ]
 
 
+def _probe(rng: random.Random) -> list[dict]:
+    """A probe (group 64 command 8, stage 1's proof), more or less as mpboot sends it."""
+    n = rng.choice([4096, 8192, 8192, 9000])
+    data = rng.randbytes(n)
+    sha = hashlib.sha256(data if rng.random() < 0.8 else data[1:]).digest()
+    out: list[dict] = []
+    off = 0
+    while off < n:
+        k = rng.choice([100, 1500, 1900])
+        body: dict[str, Any] = {"off": off, "data": data[off : off + k]}
+        if off == 0:
+            body.update(len=n, sha=sha)
+            if rng.random() < 0.3:
+                body["pipeline"] = True
+        if rng.random() < 0.05:
+            body["off"] = rng.choice([off + 1, 0, n])
+        out.append(body)
+        off += k
+    return out
+
+
+def _stage1_templates(rng: random.Random) -> list[tuple[int, int, int, Any]]:
+    """Well-formed requests on a board with stage-1 slots: stage 1's hashes, slots 0-4."""
+    h = rng.choice(S1_DIGESTS + [DIGESTS[0], bytes(32)])
+    return [
+        (WRITE, IMG, 0, {"hash": h, "confirm": rng.random() < 0.5}),
+        (WRITE, IMG, 5, {"slot": rng.randrange(5)}),
+        (READ, IMG, 6, {}),
+        (READ, IMG, 0, {}),
+    ]
+
+
 def _mutate(rng: random.Random, pkt: bytes) -> bytes:
     b = bytearray(pkt)
     choice = rng.randrange(6)
@@ -182,12 +217,27 @@ def _mutate(rng: random.Random, pkt: bytes) -> bytes:
     return bytes(b)
 
 
-def packets(rng: random.Random, count: int) -> list[bytes]:
+def packets(rng: random.Random, count: int, stage1: bool = False) -> list[bytes]:
     out: list[bytes] = []
     while len([p for p in out if len(p) <= MAX_PACKET]) < count:
         r = rng.random()
         seq = rng.randrange(256)
         ver = rng.choice([V1, V2])
+        if stage1 and r < 0.15:
+            # Stage 1 (issue 19): uploads into its slots, probes, its hashes and slots.
+            k = rng.random()
+            if k < 0.3:
+                bodies = [(IMG, 1, b) for b in _upload(rng, rng.choice([S1NEW, S1NEW, NEW]), (2, 3, 2, 0, 4))]
+            elif k < 0.6:
+                bodies = [(64, 8, b) for b in _probe(rng)]
+            else:
+                op, group, cmd, body = rng.choice(_stage1_templates(rng))
+                out.append(packet(op, group, cmd, body, version=ver, seq=seq))
+                continue
+            for group, cmd, body in bodies:
+                pkt = packet(WRITE, group, cmd, body, version=ver, seq=seq)
+                out.append(_mutate(rng, pkt) if rng.random() < 0.03 else pkt)
+            continue
         if r < 0.1:
             out.append(rng.randbytes(rng.randrange(24)))
         elif r < 0.2:
@@ -213,14 +263,20 @@ def packets(rng: random.Random, count: int) -> list[bytes]:
     return [p for p in out if len(p) <= MAX_PACKET][:count]
 
 
-def fuzz(device, tmp_path: Path, count: int, seed: int, heapsize: str = FUZZ_HEAP) -> None:
+def fuzz(device, tmp_path: Path, count: int, seed: int, heapsize: str = FUZZ_HEAP, stage1: bool = False) -> None:
     rng = random.Random(seed)
-    s = Session(device, tmp_path, f"fuzz{seed}")
-    s.dev(f"fuzz{seed}", slots=(A, None))
-    s.cmd("confirm", 0)
-    s.cmd("server", 0)
+    s = Session1(device, tmp_path, f"fuzz{seed}")
+    if stage1:
+        s.dev1(f"fuzz{seed}", (A, None), (S1A, None))
+        s.cmd("confirm", 0)
+        s.cmd("confirm", 2)
+        s.cmd("server", 0, "s1=0")
+    else:
+        s.dev(f"fuzz{seed}", slots=(A, None))
+        s.cmd("confirm", 0)
+        s.cmd("server", 0)
     s.cmd("snap", 0)
-    pkts = packets(rng, count)
+    pkts = packets(rng, count, stage1)
     reps = [s.raw(p, check=False) for p in pkts]
     mem = s.cmd("mem")
     path = tmp_path / f"fuzz{seed}.in"
@@ -251,10 +307,20 @@ def fuzz(device, tmp_path: Path, count: int, seed: int, heapsize: str = FUZZ_HEA
     assert mem.values  # the driver got to the end
     # The compressed uploads got somewhere: some chunks were inflated and taken.
     assert inflated or count < 1000
+    if stage1:
+        # The probes got somewhere too: some completed.
+        assert any(r.raw is not None and r.request[4:6] == b"\x00\x40" and r.request[7] == 8
+                   and r.body.get("match") is True for r in reps)
 
 
 def test_fuzz_short(device, tmp_path: Path) -> None:
     fuzz(device, tmp_path, 1500, seed=1)
+
+
+def test_fuzz_stage1(device, tmp_path: Path) -> None:
+    """The same on a board with stage-1 slots (issue 19): image 2/3 uploads, probes, stage 1's
+    hashes in state writes, erases of slots 0-4."""
+    fuzz(device, tmp_path, 1500, seed=101, stage1=True)
 
 
 @pytest.mark.slow

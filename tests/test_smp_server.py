@@ -173,7 +173,8 @@ def check_wellformed(rep: Reply) -> None:
         assert isinstance(body["rc"], int) and body["rc"] > 0
         if "rsn" in body:
             # mpboot's machine-readable reasons, or Zephyr's verbose texts where none applies
-            assert op >> 3 == V1 and (body["rsn"].split(":")[0] in ("image", "update", "factory", "trust", "zupload")
+            assert op >> 3 == V1 and (body["rsn"].split(":")[0] in ("image", "update", "factory", "trust", "zupload",
+                                                                     "stage1", "probe")
                                       or body["rsn"] in ZEPHYR_RSN), body
         # The generic error shape parses with the smp v1 error model (as smpclient does).
         if group in (OS, IMG):

@@ -117,6 +117,7 @@ class Updater:
                 end_session(st)
             sl.save(st)
         self.slot = slot
+        self.at = ss  # the slot's absolute number (mpboot.smp: 0, 1 the app's, 2, 3 stage 1's)
         self.area = area
         self.total = total
         self.sha = bytes(sha) if key is not None else None

@@ -81,10 +81,11 @@ def prepare(data: bytes) -> PreparedImage:
 async def flash(client: SMPClient, image: bytes | PreparedImage, *, mark: Mark = Mark.NONE,
                 reset: bool = False, progress: ProgressCallback | None = None,
                 window: int | None = None, timeout: float | None = None,
-                compress: bool | None = None) -> FlashResult:
+                compress: bool | None = None, image_number: int = 0) -> FlashResult:
     """Upload `image`, then mark it (Mark.TEST: one test boot; Mark.CONFIRM: permanent) and
     reset the device if asked. compress: as mpboot.smp.upload.upload's (None: where the
-    device offers it and it pays). Errors: the SMPError family (refused, verification failed),
+    device offers it and it pays). image_number: the upload's `image` (STAGE1: stage 1's free
+    slot; docs/PROTOCOL.md, "Stage 1"). Errors: the SMPError family (refused, verification failed),
     DeviceSilent, TransportError, ImageRejected (malformed or unmarkable image, found before
     anything is sent)."""
     prepared = image if isinstance(image, PreparedImage) else prepare(image)
@@ -98,7 +99,8 @@ async def flash(client: SMPClient, image: bytes | PreparedImage, *, mark: Mark =
     result = None
     if held is None:
         result = await client.upload(prepared.data, window=window, progress=progress, sha=True,
-                                     ptlv=prepared.ptlv, timeout=timeout, compress=compress)
+                                     ptlv=prepared.ptlv, timeout=timeout, compress=compress,
+                                     image_number=image_number)
     slot = await _mark(client, prepared, mark)
     if reset:
         await client.reset()
@@ -184,6 +186,37 @@ async def _mark(client: SMPClient, prepared: PreparedImage, mark: Mark) -> SlotS
     return slot
 
 
+STAGE1 = 2  # the upload `image` of stage 1's free slot (docs/PROTOCOL.md, "Stage 1")
+
+
+def running_stage1(slots: list[SlotState]) -> SlotState | None:
+    """The running stage 1's entry (image 1, active), or None."""
+    return next((s for s in slots if s.image == 1 and s.active), None)
+
+
+async def prove_stage1(client: SMPClient, image_hash: bytes | None = None) -> tuple[SlotState, bool]:
+    """Stage 1's proof (docs/BOOT.md, "Stage 1's proof"): the running stage 1 (the image with
+    `image_hash`, if given), on its test boot, gets a probe and then the confirm by its hash.
+    Returns its entry afterwards and whether this confirmed it (False: it was confirmed
+    already). UpdateRefused when stage 1 does not run (or another image runs as stage 1: the
+    test image reverted), the SMPError family for the device's refusals."""
+    slots = await client.state()
+    entry = running_stage1(slots)
+    if entry is None:
+        raise UpdateRefused("the device runs no stage 1 (a device without stage-1 slots, or none verifies)")
+    if image_hash is not None and entry.hash != image_hash:
+        raise UpdateRefused(f"stage 1 {entry.hash.hex()[:16]} (version {entry.version}) runs, not image "
+                            f"{image_hash.hex()[:16]}: its test boot did not start, or it was reverted")
+    if entry.confirmed:
+        return entry, False
+    await client.probe()
+    slots = await client.state_write(entry.hash, confirm=True)
+    done = running_stage1(slots)
+    if done is None or done.hash != entry.hash or not done.confirmed:
+        raise ProtocolError("the device accepted stage 1's confirm but does not list it as confirmed")
+    return done, True
+
+
 OpenClient = Callable[[], AbstractAsyncContextManager[SMPClient]]
 """Makes a new client on a new transport (opened and closed by `async with`): e.g.
 `lambda: SMPClient(BleTransport(name, backend=b))`."""
@@ -196,7 +229,7 @@ async def flash_with_retries(open_client: OpenClient, image: bytes | PreparedIma
                              retries: int = 5, mark: Mark = Mark.NONE, reset: bool = False,
                              progress: ProgressCallback | None = None, window: int | None = None,
                              timeout: float | None = None, compress: bool | None = None,
-                             on_retry: RetryCallback | None = None) -> FlashResult:
+                             on_retry: RetryCallback | None = None, image_number: int = 0) -> FlashResult:
     """flash() over a link that may drop (BLE): when the connection is lost (TransportError,
     LinkLost) the link is opened again, up to `retries` times, and the upload resumes where
     the device is (an off-0 request with the same sha and len answers the session's offset;
@@ -239,7 +272,8 @@ async def flash_with_retries(open_client: OpenClient, image: bytes | PreparedIma
                     if held is None:
                         uploaded = await client.upload(prepared.data, window=window, progress=forward,
                                                        sha=True, ptlv=prepared.ptlv, timeout=timeout,
-                                                       compress=compress, resuming=attempt > 0)
+                                                       compress=compress, resuming=attempt > 0,
+                                                       image_number=image_number)
                     delivered = True
                 slot = await _mark(client, prepared, mark)
                 if reset:

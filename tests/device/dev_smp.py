@@ -9,20 +9,28 @@
 #   b"C": a text command (words). Prints one line NAME OK [values...] (ERR image|update CODE).
 #
 # Commands:
-#   dev PATH SIZE SECTOR ALIGN [vendor=HEX] [class=HEX] [downgrade=0] [factory=0]
+#   dev PATH SIZE SECTOR ALIGN [vendor=HEX] [class=HEX] [downgrade=0] [factory=0] [s1=BYTES]
 #                         open (or create) a NorFlash file, its unix-port areas and Slots
-#                         (factory=0: without the factory area)
-#   confirm SLOT | mark SLOT | set FIELD=N...   state changes, as in dev_update
-#   server RUNNING [buf=N] [info=0]
+#                         (factory=0: without the factory area; s1: with stage-1 slots of
+#                         BYTES each, the app's mpboot.pairs.Pair and stage 1's pair)
+#   confirm SLOT | mark SLOT | set FIELD=N...   state changes, as in dev_update (SLOT 2, 3:
+#                         stage 1's slots; FIELD s1_active... stage 1's, flags the pair bits)
+#   pairmark T0 T1        mpboot.pairs.mark_pair of app slot T0 and stage-1 slot T1
+#   server RUNNING [buf=N] [info=0] [s1=SLOT] [deadline=MS]
 #                         a new Server(slots, RUNNING, port, buf_size=N, info=the running
-#                         slot's verified info unless info=0)
-#   boot                  a power-on: fresh Slots, decide(), a Server for the slot it runs
-#                         -> OK slot trial
-#   booted HOW            set mpboot._booted as mpboot.boot.run does (HOW: mpboot.boot.HOW_*,
+#                         slot's verified info unless info=0); with stage-1 slots also s1=
+#                         the pair, s1_slot=SLOT (default -1), s1_info=its info, deadline=
+#                         MS from now (absent: None)
+#   boot                  a power-on: fresh Slots, decide() (decide_all with stage 1), a
+#                         Server for the slots it runs -> OK slot trial [s1slot s1trial]
+#   booted HOW [S1HOW]    set mpboot._booted as mpboot.boot.run does (HOW: mpboot.boot.HOW_*,
 #                         0 confirmed, 1 test boot, 2 fallback), so state writes go through
-#                         mpboot.confirm
+#                         mpboot.confirm; with stage 1, its fields from the server's
+#   late                  -> OK s1_trial late [s1_how no_deadline] (the service tick's reset
+#                         test, 0|1 each; the boot record's stage-1 how and deadline is None)
 #   state                 the state record as a fresh Slots loads it
-#                         -> OK active test trial floor ok0 ok1 found
+#                         -> OK active test trial floor ok0 ok1 [s1_active s1_test s1_trial
+#                         s1_floor flags]
 #   snap 0|1              area snapshots per packet off/on (on by default)
 #   mem                   -> OK free alloc (after gc.collect())
 #   factory               the factory record as a fresh Slots loads it (docs/FACTORY.md)
@@ -33,6 +41,7 @@
 import gc
 import struct
 import sys
+import time
 from binascii import hexlify
 
 import devkit
@@ -40,15 +49,17 @@ import mpboot
 from mpboot.image import ImageError
 from mpboot.ports import unix as port
 from mpboot.smp.server import Server
-from mpboot.state import ACTIVE, FLOOR, OK0, OK1, TEST, TRIAL
+from mpboot.state import ACTIVE, FLAGS, FLOOR, OK0, OK1, TEST, TRIAL
 from mpboot.update import UpdateError
 
-FIELDS = {"active": ACTIVE, "test": TEST, "trial": TRIAL, "floor": FLOOR}
+FIELDS = {"active": ACTIVE, "test": TEST, "trial": TRIAL, "floor": FLOOR, "flags": FLAGS,
+          "s1_active": 12 + ACTIVE, "s1_test": 12 + TEST, "s1_trial": 12 + TRIAL, "s1_floor": 12 + FLOOR}
 
 chip = None
 areas = None
 policy = None
 slots = None
+s1 = None
 srv = None
 snaps = True
 
@@ -65,7 +76,9 @@ def _fail_ioctl(op, arg):
 
 
 def snap():
-    return [devkit.area_digest(a) for a in areas[:3]] if areas and snaps else None
+    if not areas or not snaps:
+        return None
+    return [devkit.area_digest(a) for a in areas[:3] + areas[5:]]
 
 
 def counters():
@@ -73,7 +86,20 @@ def counters():
 
 
 def new_slots():
-    return devkit.new_slots(areas, policy)
+    global s1
+    sl = devkit.new_slots(areas, policy)
+    s1 = devkit.new_stage1(areas, sl)
+    return sl
+
+
+def pair(s):
+    return (slots, s) if s < 2 else (s1, s - 2)
+
+
+def s1_args(slot, deadline=None):
+    if s1 is None:
+        return {}
+    return {"s1": s1, "s1_slot": slot, "s1_info": s1.check(slot) if slot >= 0 else None, "deadline": deadline}
 
 
 def command(words):
@@ -88,11 +114,17 @@ def command(words):
         mpboot._booted = None
         return [areas[0].size]
     if cmd == "confirm":
-        s = int(words[1])
-        slots.confirm(s, slots.check(s))
+        sl, s = pair(int(words[1]))
+        sl.confirm(s, sl.check(s))
         return []
     if cmd == "mark":
-        slots.mark_test(int(words[1]))
+        sl, s = pair(int(words[1]))
+        sl.mark_test(s)
+        return []
+    if cmd == "pairmark":
+        from mpboot.pairs import mark_pair
+
+        mark_pair(slots, int(words[1]), s1, int(words[2]))
         return []
     if cmd == "set":
         for w in words[1:]:
@@ -104,32 +136,56 @@ def command(words):
         running = int(words[1])
         buf = 2048
         info = running >= 0
+        r1 = -1
+        deadline = None
         for w in words[2:]:
             k, _, v = w.partition("=")
             if k == "buf":
                 buf = int(v)
             elif k == "info":
                 info = v == "1" and running >= 0
+            elif k == "s1":
+                r1 = int(v)
+            elif k == "deadline":
+                deadline = time.ticks_add(time.ticks_ms(), int(v))
         srv = None
         gc.collect()
-        srv = Server(slots, running, port, buf_size=buf, info=slots.check(running) if info else None)
+        srv = Server(slots, running, port, buf_size=buf, info=slots.check(running) if info else None,
+                     **s1_args(r1, deadline))
         return []
     if cmd == "boot":
         srv = None
         mpboot._booted = None
         slots = new_slots()
-        s, info, trial = slots.decide()
-        srv = Server(slots, s, port, info=info)
-        return [s, int(trial)]
+        if s1 is None:
+            s, info, trial = slots.decide()
+            srv = Server(slots, s, port, info=info)
+            return [s, int(trial)]
+        from mpboot.pairs import decide_all
+
+        (s, info, trial), r1 = decide_all(slots, s1)
+        srv = Server(slots, s, port, info=info, s1=s1, s1_slot=r1[0], s1_info=r1[1])
+        return [s, int(trial), r1[0], int(r1[2])]
     if cmd == "booted":
         from mpboot import boot
 
         boot.set_booted(slots, srv.running, srv.image(srv.running), None, int(words[1]))
+        if s1 is not None and len(words) > 2:
+            r = srv.ups[1].running
+            mpboot._booted[6:] = [s1, r, srv.image(2 + r) if r >= 0 else None, int(words[2]), srv.deadline]
         return []
+    if cmd == "late":
+        from mpboot.smp import stage1
+
+        b = mpboot._booted
+        more = [b[9], int(b[10] is None)] if b is not None and b[6] is not None else []
+        return [int(srv.s1_trial), int(stage1.late(srv))] + more
     if cmd == "state":
-        st = new_slots().state
-        return [st[ACTIVE], st[TEST], st[TRIAL], st[FLOOR], hexlify(st[OK0]).decode(),
-                hexlify(st[OK1]).decode()]
+        st = devkit.new_slots(areas, policy).state
+        out = [st[ACTIVE], st[TEST], st[TRIAL], st[FLOOR], hexlify(st[OK0]).decode(), hexlify(st[OK1]).decode()]
+        if s1 is not None:
+            out += [st[12 + ACTIVE], st[12 + TEST], st[12 + TRIAL], st[12 + FLOOR], st[FLAGS]]
+        return out
     if cmd == "snap":
         snaps = words[1] == "1"
         return []

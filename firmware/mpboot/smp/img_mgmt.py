@@ -20,7 +20,8 @@ _CMD_STATE = const(0)
 _CMD_UPLOAD = const(1)
 _CMD_ERASE = const(5)
 _CMD_SLOT_INFO = const(6)
-_IMAGE_UPDATE = const(1)  # upload `image`: 0 (Zephyr: any free slot) or 1 both name the update slot
+# Upload `image` (docs/PROTOCOL.md, "Upload" and "Stage 1"): 0 (Zephyr: any free slot) or 1 name the
+# app's free slot, 2 or 3 stage 1's (on a board with stage-1 slots): `image // 2` is the image.
 
 # MGMT_ERR
 _EUNKNOWN = const(1)
@@ -112,18 +113,16 @@ def _ver3(info):
     return (v[0], v[1], v[2])
 
 
-def _next_boot(srv, infos):
-    # The slot Slots.decide() boots at the next reset when no test boot comes first (the
-    # confirmed image: the active slot's, else the other slot's; on a factory-fresh state
-    # area the newest valid image), or -1 (recovery).
-    sl = srv.slots
-    a = sl.state[ACTIVE]
+def _next_boot(sl, i0, i1):
+    # The slot of pair sl the boot decision boots at the next reset when no test boot comes
+    # first (the confirmed image: the active slot's, else the other slot's; on a
+    # factory-fresh state area the newest valid image), or -1 (recovery). i0, i1: the infos.
+    a = sl.state[sl.b + ACTIVE]
     for s in ((a, a ^ 1) if a != NONE else (0, 1)):
-        i = infos[s]
+        i = i1 if s else i0
         if i is not None and sl.confirmed(s, i):
             return s
     if not sl.store.found:
-        i0, i1 = infos
         if i1 is not None and (i0 is None or _ver3(i1) > _ver3(i0)):
             return 1
         if i0 is not None:
@@ -140,15 +139,8 @@ def _images(srv, enc, identity=False):
     # the one the marked test boot falls back to).
     # identity (an mpboot extension of the read: {"identity": true}): the board's unique id
     # and serial too. Keys in canonical order: uid, images, serial, splitStatus.
-    sl = srv.slots
-    st = sl.state
-    run = srv.running
-    infos = (srv.image(0), srv.image(1))
-    nxt = _next_boot(srv, infos)
-    trial = run >= 0 and st[TRIAL] == run
-    t = st[TEST]
-    if t == run or t == NONE or infos[t] is None:
-        t = -1  # no test boot comes at the next reset
+    # With stage-1 slots, image 1's two entries follow, by the same table (docs/PROTOCOL.md).
+    infos = [srv.image(s) for s in range(len(srv.cache))]
     if identity:
         enc.map(4)
         enc.text("uid")
@@ -156,9 +148,29 @@ def _images(srv, enc, identity=False):
     else:
         enc.map(2)
     enc.text("images")
-    enc.array((infos[0] is not None) + (infos[1] is not None))
+    enc.array(len(infos) - infos.count(None))
+    for p in range(len(srv.ups)):
+        _entries(srv, enc, p, infos[2 * p], infos[2 * p + 1])
+    if identity:
+        enc.text("serial")
+        serial(enc, srv.slots.factory)
+    enc.text("splitStatus")  # always 0, as Zephyr sends it
+    enc.uint(0)
+
+
+def _entries(srv, enc, p, i0, i1):
+    # Image p's entries (i0, i1: its slots' infos).
+    sl = srv.pair(2 * p)
+    st = sl.state
+    b = sl.b
+    run = srv.ups[p].running
+    nxt = _next_boot(sl, i0, i1)
+    trial = run >= 0 and st[b + TRIAL] == run
+    t = st[b + TEST]
+    if t == run or t == NONE or (i1 if t else i0) is None:
+        t = -1  # no test boot comes at the next reset
     for s in (0, 1):
-        info = infos[s]
+        info = i1 if s else i0
         if info is None:
             continue
         pending = permanent = False
@@ -180,7 +192,7 @@ def _images(srv, enc, identity=False):
         enc.text("slot")
         enc.uint(s)
         enc.text("image")
-        enc.uint(0)
+        enc.uint(p)
         enc.text("active")
         enc.bool(s == run)
         enc.text("pending")
@@ -193,11 +205,6 @@ def _images(srv, enc, identity=False):
         enc.bool(confirmed)
         enc.text("permanent")
         enc.bool(permanent)
-    if identity:
-        enc.text("serial")
-        serial(enc, sl.factory)
-    enc.text("splitStatus")  # always 0, as Zephyr sends it
-    enc.uint(0)
 
 
 def _state_write(srv, req):
@@ -207,6 +214,8 @@ def _state_write(srv, req):
     # success while it is the confirmed image or on its test boot, and otherwise goes to the
     # other copy if there is one (else TEST_TO_ACTIVE_DENIED). A write acts on one slot at
     # most, and the reply (the image list) shows the state it left.
+    # With stage-1 slots the hash also names the image (kinds keep the pairs apart): stage 1
+    # is marked as the app is, but confirmed only by its proven test boot (mpboot.smp.stage1).
     h = req.get("hash")
     confirm = req.get("confirm", False)
     if type(confirm) is not bool or (h is not None and type(h) is not memoryview):
@@ -223,31 +232,44 @@ def _state_write(srv, req):
     if len(h) != _HASH_SIZE:
         return (_EINVAL, _INVALID_HASH, None)
     h = bytes(h)
-    mine = run >= 0 and _holds(srv, run, h)
-    s = -1  # a slot not running that holds the image (recovery: the lower one)
-    for i in ((run ^ 1,) if run >= 0 else (0, 1)):
-        if _holds(srv, i, h):
-            s = i
+    for p in range(len(srv.ups)):
+        sl = srv.pair(2 * p)
+        run = srv.ups[p].running
+        mine = run >= 0 and _holds(srv, 2 * p + run, h)
+        s = -1  # a slot not running that holds the image (recovery: the lower one)
+        for i in ((run ^ 1,) if run >= 0 else (0, 1)):
+            if _holds(srv, 2 * p + i, h):
+                s = i
+                break
+        if mine or s >= 0:
             break
+    else:
+        return (_ENOENT, _HASH_NOT_FOUND, None)
     if mine:
         if confirm:
             srv.forget()
+            if p:
+                from mpboot.smp import stage1
+
+                return stage1.confirm(srv)
             return _confirm_running(srv)
         st = sl.state
-        if st[TRIAL] == run or (st[ACTIVE] == run and sl.confirmed(run, srv.image(run))):
+        b = sl.b
+        if st[b + TRIAL] == run or (st[b + ACTIVE] == run and sl.confirmed(run, srv.image(2 * p + run))):
             return None  # it runs confirmed, or on its test boot already: nothing to mark
         if s < 0:
             # A fallback (or replaced by a permanent install since it booted), no other copy:
             # a running image cannot be marked for a test boot (Zephyr's refusal).
             return (_EINVAL, _TEST_TO_ACTIVE_DENIED, None)
-    elif s < 0:
-        return (_ENOENT, _HASH_NOT_FOUND, None)
     srv.forget()
+    if confirm and p:
+        # Stage 1 becomes the confirmed one only through its proven test boot.
+        return (_EACCESSDENIED, _CONFIRMATION_DENIED, "stage1:test")
     if confirm and sl.test_boot:
         # Factory test-boot policy: an image becomes the confirmed one only through its test
         # boot, never made permanent from the other slot (Zephyr's confirmation refusal).
         return (_EACCESSDENIED, _CONFIRMATION_DENIED, "factory:8")
-    info = srv.image(s)
+    info = srv.image(2 * p + s)
     sl.policy(info, True)  # as for an update: the floor, and no downgrade if so configured
     if confirm:
         sl.confirm(s, info)  # permanent: boots next, no test boot
@@ -320,26 +342,31 @@ def _upload(srv, req, enc):
             if type(sha) is not memoryview or len(sha) != _HASH_SIZE:
                 return (_EINVAL, _INVALID_HASH, None)
             sha = bytes(sha)
+        p = n >> 1
+        if p >= len(srv.ups):
+            # Further images: none here (Zephyr's answer for a slot it does not have). The
+            # hook for image 4, the esp32 firmware (its own writer, issue 19), goes here.
+            return (_EBADSTATE, _NO_FREE_SLOT, _RSN_NO_SLOT)
+        if srv.ups[p] is not up:
+            up.abort()  # one upload at a time: another image's session ends
+            srv.up = up = srv.ups[p]
+        if sha is not None:
             if up.total >= 0 and up.sha == sha and up.total == total:
                 return _off(enc, up.pos, False, pipe, z)  # the open session: continue it
-        if n > _IMAGE_UPDATE:
-            # Further images (Zephyr's direct upload numbers slots from 1): there are none.
-            return (_EBADSTATE, _NO_FREE_SLOT, _RSN_NO_SLOT)
-        if sha is not None:
             d = srv.done
-            if up.total < 0 and d is not None and d[0] == sha and d[1] == total:
+            if up.total < 0 and d is not None and d[0] == sha and d[1] == total and d[2] >> 1 == p:
                 return _off(enc, total, True, pipe, z)  # finished and verified already (reply lost)
         ptlv = req.get("ptlv")
         if ptlv is not None and type(ptlv) is not memoryview:
             return (_EINVAL, 0, None)
         slot = up.target()
         if req.get("upgrade") is True:
-            _upgrade(srv, data, slot)
-        srv.forget(slot)
+            _upgrade(srv, data, up, slot)
+        srv.forget(2 * p + slot)
         try:
             nxt = up.begin(total, data, ptlv, sha)
         except UpdateError as e:
-            if e.args[0] == U_LENGTH and total > srv.slots.areas[slot].size:
+            if e.args[0] == U_LENGTH and total > up.slots.areas[slot].size:
                 return (_EINVAL, _TOO_LARGE, "update:4")
             raise
         if not nxt:
@@ -355,7 +382,7 @@ def _upload(srv, req, enc):
                 # gets update:2, so `mpboot flash` reopens with its sha and resumes.
                 return _off(enc, 0, False)
         nxt = up.write(off, data)
-        srv.forget(up.slot)
+        srv.forget(up.at)
     if up.total >= 0 and nxt == up.total:
         return _finish(srv, enc, nxt, pipe, z)
     return _off(enc, nxt, False, pipe, z)
@@ -366,8 +393,12 @@ def _finish(srv, enc, end, pipe, z):
     up = srv.up
     match = up.sha is not None
     up.finish(MARK_NONE)  # verifies; the session ends either way
-    srv.forget(up.slot)
-    srv.done = (up.sha, end, up.slot)
+    srv.forget(up.at)
+    srv.done = (up.sha, end, up.at)
+    if srv.s1_trial:
+        from mpboot.smp import stage1
+
+        stage1.proved(srv)  # a completed upload: the first half of stage 1's proof
     return _off(enc, end, match, pipe, z)
 
 
@@ -397,29 +428,31 @@ def zwbits():
     return _ZWBITS
 
 
-def _upgrade(srv, data, slot):
-    # `upgrade: true`: only a version (major, minor, revision) above the running one.
+def _upgrade(srv, data, up, slot):
+    # `upgrade: true`: only a version (major, minor, revision) above the running one of the
+    # same image (up: its updater).
     if len(data) < image.HEADER_SIZE:
         raise ImageError(image.E_TRUNCATED)
     info = {}
-    image.parse_header(data, srv.slots.areas[slot].size, info)
-    run = srv.image(srv.running) if srv.running >= 0 else None
+    image.parse_header(data, up.slots.areas[slot].size, info)
+    r = up.running
+    run = srv.image(2 * up.slots.image + r) if r >= 0 else None
     if run is not None and info["version"][:3] <= run["version"][:3]:
         raise ImageError(E_DOWNGRADE)
 
 
 def _erase(srv, req, enc):
-    up = srv.up
+    # `slot`: absolute (0, 1 the app's, 2, 3 stage 1's); the default is the app's free slot.
     slot = req.get("slot")
     if slot is None:
-        slot = up.target()
+        slot = srv.ups[0].target()
     if type(slot) is not int or slot < 0:
         return (_EINVAL, 0, None)
-    if slot > 1:
+    if slot >= len(srv.cache):
         return (_EINVAL, _INVALID_SLOT, None)
     srv.forget(slot)
     try:
-        up.erase(slot)
+        srv.ups[slot >> 1].erase(slot & 1)
     except OSError:
         return (_EUNKNOWN, _FLASH_ERASE_FAILED, None)
     enc.map(0)
@@ -427,21 +460,24 @@ def _erase(srv, req, enc):
 
 
 def _slot_info(srv, enc):
-    a = srv.slots.areas
+    # One map per image (slots numbered within it, as Zephyr's).
     enc.map(1)
     enc.text("images")
-    enc.array(1)
-    enc.map(3)
-    enc.text("image")
-    enc.uint(0)
-    enc.text("slots")
-    enc.array(2)
-    for s in (0, 1):
-        enc.map(2)
-        enc.text("size")
-        enc.uint(a[s].size)
-        enc.text("slot")
-        enc.uint(s)
-    enc.text("max_image_size")
-    enc.uint(a[srv.up.target()].size)
+    enc.array(len(srv.ups))
+    for p in range(len(srv.ups)):
+        up = srv.ups[p]
+        a = up.slots.areas
+        enc.map(3)
+        enc.text("image")
+        enc.uint(p)
+        enc.text("slots")
+        enc.array(2)
+        for s in (0, 1):
+            enc.map(2)
+            enc.text("size")
+            enc.uint(a[s].size)
+            enc.text("slot")
+            enc.uint(s)
+        enc.text("max_image_size")
+        enc.uint(a[up.target()].size)
     return None

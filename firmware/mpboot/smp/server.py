@@ -2,7 +2,7 @@
 # (docs/PROTOCOL.md). Transports (mpboot.transport) frame the packets; the groups
 # (os_mgmt, img_mgmt, enum_mgmt, mpboot_mgmt) serve the commands.
 #
-#   srv = Server(slots, running, port, info=info)
+#   srv = Server(slots, running, port, info=info)   # + s1=, s1_slot=, s1_info=, deadline= with stage 1
 #   rsp = srv.handle(pkt)      # memoryview valid until the next call, or None: send nothing
 #   if srv.reset_requested:    # after sending and draining rsp
 #       port.reset()
@@ -43,16 +43,26 @@ _UNKNOWN = const(0)  # cache entry: slot not looked at yet
 
 
 class Server:
-    def __init__(self, slots, running, port, buf_size=2048, buf_count=4, info=None):
+    def __init__(self, slots, running, port, buf_size=2048, buf_count=4, info=None, s1=None, s1_slot=-1,
+                 s1_info=None, deadline=None):
         # slots: mpboot.slots.Slots. running: the slot running now (-1 in recovery). port: the
         # port module (reset, unique_id). info: the running image's verified info, or None.
+        # On a board with stage-1 slots (docs/PROTOCOL.md, "Stage 1"): s1, its pair
+        # (mpboot.pairs.Stage1); s1_slot, the stage-1 slot running (-1: none); s1_info, its
+        # verified info; deadline, a stage-1 test boot's proof deadline (time.ticks_ms) or None.
+        # Slots are absolute here: 0, 1 the app's, 2, 3 stage 1's (image 1).
         self.slots = slots
         self.running = running
         self.port = port
         self.info = info
         self.buf_size = buf_size
         self.buf_count = buf_count
-        self.up = Updater(slots, running)
+        self.up = Updater(slots, running)  # the updater of the upload open (or last opened)
+        self.ups = (self.up,)  # one per image
+        self.s1 = s1
+        self.s1_trial = False  # stage 1 runs its test boot, unproven: the service's tick resets at the deadline
+        if s1 is not None:
+            self.ups = (self.up, Updater(s1, s1_slot))
         self.out = bytearray(buf_size)
         self.dec = Decoder()
         self.enc = Encoder(self.out)
@@ -65,27 +75,37 @@ class Server:
         self.record = None
         # Verified info per slot (None: no valid image), _UNKNOWN until looked at. Forgotten
         # whenever that slot or the state changes.
-        self.cache = [_UNKNOWN, _UNKNOWN]
-        if running >= 0 and info is not None:
-            self.cache[running] = info
+        # The running images' infos (absolute slot -> info) are kept.
+        self.keep = {running: info} if running >= 0 and info is not None else {}
+        self.cache = [_UNKNOWN] * (2 * len(self.ups))
+        for s in self.keep:
+            self.cache[s] = self.keep[s]
+        if s1 is not None:
+            from mpboot.smp import stage1
+
+            stage1.init(self, s1_slot, s1_info, deadline)
+
+    def pair(self, slot):
+        # The slot pair (Slots) an absolute slot belongs to.
+        return self.slots if slot < 2 else self.s1
 
     def forget(self, slot=-1):
-        # The slot's bytes (slot >= 0) or the state (-1) change: drop what was remembered.
+        # The slot's bytes (slot >= 0, absolute) or the state (-1) change: drop what was remembered.
         d = self.done
         if d is not None and d[2] == slot:
             self.done = None  # (a state write leaves the finished image as it is)
         c = self.cache
-        for s in (0, 1):
-            if (slot < 0 or s == slot) and not (s == self.running and self.info is not None):
+        for s in range(len(c)):
+            if (slot < 0 or s == slot) and s not in self.keep:
                 c[s] = _UNKNOWN
 
     def image(self, slot):
-        # The verified info of the image in `slot` (passing this device's policy), or None.
+        # The verified info of the image in absolute `slot` (passing this device's policy), or None.
         c = self.cache
         v = c[slot]
         if v is _UNKNOWN:
             try:
-                v = self.slots.check(slot)
+                v = self.pair(slot).check(slot & 1)
             except ImageError:
                 v = None
             c[slot] = v

@@ -29,7 +29,8 @@ import sys
 
 import mpboot
 from mpboot import boot
-from mpboot.boot import BOOTED_DEADLINE, BOOTED_INFO, BOOTED_S1_HOW, BOOTED_S1_SLOT, BOOTED_SLOT, BOOTED_SLOTS, HOW_TEST
+from mpboot.boot import (BOOTED_DEADLINE, BOOTED_INFO, BOOTED_S1, BOOTED_S1_HOW, BOOTED_S1_INFO, BOOTED_S1_SLOT,
+                         BOOTED_SLOT, BOOTED_SLOTS, HOW_TEST)
 from mpboot.smp.server import Server
 from mpboot.state import TRIAL
 
@@ -41,7 +42,8 @@ def _server(port, buf_size, buf_count):
         raise OSError(19)  # ENODEV: boot.start() (or boot.recovery()) did not run
     slots = b[BOOTED_SLOTS]
     run_slot = b[BOOTED_SLOT]
-    server = Server(slots, run_slot, port, buf_size, buf_count, info=b[BOOTED_INFO])
+    server = Server(slots, run_slot, port, buf_size, buf_count, info=b[BOOTED_INFO], s1=b[BOOTED_S1],
+                    s1_slot=b[BOOTED_S1_SLOT], s1_info=b[BOOTED_S1_INFO], deadline=b[BOOTED_DEADLINE])
 
     def tick():
         # Feed the watchdog a test boot armed, but not while that test image is unconfirmed:
@@ -50,6 +52,13 @@ def _server(port, buf_size, buf_count):
         # state write), the service keeps it fed.
         if run_slot < 0 or slots.state[TRIAL] != run_slot:
             boot.feed()
+        # Stage 1 on its test boot, unproven at its deadline (docs/BOOT.md, "Stage 1's
+        # proof"): reset; the next boot reverts it.
+        if server.s1_trial:
+            from mpboot.smp import stage1
+
+            if stage1.late(server):
+                port.reset()
 
     return server, tick
 

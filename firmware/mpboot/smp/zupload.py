@@ -73,7 +73,7 @@ def _chunk(srv, op, cmd, req, enc):
     # of `data` after the stream's end is refused.
     if _inflate(z, mv[:1]) != 0 or src.tell() != len(data):
         return _bad(srv)
-    srv.forget(up.slot)
+    srv.forget(up.at)
     if pos == up.total:
         return img_mgmt._finish(srv, enc, pos, 0, 0)
     return img_mgmt._off(enc, pos, False)
@@ -94,5 +94,5 @@ def _bad(srv):
     # image's hash and signature are checked at the end as always.
     up = srv.up
     up.total = -1
-    srv.forget(up.slot)  # it wrote into the slot: a verdict kept from before is stale
+    srv.forget(up.at)  # it wrote into the slot: a verdict kept from before is stale
     return (_EINVAL, E_BAD_STREAM, "zupload:%d" % E_BAD_STREAM)

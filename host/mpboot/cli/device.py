@@ -30,6 +30,12 @@ from mpboot.errors import ProtocolError, UsageError
 @click.option("--test", "test_boot", is_flag=True, help="Mark it for one test boot (the app confirms it, or it reverts).")
 @click.option("--confirm", "permanent", is_flag=True, help="Make it permanent: it boots from the next reset on.")
 @click.option("--reset", "reset_after", is_flag=True, help="Reset the device afterwards.")
+@click.option("--image", "image_number", default="app", metavar="app|stage1|N",
+              help="Which image: app (default: the app's free slot, as image 0 or 1), stage1 (stage 1's "
+                   "free slot, image 2, on a device with stage-1 slots), or the upload's `image` number N.")
+@click.option("--prove/--no-prove", default=True,
+              help="With --image stage1 --test --reset: once stage 1 runs its test boot, probe and confirm it "
+                   "(default); --no-prove leaves it unproven (it reverts at its deadline unless proven).")
 @click.option("--window", type=click.IntRange(1, 64), metavar="N",
               help="Upload requests in flight (default: the device's buf_count on an mpboot device, 1 on others).")
 @click.option("--no-compress", is_flag=True,
@@ -37,18 +43,25 @@ from mpboot.errors import ProtocolError, UsageError
 @retries_option
 @click.option("--no-progress", is_flag=True, help="No progress bar: print a one-line summary at the end.")
 def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bool, reset_after: bool,
-              window: int | None, no_compress: bool, retries: int, no_progress: bool) -> None:
+              image_number: str, prove: bool, window: int | None, no_compress: bool, retries: int,
+              no_progress: bool) -> None:
     """Upload IMAGE to the device (resuming an interrupted upload), then optionally mark and reset.
 
     Without --test or --confirm the image is written and verified but does not boot. An image
     the device already runs is left as it is (exit 0); one it holds in the other slot is
-    marked without a new upload."""
+    marked without a new upload. Stage 1 (--image stage1) is confirmed only by its proven test
+    boot: --test --reset uploads, marks, resets, then probes and confirms it."""
     import asyncio
 
-    from mpboot.flashing import Mark, flash, flash_with_retries, prepare
+    from mpboot.flashing import STAGE1, Mark, flash, flash_with_retries, prepare
 
     if test_boot and permanent:
         raise UsageError("--test and --confirm exclude each other: test-boot it, or make it permanent")
+    number = _image_number(image_number)
+    stage1 = number in (STAGE1, STAGE1 + 1)
+    if stage1 and permanent:
+        raise UsageError("stage 1 cannot be made permanent: it is confirmed only by its proven test boot; "
+                         "use --test --reset (the probe and the confirm follow)")
     mark = Mark.TEST if test_boot else Mark.CONFIRM if permanent else Mark.NONE
     prepared = prepare(read_image(image_path))  # a malformed image fails here, before the port opens
     compress = False if no_compress else None
@@ -72,14 +85,14 @@ def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bo
             if link.ble is None:
                 async with make() as client:
                     return await flash(client, prepared, mark=mark, reset=reset_after, window=window,
-                                       progress=seen, compress=compress)
+                                       progress=seen, compress=compress, image_number=number)
 
             def on_retry(attempt: int, err: Exception) -> None:
                 note(f"mpboot: link lost ({err}); reconnecting ({attempt}/{retries})")
 
             return await flash_with_retries(make, prepared, retries=retries, mark=mark, reset=reset_after,
                                             progress=seen, window=window, compress=compress,
-                                            on_retry=on_retry)
+                                            on_retry=on_retry, image_number=number)
         finally:
             await link.release()
 
@@ -118,6 +131,11 @@ def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bo
         number = f"slot {slot.slot}, " if slot is not None else ""
         click.echo(f"{image_path} (version {prepared.version}) already runs on the device ({number}{state}): "
                    f"nothing uploaded{', no reset needed' if reset_after else ''}")
+        if stage1 and test_boot and prove and slot is not None and not slot.confirmed:
+            # A re-run after the reset (the proof did not finish): it finishes now.
+            entry = _prove_after_reset(link, prepared.hash)
+            click.echo(f"stage 1 {image_path.name} (version {entry.version}) runs its test boot: proven and "
+                       "confirmed (probe and confirm over this link)")
         return
     up = done.upload
     if no_progress and up is not None:
@@ -128,7 +146,9 @@ def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bo
         click.echo(f"uploaded {up.size} bytes in {up.elapsed:.1f} s ({size_text(up.rate)}/s, "
                    f"{plural(up.requests, 'request')}{squeezed}, window {up.window}{resumed}{reconnects})")
     held = " (the device held it already: nothing uploaded)" if up is None else ""
-    where_slot = f" in slot {done.slot.slot}" if done.slot is not None else ""
+    where_slot = (f" in {'stage 1' if done.slot.image == 1 else 'image ' + str(done.slot.image)}'s slot "
+                  f"{done.slot.slot}" if done.slot is not None and done.slot.image else
+                  f" in slot {done.slot.slot}" if done.slot is not None else "")
     how = {Mark.NONE: "not marked (it does not boot until marked)" if not done.recovery else
            # What boots next is the bootloader's choice: MCUboot's serial recovery took it into
            # slot 0 and boots it as it is; an mpboot device in recovery needs a mark.
@@ -139,6 +159,54 @@ def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bo
            Mark.CONFIRM: "made permanent (boots from the next reset)"}[mark]
     click.echo(f"flashed {image_path} (version {prepared.version}){where_slot}{held}: {how}"
                f"{'; device reset' if reset_after else ''}")
+    if stage1 and test_boot:
+        if not reset_after or not prove:
+            click.echo("stage 1 confirms it only once proven on its test boot: after the reset, run "
+                       "`mpboot confirm --image stage1` (a probe, then the confirm) before its deadline")
+            return
+        entry = _prove_after_reset(link, prepared.hash)
+        click.echo(f"stage 1 {image_path.name} (version {entry.version}) runs its test boot: proven and "
+                   "confirmed (probe and confirm over this link)")
+
+
+PROVE_ATTEMPTS = 5  # links opened to find stage 1 back after the reset
+
+
+def _image_number(text: str) -> int:
+    """--image: app (0), stage1 (2), or the upload's `image` number."""
+    words = {"app": 0, "stage1": 2}
+    if text in words:
+        return words[text]
+    if not text.isdigit() or int(text) > 255:
+        raise UsageError(f"--image {text!r}: expected app, stage1 or an image number (0-255)")
+    return int(text)
+
+
+def _prove_after_reset(link: DeviceLink, image_hash: bytes | None) -> Any:
+    """Stage 1's proof once the device is back from its reset: reconnects (the device is
+    booting: a few silent attempts are expected), then probe and confirm."""
+    import asyncio
+
+    from mpboot.errors import DeviceSilent, PortError, TransportError
+    from mpboot.flashing import prove_stage1
+
+    make = link.client_factory()
+
+    async def attempt() -> Any:
+        try:
+            async with make() as client:
+                return (await prove_stage1(client, image_hash))[0]
+        finally:
+            await link.release()
+
+    last: Exception | None = None
+    for _ in range(PROVE_ATTEMPTS):
+        try:
+            return asyncio.run(attempt())
+        except (DeviceSilent, TransportError, PortError) as err:
+            last = err
+    raise DeviceSilent(f"stage 1 did not answer after the reset ({last}); run `mpboot confirm --image stage1` "
+                       "before its deadline")
 
 
 def _slot_dict(s: Any) -> dict[str, Any]:
@@ -179,26 +247,40 @@ def state_cmd(link: DeviceLink, as_json: bool) -> None:
     if not slots:
         click.echo("no images (the device is in recovery: flash one with --test or --confirm)")
         return
-    click.echo(f"{'slot':<5} {'version':<14} {'hash':<17} flags")
+    # A device with stage-1 slots lists image 1 (stage 1) too: the image column says which.
+    image = "" if all(s.image == 0 for s in slots) else f"{'image':<6} "
+    click.echo(f"{image}{'slot':<5} {'version':<14} {'hash':<17} flags")
     for s in slots:
-        click.echo(f"{s.slot:<5} {s.version:<14} {s.hash.hex()[:16]:<17} {' '.join(s.flags)}")
+        number = f"{s.image:<6} " if image else ""
+        click.echo(f"{number}{s.slot:<5} {s.version:<14} {s.hash.hex()[:16]:<17} {' '.join(s.flags)}")
 
 
 @click.command("confirm")
 @click.argument("hash_text", metavar="[HASH]", required=False)
+@click.option("--image", "which", type=click.Choice(["app", "stage1"]), default="app",
+              help="Without HASH: confirm the running app (default) or the running stage 1 (on its test "
+                   "boot: a probe proves it first).")
 @device_options
-def confirm_cmd(hash_text: str | None, link: DeviceLink) -> None:
+def confirm_cmd(hash_text: str | None, which: str, link: DeviceLink) -> None:
     """Confirm the running image, or make the image with HASH permanent.
 
-    HASH is its SHA256 TLV in hex (as `mpboot state` lists it); a unique prefix will do."""
+    HASH is its SHA256 TLV in hex (as `mpboot state` lists it); a unique prefix will do. The
+    running stage 1 on its test boot (HASH, or --image stage1) is proven first: a probe over
+    this link, then the confirm (docs/BOOT.md, "Stage 1's proof")."""
     wanted = hash_text.strip().lower() if hash_text else None
     if wanted is not None and not re.fullmatch(r"[0-9a-f]{4,64}", wanted):
         raise UsageError(f"bad hash {hash_text!r}: expected hex digits (at least 4) as `mpboot state` lists them")
+    if wanted is not None and which == "stage1":
+        raise UsageError("give HASH or --image stage1, not both: the hash names the image")
 
     async def action(client: Any) -> Any:
-        from mpboot.flashing import check_no_permanent_waiting
+        from mpboot.flashing import check_no_permanent_waiting, prove_stage1, running_stage1
 
         slots = await client.state()
+        s1 = running_stage1(slots)
+        if which == "stage1" or (wanted is not None and s1 is not None and s1.hash.hex().startswith(wanted)):
+            entry, changed = await prove_stage1(client)
+            return None, entry, changed
         if wanted is None:
             if not any(s.active for s in slots):
                 raise UsageError("the device runs no image (it is in recovery): nothing to confirm; "
@@ -211,7 +293,12 @@ def confirm_cmd(hash_text: str | None, link: DeviceLink) -> None:
                              f"starting {wanted}")
         return await client.state_write(matches[0].hash, confirm=True), matches[0].hash
 
-    slots, target = link.run(action)
+    slots, target, *stage1 = link.run(action)
+    if slots is None:
+        entry, changed = target, stage1[0]
+        click.echo(f"stage 1 (version {entry.version}, image 1 slot {entry.slot}) "
+                   + ("proven and confirmed" if changed else "is confirmed already: nothing to do"))
+        return
     if target is None:
         entry = next((s for s in slots if s.active), None)
     else:
@@ -243,7 +330,9 @@ def reset_cmd(link: DeviceLink) -> None:
 
 
 @click.command("erase")
-@click.option("--slot", type=click.IntRange(0, 1), help="Slot to erase (default: the slot not running).")
+@click.option("--slot", type=click.IntRange(0, 3),
+              help="Slot to erase (default: the app's slot not running); 2 and 3 are stage 1's, on a device "
+                   "with stage-1 slots.")
 @device_options
 def erase_cmd(slot: int | None, link: DeviceLink) -> None:
     """Erase a slot (never the running one)."""

@@ -266,6 +266,12 @@ class SimDevice:
         self.uid = uid if uid is not None else os.urandom(8)
         fields["uid"] = self.uid.hex()
         self.config = self.workdir / "device.cfg"
+        if self.config.exists():
+            # Stage 1's proof window in ms (upy_scripts/sim_serve.py; default 300000), set by
+            # hand or by tests, is kept when the board is opened again.
+            prove = read_config(self.config).get("prove")
+            if prove is not None:
+                fields["prove"] = prove
         write_config(self.config, fields)
 
     @classmethod

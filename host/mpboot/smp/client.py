@@ -13,6 +13,8 @@ so it never shifts the stream. The pipelined, resumable image upload is in mpboo
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import random
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
@@ -89,6 +91,7 @@ def describe(group: int, command: int, op: Op) -> str:
 # An erase reply comes after the whole slot is erased: 45 ms per 4 KiB sector is 11.5 s per
 # MiB at typical NOR speed, and datasheets allow several times that.
 ERASE_TIMEOUT = 120.0
+PROBE_MIN = 8192  # a probe's least size (the device's rule: max(8 KiB, 2 * buf_size))
 
 
 class SMPClient:
@@ -384,13 +387,43 @@ class SMPClient:
                      progress: ProgressCallback | None = None, sha: bool = True,
                      ptlv: bytes | None = None, upgrade: bool = False,
                      timeout: float | None = None, final_timeout: float | None = None,
-                     retries: int = 4, compress: bool | None = None, resuming: bool = False) -> UploadResult:
+                     retries: int = 4, compress: bool | None = None, resuming: bool = False,
+                     image_number: int = 0) -> UploadResult:
         """Upload `image` (the whole file) pipelined, resuming where the device is, compressed
         where the device offers it; see mpboot.smp.upload.upload for the arguments."""
         return await upload(self, image, window=window, chunk=chunk, progress=progress, sha=sha,
                             ptlv=ptlv, upgrade=upgrade, timeout=timeout,
                             final_timeout=final_timeout, retries=retries, compress=compress,
-                            resuming=resuming)
+                            resuming=resuming, image_number=image_number)
+
+    async def probe(self, size: int | None = None) -> int:
+        """The probe (group 64 command 8, docs/PROTOCOL.md "Stage 1"): `size` random bytes
+        (default, and at least: max(8 KiB, 2 * buf_size)) sent as upload-shaped requests at the
+        device's buffer size, one at a time; the device hashes them and answers `match` at the
+        end. On stage 1's test boot this is the first half of its proof. Returns the bytes
+        sent; raises the SMPError family (CommandNotSupported: a device without stage-1 slots)."""
+        params = await self.params_or_default(min(self.timeout, PARAMS_TIMEOUT))
+        n = max(PROBE_MIN, 2 * params.buf_size, size or 0)
+        data = os.urandom(n)
+        first: dict[str, Any] = {"off": 0, "len": n, "sha": hashlib.sha256(data).digest()}
+        budget = self.transport.max_packet(params.buf_size)
+        room = max_data(budget, {"off": n})
+        off = stalls = 0
+        while off < n:
+            fields = dict(first) if off == 0 else {"off": off}
+            k = min(max_data(budget, first) if off == 0 else room, n - off)
+            fields["data"] = data[off : off + k]
+            rsp = await self.request(Group.MPBOOT, MpbootCmd.PROBE, Op.WRITE, fields)
+            nxt = rsp.get("off")
+            if not _is_uint(nxt) or nxt > n or (nxt == n) != (off + k == n):
+                raise ProtocolError(f"probe reply has an unexpected offset: {rsp!r}")
+            if nxt == n and rsp.get("match") is not True:
+                raise ProtocolError(f"the device took the probe but did not say it matched: {rsp!r}")
+            stalls = stalls + 1 if nxt <= off else 0
+            if stalls > 3:
+                raise ProtocolError(f"the probe does not advance: the device keeps answering offset {nxt}")
+            off = nxt
+        return n
 
     # --- internals -------------------------------------------------------------------------
 

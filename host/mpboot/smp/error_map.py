@@ -98,6 +98,10 @@ def error_from_response(payload: dict[str, Any], what: str) -> SMPError | None:
         code = rc
     wire = WireDetails(rc=code, rsn=rsn)
     kind, _, number = (rsn or "").partition(":")
+    if kind == "stage1" and number in _STAGE1_TEXT:
+        return UpdateRefused(f"{what} refused: {_STAGE1_TEXT[number]} ({_rc_text(rc)})", **wire)
+    if kind == "probe" and number.isdigit() and int(number) in _PROBE_TEXT:
+        return SMPError(f"{what} failed: {_PROBE_TEXT[int(number)]} ({_rc_text(rc)})", **wire)
     if number.isdigit():
         if kind == "factory":
             return FactoryRefused.from_number(int(number), what, _rc_text(rc), **wire)
@@ -137,11 +141,25 @@ def _v2_error(err: dict[str, Any], what: str) -> SMPError | None:
             return _trust_refused(rc, f"mpboot group rc {rc}", wire)
         if rc == ZUPLOAD_BAD_CHUNK:
             return _chunk_refused(f"mpboot group rc {rc}", wire)
+        if rc in _PROBE_TEXT:
+            return SMPError(f"{what} failed: {_PROBE_TEXT[rc]} (mpboot group rc {rc})", **wire)
         return FactoryRefused.from_number(rc, what, f"mpboot group rc {rc}", **wire)
     return SMPError(f"{what} failed: group {group} error {rc}", **wire)
 
 
 _TRUST_CODES = frozenset(c.value for c in TrustErrorCode)
+# Stage 1's refusals (docs/PROTOCOL.md, "Stage 1"): v1 `rsn` "stage1:test", "stage1:unproven"
+# (v2: image group 32 IMAGE_CONFIRMATION_DENIED), and the probe's group-64 codes.
+_STAGE1_TEXT = {
+    "test": "a stage-1 image is confirmed only on its own test boot, once proven: mark it for a test "
+            "boot instead (mpboot flash --image stage1 --test --reset)",
+    "unproven": "stage 1 runs its test boot unproven: an upload or a probe must complete over this link "
+                "first (mpboot confirm --image stage1 probes, then confirms)",
+}
+_PROBE_TEXT = {
+    26: "the device refused the probe: a request out of order, or a length out of bounds",
+    27: "the probe's bytes arrived changed: their hash does not match (the link corrupts data)",
+}
 
 
 def _trust_refused(number: int, where: str, wire: WireDetails) -> TrustRefused:

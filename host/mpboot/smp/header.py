@@ -42,6 +42,7 @@ class MpbootCmd(IntEnum):
     SEAL = 5  # write: identity and policy become read-only
     TRUST = 6  # read: the trust state; write: a trust record, in chunks (docs/KEYS.md)
     ZUPLOAD = 7  # write: a compressed upload chunk (docs/PROTOCOL.md, "Compressed upload")
+    PROBE = 8  # write: a probe chunk, stage 1's proof (docs/PROTOCOL.md, "Stage 1")
 
 
 class OsCmd(IntEnum):

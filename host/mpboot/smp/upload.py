@@ -187,7 +187,8 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
                  chunk: int | None = None, progress: ProgressCallback | None = None,
                  sha: bool = True, ptlv: bytes | None = None, upgrade: bool = False,
                  timeout: float | None = None, final_timeout: float | None = None,
-                 retries: int = 4, compress: bool | None = None, resuming: bool = False) -> UploadResult:
+                 retries: int = 4, compress: bool | None = None, resuming: bool = False,
+                 image_number: int = 0) -> UploadResult:
     """Upload `image` (the whole file) to image 0 and return once the device verified it.
 
     window: requests in flight (default: as many as the device's answer to the opening
@@ -203,7 +204,8 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
     compressed wherever the device offers it (its parameters or its answer to the opening
     request say so) and the compressed chunk carries more of the image than a plain one;
     False never; True as None, but raises UsageError when the device does not offer it.
-    resuming: the device likely
+    image_number: the upload's `image` (0: the app's free slot; 2: stage 1's, on a device with
+    stage-1 slots, docs/PROTOCOL.md "Stage 1"). resuming: the device likely
     holds a session of this image (a reconnect): the opening request goes alone even to a
     device that takes a window behind it (what followed would be for the wrong offsets).
 
@@ -231,6 +233,8 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
         first_fields["ptlv"] = bytes(ptlv)
     if upgrade:
         first_fields["upgrade"] = True
+    if image_number:
+        first_fields["image"] = image_number
     if window is None and params.buf_count > 1:
         first_fields["pipeline"] = True  # ask how many requests the device takes in flight
     if compress is not False:

@@ -141,13 +141,13 @@ def main():
     if cmd == "smp":
         from mpboot.smp.server import Server
 
-        srv = Server(slots, slot, port, info=info)
+        srv = Server(slots, slot, port, info=info, **_s1_args(s1, r1 if s1 else None))
         for h in sys.argv[3:]:
             rsp = srv.handle(unhexlify(h))
             print("RSP " + ("-" if rsp is None else hexlify(rsp).decode()))
         return
     if cmd == "zsmp":
-        _zsmp(slots, slot, info)
+        _zsmp(slots, slot, info, _s1_args(s1, r1 if s1 else None))
         return
     if cmd == "boot":
         if slot < 0:
@@ -215,6 +215,12 @@ def main():
     raise SystemExit("unknown command " + cmd)
 
 
+def _s1_args(s1, r1):
+    # The stage-1 keyword arguments of mpboot.smp.server.Server (none without stage-1 slots):
+    # the pair and what decide_all chose for it.
+    return {"s1": s1, "s1_slot": r1[0], "s1_info": r1[1]} if s1 else {}
+
+
 def _proves(s1, r1):
     # The stand-in for stage 1's proof (issue 19): its ROMFS holds a file "prove".
     import os
@@ -251,10 +257,10 @@ def _reply(rsp):
     return Decoder().decode(memoryview(bytes(rsp))[8:])
 
 
-def _zsmp(slots, slot, info):
+def _zsmp(slots, slot, info, s1_args):
     from mpboot.smp.server import Server
 
-    srv = Server(slots, slot, port, info=info)
+    srv = Server(slots, slot, port, info=info, **s1_args)
     for o in sys.argv[4:]:
         if o.startswith("ckpt="):
             srv.up.checkpoint = int(o[5:])

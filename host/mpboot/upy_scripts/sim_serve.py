@@ -7,9 +7,11 @@
 # 127.0.0.1:PORT, docs/BLE.md; NAME advertised, default "mpboot"). Like a board's boot.py:
 # boot (the chosen image's app runs: it prints, and confirms itself), or recovery; then the
 # update service until a client asks for a reset: the process exits 0 and the simulator
-# (host/mpboot/sim/serve.py) starts the next power-on. With stage-1 slots (s1=BYTES) the
+# (host/mpboot/sim/serve.py) starts the next power-on. With stage-1 slots ("s1=BYTES") the
 # service is the stage 1 that mpboot.stages.start() loaded from its slot (else the rescue:
-# the service in the firmware folder).
+# the service in the firmware folder), serving stage 1 as image 1 (docs/PROTOCOL.md, "Stage
+# 1"); a stage-1 test boot has "prove=MS" (default 300000) to prove itself (docs/BOOT.md,
+# "Stage 1's proof").
 import sys
 
 import micropython
@@ -53,14 +55,15 @@ def main():
 
     buf_size = int(cfg.get("bufsize", 2048))
     buf_count = int(cfg.get("bufcount", 4))
+    prove_ms = int(cfg.get("prove", service.PROVE_MS))
     if "ble" in cfg:
         link = _Announce(port.ble(cfg.get("blename", "mpboot"), int(cfg["ble"])),
                          "mpboot: serving SMP over BLE (buf_size %d, buf_count %d)" % (buf_size, buf_count))
-        service.run_ble(port, link, buf_size, buf_count)
+        service.run_ble(port, link, buf_size, buf_count, prove_ms)
     else:
         link = port.uart(cfg["uart"])
         print("mpboot: serving SMP (buf_size %d, buf_count %d)" % (buf_size, buf_count))
-        service.run(port, link, buf_size, buf_count)
+        service.run(port, link, buf_size, buf_count, prove_ms)
 
 
 main()
