@@ -101,6 +101,27 @@ def make_stage1(folder: Path, name: str, *, prove: bool, filler: int = 0) -> byt
     return pack_app(folder)
 
 
+def make_service(folder: Path, variant: str = "") -> bytes:
+    """Stage 1 as it ships (`mpboot firmware export --stage1`), packed as a ROMFS to sign with
+    kind=ImageKind.UPDATER. `variant` "shout" answers echoes in capitals (so a test can tell
+    which stage 1 serves); "crash" raises while mpboot.smp.service imports."""
+    from mpboot import firmware
+
+    firmware.export(folder, stage1=True)
+    if variant == "shout":
+        f = folder / "mpboot/smp/os_mgmt.py"
+        text = f.read_text()
+        old = '        enc.text("r")\n        enc.text(d)\n'
+        assert text.count(old) == 1, "the echo handler changed: update this patch"
+        f.write_text(text.replace(old, '        enc.text("r")\n        enc.text(d.upper())\n'))
+    elif variant == "crash":
+        f = folder / "mpboot/smp/service.py"
+        f.write_text(f.read_text() + "\nraise RuntimeError('stage 1 crashes at import')\n")
+    elif variant:
+        raise ValueError(variant)
+    return pack_app(folder, entry=firmware.STAGE1_ENTRY)
+
+
 def installed(run: Run) -> int:
     """The slot an install went to; a refusal raises (mpboot.sim.install_result)."""
     return install_result(run).slot

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 from conftest import KEYS_DIR, signing_key
-from simkit import installed, make_app, sign_app
+from simkit import installed, make_app, make_service, sign_app
 from simserve import SimProcess
 from smpclient import SMPClient
 from smpclient.generics import success
 from smpclient.requests.os_management import EchoWrite
 from smpclient.transport.serial import SMPSerialTransport
 
-from mpboot import firmware
 from mpboot.cli import cli as cli_main
 from mpboot.image import ImageKind
 from mpboot.pack import pack_app
@@ -34,22 +33,6 @@ TIMEOUT = 20.0
 # 64 KiB app slots, 40 KiB stage-1 slots (the service packs to about 25 KiB), 4 KiB sectors.
 GEOMETRY = Geometry.for_slots(64 * 1024, 4096, 16, s1_size=40 * 1024)
 
-def _stage1_folder(dest: Path, variant: str) -> Path:
-    """The service as `firmware export --stage1` writes it; variant "shout" answers echoes in
-    capitals, "crash" raises while mpboot.smp.service imports."""
-    firmware.export(dest, stage1=True)
-    if variant == "shout":
-        f = dest / "mpboot/smp/os_mgmt.py"
-        text = f.read_text()
-        old = '        enc.text("r")\n        enc.text(d)\n'
-        assert text.count(old) == 1, "the echo handler changed: update this test's patch"
-        f.write_text(text.replace(old, '        enc.text("r")\n        enc.text(d.upper())\n'))
-    elif variant == "crash":
-        f = dest / "mpboot/smp/service.py"
-        f.write_text(f.read_text() + "\nraise RuntimeError('stage 1 crashes at import')\n")
-    return dest
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("stage1-images")
@@ -57,7 +40,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     made = {}
     for name, variant, version in (("good", "", "1.0.0"), ("shout", "shout", "2.0.0"),
                                    ("crash", "crash", "3.0.0")):
-        romfs = pack_app(_stage1_folder(out / name, variant), entry=firmware.STAGE1_ENTRY)
+        romfs = make_service(out / name, variant)
         made[name] = out / f"s1-{name}.bin"
         made[name].write_bytes(sign_app(romfs, key, version, kind=ImageKind.UPDATER))
     app = make_app(out / "app", "v1", confirm=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import KEYS_DIR, signing_key
-from simkit import installed, make_app, make_stage1, sign_app
+from simkit import installed, make_app, make_service, sign_app
 from simserve import SimProcess, mpboot, ok
 from smpclient import SMPClient
 from smpclient.generics import error, success
@@ -28,13 +28,14 @@ from mpboot.sim import Geometry, SimDevice, read_config, write_config
 KEY = KEYS_DIR / "TEST-ONLY-rsa2048.pem"
 SERVING = r"mpboot: serving SMP"
 TIMEOUT_S = 30.0
-GEOMETRY = Geometry.for_slots(16 * 4096, 4096, 4, s1_size=4 * 4096)
+GEOMETRY = Geometry.for_slots(16 * 4096, 4096, 4, s1_size=10 * 4096)  # stage 1: the real service, ~26 KB
 CONFIRMATION_DENIED = 32
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Apps 1.0.0 and 2.0.0 (confirm themselves); stage 1 s1-1.0.0 and s1-2.0.0."""
+    """Apps 1.0.0 and 2.0.0 (confirm themselves); stage 1 s1-1.0.0 and s1-2.0.0 (the service as it
+    ships, loaded from its slot by the boot)."""
     out = tmp_path_factory.mktemp("s1-images")
     key = signing_key(KEY.name)
     files = {}
@@ -42,8 +43,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         files[v] = out / f"app-{v}.bin"
         files[v].write_bytes(sign_app(make_app(out / v, v, confirm=True, filler=3000), key, v))
         files[f"s1-{v}"] = out / f"s1-{v}.bin"
-        files[f"s1-{v}"].write_bytes(sign_app(make_stage1(out / f"s1-{v}", v, prove=False, filler=2000), key, v,
-                                              kind=ImageKind.UPDATER))
+        files[f"s1-{v}"].write_bytes(sign_app(make_service(out / f"s1-{v}"), key, v, kind=ImageKind.UPDATER))
     return files
 
 

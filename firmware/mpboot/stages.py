@@ -44,6 +44,10 @@ def start(port, areas, keys, entry="main", mount="/app", wdt_ms=WDT_MS, **policy
 S1_MOUNT = "/s1"  # where stage 1's ROMFS is mounted, for as long as the board runs
 E_S1_IMPORT = const(-5)  # a stage-1 slot error: its service did not import (EIO)
 _S1 = ("mpboot.smp", "mpboot.transport")  # stage 1's packages (mpboot.smp.service: its entry)
+# The RAM copies of stage-1 images that failed to import, kept for as long as the board runs:
+# MicroPython runs .mpy code from a ROMFS in place and interns its names there, so the names
+# a failed import left in the qstr pool still point into that memory.
+_failed = []
 
 
 def _forget_stage1():
@@ -94,6 +98,7 @@ def _load_stage1(s1, port, slot, info):
     if err:
         _forget_stage1()
         vfs.umount(S1_MOUNT)
+        _failed.append(mem)
     return err
 
 
