@@ -170,6 +170,8 @@ class ImageErrorCode(IntEnum):
     REVOKED = 24  # a signer, a certificate or its issuer is revoked
     THRESHOLD = 25  # fewer distinct trusted signers than the image threshold
     WRONG_KIND = 26  # an image of another kind (MPBOOT_KIND): an updater in the app's slots
+    # esp32 firmware images (firmware/mpboot/espota.py, docs/FORMAT.md "Firmware images (esp32)")
+    NOT_ESP_APP = 30  # the firmware payload is not an ESP-IDF app image this chip boots
 
 
 class BootErrorCode(IntEnum):
@@ -309,6 +311,7 @@ _IMAGE_DESCRIPTIONS: dict[ImageErrorCode, str] = {
     ImageErrorCode.REVOKED: "a signer, a certificate or its issuer is revoked",
     ImageErrorCode.THRESHOLD: "fewer distinct trusted signers than the image threshold",
     ImageErrorCode.WRONG_KIND: "image is of another kind (an updater image, not an app)",
+    ImageErrorCode.NOT_ESP_APP: "the firmware image's payload is not an ESP-IDF app image this chip boots",
 }
 
 _TRUST_DESCRIPTIONS: dict[TrustErrorCode, str] = {
