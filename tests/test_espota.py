@@ -24,7 +24,7 @@ from mpboot.trust import ImageKind
 import espkit
 
 sys.path.insert(0, str(ROOT / "tools"))
-from gen_esp_vectors import App, reseal  # noqa: E402
+from gen_esp_vectors import App  # noqa: E402
 
 PENDING, VALID, ABORTED = "1", "2", "4"
 HEADER_ROOM = 0x200
