@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ROOT, signing_key
 from mpboot import upy
-from mpboot.image import HEADER_SIZE, ImageVersion, SignOptions, build_image
+from mpboot.image import HEADER_SIZE, ImageVersion, SignOptions, build_image, parse_image
 from mpboot.trust import ImageKind
 
 import espkit
@@ -143,6 +143,21 @@ def test_mark_none_writes_no_otadata_and_a_later_upload_replaces_it(board: Board
     r = board.run("update", board.file("fw.bin", firmware(APP_NEW)), "none", 4096, "gap", "nosha")
     assert r.result.startswith("OK slot=1") and r.status["boot"] == "ota_0" and r.status["states"] == "2/None"
     assert board.run("boot").status["running"] == "ota_0"
+
+
+def test_mark_later_by_digest(board: Board) -> None:
+    """Upload with no mark, then (after a reset, as an SMP state set by hash would) mark it:
+    verified again in place; another digest, or an empty partition, is refused."""
+    assert board.run("mark", "test").result == "REFUSED image 1"  # nothing in ota_1 yet
+    image = firmware(APP_NEW)
+    board.run("update", board.file("fw.bin", image), "none", 4096)
+    digest = parse_image(image).digest.hex()
+    assert board.run("mark", "test", "00" * 32).result == "REFUSED image 10"
+    assert board.run("boot").status["running"] == "ota_0"
+    r = board.run("mark", "test", digest)
+    assert r.result == f"OK slot=1 esp={len(APP_NEW)} version=2.0.0" and r.status["boot"] == "ota_1"
+    c = board.run("confirm")
+    assert c.first_status["trial"] == "1" and c.status["states"] == "2/2"
 
 
 def test_a_staged_update_is_replaced_by_the_next_upload(board: Board) -> None:

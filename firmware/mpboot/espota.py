@@ -363,8 +363,16 @@ class Firmware:
                 off += k
             if h.digest() != self.sha:
                 raise ImageError(image.E_HASH_MISMATCH)
+        self._payload(self.part, self.n, info)
+        self._set(self.part, mark)
+        return self.slot, info
+
+    def _payload(self, part, n, info):
+        # espimg's check of the app image at offset 0 of part (within the n payload bytes),
+        # the running firmware's chip; info["esp"] = espimg's info.
+        buf = self.slots.buf
         try:
-            esp = espimg.check(a.read, self.n, buf)
+            esp = espimg.check(block_reader(part, _SECTOR), n, buf)
         except espimg.EspImageError as e:
             raise ImageError(E_NOT_ESP_APP, e.args[0])
         hdr = memoryview(buf)[:24]
@@ -372,16 +380,38 @@ class Firmware:
         if hdr[0] == 0xE9 and struct.unpack_from("<H", hdr, _CHIP_ID)[0] != esp["chip_id"]:
             raise ImageError(E_NOT_ESP_APP, -1)
         info["esp"] = esp
-        if mark != MARK_NONE:
-            try:
-                self.part.set_boot()
-            except OSError as e:
-                if e.args[0] == -0x1503:  # ESP_ERR_OTA_VALIDATE_FAILED: esp_image_verify said no
-                    raise ImageError(E_NOT_ESP_APP, e.args[0])
-                raise
-            if mark == MARK_PERMANENT:
-                esp32.Partition.mark_app_valid_cancel_rollback()
-        return self.slot, info
+
+    def _set(self, part, mark):
+        if mark == MARK_NONE:
+            return
+        try:
+            part.set_boot()
+        except OSError as e:
+            if e.args[0] == -0x1503:  # ESP_ERR_OTA_VALIDATE_FAILED: esp_image_verify said no
+                raise ImageError(E_NOT_ESP_APP, e.args[0])
+            raise
+        if mark == MARK_PERMANENT:
+            esp32.Partition.mark_app_valid_cancel_rollback()
+
+    def mark(self, mark, digest=None):
+        # Marks the firmware an earlier upload left in the target partition (finish with
+        # MARK_NONE; SMP state set by its hash): verified again in place (envelope, policy,
+        # payload; digest: the image's SHA-256, which must match). Returns (OTA index, info).
+        # ImageError(E_BAD_MAGIC) when no firmware image verifies there.
+        part = self.partition()
+        if part.info()[2] == self.run.info()[2]:
+            raise UpdateError(U_BUSY)
+        self.unstage = ()
+        self._busy(-1)
+        info = installed(part, self.slots.trust, self.slots.buf)
+        if info is None:
+            raise ImageError(image.E_BAD_MAGIC)
+        if digest is not None and info["digest"] != bytes(digest):
+            raise ImageError(image.E_HASH_MISMATCH)
+        self._policy(info, True)
+        self._payload(part, info["img_size"], info)
+        self._set(part, mark)
+        return _index(part), info
 
     def abort(self):
         self.total = -1

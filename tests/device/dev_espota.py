@@ -15,6 +15,8 @@
 #                         nosha: no sha at begin(); badsha: the sha of other bytes;
 #                         nodowngrade: the policy refuses downgrades; confirm: then
 #                         espota.confirm_running() in the same power-on (the old firmware).
+#   mark MARK [DIGEST]    a power-on, then Firmware.mark(MARK, DIGEST hex): the firmware an
+#                         earlier upload left unmarked (SMP state set by its hash)
 #   boot                  a power-on: prints where it runs
 #   confirm               a power-on (STATUS), then espota.confirm_running() (STATUS again)
 # Prints "RESULT OK slot=N esp=LEN version=V" or "RESULT REFUSED image|update CODE [CAUSE]",
@@ -99,6 +101,14 @@ def update(names, mark, chunk, flags):
         print("CONFIRM", int(espota.confirm_running()))  # the old firmware, before the reset
 
 
+def mark(how, digest):
+    esp32.setup(FLASH, SIZE, TABLE)
+    areas = port.areas("mpb_slot0", "mpb_slot1", "mpboot", factory=False)
+    fw = espota.Firmware(Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS))
+    slot, info = fw.mark(MARKS[how], bytes.fromhex(digest) if digest else None)
+    print("RESULT OK slot=%d esp=%d version=%s" % (slot, info["esp"]["length"], "%d.%d.%d" % info["version"][:3]))
+
+
 def upload(fw, name, mark, chunk, flags):
     buf = bytearray(chunk)
     with open(name, "rb") as f:
@@ -149,6 +159,13 @@ try:
     elif MODE == "update":
         try:
             update(sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6:])
+        except ImageError as e:
+            print("RESULT REFUSED image", " ".join(str(a) for a in e.args))
+        except UpdateError as e:
+            print("RESULT REFUSED update", e.args[0])
+    elif MODE == "mark":
+        try:
+            mark(sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
         except ImageError as e:
             print("RESULT REFUSED image", " ".join(str(a) for a in e.args))
         except UpdateError as e:
