@@ -112,3 +112,36 @@ def test_verify_rejects_a_firmware_image_with_a_bad_payload(tmp_path: Path) -> N
     out.write_bytes(build_image(b"\xff" * 0x200 + b"\x00" * 64, signing_key(KEY.name), opts))
     assert_error(run("verify", out, "-k", PUB), 1, "NOT_ESP_APP", prefix="host:   REJECTED")
     assert "NOT VALID: " in assert_ok(run("info", out)).stdout
+
+
+def test_porting_ota_table() -> None:
+    """docs/PORTING.md's OTA table: ESP-IDF's layout rules, otadata and two OTA app partitions
+    that hold a 1,672 KB MicroPython app (the size cited there) plus 48 KiB of frozen mpboot
+    with its envelope, and Recipe 2's mpboot partitions unchanged in kind."""
+    import re
+
+    import test_porting_doc as doc
+
+    text = doc.DOC.read_text()
+    m = re.search(r"^## ESP32: updating MicroPython itself.*?(?=^## )", text, re.M | re.S)
+    assert m
+    rows = {}
+    for line in doc.one_block(m.group(0), "csv", "otadata").splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, kind, sub, offset, size, _ = (f.strip() for f in line.split(","))
+        rows[name] = (doc.ESP_TYPES[kind], doc.ESP_SUBTYPES[kind][sub], int(offset, 0), int(size, 0))
+    spans = sorted((r[2], r[2] + r[3]) for r in rows.values())
+    assert spans[0][0] >= doc.ESP32_TABLE_END and spans[-1][1] == 8 << 20
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    for t, _, offset, size in rows.values():
+        assert offset % (doc.ESP_APP_ALIGN if t == 0 else doc.ESP_DATA_ALIGN) == 0 and size % 4096 == 0
+    assert rows["otadata"][:2] == (1, 0) and rows["otadata"][3] == 0x2000
+    assert rows["ota_0"][:2] == (0, 0x10) and rows["ota_1"][:2] == (0, 0x11)
+    app = 1672 * 1024 + 48 * 1024
+    assert espimg.envelope_offset(app, app + 1024, rows["ota_0"][3]) is not None
+    assert rows["ota_0"][3] == rows["ota_1"][3]
+    recipe2 = {p["name"]: p for p in doc.esp32_table()}
+    for label in ("mpboot", "mpb_slot0", "mpb_slot1"):
+        assert rows[label][:2] == (recipe2[label]["type"], recipe2[label]["subtype"])
+        assert rows[label][3] == recipe2[label]["size"]
