@@ -97,14 +97,15 @@ def envelope_reader(part, hdr_size, img_size, total, env):
 
 
 def _otadata():
-    # (otadata partition, [[seq, state, ok], [..]], count of OTA apps) or None (no otadata).
+    # (otadata partition, its two entries) or None (no otadata); an entry is (seq, state,
+    # slot) as ESP-IDF's bootloader reads it (bootloader_common_ota_select_valid).
     P = esp32.Partition
-    od = P.find(P.TYPE_DATA, 0)
+    od = P.find(type=P.TYPE_DATA, subtype=0)
     if not od:
         return None
     od = od[0]
-    n = 0
-    while n < _OTA_END - _OTA_0 and P.find(P.TYPE_APP, _OTA_0 + n):
+    n = 0  # OTA apps: ota_0, ota_1, ... while consecutive (esp_ota_get_app_partition_count)
+    while n < _OTA_END - _OTA_0 and P.find(type=P.TYPE_APP, subtype=_OTA_0 + n):
         n += 1
     from binascii import crc32
 
@@ -115,7 +116,8 @@ def _otadata():
         seq, state, crc = struct.unpack_from("<I20xII", buf, 0)
         ok = (seq != _SEQ_BLANK and state != _INVALID and state != _ABORTED and n
               and crc == crc32(struct.pack("<I", seq), 0xFFFFFFFF))
-        out.append((seq, state, (seq - 1) % n if ok else -1))
+        # (seq, state, the OTA index it selects, -1 for an entry the bootloader ignores)
+        out.append((seq, state, ((seq - 1) & 0xFFFFFFFF) % n if ok else -1))
     return od, out
 
 
@@ -192,7 +194,7 @@ class Firmware:
         self.pos = 0
         self.sha = None
         self.slot = -1
-        self.floor = None  # (counter, version or None) of the running firmware, once read
+        self.run_info = False  # the running firmware's envelope info, once read (running())
         P = esp32.Partition
         self.run = P(P.RUNNING)
 
@@ -203,16 +205,19 @@ class Firmware:
     def target(self):
         return _index(self.partition())
 
-    def _floor(self):
-        if self.floor is None:
-            i = installed(self.run, self.slots.trust, self.slots.buf)
-            self.floor = (0, None) if i is None else (i["security_counter"] or 0, i["version"])
-        return self.floor
+    def running(self):
+        # The verified envelope info of the firmware MicroPython runs (None: it has none, as
+        # one flashed by cable), read once: the anti-rollback floor, and for an SMP state read.
+        if self.run_info is False:
+            self.run_info = installed(self.run, self.slots.trust, self.slots.buf)
+        return self.run_info
 
     def _policy(self, info, tlvs):
         # tlvs: the protected TLVs were read (else only the header's version is known).
         sl = self.slots
-        counter, version = self._floor()
+        r = self.running()
+        counter = (r["security_counter"] or 0) if r else 0
+        version = r["version"] if r else None
         if tlvs:
             if sl.vendor_id is not None and info["vendor_id"] != sl.vendor_id:
                 raise ImageError(E_VENDOR_MISMATCH)
@@ -227,17 +232,18 @@ class Firmware:
 
     def _busy(self, t):
         # U_BUSY while the running firmware is on trial (the target holds the firmware a
-        # reset returns to); erases the otadata entries that select the target (an update
-        # marked earlier and not yet run: it is being replaced), as esp_ota_begin does.
+        # reset returns to). Returns the otadata sectors whose entries select OTA index t
+        # (an update marked earlier and not yet run): begin() erases them before it writes,
+        # as esp_ota_begin does, so a half-written target is never the bootloader's choice.
         d = _otadata()
         if d is None:
-            return
-        od, entries = d
+            return ()
+        entries = d[1]
         r = _index(self.run)
         for e in entries:
             if e[2] == r >= 0 and e[1] == _PENDING_VERIFY:
                 raise UpdateError(U_BUSY)
-        self.unstage = [s for s in (0, 1) if entries[s][2] == t]
+        return [s for s in (0, 1) if t >= 0 and entries[s][2] == t]
 
     def begin(self, total, header, manifest=None, sha=None):
         # As Updater.begin; returns 0 (no persisted resume: an upload cut by a reset starts
@@ -251,8 +257,7 @@ class Firmware:
         if pi[5]:
             raise ValueError("encrypted")
         t = _index(part)
-        self.unstage = ()
-        self._busy(t)
+        unstage = self._busy(t)
         if len(header) < image.HEADER_SIZE:
             raise ImageError(image.E_TRUNCATED)
         size = pi[3]
@@ -270,9 +275,9 @@ class Firmware:
             if prot:
                 image.walk_protected(manifest, info)
         self._policy(info, manifest is not None)
-        if self.unstage:
+        if unstage:
             od = _otadata()[0]
-            for s in self.unstage:
+            for s in unstage:
                 od.ioctl(6, s)
         self.part = part
         self.area = Area(part)
@@ -401,7 +406,6 @@ class Firmware:
         part = self.partition()
         if part.info()[2] == self.run.info()[2]:
             raise UpdateError(U_BUSY)
-        self.unstage = ()
         self._busy(-1)
         info = installed(part, self.slots.trust, self.slots.buf)
         if info is None:
