@@ -33,9 +33,10 @@ CUT_EXIT = 75
 
 
 def firmware(payload: bytes, version: str = "2.0.0", counter: int = 2, *, kind: ImageKind = ImageKind.FIRMWARE,
-             key: str = "TEST-ONLY-rsa2048.pem") -> bytes:
+             key: str = "TEST-ONLY-rsa2048.pem", vendor_id: bytes | None = None) -> bytes:
     """A signed firmware image around `payload` (unchecked: the device must refuse bad ones)."""
-    opts = SignOptions(ImageVersion.parse(version), header_size=HEADER_ROOM, security_counter=counter, kind=kind)
+    opts = SignOptions(ImageVersion.parse(version), header_size=HEADER_ROOM, security_counter=counter, kind=kind,
+                       vendor_id=vendor_id)
     return build_image(b"\xff" * HEADER_ROOM + payload, signing_key(key), opts)
 
 
@@ -212,6 +213,8 @@ def _refusals() -> dict[str, Refusal]:
         "no room for the envelope": Refusal(firmware(nearly), "REFUSED image 3"),
         "truncated upload": Refusal(good, "REFUSED update 2", ("short",)),
         "sha of another image": Refusal(good, "REFUSED image 10", ("badsha",)),
+        "another vendor, early": Refusal(good, "REFUSED image 16", ("vendor", "ptlv")),
+        "another vendor, at finish": Refusal(good, "REFUSED image 16", ("vendor",)),
     }
 
 
@@ -227,6 +230,12 @@ def test_refused_nothing_set_boot_running_untouched(board: Board, name: str) -> 
     assert r.status == before, name
     for _ in range(2):
         assert board.run("boot").status == before, name
+
+
+def test_the_vendor_policy_applies(board: Board) -> None:
+    image = firmware(APP_NEW, vendor_id=b"\x11" * 16)
+    r = board.run("update", board.file("fw.bin", image), "test", 4096, "vendor", "ptlv")
+    assert r.result.startswith("OK slot=1")
 
 
 def test_anti_rollback_floor_is_the_running_envelope(board: Board) -> None:

@@ -13,7 +13,8 @@
 #                         sent at a wrong offset first (the reply must name the expected one);
 #                         short: the upload stops 100 bytes early and finish() is called;
 #                         nosha: no sha at begin(); badsha: the sha of other bytes;
-#                         nodowngrade: the policy refuses downgrades; confirm: then
+#                         nodowngrade: the policy refuses downgrades; vendor: the device has a
+#                         vendor id (11 * 16) images must carry; confirm: then
 #                         espota.confirm_running() in the same power-on (the old firmware).
 #   mark MARK [DIGEST]    a power-on, then Firmware.mark(MARK, DIGEST hex): the firmware an
 #                         earlier upload left unmarked (SMP state set by its hash)
@@ -91,7 +92,9 @@ def init(name, junk):
 def update(names, mark, chunk, flags):
     esp32.setup(FLASH, SIZE, TABLE)
     areas = port.areas("mpb_slot0", "mpb_slot1", "mpboot", factory=False)
-    slots = Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS, downgrade="nodowngrade" not in flags)
+    vendor = b"\x11" * 16 if "vendor" in flags else None  # a device with a vendor id
+    slots = Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS, downgrade="nodowngrade" not in flags,
+                  vendor_id=vendor)
     fw = espota.Firmware(slots)
     names = names.split("+")
     for name in names:
