@@ -28,11 +28,10 @@
 import struct
 from micropython import const
 
-import esp32
-
 from mpboot import espimg, image
 from mpboot.flash import Area
 from mpboot.image import ImageError
+from mpboot.ports.esp32 import Partition as P  # esp32.Partition (only adapters import esp32)
 from mpboot.reader import block_reader
 from mpboot.slots import E_CLASS_MISMATCH, E_COUNTER_BELOW_FLOOR, E_DOWNGRADE, E_VENDOR_MISMATCH, E_WRONG_KIND
 from mpboot.update import MARK_NONE, MARK_PERMANENT, U_BUSY, U_LENGTH, U_RANGE, U_STATE, UpdateError
@@ -99,7 +98,6 @@ def envelope_reader(part, hdr_size, img_size, total, env):
 def _otadata():
     # (otadata partition, its two entries) or None (no otadata); an entry is (seq, state,
     # slot) as ESP-IDF's bootloader reads it (bootloader_common_ota_select_valid).
-    P = esp32.Partition
     od = P.find(type=P.TYPE_DATA, subtype=0)
     if not od:
         return None
@@ -133,7 +131,7 @@ def trial():
     d = _otadata()
     if d is None:
         return False
-    i = _index(esp32.Partition(esp32.Partition.RUNNING))
+    i = _index(P(P.RUNNING))
     for e in d[1]:
         if e[2] == i >= 0 and e[1] == _PENDING_VERIFY:
             return True
@@ -147,7 +145,6 @@ def confirm_running():
     # one, and confirming it from the old firmware would skip its trial. Returns True when
     # the running firmware is (now) the confirmed one, False when there is nothing to
     # confirm (a factory app, no otadata) or an update waits for its reset.
-    P = esp32.Partition
     try:
         if P(P.BOOT).info() != P(P.RUNNING).info():
             return False
@@ -195,7 +192,6 @@ class Firmware:
         self.sha = None
         self.slot = -1
         self.run_info = False  # the running firmware's envelope info, once read (running())
-        P = esp32.Partition
         self.run = P(P.RUNNING)
 
     def partition(self):
@@ -396,7 +392,7 @@ class Firmware:
                 raise ImageError(E_NOT_ESP_APP, e.args[0])
             raise
         if mark == MARK_PERMANENT:
-            esp32.Partition.mark_app_valid_cancel_rollback()
+            P.mark_app_valid_cancel_rollback()
 
     def mark(self, mark, digest=None):
         # Marks the firmware an earlier upload left in the target partition (finish with
