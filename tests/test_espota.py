@@ -348,3 +348,59 @@ def test_header_only_refusal_writes_nothing(board: Board) -> None:
     r = board.run("update", board.file("fw.bin", bytes(data)), "test", 4096)
     assert r.result == "REFUSED image 3"
     assert HEADER_SIZE == 32
+
+
+def _variant(device, tmp_path: Path, table: str) -> Board:
+    import os
+
+    os.environ["DEV_ESPOTA_TABLE"] = table
+    b = Board(device.lib, tmp_path)
+    b.run("init", b.file("old.bin", APP_OLD))
+    return b
+
+
+@pytest.fixture
+def factory_board(device, tmp_path: Path):  # type: ignore[no-untyped-def]
+    import os
+
+    try:
+        yield _variant(device, tmp_path, "factory")
+    finally:
+        del os.environ["DEV_ESPOTA_TABLE"]
+
+
+def test_factory_app_then_ota(factory_board: Board) -> None:
+    """A table with a factory app before ota_0/ota_1: the first update goes to ota_0; not
+    confirmed, ESP-IDF returns to the factory app; confirmed, the next goes to ota_1."""
+    b = factory_board
+    st = b.run("boot").status
+    assert st["running"] == "factory" and st["states"] == "None/None", st
+    r = b.run("update", b.file("fw.bin", firmware(APP_NEW)), "test", 4096)
+    assert r.result.startswith("OK slot=0") and r.status["boot"] == "ota_0"
+    st = b.run("boot").status
+    assert st["running"] == "ota_0" and st["trial"] == "1", st
+    st = b.run("boot").status
+    assert st["running"] == "factory" and st["states"] == "4/None", st  # rolled back
+    b.run("update", b.file("fw.bin", firmware(APP_NEW)), "test", 4096)
+    c = b.run("confirm")
+    assert c.first_status["running"] == "ota_0" and c.status["states"] == "2/None"
+    r = b.run("update", b.file("fw3.bin", firmware(APP_NEW, "3.0.0", 3)), "test", 4096)
+    assert r.result.startswith("OK slot=1") and r.status["boot"] == "ota_1"
+
+
+def test_stock_table_has_no_firmware_update(device, tmp_path: Path) -> None:
+    """MicroPython's stock table (factory only, no otadata): no OTA partition to write, an
+    OSError(ENOENT) from get_next_update() before anything is written; confirm_running() and
+    trial() say no."""
+    import os
+
+    try:
+        b = _variant(device, tmp_path, "stock")
+        before = b.run("boot").status
+        assert before["running"] == "factory" and before["boot"] == "-"
+        r = b.run("update", b.file("fw.bin", firmware(APP_NEW)), "test", 4096)
+        assert r.result == "OSERROR 2" and r.status == before
+        c = b.run("confirm")
+        assert c.line("CONFIRM") == "CONFIRM 0" and c.status == before
+    finally:
+        del os.environ["DEV_ESPOTA_TABLE"]

@@ -1,7 +1,9 @@
 # MicroPython: the esp32 firmware update (mpboot.espota) through the esp32 fake's OTA model
 # (tests/device/fakes/esp32.py). Each call is one power-on of DIR/flash.bin, so a sequence of
 # calls is a sequence of resets.
-# Usage: dev_espota MODE DIR [ARGS]   (DEV_ESPOTA_BIG=1: 1152 KiB OTA partitions, not 192)
+# Usage: dev_espota MODE DIR [ARGS]   (DEV_ESPOTA_BIG=1: 1152 KiB OTA partitions, not 192;
+# DEV_ESPOTA_TABLE=factory: a factory app before ota_0/ota_1; =stock: MicroPython's stock
+# table, no otadata and no OTA apps)
 #   init IMAGE [junk]     a blank chip, IMAGE (an ESP app image, no envelope) in ota_0 as
 #                         esptool would flash it, then a power-on (the bootloader adopts it);
 #                         junk: the rest of ota_0 holds old bytes, not erased flash
@@ -20,7 +22,8 @@
 #                         earlier upload left unmarked (SMP state set by its hash)
 #   boot                  a power-on: prints where it runs
 #   confirm               a power-on (STATUS), then espota.confirm_running() (STATUS again)
-# Prints "RESULT OK slot=N esp=LEN version=V" or "RESULT REFUSED image|update CODE [CAUSE]",
+# Prints "RESULT OK slot=N esp=LEN version=V", "RESULT REFUSED image|update CODE [CAUSE]" or
+# "RESULT OSERROR ERRNO" (update only),
 # and "STATUS running=.. boot=.. states=S0/S1 trial=0|1 run=SHA8" (states as
 # esp_ota_get_state_partition: 0 NEW 1 PENDING_VERIFY 2 VALID 4 ABORTED, None: no entry;
 # run: the first 8 hex digits of the SHA-256 of the running partition).
@@ -58,6 +61,29 @@ TABLE = (
     (1, 0x06, 0x12000 + 2 * OTA, 0x1000, "mpb_slot0", False),
     (1, 0x06, 0x13000 + 2 * OTA, 0x1000, "mpb_slot1", False),
 )
+FIRST = "ota_0"  # where init flashes the first firmware
+VARIANT = os.getenv("DEV_ESPOTA_TABLE")
+if VARIANT == "factory":  # a factory app and two OTA apps (ESP-IDF's "factory, two OTA")
+    SIZE = 0x100000
+    FIRST = "factory"
+    TABLE = (
+        (1, 0x00, 0xD000, 0x2000, "otadata", False),
+        (0, 0x00, 0x10000, OTA, "factory", False),
+        (0, 0x10, 0x10000 + OTA, OTA, "ota_0", False),
+        (0, 0x11, 0x10000 + 2 * OTA, OTA, "ota_1", False),
+        (1, 0x06, 0x10000 + 3 * OTA, 0x2000, "mpboot", False),
+        (1, 0x06, 0x12000 + 3 * OTA, 0x1000, "mpb_slot0", False),
+        (1, 0x06, 0x13000 + 3 * OTA, 0x1000, "mpb_slot1", False),
+    )
+elif VARIANT == "stock":  # MicroPython's stock table: a factory app, no otadata, no OTA apps
+    FIRST = "factory"
+    TABLE = (
+        (1, 0x02, 0x9000, 0x6000, "nvs", False),
+        (0, 0x00, 0x10000, OTA, "factory", False),
+        (1, 0x06, 0x10000 + OTA, 0x2000, "mpboot", False),
+        (1, 0x06, 0x12000 + OTA, 0x1000, "mpb_slot0", False),
+        (1, 0x06, 0x13000 + OTA, 0x1000, "mpb_slot1", False),
+    )
 MARKS = {"none": MARK_NONE, "test": MARK_TEST, "permanent": MARK_PERMANENT}
 
 
@@ -69,15 +95,19 @@ def status():
     for n in range(run.info()[3] // 4096):
         run.readblocks(n, buf, 0)
         h.update(buf)
+    try:
+        boot = P(P.BOOT).info()[4]
+    except OSError:
+        boot = "-"  # no otadata
     print("STATUS running=%s boot=%s states=%s/%s trial=%d run=%s" % (
-        run.info()[4], P(P.BOOT).info()[4], esp32.ota_state("ota_0"), esp32.ota_state("ota_1"),
+        run.info()[4], boot, esp32.ota_state("ota_0"), esp32.ota_state("ota_1"),
         espota.trial(), hexlify(h.digest()).decode()[:8]))
 
 
 def init(name, junk):
     # junk: the rest of the partition holds old bytes (0x5a), not erased flash
-    esp32.setup(FLASH, SIZE, TABLE, running=3)
-    part = esp32.Partition("ota_0")
+    esp32.setup(FLASH, SIZE, TABLE, running=[p[4] for p in TABLE].index(FIRST))
+    part = esp32.Partition(FIRST)
     buf = bytearray(4096)
     with open(name, "rb") as f:
         for n in range(part.info()[3] // 4096):
@@ -166,6 +196,8 @@ try:
             print("RESULT REFUSED image", " ".join(str(a) for a in e.args))
         except UpdateError as e:
             print("RESULT REFUSED update", e.args[0])
+        except OSError as e:
+            print("RESULT OSERROR", e.args[0])
     elif MODE == "mark":
         try:
             mark(sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
