@@ -3,6 +3,9 @@
 # port: the adapter for your board (esp32, rp2 or stm32; mpboot/ports/; qemu: the emulated
 # mps2-an385 board of host/mpboot/qemu, docs/PORTING.md). The unix simulator
 # files (unix, nor_sim) are for the MicroPython unix port and are frozen only with port="unix".
+# ota=True (esp32 only): also freeze espimg and espota, the MicroPython firmware update
+# through ESP-IDF's OTA app partitions (SMP upload image 4; docs/PORTING.md, esp32):
+#   include("path/to/exported/firmware/manifest.py", port="esp32", ota=True)
 # Public keys are not part of this package: generate them with
 #   mpboot pubkey KEY.pem --format micropython -o mpboot_keys.py
 # and freeze that module beside it (module("mpboot_keys.py")).
@@ -12,7 +15,7 @@ metadata(
     license="Apache-2.0",
 )
 
-options.defaults(port="", rescue=True)
+options.defaults(port="", rescue=True, ota=False)
 
 # Stage 0 (docs/BOOT.md "Two stages"): the root of trust. It verifies, decides, boots, and
 # writes every state, trust and factory record; nothing here parses what a link carries.
@@ -67,3 +70,7 @@ if options.port == "unix":
     package("mpboot", files=("ports/unix.py", "ports/nor_sim.py"))
 elif options.port:
     package("mpboot", files=("ports/%s.py" % options.port,))
+if options.ota:
+    if options.port != "esp32":
+        raise ValueError("ota=True is the esp32 firmware update: port must be esp32")
+    package("mpboot", files=("espimg.py", "espota.py"))

@@ -193,9 +193,9 @@ def _run_manifest(**options: Any) -> _ManifestRecorder:
     return recorder
 
 
-# Device modules that nothing calls yet, so the manifest does not freeze them (each says so
-# in its header): espimg, for the esp32 firmware update, next.
-NOT_FROZEN_YET = {"mpboot/espimg.py"}
+# Device modules frozen only on request (each says so in its header): espimg and espota, the
+# esp32 firmware update (ota=True).
+NOT_FROZEN_YET = {"mpboot/espimg.py", "mpboot/espota.py"}
 CORE = sorted(f"mpboot/{p.relative_to(FIRMWARE / 'mpboot')}" for p in (FIRMWARE / "mpboot").rglob("*.py")
               if "__pycache__" not in p.parts and p.parent.name != "ports"
               and f"mpboot/{p.relative_to(FIRMWARE / 'mpboot')}" not in NOT_FROZEN_YET) + ["mpboot/ports/__init__.py"]
@@ -224,6 +224,13 @@ def test_manifest_adds_only_the_chosen_port(port: str) -> None:
     assert extra == expected
     for rel in extra:
         assert (FIRMWARE / rel).is_file(), rel
+
+
+def test_manifest_ota_adds_the_esp32_firmware_update() -> None:
+    extra = sorted(set(_run_manifest(port="esp32", ota=True).frozen_files()) - set(CORE))
+    assert extra == ["mpboot/espimg.py", "mpboot/espota.py", "mpboot/ports/esp32.py"]
+    with pytest.raises(ValueError, match="port must be esp32"):
+        _run_manifest(port="rp2", ota=True)
 
 
 # --------------------------------------------------------------------------- no shipped keys

@@ -263,9 +263,11 @@ def test_host_knows_every_device_image_policy_and_update_code() -> None:
     certificates = {k: v for k, v in _device_codes("records.py", "E_").items() if k.startswith("CERT_")}
     verifier = _device_codes("image.py", "E_") | certificates
     policy = _device_codes("slots.py", "E_")
+    firmware = _device_codes("espota.py", "E_")  # the esp32 firmware update's own
     assert sorted(verifier.values()) == [*range(1, 16), *range(20, 26), 27]
     assert sorted(policy.values()) == [16, 17, 18, 19, 26]
-    assert verifier | policy == {code.name: code.value for code in ImageErrorCode}
+    assert firmware == {"NOT_ESP_APP": 30}
+    assert verifier | policy | firmware == {code.name: code.value for code in ImageErrorCode}
     update = _device_codes("update.py", "U_")
     assert update == {code.name: code.value for code in UpdateErrorCode}
 

@@ -171,6 +171,8 @@ class ImageErrorCode(IntEnum):
     THRESHOLD = 25  # fewer distinct trusted signers than the image threshold
     WRONG_KIND = 26  # an image of another kind (MPBOOT_KIND): an updater in the app's slots
     DEPENDENCY = 27  # a DEPENDENCY TLV not met (stage 1, the firmware's ABI), or a stage-1 image depending on the app
+    # esp32 firmware images (firmware/mpboot/espota.py, docs/FORMAT.md "Firmware images (esp32)")
+    NOT_ESP_APP = 30  # the firmware payload is not an ESP-IDF app image this chip boots
 
 
 class BootErrorCode(IntEnum):
@@ -312,6 +314,7 @@ _IMAGE_DESCRIPTIONS: dict[ImageErrorCode, str] = {
     ImageErrorCode.THRESHOLD: "fewer distinct trusted signers than the image threshold",
     ImageErrorCode.WRONG_KIND: "image is of another kind (an updater image, not an app)",
     ImageErrorCode.DEPENDENCY: "image's dependency is not met (stage 1 too old, or another firmware ABI)",
+    ImageErrorCode.NOT_ESP_APP: "the firmware image's payload is not an ESP-IDF app image this chip boots",
 }
 
 _TRUST_DESCRIPTIONS: dict[TrustErrorCode, str] = {

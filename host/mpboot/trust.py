@@ -72,6 +72,7 @@ class ImageKind(IntFlag):
 
     APP = 1
     UPDATER = 2
+    FIRMWARE = 4  # the MicroPython firmware itself (esp32: an ESP-IDF app image as payload)
 
 
 # CBOR map keys (KEYS.md sections 2-3).

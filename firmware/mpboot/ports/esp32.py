@@ -30,6 +30,11 @@ from mpboot.ports import BleLink, UartLink
 _SECTOR = const(4096)  # erase unit and block size (ioctl 5) of a partition
 _TYPE_DATA = const(1)
 
+# The partition API itself, for the firmware update through ESP-IDF's OTA app partitions
+# (mpboot.espota: set_boot, get_next_update, mark_app_valid_cancel_rollback, otadata), so
+# that only this adapter imports the port's native module.
+Partition = esp32.Partition
+
 
 def _part(label):
     p = esp32.Partition(label)

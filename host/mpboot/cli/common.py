@@ -333,7 +333,7 @@ scheme_option = click.option(
 
 # `--kind`: what an image is (MPBOOT_KIND; an app image carries none), and what a
 # certificate may sign for.
-KIND_NAMES: Final = {"app": ImageKind.APP, "updater": ImageKind.UPDATER}
+KIND_NAMES: Final = {"app": ImageKind.APP, "updater": ImageKind.UPDATER, "firmware": ImageKind.FIRMWARE}
 
 # Certificates and trust records are at most 4096 bytes: a larger file is refused as it is
 # read (the trust rules say TOO_LARGE for 4097..TRUST_FILE_LIMIT, so verify can show that).

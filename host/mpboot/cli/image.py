@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from mpboot import device, firmware, keys, pubkey, signing, signlog, trust
+from mpboot import device, espimg, firmware, keys, pubkey, signing, signlog, trust
 from mpboot.cli.common import (
     KEY_REF,
     SLOT_SIZE_LIMIT,
@@ -39,7 +39,7 @@ from mpboot.image import (
 )
 from mpboot.pkcs11uri import Pkcs11Uri
 from mpboot.signing import KeyRef
-from mpboot.trust import TrustState
+from mpboot.trust import ImageKind, TrustState
 
 
 @click.command()
@@ -165,8 +165,10 @@ def verify(image_path: Path, key_files: tuple[KeyRef, ...], threshold: int, imag
     try:
         result = verify_image(data, state, slot)
         img = result.image
+        esp = _firmware_payload(data, img, slot if slot_size else None)
         click.echo(f"host:   OK version {img.header.version}, security counter "
-                   f"{_shown(img.security_counter, 'none')}, {_signers_text(result, {k.modulus: str(p) for k, p in zip(trusted, key_files)})}")
+                   f"{_shown(img.security_counter, 'none')}, {_signers_text(result, {k.modulus: str(p) for k, p in zip(trusted, key_files)})}"
+                   f"{', firmware: ' + _esp_text(esp) if esp else ''}")
     except ImageRejected as err:
         rejected = True
         click.echo(f"host:   REJECTED {err.code.name}: {err}", err=True)
@@ -182,6 +184,24 @@ def verify(image_path: Path, key_files: tuple[KeyRef, ...], threshold: int, imag
             click.echo(f"device: REJECTED {verdict.code.name}: {ImageRejected(verdict.code)}", err=True)
     if rejected:
         raise click.exceptions.Exit(1)
+
+
+def _firmware_payload(data: bytes, img: ParsedImage, partition_size: int | None) -> espimg.EspApp | None:
+    """For a firmware image (MPBOOT_KIND firmware): its payload checked as an ESP-IDF app
+    image (raises NotEspApp) and, given the OTA partition's size, the device's placement
+    rule (raises ImageRejected TOO_LARGE). None for other kinds."""
+    if img.kind != ImageKind.FIRMWARE:
+        return None
+    h = img.header
+    app = espimg.check(data[h.hdr_size : h.hdr_size + h.img_size])
+    if partition_size is not None:
+        espimg.check_fits(h.img_size, img.total_size, partition_size)
+    return app
+
+
+def _esp_text(app: espimg.EspApp) -> str:
+    return (f"ESP-IDF app image for {app.chip}, {app.length} bytes, app version {app.version!r}, "
+            f"project {app.project!r}, ESP-IDF {app.idf_ver!r}")
 
 
 def _signers_text(result: VerifiedImage, files: dict[bytes, str]) -> str:
@@ -263,6 +283,19 @@ def info(image_path: Path, as_json: bool, signing_log: Path) -> None:
     image = parse_image(read_image(image_path))
     ids = [signlog.signature_id(t.value) for t in image.unprotected if t.type in SIGNATURE_TYPES]
     summary = _summary(image, signlog.SigningLog(signing_log).find(ids))
+    esp_line = None
+    if image.kind == ImageKind.FIRMWARE:
+        data = read_image(image_path)
+        try:
+            app = _firmware_payload(data, image, None)
+            assert app is not None
+            summary["esp_app"] = {"chip_id": app.chip_id, "chip": app.chip, "length": app.length,
+                                  "sha256": app.sha256.hex(), "version": app.version, "project": app.project,
+                                  "idf_ver": app.idf_ver, "segments": app.segments, "entry": app.entry}
+            esp_line = _esp_text(app)
+        except espimg.NotEspApp as err:
+            summary["esp_app"] = {"error": err.why.name}
+            esp_line = f"NOT VALID: {err}"
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -273,6 +306,8 @@ def info(image_path: Path, as_json: bool, signing_log: Path) -> None:
     click.echo(f"security counter: {_shown(summary['security_counter'], 'none (no SEC_CNT TLV)')}")
     click.echo(f"vendor id:        {_shown(summary['vendor_id'], 'none (no UUID_VID TLV)')}")
     click.echo(f"class id:         {_shown(summary['class_id'], 'none (no UUID_CID TLV)')}")
+    if esp_line is not None:
+        click.echo(f"kind:             firmware; payload {esp_line}")
     names = {1: "stage 1 (image 1)", 255: "firmware ABI (image 255)"}
     deps = ", ".join(f"{names.get(d['image'], 'image %d' % d['image'])} >= {d['min_version']}"
                      for d in summary["dependencies"])

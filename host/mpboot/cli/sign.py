@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from mpboot import firmware, pack, signing, trust
+from mpboot import espimg, firmware, pack, signing, trust
 from mpboot.cli.common import (
     KEY_REF,
     KIND_NAMES,
@@ -102,7 +102,9 @@ def _dependencies(values: tuple[str, ...], kind: int) -> tuple[Dependency, ...]:
                    "digest, by the matching -k public key (repeat both, in order, for several); the "
                    "same INPUT and options must be given again, and a signature over other bytes is refused.")
 @click.option("--kind", type=click.Choice(list(KIND_NAMES)), default="app", show_default=True,
-              help="What the image is: updater writes the protected MPBOOT_KIND TLV (an app image has none).")
+              help="What the image is: updater and firmware write the protected MPBOOT_KIND TLV (an app image has none); "
+                   "firmware: INPUT is an ESP-IDF app image (micropython.bin), checked, with --slot-size its OTA "
+                   "partition's size.")
 @click.option("--version", "version_text", required=True, metavar="MAJ.MIN.REV[+BUILD]",
               help="Image version.")
 @click.option("--depends", "depends", multiple=True, metavar="IMAGE:VERSION",
@@ -186,9 +188,18 @@ def sign(input_path: Path, key_files: tuple[KeyRef, ...], cert_files: tuple[Path
         recorders = [Recorder(k) for k in keys_used]
         signers = _signers(recorders, cert_files)
         # A stage-1 image (kind updater) is the service's folder, whose entry is mpboot/smp/service.
-        source = pack.load_input(input_path, entry=firmware.STAGE1_ENTRY if kind == "updater" else entry)
+        source = pack.load_input(input_path, entry=None if kind == "firmware" else
+                                 firmware.STAGE1_ENTRY if kind == "updater" else entry)
+        if kind == "firmware":
+            # The payload is the ESP-IDF app image the device writes at offset 0 of an OTA
+            # partition (docs/FORMAT.md "Firmware images (esp32)"): checked here as a device
+            # checks it; the header room is always added (the app image starts with 0xe9).
+            espimg.check(source.data)
+            pad_header = True
         body, base_addr = pack.with_header_room(source, options.header_size, pad_header)
         image = build_image(body, signers, options)
+        if kind == "firmware" and options.slot_size is not None:
+            espimg.check_fits(len(body) - options.header_size, len(image), options.slot_size)
     if digest_only:
         digest = parse_image(image).digest
         write_atomic(output, digest)
