@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import cbor2
 import pytest
 
 from conftest import ROOT, signing_key
@@ -404,3 +405,38 @@ def test_stock_table_has_no_firmware_update(device, tmp_path: Path) -> None:
         assert c.line("CONFIRM") == "CONFIRM 0" and c.status == before
     finally:
         del os.environ["DEV_ESPOTA_TABLE"]
+
+
+def _smp(op: int, group: int, cmd: int, body: dict) -> bytes:
+    payload = cbor2.dumps(body)
+    return struct.pack(">BBHHBB", op | 1 << 3, 0, len(payload), group, 0, cmd) + payload  # SMP v2
+
+
+def _answers(r: Run) -> list[dict]:
+    return [cbor2.loads(bytes.fromhex(ln.split()[1])[8:]) for ln in r.lines if ln.startswith("RSP ")]
+
+
+def test_firmware_over_smp_as_image_4(board: Board) -> None:
+    """SMP upload `image: 4` (img_mgmt -> espota.Firmware through the esp32 adapter's
+    firmware()), a test mark by its hash, the reset: the new firmware runs its trial; the
+    app's mpboot.confirm() (boot.confirm) keeps it. Image 5 has no slot."""
+    signed = firmware(APP_NEW)
+    sha = hashlib.sha256(signed).digest()
+    pkts = [_smp(2, 1, 1, {"image": 5, "off": 0, "len": len(signed), "data": signed[:1024]})]
+    for off in range(0, len(signed), 1024):
+        body: dict = {"off": off, "data": signed[off:off + 1024]}
+        if off == 0:
+            body.update(image=4, len=len(signed), sha=sha)
+        pkts.append(_smp(2, 1, 1, body))
+    pkts.append(_smp(2, 1, 0, {"hash": parse_image(signed).digest, "confirm": False}))
+    r = board.run("smp", board.file("pkts.txt", "".join(p.hex() + "\n" for p in pkts).encode()))
+    a = _answers(r)
+    assert a[0] == {"err": {"group": 1, "rc": 9}}  # image 5: NO_FREE_SLOT
+    assert a[-2] == {"off": len(signed), "match": True}
+    assert "err" not in a[-1] and "rc" not in a[-1], a[-1]
+    assert r.status["boot"] == "ota_1" and r.status["running"] == "ota_0"
+    c = board.run("appconfirm")  # the reset: the new firmware's test boot, its app confirms
+    assert c.line("FWTRIAL") == "FWTRIAL 1" and c.line("APPCONFIRM") == "APPCONFIRM 1"
+    assert c.status["running"] == "ota_1" and c.status["states"] == "2/2" and c.status["trial"] == "0"
+    again = board.run("appconfirm")  # nothing on trial: nothing to confirm
+    assert again.line("FWTRIAL") == "FWTRIAL 0" and again.line("APPCONFIRM") == "APPCONFIRM 0"

@@ -147,7 +147,10 @@ def run(slots, port, slot, info, trial, entry="main", mount="/app", wdt_ms=WDT_M
         vfs.umount(mount)
         return _cannot_run(slots, port, slot, trial, E_NO_ENTRY, entry, mount, wdt_ms)
     sys.path.insert(0, mount)
-    wdt = port.watchdog(wdt_ms) if trial and wdt_ms else None
+    global _fw
+    _fw = _firmware_trial(port)
+    # A test boot of the app, or of the MicroPython firmware itself (esp32), is watched.
+    wdt = port.watchdog(wdt_ms) if (trial or _fw) and wdt_ms else None
     # How it booted decides what mpboot.confirm() may do.
     how = HOW_TEST if trial else HOW_FALLBACK if slot != slots.state[ACTIVE] else HOW_CONFIRMED
     set_booted(slots, slot, info, wdt, how)
@@ -165,24 +168,43 @@ def run(slots, port, slot, info, trial, entry="main", mount="/app", wdt_ms=WDT_M
     return True
 
 
+_fw = None  # mpboot.espota while the MicroPython firmware runs its test boot (run()), else None
+
+
+def _firmware_trial(port):
+    # The esp32 firmware update's module (port.firmware(): mpboot.espota, in builds that froze
+    # it) when the running firmware is on its ESP-IDF test boot, else None.
+    f = getattr(port, "firmware", None)
+    try:
+        fw = f() if f else None
+    except ImportError:
+        return None
+    return fw if fw and fw.trial() else None
+
+
 def confirm():
     # mpboot.confirm(): keep the running image after the next reset (a test image is
     # otherwise reverted) and raise the anti-rollback floor to its counter. Also makes a
     # fallback image (run because the confirmed one failed) the confirmed one. Returns True
     # if this changed the state, False if there was nothing to confirm: the image already
     # was the confirmed one (and a permanent update it took since stays so).
+    # A MicroPython firmware on its test boot (esp32) is kept on the same evidence: ESP-IDF
+    # otherwise rolls it back at the next reset.
+    global _fw
     b = mpboot._booted
     if b is None or b[BOOTED_SLOT] < 0:
         raise OSError(19)  # ENODEV: not started by mpboot.boot
+    fw = _fw is not None and _fw.confirm_running()
+    _fw = None
     slots = b[BOOTED_SLOTS]
     if b[BOOTED_HOW] == HOW_CONFIRMED or _confirmed_now(slots) != b[BOOTED_CONFIRMED]:
         # The confirmed image itself, or an update made another image the confirmed one
         # since this boot (permanent install): keep it.
-        return False
+        return fw
     # Raises if the state write fails: retry is possible.
     changed = slots.confirm(b[BOOTED_SLOT], b[BOOTED_INFO])
     b[BOOTED_HOW] = HOW_CONFIRMED
-    return changed
+    return changed or fw
 
 
 def feed():

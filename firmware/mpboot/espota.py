@@ -191,6 +191,7 @@ class Firmware:
         self.pos = 0
         self.sha = None
         self.slot = -1
+        self.at = 4  # its SMP image number (mpboot.smp.img_mgmt: 0-3 are the app's and stage 1's slots)
         self.run_info = False  # the running firmware's envelope info, once read (running())
         self.run = P(P.RUNNING)
 

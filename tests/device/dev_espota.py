@@ -22,6 +22,11 @@
 #                         earlier upload left unmarked (SMP state set by its hash)
 #   boot                  a power-on: prints where it runs
 #   confirm               a power-on (STATUS), then espota.confirm_running() (STATUS again)
+#   smp PACKETS           a power-on, then an SMP server (mpboot.smp.server, the esp32 port
+#                         adapter) answers each SMP packet of the file PACKETS (one hex line
+#                         each): "RSP HEX" per packet (image 4 is the firmware, issue 19)
+#   appconfirm            a power-on as mpboot.boot.run makes it for an app on this firmware
+#                         (boot._firmware_trial), then mpboot.confirm(): "APPCONFIRM 0|1"
 # Prints "RESULT OK slot=N esp=LEN version=V", "RESULT REFUSED image|update CODE [CAUSE]" or
 # "RESULT OSERROR ERRNO" (update only),
 # and "STATUS running=.. boot=.. states=S0/S1 trial=0|1 run=SHA8" (states as
@@ -207,6 +212,29 @@ try:
             print("RESULT REFUSED update", e.args[0])
     elif MODE == "boot":
         esp32.setup(FLASH, SIZE, TABLE)
+    elif MODE == "smp":
+        from binascii import unhexlify
+
+        from mpboot.smp.server import Server
+
+        esp32.setup(FLASH, SIZE, TABLE)
+        areas = port.areas("mpb_slot0", "mpb_slot1", "mpboot", factory=False)
+        srv = Server(Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS), -1, port)
+        with open(sys.argv[3]) as f:
+            for line in f:
+                rsp = srv.handle(unhexlify(line.strip()))
+                print("RSP " + ("-" if rsp is None else hexlify(rsp).decode()))
+    elif MODE == "appconfirm":
+        import mpboot
+        from mpboot import boot
+
+        esp32.setup(FLASH, SIZE, TABLE)
+        areas = port.areas("mpb_slot0", "mpb_slot1", "mpboot", factory=False)
+        slots = Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS)
+        boot._fw = boot._firmware_trial(port)  # as boot.run() finds it before the app runs
+        print("FWTRIAL", int(boot._fw is not None))
+        boot.set_booted(slots, 0, None, None, boot.HOW_CONFIRMED)  # a confirmed app runs
+        print("APPCONFIRM", int(mpboot.confirm()))
     elif MODE == "confirm":
         esp32.setup(FLASH, SIZE, TABLE)
         status()

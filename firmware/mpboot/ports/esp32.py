@@ -74,6 +74,14 @@ def mapped(area):
     return None
 
 
+def firmware():
+    # The MicroPython firmware's own update (mpboot.espota: ESP-IDF OTA, docs/PORTING.md), in
+    # builds that froze it (firmware/manifest.py ota=True); ImportError in others.
+    from mpboot import espota
+
+    return espota
+
+
 def watchdog(timeout_ms):
     return machine.WDT(timeout=(timeout_ms + 999) // 1000 * 1000)
 

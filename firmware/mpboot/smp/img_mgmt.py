@@ -12,7 +12,7 @@ from mpboot.image import ImageError
 from mpboot.slots import E_DOWNGRADE
 from mpboot.smp.identity import serial
 from mpboot.state import ACTIVE, NONE, TEST, TRIAL
-from mpboot.update import MARK_NONE, U_LENGTH, UpdateError
+from mpboot.update import MARK_NONE, MARK_PERMANENT, MARK_TEST, U_LENGTH, UpdateError
 
 _OP_READ = const(0)
 _OP_WRITE = const(2)
@@ -45,6 +45,7 @@ _CONFIRMATION_DENIED = const(32)
 _TEST_TO_ACTIVE_DENIED = const(33)
 _F_NON_BOOTABLE = const(0x10)
 _HASH_SIZE = const(32)
+_IMAGE_FIRMWARE = const(4)  # upload `image` 4: the MicroPython firmware itself (esp32, mpboot.espota)
 _ZWBITS = const(10)  # compressed uploads' window: 1 KiB (docs/PROTOCOL.md, "Compressed upload")
 
 # v1 MGMT_ERR and v2 IMG_MGMT_ERR of the mpboot image/policy codes (mpboot.image, slots):
@@ -244,7 +245,7 @@ def _state_write(srv, req):
         if mine or s >= 0:
             break
     else:
-        return (_ENOENT, _HASH_NOT_FOUND, None)
+        return _mark_firmware(srv, h, confirm)
     if mine:
         if confirm:
             srv.forget()
@@ -275,6 +276,37 @@ def _state_write(srv, req):
         sl.confirm(s, info)  # permanent: boots next, no test boot
     else:
         sl.mark_test(s)
+    return None
+
+
+def firmware(srv):
+    # Image 4's writer: the MicroPython firmware itself (mpboot.espota on esp32 builds that
+    # froze it, docs/PORTING.md), made on first use; None on other boards, or without OTA
+    # partitions.
+    fw = srv.fw
+    if fw is None:
+        fw = False
+        f = getattr(srv.port, "firmware", None)
+        try:
+            fw = f().Firmware(srv.slots) if f else False
+            if fw:
+                fw.target()  # OSError(ENOENT): no OTA app partition to update into
+        except (ImportError, OSError):
+            fw = False
+        srv.fw = fw
+    return fw or None
+
+
+def _mark_firmware(srv, h, confirm):
+    # A state write whose hash no slot holds: the firmware an image-4 upload left in the next
+    # OTA partition (verified again in place, then ESP-IDF's set_boot; confirm: no trial).
+    fw = firmware(srv)
+    if fw is None:
+        return (_ENOENT, _HASH_NOT_FOUND, None)
+    try:
+        fw.mark(MARK_PERMANENT if confirm else MARK_TEST, h)
+    except ImageError:
+        return (_ENOENT, _HASH_NOT_FOUND, None)
     return None
 
 
@@ -343,13 +375,13 @@ def _upload(srv, req, enc):
                 return (_EINVAL, _INVALID_HASH, None)
             sha = bytes(sha)
         p = n >> 1
-        if p >= len(srv.ups):
-            # Further images: none here (Zephyr's answer for a slot it does not have). The
-            # hook for image 4, the esp32 firmware (its own writer, issue 19), goes here.
+        nu = srv.ups[p] if p < len(srv.ups) else firmware(srv) if n == _IMAGE_FIRMWARE else None
+        if nu is None:
+            # Further images: none here (Zephyr's answer for a slot it does not have).
             return (_EBADSTATE, _NO_FREE_SLOT, _RSN_NO_SLOT)
-        if srv.ups[p] is not up:
+        if nu is not up:
             up.abort()  # one upload at a time: another image's session ends
-            srv.up = up = srv.ups[p]
+            srv.up = up = nu
         if sha is not None:
             if up.total >= 0 and up.sha == sha and up.total == total:
                 return _off(enc, up.pos, False, pipe, z)  # the open session: continue it
@@ -361,12 +393,13 @@ def _upload(srv, req, enc):
             return (_EINVAL, 0, None)
         slot = up.target()
         if req.get("upgrade") is True:
-            _upgrade(srv, data, up, slot)
+            _upgrade(srv, data, up, slot, n)
         srv.forget(2 * p + slot)
         try:
             nxt = up.begin(total, data, ptlv, sha)
         except UpdateError as e:
-            if e.args[0] == U_LENGTH and total > up.slots.areas[slot].size:
+            room = up.partition().info()[3] if n == _IMAGE_FIRMWARE else up.slots.areas[slot].size
+            if e.args[0] == U_LENGTH and total > room:
                 return (_EINVAL, _TOO_LARGE, "update:4")
             raise
         if not nxt:
@@ -428,15 +461,19 @@ def zwbits():
     return _ZWBITS
 
 
-def _upgrade(srv, data, up, slot):
+def _upgrade(srv, data, up, slot, n):
     # `upgrade: true`: only a version (major, minor, revision) above the running one of the
-    # same image (up: its updater).
+    # same image (up: its updater; image 4: the running firmware's envelope).
     if len(data) < image.HEADER_SIZE:
         raise ImageError(image.E_TRUNCATED)
     info = {}
-    image.parse_header(data, up.slots.areas[slot].size, info)
-    r = up.running
-    run = srv.image(2 * up.slots.image + r) if r >= 0 else None
+    if n == _IMAGE_FIRMWARE:
+        image.parse_header(data, up.partition().info()[3], info)
+        run = up.running()
+    else:
+        image.parse_header(data, up.slots.areas[slot].size, info)
+        r = up.running
+        run = srv.image(2 * up.slots.image + r) if r >= 0 else None
     if run is not None and info["version"][:3] <= run["version"][:3]:
         raise ImageError(E_DOWNGRADE)
 

@@ -63,6 +63,7 @@ class Server:
         self.s1_trial = False  # stage 1 runs its test boot, unproven: the service's tick resets at the deadline
         if s1 is not None:
             self.ups = (self.up, Updater(s1, s1_slot))
+        self.fw = None  # image 4's writer, the esp32 firmware (img_mgmt.firmware: made on first use; False: none)
         self.out = bytearray(buf_size)
         self.dec = Decoder()
         self.enc = Encoder(self.out)
