@@ -175,3 +175,41 @@ def test_firmware_export_stage1_signs_as_an_updater(tmp_path: Path) -> None:
     wrong = runner.invoke(cli_main, ["sign", str(tmp_path / "s1"), "-k", str(KEY),
                                      "--version", "1.0.0", "-o", str(tmp_path / "x.bin")])
     assert wrong.exit_code == 2 and "no main.py" in wrong.output
+
+
+FEED = """
+import time
+import mpboot
+from mpboot import boot
+from mpboot.ports import unix as port
+
+class Slots:  # what set_booted reads of the app's pair
+    state = [0] * 13
+
+w = port.watchdog(60000)
+boot.set_booted(Slots(), 0, None, w, boot.HOW_CONFIRMED)
+b = mpboot._booted
+b[boot.BOOTED_S1_SLOT] = 1
+b[boot.BOOTED_S1_HOW] = boot.HOW_TEST
+b[boot.BOOTED_DEADLINE] = time.ticks_add(time.ticks_ms(), 60000)
+boot.feed()
+print("BEFORE", w.feeds)
+b[boot.BOOTED_DEADLINE] = time.ticks_add(time.ticks_ms(), -1)
+boot.feed()
+print("LATE", w.feeds)
+b[boot.BOOTED_S1_HOW] = boot.HOW_CONFIRMED  # proven and confirmed (mpboot.smp.stage1)
+b[boot.BOOTED_DEADLINE] = None
+boot.feed()
+print("PROVEN", w.feeds)
+"""
+
+
+def test_the_watchdog_is_not_fed_past_an_unproven_stage1_deadline(device) -> None:  # type: ignore[no-untyped-def]
+    """Stage 0's feed() (every feeder: the app, the service's tick) stops feeding once a
+    stage-1 test boot's proof deadline passes unproven, so a stage 1 that hangs, or serves
+    without proving itself, is reset by the watchdog and reverted by the next boot."""
+    from mpboot import upy
+
+    proc = upy.run(["-c", FEED], path=[device.lib])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["BEFORE", "1", "LATE", "1", "PROVEN", "2"], proc.stdout

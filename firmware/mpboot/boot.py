@@ -149,8 +149,11 @@ def run(slots, port, slot, info, trial, entry="main", mount="/app", wdt_ms=WDT_M
     sys.path.insert(0, mount)
     global _fw
     _fw = _firmware_trial(port)
-    # A test boot of the app, or of the MicroPython firmware itself (esp32), is watched.
-    wdt = port.watchdog(wdt_ms) if (trial or _fw) and wdt_ms else None
+    # A test boot of the app, of stage 1 (mpboot.stages, decided before this) or of the
+    # MicroPython firmware itself (esp32) is watched.
+    b = mpboot._booted
+    s1 = b is not None and b[BOOTED_S1_SLOT] >= 0 and b[BOOTED_S1_HOW] == HOW_TEST
+    wdt = port.watchdog(wdt_ms) if (trial or s1 or _fw) and wdt_ms else None
     # How it booted decides what mpboot.confirm() may do.
     how = HOW_TEST if trial else HOW_FALLBACK if slot != slots.state[ACTIVE] else HOW_CONFIRMED
     set_booted(slots, slot, info, wdt, how)
@@ -209,9 +212,18 @@ def confirm():
 
 def feed():
     # Feeds the watchdog a test boot armed (no-op otherwise). Hardware watchdogs cannot be
-    # stopped once armed, so an app that confirms after a test boot keeps feeding it.
+    # stopped once armed, so an app that confirms after a test boot keeps feeding it. Not
+    # once a stage-1 test boot's proof deadline has passed unproven (the service clears the
+    # deadline when it confirms): whatever stage 1 does then, the watchdog resets the board
+    # and the next boot reverts it (docs/BOOT.md "Stage 1's proof").
     b = mpboot._booted
     if b is not None and b[BOOTED_WATCHDOG] is not None:
+        d = b[BOOTED_DEADLINE]
+        if d is not None and b[BOOTED_S1_HOW] == HOW_TEST:
+            import time
+
+            if time.ticks_diff(time.ticks_ms(), d) >= 0:
+                return
         b[BOOTED_WATCHDOG].feed()
 
 
