@@ -173,13 +173,15 @@ def chip():
     return _chip
 
 
-def areas(slot0_start=0, slot_size=0x100000, state_start=0x200000, factory=True, trust=True):
+def areas(slot0_start=0, slot_size=0x100000, state_start=0x200000, factory=True, trust=True, stage1=None):
     # Slot 0 at slot0_start, slot 1 right after it, the state (two sectors) at state_start,
     # the factory area (two sectors) right after it and the trust area (two sectors) after
     # that: byte offsets in the chip, multiples of 4096. The defaults: two 1 MiB slots, then
     # state, factory and trust. factory=False: no factory area (None in its place;
     # docs/FACTORY.md); trust=False: no trust area (four areas: the frozen root set stays,
     # docs/KEYS.md). The trust area stays at state_start + 4 sectors either way.
+    # stage1=(start, size): stage 1's two slots (docs/BOOT.md "Two stages") at start and
+    # start + size; seven areas then (None for a missing factory or trust area).
     end = slot0_start + 2 * slot_size
     n = 6 if trust else 4 if factory else 2
     if state_start < end and slot0_start < state_start + n * _SECTOR:
@@ -188,8 +190,16 @@ def areas(slot0_start=0, slot_size=0x100000, state_start=0x200000, factory=True,
     a = (Area(c, slot0_start, slot_size, _WRITE), Area(c, slot0_start + slot_size, slot_size, _WRITE),
          Area(c, state_start, 2 * _SECTOR, _WRITE),
          Area(c, state_start + 2 * _SECTOR, 2 * _SECTOR, _WRITE) if factory else None)
+    t = Area(c, state_start + 4 * _SECTOR, 2 * _SECTOR, _WRITE) if trust else None
+    if stage1:
+        s, z = stage1
+        e = s + 2 * z
+        if s % _SECTOR or z % _SECTOR or z <= 0 or e > _SIZE or (s < end and slot0_start < e) or (
+                s < state_start + 6 * _SECTOR and state_start < e):
+            raise ValueError("overlap")
+        return a + (t, Area(c, s, z, _WRITE), Area(c, s + z, z, _WRITE))
     if trust:
-        return a + (Area(c, state_start + 4 * _SECTOR, 2 * _SECTOR, _WRITE),)
+        return a + (t,)
     return a if factory else a[:3]
 
 
@@ -285,25 +295,33 @@ def uart():
     return _Uart()
 
 
-def main(slot_size=0x100000, buf_size=2048, buf_count=4, **policy):
+def main(slot_size=0x100000, buf_size=2048, buf_count=4, s1_size=0, **policy):
     # The board's boot.py: boot the chosen image in place (the app runs), then serve SMP on
     # the UART until a client asks for a reset, which exits QEMU (the runner starts it again).
     # policy: vendor_id, class_id, downgrade (mpboot.boot.start); the thresholds come from
     # mpboot_keys (mpboot.trust.policy). An exception out of the service resets the board
-    # too: nobody waits at this board's REPL.
+    # too: nobody waits at this board's REPL. s1_size: a board with two stages (docs/BOOT.md):
+    # stage 1's two slots of s1_size bytes after the trust area (state + 16 sectors), the
+    # update service loaded from the one mpboot.stages decides.
     import sys
 
     import mpboot_keys
     from mpboot import boot, trust
     from mpboot.ports import qemu as port
 
+    st = 2 * slot_size
     try:
-        boot.start(port, areas(0, slot_size, 2 * slot_size), mpboot_keys.KEYS, **trust.policy(mpboot_keys),
-                   **policy)
+        if s1_size:
+            from mpboot import stages
+
+            stages.start(port, areas(0, slot_size, st, stage1=(st + 16 * _SECTOR, s1_size)), mpboot_keys.KEYS,
+                         **trust.policy(mpboot_keys), **policy)
+        else:
+            boot.start(port, areas(0, slot_size, st), mpboot_keys.KEYS, **trust.policy(mpboot_keys), **policy)
     except Exception as e:  # the app failed: still take updates
         print("mpboot: the app raised:")
         sys.print_exception(e)
-    from mpboot.smp import service  # only now (boot.start loads stage 1's, on boards with one)
+    from mpboot.smp import service  # only now (stages.start loads stage 1's, on boards with one)
 
     link = uart()
     print("mpboot: serving SMP (buf_size %d, buf_count %d)" % (buf_size, buf_count))

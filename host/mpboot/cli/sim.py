@@ -67,7 +67,7 @@ def _stopped_by_ctrl_c(came: list[int], note: str) -> None:
         raise KeyboardInterrupt
 
 
-_SERVE_OPTIONS = ("machine", "key_files", "link", "slot_size", "vendor_id", "class_id", "flash_timing", "baud",
+_SERVE_OPTIONS = ("machine", "key_files", "link", "slot_size", "s1_size", "vendor_id", "class_id", "flash_timing", "baud",
                   "buf_size", "buf_count", "heapsize", "ble", "radio", "ble_name", "password_env")
 
 
@@ -89,6 +89,11 @@ _NOT_ON_QEMU = ("heapsize", "ble", "radio", "ble_name")
 @click.option("--link", type=click.Path(dir_okay=False, path_type=Path),
               help="Also make this symlink to the pty (removed at exit).")
 @click.option("--slot-size", metavar="SIZE", help="Slot size of a new device (default 256k, at most 16M; 4 KiB sectors).")
+@click.option("--s1-size", metavar="SIZE",
+              help="A new device with two stages: the update service runs from a signed image (mpboot "
+                   "firmware export --stage1, signed --kind updater) in two stage-1 slots of SIZE "
+                   "(docs/BOOT.md \"Two stages\"); until one is flashed (mpboot flash --image stage1) "
+                   "the firmware's own copy serves.")
 @click.option("--vendor-id", metavar="UUID|NAME", help="Vendor id images must carry (new device).")
 @click.option("--class-id", metavar="UUID|NAME", help="Class id images must carry (new device).")
 @click.option("--flash-timing", type=click.Choice(["none", "nor"]), default="none", show_default=True,
@@ -115,7 +120,7 @@ _NOT_ON_QEMU = ("heapsize", "ble", "radio", "ble_name")
 @click.pass_context
 def sim_group(ctx: click.Context, state_dir: Path | None, machine: str, key_files: tuple[Path, ...],
               link: Path | None,
-              slot_size: str | None, vendor_id: str | None, class_id: str | None, flash_timing: str,
+              slot_size: str | None, s1_size: str | None, vendor_id: str | None, class_id: str | None, flash_timing: str,
               baud: int | None, buf_size: int, buf_count: int, heapsize: str | None,
               ble: bool, radio: str | None, ble_name: str | None,
               password_env: str | None) -> None:
@@ -164,7 +169,9 @@ def sim_group(ctx: click.Context, state_dir: Path | None, machine: str, key_file
         sys.stdout.flush()
 
     common: dict[str, Any] = dict(link=link, vendor_id=vid, class_id=class_uuid(class_id, vid) if class_id else None,
-                                  baud=baud, buf_size=buf_size, buf_count=buf_count, output=say)
+                                  baud=baud, buf_size=buf_size, buf_count=buf_count, output=say,
+                                  s1_size=parse_size(s1_size, "stage-1 slot size", minimum=4096,
+                                                     maximum=SIM_MAX_SLOT_SIZE) if s1_size else None)
     server: SimServer
     if machine == "qemu":
         from mpboot.qemu.serve import MAX_SLOT_SIZE, QemuSimServer

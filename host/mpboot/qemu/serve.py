@@ -66,9 +66,10 @@ class QemuSimServer(SimServer):
     def __init__(self, state: Path, keys: Sequence[PublicKey], *, link: Path | None = None,
                  slot_size: int | None = None, vendor_id: bytes | None = None,
                  class_id: bytes | None = None, baud: int | None = None, buf_size: int = 2048,
-                 buf_count: int = 4, output: Callable[[str], None] = print, entry: str | None = None) -> None:
+                 buf_count: int = 4, output: Callable[[str], None] = print, entry: str | None = None,
+                 s1_size: int | None = None) -> None:
         super().__init__(state, keys, link=link, slot_size=slot_size, vendor_id=vendor_id, class_id=class_id,
-                         baud=baud, buf_size=buf_size, buf_count=buf_count, output=output)
+                         baud=baud, buf_size=buf_size, buf_count=buf_count, output=output, s1_size=s1_size)
         if slot_size is not None and not (SECTOR <= slot_size <= MAX_SLOT_SIZE and slot_size % SECTOR == 0):
             raise UsageError(f"slot size {slot_size}: the emulated board takes a multiple of {SECTOR} "
                              f"up to {MAX_SLOT_SIZE} (two slots in its 16 MiB flash)")
@@ -76,6 +77,7 @@ class QemuSimServer(SimServer):
         self.firmware: Firmware | None = None
         self.flash = self.state / FLASH
         self.board_slot_size = DEFAULT_SLOT_SIZE
+        self.board_s1_size = 0
         self.policy: dict[str, bytes | None] = {}
 
     def open_device(self) -> None:
@@ -85,13 +87,24 @@ class QemuSimServer(SimServer):
             cfg = read_config(path)
             check_same_device(self.state, cfg, int(cfg["slot_size"]), slot_size=self.slot_size,
                               vendor_id=self.vendor_id, class_id=self.class_id)
+            if self.s1_size is not None and self.s1_size != int(cfg.get("s1_size", "0")):
+                raise UsageError(f"{self.state} holds a board with {cfg.get('s1_size', 'no')}-byte stage-1 slots, "
+                                 f"not {self.s1_size}: use another --state directory")
         else:
             cfg = {"slot_size": str(self.slot_size or DEFAULT_SLOT_SIZE)}
+            if self.s1_size:
+                slot = int(cfg["slot_size"])
+                # Stage 1's two slots follow the trust area (mpboot.ports.qemu.main: state + 16 sectors).
+                if self.s1_size % SECTOR or 2 * slot + 16 * SECTOR + 2 * self.s1_size > FLASH_SIZE - SECTOR:
+                    raise UsageError(f"stage-1 slot size {self.s1_size}: a multiple of {SECTOR} whose two slots "
+                                     f"fit after the app's two {slot}-byte slots in the 16 MiB flash")
+                cfg["s1_size"] = str(self.s1_size)
             for name, value in (("vendor", self.vendor_id), ("class", self.class_id)):
                 if value is not None:
                     cfg[name] = value.hex()
             write_config(path, cfg)
         self.board_slot_size = int(cfg["slot_size"])
+        self.board_s1_size = int(cfg.get("s1_size", "0"))
         self.policy = {f"{name}_id": bytes.fromhex(cfg[name]) if name in cfg else None
                        for name in ("vendor", "class")}
         if not self.flash.is_file():
@@ -102,14 +115,17 @@ class QemuSimServer(SimServer):
         self.firmware = build_firmware(self.keys)
 
     def describe(self) -> str:
+        s1 = f", two {self.board_s1_size}-byte stage-1 slots" if self.board_s1_size else ""
         return (f"the emulated Cortex-M3 (MicroPython {MICROPYTHON_TAG} qemu port, mps2-an385), "
-                f"two {self.board_slot_size}-byte slots run in place, {SECTOR}-byte sectors")
+                f"two {self.board_slot_size}-byte slots run in place{s1}, {SECTOR}-byte sectors")
 
     def entry_code(self) -> str:
         """What the raw REPL runs at each power-on."""
         if self.entry is not None:
             return self.entry
         policy = "".join(f", {k}={v!r}" for k, v in self.policy.items() if v is not None)
+        if self.board_s1_size:
+            policy += f", s1_size={self.board_s1_size}"
         return (f"from mpboot.ports import qemu\n"
                 f"qemu.main({self.board_slot_size}, {self.buf_size}, {self.buf_count}{policy})\n")
 

@@ -64,20 +64,27 @@ _READ = 65536
 
 
 def open_state(state: Path, keys: Sequence[PublicKey], *, slot_size: int | None = None,
-               vendor_id: bytes | None = None, class_id: bytes | None = None) -> SimDevice:
+               vendor_id: bytes | None = None, class_id: bytes | None = None,
+               s1_size: int | None = None) -> SimDevice:
     """The simulated device in `state`: created (blank flash, `slot_size` slots of 4 KiB
-    sectors) if the directory holds none, else opened; refused if it was made with another
-    slot size, vendor or class id. Its firmware is rebuilt to trust `keys`."""
+    sectors, with `s1_size` stage-1 slots a board with two stages) if the directory holds
+    none, else opened; refused if it was made with another slot size, stage-1 slot size,
+    vendor or class id. Its firmware is rebuilt to trust `keys`."""
     state = Path(state)
     if not (state / "device.cfg").exists():
         slot = DEFAULT_SLOT_SIZE if slot_size is None else slot_size
         if slot < SECTOR or slot % SECTOR:
             raise UsageError(f"slot size {slot} must be a non-zero multiple of {SECTOR}")
-        return SimDevice.create(state, keys, Geometry.for_slots(slot, SECTOR, ALIGN),
+        if s1_size and s1_size % SECTOR:
+            raise UsageError(f"stage-1 slot size {s1_size} must be a multiple of {SECTOR}")
+        return SimDevice.create(state, keys, Geometry.for_slots(slot, SECTOR, ALIGN, s1_size=s1_size or 0),
                                 vendor_id=vendor_id, class_id=class_id)
     dev = SimDevice.open(state)
     check_same_device(state, read_config(dev.config), dev.geometry.slot_size, slot_size=slot_size,
                       vendor_id=vendor_id, class_id=class_id)
+    if s1_size is not None and s1_size != dev.geometry.s1_size:
+        raise UsageError(f"{state} holds a device with {dev.geometry.s1_size or 'no'}-byte stage-1 slots, "
+                         f"not {s1_size}: use another --state directory")
     build_lib(state / "lib", keys)
     return dev
 
@@ -162,7 +169,7 @@ class SimServer:
                  class_id: bytes | None = None, timing: str = "none", baud: int | None = None,
                  buf_size: int = 2048, buf_count: int = 4, heapsize: str | None = None,
                  ble: bool = False, radio: str | None = None, ble_name: str | None = None,
-                 output: Callable[[str], None] = print) -> None:
+                 output: Callable[[str], None] = print, s1_size: int | None = None) -> None:
         if timing not in TIMINGS:
             raise UsageError(f"flash timing {timing!r}: expected one of {', '.join(TIMINGS)}")
         if baud is not None and baud <= 0:
@@ -180,6 +187,7 @@ class SimServer:
         self.keys = list(keys)
         self.link = link
         self.slot_size = slot_size
+        self.s1_size = s1_size
         self.vendor_id = vendor_id
         self.class_id = class_id
         self.timing = timing
@@ -293,13 +301,14 @@ class SimServer:
         upy.micropython_command()  # not installed: say so now, not from the relay thread
         check_machine(self.state, "unix")
         self.device = open_state(self.state, self.keys, slot_size=self.slot_size,
-                                 vendor_id=self.vendor_id, class_id=self.class_id)
+                                 vendor_id=self.vendor_id, class_id=self.class_id, s1_size=self.s1_size)
 
     def describe(self) -> str:
         """The device for the start line: what it is, its flash."""
         assert self.device is not None
         g = self.device.geometry
-        return f"two {g.slot_size}-byte slots, {g.sector}-byte sectors, flash timing {self.timing}"
+        s1 = f", two {g.s1_size}-byte stage-1 slots" if g.s1_size else ""
+        return f"two {g.slot_size}-byte slots{s1}, {g.sector}-byte sectors, flash timing {self.timing}"
 
     def _start_radio(self) -> None:
         from mpboot.sim.radio import CompanionThread
