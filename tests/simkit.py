@@ -101,10 +101,17 @@ def make_stage1(folder: Path, name: str, *, prove: bool, filler: int = 0) -> byt
     return pack_app(folder)
 
 
+def _patch(f: Path, old: str, new: str) -> None:
+    text = f.read_text()
+    assert text.count(old) == 1, f"{f.name} changed: update this patch"
+    f.write_text(text.replace(old, new))
+
+
 def make_service(folder: Path, variant: str = "") -> bytes:
     """Stage 1 as it ships (`mpboot firmware export --stage1`), packed as a ROMFS to sign with
     kind=ImageKind.UPDATER. `variant` "shout" answers echoes in capitals (so a test can tell
-    which stage 1 serves); "crash" raises while mpboot.smp.service imports."""
+    which stage 1 serves); "crash" raises while mpboot.smp.service imports; "breaks" answers
+    but writes zeros for every upload chunk after the first; "mute" never answers."""
     from mpboot import firmware
 
     firmware.export(folder, stage1=True)
@@ -117,6 +124,12 @@ def make_service(folder: Path, variant: str = "") -> bytes:
     elif variant == "crash":
         f = folder / "mpboot/smp/service.py"
         f.write_text(f.read_text() + "\nraise RuntimeError('stage 1 crashes at import')\n")
+    elif variant == "breaks":  # answers, but every upload chunk after the first lands as zeros
+        _patch(folder / "mpboot/smp/img_mgmt.py", "        nxt = up.write(off, data)\n",
+               "        nxt = up.write(off, bytes(len(data)))\n")
+    elif variant == "mute":  # never answers a request
+        _patch(folder / "mpboot/smp/server.py", "    def handle(self, pkt):\n",
+               "    def handle(self, pkt):\n        return None\n")
     elif variant:
         raise ValueError(variant)
     return pack_app(folder, entry=firmware.STAGE1_ENTRY)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import KEYS_DIR, signing_key
 from simkit import installed, make_app, make_service, sign_app
-from simserve import SimProcess
+from simserve import SimProcess, mpboot, ok
 from smpclient import SMPClient
 from smpclient.generics import success
 from smpclient.requests.os_management import EchoWrite
@@ -25,7 +25,7 @@ from smpclient.transport.serial import SMPSerialTransport
 from mpboot.cli import cli as cli_main
 from mpboot.image import ImageKind
 from mpboot.pack import pack_app
-from mpboot.sim import Geometry, SimDevice
+from mpboot.sim import Geometry, SimDevice, read_config, write_config
 
 KEY = KEYS_DIR / "TEST-ONLY-rsa2048.pem"
 SERVING = r"mpboot: serving SMP"
@@ -39,7 +39,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     key = signing_key(KEY.name)
     made = {}
     for name, variant, version in (("good", "", "1.0.0"), ("shout", "shout", "2.0.0"),
-                                   ("crash", "crash", "3.0.0")):
+                                   ("crash", "crash", "3.0.0"), ("breaks", "breaks", "4.0.0"),
+                                   ("mute", "mute", "5.0.0")):
         romfs = make_service(out / name, variant)
         made[name] = out / f"s1-{name}.bin"
         made[name].write_bytes(sign_app(romfs, key, version, kind=ImageKind.UPDATER))
@@ -213,3 +214,40 @@ def test_the_watchdog_is_not_fed_past_an_unproven_stage1_deadline(device) -> Non
     proc = upy.run(["-c", FEED], path=[device.lib])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["BEFORE", "1", "LATE", "1", "PROVEN", "2"], proc.stdout
+
+
+def test_a_stage1_that_breaks_uploads_fails_its_proof_and_is_reverted(tmp_path: Path, images: dict[str, Path]) -> None:
+    """It boots and answers, but its uploads write wrong bytes: the probe goes through the
+    same upload code (into a hash), so it fails; the confirm is refused; a reset reverts it."""
+    _device(tmp_path / "dev", images, ("good", "permanent"))
+    sim = _serve(tmp_path / "dev")
+    port = ["--port", sim.path]
+    try:
+        sim.wait_for(SERVING)
+        r = mpboot("flash", images["breaks"], *port, "--image", "stage1", "--test", "--reset", "--no-progress")
+        sim.wait_for(r"mpboot: stage 1 slot 1 version 4\.0\.0\+0 test boot$")
+        assert r.exit_code != 0 and "probe" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert asyncio.run(_echo(sim.path, "answers")) == "answers"
+        refused = mpboot("confirm", *port, "--image", "stage1")
+        assert refused.exit_code != 0, refused.stdout
+        ok("reset", *port)
+        sim.wait_for(r"mpboot: stage 1 slot 0 version 1\.0\.0\+0$")  # reverted
+        sim.wait_for(SERVING)
+    finally:
+        assert sim.stop() == 0
+
+
+def test_a_stage1_that_never_answers_is_reverted_at_its_deadline(tmp_path: Path, images: dict[str, Path]) -> None:
+    dev = _device(tmp_path / "dev", images, ("good", "permanent"), ("mute", "test"))
+    write_config(dev.config, {**read_config(dev.config), "prove": 1500})
+    sim = _serve(tmp_path / "dev")
+    try:
+        sim.wait_for(r"mpboot: stage 1 slot 1 version 5\.0\.0\+0 test boot$")
+        sim.wait_for(SERVING)
+        # Nobody can prove it (it answers nothing): at the deadline the service resets and
+        # the next boot reverts it.
+        sim.wait_for(r"mpboot: stage 1 slot 0 version 1\.0\.0\+0$")
+        sim.wait_for(SERVING)
+        assert asyncio.run(_echo(sim.path, "back")) == "back"
+    finally:
+        assert sim.stop() == 0

@@ -78,7 +78,7 @@ def _dispatch(srv, op, cmd, req, enc):
         _images(srv, enc, op == _OP_READ and req.get("identity") is True)
         return None
     if op == _OP_WRITE and cmd == _CMD_UPLOAD:
-        return _upload(srv, req, enc)
+        return upload(srv, req, enc)
     if op == _OP_WRITE and cmd == _CMD_ERASE:
         return _erase(srv, req, enc)
     if op == _OP_READ and cmd == _CMD_SLOT_INFO:
@@ -343,9 +343,11 @@ def _confirm_running(srv):
     return None
 
 
-def _upload(srv, req, enc):
+def upload(srv, req, enc, sink=None):
     # Checks in Zephyr's order (img_mgmt_upload_inspect): off, header size, len, sha, the
-    # slot, then the image itself (mpboot.update).
+    # slot, then the image itself (mpboot.update). sink: the probe (mpboot.smp.stage1), an
+    # updater whose flash is a hash: the same requests through the same code, so a stage 1
+    # that breaks uploads fails its probe too.
     off = req.get("off")
     data = req.get("data", _EMPTY)
     if off is None:
@@ -375,7 +377,11 @@ def _upload(srv, req, enc):
                 return (_EINVAL, _INVALID_HASH, None)
             sha = bytes(sha)
         p = n >> 1
-        nu = srv.ups[p] if p < len(srv.ups) else firmware(srv) if n == _IMAGE_FIRMWARE else None
+        if sink is not None:
+            p = -1
+            nu = sink
+        else:
+            nu = srv.ups[p] if p < len(srv.ups) else firmware(srv) if n == _IMAGE_FIRMWARE else None
         if nu is None:
             # Further images: none here (Zephyr's answer for a slot it does not have).
             return (_EBADSTATE, _NO_FREE_SLOT, _RSN_NO_SLOT)
@@ -392,9 +398,10 @@ def _upload(srv, req, enc):
         if ptlv is not None and type(ptlv) is not memoryview:
             return (_EINVAL, 0, None)
         slot = up.target()
-        if req.get("upgrade") is True:
-            _upgrade(srv, data, up, slot, n)
-        srv.forget(2 * p + slot)
+        if sink is None:
+            if req.get("upgrade") is True:
+                _upgrade(srv, data, up, slot, n)
+            srv.forget(2 * p + slot)
         try:
             nxt = up.begin(total, data, ptlv, sha)
         except UpdateError as e:

@@ -38,7 +38,7 @@ def init(srv, slot, info, deadline):
         srv.cache[2 + slot] = srv.keep[2 + slot] = info
     srv.deadline = deadline
     srv.proven = False  # (a) of the proof happened on this server, in time
-    srv.probe = None  # the probe open: [sha256 so far, len, next offset, the client's sha]
+    srv.probe = None  # the probe open (a Sink), or None
     st = srv.s1.state
     f = st[FLAGS]
     srv.s1_trial = (slot >= 0 and info is not None and st[IMAGE1 + TRIAL] == slot
@@ -90,62 +90,83 @@ def confirm(srv):
     return None
 
 
+class Sink:
+    # The probe's updater: mpboot.update.Updater's shapes for img_mgmt.upload, its flash a
+    # SHA-256. The bounds (len, sha) are checked before it opens (probe()).
+    at = 255  # no slot (img_mgmt: the slot whose cached verdict an upload makes stale)
+
+    def __init__(self, n, sha):
+        self.h = hashlib.sha256()
+        self.n = n
+        self.want = sha
+        self.total = -1
+        self.sha = None
+        self.pos = 0
+
+    def target(self):
+        return 0
+
+    def begin(self, total, data, ptlv, sha):
+        self.total = total
+        self.sha = sha
+        self.pos = 0
+        return 0
+
+    def write(self, off, data):
+        if off != self.pos:
+            return self.pos  # not the next offset: nothing taken, the reply names it
+        end = off + len(data)
+        if end > self.total:
+            self.total = -1
+            raise ValueError  # past its length: refused (probe())
+        self.h.update(data)
+        self.pos = end
+        return end
+
+    def finish(self, mark):
+        self.total = -1
+        if self.h.digest() != self.want:
+            raise ValueError(1)  # the bytes do not hash to sha: refused (probe())
+        return 0, None
+
+    def abort(self):
+        self.total = -1
+
+
 def probe(srv, op, req, enc):
     # Group 64 command 8, write: upload-shaped requests ({"off", "data"}, at off 0 also "len"
-    # and "sha") whose bytes go into a hash only. Answers {"off": next} as an upload does
-    # (a request not at the next offset takes nothing), after the last byte
-    # {"off": len, "match": true}; at off 0 `pipeline: true` asks for the window as an
-    # upload's opening does.
+    # and "sha") that go through the image group's upload (img_mgmt.upload: offsets, the
+    # session, pipelining, the end) into a Sink, a hash. Answers {"off": next} as an upload
+    # does (a request not at the next offset takes nothing), after the last byte
+    # {"off": len, "match": true}, which is the first half of the proof.
+    from mpboot.smp import img_mgmt
+
     if op != 2:
         return (_ENOTSUP, 0, None)
     off = req.get("off")
     data = req.get("data")
     if type(off) is not int or off < 0 or type(data) is not memoryview:
         return (_EINVAL, 0, None)
-    pipe = 0
     if off == 0:
         n = req.get("len")
         sha = req.get("sha")
         if type(n) is not int or type(sha) is not memoryview:
             return (_EINVAL, 0, None)
         srv.probe = None
-        if len(sha) != _HASH_SIZE or n < max(PROBE_MIN, 2 * srv.buf_size) or n > _PROBE_MAX:
+        if len(sha) != _HASH_SIZE or n < max(PROBE_MIN, 2 * srv.buf_size) or n > _PROBE_MAX or len(data) < 32:
             return _err(E_PROBE)
-        srv.probe = [hashlib.sha256(), n, 0, bytes(sha)]
-        if req.get("pipeline") is True:
-            pipe = srv.buf_count
+        srv.probe = Sink(n, bytes(sha))
     p = srv.probe
-    if p is None:
-        return _err(E_PROBE)
-    if off != p[2]:
-        return _off(enc, p[2], False, 0)
-    end = off + len(data)
-    if end > p[1]:
+    if p is None or (off and (srv.up is not p or p.total < 0)):
+        return _err(E_PROBE)  # none open (or a real upload opened since)
+    try:
+        return img_mgmt.upload(srv, req, enc, p)
+    except ValueError as e:
         srv.probe = None
-        return _err(E_PROBE)
-    p[0].update(data)
-    p[2] = end
-    if end < p[1]:
-        return _off(enc, end, False, pipe)
-    srv.probe = None
-    if p[0].digest() != p[3]:
-        return _err(E_PROBE_MISMATCH)
-    proved(srv)
-    return _off(enc, end, True, pipe)
+        return _err(E_PROBE_MISMATCH if e.args else E_PROBE)
 
 
 def _err(code):
     return (_EINVAL, code, "probe:%d" % code)
 
 
-def _off(enc, off, match, pipe):
-    enc.map(1 + match + (1 if pipe else 0))
-    enc.text("off")
-    enc.uint(off)
-    if match:
-        enc.text("match")
-        enc.bool(True)
-    if pipe:
-        enc.text("pipeline")
-        enc.uint(pipe)
-    return None
