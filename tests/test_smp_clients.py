@@ -3,7 +3,8 @@ high-level flow, unmodified, over the simulator's pty, and the device then runs 
 on its test boot. smpmgr's `upgrade --slot 1` and `image upload` (its CLI, in a subprocess),
 mcumgr-toolkit's `firmware_update()` (it detects the bootloader from OS bootloader info),
 smpclient's `upload(data, 1)` with a state write and a reset, mcumgr-client's (the
-mcumgr-client-wrapper module) `upload(slot=1)`; and smpclient's enumeration requests.
+mcumgr-client-wrapper module) `upload(slot=1)`; and smpclient's enumeration requests. On a
+device with two stages, smpmgr and mcumgr-client update stage 1 as slot 2 (issue 19).
 
 Every wait is on a line the simulator prints or on a client's answer; nothing sleeps."""
 
@@ -19,7 +20,7 @@ import mcumgr_client
 import mcumgr_toolkit
 import pytest
 from conftest import KEYS_DIR, signing_key
-from simkit import installed, make_app, sign_app
+from simkit import installed, make_app, make_service, sign_app
 from simserve import SimProcess
 from smp import header as smphdr
 from smpclient import SMPClient
@@ -34,7 +35,7 @@ from smpclient.requests.image_management import ImageStatesRead, ImageStatesWrit
 from smpclient.requests.os_management import ResetWrite
 from smpclient.transport.serial import SMPSerialTransport
 
-from mpboot.image import parse_image
+from mpboot.image import ImageKind, parse_image
 from mpboot.keys import load_public_key
 from mpboot.sim.serve import open_state
 
@@ -167,3 +168,60 @@ def test_smpclient_enumeration(sim: SimProcess) -> None:
     assert success(last) and last.group == 64 and last.end is True
     assert success(details) and [(d.group, d.name) for d in details.groups] == [
         (0, "os mgmt"), (1, "img mgmt"), (10, "enum mgmt"), (64, "mpboot")]
+
+
+# ---------------------------------------------------------------- stage 1 (issue 19)
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The update service as stage-1 images 1.0.0 and 2.0.0 (mpboot firmware export --stage1)."""
+    out = tmp_path_factory.mktemp("stage1")
+    files = {}
+    for v in ("1.0.0", "2.0.0"):
+        files[v] = out / f"s1-{v}.bin"
+        files[v].write_bytes(sign_app(make_service(out / v), signing_key(KEY.name), v, kind=ImageKind.UPDATER))
+    return files
+
+
+@pytest.fixture
+def sim2(images: dict[str, Path], stage1: dict[str, Path], tmp_path: Path) -> Iterator[SimProcess]:
+    """A device with two stages: app 1.0.0 and stage 1 1.0.0, both confirmed."""
+    state = tmp_path / "dev"
+    dev = open_state(state, [load_public_key(KEY)], s1_size=40 * 1024)
+    installed(dev.install(images["1.0.0"], "permanent"))
+    installed(dev.run("install", stage1["1.0.0"], "permanent", 2048, "image=1"))
+    proc = SimProcess(state, [KEY])
+    try:
+        proc.wait_for(r"mpboot: stage 1 slot 0 version 1\.0\.0\+0$")
+        proc.wait_for(SERVING)
+        yield proc
+    finally:
+        assert proc.stop() == 0
+
+
+def test_smpmgr_updates_stage1_as_image_2(sim2: SimProcess, images: dict[str, Path], stage1: dict[str, Path]) -> None:
+    """smpmgr alone: upload to slot 2, mark by hash, reset; on stage 1's test boot the next app
+    upload (slot 1) is its proof, then the confirm by its hash keeps it."""
+    smpmgr(sim2, "image", "upload", "--slot", 2, stage1["2.0.0"])
+    smpmgr(sim2, "image", "state-write", digest(stage1["2.0.0"]).hex())
+    smpmgr(sim2, "os", "reset")
+    sim2.wait_for(r"mpboot: stage 1 slot 1 version 2\.0\.0\+0 test boot$")
+    sim2.wait_for(SERVING)
+    smpmgr(sim2, "image", "upload", "--slot", 1, images["2.0.0"])
+    smpmgr(sim2, "image", "state-write", digest(stage1["2.0.0"]).hex(), "--confirm")
+    smpmgr(sim2, "os", "reset")
+    sim2.wait_for(r"mpboot: stage 1 slot 1 version 2\.0\.0\+0$")  # confirmed: no test boot
+    sim2.wait_for(SERVING)
+
+
+def test_mcumgr_client_updates_stage1_as_slot_2(sim2: SimProcess, images: dict[str, Path],
+                                                stage1: dict[str, Path]) -> None:
+    """mcumgr-client (no confirm by hash in its API): upload to slot 2, test, reset: stage 1's
+    test boot; unproven, a reset reverts it."""
+    session = mcumgr_client.SerialSession(sim2.path, initial_timeout_s=int(TIMEOUT_S))
+    session.upload(str(stage1["2.0.0"]), slot=2)
+    session.test(digest(stage1["2.0.0"]))
+    session.reset()
+    sim2.wait_for(r"mpboot: stage 1 slot 1 version 2\.0\.0\+0 test boot$")
+    sim2.wait_for(SERVING)
+    mcumgr_client.SerialSession(sim2.path, initial_timeout_s=int(TIMEOUT_S)).reset()
+    sim2.wait_for(r"mpboot: stage 1 slot 0 version 1\.0\.0\+0$")
