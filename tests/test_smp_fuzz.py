@@ -51,6 +51,9 @@ HEAP = "116k"
 # The fuzz sends compressed uploads too: their inflater takes about 5 KiB more while a chunk
 # is inflated (test_zupload.test_compressed_upload_in_a_small_heap measures it).
 FUZZ_HEAP = f"{int(HEAP[:-1]) + 5}k"
+# With stage-1 slots: the two-pair upload's heap (test_smp_stage1: 124k, pairs.py and stage
+# 1's code loaded as .mpy) plus the inflater's 5 KiB.
+FUZZ_HEAP1 = "129k"
 KEYS = ["off", "data", "len", "sha", "image", "upgrade", "ptlv", "hash", "confirm", "slot", "d", "ulen", "deflate",
         "format", "query", "force", "index", "groups", "r", "rc", "err", "x"]
 NEW = image("1.2.0", seed="fuzz-new", payload=6000)
@@ -320,7 +323,7 @@ def test_fuzz_short(device, tmp_path: Path) -> None:
 def test_fuzz_stage1(device, tmp_path: Path) -> None:
     """The same on a board with stage-1 slots (issue 19): image 2/3 uploads, probes, stage 1's
     hashes in state writes, erases of slots 0-4."""
-    fuzz(device, tmp_path, 1500, seed=101, stage1=True)
+    fuzz(device, tmp_path, 1500, seed=101, heapsize=FUZZ_HEAP1, stage1=True)
 
 
 @pytest.mark.slow
