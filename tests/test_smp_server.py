@@ -443,7 +443,7 @@ def test_enum_group(session: Session) -> None:
             assert rep.model(enm.EnumManagementErrorV1).rc == EUNKNOWN  # Zephyr's v1 translation
     assert all(rep.rc() == EINVAL for rep in bad_index)
     want = [{"group": 0, "name": "os mgmt", "handlers": 9}, {"group": 1, "name": "img mgmt", "handlers": 7},
-            {"group": 10, "name": "enum mgmt", "handlers": 4}, {"group": 64, "name": "mpboot", "handlers": 7}]
+            {"group": 10, "name": "enum mgmt", "handlers": 4}, {"group": 64, "name": "mpboot", "handlers": 9}]
     assert [d.model_dump() for d in details.model(enm.GroupDetailsResponse).groups] == want
     assert some.body == {"groups": [want[0], want[3]]}  # in the device's order
     assert none_known.body == {"groups": []}

@@ -11,6 +11,7 @@ with kind updater; variants patch one file so that the test can tell which one s
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,9 @@ def test_the_service_runs_from_the_stage1_image(tmp_path: Path, images: dict[str
         sim.wait_for(r"APP v1$")
         sim.wait_for(SERVING)
         assert asyncio.run(_echo(sim.path, "from stage one")) == "FROM STAGE ONE"
+        state = json.loads(ok("state", "--port", sim.path, "--json"))  # device info: s1, ctr1
+        assert (state["stage1"], state["stage1_floor"]) == ("2.0.0+0", 1), state
+        assert "stage 1 2.0.0+0" in ok("state", "--port", sim.path)
     finally:
         assert sim.stop() == 0
 
@@ -109,6 +113,9 @@ def test_no_runnable_stage1_leaves_the_rescue_serving(tmp_path: Path, images: di
         sim.wait_for(r"mpboot: stage 1 none: the rescue service$")
         sim.wait_for(SERVING)
         assert asyncio.run(_echo(sim.path, "rescued")) == "rescued"  # the firmware's own service
+        state = json.loads(ok("state", "--port", sim.path, "--json"))
+        assert "stage1" in state and state["stage1"] is None, state
+        assert "the firmware's rescue serves" in ok("state", "--port", sim.path)
     finally:
         assert sim.stop() == 0
 

@@ -18,7 +18,7 @@ _INDEX_TOO_LARGE = const(4)  # ENUM_MGMT_ERR_INDEX_TOO_LARGE
 
 # The groups served, in the order listed: id, Zephyr's name, handlers (Zephyr counts the
 # slots of its handler table: the highest command + 1).
-_GROUPS = ((0, "os mgmt", 9), (1, "img mgmt", 7), (10, "enum mgmt", 4), (64, "mpboot", 7))
+_GROUPS = ((0, "os mgmt", 9), (1, "img mgmt", 7), (10, "enum mgmt", 4), (64, "mpboot", 9))
 
 
 def handle(srv, op, cmd, req, enc):

@@ -28,6 +28,7 @@ _ENOTSUP = const(8)
 # public names costs this always-loaded module's dict RAM (the service heap is tight).
 _ROOT_VERSION = const(0)
 _REVOCATION = const(4)
+_FLOOR = const(5)  # mpboot.state.FLOOR (a pair's fields start at its .b)
 
 
 def handle(srv, op, cmd, req, enc):
@@ -63,9 +64,23 @@ def _device_info(srv, enc):
     sl = srv.slots
     f = sl.factory
     t = sl.trust
-    # Canonical key order (bytewise order of the encoded keys).
-    enc.map(9)
+    s1 = srv.s1
+    # Canonical key order (bytewise order of the encoded keys). With stage-1 slots also "s1",
+    # the version of the stage 1 serving (null: the rescue), and "ctr1", stage 1's floor.
+    enc.map(9 if s1 is None else 11)
+    if s1 is not None:
+        enc.text("s1")
+        r = srv.ups[1].running
+        info = srv.image(2 + r) if r >= 0 else None
+        if info is None:
+            enc.null()
+        else:
+            v = info["version"]
+            enc.text("%d.%d.%d+%d" % (v[0], v[1], v[2], v[3]))
     ids(srv, enc)
+    if s1 is not None:
+        enc.text("ctr1")
+        enc.uint(s1.state[s1.b + _FLOOR])
     enc.text("serial")
     serial(enc, f)
     enc.text("deflate")

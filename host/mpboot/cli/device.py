@@ -218,7 +218,8 @@ def _slot_dict(s: Any) -> dict[str, Any]:
 @click.command("state")
 @device_options
 @click.option("--json", "as_json", is_flag=True,
-              help="Print JSON: {uid, serial, root_version, revocation, images: [{slot, version, hash, flags...}]}.")
+              help="Print JSON: {uid, serial, root_version, revocation, [stage1, stage1_floor,] images: [{slot, "
+                   "version, hash, flags...}]}.")
 def state_cmd(link: DeviceLink, as_json: bool) -> None:
     """List the images on the device: slot, version, hash and flags (and, on an mpboot
     device, its trust state's root set version and revocation number)."""
@@ -236,13 +237,17 @@ def state_cmd(link: DeviceLink, as_json: bool) -> None:
     slots, uid, serial, info = link.run(action)
     root_version = info.root_version if info is not None else None
     revocation = info.revocation if info is not None else None
+    stage1 = info.stage1 if info is not None else None
     if as_json:
+        extra = {} if stage1 is None else {"stage1": stage1 or None, "stage1_floor": info.stage1_floor}  # type: ignore[union-attr]
         click.echo(json.dumps({"uid": uid.hex() if uid is not None else None, "serial": serial,
-                               "root_version": root_version, "revocation": revocation,
+                               "root_version": root_version, "revocation": revocation, **extra,
                                "images": [_slot_dict(s) for s in slots]}, indent=2))
         return
     if uid is not None:
         trust = f"; root set version {root_version}, revocation {revocation}" if root_version is not None else ""
+        if stage1 is not None:
+            trust += f"; stage 1 {stage1}" if stage1 else "; stage 1: the firmware's rescue serves"
         click.echo(f"device {uid.hex()}" + (f", serial {serial}" if serial else ", not provisioned") + trust)
     if not slots:
         click.echo("no images (the device is in recovery: flash one with --test or --confirm)")

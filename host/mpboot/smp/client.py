@@ -296,9 +296,13 @@ class SMPClient:
         ids = _ids(rsp, what)
         serial = rsp.get("serial")
         deflate = rsp.get("deflate", 0)
+        s1, ctr1 = rsp.get("s1", False), rsp.get("ctr1")
+        two = s1 is not False and _is_uint(ctr1)
         return DeviceInfo(uid, ids[0], ids[1], _field(rsp, "ctr", int, what),
                           bool(rsp.get("no-downgrade", False)), serial if isinstance(serial, str) else None,
-                          *_trust_numbers(rsp, what), deflate=deflate if _is_uint(deflate) else 0)
+                          *_trust_numbers(rsp, what), deflate=deflate if _is_uint(deflate) else 0,
+                          stage1=(s1 if isinstance(s1, str) else "") if two else None,
+                          stage1_floor=ctr1 if two else None)
 
     async def factory_info(self) -> FactoryInfo:
         """The board's factory state: ids, versions, key hashes, identity, policy, sealed."""

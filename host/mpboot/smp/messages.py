@@ -67,6 +67,10 @@ class DeviceInfo:
     revocation: int | None = None
     # The window bits of the compressed uploads it takes (0: none, or a device older than them).
     deflate: int = 0
+    # A device with two stages (docs/BOOT.md): the version of the stage 1 serving ("" when the
+    # firmware's rescue serves) and stage 1's security-counter floor; None on other devices.
+    stage1: str | None = None
+    stage1_floor: int | None = None
 
 
 @dataclass(frozen=True)
