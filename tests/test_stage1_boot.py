@@ -258,3 +258,37 @@ def test_a_stage1_that_never_answers_is_reverted_at_its_deadline(tmp_path: Path,
         assert asyncio.run(_echo(sim.path, "back")) == "back"
     finally:
         assert sim.stop() == 0
+
+
+def test_combined_update_of_app_and_stage1_with_mpboot_flash(tmp_path: Path, images: dict[str, Path]) -> None:
+    """`mpboot flash APP --with-stage1 S1 --test --reset`: an app that needs stage 1 >= 2.0.0
+    cannot be test-marked alone against stage 1 1.0.0 (DEPENDENCY), but as a pair with that
+    stage 1 both boot on trial together, the app confirms its half, stage 1 is proven: both
+    kept. The pair mark is one state write (`with`)."""
+    key = signing_key(KEY.name)
+    app2 = tmp_path / "app2.bin"
+    app2.write_bytes(sign_app(make_app(tmp_path / "app2", "v2", confirm=True), key, "2.0.0", depends=((1, "2.0.0"),)))
+    _device(tmp_path / "dev", images, ("good", "permanent"))
+    sim = _serve(tmp_path / "dev")
+    port = ["--port", sim.path]
+    try:
+        sim.wait_for(SERVING)
+        alone = mpboot("flash", app2, *port, "--test", "--no-progress")
+        assert alone.exit_code != 0 and "dependency" in alone.stderr.lower(), alone.stderr
+        out = ok("flash", app2, *port, "--with-stage1", images["shout"], "--test", "--reset", "--no-progress")
+        assert "marked together" in out, out
+        sim.wait_for(r"mpboot: stage 1 slot 1 version 2\.0\.0\+0 test boot$")
+        sim.wait_for(r"mpboot: slot 1 version 2\.0\.0\+0 test boot")
+        sim.wait_for(r"APP v2$")
+        sim.wait_for(SERVING)
+        state = json.loads(ok("state", *port, "--json"))
+        rows = {(r.get("image", 0), r["version"]): r for r in state["images"]}
+        assert rows[(0, "2.0.0")]["active"] and rows[(0, "2.0.0")]["confirmed"], rows
+        assert rows[(1, "2.0.0")]["active"] and rows[(1, "2.0.0")]["confirmed"], rows
+        assert asyncio.run(_echo(sim.path, "pair")) == "PAIR"
+        ok("reset", *port)
+        sim.wait_for(r"mpboot: stage 1 slot 1 version 2\.0\.0\+0$")
+        sim.wait_for(r"mpboot: slot 1 version 2\.0\.0\+0$")
+        sim.wait_for(SERVING)
+    finally:
+        assert sim.stop() == 0

@@ -194,6 +194,37 @@ def running_stage1(slots: list[SlotState]) -> SlotState | None:
     return next((s for s in slots if s.image == 1 and s.active), None)
 
 
+async def flash_pair(client: SMPClient, app: PreparedImage, stage1: PreparedImage, *, reset: bool = False,
+                     progress: ProgressCallback | None = None, window: int | None = None,
+                     timeout: float | None = None, compress: bool | None = None) -> tuple[FlashResult, FlashResult]:
+    """A combined update of an mpboot device with two stages (docs/BOOT.md "Two image pairs"):
+    stage 1 into its free slot and the app into its own (each resumed, or skipped when the
+    device holds it already), then both marked for one test boot together (one state record:
+    they start, confirm and revert as a pair), and a reset if asked. Returns the app's result
+    and stage 1's. UpdateRefused when either already runs (flash the other alone)."""
+    results = []
+    for prepared, number in ((stage1, STAGE1), (app, 0)):
+        if prepared.hash is None:
+            raise ImageRejected(ImageErrorCode.NO_HASH, "the device names images by it: cannot mark this one")
+        done = await flash(client, prepared, mark=Mark.NONE, progress=progress, window=window, timeout=timeout,
+                           compress=compress, image_number=number)
+        if done.running:
+            which = "stage 1" if number else "the app"
+            raise UpdateRefused(f"{which} (version {prepared.version}) runs on the device already: flash the "
+                                "other image alone", code=UpdateErrorCode.BUSY)
+        results.append(done)
+    assert app.hash is not None and stage1.hash is not None
+    slots = await client.state_write(app.hash, confirm=False, with_stage1=stage1.hash)
+    marked = {s.hash: s for s in slots if s.pending}
+    if app.hash not in marked or stage1.hash not in marked:
+        raise ProtocolError("the device accepted the pair mark but does not list both images as pending")
+    if reset:
+        await client.reset()
+    s1, a = results
+    return (FlashResult(app, a.upload, Mark.TEST, marked[app.hash], reset),
+            FlashResult(stage1, s1.upload, Mark.TEST, marked[stage1.hash], reset))
+
+
 async def prove_stage1(client: SMPClient, image_hash: bytes | None = None) -> tuple[SlotState, bool]:
     """Stage 1's proof (docs/BOOT.md, "Stage 1's proof"): the running stage 1 (the image with
     `image_hash`, if given), on its test boot, gets a probe and then the confirm by its hash.
@@ -212,7 +243,10 @@ async def prove_stage1(client: SMPClient, image_hash: bytes | None = None) -> tu
     await client.probe()
     slots = await client.state_write(entry.hash, confirm=True)
     done = running_stage1(slots)
-    if done is None or done.hash != entry.hash or not done.confirmed:
+    if done is None or done.hash != entry.hash:
+        raise ProtocolError("the device accepted stage 1's confirm but does not list it as running")
+    if not done.confirmed and not any(s.image == 0 and s.active and not s.confirmed for s in slots):
+        # (In a pair trial whose app has not confirmed yet, stage 1's half waits for it.)
         raise ProtocolError("the device accepted stage 1's confirm but does not list it as confirmed")
     return done, True
 

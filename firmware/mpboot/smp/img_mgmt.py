@@ -233,6 +233,9 @@ def _state_write(srv, req):
     if len(h) != _HASH_SIZE:
         return (_EINVAL, _INVALID_HASH, None)
     h = bytes(h)
+    w = req.get("with")
+    if w is not None:
+        return _mark_pair(srv, h, w, confirm)
     for p in range(len(srv.ups)):
         sl = srv.pair(2 * p)
         run = srv.ups[p].running
@@ -276,6 +279,31 @@ def _state_write(srv, req):
         sl.confirm(s, info)  # permanent: boots next, no test boot
     else:
         sl.mark_test(s)
+    return None
+
+
+def _mark_pair(srv, h, w, confirm):
+    # mpboot's combined update (docs/PROTOCOL.md "Stage 1"): {"hash": the app image, "with":
+    # the stage-1 image, "confirm": false} marks both for one test boot together, in one state
+    # record (mpboot.pairs.mark_pair): they start, confirm and revert as a pair, and the app's
+    # dependencies must hold against that stage 1. Each must sit in its pair's free slot.
+    if srv.s1 is None or confirm or type(w) is not memoryview or len(w) != _HASH_SIZE:
+        return (_EINVAL, 0, None)
+    t = [-1, -1]
+    for p, x in ((0, h), (1, bytes(w))):
+        run = srv.ups[p].running
+        for i in ((run ^ 1,) if run >= 0 else (0, 1)):
+            if _holds(srv, 2 * p + i, x):
+                t[p] = i
+                break
+        if t[p] < 0:
+            return (_ENOENT, _HASH_NOT_FOUND, None)
+    for p in (0, 1):
+        srv.pair(2 * p).policy(srv.image(2 * p + t[p]), True)
+    srv.forget()
+    from mpboot.pairs import mark_pair
+
+    mark_pair(srv.slots, t[0], srv.s1, t[1])
     return None
 
 

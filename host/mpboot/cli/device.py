@@ -33,6 +33,10 @@ from mpboot.errors import ProtocolError, UsageError
 @click.option("--image", "image_number", default="app", metavar="app|stage1|N",
               help="Which image: app (default: the app's free slot, as image 0 or 1), stage1 (stage 1's "
                    "free slot, image 2, on a device with stage-1 slots), or the upload's `image` number N.")
+@click.option("--with-stage1", "stage1_path", type=click.Path(path_type=Path), metavar="STAGE1",
+              help="A combined update (a device with two stages): upload STAGE1 into stage 1's free slot and "
+                   "IMAGE into the app's, then mark both for one test boot together: they start, confirm "
+                   "and revert as a pair (needs --test; with --reset stage 1 is then proven).")
 @click.option("--prove/--no-prove", default=True,
               help="With --image stage1 --test --reset: once stage 1 runs its test boot, probe and confirm it "
                    "(default); --no-prove leaves it unproven (it reverts at its deadline unless proven).")
@@ -43,8 +47,8 @@ from mpboot.errors import ProtocolError, UsageError
 @retries_option
 @click.option("--no-progress", is_flag=True, help="No progress bar: print a one-line summary at the end.")
 def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bool, reset_after: bool,
-              image_number: str, prove: bool, window: int | None, no_compress: bool, retries: int,
-              no_progress: bool) -> None:
+              image_number: str, stage1_path: Path | None, prove: bool, window: int | None, no_compress: bool,
+              retries: int, no_progress: bool) -> None:
     """Upload IMAGE to the device (resuming an interrupted upload), then optionally mark and reset.
 
     Without --test or --confirm the image is written and verified but does not boot. An image
@@ -65,6 +69,13 @@ def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bo
     mark = Mark.TEST if test_boot else Mark.CONFIRM if permanent else Mark.NONE
     prepared = prepare(read_image(image_path))  # a malformed image fails here, before the port opens
     compress = False if no_compress else None
+    if stage1_path is not None:
+        if not test_boot or number != 0:
+            raise UsageError("--with-stage1 is a combined update of the app (IMAGE) and stage 1: it needs --test "
+                             "(a pair boots once on trial, then confirms or reverts together) and no --image")
+        _flash_pair(link, prepared, prepare(read_image(stage1_path)), image_path, stage1_path, reset_after,
+                    prove, window, compress)
+        return
     make = link.client_factory()
     acked = [0, len(prepared.data)]
 
@@ -167,6 +178,37 @@ def flash_cmd(image_path: Path, link: DeviceLink, test_boot: bool, permanent: bo
         entry = _prove_after_reset(link, prepared.hash)
         click.echo(f"stage 1 {image_path.name} (version {entry.version}) runs its test boot: proven and "
                    "confirmed (probe and confirm over this link)")
+
+
+def _flash_pair(link: DeviceLink, app: Any, stage1: Any, app_path: Path, stage1_path: Path, reset_after: bool,
+                prove: bool, window: int | None, compress: bool | None) -> None:
+    """flash --with-stage1: both uploads, the pair mark, the reset, stage 1's proof."""
+    import asyncio
+
+    from mpboot.flashing import flash_pair
+
+    make = link.client_factory()
+
+    async def run() -> Any:
+        try:
+            async with make() as client:
+                return await flash_pair(client, app, stage1, reset=reset_after, window=window, compress=compress)
+        finally:
+            await link.release()
+
+    done_app, done_s1 = asyncio.run(run())
+    sent = [d.upload.size for d in (done_app, done_s1) if d.upload is not None]
+    click.echo(f"flashed {app_path} (version {app.version}) and stage 1 {stage1_path} (version {stage1.version})"
+               f" ({plural(len(sent), 'upload')}, {sum(sent)} bytes): marked together for one test boot at the "
+               f"next reset{'; device reset' if reset_after else ''}")
+    if not reset_after or not prove:
+        click.echo("the pair is kept once the app confirms itself and stage 1 is proven: after the reset, run "
+                   "`mpboot confirm --image stage1` before its deadline")
+        return
+    entry = _prove_after_reset(link, stage1.hash)
+    click.echo(f"stage 1 {stage1_path.name} (version {entry.version}) runs its test boot: proven and "
+               + ("confirmed; the pair is kept" if entry.confirmed else
+                  "confirmed its half: the pair is kept once the app confirms itself (a reset before reverts both)"))
 
 
 PROVE_ATTEMPTS = 5  # links opened to find stage 1 back after the reset

@@ -260,16 +260,23 @@ class SMPClient:
         rsp = await self.request(Group.IMAGE, ImageCmd.STATE, Op.READ, {})
         return _slot_states(rsp)
 
-    async def state_write(self, hash: bytes | None, confirm: bool) -> list[SlotState]:
+    async def state_write(self, hash: bytes | None, confirm: bool, with_stage1: bytes | None = None) -> list[SlotState]:
         """confirm=False + hash: test-boot that image once; confirm=True + hash: make it
-        permanent; confirm=True without hash: confirm the running image."""
+        permanent; confirm=True without hash: confirm the running image. with_stage1 (an
+        mpboot device with two stages): test-boot the app `hash` and that stage 1 together, as
+        a pair (docs/PROTOCOL.md, "Stage 1")."""
         if hash is None and not confirm:
             raise ValueError("marking for a test boot needs the image's hash")
-        if hash is not None and len(hash) != 32:
-            raise ValueError(f"an image hash is 32 bytes, not {len(hash)}")
+        for h in (hash, with_stage1):
+            if h is not None and len(h) != 32:
+                raise ValueError(f"an image hash is 32 bytes, not {len(h)}")
+        if with_stage1 is not None and (hash is None or confirm):
+            raise ValueError("a pair is marked for a test boot: the app's hash, confirm=False")
         payload: dict[str, Any] = {"confirm": confirm}
         if hash is not None:
             payload["hash"] = bytes(hash)
+        if with_stage1 is not None:
+            payload["with"] = bytes(with_stage1)
         rsp = await self.request(Group.IMAGE, ImageCmd.STATE, Op.WRITE, payload)
         return _slot_states(rsp)
 
