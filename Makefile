@@ -45,6 +45,7 @@ bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_ble.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_provision.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_qemu.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_stages.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
