@@ -61,6 +61,7 @@ if options.rescue:
             "smp/trust_mgmt.py",
             "smp/zupload.py",
             "smp/stage1.py",
+            "smp/probe.py",
             "transport/__init__.py",
             "transport/uart.py",
             "transport/ble.py",

@@ -318,8 +318,10 @@ def test_power_cut_at_every_flash_operation(device, tmp_path: Path, mark: str) -
 
 # Measured on the unix port (64-bit, modules as .mpy, the esp32 fake and the port adapter
 # loaded too: ~76 KiB of imports alone, 0 on a board where mpboot is frozen): a 1.06 MiB
-# firmware image updates (streamed, verified twice, set_boot) in 98 KiB, not in 97 KiB.
-HEAP = "100k"
+# firmware image updates (streamed, verified twice, set_boot) in 98 KiB, not in 97 KiB, when
+# it landed; since the dependency checks (slots.py) and the stage-0 import hygiene (boot.py,
+# imported by the adapter's users) grew the modules it loads, 104 KiB (100 KiB fails).
+HEAP = "104k"
 HEAP_TOO_SMALL = "88k"
 
 

@@ -175,14 +175,16 @@ _fw = None  # mpboot.espota while the MicroPython firmware runs its test boot (r
 
 
 def _firmware_trial(port):
-    # The esp32 firmware update's module (port.firmware(): mpboot.espota, in builds that froze
-    # it) when the running firmware is on its ESP-IDF test boot, else None.
-    f = getattr(port, "firmware", None)
+    # The esp32 firmware update's module (mpboot.espota, on a port whose FIRMWARE says it has
+    # one, in builds that froze it) when the running firmware is on its ESP-IDF test boot,
+    # else None.
+    if not getattr(port, "FIRMWARE", False):
+        return None
     try:
-        fw = f() if f else None
+        from mpboot import espota
     except ImportError:
         return None
-    return fw if fw and fw.trial() else None
+    return espota if espota.trial() else None
 
 
 def confirm():

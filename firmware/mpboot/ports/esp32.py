@@ -74,12 +74,9 @@ def mapped(area):
     return None
 
 
-def firmware():
-    # The MicroPython firmware's own update (mpboot.espota: ESP-IDF OTA, docs/PORTING.md), in
-    # builds that froze it (firmware/manifest.py ota=True); ImportError in others.
-    from mpboot import espota
-
-    return espota
+# This port's MicroPython firmware can itself be updated (mpboot.espota, ESP-IDF's OTA,
+# docs/PORTING.md): boot and img_mgmt use it when the build froze it (manifest ota=True).
+FIRMWARE = True
 
 
 def watchdog(timeout_ms):

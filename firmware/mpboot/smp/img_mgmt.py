@@ -309,18 +309,19 @@ def _mark_pair(srv, h, w, confirm):
 
 def firmware(srv):
     # Image 4's writer: the MicroPython firmware itself (mpboot.espota on esp32 builds that
-    # froze it, docs/PORTING.md), made on first use; None on other boards, or without OTA
-    # partitions.
+    # froze it: the port says FIRMWARE, docs/PORTING.md), made on first use; None on other
+    # boards, or without OTA partitions.
     fw = srv.fw
     if fw is None:
         fw = False
-        f = getattr(srv.port, "firmware", None)
-        try:
-            fw = f().Firmware(srv.slots) if f else False
-            if fw:
+        if getattr(srv.port, "FIRMWARE", False):
+            try:
+                from mpboot import espota
+
+                fw = espota.Firmware(srv.slots)
                 fw.target()  # OSError(ENOENT): no OTA app partition to update into
-        except (ImportError, OSError):
-            fw = False
+            except (ImportError, OSError):
+                fw = False
         srv.fw = fw
     return fw or None
 

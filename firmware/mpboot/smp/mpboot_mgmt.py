@@ -8,7 +8,7 @@
 # Commands 1-5 (factory info, identity, floor, policy, seal) are in mpboot.smp.factory_mgmt,
 # command 6 (trust state and records) in mpboot.smp.trust_mgmt, command 7 (a compressed upload
 # chunk) in mpboot.smp.zupload, command 8 (a probe chunk, stage 1's proof; boards with stage-1
-# slots) in mpboot.smp.stage1, each loaded on its first use: a board in the field never pays
+# slots) in mpboot.smp.probe, each loaded on its first use: a board in the field never pays
 # for the factory's, one that never gets a record for the trust's.
 from micropython import const
 
@@ -21,7 +21,7 @@ _CMD_FACTORY_INFO = const(1)  # the factory commands' read; 2-5 are writes (fact
 _CMD_SEAL = const(5)  # the last factory command
 _CMD_TRUST = const(6)  # read: the trust state; write: a trust record, in chunks (trust_mgmt)
 _CMD_ZUPLOAD = const(7)  # write: a compressed upload chunk (zupload)
-_CMD_PROBE = const(8)  # write: a probe chunk (stage1), on boards with stage-1 slots
+_CMD_PROBE = const(8)  # write: a probe chunk (mpboot.smp.probe), on boards with stage-1 slots
 
 _ENOTSUP = const(8)
 # Trust state indices (mpboot.trust ROOT_VERSION, REVOCATION), as private consts: importing the
@@ -50,9 +50,9 @@ def handle(srv, op, cmd, req, enc):
     if cmd == _CMD_PROBE:
         if srv.s1 is None:
             return (_ENOTSUP, 0, None)
-        from mpboot.smp import stage1
+        from mpboot.smp import probe
 
-        return stage1.probe(srv, op, req, enc)
+        return probe.handle(srv, op, req, enc)
     if cmd > _CMD_SEAL or (op == _OP_READ) != (cmd == _CMD_FACTORY_INFO):
         return (_ENOTSUP, 0, None)
     from mpboot.smp import factory_mgmt
