@@ -51,8 +51,9 @@ _ZWBITS = const(10)  # compressed uploads' window: 1 KiB (docs/PROTOCOL.md, "Com
 # v1 MGMT_ERR and v2 IMG_MGMT_ERR of the mpboot image/policy codes (mpboot.image, slots):
 # 1 magic 23, 2 header 22, 3 size 30, 4 truncated 22, 5-7 TLV area 5, 8 no hash 5, 9 two
 # hashes 6, 10 hash mismatch 24, 11-15 signature/key 1, 16-17 vendor/class 22, 18-19
-# counter/downgrade 27, 20-25 certificates/threshold 1, 26 kind 22.
-_IMG_RC = b"\x01\x17\x16\x1e\x16\x05\x05\x05\x05\x06\x18\x01\x01\x01\x01\x01\x16\x16\x1b\x1b\x01\x01\x01\x01\x01\x01\x16\x16"  # 27 dependency 22
+# counter/downgrade 27, 20-25 certificates/threshold 1, 26 kind 22, 27 dependency 22; others
+# (30, an esp32 firmware whose payload is not an ESP app image) 1.
+_IMG_RC = b"\x01\x17\x16\x1e\x16\x05\x05\x05\x05\x06\x18\x01\x01\x01\x01\x01\x16\x16\x1b\x1b\x01\x01\x01\x01\x01\x01\x16\x16"
 # mpboot update codes (mpboot.update) 0-4: (v1 rc, v2 rc). 0 (unknown) EUNKNOWN/UNKNOWN,
 # 1 BUSY EBUSY/NO_FREE_SLOT (Zephyr's "slot in use"), 2 STATE EBADSTATE (generic in v2:
 # an upload answers v2 without a session as Zephyr does, _upload), 3 RANGE EINVAL/DATA_OVERRUN,
