@@ -84,8 +84,12 @@ def areas_call(boot_py: str) -> str:
     raise AssertionError("unbalanced port.areas(")
 
 
-def boot_py(n: int, port: str) -> str:
-    return one_block(recipe(n), "python", f"from mpboot.ports import {port} as port")
+def boot_py(n: int, port: str, stages: bool = False) -> str:
+    """The recipe's boot.py: the one-stage board's, or (stages) the two-stage board's."""
+    found = [b for b in blocks(recipe(n), "python")
+             if f"from mpboot.ports import {port} as port" in b and ("stages.start(" in b) == stages]
+    assert len(found) == 1, f"{len(found)} boot.py blocks for {port} (stages={stages})"
+    return found[0]
 
 
 def adapter_const(port: str, name: str) -> int:
@@ -94,9 +98,20 @@ def adapter_const(port: str, name: str) -> int:
     return int(m.group(1), 0)
 
 
-def esp32_table() -> list[dict[str, Any]]:
+def esp32_table(stages: bool = False) -> list[dict[str, Any]]:
+    """The recipe's partition table; stages: with the lines of "Two stages" in place of
+    those they replace (by name)."""
+    rows = _csv_rows(one_block(recipe(2), "csv", "mpboot"))
+    if stages:
+        extra = _csv_rows(one_block(recipe(2), "csv", "mpb1_0"))
+        names = {p["name"] for p in extra}
+        rows = [p for p in rows if p["name"] not in names] + extra
+    return rows
+
+
+def _csv_rows(block: str) -> list[dict[str, Any]]:
     rows = []
-    for line in one_block(recipe(2), "csv", "mpboot").splitlines():
+    for line in block.splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         name, kind, sub, offset, size, flags = (f.strip() for f in line.split(","))
@@ -143,10 +158,16 @@ elif name == "rp2":
     port._map = fake.xip
 else:
     import pyb as fake
-    fake.setup(path, tuple(spec["sectors"]), spec["base"], spec["cache"])
+    if "sectors" in spec:
+        fake.setup(path, tuple(spec["sectors"]), spec["base"], spec["cache"])
+    else:
+        fake.setup(path, mode="spi", size=spec["size"])
     from mpboot.ports import stm32 as port
     port._map = fake.mem
 for a in eval(spec["call"], {"port": port}):
+    if a is None:  # (seven areas: no factory or trust area asked for)
+        print("null")
+        continue
     d = a.bdev
     if name == "esp32":
         units = [[d.info()[2] + a.start, a.size]]
@@ -187,8 +208,9 @@ def overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
 
 # -- Recipe 2: ESP32 ----------------------------------------------------------------------
 
-def test_esp32_partition_table_follows_esp_idf() -> None:
-    table = esp32_table()
+@pytest.mark.parametrize("stages", [False, True])
+def test_esp32_partition_table_follows_esp_idf(stages: bool) -> None:
+    table = esp32_table(stages)
     names = [p["name"] for p in table]
     assert len(set(names)) == len(names)
     for p in table:
@@ -337,3 +359,56 @@ def test_mpboot_command_line_parses(line: str) -> None:
 def test_the_doc_shows_the_commands_a_board_needs() -> None:
     commands = {line.split()[1] for line in command_lines()}
     assert {"keygen", "pubkey", "firmware", "sign", "flash", "state"} <= commands
+
+
+# -- the recipes' "Two stages" (stage 1's slots, docs/BOOT.md) ----------------------------
+
+def test_esp32_two_stages_on_the_fake(lib: Path, tmp_path: Path) -> None:
+    table = esp32_table(stages=True)
+    call = areas_call(boot_py(2, "esp32", stages=True))
+    assert areas_call(boot_py(2, "esp32")) == call.replace(', stage1=("mpb1_0", "mpb1_1")', "")
+    running = [p["name"] for p in table].index("factory")
+    rows = [(p["type"], p["subtype"], p["offset"], p["size"], p["name"], p["encrypted"]) for p in table]
+    areas = run_areas(lib, tmp_path, "esp32", dict(size=ESP32_FLASH, table=rows, running=running, call=call))
+    by_name = {p["name"]: p for p in table}
+    assert len(areas) == 7 and None not in areas
+    labels = re.findall(r'"(\w+)"', call)
+    for area, label in zip(areas[5:], labels[3:]):
+        p = by_name[label]
+        assert p["type"] == ESP_TYPES["data"] and p["size"] == 0x10000  # 64 KiB, as the text says
+        assert span(area) == (p["offset"], p["offset"] + p["size"])
+
+
+def test_rp2_two_stages_on_the_fake(lib: Path, tmp_path: Path) -> None:
+    text = recipe(3)
+    m = re.search(r"MICROPY_HW_FLASH_STORAGE_BYTES\s+\(([\d\s*]+)\)", one_block(text, "c", "STORAGE_BYTES"))
+    assert m
+    storage = eval(m.group(1), {"__builtins__": {}})  # digits and * only
+    call = areas_call(boot_py(3, "rp2", stages=True))
+    assert call.replace(", stage1=(0x3A000, 0x10000)", "") == areas_call(boot_py(3, "rp2"))
+    two = text[text.index("### Two stages"):]
+    fs = re.search(r"rp2\.Flash\(start=(\w+), len=(\w+)\)", two)
+    assert fs
+    fs_range = (int(fs.group(1), 0), int(fs.group(1), 0) + int(fs.group(2), 0))
+    areas = run_areas(lib, tmp_path, "rp2", dict(size=storage, call=call))
+    assert len(areas) == 7 and None not in areas
+    for a in areas:
+        assert not overlaps(span(a), fs_range), ("littlefs", a)
+    assert span(areas[5]) == (0x3A000, 0x4A000) and span(areas[6]) == (0x4A000, 0x5A000)
+    assert areas[5]["mapped"] == areas[6]["mapped"] == 0x10000  # runs in place
+
+
+def test_stm32_two_stages_on_the_fake(lib: Path, tmp_path: Path) -> None:
+    text = recipe(4)
+    two = text[text.index("### Two stages"):]
+    call = areas_call(one_block(two, "python", "stage1="))
+    end = 0x86000 + 2 * 0x10000
+    areas = run_areas(lib, tmp_path, "stm32", dict(size=end, call=call))  # SPI flash, just big enough
+    areas = areas[:-1]  # (the base line)
+    assert len(areas) == 7 and None not in areas
+    spans = [span(a) for a in areas]
+    assert spans[5:] == [(0x86000, 0x96000), (0x96000, end)]
+    for i, a in enumerate(spans):
+        for b in spans[i + 1 :]:
+            assert not overlaps(a, b)
+    assert areas[5]["mapped"] == -1  # SPI flash: stage 1 is copied to RAM

@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 
 from mpboot import upy
+from mpboot.device import write_keys_module
+from mpboot.image import ImageKind
+from mpboot.keys import SigningKey
 from mpboot.upy import compile_tree, mpy_cross_compile
+from simkit import make_service, sign_app
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRMWARE = ROOT / "firmware" / "mpboot"
@@ -21,6 +25,8 @@ ADAPTERS = ("esp32", "rp2", "stm32")
 # work may be changing).
 NEEDED = ("__init__.py", "flash.py", "state.py", "factory.py", "trust.py", "ports/__init__.py", "ports/nor_sim.py",
           *(f"ports/{name}.py" for name in ADAPTERS))
+# What the boot decision for two pairs adds (the stage-1 slots' end-to-end check).
+NEEDED_STAGES = ("image.py", "rsa.py", "reader.py", "slots.py", "pairs.py")
 
 
 @pytest.fixture(scope="session")
@@ -221,3 +227,139 @@ def test_only_the_adapters_import_native_port_modules() -> None:
             offenders.append(f"{rel}: {sorted(extra)}")
     assert not offenders
     assert all(native.search((FIRMWARE / rel).read_text()) for rel in allowed)
+
+
+# -- stage 1's slots: areas(..., stage1=...) (docs/BOOT.md "Two stages") --------------------
+
+@pytest.fixture(scope="module")
+def stage1_lib(tmp_path_factory: pytest.TempPathFactory, rsa2048: SigningKey) -> Path:
+    """The adapters and the boot decision (mpboot.pairs) as .mpy, the fakes, the driver, and
+    a keys module trusting the test-only RSA-2048 key."""
+    lib = tmp_path_factory.mktemp("ports-s1") / "lib"
+    for rel in NEEDED + NEEDED_STAGES:
+        target = lib / "mpboot" / Path(rel).with_suffix(".mpy")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mpy_cross_compile(FIRMWARE / rel, target)
+    compile_tree(DEVICE / "fakes", lib)
+    mpy_cross_compile(DEVICE / "dev_ports_stage1.py", lib / "dev_ports_stage1.mpy")
+    src = lib.parent / "src"
+    src.mkdir()
+    mpy_cross_compile(write_keys_module(src, [rsa2048.public()]), lib / "mpboot_keys.mpy")
+    return lib
+
+
+@pytest.fixture(scope="module")
+def stage1_image(tmp_path_factory: pytest.TempPathFactory, rsa2048: SigningKey) -> Path:
+    """Stage 1 as it ships (the real service, ~26 KB), signed as an updater, version 1.2.3."""
+    out = tmp_path_factory.mktemp("ports-s1-image")
+    path = out / "s1.bin"
+    path.write_bytes(sign_app(make_service(out / "s1"), rsa2048, "1.2.3", kind=ImageKind.UPDATER))
+    return path
+
+
+def run_stage1(lib: Path, workdir: Path, name: str, image: Path | None = None,
+               heapsize: str = "80k") -> list[str]:
+    """Runs dev_ports_stage1 for one port: its lines before DONE."""
+    args: list[object] = ["-m", "dev_ports_stage1", name, workdir]
+    if image is not None:
+        args.append(image)
+    proc = upy.run(args, path=[lib], heapsize=heapsize, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "DONE", proc.stdout
+    return lines[:-1]
+
+
+# Per port, with stage1: the seven areas (start in the port's storage, or the chip for
+# esp32; size; erase unit; write unit; None for an area not asked for), how many areas the
+# same call gives without stage1, the layouts accepted beside it, and the refusals
+# (exception, message; "-": none, from the port's own flash object). esp32: the running
+# partition is an app partition, refused as one.
+S1_EXPECTED = {
+    "esp32": dict(
+        areas=[(0x28000, 0x7000, 4096, 1), (0x2F000, 0x7000, 4096, 1), (0x36000, 0x2000, 4096, 1),
+               (0x38000, 0x2000, 4096, 1), (0x3A000, 0x2000, 4096, 1), (0x3C000, 0x10000, 4096, 1),
+               (0x4C000, 0x10000, 4096, 1)],
+        plain=5, accepted={},
+        refused={"running": ("ValueError", "stage1 not a data partition"), "twice": ("ValueError", "same partition"),
+                 "app_slot": ("ValueError", "same partition"), "state": ("ValueError", "same partition"),
+                 "app_partition": ("ValueError", "stage1 not a data partition"),
+                 "encrypted": ("ValueError", "encrypted"), "missing": ("OSError", "2")}),
+    "rp2": dict(
+        areas=[(0, 0x7000, 4096, 256), (0x7000, 0x7000, 4096, 256), (0xE000, 0x2000, 4096, 256),
+               (0x10000, 0x2000, 4096, 256), None, (0x12000, 0x7000, 4096, 256), (0x19000, 0x7000, 4096, 256)],
+        plain=4, accepted={"no_factory": 7, "trust": 7},
+        refused={"app_slots": ("ValueError", "overlap"), "state": ("ValueError", "overlap"),
+                 "factory": ("ValueError", "overlap"), "trust": ("ValueError", "overlap"),
+                 "unaligned": ("ValueError", "stage1"), "partial": ("ValueError", "stage1"),
+                 "empty": ("ValueError", "stage1"), "negative": ("ValueError", "stage1"),
+                 "outside": ("ValueError", "-")}),
+    # Internal flash: stage 1's slots in physical sectors of slot_sector (4 KiB), mapped
+    # like the app's; the state and factory units at the starts of 2 KiB sectors.
+    "stm32": dict(
+        areas=[(0x2000, 0x7000, 4096, 1), (0x9000, 0x7000, 4096, 1), (0, 1024, 512, 512),
+               (0x1000, 1024, 512, 512), None, (0x10000, 0x7000, 4096, 1), (0x17000, 0x7000, 4096, 1)],
+        plain=4, accepted={},
+        refused={"app_slots": ("ValueError", "overlap"), "state": ("ValueError", "overlap"),
+                 "misaligned": ("ValueError", "sector alignment"), "partial": ("ValueError", "stage1 size"),
+                 "empty": ("ValueError", "stage1 size"), "outside": ("ValueError", "-")}),
+    "stm32-spi": dict(
+        areas=[(0, 0x7000, 4096, 1), (0x7000, 0x7000, 4096, 1), (0xE000, 0x2000, 4096, 1),
+               (0x10000, 0x2000, 4096, 1), None, (0x12000, 0x7000, 4096, 1), (0x19000, 0x7000, 4096, 1)],
+        plain=4, accepted={"no_factory": 7, "trust": 7},
+        refused={"app_slots": ("ValueError", "overlap"), "state": ("ValueError", "overlap"),
+                 "factory": ("ValueError", "overlap"), "trust": ("ValueError", "overlap"),
+                 "unaligned": ("ValueError", "-"), "partial": ("ValueError", "stage1 size"),
+                 "empty": ("ValueError", "stage1 size"), "negative": ("ValueError", "stage1 size"),
+                 "outside": ("ValueError", "-")}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(S1_EXPECTED))
+def test_stage1_slots_on_fake_port(stage1_lib: Path, tmp_path: Path, name: str) -> None:
+    """areas(..., stage1=...) gives seven areas: today's (the same starts and sizes as
+    without stage1, None for a factory or trust area not asked for), then stage 1's two
+    slots, under the app's slots' rules; layouts where they would overlap the app's slots,
+    the state, factory or trust area, or each other, or have a bad size, are refused."""
+    want = S1_EXPECTED[name]
+    areas: list[tuple[int, ...] | None] = [None] * 7
+    plain, accepted, refused = None, {}, {}
+    for line in run_stage1(stage1_lib, tmp_path, name):
+        words = line.split(" ", 3 if line.startswith("REFUSED ") else -1)
+        if words[0] == "AREA":
+            areas[int(words[1])] = None if words[2] == "none" else tuple(int(w) for w in words[2:])
+        elif words[0] == "PLAIN":
+            plain = int(words[1])
+        elif words[0] == "ACCEPTED":
+            accepted[words[1]] = int(words[2])
+        elif words[0] == "REFUSED":
+            refused[words[1]] = (words[2], words[3])
+        else:
+            raise AssertionError(words)
+    assert areas == want["areas"]
+    assert plain == want["plain"]
+    assert accepted == want["accepted"]
+    assert refused == want["refused"]
+
+
+# The firmware modules load into the heap here (frozen on a device); rp2's and stm32's fakes
+# copy a mapped slot (28 KiB; a device maps it in place). Measured floors: esp32 96k, rp2
+# 112k, stm32 136k.
+S1_DECIDE_HEAP = {"esp32": "112k", "rp2": "128k", "stm32": "152k"}
+
+
+@pytest.mark.parametrize("name", ["esp32", "rp2", "stm32"])
+def test_stage1_image_decided_from_its_slot(stage1_lib: Path, stage1_image: Path, tmp_path: Path,
+                                            name: str) -> None:
+    """End to end on the fake: the real service signed as an updater, written into stage 1's
+    slot 1 (and into the app's slot 0, where its kind is refused: error 26); the decision for
+    both pairs (mpboot.pairs.decide_all over the adapter's seven areas, as stages.start makes
+    it, mapped where the port maps) picks it, confirmed (a blank state: stage 1 is fresh), and
+    again after a power cycle, from the state record written the first time."""
+    lines = run_stage1(stage1_lib, tmp_path, name, stage1_image, heapsize=S1_DECIDE_HEAP[name])
+    # app slot (-1: none, recovery), app slot 0's error, stage-1 slot, its version, test
+    # boot, stage-1 slot 0's error (erased: 1, bad magic), a state record there before the
+    # decision, the newest record's sequence number after it (2: stage 1's floor raised,
+    # written twice; no write the second time)
+    mapped = {"esp32": -1, "rp2": 0x7000, "stm32": 0x7000}[name]
+    assert lines == ["DECIDE -1 26 1 1.2.3 0 1 0 2", "DECIDE -1 26 1 1.2.3 0 0 1 2", f"MAPPED {mapped}"]

@@ -45,28 +45,39 @@ def _part(label):
     return p
 
 
-def areas(slot0="ota_0", slot1="ota_1", state="mpboot", factory=True, trust=False):
+def areas(slot0="ota_0", slot1="ota_1", state="mpboot", factory=True, trust=False, stage1=None):
     # Slots are whole partitions (app or data); the state is the first two sectors of a data
     # partition (at least 16 KiB) and the factory area its sectors 2 and 3 (factory=False:
     # none, three areas, an 8 KiB partition will do). trust=True: a trust area in its
     # sectors 4 and 5 (a fifth area, docs/KEYS.md; the partition must be at least 24 KiB);
     # off by default, so boards with a 16 KiB partition keep their layout. Refuses the
     # partition MicroPython runs from and partitions used twice.
+    # stage1=(label0, label1), e.g. ("mpb1_0", "mpb1_1"): stage 1's two slots (docs/BOOT.md
+    # "Two stages"), whole data partitions (not app ones, which ESP-IDF's OTA writes: an
+    # mpboot.espota firmware update would land there), under the same refusals; seven areas
+    # then (None for a missing factory or trust area).
     run = esp32.Partition(esp32.Partition.RUNNING).info()[2]
-    p0 = _part(slot0)
-    p1 = _part(slot1)
-    ps = _part(state)
-    if ps.info()[0] != _TYPE_DATA:
-        raise ValueError("state not a data partition")
-    a0, a1, a2 = p0.info()[2], p1.info()[2], ps.info()[2]
-    if run in (a0, a1, a2):
+    p = [_part(slot0), _part(slot1), _part(state)]
+    if stage1:
+        p.append(_part(stage1[0]))
+        p.append(_part(stage1[1]))
+    for i in range(2, len(p)):
+        if p[i].info()[0] != _TYPE_DATA:
+            raise ValueError("state not a data partition" if i == 2 else "stage1 not a data partition")
+    at = [x.info()[2] for x in p]
+    if run in at:
         raise ValueError("running partition")
-    if a0 == a1 or a0 == a2 or a1 == a2:
-        raise ValueError("same partition")
-    a = (Area(p0), Area(p1), Area(ps, 0, 2 * _SECTOR),
+    for i in range(len(at)):
+        if at[i] in at[i + 1 :]:
+            raise ValueError("same partition")
+    ps = p[2]
+    a = (Area(p[0]), Area(p[1]), Area(ps, 0, 2 * _SECTOR),
          Area(ps, 2 * _SECTOR, 2 * _SECTOR) if factory else None)
+    t = Area(ps, 4 * _SECTOR, 2 * _SECTOR) if trust else None
+    if stage1:
+        return a + (t, Area(p[3]), Area(p[4]))
     if trust:
-        return a + (Area(ps, 4 * _SECTOR, 2 * _SECTOR),)
+        return a + (t,)
     return a if factory else a[:3]
 
 

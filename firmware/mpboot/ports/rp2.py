@@ -34,21 +34,33 @@ def _area(start, size):
     return Area(rp2.Flash(start=start, len=size), 0, 0, _PAGE)
 
 
-def areas(slot0_start, slot_size, state_start, factory=True, trust=False):
+def areas(slot0_start, slot_size, state_start, factory=True, trust=False, stage1=None):
     # Slot 0 at slot0_start, slot 1 right after it, the state (two sectors) at state_start
     # and the factory area (two sectors) right after it: byte offsets in the rp2.Flash()
     # storage area, multiples of 4096. factory=False: no factory area (three areas, the
     # layout of boards set up before it; docs/FACTORY.md). trust=True: a trust area (two
     # sectors) after the factory area's, at state_start + 16384 (a fifth area; docs/KEYS.md);
     # off by default, as those sectors may hold something else on boards set up before it.
+    # stage1=(start, size): stage 1's two slots (docs/BOOT.md "Two stages") at start and
+    # start + size, multiples of 4096 off the app's slots and the state, factory and trust
+    # areas in use; seven areas then (None for a missing factory or trust area).
     end = slot0_start + 2 * slot_size
     n = 6 if trust else 4 if factory else 2
     if state_start < end and slot0_start < state_start + n * _SECTOR:
         raise ValueError("overlap")
+    if stage1:
+        s, z = stage1
+        if s < 0 or z <= 0 or (s | z) % _SECTOR:
+            raise ValueError("stage1")
+        if (s < end and slot0_start < s + 2 * z) or (s < state_start + n * _SECTOR and state_start < s + 2 * z):
+            raise ValueError("overlap")
     a = (_area(slot0_start, slot_size), _area(slot0_start + slot_size, slot_size),
          _area(state_start, 2 * _SECTOR), _area(state_start + 2 * _SECTOR, 2 * _SECTOR) if factory else None)
+    t = _area(state_start + 4 * _SECTOR, 2 * _SECTOR) if trust else None
+    if stage1:
+        return a + (t, _area(s, z), _area(s + z, z))
     if trust:
-        return a + (_area(state_start + 4 * _SECTOR, 2 * _SECTOR),)
+        return a + (t,)
     return a if factory else a[:3]
 
 

@@ -110,7 +110,7 @@ class _Dev:
 
 
 def areas(slot0_start, slot_size, state_start, slot_sector=0, state_sector=0, base=0,
-          factory=True, trust=False):
+          factory=True, trust=False, stage1=None):
     # Slot 0 at slot0_start, slot 1 right after it, the state at state_start and the factory
     # area in the two state-sized sectors after it (state_start + 2 * state_sector): byte
     # offsets in the pyb.Flash() storage. Those must be two physical sectors of state_sector
@@ -126,6 +126,11 @@ def areas(slot0_start, slot_size, state_start, slot_sector=0, state_sector=0, ba
     # the physical sectors there (flash.c flash_layout; the slots' sectors must fit the port's
     # RAM sector copy); on SPI flash they are ignored (4 KiB blocks). base: flash address of
     # storage byte 0, to map slots and check sector alignment (0: do neither).
+    # stage1=(start, size): stage 1's two slots (docs/BOOT.md "Two stages") at start and
+    # start + size, under the app's slots' rules (physical sectors of slot_sector bytes that
+    # fit the port's RAM sector copy, size a multiple of slot_sector, aligned with base, no
+    # sector shared with another area), off the app's slots and the state, factory and trust
+    # areas in use; seven areas then (None for a missing factory or trust area).
     global _flash, _base, _blank
     f = _open(state_start, 4096)
     bs = f.ioctl(5, 0)
@@ -143,6 +148,15 @@ def areas(slot0_start, slot_size, state_start, slot_sector=0, state_sector=0, ba
         raise ValueError("overlap")
     if trust and not native and state_sector < _TRUST_UNIT:
         raise ValueError("trust sector")
+    if stage1:
+        s, z = stage1
+        if s < 0 or z <= 0 or z % slot_sector:
+            raise ValueError("stage1 size")
+        if base and (base + s) % slot_sector:
+            raise ValueError("sector alignment")
+        if (s < slot0_start + 2 * slot_size and slot0_start < s + 2 * z) or (
+                s < state_start + n * state_sector and state_start < s + 2 * z):
+            raise ValueError("overlap")
     n = slot_size // slot_sector
     s0 = Area(_Dev(slot0_start, slot_sector, slot_sector, n, bs, False))
     s1 = Area(_Dev(slot0_start + slot_size, slot_sector, slot_sector, n, bs, False))
@@ -162,8 +176,15 @@ def areas(slot0_start, slot_size, state_start, slot_sector=0, state_sector=0, ba
             fy = Area(_Dev(fa, _BLOCK, state_sector, 2, bs, True), 0, 0, _BLOCK)
         if trust:
             ty = Area(_Dev(ta, _TRUST_UNIT, state_sector, 2, bs, True), 0, 0, _BLOCK)
+    p = None  # (made before the globals change: pyb.Flash refuses a range outside the storage)
+    if stage1:
+        k = z // slot_sector
+        p = (Area(_Dev(s, slot_sector, slot_sector, k, bs, False)),
+             Area(_Dev(s + z, slot_sector, slot_sector, k, bs, False)))
     _flash = f
     _base = base
+    if p:
+        return (s0, s1, st, fy, ty) + p
     if trust:
         return (s0, s1, st, fy, ty)
     return (s0, s1, st, fy) if factory else (s0, s1, st)
