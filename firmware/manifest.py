@@ -62,6 +62,7 @@ if options.rescue:
             "smp/zupload.py",
             "smp/stage1.py",
             "smp/probe.py",
+            "smp/fw_mgmt.py",
             "transport/__init__.py",
             "transport/uart.py",
             "transport/ble.py",

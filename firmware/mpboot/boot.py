@@ -19,12 +19,14 @@ def _pin():
     # mpboot.stages, which imports it) before any other mpboot module.
     path = sys.path[:]
     sys.path[:] = []
-    for n in ("array", "binascii", "deflate", "hashlib", "io", "os", "select", "struct", "time"):
-        sys.modules.pop(n, None)
+    for n in ("array", "binascii", "bluetooth", "deflate", "hashlib", "io", "machine", "os", "select", "struct",
+              "time"):
+        m = sys.modules.pop(n, None)
         try:
             sys.modules[n] = __import__(n)
-        except ImportError:  # not in this firmware
-            pass
+        except ImportError:  # not a builtin of this firmware: whatever stood there stays
+            if m is not None:
+                sys.modules[n] = m
     sys.path[:] = path
 
 
@@ -149,11 +151,13 @@ def run(slots, port, slot, info, trial, entry="main", mount="/app", wdt_ms=WDT_M
     sys.path.insert(0, mount)
     global _fw
     _fw = _firmware_trial(port)
-    # A test boot of the app, of stage 1 (mpboot.stages, decided before this) or of the
-    # MicroPython firmware itself (esp32) is watched.
+    # A test boot of the app, or of the MicroPython firmware itself (esp32), is watched; a
+    # watchdog armed already (mpboot.stages, for a test boot of stage 1 or of the firmware,
+    # before stage 1 loads) stays the one.
     b = mpboot._booted
-    s1 = b is not None and b[BOOTED_S1_SLOT] >= 0 and b[BOOTED_S1_HOW] == HOW_TEST
-    wdt = port.watchdog(wdt_ms) if (trial or s1 or _fw) and wdt_ms else None
+    wdt = b[BOOTED_WATCHDOG] if b is not None else None
+    if wdt is None and (trial or _fw) and wdt_ms:
+        wdt = port.watchdog(wdt_ms)
     # How it booted decides what mpboot.confirm() may do.
     how = HOW_TEST if trial else HOW_FALLBACK if slot != slots.state[ACTIVE] else HOW_CONFIRMED
     set_booted(slots, slot, info, wdt, how)
@@ -240,9 +244,13 @@ def recovery(slots):
 
 def set_booted(slots, slot, info, wdt, how):
     # Records what runs (mpboot._booted, the BOOTED_* fields) and puts mpboot.confirm in place.
-    # Used by run() and recovery(); device test drivers use it to play a boot.
+    # Used by run() and recovery(); device test drivers use it to play a boot. A watchdog
+    # armed earlier in this boot stays in the record (wdt None): a hardware one cannot be
+    # stopped, and whoever serves must go on feeding it.
     b = mpboot._booted
     s1 = b[BOOTED_S1:] if b else [None, -1, None, HOW_CONFIRMED, None]
+    if wdt is None and b:
+        wdt = b[BOOTED_WATCHDOG]
     mpboot._booted = [slots, slot, info, wdt, how, _confirmed_now(slots)] + s1
     mpboot.confirm = confirm
 

@@ -301,9 +301,14 @@ def decide_all(app, s1):
     t0 = t1 = None
     back = pair and (st[TRIAL] != NONE or st[b + TRIAL] != NONE)
     if back:
-        # A pair trial reset before both halves confirmed: both revert.
+        # A pair trial reset before both halves confirmed: both revert (and marks made during
+        # it start nothing).
         st[TRIAL] = st[b + TRIAL] = NONE
+        st[TEST] = st[b + TEST] = NONE
     else:
+        if pair and (st[TEST] == NONE) != (st[b + TEST] == NONE):
+            # An upload or erase took one half of the pair mark: neither starts.
+            st[TEST] = st[b + TEST] = NONE
         m1 = st[b + TEST] != NONE
         t1, changed = plan(s1)
         if pair and m1 and not t1:

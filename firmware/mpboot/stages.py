@@ -17,25 +17,44 @@ import vfs
 from micropython import const
 
 import mpboot
-from mpboot import boot, pairs
-from mpboot.boot import (BOOTED_S1, BOOTED_S1_HOW, BOOTED_S1_INFO, BOOTED_S1_SLOT, HOW_CONFIRMED,
+from mpboot import boot, image, pairs
+from mpboot.boot import (BOOTED_DEADLINE, BOOTED_S1, BOOTED_S1_HOW, BOOTED_S1_INFO, BOOTED_S1_SLOT, HOW_CONFIRMED,
                          HOW_FALLBACK, HOW_TEST, WDT_MS)
 from mpboot.state import ACTIVE
 
 
-def start(port, areas, keys, entry="main", mount="/app", wdt_ms=WDT_MS, **policy):
+PROVE_MS = 300000  # a stage-1 test boot's time to prove itself, from its boot (docs/BOOT.md)
+
+
+def start(port, areas, keys, entry="main", mount="/app", wdt_ms=WDT_MS, prove_ms=PROVE_MS, **policy):
     # boot.start for a board with stage-1 slots: areas are port.areas()'s seven (slot0, slot1,
     # state, factory, trust, stage-1 slot0, stage-1 slot1). Decides both pairs (one state
     # write at most), loads stage 1 from the slot chosen, before the app runs (so nothing of
     # the app can stand in for it, and a stage 1 that fails is replaced in this same boot),
-    # then runs the app as boot.start does and returns what it returns.
+    # then runs the app as boot.start does and returns what it returns. A test boot of stage
+    # 1 (or of the firmware itself) is watched from before stage 1 loads, and stage 1 must
+    # prove itself within prove_ms of this boot (mpboot.boot.feed stops feeding after).
     mpboot._booted = None
     app = pairs.Pair(areas[0], areas[1], areas[2], keys, mapped=port.mapped, factory=areas[3],
                      trust=areas[4], **policy)
     s1 = pairs.stage1(app, areas[5], areas[6])
     boot.no_repl(app)
     (slot, info, trial), r1 = pairs.decide_all(app, s1)
+    wdt = None
+    if (r1[2] or boot._firmware_trial(port)) and wdt_ms:
+        wdt = port.watchdog(wdt_ms)  # before anything of stage 1 runs: its import may hang
+    boot.set_booted(app, -1, None, wdt, HOW_CONFIRMED)  # (the app's fields: boot.run's)
+    if r1[2]:
+        import time
+
+        mpboot._booted[BOOTED_DEADLINE] = time.ticks_add(time.ticks_ms(), prove_ms)
     _start_stage1(s1, port, r1)
+    if slot >= 0 and s1.booted != r1[:2]:
+        # Another stage 1 serves than the one decided (its import failed): the app must still
+        # fit the one that serves (its dependencies), else it cannot run.
+        r = s1.booted
+        if not pairs.meets(info, r[1]["version"] if r[1] else None):
+            return boot._cannot_run(app, port, slot, trial, image.E_DEPENDENCY, entry, mount, wdt_ms)
     if slot < 0:
         return boot.recovery(app)
     return boot.run(app, port, slot, info, trial, entry, mount, wdt_ms)
@@ -46,7 +65,8 @@ E_S1_IMPORT = const(-5)  # a stage-1 slot error: its service did not import (EIO
 _S1 = ("mpboot.smp", "mpboot.transport")  # stage 1's packages (mpboot.smp.service: its entry)
 # The RAM copies of stage-1 images that failed to import, kept for as long as the board runs:
 # MicroPython runs .mpy code from a ROMFS in place and interns its names there, so the names
-# a failed import left in the qstr pool still point into that memory.
+# a failed import left in the qstr pool still point into that memory. (On ports that map
+# flash the slot itself is that memory: Stage1.pinned keeps the updater off it.)
 _failed = []
 
 
@@ -88,17 +108,22 @@ def _load_stage1(s1, port, slot, info):
             __import__(m)
         mpboot.__path__ = path
         __import__("mpboot.smp.service")
-        err = 0
+        n = 0
         for m in _S1 + ("mpboot.smp.service",):
-            if not sys.modules[m].__file__.startswith(S1_MOUNT + "/"):
-                err = E_S1_IMPORT
-    except Exception as e:  # a stage 1 that fails to import: the next choice serves
+            n += sys.modules[m].__file__.startswith(S1_MOUNT + "/")  # (AttributeError: no __file__)
+        if n == 3:
+            err = 0
+    except BaseException as e:  # a stage 1 that fails to import (however): the next choice serves
         sys.print_exception(e)
-    mpboot.__path__ = path
+    finally:
+        mpboot.__path__ = path
     if err:
         _forget_stage1()
         vfs.umount(S1_MOUNT)
-        _failed.append(mem)
+        if type(mem) is bytearray:
+            _failed.append(mem)
+        else:
+            s1.pinned = slot  # mapped flash: the updater leaves this slot alone until a reset
     return err
 
 
@@ -112,6 +137,7 @@ def _start_stage1(s1, port, r1):
     while slot >= 0:
         err = _load_stage1(s1, port, slot, info)
         if not err:
+            s1.booted = (slot, info)  # what serves: the app's dependencies are checked against it
             set_stage1(s1, slot, info, how)
             return
         s1.errors[slot] = err
@@ -122,6 +148,7 @@ def _start_stage1(s1, port, r1):
             info = s1.probe(o)
             if info and s1.confirmed(o, info):
                 slot, how = o, HOW_FALLBACK
+    s1.booted = (-1, None)
     set_stage1(s1, -1, None, HOW_CONFIRMED)
     print("mpboot: stage 1 none: the rescue service")
 

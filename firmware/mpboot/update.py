@@ -71,6 +71,10 @@ class Updater:
         b = self.slots.b
         if run >= 0 and (st[b + TRIAL] == run or (st[b + ACTIVE] == slot and not self.slots.errors[slot])):
             raise UpdateError(U_BUSY)
+        if getattr(self.slots, "pinned", -1) == slot:
+            # A stage-1 image imported at this boot, in flash the port maps (mpboot.stages): the
+            # names it interned point into it. Reset first.
+            raise UpdateError(U_BUSY)
 
     def begin(self, total, header, manifest=None, sha=None):
         # total: the image's whole length. header: its first bytes (at least 32).

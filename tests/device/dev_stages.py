@@ -166,9 +166,9 @@ run("pair trial reset after the app's half confirmed: both revert", {0: v1, 1: v
     lambda st: st[FLAGS] == 0 and st[ACTIVE] == 0 and st[B + ACTIVE] == 1 or 1 / 0)
 run("stale PAIR flag without marks: cleared", {0: v1}, {1: w1}, record(flags=PAIR, **confirmed),
     (0, 1, False), (1, 11, False), 1, lambda st: st[FLAGS] == 0 or 1 / 0)
-run("PAIR with one mark left (the other made permanent): a single trial", {0: v1, 1: v2}, {1: w1},
-    record(test=1, flags=PAIR, **confirmed), (1, 2, True), (1, 11, False), 1,
-    lambda st: st[FLAGS] == 0 and st[TRIAL] == 1 or 1 / 0)
+run("PAIR with one mark left (an upload, an erase or a permanent install took the other): neither starts",
+    {0: v1, 1: v2}, {1: w1}, record(test=1, flags=PAIR, **confirmed), (0, 1, False), (1, 11, False), 1,
+    lambda st: st[FLAGS] == 0 and st[TRIAL] == NONE and st[TEST] == NONE or 1 / 0)
 
 
 def pair_confirm(name, order):

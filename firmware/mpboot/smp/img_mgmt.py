@@ -12,7 +12,7 @@ from mpboot.image import ImageError
 from mpboot.slots import E_DOWNGRADE
 from mpboot.smp.identity import serial
 from mpboot.state import ACTIVE, NONE, TEST, TRIAL
-from mpboot.update import MARK_NONE, MARK_PERMANENT, MARK_TEST, U_LENGTH, UpdateError
+from mpboot.update import MARK_NONE, U_LENGTH, UpdateError
 
 _OP_READ = const(0)
 _OP_WRITE = const(2)
@@ -236,7 +236,11 @@ def _state_write(srv, req):
     h = bytes(h)
     w = req.get("with")
     if w is not None:
-        return _mark_pair(srv, h, w, confirm)
+        if srv.s1 is None:
+            return (_EINVAL, 0, None)
+        from mpboot.smp import stage1
+
+        return stage1.mark_pair(srv, h, w, confirm)
     for p in range(len(srv.ups)):
         sl = srv.pair(2 * p)
         run = srv.ups[p].running
@@ -249,7 +253,11 @@ def _state_write(srv, req):
         if mine or s >= 0:
             break
     else:
-        return _mark_firmware(srv, h, confirm)
+        if getattr(srv.port, "FIRMWARE", False):
+            from mpboot.smp import fw_mgmt
+
+            return fw_mgmt.mark(srv, h, confirm)
+        return (_ENOENT, _HASH_NOT_FOUND, None)
     if mine:
         if confirm:
             srv.forget()
@@ -280,63 +288,6 @@ def _state_write(srv, req):
         sl.confirm(s, info)  # permanent: boots next, no test boot
     else:
         sl.mark_test(s)
-    return None
-
-
-def _mark_pair(srv, h, w, confirm):
-    # mpboot's combined update (docs/PROTOCOL.md "Stage 1"): {"hash": the app image, "with":
-    # the stage-1 image, "confirm": false} marks both for one test boot together, in one state
-    # record (mpboot.pairs.mark_pair): they start, confirm and revert as a pair, and the app's
-    # dependencies must hold against that stage 1. Each must sit in its pair's free slot.
-    if srv.s1 is None or confirm or type(w) is not memoryview or len(w) != _HASH_SIZE:
-        return (_EINVAL, 0, None)
-    t = [-1, -1]
-    for p, x in ((0, h), (1, bytes(w))):
-        run = srv.ups[p].running
-        for i in ((run ^ 1,) if run >= 0 else (0, 1)):
-            if _holds(srv, 2 * p + i, x):
-                t[p] = i
-                break
-        if t[p] < 0:
-            return (_ENOENT, _HASH_NOT_FOUND, None)
-    for p in (0, 1):
-        srv.pair(2 * p).policy(srv.image(2 * p + t[p]), True)
-    srv.forget()
-    from mpboot.pairs import mark_pair
-
-    mark_pair(srv.slots, t[0], srv.s1, t[1])
-    return None
-
-
-def firmware(srv):
-    # Image 4's writer: the MicroPython firmware itself (mpboot.espota on esp32 builds that
-    # froze it: the port says FIRMWARE, docs/PORTING.md), made on first use; None on other
-    # boards, or without OTA partitions.
-    fw = srv.fw
-    if fw is None:
-        fw = False
-        if getattr(srv.port, "FIRMWARE", False):
-            try:
-                from mpboot import espota
-
-                fw = espota.Firmware(srv.slots)
-                fw.target()  # OSError(ENOENT): no OTA app partition to update into
-            except (ImportError, OSError):
-                fw = False
-        srv.fw = fw
-    return fw or None
-
-
-def _mark_firmware(srv, h, confirm):
-    # A state write whose hash no slot holds: the firmware an image-4 upload left in the next
-    # OTA partition (verified again in place, then ESP-IDF's set_boot; confirm: no trial).
-    fw = firmware(srv)
-    if fw is None:
-        return (_ENOENT, _HASH_NOT_FOUND, None)
-    try:
-        fw.mark(MARK_PERMANENT if confirm else MARK_TEST, h)
-    except ImageError:
-        return (_ENOENT, _HASH_NOT_FOUND, None)
     return None
 
 
@@ -410,8 +361,14 @@ def upload(srv, req, enc, sink=None):
         if sink is not None:
             p = -1
             nu = sink
+        elif p < len(srv.ups):
+            nu = srv.ups[p]
+        elif n == _IMAGE_FIRMWARE and getattr(srv.port, "FIRMWARE", False):
+            from mpboot.smp import fw_mgmt
+
+            nu = fw_mgmt.firmware(srv)
         else:
-            nu = srv.ups[p] if p < len(srv.ups) else firmware(srv) if n == _IMAGE_FIRMWARE else None
+            nu = None
         if nu is None:
             # Further images: none here (Zephyr's answer for a slot it does not have).
             return (_EBADSTATE, _NO_FREE_SLOT, _RSN_NO_SLOT)

@@ -26,6 +26,7 @@
 # confirmed; an unconfirmed test image is left to the watchdog, which reverts it (a client
 # can still confirm it, or reset, within the watchdog's timeout).
 import sys
+from micropython import const
 
 import mpboot
 from mpboot import boot
@@ -33,6 +34,9 @@ from mpboot.boot import (BOOTED_DEADLINE, BOOTED_INFO, BOOTED_S1, BOOTED_S1_HOW,
                          BOOTED_SLOT, BOOTED_SLOTS, HOW_TEST)
 from mpboot.smp.server import Server
 from mpboot.state import TRIAL
+
+_FLAGS = const(4)  # mpboot.state.FLAGS: the pair bits on a board with two stages (mpboot.pairs)
+_PAIR_APP_OK = const(2)  # mpboot.pairs.PAIR_APP_OK: in a pair trial, the app confirmed its half
 
 
 def _server(port, buf_size, buf_count):
@@ -50,8 +54,9 @@ def _server(port, buf_size, buf_count):
         # an app that returned (or crashed) without confirming is then reverted by the
         # watchdog, as it would be had it hung. Once confirmed (by the app, or a client's
         # state write), the service keeps it fed.
-        if run_slot < 0 or slots.state[TRIAL] != run_slot:
-            boot.feed()
+        st = slots.state
+        if run_slot < 0 or st[TRIAL] != run_slot or st[_FLAGS] & _PAIR_APP_OK:
+            boot.feed()  # (in a pair trial, once the app confirmed its half: stage 1's proof is bounded by feed())
         # Stage 1 on its test boot, unproven at its deadline (docs/BOOT.md, "Stage 1's
         # proof"): reset; the next boot reverts it.
         if server.s1_trial:
@@ -97,7 +102,8 @@ def _run(port, link, buf_size, buf_count, ble, prove_ms):
     # the board instead of ending in the REPL.
     _leave_app()
     b = mpboot._booted
-    if b is not None and b[BOOTED_S1_SLOT] >= 0 and b[BOOTED_S1_HOW] == HOW_TEST:
+    if b is not None and b[BOOTED_S1_SLOT] >= 0 and b[BOOTED_S1_HOW] == HOW_TEST and b[BOOTED_DEADLINE] is None:
+        # (mpboot.stages sets it at the boot; a board that loaded stage 1 otherwise: from here)
         import time
 
         b[BOOTED_DEADLINE] = time.ticks_add(time.ticks_ms(), prove_ms)

@@ -12,11 +12,15 @@ import time
 from micropython import const
 
 import mpboot
+from mpboot import pairs
 from mpboot.pairs import IMAGE1, PAIR, PAIR_S1_OK
 from mpboot.state import ACTIVE, FLAGS, NONE, TRIAL
 
+_EINVAL = const(3)
 _ENOENT = const(5)
 _EACCESSDENIED = const(11)
+_HASH_NOT_FOUND = const(8)  # IMG_MGMT_ERR_HASH_NOT_FOUND
+_HASH_SIZE = const(32)
 _NO_IMAGE = const(3)  # IMG_MGMT_ERR_NO_IMAGE
 _CONFIRMATION_DENIED = const(32)  # IMG_MGMT_ERR_IMAGE_CONFIRMATION_DENIED
 
@@ -76,4 +80,28 @@ def confirm(srv):
         if len(b) > BOOTED_DEADLINE and b[BOOTED_S1] is sl and b[BOOTED_S1_SLOT] == run:
             b[BOOTED_S1_HOW] = HOW_CONFIRMED
             b[BOOTED_DEADLINE] = None
+    return None
+
+
+def mark_pair(srv, h, w, confirm):
+    # mpboot's combined update (docs/PROTOCOL.md "Stage 1"): {"hash": the app image, "with":
+    # the stage-1 image, "confirm": false} marks both for one test boot together, in one state
+    # record (mpboot.pairs.mark_pair): they start, confirm and revert as a pair, and the app's
+    # dependencies must hold against that stage 1. Each must sit in its pair's free slot.
+    if confirm or type(w) is not memoryview or len(w) != _HASH_SIZE:
+        return (_EINVAL, 0, None)
+    t = [-1, -1]
+    for p, x in ((0, h), (1, bytes(w))):
+        run = srv.ups[p].running
+        for i in ((run ^ 1,) if run >= 0 else (0, 1)):
+            info = srv.image(2 * p + i)
+            if info is not None and info["digest"] == x:
+                t[p] = i
+                break
+        if t[p] < 0:
+            return (_ENOENT, _HASH_NOT_FOUND, None)
+    for p in (0, 1):
+        srv.pair(2 * p).policy(srv.image(2 * p + t[p]), True)
+    srv.forget()
+    pairs.mark_pair(srv.slots, t[0], srv.s1, t[1])
     return None

@@ -45,7 +45,7 @@ def main():
         if len(areas) > 5:  # stage-1 slots: a board with two stages
             from mpboot import stages
 
-            stages.start(port, areas, mpboot_keys.KEYS, **policy)
+            stages.start(port, areas, mpboot_keys.KEYS, prove_ms=int(cfg.get("prove", stages.PROVE_MS)), **policy)
         else:
             boot.start(port, areas, mpboot_keys.KEYS, **policy)
     except Exception as e:  # the app failed; the service still takes updates
@@ -55,15 +55,14 @@ def main():
 
     buf_size = int(cfg.get("bufsize", 2048))
     buf_count = int(cfg.get("bufcount", 4))
-    prove_ms = int(cfg.get("prove", service.PROVE_MS))
     if "ble" in cfg:
         link = _Announce(port.ble(cfg.get("blename", "mpboot"), int(cfg["ble"])),
                          "mpboot: serving SMP over BLE (buf_size %d, buf_count %d)" % (buf_size, buf_count))
-        service.run_ble(port, link, buf_size, buf_count, prove_ms)
+        service.run_ble(port, link, buf_size, buf_count)
     else:
         link = port.uart(cfg["uart"])
         print("mpboot: serving SMP (buf_size %d, buf_count %d)" % (buf_size, buf_count))
-        service.run(port, link, buf_size, buf_count, prove_ms)
+        service.run(port, link, buf_size, buf_count)
 
 
 main()
