@@ -434,6 +434,9 @@ class FakeDevice:
         {"image": 0, "slot": 0, "version": "1.0.0", "hash": b"\xaa" * 32, "bootable": True,
          "pending": False, "confirmed": True, "active": True, "permanent": False}])
     resets: int = 0
+    firmware: bytes | None = None  # an upload with `image` 4 (esp32's firmware): its hash; not in the list
+    firmware_mark: str = ""  # "test" or "permanent" once a state write marked it
+    _image: int = 0
     _busy_until: float = 0.0
 
     def delay(self) -> float:
@@ -516,6 +519,7 @@ class FakeDevice:
             if s is not None and p.get("sha") is not None and p.get("sha") == s.sha and p["len"] == s.length:
                 return {"off": s.off}
             self.session = Session(p["len"], p.get("sha"), bytearray(p["len"]))
+            self._image = p.get("image", 0)
         s = self.session
         if s is None:
             return {"rc": MgmtErrorCode.EBADSTATE, "rsn": "update:2"}
@@ -537,6 +541,9 @@ class FakeDevice:
         if self.received[:4] == b"\x3d\xb8\xf3\x96":  # an MCUboot image: it lands in slot 1
             img = parse_image(self.received)
             h = next(t.value for t in img.unprotected if t.type == TlvType.SHA256)
+            if self._image == 4:
+                self.firmware = h
+                return rsp
             self.slots = [x for x in self.slots if x["slot"] != 1] + [
                 {"image": 0, "slot": 1, "version": str(img.header.version).removesuffix("+0"), "hash": h,
                  "bootable": True, "pending": False, "confirmed": False, "active": False, "permanent": False}]
@@ -545,6 +552,9 @@ class FakeDevice:
     def state_write(self, p: dict[str, Any]) -> dict[str, Any]:
         h, confirm = p.get("hash"), p.get("confirm", False)
         if h is None:
+            return {"images": self.slots}
+        if h is not None and h == self.firmware:
+            self.firmware_mark = "permanent" if confirm else "test"
             return {"images": self.slots}
         for s in self.slots:
             if s["hash"] == h:
@@ -1518,6 +1528,20 @@ def test_flash_workflow_marks_for_test_and_resets(peers: Callable[..., Peer], si
     assert writes == [{"confirm": False, "hash": prepared.hash}]
     assert result.slot.slot == 1 and result.slot.pending and not result.slot.permanent
     assert dev.resets == 1 and peer.requests[-1].cmd == OsCmd.RESET
+
+
+@pytest.mark.parametrize("mark", [Mark.TEST, Mark.CONFIRM])
+def test_flash_of_the_firmware_image_4_marks_it_by_hash(peers: Callable[..., Peer], signed_image: bytes,
+                                                       mark: Mark) -> None:
+    """Image 4 (the esp32 firmware) is not in the device's image list: the state write's
+    answer is the check, and the reset follows (docs/PROTOCOL.md "Stage 1")."""
+    dev = FakeDevice(service=0.001)
+    peer = peers(dev)
+    prepared = prepare(signed_image)
+    result = run_client(peer, lambda c: flash(c, prepared, mark=mark, reset=True, image_number=4))
+    assert peer.uploads()[0].payload["image"] == 4 and dev.firmware == prepared.hash
+    assert dev.firmware_mark == ("test" if mark is Mark.TEST else "permanent")
+    assert result.slot is None and dev.resets == 1 and len(dev.slots) == 1
 
 
 def _cli(*args: object) -> Any:

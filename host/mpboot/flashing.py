@@ -101,6 +101,14 @@ async def flash(client: SMPClient, image: bytes | PreparedImage, *, mark: Mark =
         result = await client.upload(prepared.data, window=window, progress=progress, sha=True,
                                      ptlv=prepared.ptlv, timeout=timeout, compress=compress,
                                      image_number=image_number)
+    if image_number == FIRMWARE:
+        # The firmware (esp32) is not in the image list: the state write's answer is the check.
+        if mark is not Mark.NONE:
+            assert prepared.hash is not None
+            await client.state_write(prepared.hash, confirm=mark is Mark.CONFIRM)
+        if reset:
+            await client.reset()
+        return FlashResult(prepared, result, mark, None, reset, recovery=_in_recovery(slots))
     slot = await _mark(client, prepared, mark)
     if reset:
         await client.reset()
@@ -187,6 +195,7 @@ async def _mark(client: SMPClient, prepared: PreparedImage, mark: Mark) -> SlotS
 
 
 STAGE1 = 2  # the upload `image` of stage 1's free slot (docs/PROTOCOL.md, "Stage 1")
+FIRMWARE = 4  # the upload `image` of the MicroPython firmware itself (esp32)
 
 
 def running_stage1(slots: list[SlotState]) -> SlotState | None:
