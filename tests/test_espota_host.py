@@ -145,3 +145,12 @@ def test_porting_ota_table() -> None:
     for label in ("mpboot", "mpb_slot0", "mpb_slot1"):
         assert rows[label][:2] == (recipe2[label]["type"], recipe2[label]["subtype"])
         assert rows[label][3] == recipe2[label]["size"]
+
+
+def test_sign_refuses_dependencies_on_a_firmware_image(tmp_path: Path, app_bin: Path) -> None:
+    """A firmware image's DEPENDENCY TLVs are not checked by devices (mpboot.espota): signing
+    refuses them rather than promise what no device keeps."""
+    out = tmp_path / "fw.bin"
+    assert_error(run("sign", "--kind", "firmware", app_bin, "-k", KEY, "--version", "1.0.0", "--depends",
+                     "firmware:1.0", "-o", out), 2, "carries no dependencies")
+    assert not out.exists()

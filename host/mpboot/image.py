@@ -261,6 +261,9 @@ def check_dependencies(dependencies: Sequence[Dependency], kind: int = ImageKind
     the images an image of `kind` may depend on (dependency_refusal)."""
     if len(dependencies) > MAX_DEPENDENCIES:
         raise UsageError(f"{len(dependencies)} dependencies: an image carries at most {MAX_DEPENDENCIES}")
+    if dependencies and kind == ImageKind.FIRMWARE:
+        raise UsageError("a firmware image (--kind firmware) carries no dependencies: devices do not check "
+                         "them there (mpboot.espota), so leave --depends out")
     seen: set[int] = set()
     for image_id, _ in dependencies:
         why = dependency_refusal(image_id, kind)

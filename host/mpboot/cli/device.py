@@ -325,7 +325,10 @@ def confirm_cmd(hash_text: str | None, which: str, link: DeviceLink) -> None:
 
         slots = await client.state()
         s1 = running_stage1(slots)
-        if which == "stage1" or (wanted is not None and s1 is not None and s1.hash.hex().startswith(wanted)):
+        matches = [s for s in slots if wanted is not None and s.hash.hex().startswith(wanted)]
+        if len({s.hash for s in matches}) > 1:
+            raise UsageError(f"more than one image on the device has a hash starting {wanted}")
+        if which == "stage1" or (matches and s1 is not None and matches[0].hash == s1.hash):
             entry, changed = await prove_stage1(client)
             return None, entry, changed
         if wanted is None:
@@ -334,10 +337,8 @@ def confirm_cmd(hash_text: str | None, which: str, link: DeviceLink) -> None:
                                  "flash one with `mpboot flash IMAGE --test` or `--confirm`")
             check_no_permanent_waiting(slots, "the running image cannot be kept", "then confirm again")
             return await client.state_write(None, confirm=True), None
-        matches = [s for s in slots if s.hash.hex().startswith(wanted)]
-        if len({s.hash for s in matches}) != 1:
-            raise UsageError(f"{'no' if not matches else 'more than one'} image on the device has a hash "
-                             f"starting {wanted}")
+        if not matches:
+            raise UsageError(f"no image on the device has a hash starting {wanted}")
         return await client.state_write(matches[0].hash, confirm=True), matches[0].hash
 
     slots, target, *stage1 = link.run(action)
