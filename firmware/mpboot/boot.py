@@ -86,7 +86,7 @@ def _has(path):
 WDT_MS = const(60000)  # watchdog timeout armed for a test boot
 
 
-def _cannot_run(slots, port, slot, trial, code, entry, mount, wdt_ms):
+def cannot_run(slots, port, slot, trial, code, entry, mount, wdt_ms):
     # The chosen image verified but cannot run here (no ROMFS, no entry module, its RAM copy
     # differs). A test boot resets at once: the next boot reverts it. Otherwise the other
     # slot's earlier-confirmed image runs if it verifies; else recovery.
@@ -138,19 +138,19 @@ def run(slots, port, slot, info, trial, entry="main", mount="/app", wdt_ms=WDT_M
     # module returns, False in recovery.
     mem = image_bytes(slots, port, slot, info)
     if type(mem) is int:
-        return _cannot_run(slots, port, slot, trial, mem, entry, mount, wdt_ms)
+        return cannot_run(slots, port, slot, trial, mem, entry, mount, wdt_ms)
     try:
         mount_image(mem, info, mount)
     except OSError:
         # Signed, but its payload is not a ROMFS (or nothing here mounts one).
-        return _cannot_run(slots, port, slot, trial, E_NO_ROMFS, entry, mount, wdt_ms)
+        return cannot_run(slots, port, slot, trial, E_NO_ROMFS, entry, mount, wdt_ms)
     if not _has(mount + "/" + entry + ".mpy") and not _has(mount + "/" + entry + ".py"):
         # Importing it anyway would find an unverified module elsewhere on sys.path.
         vfs.umount(mount)
-        return _cannot_run(slots, port, slot, trial, E_NO_ENTRY, entry, mount, wdt_ms)
+        return cannot_run(slots, port, slot, trial, E_NO_ENTRY, entry, mount, wdt_ms)
     sys.path.insert(0, mount)
     global _fw
-    _fw = _firmware_trial(port)
+    _fw = firmware_trial(port)
     # A test boot of the app, or of the MicroPython firmware itself (esp32), is watched; a
     # watchdog armed already (mpboot.stages, for a test boot of stage 1 or of the firmware,
     # before stage 1 loads) stays the one.
@@ -178,7 +178,7 @@ def run(slots, port, slot, info, trial, entry="main", mount="/app", wdt_ms=WDT_M
 _fw = None  # mpboot.espota while the MicroPython firmware runs its test boot (run()), else None
 
 
-def _firmware_trial(port):
+def firmware_trial(port):
     # The esp32 firmware update's module (mpboot.espota, on a port whose FIRMWARE says it has
     # one, in builds that froze it) when the running firmware is on its ESP-IDF test boot,
     # else None.

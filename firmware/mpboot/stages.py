@@ -41,7 +41,7 @@ def start(port, areas, keys, entry="main", mount="/app", wdt_ms=WDT_MS, prove_ms
     boot.no_repl(app)
     (slot, info, trial), r1 = pairs.decide_all(app, s1)
     wdt = None
-    if (r1[2] or boot._firmware_trial(port)) and wdt_ms:
+    if (r1[2] or boot.firmware_trial(port)) and wdt_ms:
         wdt = port.watchdog(wdt_ms)  # before anything of stage 1 runs: its import may hang
     boot.set_booted(app, -1, None, wdt, HOW_CONFIRMED)  # (the app's fields: boot.run's)
     if r1[2]:
@@ -54,7 +54,7 @@ def start(port, areas, keys, entry="main", mount="/app", wdt_ms=WDT_MS, prove_ms
         # fit the one that serves (its dependencies), else it cannot run.
         r = s1.booted
         if not pairs.meets(info, r[1]["version"] if r[1] else None):
-            return boot._cannot_run(app, port, slot, trial, image.E_DEPENDENCY, entry, mount, wdt_ms)
+            return boot.cannot_run(app, port, slot, trial, image.E_DEPENDENCY, entry, mount, wdt_ms)
     if slot < 0:
         return boot.recovery(app)
     return boot.run(app, port, slot, info, trial, entry, mount, wdt_ms)

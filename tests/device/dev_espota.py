@@ -26,7 +26,7 @@
 #                         adapter) answers each SMP packet of the file PACKETS (one hex line
 #                         each): "RSP HEX" per packet (image 4 is the firmware, issue 19)
 #   appconfirm            a power-on as mpboot.boot.run makes it for an app on this firmware
-#                         (boot._firmware_trial), then mpboot.confirm(): "APPCONFIRM 0|1"
+#                         (boot.firmware_trial), then mpboot.confirm(): "APPCONFIRM 0|1"
 # Prints "RESULT OK slot=N esp=LEN version=V", "RESULT REFUSED image|update CODE [CAUSE]" or
 # "RESULT OSERROR ERRNO" (update only),
 # and "STATUS running=.. boot=.. states=S0/S1 trial=0|1 run=SHA8" (states as
@@ -231,7 +231,7 @@ try:
         esp32.setup(FLASH, SIZE, TABLE)
         areas = port.areas("mpb_slot0", "mpb_slot1", "mpboot", factory=False)
         slots = Slots(areas[0], areas[1], areas[2], mpboot_keys.KEYS)
-        boot._fw = boot._firmware_trial(port)  # as boot.run() finds it before the app runs
+        boot._fw = boot.firmware_trial(port)  # as boot.run() finds it before the app runs
         print("FWTRIAL", int(boot._fw is not None))
         boot.set_booted(slots, 0, None, None, boot.HOW_CONFIRMED)  # a confirmed app runs
         print("APPCONFIRM", int(mpboot.confirm()))
