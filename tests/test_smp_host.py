@@ -782,6 +782,29 @@ def test_a_refused_or_resumed_opening_with_the_window_behind_it(peers: Callable[
     assert offs[0] == 0 and 8192 in offs and offs[offs.index(8192):] == sorted(offs[offs.index(8192):])
 
 
+def test_a_lost_opening_with_the_window_behind_it_is_sent_again(peers: Callable[..., Peer],
+                                                                 unhurried_resend_timer: None) -> None:
+    """The opening request is lost (a corrupted frame, a dropped datagram) while the window
+    follows it: the followers find no session open (update error 2). That means the opening
+    was lost, not that the device lost a session it had: the client opens again, alone, and
+    the upload completes (it raised "update steps out of order" before)."""
+    image = _image(20_000)
+    dev = FakeDevice(buf_size=512, buf_count=4, service=0.002, params_pipeline=True)
+    lost = []
+
+    def losing(peer: Peer, req: Req) -> None:
+        if (req.group, req.cmd) == (Group.IMAGE, ImageCmd.UPLOAD) and req.payload["off"] == 0 and not lost:
+            lost.append(req)  # the device never saw it
+            return
+        dev(peer, req)
+
+    peer = peers(losing)
+    result = upload(peer, image)
+    assert lost and dev.received == image
+    offs = [r.payload["off"] for r in peer.uploads()]
+    assert offs.count(0) == 2 and result.window == 4
+
+
 def test_window_option_limits_requests_in_flight(peers: Callable[..., Peer]) -> None:
     dev = FakeDevice(service=0.004)
     peer = peers(dev)

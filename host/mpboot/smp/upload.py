@@ -434,9 +434,10 @@ async def upload(client: Requester, image: bytes, *, window: int | None = None,
             refusal = error_from_response(rsp, "image upload")
             if refusal is not None:
                 if (isinstance(refusal, UpdateRefused) and refusal.code is UpdateErrorCode.STATE
-                        and opened and reopens < MAX_REOPENS):
-                    # The device lost the session (it reset): open it again; with `sha` it
-                    # resumes from its last checkpoint.
+                        and (opened or c.off != 0) and reopens < MAX_REOPENS):
+                    # The device lost the session (it reset), or never saw the opening (lost,
+                    # or overtaken by the window sent behind it): open it again, alone; with
+                    # `sha` it resumes from its last checkpoint.
                     reopens += 1
                     drop_all()
                     next_off, opened, solo = 0, False, True
