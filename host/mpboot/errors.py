@@ -597,3 +597,73 @@ def reason(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
     return str(err) or type(err).__name__
+
+
+# --- a TUF repository refuses or cannot be reached (`mpboot sync --repo URL`, mpboot.tufsource) --
+
+
+class RepositoryErrorCode(IntEnum):
+    """Why a TUF repository's metadata or a target from it is refused."""
+
+    EXPIRED = 1  # expired metadata: a stale or frozen mirror, or a repository nobody re-signs
+    ROLLBACK = 2  # a version older than one seen before (or than the snapshot says)
+    UNSIGNED = 3  # not signed by a threshold of the role's keys
+    MISMATCH = 4  # bytes not those the metadata names (length or hash)
+    BAD_METADATA = 5  # metadata that does not parse or breaks TUF's rules otherwise
+    BAD_CUSTOM = 6  # a target's custom "mpboot" metadata is malformed or disagrees with its image
+    TOO_LARGE = 7  # a file larger than the client accepts
+
+
+class RepositoryRefused(MpbootError):
+    """A TUF repository answered, but what it served is refused (exit 1): nothing from it is
+    sent to a device. `.code` RepositoryErrorCode, `.url` the mirror (or None)."""
+
+    exit_code = 1
+
+    def __init__(self, code: RepositoryErrorCode, message: str, url: str | None = None) -> None:
+        self.code = RepositoryErrorCode(code)
+        self.url = url
+        super().__init__(message)
+
+
+class RepositoryUnavailable(LinkError):
+    """No mirror of a TUF repository could be reached in time: down, hung, trickling, HTTP
+    errors (exit 3). Nothing is sent to a device."""
+
+
+_REPOSITORY_HINTS = {
+    RepositoryErrorCode.EXPIRED: "a stale or frozen mirror",
+    RepositoryErrorCode.ROLLBACK: "rolled back, or behind what a mirror served before",
+    RepositoryErrorCode.UNSIGNED: "not signed by enough of its role's keys",
+}
+
+
+def repository_error(err: BaseException, url: str | None = None) -> MpbootError:
+    """A python-tuf exception (tuf.api.exceptions) as an mpboot error, one line, with the
+    mirror's URL in front: RepositoryRefused (exit 1) for what a mirror served and TUF refused,
+    RepositoryUnavailable (exit 3) for a mirror that could not be read. An MpbootError is
+    returned as it is."""
+    if isinstance(err, MpbootError):
+        return err
+    from tuf.api import exceptions as tx  # (python-tuf: imported only when a repository is used)
+
+    text = str(err) or type(err).__name__
+    where = f"{url}: " if url and not text.startswith(url) else ""  # (our fetcher names the file's URL)
+    code: RepositoryErrorCode | None = None
+    if isinstance(err, tx.ExpiredMetadataError):
+        code = RepositoryErrorCode.EXPIRED
+    elif isinstance(err, tx.BadVersionNumberError):
+        code = RepositoryErrorCode.ROLLBACK
+    elif isinstance(err, tx.UnsignedMetadataError):
+        code = RepositoryErrorCode.UNSIGNED
+    elif isinstance(err, tx.LengthOrHashMismatchError):
+        code = RepositoryErrorCode.MISMATCH
+    elif isinstance(err, tx.DownloadLengthMismatchError):
+        code = RepositoryErrorCode.TOO_LARGE
+        text += " (more bytes than allowed)"
+    elif isinstance(err, tx.RepositoryError):
+        code = RepositoryErrorCode.BAD_METADATA
+    if code is None:
+        return RepositoryUnavailable(f"{where}{text}")
+    hint = _REPOSITORY_HINTS.get(code)
+    return RepositoryRefused(code, f"{where}{text}" + (f" ({hint})" if hint else ""), url)

@@ -89,24 +89,32 @@ def _version_key(text: str) -> tuple[int, ...]:
     return tuple(parts + [0] * (4 - len(parts)))
 
 
-@dataclass(frozen=True)
-class RepoImage:
-    path: Path
-    image: PreparedImage
+class ImageFacts:
+    """What `plan` and the log need of an image, without its bytes: an image of a directory
+    (RepoImage) or a target of a TUF repository (mpboot.tufsource.TufImage). Subclasses
+    provide the attributes below."""
+
     vendor_id: bytes | None
     class_id: bytes | None
-    counter: int
+    counter: int  # SEC_CNT (0 when absent)
+
+    @property
+    def name(self) -> str:  # what the log and the lines call it
+        raise NotImplementedError
+
+    @property
+    def hash(self) -> bytes | None:  # its SHA256 TLV: how the device names images
+        raise NotImplementedError
+
+    @property
+    def key(self) -> tuple[int, ...]:  # (major, minor, revision, build)
+        raise NotImplementedError
 
     @property
     def version(self) -> str:
         """As the device writes it in image state: "a.b.c", ".build" appended when non-zero."""
-        v = self.image.parsed.header.version
-        return f"{v.major}.{v.minor}.{v.revision}" + (f".{v.build}" if v.build else "")
-
-    @property
-    def key(self) -> tuple[int, ...]:
-        v = self.image.parsed.header.version
-        return (v.major, v.minor, v.revision, v.build)
+        major, minor, revision, build = self.key
+        return f"{major}.{minor}.{revision}" + (f".{build}" if build else "")
 
     def meant_for(self, info: DeviceInfo) -> bool:
         """Its vendor and class are the device's (where the device checks them)."""
@@ -118,6 +126,30 @@ class RepoImage:
         """The device would take it: meant for it, with a security counter not below the
         device's floor."""
         return self.meant_for(info) and self.counter >= info.floor
+
+
+@dataclass(frozen=True)
+class RepoImage(ImageFacts):
+    """A signed image of a directory (load_repo), read whole."""
+
+    path: Path
+    image: PreparedImage
+    vendor_id: bytes | None
+    class_id: bytes | None
+    counter: int
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def hash(self) -> bytes | None:
+        return self.image.hash
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        v = self.image.parsed.header.version
+        return (v.major, v.minor, v.revision, v.build)
 
 
 def load_repo(directory: Path) -> tuple[list[RepoImage], list[str]]:
@@ -148,14 +180,14 @@ def load_repo(directory: Path) -> tuple[list[RepoImage], list[str]]:
     return images, skipped
 
 
-def choose(repo: Sequence[RepoImage], info: DeviceInfo, running: SlotState | None) -> RepoImage | None:
+def choose(repo: Sequence[ImageFacts], info: DeviceInfo, running: SlotState | None) -> ImageFacts | None:
     """The newest image the device accepts, if it is newer than what runs (by version; an
     image with the running image's hash is never sent again)."""
     fitting = [r for r in repo if r.fits(info)]
     if not fitting:
         return None
     best = max(fitting, key=lambda r: r.key)
-    if running is not None and (best.image.hash == running.hash
+    if running is not None and (best.hash == running.hash
                                 or best.key <= _version_key(running.version)):
         return None
     return best
@@ -166,19 +198,19 @@ class Plan:
     """What a meeting does: send `image` (`result` None), or nothing, with the result and a
     note saying why (`image` then names the image held back, if any)."""
 
-    image: RepoImage | None
+    image: ImageFacts | None
     result: SyncResult | None
     note: str | None = None
 
 
-def plan(repo: Sequence[RepoImage], info: DeviceInfo, running: SlotState | None,
+def plan(repo: Sequence[ImageFacts], info: DeviceInfo, running: SlotState | None,
          reverted: frozenset[bytes] = frozenset()) -> Plan:
     """What to do with a device running `running` (confirmed, or nothing): the newest image
     that fits it (`choose`) unless its hash is in `reverted` (it reverted on this device
     before: held, with no fall back to an older image); else why nothing is sent."""
     best = choose(repo, info, running)
     if best is not None:
-        if best.image.hash in reverted:
+        if best.hash in reverted:
             return Plan(best, SyncResult.HELD, f"{best.version} reverted on this device before; waiting for a newer image")
         return Plan(best, None)
     mine = [r for r in repo if r.meant_for(info)]
@@ -186,13 +218,53 @@ def plan(repo: Sequence[RepoImage], info: DeviceInfo, running: SlotState | None,
         return Plan(None, SyncResult.NO_IMAGE, "nothing in the repository is for this device's vendor and class")
     newest = max(mine, key=lambda r: r.key)
     if running is not None and _version_key(running.version) > newest.key and all(
-            r.image.hash != running.hash for r in mine):
+            r.hash != running.hash for r in mine):
         return Plan(None, SyncResult.AHEAD, f"runs {running.version}, newer than anything in the repository "
                                         f"for it (newest {newest.version})")
     if not any(r.fits(info) for r in mine):
         return Plan(None, SyncResult.NO_IMAGE, f"every image for this device is below its security-counter "
                                            f"floor {info.floor}")
     return Plan(None, SyncResult.CURRENT)
+
+
+class NothingFor(Exception):
+    """An image source has nothing for this device, and says why (the attempt's note: result
+    no-image)."""
+
+
+class ImageSource(Protocol):
+    """Where a Syncer's images come from: a directory (DirSource) or a TUF repository
+    (mpboot.tufsource.TufSource). Its methods block (the Syncer runs them in a thread); its
+    errors are MpbootErrors."""
+
+    def begin_pass(self) -> None:
+        """At the start of each pass, before the scan (a TUF repository refreshes its
+        metadata here: an error ends the pass before any device is met)."""
+
+    def candidates(self, info: DeviceInfo) -> Sequence[ImageFacts]:
+        """The images that may be meant for this device (`plan` picks); NothingFor when the
+        source has nothing for it by rule."""
+
+    def load(self, image: ImageFacts) -> PreparedImage:
+        """The image's bytes, checked (a TUF target: downloaded and verified), before any of
+        them is sent."""
+
+
+class DirSource:
+    """The images of a directory, read once (load_repo): what `mpboot sync REPO_DIR` uses."""
+
+    def __init__(self, images: Sequence[RepoImage]) -> None:
+        self.images = list(images)
+
+    def begin_pass(self) -> None:
+        pass
+
+    def candidates(self, info: DeviceInfo) -> Sequence[ImageFacts]:
+        return self.images
+
+    def load(self, image: ImageFacts) -> PreparedImage:
+        assert isinstance(image, RepoImage)
+        return image.image
 
 
 class Reverted:
@@ -379,9 +451,10 @@ class _Lost(LinkError):
 
 
 class Syncer:
-    def __init__(self, repo: Sequence[RepoImage], radio: Radio, options: SyncOptions = SyncOptions(),
+    def __init__(self, repo: Sequence[RepoImage] | ImageSource, radio: Radio, options: SyncOptions = SyncOptions(),
                  log: AttemptLog | None = None, event: Event | None = None) -> None:
-        self.repo = list(repo)
+        """`repo`: the images of a directory (load_repo), or an ImageSource."""
+        self.source: ImageSource = DirSource(repo) if isinstance(repo, Sequence) else repo
         self.radio = radio
         self.opt = options
         self.log = log or AttemptLog(None)
@@ -390,8 +463,11 @@ class Syncer:
         self.reverted = self.log.reverted()  # outlives passes; with a log, runs
 
     async def run_pass(self) -> list[Attempt]:
-        """One scan, then every device found, `max_parallel` at a time."""
+        """One scan, then every device found, `max_parallel` at a time. The image source
+        begins the pass first: its error (a TUF repository refused or unreachable) ends the
+        pass before the scan, with no device met."""
         self.passes += 1
+        await asyncio.to_thread(self.source.begin_pass)
         found = await self.radio.scan(self.opt.scan_seconds)
         gate = asyncio.Semaphore(max(1, self.opt.max_parallel))
 
@@ -432,31 +508,45 @@ class Syncer:
         a.from_version = running.version if running else None
         if running is not None and not running.confirmed:
             # Met on a test boot (a previous meeting reset it and lost the link): see it through.
-            target = next((r for r in self.repo if r.image.hash == running.hash), None)
+            target = await self._named(info, running.hash)
             a.to_version = running.version
-            a.image = target.path.name if target else None
+            a.image = target.name if target else None
             a.image_hash = running.hash.hex()
             old = next((s for s in slots if not s.active and s.confirmed), None)
             a.from_version = old.version if old else None
             await self._await_confirm(dev, a, running.hash, old.hash if old else None)
             return
-        p = plan(self.repo, info, running, self.reverted.on(a.uid))
+        try:
+            offered = await asyncio.to_thread(self.source.candidates, info)
+        except NothingFor as why:
+            a.result, a.note = SyncResult.NO_IMAGE, str(why)
+            return
+        p = plan(offered, info, running, self.reverted.on(a.uid))
         choice = p.image
         if choice is not None:
-            a.to_version, a.image = choice.version, choice.path.name
-            a.image_hash = choice.image.hash.hex() if choice.image.hash else None
+            a.to_version, a.image = choice.version, choice.name
+            a.image_hash = choice.hash.hex() if choice.hash else None
         if p.result is not None:
             a.result, a.note = p.result, p.note
             return
         assert choice is not None  # (a plan without a result sends an image)
-        self.event(a, f"{a.from_version or 'nothing'} -> {choice.version} ({choice.path.name})")
+        self.event(a, f"{a.from_version or 'nothing'} -> {choice.version} ({choice.name})")
         await self._upload(dev, a, choice)
-        await self._await_confirm(dev, a, choice.image.hash, running.hash if running else None)
+        await self._await_confirm(dev, a, choice.hash, running.hash if running else None)
 
-    async def _upload(self, dev: Found, a: Attempt, choice: RepoImage) -> None:
-        """Upload, mark for test and reset, reconnecting and resuming after lost links
+    async def _named(self, info: DeviceInfo, image_hash: bytes) -> ImageFacts | None:
+        """The source's image with this hash, if it can say (for the log only)."""
+        try:
+            offered = await asyncio.to_thread(self.source.candidates, info)
+        except (NothingFor, MpbootError):
+            return None
+        return next((r for r in offered if r.hash == image_hash), None)
+
+    async def _upload(self, dev: Found, a: Attempt, choice: ImageFacts) -> None:
+        """Load the image from the source (an error: nothing is sent), then upload, mark for
+        test and reset, reconnecting and resuming after lost links
         (mpboot.flashing.flash_with_retries)."""
-        img = choice.image
+        img = await asyncio.to_thread(self.source.load, choice)
         acked: list[int] = []
 
         def progress(done: int, total: int) -> None:
