@@ -340,6 +340,13 @@ class TufSource:
                 return url
             raise _all_failed(failures)
 
+    def describe(self) -> str:
+        """The versions of this pass's metadata: "root v1, timestamp v5, snapshot v4"."""
+        up = self._need()
+        trusted = up._trusted_set  # noqa: SLF001 (versions only; see _names)
+        return (f"root v{trusted.root.version}, timestamp v{trusted.timestamp.version}, "
+                f"snapshot v{trusted.snapshot.version}")
+
     def begin_pass(self) -> None:
         """A pass refreshes the metadata (a new Updater: ngclient refreshes once per Updater),
         unless a refresh was made since the last pass and not used (the CLI's first check)."""

@@ -19,7 +19,7 @@ from mpboot.cli.common import (
     scan_seconds_option,
     timeout_option,
 )
-from mpboot.errors import UsageError
+from mpboot.errors import UsageError, reason
 
 
 @click.command("scan")
@@ -51,7 +51,20 @@ def scan_cmd(seconds: float, as_json: bool, ble_backend: str | None) -> None:
 
 
 @click.command("sync")
-@click.argument("repo_dir", metavar="REPO_DIR", type=click.Path(path_type=Path))
+@click.argument("repo_dir", metavar="[REPO_DIR]", required=False, type=click.Path(path_type=Path))
+@click.option("--repo", "repos", multiple=True, metavar="URL|DIR",
+              help="A TUF repository's URL (repeat for mirrors, in order of preference; needs --root), "
+                   "or a directory of signed images (as REPO_DIR).")
+@click.option("--root", "root_path", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="With --repo URL: the repository's trusted root.json, obtained out of band "
+                   "(required: trust is never taken from the URL).")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path, file_okay=False), metavar="DIR",
+              help="With --repo URL: where verified metadata and images are kept, one folder per "
+                   "trusted root (default: ~/.cache/mpboot/tuf, or under $XDG_CACHE_HOME).")
+@click.option("--repo-timeout-s", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              metavar="S", help="With --repo URL: to connect, and the longest silence while reading.")
+@click.option("--repo-deadline-s", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              metavar="S", help="With --repo URL: for one whole file (metadata or image).")
 @scan_seconds_option
 @click.option("--loop", is_flag=True, help="Keep going: a pass every --interval seconds until Ctrl-C.")
 @click.option("--interval", default=30.0, show_default=True, type=click.FloatRange(min=0), metavar="S",
@@ -64,10 +77,12 @@ def scan_cmd(seconds: float, as_json: bool, ble_backend: str | None) -> None:
 @confirm_timeout_option
 @timeout_option
 @ble_backend_option
-def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_parallel: int,
-             log_path: Path | None, retries: int, confirm_timeout: float, timeout: float,
+def sync_cmd(repo_dir: Path | None, repos: tuple[str, ...], root_path: Path | None, cache_dir: Path | None,
+             repo_timeout_s: float, repo_deadline_s: float, seconds: float, loop: bool, interval: float,
+             max_parallel: int, log_path: Path | None, retries: int, confirm_timeout: float, timeout: float,
              ble_backend: str | None) -> None:
-    """Bring every device in range up to the newest image in REPO_DIR that it accepts.
+    """Bring every device in range up to the newest image in REPO_DIR (or in the TUF
+    repository at --repo URL) that it accepts.
 
     Each pass scans for devices advertising the SMP service; each one is read (identity,
     images), sent the newest fitting image (resuming a partial upload from an earlier meeting),
@@ -75,20 +90,34 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
     device is not sent to it again (result held; remembered across runs with --log) until a
     newer one appears.
 
+    With --repo URL (a TUF repository, `mpboot repo`): each pass first refreshes the
+    repository's metadata from the first mirror that has it fresh and valid (a mirror down,
+    too slow, or serving expired, rolled-back or badly signed metadata: one line, then the
+    next); with none, the pass sends nothing. A device is offered the images its vendor and
+    class's role lists (a device without vendor/class ids: none); the chosen one is
+    downloaded, verified against the metadata, and checked against it (version, counter,
+    ids, hash) before a byte of it is sent.
+
     \b
     Exit status, from the last pass (--loop runs until Ctrl-C):
     0    every update tried succeeded, or there was nothing to do
          (updated, current, ahead, held, no-image; or no device in range)
-    1    an attempt failed (the next meeting resumes it) or reverted
-    2    usage error (REPO_DIR, --log, --ble-backend) or no usable radio
+    1    an attempt failed (the next meeting resumes it) or reverted; or the
+         repository's metadata was refused on every mirror (expired, rolled
+         back, not signed by enough keys)
+    2    usage error (REPO_DIR, --repo, --root, --cache, --log, --ble-backend)
+         or no usable radio
+    3    no mirror of the repository could be reached (down, hung, too slow)
     130  stopped (Ctrl-C): one line says after how many passes"""
     from rich.table import Table
 
     from mpboot import ble
+    from mpboot.errors import RepositoryRefused, RepositoryUnavailable
     from mpboot.sync import (
         Attempt,
         AttemptLog,
         BleRadio,
+        ImageSource,
         Syncer,
         SyncOptions,
         exit_status,
@@ -96,30 +125,76 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
         summary_rows,
     )
 
-    repo, skipped = load_repo(repo_dir)
-    if not repo:
-        raise UsageError(f"{repo_dir}: no signed images (*.img, *.bin, *.signed)"
-                         + (f"; skipped {'; '.join(skipped)}" if skipped else ""))
+    given = ([str(repo_dir)] if repo_dir is not None else []) + list(repos)
+    urls = [g for g in given if g.startswith(("http://", "https://"))]
+    dirs = [Path(g) for g in given if g not in urls]
+    if not given:
+        raise UsageError("give REPO_DIR, or --repo URL|DIR (a TUF repository's URL: repeat it for mirrors)")
+    if dirs and urls:
+        raise UsageError("--repo: a DIR of signed images, or the URLs of one TUF repository's mirrors, not both")
+    if len(dirs) > 1:
+        raise UsageError("one DIR of signed images (REPO_DIR or --repo DIR), not several")
+    if urls and root_path is None:
+        raise UsageError("--repo URL needs --root FILE: the repository's trusted root.json, obtained out of "
+                         "band (trust is never taken from the URL)")
+    if dirs and (root_path is not None or cache_dir is not None):
+        raise UsageError("--root and --cache are for a TUF repository (--repo URL), not a DIR of images")
+    repo: list = []
+    skipped: list[str] = []
+    root = b""
+    if dirs:
+        repo, skipped = load_repo(dirs[0])
+        if not repo:
+            raise UsageError(f"{dirs[0]}: no signed images (*.img, *.bin, *.signed)"
+                             + (f"; skipped {'; '.join(skipped)}" if skipped else ""))
+    else:
+        assert root_path is not None
+        root = read_root(root_path)
     backend = ble.select(ble_backend)
     log = AttemptLog(log_path)  # (every usage error before the first line of output)
     out = console()  # a log or a pipe: whole lines (grep), never wrapped at 80 columns
-    for line in skipped:
-        out.print(f"sync: skipped {line}")
-    out.print(f"sync: {plural(len(repo), 'image')} in {repo_dir}: "
-              + ", ".join(f"{r.path.name} ({r.version})" for r in sorted(repo, key=lambda r: r.key)))
+    source: ImageSource
+    closing = []
+    if dirs:
+        for line in skipped:
+            out.print(f"sync: skipped {line}")
+        out.print(f"sync: {plural(len(repo), 'image')} in {dirs[0]}: "
+                  + ", ".join(f"{r.path.name} ({r.version})" for r in sorted(repo, key=lambda r: r.key)))
+        source = repo  # type: ignore[assignment]  # (Syncer takes a directory's images as they are)
+    else:
+        from mpboot.tufsource import TufSource, default_cache_dir
+
+        tuf = TufSource(urls, root, cache_dir or default_cache_dir(), timeout_s=repo_timeout_s,
+                        deadline_s=repo_deadline_s, warn=lambda text: out.print(f"sync: {text}"))
+        closing.append(tuf)
+        try:
+            mirror = tuf.refresh()  # (a repository that cannot be used: one line before any scan)
+        except BaseException:
+            tuf.close()
+            log.close()
+            raise
+        out.print(f"sync: repo {mirror}: {tuf.describe()} (cache {tuf.cache})")
+        source = tuf
     opts = SyncOptions(scan_seconds=seconds, max_parallel=max_parallel, retries=retries, timeout=timeout,
                        confirm_timeout=confirm_timeout)
 
     def event(a: Attempt, text: str) -> None:
         out.print(f"sync: {a.device}: {text}")
 
-    syncer = Syncer(repo, BleRadio(backend), opts, log, event)
+    syncer = Syncer(source, BleRadio(backend), opts, log, event)
     ended: list = [0, []]  # passes ended, and the last one's attempts (what the exit status reports)
 
     async def run() -> list:
         try:
             while True:
-                attempts = await syncer.run_pass()
+                try:
+                    attempts = await syncer.run_pass()
+                except (RepositoryRefused, RepositoryUnavailable) as err:
+                    if not loop:
+                        raise
+                    out.print(f"sync: pass {syncer.passes}: {err}: nothing sent; trying again in {interval:g} s")
+                    await asyncio.sleep(interval)
+                    continue
                 table = Table(title=f"pass {syncer.passes}: {plural(len(attempts), 'device')}")
                 for col in ("device", "from", "to", "bytes", "result", "time", "note"):
                     table.add_column(col, justify="right" if col in ("bytes", "time") else "left")
@@ -145,9 +220,26 @@ def sync_cmd(repo_dir: Path, seconds: float, loop: bool, interval: float, max_pa
         attempts = asyncio.run(run())
     finally:
         log.close()
+        for c in closing:
+            c.close()
     status = exit_status(attempts)
     if status:
         raise click.exceptions.Exit(status)
+
+
+def read_root(path: Path) -> bytes:
+    """The --root file's bytes (bounded; checked by mpboot.tufsource.TufSource)."""
+    from mpboot.errors import InputFileError
+    from mpboot.tufsource import ROOT_MAX_BYTES
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read(ROOT_MAX_BYTES + 1)
+    except OSError as err:
+        raise InputFileError(f"--root {path}: cannot read it: {reason(err)}") from None
+    if len(data) > ROOT_MAX_BYTES:
+        raise InputFileError(f"--root {path}: larger than a root.json may be ({ROOT_MAX_BYTES} bytes)")
+    return data
 
 
 COMMANDS = (scan_cmd, sync_cmd)
