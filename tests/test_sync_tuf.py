@@ -561,3 +561,49 @@ def test_cli_sync_help_lists_the_repository_options() -> None:
     for opt in ("--repo", "--root", "--cache", "--repo-timeout-s", "--repo-deadline-s"):
         assert opt in out
     assert "3    no mirror of the repository" in out
+
+
+def test_cli_sync_repo_updates_a_device_over_ble(repo, mirrors, tmp_path) -> None:
+    """End to end: `mpboot sync --repo URL` and a simulated device on the simulated air
+    (blank, vendor/class ids set) gets the repository's newest image and confirms it."""
+    import uuid
+
+    from blekit import BleSim
+    from clikit import describe
+    from mpboot.sim.air import AirThread
+
+    m = mirrors(repo.dir)
+    root = tmp_path / "root.json"
+    root.write_bytes(repo.root_bytes)
+    with AirThread() as air:
+        sim = BleSim(tmp_path / "dev", [Path(__file__).parent / "keys" / "TEST-ONLY-rsa2048.pem"],
+                     "--vendor-id", str(uuid.UUID(bytes=V)), "--class-id", str(uuid.UUID(bytes=C)),
+                     radio=air.spec, name="tuf-a")
+        try:
+            sim.wait_for(r"serving SMP over BLE")
+            r = run("sync", "--repo", m.url, "--root", root, "--cache", tmp_path / "cache", "--seconds", "1.5",
+                    "--ble-backend", f"bumble:{air.spec}")
+            assert r.exit_code == 0, describe(r)
+            assert f"sync: repo {m.url}: root v1, timestamp v1, snapshot v1" in r.stdout
+            assert "sync: tuf-a: nothing -> 1.2.0 (app-1.2.0.img)" in r.stdout and "sync: tuf-a: updated" in r.stdout
+            sim.wait_for(r"APP tuf")
+        finally:
+            sim.stop()
+
+
+def test_cli_sync_repo_refused_metadata_is_one_line_and_exit_1(repo, mirrors, tmp_path) -> None:
+    repo.md["timestamp"].signed.expires = NOW - timedelta(hours=1)
+    repo.write("timestamp")
+    m = mirrors(repo.dir)
+    root = tmp_path / "root.json"
+    root.write_bytes(repo.root_bytes)
+    r = run("sync", "--repo", m.url, "--root", root, "--cache", tmp_path / "cache")
+    assert_error(r, 1, f"{m.url}: timestamp.json is expired (a stale or frozen mirror)")
+    # a DIR through --repo is today's REPO_DIR
+    (tmp_path / "empty").mkdir()
+    assert_error(run("sync", "--repo", tmp_path / "empty"), 2, "no signed images")
+    assert_error(run("sync", "--repo", tmp_path / "empty", "--root", root), 2, "--root and --cache are for")
+    bad = tmp_path / "bad-root.json"
+    bad.write_bytes(repo.history[("timestamp", 1)])
+    assert_error(run("sync", "--repo", m.url, "--root", bad, "--cache", tmp_path / "c2"), 2, "--root: not a TUF root.json")
+    assert_error(run("sync", "--repo", m.url, "--root", tmp_path / "nope.json"), 2, "--root")

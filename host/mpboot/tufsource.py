@@ -26,7 +26,6 @@ RepositoryUnavailable (exit 3), UsageError (exit 2) for a bad --root or a cache 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import re
@@ -249,6 +248,18 @@ def check_image(img: PreparedImage, t: TufImage) -> None:
 # --- the source ---------------------------------------------------------------------------------
 
 
+def _lock_now(f: IO[bytes]) -> None:
+    """An exclusive lock on the open file, now or OSError (released when it is closed)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+        return
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 @dataclass
 class MirrorFailure:
     url: str
@@ -295,7 +306,7 @@ class TufSource:
         except OSError as err:
             raise UsageError(f"--cache {self.cache}: cannot use it: {reason(err)}") from None
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_now(f)
         except OSError:
             f.close()
             raise UsageError(f"--cache {self.cache}: in use by another mpboot sync "
