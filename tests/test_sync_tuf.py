@@ -607,3 +607,14 @@ def test_cli_sync_repo_refused_metadata_is_one_line_and_exit_1(repo, mirrors, tm
     bad.write_bytes(repo.history[("timestamp", 1)])
     assert_error(run("sync", "--repo", m.url, "--root", bad, "--cache", tmp_path / "c2"), 2, "--root: not a TUF root.json")
     assert_error(run("sync", "--repo", m.url, "--root", tmp_path / "nope.json"), 2, "--root")
+
+
+def test_the_cli_imports_python_tuf_only_when_a_repository_is_used() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom mpboot.cli import cli\n"
+            "try:\n    cli(['sync', '--help'], prog_name='mpboot')\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('tuf', 'securesystemslib', 'mpboot.tufsource'))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

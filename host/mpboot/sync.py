@@ -17,6 +17,10 @@ one, or was reset back to it when it did not confirm in time), `no-image` (nothi
 repository fits this device), `failed` (the link or the device failed; the next meeting
 resumes). `exit_status` sums a pass up: 1 when an attempt failed or reverted, else 0.
 
+Images come from an ImageSource: a directory of signed images (DirSource, load_repo), or a
+TUF repository through mirrors (mpboot.tufsource.TufSource: `mpboot sync --repo URL`), which
+refreshes its metadata at the start of each pass and downloads only the image it sends.
+
 Which image reverted on which device (by uid and image hash) is remembered for the life of a
 Syncer (the passes of `--loop`) and, with a log, across runs: `AttemptLog.reverted` reads it
 back.
