@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import urllib3
 from tuf.api import exceptions as tx
@@ -353,8 +353,7 @@ class TufSource:
 
     def describe(self) -> str:
         """The versions of this pass's metadata: "root v1, timestamp v5, snapshot v4"."""
-        up = self._need()
-        trusted = up._trusted_set  # noqa: SLF001 (versions only; see _names)
+        trusted = _verified_set(self._need())
         return (f"root v{trusted.root.version}, timestamp v{trusted.timestamp.version}, "
                 f"snapshot v{trusted.snapshot.version}")
 
@@ -413,7 +412,7 @@ class TufSource:
         name under it visited (ngclient has no listing call: this reads its verified set,
         `Updater._trusted_set`, pinned by tuf<8 and tested). A name a role lists outside its
         delegated paths: a warning."""
-        trusted = up._trusted_set  # noqa: SLF001 (python-tuf has no public listing: issue20-tuf.md 3.1)
+        trusted = _verified_set(up)
         probe = prefix + LIST_PROBE
         names: list[str] = []
         todo: list[tuple[str, str, DelegatedRole | None]] = [(Targets.type, Root.type, None)]
@@ -475,6 +474,18 @@ class TufSource:
                 if n + 1 < len(order):
                     self.warn(f"{failure.error}; trying {order[n + 1]}")
         raise _all_failed(failures)
+
+
+def _verified_set(up: Updater) -> Any:
+    """ngclient's verified metadata (`Updater._trusted_set`: the only way to list a role's
+    targets, python-tuf has no public call; pinned by tuf<8, and the tests use it)."""
+    trusted = getattr(up, "_trusted_set", None)
+    if trusted is None or not callable(getattr(trusted, "contains", None)):
+        import tuf
+
+        raise UsageError(f"python-tuf {tuf.__version__} keeps no verified metadata set mpboot can list "
+                         "targets from: install tuf>=7.0.1,<8")
+    return trusted  # noqa: SLF001
 
 
 def _mapped(err: BaseException, url: str | None) -> MpbootError:
