@@ -117,6 +117,7 @@ def sync_cmd(repo_dir: Path | None, repos: tuple[str, ...], root_path: Path | No
         Attempt,
         AttemptLog,
         BleRadio,
+        DirSource,
         ImageSource,
         Syncer,
         SyncOptions,
@@ -160,12 +161,16 @@ def sync_cmd(repo_dir: Path | None, repos: tuple[str, ...], root_path: Path | No
             out.print(f"sync: skipped {line}")
         out.print(f"sync: {plural(len(repo), 'image')} in {dirs[0]}: "
                   + ", ".join(f"{r.path.name} ({r.version})" for r in sorted(repo, key=lambda r: r.key)))
-        source = repo  # type: ignore[assignment]  # (Syncer takes a directory's images as they are)
+        source = DirSource(repo)
     else:
         from mpboot.tufsource import TufSource, default_cache_dir
 
-        tuf = TufSource(urls, root, cache_dir or default_cache_dir(), timeout_s=repo_timeout_s,
-                        deadline_s=repo_deadline_s, warn=lambda text: out.print(f"sync: {text}"))
+        try:
+            tuf = TufSource(urls, root, cache_dir or default_cache_dir(), timeout_s=repo_timeout_s,
+                            deadline_s=repo_deadline_s, warn=lambda text: out.print(f"sync: {text}"))
+        except BaseException:
+            log.close()
+            raise
         closing.append(tuf)
         try:
             mirror = tuf.refresh()  # (a repository that cannot be used: one line before any scan)
