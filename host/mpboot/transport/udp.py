@@ -133,7 +133,8 @@ class UdpTransport:
         family, _, _, _, addr = infos[0]
         self._inbox = Inbox(f"{self.name} is not open")
         try:
-            transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), remote_addr=addr,
+            # (asyncio takes (host, port) and resolves it again: an IPv6 scope stays in host)
+            transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), remote_addr=addr[:2],
                                                                family=family)
         except OSError as err:
             raise PortError(f"cannot open {self.name}: {err.strerror or err}") from None
