@@ -238,3 +238,53 @@ def test_allow_drops_other_senders_and_idle_ticks(lib: Path) -> None:
     finally:
         d.kill()
     assert "refused=1" in out and "handled=2" in out, out
+
+
+ADAPTERS = """
+import socket
+import sys
+from mpboot.ports import esp32, rp2, unix
+
+port = int(sys.argv[1])
+dest = socket.getaddrinfo("127.0.0.1", port, 0, socket.SOCK_DGRAM)[0][-1]
+for name, mod in (("esp32", esp32), ("rp2", rp2), ("unix", unix)):
+    link = mod.udp(port, "127.0.0.1")
+    assert link.recvfrom(64) is None  # nothing waits: None at once, no exception
+    link.s.sendto(("to " + name).encode(), dest)
+    link.wait(5000)
+    data, addr = link.recvfrom(64)
+    link.sendto(data, addr)  # to itself, as serve() answers a sender
+    link.wait(5000)
+    print(name, link.recvfrom(64)[0].decode(), link.allow(addr) if hasattr(link, "allow") else "any")
+    link.close()
+"""
+
+
+def test_port_adapters_make_udp_links(tmp_path: Path) -> None:
+    """udp() of the esp32 and rp2 adapters (on the fakes of their native modules; the socket is
+    the unix port's) and of the unix one: a bound link that takes and sends datagrams."""
+    lib = tmp_path / "lib"
+    for rel in ("__init__.py", "flash.py", "ports/__init__.py", "ports/esp32.py", "ports/rp2.py", "ports/unix.py",
+                "ports/nor_sim.py"):
+        target = lib / "mpboot" / Path(rel).with_suffix(".mpy")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mpy_cross_compile(FIRMWARE / rel, target)
+    upy.compile_tree(ROOT / "tests" / "device" / "fakes", lib)
+    (lib / "dev_udp_ports.py").write_text(ADAPTERS)
+    proc = upy.run(["-m", "dev_udp_ports", str(free_udp_port())], path=[lib], heapsize="256k", timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split("\n")[:3] == ["esp32 to esp32 any", "rp2 to rp2 any", "unix to unix any"]
+
+
+def test_mpboot_sim_udp_from_the_cli(tmp_path: Path) -> None:
+    from simserve import SimProcess, ok
+
+    port = free_udp_port()
+    sim = SimProcess(tmp_path / "dev", [KEY], "--udp", str(port))
+    try:
+        sim.wait_for(rf"^mpboot sim: serving SMP over UDP on 127\.0\.0\.1:{port}$")
+        sim.wait_for(SERVING)
+        assert ok("echo", "from the cli", "--udp", f"127.0.0.1:{port}").strip() == "from the cli"
+        assert "UART on" not in sim.output()
+    finally:
+        assert sim.stop() == 0
