@@ -66,6 +66,7 @@ if options.rescue:
             "transport/__init__.py",
             "transport/uart.py",
             "transport/ble.py",
+            "transport/udp.py",
         ),
     )
 if options.port == "unix":

@@ -55,8 +55,8 @@ class SimProcess:
         self._q: queue.Queue[str | None] = queue.Queue()
         self._seen = 0  # lines already matched by wait_for
         threading.Thread(target=self._pump, daemon=True).start()
-        # Over BLE the device serves SMP there only, and no UART pty is announced.
-        self.path = None if "--ble" in extra else self.wait_for(UART_LINE).group(1)
+        # Over BLE or UDP the device serves SMP there only, and no UART pty is announced.
+        self.path = None if "--ble" in extra or "--udp" in extra else self.wait_for(UART_LINE).group(1)
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None

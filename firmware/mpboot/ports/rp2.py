@@ -23,7 +23,7 @@ import rp2
 from micropython import const
 
 from mpboot.flash import Area
-from mpboot.ports import BleLink, UartLink
+from mpboot.ports import BleLink, UartLink, UdpLink
 
 _SECTOR = const(4096)  # erase unit = block size
 _PAGE = const(256)  # program unit
@@ -103,3 +103,11 @@ def ble(name="mpboot"):
     import bluetooth
 
     return BleLink(bluetooth.BLE(), name)
+
+
+def udp(port=1337, host="0.0.0.0", allow=None):
+    # SMP over UDP (mpboot.transport.udp) on port (1337: Zephyr's default), bound to host
+    # (default every interface). The app brings the network up first (network.WLAN, on Pico W / Pico 2 W
+    # boards); a board in recovery has none, so the UART and BLE stay the recovery path.
+    # allow: the peers' IP addresses served (default any): docs/THREAT_MODEL.md.
+    return UdpLink(host, port, allow)

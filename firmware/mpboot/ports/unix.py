@@ -7,11 +7,12 @@
 # uart(path) is a pty the simulator (host/mpboot/sim/serve.py) relays to the user's pty.
 # ble(name, port) is the simulator's radio: the bluetooth shim (host/mpboot/upy_scripts/
 # bluetooth.py, docs/BLE.md section 2) talking to its companion on 127.0.0.1:port.
+# udp(port) is SMP over UDP on 127.0.0.1:port (the host's own network stack).
 import sys
 from micropython import const
 
 from mpboot.flash import Area
-from mpboot.ports import BleLink
+from mpboot.ports import BleLink, UdpLink
 from mpboot.ports.nor_sim import NorFlash
 
 _TRUST_RECORD = const(2304)  # mpboot.trust's record: a trust area's sector holds one
@@ -134,3 +135,9 @@ class _SimBle(BleLink):
 def ble(name, port):
     # The simulated device's radio: the companion listening on 127.0.0.1:port.
     return _SimBle(name, port)
+
+
+def udp(port, host="127.0.0.1", allow=None):
+    # SMP over UDP (mpboot.transport.udp) on host:port; allow: the peers' IP addresses served
+    # (default any).
+    return UdpLink(host, port, allow)

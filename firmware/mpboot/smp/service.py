@@ -19,7 +19,11 @@
 #
 #   service.run_ble(port, port.ble("my-board"))   # advertises the SMP service as my-board
 #
-# run() and run_ble() never return: a reset request (OS group, command 5) is answered, drained
+# or over UDP (docs/PROTOCOL.md "SMP over UDP") once the app has brought the network up:
+#
+#   service.run_udp(port, port.udp(1337))         # every interface; allow=(...) filters peers
+#
+# run(), run_ble() and run_udp() never return: a reset request (OS group, command 5) is answered, drained
 # (BLE: the central disconnected), then port.reset(). Under the factory no-repl policy
 # (docs/FACTORY.md) an exception out of the service loop resets the board too. While it
 # serves it feeds the watchdog a test boot armed (mpboot.boot.feed) once the image is
@@ -37,6 +41,9 @@ from mpboot.state import TRIAL
 
 _FLAGS = const(4)  # mpboot.state.FLAGS: the pair bits on a board with two stages (mpboot.pairs)
 _PAIR_APP_OK = const(2)  # mpboot.pairs.PAIR_APP_OK: in a pair trial, the app confirmed its half
+_UART = const(0)  # _run's transports
+_BLE = const(1)
+_UDP = const(2)
 
 
 def _server(port, buf_size, buf_count):
@@ -76,13 +83,24 @@ def run(port, link, buf_size=2048, buf_count=4, prove_ms=PROVE_MS):
     # the MCUmgr parameters clients size their requests by (the link's receive buffer should
     # hold buf_count frames: mpboot.transport.uart.frame_bytes). prove_ms: a stage-1 test
     # boot's deadline, from here.
-    _run(port, link, buf_size, buf_count, False, prove_ms)
+    _run(port, link, buf_size, buf_count, _UART, prove_ms)
 
 
 def run_ble(port, link, buf_size=2048, buf_count=4, prove_ms=PROVE_MS):
     # run() over BLE: link is port.ble(...). The characteristic's buffer holds buf_count
     # requests of buf_size bytes (the SMP window), buf_size * buf_count bytes of the heap.
-    _run(port, link, buf_size, buf_count, True, prove_ms)
+    _run(port, link, buf_size, buf_count, _BLE, prove_ms)
+
+
+UDP_MAX = 1472  # the largest SMP packet in one unfragmented datagram: a 1500-byte MTU - 28
+
+
+def run_udp(port, link, buf_size=UDP_MAX, buf_count=4, prove_ms=PROVE_MS):
+    # run() over UDP: link is port.udp(...). buf_size is clamped to UDP_MAX, so a client
+    # sizing its requests by it sends single unfragmented datagrams (and each response fits
+    # one too); buf_count is the datagrams the network stack queues while one is handled (4
+    # on lwIP ports: modlwip's queue; esp32 holds 6).
+    _run(port, link, min(buf_size, UDP_MAX), buf_count, _UDP, prove_ms)
 
 
 def _leave_app(mount="/app"):
@@ -96,7 +114,7 @@ def _leave_app(mount="/app"):
         sys.path.remove(mount)
 
 
-def _run(port, link, buf_size, buf_count, ble, prove_ms):
+def _run(port, link, buf_size, buf_count, kind, prove_ms):
     # Serves until a reset is asked for, then resets. Under the no-repl policy anything that
     # goes wrong on the way (the transport's import, the server's buffers, the loop) resets
     # the board instead of ending in the REPL.
@@ -109,8 +127,10 @@ def _run(port, link, buf_size, buf_count, ble, prove_ms):
         b[BOOTED_DEADLINE] = time.ticks_add(time.ticks_ms(), prove_ms)
     no_repl = b is not None and b[BOOTED_SLOTS].no_repl
     try:
-        if ble:
+        if kind == _BLE:
             from mpboot.transport.ble import serve
+        elif kind == _UDP:
+            from mpboot.transport.udp import serve
         else:
             from mpboot.transport.uart import serve  # here: a BLE-only board never loads it
         server, tick = _server(port, buf_size, buf_count)

@@ -282,6 +282,16 @@ retries_option = click.option(
     "--retries", default=5, show_default=True, type=click.IntRange(0, 100), metavar="N",
     help="Over BLE: lost links reconnected and resumed, at most N times.")
 
+udp_option = click.option(
+    "--udp", metavar="HOST[:PORT]",
+    help="Talk to the device over SMP over UDP at HOST (port 1337 unless given; IPv6 as [ADDR]:PORT), "
+         "instead of --port.")
+
+mtu_option = click.option(
+    "--mtu", default=1500, show_default=True, type=click.IntRange(576, 65535), metavar="BYTES",
+    help="With --udp: the path's MTU; requests stay within one unfragmented datagram (MTU - 28 "
+         "bytes over IPv4, - 48 over IPv6).")
+
 confirm_timeout_option = click.option(
     "--confirm-timeout", default=30.0, show_default=True, type=click.FloatRange(min=1),
     metavar="S", help="How long a new app gets to confirm itself after its test boot.")
@@ -362,7 +372,8 @@ scan_seconds_option = click.option(
 
 @dataclass(frozen=True)
 class DeviceLink:
-    """Where a device command talks to the device: a serial port, or a BLE peripheral."""
+    """Where a device command talks to the device: a serial port, a BLE peripheral, or an
+    SMP over UDP address."""
 
     port: str | None
     baud: int
@@ -370,13 +381,23 @@ class DeviceLink:
     timeout_s: float
     ble: str | None  # address or advertised name
     ble_backend: str | None
+    udp: tuple[str, int] | None = None  # (host, port)
+    mtu: int = 1500
 
     @property
     def name(self) -> str:
+        if self.udp is not None:
+            host, port = self.udp
+            return f"udp:{f'[{host}]' if ':' in host else host}:{port}"
         return self.ble if self.ble is not None else str(self.port)
 
     def transport_factory(self) -> Callable[[], Any]:
         """Makes a fresh, unopened transport per call (BLE reconnects open a new one)."""
+        if self.udp is not None:
+            from mpboot.transport.udp import UdpTransport
+
+            (host, udp_port), mtu = self.udp, self.mtu
+            return lambda: UdpTransport(host, udp_port, mtu=mtu)
         if self.ble is not None:
             from mpboot import ble
             from mpboot.transport.ble import BleTransport
@@ -424,7 +445,7 @@ def device_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def command(*args: Any, port: str | None, baud: int, framing: str, timeout: float,
-                ble: str | None, ble_backend: str | None, **kwargs: Any) -> Any:
+                ble: str | None, ble_backend: str | None, udp: str | None, mtu: int, **kwargs: Any) -> Any:
         ctx = click.get_current_context()
 
         def given(name: str) -> bool:
@@ -434,7 +455,27 @@ def device_options(func: Callable[..., Any]) -> Callable[..., Any]:
         def on_command_line(name: str) -> bool:
             return given(name) and ctx.get_parameter_source(name) is not click.core.ParameterSource.ENVIRONMENT
 
-        if ble is not None:
+        address = None
+        if udp is not None:
+            from mpboot.transport.udp import parse_address
+
+            if ble is not None:
+                raise UsageError("--udp and --ble exclude each other: a UDP address, or a BLE device")
+            if port is not None and on_command_line("port"):
+                raise UsageError("--port and --udp exclude each other: a serial port, or a UDP address")
+            for name, flag in (("baud", "--baud"), ("framing", "--framing")):
+                if given(name):
+                    raise UsageError(f"{flag} is for serial ports, not --udp")
+            if on_command_line("ble_backend"):
+                raise UsageError("--ble-backend goes with --ble NAME_OR_ADDRESS")
+            try:
+                address = parse_address(udp)
+            except ValueError as err:
+                raise UsageError(f"--udp {udp}: {err} (expected HOST, HOST:PORT or [IPV6]:PORT)") from None
+            port = None
+        elif given("mtu"):
+            raise UsageError("--mtu goes with --udp HOST[:PORT]")
+        elif ble is not None:
             if port is not None and on_command_line("port"):
                 raise UsageError("--port and --ble exclude each other: a serial port, or a BLE device")
             for name, flag in (("baud", "--baud"), ("framing", "--framing")):
@@ -443,10 +484,10 @@ def device_options(func: Callable[..., Any]) -> Callable[..., Any]:
             port = None
         elif port is None:
             raise UsageError("which device? give --port PORT (or $MPBOOT_PORT) for a serial port, "
-                             "or --ble NAME_OR_ADDRESS for Bluetooth")
+                             "--ble NAME_OR_ADDRESS for Bluetooth, or --udp HOST[:PORT] for SMP over UDP")
         elif on_command_line("ble_backend"):
             raise UsageError("--ble-backend goes with --ble NAME_OR_ADDRESS")
-        return func(*args, link=DeviceLink(port, baud, framing, timeout, ble, ble_backend), **kwargs)
+        return func(*args, link=DeviceLink(port, baud, framing, timeout, ble, ble_backend, address, mtu), **kwargs)
 
     options = (
         click.option("-p", "--port", envvar="MPBOOT_PORT", metavar="PORT",
@@ -454,6 +495,8 @@ def device_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--ble", metavar="NAME_OR_ADDRESS",
                      help="Talk to the BLE device advertising SMP with this name or address, instead of --port."),
         ble_backend_option,
+        udp_option,
+        mtu_option,
         baud_option,
         framing_option,
         timeout_option,

@@ -68,12 +68,12 @@ def _stopped_by_ctrl_c(came: list[int], note: str) -> None:
 
 
 _SERVE_OPTIONS = ("machine", "key_files", "link", "slot_size", "s1_size", "vendor_id", "class_id", "flash_timing", "baud",
-                  "buf_size", "buf_count", "heapsize", "ble", "radio", "ble_name", "password_env")
+                  "buf_size", "buf_count", "heapsize", "ble", "radio", "ble_name", "udp", "password_env")
 
 
 # Serving options the emulated board has no use for: it has no radio, its heap is fixed in its
 # firmware, its flash has no timing model.
-_NOT_ON_QEMU = ("heapsize", "ble", "radio", "ble_name")
+_NOT_ON_QEMU = ("heapsize", "ble", "radio", "ble_name", "udp")
 
 
 @click.group("sim", invoke_without_command=True)
@@ -116,21 +116,24 @@ _NOT_ON_QEMU = ("heapsize", "ble", "radio", "ble_name")
                    "of its own on a free port.")
 @click.option("--ble-name", metavar="NAME", help="With --ble: the name to advertise (default mpb-XXXX "
                                                   "from the board's unique id; at most 8 bytes fit the advertisement in full).")
+@click.option("--udp", type=click.IntRange(1, 65535), metavar="PORT",
+              help="Serve SMP over UDP on 127.0.0.1:PORT instead of the UART (each power-on binds it): "
+                   "prints \"mpboot sim: serving SMP over UDP on 127.0.0.1:PORT\"; hosts use --udp 127.0.0.1:PORT.")
 @password_env_option
 @click.pass_context
 def sim_group(ctx: click.Context, state_dir: Path | None, machine: str, key_files: tuple[Path, ...],
               link: Path | None,
               slot_size: str | None, s1_size: str | None, vendor_id: str | None, class_id: str | None, flash_timing: str,
               baud: int | None, buf_size: int, buf_count: int, heapsize: str | None,
-              ble: bool, radio: str | None, ble_name: str | None,
+              ble: bool, radio: str | None, ble_name: str | None, udp: int | None,
               password_env: str | None) -> None:
     """A simulated device: the firmware on the MicroPython unix port over a NOR flash file
     (needs the [sim] extra: pip install 'mpboot[sim]').
 
     With --state: the device keeps running. It boots, runs the app, then serves SMP (mcumgr)
     on a pty whose path it prints ("mpboot sim: UART on PATH"), or with --ble over a simulated
-    Bluetooth LE radio; a reset request powers it on again. Ctrl-C stops it; the flash in DIR
-    keeps what it wrote. With --machine qemu the same device is an emulated Cortex-M3 board
+    Bluetooth LE radio, or with --udp over UDP on 127.0.0.1; a reset request powers it on
+    again. Ctrl-C stops it; the flash in DIR keeps what it wrote. With --machine qemu the same device is an emulated Cortex-M3 board
     (MicroPython's qemu port, mps2-an385) with mpboot frozen into its firmware.
 
     The subcommands are single power-ons of a device made with `sim init`."""
@@ -183,7 +186,7 @@ def sim_group(ctx: click.Context, state_dir: Path | None, machine: str, key_file
 
         server = SimServer(state_dir, trusted, **common, slot_size=parse_size(
             slot_size, "slot size", minimum=4096, maximum=SIM_MAX_SLOT_SIZE) if slot_size else None,
-            timing=flash_timing, heapsize=heapsize, ble=ble, radio=radio, ble_name=ble_name)
+            timing=flash_timing, heapsize=heapsize, ble=ble, radio=radio, ble_name=ble_name, udp=udp)
     with _until_signal(server.request_stop) as came:
         try:
             try:

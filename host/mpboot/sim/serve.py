@@ -18,6 +18,11 @@ thread, on the Bumble transport `radio` (another simulator's air, `mpboot sim ai
 dongle) or else on an air it hosts itself; each power-on's `bluetooth` shim connects to it.
 The radio outlives power-ons, so the board keeps its address, and a reset ends its
 connections as a power cut does.
+
+With `udp=PORT` the device serves SMP over UDP instead (docs/PROTOCOL.md, "SMP over UDP"):
+each power-on binds 127.0.0.1:PORT itself (the real transport over the host's network
+stack), so between power-ons nothing listens there and a client's datagrams are lost (its
+host answers them with ICMP port unreachable), as with a board that resets.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ FAST_FAIL_S = 2.0  # a crash sooner than this after power-on counts towards a cr
 FAST_FAILS = 3  # crash-loop: this many fast crashes in a row stop the simulator
 PENDING_MAX = 64 * 1024  # bytes the relay holds per direction before it pushes back / drops
 _READ = 65536
+UDP_MAX = 1472  # the device's buf_size over UDP is at most this (mpboot.smp.service.UDP_MAX)
 
 
 def open_state(state: Path, keys: Sequence[PublicKey], *, slot_size: int | None = None,
@@ -169,7 +175,8 @@ class SimServer:
                  class_id: bytes | None = None, timing: str = "none", baud: int | None = None,
                  buf_size: int = 2048, buf_count: int = 4, heapsize: str | None = None,
                  ble: bool = False, radio: str | None = None, ble_name: str | None = None,
-                 output: Callable[[str], None] = print, s1_size: int | None = None) -> None:
+                 output: Callable[[str], None] = print, s1_size: int | None = None,
+                 udp: int | None = None) -> None:
         if timing not in TIMINGS:
             raise UsageError(f"flash timing {timing!r}: expected one of {', '.join(TIMINGS)}")
         if baud is not None and baud <= 0:
@@ -180,6 +187,13 @@ class SimServer:
             raise UsageError("--radio and --ble-name go with --ble")
         if ble and link is not None:
             raise UsageError("--link names the UART's pty; with --ble the device serves SMP over BLE only")
+        if udp is not None:
+            if not 0 < udp < 65536:
+                raise UsageError(f"UDP port {udp}: expected 1 to 65535")
+            if ble:
+                raise UsageError("--udp and --ble exclude each other: the device serves SMP on one of them")
+            if link is not None:
+                raise UsageError("--link names the UART's pty; with --udp the device serves SMP over UDP only")
         if ble_name is not None and (not 0 < len(ble_name.encode()) <= 29
                                      or any(c.isspace() for c in ble_name)):
             raise UsageError(f"BLE name {ble_name!r}: 1 to 29 bytes of UTF-8, no spaces")
@@ -198,6 +212,7 @@ class SimServer:
         self.ble = ble
         self.radio = radio
         self.ble_name = ble_name
+        self.udp = udp
         self.output = output
         self.ble_info: RadioInfo | None = None  # with ble: name, address, spec, shim port
         self._radio: CompanionThread | None = None
@@ -250,8 +265,11 @@ class SimServer:
             raise
         self.output(f"mpboot sim: device in {self.state}: {self.describe()}, "
                     f"{'unpaced line' if self.baud is None else f'{self.baud} baud 8N1'}, "
-                    f"buf_size {self.buf_size}, buf_count {self.buf_count}")
-        if not self.ble:  # over BLE the device serves SMP there only: its UART has no service
+                    f"buf_size {min(self.buf_size, UDP_MAX) if self.udp is not None else self.buf_size}, "
+                    f"buf_count {self.buf_count}")
+        if self.udp is not None:  # (as over BLE: its UART has no service then)
+            self.output(f"mpboot sim: serving SMP over UDP on 127.0.0.1:{self.udp}")
+        elif not self.ble:  # over BLE the device serves SMP there only: its UART has no service
             self.output(f"mpboot sim: UART on {self.path}")
         if self._linked:
             self.output(f"mpboot sim: {self.link} -> {self.path}")
@@ -368,6 +386,8 @@ class SimServer:
                                      "bufsize": self.buf_size, "bufcount": self.buf_count}
         if self.ble_info is not None:
             fields.update(ble=self.ble_info.shim_port, blename=self.ble_info.name)
+        if self.udp is not None:
+            fields["udp"] = self.udp
         write_config(cfg, fields)
         # Only the device's own modules: sys.path and the working directory are its lib.
         cmd, env, workdir = upy.command(["-m", "sim_serve", cfg], path=[self.device.lib],

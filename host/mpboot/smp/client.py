@@ -5,6 +5,12 @@ that increase mod 256, and are matched to replies by sequence number, group and 
 reply nobody waits for (late, duplicated, or to a request given up on) is counted and ignored,
 so it never shifts the stream. The pipelined, resumable image upload is in mpboot.smp.upload.
 
+On a lossy transport (one with `lossy = True`: UDP) a request may be lost on the way or its
+reply on the way back. `request` then sends an idempotent request again, the same packet
+with the same sequence number, after a short resend timeout that doubles (reads, echo, image
+state writes, erase: see `resendable`), all within the request's `timeout`; any copy's reply
+settles it. Others are sent once. A reset is never sent again blindly: see `reset`.
+
     async with SMPClient(SerialTransport("/dev/ttyACM0")) as client:
         print(await client.echo("hello"))
         result = await client.upload(image_bytes, progress=lambda done, total: ...)
@@ -93,6 +99,31 @@ def describe(group: int, command: int, op: Op) -> str:
 ERASE_TIMEOUT = 120.0
 PROBE_MIN = 8192  # a probe's least size (the device's rule: max(8 KiB, 2 * buf_size))
 
+# Lossy transports (docs/PROTOCOL.md, "SMP over UDP"): the first resend of an idempotent
+# request after this long without a reply, doubling after each; all within the request's
+# timeout. A device answers these within milliseconds on a LAN.
+LOSSY_RTO = 0.25
+RESET_ATTEMPTS = 3  # resets sent in all, each only once the one before provably did nothing
+
+# Requests that do the same when they arrive twice: safe to resend on a lossy transport.
+# Every read, plus these writes (a repeated state write marks or confirms what is already
+# marked or confirmed; a repeated erase erases an erased slot). Never reset (a second one
+# could hit the new boot and revert its test image), upload (it resends by offset itself),
+# or the factory, trust and probe writes (their effect, or their answer, differs the second
+# time).
+_RESENDABLE_WRITES: Final = frozenset({
+    (Group.OS, OsCmd.ECHO),
+    (Group.IMAGE, ImageCmd.STATE),
+    (Group.IMAGE, ImageCmd.ERASE),
+})
+
+
+def resendable(group: int, command: int, op: Op) -> bool:
+    """Whether a request may be sent again, unchanged, when no reply came (lossy links)."""
+    if group == Group.OS and command == OsCmd.RESET:
+        return False
+    return op == Op.READ or (group, command) in _RESENDABLE_WRITES
+
 
 class SMPClient:
     """SMP requests over one transport. Use as an async context manager (opens and closes the
@@ -109,6 +140,12 @@ class SMPClient:
         self._reader: asyncio.Task[None] | None = None
         self._failure: TransportError | None = None
         self._params: McuMgrParams | None = None
+        self.resends = 0  # requests sent again on a lossy transport (same packet, same seq)
+
+    @property
+    def lossy(self) -> bool:
+        """The transport may lose, duplicate or reorder packets (UDP)."""
+        return bool(getattr(self.transport, "lossy", False))
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -147,6 +184,11 @@ class SMPClient:
                            payload: dict[str, Any]) -> PendingReply:
         """Send one request and return without waiting for the reply (for pipelining). Await
         `pending.future`, or give up on it with forget(pending)."""
+        return (await self._submit(group, command, op, payload))[0]
+
+    async def _submit(self, group: int, command: int, op: Op,
+                      payload: dict[str, Any]) -> tuple[PendingReply, bytes]:
+        """send_request, also returning the packet as sent (to send it again)."""
         if op not in (Op.READ, Op.WRITE):
             raise ValueError(f"requests are READ or WRITE, not {op!r}")
         if self._failure is not None:
@@ -171,7 +213,7 @@ class SMPClient:
             self.forget(pending)
             raise
         self.stats.requests += 1
-        return pending
+        return pending, packet
 
     def forget(self, pending: PendingReply) -> None:
         """Stop waiting for a reply: if it comes later, it is ignored."""
@@ -185,9 +227,11 @@ class SMPClient:
         """Send a request and return the reply's payload; raises an SMPError subclass when the
         device answers with an error, DeviceSilent when it does not answer in `timeout`."""
         wait = self.timeout if timeout is None else timeout
-        pending = await self.send_request(group, command, op, payload)
+        pending, packet = await self._submit(group, command, op, payload)
         try:
             async with asyncio.timeout(wait):
+                if self.lossy and resendable(group, command, op):
+                    await self._resending(pending, packet, wait, slow=(group, command) == (Group.IMAGE, ImageCmd.ERASE))
                 _, rsp = await pending.future
         except TimeoutError:
             self.forget(pending)
@@ -196,6 +240,25 @@ class SMPClient:
         if err is not None:
             raise err
         return rsp
+
+    async def _resending(self, pending: PendingReply, packet: bytes, wait: float, slow: bool) -> None:
+        """Until `pending` is answered (the caller bounds it by `wait`): sends `packet` again
+        after LOSSY_RTO, then after twice that, and so on. A slow request (erase: the reply
+        comes when the whole slot is erased, and a copy queued behind it would erase it
+        again) is sent again once, after half of `wait`."""
+        rto = wait / 2 if slow else min(LOSSY_RTO, wait / 2)
+        while True:
+            done, _ = await asyncio.wait([pending.future], timeout=rto)
+            if done:
+                return
+            if self._failure is not None:
+                raise self._failure
+            await self.transport.send(packet)
+            self.resends += 1
+            if slow:
+                await asyncio.shield(pending.future)
+                return
+            rto *= 2
 
     def silent(self, waited: float, where: str = "") -> DeviceSilent:
         """The DeviceSilent error for `waited` seconds without a reply."""
@@ -215,8 +278,51 @@ class SMPClient:
         return _field(rsp, "r", str, "echo")
 
     async def reset(self) -> None:
-        """Ask the device to reset; it answers first, then resets."""
-        await self.request(Group.OS, OsCmd.RESET, Op.WRITE, {})
+        """Ask the device to reset; it answers first, then resets.
+
+        On a lossy transport the reset request is never sent again as it is: if it did reach
+        the device and only its reply was lost, a second copy would reset the new boot too
+        (and revert an image on its test boot). So when no reply comes, the image state read
+        before the reset is compared with the one the device answers once back: changed, it
+        reset; unchanged while an image was pending (marked for the next boot), the request
+        was lost and another reset goes (at most RESET_ATTEMPTS in all); unchanged with
+        nothing pending, it cannot be told, and DeviceSilent says so."""
+        if not self.lossy:
+            await self.request(Group.OS, OsCmd.RESET, Op.WRITE, {})
+            return
+        from mpboot.errors import CommandNotSupported
+
+        try:
+            before: list[SlotState] | None = await self.state()
+        except CommandNotSupported:  # no image group (a Zephyr app): nothing to compare
+            before = None
+        for _ in range(RESET_ATTEMPTS):
+            try:
+                await self.request(Group.OS, OsCmd.RESET, Op.WRITE, {})
+                return
+            except DeviceSilent:
+                pass
+            if before is None:
+                break
+            after = await self._state_once_back()
+            if after != before:
+                return  # it reset (its reply was lost)
+            if not any(s.pending for s in before):
+                break
+        raise DeviceSilent(f"no reply from {self.transport.name} to the reset request; the device answers and "
+                           "its image state shows no change, so whether it reset cannot be told: "
+                           "reset it again if it must")
+
+    async def _state_once_back(self) -> list[SlotState]:
+        """The image state, from a device that may be rebooting: asked again for up to
+        RESET_ATTEMPTS timeouts."""
+        for attempt in range(RESET_ATTEMPTS):
+            try:
+                return await self.state()
+            except DeviceSilent:
+                if attempt == RESET_ATTEMPTS - 1:
+                    raise
+        raise AssertionError
 
     async def params(self, timeout: float | None = None) -> McuMgrParams:
         """The device's MCUmgr parameters (buf_size, buf_count)."""

@@ -2,7 +2,9 @@
 
 A transport moves complete SMP packets (8-byte header + CBOR) both ways and knows the largest
 packet the link and the device's buffer allow; framing, MTU and flow control stay inside it.
-`mpboot.smp.SMPClient` only uses this protocol, so serial today and BLE later plug in alike.
+`mpboot.smp.SMPClient` only uses this protocol, so serial, BLE and UDP plug in alike. A
+transport that may lose, duplicate or reorder packets (UDP) also has `lossy = True`: the
+client then resends what is safe to resend (mpboot.smp.client, docs/PROTOCOL.md "SMP over UDP").
 
 Errors: opening raises mpboot.errors.PortError (missing, busy, not permitted); a failure while
 open raises mpboot.errors.TransportError from `send` / `recv`.

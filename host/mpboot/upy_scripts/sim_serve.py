@@ -4,7 +4,8 @@
 # [downgrade=0]") plus "uart=PATH" (the pty slave to serve on), "timing=none|nor" (flash
 # timing, mpboot.ports.nor_sim), "bufsize=N bufcount=N" (MCUmgr parameters), and for SMP over
 # BLE instead of the UART "ble=PORT [blename=NAME]" (the simulator's radio companion on
-# 127.0.0.1:PORT, docs/BLE.md; NAME advertised, default "mpboot"). Like a board's boot.py:
+# 127.0.0.1:PORT, docs/BLE.md; NAME advertised, default "mpboot"), or over UDP "udp=PORT"
+# (bound on 127.0.0.1:PORT by each power-on; buf_size clamped to 1472). Like a board's boot.py:
 # boot (the chosen image's app runs: it prints, and confirms itself), or recovery; then the
 # update service until a client asks for a reset: the process exits 0 and the simulator
 # (host/mpboot/sim/serve.py) starts the next power-on. With stage-1 slots ("s1=BYTES") the
@@ -59,6 +60,11 @@ def main():
         link = _Announce(port.ble(cfg.get("blename", "mpboot"), int(cfg["ble"])),
                          "mpboot: serving SMP over BLE (buf_size %d, buf_count %d)" % (buf_size, buf_count))
         service.run_ble(port, link, buf_size, buf_count)
+    elif "udp" in cfg:
+        link = port.udp(int(cfg["udp"]))
+        print("mpboot: serving SMP over UDP on 127.0.0.1:%s (buf_size %d, buf_count %d)"
+              % (cfg["udp"], min(buf_size, service.UDP_MAX), buf_count))
+        service.run_udp(port, link, buf_size, buf_count)
     else:
         link = port.uart(cfg["uart"])
         print("mpboot: serving SMP (buf_size %d, buf_count %d)" % (buf_size, buf_count))
