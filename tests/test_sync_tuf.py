@@ -591,6 +591,44 @@ def test_cli_sync_repo_updates_a_device_over_ble(repo, mirrors, tmp_path) -> Non
             sim.stop()
 
 
+def test_cli_sync_repo_updates_devices_over_udp(repo, mirrors, tmp_path) -> None:
+    """End to end on the network: `mpboot sync --repo URL --udp A --udp B --udp C`; A and B
+    are blank simulated devices serving SMP over UDP (vendor/class ids set), C answers nothing:
+    A and B get the repository's newest image and confirm it, C is not met."""
+    from clikit import describe
+    from mpboot.keys import load_public_key
+    from udpkit import SimUdp, free_udp_port
+
+    m = mirrors(repo.dir)
+    root = tmp_path / "root.json"
+    root.write_bytes(repo.root_bytes)
+    keys = [load_public_key(Path(__file__).parent / "keys" / "TEST-ONLY-rsa2048.pem")]
+    pa, pb, silent = free_udp_port(), free_udp_port(), free_udp_port()
+    with SimUdp(tmp_path / "a", keys, pa, vendor_id=V, class_id=C) as a, \
+            SimUdp(tmp_path / "b", keys, pb, vendor_id=V, class_id=C) as b:
+        a.wait_for(r"serving SMP over UDP")
+        b.wait_for(r"serving SMP over UDP")
+        r = run("sync", "--repo", m.url, "--root", root, "--cache", tmp_path / "cache", "--seconds", "1",
+                "--udp", f"127.0.0.1:{pa}", "--udp", f"127.0.0.1:{pb}", "--udp", f"127.0.0.1:{silent}")
+        assert r.exit_code == 0, describe(r)
+        for port in (pa, pb):
+            assert f"sync: 127.0.0.1:{port}: nothing -> 1.2.0 (app-1.2.0.img)" in r.stdout, describe(r)
+            assert f"sync: 127.0.0.1:{port}: updated" in r.stdout, describe(r)
+        assert f"127.0.0.1:{silent}" not in r.stdout
+        a.wait_for(r"APP tuf")
+        b.wait_for(r"APP tuf")
+
+
+def test_cli_sync_udp_usage(tmp_path) -> None:
+    (tmp_path / "imgs").mkdir()
+    assert_error(run("sync", str(tmp_path / "imgs"), "--udp", "host:0"), 2, "--udp host:0: port '0'")
+    listing = tmp_path / "devices.txt"
+    listing.write_text("# the bench\n10.0.0.7\n[::1]:99999\n")
+    assert_error(run("sync", str(tmp_path / "imgs"), "--udp-list", listing), 2,
+                 f"--udp-list {listing} line 3: port '99999'")
+    assert_error(run("sync", str(tmp_path / "imgs"), "--mtu", "1280"), 2, "--mtu goes with --udp")
+
+
 def test_cli_sync_repo_refused_metadata_is_one_line_and_exit_1(repo, mirrors, tmp_path) -> None:
     repo.md["timestamp"].signed.expires = NOW - timedelta(hours=1)
     repo.write("timestamp")

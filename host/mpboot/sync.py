@@ -667,3 +667,41 @@ class BleRadio:
         from mpboot.transport.ble import BleTransport
 
         return BleTransport(address, backend=self.backend)
+
+
+class UdpRadio:
+    """The Radio for devices on a network (SMP over UDP, docs/PROTOCOL.md "SMP over UDP"):
+    a list of addresses instead of advertisements. A scan asks each address for its MCUmgr
+    parameters at once; the devices that answer within the scan's time are found (one being
+    reset answers again once it serves)."""
+
+    PROBE_S = 1.0  # the longest one probe waits for its answer (a LAN answers in milliseconds)
+
+    def __init__(self, addresses: Sequence[tuple[str, int]], mtu: int = 1500) -> None:
+        self.addresses = list(dict.fromkeys(addresses))  # (in order; each once)
+        self.mtu = mtu
+
+    @staticmethod
+    def name(address: tuple[str, int]) -> str:
+        host, port = address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    async def scan(self, seconds: float) -> list[Found]:
+        wait = min(seconds, self.PROBE_S)
+
+        async def probe(address: tuple[str, int]) -> bool:
+            try:
+                async with SMPClient(self.transport(self.name(address)), timeout=wait) as client:
+                    await client.params(wait)
+                return True
+            except (MpbootError, SMPError, OSError):
+                return False
+
+        answered = await asyncio.gather(*(probe(a) for a in self.addresses))
+        return [Found(self.name(a), self.name(a)) for a, ok in zip(self.addresses, answered) if ok]
+
+    def transport(self, address: str) -> Transport:
+        from mpboot.transport.udp import UdpTransport, parse_address
+
+        host, port = parse_address(address)
+        return UdpTransport(host, port, mtu=self.mtu)

@@ -73,6 +73,13 @@ def scan_cmd(seconds: float, as_json: bool, ble_backend: str | None) -> None:
               help="Devices updated at once.")
 @click.option("--log", "log_path", type=click.Path(path_type=Path), metavar="FILE",
               help="Record every attempt: SQLite for .sqlite/.db, else JSON lines (appended).")
+@click.option("--udp", "udp_addresses", multiple=True, metavar="HOST[:PORT]",
+              help="Reach devices over the network (SMP over UDP, port 1337 by default) instead of "
+                   "Bluetooth: each pass probes these addresses (repeat it).")
+@click.option("--udp-list", "udp_list", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="Like --udp, one HOST[:PORT] per line of FILE ('#' starts a comment).")
+@click.option("--mtu", default=1500, show_default=True, type=click.IntRange(576, 65535), metavar="BYTES",
+              help="With --udp: the network path's MTU (a request fits one unfragmented datagram).")
 @retries_option
 @confirm_timeout_option
 @timeout_option
@@ -80,11 +87,13 @@ def scan_cmd(seconds: float, as_json: bool, ble_backend: str | None) -> None:
 def sync_cmd(repo_dir: Path | None, repos: tuple[str, ...], root_path: Path | None, cache_dir: Path | None,
              repo_timeout_s: float, repo_deadline_s: float, seconds: float, loop: bool, interval: float,
              max_parallel: int, log_path: Path | None, retries: int, confirm_timeout: float, timeout: float,
+             udp_addresses: tuple[str, ...], udp_list: Path | None, mtu: int,
              ble_backend: str | None) -> None:
     """Bring every device in range up to the newest image in REPO_DIR (or in the TUF
     repository at --repo URL) that it accepts.
 
-    Each pass scans for devices advertising the SMP service; each one is read (identity,
+    Each pass scans for devices advertising the SMP service (with --udp: asks each address
+    given, and goes on with those that answer); each one is read (identity,
     images), sent the newest fitting image (resuming a partial upload from an earlier meeting),
     test-booted, and watched until the new app confirms itself. An image that reverted on a
     device is not sent to it again (result held; remembered across runs with --log) until a
@@ -105,8 +114,8 @@ def sync_cmd(repo_dir: Path | None, repos: tuple[str, ...], root_path: Path | No
     1    an attempt failed (the next meeting resumes it) or reverted; or the
          repository's metadata was refused on every mirror (expired, rolled
          back, not signed by enough keys)
-    2    usage error (REPO_DIR, --repo, --root, --cache, --log, --ble-backend)
-         or no usable radio
+    2    usage error (REPO_DIR, --repo, --root, --cache, --log, --ble-backend,
+         --udp, --udp-list) or no usable radio
     3    no mirror of the repository could be reached (down, hung, too slow)
     130  stopped (Ctrl-C): one line says after how many passes"""
     from rich.table import Table
@@ -119,8 +128,10 @@ def sync_cmd(repo_dir: Path | None, repos: tuple[str, ...], root_path: Path | No
         BleRadio,
         DirSource,
         ImageSource,
+        Radio,
         Syncer,
         SyncOptions,
+        UdpRadio,
         exit_status,
         load_repo,
         summary_rows,
@@ -140,6 +151,9 @@ def sync_cmd(repo_dir: Path | None, repos: tuple[str, ...], root_path: Path | No
                          "band (trust is never taken from the URL)")
     if dirs and (root_path is not None or cache_dir is not None):
         raise UsageError("--root and --cache are for a TUF repository (--repo URL), not a DIR of images")
+    network = udp_addresses_given(udp_addresses, udp_list)
+    if not network and mtu != 1500:
+        raise UsageError("--mtu goes with --udp HOST[:PORT]")
     repo: list = []
     skipped: list[str] = []
     root = b""
@@ -151,7 +165,7 @@ def sync_cmd(repo_dir: Path | None, repos: tuple[str, ...], root_path: Path | No
     else:
         assert root_path is not None
         root = read_root(root_path)
-    backend = ble.select(ble_backend)
+    backend = None if network else ble.select(ble_backend)
     log = AttemptLog(log_path)  # (every usage error before the first line of output)
     out = console()  # a log or a pipe: whole lines (grep), never wrapped at 80 columns
     source: ImageSource
@@ -186,7 +200,8 @@ def sync_cmd(repo_dir: Path | None, repos: tuple[str, ...], root_path: Path | No
     def event(a: Attempt, text: str) -> None:
         out.print(f"sync: {a.device}: {text}")
 
-    syncer = Syncer(source, BleRadio(backend), opts, log, event)
+    radio: Radio = UdpRadio(network, mtu) if network else BleRadio(backend)
+    syncer = Syncer(source, radio, opts, log, event)
     ended: list = [0, []]  # passes ended, and the last one's attempts (what the exit status reports)
 
     async def run() -> list:
@@ -230,6 +245,33 @@ def sync_cmd(repo_dir: Path | None, repos: tuple[str, ...], root_path: Path | No
     status = exit_status(attempts)
     if status:
         raise click.exceptions.Exit(status)
+
+
+def udp_addresses_given(addresses: tuple[str, ...], list_path: Path | None) -> list[tuple[str, int]]:
+    """--udp and --udp-list as (host, port)s; a usage error names the one that is not an address."""
+    from mpboot.errors import InputFileError
+    from mpboot.transport.udp import parse_address
+
+    given = [(f"--udp {a}", a) for a in addresses]
+    if list_path is not None:
+        try:
+            with open(list_path, encoding="utf-8") as f:
+                text = f.read(1 << 20)
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputFileError(f"--udp-list {list_path}: cannot read it: {reason(err)}") from None
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if line:
+                given.append((f"--udp-list {list_path} line {n}", line))
+        if not given:
+            raise UsageError(f"--udp-list {list_path}: no addresses in it")
+    out = []
+    for where, text in given:
+        try:
+            out.append(parse_address(text))
+        except ValueError as err:
+            raise UsageError(f"{where}: {err} (expected HOST, HOST:PORT or [IPV6]:PORT)") from None
+    return out
 
 
 def read_root(path: Path) -> bytes:
