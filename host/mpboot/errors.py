@@ -597,3 +597,20 @@ def reason(err: BaseException) -> str:
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
     return str(err) or type(err).__name__
+
+
+# --- a TUF repository (mpboot.repo; `mpboot repo`) ----------------------------------------------
+
+
+class RepositoryError(UsageError):
+    """A TUF repository directory cannot be used as asked (exit 2): not one, already one, an
+    unknown role, a key that is not the role's, a change that would break what clients
+    verify. Nothing was written."""
+
+
+class TargetRefused(RepositoryError):
+    """An image is refused as a repository target (exit 1): malformed, unsigned, without a
+    SHA256 TLV or vendor/class ids, or outside the role's vendor/class scope. Nothing was
+    written."""
+
+    exit_code = 1
