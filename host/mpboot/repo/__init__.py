@@ -10,7 +10,7 @@ public/ but timestamp.json is immutable (README "mpboot repo", docs/THREAT_MODEL
     signer   TufSigner (an mpboot key file or token key as a TUF signer), KeyRing
     images   an image's checks, target path and custom metadata
     edit     init, delegate, add, remove, sign, rotate, publish
-    status   what the repository holds, and warnings
+    report   status(): what the repository holds, and warnings
 
 tuf and securesystemslib load with this package: import it inside command callbacks.
 """
@@ -19,7 +19,7 @@ from mpboot.repo.edit import add, delegate, init, publish, remove, rotate, sign,
 from mpboot.repo.images import ImageTarget, image_target, scope_pattern
 from mpboot.repo.layout import DEFAULT_EXPIRES, RepoDir, parse_period
 from mpboot.repo.signer import KeyRing, TufSigner, keyhash_of, tuf_key
-from mpboot.repo.status import status
+from mpboot.repo.report import status
 
 __all__ = ["DEFAULT_EXPIRES", "ImageTarget", "KeyRing", "RepoDir", "TufSigner", "add", "delegate", "image_target",
            "init", "keyhash_of", "parse_period", "publish", "remove", "rotate", "scope_pattern", "sign",
