@@ -368,7 +368,7 @@ def test_status_shows_roles_keys_staged_changes_and_expiry_warnings(tmp_path: Pa
     built.add("acme", "app-1.2.0.bin", app_image(ACME, "1.2.0", counter=3))
     out = assert_ok(run("repo", "status", built.path)).stdout
     keyhash = load_public_key(key_path(ACME.key_file)).keyhash().hex()[:16]
-    assert re.search(rf"^acme: version 1, expires \S+ \(period 90d, threshold 1\)$", out, re.M)
+    assert re.search(r"^acme: version 1, expires \S+ \(period 90d, threshold 1\)$", out, re.M)
     assert re.search(rf"^  key [0-9a-f]{{16}}  keyhash {keyhash}$", out, re.M)
     assert f"  paths {ACME.path('*')}" in out
     assert re.search(rf"^  target {re.escape(ACME.path('app-1.1.0.bin'))}  1.1.0  counter 2  app  \d+ bytes$", out, re.M)
