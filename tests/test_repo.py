@@ -356,6 +356,28 @@ def test_a_rotation_that_clients_could_not_verify_is_not_published(tmp_path: Pat
     assert client_sees(built.public, built.root_v1, tmp_path / "cache", [path])[path] is not None
 
 
+def test_sign_renews_a_role_and_a_teams_key_is_replaced(tmp_path: Path) -> None:
+    built = build_repo(tmp_path / "repo")
+    beta_key = key_path(BETA.key_file)
+    out = assert_ok(run("repo", "sign", built.path, "beta", *k(beta_key))).stdout
+    assert "renewing beta: version 2" in out and "staged beta version 2: signed by 1 of 1, ready to publish" in out
+    assert_ok(run("repo", "publish", built.path, *k(SK, TSK)))
+    assert snapshot_meta(built.public)["beta"] == 2
+    # The team's key replaced: targets delegates to the new key, and beta is signed again by it.
+    new_beta = new_key(tmp_path, "beta-2")
+    old = load_public_key(beta_key).keyhash().hex()[:16]
+    out = assert_ok(run("repo", "rotate", built.path, "beta", "--add", new_beta, "--remove", old,
+                        *k(TK, new_beta))).stdout
+    assert "staged targets version 2: signed by 1 of 1, ready to publish" in out
+    assert "staged beta version 3: signed by 1 of 1, ready to publish" in out
+    assert_ok(run("repo", "publish", built.path, *k(SK, TSK)))
+    assert snapshot_meta(built.public) == {"timestamp": 3, "snapshot": 3, "targets": 2, "acme": 1, "beta": 3}
+    path = built.target_path("beta", "lamp-2.0.0.bin")
+    assert client_sees(built.public, built.root_v1, tmp_path / "cache", [path])[path] is not None
+    lamp = _image(tmp_path, "lamp-2.1.0.bin", app_image(BETA, "2.1.0", counter=2))
+    assert_error(run("repo", "add", built.path, lamp, "--role", "beta", *k(beta_key)), 2, "not a key of beta")
+
+
 # --- status -----------------------------------------------------------------------------------
 
 

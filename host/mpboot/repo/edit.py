@@ -220,7 +220,7 @@ def delegate(path: Path, role: str, *, scopes: Sequence[tuple[bytes, bytes]], ke
         repo.save_settings(settings)
         repo.stage("targets", targets)
         repo.stage(role, team)
-        return [f"delegated {', '.join(paths)} to {role} ({threshold} of {len(keys)} keys)",
+        return [f"delegated {', '.join(paths)} to {role} ({threshold} of {len(keys)} key{'s' if len(keys) > 1 else ''})",
                 _summary(repo, "targets", targets), _summary(repo, role, team)]
 
 
