@@ -474,6 +474,35 @@ def test_usage_errors_are_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "new").exists()
 
 
+def test_one_writer_at_a_time_and_expiry_periods_from_init(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    from tuf.api.metadata import Metadata
+
+    from mpboot.repo.layout import now
+
+    repo = tmp_path / "repo"
+    assert_ok(init_cli(repo, A, B, TK, extra=("--expires", "timestamp=6h", "--expires", "snapshot=2d")))
+    before_publish = now()
+    assert_ok(run("repo", "publish", repo, *k(SK, TSK)))
+    after_publish = now()
+    ts = Metadata.from_file(str(repo / "public" / "metadata" / "timestamp.json")).signed
+    snap = Metadata.from_file(str(repo / "public" / "metadata" / "1.snapshot.json")).signed
+    assert before_publish + timedelta(hours=6) <= ts.expires <= after_publish + timedelta(hours=6)
+    assert before_publish + timedelta(days=2) <= snap.expires <= after_publish + timedelta(days=2)
+    fd = os.open(repo / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another repo command is writing
+        before = listing(repo)
+        assert_error(run("repo", "publish", repo, *k(SK, TSK)), 2, "another mpboot repo command is writing it")
+        assert listing(repo) == before
+        assert_ok(run("repo", "status", repo))  # reading needs no lock
+    finally:
+        os.close(fd)
+    assert_ok(run("repo", "publish", repo, *k(SK, TSK)))
+
+
 @pytest.mark.parametrize("command", ["", "init", "delegate", "add", "remove", "sign", "rotate", "publish", "status"])
 def test_help(command: str) -> None:
     result = assert_ok(run("repo", *([command] if command else []), "--help"))

@@ -349,6 +349,8 @@ def rotate(path: Path, role: str, *, add_keys: Sequence[PublicKey], remove_keys:
     A team role's keys live in top-level targets: a new targets version is staged. A role
     whose live version would no longer verify under its new keys is staged again too, for
     the new keys to sign."""
+    if not add_keys and not remove_keys and threshold is None:
+        raise RepositoryError("nothing to change: give --add, --remove or --threshold")
     repo = RepoDir(path)
     with repo.locked() as settings:
         if role in TOP_ROLES:
@@ -384,8 +386,6 @@ def rotate(path: Path, role: str, *, add_keys: Sequence[PublicKey], remove_keys:
             container.roles[role].threshold = new_threshold
         else:
             container.delegations.roles[role].threshold = new_threshold
-        if not add_keys and not remove_keys and threshold is None:
-            raise RepositoryError("nothing to change: give --add, --remove or --threshold")
         # The role itself, staged again when its live version would not verify under the change.
         restage = None
         if role not in ("root", "snapshot", "timestamp"):
@@ -427,10 +427,6 @@ def _find_key(keys: dict[str, Any], ids: Sequence[str], ident: str, role: str) -
     if len(found) != 1:
         raise RepositoryError(f"--remove {ident}: {'no' if not found else 'more than one'} key of {role} matches")
     return found[0]
-
-
-def keyid_of(key: PublicKey) -> str:
-    return tuf_key(key).keyid
 
 
 # --- publish ----------------------------------------------------------------------------------
@@ -581,5 +577,5 @@ def _sign_top(ring: KeyRing, root: Any, md: Any, role: str, output: Path) -> Non
                               "nothing written")
 
 
-__all__ = ["Signatures", "add", "delegate", "delegated_roles", "effective", "init", "keyid_of", "publish", "remove", "role_keyids",
+__all__ = ["Signatures", "add", "delegate", "delegated_roles", "effective", "init", "publish", "remove", "role_keyids",
            "rotate", "sign", "signatures_of"]
