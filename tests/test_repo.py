@@ -13,6 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import Result
 
 from clikit import assert_error, assert_ok, run
 from conftest import signing_key
@@ -24,6 +25,7 @@ from repokit import (
     TARGETS_KEY,
     TEAMS,
     TIMESTAMP_KEY,
+    Team,
     app_image,
     build_repo,
     key_path,
@@ -56,18 +58,16 @@ def listing(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def init_cli(repo: Path, *signers: Path, extra: tuple[object, ...] = ()) -> object:
+def init_cli(repo: Path, *signers: Path, extra: tuple[object, ...] = ()) -> Result:
     return run("repo", "init", repo, "--root-key", A, "--root-key", B, "--root-key", C, "--root-threshold", "2",
                "--targets-key", TK,
                "--snapshot-key", SK, "--timestamp-key", TSK, *extra, *k(*signers))
 
 
-def delegate_cli(repo: Path, team: object = ACME, *signers: Path, threshold: int = 1,
-                 role_keys: tuple[Path, ...] | None = None) -> object:
-    keys = role_keys or (key_path(team.key_file),)  # type: ignore[attr-defined]
-    return run("repo", "delegate", repo, team.role, "--vendor-id", team.vendor,  # type: ignore[attr-defined]
-               "--class-id", team.klass, *[x for p in keys for x in ("--role-key", p)],  # type: ignore[attr-defined]
-               "--threshold", threshold, *k(*(signers or (TK, key_path(team.key_file)))))  # type: ignore[attr-defined]
+def delegate_cli(repo: Path, team: Team = ACME) -> Result:
+    """Delegate `team` its vendor and class, its own key, threshold 1 (signed by targets and the team)."""
+    return run("repo", "delegate", repo, team.role, "--vendor-id", team.vendor, "--class-id", team.klass,
+               "--role-key", key_path(team.key_file), "--threshold", 1, *k(TK, key_path(team.key_file)))
 
 
 def client_sees(public: Path, root: bytes, cache: Path, paths: list[str]) -> dict[str, dict | None]:
@@ -424,7 +424,7 @@ def test_a_timestamp_key_on_a_softhsm_token_signs_what_clients_accept(tmp_path: 
     hsm = SoftHsm.create(tmp_path / "hsm")
     hsm.init_token("online")
     token_key = uri("online", "timestamp", pin_file=pin_file(tmp_path))
-    env = {**hsm.env}
+    env: dict[str, str | None] = {**hsm.env}
     pub = tmp_path / "timestamp.pub.pem"
     assert_ok(run("keygen", "--pkcs11", token_key, "-o", pub, env=env))
     log = tmp_path / "signing.jsonl"

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mpboot.errors import RepositoryError, TargetRefused
 from mpboot.files import write_atomic
@@ -25,6 +25,10 @@ from mpboot.keys import PublicKey
 from mpboot.repo.images import ImageTarget, scope_pattern
 from mpboot.repo.layout import DEFAULT_EXPIRES, TOP_ROLES, RepoDir, Settings, check_role_name, now
 from mpboot.repo.signer import KeyRing, keyhash_of, tuf_key
+
+if TYPE_CHECKING:
+    from securesystemslib.signer import Key
+    from tuf.api.metadata import DelegatedRole, Metadata, MetaFile, Root, TargetFile, Targets
 
 MIN_ROOT_THRESHOLD = 2  # one root key alone is a single point of failure: refused
 
@@ -43,12 +47,12 @@ class Signatures:
 # --- reading the effective state --------------------------------------------------------------
 
 
-def published_root(repo: RepoDir) -> Any | None:
+def published_root(repo: RepoDir) -> Metadata[Root] | None:
     found = repo.read_published("root")
     return found[0] if found else None
 
 
-def effective(repo: RepoDir, role: str) -> Any | None:
+def effective(repo: RepoDir, role: str) -> Metadata[Any] | None:
     """The role as the next publish would have it: staged, else published."""
     staged = repo.read_staged(role)
     if staged is not None:
@@ -57,7 +61,7 @@ def effective(repo: RepoDir, role: str) -> Any | None:
     return found[0] if found else None
 
 
-def root_signatures(md: Any, previous: Any | None) -> Signatures:
+def root_signatures(md: Metadata[Root], previous: Root | None) -> Signatures:
     res = md.signed.get_root_verification_result(previous, md.signed_bytes, md.signatures)
     first, second = res.first, res.second
     have = min(len(first.signed), len(second.signed))
@@ -70,12 +74,12 @@ def root_signatures(md: Any, previous: Any | None) -> Signatures:
     return Signatures(have, need, res.verified, detail)
 
 
-def delegate_signatures(delegator: Any, role: str, md: Any) -> Signatures:
+def delegate_signatures(delegator: Root | Targets, role: str, md: Metadata[Any]) -> Signatures:
     res = delegator.get_verification_result(role, md.signed_bytes, md.signatures)
     return Signatures(len(res.signed), res.threshold, res.verified, f"{len(res.signed)} of {res.threshold}")
 
 
-def signatures_of(repo: RepoDir, role: str, md: Any) -> Signatures:
+def signatures_of(repo: RepoDir, role: str, md: Metadata[Any]) -> Signatures:
     """How far `md` (the staged `role`) is signed, against its delegator as the next publish
     would have it."""
     if role == "root":
@@ -87,7 +91,7 @@ def signatures_of(repo: RepoDir, role: str, md: Any) -> Signatures:
     return delegate_signatures(delegator.signed, role, md)
 
 
-def delegated_roles(targets: Any) -> dict[str, Any]:
+def delegated_roles(targets: Metadata[Targets]) -> dict[str, DelegatedRole]:
     """The delegated roles of a top-level targets Metadata, by name, in search order."""
     d = targets.signed.delegations
     return dict(d.roles) if d is not None and d.roles else {}
@@ -96,7 +100,7 @@ def delegated_roles(targets: Any) -> dict[str, Any]:
 def role_keyids(repo: RepoDir, role: str) -> list[str]:
     """The keyids that sign `role` in the next publish (root: the previous and the new root's)."""
     if role == "root":
-        ids = []
+        ids: list[str] = []
         for md in (published_root(repo), repo.read_staged("root")):
             if md is not None:
                 ids += md.signed.roles["root"].keyids
@@ -111,7 +115,7 @@ def role_keyids(repo: RepoDir, role: str) -> list[str]:
     return list(delegated[role].keyids)
 
 
-def _next(repo: RepoDir, settings: Settings, role: str) -> Any:
+def _next(repo: RepoDir, settings: Settings, role: str) -> Metadata[Any]:
     """The staged copy of `role` to edit: the staged one, else the newest published one as
     version + 1; its signatures cleared (they covered other content) and expiry renewed."""
     from tuf.api.metadata import Metadata
@@ -128,7 +132,7 @@ def _next(repo: RepoDir, settings: Settings, role: str) -> Any:
     return md
 
 
-def _summary(repo: RepoDir, role: str, md: Any) -> str:
+def _summary(repo: RepoDir, role: str, md: Metadata[Any]) -> str:
     s = signatures_of(repo, role, md)
     state = "ready to publish" if s.verified else "waiting for signatures (mpboot repo sign)"
     return f"staged {role} version {md.signed.version}: signed by {s.detail}, {state}"
@@ -224,7 +228,7 @@ def delegate(path: Path, role: str, *, scopes: Sequence[tuple[bytes, bytes]], ke
                 _summary(repo, "targets", targets), _summary(repo, role, team)]
 
 
-def _role_and_delegation(repo: RepoDir, role: str) -> Any:
+def _role_and_delegation(repo: RepoDir, role: str) -> DelegatedRole:
     if role in TOP_ROLES:
         raise RepositoryError(f"{role}: images go to a team's delegated role (mpboot repo delegate), not {role}")
     check_role_name(role)
@@ -246,13 +250,13 @@ def add(path: Path, role: str, images: Sequence[ImageTarget], ring: KeyRing) -> 
         ring.check_belongs(set(delegation.keyids), role)
         current = effective(repo, role)
         listed = dict(current.signed.targets) if current is not None else {}
-        new: list[tuple[ImageTarget, Any]] = []
+        new: list[tuple[ImageTarget, TargetFile]] = []
         lines = []
         for img in images:
             if not delegation.is_delegated_path(img.path):
                 raise TargetRefused(f"{img.name}: vendor {img.custom['mpboot']['vendor']} class "
                                     f"{img.custom['mpboot']['class']} is outside role {role}'s scope "
-                                    f"({', '.join(delegation.paths)}); nothing written")
+                                    f"({', '.join(delegation.paths or [])}); nothing written")
             tf = TargetFile.from_data(img.path, img.data, ["sha256"])
             tf.unrecognized_fields["custom"] = img.custom
             old = listed.get(img.path)
@@ -284,7 +288,7 @@ def add(path: Path, role: str, images: Sequence[ImageTarget], ring: KeyRing) -> 
         return lines
 
 
-def _prefixed(tf: Any) -> str:
+def _prefixed(tf: TargetFile) -> str:
     """The target's file under targets/: <dir>/<sha256>.<name> (consistent snapshots)."""
     return str(tf.get_prefixed_paths()[0])
 
@@ -417,7 +421,7 @@ def rotate(path: Path, role: str, *, add_keys: Sequence[PublicKey], remove_keys:
         return lines
 
 
-def _find_key(keys: dict[str, Any], ids: Sequence[str], ident: str, role: str) -> str:
+def _find_key(keys: dict[str, Key], ids: Sequence[str], ident: str, role: str) -> str:
     """A key of `role` named by a TUF keyid or an mpboot KEYHASH (hex, 8 digits or more)."""
     text = ident.strip().lower()
     if len(text) < 8 or any(c not in "0123456789abcdef" for c in text):
@@ -432,7 +436,7 @@ def _find_key(keys: dict[str, Any], ids: Sequence[str], ident: str, role: str) -
 # --- publish ----------------------------------------------------------------------------------
 
 
-def _meta(data: bytes, version: int) -> Any:
+def _meta(data: bytes, version: int) -> MetaFile:
     from tuf.api.metadata import MetaFile
 
     return MetaFile(version, len(data), {"sha256": hashlib.sha256(data).hexdigest()})
@@ -471,7 +475,7 @@ def publish(path: Path, ring: KeyRing, *, timestamp_only: bool = False) -> list[
         # 1. What goes live: root, targets, and each delegated role, staged when complete.
         previous = found_root[0].signed if found_root else None
         staged_root = repo.read_staged("root")
-        new: dict[str, Any] = {}  # role -> Metadata to write now
+        new: dict[str, Metadata[Any]] = {}  # role -> Metadata to write now
         if staged_root is not None and root_signatures(staged_root, previous).verified:
             new["root"] = staged_root
         live_root = new["root"].signed if "root" in new else previous
@@ -479,7 +483,7 @@ def publish(path: Path, ring: KeyRing, *, timestamp_only: bool = False) -> list[
             raise RepositoryError(f"root version 1 is not signed yet by enough root keys "
                                   f"({signatures_of(repo, 'root', staged_root).detail if staged_root else 'none staged'}): "
                                   "mpboot repo sign REPO root -k KEY")
-        live: dict[str, tuple[Any, bytes]] = {}  # role -> (Metadata, bytes) as clients will see it
+        live: dict[str, tuple[Metadata[Any], bytes]] = {}  # role -> (Metadata, bytes) as clients will see it
         targets = _pick(repo, "targets", live_root, new, live)
         for name in delegated_roles(targets):
             _pick(repo, name, targets.signed, new, live)
@@ -541,9 +545,9 @@ def publish(path: Path, ring: KeyRing, *, timestamp_only: bool = False) -> list[
             lines.append(f"published {name} version {md.signed.version}")
         lines.append(f"published snapshot version {snap_version} and timestamp version {ts.signed.version}")
         for name in repo.staged_roles():
-            md = repo.read_staged(name)
-            if md is not None:
-                lines.append(f"still staged: {_summary(repo, name, md)}")
+            waiting = repo.read_staged(name)
+            if waiting is not None:
+                lines.append(f"still staged: {_summary(repo, name, waiting)}")
         for name, (md, _) in live.items():
             if md.signed.is_expired():
                 lines.append(f"warning: {name} version {md.signed.version} expired {md.signed.expires:%Y-%m-%d %H:%M} "
@@ -551,7 +555,8 @@ def publish(path: Path, ring: KeyRing, *, timestamp_only: bool = False) -> list[
         return lines
 
 
-def _pick(repo: RepoDir, role: str, delegator: Any, new: dict[str, Any], live: dict[str, tuple[Any, bytes]]) -> Any:
+def _pick(repo: RepoDir, role: str, delegator: Root | Targets, new: dict[str, Metadata[Any]],
+          live: dict[str, tuple[Metadata[Any], bytes]]) -> Metadata[Any]:
     """The version of `role` that goes live: the staged one when it verifies under
     `delegator` as it goes live, else the published one, which must verify too."""
     staged = repo.read_staged(role)
@@ -569,7 +574,7 @@ def _pick(repo: RepoDir, role: str, delegator: Any, new: dict[str, Any], live: d
                           "then publish; nothing written")
 
 
-def _sign_top(ring: KeyRing, root: Any, md: Any, role: str, output: Path) -> None:
+def _sign_top(ring: KeyRing, root: Root, md: Metadata[Any], role: str, output: Path) -> None:
     ring.sign(md, role, root.roles[role].keyids, output)
     res = root.get_verification_result(role, md.signed_bytes, md.signatures)
     if not res.verified:

@@ -27,10 +27,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from mpboot.errors import RepositoryError
 from mpboot.files import write_atomic
+
+if TYPE_CHECKING:
+    from tuf.api.metadata import Metadata
 
 TOP_ROLES: Final = ("root", "targets", "snapshot", "timestamp")
 CONFIG_NAME: Final = "mpboot-repo.json"
@@ -177,7 +180,7 @@ class RepoDir:
     def published_path(self, role: str, version: int) -> Path:
         return self.metadata / ("timestamp.json" if role == "timestamp" else f"{version}.{role}.json")
 
-    def read_published(self, role: str, version: int | None = None) -> tuple[Any, bytes] | None:
+    def read_published(self, role: str, version: int | None = None) -> tuple[Metadata[Any], bytes] | None:
         """(Metadata, its bytes as written) of `role` at `version` (None: the newest), or None."""
         if role == "timestamp":
             path = self.metadata / "timestamp.json"
@@ -210,13 +213,13 @@ class RepoDir:
             return []
         return sorted(p.name[:-5] for p in self.staged_metadata.iterdir() if p.name.endswith(".json"))
 
-    def read_staged(self, role: str) -> Any | None:
+    def read_staged(self, role: str) -> Metadata[Any] | None:
         path = self.staged_path(role)
         if not path.is_file():
             return None
         return load_metadata(_read_bounded(path), path)
 
-    def stage(self, role: str, md: Any) -> Path:
+    def stage(self, role: str, md: Metadata[Any]) -> Path:
         path = self.staged_path(role)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, md.to_bytes())
@@ -239,7 +242,7 @@ def _read_bounded(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def load_metadata(data: bytes, where: Path) -> Any:
+def load_metadata(data: bytes, where: Path) -> Metadata[Any]:
     from tuf.api.exceptions import RepositoryError as TufRepositoryError
     from tuf.api.metadata import Metadata
     from tuf.api.serialization import DeserializationError

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mpboot.repo.edit import delegated_roles, effective, published_root, signatures_of
 from mpboot.repo.layout import TOP_ROLES, RepoDir, now, period_text
 from mpboot.repo.signer import keyhash_of
+
+if TYPE_CHECKING:
+    from tuf.api.metadata import Role
 
 
 def _time(t: datetime) -> str:
@@ -46,13 +49,18 @@ def status(path: Path) -> dict[str, Any]:
     for name in names:
         entry: dict[str, Any] = {"role": name, "period": period_text(settings.period(name))}
         if name in TOP_ROLES:
-            holder, keys = root, (root.signed.keys if root is not None else {})
-            role_obj = root.signed.roles[name] if root is not None else None
+            keys = root.signed.keys if root is not None else {}
+            role_obj: Role | None = root.signed.roles[name] if root is not None else None
         else:
-            holder = targets if targets is not None and name in delegated_roles(targets) else published_targets[0]
+            if targets is not None and name in delegated_roles(targets):
+                holder = targets
+            else:  # delegated by the published targets only
+                assert published_targets is not None
+                holder = published_targets[0]
             keys = holder.signed.delegations.keys
-            role_obj = delegated_roles(holder)[name]
-            entry["paths"] = list(role_obj.paths or [])
+            delegation = delegated_roles(holder)[name]
+            entry["paths"] = list(delegation.paths or [])
+            role_obj = delegation
         if role_obj is not None:
             entry["threshold"] = role_obj.threshold
             entry["keys"] = [{"keyid": k, "keyhash": keyhash_of(keys[k])} for k in role_obj.keyids if k in keys]
