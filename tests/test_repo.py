@@ -417,6 +417,30 @@ def test_status_shows_roles_keys_staged_changes_and_expiry_warnings(tmp_path: Pa
     assert any(f.endswith(".app-1.2.0.bin") for f in report["staged_files"])
 
 
+def test_status_verify_runs_a_tuf_client_over_the_tree_on_disk(tmp_path: Path) -> None:
+    built = build_repo(tmp_path / "repo")
+    out = assert_ok(run("repo", "status", built.path, "--verify", "--check")).stdout
+    assert "client check: root version 1, 3 listed image(s) found and verified" in out
+    report = json.loads(assert_ok(run("repo", "status", built.path, "--verify", "--json")).stdout)
+    assert report["client"] == {"root_version": 1, "targets": 3, "error": None}
+    # A target file changed on disk (a bad copy, an intruder): a client refuses it, and so does --check.
+    target = next(p for p in (built.public / "targets").rglob("*.lamp-2.0.0.bin"))
+    data = target.read_bytes()
+    target.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    bad = run("repo", "status", built.path, "--verify", "--check")
+    assert bad.exit_code == 1
+    assert re.search(r"^warning: a client refuses public/: LengthOrHashMismatchError: ", bad.stdout, re.M), bad.stdout
+    # Metadata signed by a key that is not the role's: refused too.
+    target.unlink()
+    built2 = build_repo(tmp_path / "repo2")
+    ts = built2.public / "metadata" / "timestamp.json"
+    doc = json.loads(ts.read_bytes())
+    doc["signed"]["version"] += 1  # the signature no longer covers it
+    ts.write_text(json.dumps(doc))
+    report = json.loads(assert_ok(run("repo", "status", built2.path, "--verify", "--json")).stdout)
+    assert report["client"]["error"].startswith("UnsignedMetadataError: timestamp was signed by 0/1 keys")
+
+
 # --- keys on a token ----------------------------------------------------------------------------
 
 

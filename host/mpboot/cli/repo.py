@@ -210,7 +210,9 @@ def add_cmd(repo_dir: Path, images: tuple[Path, ...], role: str, name: str | Non
     if name is not None and len(images) != 1:
         raise UsageError("--name names one image: give one IMAGE with it")
     expected = keys.publics(expect_refs)
-    targets = [image_target(read_image(p), name or p.name, str(p), expected) for p in images]
+    # An Intel hex input is listed as the binary image it holds.
+    targets = [image_target(read_image(p), name or (p.stem + ".bin" if p.suffix.lower() == ".hex" else p.name),
+                            str(p), expected) for p in images]
     with keys.ring() as ring:
         _echo(add(repo_dir, role, targets, ring))
 
@@ -302,17 +304,20 @@ def publish_cmd(repo_dir: Path, timestamp_only: bool, keys: KeyArgs) -> None:
               help="Print JSON: {repository, time, roles: [{role, period, threshold, keys: [{keyid, keyhash}], "
                    "paths, published: {version, expires, expired}, staged: {version, signatures, ready}, "
                    "targets}], staged_files, warnings}.")
+@click.option("--verify", is_flag=True,
+              help="Also run python-tuf's client over REPO/public as it is on disk, from root version 1, and "
+                   "fetch every listed image: what a station would see (before uploading it).")
 @click.option("--check", is_flag=True, help="Exit 1 when there is a warning (for monitoring).")
-def status_cmd(repo_dir: Path, as_json: bool, check: bool) -> None:
+def status_cmd(repo_dir: Path, as_json: bool, verify: bool, check: bool) -> None:
     """Show each role: published version and expiry, staged version and its signatures, keys
     (TUF key id and mpboot key hash), threshold, each team's paths and targets; then
     warnings: a role expired, or expiring soon (timestamp: within half its period; others:
-    within a fifth of theirs, or one timestamp period).
+    within a fifth of theirs, or one timestamp period); with --verify, a client's refusal.
 
     Exit status: 0 (with --check: 0 no warning, 1 a warning), 2 not a repository."""
     from mpboot import repo
 
-    report = repo.status(repo_dir)
+    report = repo.status(repo_dir, verify=verify)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -321,26 +326,34 @@ def status_cmd(repo_dir: Path, as_json: bool, check: bool) -> None:
         raise click.exceptions.Exit(1)
 
 
+def _text(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
 def _print_status(report: dict[str, Any]) -> None:
     click.echo(f"repository {report['repository']} at {report['time']}")
     for r in report["roles"]:
         pub = r.get("published")
         state = (f"version {pub['version']}, expires {pub['expires']}{' EXPIRED' if pub['expired'] else ''}"
                  if pub else "not published")
-        click.echo(f"{r['role']}: {state} (period {r['period']}, threshold {r.get('threshold', '?')})")
+        click.echo(f"{r['role']}: {state} (period {r['period']}, threshold {r.get('threshold', '-')})")
         for k in r.get("keys", []):
             click.echo(f"  key {k['keyid'][:16]}  keyhash {k['keyhash'][:16]}")
         for p in r.get("paths", []):
             click.echo(f"  paths {p}")
         for t in r.get("targets", []) or []:
-            click.echo(f"  target {t['path']}  {t['version']}  counter {t['counter']}  {t['kind']}  "
-                       f"{t['length']} bytes")
+            click.echo(f"  target {t['path']}  {t['version'] or '-'}  counter {_text(t['counter'])}  "
+                       f"{t['kind'] or '-'}  {t['length']} bytes")
         staged = r.get("staged")
         if staged:
             click.echo(f"  staged version {staged['version']}: signed by {staged['signatures']}, "
                        f"{'ready to publish' if staged['ready'] else 'waiting for signatures'}")
     for f in report["staged_files"]:
         click.echo(f"staged file {f}")
+    client = report.get("client")
+    if client is not None and client["error"] is None:
+        click.echo(f"client check: root version {client['root_version']}, {client['targets']} listed image(s) "
+                   "found and verified")
     for w in report["warnings"]:
         click.echo(f"warning: {w}")
 

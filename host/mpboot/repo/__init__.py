@@ -11,6 +11,7 @@ public/ but timestamp.json is immutable (README "mpboot repo", docs/THREAT_MODEL
     images   an image's checks, target path and custom metadata
     edit     init, delegate, add, remove, sign, rotate, publish
     report   status(): what the repository holds, and warnings
+    check    client_view(): python-tuf's client over public/ as it is on disk
 
 tuf and securesystemslib load with this package: import it inside command callbacks.
 """

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mpboot.repo.check import client_view
 from mpboot.repo.edit import delegated_roles, effective, published_root, signatures_of
 from mpboot.repo.layout import TOP_ROLES, RepoDir, now, period_text
 from mpboot.repo.signer import keyhash_of
@@ -30,9 +31,10 @@ def _left(delta: timedelta) -> str:
     return f"{s // 86400}d {s % 86400 // 3600}h" if s >= 86400 else f"{s // 3600}h {s % 3600 // 60}m"
 
 
-def status(path: Path) -> dict[str, Any]:
+def status(path: Path, *, verify: bool = False) -> dict[str, Any]:
     """The repository's state as a JSON-ready dict: {"repository", "roles": [...], "staged_files",
-    "warnings": [...]} (README "mpboot repo" shows the text form)."""
+    "warnings": [...]}, and with `verify` "client": what python-tuf's client sees in public/
+    (mpboot.repo.check; a refusal is a warning too). README "mpboot repo" shows the text form."""
     repo = RepoDir(path)
     settings = repo.settings()
     reference = now()
@@ -91,8 +93,14 @@ def status(path: Path) -> dict[str, Any]:
     if repo.read_published("timestamp") is None:
         warnings.append("nothing published yet: clients see no repository (run mpboot repo publish)")
     staged_files = [str(p.relative_to(repo.staged_targets)) for p in repo.staged_target_files()]
-    return {"repository": str(repo.path), "time": _time(reference), "roles": roles, "staged_files": staged_files,
-            "warnings": warnings}
+    report: dict[str, Any] = {"repository": str(repo.path), "time": _time(reference), "roles": roles,
+                              "staged_files": staged_files, "warnings": warnings}
+    if verify:
+        view = client_view(repo.path)
+        report["client"] = {"root_version": view.root_version, "targets": view.targets, "error": view.error}
+        if view.error is not None:
+            warnings.append(f"a client refuses public/: {view.error}")
+    return report
 
 
 def _target(path: str, tf: Any) -> dict[str, Any]:
