@@ -36,6 +36,7 @@ from simkit import HEADER_ROOM
 from mpboot.flashing import prepare
 from mpboot.image import ImageVersion, SignOptions, build_image
 from mpboot.keys import generate, load_public_key
+from mpboot.repo.images import custom_mismatch
 
 ACME, BETA = TEAMS
 A, B, C = (key_path(k) for k in ROOT_KEYS)
@@ -126,6 +127,12 @@ def test_init_delegate_add_publish_and_a_tuf_client_gets_the_image(tmp_path: Pat
     assert prepared.hash is not None
     assert custom == {"mpboot": {"version": [1, 2, 0, 0], "counter": 3, "vendor": path.split("/")[0],
                                  "class": path.split("/")[1], "kind": "app", "image_hash": prepared.hash.hex()}}
+    # The one parser a client uses after download: it agrees, and catches a role key that lies.
+    assert custom_mismatch(custom, prepared) is None
+    lying = json.loads(json.dumps(custom))
+    lying["mpboot"]["counter"] = 9
+    assert custom_mismatch(lying, prepared) == "custom counter 9, but the image says 3"
+    assert custom_mismatch({"other": 1}, prepared) == "no mpboot custom metadata"
 
 
 def test_every_published_file_but_timestamp_is_written_once(tmp_path: Path) -> None:

@@ -17,11 +17,11 @@ tuf and securesystemslib load with this package: import it inside command callba
 """
 
 from mpboot.repo.edit import add, delegate, init, publish, remove, rotate, sign, signatures_of
-from mpboot.repo.images import ImageTarget, image_target, scope_pattern
+from mpboot.repo.images import ImageTarget, custom_mismatch, custom_of, image_target, scope_pattern
 from mpboot.repo.layout import DEFAULT_EXPIRES, RepoDir, parse_period
 from mpboot.repo.signer import KeyRing, TufSigner, keyhash_of, tuf_key
 from mpboot.repo.report import status
 
-__all__ = ["DEFAULT_EXPIRES", "ImageTarget", "KeyRing", "RepoDir", "TufSigner", "add", "delegate", "image_target",
-           "init", "keyhash_of", "parse_period", "publish", "remove", "rotate", "scope_pattern", "sign",
-           "signatures_of", "status", "tuf_key"]
+__all__ = ["DEFAULT_EXPIRES", "ImageTarget", "KeyRing", "RepoDir", "TufSigner", "add", "custom_mismatch", "custom_of",
+           "delegate", "image_target", "init", "keyhash_of", "parse_period", "publish", "remove", "rotate",
+           "scope_pattern", "sign", "signatures_of", "status", "tuf_key"]

@@ -74,12 +74,25 @@ def image_target(data: bytes, name: str, where: str, expect_keys: Sequence[Publi
         raise TargetRefused(f"{where}: no SHA256 TLV: devices name images by it")
     if not any(t.type in SIGNATURE_TYPES for t in parsed.unprotected):
         raise TargetRefused(f"{where}: unsigned: sign it first (mpboot sign, mpboot cosign)")
-    vendor, klass = parsed.vendor_id, parsed.class_id
-    if vendor is None or klass is None or len(vendor) != 16 or len(klass) != 16:
+    custom = custom_of(image)
+    if custom is None:
         raise TargetRefused(f"{where}: no vendor and class ids (UUID_VID, UUID_CID): a repository serves each "
                             "vendor and class; sign it with --vendor-id and --class-id")
+    name = check_name(name)
+    ids = custom["mpboot"]
+    return ImageTarget(f"{ids['vendor']}/{ids['class']}/{name}", name, image, custom)
+
+
+def custom_of(image: PreparedImage) -> dict[str, Any] | None:
+    """The custom metadata a target carries for `image`, from its signed TLVs (None: the image
+    has no SHA256 TLV or no vendor and class ids, so it cannot be a target). The one writer of
+    the format: a client downloading a target compares what it was told with this."""
+    parsed = image.parsed
+    vendor, klass = parsed.vendor_id, parsed.class_id
+    if image.hash is None or vendor is None or klass is None or len(vendor) != 16 or len(klass) != 16:
+        return None
     v = parsed.header.version
-    custom = {"mpboot": {
+    return {"mpboot": {
         "version": [v.major, v.minor, v.revision, v.build],
         "counter": parsed.security_counter or 0,
         "vendor": uuid_text(vendor),
@@ -87,5 +100,19 @@ def image_target(data: bytes, name: str, where: str, expect_keys: Sequence[Publi
         "kind": KIND_WORDS.get(parsed.kind, str(parsed.kind)),
         "image_hash": image.hash.hex(),
     }}
-    name = check_name(name)
-    return ImageTarget(f"{uuid_text(vendor)}/{uuid_text(klass)}/{name}", name, image, custom)
+
+
+def custom_mismatch(custom: object, image: PreparedImage) -> str | None:
+    """Why a target's custom metadata does not describe `image` (None: it does, field for
+    field). For a client after download: a role key that lies about the counter or ids is
+    caught here, before anything reaches a device."""
+    expected = custom_of(image)
+    if expected is None:
+        return "the image has no SHA256 TLV or no vendor and class ids"
+    told = custom.get("mpboot") if isinstance(custom, dict) else None
+    if not isinstance(told, dict):
+        return "no mpboot custom metadata"
+    for key, value in expected["mpboot"].items():
+        if told.get(key) != value:
+            return f"custom {key} {told.get(key)!r}, but the image says {value!r}"
+    return None
