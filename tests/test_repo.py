@@ -181,6 +181,13 @@ def test_remove_delists_the_image_and_keeps_its_file(tmp_path: Path) -> None:
     seen = client_sees(built.public, built.root_v1, tmp_path / "cache", [path, other])
     assert seen[path] is None and seen[other] is not None
     assert files and all((built.public / f).is_file() for f in files)
+    # An image added, then removed before it went live, never reaches public/ and leaves staging.
+    early = _image(tmp_path, "app-9.0.0.bin", app_image(ACME, "9.0.0", counter=9))
+    assert_ok(run("repo", "add", built.path, early, "--role", "acme", *k(key_path(ACME.key_file))))
+    assert_ok(run("repo", "remove", built.path, "app-9.0.0.bin", "--role", "acme", *k(key_path(ACME.key_file))))
+    assert_ok(run("repo", "publish", built.path, *k(SK, TSK)))
+    assert not listing(built.path / "staging")
+    assert not [p for p in listing(built.public) if "app-9.0.0" in p]
 
 
 # --- thresholds -------------------------------------------------------------------------------

@@ -540,6 +540,12 @@ def publish(path: Path, ring: KeyRing, *, timestamp_only: bool = False) -> list[
             repo.unstage(name)
         for f in published_files:
             f.unlink(missing_ok=True)
+        # Images added, then removed before they went live: no staged role lists them now.
+        listed = {repo.staged_targets / _prefixed(tf) for name in repo.staged_roles() if name not in TOP_ROLES
+                  for tf in _staged_targets(repo, name)}
+        for f in repo.staged_target_files():
+            if f not in listed:
+                f.unlink(missing_ok=True)
 
         for name, md in new.items():
             lines.append(f"published {name} version {md.signed.version}")
@@ -553,6 +559,11 @@ def publish(path: Path, ring: KeyRing, *, timestamp_only: bool = False) -> list[
                 lines.append(f"warning: {name} version {md.signed.version} expired {md.signed.expires:%Y-%m-%d %H:%M} "
                              f"UTC: clients refuse it until it is renewed (mpboot repo sign REPO {name} -k KEY)")
         return lines
+
+
+def _staged_targets(repo: RepoDir, role: str) -> list[TargetFile]:
+    md = repo.read_staged(role)
+    return list(md.signed.targets.values()) if md is not None else []
 
 
 def _pick(repo: RepoDir, role: str, delegator: Root | Targets, new: dict[str, Metadata[Any]],
