@@ -199,6 +199,7 @@ def test_a_root_threshold_of_two_needs_two_root_keys(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     out = assert_ok(init_cli(repo, A, TK)).stdout
     assert "staged root version 1: signed by 1 of 2, waiting for signatures" in out
+    assert "staged targets version 1: signed by 1 of 1, goes live with root version 1, which waits for signatures" in out
     staged = Metadata.from_file(str(repo / "staging" / "metadata" / "root.json"))
     result = staged.signed.get_root_verification_result(None, staged.signed_bytes, staged.signatures)
     assert not result.verified and len(result.signed) == 1

@@ -41,7 +41,8 @@ class Signatures:
     have: int
     need: int
     verified: bool
-    detail: str  # "2 of 2", or for root "old root 1 of 2, new root 2 of 2"
+    detail: str  # "2 of 2", or for root "previous root's keys 1 of 2, new root's keys 2 of 2"
+    waits_for: str | None = None  # signed enough, but under a delegator still staged ("root version 2")
 
 
 # --- reading the effective state --------------------------------------------------------------
@@ -79,16 +80,48 @@ def delegate_signatures(delegator: Root | Targets, role: str, md: Metadata[Any])
     return Signatures(len(res.signed), res.threshold, res.verified, f"{len(res.signed)} of {res.threshold}")
 
 
+def live(repo: RepoDir, role: str) -> Metadata[Any] | None:
+    """Root or top-level targets as the next publish would make it live: the staged version
+    if it is signed enough (under the live root, for targets), else the published one."""
+    staged = repo.read_staged(role)
+    found = repo.read_published(role)
+    published = found[0] if found else None
+    if staged is not None:
+        if role == "root":
+            if root_signatures(staged, published.signed if published is not None else None).verified:
+                return staged
+        else:
+            root = live(repo, "root")
+            if root is not None and delegate_signatures(root.signed, role, staged).verified:
+                return staged
+    return published
+
+
+def _delegates(delegator: Metadata[Any] | None, role: str) -> bool:
+    if delegator is None:
+        return False
+    return role in TOP_ROLES or role in delegated_roles(delegator)
+
+
 def signatures_of(repo: RepoDir, role: str, md: Metadata[Any]) -> Signatures:
-    """How far `md` (the staged `role`) is signed, against its delegator as the next publish
-    would have it."""
+    """How far `md` (the staged `role`) is signed: against its delegator as the next publish
+    makes it live; when that is not enough but the delegator's staged version would accept
+    it, `waits_for` names that version."""
     if role == "root":
         previous = published_root(repo)
         return root_signatures(md, previous.signed if previous is not None else None)
-    delegator = effective(repo, "root" if role in TOP_ROLES else "targets")
-    if delegator is None or (role not in TOP_ROLES and role not in delegated_roles(delegator)):
-        return Signatures(0, 1, False, "no delegation")
-    return delegate_signatures(delegator.signed, role, md)
+    delegator_role = "root" if role in TOP_ROLES else "targets"
+    live_d, staged_d = live(repo, delegator_role), repo.read_staged(delegator_role)
+    current = delegate_signatures(live_d.signed, role, md) if live_d is not None and _delegates(live_d, role) else None
+    if current is not None and current.verified:
+        return current
+    if staged_d is not None and staged_d is not live_d and _delegates(staged_d, role):
+        pending = delegate_signatures(staged_d.signed, role, md)
+        if pending.verified:
+            return Signatures(pending.have, pending.need, False, pending.detail,
+                              f"{delegator_role} version {staged_d.signed.version}")
+        return current if current is not None and current.have >= pending.have else pending
+    return current if current is not None else Signatures(0, 1, False, "no delegation")
 
 
 def delegated_roles(targets: Metadata[Targets]) -> dict[str, DelegatedRole]:
@@ -98,21 +131,27 @@ def delegated_roles(targets: Metadata[Targets]) -> dict[str, DelegatedRole]:
 
 
 def role_keyids(repo: RepoDir, role: str) -> list[str]:
-    """The keyids that sign `role` in the next publish (root: the previous and the new root's)."""
-    if role == "root":
-        ids: list[str] = []
-        for md in (published_root(repo), repo.read_staged("root")):
-            if md is not None:
-                ids += md.signed.roles["root"].keyids
-        return list(dict.fromkeys(ids))
+    """The keyids that may sign `role` now: those of its delegator published and staged (during
+    a rotation, a root is signed by the previous root's keys and the new root's, and a role
+    may be signed ahead by the keys its staged delegator names)."""
+    ids: list[str] = []
     if role in TOP_ROLES:
-        root = effective(repo, "root")
-        return list(root.signed.roles[role].keyids) if root is not None else []
-    targets = effective(repo, "targets")
-    delegated = delegated_roles(targets) if targets is not None else {}
-    if role not in delegated:
-        raise RepositoryError(f"{role}: no such role (the roles are {', '.join(['root', 'targets', *delegated])})")
-    return list(delegated[role].keyids)
+        for root in (published_root(repo), repo.read_staged("root")):
+            if root is not None:
+                ids += root.signed.roles[role].keyids
+        return list(dict.fromkeys(ids))
+    found = repo.read_published("targets")
+    names: list[str] = []
+    for targets in (found[0] if found else None, repo.read_staged("targets")):
+        if targets is not None:
+            for name, delegation in delegated_roles(targets).items():
+                names.append(name)
+                if name == role:
+                    ids += delegation.keyids
+    if role not in names:
+        known = ", ".join(["root", "targets", *dict.fromkeys(names)])
+        raise RepositoryError(f"{role}: no such role (the roles are {known})")
+    return list(dict.fromkeys(ids))
 
 
 def _next(repo: RepoDir, settings: Settings, role: str) -> Metadata[Any]:
@@ -134,7 +173,9 @@ def _next(repo: RepoDir, settings: Settings, role: str) -> Metadata[Any]:
 
 def _summary(repo: RepoDir, role: str, md: Metadata[Any]) -> str:
     s = signatures_of(repo, role, md)
-    state = "ready to publish" if s.verified else "waiting for signatures (mpboot repo sign)"
+    state = ("ready to publish" if s.verified else
+             f"goes live with {s.waits_for}, which waits for signatures" if s.waits_for else
+             "waiting for signatures (mpboot repo sign)")
     return f"staged {role} version {md.signed.version}: signed by {s.detail}, {state}"
 
 
