@@ -393,6 +393,26 @@ def test_sign_renews_a_role_and_a_teams_key_is_replaced(tmp_path: Path) -> None:
     assert_error(run("repo", "add", built.path, lamp, "--role", "beta", *k(beta_key)), 2, "not a key of beta")
 
 
+def test_targets_signed_ahead_by_its_new_key_goes_live_with_the_new_root(tmp_path: Path) -> None:
+    built = build_repo(tmp_path / "repo")
+    new_targets = new_key(tmp_path, "targets-3")
+    out = assert_ok(run("repo", "rotate", built.path, "targets", "--add", new_targets, "--remove",
+                        load_public_key(TK).keyhash().hex()[:16], *k(A, new_targets))).stdout
+    assert "staged root version 2: signed by previous root's keys 1 of 2, new root's keys 1 of 2" in out
+    assert ("staged targets version 2: signed by 1 of 1, goes live with root version 2, which waits for "
+            "signatures") in out
+    published = assert_ok(run("repo", "publish", built.path, *k(SK, TSK))).stdout  # neither is ready
+    assert "published root" not in published and "published targets" not in published
+    assert_ok(run("repo", "sign", built.path, "root", *k(C)))
+    published = assert_ok(run("repo", "publish", built.path, *k(SK, TSK))).stdout
+    assert "published root version 2" in published and "published targets version 2" in published
+    assert snapshot_meta(built.public)["targets"] == 2
+    path = built.target_path("acme", "app-1.1.0.bin")
+    assert client_sees(built.public, built.root_v1, tmp_path / "cache", [path])[path] is not None
+    # The old targets key signs nothing any more.
+    assert_error(run("repo", "sign", built.path, "targets", *k(TK)), 2, "not a key of targets")
+
+
 # --- status -----------------------------------------------------------------------------------
 
 
