@@ -531,6 +531,13 @@ def test_usage_errors_are_one_line(tmp_path: Path) -> None:
     assert_error(run("repo", "rotate", built.path, "timestamp", "--remove", "abc", *k(A, B)), 2, "8 digits or more")
     assert_error(run("repo", "rotate", built.path, "root", "--threshold", "1", *k(A, B)), 2, "root threshold 1")
     assert not (tmp_path / "new").exists()
+    # Hand-edited metadata is one line, not a traceback.
+    staged = built.path / "staging" / "metadata" / "acme.json"
+    staged.write_bytes((built.public / "metadata" / "1.root.json").read_bytes())
+    assert_error(run("repo", "status", built.path), 2, "root metadata where acme belongs")
+    staged.write_text("{not json")
+    assert_error(run("repo", "add", built.path, _image(tmp_path, "a.bin", app_image(ACME, "5.0.0")), "--role", "acme",
+                     *k(key_path(ACME.key_file))), 2, "acme.json: not TUF metadata")
 
 
 def test_one_writer_at_a_time_and_expiry_periods_from_init(tmp_path: Path) -> None:

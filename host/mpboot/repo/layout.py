@@ -192,7 +192,7 @@ class RepoDir:
         if not path.is_file():
             return None
         data = _read_bounded(path)
-        return load_metadata(data, path), data
+        return load_metadata(data, path, role), data
 
     def write_public(self, path: Path, data: bytes, *, replace: bool = False) -> None:
         """Write a file under public/ once (replace: timestamp.json only)."""
@@ -217,7 +217,7 @@ class RepoDir:
         path = self.staged_path(role)
         if not path.is_file():
             return None
-        return load_metadata(_read_bounded(path), path)
+        return load_metadata(_read_bounded(path), path, role)
 
     def stage(self, role: str, md: Metadata[Any]) -> Path:
         path = self.staged_path(role)
@@ -242,12 +242,17 @@ def _read_bounded(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def load_metadata(data: bytes, where: Path) -> Metadata[Any]:
+def load_metadata(data: bytes, where: Path, role: str) -> Metadata[Any]:
+    """TUF metadata of `role`'s type (a team's role is targets metadata), else RepositoryError."""
     from tuf.api.exceptions import RepositoryError as TufRepositoryError
     from tuf.api.metadata import Metadata
     from tuf.api.serialization import DeserializationError
 
     try:
-        return Metadata.from_bytes(data)
+        md = Metadata.from_bytes(data)
     except (DeserializationError, TufRepositoryError, ValueError) as err:
         raise RepositoryError(f"{where}: not TUF metadata ({err})") from None
+    expected = role if role in TOP_ROLES else "targets"
+    if md.signed.type != expected:
+        raise RepositoryError(f"{where}: {md.signed.type} metadata where {role} belongs")
+    return md
