@@ -17,7 +17,7 @@ from click.testing import Result
 
 from clikit import assert_error, assert_ok, run
 from conftest import signing_key
-from hsmkit import SoftHsm, pin_file, uri
+from hsmkit import SoftHsm, openssl_sign, pin_file, uri
 from repokit import (
     IMAGE_KEY,
     ROOT_KEYS,
@@ -411,6 +411,41 @@ def test_targets_signed_ahead_by_its_new_key_goes_live_with_the_new_root(tmp_pat
     assert client_sees(built.public, built.root_v1, tmp_path / "cache", [path])[path] is not None
     # The old targets key signs nothing any more.
     assert_error(run("repo", "sign", built.path, "targets", *k(TK)), 2, "not a key of targets")
+
+
+def test_an_offline_root_key_signs_through_a_digest_on_another_machine(tmp_path: Path) -> None:
+    built = build_repo(tmp_path / "repo")
+    digest = tmp_path / "root.digest"
+    out = assert_ok(run("repo", "sign", built.path, "root", "--digest-only", "-o", digest)).stdout
+    assert "renewing root: version 2" in out and "signed by previous root's keys 0 of 2" in out
+    assert len(digest.read_bytes()) == 32
+    signatures = {}
+    for key in (A, B):  # on the offline machine: openssl, with nothing but the key and the digest
+        signatures[key] = tmp_path / f"{key.stem}.sig"
+        openssl_sign(key, digest, signatures[key])
+    # A signature over other bytes is refused: nothing added.
+    other = tmp_path / "other.digest"
+    other.write_bytes(bytes(32))
+    openssl_sign(C, other, tmp_path / "other.sig")
+    assert_error(run("repo", "sign", built.path, "root", "-k", C.with_name(C.stem + ".pub.pem"),
+                     "--attach-signature", tmp_path / "other.sig"), 2, "not a signature of digest")
+    log = tmp_path / "log.jsonl"
+    out = assert_ok(run("repo", "sign", built.path, "root", "-k", A.with_name(A.stem + ".pub.pem"),
+                        "--attach-signature", signatures[A], "--signing-log", log)).stdout
+    assert "previous root's keys 1 of 2, new root's keys 1 of 2" in out
+    # The digest is the same until the staged root changes.
+    assert_ok(run("repo", "sign", built.path, "root", "--digest-only", "-o", tmp_path / "again.digest"))
+    assert (tmp_path / "again.digest").read_bytes() == digest.read_bytes()
+    out = assert_ok(run("repo", "sign", built.path, "root", "-k", B.with_name(B.stem + ".pub.pem"),
+                        "--attach-signature", signatures[B], "--signing-log", log)).stdout
+    assert "ready to publish" in out
+    assert [json.loads(line)["signer"]["kind"] for line in log.read_text().splitlines()] == ["detached", "detached"]
+    assert_ok(run("repo", "publish", built.path, *k(SK, TSK)))
+    assert (built.public / "metadata" / "2.root.json").is_file()
+    path = built.target_path("acme", "app-1.0.0.bin")
+    assert client_sees(built.public, built.root_v1, tmp_path / "cache", [path])[path] is not None
+    assert_error(run("repo", "sign", built.path, "root", "-k", A, "--attach-signature", signatures[A]), 2,
+                 "nothing staged for root")
 
 
 # --- status -----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import click
 from mpboot import signing
 from mpboot.cli.common import (
     KEY_REF,
+    check_input_file,
     password,
     password_env_option,
     pkcs11_module_option,
@@ -24,7 +25,7 @@ from mpboot.cli.common import (
     signing_log_option,
     token_access,
 )
-from mpboot.errors import UsageError
+from mpboot.errors import InputFileError, UsageError
 from mpboot.keys import PublicKey, SignatureScheme
 from mpboot.signing import KeyRef
 
@@ -237,18 +238,59 @@ def remove_cmd(repo_dir: Path, targets: tuple[str, ...], role: str, keys: KeyArg
 @repo_group.command("sign")
 @REPO_ARG
 @click.argument("role")
+@click.option("--digest-only", is_flag=True,
+              help="Air-gapped signing, step 1: write to -o the 32-byte SHA-256 digest a signature of the staged "
+                   "ROLE covers (staging its renewal first if nothing is staged), and nothing else.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="With --digest-only: the digest file.")
+@click.option("--attach-signature", "signature_files", multiple=True, type=click.Path(path_type=Path),
+              help="Air-gapped signing, step 2: a raw RSA-PSS (salt 32) signature of that digest made elsewhere, "
+                   "by the -k public key (repeat both, in order, for several); refused unless it verifies.")
 @_signing
-def sign_cmd(repo_dir: Path, role: str, keys: KeyArgs) -> None:
+def sign_cmd(repo_dir: Path, role: str, digest_only: bool, output: Path | None, signature_files: tuple[Path, ...],
+             keys: KeyArgs) -> None:
     """Add your signature (-k) to the staged ROLE (root, targets or a team's role): each key
     holder in turn, until its threshold is met (root: the previous root's threshold and the
     new one's). With nothing staged for ROLE, stage its next version with a new expiry and
-    sign it: a renewal.
+    sign it: a renewal. An offline key signs on another machine: --digest-only there, then
+    --attach-signature here.
 
     Exit status: 0 done, 2 a usage, key or repository problem (nothing written)."""
     from mpboot import repo
+    from mpboot.files import write_atomic
+    from mpboot.repo.edit import digest_for_signing
+    from mpboot.repo.signer import KeyRing
 
+    if digest_only:
+        if keys.refs or signature_files:
+            raise UsageError("--digest-only writes only the digest: drop -k and --attach-signature")
+        if output is None:
+            raise UsageError("--digest-only: give -o FILE for the digest")
+        digest, lines = digest_for_signing(repo_dir, role)
+        write_atomic(output, digest)
+        _echo(lines)
+        click.echo(f"wrote the SHA-256 digest {digest.hex()} of the staged {role} to {output}: sign these 32 bytes "
+                   f"with RSA-PSS (SHA-256, MGF1-SHA-256, salt 32), then: mpboot repo sign REPO {role} "
+                   "-k PUBLIC_KEY --attach-signature SIG")
+        return
+    if output is not None:
+        raise UsageError("-o goes with --digest-only")
+    if signature_files:
+        if len(signature_files) != len(keys.refs):
+            raise UsageError("give each --attach-signature its public key with -k, in the same order")
+        attached = [signing.AttachedSignature(key, _read_signature(path), str(path.resolve()))
+                    for key, path in zip(keys.publics(keys.refs), signature_files)]
+        _echo(repo.sign(repo_dir, role, KeyRing.of(attached, keys.signing_log), staged_only=True))
+        return
     with keys.ring() as ring:
         _echo(repo.sign(repo_dir, role, ring))
+
+
+def _read_signature(path: Path) -> bytes:
+    """A raw signature file (at most an RSA-3072 signature's 384 bytes)."""
+    path = check_input_file(path, "a signature")
+    if path.stat().st_size > 384:
+        raise InputFileError(f"{path}: {path.stat().st_size} bytes: not a raw RSA signature (256 or 384 bytes)")
+    return path.read_bytes()
 
 
 @repo_group.command("rotate")

@@ -362,9 +362,10 @@ def remove(path: Path, role: str, names: Sequence[str], ring: KeyRing) -> list[s
 # --- sign: cosign a staged role, or renew one ------------------------------------------------------
 
 
-def sign(path: Path, role: str, ring: KeyRing) -> list[str]:
+def sign(path: Path, role: str, ring: KeyRing, *, staged_only: bool = False) -> list[str]:
     """Add the -k keys' signatures to the staged `role` (root, targets or a team's role).
-    With nothing staged for it: stage its next version with a new expiry (a renewal)."""
+    With nothing staged for it: stage its next version with a new expiry (a renewal), unless
+    `staged_only` (a signature made elsewhere covers the staged version it was made for)."""
     if role in ("snapshot", "timestamp"):
         raise RepositoryError(f"{role} is signed by mpboot repo publish")
     repo = RepoDir(path)
@@ -374,6 +375,9 @@ def sign(path: Path, role: str, ring: KeyRing) -> list[str]:
         md = repo.read_staged(role)
         lines = []
         if md is None:
+            if staged_only:
+                raise RepositoryError(f"nothing staged for {role}: take its digest first (mpboot repo sign REPO "
+                                      f"{role} --digest-only -o FILE)")
             md = _next(repo, settings, role)
             lines.append(f"renewing {role}: version {md.signed.version}, expires {md.signed.expires:%Y-%m-%d %H:%M} UTC")
         already = [s for s in ring.signers if s.keyid in md.signatures]
@@ -382,6 +386,24 @@ def sign(path: Path, role: str, ring: KeyRing) -> list[str]:
         ring.sign(md, role, keyids, repo.staged_path(role))
         repo.stage(role, md)
         return lines + [_summary(repo, role, md)]
+
+
+def digest_for_signing(path: Path, role: str) -> tuple[bytes, list[str]]:
+    """Air-gapped signing, step 1: the SHA-256 a signature of the staged `role` covers (the
+    digest of its canonical JSON), staging its renewal first when nothing is staged for it.
+    Step 2 is `sign` with a signing.AttachedSignature made over that digest elsewhere."""
+    if role in ("snapshot", "timestamp"):
+        raise RepositoryError(f"{role} is signed by mpboot repo publish")
+    repo = RepoDir(path)
+    with repo.locked() as settings:
+        role_keyids(repo, role)  # an unknown role is refused here
+        md = repo.read_staged(role)
+        lines = []
+        if md is None:
+            md = _next(repo, settings, role)
+            repo.stage(role, md)
+            lines.append(f"renewing {role}: version {md.signed.version}, expires {md.signed.expires:%Y-%m-%d %H:%M} UTC")
+        return hashlib.sha256(md.signed_bytes).digest(), lines + [_summary(repo, role, md)]
 
 
 # --- rotate -----------------------------------------------------------------------------------
@@ -634,5 +656,5 @@ def _sign_top(ring: KeyRing, root: Root, md: Metadata[Any], role: str, output: P
                               "nothing written")
 
 
-__all__ = ["Signatures", "add", "delegate", "delegated_roles", "effective", "init", "publish", "remove", "role_keyids",
-           "rotate", "sign", "signatures_of"]
+__all__ = ["Signatures", "add", "delegate", "delegated_roles", "digest_for_signing", "effective", "init", "live",
+           "publish", "remove", "role_keyids", "rotate", "sign", "signatures_of"]
