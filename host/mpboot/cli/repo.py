@@ -240,7 +240,7 @@ def remove_cmd(repo_dir: Path, targets: tuple[str, ...], role: str, keys: KeyArg
 @click.argument("role")
 @click.option("--digest-only", is_flag=True,
               help="Air-gapped signing, step 1: write to -o the 32-byte SHA-256 digest a signature of the staged "
-                   "ROLE covers (staging its renewal first if nothing is staged), and nothing else.")
+                   "ROLE covers (staging its renewal first if nothing is staged).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="With --digest-only: the digest file.")
 @click.option("--attach-signature", "signature_files", multiple=True, type=click.Path(path_type=Path),
               help="Air-gapped signing, step 2: a raw RSA-PSS (salt 32) signature of that digest made elsewhere, "
@@ -251,8 +251,8 @@ def sign_cmd(repo_dir: Path, role: str, digest_only: bool, output: Path | None, 
     """Add your signature (-k) to the staged ROLE (root, targets or a team's role): each key
     holder in turn, until its threshold is met (root: the previous root's threshold and the
     new one's). With nothing staged for ROLE, stage its next version with a new expiry and
-    sign it: a renewal. An offline key signs on another machine: --digest-only there, then
-    --attach-signature here.
+    sign it: a renewal. A key on an offline machine: take the digest here (--digest-only),
+    sign those 32 bytes there, and add the signature here (--attach-signature).
 
     Exit status: 0 done, 2 a usage, key or repository problem (nothing written)."""
     from mpboot import repo
