@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mpboot.repo.check import client_view
-from mpboot.repo.edit import delegated_roles, effective, published_root, signatures_of
+from mpboot.repo.state import delegated_roles, effective, published_root, signatures_of
 from mpboot.repo.layout import TOP_ROLES, RepoDir, now, period_text
 from mpboot.repo.signer import keyhash_of
 
