@@ -842,7 +842,8 @@ def test_signing_loads_neither_ble_nor_the_factory() -> None:
     code = ("import sys\nfrom mpboot.cli import cli\n"
             "try:\n    cli(['sign', '--help'], prog_name='mpboot')\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in sys.modules if m.startswith(('bleak', 'bumble', 'mpboot.cli.', "
-            "'mpboot.factory', 'mpboot.sim', 'pkcs11'))))")
+            "'mpboot.factory', 'mpboot.sim', 'pkcs11', 'tuf', 'securesystemslib', "
+            "'mpboot.repo'))))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip().splitlines()[-1] == "['mpboot.cli.common', 'mpboot.cli.sign']"
 

@@ -667,3 +667,19 @@ def repository_error(err: BaseException, url: str | None = None) -> MpbootError:
         return RepositoryUnavailable(f"{where}{text}")
     hint = _REPOSITORY_HINTS.get(code)
     return RepositoryRefused(code, f"{where}{text}" + (f" ({hint})" if hint else ""), url)
+
+# --- a TUF repository (mpboot.repo; `mpboot repo`) ----------------------------------------------
+
+
+class RepositoryError(UsageError):
+    """A TUF repository directory cannot be used as asked (exit 2): not one, already one, an
+    unknown role, a key that is not the role's, a change that would break what clients
+    verify. Nothing was written."""
+
+
+class TargetRefused(RepositoryError):
+    """An image is refused as a repository target (exit 1): malformed, unsigned, without a
+    SHA256 TLV or vendor/class ids, or outside the role's vendor/class scope. Nothing was
+    written."""
+
+    exit_code = 1
