@@ -394,3 +394,108 @@ def apply(trust, buf):
         new[REVOKED_KEYS] = rkeys
         new[REVOKED_SERIALS] = serials
     return new
+
+
+# The channel record (body type 4, docs/KEYS.md section 3): which image a channel (e.g.
+# "stable") of one vendor/class points at now, numbered. mpboot.pull checks it, in the order
+# of docs/THREAT_MODEL.md "Device pull": format, product, number, signature, counter.
+CHANNEL = const(4)
+KIND_CHANNEL = const(8)  # the certificate kind bit that lets a key sign channel records
+_H_NUMBER = const(30)
+_H_NAME = const(31)
+_H_VENDOR = const(32)
+_H_CLASS = const(33)
+_H_SHA = const(34)
+_H_LEN = const(35)
+_H_VERSION = const(36)
+_H_COUNTER = const(37)
+_H_PATH = const(38)
+_H_CERTS = const(39)
+_MAX_NAME = const(16)
+_MAX_PATH = const(128)
+_MAX_CHAIN = const(3)
+
+# A parsed channel record: a list read by these indices.
+H_NUMBER = const(0)
+H_NAME = const(1)  # str
+H_VENDOR = const(2)  # 16 bytes
+H_CLASS = const(3)
+H_SHA = const(4)  # SHA-256 of the whole image file (32 bytes)
+H_LEN = const(5)  # the image file's length
+H_VERSION = const(6)  # 8 bytes, header layout
+H_COUNTER = const(7)  # security counter
+H_PATH = const(8)  # str: the image's URL relative to the record's
+H_CERTS = const(9)  # list of certificate envelopes (memoryviews), parent first; [] none
+H_DIGEST = const(10)  # the signed digest (SHA-256 of context || body): names the record
+H_SIGS = const(11)  # signatures as open_envelope gives them
+
+
+def _text(v, most):
+    _need(type(v) is str and 1 <= len(v) <= most)
+    return v
+
+
+def open_channel(buf):
+    # The channel record in buf as the H_* list; TrustError(E_TOO_LARGE / E_MALFORMED).
+    # Only format here: the caller checks product, number, signature and counter.
+    if len(buf) > MAX_RECORD:
+        raise TrustError(E_TOO_LARGE)
+    try:
+        f, sigs, digest = open_envelope(buf)
+        for k in f:
+            _need(k == _TYPE or _H_NUMBER <= k <= _H_CERTS)
+        _need(f.get(_TYPE) == CHANNEL)
+        certs = f.get(_H_CERTS)
+        if certs is not None:
+            for c in _array(certs, 1, _MAX_CHAIN):
+                _bstr(c)
+        path = _text(f.get(_H_PATH), _MAX_PATH)
+        # A relative path below the record's directory: no scheme, host or parent.
+        _need(path[0] != "/" and ":" not in path and ".." not in path and "\\" not in path)
+        for ch in path:
+            _need(" " < ch < "\x7f")
+        return [
+            _uint(f.get(_H_NUMBER), 1, _U32),
+            _text(f.get(_H_NAME), _MAX_NAME),
+            bytes(_bstr(f.get(_H_VENDOR), 16)),
+            bytes(_bstr(f.get(_H_CLASS), 16)),
+            bytes(_bstr(f.get(_H_SHA), 32)),
+            _uint(f.get(_H_LEN), 1, _U32),
+            bytes(_bstr(f.get(_H_VERSION), 8)),
+            _uint(f.get(_H_COUNTER), 0, _U32),
+            path,
+            certs or [],
+            digest,
+            sigs,
+        ]
+    except ValueError:
+        raise TrustError(E_MALFORMED)
+
+
+def channel_signed(ch, trust):
+    # Raises TrustError(E_SIGNATURES) unless the channel record ch (open_channel's list) is
+    # signed by a root threshold of `trust`, or by a key its certificates (H_CERTS, each
+    # issued as in an image) certify for kind channel, its vendor, class and counter. A
+    # signature by a trusted key that does not verify is E_SIGNATURES too.
+    sigs = ch[H_SIGS]
+    digest = ch[H_DIGEST]
+    revoked = trust[REVOKED_KEYS]
+    n, _ = count(sigs, digest, trust[ROOTS], revoked)
+    if n < 0:
+        raise TrustError(E_SIGNATURES)
+    if n >= trust[THRESHOLD]:
+        return
+    info = {"vendor_id": ch[H_VENDOR], "class_id": ch[H_CLASS], "security_counter": ch[H_COUNTER],
+            "kind": KIND_CHANNEL}
+    certified = []
+    for c in ch[H_CERTS]:
+        if add(c, trust, certified, info) < 0:
+            raise TrustError(E_SIGNATURES)
+    # As a certificate's issuer (issue()): the first signature by a certified key decides.
+    for s in sigs:
+        for c in certified:
+            if c[C_KEY][0] == s[0]:
+                if c[-1] and signature_ok(s[1], c[C_KEY], s[2], digest):
+                    return
+                raise TrustError(E_SIGNATURES)
+    raise TrustError(E_SIGNATURES)
