@@ -11,6 +11,7 @@ options declared once, the device link):
     ble      scan, sync
     factory  provision, provision report
     trust    trust push, trust show (a device's root set and revocations, over SMP)
+    channel  channel sign, channel show (channel records devices pull)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ FAMILIES: dict[str, str] = {
     **dict.fromkeys(("scan", "sync"), "ble"),
     "provision": "factory",
     "trust": "trust",
+    "channel": "channel",
 }
 
 
