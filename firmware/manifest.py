@@ -72,7 +72,7 @@ if options.rescue:
 # input); every check that decides and every flash write in it is stage 0's (records, update).
 # pull=False leaves it out.
 if options.pull:
-    package("mpboot", files=("http.py", "pull.py"))
+    package("mpboot", files=("http.py", "puller.py"))
 if options.port == "unix":
     package("mpboot", files=("ports/unix.py", "ports/nor_sim.py"))
 elif options.port:

@@ -7,13 +7,11 @@ _booted = None
 # mpboot.boot when it starts the app (or enters recovery): see mpboot.boot.confirm.
 
 
-def pull(url, **kw):
-    # mpboot.pull(url, ...): fetch a channel record and the image it names (mpboot.pull.pull,
-    # README "Device pull"). The module loads at the first call, not at boot; its import sets
-    # the package's `pull` to the module, so this function puts itself back.
-    import sys
 
-    f = globals()["pull"]
-    __import__("mpboot.pull")
-    globals()["pull"] = f
-    return sys.modules["mpboot.pull"].pull(url, **kw)
+def pull(url, **kw):
+    # mpboot.pull(url, ...): fetch a channel record and the image it names (mpboot.puller,
+    # README "Device pull"). That module loads at the first call, not at boot. (It is not
+    # named mpboot.pull: importing a submodule sets the package's attribute of that name.)
+    from mpboot.puller import pull
+
+    return pull(url, **kw)

@@ -1,5 +1,5 @@
 """Channel records (docs/KEYS.md section 3, type 4): the small signed statement a device pulls
-(`mpboot.pull` on the device) to learn which image its channel ("stable", "beta") points at.
+(`mpboot.pull` on the device, firmware/mpboot/puller.py) to learn which image its channel ("stable", "beta") points at.
 
 `channel_record` makes one from a signed image: the image's SHA-256, length, version, security
 counter, vendor and class ids are read from the image itself, so the record cannot name an
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpboot import trust
-from mpboot.errors import TrustErrorCode, TrustRefused, UsageError
+from mpboot.errors import ChannelRefused, ImageRejected, PullErrorCode, TrustErrorCode, TrustRefused, UsageError
 from mpboot.image import ImageVersion, parse_image
 from mpboot.keys import SignatureScheme
 from mpboot.signing import Signer
@@ -98,4 +98,59 @@ def next_number(previous: Path) -> int:
     return info.record.number + 1
 
 
-__all__ = ["DEFAULT_NAME", "ChannelInfo", "channel_body", "channel_record", "next_number", "read_channel"]
+# The bytes of a record's signed digest a device keeps beside the highest number it took
+# (firmware/mpboot/trust.py CHANNEL_DIGEST): an equal number with another body is refused.
+TAKEN_DIGEST_SIZE = 24
+
+
+def check_channel(data: bytes, state: trust.TrustState, *, vendor_id: bytes, class_id: bytes, name: str,
+                  taken: int = 0, taken_digest: bytes = b"", floor: int = 0) -> trust.ChannelRecord:
+    """The record in `data` as a device with this trust state, vendor, class, channel name,
+    highest number taken (and its record's digest prefix) and counter floor takes it, by the
+    device's checks in the device's order (firmware/mpboot/puller.py check_record): TOO_LARGE,
+    RECORD, PRODUCT, STALE, SIGNATURE, IMAGE (counter below the floor). ChannelRefused
+    otherwise."""
+    from mpboot.image import _ImageSigners  # the image walk's certificate rules, shared (KEYS.md 4)
+
+    if len(data) > trust.MAX_RECORD_SIZE:
+        raise ChannelRefused(PullErrorCode.TOO_LARGE, f"{len(data)} bytes")
+    try:
+        info = read_channel(data)
+    except TrustRefused as err:
+        raise ChannelRefused(PullErrorCode.RECORD, err.detail) from None
+    r = info.record
+    if r.name != name or r.vendor_id != vendor_id or r.class_id != class_id:
+        raise ChannelRefused(PullErrorCode.PRODUCT, f"channel {r.name!r} of vendor {r.vendor_id.hex()} class "
+                                                    f"{r.class_id.hex()}")
+    env = info.envelope
+    if r.number < taken or r.number == taken and env.digest[:len(taken_digest)] != taken_digest:
+        raise ChannelRefused(PullErrorCode.STALE, f"number {r.number}, the device has taken {taken}")
+
+    def bad(detail: str) -> ChannelRefused:
+        return ChannelRefused(PullErrorCode.SIGNATURE, detail)
+
+    if len(env.verified_signers(state.trusted_roots(), bad)) < state.threshold:
+        walk = _ImageSigners(state, None)  # type: ignore[arg-type]  # (certificates use only the state)
+        try:
+            for cert in r.certificates:
+                walk.certificate(cert)
+        except ImageRejected as err:
+            raise bad(f"a certificate: {err}") from None
+        for sig in env.signatures:
+            signer = walk.certified.get(sig.keyhash)
+            if signer is None:
+                continue
+            cert = signer.certificate
+            assert cert is not None
+            if not cert.covers(r.vendor_id, r.class_id, r.counter, trust.CHANNEL_KIND):
+                raise bad(f"certificate serial {cert.serial} does not cover this channel record")
+            env.check_signature(sig, signer.key, bad)
+            break
+        else:
+            raise bad(f"not signed by {state.threshold} root(s) or a key certified for channel records")
+    if r.counter < floor:
+        raise ChannelRefused(PullErrorCode.IMAGE, f"security counter {r.counter} below the floor {floor}")
+    return r
+
+
+__all__ = ["check_channel", "TAKEN_DIGEST_SIZE", "DEFAULT_NAME", "ChannelInfo", "channel_body", "channel_record", "next_number", "read_channel"]

@@ -1,4 +1,4 @@
-# mpboot.pull(url): the device fetches a channel record (docs/KEYS.md, body type 4) over
+# mpboot.pull(url) (this module: mpboot.puller): the device fetches a channel record (docs/KEYS.md, body type 4) over
 # HTTP, checks it, and streams the image it names into the free slot through the updater,
 # marked for a test boot. The app calls it (after mpboot.confirm(): no update during a test
 # boot) and resets when it likes; the next boot test-boots the new image as after any update.
@@ -6,7 +6,7 @@
 #   import mpboot
 #   try:
 #       outcome = mpboot.pull("https://updates.example.com/channels/VID/CID/stable.cbor")
-#   except Exception as e:          # mpboot.pull.PullError: e.args = (code, detail)
+#   except Exception as e:          # mpboot.puller.PullError: e.args = (code, detail)
 #       ...
 #
 # The record is checked in this order (cheap first; docs/THREAT_MODEL.md "Device pull"):
@@ -126,33 +126,40 @@ def _holds(area, buf, n, sha):
     return d.digest() == sha
 
 
+def check_record(ch, trust, vendor_id, class_id, channel, taken, digest, floor):
+    # The checks of an opened record ch (records.H_*) after its format, in order: product
+    # (channel name, vendor, class), number against the highest taken (`taken`, with the
+    # first trust.CHANNEL_DIGEST bytes of that record's digest), signature under `trust`,
+    # security counter against `floor`. Raises PullError.
+    if ch[records.H_NAME] != channel or ch[records.H_VENDOR] != vendor_id or ch[records.H_CLASS] != class_id:
+        _fail(E_PRODUCT)
+    number = ch[records.H_NUMBER]
+    if number < taken or number == taken and ch[records.H_DIGEST][: len(digest)] != digest:
+        _fail(E_STALE, taken)
+    try:
+        records.channel_signed(ch, trust)
+    except records.TrustError as e:
+        _fail(E_SIGNATURE, e.args[0])
+    if ch[records.H_COUNTER] < floor:
+        _fail(E_IMAGE, 18)  # mpboot.slots.E_COUNTER_BELOW_FLOOR
+
+
 def _check(ch, slots, info, channel):
-    # Product, number, signature and counter of the opened record ch (records.H_*), in that
-    # order; then the number is persisted when it grows. Returns nothing; raises PullError.
+    # check_record against this device; then the number is persisted when it grows.
     from mpboot.state import FLOOR
     from mpboot.trust import CHANNEL_DIGEST
 
     vid = slots.vendor_id if slots.vendor_id is not None else info and info["vendor_id"]
     cid = slots.class_id if slots.class_id is not None else info and info["class_id"]
-    if ch[records.H_NAME] != channel or ch[records.H_VENDOR] != vid or ch[records.H_CLASS] != cid:
-        _fail(E_PRODUCT)
     store = slots.trust_store
     if store is None:
         _fail(E_NO_TRUST_AREA)
     n0, d0 = store.channel()
+    check_record(ch, slots.trust, vid, cid, channel, n0, d0, slots.state[slots.b + FLOOR])
     number = ch[records.H_NUMBER]
-    digest = ch[records.H_DIGEST][:CHANNEL_DIGEST]
-    if number < n0 or number == n0 and digest != d0:
-        _fail(E_STALE, n0)
-    try:
-        records.channel_signed(ch, slots.trust)
-    except records.TrustError as e:
-        _fail(E_SIGNATURE, e.args[0])
-    if ch[records.H_COUNTER] < slots.state[slots.b + FLOOR]:
-        _fail(E_IMAGE, 18)  # mpboot.slots.E_COUNTER_BELOW_FLOOR
     if number > n0:
         try:
-            store.save_channel(slots.trust, number, digest)
+            store.save_channel(slots.trust, number, ch[records.H_DIGEST][:CHANNEL_DIGEST])
         except OSError as e:
             _fail(E_FLASH, e.args[0] if e.args else 0)
 
@@ -232,7 +239,7 @@ def pull(url, channel="stable", timeout_ms=10000, deadline_ms=600000, tries=5, c
     # resumes). cadata: the CA certificate (DER) an https server must present; None: https
     # is unauthenticated (the record's signature and the image's are what the device
     # trusts). Returns CURRENT, PENDING, REVERTED or INSTALLED; raises PullError(code,
-    # detail). mpboot.pull.last keeps the outcome either way.
+    # detail). mpboot.puller.last keeps the outcome either way.
     global last, _busy
     if _busy:
         last = (False, E_UPDATE, 1, 0)
