@@ -154,7 +154,8 @@ def site() -> Iterator[tuple[Site, str]]:
 
 APP = """import mpboot
 print('APP {name}')
-print('CONFIRM', mpboot.confirm())
+if {confirm}:
+    print('CONFIRM', mpboot.confirm())
 try:
     f = open({ctl!r})
     a = f.read().split()
@@ -163,7 +164,12 @@ except OSError:
     a = None
 for i in range(int(a[4]) if a else 0):
     try:
-        print('PULLED', mpboot.pull(a[0], timeout_ms=int(a[1]), tries=int(a[2]), deadline_ms=int(a[3])))
+        ca = None
+        if len(a) > 5 and a[5] != '-':
+            with open(a[5], 'rb') as f:
+                ca = f.read()
+        print('PULLED', mpboot.pull(a[0], timeout_ms=int(a[1]), tries=int(a[2]), deadline_ms=int(a[3]),
+                                    cadata=ca, force=len(a) > 6))
     except Exception as e:
         print('PULLERR', e.args[0], e.args[1] if len(e.args) > 1 else 0)
     import mpboot.puller
@@ -177,11 +183,12 @@ class World:
     v1: bytes
     v2: bytes
     v2_other: bytes  # same version and length as v2, other bytes
+    v2_broken: bytes  # v2 whose app never confirms itself: its test boot is reverted
 
 
-def _app(folder: Path, name: str, ctl: Path, seed: str) -> bytes:
+def _app(folder: Path, name: str, ctl: Path, seed: str, confirm: bool = True) -> bytes:
     folder.mkdir(parents=True)
-    (folder / "main.py").write_text(APP.format(name=name, ctl=str(ctl)))
+    (folder / "main.py").write_text(APP.format(name=name, ctl=str(ctl), confirm=confirm))
     (folder / "filler.bin").write_bytes(random.Random(seed).randbytes(FILLER))
     return pack_app(folder)
 
@@ -191,11 +198,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     base = tmp_path_factory.mktemp("pull")
     ctl = base / "pull.ctl"
 
-    def signed(name: str, version: str, seed: str) -> bytes:
-        return sign_app(_app(base / f"{name}-{seed}", name, ctl, seed), KEY, version, security_counter=1,
+    def signed(name: str, version: str, seed: str, confirm: bool = True) -> bytes:
+        return sign_app(_app(base / f"{name}-{seed}", name, ctl, seed, confirm), KEY, version, security_counter=1,
                         vendor_id=VENDOR, class_id=CLASS)
 
-    w = World(ctl, signed("v1", "1.0.0", "a"), signed("v2", "2.0.0", "b"), signed("v2", "2.0.0", "c"))
+    w = World(ctl, signed("v1", "1.0.0", "a"), signed("v2", "2.0.0", "b"), signed("v2", "2.0.0", "c"),
+              signed("v2", "2.0.0", "d", confirm=False))
     assert len(w.v2) == len(w.v2_other) and w.v2 != w.v2_other
     return w
 
@@ -225,9 +233,12 @@ class Pulled:
 
 
 def pull_all(dev: SimDevice, world: World, url: str, *, timeout_ms: int = 3000, tries: int = 3,
-             deadline_ms: int = 20000, times: int = 1) -> list[Pulled]:
-    """One power-on whose app pulls `times` times: what each pull came to."""
-    world.ctl.write_text(f"{url} {timeout_ms} {tries} {deadline_ms} {times}\n")
+             deadline_ms: int = 20000, times: int = 1, ca: Path | None = None, force: bool = False) -> list[Pulled]:
+    """One power-on whose app pulls `times` times: what each pull came to. ca: a CA
+    certificate file for https (cadata); force: pull an image that was reverted again."""
+    extra = f" {ca or '-'}" if ca or force else ""
+    extra += " force" if force else ""
+    world.ctl.write_text(f"{url} {timeout_ms} {tries} {deadline_ms} {times}{extra}\n")
     try:
         out = dev.boot().stdout
     finally:
@@ -243,7 +254,7 @@ def pull_all(dev: SimDevice, world: World, url: str, *, timeout_ms: int = 3000, 
     return got
 
 
-def pull(dev: SimDevice, world: World, url: str, **kw: int) -> Pulled:
+def pull(dev: SimDevice, world: World, url: str, **kw: Any) -> Pulled:
     return pull_all(dev, world, url, **kw)[0]
 
 
@@ -252,7 +263,7 @@ def keeps_running_v1(dev: SimDevice) -> None:
     assert (b.slot, b.version, b.trial, b.app) == (0, "1.0.0", False, "v1"), b
 
 
-INSTALLED, PENDING, CURRENT = 3, 1, 0
+INSTALLED, REVERTED, PENDING, CURRENT = 3, 2, 1, 0
 
 
 # --- the cases -------------------------------------------------------------------------------
@@ -461,3 +472,130 @@ def test_a_server_that_hangs_is_bounded_by_the_timeouts(dev: SimDevice, world: W
     assert p.code == PullErrorCode.NETWORK, p.stdout
     s.release.set()
     keeps_running_v1(dev)
+
+
+def test_an_image_that_failed_its_test_boot_is_not_pulled_again(dev: SimDevice, world: World,
+                                                                site: tuple[Site, str]) -> None:
+    s, url = site
+    s.files[RECORD] = record(world.v2_broken, 1)
+    s.files[IMAGE] = world.v2_broken
+    assert pull(dev, world, url).outcome == INSTALLED
+    b = boot(dev)  # its test boot: the app never confirms
+    assert (b.slot, b.version, b.trial, b.confirmed) == (1, "2.0.0", True, None)
+    # The next power-on reverts to v1, whose app pulls: the free slot holds that image,
+    # unmarked: it was tried and not kept.
+    p = pull(dev, world, url)
+    assert p.outcome == REVERTED, p.stdout
+    assert "mpboot: slot 0 version 1.0.0+0" in p.stdout
+    assert len(s.requests(IMAGE)) == 1
+    # force=True: fetched and marked again.
+    assert pull(dev, world, url, force=True).outcome == INSTALLED
+    assert len(s.requests(IMAGE)) == 2
+
+
+def test_a_board_without_a_trust_area_does_not_pull(tmp_path: Path, sim_lib: Path, world: World,
+                                                    site: tuple[Site, str]) -> None:
+    s, url = site
+    d = SimDevice(tmp_path / "old", sim_lib, Geometry(GEOMETRY.size, GEOMETRY.sector, trust=False),
+                  vendor_id=VENDOR, class_id=CLASS)
+    img = tmp_path / "v1.bin"
+    img.write_bytes(world.v1)
+    d.install(img, "permanent", chunk=4096)
+    s.files[RECORD] = record(world.v2, 1)
+    s.files[IMAGE] = world.v2
+    p = pull(d, world, url)
+    assert p.code == PullErrorCode.NO_TRUST_AREA, p.stdout  # it could not keep the number
+    assert not s.requests(IMAGE)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, Path]:
+    """A self-signed server certificate for localhost (cert, key, cert as DER), and the DER of
+    another one (a CA the server's certificate does not chain to)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    base = tmp_path_factory.mktemp("tls")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ders = []
+    for n in ("server", "other"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+                .sign(key, hashes.SHA256()))
+        (base / f"{n}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (base / f"{n}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+        (base / f"{n}.der").write_bytes(cert.public_bytes(serialization.Encoding.DER))
+        ders.append(base / f"{n}.der")
+    return base / "server.pem", base / "server.key", ders[0], ders[1]
+
+
+def test_pull_over_https_checks_the_server_when_given_a_ca(dev: SimDevice, world: World,
+                                                           tls_files: tuple[Path, Path, Path, Path]) -> None:
+    import ssl
+
+    cert, key, ca, other = tls_files
+    s = Site()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.site = s  # type: ignore[attr-defined]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"https://localhost:{server.server_address[1]}{RECORD}"
+        s.files[RECORD] = record(world.v2, 1)
+        s.files[IMAGE] = world.v2
+        p = pull(dev, world, url, ca=other)  # a server the app's CA did not sign: refused
+        assert p.code == PullErrorCode.NETWORK, p.stdout
+        assert not s.log
+        p = pull(dev, world, url, ca=ca)
+        assert p.outcome == INSTALLED, p.stdout
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# The pull's own heap: a power-on that decides and records the boot as boot.run does, without
+# running the app (on the unix port the boot copies the image it runs into RAM: a board maps
+# it), then pulls. Slots, the trust state and the firmware's .mpy modules are in that heap too.
+PULL_ONLY = """
+import sys, gc
+import mpboot, mpboot_keys, sim_config
+from mpboot import boot
+from mpboot.ports import unix as port
+from mpboot.slots import Slots
+cfg, chip, policy = sim_config.load(sys.argv[1])
+a = sim_config.areas(cfg, chip)
+slots = Slots(a[0], a[1], a[2], mpboot_keys.KEYS, mapped=port.mapped, factory=a[3], trust=a[4], **policy)
+slot, info, trial = slots.decide()
+boot.set_booted(slots, slot, info, None, boot.HOW_CONFIRMED)
+gc.collect()
+try:
+    print("PULLED", mpboot.pull(sys.argv[2], timeout_ms=3000))
+except Exception as e:
+    print("PULLERR", e.args)
+"""
+PULL_HEAP = "96k"
+
+
+def test_a_pull_fits_a_small_heap(dev: SimDevice, world: World, site: tuple[Site, str], tmp_path: Path) -> None:
+    s, url = site
+    s.files[RECORD] = record(world.v2, 1)
+    s.files[IMAGE] = world.v2
+    s.how[IMAGE] = {"drop_at": 30000}  # the resume path too
+    (tmp_path / "pull_only.py").write_text(PULL_ONLY)
+    proc = upy.run([tmp_path / "pull_only.py", dev.config, url], path=[dev.lib], heapsize=PULL_HEAP)
+    assert "PULLED 3" in proc.stdout, proc.stdout + proc.stderr
+    b = boot(dev)
+    assert (b.slot, b.version, b.trial) == (1, "2.0.0", True)

@@ -61,8 +61,9 @@ class Response:
     # A response's body: readinto() gives its bytes (at most `length` in all), close() ends
     # the connection. status: 200 or 206; start: the offset of its first byte in the file;
     # length: its byte count.
-    def __init__(self, s, buf, lo, hi, deadline, timeout_ms):
-        self.s = s
+    def __init__(self, s, raw, buf, lo, hi, deadline, timeout_ms):
+        self.s = s  # the stream (a TLS one over raw for https)
+        self.raw = raw  # the socket: its timeout bounds the TLS stream's reads too
         self.buf = buf
         self.lo = lo  # unread bytes already received with the headers: buf[lo:hi]
         self.hi = hi
@@ -79,7 +80,7 @@ class Response:
         if left <= 0:
             raise HttpError(E_NETWORK, _ETIMEDOUT)
         try:
-            self.s.settimeout(min(left, self.timeout_ms) / 1000)
+            self.raw.settimeout(min(left, self.timeout_ms) / 1000)
             n = self.s.readinto(mv)
         except OSError as e:
             raise HttpError(E_NETWORK, e.args[0] if e.args and type(e.args[0]) is int else _ETIMEDOUT)
@@ -126,10 +127,11 @@ class Response:
         return k
 
     def close(self):
-        try:
-            self.s.close()
-        except OSError:
-            pass
+        for s in (self.s, self.raw):
+            try:
+                s.close()
+            except OSError:
+                pass
 
 
 def _int(v):
@@ -149,6 +151,7 @@ def _connect(url, timeout_ms, cadata):
         s = socket.socket(ai[0], socket.SOCK_STREAM)
     except OSError as e:
         raise HttpError(E_NETWORK, e.args[0] if e.args else 0)
+    raw = s
     try:
         s.settimeout(timeout_ms / 1000)
         s.connect(ai[-1])
@@ -160,17 +163,17 @@ def _connect(url, timeout_ms, cadata):
             ctx = _tls.SSLContext(_tls.PROTOCOL_TLS_CLIENT)
             if cadata is not None:
                 ctx.verify_mode = _tls.CERT_REQUIRED
-                ctx.load_verify_locations(cadata=cadata)
+                ctx.load_verify_locations(cadata)  # (MicroPython: positional; DER or PEM)
             else:
                 ctx.verify_mode = _tls.CERT_NONE  # unauthenticated: the records are what count
             s = ctx.wrap_socket(s, server_hostname=host)
-    except OSError as e:
-        s.close()
+    except (OSError, ValueError) as e:  # (ValueError: a cadata mbedtls cannot parse)
+        raw.close()
         raise HttpError(E_NETWORK, e.args[0] if e.args and type(e.args[0]) is int else 0)
     except ImportError:
-        s.close()
+        raw.close()
         raise HttpError(E_HTTP, 0)  # https on a firmware without tls
-    return s, host, port, path
+    return s, raw, host, port, path
 
 
 def get(url, start, total, most, buf, deadline, timeout_ms=10000, cadata=None):
@@ -180,15 +183,15 @@ def get(url, start, total, most, buf, deadline, timeout_ms=10000, cadata=None):
     # Returns a Response whose body is bytes [start, total) of the file (or the whole file
     # when total is -1); the caller closes it.
     for _ in range(_MAX_REDIRECTS + 1):
-        s, host, port, path = _connect(url, timeout_ms, cadata)
-        r = Response(s, buf, 0, 0, deadline, timeout_ms)
+        s, raw, host, port, path = _connect(url, timeout_ms, cadata)
+        r = Response(s, raw, buf, 0, 0, deadline, timeout_ms)
         try:
             req = "GET %s HTTP/1.1\r\nHost: %s%s\r\n" % (path, host, "" if port in (80, 443) else ":%d" % port)
             if total >= 0:
                 req += "Range: bytes=%d-%d\r\n" % (start, total - 1)
             req += "Accept-Encoding: identity\r\nConnection: close\r\nUser-Agent: mpboot\r\n\r\n"
             try:
-                s.write(req)
+                s.write(req.encode())
             except OSError as e:
                 raise HttpError(E_NETWORK, e.args[0] if e.args and type(e.args[0]) is int else 0)
             line = r._line()

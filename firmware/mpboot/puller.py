@@ -57,7 +57,6 @@ REVERTED = const(2)  # the free slot holds it unmarked: installed before, not ke
 INSTALLED = const(3)  # pulled now and marked for a test boot: reset to run it
 
 _LINE = const(512)  # status and header line buffer
-_CHUNK = const(4096)  # body read buffer
 _SHA = const(16)  # sha prefix the updater's session is named by (mpboot.state SSHA)
 
 # The last pull: (ok, code, detail, number): ok True: code is the outcome; False: the
@@ -263,7 +262,9 @@ def pull(url, channel="stable", timeout_ms=10000, deadline_ms=600000, tries=5, c
         rec = None
         total = ch[records.H_LEN]
         sha = ch[records.H_SHA]
-        buf = bytearray(_CHUNK)
+        # The verifier's buffer (2 KiB) carries the body: the updater does not use it while
+        # it takes data, and finish() (which does) comes after the last byte.
+        buf = slots.buf
         up = Updater(slots, running)
         other = up.target()
         if _holds(slots.areas[running], buf, total, sha):
