@@ -25,6 +25,7 @@ package(
         "__init__.py",
         "boot.py",
         "cbor.py",
+        "channel.py",
         "factory.py",
         "flash.py",
         "image.py",
@@ -69,7 +70,8 @@ if options.rescue:
         ),
     )
 # Device pull (mpboot.pull, README "Device pull"): not stage 0 (it parses HTTP, network
-# input); every check that decides and every flash write in it is stage 0's (records, update).
+# input); every check that decides and every flash write in it is stage 0's (channel,
+# records, update).
 # pull=False leaves it out.
 if options.pull:
     package("mpboot", files=("http.py", "puller.py"))

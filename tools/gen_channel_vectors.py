@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate the channel-record golden vectors in tests/vectors/channel/ (docs/KEYS.md section 3,
 type 4; docs/THREAT_MODEL.md "Device pull"), read by the host (mpboot.channel.check_channel)
-and the device (mpboot.records.open_channel + mpboot.puller.check_record) in
+and the device (mpboot.channel.parse + check) in
 tests/test_channel.py.
 
     .venv/bin/python tools/gen_channel_vectors.py   # rewrites tests/vectors/channel/*

@@ -53,7 +53,7 @@ def split_url(url):
 
 
 def join(base, rel):
-    # The URL of `rel` (relative, no scheme: records.open_channel checked) beside `base`.
+    # The URL of `rel` (relative, no scheme: mpboot.channel.parse checked) beside `base`.
     return base[: base.rfind("/") + 1] + rel
 
 

@@ -25,13 +25,15 @@
 # are untouched.
 #
 # Not stage 0 (firmware/manifest.py freezes it beside the service): it parses HTTP, which is
-# network input; every check that decides (records, update, image) and every flash write is
+# network input; every check that decides (channel, records, update, image) and every flash write is
 # stage 0's.
 import time
 from micropython import const
 
 import mpboot
-from mpboot import http, records
+from mpboot import channel as chan, http
+from mpboot.channel import H_LEN, H_NUMBER, H_PATH, H_SHA, H_VERSION
+from mpboot.records import MAX_RECORD
 from mpboot.image import E_HASH_MISMATCH, HEADER_SIZE, ImageError
 from mpboot.update import MARK_TEST, UpdateError, Updater
 
@@ -58,6 +60,12 @@ INSTALLED = const(3)  # pulled now and marked for a test boot: reset to run it
 
 _LINE = const(512)  # status and header line buffer
 _SHA = const(16)  # sha prefix the updater's session is named by (mpboot.state SSHA)
+_IMAGE_MAGIC = const(0x96F3B83D)  # (mpboot.image's, private there)
+_TLV_INFO_MAGIC = const(0x6907)  # the unprotected TLV area's info header
+# mpboot.boot's BOOTED_* indices of the boot record (mpboot._booted), as private consts.
+_BOOTED_SLOTS = const(0)
+_BOOTED_SLOT = const(1)
+_BOOTED_INFO = const(2)
 
 # The last pull: (ok, code, detail, number): ok True: code is the outcome; False: the
 # PullError code and its detail. number: the record's channel number (0 unknown). None
@@ -76,10 +84,10 @@ def _fail(code, detail=0):
 
 
 def _fetch_record(url, line, deadline, timeout_ms, cadata, tries):
-    # The record's bytes (at most records.MAX_RECORD), retried on network errors.
+    # The record's bytes (at most MAX_RECORD), retried on network errors.
     for t in range(tries):
         try:
-            r = http.get(url, 0, -1, records.MAX_RECORD, line, deadline, timeout_ms, cadata)
+            r = http.get(url, 0, -1, MAX_RECORD, line, deadline, timeout_ms, cadata)
             try:
                 buf = bytearray(r.length)
                 mv = memoryview(buf)
@@ -104,7 +112,7 @@ def _holds(area, buf, n, sha):
         return False
     h = memoryview(buf)[:HEADER_SIZE]
     area.read(0, h)
-    if struct.unpack_from("<I", h, 0)[0] != 0x96F3B83D:
+    if struct.unpack_from("<I", h, 0)[0] != _IMAGE_MAGIC:
         return False
     hs, prot, size = struct.unpack_from("<HHI", h, 8)
     at = hs + size + prot
@@ -113,7 +121,7 @@ def _holds(area, buf, n, sha):
     t = memoryview(buf)[:4]
     area.read(at, t)
     magic, tot = struct.unpack_from("<HH", t, 0)
-    if magic != 0x6907 or at + tot != n:
+    if magic != _TLV_INFO_MAGIC or at + tot != n:
         return False
     d = hashlib.sha256()
     off = 0
@@ -125,50 +133,30 @@ def _holds(area, buf, n, sha):
     return d.digest() == sha
 
 
-def check_record(ch, trust, vendor_id, class_id, channel, taken, digest, floor):
-    # The checks of an opened record ch (records.H_*) after its format, in order: product
-    # (channel name, vendor, class), number against the highest taken (`taken`, with the
-    # first trust.CHANNEL_DIGEST bytes of that record's digest), signature under `trust`,
-    # security counter against `floor`. Raises PullError.
-    if ch[records.H_NAME] != channel or ch[records.H_VENDOR] != vendor_id or ch[records.H_CLASS] != class_id:
-        _fail(E_PRODUCT)
-    number = ch[records.H_NUMBER]
-    if number < taken or number == taken and ch[records.H_DIGEST][: len(digest)] != digest:
-        _fail(E_STALE, taken)
-    try:
-        records.channel_signed(ch, trust)
-    except records.TrustError as e:
-        _fail(E_SIGNATURE, e.args[0])
-    if ch[records.H_COUNTER] < floor:
-        _fail(E_IMAGE, 18)  # mpboot.slots.E_COUNTER_BELOW_FLOOR
-
-
 def _check(ch, slots, info, channel):
-    # check_record against this device; then the number is persisted when it grows.
+    # mpboot.channel.check against this device (its vendor and class: the build's or the
+    # factory's, else the running image's), then the number is kept when it grows.
     from mpboot.state import FLOOR
-    from mpboot.trust import CHANNEL_DIGEST
 
     vid = slots.vendor_id if slots.vendor_id is not None else info and info["vendor_id"]
     cid = slots.class_id if slots.class_id is not None else info and info["class_id"]
     store = slots.trust_store
     if store is None:
         _fail(E_NO_TRUST_AREA)
-    n0, d0 = store.channel()
-    check_record(ch, slots.trust, vid, cid, channel, n0, d0, slots.state[slots.b + FLOOR])
-    number = ch[records.H_NUMBER]
-    if number > n0:
-        try:
-            store.save_channel(slots.trust, number, ch[records.H_DIGEST][:CHANNEL_DIGEST])
-        except OSError as e:
-            _fail(E_FLASH, e.args[0] if e.args else 0)
+    n0, d0 = chan.taken(store)
+    chan.check(ch, slots.trust, vid, cid, channel, n0, d0, slots.state[slots.b + FLOOR])
+    try:
+        chan.take(store, slots.trust, ch)
+    except OSError as e:
+        _fail(E_FLASH, e.args[0] if e.args else 0)
 
 
 def _stream(up, url, ch, line, buf, deadline, timeout_ms, cadata, tries):
     # Fetches the image into the updater from where it stands (a session persisted before a
     # reset resumes at its checkpoint), reconnecting with a Range from the next byte after a
     # network error, at most `tries` connections in all. Returns when every byte is written.
-    total = ch[records.H_LEN]
-    sha = ch[records.H_SHA]
+    total = ch[H_LEN]
+    sha = ch[H_SHA]
     mv = memoryview(buf)
     opened = False
     err = None
@@ -208,7 +196,7 @@ def _stream(up, url, ch, line, buf, deadline, timeout_ms, cadata, tries):
                         if not k:
                             _fail(E_MISMATCH)
                         n += k
-                    if bytes(mv[20:28]) != ch[records.H_VERSION]:
+                    if bytes(mv[20:28]) != ch[H_VERSION]:
                         _fail(E_MISMATCH)  # another version than the record names
                     if up.begin(total, mv[:HEADER_SIZE], None, sha):
                         # (a session appeared: cannot happen, the check above found none)
@@ -247,21 +235,18 @@ def pull(url, channel="stable", timeout_ms=10000, deadline_ms=600000, tries=5, c
     number = 0
     try:
         b = mpboot._booted
-        if b is None or b[1] < 0:  # (mpboot.boot BOOTED_SLOT)
+        if b is None or b[_BOOTED_SLOT] < 0:
             _fail(E_NOT_BOOTED)
-        slots, running, info = b[0], b[1], b[2]  # (BOOTED_SLOTS, BOOTED_SLOT, BOOTED_INFO)
+        slots, running, info = b[_BOOTED_SLOTS], b[_BOOTED_SLOT], b[_BOOTED_INFO]
         deadline = time.ticks_add(time.ticks_ms(), deadline_ms)
         line = bytearray(_LINE)
         rec = _fetch_record(url, line, deadline, timeout_ms, cadata, tries)
-        try:
-            ch = records.open_channel(rec)
-        except records.TrustError as e:
-            _fail(E_TOO_LARGE if e.args[0] == records.E_TOO_LARGE else E_RECORD, e.args[0])
-        number = ch[records.H_NUMBER]
+        ch = chan.parse(rec)
+        number = ch[H_NUMBER]
         _check(ch, slots, info, channel)
         rec = None
-        total = ch[records.H_LEN]
-        sha = ch[records.H_SHA]
+        total = ch[H_LEN]
+        sha = ch[H_SHA]
         # The verifier's buffer (2 KiB) carries the body: the updater does not use it while
         # it takes data, and finish() (which does) comes after the last byte.
         buf = slots.buf
@@ -285,16 +270,16 @@ def pull(url, channel="stable", timeout_ms=10000, deadline_ms=600000, tries=5, c
             out = -1
         if out < 0:
             try:
-                _stream(up, http.join(url, ch[records.H_PATH]), ch, line, buf, deadline, timeout_ms, cadata, tries)
+                _stream(up, http.join(url, ch[H_PATH]), ch, line, buf, deadline, timeout_ms, cadata, tries)
                 up.finish(MARK_TEST)
             finally:
                 up.abort()
             out = INSTALLED
         last = (True, out, 0, number)
         return out
-    except PullError as e:
+    except (PullError, chan.ChannelError) as e:
         last = (False, e.args[0], e.args[1], number)
-        raise
+        raise PullError(*e.args)
     except ImageError as e:
         c = e.args[0]
         last = (False, E_MISMATCH if c == E_HASH_MISMATCH else E_IMAGE, c, number)

@@ -35,7 +35,7 @@ def policy(keys_module):
 # twice. Little-endian: magic, seq (Log's), then from _HEAD root version, revocation number,
 # root threshold, image threshold, number of roots, revoked key hashes, revoked serials; the
 # roots, revoked key hashes and serials in fixed slots; at 2272 the highest channel number
-# taken and its record's digest prefix (mpboot.pull; zeros: none, as records written before
+# taken and its record's digest prefix (mpboot.channel; zeros: none, as records written before
 # it read); the CRC-32 at 2300.
 _MAGIC = const(0x5442504D)  # "MPBT"
 _REC = const(2304)
@@ -47,8 +47,7 @@ _MOD_AT = const(34)  # in a root slot
 _MOD_MAX = const(384)  # bytes (RSA-3072)
 _KEYS_AT = const(1696)
 _SERIALS_AT = const(2208)
-_CHANNEL_AT = const(2272)  # u32 highest channel number taken, then 24 bytes of its digest
-CHANNEL_DIGEST = const(24)  # bytes of a channel record's signed digest kept beside its number
+_TAIL = const(2272)  # mpboot.channel's 28 bytes: u32 highest channel number taken, its digest prefix
 _END = const(2300)  # CRC-32 of bytes [0, 2300) follows
 _PIECE = const(64)  # bytes read at a time
 MAX_ROOTS = const(4)
@@ -110,25 +109,16 @@ class TrustStore(Log):
             serials.append(struct.unpack_from("<I", self._read(at + _SERIALS_AT + 4 * i, 4), 0)[0])
         return [ver, max(thr, 1), max(ithr, 1), roots, rev, revoked, serials]
 
-    def channel(self):
-        # The highest channel number taken and the first CHANNEL_DIGEST bytes of that
-        # record's signed digest, from the newest record: (0, zeros) on a blank area. Read
-        # from flash when asked (mpboot.pull), never at boot.
-        if not self.found:
-            return 0, bytes(CHANNEL_DIGEST)
-        b = self._read(self._last + _CHANNEL_AT, 4 + CHANNEL_DIGEST)
-        return struct.unpack_from("<I", b, 0)[0], bytes(b[4:])
+    def tail(self):
+        # Bytes [2272, 2300) of the newest record (mpboot.channel's: the highest channel number
+        # taken and its digest prefix); zeros on a blank area. Read when asked, never at boot.
+        t = bytearray(_END - _TAIL)
+        if self.found:
+            self.area.read(self._last + _TAIL, t)
+        return t
 
-    def save_channel(self, trust, number, digest):
-        # Appends `trust` with channel number `number` and the first CHANNEL_DIGEST bytes of
-        # `digest`, twice, as every save (the number only grows: a cut or a bit flip leaves
-        # the old number or the new one, never less). ValueError (nothing written) for a
-        # number below the one on flash.
-        if number < self.channel()[0]:
-            raise ValueError("channel")
-        self.save(trust, (number, bytes(digest[:CHANNEL_DIGEST])))
-
-    def save(self, trust, channel=None):
+    def save(self, trust, tail=None):
+        # tail: new bytes [2272, 2300) (mpboot.channel.take); None keeps the newest record's.
         # Appends `trust` (a list as above) twice: a cut before the first copy is whole
         # leaves the old state, and a bit flip in one copy leaves the other. ValueError
         # (nothing written) for a state the record cannot hold; OSError when the flash write
@@ -146,8 +136,6 @@ class TrustStore(Log):
         for h in revoked:
             if len(h) != 32:
                 raise ValueError("trust")
-        if channel is None:
-            channel = self.channel()  # kept across root and revocation records
         self.buf = b = bytearray(self.rec)  # zeros: the record's padding and empty slots
         try:
             for i in range(_REC, len(b)):
@@ -165,8 +153,7 @@ class TrustStore(Log):
                 b[_KEYS_AT + 32 * i : _KEYS_AT + 32 * i + 32] = revoked[i]
             for i in range(len(serials)):
                 struct.pack_into("<I", b, _SERIALS_AT + 4 * i, serials[i])
-            struct.pack_into("<I", b, _CHANNEL_AT, channel[0])
-            b[_CHANNEL_AT + 4 : _END] = channel[1]
+            b[_TAIL:_END] = tail or self.tail()
             self.append()
             self.append()
         finally:

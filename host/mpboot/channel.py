@@ -99,7 +99,7 @@ def next_number(previous: Path) -> int:
 
 
 # The bytes of a record's signed digest a device keeps beside the highest number it took
-# (firmware/mpboot/trust.py CHANNEL_DIGEST): an equal number with another body is refused.
+# (firmware/mpboot/trust.py, TrustStore.channel): an equal number with another body is refused.
 TAKEN_DIGEST_SIZE = 24
 
 
@@ -107,7 +107,7 @@ def check_channel(data: bytes, state: trust.TrustState, *, vendor_id: bytes, cla
                   taken: int = 0, taken_digest: bytes = b"", floor: int = 0) -> trust.ChannelRecord:
     """The record in `data` as a device with this trust state, vendor, class, channel name,
     highest number taken (and its record's digest prefix) and counter floor takes it, by the
-    device's checks in the device's order (firmware/mpboot/puller.py check_record): TOO_LARGE,
+    device's checks in the device's order (firmware/mpboot/channel.py parse, check): TOO_LARGE,
     RECORD, PRODUCT, STALE, SIGNATURE, IMAGE (counter below the floor). ChannelRefused
     otherwise."""
     from mpboot.image import _ImageSigners  # the image walk's certificate rules, shared (KEYS.md 4)

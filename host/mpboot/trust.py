@@ -383,7 +383,7 @@ class RevocationRecord:
 
 def _check_channel_path(path: object) -> str:
     """A channel record's image path: relative to the record's URL, printable ASCII, no
-    scheme, host, parent or backslash (the device's records.open_channel rule)."""
+    scheme, host, parent or backslash (the device's mpboot.channel.parse rule)."""
     _require(type(path) is str and 1 <= len(path) <= MAX_CHANNEL_PATH,
              f"path must be text of 1..{MAX_CHANNEL_PATH} characters")
     assert isinstance(path, str)
