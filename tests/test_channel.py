@@ -194,3 +194,8 @@ def test_cli_channel_help_lists_exit_statuses() -> None:
     for cmd in (["channel", "sign", "--help"], ["channel", "show", "--help"]):
         r = CliRunner().invoke(cli, cmd)
         assert r.exit_code == 0 and "Exit status" in r.output
+
+
+def test_key_show_points_at_channel_show() -> None:
+    r = CliRunner().invoke(cli, ["key", "show", str(CHANNEL / "ok-root.cbor")])
+    assert r.exit_code == 2 and "mpboot channel show" in r.output, r.output
