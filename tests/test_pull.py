@@ -56,7 +56,8 @@ class Served:
 @dataclass
 class Site:
     """What the server serves: files by path, and per path how (keys of `how`):
-    hang (never answer), length (a Content-Length to claim, body as is), chunked,
+    redirect (a 302 to that URL), hang (never answer), length (a Content-Length to claim, body
+    as is), range_off (a Content-Range this far off the one asked), chunked,
     ignore_range (always 200, the whole file), drop_at (close after the file's byte N, the
     first `drops` times), stall_at (after byte N set `reached` and wait for `release`)."""
 
@@ -82,6 +83,15 @@ class Handler(BaseHTTPRequestHandler):
         data = site.files.get(self.path)
         rng = self.headers.get("Range")
         start = int(rng.split("=")[1].split("-")[0]) if rng else None
+        if "redirect" in how:
+            self.send_response(302)
+            self.send_header("Location", how["redirect"])
+            self.send_header("Content-Length", "0")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            site.log.append(Served(self.path, start, 302, 0))
+            return
         if how.get("hang"):
             site.release.wait(30)
             self.close_connection = True
@@ -102,7 +112,8 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.send_header("Content-Length", str(how.get("length", len(body))))
         if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            a = start + how.get("range_off", 0)  # a server that answers another range than asked
+            self.send_header("Content-Range", f"bytes {a}-{len(data) - 1}/{len(data)}")
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
@@ -599,3 +610,30 @@ def test_a_pull_fits_a_small_heap(dev: SimDevice, world: World, site: tuple[Site
     assert "PULLED 3" in proc.stdout, proc.stdout + proc.stderr
     b = boot(dev)
     assert (b.slot, b.version, b.trial) == (1, "2.0.0", True)
+
+
+def test_redirects_are_followed_three_times_at_most(dev: SimDevice, world: World, site: tuple[Site, str]) -> None:
+    s, url = site
+    root = url[: -len(RECORD)]
+    s.files["/real/stable.cbor"] = record(world.v2, 1)
+    s.files["/real/images/app-2.bin"] = world.v2
+    chain = [RECORD, "/r1", "/r2", "/r3"]
+    for a, b in zip(chain, chain[1:] + ["/real/stable.cbor"]):
+        s.how[a] = {"redirect": root + b}
+    p = pull(dev, world, url)  # four redirects
+    assert (p.code, p.detail) == (PullErrorCode.HTTP, 302), p.stdout
+    keeps_running_v1(dev)
+    s.how[RECORD] = {"redirect": root + "/r2"}  # three
+    s.files[IMAGE] = world.v2  # (the image's path is relative to the URL the app gave)
+    assert pull(dev, world, url).outcome == INSTALLED
+
+
+def test_a_content_range_other_than_asked_is_refused(dev: SimDevice, world: World,
+                                                     site: tuple[Site, str]) -> None:
+    s, url = site
+    s.files[RECORD] = record(world.v2, 1)
+    s.files[IMAGE] = world.v2
+    s.how[IMAGE] = {"range_off": 1}
+    p = pull(dev, world, url)
+    assert (p.code, p.detail) == (PullErrorCode.HTTP, 206), p.stdout
+    keeps_running_v1(dev)

@@ -182,7 +182,7 @@ def get(url, start, total, most, buf, deadline, timeout_ms=10000, cadata=None):
     # (a bytearray, 512 bytes will do). deadline: time.ticks_ms() by which it all ends.
     # Returns a Response whose body is bytes [start, total) of the file (or the whole file
     # when total is -1); the caller closes it.
-    for _ in range(_MAX_REDIRECTS + 1):
+    for hop in range(_MAX_REDIRECTS + 1):
         s, raw, host, port, path = _connect(url, timeout_ms, cadata)
         r = Response(s, raw, buf, 0, 0, deadline, timeout_ms)
         try:
@@ -221,8 +221,8 @@ def get(url, start, total, most, buf, deadline, timeout_ms=10000, cadata=None):
             else:
                 raise HttpError(E_HTTP, status)  # too many header lines
             if status in (301, 302, 303, 307, 308) and loc:
-                if not (loc.startswith("http://") or loc.startswith("https://")):
-                    raise HttpError(E_HTTP, status)
+                if hop == _MAX_REDIRECTS or not (loc.startswith("http://") or loc.startswith("https://")):
+                    raise HttpError(E_HTTP, status)  # one redirect too many, or a relative one
                 r.close()
                 url = loc
                 continue
@@ -251,4 +251,3 @@ def get(url, start, total, most, buf, deadline, timeout_ms=10000, cadata=None):
         except BaseException:
             r.close()
             raise
-    raise HttpError(E_HTTP, 0)  # redirected too often

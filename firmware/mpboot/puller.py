@@ -228,6 +228,7 @@ def pull(url, channel="stable", timeout_ms=10000, deadline_ms=600000, tries=5, c
     # trusts). Returns CURRENT, PENDING, REVERTED or INSTALLED; raises PullError(code,
     # detail). mpboot.puller.last keeps the outcome either way.
     global last, _busy
+    tries = max(1, tries)
     if _busy:
         last = (False, E_UPDATE, 1, 0)
         raise PullError(E_UPDATE, 1)  # another pull runs (asyncio apps): U_BUSY
