@@ -637,3 +637,23 @@ def test_a_content_range_other_than_asked_is_refused(dev: SimDevice, world: Worl
     p = pull(dev, world, url)
     assert (p.code, p.detail) == (PullErrorCode.HTTP, 206), p.stdout
     keeps_running_v1(dev)
+
+
+def test_a_device_without_ids_of_its_own_takes_the_running_images(tmp_path: Path, sim_lib: Path, world: World,
+                                                                  site: tuple[Site, str]) -> None:
+    # No vendor or class in its build or factory record: the record must name the running
+    # image's, and another vendor's record is still refused.
+    import hashlib
+
+    s, url = site
+    d = SimDevice(tmp_path / "noids", sim_lib, GEOMETRY)
+    img = tmp_path / "v1.bin"
+    img.write_bytes(world.v1)
+    d.install(img, "permanent", chunk=4096)
+    s.files[IMAGE] = world.v2
+    body = ChannelRecord(1, "stable", OTHER_VENDOR, CLASS, hashlib.sha256(world.v2).digest(), len(world.v2),
+                         bytes([2, 0, 0, 0, 0, 0, 0, 0]), 1, "images/app-2.bin")
+    s.files[RECORD] = sign_envelope(body, [KEY], SignatureScheme.PSS)
+    assert pull(d, world, url).code == PullErrorCode.PRODUCT
+    s.files[RECORD] = record(world.v2, 1)
+    assert pull(d, world, url).outcome == INSTALLED
