@@ -46,6 +46,7 @@ bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_provision.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_qemu.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_stages.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_fleet.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -15,7 +15,7 @@ metadata(
     license="Apache-2.0",
 )
 
-options.defaults(port="", rescue=True, ota=False)
+options.defaults(port="", rescue=True, ota=False, pull=True)
 
 # Stage 0 (docs/BOOT.md "Two stages"): the root of trust. It verifies, decides, boots, and
 # writes every state, trust and factory record; nothing here parses what a link carries.
@@ -25,6 +25,7 @@ package(
         "__init__.py",
         "boot.py",
         "cbor.py",
+        "channel.py",
         "factory.py",
         "flash.py",
         "image.py",
@@ -69,6 +70,12 @@ if options.rescue:
             "transport/udp.py",
         ),
     )
+# Device pull (mpboot.pull, README "Device pull"): not stage 0 (it parses HTTP, network
+# input); every check that decides and every flash write in it is stage 0's (channel,
+# records, update).
+# pull=False leaves it out.
+if options.pull:
+    package("mpboot", files=("http.py", "puller.py"))
 if options.port == "unix":
     package("mpboot", files=("ports/unix.py", "ports/nor_sim.py"))
 elif options.port:

@@ -34,7 +34,9 @@ def policy(keys_module):
 # The trust area (docs/KEYS.md section 5): a state.Log of 2304-byte records, each save written
 # twice. Little-endian: magic, seq (Log's), then from _HEAD root version, revocation number,
 # root threshold, image threshold, number of roots, revoked key hashes, revoked serials; the
-# roots, revoked key hashes and serials in fixed slots; zeros up to the CRC-32 at 2300.
+# roots, revoked key hashes and serials in fixed slots; at 2272 the highest channel number
+# taken and its record's digest prefix (mpboot.channel; zeros: none, as records written before
+# it read); the CRC-32 at 2300.
 _MAGIC = const(0x5442504D)  # "MPBT"
 _REC = const(2304)
 _HEAD = const(8)
@@ -45,6 +47,7 @@ _MOD_AT = const(34)  # in a root slot
 _MOD_MAX = const(384)  # bytes (RSA-3072)
 _KEYS_AT = const(1696)
 _SERIALS_AT = const(2208)
+_TAIL = const(2272)  # mpboot.channel's 28 bytes: u32 highest channel number taken, its digest prefix
 _END = const(2300)  # CRC-32 of bytes [0, 2300) follows
 _PIECE = const(64)  # bytes read at a time
 MAX_ROOTS = const(4)
@@ -106,7 +109,16 @@ class TrustStore(Log):
             serials.append(struct.unpack_from("<I", self._read(at + _SERIALS_AT + 4 * i, 4), 0)[0])
         return [ver, max(thr, 1), max(ithr, 1), roots, rev, revoked, serials]
 
-    def save(self, trust):
+    def tail(self):
+        # Bytes [2272, 2300) of the newest record (mpboot.channel's: the highest channel number
+        # taken and its digest prefix); zeros on a blank area. Read when asked, never at boot.
+        t = bytearray(_END - _TAIL)
+        if self.found:
+            self.area.read(self._last + _TAIL, t)
+        return t
+
+    def save(self, trust, tail=None):
+        # tail: new bytes [2272, 2300) (mpboot.channel.take); None keeps the newest record's.
         # Appends `trust` (a list as above) twice: a cut before the first copy is whole
         # leaves the old state, and a bit flip in one copy leaves the other. ValueError
         # (nothing written) for a state the record cannot hold; OSError when the flash write
@@ -141,6 +153,7 @@ class TrustStore(Log):
                 b[_KEYS_AT + 32 * i : _KEYS_AT + 32 * i + 32] = revoked[i]
             for i in range(len(serials)):
                 struct.pack_into("<I", b, _SERIALS_AT + 4 * i, serials[i])
+            b[_TAIL:_END] = tail or self.tail()
             self.append()
             self.append()
         finally:

@@ -683,3 +683,37 @@ class TargetRefused(RepositoryError):
     written."""
 
     exit_code = 1
+
+# --- device pull (issue 20): the codes of mpboot.pull's PullError on the device -----------------
+
+
+class PullErrorCode(IntEnum):
+    """Why a device's `mpboot.pull` failed (device firmware/mpboot/puller.py E_*, same names and
+    numbers); the host's channel checks (mpboot.channel.check_channel) use the record ones."""
+
+    NETWORK = 1  # connect/recv failed or timed out, too often
+    HTTP = 2  # a status other than 200/206, or a response the client refuses
+    TOO_LARGE = 3  # the record over 4096 bytes, or a body longer than expected
+    STALE = 4  # a channel number below the highest taken, or equal with another body
+    SIGNATURE = 5  # not signed by a root threshold or a key certified for channel records
+    MISMATCH = 6  # the image is not the one the record names
+    PRODUCT = 7  # the record is for another channel name, vendor or class
+    RECORD = 8  # the record does not parse
+    NO_TRUST_AREA = 9  # the board cannot keep the channel number
+    IMAGE = 10  # the image or the policy refused it (detail: the image code)
+    UPDATE = 11  # the updater refused (detail: the update code)
+    FLASH = 12  # the trust area write failed
+    NOT_BOOTED = 13  # not started by mpboot.boot
+
+
+class ChannelRefused(MpbootError):
+    """A channel record a device would refuse (exit 1), by the device's checks in the device's
+    order (docs/THREAT_MODEL.md "Device pull"). `detail`: the words after the code's name."""
+
+    exit_code = 1
+
+    def __init__(self, code: PullErrorCode, detail: str = "") -> None:
+        self.code = PullErrorCode(code)
+        self.detail = detail
+        message = f"channel record refused: {self.code.name.lower().replace('_', ' ')}"
+        super().__init__(f"{message} ({detail})" if detail else message)

@@ -51,6 +51,7 @@ class BodyType(IntEnum):
     CERTIFICATE = 1
     ROOT = 2
     REVOCATION = 3
+    CHANNEL = 4
 
     @property
     def words(self) -> str:
@@ -93,6 +94,23 @@ _IMAGE_THRESHOLD = 13
 _NUMBER = 20
 _REVOKED_KEYS = 21
 _REVOKED_SERIALS = 22
+_CH_NUMBER = 30
+_CH_NAME = 31
+_CH_VENDOR = 32
+_CH_CLASS = 33
+_CH_SHA = 34
+_CH_LENGTH = 35
+_CH_VERSION = 36
+_CH_COUNTER = 37
+_CH_PATH = 38
+_CH_CERTS = 39
+
+# The certificate kind bit that lets a key sign channel records (a certificate without kinds
+# covers it too, as it covers every kind).
+CHANNEL_KIND = 8
+MAX_CHANNEL_NAME = 16
+MAX_CHANNEL_PATH = 128
+MAX_CHANNEL_CERTS = 3
 
 
 class _Invalid(Exception):
@@ -363,14 +381,86 @@ class RevocationRecord:
         return _built(lambda: cls(f[_NUMBER], keys, serials))
 
 
-Body = Certificate | RootRecord | RevocationRecord
+def _check_channel_path(path: object) -> str:
+    """A channel record's image path: relative to the record's URL, printable ASCII, no
+    scheme, host, parent or backslash (the device's mpboot.channel.parse rule)."""
+    _require(type(path) is str and 1 <= len(path) <= MAX_CHANNEL_PATH,
+             f"path must be text of 1..{MAX_CHANNEL_PATH} characters")
+    assert isinstance(path, str)
+    _require(not path.startswith("/") and ":" not in path and ".." not in path and "\\" not in path
+             and all(" " < c < "\x7f" for c in path),
+             f"path {path!r} must be relative (no '/' first, ':', '..', '\\', spaces or non-ASCII)")
+    return path
+
+
+@dataclass(frozen=True)
+class ChannelRecord:
+    """Which image a channel of one vendor/class points at (KEYS.md section 3, type 4): the
+    device pulls it (mpboot.pull) and takes it only with a number not below the highest it
+    has taken. `certificates`: certificate envelopes (parent first) for a delegated signer."""
+
+    number: int
+    name: str
+    vendor_id: bytes
+    class_id: bytes
+    sha256: bytes  # SHA-256 of the whole signed image file
+    length: int
+    version: bytes  # 8 bytes, header layout
+    counter: int
+    path: str
+    certificates: tuple[bytes, ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            self.check()
+        except _Invalid as err:
+            raise UsageError(f"channel record: {err}") from None
+
+    def check(self) -> None:
+        _uint(self.number, 1, U32_MAX, "number")
+        _require(type(self.name) is str and 1 <= len(self.name) <= MAX_CHANNEL_NAME,
+                 f"name must be text of 1..{MAX_CHANNEL_NAME} characters")
+        _bstr(self.vendor_id, "vendor id", UUID_SIZE)
+        _bstr(self.class_id, "class id", UUID_SIZE)
+        _bstr(self.sha256, "sha256", 32)
+        _uint(self.length, 1, U32_MAX, "length")
+        _bstr(self.version, "version", 8)
+        _uint(self.counter, 0, U32_MAX, "counter")
+        _check_channel_path(self.path)
+        _require(len(self.certificates) <= MAX_CHANNEL_CERTS,
+                 f"at most {MAX_CHANNEL_CERTS} certificates, not {len(self.certificates)}")
+        for c in self.certificates:
+            _bstr(c, "a certificate")
+
+    def encode(self) -> bytes:
+        body: dict[int, Any] = {_TYPE: BodyType.CHANNEL.value, _CH_NUMBER: self.number, _CH_NAME: self.name,
+                                _CH_VENDOR: self.vendor_id, _CH_CLASS: self.class_id, _CH_SHA: self.sha256,
+                                _CH_LENGTH: self.length, _CH_VERSION: self.version, _CH_COUNTER: self.counter,
+                                _CH_PATH: self.path}
+        if self.certificates:
+            body[_CH_CERTS] = list(self.certificates)
+        return _encode(body)
+
+    @classmethod
+    def _from_fields(cls, f: dict[int, Any]) -> ChannelRecord:
+        required = (_TYPE, _CH_NUMBER, _CH_NAME, _CH_VENDOR, _CH_CLASS, _CH_SHA, _CH_LENGTH, _CH_VERSION,
+                    _CH_COUNTER, _CH_PATH)
+        _fields(f, required, (_CH_CERTS,), "channel record")
+        certs = tuple(_array(f[_CH_CERTS], 1, MAX_CHANNEL_CERTS, "certificates")) if _CH_CERTS in f else ()
+        return _built(lambda: cls(f[_CH_NUMBER], f[_CH_NAME], f[_CH_VENDOR], f[_CH_CLASS], f[_CH_SHA],
+                                  f[_CH_LENGTH], f[_CH_VERSION], f[_CH_COUNTER], f[_CH_PATH], certs))
+
+
+Body = Certificate | RootRecord | RevocationRecord | ChannelRecord
 _BODY_TYPES: dict[int, Any] = {BodyType.CERTIFICATE: Certificate, BodyType.ROOT: RootRecord,
-                               BodyType.REVOCATION: RevocationRecord}
+                               BodyType.REVOCATION: RevocationRecord, BodyType.CHANNEL: ChannelRecord}
 
 
 def body_type(body: Body) -> BodyType:
     if isinstance(body, Certificate):
         return BodyType.CERTIFICATE
+    if isinstance(body, ChannelRecord):
+        return BodyType.CHANNEL
     return BodyType.ROOT if isinstance(body, RootRecord) else BodyType.REVOCATION
 
 
@@ -383,7 +473,7 @@ def decode_body(data: bytes) -> Body:
         _require(type(fields) is dict, "body must be a map")
         assert isinstance(fields, dict)
         _require(_TYPE in fields, "body lacks its type (key 1)")
-        kind = _uint(fields[_TYPE], 1, 3, "body type")
+        kind = _uint(fields[_TYPE], 1, len(_BODY_TYPES), "body type")
         return _BODY_TYPES[kind]._from_fields(fields)  # type: ignore[no-any-return]
     except _Invalid as err:
         raise TrustRefused(TrustErrorCode.MALFORMED, str(err)) from None
@@ -609,6 +699,8 @@ class TrustState:
         body, envelope = signed.body, signed.envelope
         if isinstance(body, Certificate):
             raise TrustRefused(TrustErrorCode.MALFORMED, "a certificate, not a trust record: it goes in images")
+        if isinstance(body, ChannelRecord):
+            raise TrustRefused(TrustErrorCode.MALFORMED, "a channel record, not a trust record: devices pull it")
         if isinstance(body, RootRecord):
             if body.version != self.version + 1:
                 raise TrustRefused(TrustErrorCode.STALE, f"root version {body.version}, the device holds {self.version}")
@@ -641,7 +733,7 @@ class TrustState:
 
 
 __all__ = [
-    "ALL_KINDS", "MAX_BODY_SIZE", "MAX_ENVELOPE_SIGNATURES", "MAX_IMAGE_SIGNATURES", "MAX_RECORD_SIZE",
+    "ALL_KINDS", "CHANNEL_KIND", "ChannelRecord", "MAX_BODY_SIZE", "MAX_ENVELOPE_SIGNATURES", "MAX_IMAGE_SIGNATURES", "MAX_RECORD_SIZE",
     "TRUST_DOMAIN", "Body", "BodyType", "Certificate", "Envelope", "EnvelopeSignature", "ImageKind",
     "RevocationRecord", "RootRecord", "SignatureAlg", "Signed", "TrustState", "add_signature", "body_type",
     "chain_for", "decode_body", "decode_signed", "public_key_from_der", "sign_envelope", "signature_alg",

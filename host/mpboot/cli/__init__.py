@@ -12,6 +12,7 @@ options declared once, the device link):
     factory  provision, provision report
     trust    trust push, trust show (a device's root set and revocations, over SMP)
     repo     repo init/delegate/add/remove/sign/rotate/publish/status (a TUF repository)
+    channel  channel sign, channel show (channel records devices pull)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ FAMILIES: dict[str, str] = {
     "provision": "factory",
     "trust": "trust",
     "repo": "repo",
+    "channel": "channel",
 }
 
 

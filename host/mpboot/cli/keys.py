@@ -257,7 +257,10 @@ def show(path: Path, as_json: bool) -> None:
     data = read_trust_file(path)
     if int.from_bytes(data[:4], "little") == IMAGE_MAGIC:
         raise UsageError(f"{path} is an image: mpboot info {path} shows it")
-    summary = _summary(trust.decode_signed(data, unsigned_ok=True), len(data))
+    signed = trust.decode_signed(data, unsigned_ok=True)
+    if isinstance(signed.body, trust.ChannelRecord):
+        raise UsageError(f"{path} is a channel record: mpboot channel show {path} shows it")
+    summary = _summary(signed, len(data))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

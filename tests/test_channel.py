@@ -1,0 +1,201 @@
+"""Channel records (docs/KEYS.md section 3, type 4): the golden vectors in tests/vectors/channel/
+through the host's checks (mpboot.channel.check_channel) and the device's (mpboot.channel.parse
++ check on the MicroPython unix port), the same verdict for each; the channel
+number kept in the trust area; and `mpboot channel sign/show`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from conftest import KEYS_DIR, VECTORS
+
+from mpboot import upy
+from mpboot.channel import channel_record, check_channel, read_channel
+from mpboot.cli import cli
+from mpboot.errors import ChannelRefused, PullErrorCode, UsageError
+from mpboot.image import class_uuid, vendor_uuid
+from mpboot.keys import SignatureScheme, load_public_key, load_signing_key
+from mpboot.trust import TrustState, decode_body
+
+CHANNEL = VECTORS / "channel"
+ENTRIES: list[dict[str, Any]] = json.loads((CHANNEL / "channel.json").read_text())
+VENDOR = vendor_uuid("example.com")
+CLASS = class_uuid("golden-widget", VENDOR)
+
+
+def _host_verdict(e: dict[str, Any]) -> str:
+    t, d = e["trust"], e["device"]
+    state = TrustState(1, tuple(load_public_key(KEYS_DIR / r) for r in t["roots"]), t["threshold"], 1,
+                       revoked_keys=tuple(bytes.fromhex(h) for h in t["revoked_keys"]),
+                       revoked_serials=tuple(t["revoked_serials"]))
+    try:
+        check_channel((CHANNEL / e["file"]).read_bytes(), state, vendor_id=bytes.fromhex(d["vendor"]),
+                      class_id=bytes.fromhex(d["class"]), name=d["channel"], taken=d["taken"],
+                      taken_digest=bytes.fromhex(d["taken_digest"]), floor=d["floor"])
+    except ChannelRefused as err:
+        return err.code.name
+    return "ok"
+
+
+def test_the_vectors_cover_every_record_code() -> None:
+    assert {e["expect"] for e in ENTRIES} == {"ok", "SIGNATURE", "PRODUCT", "STALE", "IMAGE", "RECORD", "TOO_LARGE"}
+    for e in ENTRIES:
+        for name in e["trust"]["roots"]:
+            assert name.startswith("TEST-ONLY-"), name
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e["name"] for e in ENTRIES])
+def test_host_verdicts_match_the_manifest(entry: dict[str, Any]) -> None:
+    assert _host_verdict(entry) == entry["expect"], entry["note"]
+
+
+DEVICE_CHECK = """
+import json, sys
+from binascii import unhexlify
+from mpboot import channel, records, trust as T
+for c in json.load(open(sys.argv[1])):
+    t, d = c["trust"], c["device"]
+    s = T.initial([records.der_key(memoryview(unhexlify(k))) for k in t["roots"]], t["threshold"], 1)
+    s[T.REVOKED_KEYS] = [unhexlify(h) for h in t["revoked_keys"]]
+    s[T.REVOKED_SERIALS] = t["revoked_serials"]
+    with open(c["path"], "rb") as f:
+        data = f.read()
+    try:
+        ch = channel.parse(data)
+        channel.check(ch, s, unhexlify(d["vendor"]), unhexlify(d["class"]), d["channel"], d["taken"],
+                      unhexlify(d["taken_digest"]), d["floor"])
+        print(c["name"], 0)
+    except channel.ChannelError as e:
+        print(c["name"], e.args[0])
+"""
+
+
+def test_device_verdicts_match_the_manifest(device, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cases = []
+    for e in ENTRIES:
+        c = dict(e, path=str(CHANNEL / e["file"]))
+        c["trust"] = dict(e["trust"], roots=[load_public_key(KEYS_DIR / r).pkcs1_der().hex() for r in e["trust"]["roots"]])
+        cases.append(c)
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "check.py").write_text(DEVICE_CHECK)
+    proc = upy.run([tmp_path / "check.py", tmp_path / "cases.json"], path=[device.lib], heapsize="256k")
+    assert proc.returncode == 0, proc.stderr
+    got = dict(line.split() for line in proc.stdout.splitlines())
+    want = {e["name"]: str(0 if e["expect"] == "ok" else PullErrorCode[e["expect"]].value) for e in ENTRIES}
+    assert got == want
+
+
+TRUST_AREA = """
+import sys
+from mpboot import channel, flash, trust as T
+from mpboot.ports import unix as port
+chip = port.flash(sys.argv[1], 16384, 4096, 1, None)
+area = flash.Area(chip, 0, 8192)
+st = T.TrustStore(area)
+keys = [(b"h" * 32, 2048, b"m" * 256)]
+t = st.load(keys)
+print("BLANK", channel.taken(st)[0], channel.taken(st)[1] == bytes(24))
+channel.take(st, t, [7, 0, 0, 0, 0, 0, 0, 0, 0, [], b"d" * 32])  # (H_NUMBER, H_DIGEST)
+print("SAVED", channel.taken(st)[0], channel.taken(st)[1] == b"d" * 24)
+st.save(t)  # a root or revocation save keeps the number
+print("KEPT", channel.taken(st)[0])
+channel.take(st, t, [6, 0, 0, 0, 0, 0, 0, 0, 0, [], b"e" * 32])
+print("LOWER kept", channel.taken(st)[0], channel.taken(st)[1] == b"d" * 24)
+st2 = T.TrustStore(area)
+st2.load(keys)
+print("RELOAD", channel.taken(st2)[0], channel.taken(st2)[1] == b"d" * 24)
+"""
+
+
+def test_the_channel_number_lives_in_the_trust_area_and_only_grows(device, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "t.py").write_text(TRUST_AREA)
+    proc = upy.run([tmp_path / "t.py", tmp_path / "chip.bin"], path=[device.lib], heapsize="64k")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:5] == ["BLANK 0 True", "SAVED 7 True", "KEPT 7", "LOWER kept 7 True",
+                                           "RELOAD 7 True"]
+
+
+# --- host library and CLI --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from simkit import make_app, sign_app
+
+    folder = tmp_path_factory.mktemp("app")
+    data = sign_app(make_app(folder / "src", "v2", confirm=True), load_signing_key(KEYS_DIR / "TEST-ONLY-rsa2048.pem"),
+                    "1.2.3+4", security_counter=9, vendor_id=VENDOR, class_id=CLASS)
+    path = folder / "app-1.2.3.bin"
+    path.write_bytes(data)
+    return path
+
+
+def test_a_record_names_the_image_it_was_made_from(image: Path) -> None:
+    import hashlib
+
+    key = load_signing_key(KEYS_DIR / "TEST-ONLY-rsa2048.pem")
+    data = channel_record(image.read_bytes(), [key], SignatureScheme.PSS, name="stable", number=3,
+                          path="images/app.bin")
+    r = read_channel(data).record
+    raw = image.read_bytes()
+    assert (r.number, r.name, r.vendor_id, r.class_id, r.length, r.counter, r.path) == (
+        3, "stable", VENDOR, CLASS, len(raw), 9, "images/app.bin")
+    assert r.sha256 == hashlib.sha256(raw).digest()
+    assert r.version == bytes([1, 2, 3, 0, 4, 0, 0, 0])
+    assert decode_body(r.encode()) == r
+    state = TrustState.initial([key.public()])
+    assert check_channel(data, state, vendor_id=VENDOR, class_id=CLASS, name="stable") == r
+    with pytest.raises(ChannelRefused) as err:
+        check_channel(data, state, vendor_id=VENDOR, class_id=CLASS, name="stable", taken=4)
+    assert err.value.code is PullErrorCode.STALE
+    with pytest.raises(UsageError, match="relative"):
+        channel_record(raw, [key], SignatureScheme.PSS, name="stable", number=3, path="../x.bin")
+
+
+def test_cli_channel_sign_and_show(image: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "stable.cbor"
+    key = str(KEYS_DIR / "TEST-ONLY-rsa2048.pem")
+    log = str(tmp_path / "log.jsonl")
+    r = runner.invoke(cli, ["channel", "sign", str(image), "-k", key, "-o", str(out), "--signing-log", log])
+    assert r.exit_code == 2 and "--number" in r.output  # nothing to count from yet
+    r = runner.invoke(cli, ["channel", "sign", str(image), "--number", "41", "-k", key, "-o", str(out),
+                            "--signing-log", log])
+    assert r.exit_code == 0, r.output
+    assert "number 41" in r.output
+    r = runner.invoke(cli, ["channel", "sign", str(image), "-k", key, "-o", str(out), "--signing-log", log])
+    assert r.exit_code == 0, r.output
+    assert read_channel(out.read_bytes()).record.number == 42  # one more than the file replaced
+    r = runner.invoke(cli, ["channel", "show", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    shown = json.loads(r.output)
+    assert (shown["name"], shown["number"], shown["path"], shown["version"], shown["counter"]) == (
+        "stable", 42, image.name, "1.2.3+4", 9)
+    r = runner.invoke(cli, ["channel", "show", str(out)])
+    assert r.exit_code == 0 and "sha256:" in r.output
+    # Not a channel record: one line, exit 1, no traceback.
+    r = runner.invoke(cli, ["channel", "show", str(CHANNEL / "root-record.cbor")])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    # An image without vendor and class ids: refused, exit 2.
+    from simkit import make_app, sign_app
+
+    bare = tmp_path / "bare.bin"
+    bare.write_bytes(sign_app(make_app(tmp_path / "b", "b", confirm=False), load_signing_key(key), "1.0.0"))
+    r = runner.invoke(cli, ["channel", "sign", str(bare), "--number", "1", "-k", key, "-o", str(tmp_path / "x.cbor"),
+                            "--signing-log", log])
+    assert r.exit_code == 2 and "vendor" in r.output, r.output
+
+
+def test_cli_channel_help_lists_exit_statuses() -> None:
+    for cmd in (["channel", "sign", "--help"], ["channel", "show", "--help"]):
+        r = CliRunner().invoke(cli, cmd)
+        assert r.exit_code == 0 and "Exit status" in r.output
+
+
+def test_key_show_points_at_channel_show() -> None:
+    r = CliRunner().invoke(cli, ["key", "show", str(CHANNEL / "ok-root.cbor")])
+    assert r.exit_code == 2 and "mpboot channel show" in r.output, r.output
