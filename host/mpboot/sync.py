@@ -38,7 +38,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from mpboot.errors import ImageRejected, LinkError, MpbootError, SMPError, UsageError, reason
+from mpboot.errors import ImageRejected, LinkError, MpbootError, PortError, SMPError, UsageError, reason
 from mpboot.flashing import Mark, PreparedImage, flash_with_retries, prepare
 from mpboot.image import ImageKind, TlvType
 from mpboot.smp.client import SMPClient
@@ -56,6 +56,7 @@ class SyncResult(StrEnum):
     HELD = "held"  # the image it would get reverted on it before: waiting for a newer one
     REVERTED = "reverted"
     NO_IMAGE = "no-image"
+    DUPLICATE = "duplicate"  # the same device (uid) met at another address in this pass: left to it
     FAILED = "failed"
 
 
@@ -465,12 +466,14 @@ class Syncer:
         self.event = event or (lambda a, text: None)
         self.passes = 0
         self.reverted = self.log.reverted()  # outlives passes; with a log, runs
+        self._meeting: dict[str, str] = {}  # uid (hex) -> the address it is being updated through
 
     async def run_pass(self) -> list[Attempt]:
         """One scan, then every device found, `max_parallel` at a time. The image source
         begins the pass first: its error (a TUF repository refused or unreachable) ends the
         pass before the scan, with no device met."""
         self.passes += 1
+        self._meeting.clear()
         await asyncio.to_thread(self.source.begin_pass)
         found = await self.radio.scan(self.opt.scan_seconds)
         gate = asyncio.Semaphore(max(1, self.opt.max_parallel))
@@ -507,6 +510,12 @@ class Syncer:
             slots = await client.state()
         a.uid = info.uid.hex()
         a.serial = info.serial
+        other = self._meeting.setdefault(a.uid, dev.address)
+        if other != dev.address:
+            # One board at two addresses (a hostname and its IP, IPv4 and IPv6): two attempts
+            # would share its one upload session and reset each other.
+            a.result, a.note = SyncResult.DUPLICATE, f"the same device as {other}: updated through that address"
+            return
         a.root_version, a.revocation = info.root_version, info.revocation
         running = next((s for s in slots if s.active), None)
         a.from_version = running.version if running else None
@@ -580,8 +589,14 @@ class Syncer:
     async def _wait_seen(self, dev: Found) -> None:
         """Until the device advertises again (after a reset or a lost link)."""
         deadline = time.monotonic() + self.opt.reconnect_timeout
+        one = getattr(self.radio, "seen", None)  # a radio that can look for one device alone
         while time.monotonic() < deadline:
-            seen = await self.radio.scan(min(2.0, max(0.5, deadline - time.monotonic())))
+            wait = min(2.0, max(0.5, deadline - time.monotonic()))
+            if one is not None:
+                if await one(dev.address, wait):
+                    return
+                continue
+            seen = await self.radio.scan(wait)
             if any(f.address == dev.address for f in seen):
                 return
         raise _Lost(f"{dev.name} did not come back within {self.opt.reconnect_timeout:.0f} s")
@@ -672,33 +687,44 @@ class BleRadio:
 class UdpRadio:
     """The Radio for devices on a network (SMP over UDP, docs/PROTOCOL.md "SMP over UDP"):
     a list of addresses instead of advertisements. A scan asks each address for its MCUmgr
-    parameters at once; the devices that answer within the scan's time are found (one being
-    reset answers again once it serves)."""
+    parameters, `PROBES` at a time; the devices that answer within the scan's time are found
+    (one being reset answers again once it serves). `seen` asks one address alone: what
+    sync waits on after a reset. A probe that fails on this side (no socket, an address the
+    system cannot use) is a `warn` line, not a device silently absent."""
 
     PROBE_S = 1.0  # the longest one probe waits for its answer (a LAN answers in milliseconds)
+    PROBES = 64  # probes in flight at once: one socket each, far below the usual 1024 fds
 
-    def __init__(self, addresses: Sequence[tuple[str, int]], mtu: int = 1500) -> None:
+    def __init__(self, addresses: Sequence[tuple[str, int]], mtu: int = 1500,
+                 warn: Callable[[str], None] | None = None) -> None:
         self.addresses = list(dict.fromkeys(addresses))  # (in order; each once)
         self.mtu = mtu
+        self.warn = warn or (lambda text: None)
+        self._gate = asyncio.Semaphore(self.PROBES)
 
     @staticmethod
     def name(address: tuple[str, int]) -> str:
         host, port = address
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    async def scan(self, seconds: float) -> list[Found]:
+    async def seen(self, address: str, seconds: float) -> bool:
+        """Whether the device at `address` answers within min(seconds, PROBE_S)."""
         wait = min(seconds, self.PROBE_S)
-
-        async def probe(address: tuple[str, int]) -> bool:
+        async with self._gate:
             try:
-                async with SMPClient(self.transport(self.name(address)), timeout=wait) as client:
+                async with SMPClient(self.transport(address), timeout=wait) as client:
                     await client.params(wait)
                 return True
+            except PortError as err:  # (this side: no socket, an unusable address)
+                self.warn(f"{address}: {err}")
+                return False
             except (MpbootError, SMPError, OSError):
                 return False
 
-        answered = await asyncio.gather(*(probe(a) for a in self.addresses))
-        return [Found(self.name(a), self.name(a)) for a, ok in zip(self.addresses, answered) if ok]
+    async def scan(self, seconds: float) -> list[Found]:
+        names = [self.name(a) for a in self.addresses]
+        answered = await asyncio.gather(*(self.seen(n, seconds) for n in names))
+        return [Found(n, n) for n, ok in zip(names, answered) if ok]
 
     def transport(self, address: str) -> Transport:
         from mpboot.transport.udp import UdpTransport, parse_address
