@@ -47,6 +47,7 @@ bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_qemu.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_stages.py
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_fleet.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/bench_station.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -12,7 +12,7 @@ from typing import Any
 
 import cbor2
 
-from mpboot.smp import Group, ImageCmd, MgmtErrorCode, Op, OsCmd
+from mpboot.smp import Group, ImageCmd, MgmtErrorCode, OsCmd
 from mpboot.smp.header import MpbootCmd
 from mpboot.sync import DirSource, Found, Syncer, SyncOptions, SyncResult, UdpRadio
 
