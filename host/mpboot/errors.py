@@ -15,7 +15,9 @@ link to the device fails.
     │   │   └── TokenPinError, TokenKeyError, TokenMechanismMissing, TokenSignatureInvalid
     │   ├── SignatureMismatch       an attached signature is not over these bytes by that key
     │   ├── RequestTooLarge         larger than the device's buf_size
-    │   └── SerialsExhausted
+    │   ├── SerialsExhausted
+    │   └── RepositoryError         a TUF repository directory (`mpboot repo`)
+    │       └── TargetRefused (1)   an image refused as a target (scope, unsigned, no ids)
     ├── DeviceRunError (2)          the MicroPython unix port could not be run
     ├── DatabaseError (2)           the factory database
     │   └── SchemaTooNew, SchemaTooOld
@@ -30,8 +32,11 @@ link to the device fails.
     │   └── FactoryRefused          .code FactoryErrorCode | None
     ├── BoardFailed (1)             the factory station gave up on one board
     │   └── BoardRefused            not a board it may provision: nothing written
+    ├── RepositoryRefused (1)       a TUF repository served what is refused: .code RepositoryErrorCode
+    ├── ChannelRefused (1)          a channel record a device would refuse: .code PullErrorCode
     └── LinkError (3)
         ├── PortError (2)
+        ├── RepositoryUnavailable   no mirror of a TUF repository reachable in time
         ├── TransportError
         │   └── LinkLost
         ├── DeviceSilent
