@@ -277,17 +277,17 @@ def run_stage1(lib: Path, workdir: Path, name: str, image: Path | None = None,
 # partition is an app partition, refused as one.
 S1_EXPECTED = {
     "esp32": dict(
-        areas=[(0x28000, 0x7000, 4096, 1), (0x2F000, 0x7000, 4096, 1), (0x36000, 0x2000, 4096, 1),
-               (0x38000, 0x2000, 4096, 1), (0x3A000, 0x2000, 4096, 1), (0x3C000, 0x10000, 4096, 1),
-               (0x4C000, 0x10000, 4096, 1)],
+        areas=[(0x28000, 0x9000, 4096, 1), (0x31000, 0x9000, 4096, 1), (0x3A000, 0x2000, 4096, 1),
+               (0x3C000, 0x2000, 4096, 1), (0x3E000, 0x2000, 4096, 1), (0x40000, 0x10000, 4096, 1),
+               (0x50000, 0x10000, 4096, 1)],
         plain=5, accepted={},
         refused={"running": ("ValueError", "stage1 not a data partition"), "twice": ("ValueError", "same partition"),
                  "app_slot": ("ValueError", "same partition"), "state": ("ValueError", "same partition"),
                  "app_partition": ("ValueError", "stage1 not a data partition"),
                  "encrypted": ("ValueError", "encrypted"), "missing": ("OSError", "2")}),
     "rp2": dict(
-        areas=[(0, 0x7000, 4096, 256), (0x7000, 0x7000, 4096, 256), (0xE000, 0x2000, 4096, 256),
-               (0x10000, 0x2000, 4096, 256), None, (0x12000, 0x7000, 4096, 256), (0x19000, 0x7000, 4096, 256)],
+        areas=[(0, 0x9000, 4096, 256), (0x9000, 0x9000, 4096, 256), (0x12000, 0x2000, 4096, 256),
+               (0x14000, 0x2000, 4096, 256), None, (0x16000, 0x9000, 4096, 256), (0x1F000, 0x9000, 4096, 256)],
         plain=4, accepted={"no_factory": 7, "trust": 7},
         refused={"app_slots": ("ValueError", "overlap"), "state": ("ValueError", "overlap"),
                  "factory": ("ValueError", "overlap"), "trust": ("ValueError", "overlap"),
@@ -297,15 +297,15 @@ S1_EXPECTED = {
     # Internal flash: stage 1's slots in physical sectors of slot_sector (4 KiB), mapped
     # like the app's; the state and factory units at the starts of 2 KiB sectors.
     "stm32": dict(
-        areas=[(0x2000, 0x7000, 4096, 1), (0x9000, 0x7000, 4096, 1), (0, 1024, 512, 512),
-               (0x1000, 1024, 512, 512), None, (0x10000, 0x7000, 4096, 1), (0x17000, 0x7000, 4096, 1)],
+        areas=[(0x2000, 0x9000, 4096, 1), (0xB000, 0x9000, 4096, 1), (0, 1024, 512, 512),
+               (0x1000, 1024, 512, 512), None, (0x14000, 0x9000, 4096, 1), (0x1D000, 0x9000, 4096, 1)],
         plain=4, accepted={},
         refused={"app_slots": ("ValueError", "overlap"), "state": ("ValueError", "overlap"),
                  "misaligned": ("ValueError", "sector alignment"), "partial": ("ValueError", "stage1 size"),
                  "empty": ("ValueError", "stage1 size"), "outside": ("ValueError", "-")}),
     "stm32-spi": dict(
-        areas=[(0, 0x7000, 4096, 1), (0x7000, 0x7000, 4096, 1), (0xE000, 0x2000, 4096, 1),
-               (0x10000, 0x2000, 4096, 1), None, (0x12000, 0x7000, 4096, 1), (0x19000, 0x7000, 4096, 1)],
+        areas=[(0, 0x9000, 4096, 1), (0x9000, 0x9000, 4096, 1), (0x12000, 0x2000, 4096, 1),
+               (0x14000, 0x2000, 4096, 1), None, (0x16000, 0x9000, 4096, 1), (0x1F000, 0x9000, 4096, 1)],
         plain=4, accepted={"no_factory": 7, "trust": 7},
         refused={"app_slots": ("ValueError", "overlap"), "state": ("ValueError", "overlap"),
                  "factory": ("ValueError", "overlap"), "trust": ("ValueError", "overlap"),
@@ -361,5 +361,5 @@ def test_stage1_image_decided_from_its_slot(stage1_lib: Path, stage1_image: Path
     # boot, stage-1 slot 0's error (erased: 1, bad magic), a state record there before the
     # decision, the newest record's sequence number after it (2: stage 1's floor raised,
     # written twice; no write the second time)
-    mapped = {"esp32": -1, "rp2": 0x7000, "stm32": 0x7000}[name]
+    mapped = {"esp32": -1, "rp2": 0x9000, "stm32": 0x9000}[name]
     assert lines == ["DECIDE -1 26 1 1.2.3 0 1 0 2", "DECIDE -1 26 1 1.2.3 0 0 1 2", f"MAPPED {mapped}"]

@@ -1,4 +1,4 @@
-"""SMP over UDP on the device (firmware/mpboot/transport/udp.py, mpboot.ports.UdpLink) on the
+"""SMP over UDP on the device (firmware/mpboot/transport/udp.py, mpboot.transport.udp.UdpLink) on the
 MicroPython unix port, with raw datagrams from this process:
 
 - the simulated device (SimServer(udp=), the real Server, its real heap) answers two packets in
@@ -265,7 +265,7 @@ def test_port_adapters_make_udp_links(tmp_path: Path) -> None:
     the unix port's) and of the unix one: a bound link that takes and sends datagrams."""
     lib = tmp_path / "lib"
     for rel in ("__init__.py", "flash.py", "ports/__init__.py", "ports/esp32.py", "ports/rp2.py", "ports/unix.py",
-                "ports/nor_sim.py"):
+                "ports/nor_sim.py", "transport/__init__.py", "transport/udp.py"):
         target = lib / "mpboot" / Path(rel).with_suffix(".mpy")
         target.parent.mkdir(parents=True, exist_ok=True)
         mpy_cross_compile(FIRMWARE / rel, target)

@@ -32,12 +32,12 @@ if NAME == "esp32":
     TABLE = (
         (0, 0x00, 0x10000, 0x10000, "factory", False),
         (0, 0x10, 0x20000, 0x8000, "ota_0", False),
-        (1, 0x40, 0x28000, 0x7000, "mpb_slot0", False),
-        (1, 0x41, 0x2F000, 0x7000, "mpb_slot1", False),
-        (1, 0x42, 0x36000, 0x6000, "mpboot", False),  # state, factory, trust
-        (1, 0x43, 0x3C000, 0x10000, "mpb1_0", False),
-        (1, 0x44, 0x4C000, 0x10000, "mpb1_1", False),
-        (1, 0x45, 0x5C000, 0x2000, "secret", True),
+        (1, 0x40, 0x28000, 0x9000, "mpb_slot0", False),
+        (1, 0x41, 0x31000, 0x9000, "mpb_slot1", False),
+        (1, 0x42, 0x3A000, 0x6000, "mpboot", False),  # state, factory, trust
+        (1, 0x43, 0x40000, 0x10000, "mpb1_0", False),
+        (1, 0x44, 0x50000, 0x10000, "mpb1_1", False),
+        (1, 0x45, 0x60000, 0x2000, "secret", True),
     )
     ARGS = ("mpb_slot0", "mpb_slot1", "mpboot")
     KW = {"trust": True}
@@ -54,20 +54,21 @@ if NAME == "esp32":
     )
 
     def setup_fake():
-        fake.setup(PATH, 0x5E000, TABLE, 0)
+        fake.setup(PATH, 0x62000, TABLE, 0)
 
     def start(a):
         return a.bdev.info()[2] + a.start
 
 elif NAME in ("rp2", "stm32-spi"):
-    # Storage 0x24000: app slots of 0x7000 at 0 and 0x7000, state 0xE000, factory 0x10000
-    # (trust, when asked for, 0x12000), stage 1's slots of 0x7000 at 0x12000 and 0x19000.
+    # Storage 0x2A000: app slots of 0x9000 at 0 and 0x9000, state 0x12000, factory 0x14000
+    # (trust, when asked for, 0x16000), stage 1's slots of 0x9000 at 0x16000 and 0x1F000
+    # (36 KiB slots: stage 1 as it ships is about 28 KB and growing).
     if NAME == "rp2":
         import rp2 as fake
         from mpboot.ports import rp2 as port
 
         def setup_fake():
-            fake.setup(PATH, 0x24000)
+            fake.setup(PATH, 0x2A000)
 
         def start(a):
             return a.bdev._start + a.start
@@ -79,49 +80,49 @@ elif NAME in ("rp2", "stm32-spi"):
         from mpboot.ports import stm32 as port
 
         def setup_fake():
-            fake.setup(PATH, mode="spi", size=0x24000)
+            fake.setup(PATH, mode="spi", size=0x2A000)
 
         def start(a):
             return a.bdev.start + a.start
 
         E_SIZE = "stage1 size"
-    ARGS = (0, 0x7000, 0xE000)
-    S1 = (0x12000, 0x7000)
+    ARGS = (0, 0x9000, 0x12000)
+    S1 = (0x16000, 0x9000)
     ACCEPT = (
-        ("no_factory", {"factory": False, "stage1": (0x10000, 0x1000)}),  # the factory's sectors are free
-        ("trust", {"trust": True, "stage1": (0x14000, 0x7000)}),
+        ("no_factory", {"factory": False, "stage1": (0x14000, 0x1000)}),  # the factory's sectors are free
+        ("trust", {"trust": True, "stage1": (0x18000, 0x9000)}),
     )
     REFUSE = (
-        ("app_slots", {"stage1": (0x6000, 0x7000)}),
-        ("state", {"stage1": (0xE000, 0x1000)}),
-        ("factory", {"stage1": (0x10000, 0x1000)}),
+        ("app_slots", {"stage1": (0x8000, 0x9000)}),
+        ("state", {"stage1": (0x12000, 0x1000)}),
+        ("factory", {"stage1": (0x14000, 0x1000)}),
         ("trust", {"trust": True, "stage1": S1}),
-        ("unaligned", {"stage1": (0x12800, 0x7000)}),
-        ("partial", {"stage1": (0x12000, 0x6800)}),
-        ("empty", {"stage1": (0x12000, 0)}),
+        ("unaligned", {"stage1": (0x16800, 0x9000)}),
+        ("partial", {"stage1": (0x16000, 0x8800)}),
+        ("empty", {"stage1": (0x16000, 0)}),
         ("negative", {"stage1": (-0x1000, 0x1000)}),
-        ("outside", {"stage1": (0x1E000, 0x7000)}),
+        ("outside", {"stage1": (0x22000, 0x9000)}),
     )
 
 elif NAME == "stm32":
     import pyb as fake
     from mpboot.ports import stm32 as port
 
-    # Storage: four 2 KiB sectors (state, factory: one unit at the start of each), then 28 of
-    # 4 KiB from 0x08004000; a RAM sector copy of 4 KiB. App slots of 0x7000 (7 sectors) at
-    # 0x2000 and 0x9000, stage 1's of 0x7000 at 0x10000 and 0x17000.
+    # Storage: four 2 KiB sectors (state, factory: one unit at the start of each), then 36 of
+    # 4 KiB from 0x08004000; a RAM sector copy of 4 KiB. App slots of 0x9000 (9 sectors) at
+    # 0x2000 and 0xB000, stage 1's of 0x9000 at 0x14000 and 0x1D000.
     BASE = 0x08004000
-    SECTORS = (0x800,) * 4 + (0x1000,) * 28
-    ARGS = (0x2000, 0x7000, 0, 0x1000, 0x800, BASE)
-    S1 = (0x10000, 0x7000)
+    SECTORS = (0x800,) * 4 + (0x1000,) * 36
+    ARGS = (0x2000, 0x9000, 0, 0x1000, 0x800, BASE)
+    S1 = (0x14000, 0x9000)
     ACCEPT = ()
     REFUSE = (
-        ("app_slots", {"stage1": (0xF000, 0x7000)}),
+        ("app_slots", {"stage1": (0x13000, 0x9000)}),
         ("state", {"stage1": (0, 0x1000)}),
-        ("misaligned", {"stage1": (0x10800, 0x7000)}),
-        ("partial", {"stage1": (0x10000, 0x6800)}),
-        ("empty", {"stage1": (0x10000, 0)}),
-        ("outside", {"stage1": (0x12000, 0x7000)}),
+        ("misaligned", {"stage1": (0x14800, 0x9000)}),
+        ("partial", {"stage1": (0x14000, 0x8800)}),
+        ("empty", {"stage1": (0x14000, 0)}),
+        ("outside", {"stage1": (0x16000, 0x9000)}),
     )
 
     def setup_fake():

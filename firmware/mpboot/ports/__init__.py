@@ -20,7 +20,7 @@
 #                            as name), where the port has the bluetooth module (esp32, rp2 on
 #                            Pico W boards, stm32 on boards with a radio); unix: ble(name,
 #                            port) over the simulator's radio (the bluetooth shim)
-#   udp(port, host, allow) -> a UdpLink for mpboot.transport.udp.serve (SMP over UDP), where
+#   udp(port, host, allow) -> a mpboot.transport.udp.UdpLink for its serve (SMP over UDP), where
 #                            the port has a network stack (esp32, rp2 on Pico W boards, unix);
 #                            the app brings the network up first
 
@@ -67,66 +67,3 @@ class BleLink:
         t0 = time.ticks_ms()
         while not (ready and ready()) and time.ticks_diff(time.ticks_ms(), t0) < ms:
             time.sleep_ms(1)
-
-
-class UdpLink:
-    # A bound, non-blocking UDP socket as a transport link (mpboot.transport.udp): recvfrom(n)
-    # returns None at once when no datagram waits, wait(ms) polls. host: the address to bind
-    # ("0.0.0.0": every interface; an interface's own address: that one only; an IPv6
-    # address binds IPv6). allow: None (any sender is served), or the peers' IP addresses
-    # (strings, as "192.168.1.20") whose datagrams are served; the rest are dropped
-    # unanswered. SMP has no authentication: docs/THREAT_MODEL.md, "SMP over UDP".
-    def __init__(self, host, port, allow=None):
-        import select
-        import socket
-
-        ai = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
-        s = socket.socket(ai[0], socket.SOCK_DGRAM)
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(ai[-1])
-            s.setblocking(False)
-        except BaseException:
-            s.close()
-            raise
-        self.s = s
-        self.p = select.poll()
-        self.p.register(s, select.POLLIN)
-        self.peers = None
-        if allow is not None:
-            # Each allowed address as recvfrom gives a sender's: a sockaddr (unix) or an
-            # (ip, port) tuple (lwIP ports); compared by IP only, any source port.
-            self.peers = [socket.getaddrinfo(a, 0, 0, socket.SOCK_DGRAM)[0][-1] for a in allow]
-            self.allow = self._allowed
-
-    def _allowed(self, addr):
-        for a in self.peers:
-            if isinstance(addr, tuple):
-                if isinstance(a, tuple) and a[0] == addr[0]:
-                    return True
-            elif len(a) == len(addr) and _ip(a) == _ip(addr):
-                return True
-        return False
-
-    def recvfrom(self, n):
-        for _ in self.p.ipoll(0):
-            try:
-                return self.s.recvfrom(n)
-            except OSError:  # EAGAIN (taken meanwhile), ECONNREFUSED (an ICMP error queued)
-                return None
-        return None
-
-    def sendto(self, buf, addr):
-        self.s.sendto(buf, addr)
-
-    def wait(self, ms):
-        for _ in self.p.ipoll(ms):
-            break
-
-    def close(self):
-        self.s.close()
-
-
-def _ip(sa):
-    # The IP address bytes of a sockaddr (sockaddr_in: 4 bytes at 4; sockaddr_in6: 16 at 8).
-    return bytes(sa[4:8]) if len(sa) == 16 else bytes(sa[8:24])

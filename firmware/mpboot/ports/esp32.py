@@ -25,7 +25,7 @@ import machine
 from micropython import const
 
 from mpboot.flash import Area
-from mpboot.ports import BleLink, UartLink, UdpLink
+from mpboot.ports import BleLink, UartLink
 
 _SECTOR = const(4096)  # erase unit and block size (ioctl 5) of a partition
 _TYPE_DATA = const(1)
@@ -124,4 +124,6 @@ def udp(port=1337, host="0.0.0.0", allow=None):
     # (default every interface). The app brings the network up first (network.WLAN, on esp32
     # boards); a board in recovery has none, so the UART and BLE stay the recovery path.
     # allow: the peers' IP addresses served (default any): docs/THREAT_MODEL.md.
+    from mpboot.transport.udp import UdpLink
+
     return UdpLink(host, port, allow)

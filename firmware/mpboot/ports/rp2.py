@@ -23,7 +23,7 @@ import rp2
 from micropython import const
 
 from mpboot.flash import Area
-from mpboot.ports import BleLink, UartLink, UdpLink
+from mpboot.ports import BleLink, UartLink
 
 _SECTOR = const(4096)  # erase unit = block size
 _PAGE = const(256)  # program unit
@@ -110,4 +110,6 @@ def udp(port=1337, host="0.0.0.0", allow=None):
     # (default every interface). The app brings the network up first (network.WLAN, on Pico W / Pico 2 W
     # boards); a board in recovery has none, so the UART and BLE stay the recovery path.
     # allow: the peers' IP addresses served (default any): docs/THREAT_MODEL.md.
+    from mpboot.transport.udp import UdpLink
+
     return UdpLink(host, port, allow)

@@ -12,7 +12,7 @@ import sys
 from micropython import const
 
 from mpboot.flash import Area
-from mpboot.ports import BleLink, UdpLink
+from mpboot.ports import BleLink
 from mpboot.ports.nor_sim import NorFlash
 
 _TRUST_RECORD = const(2304)  # mpboot.trust's record: a trust area's sector holds one
@@ -140,4 +140,6 @@ def ble(name, port):
 def udp(port, host="127.0.0.1", allow=None):
     # SMP over UDP (mpboot.transport.udp) on host:port; allow: the peers' IP addresses served
     # (default any).
+    from mpboot.transport.udp import UdpLink
+
     return UdpLink(host, port, allow)

@@ -20,8 +20,10 @@
 #   sendto(buf, addr)             sends buf as one datagram to addr (an address recvfrom gave)
 #   wait(ms)                      returns when a datagram may be waiting, or after ms
 #   allow(addr) (optional)        False: a datagram from addr is dropped unanswered
-# mpboot.ports.UdpLink (mpboot.ports.<port>.udp(...)) makes one; the transport never imports
-# a network module. serve(link, server) runs an mpboot.smp.server.Server over it.
+# UdpLink below is one (a bound socket; the ports' udp(...) make it: mpboot.ports.<port>.udp).
+# It lives here, in stage 1, not in mpboot.ports (stage 0, loaded at every boot): a board
+# that never serves UDP loads none of it, and a fix to it ships as a stage-1 update. serve()
+# itself imports no network module. serve(link, server) runs an mpboot.smp.server.Server.
 #
 # Memory: a 13-byte error response allocated once; each datagram is the bytes recvfrom
 # allocates (up to buf_size + 1: the port's API has no recvfrom_into), plus a memoryview per
@@ -120,3 +122,66 @@ def serve(link, server, tick=None, stats=None):
             if server.reset_requested:
                 return
             i = e
+
+
+class UdpLink:
+    # A bound, non-blocking UDP socket as a transport link (mpboot.transport.udp): recvfrom(n)
+    # returns None at once when no datagram waits, wait(ms) polls. host: the address to bind
+    # ("0.0.0.0": every interface; an interface's own address: that one only; an IPv6
+    # address binds IPv6). allow: None (any sender is served), or the peers' IP addresses
+    # (strings, as "192.168.1.20") whose datagrams are served; the rest are dropped
+    # unanswered. SMP has no authentication: docs/THREAT_MODEL.md, "SMP over UDP".
+    def __init__(self, host, port, allow=None):
+        import select
+        import socket
+
+        ai = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
+        s = socket.socket(ai[0], socket.SOCK_DGRAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(ai[-1])
+            s.setblocking(False)
+        except BaseException:
+            s.close()
+            raise
+        self.s = s
+        self.p = select.poll()
+        self.p.register(s, select.POLLIN)
+        self.peers = None
+        if allow is not None:
+            # Each allowed address as recvfrom gives a sender's: a sockaddr (unix) or an
+            # (ip, port) tuple (lwIP ports); compared by IP only, any source port.
+            self.peers = [socket.getaddrinfo(a, 0, 0, socket.SOCK_DGRAM)[0][-1] for a in allow]
+            self.allow = self._allowed
+
+    def _allowed(self, addr):
+        for a in self.peers:
+            if isinstance(addr, tuple):
+                if isinstance(a, tuple) and a[0] == addr[0]:
+                    return True
+            elif len(a) == len(addr) and _ip(a) == _ip(addr):
+                return True
+        return False
+
+    def recvfrom(self, n):
+        for _ in self.p.ipoll(0):
+            try:
+                return self.s.recvfrom(n)
+            except OSError:  # EAGAIN (taken meanwhile), ECONNREFUSED (an ICMP error queued)
+                return None
+        return None
+
+    def sendto(self, buf, addr):
+        self.s.sendto(buf, addr)
+
+    def wait(self, ms):
+        for _ in self.p.ipoll(ms):
+            break
+
+    def close(self):
+        self.s.close()
+
+
+def _ip(sa):
+    # The IP address bytes of a sockaddr (sockaddr_in: 4 bytes at 4; sockaddr_in6: 16 at 8).
+    return bytes(sa[4:8]) if len(sa) == 16 else bytes(sa[8:24])
