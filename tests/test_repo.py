@@ -610,3 +610,38 @@ def test_help(command: str) -> None:
     assert "Usage: mpboot repo" in result.stdout
     if command:
         assert "Exit status" in result.stdout
+
+
+def test_expiry_periods_are_bounded_in_the_settings_file_and_on_the_command_line(tmp_path: Path) -> None:
+    """An expiry period is at most 10 years (MAX_PERIOD), whether from mpboot-repo.json
+    (hand-edited: a huge number is one line and exit 2, not an internal error) or --expires."""
+    from mpboot.repo.layout import MAX_PERIOD
+
+    built = build_repo(tmp_path / "repo")
+    config = built.path / "mpboot-repo.json"
+    good = json.loads(config.read_bytes())
+    days = MAX_PERIOD.days
+    for role, value, fragment in (("root", 99999999999999, "longer than"), ("timestamp", 1e300, "longer than"),
+                                  ("snapshot", (days + 1) * 86400, f"longer than {days}d"),
+                                  ("targets", float("inf"), "mpboot-repo.json")):
+        doc = json.loads(json.dumps(good))
+        doc["expires_s"][role] = value
+        config.write_text(json.dumps(doc))
+        for command in (("status", built.path), ("publish", built.path, *k(SK, TSK))):
+            assert_error(run("repo", *command), 2, "mpboot-repo.json", fragment)
+    doc = json.loads(json.dumps(good))
+    doc["roles"]["acme"] = {"expires_s": 10**20}
+    config.write_text(json.dumps(doc))
+    assert_error(run("repo", "status", built.path), 2, "mpboot-repo.json", "longer than")
+    doc["roles"]["acme"] = {"expires_s": days * 86400}  # the bound itself
+    config.write_text(json.dumps(doc))
+    assert_ok(run("repo", "status", built.path))
+    # on the command line
+    for period in (f"{days + 1}d", f"{days * 24 + 1}h", "999999d"):
+        assert_error(init_cli(tmp_path / "new", A, extra=("--expires", f"root={period}")), 2,
+                     f"bad root expiry '{period}'", f"at most {days}d")
+        assert_error(run("repo", "delegate", built.path, "gamma", "--vendor-id", "g", "--class-id", "g",
+                         "--role-key", TK, "--threshold", "1", "--expires", period, *k(TK)), 2,
+                     f"bad --expires '{period}'", f"at most {days}d")
+    assert not (tmp_path / "new").exists()
+    assert_ok(init_cli(tmp_path / "new", A, extra=("--expires", f"root={days}d")))
