@@ -225,10 +225,16 @@ class RepoDir:
         return sorted(p.name[:-5] for p in self.staged_metadata.iterdir() if p.name.endswith(".json"))
 
     def read_staged(self, role: str) -> Metadata[Any] | None:
+        """The staged version of `role`, or None: nothing staged, or only what a publish that
+        died half way left (that version is published as it is; the next publish unstages it)."""
         path = self.staged_path(role)
         if not path.is_file():
             return None
-        return load_metadata(_read_bounded(path), path, role)
+        md = load_metadata(_read_bounded(path), path, role)
+        published = self.read_published(role, md.signed.version) if role != "timestamp" else None
+        if published is not None and published[0].to_bytes() == md.to_bytes():
+            return None
+        return md
 
     def stage(self, role: str, md: Metadata[Any]) -> Path:
         path = self.staged_path(role)
