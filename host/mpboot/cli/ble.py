@@ -77,7 +77,7 @@ def scan_cmd(seconds: float, as_json: bool, ble_backend: str | None) -> None:
               help="Reach devices over the network (SMP over UDP, port 1337 by default) instead of "
                    "Bluetooth: each pass probes these addresses (repeat it).")
 @click.option("--udp-list", "udp_list", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
-              help="Like --udp, one HOST[:PORT] per line of FILE ('#' starts a comment).")
+              help="Like --udp, one HOST[:PORT] per line of FILE ('#' starts a comment; at most 1 MiB).")
 @click.option("--mtu", default=1500, show_default=True, type=click.IntRange(576, 65535), metavar="BYTES",
               help="With --udp: the network path's MTU (a request fits one unfragmented datagram).")
 @retries_option
