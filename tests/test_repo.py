@@ -610,3 +610,77 @@ def test_help(command: str) -> None:
     assert "Usage: mpboot repo" in result.stdout
     if command:
         assert "Exit status" in result.stdout
+
+
+def test_expiry_periods_are_bounded_in_the_settings_file_and_on_the_command_line(tmp_path: Path) -> None:
+    """An expiry period is at most 10 years (MAX_PERIOD), whether from mpboot-repo.json
+    (hand-edited: a huge number is one line and exit 2, not an internal error) or --expires."""
+    from mpboot.repo.layout import MAX_PERIOD
+
+    built = build_repo(tmp_path / "repo")
+    config = built.path / "mpboot-repo.json"
+    good = json.loads(config.read_bytes())
+    days = MAX_PERIOD.days
+    for role, value, fragment in (("root", 99999999999999, "longer than"), ("timestamp", 1e300, "longer than"),
+                                  ("snapshot", (days + 1) * 86400, f"longer than {days}d"),
+                                  ("targets", float("inf"), "mpboot-repo.json")):
+        doc = json.loads(json.dumps(good))
+        doc["expires_s"][role] = value
+        config.write_text(json.dumps(doc))
+        for command in (("status", built.path), ("publish", built.path, *k(SK, TSK))):
+            assert_error(run("repo", *command), 2, "mpboot-repo.json", fragment)
+    doc = json.loads(json.dumps(good))
+    doc["roles"]["acme"] = {"expires_s": 10**20}
+    config.write_text(json.dumps(doc))
+    assert_error(run("repo", "status", built.path), 2, "mpboot-repo.json", "longer than")
+    doc["roles"]["acme"] = {"expires_s": days * 86400}  # the bound itself
+    config.write_text(json.dumps(doc))
+    assert_ok(run("repo", "status", built.path))
+    # on the command line
+    for period in (f"{days + 1}d", f"{days * 24 + 1}h", "999999d"):
+        assert_error(init_cli(tmp_path / "new", A, extra=("--expires", f"root={period}")), 2,
+                     f"bad root expiry '{period}'", f"at most {days}d")
+        assert_error(run("repo", "delegate", built.path, "gamma", "--vendor-id", "g", "--class-id", "g",
+                         "--role-key", TK, "--threshold", "1", "--expires", period, *k(TK)), 2,
+                     f"bad --expires '{period}'", f"at most {days}d")
+    assert not (tmp_path / "new").exists()
+    assert_ok(init_cli(tmp_path / "new", A, extra=("--expires", f"root={days}d")))
+
+
+def test_a_publish_that_dies_between_a_new_root_and_the_timestamp_is_recovered_by_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A root rotation that changes the snapshot key, and publish dying after writing the new
+    root (disk full as the snapshot is written): stations walk to the new root and refuse the
+    old snapshot (fail closed: the window of THREAT_MODEL "TUF repository"). The next
+    publish recovers: status still works, and publish again makes the repository whole."""
+    from tuf.api.exceptions import UnsignedMetadataError
+
+    from mpboot.repo.layout import RepoDir
+
+    built = build_repo(tmp_path / "repo")
+    path = built.target_path("acme", "app-1.1.0.bin")
+    cache = tmp_path / "cache"
+    assert client_sees(built.public, built.root_v1, cache, [path])[path] is not None
+    new_sk = new_key(tmp_path, "snapshot-2")
+    old_id = load_public_key(SK).keyhash().hex()[:12]
+    assert_ok(run("repo", "rotate", built.path, "snapshot", "--add", new_sk, "--remove", old_id, *k(A, B)))
+    write_public = RepoDir.write_public
+
+    def disk_full(self: RepoDir, where: Path, data: bytes, *, replace: bool = False) -> None:
+        if where.name.endswith(".snapshot.json"):
+            raise OSError(28, "No space left on device")
+        write_public(self, where, data, replace=replace)
+
+    monkeypatch.setattr(RepoDir, "write_public", disk_full)
+    assert_error(run("repo", "publish", built.path, *k(new_sk, TSK)), 2, "No space left on device")
+    monkeypatch.setattr(RepoDir, "write_public", write_public)
+    assert (built.public / "metadata" / "2.root.json").is_file()
+    with pytest.raises(UnsignedMetadataError):  # the window, held open: fail closed
+        client_sees(built.public, built.root_v1, cache, [path])
+    out = assert_ok(run("repo", "status", built.path)).stdout
+    assert "root: version 2" in out, out
+    out = assert_ok(run("repo", "publish", built.path, *k(new_sk, TSK))).stdout
+    assert "published snapshot version 2 and timestamp version 2" in out, out
+    assert not (built.path / "staging" / "metadata" / "root.json").exists()
+    assert client_sees(built.public, built.root_v1, cache, [path])[path] is not None
+    assert client_sees(built.public, built.root_v1, tmp_path / "fresh", [path])[path] is not None

@@ -656,3 +656,100 @@ def test_the_cli_imports_python_tuf_only_when_a_repository_is_used() -> None:
             "print(sorted(m for m in sys.modules if m.startswith(('tuf', 'securesystemslib', 'mpboot.tufsource'))))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+# --- review findings (issue 20 review, 5-7 and 10) ---------------------------------------------------
+
+
+def test_a_cache_that_cannot_be_written_is_a_usage_error_at_once_not_a_mirror_failure(repo, mirrors, open_source,
+                                                                                     apps) -> None:
+    """A local OSError in the TUF cache (disk full, permissions) is the station's problem, not
+    a mirror's: UsageError (exit 2) at once, the same with one mirror or several, and the
+    other mirrors are not tried (they share the cache)."""
+    a, b = mirrors(repo.dir), mirrors(repo.dir)
+    warnings: list[str] = []
+    src = open_source([a.url, b.url], repo.root_bytes, warnings=warnings)
+    blocked = src.cache / "metadata" / "timestamp.json"
+    (blocked / "x").mkdir(parents=True)  # a non-empty directory where the timestamp is written
+    with pytest.raises(UsageError) as exc:
+        src.refresh()
+    assert type(exc.value) is UsageError and str(exc.value).startswith("TUF cache: "), exc.value
+    assert warnings == [] and not b.requests
+    # the same for an image: its cache file cannot be written
+    (blocked / "x").rmdir()
+    blocked.rmdir()
+    assert src.refresh() == a.url
+    newest = max(src.candidates(info()), key=lambda o: o.key)
+    target = src.cache / "targets" / newest.path.replace("/", "%2F")
+    (target / "x").mkdir(parents=True)
+    seen = len(b.requests)
+    with pytest.raises(UsageError) as exc:
+        src.load(newest)
+    assert type(exc.value) is UsageError and str(exc.value).startswith("TUF cache: "), exc.value
+    assert warnings == [] and len(b.requests) == seen
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("http://exa mple.com", "invalid character"),
+    ("http://[::1", "not a valid host or port"),
+    ("http://127.0.0.1:99999", "127.0.0.1:99999"),
+    ("http://a..b/", "label"),
+    ("http://bücher.example/", "ASCII"),
+    ("http://", "no host"),
+    ("http://h:0/fleet", "port 0"),
+    ("https://h/fleet?x=1", "query"),
+    ("https://h/fleet#top", "fragment"),
+])
+def test_cli_sync_an_unusable_repo_url_is_a_usage_error(repo, tmp_path, url, fragment) -> None:
+    root = tmp_path / "root.json"
+    root.write_bytes(repo.root_bytes)
+    good = dead_url()
+    for where, label in ((("--repo", url), "--repo"), ((url,), "REPO_DIR")):
+        r = run("sync", *where, "--repo", good, "--root", root, "--cache", tmp_path / "cache")
+        line = assert_error(r, 2, f"{label} {url}: ", fragment)
+        assert "no mirror" not in line and r.stdout == ""
+    assert not (tmp_path / "cache").exists()  # refused before anything is used
+
+
+def test_cli_sync_a_url_as_repo_dir_is_taken_as_repo_url(repo, mirrors, tmp_path) -> None:
+    """REPO_DIR given a URL is a mirror's URL, as with --repo URL (not mangled into a path)."""
+    m = mirrors(repo.dir)
+    root = tmp_path / "root.json"
+    root.write_bytes(repo.root_bytes)
+    r = run("sync", m.url + "/", "--root", root, "--cache", tmp_path / "cache", "--udp", f"127.0.0.1:{dead_port()}",
+            "--seconds", "0.2")
+    assert_ok(r)
+    assert f"sync: repo {m.url}: root v1, timestamp v1, snapshot v1" in r.stdout
+    assert_error(run("sync", m.url, "--root", tmp_path / "nope.json"), 2, "--root")
+    assert_error(run("sync", m.url), 2, "--repo URL needs --root FILE")
+    assert_error(run("sync", m.url, "--repo", str(tmp_path)), 2, "not both")
+
+
+def dead_port() -> int:
+    from udpkit import free_udp_port
+
+    return free_udp_port()
+
+
+def test_cli_sync_udp_list_longer_than_its_bound_is_refused(tmp_path) -> None:
+    """A --udp-list file is read to its bound (1 MiB): a longer one is refused whole, never
+    cut (a line cut in half can be another valid address: 10.0.0.123 -> 10.0.0.12)."""
+    from mpboot.cli.ble import UDP_LIST_MAX_BYTES
+
+    (tmp_path / "imgs").mkdir()
+    listing = tmp_path / "devices.txt"
+    line = b"10.0.0.123\n"
+    listing.write_bytes(b"#" * (UDP_LIST_MAX_BYTES - 5) + b"\n" + line)
+    assert_error(run("sync", str(tmp_path / "imgs"), "--udp-list", listing), 2,
+                 f"--udp-list {listing}: longer than {UDP_LIST_MAX_BYTES} bytes")
+    listing.write_bytes(b"#" * (UDP_LIST_MAX_BYTES - len(line) - 1) + b"\n" + line)  # exactly the bound
+    assert_error(run("sync", str(tmp_path / "imgs"), "--udp-list", listing), 2, "no signed images")
+
+
+def test_cli_sync_ble_backend_on_the_command_line_is_refused_with_udp(tmp_path) -> None:
+    (tmp_path / "imgs").mkdir()
+    assert_error(run("sync", str(tmp_path / "imgs"), "--udp", "127.0.0.1", "--ble-backend", "bumble:usb:0"), 2,
+                 "--ble-backend is for Bluetooth, not --udp")
+    # from $MPBOOT_BLE_BACKEND (a station's environment): not an error, the network is used
+    assert_error(run("sync", str(tmp_path / "imgs"), "--udp", "127.0.0.1",
+                     env={"MPBOOT_BLE_BACKEND": "bumble:usb:0"}), 2, "no signed images")

@@ -81,6 +81,37 @@ def default_cache_dir() -> Path:
     return Path(base) / "mpboot" / "tuf"
 
 
+def check_mirror_url(url: str) -> str:
+    """A mirror's base URL, without a trailing "/", or ValueError saying why it cannot be one:
+    http or https, ASCII (an international host name in punycode, xn--...), a host (each
+    label 1-63 characters), a port 1-65535, and no query or fragment (metadata/ and targets/
+    are appended to its path). Checked once, before any request: a URL no request could be
+    made to is a usage error (exit 2), never "mirror unreachable" (exit 3)."""
+    if not url.isascii():
+        raise ValueError("not ASCII: give an international host name in punycode (xn--...), "
+                         "and percent-encode the path")
+    try:
+        parts = urllib3.util.parse_url(url)
+    except urllib3.exceptions.LocationParseError as err:
+        why = str(err).removeprefix("Failed to parse: ")
+        raise ValueError(f"not a URL ({'bad host or port' if why == url else why})") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("not an http:// or https:// URL")
+    if not parts.host:
+        raise ValueError("no host")
+    if not parts.host.startswith("["):  # (an IPv6 literal; urllib3 checked it)
+        try:
+            parts.host.encode("idna")  # (what urllib3 does before connecting: empty or long labels)
+        except UnicodeError:
+            raise ValueError(f"bad host name {parts.host!r} (a label empty or longer than 63 characters)") from None
+    if parts.port == 0:
+        raise ValueError("port 0")
+    for what, value in (("query (?...)", parts.query), ("fragment (#...)", parts.fragment)):
+        if value is not None:
+            raise ValueError(f"a mirror's URL takes no {what}: metadata/ and targets/ are appended to its path")
+    return url.rstrip("/")
+
+
 # --- fetching ----------------------------------------------------------------------------------
 
 
@@ -277,7 +308,12 @@ class TufSource:
                  deadline_s: float = DEADLINE_S, warn: Warn | None = None) -> None:
         if not urls:
             raise UsageError("no repository URL")
-        self.urls = [u.rstrip("/") for u in urls]
+        self.urls = []
+        for u in urls:
+            try:
+                self.urls.append(check_mirror_url(u))
+            except ValueError as err:
+                raise UsageError(f"--repo {u}: {err}") from None
         self.root_bytes = root_bytes
         self.warn: Warn = warn or (lambda text: None)
         try:
@@ -342,7 +378,7 @@ class TufSource:
                     up = self._new_updater(url)
                     up.refresh()
                 except (tx.DownloadError, tx.RepositoryError, OSError) as err:
-                    failure = MirrorFailure(url, _mapped(err, url))
+                    failure = MirrorFailure(url, _mirrors_fault(err, url))
                     failures.append(failure)
                     if n + 1 < len(self.urls):
                         self.warn(f"{failure.error}; trying {self.urls[n + 1]}")
@@ -469,7 +505,7 @@ class TufSource:
             try:
                 return up.download_target(tf, target_base_url=f"{url}/targets/")
             except (tx.DownloadError, tx.RepositoryError, OSError) as err:
-                failure = MirrorFailure(url, _mapped(err, url))
+                failure = MirrorFailure(url, _mirrors_fault(err, url))
                 failures.append(failure)
                 if n + 1 < len(order):
                     self.warn(f"{failure.error}; trying {order[n + 1]}")
@@ -492,6 +528,16 @@ def _mapped(err: BaseException, url: str | None) -> MpbootError:
     if isinstance(err, OSError) and not isinstance(err, tx.DownloadError):
         return UsageError(f"TUF cache: {reason(err)}")
     return repository_error(err, url)
+
+
+def _mirrors_fault(err: BaseException, url: str) -> MpbootError:
+    """The error of a mirror that failed a step (the next one is then tried); a local one,
+    the shared cache (disk full, permissions: an OSError), is raised at once, whatever the
+    number of mirrors: exit 2, and no other mirror tried."""
+    error = _mapped(err, url)
+    if isinstance(error, UsageError):
+        raise error from None
+    return error
 
 
 def _all_failed(failures: list[MirrorFailure]) -> MpbootError:

@@ -51,7 +51,7 @@ def scan_cmd(seconds: float, as_json: bool, ble_backend: str | None) -> None:
 
 
 @click.command("sync")
-@click.argument("repo_dir", metavar="[REPO_DIR]", required=False, type=click.Path(path_type=Path))
+@click.argument("repo_dir", metavar="[REPO_DIR]", required=False, type=str)  # (a str: a URL stays whole)
 @click.option("--repo", "repos", multiple=True, metavar="URL|DIR",
               help="A TUF repository's URL (repeat for mirrors, in order of preference; needs --root), "
                    "or a directory of signed images (as REPO_DIR).")
@@ -77,20 +77,20 @@ def scan_cmd(seconds: float, as_json: bool, ble_backend: str | None) -> None:
               help="Reach devices over the network (SMP over UDP, port 1337 by default) instead of "
                    "Bluetooth: each pass probes these addresses (repeat it).")
 @click.option("--udp-list", "udp_list", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
-              help="Like --udp, one HOST[:PORT] per line of FILE ('#' starts a comment).")
+              help="Like --udp, one HOST[:PORT] per line of FILE ('#' starts a comment; at most 1 MiB).")
 @click.option("--mtu", default=1500, show_default=True, type=click.IntRange(576, 65535), metavar="BYTES",
               help="With --udp: the network path's MTU (a request fits one unfragmented datagram).")
 @retries_option
 @confirm_timeout_option
 @timeout_option
 @ble_backend_option
-def sync_cmd(repo_dir: Path | None, repos: tuple[str, ...], root_path: Path | None, cache_dir: Path | None,
+def sync_cmd(repo_dir: str | None, repos: tuple[str, ...], root_path: Path | None, cache_dir: Path | None,
              repo_timeout_s: float, repo_deadline_s: float, seconds: float, loop: bool, interval: float,
              max_parallel: int, log_path: Path | None, retries: int, confirm_timeout: float, timeout: float,
              udp_addresses: tuple[str, ...], udp_list: Path | None, mtu: int,
              ble_backend: str | None) -> None:
     """Bring every device in range up to the newest image in REPO_DIR (or in the TUF
-    repository at --repo URL) that it accepts.
+    repository at --repo URL; a URL given as REPO_DIR is one too) that it accepts.
 
     Each pass scans for devices advertising the SMP service (with --udp: asks each address
     given, and goes on with those that answer); each one is read (identity,
@@ -137,9 +137,10 @@ def sync_cmd(repo_dir: Path | None, repos: tuple[str, ...], root_path: Path | No
         summary_rows,
     )
 
-    given = ([str(repo_dir)] if repo_dir is not None else []) + list(repos)
-    urls = [g for g in given if g.startswith(("http://", "https://"))]
-    dirs = [Path(g) for g in given if g not in urls]
+    given = ([("REPO_DIR", repo_dir)] if repo_dir is not None else []) + [("--repo", r) for r in repos]
+    named_urls = [(flag, g) for flag, g in given if g.startswith(("http://", "https://"))]
+    urls = [g for _flag, g in named_urls]
+    dirs = [Path(g) for _flag, g in given if g not in urls]
     if not given:
         raise UsageError("give REPO_DIR, or --repo URL|DIR (a TUF repository's URL: repeat it for mirrors)")
     if dirs and urls:
@@ -151,7 +152,18 @@ def sync_cmd(repo_dir: Path | None, repos: tuple[str, ...], root_path: Path | No
                          "band (trust is never taken from the URL)")
     if dirs and (root_path is not None or cache_dir is not None):
         raise UsageError("--root and --cache are for a TUF repository (--repo URL), not a DIR of images")
+    if urls:
+        from mpboot.tufsource import check_mirror_url
+
+        for flag, url in named_urls:  # (before any request: exit 2, never "unreachable")
+            try:
+                check_mirror_url(url)
+            except ValueError as err:
+                raise UsageError(f"{flag} {url}: {err}") from None
     network = udp_addresses_given(udp_addresses, udp_list)
+    if network and click.get_current_context().get_parameter_source("ble_backend") is \
+            click.core.ParameterSource.COMMANDLINE:  # ($MPBOOT_BLE_BACKEND, a station's setting: ignored)
+        raise UsageError("--ble-backend is for Bluetooth, not --udp")
     if not network and mtu != 1500:
         raise UsageError("--mtu goes with --udp HOST[:PORT]")
     repo: list = []
@@ -247,18 +259,27 @@ def sync_cmd(repo_dir: Path | None, repos: tuple[str, ...], root_path: Path | No
         raise click.exceptions.Exit(status)
 
 
+UDP_LIST_MAX_BYTES = 1 << 20  # a --udp-list file (some 60000 addresses); a longer one is refused, never cut
+
+
 def udp_addresses_given(addresses: tuple[str, ...], list_path: Path | None) -> list[tuple[str, int]]:
-    """--udp and --udp-list as (host, port)s; a usage error names the one that is not an address."""
+    """--udp and --udp-list as (host, port)s; a usage error names the one that is not an
+    address, or a list longer than UDP_LIST_MAX_BYTES (cut, its last line could be another
+    valid address)."""
     from mpboot.errors import InputFileError
     from mpboot.transport.udp import parse_address
 
     given = [(f"--udp {a}", a) for a in addresses]
     if list_path is not None:
         try:
-            with open(list_path, encoding="utf-8") as f:
-                text = f.read(1 << 20)
+            with open(list_path, "rb") as f:
+                data = f.read(UDP_LIST_MAX_BYTES + 1)
+            text = data.decode("utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise InputFileError(f"--udp-list {list_path}: cannot read it: {reason(err)}") from None
+        if len(data) > UDP_LIST_MAX_BYTES:
+            raise InputFileError(f"--udp-list {list_path}: longer than {UDP_LIST_MAX_BYTES} bytes: refused "
+                                 "(a list is read whole, never cut)")
         for n, line in enumerate(text.splitlines(), 1):
             line = line.split("#", 1)[0].strip()
             if line:

@@ -130,7 +130,7 @@ def repo_group() -> None:
               help="The timestamp key (online: repo publish --timestamp-only signs with it, from a timer).")
 @click.option("--expires", "expires", multiple=True, metavar="ROLE=PERIOD",
               help="Expiry period of a top-level role (root=365d, targets=365d, snapshot=7d, timestamp=1d "
-                   "by default); days (d) or hours (h).")
+                   "by default); days (d) or hours (h), at most 3653d (10 years).")
 @_signing
 def init_cmd(repo_dir: Path, root_refs: tuple[KeyRef, ...], root_threshold: int, targets_refs: tuple[KeyRef, ...],
              targets_threshold: int, snapshot_refs: tuple[KeyRef, ...], timestamp_refs: tuple[KeyRef, ...],
@@ -164,7 +164,8 @@ def init_cmd(repo_dir: Path, root_refs: tuple[KeyRef, ...], root_threshold: int,
               help="A key of the team's role (public or private key file, or pkcs11: URI); repeat for several.")
 @click.option("--threshold", type=click.IntRange(1, 16), required=True, metavar="T",
               help="How many of the role's keys must sign it.")
-@click.option("--expires", "expires", metavar="PERIOD", help="Expiry period of the role's versions (default 90d).")
+@click.option("--expires", "expires", metavar="PERIOD",
+              help="Expiry period of the role's versions (default 90d; at most 3653d).")
 @_signing
 def delegate_cmd(repo_dir: Path, role: str, vendor_id: str, class_ids: tuple[str, ...],
                  role_refs: tuple[KeyRef, ...], threshold: int, expires: str | None, keys: KeyArgs) -> None:

@@ -45,18 +45,24 @@ MAX_METADATA_BYTES: Final = 4 * 1024 * 1024  # far above what a role grows to (~
 DEFAULT_EXPIRES: Final = {"root": timedelta(days=365), "targets": timedelta(days=365),
                           "snapshot": timedelta(days=7), "timestamp": timedelta(days=1)}
 DEFAULT_ROLE_EXPIRES: Final = timedelta(days=90)
+# The longest expiry period (from --expires or mpboot-repo.json): 10 years. Longer is not a
+# freshness any more, and keeps now() + period far from datetime's year 9999.
+MAX_PERIOD: Final = timedelta(days=3653)
 
 _VERSIONED_RE: Final = re.compile(r"^([1-9][0-9]{0,9})\.([a-z0-9-]+)\.json$")
 _PERIOD_RE: Final = re.compile(r"^([1-9][0-9]{0,5})([dh])$")
 
 
 def parse_period(text: str, what: str) -> timedelta:
-    """An expiry period: 1d, 12h, 365d."""
+    """An expiry period: 1d, 12h, 365d; at most MAX_PERIOD."""
     m = _PERIOD_RE.match(text.strip())
     if not m:
         raise RepositoryError(f"bad {what} {text!r}: expected days or hours, like 7d or 12h")
     n = int(m.group(1))
-    return timedelta(days=n) if m.group(2) == "d" else timedelta(hours=n)
+    period = timedelta(days=n) if m.group(2) == "d" else timedelta(hours=n)
+    if period > MAX_PERIOD:
+        raise RepositoryError(f"bad {what} {text!r}: at most {MAX_PERIOD.days}d (10 years)")
+    return period
 
 
 def period_text(period: timedelta) -> str:
@@ -101,13 +107,18 @@ class Settings:
             doc = json.loads(data)
             if doc.get("mpboot_repo") != CONFIG_FORMAT:
                 raise ValueError(f"format {doc.get('mpboot_repo')!r}")
-            expires = {r: timedelta(seconds=int(doc["expires_s"][r])) for r in TOP_ROLES}
-            roles = {check_role_name(r): timedelta(seconds=int(v["expires_s"])) for r, v in doc["roles"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError, RepositoryError) as err:
+            expires_s = {r: int(doc["expires_s"][r]) for r in TOP_ROLES}
+            roles_s = {check_role_name(r): int(v["expires_s"]) for r, v in doc["roles"].items()}
+        except (ValueError, OverflowError, KeyError, TypeError, AttributeError, RepositoryError) as err:
             raise RepositoryError(f"{where}: not an mpboot repository settings file ({err})") from None
-        if any(p <= timedelta(0) for p in (*expires.values(), *roles.values())):
-            raise RepositoryError(f"{where}: an expiry period is not positive")
-        return cls(expires, roles)
+        for role, n in (*expires_s.items(), *roles_s.items()):  # (bounded before a timedelta: no overflow)
+            if n <= 0:
+                raise RepositoryError(f"{where}: {role}'s expiry period is not positive")
+            if n > MAX_PERIOD.total_seconds():
+                raise RepositoryError(f"{where}: {role}'s expiry period ({n} s) is longer than "
+                                      f"{MAX_PERIOD.days}d (10 years)")
+        return cls({r: timedelta(seconds=n) for r, n in expires_s.items()},
+                   {r: timedelta(seconds=n) for r, n in roles_s.items()})
 
 
 class RepoDir:
@@ -214,10 +225,16 @@ class RepoDir:
         return sorted(p.name[:-5] for p in self.staged_metadata.iterdir() if p.name.endswith(".json"))
 
     def read_staged(self, role: str) -> Metadata[Any] | None:
+        """The staged version of `role`, or None: nothing staged, or only what a publish that
+        died half way left (that version is published as it is; the next publish unstages it)."""
         path = self.staged_path(role)
         if not path.is_file():
             return None
-        return load_metadata(_read_bounded(path), path, role)
+        md = load_metadata(_read_bounded(path), path, role)
+        published = self.read_published(role, md.signed.version) if role != "timestamp" else None
+        if published is not None and published[0].to_bytes() == md.to_bytes():
+            return None
+        return md
 
     def stage(self, role: str, md: Metadata[Any]) -> Path:
         path = self.staged_path(role)

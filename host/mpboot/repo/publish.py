@@ -128,6 +128,9 @@ def publish(path: Path, ring: KeyRing, *, timestamp_only: bool = False) -> list[
         repo.write_public(repo.published_path("timestamp", 0), ts.to_bytes(), replace=True)
         for name in new:
             repo.unstage(name)
+        for name in repo.staged_roles():  # (what a publish that died half way left: published)
+            if repo.read_staged(name) is None:
+                repo.unstage(name)
         for f in published_files:
             f.unlink(missing_ok=True)
         # Images added, then removed before they went live: no staged role lists them now.
