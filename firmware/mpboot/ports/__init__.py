@@ -24,6 +24,10 @@
 #                            the port has a network stack (esp32, rp2 on Pico W boards, unix);
 #                            the app brings the network up first
 
+from micropython import const
+
+_DRAIN_MS = const(250)  # before a reset: UdpLink.drain
+
 
 class UartLink:
     # A machine.UART opened with timeout=0 as a transport link: readinto() returns None at
@@ -71,7 +75,8 @@ class BleLink:
 
 class UdpLink:
     # A bound, non-blocking UDP socket as a transport link (mpboot.transport.udp): recvfrom(n)
-    # returns None at once when no datagram waits, wait(ms) polls. host: the address to bind
+    # returns None at once when no datagram waits, wait(ms) polls, drain() gives the last
+    # datagrams time to leave before a reset (see there). host: the address to bind
     # ("0.0.0.0": every interface; an interface's own address: that one only; an IPv6
     # address binds IPv6). allow: None (any sender is served), or the peers' IP addresses
     # (strings, as "192.168.1.20") whose datagrams are served; the rest are dropped
@@ -122,6 +127,15 @@ class UdpLink:
     def wait(self, ms):
         for _ in self.p.ipoll(ms):
             break
+
+    def drain(self):
+        # sendto only queues a datagram (lwIP; the WiFi driver sends it later), and no port
+        # tells when its queue is empty: wait _DRAIN_MS (Zephyr's CONFIG_MCUMGR_GRP_OS_RESET_MS)
+        # before the reset. sleep_ms runs the port's event hook meanwhile (esp32: yields to the
+        # WiFi task; rp2: polls cyw43/lwIP); datagrams arriving stay unread.
+        import time
+
+        time.sleep_ms(_DRAIN_MS)
 
     def close(self):
         self.s.close()

@@ -20,6 +20,9 @@
 #   sendto(buf, addr)             sends buf as one datagram to addr (an address recvfrom gave)
 #   wait(ms)                      returns when a datagram may be waiting, or after ms
 #   allow(addr) (optional)        False: a datagram from addr is dropped unanswered
+#   drain() (optional)            returns once what sendto queued has likely left (before a
+#                                 reset: UdpLink waits about 250 ms, as Zephyr's
+#                                 CONFIG_MCUMGR_GRP_OS_RESET_MS)
 # mpboot.ports.UdpLink (mpboot.ports.<port>.udp(...)) makes one; the transport never imports
 # a network module. serve(link, server) runs an mpboot.smp.server.Server over it.
 #
@@ -27,6 +30,7 @@
 # allocates (up to buf_size + 1: the port's API has no recvfrom_into), plus a memoryview per
 # packet.
 from micropython import const
+from time import ticks_add, ticks_diff, ticks_ms
 
 _HDR = const(8)
 _IDLE_MS = const(1000)  # longest wait without calling tick()
@@ -72,15 +76,21 @@ def _send(link, r, addr):
 
 def serve(link, server, tick=None, stats=None):
     # Serves SMP datagrams from link, strictly in arrival order, until the server asks for a
-    # reset: then returns with that response sent (the caller resets; datagrams behind it stay
-    # unread). tick() (e.g. a watchdog feed) runs after each request and at least once a
-    # second while idle. stats: a Stats to count into (optional).
+    # reset: then returns with that response sent and drained (the caller resets; datagrams
+    # behind it stay unread). tick() (e.g. a watchdog feed) runs after each request, while
+    # idle, and at least once a second whatever arrives (a flood of datagrams it drops, from
+    # a sender allow() refuses, say, never starves it). stats: a Stats to count into
+    # (optional).
     n = server.buf_size
     st = stats if stats is not None else Stats()
     allow = getattr(link, "allow", None)
     # EMSGSIZE response: the request's header (op + 1, length 5) then {"rc": 7}
     err = bytearray(b"\x00\x00\x00\x05\x00\x00\x00\x00\xa1\x62rc\x07")
+    due = ticks_add(ticks_ms(), _IDLE_MS)
     while True:
+        if tick and ticks_diff(ticks_ms(), due) >= 0:
+            tick()
+            due = ticks_add(ticks_ms(), _IDLE_MS)
         got = link.recvfrom(n + 1)
         if got is None:
             if tick:
@@ -118,5 +128,8 @@ def serve(link, server, tick=None, stats=None):
             if tick:
                 tick()
             if server.reset_requested:
+                d = getattr(link, "drain", None)
+                if d:
+                    d()
                 return
             i = e
