@@ -7,7 +7,10 @@ MicroPython unix port, with raw datagrams from this process:
   that power-on (the next one serves again on the same port);
 - a driver (below) runs serve() over port.udp() with the transport stub at a small heap:
   allow= drops other senders unanswered, tick() runs while idle, fewer than 8 bytes are
-  dropped, a server exception costs that request only, and serve() returns on a reset.
+  dropped, a server exception costs that request only, and serve() returns on a reset, once
+  the reset's reply is sent and the link drained (UdpLink: about 250 ms);
+- a link whose datagrams never stop (each one dropped: refused, oversize, short, empty) still
+  gets tick() about once a second.
 
 Every wait is on a datagram or a line the device prints; nothing sleeps."""
 
