@@ -7,12 +7,16 @@ MicroPython unix port, with raw datagrams from this process:
   that power-on (the next one serves again on the same port);
 - a driver (below) runs serve() over port.udp() with the transport stub at a small heap:
   allow= drops other senders unanswered, tick() runs while idle, fewer than 8 bytes are
-  dropped, a server exception costs that request only, and serve() returns on a reset.
+  dropped, a server exception costs that request only, and serve() returns on a reset, once
+  the reset's reply is sent and the link drained (UdpLink: about 250 ms);
+- a link whose datagrams never stop (each one dropped: refused, oversize, short, empty) still
+  gets tick() about once a second.
 
 Every wait is on a datagram or a line the device prints; nothing sleeps."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -135,6 +139,7 @@ def test_reset_ends_the_power_on_and_the_next_serves(sim: SimUdp) -> None:
 
 DRIVER = """
 import sys
+import time
 from mpboot.ports import unix as port
 from mpboot.transport import udp
 from smp_stub import Stub
@@ -152,10 +157,32 @@ def tick():
         print("READY")
 
 
+# The link's last two calls (sendto, drain: how long it took), for the reset's drain.
+last = ["", ""]
+_sendto = link.sendto
+
+
+def sendto(buf, addr):
+    last[0], last[1] = last[1], "sendto"
+    _sendto(buf, addr)
+
+
+link.sendto = sendto
+if hasattr(link, "drain"):
+    _drain = link.drain
+
+    def drain():
+        t = time.ticks_ms()
+        _drain()
+        last[0], last[1] = last[1], "drain %d" % time.ticks_diff(time.ticks_ms(), t)
+
+    link.drain = drain
+
 stats = udp.Stats()
 udp.serve(link, server, tick, stats)
 print("DONE handled=%d datagrams=%d oversize=%d short=%d refused=%d" % (
     server.count, stats.datagrams, stats.oversize, stats.short, stats.refused))
+print("LAST %s,%s" % (last[0], last[1]))
 """
 
 
@@ -238,6 +265,94 @@ def test_allow_drops_other_senders_and_idle_ticks(lib: Path) -> None:
     finally:
         d.kill()
     assert "refused=1" in out and "handled=2" in out, out
+
+
+def test_reset_reply_is_drained_before_serve_returns(lib: Path) -> None:
+    """The reset's reply is sent, then the link drains (UdpLink: about 250 ms, for a stack whose
+    sendto only queues the datagram), and only then does serve() return for the reset."""
+    port = free_udp_port()
+    d = Driver(lib, f"port={port}")  # (32k)
+    try:
+        with client() as s:
+            s.sendto(echo(2, "before"), ("127.0.0.1", port))
+            assert reply(s)[1] == {"d": "before"}
+            s.sendto(request(2, 0, 5, 4, {}), ("127.0.0.1", port))
+            assert reply(s)[0][6:8] == bytes([4, 5])
+        out = d.finish()
+    finally:
+        d.kill()
+    m = re.search(r"^LAST sendto,drain (\d+)$", out, re.M)
+    assert m, out
+    assert 240 <= int(m.group(1)) < 2000, out  # (ticks_ms: 250 ms, give or take a tick)
+    assert out.index("DONE") < out.index("LAST")
+
+
+FLOOD = """
+import sys
+import time
+from mpboot.transport import udp
+from smp_stub import Stub
+
+# A link whose datagrams never stop coming (each one dropped unanswered): serve() is never idle.
+kind = sys.argv[1]
+DATAGRAM = {"refused": b"\\x02\\x00\\x00\\x00\\x00\\x00\\x01\\x00", "oversize": b"\\x01" * 300,
+            "short": b"\\x02\\x00\\x00", "empty": b""}[kind]
+
+
+class Flood:
+    def __init__(self):
+        self.t0 = time.ticks_ms()
+        self.n = 0
+
+    def recvfrom(self, n):
+        if time.ticks_diff(time.ticks_ms(), self.t0) > 5000:
+            raise OSError(0)
+        self.n += 1
+        return DATAGRAM[:n], b"peer"
+
+    def sendto(self, buf, addr):
+        raise AssertionError("sendto")
+
+    def wait(self, ms):
+        raise AssertionError("wait: the flood never pauses")
+
+
+if kind == "refused":
+    Flood.allow = lambda self, addr: False
+
+link = Flood()
+ticks = []
+
+
+def tick():
+    ticks.append((time.ticks_diff(time.ticks_ms(), link.t0), link.n))
+    if len(ticks) == 3:
+        raise KeyboardInterrupt
+
+
+try:
+    udp.serve(link, Stub(256), tick)
+except KeyboardInterrupt:
+    pass
+except OSError:
+    print("NO TICK in 5 s of %d datagrams" % link.n)
+for ms, n in ticks:
+    print("TICK %d %d" % (ms, n))
+"""
+
+
+@pytest.mark.parametrize("kind", ["refused", "oversize", "short", "empty"])
+def test_tick_runs_through_a_flood_of_dropped_datagrams(tmp_path: Path, lib: Path, kind: str) -> None:
+    """Datagrams that serve() drops (refused by allow=, oversize, short of a header, empty)
+    arriving without a pause still let tick() (the watchdog feed) run about once a second."""
+    (tmp_path / "dev_flood.py").write_text(FLOOD)
+    proc = upy.run(["-m", "dev_flood", kind], path=[tmp_path, lib], heapsize="24k", timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ticks = [tuple(map(int, line.split()[1:])) for line in proc.stdout.splitlines() if line.startswith("TICK ")]
+    assert len(ticks) == 3, proc.stdout
+    gaps = [b[0] - a[0] for a, b in zip([(0, 0), *ticks], ticks)]
+    assert all(g < 3000 for g in gaps), ticks  # (about 1000 ms each: no tick waits for a pause)
+    assert all(b[1] > a[1] for a, b in zip([(0, 0), *ticks], ticks)), ticks  # datagrams between ticks
 
 
 ADAPTERS = """

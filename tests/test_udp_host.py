@@ -8,7 +8,8 @@ mpboot.smp.client, `--udp` on the device commands) against the simulated device 
 - deterministic losses: the opening upload request with the window behind it; an echo and the
   params before it; the reset request (the device did not reset: one more is sent); the
   reset's reply (the device did reset: none more is sent). Each power-on is counted;
-- addresses, sizes and usage errors.
+- addresses (an IPv6 link-local one with its %scope, against a stand-in device bound to this
+  machine's), sizes, usage errors, and the hint of a device that never answered.
 
 Every wait is on a reply or on a line the simulator prints; nothing sleeps."""
 
@@ -18,14 +19,15 @@ import asyncio
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import KEYS_DIR, signing_key
 from simkit import installed, make_app, sign_app
 from simserve import mpboot, ok
-from udpkit import Faults, FaultProxy, SimUdp, free_udp_port
+from udpkit import EchoDevice, Faults, FaultProxy, SimUdp, free_udp_port, link_local_addresses
 
-from mpboot.errors import DeviceSilent
+from mpboot.errors import DeviceSilent, PortError
 from mpboot.image import parse_image
 from mpboot.keys import load_public_key
 from mpboot.sim.serve import open_state
@@ -260,3 +262,58 @@ def test_sim_udp_usage_errors(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--udp and --ble exclude each other" in result.stderr
     result = mpboot("sim", "--state", tmp_path / "d", "--keys", KEY, "--udp", "1337", "--machine", "qemu")
     assert result.exit_code == 2 and "--udp" in result.stderr and "not with --machine qemu" in result.stderr
+
+
+# ---------------------------------------------------------------- IPv6 scope, silent hint
+
+def scope_reaches_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The socket is connected to the whole sockaddr getaddrinfo gave, scope id included
+    (fe80::1%lo: nothing answers there; the connect's own error is reported)."""
+    connects: list[Any] = []
+    connect = socket.socket.connect
+
+    def recording(self: socket.socket, addr: Any) -> None:
+        connects.append(addr)
+        connect(self, addr)
+
+    monkeypatch.setattr(socket.socket, "connect", recording)
+    port = free_udp_port()
+
+    async def flow() -> None:
+        t = UdpTransport("fe80::1%lo", port)
+        try:
+            await t.open()
+        finally:
+            await t.close()
+
+    try:
+        run(flow())
+    except PortError as err:
+        assert "Invalid argument" not in str(err)  # (what a sockaddr without its scope gets)
+    assert connects == [("fe80::1", port, 0, socket.if_nametoindex("lo"))]
+
+
+def test_ipv6_scope_reaches_the_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    scope_reaches_connect(monkeypatch)
+
+
+def test_link_local_address_with_its_scope(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--udp "[fe80::...%IF]:PORT"` (the README's form) against a device bound to this
+    machine's link-local address of IF. (A machine without one: the socket-level check above
+    stands in for it.)"""
+    addresses = link_local_addresses()
+    if not addresses:
+        scope_reaches_connect(monkeypatch)
+        return
+    with EchoDevice(addresses[0]) as dev:
+        out = ok("echo", "scoped", "--udp", f"[{addresses[0]}]:{dev.port}", "--mtu", "1280", "--timeout", TIMEOUT)
+    assert out.strip() == "scoped"
+    assert dev.peers and all(p[3] == socket.if_nametoindex(addresses[0].split("%")[1]) for p in dev.peers)
+
+
+def test_silent_device_over_udp_gets_a_udp_hint() -> None:
+    port = free_udp_port()  # nothing listens
+    result = mpboot("state", "--udp", f"127.0.0.1:{port}", "--timeout", "0.3")
+    assert result.exit_code == 3
+    assert result.stderr == (f"mpboot: error: no SMP reply from udp:127.0.0.1:{port} in 0.3 s (wrong address or port, "
+                             "the device not serving run_udp, or a firewall?)\n")

@@ -223,3 +223,61 @@ class SimUdp:
             except queue.Empty:
                 if self.server.error:
                     raise AssertionError(f"sim stopped: {self.server.error}") from None
+
+
+def link_local_addresses() -> list[str]:
+    """This machine's IPv6 link-local addresses with their scope ("fe80::...%eth0"), from
+    /proc/net/if_inet6 (Linux; scope 0x20 is link)."""
+    found = []
+    try:
+        lines = Path("/proc/net/if_inet6").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 6 and fields[3] == "20":
+            ip = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(fields[0]))
+            found.append(f"{ip}%{fields[5]}")
+    return found
+
+
+class EchoDevice:
+    """A stand-in device on any address (IPv6 link-local with a scope included), in a thread:
+    answers the MCUmgr params read and OS echo, one datagram each, as the firmware does.
+
+        with EchoDevice("fe80::1%eth0") as dev:     # dev.port: the port it bound
+    """
+
+    def __init__(self, host: str) -> None:
+        family, _, _, _, addr = socket.getaddrinfo(host, 0, type=socket.SOCK_DGRAM)[0]
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.bind(addr)
+        self.port = int(self.sock.getsockname()[1])
+        self.peers: list[Any] = []  # the sender of each request
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.sock.close()  # (recvfrom in the thread fails: it ends)
+        self._thread.join(5)
+
+    def _serve(self) -> None:
+        import cbor2
+
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(2048)
+            except OSError:
+                return
+            self.peers.append(peer)
+            group, seq, cmd = int.from_bytes(data[4:6], "big"), data[6], data[7]
+            if group != 0 or cmd not in (0, 6):
+                continue
+            body = cbor2.dumps({"buf_size": 1472, "buf_count": 4} if cmd == 6 else {"r": cbor2.loads(data[8:])["d"]})
+            op = (data[0] & 7) + 1
+            header = bytes([op | 1 << 3, 0]) + len(body).to_bytes(2, "big") + data[4:6] + bytes([seq, cmd])
+            self.sock.sendto(header + body, peer)

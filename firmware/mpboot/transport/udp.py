@@ -20,6 +20,9 @@
 #   sendto(buf, addr)             sends buf as one datagram to addr (an address recvfrom gave)
 #   wait(ms)                      returns when a datagram may be waiting, or after ms
 #   allow(addr) (optional)        False: a datagram from addr is dropped unanswered
+#   drain() (optional)            returns once what sendto queued has likely left (before a
+#                                 reset: UdpLink waits about 250 ms, as Zephyr's
+#                                 CONFIG_MCUMGR_GRP_OS_RESET_MS)
 # UdpLink below is one (a bound socket; the ports' udp(...) make it: mpboot.ports.<port>.udp).
 # It lives here, in stage 1, not in mpboot.ports (stage 0, loaded at every boot): a board
 # that never serves UDP loads none of it, and a fix to it ships as a stage-1 update. serve()
@@ -29,9 +32,11 @@
 # allocates (up to buf_size + 1: the port's API has no recvfrom_into), plus a memoryview per
 # packet.
 from micropython import const
+from time import ticks_add, ticks_diff, ticks_ms
 
 _HDR = const(8)
 _IDLE_MS = const(1000)  # longest wait without calling tick()
+_DRAIN_MS = const(250)  # before a reset: UdpLink.drain
 _EMSGSIZE = const(7)
 _OP_READ = const(0)  # SMP ops: a response's op is its request's + 1
 _OP_WRITE = const(2)
@@ -74,15 +79,21 @@ def _send(link, r, addr):
 
 def serve(link, server, tick=None, stats=None):
     # Serves SMP datagrams from link, strictly in arrival order, until the server asks for a
-    # reset: then returns with that response sent (the caller resets; datagrams behind it stay
-    # unread). tick() (e.g. a watchdog feed) runs after each request and at least once a
-    # second while idle. stats: a Stats to count into (optional).
+    # reset: then returns with that response sent and drained (the caller resets; datagrams
+    # behind it stay unread). tick() (e.g. a watchdog feed) runs after each request, while
+    # idle, and at least once a second whatever arrives (a flood of datagrams it drops, from
+    # a sender allow() refuses, say, never starves it). stats: a Stats to count into
+    # (optional).
     n = server.buf_size
     st = stats if stats is not None else Stats()
     allow = getattr(link, "allow", None)
     # EMSGSIZE response: the request's header (op + 1, length 5) then {"rc": 7}
     err = bytearray(b"\x00\x00\x00\x05\x00\x00\x00\x00\xa1\x62rc\x07")
+    due = ticks_add(ticks_ms(), _IDLE_MS)
     while True:
+        if tick and ticks_diff(ticks_ms(), due) >= 0:
+            tick()
+            due = ticks_add(ticks_ms(), _IDLE_MS)
         got = link.recvfrom(n + 1)
         if got is None:
             if tick:
@@ -120,13 +131,17 @@ def serve(link, server, tick=None, stats=None):
             if tick:
                 tick()
             if server.reset_requested:
+                d = getattr(link, "drain", None)
+                if d:
+                    d()
                 return
             i = e
 
 
 class UdpLink:
     # A bound, non-blocking UDP socket as a transport link (mpboot.transport.udp): recvfrom(n)
-    # returns None at once when no datagram waits, wait(ms) polls. host: the address to bind
+    # returns None at once when no datagram waits, wait(ms) polls, drain() gives the last
+    # datagrams time to leave before a reset (see there). host: the address to bind
     # ("0.0.0.0": every interface; an interface's own address: that one only; an IPv6
     # address binds IPv6). allow: None (any sender is served), or the peers' IP addresses
     # (strings, as "192.168.1.20") whose datagrams are served; the rest are dropped
@@ -177,6 +192,15 @@ class UdpLink:
     def wait(self, ms):
         for _ in self.p.ipoll(ms):
             break
+
+    def drain(self):
+        # sendto only queues a datagram (lwIP; the WiFi driver sends it later), and no port
+        # tells when its queue is empty: wait _DRAIN_MS (Zephyr's CONFIG_MCUMGR_GRP_OS_RESET_MS)
+        # before the reset. sleep_ms runs the port's event hook meanwhile (esp32: yields to the
+        # WiFi task; rp2: polls cyw43/lwIP); datagrams arriving stay unread.
+        import time
+
+        time.sleep_ms(_DRAIN_MS)
 
     def close(self):
         self.s.close()

@@ -264,7 +264,9 @@ class SMPClient:
         """The DeviceSilent error for `waited` seconds without a reply."""
         name = self.transport.name
         if self.stats.replies == 0:
-            return DeviceSilent(f"no SMP reply from {name} in {waited:.3g} s (wrong port, baud or framing?)")
+            # The transport's guess at why (serial: port, baud, framing; UDP: address, firewall)
+            hint = getattr(self.transport, "silent_hint", None)
+            return DeviceSilent(f"no SMP reply from {name} in {waited:.3g} s" + (f" ({hint})" if hint else ""))
         return DeviceSilent(f"device stopped answering: no SMP reply from {name} in {waited:.3g} s{where}")
 
     # --- OS group --------------------------------------------------------------------------

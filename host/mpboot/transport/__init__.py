@@ -5,6 +5,9 @@ packet the link and the device's buffer allow; framing, MTU and flow control sta
 `mpboot.smp.SMPClient` only uses this protocol, so serial, BLE and UDP plug in alike. A
 transport that may lose, duplicate or reorder packets (UDP) also has `lossy = True`: the
 client then resends what is safe to resend (mpboot.smp.client, docs/PROTOCOL.md "SMP over UDP").
+An optional `silent_hint` (str) says what to check when a device never answered (serial:
+"wrong port, baud or framing?"; UDP: the address, run_udp, a firewall): the client's
+DeviceSilent message ends with it.
 
 Errors: opening raises mpboot.errors.PortError (missing, busy, not permitted); a failure while
 open raises mpboot.errors.TransportError from `send` / `recv`.

@@ -43,6 +43,8 @@ class SerialTransport:
     >>> # async with SMPClient(t) as client: ...
     """
 
+    silent_hint: Final = "wrong port, baud or framing?"  # (a device that never answered)
+
     def __init__(self, port: str, *, baudrate: int = DEFAULT_BAUDRATE,
                  framing: Framing | str = Framing.RAW,
                  write_timeout: float = DEFAULT_WRITE_TIMEOUT) -> None:

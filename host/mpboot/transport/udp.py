@@ -83,6 +83,7 @@ class UdpTransport:
     """One device's SMP over UDP: see the module docstring."""
 
     lossy: Final = True  # datagrams may be lost, duplicated or reordered
+    silent_hint: Final = "wrong address or port, the device not serving run_udp, or a firewall?"
 
     def __init__(self, host: str, port: int = DEFAULT_PORT, *, mtu: int = DEFAULT_MTU) -> None:
         if not host:
@@ -132,12 +133,22 @@ class UdpTransport:
             raise PortError(f"cannot resolve {self.host}")
         family, _, _, _, addr = infos[0]
         self._inbox = Inbox(f"{self.name} is not open")
+        sock: socket.socket | None = None
         try:
-            # (asyncio takes (host, port) and resolves it again: an IPv6 scope stays in host)
-            transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), remote_addr=addr[:2],
-                                                               family=family)
+            # Connected to the whole sockaddr getaddrinfo gave: an IPv6 link-local address's
+            # scope ("fe80::1%eth0") is its 4th field, which (host, port) would lose.
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.connect(addr)  # (UDP: sets the peer, never waits)
+            transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=sock)
         except OSError as err:
+            if sock is not None:
+                sock.close()
             raise PortError(f"cannot open {self.name}: {err.strerror or err}") from None
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
         self.family = family
         self._transport = transport
 
