@@ -110,7 +110,7 @@ def check_channel(data: bytes, state: trust.TrustState, *, vendor_id: bytes, cla
     device's checks in the device's order (firmware/mpboot/channel.py parse, check): TOO_LARGE,
     RECORD, PRODUCT, STALE, SIGNATURE, IMAGE (counter below the floor). ChannelRefused
     otherwise."""
-    from mpboot.image import _ImageSigners  # the image walk's certificate rules, shared (KEYS.md 4)
+    from mpboot.image import SignerWalk  # the image walk's certificate rules, shared (KEYS.md 4)
 
     if len(data) > trust.MAX_RECORD_SIZE:
         raise ChannelRefused(PullErrorCode.TOO_LARGE, f"{len(data)} bytes")
@@ -130,7 +130,7 @@ def check_channel(data: bytes, state: trust.TrustState, *, vendor_id: bytes, cla
         return ChannelRefused(PullErrorCode.SIGNATURE, detail)
 
     if len(env.verified_signers(state.trusted_roots(), bad)) < state.threshold:
-        walk = _ImageSigners(state, None)  # type: ignore[arg-type]  # (certificates use only the state)
+        walk = SignerWalk(state, None)  # type: ignore[arg-type]  # (certificates use only the state)
         try:
             for cert in r.certificates:
                 walk.certificate(cert)
