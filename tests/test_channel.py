@@ -199,3 +199,74 @@ def test_cli_channel_help_lists_exit_statuses() -> None:
 def test_key_show_points_at_channel_show() -> None:
     r = CliRunner().invoke(cli, ["key", "show", str(CHANNEL / "ok-root.cbor")])
     assert r.exit_code == 2 and "mpboot channel show" in r.output, r.output
+
+
+# --- certificates for channel records (key delegate --kind channel), trust push refusal --------
+
+
+def test_a_channel_certificate_signs_channel_records_and_not_images(device, image: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`key delegate --kind channel` makes a certificate (kind bit 8) whose key signs channel
+    records, on the host and on the device, and no image; a certificate for app images signs
+    no channel record."""
+    from clikit import assert_ok, run
+    from simkit import HEADER_ROOM
+
+    from mpboot.errors import ImageErrorCode, ImageRejected
+    from mpboot.image import ImageSigner, ImageVersion, SignOptions, build_image, verify_image
+
+    def k(name: str) -> Path:
+        return KEYS_DIR / f"TEST-ONLY-{name}.pem"
+
+    certs = {}
+    for kind, serial in (("channel", 30), ("app", 31)):
+        certs[kind] = tmp_path / f"{kind}.cert"
+        assert_ok(run("key", "delegate", "-k", k("root-a"), "--to", KEYS_DIR / "TEST-ONLY-ci.pub.pem",
+                      "--serial", serial, "--vendor-id", "example.com", "--class-id", "golden-widget",
+                      "--kind", kind, "-o", certs[kind]))
+    shown = json.loads(assert_ok(run("key", "show", certs["channel"], "--json")).stdout)
+    assert (shown["kinds"], shown["kind_mask"]) == (["channel"], 8)
+    assert "channel" in assert_ok(run("key", "delegate", "--help")).stdout
+
+    state = TrustState.initial([load_public_key(KEYS_DIR / "TEST-ONLY-root-a.pub.pem")])
+    records = {}
+    for kind in certs:
+        records[kind] = tmp_path / f"by-{kind}.cbor"
+        assert_ok(run("channel", "sign", image, "--number", 1, "--cert", certs[kind], "-k", k("ci"),
+                      "-o", records[kind], "--signing-log", tmp_path / "log.jsonl"))
+    assert check_channel(records["channel"].read_bytes(), state, vendor_id=VENDOR, class_id=CLASS,
+                         name="stable").number == 1
+    with pytest.raises(ChannelRefused) as err:
+        check_channel(records["app"].read_bytes(), state, vendor_id=VENDOR, class_id=CLASS, name="stable")
+    assert err.value.code is PullErrorCode.SIGNATURE and "serial 31 does not cover" in err.value.detail
+
+    # The device's verdicts: the same.
+    root_der = load_public_key(KEYS_DIR / "TEST-ONLY-root-a.pub.pem").pkcs1_der().hex()
+    cases = [{"name": kind, "path": str(path), "trust": {"roots": [root_der], "threshold": 1, "revoked_keys": [],
+                                                          "revoked_serials": []},
+              "device": {"vendor": VENDOR.hex(), "class": CLASS.hex(), "channel": "stable", "taken": 0,
+                         "taken_digest": "", "floor": 0}} for kind, path in records.items()]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "check.py").write_text(DEVICE_CHECK)
+    proc = upy.run([tmp_path / "check.py", tmp_path / "cases.json"], path=[device.lib], heapsize="256k")
+    assert proc.returncode == 0, proc.stderr
+    assert dict(line.split() for line in proc.stdout.splitlines()) == {
+        "channel": "0", "app": str(PullErrorCode.SIGNATURE.value)}
+
+    # Images: the app certificate's key signs one, the channel certificate's key does not.
+    ci = load_signing_key(k("ci"))
+    opts = SignOptions(ImageVersion.parse("1.0.0"), security_counter=1, vendor_id=VENDOR, class_id=CLASS)
+    body = bytes(HEADER_ROOM) + b"app" * 100
+    by_app = build_image(body, [ImageSigner(ci, (certs["app"].read_bytes(),))], opts)
+    cert = verify_image(by_app, state).signatures[0].signer.certificate
+    assert cert is not None and cert.serial == 31
+    by_channel = build_image(body, [ImageSigner(ci, (certs["channel"].read_bytes(),))], opts)
+    with pytest.raises(ImageRejected) as rejected:
+        verify_image(by_channel, state)
+    assert rejected.value.code is ImageErrorCode.OUT_OF_SCOPE
+
+
+def test_trust_push_of_a_channel_record_says_what_it_is() -> None:
+    from clikit import assert_error, run
+
+    r = run("trust", "push", CHANNEL / "ok-root.cbor", "--port", "/dev/null")
+    assert_error(r, 1, "a channel record", "not a trust record", "number")
