@@ -270,3 +270,93 @@ def test_trust_push_of_a_channel_record_says_what_it_is() -> None:
 
     r = run("trust", "push", CHANNEL / "ok-root.cbor", "--port", "/dev/null")
     assert_error(r, 1, "a channel record", "not a trust record", "number")
+
+
+# --- beside a TUF repository (mpboot channel sign --repo) -------------------------------------
+
+
+def test_channel_sign_beside_an_image_published_by_mpboot_repo(tmp_path: Path) -> None:
+    """The record goes to REPO/public/targets/<vid>/<cid>/<channel>.cbor, names the published
+    file <sha256>.<name> beside it, and counts on from the record it replaces; an image the
+    published metadata does not list (never added, or removed) is refused with nothing written."""
+    import hashlib
+
+    from clikit import assert_error, assert_ok, run
+    from repokit import IMAGE_KEY, TEAMS, app_image, build_repo, ring
+    from repokit import key_path as repo_key
+
+    from mpboot import repo as tufrepo
+    from mpboot.repo.images import uuid_text
+
+    acme, beta = TEAMS
+    built = build_repo(tmp_path / "repo")
+    images = {}
+    for name in ("app-1.0.0.bin", "app-1.1.0.bin"):
+        images[name] = tmp_path / name
+        images[name].write_bytes(built.images[acme.path(name)])
+    folder = built.public / "targets" / uuid_text(acme.vendor_id) / uuid_text(acme.class_id)
+    stable = folder / "stable.cbor"
+    key = repo_key(IMAGE_KEY)
+    log = tmp_path / "log.jsonl"
+
+    def sign(image: Path, *extra: object) -> Any:
+        return run("channel", "sign", image, "-k", key, "--repo", built.path, "--signing-log", log, *extra)
+
+    out = assert_ok(sign(images["app-1.1.0.bin"])).stdout
+    url = f"targets/{uuid_text(acme.vendor_id)}/{uuid_text(acme.class_id)}/stable.cbor"
+    assert f"devices pull BASE/{url} (the channel's first; acme lists" in out
+    first = read_channel(stable.read_bytes()).record
+    data = images["app-1.1.0.bin"].read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    assert (first.number, first.name, first.path, first.length) == (1, "stable", f"{digest}.app-1.1.0.bin", len(data))
+    assert (folder / first.path).read_bytes() == data  # the relative path names the published file
+    state = TrustState.initial([load_public_key(repo_key(IMAGE_KEY))])
+    check_channel(stable.read_bytes(), state, vendor_id=acme.vendor_id, class_id=acme.class_id, name="stable")
+    # Back to 1.0.0 (a channel may go back; its number still grows).
+    assert "replaces number 1" in assert_ok(sign(images["app-1.0.0.bin"])).stdout
+    second = read_channel(stable.read_bytes()).record
+    assert (second.number, second.path.split(".", 1)[1]) == (2, "app-1.0.0.bin")
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["what"], e["channel"], e["number"]) for e in logged] == [("channel record", "stable", 1),
+                                                                        ("channel record", "stable", 2)]
+    assert logged[1]["output"] == str(stable)
+    # --number: only above the record it replaces.
+    assert_error(sign(images["app-1.1.0.bin"], "--number", 2), 2, "--number 2", "number 2")
+    assert_ok(sign(images["app-1.1.0.bin"], "--number", 10))
+    assert read_channel(stable.read_bytes()).record.number == 10
+    # Another channel: its own file and numbers.
+    assert_ok(sign(images["app-1.1.0.bin"], "--name", "beta"))
+    assert read_channel((folder / "beta.cbor").read_bytes()).record.number == 1
+    held = stable.read_bytes()
+
+    # Refusals, each one line, exit 2, nothing written.
+    unpublished = tmp_path / "app-9.bin"
+    unpublished.write_bytes(app_image(acme, "9.0.0", counter=3))
+    assert_error(sign(unpublished), 2, "not published", "mpboot repo add")
+    built.add(acme.role, "app-9.bin", unpublished.read_bytes())  # staged, not yet published
+    assert_error(sign(unpublished), 2, "not published")
+    tufrepo.remove(built.path, acme.role, ["app-1.0.0.bin"], ring(acme.key_file))
+    built.publish()
+    assert (folder / second.path).is_file()  # the file stays, the metadata no longer lists it
+    assert_error(sign(images["app-1.0.0.bin"]), 2, "not published")
+    assert stable.read_bytes() == held
+    assert_ok(sign(unpublished))  # published by that publish
+    held = stable.read_bytes()
+    for name in ("../x", "a/b", ".hidden", "x" * 17):
+        assert_error(sign(images["app-1.1.0.bin"], "--name", name), 2, "channel name")
+    assert_error(run("channel", "sign", images["app-1.1.0.bin"], "-k", key, "--repo", built.path, "-o",
+                     tmp_path / "x.cbor"), 2, "-o FILE, or --repo")
+    assert_error(run("channel", "sign", images["app-1.1.0.bin"], "-k", key, "--repo", built.path, "--path", "x.bin"),
+                 2, "--path")
+    assert_error(run("channel", "sign", images["app-1.1.0.bin"], "-k", key, "--repo", tmp_path), 2,
+                 "not an mpboot repository")
+    stable.write_bytes(b"\xa0")  # what is there is no channel record
+    assert_error(sign(images["app-1.1.0.bin"]), 2, "not a channel record")
+    stable.write_bytes(held)
+    # The beta team's image goes to its own folder.
+    lamp = tmp_path / "lamp.bin"
+    lamp.write_bytes(built.images[beta.path("lamp-2.0.0.bin")])
+    assert_ok(sign(lamp))
+    lamp_folder = built.public / "targets" / uuid_text(beta.vendor_id) / uuid_text(beta.class_id)
+    assert read_channel((lamp_folder / "stable.cbor").read_bytes()).record.vendor_id == beta.vendor_id
+    assert read_channel(stable.read_bytes()).record.number == 11  # app-9 above
