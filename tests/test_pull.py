@@ -690,6 +690,8 @@ def test_device_info_reports_the_last_pull_and_the_channel_number(dev: SimDevice
         finally:
             world.ctl.unlink(missing_ok=True)
 
+    shown, text, lines = power_on(False)  # nothing taken, nothing pulled: neither is reported
+    assert "channel" not in shown and "pull" not in shown and "channel number" not in text
     shown, text, lines = power_on(True)
     assert any("PULLED 3" in line for line in lines), lines
     assert shown["channel"] == 1
@@ -706,3 +708,21 @@ def test_device_info_reports_the_last_pull_and_the_channel_number(dev: SimDevice
     shown, text, lines = power_on(False)
     assert shown["channel"] == 1 and "pull" not in shown
     assert "channel number 1 taken" in text and "last pull" not in text
+
+
+def test_device_info_pull_fields_are_checked_on_the_host() -> None:
+    """A "chan" or "pull" of the wrong shape is a protocol error (one line), not a crash; both
+    absent (a device that took and pulled nothing) are None."""
+    from mpboot.errors import ProtocolError
+    from mpboot.smp.client import _pull_fields
+    from mpboot.smp.messages import PullOutcome
+
+    assert _pull_fields({}, "device info") == {}
+    got = _pull_fields({"chan": 7, "pull": [False, 4, 6, 5]}, "device info")
+    assert got == {"channel": 7, "pull": PullOutcome(False, 4, 6, 5)}
+    assert got["pull"].words == "failed: STALE (detail 6)"
+    assert PullOutcome(True, 1, 0, 5).words == "pending" and PullOutcome(False, 99, 0, 0).name == "code 99"
+    for bad in ({"chan": -1}, {"chan": True}, {"pull": [True, 3, 0]}, {"pull": [1, 3, 0, 1]},
+                {"pull": [True, True, 0, 1]}, {"pull": [True, 3, 0, -1]}, {"pull": "installed"}):
+        with pytest.raises(ProtocolError):
+            _pull_fields(bad, "device info")

@@ -67,6 +67,7 @@ def _device_info(srv, enc):
     t = sl.trust
     s1 = srv.s1
     ts = sl.trust_store
+    c = int.from_bytes(ts.tail()[:4], "little") if ts else 0  # the highest channel number taken
     # The last pull of this boot (mpboot.puller.last), read only if the app imported the
     # puller: answering must not load it.
     import sys
@@ -74,10 +75,10 @@ def _device_info(srv, enc):
     p = sys.modules.get("mpboot.puller")
     p = p and p.last
     # Canonical key order (bytewise order of the encoded keys). With stage-1 slots also "s1",
-    # the version of the stage 1 serving (null: the rescue), and "ctr1", stage 1's floor. With a
-    # trust area "chan", the highest channel number taken (mpboot.channel); after a pull in
-    # this boot "pull": [ok, code, detail, number] (mpboot.puller.last).
-    enc.map((9 if s1 is None else 11) + (ts is not None) + (p is not None))
+    # the version of the stage 1 serving (null: the rescue), and "ctr1", stage 1's floor. Once a
+    # channel record was taken "chan", the highest channel number (mpboot.channel); after a
+    # pull in this boot "pull": [ok, code, detail, number] (mpboot.puller.last).
+    enc.map((9 if s1 is None else 11) + (c > 0) + (p is not None))
     if s1 is not None:
         enc.text("s1")
         r = srv.ups[1].running
@@ -88,9 +89,9 @@ def _device_info(srv, enc):
             v = info["version"]
             enc.text("%d.%d.%d+%d" % (v[0], v[1], v[2], v[3]))
     ids(srv, enc)
-    if ts:
+    if c:
         enc.text("chan")
-        enc.uint(int.from_bytes(ts.tail()[:4], "little"))  # (u32 LE first)
+        enc.uint(c)
     if s1 is not None:
         enc.text("ctr1")
         enc.uint(s1.state[s1.b + _FLOOR])

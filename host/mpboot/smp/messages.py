@@ -107,9 +107,9 @@ class DeviceInfo:
     # firmware's rescue serves) and stage 1's security-counter floor; None on other devices.
     stage1: str | None = None
     stage1_floor: int | None = None
-    # The highest channel number it has taken (device pull, docs/KEYS.md; 0: none) and its
-    # last pull in this boot; None from a device without a trust area, without a pull this
-    # boot, or older than device pull.
+    # The highest channel number it has taken (device pull, docs/KEYS.md) and its last pull
+    # in this boot; None when it has taken none / pulled nothing in this boot (or is older
+    # than device pull).
     channel: int | None = None
     pull: PullOutcome | None = None
 
