@@ -135,8 +135,8 @@ def check_channel(data: bytes, state: trust.TrustState, *, vendor_id: bytes, cla
     if len(env.verified_signers(state.trusted_roots(), bad)) < state.threshold:
         walk = SignerWalk(state, None)  # type: ignore[arg-type]  # (certificates use only the state)
         try:
-            for cert in r.certificates:
-                walk.certificate(cert)
+            for data_cert in r.certificates:
+                walk.certificate(data_cert)
         except ImageRejected as err:
             raise bad(f"a certificate: {err}") from None
         for sig in env.signatures:
