@@ -98,6 +98,9 @@ def test_mpboot_repo_channel_record_pulled_by_a_device(tmp_path: Path, sim_lib: 
     where = re.search(r"devices pull BASE/(\S+)", out)
     assert where is not None, out
     assert where.group(1) == f"targets/{uuid_text(acme.vendor_id)}/{uuid_text(acme.class_id)}/stable.cbor"
+    # The TUF side does not mind the record beside its targets (stations still verify all).
+    assert "2 listed image(s) found and verified" in assert_ok(run("repo", "status", built.path, "--check",
+                                                                   "--verify")).stdout
 
     dev = SimDevice(tmp_path / "dev", sim_lib, Geometry.for_slots(64 * 1024), vendor_id=acme.vendor_id,
                     class_id=acme.class_id)
