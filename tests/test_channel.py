@@ -199,3 +199,164 @@ def test_cli_channel_help_lists_exit_statuses() -> None:
 def test_key_show_points_at_channel_show() -> None:
     r = CliRunner().invoke(cli, ["key", "show", str(CHANNEL / "ok-root.cbor")])
     assert r.exit_code == 2 and "mpboot channel show" in r.output, r.output
+
+
+# --- certificates for channel records (key delegate --kind channel), trust push refusal --------
+
+
+def test_a_channel_certificate_signs_channel_records_and_not_images(device, image: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`key delegate --kind channel` makes a certificate (kind bit 8) whose key signs channel
+    records, on the host and on the device, and no image; a certificate for app images signs
+    no channel record."""
+    from clikit import assert_ok, run
+    from simkit import HEADER_ROOM
+
+    from mpboot.errors import ImageErrorCode, ImageRejected
+    from mpboot.image import ImageSigner, ImageVersion, SignOptions, build_image, verify_image
+
+    def k(name: str) -> Path:
+        return KEYS_DIR / f"TEST-ONLY-{name}.pem"
+
+    certs = {}
+    for kind, serial in (("channel", 30), ("app", 31)):
+        certs[kind] = tmp_path / f"{kind}.cert"
+        assert_ok(run("key", "delegate", "-k", k("root-a"), "--to", KEYS_DIR / "TEST-ONLY-ci.pub.pem",
+                      "--serial", serial, "--vendor-id", "example.com", "--class-id", "golden-widget",
+                      "--kind", kind, "-o", certs[kind]))
+    shown = json.loads(assert_ok(run("key", "show", certs["channel"], "--json")).stdout)
+    assert (shown["kinds"], shown["kind_mask"]) == (["channel"], 8)
+    assert "channel" in assert_ok(run("key", "delegate", "--help")).stdout
+
+    state = TrustState.initial([load_public_key(KEYS_DIR / "TEST-ONLY-root-a.pub.pem")])
+    records = {}
+    for kind in certs:
+        records[kind] = tmp_path / f"by-{kind}.cbor"
+        assert_ok(run("channel", "sign", image, "--number", 1, "--cert", certs[kind], "-k", k("ci"),
+                      "-o", records[kind], "--signing-log", tmp_path / "log.jsonl"))
+    assert check_channel(records["channel"].read_bytes(), state, vendor_id=VENDOR, class_id=CLASS,
+                         name="stable").number == 1
+    with pytest.raises(ChannelRefused) as err:
+        check_channel(records["app"].read_bytes(), state, vendor_id=VENDOR, class_id=CLASS, name="stable")
+    assert err.value.code is PullErrorCode.SIGNATURE and "serial 31 does not cover" in err.value.detail
+
+    # The device's verdicts: the same.
+    root_der = load_public_key(KEYS_DIR / "TEST-ONLY-root-a.pub.pem").pkcs1_der().hex()
+    cases = [{"name": kind, "path": str(path), "trust": {"roots": [root_der], "threshold": 1, "revoked_keys": [],
+                                                          "revoked_serials": []},
+              "device": {"vendor": VENDOR.hex(), "class": CLASS.hex(), "channel": "stable", "taken": 0,
+                         "taken_digest": "", "floor": 0}} for kind, path in records.items()]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "check.py").write_text(DEVICE_CHECK)
+    proc = upy.run([tmp_path / "check.py", tmp_path / "cases.json"], path=[device.lib], heapsize="256k")
+    assert proc.returncode == 0, proc.stderr
+    assert dict(line.split() for line in proc.stdout.splitlines()) == {
+        "channel": "0", "app": str(PullErrorCode.SIGNATURE.value)}
+
+    # Images: the app certificate's key signs one, the channel certificate's key does not.
+    ci = load_signing_key(k("ci"))
+    opts = SignOptions(ImageVersion.parse("1.0.0"), security_counter=1, vendor_id=VENDOR, class_id=CLASS)
+    body = bytes(HEADER_ROOM) + b"app" * 100
+    by_app = build_image(body, [ImageSigner(ci, (certs["app"].read_bytes(),))], opts)
+    cert = verify_image(by_app, state).signatures[0].signer.certificate
+    assert cert is not None and cert.serial == 31
+    by_channel = build_image(body, [ImageSigner(ci, (certs["channel"].read_bytes(),))], opts)
+    with pytest.raises(ImageRejected) as rejected:
+        verify_image(by_channel, state)
+    assert rejected.value.code is ImageErrorCode.OUT_OF_SCOPE
+
+
+def test_trust_push_of_a_channel_record_says_what_it_is() -> None:
+    from clikit import assert_error, run
+
+    r = run("trust", "push", CHANNEL / "ok-root.cbor", "--port", "/dev/null")
+    assert_error(r, 1, "a channel record", "not a trust record", "number")
+
+
+# --- beside a TUF repository (mpboot channel sign --repo) -------------------------------------
+
+
+def test_channel_sign_beside_an_image_published_by_mpboot_repo(tmp_path: Path) -> None:
+    """The record goes to REPO/public/targets/<vid>/<cid>/<channel>.cbor, names the published
+    file <sha256>.<name> beside it, and counts on from the record it replaces; an image the
+    published metadata does not list (never added, or removed) is refused with nothing written."""
+    import hashlib
+
+    from clikit import assert_error, assert_ok, run
+    from repokit import IMAGE_KEY, TEAMS, app_image, build_repo, ring
+    from repokit import key_path as repo_key
+
+    from mpboot import repo as tufrepo
+    from mpboot.repo.images import uuid_text
+
+    acme, beta = TEAMS
+    built = build_repo(tmp_path / "repo")
+    images = {}
+    for name in ("app-1.0.0.bin", "app-1.1.0.bin"):
+        images[name] = tmp_path / name
+        images[name].write_bytes(built.images[acme.path(name)])
+    folder = built.public / "targets" / uuid_text(acme.vendor_id) / uuid_text(acme.class_id)
+    stable = folder / "stable.cbor"
+    key = repo_key(IMAGE_KEY)
+    log = tmp_path / "log.jsonl"
+
+    def sign(image: Path, *extra: object) -> Any:
+        return run("channel", "sign", image, "-k", key, "--repo", built.path, "--signing-log", log, *extra)
+
+    out = assert_ok(sign(images["app-1.1.0.bin"])).stdout
+    url = f"targets/{uuid_text(acme.vendor_id)}/{uuid_text(acme.class_id)}/stable.cbor"
+    assert f"devices pull BASE/{url} (the channel's first; acme lists" in out
+    first = read_channel(stable.read_bytes()).record
+    data = images["app-1.1.0.bin"].read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    assert (first.number, first.name, first.path, first.length) == (1, "stable", f"{digest}.app-1.1.0.bin", len(data))
+    assert (folder / first.path).read_bytes() == data  # the relative path names the published file
+    state = TrustState.initial([load_public_key(repo_key(IMAGE_KEY))])
+    check_channel(stable.read_bytes(), state, vendor_id=acme.vendor_id, class_id=acme.class_id, name="stable")
+    # Back to 1.0.0 (a channel may go back; its number still grows).
+    assert "replaces number 1" in assert_ok(sign(images["app-1.0.0.bin"])).stdout
+    second = read_channel(stable.read_bytes()).record
+    assert (second.number, second.path.split(".", 1)[1]) == (2, "app-1.0.0.bin")
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["what"], e["channel"], e["number"]) for e in logged] == [("channel record", "stable", 1),
+                                                                        ("channel record", "stable", 2)]
+    assert logged[1]["output"] == str(stable)
+    # --number: only above the record it replaces.
+    assert_error(sign(images["app-1.1.0.bin"], "--number", 2), 2, "--number 2", "number 2")
+    assert_ok(sign(images["app-1.1.0.bin"], "--number", 10))
+    assert read_channel(stable.read_bytes()).record.number == 10
+    # Another channel: its own file and numbers.
+    assert_ok(sign(images["app-1.1.0.bin"], "--name", "beta"))
+    assert read_channel((folder / "beta.cbor").read_bytes()).record.number == 1
+    held = stable.read_bytes()
+
+    # Refusals, each one line, exit 2, nothing written.
+    unpublished = tmp_path / "app-9.bin"
+    unpublished.write_bytes(app_image(acme, "9.0.0", counter=3))
+    assert_error(sign(unpublished), 2, "not published", "mpboot repo add")
+    built.add(acme.role, "app-9.bin", unpublished.read_bytes())  # staged, not yet published
+    assert_error(sign(unpublished), 2, "not published")
+    tufrepo.remove(built.path, acme.role, ["app-1.0.0.bin"], ring(acme.key_file))
+    built.publish()
+    assert (folder / second.path).is_file()  # the file stays, the metadata no longer lists it
+    assert_error(sign(images["app-1.0.0.bin"]), 2, "not published")
+    assert stable.read_bytes() == held
+    assert_ok(sign(unpublished))  # published by that publish
+    held = stable.read_bytes()
+    for name in ("../x", "a/b", ".hidden", "x" * 17):
+        assert_error(sign(images["app-1.1.0.bin"], "--name", name), 2, "channel name")
+    assert_error(run("channel", "sign", images["app-1.1.0.bin"], "-k", key, "--repo", built.path, "-o",
+                     tmp_path / "x.cbor"), 2, "-o FILE, or --repo")
+    assert_error(run("channel", "sign", images["app-1.1.0.bin"], "-k", key, "--repo", built.path, "--path", "x.bin"),
+                 2, "--path")
+    assert_error(run("channel", "sign", images["app-1.1.0.bin"], "-k", key, "--repo", tmp_path), 2,
+                 "not an mpboot repository")
+    stable.write_bytes(b"\xa0")  # what is there is no channel record
+    assert_error(sign(images["app-1.1.0.bin"]), 2, "not a channel record")
+    stable.write_bytes(held)
+    # The beta team's image goes to its own folder.
+    lamp = tmp_path / "lamp.bin"
+    lamp.write_bytes(built.images[beta.path("lamp-2.0.0.bin")])
+    assert_ok(sign(lamp))
+    lamp_folder = built.public / "targets" / uuid_text(beta.vendor_id) / uuid_text(beta.class_id)
+    assert read_channel((lamp_folder / "stable.cbor").read_bytes()).record.vendor_id == beta.vendor_id
+    assert read_channel(stable.read_bytes()).record.number == 11  # app-9 above

@@ -657,3 +657,72 @@ def test_a_device_without_ids_of_its_own_takes_the_running_images(tmp_path: Path
     assert pull(d, world, url).code == PullErrorCode.PRODUCT
     s.files[RECORD] = record(world.v2, 1)
     assert pull(d, world, url).outcome == INSTALLED
+
+
+def test_device_info_reports_the_last_pull_and_the_channel_number(dev: SimDevice, world: World,
+                                                                  site: tuple[Site, str]) -> None:
+    """The app pulls at power-on, then the update service runs (as sim_serve does): `mpboot
+    state` shows the highest channel number the trust area holds, and the outcome of the
+    pull of this boot (mpboot.puller.last, device info "pull"); a boot without a pull has no
+    "pull"."""
+    import json
+
+    from clikit import assert_ok, run
+    from conftest import trusted_public_keys
+    from udpkit import SimUdp, free_udp_port
+
+    s, url = site
+    s.files[RECORD] = record(world.v2, 1)
+    s.files[IMAGE] = world.v2
+
+    def power_on(pulls: bool) -> tuple[dict[str, Any], str, list[str]]:
+        if pulls:
+            world.ctl.write_text(f"{url} 3000 3 20000 1\n")
+        port = free_udp_port()
+        try:
+            with SimUdp(dev.workdir, trusted_public_keys(), port, vendor_id=VENDOR, class_id=CLASS) as sim:
+                sim.wait_for(r"LAST" if pulls else r"APP v")
+                sim.wait_for(r"device: .*serving SMP over UDP")
+                link = ("--udp", f"127.0.0.1:{port}")
+                shown = json.loads(assert_ok(run("state", *link, "--json")).stdout)
+                text = assert_ok(run("state", *link)).stdout
+                return shown, text, sim.lines
+        finally:
+            world.ctl.unlink(missing_ok=True)
+
+    shown, text, lines = power_on(False)  # nothing taken, nothing pulled: neither is reported
+    assert "channel" not in shown and "pull" not in shown and "channel number" not in text
+    shown, text, lines = power_on(True)
+    assert any("PULLED 3" in line for line in lines), lines
+    assert shown["channel"] == 1
+    assert shown["pull"] == {"ok": True, "outcome": "installed", "code": 3, "detail": 0, "number": 1}
+    assert "channel number 1 taken; last pull installed, record number 1" in text
+    # The same number with another body: STALE, detail the number taken. (This power-on
+    # test-boots v2, whose app pulls too.)
+    s.files[RECORD] = record(world.v2_other, 1)
+    shown, text, lines = power_on(True)
+    assert any("APP v2" in line for line in lines) and any("PULLERR 4 1" in line for line in lines), lines
+    assert shown["pull"] == {"ok": False, "error": "STALE", "code": 4, "detail": 1, "number": 1}
+    assert "last pull failed: STALE (detail 1), record number 1" in text
+    # No pull in this boot: no "pull"; the number stays.
+    shown, text, lines = power_on(False)
+    assert shown["channel"] == 1 and "pull" not in shown
+    assert "channel number 1 taken" in text and "last pull" not in text
+
+
+def test_device_info_pull_fields_are_checked_on_the_host() -> None:
+    """A "chan" or "pull" of the wrong shape is a protocol error (one line), not a crash; both
+    absent (a device that took and pulled nothing) are None."""
+    from mpboot.errors import ProtocolError
+    from mpboot.smp.client import _pull_fields
+    from mpboot.smp.messages import PullOutcome
+
+    assert _pull_fields({}, "device info") == {}
+    got = _pull_fields({"chan": 7, "pull": [False, 4, 6, 5]}, "device info")
+    assert got == {"channel": 7, "pull": PullOutcome(False, 4, 6, 5)}
+    assert got["pull"].words == "failed: STALE (detail 6)"
+    assert PullOutcome(True, 1, 0, 5).words == "pending" and PullOutcome(False, 99, 0, 0).name == "code 99"
+    for bad in ({"chan": -1}, {"chan": True}, {"pull": [True, 3, 0]}, {"pull": [1, 3, 0, 1]},
+                {"pull": [True, True, 0, 1]}, {"pull": [True, 3, 0, -1]}, {"pull": "installed"}):
+        with pytest.raises(ProtocolError):
+            _pull_fields(bad, "device info")

@@ -69,7 +69,8 @@ _BOOTED_INFO = const(2)
 
 # The last pull: (ok, code, detail, number): ok True: code is the outcome; False: the
 # PullError code and its detail. number: the record's channel number (0 unknown). None
-# before the first pull. An app can report it (e.g. through its own telemetry).
+# before the first pull. An app can report it (e.g. through its own telemetry); the SMP
+# service's device info sends it as "pull" (docs/PROTOCOL.md) when this module is loaded.
 last = None
 _busy = False
 

@@ -10,11 +10,14 @@ by a key certified for kind channel (trust.CHANNEL_KIND) and this vendor, class 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mpboot import trust
 from mpboot.errors import ChannelRefused, ImageRejected, PullErrorCode, TrustErrorCode, TrustRefused, UsageError
@@ -110,7 +113,7 @@ def check_channel(data: bytes, state: trust.TrustState, *, vendor_id: bytes, cla
     device's checks in the device's order (firmware/mpboot/channel.py parse, check): TOO_LARGE,
     RECORD, PRODUCT, STALE, SIGNATURE, IMAGE (counter below the floor). ChannelRefused
     otherwise."""
-    from mpboot.image import _ImageSigners  # the image walk's certificate rules, shared (KEYS.md 4)
+    from mpboot.image import SignerWalk  # the image walk's certificate rules, shared (KEYS.md 4)
 
     if len(data) > trust.MAX_RECORD_SIZE:
         raise ChannelRefused(PullErrorCode.TOO_LARGE, f"{len(data)} bytes")
@@ -130,10 +133,10 @@ def check_channel(data: bytes, state: trust.TrustState, *, vendor_id: bytes, cla
         return ChannelRefused(PullErrorCode.SIGNATURE, detail)
 
     if len(env.verified_signers(state.trusted_roots(), bad)) < state.threshold:
-        walk = _ImageSigners(state, None)  # type: ignore[arg-type]  # (certificates use only the state)
+        walk = SignerWalk(state, None)  # type: ignore[arg-type]  # (certificates use only the state)
         try:
-            for cert in r.certificates:
-                walk.certificate(cert)
+            for data_cert in r.certificates:
+                walk.certificate(data_cert)
         except ImageRejected as err:
             raise bad(f"a certificate: {err}") from None
         for sig in env.signatures:
@@ -153,4 +156,105 @@ def check_channel(data: bytes, state: trust.TrustState, *, vendor_id: bytes, cla
     return r
 
 
-__all__ = ["check_channel", "TAKEN_DIGEST_SIZE", "DEFAULT_NAME", "ChannelInfo", "channel_body", "channel_record", "next_number", "read_channel"]
+# --- beside a TUF repository made by `mpboot repo` ---------------------------------------------
+
+# A channel's record file in a repository: REPO/public/targets/<vid>/<cid>/<channel>.cbor. Its
+# name cannot be a target file's (<64 hex digits>.<name>), nor leave the folder.
+_CHANNEL_FILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,15}\Z")
+
+
+@dataclass(frozen=True)
+class RepoChannel:
+    """Where a channel record of a published image goes in a repository made by `mpboot repo`
+    (README "Device pull"): beside the image, in its vendor's and class's targets folder."""
+
+    record_file: Path  # REPO/public/targets/<vid>/<cid>/<channel>.cbor
+    image_file: Path  # REPO/public/targets/<vid>/<cid>/<sha256>.<name> (consistent snapshots)
+    path: str  # the image's path relative to the record: "<sha256>.<name>"
+    target: str  # its TUF target path "<vid>/<cid>/<name>"
+    role: str  # the team role listing it
+    number: int  # the number the new record takes
+    replaces: int | None  # the number of the record it replaces (None: the channel's first)
+
+    @property
+    def url_path(self) -> str:
+        """The record's path under the served public/ folder: <base>/<this> is what devices pull."""
+        return f"targets/{self.target.rsplit('/', 1)[0]}/{self.record_file.name}"
+
+
+def _published_targets(repo: Any) -> list[tuple[str, str, Any]]:
+    """(role, target path, TargetFile) of every target the published repository lists: the
+    roles and versions of the snapshot that timestamp.json names, as a client sees them."""
+    found = repo.read_published("timestamp")
+    if found is None:
+        raise UsageError(f"{repo.path}: nothing published yet (mpboot repo publish)")
+    snapshot = repo.read_published("snapshot", found[0].signed.snapshot_meta.version)
+    if snapshot is None:
+        raise UsageError(f"{repo.path}: the snapshot timestamp.json names is missing from public/metadata")
+    out = []
+    for file_name, meta in sorted(snapshot[0].signed.meta.items()):
+        role = file_name.removesuffix(".json")
+        md = repo.read_published(role, meta.version)
+        if md is None:
+            raise UsageError(f"{repo.path}: {meta.version}.{file_name} (in the snapshot) is missing from public/metadata")
+        out += [(role, path, tf) for path, tf in sorted(md[0].signed.targets.items())]
+    return out
+
+
+@contextlib.contextmanager
+def repo_channel(repo_path: Path, image: bytes, *, name: str, number: int | None = None) -> Iterator[RepoChannel]:
+    """Where the record of channel `name` naming `image` goes in the repository at
+    `repo_path`, with the repository's write lock held (so no publish, and no other channel
+    record, runs meanwhile). `image` must be listed by the published metadata (a target whose
+    SHA-256 and length are the image's, under its vendor's and class's folder) and its file
+    published with exactly these bytes; UsageError (RepositoryError: not a repository, or
+    locked) otherwise. The number: one more than the record there, or `number` (above it)."""
+    from mpboot.repo.images import uuid_text
+    from mpboot.repo.layout import RepoDir
+
+    if not _CHANNEL_FILE_RE.match(name):
+        raise UsageError(f"channel name {name!r}: in a repository it names a file, so 1..16 letters, digits, "
+                         "'_' and '-', starting with a letter or digit")
+    parsed = parse_image(image)
+    if parsed.vendor_id is None or parsed.class_id is None:
+        raise UsageError("the image has no vendor or class id: it cannot be a repository target")
+    digest = hashlib.sha256(image).hexdigest()
+    folder = f"{uuid_text(parsed.vendor_id)}/{uuid_text(parsed.class_id)}"
+    repo = RepoDir(repo_path)
+    with repo.locked():
+        listed = [(role, path) for role, path, tf in _published_targets(repo)
+                  if path.startswith(folder + "/") and tf.length == len(image) and tf.hashes.get("sha256") == digest]
+        if not listed:
+            raise UsageError(f"the image (sha256 {digest[:16]}, vendor/class {folder}) is not published in "
+                             f"{repo_path}: mpboot repo add, then mpboot repo publish, before its channel record")
+        role, target = listed[0]
+        rel = f"{digest}.{target.rsplit('/', 1)[1]}"
+        if len(rel) > trust.MAX_CHANNEL_PATH:
+            raise UsageError(f"the published file name {rel} is over the {trust.MAX_CHANNEL_PATH} characters a "
+                             "channel record's path may have: publish the image under a shorter name")
+        image_file = repo.targets / folder / rel
+        if not image_file.is_file() or image_file.read_bytes() != image:
+            raise UsageError(f"{image_file}: missing or not the image the metadata lists (upload public/ as "
+                             "mpboot repo publish wrote it)")
+        record_file = repo.targets / folder / f"{name}.cbor"
+        replaces = None
+        if record_file.exists():
+            try:
+                old = read_channel(record_file.read_bytes()).record
+            except TrustRefused as err:
+                raise UsageError(f"{record_file}: not a channel record ({err.detail}); nothing written") from None
+            if (old.name, old.vendor_id, old.class_id) != (name, parsed.vendor_id, parsed.class_id):
+                raise UsageError(f"{record_file}: a record of channel {old.name!r} of another product; "
+                                 "nothing written")
+            replaces = old.number
+            if old.number >= trust.U32_MAX:
+                raise UsageError(f"{record_file} has the highest channel number there is")
+        if number is None:
+            number = 1 if replaces is None else replaces + 1
+        elif replaces is not None and number <= replaces:
+            raise UsageError(f"--number {number}: the record it replaces has number {replaces}, and devices that "
+                             "took it refuse a lower or equal one")
+        yield RepoChannel(record_file, image_file, rel, target, role, number, replaces)
+
+
+__all__ = ["RepoChannel", "repo_channel", "check_channel", "TAKEN_DIGEST_SIZE", "DEFAULT_NAME", "ChannelInfo", "channel_body", "channel_record", "next_number", "read_channel"]

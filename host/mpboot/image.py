@@ -667,7 +667,7 @@ def verify_image(data: bytes, trust: TrustState | Sequence[PublicKey], slot_size
     any one of the keys (KEYHASH or PUBKEY naming it, then the signature TLV)."""
     state = trust if isinstance(trust, TrustState) else TrustState.initial(list(trust))
     image, start, end = _read_prefix(data, slot_size)
-    signers = _ImageSigners(state, image)
+    signers = SignerWalk(state, image)
     hash_seen = False
     pending = False  # a KEYHASH/PUBKEY waits for its signature TLV
     named: TrustedKey | None = None  # the key it named, looked up then (None: not trusted)
@@ -717,9 +717,11 @@ def verify_image(data: bytes, trust: TrustState | Sequence[PublicKey], slot_size
     return signers.verdict()
 
 
-class _ImageSigners:
+class SignerWalk:
     """The keys trusted while one image's unprotected area is walked, and what its signatures
-    came to (docs/KEYS.md section 4; the device's image.verify and records.issue/add)."""
+    came to (docs/KEYS.md section 4; the device's image.verify and records.issue/add). Its
+    certificate() and `certified` are the certificate rules other signed statements share
+    (mpboot.channel checks a channel record's certificates with them)."""
 
     def __init__(self, state: TrustState, image: ParsedImage) -> None:
         self.state = state

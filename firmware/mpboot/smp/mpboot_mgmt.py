@@ -3,8 +3,9 @@
 #
 # Command 0, read: who this device is and what it accepts, for fleet tools choosing an image
 # before they send one: unique id, vendor and class id (null when the device does not check
-# them), the security-counter floor, whether downgrades are refused, the serial, and the trust
-# state's root set version and revocation number.
+# them), the security-counter floor, whether downgrades are refused, the serial, the trust
+# state's root set version and revocation number, the highest channel number taken, and the
+# outcome of the last device pull of this boot (mpboot.pull).
 # Commands 1-5 (factory info, identity, floor, policy, seal) are in mpboot.smp.factory_mgmt,
 # command 6 (trust state and records) in mpboot.smp.trust_mgmt, command 7 (a compressed upload
 # chunk) in mpboot.smp.zupload, command 8 (a probe chunk, stage 1's proof; boards with stage-1
@@ -65,9 +66,19 @@ def _device_info(srv, enc):
     f = sl.factory
     t = sl.trust
     s1 = srv.s1
+    ts = sl.trust_store
+    c = int.from_bytes(ts.tail()[:4], "little") if ts else 0  # the highest channel number taken
+    # The last pull of this boot (mpboot.puller.last), read only if the app imported the
+    # puller: answering must not load it.
+    import sys
+
+    p = sys.modules.get("mpboot.puller")
+    p = p and p.last
     # Canonical key order (bytewise order of the encoded keys). With stage-1 slots also "s1",
-    # the version of the stage 1 serving (null: the rescue), and "ctr1", stage 1's floor.
-    enc.map(9 if s1 is None else 11)
+    # the version of the stage 1 serving (null: the rescue), and "ctr1", stage 1's floor. Once a
+    # channel record was taken "chan", the highest channel number (mpboot.channel); after a
+    # pull in this boot "pull": [ok, code, detail, number] (mpboot.puller.last).
+    enc.map((9 if s1 is None else 11) + (c > 0) + (p is not None))
     if s1 is not None:
         enc.text("s1")
         r = srv.ups[1].running
@@ -78,9 +89,18 @@ def _device_info(srv, enc):
             v = info["version"]
             enc.text("%d.%d.%d+%d" % (v[0], v[1], v[2], v[3]))
     ids(srv, enc)
+    if c:
+        enc.text("chan")
+        enc.uint(c)
     if s1 is not None:
         enc.text("ctr1")
         enc.uint(s1.state[s1.b + _FLOOR])
+    if p:
+        enc.text("pull")
+        enc.array(4)
+        enc.bool(p[0])
+        for v in p[1:]:
+            enc.int(v)
     enc.text("serial")
     serial(enc, f)
     enc.text("deflate")

@@ -48,32 +48,64 @@ def channel_group() -> None:
               help="Private key that signs it (file, or a token key's pkcs11: URI): the roots for a threshold, "
                    "or one certified key (with --cert). Repeat for each.")
 @scheme_option
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Channel record file to write (CBOR), e.g. channels/VENDOR/CLASS/stable.cbor.")
+@click.option("--repo", "repo_path", type=click.Path(file_okay=False, path_type=Path),
+              help="Instead of -o and --path: a repository made by mpboot repo where IMAGE is published; the "
+                   "record goes beside it, REPO/public/targets/VID/CID/NAME.cbor, naming its published file.")
 @pkcs11_module_option
 @signing_log_option
 @password_env_option
 def sign_cmd(image_path: Path, name: str, number: int | None, image_url: str | None, cert_paths: tuple[Path, ...],
-             key_refs: tuple[KeyRef, ...], scheme: str, output: Path, pkcs11_module: str | None, signing_log: Path,
-             password_env: str | None) -> None:
+             key_refs: tuple[KeyRef, ...], scheme: str, output: Path | None, repo_path: Path | None,
+             pkcs11_module: str | None, signing_log: Path, password_env: str | None) -> None:
     """Write a channel record naming IMAGE (a signed image, published as is): its SHA-256,
     length, version, security counter, vendor and class ids are read from IMAGE.
 
+    With --repo, IMAGE must be published in that repository (mpboot repo add, publish): the
+    record is written beside its file, with the path of that file and, without --number, one
+    more than the number of the record it replaces (1 for a channel's first). Devices pull
+    BASE/targets/VID/CID/NAME.cbor, BASE being where public/ is served; upload the image
+    before the record (README "Device pull").
+
     Exit status: 0 written; 1 IMAGE does not parse; 2 usage or file problem (an image
-    without vendor/class ids, no --number and no earlier -o FILE, a record over 4096 bytes)."""
+    without vendor/class ids, no --number and no earlier -o FILE, a record over 4096 bytes,
+    with --repo: an image not published there, a --number not above the record there)."""
+    from mpboot import channel
+    from mpboot.errors import UsageError
+
+    if (output is None) == (repo_path is None):
+        raise UsageError("give -o FILE, or --repo REPO (the record goes beside the published image)")
+    if repo_path is not None and image_url is not None:
+        raise UsageError("--path is the published file's with --repo: drop --path")
+    image = check_input_file(image_path, "an image").read_bytes()
+    certs = [read_trust_file(p, "a certificate") for p in cert_paths]
+    signing = (key_refs, scheme, pkcs11_module, signing_log, password_env)
+    if repo_path is not None:
+        with channel.repo_channel(repo_path, image, name=name, number=number) as place:
+            _sign_record(image, name, place.number, place.path, certs, signing, place.record_file)
+        was = f"replaces number {place.replaces}" if place.replaces is not None else "the channel's first"
+        click.echo(f"devices pull BASE/{place.url_path} ({was}; {place.role} lists {place.target})")
+        return
+    assert output is not None
+    if number is None:
+        if not output.exists():
+            raise UsageError(f"give --number N ({output} does not exist yet to count from)")
+        number = channel.next_number(output)
+    _sign_record(image, name, number, image_url if image_url is not None else image_path.name, certs, signing,
+                 output)
+
+
+def _sign_record(image: bytes, name: str, number: int, path: str, certs: list[bytes],
+                 signing: tuple[tuple[KeyRef, ...], str, str | None, Path, str | None], output: Path) -> None:
+    """Sign the record and write it to `output` (signatures logged first)."""
     from mpboot import channel, trust
     from mpboot.errors import UsageError
     from mpboot.files import write_atomic
     from mpboot.keys import SignatureScheme
     from mpboot.signing import Recorder, open_signers
 
-    image = check_input_file(image_path, "an image").read_bytes()
-    if number is None:
-        if not output.exists():
-            raise UsageError(f"give --number N ({output} does not exist yet to count from)")
-        number = channel.next_number(output)
-    certs = [read_trust_file(p, "a certificate") for p in cert_paths]
-    path = image_url if image_url is not None else image_path.name
+    key_refs, scheme, pkcs11_module, signing_log, password_env = signing
     body = channel.channel_body(image, name=name, number=number, path=path, certificates=certs)
     sig_scheme = SignatureScheme(scheme)
     with open_signers(key_refs, password(password_env), sig_scheme, token_access(pkcs11_module)) as signers:

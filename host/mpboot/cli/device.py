@@ -260,11 +260,12 @@ def _slot_dict(s: Any) -> dict[str, Any]:
 @click.command("state")
 @device_options
 @click.option("--json", "as_json", is_flag=True,
-              help="Print JSON: {uid, serial, root_version, revocation, [stage1, stage1_floor,] images: [{slot, "
-                   "version, hash, flags...}]}.")
+              help="Print JSON: {uid, serial, root_version, revocation, [stage1, stage1_floor,] [channel,] "
+                   "[pull: {ok, outcome or error, detail, number},] images: [{slot, version, hash, flags...}]}.")
 def state_cmd(link: DeviceLink, as_json: bool) -> None:
     """List the images on the device: slot, version, hash and flags (and, on an mpboot
-    device, its trust state's root set version and revocation number)."""
+    device, its trust state's root set version and revocation number, the highest channel
+    number it took and its last device pull in this boot)."""
 
     async def action(client: Any) -> Any:
         from mpboot.errors import CommandNotSupported
@@ -282,6 +283,7 @@ def state_cmd(link: DeviceLink, as_json: bool) -> None:
     stage1 = info.stage1 if info is not None else None
     if as_json:
         extra = {} if stage1 is None else {"stage1": stage1 or None, "stage1_floor": info.stage1_floor}  # type: ignore[union-attr]
+        extra.update(_pull_json(info))
         click.echo(json.dumps({"uid": uid.hex() if uid is not None else None, "serial": serial,
                                "root_version": root_version, "revocation": revocation, **extra,
                                "images": [_slot_dict(s) for s in slots]}, indent=2))
@@ -291,6 +293,10 @@ def state_cmd(link: DeviceLink, as_json: bool) -> None:
         if stage1 is not None:
             trust += f"; stage 1 {stage1}" if stage1 else "; stage 1: the firmware's rescue serves"
         click.echo(f"device {uid.hex()}" + (f", serial {serial}" if serial else ", not provisioned") + trust)
+    if info is not None and (info.channel is not None or info.pull is not None):
+        chan = f"channel number {info.channel} taken" if info.channel is not None else ""
+        pull = f"last pull {info.pull.words}, record number {info.pull.number}" if info.pull is not None else ""
+        click.echo("; ".join(w for w in (chan, pull) if w))
     if not slots:
         click.echo("no images (the device is in recovery: flash one with --test or --confirm)")
         return
@@ -300,6 +306,18 @@ def state_cmd(link: DeviceLink, as_json: bool) -> None:
     for s in slots:
         number = f"{s.image:<6} " if image else ""
         click.echo(f"{number}{s.slot:<5} {s.version:<14} {s.hash.hex()[:16]:<17} {' '.join(s.flags)}")
+
+
+def _pull_json(info: Any) -> dict[str, Any]:
+    """`state --json`'s "channel" and "pull" (each only when the device reports it)."""
+    out: dict[str, Any] = {}
+    if info is not None and info.channel is not None:
+        out["channel"] = info.channel
+    p = info.pull if info is not None else None
+    if p is not None:
+        out["pull"] = {"ok": p.ok, "outcome" if p.ok else "error": p.name, "code": p.code, "detail": p.detail,
+                       "number": p.number}
+    return out
 
 
 @click.command("confirm")

@@ -37,6 +37,9 @@ from mpboot.signing import KeyRef, Recorder, TokenAccess, load_public, open_sign
 from mpboot.trust import Body, Certificate, RevocationRecord, RootRecord, Signed
 
 U32_MAX = trust.U32_MAX
+# What a certificate may sign for (`key delegate --kind`): the image kinds, and channel
+# records (docs/KEYS.md section 3, type 4: bit 8, not an image kind).
+CERT_KINDS: dict[str, int] = {**{k: int(v) for k, v in KIND_NAMES.items()}, "channel": trust.CHANNEL_KIND}
 
 
 # --- options the record commands share -------------------------------------------------------
@@ -175,8 +178,9 @@ def key_group() -> None:
               help="A class id it may sign for, parsed as sign --class-id (repeat, at most 8; none: any).")
 @click.option("--counter", "counter_text", metavar="LO:HI",
               help="Security counters it may sign (its validity period; default: any).")
-@click.option("--kind", "kinds", multiple=True, type=click.Choice(list(KIND_NAMES)),
-              help="Image kind it may sign (repeat; default: every kind).")
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(list(CERT_KINDS)),
+              help="What it may sign (repeat; default: everything): an image kind, or channel records "
+                   "(mpboot channel sign).")
 @click.option("--depth", default=0, show_default=True, type=click.IntRange(0, trust.MAX_DEPTH),
               help="Certificate levels it may issue below itself (0: it signs images only).")
 @_signing_options("Certificate")
@@ -194,7 +198,7 @@ def delegate(subject: KeyRef, serial: int, vendor_ids: tuple[str, ...], class_id
         vendors=tuple(vendors) or None,
         classes=tuple(_class_ids(class_ids, vendors)) or None,
         counters=_counter_range(counter_text) if counter_text else None,
-        kinds=sum(int(KIND_NAMES[k]) for k in set(kinds)) or None,
+        kinds=sum(CERT_KINDS[k] for k in set(kinds)) or None,
         depth=depth,
     )
     _sign_and_write(cert, signing)
@@ -282,7 +286,7 @@ def _summary(signed: Signed, size: int) -> dict[str, Any]:
     if isinstance(body, Certificate):
         out.update(serial=body.serial, key=_key(body.key), vendors=_uuids(body.vendors),
                    classes=_uuids(body.classes), counters=list(body.counters) if body.counters else None,
-                   kinds=[name for name, bit in KIND_NAMES.items() if body.kind_mask & bit]
+                   kinds=[name for name, bit in CERT_KINDS.items() if body.kind_mask & bit]
                    if body.kinds is not None else None, kind_mask=body.kind_mask, depth=body.depth)
     elif isinstance(body, RootRecord):
         out.update(version=body.version, roots=[_key(k) for k in body.keys], threshold=body.threshold,

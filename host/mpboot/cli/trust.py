@@ -20,9 +20,9 @@ def trust_group() -> None:
 def _read_record(path: Path) -> tuple[bytes, str]:
     """A trust record file, checked by the host's format rules before any port opens: its
     bytes and what it is ("root record version 2"). TrustRefused (MALFORMED, TOO_LARGE) for a
-    file that is no root or revocation record."""
+    file that is no root or revocation record (a certificate, a channel record)."""
     from mpboot.errors import TrustErrorCode, TrustRefused
-    from mpboot.trust import MAX_RECORD_SIZE, Certificate, RootRecord, decode_signed
+    from mpboot.trust import MAX_RECORD_SIZE, Certificate, ChannelRecord, RootRecord, decode_signed
 
     size = check_input_file(path, "a trust record").stat().st_size
     if size > MAX_RECORD_SIZE:
@@ -34,6 +34,9 @@ def _read_record(path: Path) -> tuple[bytes, str]:
         raise TrustRefused(err.code, f"{path}: {err.detail}") from None
     if isinstance(body, Certificate):
         raise TrustRefused(TrustErrorCode.MALFORMED, f"{path}: a certificate, not a trust record: it goes in images")
+    if isinstance(body, ChannelRecord):
+        raise TrustRefused(TrustErrorCode.MALFORMED, f"{path}: a channel record ({body.name!r} number {body.number}), "
+                                                     "not a trust record: devices pull it (README \"Device pull\")")
     if isinstance(body, RootRecord):
         return data, f"root record version {body.version}"
     return data, f"revocation record {body.number}"

@@ -53,6 +53,7 @@ from mpboot.smp.messages import (
     PendingReply,
     Policy,
     ProgressCallback,
+    PullOutcome,
     SlotState,
     TrustApplied,
     TrustInfo,
@@ -417,7 +418,7 @@ class SMPClient:
                           bool(rsp.get("no-downgrade", False)), serial if isinstance(serial, str) else None,
                           *_trust_numbers(rsp, what), deflate=deflate if _is_uint(deflate) else 0,
                           stage1=(s1 if isinstance(s1, str) else "") if two else None,
-                          stage1_floor=ctr1 if two else None)
+                          stage1_floor=ctr1 if two else None, **_pull_fields(rsp, what))
 
     async def factory_info(self) -> FactoryInfo:
         """The board's factory state: ids, versions, key hashes, identity, policy, sealed."""
@@ -602,6 +603,23 @@ def _field(rsp: dict[str, Any], key: str, kind: type[_T], what: str) -> _T:
 
 def _is_uint(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _pull_fields(rsp: dict[str, Any], what: str) -> dict[str, Any]:
+    """Device info's "chan" (the highest channel number taken) and "pull" ([ok, code,
+    detail, number]: the last mpboot.pull of this boot), each only when the device sends it."""
+    out: dict[str, Any] = {}
+    chan, pull = rsp.get("chan"), rsp.get("pull")
+    if chan is not None:
+        if not _is_uint(chan):
+            raise ProtocolError(f"{what} reply has no valid 'chan': {rsp!r}")
+        out["channel"] = chan
+    if pull is not None:
+        if not (isinstance(pull, list) and len(pull) == 4 and isinstance(pull[0], bool)
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in pull[1:]) and _is_uint(pull[3])):
+            raise ProtocolError(f"{what} reply has no valid 'pull': {rsp!r}")
+        out["pull"] = PullOutcome(*pull)
+    return out
 
 
 def _trust_numbers(rsp: dict[str, Any], what: str) -> tuple[int | None, int | None]:

@@ -51,6 +51,42 @@ class SlotState:
         return [n for n in names if getattr(self, n)]
 
 
+# What a device's mpboot.pull returned (firmware/mpboot/puller.py CURRENT .. INSTALLED).
+PULL_OUTCOMES = {0: "current", 1: "pending", 2: "reverted", 3: "installed"}
+
+
+@dataclass(frozen=True)
+class PullOutcome:
+    """The last `mpboot.pull` of the device's current boot (mpboot.puller.last; device info
+    key "pull"): `ok` True: `code` is the outcome (PULL_OUTCOMES); False: a PullErrorCode and
+    its detail. `number`: the channel record's number (0: none read)."""
+
+    ok: bool
+    code: int
+    detail: int
+    number: int
+
+    @property
+    def name(self) -> str:
+        """The outcome ("installed") or the PullErrorCode's name ("STALE"); unknown numbers as
+        "outcome 9" / "code 99"."""
+        if self.ok:
+            return PULL_OUTCOMES.get(self.code, f"outcome {self.code}")
+        from mpboot.errors import PullErrorCode
+
+        try:
+            return PullErrorCode(self.code).name
+        except ValueError:
+            return f"code {self.code}"
+
+    @property
+    def words(self) -> str:
+        """"installed" / "failed: STALE (detail 7)"."""
+        if self.ok:
+            return self.name
+        return f"failed: {self.name}" + (f" (detail {self.detail})" if self.detail else "")
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """Who the device is and what it accepts (mpboot group 64, command 0)."""
@@ -71,6 +107,11 @@ class DeviceInfo:
     # firmware's rescue serves) and stage 1's security-counter floor; None on other devices.
     stage1: str | None = None
     stage1_floor: int | None = None
+    # The highest channel number it has taken (device pull, docs/KEYS.md) and its last pull
+    # in this boot; None when it has taken none / pulled nothing in this boot (or is older
+    # than device pull).
+    channel: int | None = None
+    pull: PullOutcome | None = None
 
 
 @dataclass(frozen=True)
@@ -149,5 +190,5 @@ class PendingReply:
         self.sent_at = time.monotonic()
 
 
-__all__ = ["ClientStats", "DeviceInfo", "FactoryInfo", "McuMgrParams", "PendingReply", "Policy",
+__all__ = ["PULL_OUTCOMES", "PullOutcome", "ClientStats", "DeviceInfo", "FactoryInfo", "McuMgrParams", "PendingReply", "Policy",
            "ProgressCallback", "SlotState", "TrustApplied", "TrustInfo"]
