@@ -38,7 +38,17 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from mpboot.errors import ImageRejected, LinkError, MpbootError, PortError, SMPError, UsageError, reason
+from mpboot.errors import (
+    DatabaseError,
+    ImageRejected,
+    LinkError,
+    MpbootError,
+    PortError,
+    SMPError,
+    UsageError,
+    reason,
+)
+from mpboot.factory.db import Postgres, is_postgres_url
 from mpboot.flashing import Mark, PreparedImage, flash_with_retries, prepare
 from mpboot.image import ImageKind, TlvType
 from mpboot.smp.client import SMPClient
@@ -362,15 +372,38 @@ CREATE TABLE IF NOT EXISTS attempts (
 """
 
 
-class AttemptLog:
-    """Where attempts go: SQLite for a `.sqlite`/`.db` path, JSON lines otherwise (appended)."""
+# The same table on PostgreSQL (`--log postgresql://...`: stations sharing one database). Integers
+# are BIGINT and reals DOUBLE PRECISION, as wide as SQLite's (a Unix time in PostgreSQL's 4-byte
+# REAL would lose its seconds).
+POSTGRES_SCHEMA = (SQLITE_SCHEMA.replace("CREATE TABLE IF NOT EXISTS", "CREATE TABLE")
+                   .replace("id INTEGER PRIMARY KEY", "id BIGSERIAL PRIMARY KEY")
+                   .replace(" INTEGER", " BIGINT").replace(" REAL", " DOUBLE PRECISION"))
+_POSTGRES_TYPES = {"TEXT": "TEXT", "INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION"}
+# The advisory lock that makes stations opening one new database create (or extend) the table
+# one after the other (an arbitrary constant: "mpbL").
+_POSTGRES_LOG_LOCK = 0x6D70624C
 
-    def __init__(self, path: Path | None) -> None:
-        """Opens (creates) the log now, so a bad path is a usage error before any device."""
-        self.path = path
+
+class AttemptLog:
+    """Where attempts go: SQLite for a `.sqlite`/`.db` path, the `attempts` table of a
+    PostgreSQL database for a `postgresql://...` / `postgres://...` URL (stations sharing one
+    database share what reverted where), JSON lines otherwise (appended)."""
+
+    def __init__(self, path: Path | str | None) -> None:
+        """Opens (creates) the log now, so a bad path or URL, an unreachable server or a refused
+        login is an error (one line, exit 2) before any device."""
+        self.path: Path | None = None
+        self.target = ""  # for messages: the path, or the URL without its password
         self._db: sqlite3.Connection | None = None
+        self._pg: Postgres | None = None
         if path is None:
             return
+        if isinstance(path, str) and is_postgres_url(path):
+            self._pg = self._open_postgres(path)
+            self.target = self._pg.target
+            return
+        self.path = path = Path(path)
+        self.target = str(path)
         try:
             if path.suffix in (".sqlite", ".sqlite3", ".db"):
                 self._db = sqlite3.connect(path)
@@ -389,17 +422,48 @@ class AttemptLog:
         except (OSError, sqlite3.Error) as err:
             raise UsageError(f"--log {path}: cannot use it: {reason(err)}") from None
 
+    @staticmethod
+    def _open_postgres(url: str) -> Postgres:
+        """Connects, and creates the table (or adds the columns an older mpboot did not write)
+        only when it must: a station's role that may only SELECT and INSERT on an existing,
+        current table is enough."""
+        try:
+            pg = Postgres(url)
+        except DatabaseError as err:  # psycopg missing, or no connection: one line
+            raise DatabaseError(f"--log: {err}") from None
+        try:
+            with pg.session("--log: cannot use it") as tx:
+                tx("SELECT pg_advisory_xact_lock(?)", (_POSTGRES_LOG_LOCK,))
+                if not pg.has_table(tx, "attempts"):
+                    tx(POSTGRES_SCHEMA)
+                have = {name for (name,) in tx(
+                    "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass('attempts') "
+                    "AND attnum > 0 AND NOT attisdropped")}
+                for column, kind in _ADDED_COLUMNS.items():
+                    if column not in have:  # a table written before this column
+                        tx(f"ALTER TABLE attempts ADD COLUMN {column} {_POSTGRES_TYPES[kind]}")
+        except BaseException:
+            pg.close()
+            raise
+        return pg
+
     def reverted(self) -> Reverted:
         """What the log says reverted where (records oldest first; lines that are not JSON,
-        and records without an image hash, are skipped)."""
+        and records without an image hash, are skipped). On PostgreSQL: at every station that
+        logs to the same database."""
         memory = Reverted()
+        query = ("SELECT uid, image_hash, result FROM attempts WHERE result IN (?, ?) "
+                 "AND image_hash IS NOT NULL ORDER BY id")
+        params = (SyncResult.REVERTED.value, SyncResult.UPDATED.value)
+        if self._pg is not None:
+            for uid, image_hash, result in self._postgres("--log: cannot read it", query, params):
+                memory.learn(uid, image_hash, result)
+            return memory
         if self.path is None:
             return memory
         try:
             if self._db is not None:
-                for uid, image_hash, result in self._db.execute(
-                        "SELECT uid, image_hash, result FROM attempts WHERE result IN (?, ?) "
-                        "AND image_hash IS NOT NULL ORDER BY id", (SyncResult.REVERTED.value, SyncResult.UPDATED.value)):
+                for uid, image_hash, result in self._db.execute(query, params):
                     memory.learn(uid, image_hash, result)
                 return memory
             with open(self.path, encoding="utf-8") as f:
@@ -417,21 +481,44 @@ class AttemptLog:
         return memory
 
     def write(self, attempt: Attempt) -> None:
+        """Appends one record. On PostgreSQL a failure (after one reconnection) is a
+        DatabaseError, one line."""
+        rec = attempt.record()
+        insert = f"INSERT INTO attempts ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
+        if self._pg is not None:
+            self._postgres("--log: cannot record an attempt", insert, [rec[c] for c in _COLUMNS])
+            return
         if self.path is None:
             return
-        rec = attempt.record()
         if self._db is not None:
-            self._db.execute(f"INSERT INTO attempts ({', '.join(_COLUMNS)}) VALUES "
-                             f"({', '.join('?' for _ in _COLUMNS)})", [rec[c] for c in _COLUMNS])
+            self._db.execute(insert, [rec[c] for c in _COLUMNS])
             self._db.commit()
         else:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec, sort_keys=True) + "\n")
 
+    def _postgres(self, what: str, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
+        """One statement in its own transaction. A connection found cut (a server restart, a
+        network cut since the last call) is reconnected and the statement tried once more: a
+        station that runs for hours does not stop for one cut."""
+        assert self._pg is not None
+        for last in (False, True):
+            try:
+                with self._pg.session(what) as tx:
+                    return tx(sql, params)
+            except DatabaseError:
+                conn = self._pg.conn
+                if last or not (conn.closed or conn.broken):
+                    raise
+        raise AssertionError("unreachable")
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+        if self._pg is not None:
+            self._pg.close()
+            self._pg = None
 
 
 # --- the sync ----------------------------------------------------------------------------------

@@ -71,8 +71,10 @@ def scan_cmd(seconds: float, as_json: bool, ble_backend: str | None) -> None:
               help="With --loop: seconds between the end of a pass and the next scan.")
 @click.option("--max-parallel", default=2, show_default=True, type=click.IntRange(1, 32), metavar="K",
               help="Devices updated at once.")
-@click.option("--log", "log_path", type=click.Path(path_type=Path), metavar="FILE",
-              help="Record every attempt: SQLite for .sqlite/.db, else JSON lines (appended).")
+@click.option("--log", "log_path", metavar="FILE|URL",  # (a str: a Path would mangle a URL's //)
+              help="Record every attempt: SQLite for .sqlite/.db, the attempts table of a PostgreSQL "
+                   "database for postgresql://... (stations may share one; needs mpboot[postgres]), "
+                   "else JSON lines (appended). What reverted where is read back when sync starts.")
 @click.option("--udp", "udp_addresses", multiple=True, metavar="HOST[:PORT]",
               help="Reach devices over the network (SMP over UDP, port 1337 by default) instead of "
                    "Bluetooth: each pass probes these addresses (repeat it).")
@@ -86,7 +88,7 @@ def scan_cmd(seconds: float, as_json: bool, ble_backend: str | None) -> None:
 @ble_backend_option
 def sync_cmd(repo_dir: str | None, repos: tuple[str, ...], root_path: Path | None, cache_dir: Path | None,
              repo_timeout_s: float, repo_deadline_s: float, seconds: float, loop: bool, interval: float,
-             max_parallel: int, log_path: Path | None, retries: int, confirm_timeout: float, timeout: float,
+             max_parallel: int, log_path: str | None, retries: int, confirm_timeout: float, timeout: float,
              udp_addresses: tuple[str, ...], udp_list: Path | None, mtu: int,
              ble_backend: str | None) -> None:
     """Bring every device in range up to the newest image in REPO_DIR (or in the TUF

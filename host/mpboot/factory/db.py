@@ -491,7 +491,11 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-class _Postgres:
+class Postgres:
+    """A PostgreSQL session through psycopg 3: the one-line hint when psycopg is missing, the
+    password kept out of messages (`target`), reconnection after a cut. Public for the other
+    records kept on PostgreSQL (`mpboot sync --log postgresql://...`, mpboot.sync)."""
+
     name = "postgresql"
     migrations = POSTGRES_MIGRATIONS
     for_update = " FOR UPDATE"
@@ -565,6 +569,17 @@ class _Postgres:
 
     def close(self) -> None:
         self.conn.close()
+
+    @contextmanager
+    def session(self, what: str) -> Iterator[_Tx]:
+        """One transaction, after reconnecting when the connection broke; psycopg errors become
+        one-line DatabaseErrors "PostgreSQL TARGET: WHAT: reason"."""
+        try:
+            self.ensure_connected()
+            with self.transaction(write=True) as tx:
+                yield tx
+        except self.psycopg.Error as err:
+            raise DatabaseError(f"PostgreSQL {self.target}: {what}: {_one_line(err)}") from None
 
 
 def is_postgres_url(url: str) -> bool:
@@ -662,7 +677,7 @@ class FactoryDB:
             raise DatabaseError("no factory database given (a file path or postgresql://...)")
         dialect: _Dialect
         if is_postgres_url(url):
-            dialect = _Postgres(url, read_only)
+            dialect = Postgres(url, read_only)
         else:
             try:
                 dialect = _SQLite(url, read_only)
@@ -941,7 +956,7 @@ def write_json(rows: Sequence[Mapping[str, object]], out: TextIO) -> None:
 
 __all__ = [
     "AUDIT_COLUMNS", "BOARD_COLUMNS", "SCHEMA_VERSION", "UNSET", "AuditEntry", "AuditOutcome",
-    "BoardRecord", "BoardResult", "FactoryDB", "SerialList", "SerialPrefix", "SerialSource", "Step",
+    "BoardRecord", "BoardResult", "FactoryDB", "Postgres", "SerialList", "SerialPrefix", "SerialSource", "Step",
     "is_postgres_url", "report_rows", "serial_list_from_file", "serial_problem", "utc_now",
     "write_csv", "write_json",
 ]
