@@ -7,7 +7,8 @@ floor) and what it runs (image state); picks the newest image of the repository 
 will accept; uploads it (the device resumes a partial upload from an earlier meeting, also
 after it rebooted: the session is persisted); marks it for a test boot; resets; reconnects;
 and waits for the new app to confirm itself. A device already current costs a connection and
-two reads. Every attempt is recorded (JSON lines or SQLite) and each pass ends with a summary.
+two reads. Every attempt is recorded (JSON lines, SQLite, or a PostgreSQL table that stations
+share) and each pass ends with a summary.
 
 Results: `updated` (the new image runs, confirmed), `current` (it runs the newest image in the
 repository for it), `ahead` (it runs a version newer than every image in the repository for
