@@ -173,8 +173,11 @@ def test_a_station_role_that_may_only_select_and_insert(url: str, pg_server: pgs
     sql(admin, f'GRANT USAGE ON SCHEMA "{schema}" TO "{reader}"')
     sql(admin, f'GRANT SELECT ON "{schema}".attempts TO "{reader}"')
     log = AttemptLog(url.replace("postgresql://postgres@", f"postgresql://{reader}@", 1))
-    with pytest.raises(DatabaseError, match="--log: cannot record an attempt: permission denied") as caught:
+    with pytest.raises(DatabaseError) as caught:
         log.write(Attempt(1, "d", "AA", result=SyncResult.FAILED))
+    assert str(caught.value).startswith(f"--log postgresql://{reader}@127.0.0.1:{pg_server.port}/postgres?"
+                                        "options=-csearch_path%3Dt_")
+    assert ": cannot record an attempt: permission denied for table attempts" in str(caught.value)
     assert "\n" not in str(caught.value)
     log.close()
 
@@ -187,6 +190,26 @@ def test_a_cut_connection_is_reconnected_and_the_record_kept(url: str) -> None:
     log.write(Attempt(1, "d", "AA", uid="02", image_hash=H1, result=SyncResult.REVERTED))
     assert sql(url, "SELECT uid FROM attempts ORDER BY id") == [("01",), ("02",)]  # once each
     log.close()
+
+
+def test_a_server_that_cannot_be_reached_again_stops_the_run_with_one_line(
+        url: str, pg_server: pgserver.PgServer) -> None:
+    schema = url.rsplit("%3D", 1)[1]
+    role = f"station_{uuid.uuid4().hex[:12]}"
+    admin = pg_server.url()
+    sql(admin, f'CREATE ROLE "{role}" LOGIN')
+    sql(admin, f'GRANT ALL ON SCHEMA "{schema}" TO "{role}"')
+    log = AttemptLog(url.replace("postgresql://postgres@", f"postgresql://{role}@", 1))
+    log.write(Attempt(1, "d", "AA", uid="01", result=SyncResult.FAILED))
+    sql(admin, f'ALTER ROLE "{role}" NOLOGIN')  # from now on every new connection is refused
+    sql(admin, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+    with pytest.raises(DatabaseError) as caught:
+        log.write(Attempt(1, "d", "AA", uid="02", result=SyncResult.FAILED))
+    message = str(caught.value)
+    assert message.startswith(f"--log: cannot connect to PostgreSQL postgresql://{role}@")
+    assert "not permitted to log in" in message and "\n" not in message
+    log.close()
+    assert sql(url, "SELECT uid FROM attempts") == [("01",)]
 
 
 # --- errors ------------------------------------------------------------------------------------

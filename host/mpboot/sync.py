@@ -433,7 +433,7 @@ class AttemptLog:
         except DatabaseError as err:  # psycopg missing, or no connection: one line
             raise DatabaseError(f"--log: {err}") from None
         try:
-            with pg.session("--log: cannot use it") as tx:
+            with pg.session(f"--log {pg.target}: cannot use it") as tx:
                 tx("SELECT pg_advisory_xact_lock(?)", (_POSTGRES_LOG_LOCK,))
                 if not pg.has_table(tx, "attempts"):
                     tx(POSTGRES_SCHEMA)
@@ -457,7 +457,7 @@ class AttemptLog:
                  "AND image_hash IS NOT NULL ORDER BY id")
         params = (SyncResult.REVERTED.value, SyncResult.UPDATED.value)
         if self._pg is not None:
-            for uid, image_hash, result in self._postgres("--log: cannot read it", query, params):
+            for uid, image_hash, result in self._postgres(f"--log {self.target}: cannot read it", query, params):
                 memory.learn(uid, image_hash, result)
             return memory
         if self.path is None:
@@ -487,7 +487,7 @@ class AttemptLog:
         rec = attempt.record()
         insert = f"INSERT INTO attempts ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
         if self._pg is not None:
-            self._postgres("--log: cannot record an attempt", insert, [rec[c] for c in _COLUMNS])
+            self._postgres(f"--log {self.target}: cannot record an attempt", insert, [rec[c] for c in _COLUMNS])
             return
         if self.path is None:
             return
@@ -507,10 +507,12 @@ class AttemptLog:
             try:
                 with self._pg.session(what) as tx:
                     return tx(sql, params)
-            except DatabaseError:
+            except DatabaseError as err:
                 conn = self._pg.conn
                 if last or not (conn.closed or conn.broken):
-                    raise
+                    if str(err).startswith("--log"):
+                        raise
+                    raise DatabaseError(f"--log: {err}") from None  # (it could not connect again)
         raise AssertionError("unreachable")
 
     def close(self) -> None:

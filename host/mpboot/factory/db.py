@@ -573,13 +573,13 @@ class Postgres:
     @contextmanager
     def session(self, what: str) -> Iterator[_Tx]:
         """One transaction, after reconnecting when the connection broke; psycopg errors become
-        one-line DatabaseErrors "PostgreSQL TARGET: WHAT: reason"."""
+        one-line DatabaseErrors "WHAT: reason" (WHAT names the database: see `target`)."""
         try:
             self.ensure_connected()
             with self.transaction(write=True) as tx:
                 yield tx
         except self.psycopg.Error as err:
-            raise DatabaseError(f"PostgreSQL {self.target}: {what}: {_one_line(err)}") from None
+            raise DatabaseError(f"{what}: {_one_line(err)}") from None
 
 
 def is_postgres_url(url: str) -> bool:
