@@ -276,3 +276,26 @@ def test_cli_sync_logs_to_postgresql(repo: Path, url: str) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "pass 1: 0 devices" in proc.stdout
     assert set(columns(url)) == {"id", *_COLUMNS}  # the table, made by sync (no device met: no row)
+
+
+def test_a_looping_station_learns_another_stations_revert_at_its_next_pass(url: str) -> None:
+    import asyncio
+
+    from mpboot.sync import DirSource, Found, Syncer
+
+    class NoDevices:
+        async def scan(self, seconds: float) -> list[Found]:
+            return []
+
+        def transport(self, address: str) -> object:
+            raise AssertionError("no device to reach")
+
+    here, there = AttemptLog(url), AttemptLog(url)
+    syncer = Syncer(DirSource([]), NoDevices(), log=here)  # type: ignore[arg-type]
+    asyncio.run(syncer.run_pass())
+    assert syncer.reverted.on("07") == frozenset()
+    there.write(Attempt(1, "dev-07", "EE", uid="07", image_hash=H2, result=SyncResult.REVERTED))
+    asyncio.run(syncer.run_pass())
+    assert syncer.reverted.on("07") == frozenset({bytes.fromhex(H2)})
+    here.close()
+    there.close()

@@ -448,6 +448,11 @@ class AttemptLog:
             raise
         return pg
 
+    @property
+    def kept(self) -> bool:
+        """Whether attempts are kept anywhere (a file or a database): reverted() reads them."""
+        return self.path is not None or self._pg is not None
+
     def reverted(self) -> Reverted:
         """What the log says reverted where (records oldest first; lines that are not JSON,
         and records without an image hash, are skipped). On PostgreSQL: at every station that
@@ -564,6 +569,10 @@ class Syncer:
         pass before the scan, with no device met."""
         self.passes += 1
         self._meeting.clear()
+        if self.passes > 1 and self.log.kept:
+            # What reverted where, again from the log: stations sharing a database learn each
+            # other's reverts between passes of --loop (the log holds this one's too).
+            self.reverted = self.log.reverted()
         await asyncio.to_thread(self.source.begin_pass)
         found = await self.radio.scan(self.opt.scan_seconds)
         gate = asyncio.Semaphore(max(1, self.opt.max_parallel))

@@ -214,7 +214,7 @@ def sync_cmd(repo_dir: str | None, repos: tuple[str, ...], root_path: Path | Non
     def event(a: Attempt, text: str) -> None:
         out.print(f"sync: {a.device}: {text}")
 
-    radio: Radio = UdpRadio(network, mtu) if network else BleRadio(backend)
+    radio: Radio = UdpRadio(network, mtu, warn=lambda text: out.print(f"sync: {text}")) if network else BleRadio(backend)
     syncer = Syncer(source, radio, opts, log, event)
     ended: list = [0, []]  # passes ended, and the last one's attempts (what the exit status reports)
 
