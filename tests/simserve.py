@@ -43,7 +43,48 @@ def slots(port: list[str]) -> dict[str, dict[str, Any]]:
     return {s["version"]: s for s in json.loads(ok("state", *port, "--json"))["images"]}
 
 
-class SimProcess:
+class WaitsForLines:
+    """wait_for over the lines a simulator prints, which another thread puts in `_q` (None:
+    they ended): each match starts after the last one."""
+
+    lines: list[str]
+    _q: queue.Queue[str | None]
+    _seen: int  # lines already matched by wait_for
+
+    def _stopped(self) -> str | None:
+        """Why the simulator stopped, when no line came for a second (None: it runs)."""
+        return None
+
+    def _ended(self) -> str:
+        return "ended"
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 60) -> re.Match[str]:
+        """The first line after the last match that matches `pattern` (a regex)."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        end = time.monotonic() + timeout
+        while True:
+            while self._seen < len(self.lines):
+                line = self.lines[self._seen]
+                self._seen += 1
+                m = rx.search(line)
+                if m:
+                    return m
+            left = end - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"sim never printed /{rx.pattern}/; last lines:\n" + "\n".join(self.lines[-30:]))
+            try:
+                got = self._q.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                why = self._stopped()
+                if why:
+                    raise AssertionError(f"sim stopped: {why}") from None
+                continue
+            if got is None:
+                raise AssertionError(f"sim {self._ended()} before /{rx.pattern}/:\n" + "\n".join(self.lines[-30:]))
+            self.lines.append(got)
+
+
+class SimProcess(WaitsForLines):
     def __init__(self, state: Path, keys: list[Path], *extra: str, cwd: Path | None = None) -> None:
         cmd = [MPBOOT, "sim", "--state", str(state)]
         for k in keys:
@@ -64,28 +105,8 @@ class SimProcess:
             self._q.put(line.rstrip("\n"))
         self._q.put(None)
 
-    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 60) -> re.Match[str]:
-        """The first line after the last match that matches `pattern` (a regex)."""
-        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
-        end = time.monotonic() + timeout
-        while True:
-            while self._seen < len(self.lines):
-                line = self.lines[self._seen]
-                self._seen += 1
-                m = rx.search(line)
-                if m:
-                    return m
-            left = end - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"sim never printed /{rx.pattern}/; last lines:\n" + "\n".join(self.lines[-30:]))
-            try:
-                line = self._q.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise AssertionError(f"sim exited ({self.proc.wait()}) before /{rx.pattern}/:\n"
-                                     + "\n".join(self.lines[-30:]))
-            self.lines.append(line)
+    def _ended(self) -> str:
+        return f"exited ({self.proc.wait()})"
 
     def output(self) -> str:
         while True:

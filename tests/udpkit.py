@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import re
 import socket
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from mpboot.keys import PublicKey
+from simserve import WaitsForLines
 
 MAX_DELAY_S = 0.05  # longer than this a held-back datagram could outlive a power-on
 
@@ -184,7 +183,7 @@ class FaultProxy:
                 self._loop.call_later(delay, out.sendto, data, addr)
 
 
-class SimUdp:
+class SimUdp(WaitsForLines):
     """mpboot.sim.serve.SimServer(udp=port) in this process, its lines collected for wait_for."""
 
     def __init__(self, state: Path, keys: Sequence[PublicKey], port: int, **options: Any) -> None:
@@ -192,7 +191,7 @@ class SimUdp:
 
         self.port = port
         self.lines: list[str] = []
-        self._q: queue.Queue[str] = queue.Queue()
+        self._q: queue.Queue[str | None] = queue.Queue()
         self._seen = 0
         self.server = SimServer(state, keys, udp=port, output=self._q.put, **options)
 
@@ -204,25 +203,8 @@ class SimUdp:
                  tb: TracebackType | None) -> None:
         self.server.stop()
 
-    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
-        """The first line after the last match that matches `pattern`."""
-        rx = re.compile(pattern)
-        end = time.monotonic() + timeout
-        while True:
-            while self._seen < len(self.lines):
-                line = self.lines[self._seen]
-                self._seen += 1
-                m = rx.search(line)
-                if m:
-                    return m
-            left = end - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"sim never printed /{pattern}/; last lines:\n" + "\n".join(self.lines[-30:]))
-            try:
-                self.lines.append(self._q.get(timeout=min(left, 1.0)))
-            except queue.Empty:
-                if self.server.error:
-                    raise AssertionError(f"sim stopped: {self.server.error}") from None
+    def _stopped(self) -> str | None:
+        return self.server.error
 
 
 def link_local_addresses() -> list[str]:
