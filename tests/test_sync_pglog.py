@@ -297,5 +297,12 @@ def test_a_looping_station_learns_another_stations_revert_at_its_next_pass(url: 
     there.write(Attempt(1, "dev-07", "EE", uid="07", image_hash=H2, result=SyncResult.REVERTED))
     asyncio.run(syncer.run_pass())
     assert syncer.reverted.on("07") == frozenset({bytes.fromhex(H2)})
+    sql(url, "DELETE FROM attempts")  # the table pruned: what this station learned stays
+    asyncio.run(syncer.run_pass())
+    assert syncer.reverted.on("07") == frozenset({bytes.fromhex(H2)})
+    there.write(Attempt(1, "dev-07", "EE", uid="07", image_hash=H2, result=SyncResult.UPDATED))
+    asyncio.run(syncer.run_pass())  # it ran confirmed at another station since: forgotten
+    assert syncer.reverted.on("07") == frozenset()
     here.close()
     there.close()
+

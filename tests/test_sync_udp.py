@@ -14,7 +14,7 @@ import cbor2
 
 from mpboot.smp import Group, ImageCmd, MgmtErrorCode, OsCmd
 from mpboot.smp.header import MpbootCmd
-from mpboot.sync import DirSource, Found, Syncer, SyncOptions, SyncResult, UdpRadio
+from mpboot.sync import DirSource, Found, Syncer, SyncOptions, SyncResult, UdpRadio, exit_status
 
 
 class Responder(asyncio.DatagramProtocol):
@@ -126,17 +126,48 @@ def test_an_address_this_side_cannot_use_is_a_warning_not_an_absent_device() -> 
 
 
 def test_one_board_at_two_addresses_is_met_through_one() -> None:
+    """The same host and port given twice (an address and another spelling of it): one
+    attempt, the other `duplicate`, not a failure."""
     async def main() -> list[Any]:
-        made, addresses = await responders(3, [b"\x01" * 8, b"\x02" * 8, b"\x01" * 8])
+        made, addresses = await responders(2)
+        host, port = addresses[0]
+        twice = [addresses[0], ("127.0.0.01", port), addresses[1]]  # (inet_aton spellings)
+        syncer = Syncer(DirSource([]), UdpRadio(twice), SyncOptions(scan_seconds=1.0, max_parallel=1))
+        attempts = await syncer.run_pass()
+        close(made)
+        return attempts
+
+    attempts = asyncio.run(main())
+    results = sorted(str(a.result) for a in attempts)
+    assert results == ["duplicate", "no-image", "no-image"], results
+    dup = next(a for a in attempts if a.result is SyncResult.DUPLICATE)
+    first = next(a for a in attempts if a.uid == dup.uid and a is not dup)
+    assert dup.note == f"the same device as {first.address}: met through that address"
+
+
+def test_two_hosts_reporting_one_uid_is_a_failure_not_a_duplicate() -> None:
+    """A device answering with another's uid must not quietly keep that one from its update
+    (a `duplicate` counts as success): it is a failure the operator sees (exit 1)."""
+    async def main() -> list[Any]:
+        made, addresses = await responders(2, [b"\x01" * 8, b"\x01" * 8])
         syncer = Syncer(DirSource([]), UdpRadio(addresses), SyncOptions(scan_seconds=1.0, max_parallel=1))
         attempts = await syncer.run_pass()
         close(made)
         return attempts
 
     attempts = asyncio.run(main())
-    results = sorted((a.address, str(a.result)) for a in attempts)
-    assert [r for _, r in results].count(SyncResult.DUPLICATE) == 1, results
-    dup = next(a for a in attempts if a.result is SyncResult.DUPLICATE)
-    first = next(a for a in attempts if a.uid == dup.uid and a is not dup)
-    assert first.result is SyncResult.NO_IMAGE and dup.uid == (b"\x01" * 8).hex()
-    assert dup.note == f"the same device as {first.address}: updated through that address"
+    failed = [a for a in attempts if a.result is SyncResult.FAILED]
+    assert len(failed) == 1 and exit_status(attempts) == 1, attempts
+    other = next(a for a in attempts if a is not failed[0])
+    assert failed[0].error == (f"{other.address} reports the same uid {'01' * 8}: two devices claiming one "
+                               "identity; not updated through this address")
+
+
+def test_scans_in_separate_event_loops_and_a_failing_address_warned_once() -> None:
+    """A radio outlives an event loop (a bench, a library caller running asyncio.run per
+    pass) with more addresses than PROBES; an address this side cannot use is said once."""
+    warnings: list[str] = []
+    radio = UdpRadio([("no-such-host.invalid", 1000 + i) for i in range(UdpRadio.PROBES + 6)], warn=warnings.append)
+    for _ in range(2):
+        assert asyncio.run(radio.scan(0.2)) == []
+    assert len(warnings) == UdpRadio.PROBES + 6

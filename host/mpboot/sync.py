@@ -397,6 +397,7 @@ class AttemptLog:
         self.target = ""  # for messages: the path, or the URL without its password
         self._db: sqlite3.Connection | None = None
         self._pg: Postgres | None = None
+        self._pg_read = 0  # the newest row id reverted() / learn_newer() read
         if path is None:
             return
         if isinstance(path, str) and is_postgres_url(path):
@@ -462,8 +463,7 @@ class AttemptLog:
                  "AND image_hash IS NOT NULL ORDER BY id")
         params = (SyncResult.REVERTED.value, SyncResult.UPDATED.value)
         if self._pg is not None:
-            for uid, image_hash, result in self._postgres(f"--log {self.target}: cannot read it", query, params):
-                memory.learn(uid, image_hash, result)
+            self.learn_newer(memory)
             return memory
         if self.path is None:
             return memory
@@ -485,6 +485,19 @@ class AttemptLog:
         except (OSError, sqlite3.Error, ValueError) as err:
             raise UsageError(f"--log {self.path}: cannot read it: {reason(err)}") from None
         return memory
+
+    def learn_newer(self, memory: Reverted) -> None:
+        """On PostgreSQL: teaches `memory` the reverts and updates recorded (by any station)
+        since the last read, in order. Other logs are this station's own: nothing to learn."""
+        if self._pg is None:
+            return
+        rows = self._postgres(f"--log {self.target}: cannot read it",
+                              "SELECT id, uid, image_hash, result FROM attempts WHERE id > ? AND result IN (?, ?) "
+                              "AND image_hash IS NOT NULL ORDER BY id",
+                              (self._pg_read, SyncResult.REVERTED.value, SyncResult.UPDATED.value))
+        for row_id, uid, image_hash, result in rows:
+            memory.learn(uid, image_hash, result)
+            self._pg_read = max(self._pg_read, row_id)
 
     def write(self, attempt: Attempt) -> None:
         """Appends one record. On PostgreSQL a failure (after one reconnection) is a
@@ -569,10 +582,11 @@ class Syncer:
         pass before the scan, with no device met."""
         self.passes += 1
         self._meeting.clear()
-        if self.passes > 1 and self.log.kept:
-            # What reverted where, again from the log: stations sharing a database learn each
-            # other's reverts between passes of --loop (the log holds this one's too).
-            self.reverted = self.log.reverted()
+        if self.passes > 1:
+            # Stations sharing a database learn each other's reverts between passes of --loop:
+            # the rows written since the last read (this station's too, harmlessly), on top
+            # of what this one remembers (a pruned table forgets nothing here).
+            self.log.learn_newer(self.reverted)
         await asyncio.to_thread(self.source.begin_pass)
         found = await self.radio.scan(self.opt.scan_seconds)
         gate = asyncio.Semaphore(max(1, self.opt.max_parallel))
@@ -611,9 +625,16 @@ class Syncer:
         a.serial = info.serial
         other = self._meeting.setdefault(a.uid, dev.address)
         if other != dev.address:
-            # One board at two addresses (a hostname and its IP, IPv4 and IPv6): two attempts
-            # would share its one upload session and reset each other.
-            a.result, a.note = SyncResult.DUPLICATE, f"the same device as {other}: updated through that address"
+            # Two attempts on one board would share its one upload session and reset each
+            # other. The same host at two addresses (a hostname and its IP) is one board met
+            # twice; two hosts reporting one uid is a conflict the operator must see (a clone,
+            # or a device claiming another's identity to keep it from being updated).
+            if await asyncio.to_thread(same_host, other, dev.address):
+                a.result, a.note = SyncResult.DUPLICATE, f"the same device as {other}: met through that address"
+            else:
+                a.result = SyncResult.FAILED
+                a.error = (f"{other} reports the same uid {a.uid}: two devices claiming one identity; "
+                           "not updated through this address")
             return
         a.root_version, a.revocation = info.root_version, info.revocation
         running = next((s for s in slots if s.active), None)
@@ -692,8 +713,11 @@ class Syncer:
         while time.monotonic() < deadline:
             wait = min(2.0, max(0.5, deadline - time.monotonic()))
             if one is not None:
+                t0 = time.monotonic()
                 if await one(dev.address, wait):
                     return
+                # (an address that fails at once, one that no longer resolves: not a busy loop)
+                await asyncio.sleep(max(0.0, min(wait, UdpRadio.PROBE_S) - (time.monotonic() - t0)))
                 continue
             seen = await self.radio.scan(wait)
             if any(f.address == dev.address for f in seen):
@@ -783,6 +807,25 @@ class BleRadio:
         return BleTransport(address, backend=self.backend)
 
 
+def same_host(a: str, b: str) -> bool:
+    """Whether two device addresses ("HOST:PORT", "[V6]:PORT", or a radio's address) name one
+    host and port: equal, or resolving to a common IP address."""
+    if a == b:
+        return True
+    import socket
+
+    from mpboot.transport.udp import parse_address
+
+    def ips(text: str) -> set[tuple[str, int]]:
+        try:
+            host, port = parse_address(text)
+            return {(i[4][0], port) for i in socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)}
+        except (ValueError, OSError, UnicodeError):
+            return set()
+
+    return bool(ips(a) & ips(b))
+
+
 class UdpRadio:
     """The Radio for devices on a network (SMP over UDP, docs/PROTOCOL.md "SMP over UDP"):
     a list of addresses instead of advertisements. A scan asks each address for its MCUmgr
@@ -799,7 +842,7 @@ class UdpRadio:
         self.addresses = list(dict.fromkeys(addresses))  # (in order; each once)
         self.mtu = mtu
         self.warn = warn or (lambda text: None)
-        self._gate = asyncio.Semaphore(self.PROBES)
+        self._warned: set[str] = set()
 
     @staticmethod
     def name(address: tuple[str, int]) -> str:
@@ -809,20 +852,28 @@ class UdpRadio:
     async def seen(self, address: str, seconds: float) -> bool:
         """Whether the device at `address` answers within min(seconds, PROBE_S)."""
         wait = min(seconds, self.PROBE_S)
-        async with self._gate:
-            try:
-                async with SMPClient(self.transport(address), timeout=wait) as client:
-                    await client.params(wait)
-                return True
-            except PortError as err:  # (this side: no socket, an unusable address)
-                self.warn(f"{address}: {err}")
-                return False
-            except (MpbootError, SMPError, OSError):
-                return False
+        try:
+            async with SMPClient(self.transport(address), timeout=wait) as client:
+                await client.params(wait)
+            return True
+        except PortError as err:  # (this side: no socket, an unusable address): said once
+            text = f"{address}: {err}"
+            if text not in self._warned:
+                self._warned.add(text)
+                self.warn(text)
+            return False
+        except (MpbootError, SMPError, OSError):
+            return False
 
     async def scan(self, seconds: float) -> list[Found]:
         names = [self.name(a) for a in self.addresses]
-        answered = await asyncio.gather(*(self.seen(n, seconds) for n in names))
+        gate = asyncio.Semaphore(self.PROBES)  # (per scan: each asyncio.run has its own loop)
+
+        async def one(name: str) -> bool:
+            async with gate:
+                return await self.seen(name, seconds)
+
+        answered = await asyncio.gather(*(one(n) for n in names))
         return [Found(n, n) for n, ok in zip(names, answered) if ok]
 
     def transport(self, address: str) -> Transport:

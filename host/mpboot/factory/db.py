@@ -491,6 +491,13 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+CONNECT_TIMEOUT_S = 10
+SILENT_PEER: tuple[tuple[str, int], ...] = (
+    ("keepalives", 1), ("keepalives_idle", 10), ("keepalives_interval", 5), ("keepalives_count", 3),
+    ("tcp_user_timeout", 30_000),  # milliseconds
+)
+
+
 class Postgres:
     """A PostgreSQL session through psycopg 3: the one-line hint when psycopg is missing, the
     password kept out of messages (`target`), reconnection after a cut. Public for the other
@@ -516,8 +523,14 @@ class Postgres:
     def _connect(self) -> Any:
         psycopg = self.psycopg
         extra: dict[str, object] = {}
-        if "connect_timeout" not in self.url:
-            extra["connect_timeout"] = 10
+        # Bounds for a network that goes silent (a station runs for hours): to connect, and
+        # (TCP keepalives, tcp_user_timeout: data left unacknowledged) for a session whose
+        # path stopped carrying packets, which would otherwise block a call for as long as the
+        # kernel retransmits (about 15 minutes). Not bounded: a server whose kernel still
+        # acknowledges while PostgreSQL itself hangs. A URL's own settings win.
+        for name, value in (("connect_timeout", CONNECT_TIMEOUT_S), *SILENT_PEER):
+            if name not in self.url:
+                extra[name] = value
         try:
             conn = psycopg.connect(self.url, autocommit=True, **extra)
         except psycopg.Error as err:
