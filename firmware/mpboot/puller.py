@@ -306,7 +306,7 @@ def pull(url, channel="stable", timeout_ms=10000, deadline_ms=600000, tries=5, c
         if out < 0:
             try:
                 _stream(up, http.join(url, ch[_H_PATH]), ch, line, buf, deadline, timeout_ms, cadata, tries)
-                up.finish(MARK_TEST, lambda i: _bind(ch, i))
+                up.finish(MARK_TEST, lambda i, c=ch: _bind(c, i))  # (c: not a closure)
             finally:
                 up.abort()
             out = INSTALLED
