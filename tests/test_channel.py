@@ -360,3 +360,37 @@ def test_channel_sign_beside_an_image_published_by_mpboot_repo(tmp_path: Path) -
     lamp_folder = built.public / "targets" / uuid_text(beta.vendor_id) / uuid_text(beta.class_id)
     assert read_channel((lamp_folder / "stable.cbor").read_bytes()).record.vendor_id == beta.vendor_id
     assert read_channel(stable.read_bytes()).record.number == 11  # app-9 above
+
+
+def test_cli_channel_sign_counts_only_from_a_record_of_its_own_channel(image: Path, tmp_path: Path) -> None:
+    """Without --number, -o FILE must hold a record of this channel name, vendor and class: a
+    record of another channel (or product) says nothing about this one's numbers. Refused in
+    one line naming FILE (exit 2), as is a FILE that is not a channel record; nothing written."""
+    from clikit import assert_error, assert_ok, run
+
+    key = KEYS_DIR / "TEST-ONLY-rsa2048.pem"
+    log = tmp_path / "log.jsonl"
+    beta = tmp_path / "beta.cbor"
+    assert_ok(run("channel", "sign", image, "--name", "beta", "--number", 50, "-k", key, "-o", beta,
+                  "--signing-log", log))
+    before = beta.read_bytes()
+    line = assert_error(run("channel", "sign", image, "-k", key, "-o", beta, "--signing-log", log), 2, str(beta),
+                        "'beta'", "--number")
+    assert beta.read_bytes() == before
+    # A record of the same channel name for another product: refused the same way.
+    from mpboot.trust import ChannelRecord, sign_envelope
+
+    other = tmp_path / "other.cbor"
+    body = ChannelRecord(7, "stable", vendor_uuid("other.example"), CLASS, bytes(32), 100, bytes(8), 1, "x.bin")
+    other.write_bytes(sign_envelope(body, [load_signing_key(key)], SignatureScheme.PSS))
+    line = assert_error(run("channel", "sign", image, "-k", key, "-o", other, "--signing-log", log), 2, str(other),
+                        "another product")
+    assert "'stable'" in line
+    # Not a channel record at all: exit 2, naming FILE.
+    root = tmp_path / "root.cbor"
+    root.write_bytes((CHANNEL / "root-record.cbor").read_bytes())
+    assert_error(run("channel", "sign", image, "-k", key, "-o", root, "--signing-log", log), 2, str(root),
+                 "not a channel record")
+    # Its own channel's record: counted from.
+    assert_ok(run("channel", "sign", image, "--name", "beta", "-k", key, "-o", beta, "--signing-log", log))
+    assert read_channel(beta.read_bytes()).record.number == 51

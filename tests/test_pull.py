@@ -473,16 +473,22 @@ def test_a_server_that_hangs_is_bounded_by_the_timeouts(dev: SimDevice, world: W
     p = pull(dev, world, url, timeout_ms=400, tries=2, deadline_ms=5000)
     assert time.monotonic() - t0 < 15
     assert (p.code, p.detail) == (PullErrorCode.NETWORK, 110), p.stdout
-    # A body that stops mid-way: the overall deadline ends it.
+    # A body that stops mid-way: the overall deadline ends it (before timeout_ms).
     s.how[RECORD] = {}
     s.files[IMAGE] = world.v2
     s.how[IMAGE] = {"stall_at": 10000}
     t0 = time.monotonic()
-    p = pull(dev, world, url, timeout_ms=300, tries=3, deadline_ms=3000)
-    assert time.monotonic() - t0 < 15
-    assert p.code == PullErrorCode.NETWORK, p.stdout
-    s.release.set()
+    p = pull(dev, world, url, timeout_ms=20000, tries=1, deadline_ms=2000)
+    assert time.monotonic() - t0 < 10
+    assert (p.code, p.detail) == (PullErrorCode.NETWORK, 110), p.stdout
     keeps_running_v1(dev)
+    # With tries left, the connection that stalled is given up after timeout_ms and the next
+    # one resumes at the next byte: every byte that arrived before the stall was kept (a read
+    # returns what has arrived, it does not wait to fill its buffer).
+    p = pull(dev, world, url, timeout_ms=300, tries=3, deadline_ms=10000)
+    assert p.outcome == INSTALLED, p.stdout
+    assert [r.start for r in s.requests(IMAGE)] == [10000]  # (the stalled ones are not logged yet)
+    s.release.set()
 
 
 def test_an_image_that_failed_its_test_boot_is_not_pulled_again(dev: SimDevice, world: World,
@@ -726,3 +732,238 @@ def test_device_info_pull_fields_are_checked_on_the_host() -> None:
                 {"pull": [True, True, 0, 1]}, {"pull": [True, 3, 0, -1]}, {"pull": "installed"}):
         with pytest.raises(ProtocolError):
             _pull_fields(bad, "device info")
+
+
+# --- review 2 (docs/THREAT_MODEL.md "Device pull"): the image is bound to the record ------------
+
+
+def test_an_image_of_another_vendor_is_refused_on_a_device_without_ids(tmp_path: Path, sim_lib: Path, world: World,
+                                                                       site: tuple[Site, str]) -> None:
+    """A device with no ids of its own checks the record against the running image's; the image
+    the record names must then carry the record's vendor too, or a record for this product could
+    install another vendor's (validly signed) image."""
+    import hashlib
+
+    s, url = site
+    other = sign_app(_app(tmp_path / "o", "OTHER", world.ctl, "o"), KEY, "2.0.0", security_counter=1,
+                     vendor_id=OTHER_VENDOR, class_id=CLASS)
+    d = SimDevice(tmp_path / "noids", sim_lib, GEOMETRY)
+    img = tmp_path / "v1.bin"
+    img.write_bytes(world.v1)
+    d.install(img, "permanent", chunk=4096)
+    s.files[IMAGE] = other
+    body = ChannelRecord(1, "stable", VENDOR, CLASS, hashlib.sha256(other).digest(), len(other),
+                         bytes([2, 0, 0, 0, 0, 0, 0, 0]), 1, "images/app-2.bin")
+    s.files[RECORD] = sign_envelope(body, [KEY], SignatureScheme.PSS)
+    p, again = pull_all(d, world, url, times=2)
+    assert (p.code, p.detail) == (PullErrorCode.MISMATCH, 32), p.stdout  # record key 32: vendor
+    # The free slot holds exactly the record's bytes, never marked: not PENDING or REVERTED
+    # at the next pull, the same refusal (without a second download).
+    assert (again.code, again.detail) == (PullErrorCode.MISMATCH, 32), again.stdout
+    assert len(s.requests(IMAGE)) == 1
+    # The record's vendor and another class in the image: refused the same way (key 33).
+    im = sign_app(_app(tmp_path / "c", "CLS", world.ctl, "c"), KEY, "2.0.0", security_counter=1,
+                  vendor_id=VENDOR, class_id=class_uuid("other-widget", VENDOR))
+    body = ChannelRecord(2, "stable", VENDOR, CLASS, hashlib.sha256(im).digest(), len(im),
+                         bytes([2, 0, 0, 0, 0, 0, 0, 0]), 1, "images/app-2.bin")
+    s.files[RECORD] = sign_envelope(body, [KEY], SignatureScheme.PSS)
+    s.files[IMAGE] = im
+    p = pull(d, world, url)
+    assert (p.code, p.detail) == (PullErrorCode.MISMATCH, 33), p.stdout
+    keeps_running_v1(d)
+
+
+def test_an_image_whose_counter_is_not_the_records_is_refused(dev: SimDevice, world: World, site: tuple[Site, str],
+                                                              tmp_path: Path) -> None:
+    """A record says counter 1 (inside a delegate's certified range, say) and names an image
+    with counter 900: refused before its test mark, or its confirm would lift the floor to 900."""
+    import hashlib
+
+    s, url = site
+    hi = sign_app(_app(tmp_path / "h", "HI", world.ctl, "h"), KEY, "2.0.0", security_counter=900,
+                  vendor_id=VENDOR, class_id=CLASS)
+    body = ChannelRecord(1, "stable", VENDOR, CLASS, hashlib.sha256(hi).digest(), len(hi),
+                         bytes([2, 0, 0, 0, 0, 0, 0, 0]), 1, "images/app-2.bin")
+    s.files[RECORD] = sign_envelope(body, [KEY], SignatureScheme.PSS)
+    s.files[IMAGE] = hi
+    p = pull(dev, world, url)
+    assert (p.code, p.detail) == (PullErrorCode.MISMATCH, 37), p.stdout  # record key 37: counter
+    assert "LAST (False, 6, 37, 1)" in p.stdout
+    keeps_running_v1(dev)
+
+
+def test_an_image_refused_at_finish_is_not_reported_reverted(dev: SimDevice, world: World, site: tuple[Site, str],
+                                                             tmp_path: Path) -> None:
+    """The free slot holds the record's exact bytes after finish() refused them (a key this
+    device does not trust): the next pull says so again, not REVERTED (it never test-booted)."""
+    s, url = site
+    bad = sign_app(_app(tmp_path / "u", "UNTR", world.ctl, "q"), UNTRUSTED, "2.0.0", security_counter=1,
+                   vendor_id=VENDOR, class_id=CLASS)
+    s.files[RECORD] = record(bad, 1)
+    s.files[IMAGE] = bad
+    a, b = pull_all(dev, world, url, times=2)
+    assert (a.code, a.detail) == (PullErrorCode.IMAGE, 12), a.stdout  # image.E_UNKNOWN_KEY
+    assert (b.code, b.detail) == (PullErrorCode.IMAGE, 12), b.stdout
+    assert "LAST (False, 10, 12, 1)" in b.stdout
+    # After a reset too (nothing in RAM), and with force=True (the same bytes would be refused).
+    c = pull(dev, world, url, force=True)
+    assert (c.code, c.detail) == (PullErrorCode.IMAGE, 12), c.stdout
+    assert len(s.requests(IMAGE)) == 1
+    keeps_running_v1(dev)
+
+
+def test_a_location_that_is_not_text_is_a_pull_error(dev: SimDevice, world: World, site: tuple[Site, str]) -> None:
+    """A redirect whose Location is not printable ASCII: PullError HTTP (status), never another
+    exception (the app's handler reads e.args[0], e.args[1]), and `last` is this pull's."""
+    s, url = site
+    s.files[RECORD] = record(world.v1, 1, path="images/app-1.bin")
+    s.files[IMAGE] = world.v2
+    assert pull(dev, world, url).outcome == CURRENT
+    s.files[RECORD] = record(world.v2, 2)
+    s.how[RECORD] = {"redirect": "http://\xff\xfe/x"}
+    p = pull(dev, world, url)
+    assert (p.code, p.detail) == (PullErrorCode.HTTP, 302), p.stdout
+    assert "LAST (False, 2, 302, 0)" in p.stdout
+    keeps_running_v1(dev)
+
+
+# --- mpboot.http on its own (the unix port) ------------------------------------------------------
+
+HTTP_GET = """
+import sys, time
+from mpboot import http
+line = bytearray(512)
+t0 = time.ticks_ms()
+try:
+    r = http.get(sys.argv[1], 0, -1, 4096, line, time.ticks_add(t0, int(sys.argv[2])), int(sys.argv[3]))
+    b = bytearray(r.length)
+    n = 0
+    while n < len(b):
+        n += r.readinto(memoryview(b)[n:])
+    r.close()
+    print("OK", r.status, bytes(b).decode())
+except http.HttpError as e:
+    print("ERR", e.args[0], e.args[1])
+print("MS", time.ticks_diff(time.ticks_ms(), t0))
+print("JOIN", http.join("http://h/a/stable.cbor?sig=ab/cd", "images/x.bin"), http.join("http://h/a/b#f/g", "y"))
+"""
+
+
+def http_get(sim_lib: Path, tmp_path: Path, url: str, deadline_ms: int, timeout_ms: int) -> tuple[str, int]:
+    """mpboot.http.get(url) on the unix port: ("OK status body" or "ERR code detail", its ms)."""
+    script = tmp_path / "http_get.py"
+    script.write_text(HTTP_GET)
+    proc = upy.run([script, url, str(deadline_ms), str(timeout_ms)], path=[sim_lib], timeout=120)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 3 and lines[1].startswith("MS "), proc.stdout + proc.stderr
+    assert lines[2] == "JOIN http://h/a/images/x.bin http://h/a/y"  # a query or fragment is not a folder
+    return lines[0], int(lines[1].split()[1])
+
+
+def _serve_once(listener: socket.socket, got: list[bytes], reply: bytes) -> None:
+    """Accept connections on `listener`; keep each request's head in `got`, answer `reply`."""
+    while True:
+        try:
+            c, _ = listener.accept()
+        except OSError:
+            return
+        with c:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                d = c.recv(4096)
+                if not d:
+                    break
+                head += d
+            got.append(head)
+            c.sendall(reply)
+
+
+def test_http_refuses_to_connect_after_the_deadline(sim_lib: Path, tmp_path: Path) -> None:
+    ls = socket.create_server(("127.0.0.1", 0))
+    got: list[bytes] = []
+    threading.Thread(target=_serve_once, args=(ls, got, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"),
+                     daemon=True).start()
+    try:
+        port = ls.getsockname()[1]
+        assert http_get(sim_lib, tmp_path, f"http://127.0.0.1:{port}/x", 3000, 1000)[0] == "OK 200 hi"
+        assert len(got) == 1
+        line, ms = http_get(sim_lib, tmp_path, f"http://127.0.0.1:{port}/x", 0, 1000)  # the deadline is now
+        assert line == "ERR 1 110"
+        assert len(got) == 1  # no connection was made
+    finally:
+        ls.close()
+
+
+def test_http_sends_an_ipv6_literal_host_in_brackets(sim_lib: Path, tmp_path: Path) -> None:
+    ls = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    got: list[bytes] = []
+    threading.Thread(target=_serve_once, args=(ls, got, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"),
+                     daemon=True).start()
+    try:
+        port = ls.getsockname()[1]
+        assert http_get(sim_lib, tmp_path, f"http://[::1]:{port}/x", 3000, 1000)[0] == "OK 200 hi"
+        assert f"\r\nHost: [::1]:{port}\r\n".encode() in got[0], got
+    finally:
+        ls.close()
+
+
+def test_https_is_bounded_by_the_deadline_too(sim_lib: Path, tmp_path: Path,
+                                              tls_files: tuple[Path, Path, Path, Path]) -> None:
+    """A TLS server behind a relay that passes its bytes on one at a time, 20 ms apart: the
+    handshake alone takes ~30 s, each recv much less than timeout_ms. The deadline (1.5 s)
+    ends it, handshake included."""
+    import ssl
+
+    cert, key, _, _ = tls_files
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server = socket.create_server(("127.0.0.1", 0))
+    relay = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def tls_server() -> None:
+        while not stop.is_set():
+            try:
+                c, _ = server.accept()
+                with ctx.wrap_socket(c, server_side=True) as t:
+                    t.recv(1000)
+                    t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+            except OSError:
+                pass
+
+    def pipe(a: socket.socket, b: socket.socket, delay: float) -> None:
+        try:
+            while not stop.is_set():
+                d = a.recv(1 if delay else 4096)
+                if not d:
+                    break
+                b.sendall(d)
+                time.sleep(delay)  # (the trickle itself, not synchronisation)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def relay_loop() -> None:
+        while not stop.is_set():
+            try:
+                c, _ = relay.accept()
+            except OSError:
+                return
+            u = socket.create_connection(server.getsockname())
+            threading.Thread(target=pipe, args=(c, u, 0), daemon=True).start()
+            threading.Thread(target=pipe, args=(u, c, 0.02), daemon=True).start()
+
+    threading.Thread(target=tls_server, daemon=True).start()
+    threading.Thread(target=relay_loop, daemon=True).start()
+    try:
+        line, ms = http_get(sim_lib, tmp_path, f"https://localhost:{relay.getsockname()[1]}/x", 1500, 1000)
+        assert line == "ERR 1 110", line
+        assert ms < 2500, ms
+    finally:
+        stop.set()
+        server.close()
+        relay.close()

@@ -7,9 +7,20 @@
 # send lengths, and `Accept-Encoding: identity` stops on-the-fly compression), a 206's
 # Content-Range must start where asked and name the expected total, a 200 to a Range is taken
 # only from byte 0 with the whole expected length, redirects are followed at most 3 times to
-# absolute http(s) URLs, every recv waits at most timeout_ms, and the whole request ends by
-# the caller's deadline (time.ticks_ms). The body is read exactly to its length, never
-# "until close". Errors: HttpError(code, detail), codes as mpboot.pull's PullError.
+# absolute http(s) URLs (a Location of printable ASCII), every wait for the network is at most
+# timeout_ms, and the whole request ends by the caller's deadline (time.ticks_ms). The body is
+# read exactly to its length, never "until close". Errors: HttpError(code, detail), codes as
+# mpboot.pull's PullError.
+#
+# The deadline: no connection is opened once it has passed; connect() waits at most
+# min(timeout_ms, time left); after it the socket is non-blocking and every read and write
+# (of the TLS stream for https: its handshake runs inside them, do_handshake_on_connect=False)
+# waits in select.poll for at most min(timeout_ms, time left), so a peer (or a path) that
+# trickles bytes cannot stretch a handshake or a record past the deadline. Not bounded by it:
+# socket.getaddrinfo (the port's DNS resolver blocks with its own timeouts; a numeric host
+# does no lookup), and the CPU time of one TLS step (mbedtls's key exchange, bounded by the
+# certificate sizes, not by the peer's pace).
+import select
 import socket
 import time
 from micropython import const
@@ -53,8 +64,15 @@ def split_url(url):
 
 
 def join(base, rel):
-    # The URL of `rel` (relative, no scheme: mpboot.channel.parse checked) beside `base`.
-    return base[: base.rfind("/") + 1] + rel
+    # The URL of `rel` (relative, no scheme: mpboot.channel.parse checked) beside `base` (the
+    # folder of base's path: a query or fragment of base is not part of it, and is dropped).
+    i = len(base)
+    for c in "?#":
+        j = base.find(c)
+        if 0 <= j < i:
+            i = j
+    return base[: base.rfind("/", 0, i) + 1] + rel
+
 
 
 class Response:
@@ -62,8 +80,10 @@ class Response:
     # the connection. status: 200 or 206; start: the offset of its first byte in the file;
     # length: its byte count.
     def __init__(self, s, raw, buf, lo, hi, deadline, timeout_ms):
-        self.s = s  # the stream (a TLS one over raw for https)
-        self.raw = raw  # the socket: its timeout bounds the TLS stream's reads too
+        self.s = s  # the stream (a TLS one over raw for https), non-blocking
+        self.raw = raw  # the socket
+        self.poll = select.poll()
+        self.poll.register(s, select.POLLIN)
         self.buf = buf
         self.lo = lo  # unread bytes already received with the headers: buf[lo:hi]
         self.hi = hi
@@ -74,19 +94,29 @@ class Response:
         self.length = 0
         self.left = 0
 
-    def _recv(self, mv):
-        # One recv into mv, bounded by the per-recv timeout and the deadline; 0 at close.
-        left = time.ticks_diff(self.deadline, time.ticks_ms())
-        if left <= 0:
-            raise HttpError(E_NETWORK, _ETIMEDOUT)
-        try:
-            self.raw.settimeout(min(left, self.timeout_ms) / 1000)
-            n = self.s.readinto(mv)
-        except OSError as e:
-            raise HttpError(E_NETWORK, e.args[0] if e.args and type(e.args[0]) is int else _ETIMEDOUT)
-        if n is None:  # (a non-blocking stream with nothing yet: a timeout)
-            raise HttpError(E_NETWORK, _ETIMEDOUT)
-        return n
+    def _io(self, mv, out=False):
+        # One read into mv (0 at close), or write of mv (out True: the count written), on the
+        # non-blocking stream, waiting for it in poll: each wait at most timeout_ms, all of
+        # them ending by the deadline. Errors: HttpError(E_NETWORK, errno; mbedtls's negative
+        # codes; 0 for a certificate that does not verify).
+        while True:
+            left = time.ticks_diff(self.deadline, time.ticks_ms())
+            if left <= 0:
+                raise HttpError(E_NETWORK, _ETIMEDOUT)
+            try:
+                n = self.s.write(mv) if out else self.s.readinto(mv)
+                if n is not None:
+                    return n
+                # Nothing yet (TLS: the handshake or a record needs more bytes, or room).
+                p = self.poll
+                p.modify(self.s, select.POLLOUT if out else select.POLLIN)
+                for _ in p.ipoll(min(left, self.timeout_ms)):  # (ipoll: no list per wait)
+                    break
+                else:
+                    raise HttpError(E_NETWORK, _ETIMEDOUT)
+            except (OSError, ValueError) as e:  # (ValueError: mbedtls, a certificate refused)
+                a = e.args
+                raise HttpError(E_NETWORK, a[0] if a and type(a[0]) is int else 0)
 
     def _line(self):
         # The next header line (without CRLF) as a memoryview into buf.
@@ -103,7 +133,7 @@ class Response:
                 self.lo, self.hi = 0, n
             if self.hi == len(buf):
                 raise HttpError(E_HTTP, 0)  # a line longer than the buffer
-            n = self._recv(memoryview(buf)[self.hi :])
+            n = self._io(memoryview(buf)[self.hi :])
             if not n:
                 raise HttpError(E_NETWORK, 0)
             self.hi += n
@@ -120,7 +150,7 @@ class Response:
             mv[:k] = memoryview(self.buf)[self.lo : self.lo + k]
             self.lo += k
         else:
-            k = self._recv(memoryview(mv)[:n])
+            k = self._io(memoryview(mv)[:n])
             if not k:
                 raise HttpError(E_NETWORK, 0)
         self.left -= k
@@ -144,8 +174,11 @@ def _int(v):
     return n
 
 
-def _connect(url, timeout_ms, cadata):
+def _connect(url, deadline, timeout_ms, cadata):
     tls, host, port, path = split_url(url)
+    left = time.ticks_diff(deadline, time.ticks_ms())
+    if left <= 0:
+        raise HttpError(E_NETWORK, _ETIMEDOUT)  # no connection opened after the deadline
     try:
         ai = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
         s = socket.socket(ai[0], socket.SOCK_STREAM)
@@ -153,8 +186,9 @@ def _connect(url, timeout_ms, cadata):
         raise HttpError(E_NETWORK, e.args[0] if e.args else 0)
     raw = s
     try:
-        s.settimeout(timeout_ms / 1000)
+        s.settimeout(min(left, timeout_ms) / 1000)
         s.connect(ai[-1])
+        s.setblocking(False)
         if tls:
             try:
                 import tls as _tls
@@ -166,7 +200,8 @@ def _connect(url, timeout_ms, cadata):
                 ctx.load_verify_locations(cadata)  # (MicroPython: positional; DER or PEM)
             else:
                 ctx.verify_mode = _tls.CERT_NONE  # unauthenticated: the records are what count
-            s = ctx.wrap_socket(s, server_hostname=host)
+            # The handshake runs in the first write and reads (Response._io), within the deadline.
+            s = ctx.wrap_socket(s, server_hostname=host, do_handshake_on_connect=False)
     except (OSError, ValueError) as e:  # (ValueError: a cadata mbedtls cannot parse)
         raw.close()
         raise HttpError(E_NETWORK, e.args[0] if e.args and type(e.args[0]) is int else 0)
@@ -183,17 +218,18 @@ def get(url, start, total, most, buf, deadline, timeout_ms=10000, cadata=None):
     # Returns a Response whose body is bytes [start, total) of the file (or the whole file
     # when total is -1); the caller closes it.
     for hop in range(_MAX_REDIRECTS + 1):
-        s, raw, host, port, path = _connect(url, timeout_ms, cadata)
+        s, raw, host, port, path = _connect(url, deadline, timeout_ms, cadata)
         r = Response(s, raw, buf, 0, 0, deadline, timeout_ms)
         try:
+            if ":" in host:
+                host = "[" + host + "]"  # an IPv6 literal (RFC 7230: as in the URL)
             req = "GET %s HTTP/1.1\r\nHost: %s%s\r\n" % (path, host, "" if port in (80, 443) else ":%d" % port)
             if total >= 0:
                 req += "Range: bytes=%d-%d\r\n" % (start, total - 1)
             req += "Accept-Encoding: identity\r\nConnection: close\r\nUser-Agent: mpboot\r\n\r\n"
-            try:
-                s.write(req.encode())
-            except OSError as e:
-                raise HttpError(E_NETWORK, e.args[0] if e.args and type(e.args[0]) is int else 0)
+            mv = memoryview(req.encode())
+            while len(mv):
+                mv = mv[r._io(mv, True) :]
             line = r._line()
             if len(line) < 12 or bytes(line[:7]) != b"HTTP/1." or line[8] != 0x20:
                 raise HttpError(E_HTTP, 0)
@@ -215,7 +251,11 @@ def get(url, start, total, most, buf, deadline, timeout_ms=10000, cadata=None):
                 elif k == b"content-range":
                     rng = bytes(v).strip()
                 elif k == b"location":
-                    loc = bytes(v).strip().decode()
+                    loc = bytes(v).strip()
+                    for c in loc:
+                        if not 0x20 < c < 0x7F:
+                            raise HttpError(E_HTTP, status)  # not a URL this client follows
+                    loc = loc.decode()
                 elif k == b"transfer-encoding":
                     raise HttpError(E_HTTP, status)  # chunked (or anything): refused
             else:

@@ -17,12 +17,16 @@
 # then on no older record is taken, whether or not its image ever arrives. Then: nothing to
 # do if the running image is that one (CURRENT), if the free slot holds it marked to test
 # (PENDING), or holds it unmarked with no upload session of it open (REVERTED: it was
-# installed and failed its test boot; force=True pulls it again). Otherwise the image is
+# installed and failed its test boot; force=True pulls it again). The free slot's copy is
+# verified and bound to the record (below) before either answer: an image that finish()
+# refused stays there, and is refused again with the same code. Otherwise the image is
 # fetched by Range into mpboot.update.Updater with the record's SHA-256 as the session name:
 # a dropped connection resumes at the next byte (up to `tries` connections), a reset resumes
 # at the updater's last checkpoint. finish() verifies the whole image (signature, policy,
-# the record's SHA-256) before the test mark; on any failure the running image and its state
-# are untouched.
+# the record's SHA-256) and, before the test mark, binds it to the record: its vendor, class,
+# security counter, version and length must be the record's (a record's signer is checked
+# for the record's fields; this makes them the image's). On any failure the running image
+# and its state are untouched.
 #
 # Not stage 0 (firmware/manifest.py freezes it beside the service): it parses HTTP, which is
 # network input; every check that decides (channel, records, update, image) and every flash write is
@@ -32,9 +36,8 @@ from micropython import const
 
 import mpboot
 from mpboot import channel as chan, http
-from mpboot.channel import H_LEN, H_NUMBER, H_PATH, H_SHA, H_VERSION
 from mpboot.records import MAX_RECORD
-from mpboot.image import E_HASH_MISMATCH, HEADER_SIZE, ImageError
+from mpboot.image import ImageError
 from mpboot.update import MARK_TEST, UpdateError, Updater
 
 # PullError codes: e.args = (code, detail).
@@ -43,7 +46,9 @@ E_HTTP = const(2)  # a status other than 200/206, or a response the client refus
 E_TOO_LARGE = const(3)  # the record over 4096 bytes, or a body longer than expected
 E_STALE = const(4)  # a channel number below the highest taken, or equal with another body (detail: that number)
 E_SIGNATURE = const(5)  # not signed by a root threshold or a key certified for it (detail: trust code)
-E_MISMATCH = const(6)  # the image is not the one the record names (SHA-256, length, version)
+E_MISMATCH = const(6)  # the image is not the one the record names (detail: 10 its SHA-256,
+# image.E_HASH_MISMATCH; 0 the header's version; else the record's key (docs/KEYS.md) the
+# verified image differs in: 32 vendor, 33 class, 35 length, 36 version, 37 security counter)
 E_PRODUCT = const(7)  # the record is for another channel name, vendor or class
 E_RECORD = const(8)  # the record does not parse (detail: trust code)
 E_NO_TRUST_AREA = const(9)  # the board cannot keep the channel number (no trust area)
@@ -51,6 +56,7 @@ E_IMAGE = const(10)  # the image or the policy refused it (detail: image code, m
 E_UPDATE = const(11)  # the updater refused (detail: update code, e.g. 1 busy: a test boot runs)
 E_FLASH = const(12)  # the trust area write failed (detail: errno)
 E_NOT_BOOTED = const(13)  # not started by mpboot.boot (no running image to keep)
+E_INTERNAL = const(14)  # another exception, e.g. MemoryError (detail: 12 ENOMEM; 0 other)
 
 # Outcomes pull() returns.
 CURRENT = const(0)  # the running image is the one the record names
@@ -61,7 +67,18 @@ INSTALLED = const(3)  # pulled now and marked for a test boot: reset to run it
 _LINE = const(512)  # status and header line buffer
 _SHA = const(16)  # sha prefix the updater's session is named by (mpboot.state SSHA)
 _IMAGE_MAGIC = const(0x96F3B83D)  # (mpboot.image's, private there)
+_HEADER_SIZE = const(32)  # mpboot.image's HEADER_SIZE
+_E_HASH_MISMATCH = const(10)  # mpboot.image's E_HASH_MISMATCH
 _TLV_INFO_MAGIC = const(0x6907)  # the unprotected TLV area's info header
+# mpboot.channel's H_* indices of a parsed record, as private consts (no module-dict entries).
+_H_NUMBER = const(0)
+_H_VENDOR = const(2)
+_H_CLASS = const(3)
+_H_SHA = const(4)
+_H_LEN = const(5)
+_H_VERSION = const(6)
+_H_COUNTER = const(7)
+_H_PATH = const(8)
 # mpboot.boot's BOOTED_* indices of the boot record (mpboot._booted), as private consts.
 _BOOTED_SLOTS = const(0)
 _BOOTED_SLOT = const(1)
@@ -111,7 +128,7 @@ def _holds(area, buf, n, sha):
 
     if n > area.size:
         return False
-    h = memoryview(buf)[:HEADER_SIZE]
+    h = memoryview(buf)[:_HEADER_SIZE]
     area.read(0, h)
     if struct.unpack_from("<I", h, 0)[0] != _IMAGE_MAGIC:
         return False
@@ -132,6 +149,18 @@ def _holds(area, buf, n, sha):
         d.update(memoryview(buf)[:k])
         off += k
     return d.digest() == sha
+
+
+def _bind(ch, info):
+    # The verified image (its info from finish() or slots.check) is the one the record
+    # describes, not only the one its SHA-256 names: PullError(E_MISMATCH, the record's key).
+    import struct
+
+    for k, a, b in ((32, info["vendor_id"], ch[_H_VENDOR]), (33, info["class_id"], ch[_H_CLASS]),
+                    (35, info["total_size"], ch[_H_LEN]), (36, struct.pack("<BBHI", *info["version"]), ch[_H_VERSION]),
+                    (37, info["security_counter"] or 0, ch[_H_COUNTER])):
+        if a != b:
+            _fail(E_MISMATCH, k)
 
 
 def _check(ch, slots, info, channel):
@@ -156,8 +185,8 @@ def _stream(up, url, ch, line, buf, deadline, timeout_ms, cadata, tries):
     # Fetches the image into the updater from where it stands (a session persisted before a
     # reset resumes at its checkpoint), reconnecting with a Range from the next byte after a
     # network error, at most `tries` connections in all. Returns when every byte is written.
-    total = ch[H_LEN]
-    sha = ch[H_SHA]
+    total = ch[_H_LEN]
+    sha = ch[_H_SHA]
     mv = memoryview(buf)
     opened = False
     err = None
@@ -174,7 +203,7 @@ def _stream(up, url, ch, line, buf, deadline, timeout_ms, cadata, tries):
             st = up.slots.state
             slot = up.target()
             if st[SSLOT] == 2 * up.slots.image + slot and st[SLEN] == total and st[SSHA] == sha[:_SHA]:
-                h = mv[:HEADER_SIZE]
+                h = mv[:_HEADER_SIZE]
                 up.slots.areas[slot].read(0, h)
                 pos = up.begin(total, h, None, sha)
                 opened = True
@@ -192,18 +221,18 @@ def _stream(up, url, ch, line, buf, deadline, timeout_ms, cadata, tries):
                 if not opened:
                     # The header first: begin() refuses a wrong image before any erase.
                     n = 0
-                    while n < HEADER_SIZE:
-                        k = r.readinto(mv[n:HEADER_SIZE])
+                    while n < _HEADER_SIZE:
+                        k = r.readinto(mv[n:_HEADER_SIZE])
                         if not k:
                             _fail(E_MISMATCH)
                         n += k
-                    if bytes(mv[20:28]) != ch[H_VERSION]:
+                    if bytes(mv[20:28]) != ch[_H_VERSION]:
                         _fail(E_MISMATCH)  # another version than the record names
-                    if up.begin(total, mv[:HEADER_SIZE], None, sha):
+                    if up.begin(total, mv[:_HEADER_SIZE], None, sha):
                         # (a session appeared: cannot happen, the check above found none)
                         _fail(E_UPDATE, 2)
                     opened = True
-                    up.write(0, mv[:HEADER_SIZE])
+                    up.write(0, mv[:_HEADER_SIZE])
                 k = r.readinto(mv)
                 if not k:
                     break
@@ -244,11 +273,11 @@ def pull(url, channel="stable", timeout_ms=10000, deadline_ms=600000, tries=5, c
         line = bytearray(_LINE)
         rec = _fetch_record(url, line, deadline, timeout_ms, cadata, tries)
         ch = chan.parse(rec)
-        number = ch[H_NUMBER]
+        number = ch[_H_NUMBER]
         _check(ch, slots, info, channel)
         rec = None
-        total = ch[H_LEN]
-        sha = ch[H_SHA]
+        total = ch[_H_LEN]
+        sha = ch[_H_SHA]
         # The verifier's buffer (2 KiB) carries the body: the updater does not use it while
         # it takes data, and finish() (which does) comes after the last byte.
         buf = slots.buf
@@ -266,14 +295,18 @@ def pull(url, channel="stable", timeout_ms=10000, deadline_ms=600000, tries=5, c
                 out = REVERTED
             else:
                 out = -1  # a session of it is open: finish it
-            if out == REVERTED and force:
-                out = -1
+            if out >= 0:
+                # Marked, or tried and reverted, only if it verified and matched the record
+                # then; else finish() refused it (the same bytes would be refused again).
+                _bind(ch, slots.check(other, None, True))
+                if out == REVERTED and force:
+                    out = -1
         else:
             out = -1
         if out < 0:
             try:
-                _stream(up, http.join(url, ch[H_PATH]), ch, line, buf, deadline, timeout_ms, cadata, tries)
-                up.finish(MARK_TEST)
+                _stream(up, http.join(url, ch[_H_PATH]), ch, line, buf, deadline, timeout_ms, cadata, tries)
+                up.finish(MARK_TEST, lambda i, c=ch: _bind(c, i))  # (c: not a closure)
             finally:
                 up.abort()
             out = INSTALLED
@@ -284,7 +317,7 @@ def pull(url, channel="stable", timeout_ms=10000, deadline_ms=600000, tries=5, c
         raise PullError(*e.args)
     except ImageError as e:
         c = e.args[0]
-        last = (False, E_MISMATCH if c == E_HASH_MISMATCH else E_IMAGE, c, number)
+        last = (False, E_MISMATCH if c == _E_HASH_MISMATCH else E_IMAGE, c, number)
         raise PullError(last[1], c)
     except UpdateError as e:
         last = (False, E_UPDATE, e.args[0], number)
@@ -292,5 +325,11 @@ def pull(url, channel="stable", timeout_ms=10000, deadline_ms=600000, tries=5, c
     except OSError as e:  # flash (the updater's writes)
         last = (False, E_FLASH, e.args[0] if e.args else 0, number)
         raise PullError(E_FLASH, last[2])
+    except Exception as e:
+        # Anything else (MemoryError on a small heap, or a bug): a PullError too, so that
+        # e.args is always (code, detail). (KeyboardInterrupt and SystemExit go on as they
+        # are: they stop the app, not a pull; `last` keeps the pull before.)
+        last = (False, E_INTERNAL, 12 if isinstance(e, MemoryError) else 0, number)
+        raise PullError(E_INTERNAL, last[2])
     finally:
         _busy = False

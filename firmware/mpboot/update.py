@@ -187,9 +187,11 @@ class Updater:
         self.pos = off + n
         return self.pos
 
-    def finish(self, mark=MARK_TEST):
+    def finish(self, mark=MARK_TEST, want=None):
         # Verifies the whole image in flash (and the client's sha of it), then marks it.
-        # Returns (slot, info). The session ends whatever the outcome.
+        # want: called with the verified info before the mark, to refuse it by raising
+        # (mpboot.puller: the channel record's fields). Returns (slot, info). The session
+        # ends whatever the outcome.
         if self.total < 0 or self.pos != self.total:
             raise UpdateError(U_STATE)
         t = self.pos - self.flushed
@@ -212,6 +214,8 @@ class Updater:
                 raise ImageError(image.E_TOO_LARGE)
             if self.sha is not None and self._digest(self.pos) != self.sha:
                 raise ImageError(image.E_HASH_MISMATCH)  # not the image the client meant
+            if want is not None:
+                want(info)
             if mark == MARK_TEST:
                 sl.mark_test(self.slot)
             elif mark == MARK_PERMANENT:

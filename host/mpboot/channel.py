@@ -93,12 +93,23 @@ def read_channel(data: bytes) -> ChannelInfo:
     return ChannelInfo(signed.body, signed.envelope, len(data))
 
 
-def next_number(previous: Path) -> int:
-    """One more than the number of the channel record in `previous` (the file being replaced)."""
-    info = read_channel(previous.read_bytes())
-    if info.record.number >= trust.U32_MAX:
+def next_number(previous: Path, image: bytes, name: str) -> int:
+    """One more than the number of the channel record in `previous` (the file being replaced
+    by a record of channel `name` naming `image`). UsageError, naming the file, when it is not
+    a channel record, or one of another channel name, vendor or class (its number says nothing
+    about this channel's)."""
+    try:
+        old = read_channel(previous.read_bytes()).record
+    except TrustRefused as err:
+        raise UsageError(f"{previous}: not a channel record ({err.detail}); nothing written") from None
+    parsed = parse_image(image)
+    ids = (parsed.vendor_id, parsed.class_id)
+    if None not in ids and (old.name, old.vendor_id, old.class_id) != (name, *ids):  # (no ids: channel_body says so)
+        raise UsageError(f"{previous}: a record of channel {old.name!r} of another product, not this image's "
+                         f"channel {name!r}: give --number, or -o that channel's file; nothing written")
+    if old.number >= trust.U32_MAX:
         raise UsageError(f"{previous} has the highest channel number there is")
-    return info.record.number + 1
+    return old.number + 1
 
 
 # The bytes of a record's signed digest a device keeps beside the highest number it took

@@ -709,6 +709,7 @@ class PullErrorCode(IntEnum):
     UPDATE = 11  # the updater refused (detail: the update code)
     FLASH = 12  # the trust area write failed
     NOT_BOOTED = 13  # not started by mpboot.boot
+    INTERNAL = 14  # another exception in the pull, e.g. MemoryError (detail 12)
 
 
 class ChannelRefused(MpbootError):

@@ -38,7 +38,8 @@ def channel_group() -> None:
               help="Channel name (1..16 characters): a device takes only records of the channel it follows.")
 @click.option("--number", type=click.IntRange(1, U32_MAX),
               help="Channel number: above every earlier record of this channel (devices refuse a lower one). "
-                   "Default: one more than the record in -o FILE, when it exists.")
+                   "Default: one more than the record in -o FILE, when it exists (a record of this "
+                   "channel name, vendor and class).")
 @click.option("--path", "image_url",
               help="The image's URL relative to the record's (default: IMAGE's file name); no '..' or scheme.")
 @click.option("--cert", "cert_paths", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -69,8 +70,9 @@ def sign_cmd(image_path: Path, name: str, number: int | None, image_url: str | N
     before the record (README "Device pull").
 
     Exit status: 0 written; 1 IMAGE does not parse; 2 usage or file problem (an image
-    without vendor/class ids, no --number and no earlier -o FILE, a record over 4096 bytes,
-    with --repo: an image not published there, a --number not above the record there)."""
+    without vendor/class ids, no --number and no earlier -o FILE, or an -o FILE that is not
+    a record of this channel, vendor and class to count from, a record over 4096 bytes, with
+    --repo: an image not published there, a --number not above the record there)."""
     from mpboot import channel
     from mpboot.errors import UsageError
 
@@ -91,7 +93,7 @@ def sign_cmd(image_path: Path, name: str, number: int | None, image_url: str | N
     if number is None:
         if not output.exists():
             raise UsageError(f"give --number N ({output} does not exist yet to count from)")
-        number = channel.next_number(output)
+        number = channel.next_number(output, image, name)
     _sign_record(image, name, number, image_url if image_url is not None else image_path.name, certs, signing,
                  output)
 
