@@ -19,8 +19,10 @@ Side by side in one run, the same fleet size from a plain directory of images
 
 Per row: devices updated per minute, p50/p95 per-device time, bytes served by HTTP / (N x
 image), HTTP requests, bytes sent to devices, the station process's CPU seconds (the
-simulators' relay threads run in it too), and pass 2's time. N in {1, 8, 32} by default,
-BENCH_N=1,8,32,64 to go further; the devices run under `nice -n 10`.
+simulators' relay threads run in it too), and pass 2's time. The HTTP counts are of both
+passes (pass 2 refreshes the metadata: one request for timestamp.json when nothing changed).
+N in {1, 8, 32} by default, BENCH_N=1,8,32,64 to go further; the whole bench, station and
+devices, runs under `nice -n 10` (the machine stays usable).
 """
 
 from __future__ import annotations

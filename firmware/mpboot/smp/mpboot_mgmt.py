@@ -73,7 +73,7 @@ def _device_info(srv, enc):
     import sys
 
     p = sys.modules.get("mpboot.puller")
-    p = p and p.last
+    p = p and getattr(p, "last", None)
     # Canonical key order (bytewise order of the encoded keys). With stage-1 slots also "s1",
     # the version of the stage 1 serving (null: the rescue), and "ctr1", stage 1's floor. Once a
     # channel record was taken "chan", the highest channel number (mpboot.channel); after a

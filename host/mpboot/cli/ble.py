@@ -74,7 +74,8 @@ def scan_cmd(seconds: float, as_json: bool, ble_backend: str | None) -> None:
 @click.option("--log", "log_path", metavar="FILE|URL",  # (a str: a Path would mangle a URL's //)
               help="Record every attempt: SQLite for .sqlite/.db, the attempts table of a PostgreSQL "
                    "database for postgresql://... (stations may share one; needs mpboot[postgres]), "
-                   "else JSON lines (appended). What reverted where is read back when sync starts.")
+                   "else JSON lines (appended). What reverted where is read back when sync starts (from "
+                   "PostgreSQL also at each pass of --loop: other stations' records).")
 @click.option("--udp", "udp_addresses", multiple=True, metavar="HOST[:PORT]",
               help="Reach devices over the network (SMP over UDP, port 1337 by default) instead of "
                    "Bluetooth: each pass probes these addresses (repeat it).")
