@@ -857,10 +857,9 @@ class UdpRadio:
                 await client.params(wait)
             return True
         except PortError as err:  # (this side: no socket, an unusable address): said once
-            text = f"{address}: {err}"
-            if text not in self._warned:
-                self._warned.add(text)
-                self.warn(text)
+            if address not in self._warned:  # (per address: a resolver's wording may vary)
+                self._warned.add(address)
+                self.warn(f"{address}: {err}")
             return False
         except (MpbootError, SMPError, OSError):
             return False
