@@ -449,11 +449,6 @@ class AttemptLog:
             raise
         return pg
 
-    @property
-    def kept(self) -> bool:
-        """Whether attempts are kept anywhere (a file or a database): reverted() reads them."""
-        return self.path is not None or self._pg is not None
-
     def reverted(self) -> Reverted:
         """What the log says reverted where (records oldest first; lines that are not JSON,
         and records without an image hash, are skipped). On PostgreSQL: at every station that
