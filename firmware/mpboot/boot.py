@@ -242,6 +242,15 @@ def recovery(slots):
     return False
 
 
+def pull(url, **kw):
+    # mpboot.pull(url, ...): fetch a channel record and the image it names (mpboot.puller,
+    # README "Device pull"). That module loads at the first call, not at boot. (It is not
+    # named mpboot.pull: importing a submodule sets the package's attribute of that name.)
+    from mpboot.puller import pull
+
+    return pull(url, **kw)
+
+
 def set_booted(slots, slot, info, wdt, how):
     # Records what runs (mpboot._booted, the BOOTED_* fields) and puts mpboot.confirm in place.
     # Used by run() and recovery(); device test drivers use it to play a boot. A watchdog
@@ -253,6 +262,7 @@ def set_booted(slots, slot, info, wdt, how):
         wdt = b[BOOTED_WATCHDOG]
     mpboot._booted = [slots, slot, info, wdt, how, _confirmed_now(slots)] + s1
     mpboot.confirm = confirm
+    mpboot.pull = pull
 
 
 def start(port, areas, keys, entry="main", mount="/app", wdt_ms=WDT_MS, **policy):
